@@ -1,0 +1,1 @@
+"""One file per transport; each is registered by name in ``collectives.registry``."""

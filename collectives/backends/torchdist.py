@@ -1,0 +1,176 @@
+"""torch.distributed as a backend: gloo on CPU tensors, nccl on CUDA tensors.
+
+Bootstrapped from the job's store (our authenticated rendezvous store where the
+launcher provides one), so no unauthenticated TCPStore is opened for the job. Under
+plain torchrun, rank 0 hosts a TCPStore at MASTER_ADDR:MASTER_PORT, as ``env://`` does.
+"""
+from __future__ import annotations
+
+import datetime
+from typing import ClassVar, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..env import DistEnv
+from ..types import ReduceOp, Work
+
+_OPS = {
+    ReduceOp.SUM: dist.ReduceOp.SUM,
+    ReduceOp.AVG: dist.ReduceOp.SUM,  # gloo has no AVG: sum, then divide on completion
+    ReduceOp.MIN: dist.ReduceOp.MIN,
+    ReduceOp.MAX: dist.ReduceOp.MAX,
+    ReduceOp.PROD: dist.ReduceOp.PRODUCT,
+}
+
+
+class _TorchWork:
+    """Wraps torch's Work; runs ``then`` once after completion (AVG division, copy-out)."""
+
+    def __init__(self, work, then=None):
+        self._work, self._then, self._done = work, then, False
+
+    def wait(self, timeout: float | None = None) -> None:
+        if self._done:
+            return
+        if self._work is not None:
+            if timeout is None:
+                self._work.wait()
+            else:
+                self._work.wait(datetime.timedelta(seconds=timeout))
+        if self._then is not None:
+            self._then()
+        self._done = True
+
+    def is_completed(self) -> bool:
+        return self._done or self._work is None or self._work.is_completed()
+
+
+class TorchBackend:
+    name: ClassVar[str] = "torch"
+
+    def __init__(self, rank: int, world_size: int, group=None, global_ranks: Sequence[int] | None = None):
+        self.rank, self.world_size, self._group = rank, world_size, group
+        self._global_ranks = list(global_ranks) if global_ranks is not None else list(range(world_size))
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return dist.is_available()
+
+    @classmethod
+    def create(cls, env: DistEnv, store: "dist.Store | None", timeout: float, device: str = "cpu") -> "TorchBackend":
+        if not dist.is_initialized():
+            if store is None:
+                store = _default_store(env, timeout)
+            store = dist.PrefixStore("collectives/torch", store)
+            dist.init_process_group(
+                backend="nccl" if device.startswith("cuda") else "gloo",
+                store=store,
+                rank=env.rank,
+                world_size=env.world_size,
+                timeout=datetime.timedelta(seconds=timeout),
+            )
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    def _g(self, r: int) -> int:
+        return self._global_ranks[r]
+
+    def allreduce(self, tensor: torch.Tensor, op: ReduceOp) -> Work:
+        work = dist.all_reduce(tensor, op=_OPS[op], group=self._group, async_op=True)
+        then = (lambda: tensor.div_(self.world_size)) if op is ReduceOp.AVG else None
+        return _TorchWork(work, then)
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> Work:
+        return _TorchWork(dist.broadcast(tensor, src=self._g(src), group=self._group, async_op=True))
+
+    def allgather(self, outputs: Sequence[torch.Tensor], tensor: torch.Tensor) -> Work:
+        sizes = [o.numel() for o in outputs]
+        if len(set(sizes)) == 1:
+            return _TorchWork(dist.all_gather(list(outputs), tensor, group=self._group, async_op=True))
+        # Unequal sizes: gather padded flat buffers, then unpad.
+        n = max(sizes)
+        padded = torch.zeros(n, dtype=tensor.dtype, device=tensor.device)
+        padded[: tensor.numel()] = tensor.reshape(-1)
+        bufs = [torch.empty_like(padded) for _ in outputs]
+        work = dist.all_gather(bufs, padded, group=self._group, async_op=True)
+
+        def unpad():
+            for o, b in zip(outputs, bufs):
+                o.copy_(b[: o.numel()].view_as(o))
+
+        return _TorchWork(work, unpad)
+
+    def reduce_scatter(self, output: torch.Tensor, inputs: Sequence[torch.Tensor], op: ReduceOp) -> Work:
+        # gloo lacks reduce_scatter: allreduce a flat concatenation and keep our slice.
+        flat = torch.cat([t.reshape(-1) for t in inputs])
+        work = dist.all_reduce(flat, op=_OPS[op], group=self._group, async_op=True)
+        start = sum(t.numel() for t in inputs[: self.rank])
+
+        def take():
+            part = flat[start : start + output.numel()].view_as(output)
+            output.copy_(part / self.world_size if op is ReduceOp.AVG else part)
+
+        return _TorchWork(work, take)
+
+    def all_to_all(self, outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> Work:
+        # gloo has no all_to_all: one round of paired send/recv per peer.
+        works = []
+        for peer in range(self.world_size):
+            if peer == self.rank:
+                outputs[peer].copy_(inputs[peer])
+                continue
+            works.append(dist.isend(inputs[peer].contiguous(), self._g(peer), group=self._group))
+            works.append(dist.irecv(outputs[peer], self._g(peer), group=self._group))
+        return _MultiWork([_TorchWork(w) for w in works])
+
+    def send(self, tensor: torch.Tensor, dst: int, tag: int) -> Work:
+        return _TorchWork(dist.isend(tensor, self._g(dst), group=self._group, tag=tag))
+
+    def recv(self, tensor: torch.Tensor, src: int, tag: int) -> Work:
+        return _TorchWork(dist.irecv(tensor, self._g(src), group=self._group, tag=tag))
+
+    def barrier(self) -> Work:
+        return _TorchWork(dist.barrier(group=self._group, async_op=True))
+
+    def new_group(self, ranks: Sequence[int]) -> "TorchBackend | None":
+        global_ranks = [self._g(r) for r in ranks]
+        group = dist.new_group(global_ranks)
+        if self.rank not in ranks:
+            return None
+        return TorchBackend(list(ranks).index(self.rank), len(ranks), group, global_ranks)
+
+    def close(self) -> None:
+        if self._group is None and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class _MultiWork:
+    def __init__(self, works):
+        self._works = works
+
+    def wait(self, timeout: float | None = None) -> None:
+        for w in self._works:
+            w.wait(timeout)
+
+    def is_completed(self) -> bool:
+        return all(w.is_completed() for w in self._works)
+
+
+def _default_store(env: DistEnv, timeout: float) -> "dist.Store":
+    """The store ``env://`` would use: rank 0 hosts a TCPStore at MASTER_ADDR:MASTER_PORT."""
+    if env.world_size == 1:
+        return dist.HashStore()
+    if env.master_addr is None or env.master_port is None:
+        from ..errors import CollectivesError
+
+        raise CollectivesError(
+            f"rank {env.where}: the torch backend needs MASTER_ADDR and MASTER_PORT "
+            f"(started by {env.source})\nHINT: start workers with `disttrain launch`, torchrun, or set both variables"
+        )
+    return dist.TCPStore(
+        env.master_addr,
+        env.master_port,
+        env.world_size,
+        is_master=env.rank == 0,
+        timeout=datetime.timedelta(seconds=timeout),
+    )
