@@ -36,7 +36,7 @@ class Fingerprint:
     def digest(self) -> int:
         """63-bit digest of everything that must agree across ranks."""
         key = f"{self.seq}|{self.op}|{self.group}|{self.shapes}|{self.dtype}|{self.extra}"
-        return xxhash.xxh64_intdigest(key) & 0x7FFF_FFFF_FFFF_FFFF
+        return xxhash.xxh64_intdigest(key.encode()) & 0x7FFF_FFFF_FFFF_FFFF
 
     def encode(self) -> bytes:
         raw = json.dumps(dataclasses.asdict(self), separators=(",", ":")).encode()
