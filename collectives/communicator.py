@@ -3,47 +3,73 @@
 All ranks of a group call the same ops in the same order. Each op works in place on
 torch tensors, takes an optional ``timeout`` (seconds) and, with ``async_op=True``,
 returns a :class:`Work` whose ``wait()`` completes it; otherwise it blocks and returns
-None. Argument checks (dtype, layout) happen here, once, for every backend.
+None. Argument checks (dtype, layout, sizes) happen here, once, for every backend, and
+so do the cross-rank fingerprint checks (see ``collectives.checks``) unless the backend
+checks inline (``checks_inline = True``: it gets ``fingerprint=`` on every op).
+
+Async ops still check synchronously: the call returns once every rank has posted the
+same op (or raises), and the transfer itself overlaps with whatever the caller does next.
 """
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections import defaultdict
+from typing import Callable, Sequence
 
 import torch
 
-from . import registry
+from . import checks, registry
 from .backend import Backend
 from .env import DistEnv, read_env
-from .errors import InvalidTensorError
-from .types import SUPPORTED_DTYPES, CompletedWork, ReduceOp, Work
+from .errors import BackendUnavailableError, CollectivesError, CollectiveTimeoutError, InvalidTensorError
+from .fingerprint import Fingerprint, call_site
+from .types import SUPPORTED_DTYPES, ReduceOp, Work
 
 log = logging.getLogger(__name__)
 
 
-class _CopyBackWork:
-    """Completes ``work`` then copies contiguous scratch results back into the caller's tensors."""
+class _Handle:
+    """The Work returned to callers: waits on the backend's work, names missing ranks on a
+    timeout, then runs ``after`` (AVG division, copy-back of non-contiguous tensors)."""
 
-    def __init__(self, work: Work, pairs: list[tuple[torch.Tensor, torch.Tensor]], timeout: float):
-        self._work, self._pairs, self._timeout, self._done = work, pairs, timeout, False
+    def __init__(self, comm: "Communicator", fp: Fingerprint, works: list[Work], timeout: float,
+                 after: list[Callable[[], None]], before: Callable[[], None] | None = None,
+                 members: list[int] | None = None):
+        self._comm, self._fp, self._works, self._timeout, self._members = comm, fp, works, timeout, members
+        self._after, self._before, self._done = after, before, False
 
     def wait(self, timeout: float | None = None) -> None:
         if self._done:
             return
-        self._work.wait(self._timeout if timeout is None else timeout)
-        for dst, src in self._pairs:
-            dst.copy_(src)
+        timeout = self._timeout if timeout is None else timeout
+        try:
+            if self._before is not None:
+                self._before()
+                self._before = None
+            for w in self._works:
+                w.wait(timeout)
+        except CollectiveTimeoutError as exc:
+            raise self._comm._timeout_error(self._fp, timeout, exc, self._members) from None
+        for fn in self._after:
+            fn()
         self._done = True
 
     def is_completed(self) -> bool:
-        return self._done or self._work.is_completed()
+        return self._done or all(w.is_completed() for w in self._works)
 
 
 class Communicator:
     """A group of ranks and the backend that moves their tensors. Build with :func:`init`."""
 
-    def __init__(self, backend: Backend, env: DistEnv, *, check: bool = True, timeout: float = 300.0):
-        self.backend, self.env, self.check, self.timeout = backend, env, check, timeout
+    def __init__(self, backend: Backend, env: DistEnv, *, check: bool = True, timeout: float = 300.0,
+                 group: str = "world", global_ranks: Sequence[int] | None = None, store=None):
+        self.backend, self.env, self.check, self.timeout, self.group = backend, env, check, timeout, group
+        self.global_ranks = list(global_ranks) if global_ranks is not None else list(range(backend.world_size))
+        self.store = store if store is not None else getattr(backend, "store", None)
+        self._inline = bool(getattr(type(backend), "checks_inline", False))
+        self._seq = 0
+        self._sent: dict[int, int] = defaultdict(int)
+        self._received: dict[int, int] = defaultdict(int)
 
     @property
     def rank(self) -> int:
@@ -54,10 +80,13 @@ class Communicator:
         return self.backend.world_size
 
     def __repr__(self) -> str:
-        return f"Communicator({self.backend.name}, rank={self.rank}/{self.world_size} on {self.env.host})"
+        return (f"Communicator({self.backend.name}, group {self.group!r}, "
+                f"rank={self.rank}/{self.world_size} on {self.env.host})")
 
     # -- argument handling -------------------------------------------------------------
-    def _prep(self, op: str, tensors: Sequence[torch.Tensor], pairs: list) -> list[torch.Tensor]:
+    def _prep(self, op: str, tensors: Sequence[torch.Tensor], after: list | None) -> list[torch.Tensor]:
+        """Validate; replace non-contiguous tensors by contiguous scratch (copied back when
+        ``after`` is given, i.e. for outputs)."""
         out = []
         for t in tensors:
             if not isinstance(t, torch.Tensor):
@@ -67,85 +96,250 @@ class Communicator:
                     f"rank {self.env.where}: {op} does not support dtype {t.dtype}; "
                     f"supported: {', '.join(str(d) for d in SUPPORTED_DTYPES)}"
                 )
+            if t.is_sparse or t.layout != torch.strided:
+                raise InvalidTensorError(f"rank {self.env.where}: {op} needs dense tensors, got layout {t.layout}"
+                                         "\nHINT: call .to_dense() first")
             if not t.is_contiguous():
                 scratch = t.contiguous()
-                pairs.append((t, scratch))
+                if after is not None:
+                    after.append(lambda dst=t, src=scratch: dst.copy_(src))
                 t = scratch
             out.append(t)
         return out
 
-    def _finish(self, work: Work, pairs: list, async_op: bool, timeout: float | None) -> Work | None:
+    def _same_dtype(self, op: str, tensors: Sequence[torch.Tensor]) -> torch.dtype:
+        dtypes = {t.dtype for t in tensors}
+        if len(dtypes) != 1:
+            raise InvalidTensorError(f"rank {self.env.where}: {op} needs one dtype, got {sorted(map(str, dtypes))}")
+        return next(iter(dtypes))
+
+    def _list(self, op: str, what: str, tensors: Sequence[torch.Tensor]) -> None:
+        if len(tensors) != self.world_size:
+            raise InvalidTensorError(f"rank {self.env.where}: {op} needs one {what} tensor per rank "
+                                     f"({self.world_size}), got {len(tensors)}")
+
+    def _fingerprint(self, op: str, shapes, dtype, extra: str = "", seq: int | None = None) -> Fingerprint:
+        if seq is None:
+            seq = self._seq
+            self._seq += 1
+        return Fingerprint(seq, op, self.group, tuple(tuple(s) for s in shapes), str(dtype).removeprefix("torch."),
+                           extra, self.global_ranks[self.rank], call_site())
+
+    def _timeout_error(self, fp: Fingerprint, timeout: float, cause: Exception | None,
+                       members: Sequence[int] | None = None) -> CollectiveTimeoutError:
+        members = list(range(self.world_size)) if members is None else list(members)
+        try:
+            call = f"{fp.seq}" if fp.op != "p2p" else f"p2p{fp.extra.split()[0]}/{fp.seq}"
+            missing = checks.missing_ranks(self.store, f"{fp.group}/{call}", self.rank, members)
+        except CollectivesError as exc:
+            missing, note = None, f" ({exc})"
+        else:
+            note = ""
+        if missing is None:
+            who = f"could not tell which ranks are missing (no job store){note}"
+        elif missing:
+            who = "ranks that never arrived: " + ", ".join(str(self.global_ranks[r]) for r in missing)
+        else:
+            who = "every rank arrived, so the transport stalled or a peer died during the op"
+        detail = f" [{cause}]" if cause is not None and str(cause) else ""
+        return CollectiveTimeoutError(
+            f"rank {self.env.where}: {fp.op}#{fp.seq} in group {fp.group!r} ({fp.describe()}) did not complete "
+            f"within {timeout:g}s; {who}{detail}\n"
+            "HINT: a missing rank is usually stuck in compute, waiting on a different collective, or dead; "
+            "check its log and traceback. Raise `timeout=` if the op is just slow."
+        )
+
+    def _run(self, fp: Fingerprint, start: Callable[..., Work | list[Work] | None], after: list,
+             async_op: bool, timeout: float | None, skip: bool = False) -> Work | None:
+        """Check (unless inline or off), start the backend op, then wait or hand back a handle."""
         timeout = self.timeout if timeout is None else timeout
-        handle: Work = _CopyBackWork(work, pairs, timeout) if pairs else work
+        kwargs = {}
+        if self._inline:
+            kwargs["fingerprint"] = fp if self.check else None
+        elif self.check:
+            try:
+                checks.check_collective(self.backend, fp, timeout)
+            except CollectiveTimeoutError as exc:
+                raise self._timeout_error(fp, timeout, exc) from None
+        works = [] if skip else start(**kwargs)
+        works = works if isinstance(works, list) else [works]
+        handle = _Handle(self, fp, [w for w in works if w is not None], timeout, after)
         if async_op:
             return handle
         handle.wait(timeout)
         return None
 
-    # -- ops -----------------------------------------------------------------------------
+    # -- collectives ---------------------------------------------------------------------
     def allreduce(self, tensor: torch.Tensor, op: ReduceOp = ReduceOp.SUM, *, async_op: bool = False,
                   timeout: float | None = None) -> Work | None:
-        pairs: list = []
-        (t,) = self._prep("allreduce", [tensor], pairs)
-        return self._finish(self.backend.allreduce(t, ReduceOp(op)), pairs, async_op, timeout)
+        """All ranks: reduce ``tensor`` over the group, in place."""
+        op = ReduceOp(op)
+        after: list = []
+        (t,) = self._prep("allreduce", [tensor], after)
+        if op is ReduceOp.AVG and not t.is_floating_point():
+            raise InvalidTensorError(f"rank {self.env.where}: allreduce AVG of {t.dtype} would truncate"
+                                     "\nHINT: use SUM and divide, or a floating-point tensor")
+        fp = self._fingerprint("allreduce", [t.shape], t.dtype, f"op={op}")
+        return self._run(fp, lambda **kw: self.backend.allreduce(t, op, **kw), after, async_op, timeout,
+                         skip=t.numel() == 0 and not self._inline)
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0, *, async_op: bool = False,
                   timeout: float | None = None) -> Work | None:
-        pairs: list = []
-        (t,) = self._prep("broadcast", [tensor], pairs)
-        return self._finish(self.backend.broadcast(t, src), pairs, async_op, timeout)
+        """All ranks: ``tensor`` on every rank becomes rank ``src``'s (group rank)."""
+        self._rank_arg("broadcast", "src", src)
+        after: list = []
+        (t,) = self._prep("broadcast", [tensor], after)
+        fp = self._fingerprint("broadcast", [t.shape], t.dtype, f"src={src}")
+        return self._run(fp, lambda **kw: self.backend.broadcast(t, src, **kw), after, async_op, timeout,
+                         skip=t.numel() == 0 and not self._inline)
 
     def allgather(self, outputs: Sequence[torch.Tensor], tensor: torch.Tensor, *, async_op: bool = False,
                   timeout: float | None = None) -> Work | None:
-        pairs: list = []
-        (t,) = self._prep("allgather", [tensor], pairs)
-        outs = self._prep("allgather", outputs, pairs)
-        return self._finish(self.backend.allgather(outs, t), pairs, async_op, timeout)
+        """All ranks: ``outputs[r]`` receives rank r's ``tensor``; sizes may differ per rank
+        (every rank passes the same list of output shapes)."""
+        self._list("allgather", "output", outputs)
+        after: list = []
+        (t,) = self._prep("allgather", [tensor], None)
+        outs = self._prep("allgather", outputs, after)
+        dtype = self._same_dtype("allgather", [t, *outs])
+        if outs[self.rank].numel() != t.numel():
+            raise InvalidTensorError(f"rank {self.env.where}: allgather outputs[{self.rank}] has "
+                                     f"{outs[self.rank].numel()} elements but the input has {t.numel()}")
+        fp = self._fingerprint("allgather", [o.shape for o in outs], dtype)
+        return self._run(fp, lambda **kw: self.backend.allgather(outs, t, **kw), after, async_op, timeout,
+                         skip=all(o.numel() == 0 for o in outs) and not self._inline)
 
     def reduce_scatter(self, output: torch.Tensor, inputs: Sequence[torch.Tensor], op: ReduceOp = ReduceOp.SUM, *,
                        async_op: bool = False, timeout: float | None = None) -> Work | None:
-        pairs: list = []
-        (o,) = self._prep("reduce_scatter", [output], pairs)
-        ins = self._prep("reduce_scatter", inputs, [])
-        return self._finish(self.backend.reduce_scatter(o, ins, ReduceOp(op)), pairs, async_op, timeout)
+        """All ranks: ``output`` receives the reduction over ranks of ``inputs[rank]``."""
+        op = ReduceOp(op)
+        self._list("reduce_scatter", "input", inputs)
+        after: list = []
+        (o,) = self._prep("reduce_scatter", [output], after)
+        ins = self._prep("reduce_scatter", inputs, None)
+        dtype = self._same_dtype("reduce_scatter", [o, *ins])
+        if ins[self.rank].numel() != o.numel():
+            raise InvalidTensorError(f"rank {self.env.where}: reduce_scatter output has {o.numel()} elements "
+                                     f"but inputs[{self.rank}] has {ins[self.rank].numel()}")
+        if op is ReduceOp.AVG and not o.is_floating_point():
+            raise InvalidTensorError(f"rank {self.env.where}: reduce_scatter AVG of {dtype} would truncate"
+                                     "\nHINT: use SUM and divide, or a floating-point tensor")
+        fp = self._fingerprint("reduce_scatter", [i.shape for i in ins], dtype, f"op={op}")
+        return self._run(fp, lambda **kw: self.backend.reduce_scatter(o, ins, op, **kw), after, async_op, timeout,
+                         skip=all(i.numel() == 0 for i in ins) and not self._inline)
 
     def all_to_all(self, outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], *, async_op: bool = False,
                    timeout: float | None = None) -> Work | None:
-        pairs: list = []
-        outs = self._prep("all_to_all", outputs, pairs)
-        ins = self._prep("all_to_all", inputs, [])
-        return self._finish(self.backend.all_to_all(outs, ins), pairs, async_op, timeout)
+        """All ranks: ``inputs[r]`` goes to rank r and ``outputs[r]`` comes from rank r; the
+        split sizes may differ (``outputs[r]`` must match rank r's ``inputs[rank]``; the check
+        cannot compare split sizes across ranks, the transport rejects a wrong one)."""
+        self._list("all_to_all", "output", outputs)
+        self._list("all_to_all", "input", inputs)
+        after: list = []
+        outs = self._prep("all_to_all", outputs, after)
+        ins = self._prep("all_to_all", inputs, None)
+        dtype = self._same_dtype("all_to_all", [*outs, *ins])
+        fp = self._fingerprint("all_to_all", [], dtype, f"n={len(ins)}")
+        return self._run(fp, lambda **kw: self.backend.all_to_all(outs, ins, **kw), after, async_op, timeout)
 
+    def barrier(self, *, async_op: bool = False, timeout: float | None = None) -> Work | None:
+        """All ranks: returns once every rank of the group has entered it."""
+        fp = self._fingerprint("barrier", [], "none")
+        return self._run(fp, lambda **kw: self.backend.barrier(**kw), [], async_op, timeout)
+
+    # -- point to point ------------------------------------------------------------------
     def send(self, tensor: torch.Tensor, dst: int, tag: int = 0, *, async_op: bool = False,
              timeout: float | None = None) -> Work | None:
-        (t,) = self._prep("send", [tensor], [])
-        return self._finish(self.backend.send(t, dst, tag), [], async_op, timeout)
+        """This rank to group rank ``dst``; pairs with ``recv(src=this rank, tag)`` there."""
+        self._p2p_args("send", dst, tag)
+        (t,) = self._prep("send", [tensor], None)
+        fp = self._p2p_fingerprint(t, self.rank, dst, tag, self._sent)
+        return self._p2p(fp, t, dst, tag, True, async_op, timeout, [])
 
     def recv(self, tensor: torch.Tensor, src: int, tag: int = 0, *, async_op: bool = False,
              timeout: float | None = None) -> Work | None:
-        pairs: list = []
-        (t,) = self._prep("recv", [tensor], pairs)
-        return self._finish(self.backend.recv(t, src, tag), pairs, async_op, timeout)
+        """Into ``tensor`` from group rank ``src``; pairs with ``send(dst=this rank, tag)`` there."""
+        self._p2p_args("recv", src, tag)
+        after: list = []
+        (t,) = self._prep("recv", [tensor], after)
+        fp = self._p2p_fingerprint(t, src, self.rank, tag, self._received)
+        return self._p2p(fp, t, src, tag, False, async_op, timeout, after)
 
-    def barrier(self, *, async_op: bool = False, timeout: float | None = None) -> Work | None:
-        return self._finish(self.backend.barrier(), [], async_op, timeout)
+    def _p2p_fingerprint(self, t, src, dst, tag, counter) -> Fingerprint:
+        peer = dst if src == self.rank else src
+        seq = counter[peer]
+        counter[peer] += 1
+        g = self.global_ranks
+        return self._fingerprint("p2p", [t.shape], t.dtype, f"{g[src]}->{g[dst]} tag={tag}", seq=seq)
+
+    def _p2p(self, fp, t, peer, tag, is_send, async_op, timeout, after) -> Work | None:
+        timeout = self.timeout if timeout is None else timeout
+        works: list = []
+        before = None
+        if self._inline:
+            kw = {"fingerprint": fp if self.check else None}
+            works.append((self.backend.send if is_send else self.backend.recv)(t, peer, tag, **kw))
+        else:
+            if self.check and is_send:
+                works.append(checks.send_fingerprint(self.backend, fp, peer))
+            elif self.check:
+                buf, fw = checks.post_recv_fingerprint(self.backend, peer)
+
+                def before(buf=buf, fw=fw):
+                    fw.wait(timeout)
+                    checks.verify_received(fp, buf)
+            if t.numel():
+                works.append((self.backend.send if is_send else self.backend.recv)(t, peer, tag))
+        handle = _Handle(self, fp, works, timeout, after, before, sorted({self.rank, peer}))
+        if async_op:
+            return handle
+        handle.wait(timeout)
+        return None
+
+    def _rank_arg(self, op: str, name: str, r: int) -> None:
+        if not isinstance(r, int) or not 0 <= r < self.world_size:
+            raise InvalidTensorError(f"rank {self.env.where}: {op} {name}={r!r} is not a rank of group "
+                                     f"{self.group!r} (size {self.world_size})")
+
+    def _p2p_args(self, op: str, peer: int, tag: int) -> None:
+        self._rank_arg(op, "peer", peer)
+        if peer == self.rank:
+            raise InvalidTensorError(f"rank {self.env.where}: {op} to/from itself would deadlock")
+        if not isinstance(tag, int) or not 0 <= tag < checks.CHECK_TAG:
+            raise InvalidTensorError(f"rank {self.env.where}: {op} tag={tag!r} must be in [0, {checks.CHECK_TAG})")
 
     # -- groups --------------------------------------------------------------------------
     def new_group(self, ranks: Sequence[int]) -> "Communicator | None":
-        """All ranks of this group call it with the same ``ranks``; non-members get None."""
-        sub = self.backend.new_group(sorted(ranks))
-        return None if sub is None else Communicator(sub, self.env, check=self.check, timeout=self.timeout)
+        """All ranks of this group call it with the same ``ranks`` (group ranks, any order);
+        members get the new communicator (ranked in ascending order), the others None."""
+        members = sorted(set(ranks))
+        if not members or any(not isinstance(r, int) or not 0 <= r < self.world_size for r in members):
+            raise InvalidTensorError(f"rank {self.env.where}: new_group({list(ranks)}) needs ranks of group "
+                                     f"{self.group!r} in [0, {self.world_size})")
+        fp = self._fingerprint("new_group", [], "none", f"ranks={members}")
+        self._run(fp, lambda **kw: None, [], False, None)
+        return self._make_group(members)
 
-    def split(self, color: int, key: int | None = None) -> "Communicator | None":
-        """MPI_Comm_split: ranks with the same ``color`` form a group, ordered by ``key`` then rank."""
-        mine = torch.tensor([color, self.rank if key is None else key, self.rank], dtype=torch.int64)
-        table = [torch.empty(3, dtype=torch.int64) for _ in range(self.world_size)]
+    def _make_group(self, members: list[int]) -> "Communicator | None":
+        sub = self.backend.new_group(members)
+        if sub is None:
+            return None
+        global_ranks = [self.global_ranks[r] for r in members]
+        name = "[" + ",".join(map(str, global_ranks)) + "]"
+        return Communicator(sub, self.env, check=self.check, timeout=self.timeout, group=name,
+                            global_ranks=global_ranks, store=self.store)
+
+    def split(self, color: int) -> "Communicator | None":
+        """All ranks: like MPI_Comm_split, ranks with the same ``color`` form a group (ranked in
+        ascending order of their rank here). A negative color means "no group" (returns None)."""
+        mine = torch.tensor([int(color), self.rank], dtype=torch.int64)
+        table = [torch.empty(2, dtype=torch.int64) for _ in range(self.world_size)]
         self.allgather(table, mine)
-        rows = sorted((int(t[0]), int(t[1]), int(t[2])) for t in table)
+        rows = [(int(t[0]), int(t[1])) for t in table]
         result = None
-        for c in sorted({r[0] for r in rows}):
-            members = [r[2] for r in rows if r[0] == c]
-            sub = self.new_group(members)
+        # Every rank creates every group, in the same order: some backends need all ranks.
+        for c in sorted({c for c, _ in rows if c >= 0}):
+            sub = self._make_group(sorted(r for cc, r in rows if cc == c))
             if c == color:
                 result = sub
         return result
@@ -165,12 +359,12 @@ def init(backend: str = "torch", *, store=None, env: DistEnv | None = None, chec
 
     ``store`` is a ``torch.distributed.Store`` the ranks share (the launcher's authenticated
     store); without one, backends bootstrap from the environment (MASTER_ADDR/MASTER_PORT, MPI).
+    ``check`` turns the cross-rank fingerprint checks on (default) or off; ``timeout`` is
+    the default for every op, in seconds.
     """
     env = env or read_env()
     cls = registry.get(backend)
     if not cls.is_available():
-        from .errors import BackendUnavailableError
-
         raise BackendUnavailableError(
             f"backend {backend!r} is not available on {env.host}; available here: {', '.join(registry.available())}"
         )

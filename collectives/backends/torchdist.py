@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ..env import DistEnv
+from ..errors import CollectivesError, CollectiveTimeoutError, PeerDiedError
 from ..types import ReduceOp, Work
 
 _OPS = {
@@ -34,10 +35,13 @@ class _TorchWork:
         if self._done:
             return
         if self._work is not None:
-            if timeout is None:
-                self._work.wait()
-            else:
-                self._work.wait(datetime.timedelta(seconds=timeout))
+            try:
+                if timeout is None:
+                    self._work.wait()
+                else:
+                    self._work.wait(datetime.timedelta(seconds=timeout))
+            except RuntimeError as exc:
+                raise _translate(exc) from exc
         if self._then is not None:
             self._then()
         self._done = True
@@ -49,8 +53,9 @@ class _TorchWork:
 class TorchBackend:
     name: ClassVar[str] = "torch"
 
-    def __init__(self, rank: int, world_size: int, group=None, global_ranks: Sequence[int] | None = None):
-        self.rank, self.world_size, self._group = rank, world_size, group
+    def __init__(self, rank: int, world_size: int, group=None, global_ranks: Sequence[int] | None = None,
+                 store=None):
+        self.rank, self.world_size, self._group, self.store = rank, world_size, group, store
         self._global_ranks = list(global_ranks) if global_ranks is not None else list(range(world_size))
 
     @classmethod
@@ -59,18 +64,21 @@ class TorchBackend:
 
     @classmethod
     def create(cls, env: DistEnv, store: "dist.Store | None", timeout: float, device: str = "cpu") -> "TorchBackend":
+        if store is None and not dist.is_initialized():
+            store = _default_store(env, timeout)
         if not dist.is_initialized():
-            if store is None:
-                store = _default_store(env, timeout)
-            store = dist.PrefixStore("collectives/torch", store)
             dist.init_process_group(
                 backend="nccl" if device.startswith("cuda") else "gloo",
-                store=store,
+                store=dist.PrefixStore("collectives/torch", store),
                 rank=env.rank,
                 world_size=env.world_size,
                 timeout=datetime.timedelta(seconds=timeout),
             )
-        return cls(dist.get_rank(), dist.get_world_size())
+        # The store also serves the communicator's timeout diagnostics (who never arrived).
+        if store is None:
+            store = dist.distributed_c10d._get_default_store()
+        diag = dist.PrefixStore("collectives/diag", store)
+        return cls(dist.get_rank(), dist.get_world_size(), store=diag)
 
     def _g(self, r: int) -> int:
         return self._global_ranks[r]
@@ -119,8 +127,10 @@ class TorchBackend:
             if peer == self.rank:
                 outputs[peer].copy_(inputs[peer])
                 continue
-            works.append(dist.isend(inputs[peer].contiguous(), self._g(peer), group=self._group))
-            works.append(dist.irecv(outputs[peer], self._g(peer), group=self._group))
+            if inputs[peer].numel():
+                works.append(dist.isend(inputs[peer], self._g(peer), group=self._group))
+            if outputs[peer].numel():
+                works.append(dist.irecv(outputs[peer], self._g(peer), group=self._group))
         return _MultiWork([_TorchWork(w) for w in works])
 
     def send(self, tensor: torch.Tensor, dst: int, tag: int) -> Work:
@@ -133,15 +143,33 @@ class TorchBackend:
         return _TorchWork(dist.barrier(group=self._group, async_op=True))
 
     def new_group(self, ranks: Sequence[int]) -> "TorchBackend | None":
-        global_ranks = [self._g(r) for r in ranks]
-        group = dist.new_group(global_ranks)
+        """Only members need to call it (torch's local synchronisation); others get None."""
         if self.rank not in ranks:
             return None
-        return TorchBackend(list(ranks).index(self.rank), len(ranks), group, global_ranks)
+        global_ranks = [self._g(r) for r in ranks]
+        key = tuple(global_ranks)
+        if key not in _GROUPS:  # torch names local-sync groups by their ranks: create each once
+            _GROUPS[key] = dist.new_group(global_ranks, use_local_synchronization=True)
+        return TorchBackend(list(ranks).index(self.rank), len(ranks), _GROUPS[key], global_ranks, self.store)
 
     def close(self) -> None:
         if self._group is None and dist.is_initialized():
+            _GROUPS.clear()
             dist.destroy_process_group()
+
+
+_GROUPS: dict[tuple[int, ...], object] = {}
+
+
+def _translate(exc: RuntimeError) -> CollectivesError:
+    text = str(exc)
+    low = text.lower()
+    if "timed out" in low or "timeout" in low:
+        return CollectiveTimeoutError(text.splitlines()[0] if text else "timed out")
+    if any(s in low for s in ("closed by peer", "connection reset", "broken pipe", "connection refused", "eof")):
+        return PeerDiedError(f"a peer closed its connection ({text.splitlines()[0]})\n"
+                             "HINT: look for the first rank that crashed; this rank only saw it go away")
+    return CollectivesError(f"torch.distributed failed: {text}")
 
 
 class _MultiWork:

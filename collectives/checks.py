@@ -1,0 +1,92 @@
+"""The generic cross-rank check, for backends that do not check inline.
+
+Why this design: the check must detect a mismatch on *every* rank and must itself never
+mismatch, so it is one fixed-shape collective that every rank issues before its op,
+whatever the op: an allgather of two int64 (sequence number, 63-bit digest of the
+fingerprint) through the backend itself. All ranks then hold the same table and reach
+the same verdict. Only on a mismatch do they exchange the full 512-byte fingerprints
+(a second fixed-shape allgather) so the error can name both sides. Because the op
+itself never started, the group stays usable after a :class:`CollectiveMismatchError`.
+
+Point-to-point ops cannot use a group collective (only two ranks take part, and a
+reply from the receiver would turn every send into a rendezvous and deadlock the usual
+"both send, then both receive" pattern). So the sender ships its encoded fingerprint as
+a small message ahead of the payload and the receiver compares; a p2p mismatch raises
+on the receiving rank, and the sender learns of it through its next op (peer gone).
+
+A rank that never arrives shows up as a timeout; :func:`missing_ranks` then asks the
+job's store which ranks timed out at the same call, so the error can name the others.
+Cost: one extra small collective per op (measured in ``benchmarks/check_overhead.py``).
+"""
+from __future__ import annotations
+
+import datetime
+import time
+from typing import Sequence
+
+import torch
+
+from .errors import CollectivesError
+from .fingerprint import ENCODED_SIZE, Fingerprint, mismatch_error
+
+CHECK_TAG = 32700  # p2p fingerprint messages; user tags must stay below it (MPI's TAG_UB is >= 32767)
+
+
+def check_collective(backend, fp: Fingerprint, timeout: float) -> None:
+    """Every rank of the group, before the op; blocks until all arrive. Raises on mismatch."""
+    world = backend.world_size
+    if world == 1:
+        return
+    mine = torch.tensor([fp.seq, fp.digest()], dtype=torch.int64)
+    table = [torch.empty(2, dtype=torch.int64) for _ in range(world)]
+    backend.allgather(table, mine).wait(timeout)
+    digests = [int(t[1]) for t in table]
+    if all(d == digests[0] for d in digests):
+        return
+    # Everyone saw the same table, so everyone takes this branch: exchange full fingerprints.
+    raw = torch.frombuffer(bytearray(fp.encode()), dtype=torch.uint8)
+    full = [torch.empty(ENCODED_SIZE, dtype=torch.uint8) for _ in range(world)]
+    backend.allgather(full, raw).wait(timeout)
+    theirs = [Fingerprint.decode(bytes(t.numpy())) for t in full]
+    mine_digest = fp.digest()
+    other = next(f for f, d in zip(theirs, digests) if d != mine_digest)  # exists: digests differ
+    raise mismatch_error(fp, other)
+
+
+def send_fingerprint(backend, fp: Fingerprint, dst: int):
+    """Sender side of a p2p check: post the encoded fingerprint ahead of the payload."""
+    raw = torch.frombuffer(bytearray(fp.encode()), dtype=torch.uint8)
+    return backend.send(raw, dst, CHECK_TAG)
+
+
+def post_recv_fingerprint(backend, src: int):
+    buf = torch.empty(ENCODED_SIZE, dtype=torch.uint8)
+    return buf, backend.recv(buf, src, CHECK_TAG)
+
+
+def verify_received(fp: Fingerprint, buf: torch.Tensor) -> None:
+    theirs = Fingerprint.decode(bytes(buf.numpy()))
+    if theirs.digest() != fp.digest():
+        raise mismatch_error(fp, theirs)
+
+
+def missing_ranks(store, call: str, rank: int, members: Sequence[int], grace: float = 2.0) -> list[int] | None:
+    """After a timeout: mark this rank as arrived at ``call`` (group/seq) and return who did not.
+
+    Every rank that timed out at the same call marks itself, so after a short grace the
+    unmarked ranks are the ones that never arrived. Returns None without a store.
+    """
+    if store is None:
+        return None
+    prefix = f"collectives/arrived/{call}/"
+    try:
+        store.set(prefix + str(rank), b"1")
+        keys = [prefix + str(r) for r in members]
+        deadline = time.monotonic() + grace
+        while True:
+            present = [store.check([k]) for k in keys]
+            if all(present) or time.monotonic() > deadline:
+                return [r for r, ok in zip(members, present) if not ok]
+            time.sleep(0.05)
+    except Exception as exc:  # the store itself may be gone with the peer that hosted it
+        raise CollectivesError(f"could not reach the job store to find missing ranks: {exc}") from None
