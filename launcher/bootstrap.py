@@ -1,18 +1,60 @@
 """Worker entry point: ``python -m launcher.bootstrap script.py args...`` or ``-m module args...``.
 
 Installs the error-file hook, then runs the user's script as ``__main__`` exactly as
-``python script.py`` would, so torchrun scripts run unchanged.
+``python script.py`` would, so torchrun scripts run unchanged. When the launcher gave the
+worker an authenticated store (``DISTTRAIN_STORE``), an import hook points torch's
+``env://`` rendezvous at it the moment ``torch.distributed.rendezvous`` is imported, so
+``dist.init_process_group("gloo")`` opens no unauthenticated TCPStore. The bootstrap
+itself imports nothing heavy: worker start-up stays cheap.
 """
 from __future__ import annotations
 
+import os
 import runpy
 import sys
 
 from . import errorfile
 
+_RENDEZVOUS = "torch.distributed.rendezvous"
+
+
+class _RendezvousHook:
+    """A meta-path finder that patches torch's rendezvous module right after it loads."""
+
+    def find_spec(self, name, path, target=None):
+        if name != _RENDEZVOUS:
+            return None
+        sys.meta_path.remove(self)
+        import importlib.util
+
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            from .torch_store import install_env_handler
+
+            install_env_handler(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def install_rendezvous_hook() -> None:
+    if _RENDEZVOUS in sys.modules:
+        from .torch_store import install_env_handler
+
+        install_env_handler(sys.modules[_RENDEZVOUS])
+    elif not any(isinstance(f, _RendezvousHook) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RendezvousHook())
+
 
 def main(argv: list[str]) -> None:
     errorfile.install()
+    if os.environ.get("DISTTRAIN_STORE") and os.environ.get("DISTTRAIN_JOB_SECRET"):
+        install_rendezvous_hook()
     if not argv:
         sys.exit("usage: python -m launcher.bootstrap (script.py | -m module) [args...]")
     if argv[0] == "-m":
@@ -20,7 +62,7 @@ def main(argv: list[str]) -> None:
         runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
     else:
         sys.argv = argv
-        sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.abspath(argv[0])))
+        sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
         runpy.run_path(argv[0], run_name="__main__")
 
 
