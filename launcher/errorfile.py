@@ -30,7 +30,7 @@ def write(exc: BaseException, path: str | None = None) -> None:
         "time": time.time(),
         "exc_type": type(exc).__name__,
         "message": str(exc),
-        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        "traceback": "".join(traceback.format_exception(type(exc), exc, _user_frames(exc.__traceback__))),
     }
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -40,6 +40,15 @@ def write(exc: BaseException, path: str | None = None) -> None:
         os.replace(tmp, path)
     except OSError:
         pass
+
+
+def _user_frames(tb):
+    """Skip the bootstrap's own frames (runpy, launcher.bootstrap): the report starts in user code."""
+    while tb is not None and (tb.tb_frame.f_code.co_filename.startswith("<frozen runpy>")
+                              or tb.tb_frame.f_code.co_filename.endswith(os.path.join("launcher", "bootstrap.py"))
+                              or tb.tb_frame.f_code.co_filename.endswith("runpy.py")):
+        tb = tb.tb_next
+    return tb
 
 
 def install() -> None:

@@ -42,6 +42,12 @@ def root_cause(failures: list[Failure]) -> Failure:
     return min(failures, key=lambda f: (f.error or {}).get("time", f.time))
 
 
+def _without_traceback(tail: list[str]) -> list[str]:
+    """The stderr tail up to its last traceback: the error file already shows the traceback."""
+    starts = [i for i, line in enumerate(tail) if line.startswith("Traceback (most recent call last)")]
+    return tail[:starts[-1]] if starts else tail
+
+
 def format_report(failures: list[Failure], job_id: str = "") -> str:
     if not failures:
         return ""
@@ -56,8 +62,9 @@ def format_report(failures: list[Failure], job_id: str = "") -> str:
             lines.append(f"  error: {f.error.get('exc_type')}: {f.error.get('message')}")
             if f is root and f.error.get("traceback"):
                 lines.extend("  | " + line for line in f.error["traceback"].rstrip().splitlines())
-        if f.stderr_tail and (f is root or not f.error):
-            lines.append("  last lines of stderr:")
-            lines.extend("  > " + line for line in f.stderr_tail)
+        tail = _without_traceback(f.stderr_tail) if f.error and f.error.get("traceback") else f.stderr_tail
+        if tail and (f is root or not f.error):
+            lines.append("  last lines of stderr:" if tail is f.stderr_tail else "  last lines of stderr (before the traceback):")
+            lines.extend("  > " + line for line in tail)
     lines.append("=" * 72)
     return "\n".join(lines)

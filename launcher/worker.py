@@ -18,7 +18,7 @@ from .logs import StreamPump, console_for, rank_log_paths
 from .report import Failure
 
 
-class WorkerState(enum.StrEnum):
+class WorkerState(str, enum.Enum):
     INIT = "init"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
