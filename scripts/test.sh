@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Run the whole test suite on a fresh machine: system packages, .venv, then pytest.
+# Needs root for apt and for network namespaces (the multi-host and SLURM tests).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+need=()
+for pkg in openssh-server openssh-client iproute2 slurm-wlm munge; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >/dev/null
+  apt-get install -y -q "${need[@]}" >/dev/null
+fi
+./scripts/setup.sh
+exec .venv/bin/python -m pytest -q "$@"
