@@ -37,7 +37,7 @@ def build_optimizer(cfg, params) -> torch.optim.Optimizer:
 
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, comm: Communicator, model: nn.Module, task: Task,
-                 run_dir: RunDir | None = None, device: str = "cpu"):
+                 run_dir: RunDir | None = None, device: str = "cpu", callbacks: list | None = None):
         self.cfg, self.comm, self.task, self.device = cfg, comm, task, device
         self.run_dir = run_dir
         self.model = model.to(device)
@@ -47,6 +47,15 @@ class Trainer:
         self.step = 0  # optimizer steps completed; also the data position
         self.stop_requested = False  # set from a signal handler (preemption); honoured at a step boundary
         self.history: list[dict] = []
+        # Objects with optional on_start(trainer), on_step_end(trainer), on_end(trainer, summary), called in
+        # order on every rank (preemption before checkpointing, so a stop request is saved the same step).
+        self.callbacks = list(callbacks or [])
+
+    def _call(self, hook: str, *args) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, hook, None)
+            if fn is not None:
+                fn(self, *args)
 
     # -- one optimizer step ---------------------------------------------------------------
     def _autocast(self):
@@ -62,6 +71,13 @@ class Trainer:
         global_count = None
         local_loss = 0.0
         micro = list(torch.tensor_split(idx, tcfg.grad_accum)) if len(idx) else [idx] * tcfg.grad_accum
+        fb = getattr(self.strategy, "forward_backward", None)
+        if fb is not None:  # the strategy schedules micro-batches itself (pipeline parallel)
+            batches = [tuple(t.to(self.device) for t in self.task.batch(mb)) for mb in micro]
+            global_count = self.cfg.train.batch_size * self.task.units_per_sample
+            with self._autocast():
+                local_loss = fb(batches, lambda logits, y: self.task.loss_sum(logits, y) / global_count)
+            micro = []
         for i, mb in enumerate(micro):
             last = i == len(micro) - 1
             with self.strategy.accumulate(last):
@@ -119,10 +135,12 @@ class Trainer:
         start = time.perf_counter()
         window_loss = torch.zeros(2, dtype=torch.float64)  # loss sum over the window, steps
         window_start, window_samples, last_norm = time.perf_counter(), 0, 0.0
+        self._call("on_start")
         while self.step < tcfg.steps and not self.stop_requested:
             loss, last_norm, samples = self.train_step()
             window_loss += torch.tensor([loss, 1.0], dtype=torch.float64)
             window_samples += samples
+            self._call("on_step_end")
             logging_now = self.step % tcfg.log_every == 0 or self.step == tcfg.steps
             eval_now = tcfg.eval_every and self.step % tcfg.eval_every == 0 and self.step < tcfg.steps
             if logging_now or eval_now:
@@ -154,6 +172,7 @@ class Trainer:
         }
         if self.run_dir:
             self.run_dir.log_metrics({"step": self.step, **final})
+        self._call("on_end", summary)
         return summary
 
     def _print_progress(self, rec: dict) -> None:

@@ -5,16 +5,42 @@ Call order per optimizer step, on every rank of the group:
 ``s.finish_gradients()`` (blocks until gradients are reduced), ``s.clip_grad_norm(max)``
 (a collective: the global norm), ``s.optimizer_step()``, ``s.zero_grad()``.
 Strategies own the optimizer because ZeRO shards it.
+
+Checkpoints see a strategy's state as :class:`Shard` pieces of *logical* tensors (named
+by the single-process model: ``model.<param>``, ``optim.<param>.<state>``), each with
+its global shape and the box this rank holds. Saving asks ``state_shards()``; loading
+calls ``load_state_shards(read)`` and the strategy asks for exactly the boxes its own
+layout needs, so a checkpoint written by one layout/world size loads into another.
+
+A strategy that schedules micro-batches itself (pipeline parallel) implements
+``forward_backward(micro_batches, loss_fn) -> float``; the trainer then calls it
+instead of its own loop.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Callable, ContextManager, Iterable, Protocol
 
 import torch
 import torch.nn as nn
 
 from collectives import Communicator
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """This rank's piece of one logical tensor of the training state."""
+
+    name: str  # "model.blocks.0.attn.qkv.weight", "optim.blocks.0.attn.qkv.weight.exp_avg", ...
+    tensor: torch.Tensor  # the local piece, shaped like the box
+    global_shape: tuple[int, ...]
+    box: tuple[tuple[int, int], ...]  # [start, stop) per dim of global_shape, or of (numel,) if flat
+    flat: bool = False  # the box indexes the logical tensor flattened to 1-D (ZeRO's flat shards)
+    replicated: bool = False  # other ranks hold identical bytes: a writer may save it once
+
+
+# read(name, global_shape, box, flat) -> tensor shaped like the box (raises if the checkpoint lacks it)
+ShardReader = Callable[[str, tuple, tuple, bool], torch.Tensor]
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
@@ -34,6 +60,14 @@ class Strategy(Protocol):
     def zero_grad(self) -> None: ...
 
     def set_lr(self, lr: float) -> None: ...
+
+    def state_shards(self) -> list[Shard]:
+        """Model and optimizer state as shards of logical tensors. Local; no communication."""
+        ...
+
+    def load_state_shards(self, read: ShardReader) -> None:
+        """Fill model and optimizer state from a checkpoint through ``read``. Local."""
+        ...
 
 
 def build_strategy(cfg, model: nn.Module, make_optimizer: OptimizerFactory, comm: Communicator) -> Strategy:
