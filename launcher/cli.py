@@ -1,9 +1,14 @@
-"""``disttrain launch``: torchrun's flags, our agent.
+"""``disttrain launch``: torchrun's flags, horovodrun's ``-np``/``-H``, and fan-out over ssh.
 
-    disttrain launch --nproc-per-node 4 train.py --lr 3e-4
-    disttrain launch --nnodes 1 --nproc-per-node 2 --log-dir logs -m my.module
+    disttrain launch --nproc-per-node 4 train.py --lr 3e-4            # this machine
+    disttrain launch --hosts node1:2,node2:2 train.py                  # every host, over ssh
+    disttrain launch --hostfile hosts.txt --ssh-port 2222 -x NCCL_DEBUG train.py
+    disttrain launch -np 4 -H node1:2,node2:2 train.py                 # horovodrun's spelling
+    # torchrun style, one command per node (same DISTTRAIN_JOB_SECRET exported on each):
+    disttrain launch --nnodes 2 --node-rank 0 --rdzv-endpoint node1:29400 --nproc-per-node 2 train.py
 
-torchrun's spellings (``--nproc_per_node``) are accepted too.
+torchrun's spellings (``--nproc_per_node``) are accepted too. Exit code: 0, the root
+cause's exit code (128+signal for a killed worker), 2 for bad flags.
 """
 from __future__ import annotations
 
@@ -14,7 +19,10 @@ import sys
 
 from .agent import LocalAgent, NodeSpec, RunResult
 from .environment import free_port
-from .errors import LaunchConfigError
+from .errors import LaunchConfigError, LauncherError
+from .hostfile import parse_hostfile, parse_hosts
+from .job import JobSpec, run_job
+from .ssh import SshOptions
 from .worker import WorkerSpec
 
 
@@ -24,53 +32,120 @@ def _both(parser: argparse.ArgumentParser, name: str, **kw) -> None:
 
 
 def build_parser(prog: str = "disttrain launch") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Start worker processes with torchrun's environment.")
-    _both(p, "--nproc-per-node", type=int, default=1, help="workers on this node")
-    p.add_argument("--nnodes", type=int, default=1, help="number of nodes")
-    _both(p, "--node-rank", type=int, default=0, help="this node's rank")
+    p = argparse.ArgumentParser(prog=prog, description="Start worker processes with torchrun's environment, on "
+                                "this machine or on many hosts over ssh.")
+    _both(p, "--nproc-per-node", type=int, default=None, help="workers per node (default 1, or each host's slots)")
+    p.add_argument("--nnodes", type=int, default=None, help="number of nodes")
+    _both(p, "--node-rank", type=int, default=0, help="this node's rank (torchrun-style manual start)")
     _both(p, "--master-addr", default="127.0.0.1", help="address of the first node")
-    _both(p, "--master-port", type=int, default=None, help="port for the job's process-group bootstrap")
+    _both(p, "--master-port", type=int, default=None, help="MASTER_PORT given to workers")
+    _both(p, "--rdzv-endpoint", default=None, help="host[:port] of the job's authenticated store (default: first host)")
     _both(p, "--max-restarts", type=int, default=0, help="restart the worker group this many times after a failure")
     _both(p, "--log-dir", default=None, help="per-rank stdout/stderr files go under this directory")
-    p.add_argument("--tee", default="3", help="kept for torchrun compatibility; output always goes to files and console")
+    p.add_argument("--tee", default="3", help="kept for torchrun compatibility; output goes to files and console")
     p.add_argument("--redirects", "-r", default="0", help="0: console too; 3: files only (torchrun's meaning)")
     p.add_argument("--ranks", default=None, help="comma-separated ranks whose output reaches the console")
     _both(p, "--run-id", default=None, help="job id (default: random)")
     p.add_argument("--standalone", action="store_true", help="single node, free port (torchrun compatibility)")
+    g = p.add_argument_group("hosts (fan-out over ssh)")
+    g.add_argument("--hostfile", default=None, help="lines 'host slots=N'; # comments")
+    g.add_argument("--hosts", "-H", default=None, help="host:slots,host:slots")
+    g.add_argument("-np", "--np", dest="np", type=int, default=None, help="total workers (horovodrun's -np)")
+    g.add_argument("--ssh-port", type=int, default=None)
+    g.add_argument("--ssh-identity", "-i", default=None, help="ssh private key file")
+    g.add_argument("--ssh-user", default=None)
+    g.add_argument("--ssh-option", action="append", default=[], metavar="KEY=VALUE", help="extra ssh -o option")
+    g.add_argument("--ssh-connect-timeout", type=float, default=10.0, help="seconds before a host counts unreachable")
+    g.add_argument("--remote-python", default=None, help="python on the hosts (default: this interpreter's path)")
+    g.add_argument("--remote-cwd", "--wdir", default=None, help="working directory on the hosts (default: this one)")
+    g.add_argument("-x", dest="env", action="append", default=[], metavar="NAME[=VALUE]",
+                   help="environment variable to set on every host (value default: this shell's)")
+    g.add_argument("--join-timeout", type=float, default=60.0, help="seconds for every agent to reach the store")
     p.add_argument("-m", "--module", action="store_true", help="run the entrypoint as a module (python -m)")
     p.add_argument("entrypoint", help="script.py or module")
     p.add_argument("args", nargs=argparse.REMAINDER)
     return p
 
 
-def spec_from_args(ns: argparse.Namespace) -> tuple[WorkerSpec, NodeSpec]:
-    if ns.nproc_per_node < 1:
-        raise LaunchConfigError(f"--nproc-per-node must be at least 1, got {ns.nproc_per_node}")
-    if not 0 <= ns.node_rank < ns.nnodes:
-        raise LaunchConfigError(f"--node-rank {ns.node_rank} is outside --nnodes {ns.nnodes}")
+def worker_spec_from_args(ns: argparse.Namespace, nproc: int = 1) -> WorkerSpec:
     entry = (["-m", ns.entrypoint] if ns.module else [os.path.abspath(ns.entrypoint)]) + list(ns.args)
-    only = frozenset(int(r) for r in ns.ranks.split(",")) if ns.ranks else None
-    spec = WorkerSpec(entrypoint=entry, nproc=ns.nproc_per_node, log_dir=ns.log_dir, only_ranks=only,
-                      tee=str(ns.redirects) != "3")
-    node = NodeSpec(node_rank=ns.node_rank, nnodes=ns.nnodes, rank_offset=ns.node_rank * ns.nproc_per_node,
-                    master_addr=ns.master_addr, master_port=ns.master_port or free_port(),
-                    job_id=ns.run_id or secrets.token_hex(4))
+    try:
+        only = frozenset(int(r) for r in ns.ranks.split(",")) if ns.ranks else None
+    except ValueError:
+        raise LaunchConfigError(f"--ranks {ns.ranks!r}: expected comma-separated integers, e.g. --ranks 0,3") from None
+    return WorkerSpec(entrypoint=entry, nproc=nproc, log_dir=os.path.abspath(ns.log_dir) if ns.log_dir else None,
+                      only_ranks=only, tee=str(ns.redirects) != "3")
+
+
+def spec_from_args(ns: argparse.Namespace) -> tuple[WorkerSpec, NodeSpec]:
+    """A single node's specs (no --hosts/--hostfile)."""
+    nproc = 1 if ns.nproc_per_node is None else ns.nproc_per_node
+    nnodes = ns.nnodes or 1
+    if nproc < 1:
+        raise LaunchConfigError(f"--nproc-per-node must be at least 1, got {nproc}")
+    if not 0 <= ns.node_rank < nnodes:
+        raise LaunchConfigError(f"--node-rank {ns.node_rank} is outside --nnodes {nnodes}")
+    store = None
+    if nnodes > 1:
+        if not ns.rdzv_endpoint:
+            raise LaunchConfigError("--nnodes > 1 without --hosts needs --rdzv-endpoint HOST:PORT (node 0 hosts the "
+                                    "store there). HINT: or start every node from one place with --hosts")
+        if ":" not in ns.rdzv_endpoint:
+            raise LaunchConfigError(f"--rdzv-endpoint {ns.rdzv_endpoint!r} needs a port: HOST:PORT")
+        if not os.environ.get("DISTTRAIN_JOB_SECRET"):
+            raise LaunchConfigError("a torchrun-style start of several nodes needs the same DISTTRAIN_JOB_SECRET "
+                                    "exported on every node. HINT: export DISTTRAIN_JOB_SECRET=$(python -c "
+                                    "'import secrets; print(secrets.token_hex(32))') on each node")
+        store = ns.rdzv_endpoint
+    spec = worker_spec_from_args(ns, nproc)
+    master_addr = ns.rdzv_endpoint.rpartition(":")[0] if store else ns.master_addr
+    node = NodeSpec(node_rank=ns.node_rank, nnodes=nnodes, rank_offset=ns.node_rank * nproc,
+                    master_addr=master_addr, master_port=ns.master_port or free_port(),
+                    job_id=ns.run_id or secrets.token_hex(4), store=store, host_store=store is not None
+                    and ns.node_rank == 0)
     return spec, node
 
 
-def launch(spec: WorkerSpec, node: NodeSpec, max_restarts: int = 0) -> RunResult:
-    """Run one node's worker group to completion (blocks)."""
-    return LocalAgent(spec, node, max_restarts=max_restarts).run()
+def job_from_args(ns: argparse.Namespace) -> JobSpec:
+    hosts = parse_hostfile(ns.hostfile) if ns.hostfile else parse_hosts(ns.hosts, "--hosts/-H")
+    if ns.hostfile and ns.hosts:
+        raise LaunchConfigError("give --hostfile or --hosts, not both")
+    env = {}
+    for item in ns.env:
+        name, sep, value = item.partition("=")
+        if not sep:
+            if name not in os.environ:
+                raise LaunchConfigError(f"-x {name}: not set in this shell. HINT: -x {name}=VALUE")
+            value = os.environ[name]
+        env[name] = value
+    job = JobSpec(hosts=hosts, np=ns.np, nproc_per_node=ns.nproc_per_node, max_restarts=ns.max_restarts,
+                  rdzv_endpoint=ns.rdzv_endpoint, master_port=ns.master_port,
+                  job_id=ns.run_id or secrets.token_hex(4),
+                  ssh=SshOptions(port=ns.ssh_port, identity=ns.ssh_identity, user=ns.ssh_user,
+                                 connect_timeout=ns.ssh_connect_timeout, options=tuple(ns.ssh_option)),
+                  remote_python=ns.remote_python, remote_cwd=ns.remote_cwd, env=env, join_timeout=ns.join_timeout)
+    if ns.nnodes is not None and ns.nnodes != len(hosts):
+        raise LaunchConfigError(f"--nnodes {ns.nnodes} but {len(hosts)} host(s) given. HINT: leave --nnodes out")
+    return job
+
+
+def launch(spec: WorkerSpec, node: NodeSpec, max_restarts: int = 0, **agent_kw) -> RunResult:
+    """Run one node's worker group to completion (blocks). ``disttrain run`` calls this."""
+    return LocalAgent(spec, node, max_restarts=max_restarts, **agent_kw).run()
 
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
+        if ns.hostfile or ns.hosts:
+            return run_job(worker_spec_from_args(ns), job_from_args(ns)).exit_code
+        if ns.np is not None and ns.nproc_per_node is None:
+            ns.nproc_per_node = ns.np
         spec, node = spec_from_args(ns)
-    except LaunchConfigError as exc:
+        return launch(spec, node, ns.max_restarts).exit_code
+    except LauncherError as exc:
         print(f"disttrain launch: error: {exc}", file=sys.stderr)
         return 2
-    return launch(spec, node, ns.max_restarts).exit_code
 
 
 if __name__ == "__main__":
