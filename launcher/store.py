@@ -123,7 +123,7 @@ class StoreServer:
             self._sock.bind((host, port))
         except OSError as exc:
             self._sock.close()
-            raise StoreError(f"cannot open the rendezvous store on {host}:{port}: {exc.strerror}. HINT: "
+            raise StoreError(f"cannot open the rendezvous store on {advertise or host}:{port}: {exc.strerror}. HINT: "
                              + ("the port is in use; pick another port or leave it out for a free one"
                                 if exc.errno == 98 else
                                 f"{host} is not an address of this machine; start the launcher on the first "
