@@ -98,12 +98,34 @@ class TrainConfig(Section):
     eval_every: int = Field(0, ge=0, description="Steps between evaluations (0: only at the end).")
 
 
+class MeshConfig(Section):
+    dp: Union[int, Literal["auto"]] = Field("auto", description="Data-parallel degree: model replicas, each on its "
+                                            "own share of the global batch; 'auto' = world size / (tp * pp).")
+    tp: int = Field(1, ge=1, description="Tensor-parallel degree: ranks that split each layer's weights (Megatron).")
+    pp: int = Field(1, ge=1, description="Pipeline-parallel degree: stages the blocks are split into.")
+
+    @model_validator(mode="after")
+    def _dp_positive(self) -> "MeshConfig":
+        if isinstance(self.dp, int) and self.dp < 1:
+            raise ValueError(f"mesh.dp must be >= 1 or 'auto', got {self.dp}")
+        return self
+
+
+class PipelineConfig(Section):
+    schedule: Literal["gpipe", "1f1b"] = Field("1f1b", description="Micro-batch schedule of pipeline parallelism.")
+    microbatches: int = Field(4, ge=1, description="Micro-batches per step per replica when pp > 1 (more: smaller bubble).")
+    stages: list[list[int]] | None = Field(None, description="Blocks of each stage, e.g. [[0, 1], [2, 3]]; "
+                                           "default: balanced by parameter count.")
+
+
 class ParallelConfig(Section):
     strategy: Literal["ddp", "zero1", "zero2", "zero3"] = Field("ddp", description="How gradients/state are shared.")
     bucket_mb: float = Field(25.0, gt=0, description="Gradient bucket size in MiB.")
     first_bucket_mb: float = Field(1.0, gt=0, description="Size of the first (small) bucket, so communication starts early.")
     grad_dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Dtype gradients are communicated in.")
     overlap: bool = Field(True, description="Launch bucket allreduces from autograd hooks during backward.")
+    mesh: MeshConfig = Field(default_factory=MeshConfig, description="Device mesh: dp x tp x pp = world size.")
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="Pipeline schedule (used when pp > 1).")
 
 
 class CheckpointConfig(Section):
