@@ -28,6 +28,7 @@ from .environment import WorkerPlace, worker_env
 from .errors import LaunchConfigError
 from .rendezvous import Rendezvous, RoundState, wait_exited
 from .report import Failure, format_report, root_cause
+from .ssh import is_local
 from .store import StoreClient, StoreError, StoreServer, new_secret
 from .worker import Worker, WorkerSpec, WorkerState
 
@@ -94,7 +95,7 @@ class LocalAgent:
             if node.store is not None:
                 host, _, p = node.store.rpartition(":")
                 port = int(p)
-            bind = "127.0.0.1" if node.nnodes == 1 and node.store is None else "0.0.0.0"
+            bind = socket.gethostbyname(host) if is_local(host) else "0.0.0.0"
             self._server = StoreServer(secret, bind, port, advertise=host).start()
             node.store = self._server.address
         client = StoreClient(node.store, secret, timeout=node.rdzv_timeout, connect_timeout=node.rdzv_timeout)

@@ -90,12 +90,13 @@ def spec_from_args(ns: argparse.Namespace) -> tuple[WorkerSpec, NodeSpec]:
         if not ns.rdzv_endpoint:
             raise LaunchConfigError("--nnodes > 1 without --hosts needs --rdzv-endpoint HOST:PORT (node 0 hosts the "
                                     "store there). HINT: or start every node from one place with --hosts")
-        if ":" not in ns.rdzv_endpoint:
-            raise LaunchConfigError(f"--rdzv-endpoint {ns.rdzv_endpoint!r} needs a port: HOST:PORT")
         if not os.environ.get("DISTTRAIN_JOB_SECRET"):
             raise LaunchConfigError("a torchrun-style start of several nodes needs the same DISTTRAIN_JOB_SECRET "
                                     "exported on every node. HINT: export DISTTRAIN_JOB_SECRET=$(python -c "
                                     "'import secrets; print(secrets.token_hex(32))') on each node")
+    if ns.rdzv_endpoint:
+        if ":" not in ns.rdzv_endpoint:
+            raise LaunchConfigError(f"--rdzv-endpoint {ns.rdzv_endpoint!r} needs a port: HOST:PORT")
         store = ns.rdzv_endpoint
     spec = worker_spec_from_args(ns, nproc)
     master_addr = ns.rdzv_endpoint.rpartition(":")[0] if store else ns.master_addr
