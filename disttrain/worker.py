@@ -32,9 +32,9 @@ def connect_store(timeout: float):
     """The launcher's authenticated store when the launcher runs one, else None (backends use the env)."""
     if not os.environ.get("DISTTRAIN_STORE"):
         return None
-    from launcher.store import connect_from_env
+    from launcher.torch_store import AuthStore
 
-    return connect_from_env(timeout=timeout)
+    return AuthStore.from_env(timeout=timeout)
 
 
 def init_communicator(cfg: config_mod.ExperimentConfig) -> collectives.Communicator:
