@@ -1,57 +1,94 @@
 """Data parallel: every rank holds the whole model and optimizer; gradients are summed across ranks.
 
-Gradients are flattened into one buffer and reduced with one allreduce after the last
-micro-batch (losses are already divided by the global sample count, so a SUM gives the
-global-batch gradient). Parameters are broadcast from rank 0 at start.
+Gradients live in flat buckets (``buckets.GradBuckets``) whose allreduces are launched from
+autograd hooks while backward is still running, and waited for in ``finish_gradients``.
+Losses are already divided by the global sample count, so a SUM gives the global-batch
+gradient. Parameters are broadcast from rank 0 at start. Micro-batches before the last
+one only accumulate (no communication).
+
+Call order (every rank): ``with dp.accumulate(last): loss.backward()`` per micro-batch,
+then ``finish_gradients()`` (blocks), ``clip_grad_norm()``, ``optimizer_step()``, ``zero_grad()``.
 """
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import torch.nn as nn
 
-from collectives import Communicator, ReduceOp
+from collectives import Communicator
+
+from .buckets import GradBuckets, clip_
+from .optim_state import materialize_state, optimizer_bytes, state_tensors, storage_bytes
+from .strategy import Shard, ShardReader
+
+
+def full_box(shape) -> tuple:
+    return tuple((0, int(s)) for s in shape)
 
 
 class DataParallel:
     def __init__(self, model: nn.Module, make_optimizer, comm: Communicator, cfg):
         self.model, self.comm, self.cfg = model, comm, cfg
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.params)
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in self.named]
         self.broadcast_parameters()
+        self.buckets = GradBuckets(self.params, comm, cfg)
+        self.optimizer = make_optimizer(self.params)
+        self.peak_state_bytes = 0
 
     def broadcast_parameters(self) -> None:
         """Make every rank start from rank 0's weights (one flat broadcast). Collective."""
+        if self.comm.world_size == 1:
+            return
         with torch.no_grad():
-            flat = torch.cat([p.detach().reshape(-1) for p in self.model.parameters()])
+            params = list(self.model.parameters())
+            flat = torch.cat([p.detach().reshape(-1) for p in params])
             self.comm.broadcast(flat, src=0)
-            torch.nn.utils.vector_to_parameters(flat, list(self.model.parameters()))
+            torch.nn.utils.vector_to_parameters(flat, params)
 
     def accumulate(self, last: bool):
-        return contextlib.nullcontext()
+        """Context for one micro-batch's backward; only the ``last`` one communicates."""
+        return self.buckets.accumulate(last)
 
     def finish_gradients(self) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        self.comm.allreduce(flat, ReduceOp.SUM)
-        offset = 0
-        for p in self.params:
-            n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p).clone()
-            offset += n
+        """Launch the buckets that did not fill and wait for every allreduce. Collective, blocks."""
+        self.buckets.finish()
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Gradients are whole on every rank after the allreduce: the local norm is the global norm."""
-        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
-        return float(norm)
+        return clip_([b.buf for b in self.buckets.buckets], max_norm)
 
     def optimizer_step(self) -> None:
         self.optimizer.step()
+        self.peak_state_bytes = max(self.peak_state_bytes, sum(self.memory_bytes().values()))
 
     def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        self.buckets.zero()
 
     def set_lr(self, lr: float) -> None:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+
+    def memory_bytes(self) -> dict[str, int]:
+        """This rank's bytes of parameters, gradients (bucket buffers) and optimizer state."""
+        return {"params": storage_bytes(self.params), "grads": self.buckets.nbytes(),
+                "optim": optimizer_bytes(self.optimizer)}
+
+    # -- checkpoints (see strategy.Shard) --------------------------------------------------
+    def state_shards(self) -> list[Shard]:
+        """Every tensor whole and replicated on all ranks. Local."""
+        out = [Shard(f"model.{n}", p.detach(), tuple(p.shape), full_box(p.shape), replicated=True)
+               for n, p in self.named]
+        for n, p in self.named:
+            for k, v in state_tensors(self.optimizer, p).items():
+                out.append(Shard(f"optim.{n}.{k}", v, tuple(v.shape), full_box(v.shape), replicated=True))
+        return out
+
+    def load_state_shards(self, read: ShardReader) -> None:
+        """Read every tensor whole. Local."""
+        with torch.no_grad():
+            for n, p in self.named:
+                p.copy_(read(f"model.{n}", tuple(p.shape), full_box(p.shape), False))
+            materialize_state(self.optimizer)
+            for n, p in self.named:
+                for k, v in state_tensors(self.optimizer, p).items():
+                    v.copy_(read(f"optim.{n}.{k}", tuple(v.shape), full_box(v.shape), False))
