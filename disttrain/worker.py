@@ -15,7 +15,12 @@ import torch
 
 import collectives
 
+from launcher.errors import LauncherError
+from launcher.slurm import setup_worker as setup_slurm_worker
+
 from . import config as config_mod
+from . import preemption
+from .checkpoint import maybe_build_checkpointer
 from .data import build_task
 from .models import build_model
 from .rundir import RunDir
@@ -53,7 +58,9 @@ def build_trainer(cfg: config_mod.ExperimentConfig, comm: collectives.Communicat
     num_inputs = task.train_x.shape[1] if not task.is_lm else 0
     model = build_model(cfg.model, num_inputs, task.num_classes)
     device = comm.backend.device if hasattr(comm.backend, "device") else "cpu"
-    return Trainer(cfg, comm, model, task, RunDir(cfg.run.dir, comm.rank), device=str(device))
+    return Trainer(cfg, comm, model, task, RunDir(cfg.run.dir, comm.rank), device=str(device),
+                   callbacks=preemption.build_callbacks(cfg, comm)  # preemption first, before checkpoints
+                   + [cb for cb in [maybe_build_checkpointer(cfg.checkpoint, comm)] if cb is not None])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_mod.load(argv[0], argv[1:])
     except config_mod.ConfigError as exc:
         print(exc, file=sys.stderr)
+        return 2
+    try:  # started by srun directly: SLURM's variables become ours; rank 0 hosts the job's store
+        slurm_job = setup_slurm_worker(cfg.run.dir, nodes=cfg.slurm.nodes, ntasks_per_node=cfg.slurm.ntasks_per_node)
+    except LauncherError as exc:
+        print(f"disttrain worker: {exc}", file=sys.stderr)
         return 2
     comm = init_communicator(cfg)
     logging.basicConfig(level=logging.WARNING, format=f"[{comm.env.where}] %(levelname)s %(name)s: %(message)s")
@@ -76,8 +88,11 @@ def main(argv: list[str] | None = None) -> int:
               f"final loss {summary['final_loss']:.4f}{acc_s}", flush=True)
     trainer.run_dir.close()
     comm.barrier()  # nobody tears down the transport while a peer may still use it
+    code = preemption.finish(trainer)  # a preempted SLURM job: rank 0 requeues it (everyone has saved)
     comm.close()
-    return 0
+    if slurm_job is not None:
+        slurm_job.close()
+    return code
 
 
 if __name__ == "__main__":
