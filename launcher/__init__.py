@@ -1,14 +1,26 @@
-"""launcher: start worker processes with torchrun's environment contract.
+"""launcher: start worker processes with torchrun's environment contract, on one host or many.
 
 Never imports ``disttrain`` or ``collectives`` (and never torch: start-up must be cheap).
-"""
-from .agent import LocalAgent, NodeSpec, RunResult
-from .errors import LauncherError, LaunchConfigError
-from .hostfile import HostSlots
-from .job import JobSpec, run_job
-from .ssh import SshOptions
-from .report import Failure, format_report
-from .worker import Worker, WorkerSpec, WorkerState
+Names load lazily, so a worker's ``python -m launcher.bootstrap`` imports almost nothing.
 
-__all__ = ["Failure", "HostSlots", "JobSpec", "SshOptions", "run_job", "LaunchConfigError", "LauncherError", "LocalAgent", "NodeSpec", "RunResult", "Worker",
-           "WorkerSpec", "WorkerState", "format_report"]
+    from launcher import JobSpec, WorkerSpec, run_job, HostSlots
+    result = run_job(WorkerSpec(["train.py"], nproc=2), JobSpec(hosts=[HostSlots("node1", 2), HostSlots("node2", 2)]))
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "LocalAgent": "agent", "NodeSpec": "agent", "RunResult": "agent",
+    "LauncherError": "errors", "LaunchConfigError": "errors",
+    "HostSlots": "hostfile", "JobSpec": "job", "run_job": "job", "SshOptions": "ssh",
+    "Failure": "report", "format_report": "report",
+    "Worker": "worker", "WorkerSpec": "worker", "WorkerState": "worker",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'launcher' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -63,7 +63,22 @@ def main(argv: list[str]) -> None:
     else:
         sys.argv = argv
         sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
-        runpy.run_path(argv[0], run_name="__main__")
+        if argv[0].endswith(".py") and os.path.isfile(argv[0]):
+            _run_script(argv[0])
+        else:  # a directory or zip with __main__.py
+            runpy.run_path(argv[0], run_name="__main__")
+
+
+def _run_script(path: str) -> None:
+    """``python path.py`` semantics without runpy.run_path's imports (pkgutil, typing): cheaper start-up."""
+    import types
+
+    with open(path, "rb") as f:
+        code = compile(f.read(), path, "exec", dont_inherit=True)
+    main = types.ModuleType("__main__")
+    main.__file__, main.__builtins__ = path, __builtins__
+    sys.modules["__main__"] = main  # pickling classes defined in the script finds them here
+    exec(code, main.__dict__)
 
 
 if __name__ == "__main__":

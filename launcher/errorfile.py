@@ -6,12 +6,8 @@ worker bootstrap instead, so user scripts need no change. The path comes from
 """
 from __future__ import annotations
 
-import json
 import os
-import socket
 import sys
-import time
-import traceback
 
 
 def error_file_path() -> str | None:
@@ -20,6 +16,11 @@ def error_file_path() -> str | None:
 
 def write(exc: BaseException, path: str | None = None) -> None:
     """Write ``exc`` to the error file (first error wins; never raises)."""
+    import json  # here, not at the top: every worker imports this module at start-up
+    import socket
+    import time
+    import traceback
+
     path = path or error_file_path()
     if not path or os.path.exists(path):
         return
@@ -64,6 +65,8 @@ def install() -> None:
 
 
 def read(path: str) -> dict | None:
+    import json
+
     try:
         with open(path) as f:
             return json.load(f)
