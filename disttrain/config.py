@@ -163,6 +163,8 @@ class SlurmConfig(Section):
     preemption: Literal["auto", "on", "off"] = Field("auto", description="Catch the signals, save and stop at an "
                                                      "agreed step: auto = only under SLURM.")
     check_every: int = Field(1, ge=1, description="Steps between the ranks' stop-flag agreements (one tiny allreduce).")
+    worker_module: str = Field("disttrain.worker", description="Module srun starts on every task (python -m); "
+                               "a custom entry must call disttrain.worker.main.")
 
 
 class ExperimentConfig(Section):
