@@ -1,0 +1,124 @@
+"""A flat unit: a group of parameters stored as one flat fp32 buffer, sharded evenly over ranks.
+
+The unit's logical layout is its parameters back to back (``offsets``), padded with zeros
+to a multiple of the world size. Rank r owns ``[r*S, (r+1)*S)`` (``lo``/``hi``), where
+S = padded/world: its ``master`` (an ``nn.Parameter`` the optimizer steps) is that slice.
+
+Every model parameter becomes a view into ``full`` (``param.data = full[o:o+n]``); the
+parameter keeps its identity and its autograd version counter, so ``named_parameters``,
+hooks and tensors saved for backward keep working. ZeRO-3 frees ``full`` between uses by
+resizing its storage to 0 and gathers it back into the same storage (the FSDP trick), so
+the views come back to life without being rebuilt.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from collectives import Communicator, Work
+
+
+class FlatUnit:
+    def __init__(self, index: int, named: list[tuple[str, nn.Parameter]], comm: Communicator, sharded_params: bool,
+                 module: nn.Module | None = None):
+        self.index, self.module = index, module
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.offsets, n = [], 0
+        for p in self.params:
+            self.offsets.append(n)
+            n += p.numel()
+        world, rank = comm.world_size, comm.rank
+        self.numel = n
+        self.padded = max(world, math.ceil(n / world) * world)
+        self.shard = self.padded // world
+        self.lo, self.hi = rank * self.shard, (rank + 1) * self.shard
+        self.full = torch.zeros(self.padded)
+        with torch.no_grad():
+            for p, o in zip(self.params, self.offsets):
+                self.full[o:o + p.numel()].copy_(p.detach().reshape(-1))
+                p.data = self.full[o:o + p.numel()].view(p.shape)
+        self.sharded_params = sharded_params
+        if sharded_params:  # ZeRO-3: the master is the only persistent copy
+            self.master = nn.Parameter(self.full[self.lo:self.hi].clone())
+            self._set_storage(0)
+            self.gathered = False
+        else:  # ZeRO-1/2: the master is this rank's slice of the full buffer itself
+            self.master = nn.Parameter(self.full[self.lo:self.hi])
+            self.gathered = True
+        self.ag_work: Work | None = None
+        # gradient side (ZeRO-2/3): the full gradient while backward fills it, the reduced shard after
+        self.gfull: torch.Tensor | None = None
+        self.gshard = torch.zeros(self.shard)
+        self.rs_work: Work | None = None
+        self.rs_out: torch.Tensor | None = None
+        self.ready = 0
+
+    # -- parameters ------------------------------------------------------------------------
+    def _set_storage(self, numel: int) -> None:
+        self.full.untyped_storage().resize_(numel * self.full.element_size())
+
+    def chunks(self, t: torch.Tensor) -> list[torch.Tensor]:
+        return [t[i * self.shard:(i + 1) * self.shard] for i in range(len(t) // self.shard)]
+
+    def start_gather(self, comm: Communicator) -> None:
+        """Allocate ``full`` and launch the allgather of every rank's master into it (async)."""
+        if self.gathered or self.ag_work is not None:
+            return
+        self._set_storage(self.padded)
+        with torch.autograd._unsafe_preserve_version_counter(self.full):
+            self.ag_work = comm.allgather(self.chunks(self.full), self.master.detach(), async_op=True)
+
+    def wait_gather(self) -> None:
+        if self.ag_work is not None:
+            with torch.autograd._unsafe_preserve_version_counter(self.full):
+                self.ag_work.wait()
+            self.ag_work = None
+        self.gathered = True
+
+    def free(self) -> None:
+        """ZeRO-3: drop the gathered parameters (their views stay, with no storage)."""
+        if self.sharded_params and (self.gathered or self.ag_work is not None):
+            self.wait_gather()
+            self._set_storage(0)
+            self.gathered = False
+
+    def gathered_bytes(self) -> int:
+        return self.full.untyped_storage().nbytes()
+
+    def refresh_full(self, comm: Communicator) -> Work | None:
+        """ZeRO-1/2 after the optimizer step: every rank's updated slice into everybody's ``full``."""
+        return comm.allgather(self.chunks(self.full), self.master.detach().clone(), async_op=True)
+
+    # -- gradients (ZeRO-2/3) ---------------------------------------------------------------
+    def take_grad(self, i: int, grad: torch.Tensor) -> None:
+        if self.gfull is None:
+            self.gfull = torch.zeros(self.padded)
+        o = self.offsets[i]
+        self.gfull[o:o + grad.numel()].add_(grad.reshape(-1))
+
+    def start_reduce_scatter(self, comm: Communicator, wire: torch.dtype | None, fresh: bool) -> None:
+        from collectives import ReduceOp
+
+        g = self.gfull if self.gfull is not None else torch.zeros(self.padded)
+        if wire is not None:
+            g = g.to(wire)
+            self.rs_out = torch.empty(self.shard, dtype=wire)
+        else:
+            self.rs_out = self.gshard if fresh else torch.empty(self.shard)
+        self.rs_work = comm.reduce_scatter(self.rs_out, self.chunks(g), ReduceOp.SUM, async_op=True)
+        self._rs_input = g  # kept alive until the op completes
+
+    def wait_reduce_scatter(self, fresh: bool) -> None:
+        if self.rs_work is None:
+            return
+        self.rs_work.wait()
+        if self.rs_out is not self.gshard:
+            if fresh:
+                self.gshard.copy_(self.rs_out)
+            else:
+                self.gshard.add_(self.rs_out.float())
+        self.rs_work = self.rs_out = self._rs_input = self.gfull = None
+        self.ready = 0

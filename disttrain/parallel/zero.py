@@ -1,0 +1,299 @@
+"""ZeRO stages 1, 2 and 3 (``parallel.strategy: zero1|zero2|zero3``).
+
+Parameters are grouped into :class:`FlatUnit` s, each sharded evenly over ranks; the
+optimizer (any elementwise torch optimizer: AdamW, SGD, ...) steps only this rank's
+``master`` slices, so its state is 1/N of the whole (stage 1+).
+
+- Stage 1: gradients live in full bucket buffers (``GradBuckets``, one per unit, allreduced
+  from backward hooks as in data parallel, nothing sent until the last micro-batch); each
+  rank steps its slice, then an allgather refreshes everybody's full parameters.
+- Stage 2: each gradient is copied into its unit's transient full buffer as autograd
+  produces it (and ``param.grad`` dropped); a full unit is reduce-scattered (async), and
+  only this rank's shard of the gradient is kept. Reduced every micro-batch (as DeepSpeed
+  does), so no full gradient outlives a backward.
+- Stage 3: units are the model's blocks (``model.blocks``, or the children of its first
+  Sequential/ModuleList) plus a root unit for the rest. A block's parameters are gathered
+  right before its forward (forward pre-hook) and freed after it, gathered again when the
+  gradient reaches the block's output (a tensor hook: just before its backward) and freed
+  once all its gradients are in; the next block (forward) or previous block (backward) is
+  prefetched. Gathers and reduce-scatters run on two communicators of their own, so their
+  relative order may differ between ranks (e.g. a parameter unused on one rank).
+
+Units' reduce-scatters launch strictly in unit order; whatever did not fire (parameters
+with no gradient) is launched with zeros when the micro-batch's ``accumulate`` context
+exits, so nothing hangs. Gradient clipping sums squared shard norms over ranks.
+Checkpoint shards are ``flat=True`` pieces of each logical parameter and its state.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+from collectives import Communicator
+
+from .buckets import WIRE_DTYPES, GradBuckets, clip_, plan_buckets
+from .data_parallel import full_box
+from .flat_unit import FlatUnit
+from .optim_state import materialize_state, optimizer_bytes, state_tensors
+from .strategy import Shard, ShardReader
+
+
+def find_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks ZeRO-3 gathers one at a time: ``model.blocks``, else the parameterised
+    children of the model's first Sequential/ModuleList."""
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+        blocks = next((m for m in model.modules() if isinstance(m, (nn.ModuleList, nn.Sequential))), None)
+    if blocks is None:
+        return []
+    return [m for m in blocks if any(p.requires_grad for p in m.parameters())]
+
+
+class Zero:
+    def __init__(self, stage: int, model: nn.Module, make_optimizer, comm: Communicator, cfg):
+        self.stage, self.model, self.comm, self.cfg = stage, model, comm, cfg
+        self.wire = WIRE_DTYPES[cfg.grad_dtype]
+        self._broadcast_parameters()
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        name_of = {p: n for n, p in named}
+        self.blocks: list[nn.Module] = []
+        if stage == 3:
+            self.blocks = find_blocks(model)
+            in_block = {p for b in self.blocks for p in b.parameters()}
+            groups = [[(name_of[p], p) for p in b.parameters() if p.requires_grad] for b in self.blocks]
+            groups.append([(n, p) for n, p in named if p not in in_block])  # the root unit, last
+            modules = [*self.blocks, model]
+        else:
+            groups = [[(name_of[p], p) for p in g] for g in plan_buckets([p for _, p in named], cfg.bucket_mb,
+                                                                              cfg.first_bucket_mb)]
+            modules = [None] * len(groups)
+        self.units = [FlatUnit(i, g, comm, stage == 3, m) for i, (g, m) in enumerate(zip(groups, modules)) if g]
+        self._where = {p: (u, i) for u in self.units for i, p in enumerate(u.params)}
+        self.masters = [u.master for u in self.units]
+        self.buckets = None
+        if stage == 1:
+            self.buckets = GradBuckets([p for u in self.units for p in u.params], comm, cfg, pad_to=comm.world_size,
+                                       groups=[u.params for u in self.units])
+            for u, b in zip(self.units, self.buckets.buckets):
+                u.master.grad = b.buf[u.lo:u.hi]
+        else:
+            for u in self.units:
+                u.master.grad = u.gshard
+            self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for u in self.units for p in u.params]
+            self.rs_comm = comm.new_group(list(range(comm.world_size)))
+        if stage == 3:
+            self.ag_comm = comm.new_group(list(range(comm.world_size)))
+            self._install_forward_hooks()
+        self.optimizer = make_optimizer(self.masters)
+        self._next_rs = 0
+        self._fresh = True  # the next reduce-scatter overwrites the gradient shards (first micro-batch)
+        self._dirty = False
+        self.peak_state_bytes = 0
+        self.peak_transient_bytes = 0
+
+    def _broadcast_parameters(self) -> None:
+        if self.comm.world_size == 1:
+            return
+        with torch.no_grad():
+            params = list(self.model.parameters())
+            flat = torch.cat([p.detach().reshape(-1) for p in params])
+            self.comm.broadcast(flat, src=0)
+            torch.nn.utils.vector_to_parameters(flat, params)
+
+    # -- stage 3: gather before use, free after --------------------------------------------
+    def _install_forward_hooks(self) -> None:
+        self.root = self.units[-1]
+        self.block_units = self.units[:-1] if self.root.module is self.model else self.units
+        self.model.register_forward_pre_hook(self._root_pre)
+        self.model.register_forward_hook(self._root_post)
+        for i, u in enumerate(self.block_units):
+            u.module.register_forward_pre_hook(lambda m, a, i=i: self._block_pre(i))
+            u.module.register_forward_hook(lambda m, a, out, i=i: self._block_post(i, out))
+
+    def _ensure(self, u: FlatUnit) -> None:
+        u.start_gather(self.ag_comm)
+        u.wait_gather()
+        self.peak_transient_bytes = max(self.peak_transient_bytes, self._transient_bytes())
+
+    def _prefetch(self, i: int) -> None:
+        if 0 <= i < len(self.block_units):
+            self.block_units[i].start_gather(self.ag_comm)
+
+    def _root_pre(self, module, args) -> None:
+        if self.root.module is self.model:
+            self._ensure(self.root)
+        self._prefetch(0)
+
+    def _root_post(self, module, args, out) -> None:
+        if not (torch.is_grad_enabled() and module.training):
+            self._free_all()
+
+    def _block_pre(self, i: int) -> None:
+        self._ensure(self.block_units[i])
+        self._prefetch(i + 1)
+
+    def _block_post(self, i: int, out) -> None:
+        training = torch.is_grad_enabled()
+        if training:
+            outs = out if isinstance(out, (tuple, list)) else [out]
+            for t in outs:
+                if isinstance(t, torch.Tensor) and t.requires_grad:
+                    t.register_hook(lambda g, i=i: self._pre_backward(i))
+        if not training or i != len(self.block_units) - 1:  # the last block is needed first in backward
+            self.block_units[i].free()
+
+    def _pre_backward(self, i: int) -> None:
+        self._ensure(self.block_units[i])
+        self._prefetch(i - 1)
+
+    def _free_all(self) -> None:
+        for u in self.units:
+            u.free()
+
+    def _transient_bytes(self) -> int:
+        return sum(u.gathered_bytes() + (u.gfull.numel() * 4 if u.gfull is not None else 0) for u in self.units)
+
+    # -- stage 2/3: gradients into shards ----------------------------------------------------
+    def _on_grad(self, p: nn.Parameter) -> None:
+        u, i = self._where[p]
+        u.take_grad(i, p.grad)
+        p.grad = None
+        self._dirty = True
+        u.ready += 1
+        if u.ready == len(u.params):
+            self.peak_transient_bytes = max(self.peak_transient_bytes, self._transient_bytes())
+            if self.stage == 3 and u is not getattr(self, "root", None):
+                u.free()  # every op that used these parameters has run its backward
+            order = self._rs_order()
+            while self._next_rs < len(order) and order[self._next_rs].ready >= len(order[self._next_rs].params):
+                order[self._next_rs].start_reduce_scatter(self.rs_comm, self.wire, self._fresh)
+                self._next_rs += 1
+
+    def _rs_order(self) -> list[FlatUnit]:
+        # Stage 2 units are already in backward order; stage 3 blocks finish last-to-first, then the root.
+        return self.units if self.stage == 2 else [*reversed(self.block_units), *self.units[len(self.block_units):]]
+
+    def _flush(self) -> None:
+        """End of a micro-batch's backward (stage 2/3): launch the rest, wait, keep the shards. Collective."""
+        order = self._rs_order()
+        while self._next_rs < len(order):
+            order[self._next_rs].start_reduce_scatter(self.rs_comm, self.wire, self._fresh)
+            self._next_rs += 1
+        for u in order:
+            u.wait_reduce_scatter(self._fresh)
+        self._next_rs, self._fresh, self._dirty = 0, False, False
+        if self.stage == 3:
+            self._free_all()
+
+    @contextlib.contextmanager
+    def accumulate(self, last: bool):
+        """One micro-batch. Stage 1 communicates after the last only; stages 2/3 reduce each one on exit."""
+        if self.stage == 1:
+            with self.buckets.accumulate(last):
+                yield
+            return
+        try:
+            yield
+        finally:
+            self._flush()
+
+    def finish_gradients(self) -> None:
+        """Complete the gradient reduction. Collective, blocks."""
+        if self.stage == 1:
+            self.buckets.finish()
+        elif self._dirty:
+            self._flush()
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Global norm: squared norms of this rank's shards, summed over ranks (an allreduce)."""
+        return clip_([m.grad for m in self.masters], max_norm, self.comm)
+
+    def optimizer_step(self) -> None:
+        self.optimizer.step()
+        if self.stage < 3:
+            works = [u.refresh_full(self.comm) for u in self.units]
+            for w in works:
+                w.wait()
+        self.peak_state_bytes = max(self.peak_state_bytes, sum(self.memory_bytes().values()))
+
+    def zero_grad(self) -> None:
+        if self.stage == 1:
+            self.buckets.zero()
+        else:
+            for u in self.units:
+                u.gshard.zero_()
+        self._fresh = True
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    def memory_bytes(self) -> dict[str, int]:
+        """This rank's bytes of parameters (full buffers, or masters + gathered for stage 3),
+        gradients (buckets or shards) and optimizer state, now."""
+        if self.stage == 3:
+            params = sum(u.master.numel() * 4 + u.gathered_bytes() for u in self.units)
+        else:
+            params = sum(u.full.numel() * 4 for u in self.units)
+        grads = self.buckets.nbytes() if self.stage == 1 else sum(u.gshard.numel() * 4 for u in self.units)
+        return {"params": params, "grads": grads, "optim": optimizer_bytes(self.optimizer)}
+
+    @torch.no_grad()
+    def full_parameters(self) -> dict[str, torch.Tensor]:
+        """Every parameter, whole (stage 3 gathers each unit: collective)."""
+        out = {}
+        for u in self.units:
+            was = u.gathered
+            if not was:
+                self._ensure(u)
+            for n, p in zip(u.names, u.params):
+                out[n] = p.detach().clone()
+            if not was:
+                u.free()
+        return out
+
+    # -- checkpoints (see strategy.Shard) --------------------------------------------------
+    def _pieces(self):
+        """(unit, name, param, [a, b) in the param's flat index, [a, b) in the master) for owned pieces."""
+        for u in self.units:
+            for n, p, o in zip(u.names, u.params, u.offsets):
+                a, b = max(o, u.lo), min(o + p.numel(), u.hi)
+                if a < b:
+                    yield u, n, p, (a - o, b - o), (a - u.lo, b - u.lo)
+
+    def state_shards(self) -> list[Shard]:
+        """Flat pieces of each parameter and its optimizer state that this rank owns. Local."""
+        out = []
+        for u, n, p, box, (s, e) in self._pieces():
+            out.append(Shard(f"model.{n}", u.master.detach()[s:e], tuple(p.shape), (box,), flat=True))
+            for k, v in state_tensors(self.optimizer, u.master).items():
+                if v.dim() == 0:
+                    out.append(Shard(f"optim.{n}.{k}", v, (), (), replicated=True))
+                else:
+                    out.append(Shard(f"optim.{n}.{k}", v[s:e], tuple(p.shape), (box,), flat=True))
+        return out
+
+    def load_state_shards(self, read: ShardReader) -> None:
+        """Read this rank's pieces (stages 1/2 read whole parameters, since every rank holds them). Local."""
+        with torch.no_grad():
+            if self.stage < 3:
+                for u in self.units:
+                    for n, p in zip(u.names, u.params):
+                        p.copy_(read(f"model.{n}", tuple(p.shape), full_box(p.shape), False))
+            else:
+                for u, n, p, box, (s, e) in self._pieces():
+                    u.master[s:e].copy_(read(f"model.{n}", tuple(p.shape), (box,), True).reshape(-1))
+            materialize_state(self.optimizer)
+            for u, n, p, box, (s, e) in self._pieces():
+                for k, v in state_tensors(self.optimizer, u.master).items():
+                    if v.dim() == 0:
+                        v.copy_(read(f"optim.{n}.{k}", (), (), False))
+                    else:
+                        v[s:e].copy_(read(f"optim.{n}.{k}", tuple(p.shape), (box,), True).reshape(-1))
+
+
+def build_zero(cfg, model: nn.Module, make_optimizer, comm: Communicator) -> Zero:
+    """ZeRO stage ``cfg.strategy`` (zero1/zero2/zero3) over ``model``. Collective: all ranks build it together."""
+    return Zero(int(cfg.strategy[-1]), model, make_optimizer, comm, cfg)

