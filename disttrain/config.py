@@ -144,13 +144,13 @@ class SlurmConfig(Section):
     output: str | None = Field(None, description="sbatch --output pattern (default: RUN_DIR/slurm/%x-%j.out, "
                                "%x-%A_%a.out for arrays).")
     partition: str | None = Field(None, description="sbatch --partition (default: the cluster's default).")
-    time: str | None = Field(None, description="sbatch --time limit, e.g. 04:00:00 or 30 (minutes).")
+    time: str | int | None = Field(None, description="sbatch --time limit, e.g. 04:00:00 or 30 (minutes).")
     nodes: int | None = Field(None, ge=1, description="Nodes; when set, a job started by srun must match it.")
     ntasks_per_node: int | None = Field(None, ge=1, description="Workers per node (default: launch.nproc); when "
                                         "set, a job started by srun must match it.")
     gpus_per_node: int | None = Field(None, ge=0, description="sbatch --gpus-per-node.")
     cpus_per_task: int | None = Field(None, ge=1, description="sbatch --cpus-per-task.")
-    array: str | None = Field(None, description="Job array spec, e.g. 0-3 or 0-7%2 (uses the array template).")
+    array: str | int | None = Field(None, description="Job array spec, e.g. 0-3 or 0-7%2 (uses the array template).")
     mode: Literal["srun", "agent"] = Field("srun", description="srun: one task per worker; agent: one "
                                            "launcher agent per node that starts the node's workers.")
     template: str | None = Field(None, description="Path of a custom sbatch template (default: slurm/<kind>.sbatch).")
