@@ -42,8 +42,12 @@ class Trainer:
         self.run_dir = run_dir
         self.model = model.to(device)
         self.strategy = build_strategy(cfg.parallel, self.model, lambda ps: build_optimizer(cfg.optim, ps), comm)
-        self.sampler = GlobalBatchSampler(task.num_train, cfg.train.batch_size, cfg.run.seed, comm.rank,
-                                          comm.world_size)
+        # Model-parallel strategies name this rank's data-parallel replica: its tp/pp peers read the
+        # same samples and report the same loss (counted once in the logged metrics).
+        self.dp_rank = getattr(self.strategy, "dp_rank", comm.rank)
+        self.dp_size = getattr(self.strategy, "dp_size", comm.world_size)
+        self.sampler = GlobalBatchSampler(task.num_train, cfg.train.batch_size, cfg.run.seed, self.dp_rank,
+                                          self.dp_size)
         self.step = 0  # optimizer steps completed; also the data position
         self.stop_requested = False  # set from a signal handler (preemption); honoured at a step boundary
         self.history: list[dict] = []
@@ -146,6 +150,7 @@ class Trainer:
             if logging_now or eval_now:
                 stats = torch.cat([window_loss, torch.tensor([float(window_samples)], dtype=torch.float64)])
                 self.comm.allreduce(stats, ReduceOp.SUM)
+                stats /= self.comm.world_size // self.dp_size  # replicas of one dp rank's loss and samples
                 elapsed = time.perf_counter() - window_start
                 rec = {"step": self.step, "loss": float(stats[0] / window_loss[1]), "grad_norm": last_norm,
                        "lr": self.lr(self.step - 1), "samples_per_s": float(stats[2]) / elapsed,

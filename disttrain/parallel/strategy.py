@@ -72,6 +72,11 @@ class Strategy(Protocol):
 
 def build_strategy(cfg, model: nn.Module, make_optimizer: OptimizerFactory, comm: Communicator) -> Strategy:
     """Wrap ``model`` with the strategy named by ``cfg.strategy`` (the ``parallel`` config section)."""
+    mesh = getattr(cfg, "mesh", None)
+    if mesh is not None and (mesh.tp > 1 or mesh.pp > 1):  # model parallel (composes ddp/zero1 over dp)
+        from .model_parallel import build_model_parallel
+
+        return build_model_parallel(cfg, model, make_optimizer, comm)
     if cfg.strategy == "ddp":
         from .data_parallel import DataParallel
 
