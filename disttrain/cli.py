@@ -51,7 +51,7 @@ def cmd_launch(argv: list[str]) -> int:
     return launch_main(argv)
 
 
-COMMANDS = {"run": cmd_run, "launch": cmd_launch, "submit": lambda argv: __import__("disttrain.slurm_submit").slurm_submit.cmd_submit(argv)}
+COMMANDS = {"run": cmd_run, "launch": cmd_launch, "ckpt": lambda argv: __import__("disttrain.ckpt_cli").ckpt_cli.main(argv), "submit": lambda argv: __import__("disttrain.slurm_submit").slurm_submit.cmd_submit(argv)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,22 @@
+"""Checkpoints: sharded, atomic, checksummed, pickle-free, asynchronous and reshardable.
+
+    RUN_DIR/checkpoints/step_000100/{rank_00000.safetensors, ..., state.json, manifest.json}
+    RUN_DIR/checkpoints/latest            -> "step_000100"
+
+Modules: ``shardfile`` (safetensors I/O), ``manifest`` (the commit record and its
+validation), ``checksum`` (xxh3), ``writer`` (rank files, commit, pruning), ``reader``
+(verification, box serving), ``reshard`` (box overlap, layout checks), ``state`` (RNG,
+step, config as JSON), ``adapters`` (shards of strategies that have none),
+``checkpointer`` (the trainer callback: resume, periodic/async/preemption/final saves).
+"""
+from .checkpointer import Checkpointer
+from .errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError, CheckpointMismatchError
+from .reader import CheckpointReader, list_checkpoints, resolve
+
+__all__ = ["CheckpointCorruptError", "CheckpointError", "CheckpointFormatError", "CheckpointMismatchError",
+           "CheckpointReader", "Checkpointer", "list_checkpoints", "resolve", "maybe_build_checkpointer"]
+
+
+def maybe_build_checkpointer(cfg, comm) -> "Checkpointer | None":
+    """The checkpoint callback for the ``checkpoint`` config section, or None when disabled."""
+    return Checkpointer(cfg, comm) if cfg.enabled else None

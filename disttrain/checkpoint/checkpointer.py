@@ -1,0 +1,341 @@
+"""The trainer callback: resume from the newest checkpoint that verifies, save every N steps
+(asynchronously by default), on a stop request (preemption: synchronously, before exit) and
+at the end.
+
+Who calls what: every rank runs the same hooks at the same steps (``Trainer.callbacks``).
+Checkpoint collectives run on their own group, and only from the training thread at step
+boundaries, in the same order on every rank, so they cannot interleave with training
+collectives or deadlock against them. Background threads never communicate.
+
+Async save, per rank: ``save()`` records which tensors to write and starts a thread that
+copies them into a reused, aligned host buffer (the snapshot), then writes, hashes and
+fsyncs the file. The snapshot overlaps the next forward/backward; ``optimizer_step`` is
+gated on it, so the saved state is exactly the state at the save step. Each later step end
+polls (one tiny allreduce) until every rank has written; then the ranks gather their
+records and rank 0 commits in the background (manifest, rename, ``latest``, prune). At most
+one save is in flight; a failed background write raises on every rank at the next step,
+naming the failed rank.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+
+import torch
+
+from collectives import ReduceOp
+
+from . import adapters, state as state_mod, testhooks
+from .errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError
+from .reader import CheckpointReader, resolve
+from .writer import RankWrite, aligned_empty, clean_temporaries, commit
+
+log = logging.getLogger(__name__)
+WRITING, WRITTEN, FAILED = 0, 1, 2
+
+
+class _InFlight:
+    def __init__(self, job: RankWrite, local: dict, shared: dict | None):
+        self.job, self.local, self.shared = job, local, shared
+        self.snapshot = threading.Event()
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.started = time.perf_counter()
+
+
+class Checkpointer:
+    """Trainer callback. ``cfg`` is the ``checkpoint`` config section; the directory is
+    ``<run dir>/checkpoints`` (inactive when the trainer has no run directory)."""
+
+    def __init__(self, cfg, comm):
+        self.cfg, self.comm = cfg, comm
+        self.rank, self.world = comm.rank, comm.world_size
+        self.active = False
+        self.dir: str | None = None
+        self.group = None
+        self.last_saved = -1
+        self.stall_s = 0.0  # time the training thread spent blocked by saves (snapshot gate included)
+        self._plan: tuple | None = None
+        self._staging: torch.Tensor | None = None
+        self._inflight: _InFlight | None = None
+        self._commit_thread: threading.Thread | None = None
+        self._commit_error: BaseException | None = None
+
+    # -- trainer hooks --------------------------------------------------------------------
+    def on_start(self, trainer) -> None:
+        if not self.cfg.enabled or trainer.run_dir is None:
+            return
+        self.attach(trainer, os.path.join(trainer.run_dir.path, "checkpoints"))
+        restarts = os.environ.get("DISTTRAIN_RESTART_COUNT") or os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        step = self.resume(trainer)
+        if step is not None and self.rank == 0:
+            extra = f" (restart {restarts})" if restarts and restarts != "0" else ""
+            print(f"disttrain: resumed from {self.dir}/step_{step:06d}{extra}", flush=True)
+
+    def on_step_end(self, trainer) -> None:
+        testhooks.fire("step_end", self.rank, trainer.step)
+        if not self.active:
+            return
+        self._raise_commit_error()
+        self._poll(block=False)
+        steps = trainer.cfg.train.steps
+        if trainer.stop_requested:
+            self.save(trainer, sync=True)
+        elif self.cfg.every and trainer.step % self.cfg.every == 0 and trainer.step < steps:
+            self.save(trainer, sync=not self.cfg.async_save)
+
+    def on_end(self, trainer, summary: dict | None = None) -> None:
+        if not self.active:
+            return
+        if trainer.step != self.last_saved:
+            self.save(trainer, sync=True)
+        self.wait()
+
+    # -- public API -----------------------------------------------------------------------
+    def attach(self, trainer, ckpt_dir: str) -> None:
+        """All ranks: set the directory, create the checkpoint group, gate optimizer steps on snapshots."""
+        self.active, self.dir = True, os.path.abspath(ckpt_dir)
+        self.group = self.comm.new_group(list(range(self.world)))
+        if self.rank == 0:
+            os.makedirs(self.dir, exist_ok=True)
+            clean_temporaries(self.dir)
+        strategy = trainer.strategy
+        step_fn = strategy.optimizer_step
+
+        def gated_optimizer_step():
+            self._wait_snapshot()
+            step_fn()
+
+        strategy.optimizer_step = gated_optimizer_step
+
+    def save(self, trainer, sync: bool = True) -> None:
+        """All ranks, same step. Sync: returns once the checkpoint is committed. Async: returns
+        after recording what to write; the bytes are copied and written in the background."""
+        t0 = time.perf_counter()
+        self._poll(block=True)
+        self._join_commit()
+        shards = adapters.state_shards(trainer.strategy)
+        mine = self._plan_for(shards)
+        job = RankWrite(self.dir, trainer.step, self.rank, [shards[i] for i in mine])
+        local = {"rng": state_mod.capture_rng()}
+        shared = state_mod.capture(trainer) if self.rank == 0 else None
+        shared = self._with_layout(trainer, shared)
+        flight = _InFlight(job, local, shared)
+        if sync:
+            try:
+                job.write_live()
+            except Exception as exc:  # reported collectively below
+                flight.error = exc
+            flight.snapshot.set()
+            flight.done.set()
+            self._inflight = flight
+            self._poll(block=True, sync=True)
+        else:
+            padded = -(-job.size // 4096) * 4096
+            if self._staging is None or self._staging.numel() < padded:
+                self._staging = None
+                self._staging = aligned_empty(padded)
+            self._inflight = flight
+            threading.Thread(target=self._background, args=(flight, self._staging), daemon=True,
+                             name=f"ckpt-step{trainer.step}").start()
+        self.last_saved = trainer.step
+        self.stall_s += time.perf_counter() - t0
+
+    def wait(self) -> None:
+        """All ranks: finish the save in flight and its commit."""
+        t0 = time.perf_counter()
+        self._poll(block=True)
+        self._join_commit()
+        self.stall_s += time.perf_counter() - t0
+
+    def resume(self, trainer) -> int | None:
+        """All ranks: load the newest checkpoint that verifies (older ones on failure, with a
+        warning, when ``fallback``); returns its step or None when there is none."""
+        cands = self._bcast_json(resolve(self.dir) if self.rank == 0 else None)
+        for i, path in enumerate(cands):
+            code, err = 0, None
+            reader = None
+            try:
+                reader = CheckpointReader(path, verify=self.cfg.verify_on_load)
+                saved = reader.state()
+                adapters.load_state_shards(trainer.strategy, reader)
+            except CheckpointCorruptError as exc:
+                code, err = 1, exc
+            except Exception as exc:  # mismatch or anything unexpected: falling back would not help
+                code, err = 2, exc
+            finally:
+                if reader is not None:
+                    reader.release()
+            flags = self._agree(code)
+            if not any(flags):
+                state_mod.apply(trainer, saved, saved.get("rng") or [])
+                self.last_saved = trainer.step
+                return trainer.step
+            bad = [r for r, f in enumerate(flags) if f]
+            if err is not None:
+                log.error("rank %s: loading %s failed: %s", self.comm.env.where, path, err)
+            if max(flags) == 2:
+                raise CheckpointMismatchError(f"rank {self.comm.env.where}: {path} does not load on ranks {bad}: "
+                                              f"{err or 'see their logs'}") from err
+            if not self.cfg.fallback or i == len(cands) - 1:
+                raise CheckpointCorruptError(f"rank {self.comm.env.where}: {path} failed verification on ranks "
+                                             f"{bad}: {err or 'see their logs'}" + ("" if self.cfg.fallback else
+                                             "\nHINT: checkpoint.fallback=true loads the newest one that verifies"))
+            if self.rank == 0 or err is not None:
+                log.warning("rank %s: checkpoint %s failed verification on ranks %s; falling back to %s",
+                            self.comm.env.where, path, bad, cands[i + 1])
+        return None
+
+    # -- internals ------------------------------------------------------------------------
+    def _with_layout(self, trainer, shared):
+        if shared is not None:
+            par = trainer.cfg.parallel
+            shared["layout"] = {"strategy": par.strategy, "class": type(trainer.strategy).__name__,
+                                "world_size": self.world, "mesh": getattr(par, "mesh", None) and
+                                par.mesh.model_dump(mode="json")}
+        return shared
+
+    def _background(self, flight: _InFlight, staging: torch.Tensor) -> None:
+        try:
+            try:
+                flight.job.stage(staging)
+            finally:
+                flight.snapshot.set()
+            flight.job.write_staged(staging)
+        except BaseException as exc:  # surfaces on the next step
+            flight.error = exc
+        finally:
+            flight.done.set()
+
+    def _wait_snapshot(self) -> None:
+        f = self._inflight
+        if f is None or f.snapshot.is_set():
+            return
+        t0 = time.perf_counter()
+        if not f.snapshot.wait(self.comm.timeout):
+            raise CheckpointError(f"rank {self.comm.env.where}: the snapshot of step {f.job.step} did not finish "
+                                  f"within {self.comm.timeout:g}s")
+        self.stall_s += time.perf_counter() - t0
+
+    def _poll(self, block: bool, sync: bool = False) -> None:
+        f = self._inflight
+        if f is None:
+            return
+        while True:
+            mine = FAILED if f.error is not None else WRITTEN if f.done.is_set() else WRITING
+            flags = self._agree(mine)
+            if FAILED in flags:
+                self._inflight = None
+                bad = [r for r, s in enumerate(flags) if s == FAILED]
+                why = f": {type(f.error).__name__}: {f.error}" if f.error is not None else "; see their logs"
+                raise CheckpointError(f"rank {self.comm.env.where}: saving checkpoint step {f.job.step} failed on "
+                                      f"rank(s) {bad}{why}\nHINT: check free space and permissions of {self.dir}")
+            if all(s == WRITTEN for s in flags):
+                break
+            if not block:
+                return
+            if mine == WRITING:
+                f.done.wait(self.comm.timeout)
+            else:
+                time.sleep(0.005)
+        self._inflight = None
+        records = [json.loads(b) for b in self._allgather_bytes(json.dumps(f.job.record(f.local)).encode())]
+        if self.rank != 0:
+            if sync:
+                self._agree_commit(None)
+            return
+        shared = dict(f.shared)
+        layout = shared.pop("layout")
+        shared["rng"] = [r["state"]["rng"] for r in sorted(records, key=lambda r: r["rank"])]
+        args = (self.dir, f.job.step, self.world, layout, records, shared, self.cfg.keep)
+        if sync:
+            err = None
+            try:
+                commit(*args)
+            except Exception as exc:
+                err = exc
+            self._agree_commit(err)
+        else:
+            self._commit_thread = threading.Thread(target=self._commit_bg, args=args, daemon=True, name="ckpt-commit")
+            self._commit_thread.start()
+
+    def _agree_commit(self, err) -> None:
+        flags = self._agree(1 if err is not None else 0)
+        if flags[0]:
+            raise CheckpointError(f"rank {self.comm.env.where}: committing the checkpoint failed on rank 0"
+                                  + (f": {err}" if err else "; see its log"))
+
+    def _commit_bg(self, *args) -> None:
+        try:
+            commit(*args)
+        except BaseException as exc:
+            self._commit_error = exc
+
+    def _join_commit(self) -> None:
+        if self._commit_thread is not None:
+            self._commit_thread.join(self.comm.timeout)
+            self._commit_thread = None
+        self._raise_commit_error()
+
+    def _raise_commit_error(self) -> None:
+        if self._commit_error is not None:
+            err, self._commit_error = self._commit_error, None
+            raise CheckpointError(f"rank {self.comm.env.where}: committing a checkpoint in {self.dir} failed: "
+                                  f"{type(err).__name__}: {err}") from err
+
+    def _plan_for(self, shards: list) -> list[int]:
+        """Indices of ``shards`` this rank writes: all of its own, and a balanced share of the
+        replicated ones (each replicated box is written by exactly one of its holders)."""
+        sig = [(s.name, [list(b) for b in s.box], s.flat, s.tensor.numel() * s.tensor.element_size(),
+                bool(s.replicated)) for s in shards]
+        if self._plan is not None:
+            if self._plan[0] != sig:
+                raise CheckpointError(f"rank {self.comm.env.where}: the strategy's state shards changed between "
+                                      "saves; the write plan is computed once")
+            return self._plan[1]
+        everyone = [json.loads(b) for b in self._allgather_bytes(json.dumps(sig).encode())]
+        load = [sum(n for _, _, _, n, rep in sg if not rep) for sg in everyone]
+        holders: dict[str, list[int]] = {}
+        sizes: dict[str, int] = {}
+        for r, sg in enumerate(everyone):
+            for name, box, flat, n, rep in sg:
+                if rep:
+                    key = json.dumps([name, box, flat])
+                    holders.setdefault(key, []).append(r)
+                    sizes[key] = n
+        owner = {}
+        for key in sorted(holders, key=lambda k: (-sizes[k], k)):
+            r = min(holders[key], key=lambda x: (load[x], x))
+            owner[key] = r
+            load[r] += sizes[key]
+        mine = [i for i, (name, box, flat, _, rep) in enumerate(sig)
+                if not rep or owner[json.dumps([name, box, flat])] == self.rank]
+        self._plan = (sig, mine)
+        return mine
+
+    # -- small collectives on the checkpoint group ------------------------------------------
+    def _agree(self, value: int) -> list[int]:
+        v = torch.zeros(self.world, dtype=torch.int32)
+        v[self.rank] = value
+        self.group.allreduce(v, ReduceOp.MAX)
+        return v.tolist()
+
+    def _allgather_bytes(self, data: bytes) -> list[bytes]:
+        n = torch.tensor([len(data)], dtype=torch.int64)
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
+        self.group.allgather(sizes, n)
+        lens = [int(s) for s in sizes]
+        width = -(-max(lens) // 4)
+        mine = torch.zeros(width, dtype=torch.int32)
+        mine.view(torch.uint8)[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else 0
+        outs = [torch.zeros(width, dtype=torch.int32) for _ in range(self.world)]
+        self.group.allgather(outs, mine)
+        return [bytes(o.view(torch.uint8)[:n].numpy()) for o, n in zip(outs, lens)]
+
+    def _bcast_json(self, obj):
+        """Rank 0's ``obj`` on every rank."""
+        data = json.dumps(obj).encode() if self.rank == 0 else b""
+        return json.loads(self._allgather_bytes(data)[0])

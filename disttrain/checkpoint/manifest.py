@@ -1,0 +1,159 @@
+"""The manifest: the one JSON file that makes a checkpoint directory a checkpoint.
+
+Written last (its presence inside a renamed ``step_*`` directory is the commit). It
+holds the format version, the world size and parallel layout that wrote it, a checksum
+per file, and for every logical tensor its global shape, dtype and the pieces that tile
+it: which byte range of which file holds which box (``flat`` boxes index the tensor
+flattened to 1-D, as ZeRO shards do). :func:`validate` refuses anything malformed
+before a byte of tensor data is read.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+
+from . import checksum
+from .errors import CheckpointFormatError
+from .shardfile import FROM_NAME, itemsize, loads_strict
+
+FORMAT = "disttrain-checkpoint"
+VERSION = 1
+NAME = "manifest.json"
+STATE = "state.json"
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}$")
+
+Box = tuple[tuple[int, int], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    file: str
+    key: str  # the tensor's key inside the safetensors file
+    start: int  # absolute byte offsets in the file
+    stop: int
+    box: Box
+    flat: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: str
+    pieces: tuple[Piece, ...]
+
+
+@dataclasses.dataclass
+class Manifest:
+    step: int
+    world_size: int
+    layout: dict
+    files: dict[str, dict]  # name -> {"rank", "size", "checksum"}
+    tensors: dict[str, TensorInfo]
+
+    def to_json(self) -> bytes:
+        return json.dumps({
+            "format": FORMAT, "version": VERSION, "step": self.step, "world_size": self.world_size,
+            "layout": self.layout, "checksum": checksum.ALGORITHM, "files": self.files,
+            "tensors": {n: {"shape": list(t.shape), "dtype": t.dtype,
+                            "pieces": [{"file": p.file, "key": p.key, "start": p.start, "stop": p.stop,
+                                        "box": [list(b) for b in p.box], "flat": p.flat} for p in t.pieces]}
+                        for n, t in self.tensors.items()},
+        }, separators=(",", ":")).encode()
+
+    def nbytes(self) -> int:
+        return sum(f["size"] for f in self.files.values())
+
+
+def safe_file_name(name: object, where: str) -> str:
+    """A manifest path must be a plain file name inside the checkpoint directory."""
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or name in (".", ".."):
+        raise CheckpointFormatError(f"{where}: file path {name!r} leaves the checkpoint directory or is not a "
+                                    "plain file name\nHINT: manifests list files by bare name; it was not opened")
+    return name
+
+
+def _int(v, what: str, where: str, lo: int = 0) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+        raise CheckpointFormatError(f"{where}: {what} must be an integer >= {lo}, got {v!r}")
+    return v
+
+
+def parse(text: bytes, where: str) -> Manifest:
+    obj = loads_strict(text, where)
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise CheckpointFormatError(f"{where}: not a {FORMAT} manifest")
+    if obj.get("version") != VERSION:
+        raise CheckpointFormatError(f"{where}: format version {obj.get('version')!r}, this reader knows {VERSION}"
+                                    "\nHINT: read it with the disttrain version that wrote it")
+    if obj.get("checksum") != checksum.ALGORITHM:
+        raise CheckpointFormatError(f"{where}: checksum algorithm {obj.get('checksum')!r} is unknown")
+    files: dict[str, dict] = {}
+    for name, info in (obj.get("files") or {}).items():
+        safe_file_name(name, where)
+        if not isinstance(info, dict) or not isinstance(info.get("checksum"), str):
+            raise CheckpointFormatError(f"{where}: file {name!r}: malformed entry {info!r}")
+        files[name] = {"rank": _int(info.get("rank"), f"{name} rank", where),
+                       "size": _int(info.get("size"), f"{name} size", where), "checksum": info["checksum"]}
+    tensors: dict[str, TensorInfo] = {}
+    for tname, t in (obj.get("tensors") or {}).items():
+        w = f"{where}: tensor {tname!r}"
+        if not isinstance(t, dict) or t.get("dtype") not in FROM_NAME or not isinstance(t.get("shape"), list):
+            raise CheckpointFormatError(f"{w}: malformed entry")
+        shape = tuple(_int(s, "shape", w) for s in t["shape"])
+        pieces = []
+        for p in t.get("pieces") or []:
+            try:
+                box = tuple((_int(a, "box", w), _int(b, "box", w)) for a, b in p["box"])
+                piece = Piece(safe_file_name(p["file"], w), str(p["key"]), _int(p["start"], "start", w),
+                              _int(p["stop"], "stop", w), box, bool(p["flat"]))
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointFormatError(f"{w}: malformed piece {p!r}") from None
+            if piece.file not in files:
+                raise CheckpointFormatError(f"{w}: piece in {piece.file!r}, which the manifest does not list")
+            pieces.append(piece)
+        tensors[tname] = TensorInfo(shape, t["dtype"], tuple(pieces))
+    m = Manifest(_int(obj.get("step"), "step", where), _int(obj.get("world_size"), "world_size", where, 1),
+                 obj.get("layout") or {}, files, tensors)
+    validate(m, where)
+    return m
+
+
+def validate(m: Manifest, where: str) -> None:
+    """Boxes inside their tensors, byte ranges sized right and disjoint, pieces tiling each tensor."""
+    by_file: dict[str, list] = {}
+    for name, t in m.tensors.items():
+        w = f"{where}: tensor {name!r}"
+        total = math.prod(t.shape)
+        isz = itemsize(FROM_NAME[t.dtype])
+        covered = 0
+        nd, flat = [], []
+        for p in t.pieces:
+            bounds = (total,) if p.flat else t.shape
+            if len(p.box) != len(bounds) or any(not 0 <= a <= b <= s for (a, b), s in zip(p.box, bounds)):
+                raise CheckpointFormatError(f"{w}: box {list(map(list, p.box))} is outside shape {list(bounds)}")
+            n = math.prod(b - a for a, b in p.box)
+            if p.stop - p.start != n * isz or p.start > p.stop:
+                raise CheckpointFormatError(f"{w}: byte range [{p.start}, {p.stop}) in {p.file} does not hold "
+                                            f"{n} elements of {t.dtype}")
+            covered += n
+            (flat if p.flat else nd).append(p.box)
+            if p.stop > p.start:
+                by_file.setdefault(p.file, []).append((p.start, p.stop, name))
+        for i, a in enumerate(nd):
+            for b in nd[i + 1 :]:
+                if all(max(x0, y0) < min(x1, y1) for (x0, x1), (y0, y1) in zip(a, b)) and math.prod(t.shape):
+                    raise CheckpointFormatError(f"{w}: boxes {list(map(list, a))} and {list(map(list, b))} overlap")
+        fl = sorted(b[0] for b in flat)
+        for (a0, b0), (a1, _) in zip(fl, fl[1:]):
+            if a1 < b0:
+                raise CheckpointFormatError(f"{w}: flat ranges [{a0}, {b0}) and [{a1}, ...) overlap")
+        if covered != total:
+            raise CheckpointFormatError(f"{w}: pieces cover {covered} of {total} elements")
+    for f, spans in by_file.items():
+        spans.sort()
+        for (a0, b0, n0), (a1, b1, n1) in zip(spans, spans[1:]):
+            if a1 < b0:
+                raise CheckpointFormatError(f"{where}: {f}: byte ranges of {n0!r} [{a0}, {b0}) and {n1!r} "
+                                            f"[{a1}, {b1}) overlap")

@@ -1,0 +1,197 @@
+"""Reading a checkpoint: verify, then serve boxes. Local to one rank; no communication.
+
+Order of trust: the manifest is parsed and validated first (paths, boxes, byte ranges);
+a file is read whole, its size and xxh3 checksum compared with the manifest, then its
+safetensors header is parsed and cross-checked against the manifest, and only then does
+any tensor leave the reader. Nothing here unpickles or evaluates anything.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+import torch
+
+from . import checksum
+from .errors import CheckpointCorruptError, CheckpointFormatError, CheckpointMismatchError
+from .manifest import NAME, STATE, Manifest, parse, safe_file_name
+from .reshard import box_numel, copy_overlap
+from .shardfile import FROM_NAME, MAX_HEADER, loads_strict, parse_header
+
+log = logging.getLogger(__name__)
+STEP_DIR = re.compile(r"^step_(\d+)$")
+LATEST = "latest"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def list_checkpoints(ckpt_dir: str) -> list[tuple[int, str]]:
+    """Committed checkpoints (renamed ``step_*`` directories with a manifest), newest first."""
+    try:
+        names = os.listdir(ckpt_dir)
+    except FileNotFoundError:
+        return []
+    out = []
+    for n in names:
+        m = STEP_DIR.match(n)
+        if m and os.path.isfile(os.path.join(ckpt_dir, n, NAME)):
+            out.append((int(m.group(1)), os.path.join(ckpt_dir, n)))
+    return sorted(out, reverse=True)
+
+
+def resolve(path: str) -> list[str]:
+    """A checkpoint directory, a ``checkpoints`` directory or a run directory -> checkpoint
+    directories to try, newest first (the ``latest`` pointer's target first when it exists)."""
+    if os.path.isfile(os.path.join(path, NAME)) or STEP_DIR.match(os.path.basename(os.path.normpath(path))):
+        return [path]
+    ckpt = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    found = [p for _, p in list_checkpoints(ckpt)]
+    try:
+        with open(os.path.join(ckpt, LATEST)) as f:
+            target = os.path.join(ckpt, safe_file_name(f.read().strip(), os.path.join(ckpt, LATEST)))
+        if target in found and found[0] != target:
+            log.info("%s names %s but %s is newer and committed", LATEST, target, found[0])
+    except (FileNotFoundError, CheckpointFormatError):
+        pass
+    return found
+
+
+class CheckpointReader:
+    """Opens one checkpoint directory. ``reader(name, global_shape, box, flat)`` is the
+    strategy's ``ShardReader``; ``names``, ``shape(name)`` and ``dtype(name)`` describe what
+    the checkpoint holds. Call :meth:`release` to drop the file buffers after loading."""
+
+    def __init__(self, path: str, verify: bool = True):
+        self.path, self.verify = os.path.abspath(path), verify
+        mpath = os.path.join(self.path, NAME)
+        try:
+            with open(mpath, "rb") as f:
+                text = f.read()
+        except FileNotFoundError:
+            raise CheckpointCorruptError(f"{mpath}: missing; {self.path} is not a committed checkpoint") from None
+        self.manifest: Manifest = parse(text, mpath)
+        self._buffers: dict[str, torch.Tensor] = {}
+        self.names = frozenset(self.manifest.tensors)
+
+    # -- description ---------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        return self.manifest.step
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._info(name).shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return FROM_NAME[self._info(name).dtype]
+
+    def _info(self, name: str):
+        try:
+            return self.manifest.tensors[name]
+        except KeyError:
+            raise CheckpointMismatchError(f"{self.path}: the checkpoint has no tensor {name!r} "
+                                          f"(it holds {len(self.names)} tensors)\nHINT: `disttrain ckpt inspect "
+                                          f"{self.path}` lists them; was it saved from another model?") from None
+
+    def where(self, file: str) -> str:
+        rank = self.manifest.files.get(file, {}).get("rank", "?")
+        return f"{os.path.join(self.path, file)} (written by rank {rank})"
+
+    # -- verified bytes ------------------------------------------------------------------
+    def file_bytes(self, name: str, keep: bool = True) -> torch.Tensor:
+        """The whole file as a uint8 tensor, after its size and checksum matched the manifest."""
+        if name in self._buffers:
+            return self._buffers[name]
+        info = self.manifest.files.get(name)
+        if info is None:
+            raise CheckpointFormatError(f"{self.path}: {name!r} is not listed in the manifest")
+        path = os.path.join(self.path, name)
+        real = os.path.realpath(path)
+        if os.path.dirname(real) != os.path.realpath(self.path):
+            raise CheckpointFormatError(f"{self.where(name)}: resolves to {real}, outside the checkpoint directory"
+                                        "\nHINT: checkpoint files must be regular files, not links; it was not read")
+        try:
+            size = os.stat(path).st_size
+            buf = torch.empty(size, dtype=torch.uint8)
+            mv = memoryview(buf.numpy())
+            with open(path, "rb", buffering=0) as f:
+                got = 0
+                while got < size:
+                    n = f.readinto(mv[got:])
+                    if not n:
+                        break
+                    got += n
+        except FileNotFoundError:
+            raise CheckpointCorruptError(f"{self.where(name)}: missing; expected {info['size']} bytes with "
+                                         f"checksum {info['checksum']}") from None
+        if self.verify or size != info["size"]:
+            actual = checksum.digest(mv[:got])
+            if size != info["size"] or got != size or actual != info["checksum"]:
+                what = "truncated: " if got < info["size"] else ""
+                raise CheckpointCorruptError(
+                    f"{self.where(name)}: {what}size {got}, expected {info['size']}; checksum {actual}, "
+                    f"expected {info['checksum']} ({checksum.ALGORITHM})\nHINT: the file was damaged after the "
+                    "save; an older checkpoint may still verify (`disttrain ckpt verify RUN_DIR`)")
+        if name.endswith(".safetensors"):
+            self._cross_check(name, buf)
+        if keep:
+            self._buffers[name] = buf
+        return buf
+
+    def _cross_check(self, name: str, buf: torch.Tensor) -> None:
+        head = bytes(buf[:8].numpy())
+        if len(head) == 8 and int.from_bytes(head, "little") <= MAX_HEADER:
+            head = bytes(buf[: 8 + int.from_bytes(head, "little")].numpy())
+        entries, _ = parse_header(head, len(buf), self.where(name))
+        for tname, t in self.manifest.tensors.items():
+            for p in t.pieces:
+                if p.file != name:
+                    continue
+                e = entries.get(p.key)
+                shape = (box_numel(p.box),) if p.flat else tuple(b - a for a, b in p.box)
+                if e is None or (e.start, e.stop) != (p.start, p.stop) or e.dtype != FROM_NAME[t.dtype] \
+                        or tuple(e.shape) != shape:
+                    raise CheckpointFormatError(f"{self.where(name)}: header entry {p.key!r} does not match the "
+                                                f"manifest's piece of {tname!r}")
+
+    def state(self) -> dict:
+        """The trainer-level JSON state (step, RNG, data position, config), verified."""
+        if STATE not in self.manifest.files:
+            return {}
+        obj = loads_strict(bytes(self.file_bytes(STATE, keep=False).numpy()), self.where(STATE))
+        if not isinstance(obj, dict):
+            raise CheckpointFormatError(f"{self.where(STATE)}: not a JSON object")
+        return obj
+
+    def verify_all(self) -> None:
+        """Read and check every file (what ``disttrain ckpt verify`` does)."""
+        for name in self.manifest.files:
+            self.file_bytes(name, keep=False)
+
+    # -- the ShardReader ----------------------------------------------------------------
+    def __call__(self, name: str, global_shape, box, flat: bool = False) -> torch.Tensor:
+        info = self._info(name)
+        global_shape, box = tuple(global_shape), tuple(tuple(b) for b in box)
+        if tuple(info.shape) != global_shape:
+            raise CheckpointMismatchError(f"{self.path}: tensor {name!r} has shape {list(info.shape)} in the "
+                                          f"checkpoint, the loader expects {list(global_shape)}\nHINT: the model "
+                                          "config differs from the one that saved it")
+        dtype = FROM_NAME[info.dtype]
+        out = torch.empty((box_numel(box),) if flat else tuple(b - a for a, b in box), dtype=dtype)
+        covered = 0
+        for p in info.pieces:
+            raw = self.file_bytes(p.file)[p.start : p.stop]
+            try:
+                src = raw.view(dtype).view((box_numel(p.box),) if p.flat else tuple(b - a for a, b in p.box))
+            except RuntimeError as exc:
+                raise CheckpointFormatError(f"{self.where(p.file)}: piece of {name!r} is misaligned ({exc})") from None
+            covered += copy_overlap(out, box, flat, src, p.box, p.flat, global_shape)
+        if covered != out.numel():
+            raise CheckpointMismatchError(f"{self.path}: tensor {name!r}: the checkpoint covers {covered} of the "
+                                          f"{out.numel()} elements of box {[list(b) for b in box]}")
+        return out
+
+    def release(self) -> None:
+        self._buffers.clear()

@@ -1,0 +1,147 @@
+"""One rank's shard file: a plain safetensors file, written without copies and parsed defensively.
+
+Layout (the safetensors format, so ``safetensors.safe_open`` reads it too): 8 bytes
+little-endian header length N, N bytes of JSON header padded with spaces so the data
+starts on a 4096-byte boundary (O_DIRECT writes from an aligned staging buffer), then
+the tensors back to back, largest item size first (every tensor stays aligned to its
+dtype). The parser never evaluates anything: a pickle renamed ``.safetensors`` fails the
+header-length or first-byte check, and every offset is bounds- and overlap-checked.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import struct
+
+import torch
+
+from .errors import CheckpointFormatError
+
+MAX_HEADER = 100 * 1000 * 1000  # the safetensors library's limit
+ALIGN = 4096
+
+CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+         torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+         torch.bool: "BOOL"}
+FROM_CODE = {v: k for k, v in CODES.items()}
+NAMES = {d: str(d).removeprefix("torch.") for d in CODES}
+FROM_NAME = {v: k for k, v in NAMES.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One tensor in a shard file; ``start``/``stop`` are absolute byte offsets in the file."""
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    stop: int
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def layout(items: list[tuple[str, torch.dtype, tuple[int, ...]]],
+           metadata: dict[str, str]) -> tuple[bytes, list[Entry], int]:
+    """Order ``(key, dtype, shape)`` items and build the header. Returns (header bytes including
+    the 8-byte length and padding, entries in file order, total file size)."""
+    order = sorted(range(len(items)), key=lambda i: -itemsize(items[i][1]))
+    rel, header = 0, {}
+    spans = []
+    for i in order:
+        key, dtype, shape = items[i]
+        n = math.prod(shape) * itemsize(dtype)
+        header[key] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [rel, rel + n]}
+        spans.append((key, dtype, tuple(shape), rel, rel + n))
+        rel += n
+    header["__metadata__"] = dict(metadata)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    padded = -(-(8 + len(text)) // ALIGN) * ALIGN
+    text += b" " * (padded - 8 - len(text))
+    head = struct.pack("<Q", len(text)) + text
+    entries = [Entry(k, d, s, padded + a, padded + b) for k, d, s, a, b in spans]
+    return head, entries, padded + rel
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor (any dtype, including 0-d and bf16)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _no_duplicates(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def loads_strict(text: bytes | str, what: str) -> object:
+    """json.loads that refuses duplicate keys (JSON allows them; last-wins would hide tampering)."""
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointFormatError(f"{what}: not valid JSON ({exc})") from None
+
+
+def parse_header(head: bytes, file_size: int, where: str) -> tuple[dict[str, Entry], dict[str, str]]:
+    """Validate a safetensors header. ``head`` holds at least the first 8 bytes (and the whole
+    header when its length is valid). Raises CheckpointFormatError naming ``where``."""
+    if file_size < 8 or len(head) < 8:
+        raise CheckpointFormatError(f"{where}: {file_size} bytes is too short for a safetensors file")
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > MAX_HEADER:
+        raise CheckpointFormatError(
+            f"{where}: header length {n} is over the safetensors limit of {MAX_HEADER} bytes\n"
+            "HINT: this is not a safetensors file (a pickle renamed .safetensors starts like this); "
+            "it was not loaded")
+    if 8 + n > file_size or len(head) < 8 + n:
+        raise CheckpointFormatError(f"{where}: header of {n} bytes runs past the end of the {file_size}-byte file")
+    text = head[8 : 8 + n]
+    if not text.lstrip()[:1] == b"{":
+        raise CheckpointFormatError(f"{where}: header does not start with a JSON object; not a safetensors file")
+    obj = loads_strict(text, f"{where} header")
+    if not isinstance(obj, dict):
+        raise CheckpointFormatError(f"{where}: header is not a JSON object")
+    meta = obj.pop("__metadata__", {}) or {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise CheckpointFormatError(f"{where}: __metadata__ must map strings to strings")
+    data_start, data_size = 8 + n, file_size - 8 - n
+    entries: dict[str, Entry] = {}
+    for key, info in obj.items():
+        try:
+            dtype = FROM_CODE[info["dtype"]]
+            shape = tuple(info["shape"])
+            a, b = info["data_offsets"]
+            ok = all(isinstance(s, int) and s >= 0 for s in shape) and isinstance(a, int) and isinstance(b, int)
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise CheckpointFormatError(f"{where}: tensor {key!r}: malformed entry {info!r}")
+        if not 0 <= a <= b <= data_size or b - a != math.prod(shape) * itemsize(dtype):
+            raise CheckpointFormatError(f"{where}: tensor {key!r}: data_offsets [{a}, {b}) do not fit shape "
+                                        f"{list(shape)} {info['dtype']} in {data_size} data bytes")
+        entries[key] = Entry(key, dtype, shape, data_start + a, data_start + b)
+    spans = sorted((e.start, e.stop, e.key) for e in entries.values() if e.stop > e.start)
+    for (a0, b0, k0), (a1, b1, k1) in zip(spans, spans[1:]):
+        if a1 < b0:
+            raise CheckpointFormatError(f"{where}: byte ranges of {k0!r} [{a0}, {b0}) and {k1!r} [{a1}, {b1}) overlap")
+    return entries, meta
+
+
+def read_header(path: str, where: str | None = None) -> tuple[dict[str, Entry], dict[str, str]]:
+    """Parse a file's header without reading its tensors (for inspect/check)."""
+    where = where or path
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) == 8:
+            (n,) = struct.unpack("<Q", head)
+            if n <= MAX_HEADER and 8 + n <= size:
+                head += f.read(n)
+    return parse_header(head, size, where)

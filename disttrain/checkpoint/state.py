@@ -1,0 +1,77 @@
+"""Trainer-level state that is not a tensor of the model: step, RNG streams, data position,
+learning-rate position and the resolved config, as JSON (byte tensors as base64).
+
+The data position is the step (``GlobalBatchSampler``: batch ``s`` is a pure function of
+the seed and ``s``), and so is the lr schedule position, so both reshard to any world size.
+"""
+from __future__ import annotations
+
+import base64
+import logging
+import random
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode()
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+def capture_rng() -> dict:
+    """This rank's RNG streams: torch CPU (and CUDA), numpy, python ``random``."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    out = {"torch": _b64(torch.get_rng_state()),
+           "numpy": {"kind": kind, "keys": base64.b64encode(keys.astype("<u4").tobytes()).decode(), "pos": int(pos),
+                     "has_gauss": int(has_gauss), "gauss": float(gauss)},
+           "python": {"version": version, "state": list(internal), "gauss_next": gauss_next}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return out
+
+
+def restore_rng(rng: dict) -> None:
+    torch.set_rng_state(_unb64(rng["torch"]))
+    n = rng["numpy"]
+    keys = np.frombuffer(base64.b64decode(n["keys"]), dtype="<u4").astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
+    p = rng["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in rng["cuda"]])
+
+
+def capture(trainer) -> dict:
+    """The JSON state of ``trainer`` shared by every rank (rank 0's copy goes in state.json)."""
+    cfg = trainer.cfg
+    return {"step": trainer.step,
+            "data": {"position": trainer.step, "sampler_seed": trainer.sampler.seed,
+                     "global_batch": trainer.sampler.batch},
+            "lr_schedule": {"step": trainer.step, "lr": trainer.lr(trainer.step)},
+            "world_size": trainer.comm.world_size,
+            "config": cfg.model_dump(mode="json")}
+
+
+def apply(trainer, state: dict, rank_rng: list[dict]) -> None:
+    """Restore step/data position and this rank's RNG (rank r takes saved rank r's streams;
+    ranks that did not exist when it was saved are re-seeded from (seed, step, rank))."""
+    trainer.step = int(state["step"])
+    seed = state.get("data", {}).get("sampler_seed")
+    if seed is not None and seed != trainer.sampler.seed:
+        log.warning("checkpoint data order was seeded with %s, this run uses %s: the data order changes",
+                    seed, trainer.sampler.seed)
+    r = trainer.comm.rank
+    if r < len(rank_rng) and rank_rng[r]:
+        restore_rng(rank_rng[r])
+    else:
+        s = (trainer.cfg.run.seed * 1_000_003 + trainer.step) * 1009 + r
+        random.seed(s)
+        np.random.seed(s % 2**32)
+        torch.manual_seed(s)

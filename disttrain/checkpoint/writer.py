@@ -1,0 +1,243 @@
+"""Writing a checkpoint: each rank its shard file, then rank 0 the manifest and the commit.
+
+Per save, on every rank: ``RankWrite(...)`` lays out this rank's file (header + tensors);
+``write_live()`` (sync: straight from the live tensors, no copy) or ``stage()`` then
+``write_staged()`` (async: a snapshot in an aligned host buffer, written with O_DIRECT
+where the file system allows, so the page cache is not a second copy) writes
+``<tmp>/rank_NNNNN.safetensors``, hashes it and fsyncs it. Then rank 0 alone calls
+:func:`commit` with every rank's record: state.json, manifest.json (fsynced, last), rename
+of the temporary directory to ``step_NNNNNN`` (the commit point), fsync of the parent,
+the ``latest`` pointer (replaced by rename), and pruning to the last ``keep``.
+A crash anywhere before the rename leaves only a ``.tmp-*`` directory nobody reads.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+
+import torch
+
+from . import checksum, testhooks
+from .manifest import NAME, STATE, Manifest, Piece, TensorInfo, validate
+from .reader import LATEST, STEP_DIR, list_checkpoints, step_dir_name
+from .shardfile import ALIGN, NAMES, layout, tensor_bytes
+
+log = logging.getLogger(__name__)
+TMP_PREFIX = ".tmp-"
+_DIRECT_CHUNK = 16 << 20
+
+
+def tmp_dir(ckpt_dir: str, step: int) -> str:
+    return os.path.join(ckpt_dir, TMP_PREFIX + step_dir_name(step))
+
+
+def rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.safetensors"
+
+
+def _write_all(fd: int, mv: memoryview) -> None:
+    while len(mv):
+        n = os.write(fd, mv)
+        mv = mv[n:]
+
+
+class RankWrite:
+    """One rank's file for one save. ``shards`` are the Shard objects this rank writes."""
+
+    def __init__(self, ckpt_dir: str, step: int, rank: int, shards: list):
+        self.dir, self.step, self.rank, self.shards = tmp_dir(ckpt_dir, step), step, rank, shards
+        self.file = rank_file(rank)
+        keys, seen = [], {}
+        for s in shards:
+            seen[s.name] = seen.get(s.name, 0) + 1
+            keys.append(s.name if seen[s.name] == 1 else f"{s.name}#{seen[s.name]}")
+        self.keys = keys
+        items = [(k, s.tensor.dtype, tuple(s.tensor.shape)) for k, s in zip(keys, shards)]
+        self.header, entries, self.size = layout(items, {"format": "disttrain-checkpoint", "rank": str(rank),
+                                                        "step": str(step)})
+        self.entries = {e.key: e for e in entries}
+        self.checksum: str | None = None
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.dir, self.file)
+
+    def record(self, local_state: dict) -> dict:
+        """What rank 0 needs to build the manifest (JSON-serialisable)."""
+        pieces = []
+        for k, s in zip(self.keys, self.shards):
+            e = self.entries[k]
+            pieces.append({"name": s.name, "shape": list(s.global_shape), "dtype": NAMES[s.tensor.dtype], "key": k,
+                           "start": e.start, "stop": e.stop, "box": [list(b) for b in s.box], "flat": s.flat})
+        return {"rank": self.rank, "file": self.file, "size": self.size, "checksum": self.checksum,
+                "pieces": pieces, "state": local_state}
+
+    # -- sync: from the live tensors -------------------------------------------------------
+    def write_live(self) -> None:
+        os.makedirs(self.dir, exist_ok=True)
+        h = checksum.hasher()
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(fd, memoryview(self.header))
+            h.update(self.header)
+            for k, s in sorted(zip(self.keys, self.shards), key=lambda ks: self.entries[ks[0]].start):
+                mv = tensor_bytes(s.tensor.detach().to("cpu").contiguous())
+                h.update(mv)
+                _write_all(fd, mv)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.checksum = h.hexdigest()
+        testhooks.fire("after_shard", self.rank, self.step)
+
+    # -- async: snapshot into a staging buffer, write later ----------------------------------
+    def stage(self, staging: torch.Tensor) -> None:
+        """Copy header and tensors into ``staging`` (aligned, >= size rounded up to ALIGN). Fast;
+        the caller must not let the tensors change until it returns."""
+        staging[: len(self.header)].copy_(torch.frombuffer(bytearray(self.header), dtype=torch.uint8))
+        cuda = False
+        for k, s in zip(self.keys, self.shards):
+            e = self.entries[k]
+            dst = staging[e.start : e.stop].view(s.tensor.dtype)
+            src = s.tensor.detach().reshape(-1)
+            cuda |= src.is_cuda
+            dst.copy_(src, non_blocking=src.is_cuda)
+        if cuda:
+            torch.cuda.synchronize()
+        staging[self.size : -(-self.size // ALIGN) * ALIGN].zero_()
+
+    def write_staged(self, staging: torch.Tensor) -> None:
+        os.makedirs(self.dir, exist_ok=True)
+        testhooks.fire("write", self.rank, self.step)
+        padded = -(-self.size // ALIGN) * ALIGN
+        data = memoryview(staging[:padded].numpy())
+        h = checksum.hasher()
+        fd, direct = None, hasattr(os, "O_DIRECT")
+        if direct:
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+            except OSError:
+                fd, direct = None, False
+        if fd is None:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            off = 0
+            while off < padded:
+                chunk = data[off : min(off + _DIRECT_CHUNK, padded)]
+                h.update(chunk[: max(0, min(len(chunk), self.size - off))])
+                try:
+                    _write_all(fd, chunk if direct else chunk[: max(0, self.size - off)])
+                except OSError:
+                    if not direct:
+                        raise
+                    # The file system refused O_DIRECT at write time (tmpfs, some FUSE): go buffered.
+                    os.close(fd)
+                    fd = os.open(self.path, os.O_WRONLY, 0o644)
+                    os.lseek(fd, off, os.SEEK_SET)
+                    direct = False
+                    _write_all(fd, chunk[: max(0, self.size - off)])
+                off += len(chunk)
+            os.ftruncate(fd, self.size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.checksum = h.hexdigest()
+        testhooks.fire("after_shard", self.rank, self.step)
+
+
+def aligned_empty(nbytes: int) -> torch.Tensor:
+    """A uint8 host buffer whose first byte is ALIGN-aligned (pinned when CUDA is present)."""
+    pin = torch.cuda.is_available()
+    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=pin)
+    off = (-raw.data_ptr()) % ALIGN
+    return raw[off : off + nbytes]
+
+
+# -- rank 0: the commit ----------------------------------------------------------------------
+def _write_file(path: str, data: bytes, kill_midway: bool = False, rank: int = 0, step: int = 0) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        half = len(data) // 2 if kill_midway else 0
+        if kill_midway:
+            _write_all(fd, memoryview(data)[:half])
+            os.fsync(fd)
+            testhooks.fire("mid_manifest", rank, step)
+        _write_all(fd, memoryview(data)[half:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def build_manifest(step: int, world_size: int, layout_info: dict, records: list[dict],
+                   state_size: int, state_checksum: str) -> Manifest:
+    files = {r["file"]: {"rank": r["rank"], "size": r["size"], "checksum": r["checksum"]} for r in records}
+    files[STATE] = {"rank": 0, "size": state_size, "checksum": state_checksum}
+    tensors: dict[str, dict] = {}
+    for r in records:
+        for p in r["pieces"]:
+            t = tensors.setdefault(p["name"], {"shape": tuple(p["shape"]), "dtype": p["dtype"], "pieces": []})
+            if t["shape"] != tuple(p["shape"]) or t["dtype"] != p["dtype"]:
+                raise ValueError(f"tensor {p['name']!r}: rank {r['rank']} says {p['shape']} {p['dtype']}, another "
+                                 f"rank {list(t['shape'])} {t['dtype']}")
+            t["pieces"].append(Piece(r["file"], p["key"], p["start"], p["stop"],
+                                     tuple(tuple(b) for b in p["box"]), p["flat"]))
+    infos = {n: TensorInfo(t["shape"], t["dtype"], tuple(t["pieces"])) for n, t in sorted(tensors.items())}
+    return Manifest(step, world_size, layout_info, files, infos)
+
+
+def commit(ckpt_dir: str, step: int, world_size: int, layout_info: dict, records: list[dict], state: dict,
+           keep: int) -> str:
+    """Rank 0, after every rank's file is written and fsynced: make the checkpoint visible."""
+    tmp = tmp_dir(ckpt_dir, step)
+    state_bytes = json.dumps(state, separators=(",", ":")).encode()
+    _write_file(os.path.join(tmp, STATE), state_bytes)
+    manifest = build_manifest(step, world_size, layout_info, records, len(state_bytes), checksum.digest(state_bytes))
+    validate(manifest, os.path.join(tmp, NAME))  # never commit what a reader would refuse
+    _write_file(os.path.join(tmp, NAME), manifest.to_json(), kill_midway=bool(os.environ.get(testhooks.ENV)),
+                step=step)
+    checksum.fsync_dir(tmp)
+    testhooks.fire("before_rename", 0, step)
+    final = os.path.join(ckpt_dir, step_dir_name(step))
+    old = None
+    if os.path.exists(final):  # re-saving a step (e.g. after falling back past a corrupt one)
+        old = os.path.join(ckpt_dir, f"{TMP_PREFIX}old-{step_dir_name(step)}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    checksum.fsync_dir(ckpt_dir)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+    testhooks.fire("before_latest", 0, step)
+    pointer = os.path.join(ckpt_dir, LATEST)
+    _write_file(pointer + ".tmp", (step_dir_name(step) + "\n").encode())
+    os.replace(pointer + ".tmp", pointer)
+    checksum.fsync_dir(ckpt_dir)
+    prune(ckpt_dir, keep, step)
+    return final
+
+
+def prune(ckpt_dir: str, keep: int, current: int) -> None:
+    """Keep the ``keep`` newest committed checkpoints; drop temporaries of older steps."""
+    for _, path in list_checkpoints(ckpt_dir)[keep:]:
+        shutil.rmtree(path, ignore_errors=True)
+    for n in os.listdir(ckpt_dir):
+        m = STEP_DIR.match(n.removeprefix(TMP_PREFIX)) if n.startswith(TMP_PREFIX) else None
+        if m and int(m.group(1)) < current:
+            shutil.rmtree(os.path.join(ckpt_dir, n), ignore_errors=True)
+
+
+def clean_temporaries(ckpt_dir: str) -> None:
+    """Rank 0 at start, before any rank writes: remove what crashed saves left behind."""
+    try:
+        names = os.listdir(ckpt_dir)
+    except FileNotFoundError:
+        return
+    for n in names:
+        if n.startswith(TMP_PREFIX):
+            shutil.rmtree(os.path.join(ckpt_dir, n), ignore_errors=True)
+    try:
+        os.unlink(os.path.join(ckpt_dir, LATEST + ".tmp"))
+    except FileNotFoundError:
+        pass

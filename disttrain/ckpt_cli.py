@@ -1,0 +1,144 @@
+"""``disttrain ckpt``: look at, check and convert checkpoints without a training job.
+
+    disttrain ckpt verify RUN_DIR|CKPT_DIR [--all]      # checksums, headers, tiling
+    disttrain ckpt inspect CKPT_DIR [--json]            # step, layout, files, tensors
+    disttrain ckpt consolidate CKPT_DIR OUT.safetensors [--optim]
+    disttrain ckpt reshard --check --to zero2:3 CKPT_DIR
+
+Nothing here unpickles or runs code from the checkpoint. Exit codes: 0 ok, 1 the
+checkpoint fails (or the layout cannot load it), 2 usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _pick(path: str, all_: bool = False) -> list[str]:
+    from .checkpoint.reader import resolve
+
+    found = resolve(path)
+    if not found:
+        raise SystemExit(f"disttrain ckpt: no committed checkpoint under {path}\n"
+                         "HINT: pass a run directory, its checkpoints/ directory or a step_* directory")
+    return found if all_ else found[:1]
+
+
+def cmd_verify(ns) -> int:
+    from .checkpoint import CheckpointError, CheckpointReader
+
+    bad = 0
+    for path in _pick(ns.path, ns.all):
+        try:
+            r = CheckpointReader(path)
+            r.verify_all()
+            print(f"OK   {path}: step {r.step}, {len(r.manifest.files)} files, {r.manifest.nbytes():,} bytes, "
+                  f"{len(r.names)} tensors")
+        except CheckpointError as exc:
+            bad += 1
+            print(f"FAIL {path}: {exc}")
+    return 1 if bad else 0
+
+
+def cmd_inspect(ns) -> int:
+    from .checkpoint import CheckpointError, CheckpointReader
+
+    path = _pick(ns.path)[0]
+    try:
+        r = CheckpointReader(path, verify=False)
+    except CheckpointError as exc:
+        print(f"FAIL {path}: {exc}")
+        return 1
+    m = r.manifest
+    if ns.json:
+        print(json.dumps({"path": path, "step": m.step, "world_size": m.world_size, "layout": m.layout,
+                          "files": m.files, "tensors": {n: {"shape": t.shape, "dtype": t.dtype, "pieces": len(t.pieces)}
+                                                        for n, t in m.tensors.items()}}, indent=1))
+        return 0
+    print(f"{path}\n  step {m.step}, saved on {m.world_size} ranks, layout {json.dumps(m.layout)}")
+    print(f"  {len(m.files)} files, {m.nbytes():,} bytes:")
+    for f, info in m.files.items():
+        print(f"    {f:28s} rank {info['rank']:<4d} {info['size']:>14,d} B  xxh3 {info['checksum']}")
+    print(f"  {len(m.tensors)} tensors:")
+    for n, t in m.tensors.items():
+        print(f"    {n:60s} {str(list(t.shape)):18s} {t.dtype:9s} {len(t.pieces)} piece(s)")
+    return 0
+
+
+def cmd_consolidate(ns) -> int:
+    from safetensors.torch import save_file
+
+    from .checkpoint import CheckpointError, CheckpointReader
+
+    path = _pick(ns.path)[0]
+    try:
+        r = CheckpointReader(path)
+        out = {}
+        for n in sorted(r.names):
+            if n.startswith("model.") or (ns.optim and n.startswith("optim.")):
+                shape = r.shape(n)
+                out[n[6:] if n.startswith("model.") else n] = r(n, shape, tuple((0, s) for s in shape), False)
+    except CheckpointError as exc:
+        print(f"FAIL {path}: {exc}")
+        return 1
+    os.makedirs(os.path.dirname(os.path.abspath(ns.out)), exist_ok=True)
+    save_file(out, ns.out, metadata={"step": str(r.step), "source": path})
+    print(f"wrote {ns.out}: {len(out)} tensors from step {r.step} "
+          "(model.load_state_dict(safetensors.torch.load_file(PATH)))")
+    return 0
+
+
+def cmd_reshard(ns) -> int:
+    from .checkpoint import CheckpointError, CheckpointReader
+    from .checkpoint.reshard import check, parse_layout
+
+    if not ns.check:
+        print("disttrain ckpt reshard: only --check is offered; a checkpoint reshards itself when a job with "
+              "another layout or world size resumes from it", file=sys.stderr)
+        return 2
+    path = _pick(ns.path)[0]
+    try:
+        target = parse_layout(ns.to)
+        r = CheckpointReader(path, verify=False)
+        missing = [f for f, i in r.manifest.files.items()
+                   if not os.path.isfile(os.path.join(path, f)) or os.path.getsize(os.path.join(path, f)) != i["size"]]
+        state = r.state() if not missing else {}
+    except CheckpointError as exc:
+        print(f"NO   {path}: {exc}")
+        return 1
+    ok, lines = check(r.manifest, target, state)
+    if missing:
+        ok, lines = False, [f"file {f} is missing or has the wrong size" for f in missing] + lines
+    print(f"{'YES' if ok else 'NO '}  {path} (step {r.step}, {r.manifest.world_size} ranks, "
+          f"{r.manifest.layout.get('strategy', '?')}) -> {target}")
+    for line in lines:
+        print(f"  - {line}")
+    return 0 if ok else 1
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="disttrain ckpt", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    v = sub.add_parser("verify", help="check every file's checksum and structure")
+    v.add_argument("path")
+    v.add_argument("--all", action="store_true", help="every checkpoint of the run, not only the newest")
+    i = sub.add_parser("inspect", help="describe a checkpoint (no tensor data is read)")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true")
+    c = sub.add_parser("consolidate", help="one safetensors file for the single-process model")
+    c.add_argument("path")
+    c.add_argument("out")
+    c.add_argument("--optim", action="store_true", help="include optimizer state (optim.* names)")
+    r = sub.add_parser("reshard", help="will a layout load this checkpoint? (--check)")
+    r.add_argument("path")
+    r.add_argument("--check", action="store_true")
+    r.add_argument("--to", required=True, help="STRATEGY:WORLD[,tp=N][,pp=N], e.g. zero2:3")
+    ns = p.parse_args(argv)
+    return {"verify": cmd_verify, "inspect": cmd_inspect, "consolidate": cmd_consolidate,
+            "reshard": cmd_reshard}[ns.cmd](ns)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
