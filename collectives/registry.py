@@ -12,6 +12,9 @@ from .errors import BackendUnavailableError
 
 _BACKENDS: dict[str, str] = {
     "torch": "collectives.backends.torchdist:TorchBackend",
+    "mpi": "collectives.backends.mpi:MPIBackend",
+    "nccl": "collectives.backends.nccl:NCCLBackend",
+    "shm": "collectives.backends.shm:ShmBackend",
 }
 
 
