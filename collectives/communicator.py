@@ -154,8 +154,8 @@ class Communicator:
         """Check (unless inline or off), start the backend op, then wait or hand back a handle."""
         timeout = self.timeout if timeout is None else timeout
         kwargs = {}
-        if self._inline:
-            kwargs["fingerprint"] = fp if self.check else None
+        if self._inline:  # inline backends also run the op on their own thread when async, with our timeout
+            kwargs.update(fingerprint=fp if self.check else None, async_op=async_op, timeout=timeout)
         elif self.check:
             try:
                 checks.check_collective(self.backend, fp, timeout)
@@ -277,7 +277,7 @@ class Communicator:
         works: list = []
         before = None
         if self._inline:
-            kw = {"fingerprint": fp if self.check else None}
+            kw = {"fingerprint": fp if self.check else None, "async_op": async_op, "timeout": timeout}
             works.append((self.backend.send if is_send else self.backend.recv)(t, peer, tag, **kw))
         else:
             if self.check and is_send:
