@@ -1,0 +1,26 @@
+"""Horovod's error names, so ``except hvd.HorovodInternalError`` keeps working.
+
+Horovod raises ``HorovodInternalError`` (a ``RuntimeError``) from ``synchronize`` when ranks
+disagree about an op (shape, dtype, reduce op, root) or the transport fails. Ours carry the
+cross-rank report of ``collectives`` (both sides of a mismatch, with call sites) as the message
+and keep the original :class:`collectives.CollectivesError` as ``__cause__``.
+"""
+from __future__ import annotations
+
+from ..errors import DisttrainError
+
+
+class HorovodError(DisttrainError):
+    """Base class of every error raised by ``disttrain.horovod``."""
+
+
+class HorovodInternalError(HorovodError):
+    """An op failed on every rank: ranks disagreed about it, or a peer or the transport failed."""
+
+
+class HostsUpdatedInterrupt(HorovodError):
+    """Horovod's elastic-mode interrupt. Elastic mode is not supported; the name exists for imports."""
+
+
+class NotInitializedError(HorovodError, ValueError):
+    """An op was called before ``hvd.init()`` (Horovod raises ValueError here too)."""

@@ -1,0 +1,252 @@
+"""``DistributedOptimizer``: Horovod's gradient-averaging optimizer wrapper.
+
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                   named_parameters=model.named_parameters(),
+                                   backward_passes_per_step=2, compression=hvd.Compression.fp16)
+
+As in Horovod, a hook on each parameter's gradient accumulator starts an async allreduce as
+soon as that gradient is ready (every ``backward_passes_per_step``-th backward), so the
+transfer overlaps the rest of the backward pass; ``step()`` (or ``synchronize()``) waits for
+them and writes the reduced gradients back. ``groups`` fuses parameters into one allreduce.
+
+Difference from Horovod: ranks must produce gradients for the same parameters in the same
+order (same model, no rank-dependent branches), because our ops are matched by order, not by
+name. A rank that differs raises HorovodInternalError on every rank, naming both sides.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+
+from .basics import Adasum, Average, size
+from .compression import Compression
+from .exceptions import HorovodError
+from .ops import allreduce_async_, grouped_allreduce_async_, synchronize
+from .process_sets import global_process_set
+
+
+class _DistributedOptimizer(torch.optim.Optimizer):
+    """Mixed into a dynamic subclass of the user's optimizer class (see DistributedOptimizer)."""
+
+    def __init__(self, params, named_parameters, compression, backward_passes_per_step=1, op=Average,
+                 gradient_predivide_factor=1.0, groups=None, sparse_as_dense=False,
+                 process_set=global_process_set):
+        super(self.__class__, self).__init__(params)
+        self._compression = compression
+        if named_parameters is not None:
+            named_parameters = list(named_parameters)
+        else:
+            named_parameters = [(f"allreduce.noname.{i}.{j}", v) for i, group in enumerate(self.param_groups)
+                                for j, v in enumerate(group["params"])]
+        if any(not isinstance(p, tuple) for p in named_parameters):
+            raise ValueError("named_parameters should be a sequence of tuples (name, parameter), usually "
+                             "produced by model.named_parameters().")
+        names = [k for k, _ in named_parameters]
+        dups = sorted({k for k in names if names.count(k) > 1})
+        if dups:
+            raise ValueError("Parameter names in named_parameters must be unique. Found duplicates: "
+                             + ", ".join(dups))
+        all_ids = {id(v) for group in self.param_groups for v in group["params"]}
+        unnamed = all_ids - {id(v) for _, v in named_parameters}
+        if unnamed:
+            raise ValueError("named_parameters was specified, but one or more model parameters were not "
+                             "named. Python object ids: " + ", ".join(str(i) for i in unnamed))
+        self._parameter_names = {v: k for k, v in named_parameters}
+        self.backward_passes_per_step = backward_passes_per_step
+        self._allreduce_delay = {v: backward_passes_per_step for _, v in named_parameters}
+        self.op, self.gradient_predivide_factor = op, gradient_predivide_factor
+        self.sparse_as_dense, self.process_set = sparse_as_dense, process_set
+        if op == Adasum:
+            raise HorovodError("DistributedOptimizer(op=hvd.Adasum) is not supported (Horovod's delta-model "
+                               "Adasum optimizer)\nHINT: use op=hvd.Average, or hvd.allreduce(op=hvd.Adasum) "
+                               "on your own tensors")
+        if gradient_predivide_factor != 1.0 and op != Average:
+            raise ValueError("gradient_predivide_factor not supported with op != Average")
+        self._handles: dict = {}
+        self._grad_accs = []
+        self._requires_update: list = []
+        self._synchronized = False
+        self._should_synchronize = True
+        self._p_to_group: dict = {}
+        self._group_counts: dict = {}
+        self._groups = self._build_groups(groups)
+        if process_set.included() and size() > 1:
+            self._register_hooks()
+
+    def _build_groups(self, groups):
+        if groups is None:
+            return None
+        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        if isinstance(groups, int):
+            if groups <= 0:
+                raise ValueError("groups should be a positive integer or a list of lists of parameters")
+            k = -(-len(params) // groups)
+            p_groups = [tuple(params[i:i + k]) for i in range(0, len(params), k)]
+        else:
+            seen, p_groups = set(), []
+            for g in groups:
+                for p in g:
+                    if not isinstance(p, torch.Tensor):
+                        raise ValueError("groups must consist of torch.Tensor.")
+                    if id(p) in seen:
+                        raise ValueError("A parameter can only appear once in groups.")
+                    seen.add(id(p))
+                p_groups.append(tuple(g))
+            p_groups += [(p,) for p in params if id(p) not in seen]
+        for g in p_groups:
+            for p in g:
+                self._p_to_group[p] = g
+            self._group_counts[g] = 0
+        return p_groups
+
+    def load_state_dict(self, *args, **kwargs):
+        self._handles = {}
+        self._synchronized = False
+        self._should_synchronize = True
+        for p in self._allreduce_delay:
+            self._allreduce_delay[p] = self.backward_passes_per_step
+        super(self.__class__, self).load_state_dict(*args, **kwargs)
+
+    def set_backward_passes_per_step(self, passes: int) -> None:
+        self.backward_passes_per_step = passes
+        for p in self._allreduce_delay:
+            self._allreduce_delay[p] = passes
+
+    def _register_hooks(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    self._requires_update.append(p)
+                    grad_acc = p.expand_as(p).grad_fn.next_functions[0][0]
+                    grad_acc.register_hook(self._make_hook(p))
+                    self._grad_accs.append(grad_acc)
+
+    def _scales(self) -> tuple[float, float]:
+        if self.op == Average:
+            return 1.0 / self.gradient_predivide_factor, self.gradient_predivide_factor
+        return 1.0, 1.0
+
+    def _grad(self, p) -> torch.Tensor:
+        if p.grad is None:  # not computed here; another rank may have: contribute zeros
+            p.grad = torch.zeros_like(p)
+        if p.grad.is_sparse:
+            if not self.sparse_as_dense:
+                raise HorovodError(f"parameter {self._parameter_names.get(p)} has a sparse gradient\n"
+                                   "HINT: pass sparse_as_dense=True")
+            p.grad = p.grad.to_dense()
+        return p.grad
+
+    def _allreduce_grad_async(self, p):
+        compressed, ctx = self._compression.compress(self._grad(p))
+        pre, post = self._scales()
+        handle = allreduce_async_(compressed, name=self._parameter_names.get(p), op=self.op,
+                                  prescale_factor=pre, postscale_factor=post, process_set=self.process_set)
+        return handle, (compressed, ctx)
+
+    def _grouped_allreduce_grad_async(self, ps):
+        pairs = [self._compression.compress(self._grad(p)) for p in ps]
+        pre, post = self._scales()
+        handle = grouped_allreduce_async_([c for c, _ in pairs], name=self._parameter_names.get(ps[0]),
+                                          op=self.op, prescale_factor=pre, postscale_factor=post,
+                                          process_set=self.process_set)
+        return handle, pairs
+
+    def _make_hook(self, p):
+        def hook(*ignore):
+            if p in self._handles and self._handles[p][0] is not None and self._allreduce_delay[p] <= 0:
+                raise HorovodError("Gradients were computed more than backward_passes_per_step times before "
+                                   "call to step(). Increase backward_passes_per_step to accumulate gradients "
+                                   "locally.")
+            handle, ctx = None, None
+            self._allreduce_delay[p] -= 1
+            if self._allreduce_delay[p] == 0:
+                if self._groups is not None:
+                    group = self._p_to_group[p]
+                    self._group_counts[group] += 1
+                    if self._group_counts[group] == len(group):
+                        self._handles[group] = self._grouped_allreduce_grad_async(group)
+                        for gp in group:
+                            self._handles.pop(gp, None)
+                        self._group_counts[group] = 0
+                        return
+                else:
+                    handle, ctx = self._allreduce_grad_async(p)
+            self._handles[p] = (handle, ctx)
+        return hook
+
+    def synchronize(self) -> None:
+        """Wait for every gradient's allreduce (starting those no hook started) and write them back."""
+        if not self.process_set.included():
+            self._synchronized = True
+            return
+        done = set()
+        for key in self._handles:
+            done.update(key) if isinstance(key, tuple) else done.add(key)
+        # In parameter order (identical on every rank), never in set/hash order.
+        for p in self._requires_update:
+            if p not in done and size() > 1:
+                if self._groups is not None:
+                    group = self._p_to_group[p]
+                    if all(gp not in done for gp in group) and group not in self._handles:
+                        self._handles[group] = self._grouped_allreduce_grad_async(group)
+                        done.update(group)
+                    continue
+                self._handles[p] = self._allreduce_grad_async(p)
+        for key, (handle, ctx) in list(self._handles.items()):
+            if handle is None:
+                self._handles[key] = self._allreduce_grad_async(key)
+        for key, (handle, ctx) in self._handles.items():
+            outputs = synchronize(handle)
+            if isinstance(key, tuple):
+                for gp, out, (_, gctx) in zip(key, outputs, ctx):
+                    self._allreduce_delay[gp] = self.backward_passes_per_step
+                    gp.grad.set_(self._compression.decompress(out, gctx))
+                self._group_counts[key] = 0
+            else:
+                self._allreduce_delay[key] = self.backward_passes_per_step
+                key.grad.set_(self._compression.decompress(outputs, ctx[1]))
+        self._handles.clear()
+        self._synchronized = True
+
+    @contextlib.contextmanager
+    def skip_synchronize(self):
+        """``optimizer.synchronize()`` then ``with optimizer.skip_synchronize(): optimizer.step()``
+        (gradient clipping between the two)."""
+        self._should_synchronize = False
+        try:
+            yield
+        finally:
+            self._should_synchronize = True
+
+    def step(self, closure=None):
+        if self._should_synchronize:
+            if self._synchronized:
+                warnings.warn("optimizer.step() called without optimizer.skip_synchronize() context after "
+                              "optimizer.synchronize(). This can cause training slowdown.")
+            self.synchronize()
+        self._synchronized = False
+        return super(self.__class__, self).step(closure)
+
+    def zero_grad(self, *args, **kwargs):
+        if self._handles:
+            raise HorovodError("optimizer.zero_grad() was called after loss.backward() but before "
+                               "optimizer.step() or optimizer.synchronize(). This is prohibited as it can cause "
+                               "a race condition.")
+        return super(self.__class__, self).zero_grad(*args, **kwargs)
+
+
+def DistributedOptimizer(optimizer, named_parameters=None, compression=Compression.none, backward_passes_per_step=1,
+                         op=Average, gradient_predivide_factor=1.0, num_groups=0, groups=None,
+                         sparse_as_dense=False, process_set=global_process_set):
+    """Wrap ``optimizer`` so that ``step()`` applies gradients reduced over ``process_set``
+    (averaged by default). Called on every rank with the same model. Returns an instance of a
+    subclass of ``optimizer``'s class sharing its param groups (state starts empty, as in Horovod)."""
+    if num_groups != 0:
+        warnings.warn("Parameter `num_groups` has been replaced by `groups` and will be removed in v0.23.0.",
+                      DeprecationWarning)
+        groups = groups or num_groups
+    cls = type(optimizer.__class__.__name__, (optimizer.__class__,), dict(_DistributedOptimizer.__dict__))
+    return cls(optimizer.param_groups, named_parameters, compression, backward_passes_per_step, op,
+               gradient_predivide_factor, groups, sparse_as_dense, process_set)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Build Horovod 0.28.1 (the last release) from its sdist into a venv, CPU/gloo only.
+#
+#   scripts/build_horovod.sh [PYTHON]      # default: .venv/bin/python  (~2.5 min on 2 cores)
+#
+# Why patch: 0.28.1 compiles with C++14 while torch >= 2.1 headers need C++17, and
+# build isolation hides the installed torch, so we build with --no-build-isolation.
+set -euo pipefail
+PY=${1:-.venv/bin/python}
+PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")
+WORK=$(mktemp -d /tmp/hvdbuild.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
+cd "$WORK"
+"$PY" -m pip download horovod==0.28.1 --no-deps --no-binary :all: -d . -q
+tar xzf horovod-0.28.1.tar.gz
+cd horovod-0.28.1
+sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' CMakeLists.txt horovod/torch/CMakeLists.txt
+grep -q 'CMAKE_CXX_STANDARD 17' horovod/torch/CMakeLists.txt
+# setuptools/wheel/cmake must already be importable (no build isolation).
+"$PY" -m pip install -q wheel
+HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 \
+HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 HOROVOD_CPU_OPERATIONS=gloo \
+MAKEFLAGS="-j$(nproc)" \
+    "$PY" -m pip install --no-build-isolation --no-cache-dir -v . > "$WORK/build.log" 2>&1 \
+    || { tail -50 "$WORK/build.log"; exit 1; }
+"$PY" -c 'import horovod.torch as hvd; print("horovod", __import__("horovod").__version__, "gloo built:", hvd.gloo_built())'
