@@ -20,6 +20,7 @@ from launcher.slurm import setup_worker as setup_slurm_worker
 
 from . import config as config_mod
 from . import preemption
+from .checkpoint import maybe_build_checkpointer
 from .data import build_task
 from .models import build_model
 from .rundir import RunDir
@@ -58,7 +59,8 @@ def build_trainer(cfg: config_mod.ExperimentConfig, comm: collectives.Communicat
     model = build_model(cfg.model, num_inputs, task.num_classes)
     device = comm.backend.device if hasattr(comm.backend, "device") else "cpu"
     return Trainer(cfg, comm, model, task, RunDir(cfg.run.dir, comm.rank), device=str(device),
-                   callbacks=preemption.build_callbacks(cfg, comm))  # preemption first, before checkpoints
+                   callbacks=preemption.build_callbacks(cfg, comm)  # preemption first, before checkpoints
+                   + [cb for cb in [maybe_build_checkpointer(cfg.checkpoint, comm)] if cb is not None])
 
 
 def main(argv: list[str] | None = None) -> int:
