@@ -61,6 +61,12 @@ class Preemption:
             self._old = {s: signal.signal(s, self._on_signal) for s in self.signals}
         except ValueError:
             log.warning("preemption: not the main thread; signals stay unhandled")
+            return
+        from launcher.slurm import take_early_signal
+
+        early = take_early_signal()  # one that came while the worker was still importing torch
+        if early is not None and early in self.signals and self.received is None:
+            self.received = signal.Signals(early)
 
     def uninstall(self) -> None:
         for s, h in self._old.items():
@@ -133,6 +139,9 @@ def maybe_build_preemption(cfg: ExperimentConfig, comm: Communicator) -> Preempt
     Installs the handlers right away, so a signal during set-up is not fatal."""
     mode = cfg.slurm.preemption
     if mode == "off" or (mode == "auto" and not os.environ.get("SLURM_JOB_ID")):
+        from launcher.slurm import release_early_signals
+
+        release_early_signals()
         return None
     cb = Preemption(cfg.slurm, comm, checkpointing=cfg.checkpoint.enabled)
     cb.install()

@@ -10,7 +10,11 @@ import os
 import random
 import sys
 
-import numpy as np
+from launcher.slurm import catch_signals_early
+
+catch_signals_early()  # first thing: a SLURM warning signal while torch imports must not kill set-up
+
+import numpy as np  # noqa: E402
 import torch
 
 import collectives
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         acc = summary.get("final_eval_accuracy")
         acc_s = f", eval accuracy {acc:.2%}" if acc is not None else f", eval loss {summary['final_eval_loss']:.4f}"
         print(f"done: {summary['steps']} steps on {summary['world_size']} ranks in {summary['wall_time_s']:.1f}s, "
-              f"final loss {summary['final_loss']:.4f}{acc_s}", flush=True)
+              f"final loss {float('nan') if summary['final_loss'] is None else summary['final_loss']:.4f}{acc_s}", flush=True)
     trainer.run_dir.close()
     comm.barrier()  # nobody tears down the transport while a peer may still use it
     code = preemption.finish(trainer)  # a preempted SLURM job: rank 0 requeues it (everyone has saved)

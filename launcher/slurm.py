@@ -23,6 +23,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -41,6 +42,46 @@ PORT_BASE, PORT_SPAN = 12000, 16000  # derived ports stay below Linux's ephemera
 
 class SlurmEnvError(LauncherError):
     """SLURM's variables are missing, malformed or contradict each other (or the config)."""
+
+
+# -- signals before the trainer is ready -------------------------------------------------
+EARLY_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+_early: dict = {"signum": None, "old": {}}
+
+
+def _early_handler(signum, frame) -> None:
+    if _early["signum"] is None:
+        _early["signum"] = signum
+
+
+def catch_signals_early(env: Mapping[str, str] | None = None) -> bool:
+    """First thing in a worker, inside a SLURM job only: remember a warning signal that comes
+    while torch still imports (its default action would kill set-up). Main thread only.
+    The preemption callback later takes it (:func:`take_early_signal`), or
+    :func:`release_early_signals` restores the defaults and re-delivers it."""
+    if not in_slurm(env) or _early["old"]:
+        return False
+    try:
+        _early["old"] = {s: signal.signal(s, _early_handler) for s in EARLY_SIGNALS}
+    except ValueError:  # not the main thread
+        return False
+    return True
+
+
+def take_early_signal() -> int | None:
+    """The signal caught before the real handlers were installed (None if none); forgets it."""
+    signum, _early["signum"] = _early["signum"], None
+    _early["old"] = {}
+    return signum
+
+
+def release_early_signals() -> None:
+    """No preemption handling after all: restore the handlers and re-deliver a caught signal."""
+    for s, h in _early["old"].items():
+        signal.signal(s, h)
+    signum = take_early_signal()
+    if signum is not None:
+        os.kill(os.getpid(), signum)
 
 
 # -- hostlists ---------------------------------------------------------------------------

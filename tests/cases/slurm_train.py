@@ -1,0 +1,61 @@
+"""A SLURM test worker: ``python -m tests.cases.slurm_train CONFIG [overrides]`` (srun or sbatch).
+
+Runs ``disttrain.worker.main`` unchanged, plus two test-only callbacks appended after the
+real ones: ``Hold`` (on the first attempt only, after step ``DT_TEST_HOLD_STEP``, write
+``held.<rank>`` in the run dir and wait until this rank's preemption handler has seen a
+signal, so the test knows where the job stands when it signals it) and ``DumpParams``
+(rank 0 writes every parameter to ``RUN_DIR/params.pt`` at the end).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from disttrain import worker  # first: it catches SLURM's signals before torch imports
+
+import torch  # noqa: E402
+
+from disttrain.preemption import Preemption  # noqa: E402
+
+
+class Hold:
+    def __init__(self, step: int, timeout: float = 150.0):
+        self.step, self.timeout = step, timeout
+
+    def on_step_end(self, trainer) -> None:
+        if trainer.step != self.step or os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0"):
+            return
+        pre = next(cb for cb in trainer.callbacks if isinstance(cb, Preemption))
+        with open(os.path.join(trainer.cfg.run.dir, f"held.{trainer.comm.rank}"), "w") as f:
+            f.write(str(trainer.step))
+        deadline = time.monotonic() + self.timeout
+        while pre.received is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+class DumpParams:
+    def on_end(self, trainer, summary) -> None:
+        if trainer.comm.rank == 0:
+            params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+            torch.save({"params": params, "step": trainer.step,
+                        "restart": int(os.environ.get("SLURM_RESTART_COUNT") or 0)},
+                       os.path.join(trainer.cfg.run.dir, "params.pt"))
+
+
+def main() -> int:
+    build = worker.build_trainer
+
+    def build_trainer(cfg, comm):
+        trainer = build(cfg, comm)
+        if os.environ.get("DT_TEST_HOLD_STEP"):
+            trainer.callbacks.append(Hold(int(os.environ["DT_TEST_HOLD_STEP"])))
+        trainer.callbacks.append(DumpParams())
+        return trainer
+
+    worker.build_trainer = build_trainer
+    return worker.main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
