@@ -1,0 +1,308 @@
+"""Collectives: our backends against the peers used directly, in the same run.
+
+    python benchmarks/collectives.py --quick --json results/collectives.json   # about a minute
+    python benchmarks/collectives.py --json results/collectives.json           # 4 KiB .. 256 MiB
+
+Rows (2 and 4 ranks; allreduce, allgather, reduce_scatter, broadcast; float32):
+
+* ``shm zero-copy``: our shm backend through the communicator on ``comm.alloc`` buffers
+  (the path data parallel's gradient buckets take); ``shm``: the same on plain tensors
+  (staged through shared memory); ``shm nocheck``: plain, fingerprint checks off (allreduce
+  only; gives the check's cost); ``shm direct``: the backend without the communicator
+  (allreduce only; shows what the communicator's per-call Python costs at small sizes);
+* ``torch``/``mpi``: our other backends, when registered and available;
+* peers used directly: ``gloo`` (torch.distributed), ``mpi4py+MPICH`` (under ``mpiexec``),
+  ``horovod`` (when importable); ``memcpy``: one core copying the same bytes (the bound).
+
+Sizes follow nccl-tests: for allgather and reduce_scatter, ``size`` is the whole gathered
+(or scattered) buffer, each rank contributes size/ranks. algbw = size / time; busbw =
+algbw * 2(n-1)/n (allreduce), * (n-1)/n (allgather, reduce_scatter), * 1 (broadcast).
+Each job interleaves its rows per (op, size); with ``--rounds`` > 1 every job runs again
+and the best of all rounds is kept, so slow phases of a loaded machine hit every row.
+
+JSON (``--json``): ``rows`` and ``ratios`` (peer_time / our_time, or our_time / memcpy).
+To add rows (e.g. ``disttrain.horovod``), append a :class:`Producer` to ``PRODUCERS`` whose
+``kind`` names a function in ``WORKERS``; it gets the spec and returns rows.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._common import (human_bytes, iters_for, measure, print_table, spawn_job,  # noqa: E402
+                                write_json, write_result)
+
+OPS = ("allreduce", "allgather", "reduce_scatter", "broadcast")
+FULL_SIZES = [4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20, 256 << 20]
+QUICK_SIZES = [4 << 10, 64 << 10, 1 << 20, 64 << 20]
+BUS = {"allreduce": lambda n: 2 * (n - 1) / n, "allgather": lambda n: (n - 1) / n,
+       "reduce_scatter": lambda n: (n - 1) / n, "broadcast": lambda n: 1.0}
+
+
+@dataclasses.dataclass
+class Producer:
+    """One job producing rows: ``kind`` picks the worker, ``mpiexec`` starts it under MPI's launcher."""
+    kind: str
+    mpiexec: bool = False
+    optional: bool = True  # skip (with a note) when the job cannot run here
+
+
+PRODUCERS: list[Producer] = [Producer("comm", optional=False), Producer("mpi4py", mpiexec=True)]
+
+
+# -- workers (run on every rank of a spawned job) -------------------------------------------
+def _row_table(spec: dict, variants: dict, barrier, slowest) -> list[dict]:
+    """Interleave every variant per (op, size); ``variants[name][op](nbytes)`` returns a run() or None."""
+    rows = []
+    for op in spec["ops"]:
+        for size in spec["sizes"]:
+            for name, ops in variants.items():
+                make = ops.get(op)
+                run = make(size) if make else None
+                if run is None:
+                    continue
+                reps = spec["reps"] if size < (64 << 20) else max(2, spec["reps"] // 2)
+                stats = measure(run, barrier, iters=iters_for(size), reps=reps, slowest=slowest)
+                rows.append({"row": name, "op": op, "bytes": size, "ranks": spec["world"], **stats})
+                del run
+    return rows
+
+
+def worker_comm(spec: dict) -> list[dict]:
+    """Our communicators (shm, torch, mpi) and torch.distributed gloo used directly."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    import collectives
+    from collectives import registry
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, rank == 0,
+                          timeout=datetime.timedelta(seconds=120))
+    comms = {}
+    avail = registry.available()
+    if "mpi" in avail:  # first: MPI must not be initialised by anything else before it
+        try:
+            comms["mpi"] = collectives.init("mpi", store=dist.PrefixStore("mpi", store), timeout=120)
+        except Exception as exc:  # noqa: BLE001 - optional row
+            print(f"rank {rank}: mpi backend skipped: {exc}", file=sys.stderr)
+    shm = collectives.init("shm", timeout=120)
+    shm_nocheck = collectives.Communicator(shm.backend, shm.env, check=False, timeout=120)
+    if "torch" in avail:
+        comms["torch"] = collectives.init("torch", store=dist.PrefixStore("torch", store), timeout=120)
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.PrefixStore("gloo", store), rank=rank, world_size=world)
+    gloo = dist.new_group(backend="gloo")  # its own group, apart from the torch backend's
+    top = max(spec["sizes"])
+    pool = shm.alloc(top // 4)  # the zero-copy buffer every shm zero-copy row uses a prefix of
+
+    def comm_ops(comm, zero_copy: bool = False) -> dict:
+        def buf(nbytes):
+            return pool[: nbytes // 4].zero_() if zero_copy else torch.zeros(nbytes // 4)
+
+        def allreduce(nb):
+            t = buf(nb)
+            return lambda: comm.allreduce(t)
+
+        def allgather(nb):
+            t = buf(nb // world)
+            outs = [torch.empty(nb // world // 4) for _ in range(world)]
+            return lambda: comm.allgather(outs, t)
+
+        def reduce_scatter(nb):
+            ins = list(buf(nb).split(nb // world // 4))
+            out = torch.empty(nb // world // 4)
+            return lambda: comm.reduce_scatter(out, ins)
+
+        def broadcast(nb):
+            t = buf(nb)
+            return lambda: comm.broadcast(t, 0)
+
+        return {"allreduce": allreduce, "allgather": allgather, "reduce_scatter": reduce_scatter,
+                "broadcast": broadcast}
+
+    def direct_allreduce(nb):
+        t, be = torch.zeros(nb // 4), shm.backend
+        return lambda: be.allreduce(t, collectives.ReduceOp.SUM)
+
+    def gloo_ops() -> dict:
+        def allreduce(nb):
+            t = torch.zeros(nb // 4)
+            return lambda: dist.all_reduce(t, group=gloo)
+
+        def allgather(nb):
+            t, outs = torch.zeros(nb // world // 4), [torch.empty(nb // world // 4) for _ in range(world)]
+            return lambda: dist.all_gather(outs, t, group=gloo)
+
+        def broadcast(nb):
+            t = torch.zeros(nb // 4)
+            return lambda: dist.broadcast(t, 0, group=gloo)
+
+        return {"allreduce": allreduce, "allgather": allgather, "broadcast": broadcast}  # gloo: no reduce_scatter
+
+    variants = {"shm zero-copy": comm_ops(shm, zero_copy=True), "shm": comm_ops(shm),
+                "shm nocheck": {"allreduce": comm_ops(shm_nocheck)["allreduce"]},
+                "shm direct": {"allreduce": direct_allreduce}, "gloo": gloo_ops()}
+    variants.update({name: comm_ops(c) for name, c in comms.items()})
+    mx = torch.zeros(1)
+
+    def slowest(dt: float) -> float:
+        mx[0] = dt
+        shm.allreduce(mx, collectives.ReduceOp.MAX)
+        return float(mx[0])
+
+    rows = _row_table(spec, variants, shm.barrier, slowest)
+    for c in comms.values():
+        c.close()
+    return rows
+
+
+def worker_mpi4py(spec: dict) -> list[dict]:
+    """mpi4py's buffer methods over MPICH, started by mpiexec."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    world = comm.size
+    mx = np.zeros(1)
+
+    def slowest(dt):
+        mx[0] = dt
+        comm.Allreduce(MPI.IN_PLACE, mx, op=MPI.MAX)
+        return float(mx[0])
+
+    def allreduce(nb):
+        a = np.zeros(nb // 4, np.float32)
+        return lambda: comm.Allreduce(MPI.IN_PLACE, a)
+
+    def allgather(nb):
+        a, out = np.zeros(nb // world // 4, np.float32), np.empty(nb // 4, np.float32)
+        return lambda: comm.Allgather(a, out)
+
+    def reduce_scatter(nb):
+        a, out = np.zeros(nb // 4, np.float32), np.empty(nb // world // 4, np.float32)
+        return lambda: comm.Reduce_scatter_block(a, out)
+
+    def broadcast(nb):
+        a = np.zeros(nb // 4, np.float32)
+        return lambda: comm.Bcast(a, 0)
+
+    ops = {"allreduce": allreduce, "allgather": allgather, "reduce_scatter": reduce_scatter, "broadcast": broadcast}
+    return _row_table({**spec, "world": world}, {"mpi4py+MPICH": ops}, comm.Barrier, slowest)
+
+
+WORKERS = {"comm": worker_comm, "mpi4py": worker_mpi4py}
+
+
+def worker_main(kind: str, spec: dict) -> None:
+    rows = WORKERS[kind](spec)
+    rank = int(os.environ.get("RANK", os.environ.get("PMI_RANK", "0")))
+    if rank == 0:
+        write_result(rows)
+    sys.stdout.flush()
+    os._exit(0)  # skip interpreter teardown (MPI finalize, gloo threads): the rows are written
+
+
+# -- coordinator -------------------------------------------------------------------------------
+def memcpy_rows(sizes: list[int], reps: int) -> list[dict]:
+    rows = []
+    for size in sizes:
+        src, dst = np.ones(size, np.uint8), np.zeros(size, np.uint8)
+        stats = measure(lambda: np.copyto(dst, src), lambda: None, iters=iters_for(size), reps=reps)
+        rows.append({"row": "memcpy", "op": "memcpy", "bytes": size, "ranks": 1, **stats})
+    return rows
+
+
+def best_of(rows: list[dict]) -> list[dict]:
+    best: dict = {}
+    for r in rows:
+        key = (r["row"], r["op"], r["bytes"], r["ranks"])
+        if key not in best or r["best"] < best[key]["best"]:
+            best[key] = r
+    return list(best.values())
+
+
+def ratios(rows: list[dict]) -> dict:
+    t = {(r["row"], r["op"], r["bytes"], r["ranks"]): r["best"] for r in rows}
+    out = {}
+
+    def put(name, num, den):
+        if num in t and den in t:
+            out[name] = round(t[num] / t[den], 3)
+
+    for label, size in (("64MiB", 64 << 20), ("4KiB", 4 << 10)):
+        for suffix, ours in (("", "shm zero-copy"), ("_plain", "shm"), ("_direct", "shm direct")):
+            mine = (ours, "allreduce", size, 2)
+            put(f"shm_vs_gloo_allreduce_{label}{suffix}", ("gloo", "allreduce", size, 2), mine)
+            put(f"shm_vs_mpi_allreduce_{label}{suffix}", ("mpi4py+MPICH", "allreduce", size, 2), mine)
+            put(f"shm_time_over_memcpy_{label}{suffix}", mine, ("memcpy", "memcpy", size, 1))
+    k64 = 64 << 10
+    if ("shm", "allreduce", k64, 2) in t and ("shm nocheck", "allreduce", k64, 2) in t:
+        on, off = t[("shm", "allreduce", k64, 2)], t[("shm nocheck", "allreduce", k64, 2)]
+        out["check_overhead_shm_64KiB"] = round(on / off - 1, 4)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer sizes and repetitions (about a minute)")
+    ap.add_argument("--json", help="write rows and ratios here")
+    ap.add_argument("--ranks", default=None, help="comma-separated world sizes (default 2,4)")
+    ap.add_argument("--rounds", type=int, default=None, help="run every job this many times, keep the best")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker_main(args.worker, json.loads(args.spec))
+    sizes = QUICK_SIZES if args.quick else FULL_SIZES
+    reps = 3 if args.quick else 5
+    rounds = args.rounds or (1 if args.quick else 2)
+    worlds = [int(w) for w in (args.ranks or "2,4").split(",")]
+    rows, notes = memcpy_rows(sizes, reps), []
+    for _ in range(rounds):
+        for world in worlds:
+            job_sizes = sizes if world == 2 or not args.quick else [s for s in sizes if s in (4 << 10, 64 << 20)]
+            spec = {"sizes": job_sizes, "ops": list(OPS), "reps": reps, "world": world}
+            for p in PRODUCERS:
+                cmd = [sys.executable, os.path.abspath(__file__), "--worker", p.kind, "--spec", json.dumps(spec)]
+                t0 = time.monotonic()
+                try:
+                    rows += spawn_job(cmd, world, mpiexec=p.mpiexec, timeout=900)
+                except (RuntimeError, OSError) as exc:
+                    if not p.optional:
+                        raise
+                    notes.append(f"{p.kind} on {world} ranks skipped: {exc}")
+                print(f"  {p.kind} x{world}: {time.monotonic() - t0:.1f}s", file=sys.stderr)
+    try:
+        import horovod.torch  # noqa: F401
+    except ImportError:
+        notes.append("horovod not importable here: no Horovod rows (scripts/build_horovod.sh builds it)")
+    rows = best_of(rows)
+    table = []
+    for r in sorted(rows, key=lambda r: (r["ranks"], r["op"], r["bytes"], r["best"])):
+        algbw = r["bytes"] / r["best"] / 1e9
+        bus = algbw * BUS[r["op"]](r["ranks"]) if r["op"] in BUS else algbw
+        r.update(algbw_GBps=round(algbw, 3), busbw_GBps=round(bus, 3))
+        table.append([r["ranks"], r["op"], r["row"], human_bytes(r["bytes"]), f"{r['best'] * 1e6:,.1f}",
+                      f"{r['mean'] * 1e6:,.1f} ± {r['stdev'] * 1e6:,.1f}", f"{algbw:.2f}", f"{bus:.2f}"])
+    print_table("collectives (float32; time = best of reps, us)",
+                ["ranks", "op", "row", "size", "time us", "mean ± stdev", "algbw GB/s", "busbw GB/s"], table)
+    rat = ratios(rows)
+    for k, v in rat.items():
+        print(f"{k:40s} {v}")
+    for n in notes:
+        print("note:", n)
+    if args.json:
+        write_json(args.json, {"rows": rows, "ratios": rat, "notes": notes, "quick": args.quick})
+
+
+if __name__ == "__main__":
+    main()
