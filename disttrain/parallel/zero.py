@@ -90,6 +90,7 @@ class Zero:
         self._next_rs = 0
         self._fresh = True  # the next reduce-scatter overwrites the gradient shards (first micro-batch)
         self._dirty = False
+        self._forwards = 0
         self.peak_state_bytes = 0
         self.peak_transient_bytes = 0
 
@@ -122,6 +123,7 @@ class Zero:
             self.block_units[i].start_gather(self.ag_comm)
 
     def _root_pre(self, module, args) -> None:
+        self._forwards += 1
         if self.root.module is self.model:
             self._ensure(self.root)
         self._prefetch(0)
@@ -147,6 +149,16 @@ class Zero:
     def _pre_backward(self, i: int) -> None:
         self._ensure(self.block_units[i])
         self._prefetch(i - 1)
+
+    def _replay_gathers(self) -> None:
+        """A micro-batch with no samples on this rank: take part in the gathers its peers' forward and
+        backward issue (root, blocks 0..L-1, then L-2..0 in backward; the last block is kept)."""
+        n = len(self.block_units)
+        seq = ([self.root] if self.root.module is self.model else []) + self.block_units + \
+            self.block_units[:max(n - 1, 0)][::-1]
+        for u in seq:
+            self._ensure(u)
+            u.free()
 
     def _free_all(self) -> None:
         for u in self.units:
@@ -194,9 +206,12 @@ class Zero:
             with self.buckets.accumulate(last):
                 yield
             return
+        self._forwards = 0
         try:
             yield
         finally:
+            if self.stage == 3 and self._forwards == 0:
+                self._replay_gathers()
             self._flush()
 
     def finish_gradients(self) -> None:

