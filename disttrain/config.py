@@ -160,8 +160,8 @@ class SlurmConfig(Section):
     max_requeues: int = Field(20, ge=0, description="Stop requeueing once SLURM_RESTART_COUNT reaches this.")
     signal: str = Field("USR1", description="Signal SLURM sends before the time limit (SIGTERM is always handled).")
     signal_seconds: int = Field(90, ge=1, description="Seconds before the time limit the signal is sent.")
-    preemption: Literal["auto", "on", "off"] = Field("auto", description="Catch the signals, save and stop at an "
-                                                     "agreed step: auto = only under SLURM.")
+    preemption: Literal["auto"] | bool = Field("auto", description="Catch the signals, save and stop at an agreed "
+                                               "step: true, false, or auto (only inside a SLURM job).")
     check_every: int = Field(1, ge=1, description="Steps between the ranks' stop-flag agreements (one tiny allreduce).")
     worker_module: str = Field("disttrain.worker", description="Module srun starts on every task (python -m); "
                                "a custom entry must call disttrain.worker.main.")
