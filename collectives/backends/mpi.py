@@ -1,0 +1,315 @@
+"""MPI as a backend: mpi4py's buffer methods (Capitalized: no pickles) over MPICH.
+
+Two ways to start:
+- under ``mpiexec``/``srun --mpi=pmi2`` (the MPI launcher already gave each process its PMI
+  connection): MPI_COMM_WORLD is the job;
+- under our launcher, torchrun or the test harness (no MPI launcher): rank 0 serves the
+  small PMI-1 wire protocol MPICH speaks to ``mpiexec`` (see :class:`_PMIServer`), every
+  rank finds it through the job's store and sets ``PMI_PORT``/``PMI_ID`` before MPI
+  initialises, so MPI_COMM_WORLD is again the whole job. (MPICH's singleton
+  ``Comm_connect``/``Comm_accept`` was tried first: it refuses to join singletons, whose
+  process ids all collide.) MPI must not be initialised before ``collectives.init``.
+
+Every op is non-blocking (``Iallreduce``...) and ``wait`` drives MPI progress with
+``Testall`` until done or the timeout, so a missing rank is a timeout, not a hang.
+bfloat16 and float16 have no MPI type: reductions run on a float32 copy (exact for
+2 ranks; with more ranks one rounding at the end instead of one per step), everything
+else moves them as 16-bit words.
+"""
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import os
+import socket
+import time
+from typing import ClassVar, Sequence
+
+import torch
+
+from ..env import DistEnv
+from ..errors import CollectivesError, CollectiveTimeoutError, PeerDiedError
+from ..types import ReduceOp, Work
+
+_MPI = None  # the mpi4py.MPI module, imported by _init_mpi
+_HEALTHY = True  # False after a transport error: skip MPI_Finalize at exit (it would wait on the dead)
+_PMI_KEY = "collectives/mpi/pmi"
+_PMI_PROC = None  # rank 0's PMI server process, when no MPI launcher started the job
+
+
+def _types():
+    m = _MPI
+    return {torch.float32: m.FLOAT, torch.float64: m.DOUBLE, torch.int32: m.INT32_T, torch.int64: m.INT64_T,
+            torch.float16: m.UINT16_T, torch.bfloat16: m.UINT16_T, torch.uint8: m.BYTE}
+
+
+def _ops():
+    m = _MPI
+    return {ReduceOp.SUM: m.SUM, ReduceOp.AVG: m.SUM, ReduceOp.MIN: m.MIN, ReduceOp.MAX: m.MAX, ReduceOp.PROD: m.PROD}
+
+
+def _buf(t: torch.Tensor, count: int | None = None):
+    """Zero-copy MPI buffer spec of a contiguous CPU tensor."""
+    return [_MPI.buffer.fromaddress(t.data_ptr(), t.nbytes), t.numel() if count is None else count, _types()[t.dtype]]
+
+
+def _bytes(t: torch.Tensor):
+    return [_MPI.buffer.fromaddress(t.data_ptr(), t.nbytes), t.nbytes, _MPI.BYTE]
+
+
+def _half(t: torch.Tensor) -> bool:
+    return t.dtype in (torch.float16, torch.bfloat16)
+
+
+class _MPIWork:
+    """Requests plus what to do once they complete (copy out, divide, downcast)."""
+
+    def __init__(self, reqs, then=None, keep=()):
+        self._reqs, self._then, self._keep, self._done = list(reqs), then, keep, False
+
+    def wait(self, timeout: float | None = None) -> None:
+        global _HEALTHY
+        if self._done:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            spins = 0
+            while not _MPI.Request.Testall(self._reqs):
+                spins += 1
+                if spins % 64 == 0:
+                    if deadline is not None and time.monotonic() > deadline:
+                        _HEALTHY = False
+                        raise CollectiveTimeoutError(f"MPI requests still pending after {timeout:g}s")
+                    time.sleep(0)  # let a peer sharing this core run
+        except _MPI.Exception as exc:
+            _HEALTHY = False
+            cls = exc.Get_error_class()
+            text = exc.Get_error_string().splitlines()[0]
+            if cls in (getattr(_MPI, "ERR_PROC_FAILED", -1), _MPI.ERR_OTHER, _MPI.ERR_INTERN):
+                raise PeerDiedError(f"MPI failed, most likely a peer died ({text})\n"
+                                    "HINT: look for the first rank that crashed") from None
+            raise CollectivesError(f"MPI failed: {text}") from None
+        if self._then is not None:
+            self._then()
+        self._done = True
+
+    def is_completed(self) -> bool:
+        return self._done or _MPI.Request.Testall(self._reqs)
+
+
+class MPIBackend:
+    name: ClassVar[str] = "mpi"
+
+    def __init__(self, comm, store=None):
+        self._comm, self.store = comm, store
+        self.rank, self.world_size = comm.Get_rank(), comm.Get_size()
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return importlib.util.find_spec("mpi4py") is not None
+
+    @classmethod
+    def create(cls, env: DistEnv, store, timeout: float, device: str = "cpu") -> "MPIBackend":
+        if device != "cpu":
+            raise CollectivesError(f"rank {env.where}: the mpi backend moves CPU tensors only, not {device!r}"
+                                   "\nHINT: use backend='nccl' or 'torch' for CUDA tensors")
+        MPI = _init_mpi(env, store, timeout)
+        world = MPI.COMM_WORLD
+        if world.Get_size() != env.world_size or world.Get_rank() != env.rank:
+            raise CollectivesError(
+                f"rank {env.where}: MPI_COMM_WORLD is rank {world.Get_rank()} of {world.Get_size()} but the "
+                f"{env.source} environment says rank {env.rank} of {env.world_size}\n"
+                "HINT: was mpi4py imported (initialising MPI) before collectives.init('mpi')?")
+        comm = world.Dup()
+        comm.Set_errhandler(MPI.ERRORS_RETURN)
+        if store is None and env.world_size > 1:
+            store = _host_store(comm, env, timeout)
+        if store is not None:
+            import torch.distributed as dist
+
+            store = dist.PrefixStore("collectives/diag", store)
+        return cls(comm, store)
+
+    # -- ops ------------------------------------------------------------------------------
+    def allreduce(self, tensor: torch.Tensor, op: ReduceOp) -> Work:
+        work = tensor.float() if _half(tensor) else tensor
+        req = self._comm.Iallreduce(_MPI.IN_PLACE, _buf(work), _ops()[op])
+
+        def then():
+            if op is ReduceOp.AVG:
+                work.div_(self.world_size)
+            if work is not tensor:
+                tensor.copy_(work)
+
+        return _MPIWork([req], then if (op is ReduceOp.AVG or work is not tensor) else None, (work,))
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> Work:
+        return _MPIWork([self._comm.Ibcast(_buf(tensor), root=src)], keep=(tensor,))
+
+    def allgather(self, outputs: Sequence[torch.Tensor], tensor: torch.Tensor) -> Work:
+        counts = [o.numel() for o in outputs]
+        displs = [sum(counts[:i]) for i in range(len(counts))]
+        flat = torch.empty(sum(counts), dtype=tensor.dtype)
+        req = self._comm.Iallgatherv(_buf(tensor), [_buf(flat)[0], counts, displs, _types()[tensor.dtype]])
+
+        def then():
+            for o, d, c in zip(outputs, displs, counts):
+                o.copy_(flat[d:d + c].view_as(o))
+
+        return _MPIWork([req], then, (tensor, flat))
+
+    def reduce_scatter(self, output: torch.Tensor, inputs: Sequence[torch.Tensor], op: ReduceOp) -> Work:
+        counts = [i.numel() for i in inputs]
+        flat = torch.cat([i.reshape(-1) for i in inputs])
+        out = torch.empty(output.numel(), dtype=torch.float32) if _half(output) else output
+        if _half(output):
+            flat = flat.float()
+        req = self._comm.Ireduce_scatter(_buf(flat), _buf(out), counts, _ops()[op])
+
+        def then():
+            if op is ReduceOp.AVG:
+                out.div_(self.world_size)
+            if out is not output:
+                output.copy_(out.view_as(output))
+
+        return _MPIWork([req], then, (flat, out))
+
+    def all_to_all(self, outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> Work:
+        scounts, rcounts = [i.numel() for i in inputs], [o.numel() for o in outputs]
+        sdispls = [sum(scounts[:i]) for i in range(len(scounts))]
+        rdispls = [sum(rcounts[:i]) for i in range(len(rcounts))]
+        sflat = torch.cat([i.reshape(-1) for i in inputs])
+        rflat = torch.empty(sum(rcounts), dtype=sflat.dtype)
+        mtype = _types()[sflat.dtype]
+        req = self._comm.Ialltoallv([_buf(sflat)[0], scounts, sdispls, mtype], [_buf(rflat)[0], rcounts, rdispls, mtype])
+
+        def then():
+            for o, d, c in zip(outputs, rdispls, rcounts):
+                o.copy_(rflat[d:d + c].view_as(o))
+
+        return _MPIWork([req], then, (sflat, rflat))
+
+    # Point to point moves bytes: a receive posted with the wrong size then fails cleanly
+    # (MPI_ERR_TRUNCATE, or a short count) instead of tripping MPICH's unpack assertion,
+    # and the communicator's fingerprint check reports the mismatch first.
+    def send(self, tensor: torch.Tensor, dst: int, tag: int) -> Work:
+        return _MPIWork([self._comm.Isend(_bytes(tensor), dest=dst, tag=tag)], keep=(tensor,))
+
+    def recv(self, tensor: torch.Tensor, src: int, tag: int) -> Work:
+        return _MPIWork([self._comm.Irecv(_bytes(tensor), source=src, tag=tag)], keep=(tensor,))
+
+    def barrier(self) -> Work:
+        return _MPIWork([self._comm.Ibarrier()])
+
+    def new_group(self, ranks: Sequence[int]) -> "MPIBackend | None":
+        """Only members need to call it (MPI_Comm_create_group); others get None."""
+        if self.rank not in ranks:
+            return None
+        sub = self._comm.Create_group(self._comm.Get_group().Incl(list(ranks)), tag=hash(tuple(ranks)) & 0x3FFF)
+        sub.Set_errhandler(_MPI.ERRORS_RETURN)
+        return MPIBackend(sub, self.store)
+
+    def close(self) -> None:
+        if self._comm is not None and _HEALTHY:
+            self._comm.Free()
+        self._comm = None
+
+
+# -- bootstrap ------------------------------------------------------------------------------
+def _init_mpi(env: DistEnv, store, timeout: float):
+    """Import mpi4py.MPI (which initialises MPI), first wiring PMI when no MPI launcher did."""
+    global _MPI
+    if _MPI is not None:
+        return _MPI
+    import sys
+
+    launched = any(k in os.environ for k in ("PMI_FD", "PMI_PORT", "PMIX_RANK", "PMI_RANK"))
+    if "mpi4py.MPI" not in sys.modules and not launched and env.world_size > 1:
+        _connect_pmi(env, store, timeout)
+    import mpi4py
+
+    mpi4py.rc.finalize = False  # we finalize in a Python atexit hook, while our PMI server still runs
+    from mpi4py import MPI
+
+    _MPI = MPI
+    atexit.register(_finalize)
+    return MPI
+
+
+def _finalize() -> None:
+    if _MPI is not None and _HEALTHY and _MPI.Is_initialized() and not _MPI.Is_finalized():
+        _MPI.Finalize()
+
+
+def _connect_pmi(env: DistEnv, store, timeout: float) -> None:
+    if store is None:
+        from .torchdist import _default_store
+
+        store = _default_store(env, timeout)
+    if env.rank == 0:
+        local = env.local_world_size == env.world_size
+        host = "127.0.0.1" if local else (env.master_addr or socket.gethostname())
+        # Nodes for MPICH's shared-memory paths: consecutive ranks with one host are one node.
+        mapping = _process_mapping(store, env, timeout)
+        port = _start_pmi_server(env.world_size, "127.0.0.1" if local else "0.0.0.0", mapping)
+        store.set(_PMI_KEY, f"{host}:{port}")
+    else:
+        _process_mapping(store, env, timeout)
+    import datetime
+
+    store.wait([_PMI_KEY], datetime.timedelta(seconds=timeout))
+    os.environ.update(PMI_PORT=store.get(_PMI_KEY).decode(), PMI_ID=str(env.rank), PMI_RANK=str(env.rank),
+                      PMI_SIZE=str(env.world_size))
+
+
+def _start_pmi_server(size: int, bind: str, mapping: str) -> int:
+    import subprocess
+    import sys
+
+    global _PMI_PROC
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_pmi.py")
+    _PMI_PROC = subprocess.Popen([sys.executable, "-I", path, str(size), bind, mapping],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    # No atexit hook: MPICH's own exit handlers still talk to the server after Python's have
+    # run; the server exits once every rank closed its connection, or soon after we are gone.
+    line = _PMI_PROC.stdout.readline()
+    if not line.strip().isdigit():
+        raise CollectivesError(f"the PMI server for the mpi backend did not start (said {line!r})")
+    return int(line)
+
+
+def _process_mapping(store, env: DistEnv, timeout: float) -> str:
+    import datetime
+
+    store.set(f"collectives/mpi/host/{env.rank}", env.host)
+    if env.rank != 0:
+        return ""
+    keys = [f"collectives/mpi/host/{r}" for r in range(env.world_size)]
+    store.wait(keys, datetime.timedelta(seconds=timeout))
+    hosts = [store.get(k).decode() for k in keys]
+    blocks, node = [], 0
+    for i, h in enumerate(hosts):
+        if i and h == hosts[i - 1]:
+            blocks[-1][2] += 1
+        else:
+            blocks.append([node, 1, 1])
+            node += 1
+    return "(vector," + ",".join(f"({a},{b},{c})" for a, b, c in blocks) + ")"
+
+
+def _host_store(comm, env: DistEnv, timeout: float):
+    """Under mpiexec there is no job store: rank 0 hosts a TCPStore for timeout diagnostics."""
+    import datetime
+
+    import torch.distributed as dist
+
+    addr = None
+    if comm.Get_rank() == 0:
+        host = "127.0.0.1" if env.local_world_size == env.world_size else socket.gethostname()
+        store = dist.TCPStore(host, 0, comm.Get_size(), True, timeout=datetime.timedelta(seconds=timeout),
+                              wait_for_workers=False)
+        addr = (host, store.port)
+    addr = comm.bcast(addr, root=0)  # once, at start-up: the one pickle this backend sends
+    if comm.Get_rank() != 0:
+        store = dist.TCPStore(addr[0], addr[1], comm.Get_size(), False, timeout=datetime.timedelta(seconds=timeout))
+    return store
