@@ -25,21 +25,11 @@ import torch
 from collectives import Communicator, ReduceOp
 
 from .config import ExperimentConfig, SlurmConfig
-from .errors import ConfigError
+from launcher.slurm import parse_signal
 
 log = logging.getLogger(__name__)
 
 EX_TEMPFAIL = 75  # saved, but the job could not be requeued: SLURM marks it failed, the user resubmits
-
-
-def parse_signal(name: str) -> signal.Signals:
-    """``"USR1"``, ``"SIGUSR1"`` or ``"10"`` -> the signal; ConfigError naming slurm.signal otherwise."""
-    raw = name.strip().upper()
-    try:
-        return signal.Signals(int(raw)) if raw.isdigit() else signal.Signals[raw if raw.startswith("SIG") else "SIG" + raw]
-    except (KeyError, ValueError):
-        known = ", ".join(s.name[3:] for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT))
-        raise ConfigError([f"slurm.signal: got {name!r}, expected a signal name such as {known}"]) from None
 
 
 class Preemption:
@@ -138,7 +128,7 @@ def maybe_build_preemption(cfg: ExperimentConfig, comm: Communicator) -> Preempt
 
     Installs the handlers right away, so a signal during set-up is not fatal."""
     mode = cfg.slurm.preemption
-    if mode == "off" or (mode == "auto" and not os.environ.get("SLURM_JOB_ID")):
+    if mode is False or (mode == "auto" and not os.environ.get("SLURM_JOB_ID")):
         from launcher.slurm import release_early_signals
 
         release_early_signals()

@@ -20,6 +20,8 @@ import shlex
 import subprocess
 import sys
 
+from launcher.slurm import SlurmEnvError, parse_signal
+
 from . import config as config_mod
 from .errors import ConfigError
 
@@ -96,9 +98,10 @@ def build_values(cfg: config_mod.ExperimentConfig, config_path: str, script_path
 
 def prepare(cfg: config_mod.ExperimentConfig) -> tuple[str, str, str]:
     """Write the resolved config; return (script text, script path, config path)."""
-    from .preemption import parse_signal
-
-    parse_signal(cfg.slurm.signal)  # a bad signal name fails here, not in the job
+    try:
+        parse_signal(cfg.slurm.signal)  # a bad signal name fails here, not in the job
+    except SlurmEnvError as exc:
+        raise SubmitError([str(exc)]) from None
     cfg.run.dir = os.path.abspath(cfg.run.dir)
     if cfg.slurm.nodes is None:
         cfg.slurm.nodes = 1

@@ -44,6 +44,15 @@ class SlurmEnvError(LauncherError):
     """SLURM's variables are missing, malformed or contradict each other (or the config)."""
 
 
+def parse_signal(name: str) -> signal.Signals:
+    """``"USR1"``, ``"SIGUSR1"`` or ``"10"`` -> the signal; SlurmEnvError naming slurm.signal otherwise."""
+    raw = str(name).strip().upper()
+    try:
+        return signal.Signals(int(raw)) if raw.isdigit() else signal.Signals[raw if raw.startswith("SIG") else "SIG" + raw]
+    except (KeyError, ValueError):
+        raise SlurmEnvError(f"slurm.signal: got {name!r}, expected a signal name such as USR1, USR2 or TERM") from None
+
+
 # -- signals before the trainer is ready -------------------------------------------------
 EARLY_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 _early: dict = {"signum": None, "old": {}}
