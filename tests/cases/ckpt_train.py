@@ -15,11 +15,12 @@ DIGITS = os.path.join(ROOT, "configs", "digits.yaml")
 
 
 def _state(trainer) -> dict:
-    out = {n: p.detach().reshape(-1).tolist() for n, p in trainer.model.named_parameters()}
+    out = {n: p.detach().reshape(-1).tolist() for n, p in trainer.model.named_parameters()
+           if p.untyped_storage().nbytes()}  # ZeRO-3 frees gathered parameters between steps
     names = {p: n for n, p in trainer.model.named_parameters()}
     for p, st in trainer.strategy.optimizer.state.items():
         for k, v in st.items():
-            if isinstance(v, torch.Tensor):
+            if isinstance(v, torch.Tensor) and p in names:  # ZeRO keeps state on flat masters: skipped
                 out[f"optim.{names[p]}.{k}"] = v.detach().reshape(-1).tolist()
     return out
 
