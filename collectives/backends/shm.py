@@ -38,6 +38,7 @@ import os
 import threading
 import time
 import uuid
+import weakref
 from typing import Callable, ClassVar, Sequence
 
 import numpy as np
@@ -48,6 +49,11 @@ from ..errors import CollectiveMismatchError, CollectivesError, CollectiveTimeou
 from ..fingerprint import ENCODED_SIZE, Fingerprint, mismatch_error
 from ..types import CompletedWork, ReduceOp, Work
 from .shm_segment import HEADER, Segment, job_tag, pid_alive
+
+try:
+    import xxhash
+except ImportError:  # pragma: no cover - a dependency of collectives.fingerprint
+    xxhash = None
 
 SMALL = int(os.environ.get("DISTTRAIN_SHM_SMALL_BYTES", 128 << 10))
 SLOT = max(64 << 10, int(os.environ.get("DISTTRAIN_SHM_CHUNK_BYTES", 4 << 20)) // 4096 * 4096)
@@ -62,6 +68,22 @@ _NP = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.f
 _NPFN = {ReduceOp.SUM: np.add, ReduceOp.AVG: np.add, ReduceOp.MIN: np.minimum, ReduceOp.MAX: np.maximum,
          ReduceOp.PROD: np.multiply}
 _worlds = itertools.count()  # world communicators built by this process (names must not repeat)
+
+
+_digests: dict = {}
+
+
+def _digest(fp: Fingerprint) -> int:
+    """What ``fp.digest()`` covers (seq, op, group, shapes, dtype, extra), at a third of its cost: the
+    hash of everything but ``seq`` is cached (a training loop repeats a few dozen calls), then mixed with
+    ``seq``. Ranks run the same code, so equal fingerprints give equal digests on every rank."""
+    key = (fp.op, fp.group, fp.shapes, fp.dtype, fp.extra)
+    base = _digests.get(key)
+    if base is None:
+        if len(_digests) > 4096:
+            _digests.clear()
+        base = _digests[key] = xxhash.xxh64_intdigest(repr(key).encode())
+    return ((base ^ (fp.seq * 0x9E3779B97F4A7C15)) & 0x7FFF_FFFF_FFFF_FFFF) or 1
 
 
 def _align(n: int, a: int = 4096) -> int:
@@ -232,10 +254,12 @@ class ShmBackend:
         self._use = 0  # staging rounds issued (parity picks the slot)
         self._sent = [0] * W
         self._taken = [0] * W
-        self._allocs: list[_Alloc] = []
+        self._allocs: dict[int, _Alloc] = {}
+        self._alloc_ids = itertools.count(1)
         self._subgroups = 0
         self._workers: dict[str, _Worker] = {}
         self._closed = False
+        self._broken: str | None = None  # after a timeout or a dead peer the ranks are out of step for good
         self._op_timeout = timeout
 
     @staticmethod
@@ -313,12 +337,17 @@ class ShmBackend:
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
         stride = _align(nbytes)
-        ident = len(self._allocs) + 1
+        ident = next(self._alloc_ids)
         seg = Segment.open(f"{self._seg.name}.a{ident}", self.rank, self.world_size, HEADER + stride * self.world_size,
                            self.timeout, creator_pid=self._seg.pid(0) or None, where=self._where)
         a = _Alloc(ident, seg, stride, nbytes, self.rank)
-        self._allocs.append(a)
-        return a.peer(self.rank, 0, nbytes).view(dtype).view(shape)
+        self._allocs[ident] = a
+        tensor = a.peer(self.rank, 0, nbytes).view(dtype).view(shape)
+        # When the caller drops the tensor, forget the alloc: this rank then reports its views as plain
+        # (every rank must report the same alloc for zero-copy, so the group falls back consistently),
+        # and the memory goes with the last view.
+        weakref.finalize(tensor, self._allocs.pop, ident, None)
+        return tensor
 
     def close(self) -> None:
         if self._closed:
@@ -328,7 +357,7 @@ class ShmBackend:
             w.stop()
         self._stage = self._u8 = self._typed = None
         self._seg.close()
-        for a in self._allocs:
+        for a in list(self._allocs.values()):
             a.seg.maybe_unlink()
 
     # -- synchronisation -----------------------------------------------------------------
@@ -336,10 +365,11 @@ class ShmBackend:
         """Publish this rank's op record, bump the step, wait for all, compare digests. Returns the parity."""
         q, par = self._q, _PAR + 4 * (self._seq & 1)
         me = self._me + par
-        digest = fp.digest() if fp is not None else 0
+        digest = _digest(fp) if fp is not None else 0
         q[me], q[me + 1], q[me + 2], q[me + 3] = digest, nbytes, where[0], where[1]
         self._step += 1
         q[self._me] = self._step
+        self._seq += 1  # now, not after the op: a rank leaving by a mismatch error must not reuse this half
         self._wait(self._step, fp)
         if digest:
             for p in self._peers:
@@ -384,6 +414,7 @@ class ShmBackend:
                 if now > deadline:
                     self._seg.maybe_unlink()  # a rank that never attached can't remove our name
                     missing = ", ".join(str(self._global[self._rank_of(p)]) for p in pending)
+                    self._broken = f"timeout in {self._what(fp)}"
                     raise CollectiveTimeoutError(
                         f"rank {self._where}: shm {self._what(fp)} in group {self._group!r} timed out after "
                         f"{self._op_timeout:g}s; ranks that never arrived: {missing}\nHINT: a rank is stuck "
@@ -401,6 +432,7 @@ class ShmBackend:
             pid = self._seg.pid(r)
             if not pid_alive(pid):
                 self._seg.maybe_unlink()
+                self._broken = f"group rank {r} died"
                 raise PeerDiedError(
                     f"rank {self._where}: group rank {r} (global rank {self._global[r]}, pid {pid}) died during "
                     f"shm {self._what(fp)} in group {self._group!r}\nHINT: see that rank's log for the root cause")
@@ -440,7 +472,7 @@ class ShmBackend:
             if t.data_ptr() != end:
                 return (0, 0)
             end += t.numel() * t.element_size()
-        for a in self._allocs:
+        for a in self._allocs.values():
             if a.lo <= ptr and end <= a.hi:
                 return (a.id, ptr - a.lo)
         return (0, 0)
@@ -467,6 +499,9 @@ class ShmBackend:
     def _run(self, kind: str, fn: Callable[..., None], args: tuple, timeout: float | None, async_op: bool) -> Work:
         if self._closed:
             raise CollectivesError(f"rank {self._where}: shm communicator of group {self._group!r} is closed")
+        if self._broken:
+            raise CollectivesError(f"rank {self._where}: shm communicator of group {self._group!r} is unusable after "
+                                   f"an earlier error: {self._broken}\nHINT: the job must restart (or rebuild the group)")
         timeout = self.timeout if timeout is None else timeout
         worker = self._workers.get(kind)
         if async_op:
@@ -494,7 +529,7 @@ class ShmBackend:
                   async_op: bool = False, timeout: float | None = None) -> Work:
         if type(op) is not ReduceOp:
             op = ReduceOp(op)
-        if async_op or self._workers or self._closed:
+        if async_op or self._workers or self._closed or self._broken:
             return self._run("coll", self._allreduce, (tensor, op, fingerprint), timeout, async_op)
         self._op_timeout = self.timeout if timeout is None else timeout
         self._allreduce(tensor, op, fingerprint)  # the sync fast path: no closure, no thread
@@ -504,7 +539,6 @@ class ShmBackend:
         W, nb = self.world_size, t.nbytes
         if W == 1:
             self._arrive(fp, nb)
-            self._seq += 1
             return
         if nb <= SMALL and t.dtype in _NP and (W == 2 or t.dtype is not torch.float16):
             # Latency path in numpy (a third of torch's per-call overhead); fp16 pairs round once either way.
@@ -516,7 +550,6 @@ class ShmBackend:
             rows = self._np_rows(slot, t.dtype)
             rows[self.rank, :n] = a
             self._arrive(fp, nb)
-            self._seq += 1
             fn = _NPFN[op]
             if W == 2:
                 fn(rows[0, :n], rows[1, :n], out=a)
@@ -532,14 +565,12 @@ class ShmBackend:
             n = flat.numel()
             rows[self.rank, :n].copy_(flat)
             self._arrive(fp, nb)
-            self._seq += 1
             _reduce_rows(rows[:, :n], flat, op, W)
             return
         par = self._arrive(fp, nb, self._where_is([t]))
         offsets = self._zero_copy_peers(par)
-        self._seq += 1
         if offsets is not None:
-            a = self._allocs[self._q[self._me + par + 2] - 1]
+            a = self._allocs[self._q[self._me + par + 2]]
             views = [a.peer(j, offsets[j], nb).view(t.dtype) for j in range(W)]
             parts = _parts(flat.numel(), W)
             lo, hi = parts[self.rank]
@@ -582,16 +613,14 @@ class ShmBackend:
             if root:
                 self._stage[src, slot, :nb].copy_(data)
             self._arrive(fp, nb)
-            self._seq += 1
             if not root:
                 data.copy_(self._stage[src, slot, :nb])
             return
         par = self._arrive(fp, nb, self._where_is([t]))
         offsets = self._zero_copy_peers(par)
-        self._seq += 1
         if offsets is not None:
             if not root:
-                data.copy_(self._allocs[self._q[self._me + par + 2] - 1].peer(src, offsets[src], nb))
+                data.copy_(self._allocs[self._q[self._me + par + 2]].peer(src, offsets[src], nb))
             self._sync(fp)
             return
         for start in range(0, nb, SLOT):
@@ -623,15 +652,13 @@ class ShmBackend:
             slot = self._next_slot()
             self._stage[r, slot, :sizes[r]].copy_(data)
             self._arrive(fp, big)
-            self._seq += 1
             for j in range(W):
                 outs[j].copy_(data if j == r else self._stage[j, slot, :sizes[j]])
             return
         par = self._arrive(fp, big, self._where_is([t]))
         offsets = self._zero_copy_peers(par)
-        self._seq += 1
         if offsets is not None:
-            a = self._allocs[self._q[self._me + par + 2] - 1]
+            a = self._allocs[self._q[self._me + par + 2]]
             for j in range(W):
                 outs[j].copy_(data if j == r else a.peer(j, offsets[j], sizes[j]))
             self._sync(fp)
@@ -666,9 +693,8 @@ class ShmBackend:
         flat_out = out.view(-1)
         par = self._arrive(fp, total * es, self._where_is(inputs) if total * es > SMALL else (0, 0))
         offsets = self._zero_copy_peers(par)
-        self._seq += 1
         if offsets is not None:
-            a = self._allocs[self._q[self._me + par + 2] - 1]
+            a = self._allocs[self._q[self._me + par + 2]]
             lo, n = my_lo * es, counts[r] * es
             srcs = [a.peer(j, offsets[j] + lo, n).view(out.dtype) for j in range(W)]
             _combine([srcs[r]] + [s for j, s in enumerate(srcs) if j != r], flat_out, op, W) if n else None
@@ -702,7 +728,6 @@ class ShmBackend:
         ins, outs = [_u8(i) for i in inputs], [_u8(o) for o in outputs]
         outs[r].copy_(ins[r])
         par = self._arrive(fp, max(x.numel() for x in ins + outs))
-        self._seq += 1
         q = self._q
         big = max(q[row + par + 1] for row in self._row)
         sub = SLOT // W // 64 * 64
@@ -724,7 +749,6 @@ class ShmBackend:
 
     def _barrier(self, fp) -> None:
         self._arrive(fp)
-        self._seq += 1
 
     # -- point to point ----------------------------------------------------------------------
     # Pair (src, dst) owns a ring of MBOX_SLOTS chunks of MBOX_BYTES. Counters: SENT (written by src),
@@ -758,7 +782,7 @@ class ShmBackend:
             piece = data[start:start + MBOX_BYTES]
             self._mbox(self.rank, dst, slot, piece.numel()).copy_(piece)
             m = base + 2 + 4 * slot
-            q[m], q[m + 1], q[m + 2], q[m + 3] = tag, nb, _DTYPES.index(t.dtype), fp.digest() if fp else 0
+            q[m], q[m + 1], q[m + 2], q[m + 3] = tag, nb, _DTYPES.index(t.dtype), _digest(fp) if fp else 0
             self._sent[dst] = idx + 1
             q[base] = idx + 1
 
@@ -770,7 +794,7 @@ class ShmBackend:
             self._p2p_wait(lambda: q[base] > idx, src, fp, "recv from", tag, timeout)
             slot = idx % MBOX_SLOTS
             m = base + 2 + 4 * slot
-            digest = fp.digest() if fp is not None and start == 0 else 0
+            digest = _digest(fp) if fp is not None and start == 0 else 0
             if start == 0 and (q[m] != tag or q[m + 1] != nb or q[m + 2] != _DTYPES.index(t.dtype)
                                or (digest and q[m + 3] and q[m + 3] != digest)):
                 mine = fp.describe() if fp is not None else f"tag {tag}, {nb} bytes of {t.dtype}"
