@@ -57,6 +57,10 @@ class DataParallel:
         """Gradients are whole on every rank after the allreduce: the local norm is the global norm."""
         return clip_([b.buf for b in self.buckets.buckets], max_norm)
 
+    def grad_tensors(self) -> list[torch.Tensor]:
+        """The gradient storage this rank steps with (for loss-scaling checks): the bucket buffers."""
+        return [b.buf for b in self.buckets.buckets]
+
     def optimizer_step(self) -> None:
         self.optimizer.step()
         self.peak_state_bytes = max(self.peak_state_bytes, sum(self.memory_bytes().values()))

@@ -225,6 +225,10 @@ class Zero:
         """Global norm: squared norms of this rank's shards, summed over ranks (an allreduce)."""
         return clip_([m.grad for m in self.masters], max_norm, self.comm)
 
+    def grad_tensors(self) -> list[torch.Tensor]:
+        """This rank's gradient shards (what its optimizer steps with)."""
+        return [m.grad for m in self.masters]
+
     def optimizer_step(self) -> None:
         self.optimizer.step()
         if self.stage < 3:
