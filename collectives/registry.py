@@ -15,6 +15,7 @@ _BACKENDS: dict[str, str] = {
     "mpi": "collectives.backends.mpi:MPIBackend",
     "nccl": "collectives.backends.nccl:NCCLBackend",
     "shm": "collectives.backends.shm:ShmBackend",
+    "horovod": "collectives.backends.horovod:HorovodBackend",
 }
 
 
