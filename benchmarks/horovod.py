@@ -1,0 +1,170 @@
+"""disttrain.horovod allreduce next to real Horovod (gloo), in the same processes, interleaved.
+
+    .venv/bin/python benchmarks/horovod.py                 # 2 ranks; table + JSON on stdout
+    .venv/bin/python benchmarks/horovod.py --np 2 --reps 7 --json out.json
+
+When Horovod is installed (scripts/build_horovod.sh), the workers are started by
+``horovodrun --gloo`` and each worker also initialises ``disttrain.horovod`` (backend from
+DISTTRAIN_HVD_BACKEND, default shm), so both run on the same ranks, op by op, alternating.
+Without Horovod, only our rows are measured. Each cell: warm-up, barrier, best of --reps
+(and the mean), for ``hvd.allreduce(t)`` (out of place, Average: Horovod's default) and
+``hvd.allreduce_(t)`` (in place). ``ratios.hvd_api_vs_horovod_allreduce_64MiB`` is
+Horovod's best time over ours for the 64 MiB out-of-place allreduce (target >= 3).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Run as a script, this folder comes first on sys.path, where collectives.py and this very
+# file would shadow the ``collectives`` and ``horovod`` packages: put the repository there instead.
+sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+SIZES = {"4KiB": 4 << 10, "1MiB": 1 << 20, "64MiB": 64 << 20}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _time(fn, barrier, reps: int) -> tuple[float, float]:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        barrier()
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times), sum(times) / len(times)
+
+
+def worker(reps: int, out_path: str) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    if "HOROVOD_RANK" in os.environ:  # started by horovodrun: tell our side where it is
+        os.environ.update(RANK=os.environ["HOROVOD_RANK"], WORLD_SIZE=os.environ["HOROVOD_SIZE"],
+                          LOCAL_RANK=os.environ["HOROVOD_LOCAL_RANK"],
+                          LOCAL_WORLD_SIZE=os.environ["HOROVOD_LOCAL_SIZE"])
+    import disttrain.horovod as ours
+
+    ours.init()
+    peer = None
+    if "HOROVOD_RANK" in os.environ:
+        import horovod.torch as peer
+
+        peer.init()
+    rows = []
+    for label, nbytes in SIZES.items():
+        n = nbytes // 4
+        for impl_name, impl in [("disttrain.horovod", ours), ("horovod", peer)]:
+            if impl is None:
+                continue
+            t = torch.ones(n)
+            barrier = impl.barrier if impl is ours else (lambda: peer.allreduce(torch.zeros(1), name="bench.b"))
+            k = max(2, reps if nbytes >= 1 << 20 else reps * 10)
+            best, mean = _time(lambda: impl.allreduce(t, name=f"b.{label}"), barrier, k)
+            best_i, mean_i = _time(lambda: impl.allreduce_(t, name=f"bi.{label}"), barrier, k)
+            rows.append({"impl": impl_name, "size": label, "bytes": nbytes, "allreduce_s": best,
+                         "allreduce_mean_s": mean, "allreduce_inplace_s": best_i, "allreduce_inplace_mean_s": mean_i})
+    if ours.rank() == 0:
+        with open(out_path, "w") as f:
+            json.dump({"rows": rows, "backend": ours.basics.context().backend, "np": ours.size()}, f)
+    ours.shutdown()
+    if peer is not None:
+        peer.shutdown()
+
+
+def _run_ours(np_: int, reps: int, out_path: str) -> None:
+    port, job = _free_port(), "hvdbench-" + secrets.token_hex(3)
+    procs = []
+    for r in range(np_):
+        env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(np_), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(np_),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DISTTRAIN_JOB_ID=job, OMP_NUM_THREADS="1",
+                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", "--reps", str(reps),
+                                       "--out", out_path], env=env, cwd=ROOT))
+    try:
+        for p in procs:
+            p.wait(timeout=600)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    if any(p.returncode for p in procs):
+        raise SystemExit(f"benchmark workers failed: exit codes {[p.returncode for p in procs]}")
+
+
+def _run_with_horovod(np_: int, reps: int, out_path: str) -> None:
+    horovodrun = shutil.which("horovodrun") or os.path.join(os.path.dirname(sys.executable), "horovodrun")
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1",
+               DISTTRAIN_JOB_ID="hvdbench-" + secrets.token_hex(3),
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [horovodrun, "-np", str(np_), "-H", f"localhost:{np_}", "--gloo", sys.executable, __file__, "--worker",
+           "--reps", str(reps), "--out", out_path]
+    subprocess.run(cmd, env=env, cwd=ROOT, check=True, timeout=900)
+
+
+def horovod_installed() -> bool:
+    try:
+        import horovod.torch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--np", type=int, default=2)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--json", default=None, help="also write the JSON here")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    ns = p.parse_args(argv)
+    if ns.worker:
+        worker(ns.reps, ns.out)
+        return 0
+    out_path = os.path.join("/tmp", f"hvdbench-{os.getpid()}.json")
+    with_peer = horovod_installed()
+    (_run_with_horovod if with_peer else _run_ours)(ns.np, ns.reps, out_path)
+    with open(out_path) as f:
+        res = json.load(f)
+    os.unlink(out_path)
+    rows = res["rows"]
+    print(f"allreduce, {res['np']} ranks, disttrain.horovod over {res['backend']}"
+          f"{' vs horovod 0.28.1 (gloo)' if with_peer else ' (horovod not installed)'}; best of {ns.reps}, ms")
+    print(f"{'impl':<20}{'size':>7}{'allreduce':>12}{'(mean)':>10}{'allreduce_':>12}{'(mean)':>10}")
+    for r in rows:
+        print(f"{r['impl']:<20}{r['size']:>7}{r['allreduce_s'] * 1e3:>12.3f}{r['allreduce_mean_s'] * 1e3:>10.3f}"
+              f"{r['allreduce_inplace_s'] * 1e3:>12.3f}{r['allreduce_inplace_mean_s'] * 1e3:>10.3f}")
+    ratios = {}
+    for size in SIZES:
+        a = next((r for r in rows if r["impl"] == "disttrain.horovod" and r["size"] == size), None)
+        b = next((r for r in rows if r["impl"] == "horovod" and r["size"] == size), None)
+        if a and b:
+            ratios[f"hvd_api_vs_horovod_allreduce_{size}"] = b["allreduce_s"] / a["allreduce_s"]
+            ratios[f"hvd_api_vs_horovod_allreduce_inplace_{size}"] = b["allreduce_inplace_s"] / a["allreduce_inplace_s"]
+    doc = {"benchmark": "horovod", "date": datetime.date.today().isoformat(), "host": platform.node(),
+           "machine": f"{platform.machine()} {os.cpu_count()} cpus", "np": res["np"], "backend": res["backend"],
+           "horovod": with_peer, "rows": rows, "ratios": ratios}
+    print(json.dumps(doc, indent=1))
+    if ns.json:
+        with open(ns.json, "w") as f:
+            json.dump(doc, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
