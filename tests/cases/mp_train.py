@@ -20,6 +20,7 @@ BASE = {
     "optim": {"name": "adamw", "lr": 0.003, "weight_decay": 0.01, "grad_clip": 1.0},
     "schedule": {"kind": "cosine", "warmup_steps": 2},
     "train": {"steps": 6, "batch_size": 8, "log_every": 1, "eval_every": 0},
+    "checkpoint": {"enabled": False},
 }
 
 
@@ -37,77 +38,101 @@ def _full_shards(model) -> list[dict]:
              "box": tuple((0, s) for s in p.shape)} for n, p in model.named_parameters()]
 
 
-def train_mp(overrides: list[str], out_dir: str, load_from: str | None = None, start_step: int = 0,
-             force_mp: bool = False) -> dict:
-    """Train; write ``out_dir/rank{r}.pt`` (this rank's shards). ``load_from``: a file of full
-    logical tensors to resume from at ``start_step``. ``force_mp``: use the model-parallel
-    strategy even for a pure-dp layout (to load a checkpoint through its resharding)."""
-    cfg = make_config(overrides)
-    comm = collectives.init("torch", check=cfg.launch.check_collectives, timeout=120)
+def assemble(paths: list[str]) -> dict[str, torch.Tensor]:
+    """Full logical tensors from the shards every rank wrote (boxes never left empty)."""
+    full: dict[str, torch.Tensor] = {}
+    for path in paths:
+        for sh in torch.load(path):
+            t = full.setdefault(sh["name"], torch.full(tuple(sh["global_shape"]), float("nan")))
+            t[tuple(slice(a, b) for a, b in sh["box"])] = sh["tensor"].float()
+    missing = [k for k, v in full.items() if torch.isnan(v).any()]
+    if missing:
+        raise AssertionError(f"no rank wrote some boxes of {missing[:5]}")
+    return full
+
+
+def _reader(full: dict[str, torch.Tensor]):
+    def read(name, global_shape, box, flat):
+        t = full[name]
+        if tuple(t.shape) != tuple(global_shape):
+            raise KeyError(f"{name}: shape {tuple(t.shape)} != {tuple(global_shape)}")
+        for d, (a, b) in enumerate(box):
+            t = t.narrow(d, a, b - a)
+        return t.clone()
+    return read
+
+
+class _StopAt:
+    def __init__(self, step):
+        self.at = step
+
+    def on_step_end(self, trainer):
+        if trainer.step >= self.at:
+            trainer.stop_requested = True
+
+
+def _train_one(comm, run: dict, out_dir: str) -> dict:
+    from disttrain.parallel.model_parallel import ModelParallel
+    from disttrain.trainer import build_optimizer
+
+    cfg = make_config(run.get("overrides", []) + [f"run.dir={out_dir}/rundir"])
     trainer = build_trainer(cfg, comm)
     trainer.run_dir = None
-    trainer.cfg.train.eval_every = 0
-    if force_mp:
-        from disttrain.parallel.model_parallel import ModelParallel
-        from disttrain.trainer import build_optimizer
+    if run.get("force_mp"):  # a pure-dp layout through the model-parallel strategy (ZeRO-1, resharding)
+        from disttrain.models import build_model
+        from disttrain.worker import seed_everything
 
-        trainer.strategy = ModelParallel(trainer.model, lambda ps: build_optimizer(cfg.optim, ps), comm, cfg.parallel)
-    if load_from:
-        full = torch.load(load_from)
-
-        def read(name, global_shape, box, flat):
-            t = full[name]
-            if tuple(t.shape) != tuple(global_shape):
-                raise KeyError(f"{name}: shape {tuple(t.shape)} != {tuple(global_shape)}")
-            for d, (a, b) in enumerate(box):
-                t = t.narrow(d, a, b - a)
-            return t.clone()
-
-        trainer.strategy.load_state_shards(read)
-        trainer.step = start_step
-    trainer.evaluate = lambda max_samples=64: {}  # end-of-run eval is not under test here
+        seed_everything(cfg.run.seed)  # a fresh model: the default strategy hooked the first one
+        trainer.model = build_model(cfg.model, 0, trainer.task.num_classes)
+        trainer.strategy = ModelParallel(trainer.model, lambda ps: build_optimizer(cfg.optim, ps), comm,
+                                         cfg.parallel)
+    if run.get("eval"):
+        return trainer.evaluate(max_samples=64)
+    if run.get("load_from"):
+        trainer.strategy.load_state_shards(_reader(torch.load(run["load_from"])))
+        trainer.step = run["start_step"]
+    if run.get("stop_at"):
+        trainer.callbacks.append(_StopAt(run["stop_at"]))
+    trainer.evaluate = lambda max_samples=64: {}  # the end-of-run eval is tested by the "eval" runs
     trainer.fit()
     s = trainer.strategy
-    if hasattr(s, "state_shards") and hasattr(s, "mesh"):
+    if hasattr(s, "mesh"):
         shards = [{"name": x.name, "tensor": x.tensor.detach().clone(), "global_shape": x.global_shape,
                    "box": x.box} for x in s.state_shards()]
     else:
         shards = _full_shards(trainer.model)
-        for p_name, p in trainer.model.named_parameters():
+        for name, p in trainer.model.named_parameters():
             for key, v in s.optimizer.state.get(p, {}).items():
-                if isinstance(v, torch.Tensor):
-                    shards.append({"name": f"optim.{p_name}.{key}", "tensor": v.clone(), "global_shape": tuple(v.shape),
-                                   "box": tuple((0, n) for n in v.shape)})
+                shards.append({"name": f"optim.{name}.{key}", "tensor": v.clone(), "global_shape": tuple(v.shape),
+                               "box": tuple((0, n) for n in v.shape)})
     torch.save(shards, os.path.join(out_dir, f"rank{comm.rank}.pt"))
     comm.barrier()
-    comm.close()
+    if run.get("save_full") and comm.rank == 0:  # the "checkpoint": full logical tensors
+        torch.save(assemble([os.path.join(out_dir, f"rank{r}.pt") for r in range(comm.world_size)]),
+                   run["save_full"])
+    comm.barrier()
     return {"losses": [h["loss"] for h in trainer.history]}
 
 
-def eval_mp(overrides: list[str]) -> dict:
-    """The end-of-run evaluation through strategy.model (full logits on every rank)."""
-    cfg = make_config(overrides + ["train.steps=1"])
-    comm = collectives.init("torch", timeout=120)
-    trainer = build_trainer(cfg, comm)
-    trainer.run_dir = None
-    out = trainer.evaluate(max_samples=64)
+def train_many(runs: list[dict], out_dir: str) -> dict:
+    """One world, many layouts in turn (the expensive part of a test is starting processes).
+
+    A run is {"name", "overrides", ...}; its shards go to ``out_dir/<name>/rank<r>.pt``. A run
+    with "expect_error" returns the refusal message instead.
+    """
+    comm = collectives.init("torch", timeout=300)
+    results = {}
+    for run in runs:
+        d = os.path.join(out_dir, run["name"])
+        os.makedirs(d, exist_ok=True)
+        if run.get("expect_error"):
+            try:
+                _train_one(comm, run, d)
+                results[run["name"]] = {"error": ""}
+            except Exception as exc:  # noqa: BLE001 - the message is what is under test
+                results[run["name"]] = {"error": f"{type(exc).__name__}: {exc}"}
+            continue
+        results[run["name"]] = _train_one(comm, run, d)
     comm.barrier()
     comm.close()
-    return out
-
-
-def bad_layouts(cases: list[list[str]]) -> list[str]:
-    """Build a strategy for each layout; return each refusal message ('' if it was accepted)."""
-    comm = collectives.init("torch", timeout=120)
-    msgs = []
-    for ovr in cases:
-        cfg = make_config(ovr)
-        try:
-            trainer = build_trainer(cfg, comm)
-            del trainer
-            msgs.append("")
-        except Exception as exc:  # noqa: BLE001 - the message is what is under test
-            msgs.append(f"{type(exc).__name__}: {exc}")
-    comm.barrier()
-    comm.close()
-    return msgs
+    return results
