@@ -19,7 +19,7 @@ def cmd_run(argv: list[str]) -> int:
     p.add_argument("--nproc", type=int, default=None, help="worker processes (default: launch.nproc)")
     p.add_argument("--ranks", default=None, help="comma-separated ranks shown on the console (default: all)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.steps=100")
-    ns = p.parse_args(argv)
+    ns = p.parse_intermixed_args(argv)
     overrides = list(ns.overrides) + ([f"launch.nproc={ns.nproc}"] if ns.nproc is not None else [])
     try:
         cfg = config_mod.load(ns.config, overrides)
