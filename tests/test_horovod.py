@@ -186,3 +186,18 @@ def test_script_under_disttrain_launch_np(tmp_path):
     assert proc.returncode == 0, out
     for r in range(2):
         assert f"RESULT rank={r} size=2 equal=True" in out, out
+
+
+@pytest.mark.timeout(200)
+def test_horovod_backend_when_installed():
+    """collectives' ``horovod`` backend moves tensors with a real Horovod (skipped where not built)."""
+    pytest.importorskip("horovod.torch", reason="Horovod is not installed (scripts/build_horovod.sh builds it)")
+    W = 2
+    out = spawn("tests.cases.hvd_api:backend_ops", W, timeout=180)
+    for r, v in enumerate(out):
+        assert v["allreduce"] == [float(sum(range(1, W + 1)))] * 5
+        assert v["allgather"] == [[float(k)] * (k + 1) for k in range(W)]
+        assert v["broadcast"] == [float(W - 1)] * 3
+        assert v["reduce_scatter"] == [float(sum(r + k for k in range(W)))] * 2
+        assert v["all_to_all"] == [[float(10 * s + r)] * (r + 1) for s in range(W)]
+        assert v["sub"] == [2.0, 2.0]

@@ -339,3 +339,33 @@ def patterns(names: list[str], args: dict | None = None) -> dict:
     finally:
         hvd.shutdown()
     return out
+
+
+def backend_ops() -> dict:
+    """The ``horovod`` collectives backend (an installed Horovod) through our communicator."""
+    import collectives
+
+    comm = collectives.init("horovod", timeout=60)
+    r, W = comm.rank, comm.world_size
+    try:
+        t = torch.full((5,), float(r + 1))
+        comm.allreduce(t)
+        outs = [torch.empty(k + 1) for k in range(W)]
+        comm.allgather(outs, torch.full((r + 1,), float(r)))
+        b = torch.full((3,), float(r))
+        comm.broadcast(b, src=W - 1)
+        rs = torch.empty(2)
+        comm.reduce_scatter(rs, [torch.full((2,), float(k + r)) for k in range(W)])
+        a2a_out = [torch.empty(r + 1) for _ in range(W)]
+        comm.all_to_all(a2a_out, [torch.full((k + 1,), float(10 * r + k)) for k in range(W)])
+        comm.barrier()
+        sub = comm.new_group([0, W - 1])
+        sub_sum = None
+        if sub is not None:
+            s = torch.ones(2)
+            sub.allreduce(s)
+            sub_sum = s.tolist()
+        return {"allreduce": t.tolist(), "allgather": [o.tolist() for o in outs], "broadcast": b.tolist(),
+                "reduce_scatter": rs.tolist(), "all_to_all": [o.tolist() for o in a2a_out], "sub": sub_sum}
+    finally:
+        comm.close()
