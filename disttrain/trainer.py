@@ -19,6 +19,7 @@ from collectives import Communicator, ReduceOp
 from .config import ExperimentConfig
 from .data import GlobalBatchSampler, Task
 from .parallel import build_strategy
+from .precision import maybe_loss_scaler
 from .rundir import RunDir
 from .schedule import lr_at
 
@@ -54,6 +55,8 @@ class Trainer:
         # Objects with optional on_start(trainer), on_step_end(trainer), on_end(trainer, summary), called in
         # order on every rank (preemption before checkpointing, so a stop request is saved the same step).
         self.callbacks = list(callbacks or [])
+        # fp16: dynamic loss scaling over the strategy's (possibly sharded) gradients; None otherwise.
+        self.scaler = maybe_loss_scaler(cfg.train.precision) if hasattr(self.strategy, "grad_tensors") else None
 
     def _call(self, hook: str, *args) -> None:
         for cb in self.callbacks:
@@ -94,12 +97,16 @@ class Trainer:
                 with self._autocast():
                     logits = self.strategy.model(x)
                 loss = self.task.loss_sum(logits, y) / global_count
-                loss.backward()
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
                 local_loss += float(loss.detach())
         self.strategy.finish_gradients()
+        ok = self.scaler.unscale_(self.strategy.grad_tensors(), self.comm) if self.scaler else True
         norm = self.strategy.clip_grad_norm(self.cfg.optim.grad_clip)
         self.strategy.set_lr(self.lr(self.step))
-        self.strategy.optimizer_step()
+        if ok:  # an fp16 overflow skips the step (the scaler backs off)
+            self.strategy.optimizer_step()
+        if self.scaler:
+            self.scaler.update(ok)
         self.strategy.zero_grad()
         self.step += 1
         return local_loss, norm, len(idx)

@@ -72,9 +72,58 @@ def _shards(strategy) -> list:
              "data": sh.tensor.detach().float().reshape(-1).tolist()} for sh in strategy.state_shards()]
 
 
-def run_one(comm, variant: str, strategy: str) -> dict:
-    cfg = config_mod.load(GPT_YAML if variant == "gpt" else DIGITS, VARIANTS[variant] + [f"parallel.strategy={strategy}", "parallel.bucket_mb=0.01",
-                                                       "parallel.first_bucket_mb=0.002"])
+def _logical(paths: list[str]) -> dict[str, torch.Tensor]:
+    """Whole logical tensors from every rank's saved shards (a stand-in for the checkpoint reader)."""
+    out: dict[str, torch.Tensor] = {}
+    for path in paths:
+        for name, tensor, shape, box, flat in torch.load(path):
+            t = out.setdefault(name, torch.zeros(shape))
+            if flat:
+                t.view(-1)[box[0][0]:box[0][1]] = tensor.reshape(-1)
+            else:
+                t[tuple(slice(a, b) for a, b in box)] = tensor
+    return out
+
+
+def _read_from(logical: dict[str, torch.Tensor]):
+    def read(name, shape, box, flat):
+        t = logical[name]
+        if tuple(t.shape) != tuple(shape):
+            raise KeyError(f"{name}: checkpoint shape {tuple(t.shape)} != {tuple(shape)}")
+        if flat:
+            return t.reshape(-1)[box[0][0]:box[0][1]].clone()
+        return t[tuple(slice(a, b) for a, b in box)].clone()
+    return read
+
+
+def reshard_check(comm, trainer, variant: str, targets: list[str], tmpdir: str) -> dict[str, float]:
+    """Save ``trainer``'s shards (every rank a file), load them into fresh trainers with each target
+    strategy, and return, per target, the largest difference between its shards and the saved state."""
+    os.makedirs(tmpdir, exist_ok=True)
+    path = os.path.join(tmpdir, f"shards.{comm.rank}.pt")
+    torch.save([(sh.name, sh.tensor.clone(), tuple(sh.global_shape), tuple(sh.box), sh.flat)
+                for sh in trainer.strategy.state_shards()], path)
+    comm.barrier()
+    logical = _logical([os.path.join(tmpdir, f"shards.{r}.pt") for r in range(comm.world_size)])
+    comm.barrier()
+    out = {}
+    for target in targets:
+        fresh, _ = _build(comm, variant, target)
+        fresh.strategy.load_state_shards(_read_from(logical))
+        diff = 0.0
+        for sh in fresh.strategy.state_shards():
+            want = _read_from(logical)(sh.name, sh.global_shape, sh.box, sh.flat)
+            diff = max(diff, float((sh.tensor.reshape(-1) - want.reshape(-1)).abs().max()) if want.numel() else 0.0)
+        names = {sh.name for sh in fresh.strategy.state_shards()}
+        if comm.world_size == 1 and names != set(logical):
+            raise AssertionError(f"{target}: names differ: {sorted(names ^ set(logical))}")
+        out[target] = diff
+    return out
+
+
+def _build(comm, variant: str, strategy: str):
+    cfg = config_mod.load(GPT_YAML if variant == "gpt" else DIGITS, VARIANTS[variant] + [
+        f"parallel.strategy={strategy}", "parallel.bucket_mb=0.01", "parallel.first_bucket_mb=0.002"])
     seed_everything(cfg.run.seed)
     task = build_task(cfg.data, cfg.run.seed, seq_len=getattr(cfg.model, "seq_len", None))
     if variant == "unused":
@@ -82,19 +131,28 @@ def run_one(comm, variant: str, strategy: str) -> dict:
     else:
         num_inputs = task.train_x.shape[1] if not task.is_lm else 0
         model = build_model(cfg.model, num_inputs, task.num_classes)
-    trainer = Trainer(cfg, comm, model, task, None)
+    return Trainer(cfg, comm, model, task, None), cfg
+
+
+def run_one(comm, variant: str, strategy: str, reshard: list[str] | None = None, tmpdir: str | None = None) -> dict:
+    trainer, _ = _build(comm, variant, strategy)
     summary = trainer.fit()
-    return {"losses": [h["loss"] for h in trainer.history], "norms": [h["grad_norm"] for h in trainer.history],
+    extra = {"reshard": reshard_check(comm, trainer, variant, reshard, tmpdir)} if reshard else {}
+    return {**extra, "losses": [h["loss"] for h in trainer.history], "norms": [h["grad_norm"] for h in trainer.history],
             "params": _full_params(trainer), "shards": _shards(trainer.strategy),
             "memory": trainer.strategy.memory_bytes(), "eval": summary["final_eval_loss"]}
 
 
-def equivalence_case(runs: list[list[str]], backend: str = "torch") -> dict:
+def equivalence_case(runs: list[list[str]], backend: str = "torch", reshard: dict | None = None,
+                     tmpdir: str | None = None) -> dict:
+    """``reshard``: {"variant/strategy": [target strategies]} to save/load-check after that run."""
     comm = collectives.init(backend, timeout=120)
     out = {}
     try:
         for variant, strategy in runs:
-            out[f"{variant}/{strategy}"] = run_one(comm, variant, strategy)
+            key = f"{variant}/{strategy}"
+            out[key] = run_one(comm, variant, strategy, (reshard or {}).get(key),
+                               os.path.join(tmpdir, key.replace("/", "_")) if tmpdir else None)
         comm.barrier()
     finally:
         comm.close()
@@ -111,6 +169,10 @@ PLAN = {
     (2, "shm"): [(v, s) for v in ("adamw",) for s in STRATEGIES] + [("gpt", "zero3")],
     (3, "shm"): [(v, s) for v in ("adamw", "tiny") for s in STRATEGIES],
 }
+RESHARD = {  # after these runs, save their shards and load them into each target strategy
+    (2, "torch"): {"adamw/zero3": STRATEGIES, "sgd/zero1": ["ddp", "zero3"]},
+    (3, "shm"): {"adamw/ddp": ["zero2", "zero3"], "adamw/zero2": ["ddp", "zero1"]},
+}
 _cache: dict = {}
 
 
@@ -124,9 +186,16 @@ def results(world: int, backend: str) -> list[dict] | None:
         return None
     key = (world, backend)
     if key not in _cache:
+        import shutil
+        import tempfile
+
         runs = [[v, "ddp"] for v in VARIANTS] if world == 1 else [list(r) for r in PLAN[key]]
-        _cache[key] = spawn("tests.cases.dp_zero:equivalence_case", world, args={"runs": runs, "backend": backend},
-                            timeout=600)
+        tmp = tempfile.mkdtemp(prefix="dp-zero-shards-")
+        try:
+            _cache[key] = spawn("tests.cases.dp_zero:equivalence_case", world, timeout=600, args={
+                "runs": runs, "backend": backend, "reshard": RESHARD.get(key, {}), "tmpdir": tmp})
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return _cache[key]
 
 
