@@ -5,7 +5,8 @@
   summation order of the gradient differs).
 * ``disttrain submit`` jobs preempted twice over: one by ``scancel --signal=USR1``, one by
   its time limit (``--time=1`` with ``--signal=B:USR1@50``: the batch shell forwards the
-  warning to srun). Each saves a checkpoint, requeues itself (SLURM_RESTART_COUNT 0 -> 1),
+  warning to srun, which started one agent per node: ``--mode agent``, the agents pass it
+  on to their workers). Each saves a checkpoint, requeues itself (SLURM_RESTART_COUNT 0 -> 1),
   resumes and finishes; its run directory is complete and its final parameters equal the
   other's to 1e-6 (they stopped at different steps: a resume is exact) and one process's
   to 2e-5. The test worker (tests/cases/slurm_train.py) holds the first attempt at step 4
@@ -72,7 +73,8 @@ def _submit(cluster, run_dir, *extra) -> str:
 @pytest.mark.timeout(560)
 def test_preemption_by_signal_and_by_time_limit_requeues_and_resumes(slurm_cluster, reference, tmp_path):
     c = slurm_cluster
-    limited = _submit(c, tmp_path / "limit", "--time", "1", "slurm.signal_seconds=50")
+    # The time-limited job runs one agent per node (launcher.slurm_agent) that forwards the warning to its workers.
+    limited = _submit(c, tmp_path / "limit", "--time", "1", "slurm.signal_seconds=50", "--mode", "agent")
     cancelled = _submit(c, tmp_path / "usr1")
     runs = {limited: tmp_path / "limit", cancelled: tmp_path / "usr1"}
     deadline = time.monotonic() + 500
