@@ -423,9 +423,13 @@ def setup_worker(secret_dir: str | None = None, *, nodes: int | None = None, nta
     secret, secret_path = job_secret(place, secret_dir, place.rank == 0, timeout, env)
     server = None
     if place.rank == 0:
-        from .store import StoreServer
+        from .store import StoreError, StoreServer
 
-        server = StoreServer(secret, "0.0.0.0", port, advertise=addr).start()
+        try:
+            server = StoreServer(secret, "0.0.0.0", port, advertise=addr).start()
+        except StoreError as exc:
+            raise SlurmEnvError(f"{place.where}: {exc} (port {port} is derived from the job id). HINT: export "
+                                f"{PORT_OVERRIDE}=<a free port> in the batch script") from None
     env.update(contract_env(place, addr, port, secret))
     log.info("%s: srun-started worker; store %s:%d", place.where, addr, port)
     return SlurmWorker(place, server, secret_path)

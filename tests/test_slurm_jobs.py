@@ -47,6 +47,24 @@ def _out(run_dir) -> str:
     return "\n".join(open(f).read() for f in glob.glob(os.path.join(run_dir, "slurm", "*.out")))
 
 
+@pytest.mark.timeout(60)
+def test_hostlist_parser_agrees_with_scontrol(slurm_cluster):
+    from launcher.slurm import expand_hostlist, scontrol_hostnames
+
+    for nodelist in ("n[1-2]", "gpu[001-003,010],login", "rack[1-2]-n[08-10]", "a[9-11],c,d[7]"):
+        theirs = slurm_cluster.run(["scontrol", "show", "hostnames", nodelist]).stdout.split()
+        assert expand_hostlist(nodelist) == theirs, nodelist
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = slurm_cluster.conf
+    try:
+        assert scontrol_hostnames("n[1-2]") == ["n1", "n2"]
+    finally:
+        if old is None:
+            del os.environ["SLURM_CONF"]
+        else:
+            os.environ["SLURM_CONF"] = old
+
+
 @pytest.mark.timeout(400)
 def test_srun_two_nodes_four_tasks_matches_one_process(slurm_cluster, reference, tmp_path):
     run_dir = tmp_path / "run"
