@@ -66,9 +66,13 @@ class SlurmCluster:
         os.chmod(munge, 0o755)
         for sub in ("state", "spool", "log"):
             os.makedirs(os.path.join(d, sub))
-        sock = os.path.join(munge, "sock")
-        self._spawn([_exe("munged"), "-F", f"--socket={sock}", f"--pid-file={munge}/pid", f"--log-file={munge}/log",
-                     f"--seed-file={munge}/seed"], "munged", user="munge")
+        sock, key = os.path.join(munge, "sock"), os.path.join(munge, "munge.key")
+        with open(key, "wb") as f:  # a private key: no dependence on /etc/munge or a system munged
+            f.write(os.urandom(1024))
+        shutil.chown(key, "munge", "munge")
+        os.chmod(key, 0o400)
+        self._spawn([_exe("munged"), "-F", f"--socket={sock}", f"--key-file={key}", f"--pid-file={munge}/pid",
+                     f"--log-file={munge}/log", f"--seed-file={munge}/seed"], "munged", user="munge")
         self._wait(lambda: os.path.exists(sock), 10, "munged socket")
         ctld_port = _free_port()
         node_lines = "\n".join(
