@@ -26,6 +26,7 @@ from .fingerprint import Fingerprint, call_site
 from .types import SUPPORTED_DTYPES, ReduceOp, Work
 
 log = logging.getLogger(__name__)
+_ORPHANS: list = []  # in-flight work abandoned by an error: never freed, so never written after free
 
 
 class _Handle:
@@ -287,7 +288,13 @@ class Communicator:
 
                 def before(buf=buf, fw=fw):
                     fw.wait(timeout)
-                    checks.verify_received(fp, buf)
+                    try:
+                        checks.verify_received(fp, buf)
+                    except CollectivesError:
+                        # The data receive is already posted (for overlap): keep its buffers
+                        # alive, or the transport would later write into freed memory.
+                        _ORPHANS.append((works, t))
+                        raise
             if t.numel():
                 works.append((self.backend.send if is_send else self.backend.recv)(t, peer, tag))
         handle = _Handle(self, fp, works, timeout, after, before, sorted({self.rank, peer}))

@@ -68,13 +68,19 @@ class _PMIServer:
 
     def _serve(self, conn: socket.socket) -> None:
         f = conn.makefile("rwb")
-        finalized = False
+        finalized, aux = False, False
         try:
             for line in f:
                 if _DEBUG:
                     print("<<", line, file=sys.stderr, flush=True)
                 d = dict(kv.split("=", 1) for kv in line.decode().split() if "=" in kv)
                 cmd = d.get("cmd")
+                if cmd == "collectives_segments":  # from collectives' mpi backend, not MPICH
+                    with self._cv:
+                        self.segments.update(p for p in d.get("paths", "").split(",")
+                                             if p.startswith("/dev/shm/mpich_shm_"))
+                    aux = True
+                    break
                 if cmd == "initack":
                     out = [f"cmd=initack rc=0", f"cmd=set size={self.size}", f"cmd=set rank={d['pmiid']}",
                            "cmd=set debug=0"]
@@ -116,11 +122,12 @@ class _PMIServer:
             pass
         finally:
             conn.close()
-            with self._cv:
-                self.closed += 1
-                if not finalized:
-                    self._lost = True
-                self._cv.notify_all()
+            if not aux:
+                with self._cv:
+                    self.closed += 1
+                    if not finalized:
+                        self._lost = True
+                    self._cv.notify_all()
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ from ..types import ReduceOp, Work
 _MPI = None  # the mpi4py.MPI module, imported by _init_mpi
 _HEALTHY = True  # False after a transport error: skip MPI_Finalize at exit (it would wait on the dead)
 _PMI_KEY = "collectives/mpi/pmi"
+_PMI_ADDR = None  # host:port of that server, on every rank
 _PMI_PROC = None  # rank 0's PMI server process, when no MPI launcher started the job
 
 
@@ -238,7 +239,25 @@ def _init_mpi(env: DistEnv, store, timeout: float):
 
 def _finalize() -> None:
     if _MPI is not None and _HEALTHY and _MPI.Is_initialized() and not _MPI.Is_finalized():
+        mine = _mapped_segments()
+        if _PMI_ADDR is not None and mine:
+            # MPICH leaves some per-communicator segments in /dev/shm; our PMI server unlinks
+            # them once every rank has exited (MPICH's exit handlers still use them).
+            try:
+                host, port = _PMI_ADDR.rsplit(":", 1)
+                with socket.create_connection((host, int(port)), timeout=5) as s:
+                    s.sendall(f"cmd=collectives_segments paths={','.join(sorted(mine))}\n".encode())
+            except OSError:
+                pass
         _MPI.Finalize()
+
+
+def _mapped_segments() -> set[str]:
+    try:
+        with open("/proc/self/maps") as f:
+            return {line.split()[-1] for line in f if "/dev/shm/mpich_shm_" in line}
+    except OSError:
+        return set()
 
 
 def _connect_pmi(env: DistEnv, store, timeout: float) -> None:
@@ -258,7 +277,9 @@ def _connect_pmi(env: DistEnv, store, timeout: float) -> None:
     import datetime
 
     store.wait([_PMI_KEY], datetime.timedelta(seconds=timeout))
-    os.environ.update(PMI_PORT=store.get(_PMI_KEY).decode(), PMI_ID=str(env.rank), PMI_RANK=str(env.rank),
+    global _PMI_ADDR
+    _PMI_ADDR = store.get(_PMI_KEY).decode()
+    os.environ.update(PMI_PORT=_PMI_ADDR, PMI_ID=str(env.rank), PMI_RANK=str(env.rank),
                       PMI_SIZE=str(env.world_size))
 
 
