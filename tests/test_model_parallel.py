@@ -85,6 +85,7 @@ def world():
     runs += [{"name": n, "overrides": o, "load_from": ckpt, "start_step": 3, **extra} for n, (o, extra) in RESUME.items()]
     runs += [{"name": "eval-1x2x2", "overrides": mesh(1, 2, 2), "eval": True},
              {"name": "eval-1x1x4", "overrides": mesh(1, 1, 4), "eval": True}]
+    runs.append({"name": "vocab-ce", "vocab_ce": True})
     reference = [{"name": "ref-fp32"}, {"name": "ref-bf16", "overrides": BF16}, {"name": "ref-eval", "eval": True}]
     # The one-process reference runs beside the 4-rank world (processes start in parallel).
     pool = concurrent.futures.ThreadPoolExecutor(1)
@@ -174,3 +175,12 @@ def test_evaluation_through_the_parallel_model(world, name):
     want = results[0]["ref-eval"]["eval_loss"]
     for r in range(4):
         assert results[r][name]["eval_loss"] == pytest.approx(want, abs=1e-5), f"{name} rank {r}"
+
+
+@pytest.mark.timeout(900)
+def test_vocab_parallel_cross_entropy_matches_full(world):
+    # 70 tokens over 4 ranks (17/18/17/18): loss and gradient equal the unsplit cross-entropy.
+    _, results = world
+    for r in range(4):
+        assert results[r]["vocab-ce"]["loss_diff"] <= 1e-4, results[r]["vocab-ce"]
+        assert results[r]["vocab-ce"]["grad_diff"] <= 1e-6, results[r]["vocab-ce"]

@@ -114,6 +114,27 @@ def _train_one(comm, run: dict, out_dir: str) -> dict:
     return {"losses": [h["loss"] for h in trainer.history]}
 
 
+def _vocab_ce(comm) -> dict:
+    """Vocab-parallel cross-entropy on tp=world vs F.cross_entropy on the full logits."""
+    import torch.nn.functional as F
+
+    from disttrain.mesh import build_mesh
+    from disttrain.parallel.tensor_parallel import split_range, vocab_parallel_cross_entropy
+
+    mesh = build_mesh(comm, dp=1, tp=comm.world_size)
+    g = torch.Generator().manual_seed(1)
+    logits, target = torch.randn(24, 70, generator=g) * 3, torch.randint(0, 70, (24,), generator=g)
+    full = logits.clone().requires_grad_(True)
+    want = F.cross_entropy(full, target, reduction="sum")
+    want.backward()
+    a, b = split_range(70, mesh.size("tp"), mesh.index("tp"))
+    mine = logits[:, a:b].clone().requires_grad_(True)
+    got = vocab_parallel_cross_entropy(mine, target, mesh.group("tp"), a)
+    got.backward()
+    return {"loss_diff": abs(float(got) - float(want)),
+            "grad_diff": float((mine.grad - full.grad[:, a:b]).abs().max())}
+
+
 def train_many(runs: list[dict], out_dir: str) -> dict:
     """One world, many layouts in turn (the expensive part of a test is starting processes).
 
@@ -125,6 +146,9 @@ def train_many(runs: list[dict], out_dir: str) -> dict:
     for run in runs:
         d = os.path.join(out_dir, run["name"])
         os.makedirs(d, exist_ok=True)
+        if run.get("vocab_ce"):
+            results[run["name"]] = _vocab_ce(comm)
+            continue
         if run.get("expect_error"):
             try:
                 _train_one(comm, run, d)
