@@ -53,6 +53,8 @@ def test_model_that_does_not_divide_is_refused():
         validate_layout(model, MeshShape(1, 4, 1))
     with pytest.raises(MeshError, match=r"2 blocks, fewer than pp=4[\s\S]*HINT"):
         validate_layout(model, MeshShape(1, 1, 4))
+    with pytest.raises(MeshError, match=r"dropout[\s\S]*HINT"):
+        validate_layout(GPT(70, n_layer=2, n_head=2, d_model=16, seq_len=8, dropout=0.1), MeshShape(2, 2, 1))
 
 
 def test_balance_stages_by_cost():

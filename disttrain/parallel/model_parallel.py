@@ -42,6 +42,10 @@ def validate_layout(model: nn.Module, shape: MeshShape, pipeline_cfg=None) -> No
     """Refuse a layout the GPT model cannot be split into (heads, layers, vocabulary). Local."""
     tp, pp = shape.tp, shape.pp
     blocks = getattr(model, "blocks", None)
+    if tp > 1 and any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+        # tp peers would draw different dropout masks for the same replicated activations.
+        raise MeshError(f"layout {shape}: dropout > 0 is not supported with tensor parallelism"
+                        "\nHINT: set model.dropout: 0 or tp: 1")
     if blocks is not None and tp > 1:
         attn = getattr(blocks[0], "attn", None)
         n_head = getattr(attn, "n_head", None)
