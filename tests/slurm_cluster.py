@@ -6,7 +6,8 @@
         job = slurm_cluster.sbatch(script_path)
         slurm_cluster.wait_state(job, {"COMPLETED"}, timeout=120)
 
-Every node is ``localhost`` on its own slurmd port (``NodeName=nK NodeHostname=localhost
+Each node declares ``cpus`` CPUs whatever the host has (``SlurmdParameters=config_overrides``),
+so several small test jobs run side by side. Every node is ``localhost`` on its own slurmd port (``NodeName=nK NodeHostname=localhost
 NodeAddr=127.0.0.1``); the daemons run as root with a private munge socket, ports picked
 free, state under the temp dir; clients find the cluster through ``SLURM_CONF`` (set in
 ``cluster.env``, inherited by jobs). Teardown cancels every job, stops the daemons by pid,
@@ -46,7 +47,7 @@ def _exe(name: str) -> str:
 
 
 class SlurmCluster:
-    def __init__(self, nodes: int = 2, cpus: int = 2):
+    def __init__(self, nodes: int = 2, cpus: int = 4):
         self.nodes = [f"n{i + 1}" for i in range(nodes)]
         self.cpus = cpus
         self.dir = tempfile.mkdtemp(prefix="dt-slurm-")
@@ -103,6 +104,7 @@ MpiDefault=none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 KillWait=10
+SlurmdParameters=config_overrides
 MinJobAge=600
 InactiveLimit=0
 {node_lines}

@@ -11,11 +11,17 @@
   other's to 1e-6 (they stopped at different steps: a resume is exact) and one process's
   to 2e-5. The test worker (tests/cases/slurm_train.py) holds the first attempt at step 4
   until the signal arrives, so the signal never races the end of training.
+
+All three jobs start together (the ``jobs`` fixture) while the one-process reference
+trains; a driver thread signals, releases requeued jobs and lifts the time limit of a
+requeued one, so the tests only wait for their job.
 """
 import glob
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -65,20 +71,6 @@ def test_hostlist_parser_agrees_with_scontrol(slurm_cluster):
             os.environ["SLURM_CONF"] = old
 
 
-@pytest.mark.timeout(400)
-def test_srun_two_nodes_four_tasks_matches_one_process(slurm_cluster, reference, tmp_path):
-    run_dir = tmp_path / "run"
-    proc = slurm_cluster.run(["srun", "-N2", "-n4", "--kill-on-bad-exit=1", sys.executable, "-u", "-m",
-                              "tests.cases.slurm_train", DIGITS, f"run.dir={run_dir}", *BASE],
-                             check=False, timeout=360, cwd=ROOT, env=dict(slurm_cluster.env, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "done: 12 steps on 4 ranks" in proc.stdout
-    saved, params = _params(run_dir)
-    assert saved["step"] == 12
-    diff = max_param_diff(reference, params)
-    assert diff <= ATOL, f"srun -N2 -n4 differs from one process by {diff:.3g} (tolerance {ATOL})"
-
-
 def _submit(cluster, run_dir, *extra) -> str:
     env = dict(cluster.env, DT_TEST_HOLD_STEP="4", OMP_NUM_THREADS="1")
     proc = cluster.run([sys.executable, "-m", "disttrain.cli", "submit", DIGITS, "--nodes", "2", "--ntasks-per-node",
@@ -88,40 +80,91 @@ def _submit(cluster, run_dir, *extra) -> str:
     return proc.stdout.split(" as job ")[1].split(":")[0]
 
 
-@pytest.mark.timeout(560)
-def test_preemption_by_signal_and_by_time_limit_requeues_and_resumes(slurm_cluster, reference, tmp_path):
-    c = slurm_cluster
+class _Driver(threading.Thread):
+    """Plays SLURM's operator: USR1 once the held job waits, releases requeued jobs at once."""
+
+    def __init__(self, cluster, held_job: str, held_dir, jobs: list[str]):
+        super().__init__(daemon=True)
+        self.c, self.held_job, self.held_dir, self.jobs = cluster, held_job, held_dir, jobs
+        self.stop, self.signalled, self.error = threading.Event(), False, None
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                for job in self.jobs:
+                    info = self.c.job(job)
+                    if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime" \
+                            and int(info.get("Restarts", 0)) >= 1:
+                        # SLURM holds a requeued job ~2 minutes; release it, and lift the 1-minute limit:
+                        # the test is about the first attempt's limit, not a second one.
+                        self.c.run(["scontrol", "update", f"jobid={job}", "TimeLimit=10"], check=False)
+                        self.c.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=False)
+                if not self.signalled and all((self.held_dir / f"held.{r}").exists() for r in (0, 1)):
+                    self.c.run(["scancel", "--signal=USR1", self.held_job])  # every task of the job's steps
+                    self.signalled = True
+                self.stop.wait(0.3)
+        except Exception as exc:  # reported by the test that waits
+            self.error = exc
+
+
+@pytest.fixture(scope="module")
+def jobs(slurm_cluster, tmp_path_factory):
+    c, base = slurm_cluster, tmp_path_factory.mktemp("slurm-jobs")
+    srun_dir = base / "srun"
+    srun = subprocess.Popen(["srun", "-N2", "-n4", "--kill-on-bad-exit=1", sys.executable, "-u", "-m",
+                             "tests.cases.slurm_train", DIGITS, f"run.dir={srun_dir}", *BASE], cwd=ROOT,
+                            env=dict(c.env, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     # The time-limited job runs one agent per node (launcher.slurm_agent) that forwards the warning to its workers.
-    limited = _submit(c, tmp_path / "limit", "--time", "1", "slurm.signal_seconds=50", "--mode", "agent")
-    cancelled = _submit(c, tmp_path / "usr1")
-    runs = {limited: tmp_path / "limit", cancelled: tmp_path / "usr1"}
-    deadline = time.monotonic() + 500
-    signalled, done = False, {}
-    while len(done) < 2:
-        assert time.monotonic() < deadline, {j: c.job(j) for j in runs} | {"logs": c.logs()}
-        for job, run_dir in runs.items():
-            if job in done:
-                continue
-            info = c.job(job)
-            state = info.get("JobState")
-            assert state not in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"), \
-                f"job {job}: {info}\n{_out(run_dir)}"
-            if state == "COMPLETED":
-                done[job] = info
-            elif state == "PENDING" and int(info.get("Restarts", 0)) >= 1 and info.get("Reason") == "BeginTime":
-                # SLURM holds a requeued job ~2 minutes; release it (and lift the 1-minute limit:
-                # this test is about the first attempt's limit, not a second one).
-                c.run(["scontrol", "update", f"jobid={job}", "TimeLimit=10"], check=False)
-                c.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=False)
-        if not signalled and all((runs[cancelled] / f"held.{r}").exists() for r in (0, 1)):
-            c.run(["scancel", "--signal=USR1", cancelled])  # to every task of the job's steps
-            signalled = True
+    limited = _submit(c, base / "limit", "--time", "1", "slurm.signal_seconds=50", "--mode", "agent")
+    cancelled = _submit(c, base / "usr1")
+    driver = _Driver(c, cancelled, base / "usr1", [limited, cancelled])
+    driver.start()
+    try:
+        yield {"srun": (srun, srun_dir), "limited": (limited, base / "limit"), "cancelled": (cancelled, base / "usr1"),
+               "driver": driver}
+    finally:
+        driver.stop.set()
+        driver.join(10)
+        if srun.poll() is None:
+            os.killpg(srun.pid, signal.SIGKILL)
+        srun.communicate()
+
+
+@pytest.mark.timeout(400)
+def test_srun_two_nodes_four_tasks_matches_one_process(jobs, reference):
+    srun, run_dir = jobs["srun"]
+    out, err = srun.communicate(timeout=360)
+    assert srun.returncode == 0, out[-3000:] + err[-5000:]
+    assert "done: 12 steps on 4 ranks" in out
+    saved, params = _params(run_dir)
+    assert saved["step"] == 12
+    diff = max_param_diff(reference, params)
+    assert diff <= ATOL, f"srun -N2 -n4 differs from one process by {diff:.3g} (tolerance {ATOL})"
+
+
+def _wait_done(c, driver, job: str, run_dir, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert driver.error is None, driver.error
+        info = c.job(job)
+        state = info.get("JobState")
+        assert state not in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"), \
+            f"job {job}: {info}\n{_out(run_dir)}"
+        if state == "COMPLETED":
+            return info
+        assert time.monotonic() < deadline, f"job {job} not done after {timeout:g}s: {info}\n{_out(run_dir)}\n{c.logs()}"
         time.sleep(0.3)
 
+
+@pytest.mark.timeout(500)
+def test_preemption_by_signal_and_by_time_limit_requeues_and_resumes(slurm_cluster, jobs, reference):
     results = {}
-    for job, run_dir in runs.items():
+    for key in ("cancelled", "limited"):
+        job, run_dir = jobs[key]
+        info = _wait_done(slurm_cluster, jobs["driver"], job, run_dir, 450)
         out = _out(run_dir)
-        assert int(done[job]["Restarts"]) >= 1, done[job]
+        assert int(info["Restarts"]) >= 1, info
         assert "restart 0" in out and "restart 1" in out, out
         assert "preemption: SIGUSR1; all ranks stop after step" in out and "requeued job" in out, out
         assert "resumed from" in out and "done: 12 steps on 2 ranks" in out, out
@@ -130,7 +173,7 @@ def test_preemption_by_signal_and_by_time_limit_requeues_and_resumes(slurm_clust
         for name in ("config.yaml", "summary.json", "metrics.jsonl", "loss.png", "checkpoints/latest"):
             assert (run_dir / name).exists(), name
         diff = max_param_diff(reference, params)
-        assert diff <= ATOL, f"job {job}: resumed run differs from one process by {diff:.3g} (tolerance {ATOL})"
-        results[job] = params
-    diff = max_param_diff(results[limited], results[cancelled])
+        assert diff <= ATOL, f"{key} job {job}: resumed run differs from one process by {diff:.3g} (tolerance {ATOL})"
+        results[key] = params
+    diff = max_param_diff(results["limited"], results["cancelled"])
     assert diff <= EXACT, f"the two resumed runs differ by {diff:.3g} (tolerance {EXACT})"

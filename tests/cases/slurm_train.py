@@ -20,7 +20,7 @@ from disttrain.preemption import Preemption  # noqa: E402
 
 
 class Hold:
-    def __init__(self, step: int, timeout: float = 150.0):
+    def __init__(self, step: int, timeout: float = 300.0):
         self.step, self.timeout = step, timeout
 
     def on_step_end(self, trainer) -> None:
