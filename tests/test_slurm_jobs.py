@@ -18,6 +18,7 @@ requeued one, so the tests only wait for their job.
 """
 import glob
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -177,3 +178,25 @@ def test_preemption_by_signal_and_by_time_limit_requeues_and_resumes(slurm_clust
         results[key] = params
     diff = max_param_diff(results["limited"], results["cancelled"])
     assert diff <= EXACT, f"the two resumed runs differ by {diff:.3g} (tolerance {EXACT})"
+
+
+@pytest.mark.timeout(120)
+def test_requeue_falls_back_to_resubmitting_the_script(slurm_cluster, tmp_path, monkeypatch):
+    from launcher.slurm import SlurmEnvError, requeue
+
+    script = tmp_path / "job.sbatch"
+    script.write_text(f"#!/bin/bash\n#SBATCH --output={tmp_path}/%A_%a.out\ntrue\n")
+    monkeypatch.setenv("SLURM_CONF", slurm_cluster.conf)
+    # scontrol refuses (no such job): resubmit, only the array task.
+    done = requeue("99999_3", "3", str(script))
+    assert "resubmitted" in done and "sbatch" in done, done
+    new = done.split(" as job ")[1].split(" ")[0]
+    assert slurm_cluster.job(new).get("ArrayTaskId") == "3", slurm_cluster.job(new)
+    # scontrol missing from PATH: the same fallback; with no script either, a clear error.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").symlink_to(shutil.which("sbatch"))
+    monkeypatch.setenv("PATH", str(bin_dir))
+    assert "resubmitted" in requeue("99999", None, str(script))
+    with pytest.raises(SlurmEnvError, match="scontrol: not installed; no batch script.*HINT"):
+        requeue("99999", None, None)
