@@ -41,7 +41,8 @@ def render(template: str, values: dict[str, str], source: str = "<template>") ->
             if m.group(1) not in values:
                 missing.append(f"{source}:{lineno}: unknown placeholder {{{{{m.group(1)}}}}}")
     if missing:
-        raise SubmitError(missing + [f"HINT: the placeholders `disttrain submit` fills are: {', '.join(sorted(values))}"])
+        known = ", ".join(sorted(values))
+        raise SubmitError(missing + [f"HINT: the placeholders `disttrain submit` fills are: {known}"])
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 

@@ -48,7 +48,9 @@ def parse_signal(name: str) -> signal.Signals:
     """``"USR1"``, ``"SIGUSR1"`` or ``"10"`` -> the signal; SlurmEnvError naming slurm.signal otherwise."""
     raw = str(name).strip().upper()
     try:
-        return signal.Signals(int(raw)) if raw.isdigit() else signal.Signals[raw if raw.startswith("SIG") else "SIG" + raw]
+        if raw.isdigit():
+            return signal.Signals(int(raw))
+        return signal.Signals[raw if raw.startswith("SIG") else "SIG" + raw]
     except (KeyError, ValueError):
         raise SlurmEnvError(f"slurm.signal: got {name!r}, expected a signal name such as USR1, USR2 or TERM") from None
 
@@ -371,13 +373,15 @@ def job_secret(place: SlurmPlace, secret_dir: str | None, creator: bool, timeout
 
 
 def contract_env(place: SlurmPlace, master_addr: str, store_port: int, secret: str) -> dict[str, str]:
-    """Our variables for one srun-started worker (torchrun's names plus ours)."""
+    """Our variables for one srun-started worker (torchrun's names plus ours). The job id carries the
+    restart count: a requeued attempt never meets shared-memory names a killed one left behind."""
     return {
         E.RANK: str(place.rank), E.LOCAL_RANK: str(place.local_rank), E.WORLD_SIZE: str(place.world_size),
         E.LOCAL_WORLD_SIZE: str(place.local_world_size), E.GROUP_RANK: str(place.node_rank),
         E.MASTER_ADDR: master_addr, E.MASTER_PORT: str(store_port + 1),
         E.TORCHELASTIC_RESTART_COUNT: str(place.restart_count), E.RESTART_COUNT: str(place.restart_count),
-        E.JOB_ID: f"slurm-{place.job_id}.{place.step_id}", E.HOST: place.nodes[place.node_rank],
+        E.JOB_ID: f"slurm-{place.job_id}.{place.step_id}.r{place.restart_count}",
+        E.HOST: place.nodes[place.node_rank],
         E.NODE_RANK: str(place.node_rank), E.NNODES: str(place.nnodes),
         E.STORE: f"{master_addr}:{store_port}", E.SECRET: secret,
     }

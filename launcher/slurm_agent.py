@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = WorkerSpec(entrypoint=entry, nproc=ns.nproc_per_node, log_dir=ns.log_dir)
     node = NodeSpec(node_rank=place.node_rank, nnodes=place.nnodes, rank_offset=place.node_rank * ns.nproc_per_node,
                     host=place.nodes[place.node_rank], master_addr=addr, master_port=port + 1,
-                    job_id=f"slurm-{place.job_id}.{place.step_id}", store=f"{addr}:{port}", secret=secret,
-                    host_store=place.node_rank == 0)
+                    job_id=f"slurm-{place.job_id}.{place.step_id}.r{place.restart_count}", store=f"{addr}:{port}",
+                    secret=secret, host_store=place.node_rank == 0)
     agent = LocalAgent(spec, node, max_restarts=ns.max_restarts, stop_grace=ns.stop_grace)
 
     def forward(signum, frame):  # the warning signal: workers save at an agreed step and exit 0

@@ -7,9 +7,9 @@
         slurm_cluster.wait_state(job, {"COMPLETED"}, timeout=120)
 
 Each node declares ``cpus`` CPUs whatever the host has (``SlurmdParameters=config_overrides``),
-so several small test jobs run side by side. Every node is ``localhost`` on its own slurmd port (``NodeName=nK NodeHostname=localhost
-NodeAddr=127.0.0.1``); the daemons run as root with a private munge socket, ports picked
-free, state under the temp dir; clients find the cluster through ``SLURM_CONF`` (set in
+so several small test jobs run side by side. Every node is ``localhost`` on its own slurmd
+port (``NodeName=nK NodeHostname=localhost NodeAddr=127.0.0.1``); the daemons run as root
+with a private munge socket and key, ports picked free, state under the temp dir; clients find the cluster through ``SLURM_CONF`` (set in
 ``cluster.env``, inherited by jobs). Teardown cancels every job, stops the daemons by pid,
 kills any process that still carries this cluster's ``SLURM_CONF`` (job steps), and
 removes the directory, also after a failure. Skips only when SLURM or munge binaries are
@@ -153,7 +153,8 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
             if any(p.poll() is None for p in self.procs[1:2]):
                 self.run(["scancel", "--full", "--user", "root"], check=False, timeout=20)
                 deadline = time.monotonic() + 30
-                while time.monotonic() < deadline and self.run(["squeue", "-h"], check=False, timeout=20).stdout.strip():
+                while time.monotonic() < deadline and self.run(["squeue", "-h"], check=False,
+                                                                 timeout=20).stdout.strip():
                     time.sleep(0.5)
         except (OSError, subprocess.TimeoutExpired):
             pass

@@ -154,7 +154,8 @@ def _wait_done(c, driver, job: str, run_dir, timeout: float) -> dict:
             f"job {job}: {info}\n{_out(run_dir)}"
         if state == "COMPLETED":
             return info
-        assert time.monotonic() < deadline, f"job {job} not done after {timeout:g}s: {info}\n{_out(run_dir)}\n{c.logs()}"
+        assert time.monotonic() < deadline, \
+            f"job {job} not done after {timeout:g}s: {info}\n{_out(run_dir)}\n{c.logs()}"
         time.sleep(0.3)
 
 
