@@ -10,10 +10,10 @@ Each node declares ``cpus`` CPUs whatever the host has (``SlurmdParameters=confi
 so several small test jobs run side by side. Every node is ``localhost`` on its own slurmd
 port (``NodeName=nK NodeHostname=localhost NodeAddr=127.0.0.1``); the daemons run as root
 with a private munge socket and key, ports picked free, state under the temp dir; clients
-find the cluster through ``SLURM_CONF`` (set in ``cluster.env``, inherited by jobs). Teardown cancels every job, stops the daemons by pid,
-kills any process that still carries this cluster's ``SLURM_CONF`` (job steps), and
-removes the directory, also after a failure. Skips only when SLURM or munge binaries are
-missing (or we are not root).
+find the cluster through ``SLURM_CONF`` (set in ``cluster.env``, inherited by jobs).
+Teardown cancels every job, stops the daemons by pid, kills any process that still carries
+this cluster's ``SLURM_CONF`` (job steps), and removes the directory, also after a
+failure. Skips only when SLURM or munge binaries are missing (or we are not root).
 """
 from __future__ import annotations
 
