@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import tempfile
 
 import pytest
 import torch
@@ -76,8 +75,8 @@ RESUME = {  # a dp2 x tp2 (ZeRO-1) checkpoint after 3 of 6 steps, loaded into ot
 
 
 @pytest.fixture(scope="module")
-def world():
-    out = tempfile.mkdtemp(prefix="disttrain-mp-")
+def world(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("mp"))
     ckpt = os.path.join(out, "ckpt.pt")
     runs = [{"name": n, "overrides": o, **extra} for n, (o, _, extra) in LAYOUTS.items()]
     runs += [{"name": f"bad-{n}", "overrides": o, "expect_error": True} for n, (o, _) in REFUSED.items()]
