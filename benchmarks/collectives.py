@@ -58,11 +58,21 @@ PRODUCERS: list[Producer] = [Producer("comm", optional=False), Producer("mpi4py"
 
 
 # -- workers (run on every rank of a spawned job) -------------------------------------------
-def _row_table(spec: dict, variants: dict, barrier, slowest) -> list[dict]:
-    """Interleave every variant per (op, size); ``variants[name][op](nbytes)`` returns a run() or None."""
+def _row_table(spec: dict, variants: dict, barrier, slowest, rank: int = 0) -> list[dict]:
+    """Interleave every variant per (op, size); ``variants[name][op](nbytes)`` returns a run() or None.
+    With ``spec["memcpy"]``, rank 0 also times one core's memcpy of each size in between (the others wait
+    in the barrier), so the bound sees the same machine load as the rows it bounds."""
     rows = []
     for op in spec["ops"]:
         for size in spec["sizes"]:
+            if spec.get("memcpy") and op == spec["ops"][0]:
+                if rank == 0:
+                    src, dst = np.ones(size, np.uint8), np.zeros(size, np.uint8)
+                    stats = measure(lambda: np.copyto(dst, src), lambda: None, iters=iters_for(size),
+                                    reps=spec["reps"])
+                    rows.append({"row": "memcpy", "op": "memcpy", "bytes": size, "ranks": 1, **stats})
+                    del src, dst
+                barrier()
             for name, ops in variants.items():
                 make = ops.get(op)
                 run = make(size) if make else None
@@ -160,7 +170,7 @@ def worker_comm(spec: dict) -> list[dict]:
         shm.allreduce(mx, collectives.ReduceOp.MAX)
         return float(mx[0])
 
-    rows = _row_table(spec, variants, shm.barrier, slowest)
+    rows = _row_table({**spec, "memcpy": True}, variants, shm.barrier, slowest, rank)
     for c in comms.values():
         c.close()
     return rows
