@@ -57,7 +57,13 @@ except ImportError:  # pragma: no cover - a dependency of collectives.fingerprin
 
 SMALL = int(os.environ.get("DISTTRAIN_SHM_SMALL_BYTES", 128 << 10))
 SLOT = max(64 << 10, int(os.environ.get("DISTTRAIN_SHM_CHUNK_BYTES", 4 << 20)) // 4096 * 4096)
-MBOX_SLOTS, MBOX_BYTES = 8, 256 << 10
+MBOX_SLOTS = 8
+
+
+def _mbox_bytes(world: int) -> int:
+    """Mailbox chunk per ordered pair: the ring (8 chunks) is world^2 sized, so shrink it for big groups."""
+    return 256 << 10 if world <= 8 else 32 << 10
+
 SPIN = 400  # polls before the first yield: about 100 microseconds
 ROW = 16  # int64s per rank control row: [STEP, ERRSEQ, -, -, then per parity: DIG, NBYTES, ALLOC, OFFSET]
 _STEP, _ERR, _PAR = 0, 1, 4
@@ -245,6 +251,7 @@ class ShmBackend:
         stage_off = _align(p2p_off + 512 * W * W)
         mbox_off = stage_off + W * 2 * SLOT
         self._mbox_off = mbox_off
+        self._mb = _mbox_bytes(W)
         u8 = torch.frombuffer(seg.mm, dtype=torch.uint8)
         self._u8 = u8
         self._stage = u8[stage_off:mbox_off].view(W, 2, SLOT)
@@ -265,7 +272,7 @@ class ShmBackend:
     @staticmethod
     def segment_bytes(world: int) -> int:
         fixed = _align(_align(_align(HEADER + world * ROW * 8) + world * ENCODED_SIZE) + 512 * world * world)
-        return fixed + world * 2 * SLOT + world * world * MBOX_SLOTS * MBOX_BYTES
+        return fixed + world * 2 * SLOT + world * world * MBOX_SLOTS * _mbox_bytes(world)
 
     # -- construction ------------------------------------------------------------------
     @classmethod
@@ -751,7 +758,7 @@ class ShmBackend:
         self._arrive(fp)
 
     # -- point to point ----------------------------------------------------------------------
-    # Pair (src, dst) owns a ring of MBOX_SLOTS chunks of MBOX_BYTES. Counters: SENT (written by src),
+    # Pair (src, dst) owns a ring of MBOX_SLOTS chunks of _mbox_bytes(world). Counters: SENT (written by src),
     # TAKEN (by dst); per slot: tag, message bytes, dtype, fingerprint digest (send and recv digests agree). A send completes once its last chunk is in
     # the ring (buffered up to 2 MiB per pair), so a matching recv needn't be posted yet.
     def send(self, tensor: torch.Tensor, dst: int, tag: int, *, fingerprint: Fingerprint | None = None,
@@ -769,17 +776,17 @@ class ShmBackend:
             raise InvalidTensorError(f"rank {self._where}: {what} peer {peer} outside group of size {self.world_size}")
 
     def _mbox(self, src: int, dst: int, slot: int, n: int) -> torch.Tensor:
-        off = self._mbox_off + ((src * self.world_size + dst) * MBOX_SLOTS + slot) * MBOX_BYTES
+        off = self._mbox_off + ((src * self.world_size + dst) * MBOX_SLOTS + slot) * self._mb
         return self._u8[off:off + n]
 
     def _send(self, t: torch.Tensor, dst: int, tag: int, fp, timeout: float) -> None:
         q, base, data = self._q, self._pair(self.rank, dst), _u8(t)
         nb = data.numel()
-        for start in range(0, max(nb, 1), MBOX_BYTES):
+        for start in range(0, max(nb, 1), self._mb):
             idx = self._sent[dst]
             self._p2p_wait(lambda: idx - q[base + 1] < MBOX_SLOTS, dst, fp, "send to", tag, timeout)
             slot = idx % MBOX_SLOTS
-            piece = data[start:start + MBOX_BYTES]
+            piece = data[start:start + self._mb]
             self._mbox(self.rank, dst, slot, piece.numel()).copy_(piece)
             m = base + 2 + 4 * slot
             q[m], q[m + 1], q[m + 2], q[m + 3] = tag, nb, _DTYPES.index(t.dtype), _digest(fp) if fp else 0
@@ -789,7 +796,7 @@ class ShmBackend:
     def _recv(self, t: torch.Tensor, src: int, tag: int, fp, timeout: float) -> None:
         q, base, data = self._q, self._pair(src, self.rank), _u8(t)
         nb = data.numel()
-        for start in range(0, max(nb, 1), MBOX_BYTES):
+        for start in range(0, max(nb, 1), self._mb):
             idx = self._taken[src]
             self._p2p_wait(lambda: q[base] > idx, src, fp, "recv from", tag, timeout)
             slot = idx % MBOX_SLOTS
@@ -803,7 +810,7 @@ class ShmBackend:
                     f"  but the next message from group rank {src} has tag {q[m]}, {q[m + 1]} bytes of "
                     f"{_DTYPES[q[m + 2]]}\nHINT: messages between a pair of ranks are matched in order; post "
                     "receives in send order, with the same shape and dtype")
-            piece = data[start:start + MBOX_BYTES]
+            piece = data[start:start + self._mb]
             piece.copy_(self._mbox(src, self.rank, slot, piece.numel()))
             self._taken[src] = idx + 1
             q[base + 1] = idx + 1
