@@ -37,17 +37,18 @@ def check_collective(backend, fp: Fingerprint, timeout: float) -> None:
     world = backend.world_size
     if world == 1:
         return
-    mine = torch.tensor([fp.seq, fp.digest()], dtype=torch.int64)
-    table = [torch.empty(2, dtype=torch.int64) for _ in range(world)]
+    dev = getattr(backend, "device", None) or "cpu"  # nccl (and torch on cuda) move device memory only
+    mine = torch.tensor([fp.seq, fp.digest()], dtype=torch.int64, device=dev)
+    table = [torch.empty(2, dtype=torch.int64, device=dev) for _ in range(world)]
     backend.allgather(table, mine).wait(timeout)
     digests = [int(t[1]) for t in table]
     if all(d == digests[0] for d in digests):
         return
     # Everyone saw the same table, so everyone takes this branch: exchange full fingerprints.
-    raw = torch.frombuffer(bytearray(fp.encode()), dtype=torch.uint8)
-    full = [torch.empty(ENCODED_SIZE, dtype=torch.uint8) for _ in range(world)]
+    raw = torch.frombuffer(bytearray(fp.encode()), dtype=torch.uint8).to(dev)
+    full = [torch.empty(ENCODED_SIZE, dtype=torch.uint8, device=dev) for _ in range(world)]
     backend.allgather(full, raw).wait(timeout)
-    theirs = [Fingerprint.decode(bytes(t.numpy())) for t in full]
+    theirs = [Fingerprint.decode(bytes(t.cpu().numpy())) for t in full]
     mine_digest = fp.digest()
     other = next(f for f, d in zip(theirs, digests) if d != mine_digest)  # exists: digests differ
     raise mismatch_error(fp, other)
@@ -55,17 +56,18 @@ def check_collective(backend, fp: Fingerprint, timeout: float) -> None:
 
 def send_fingerprint(backend, fp: Fingerprint, dst: int):
     """Sender side of a p2p check: post the encoded fingerprint ahead of the payload."""
-    raw = torch.frombuffer(bytearray(fp.encode()), dtype=torch.uint8)
+    dev = getattr(backend, "device", None) or "cpu"
+    raw = torch.frombuffer(bytearray(fp.encode()), dtype=torch.uint8).to(dev)
     return backend.send(raw, dst, CHECK_TAG)
 
 
 def post_recv_fingerprint(backend, src: int):
-    buf = torch.empty(ENCODED_SIZE, dtype=torch.uint8)
+    buf = torch.empty(ENCODED_SIZE, dtype=torch.uint8, device=getattr(backend, "device", None) or "cpu")
     return buf, backend.recv(buf, src, CHECK_TAG)
 
 
 def verify_received(fp: Fingerprint, buf: torch.Tensor) -> None:
-    theirs = Fingerprint.decode(bytes(buf.numpy()))
+    theirs = Fingerprint.decode(bytes(buf.cpu().numpy()))
     if theirs.digest() != fp.digest():
         raise mismatch_error(fp, theirs)
 

@@ -28,7 +28,7 @@ from typing import ClassVar, Sequence
 import torch
 
 from ..env import DistEnv
-from ..errors import CollectivesError, CollectiveTimeoutError, PeerDiedError
+from ..errors import CollectivesError, CollectiveTimeoutError, InvalidTensorError, PeerDiedError
 from ..types import ReduceOp, Work
 
 _MPI = None  # the mpi4py.MPI module, imported by _init_mpi
@@ -49,12 +49,20 @@ def _ops():
     return {ReduceOp.SUM: m.SUM, ReduceOp.AVG: m.SUM, ReduceOp.MIN: m.MIN, ReduceOp.MAX: m.MAX, ReduceOp.PROD: m.PROD}
 
 
+def _cpu(t: torch.Tensor) -> None:
+    if t.device.type != "cpu":
+        raise InvalidTensorError(f"the mpi backend moves CPU tensors only, got one on {t.device}"
+                                 "\nHINT: use backend='nccl' or 'torch' for CUDA tensors")
+
+
 def _buf(t: torch.Tensor, count: int | None = None):
     """Zero-copy MPI buffer spec of a contiguous CPU tensor."""
+    _cpu(t)
     return [_MPI.buffer.fromaddress(t.data_ptr(), t.nbytes), t.numel() if count is None else count, _types()[t.dtype]]
 
 
 def _bytes(t: torch.Tensor):
+    _cpu(t)
     return [_MPI.buffer.fromaddress(t.data_ptr(), t.nbytes), t.nbytes, _MPI.BYTE]
 
 

@@ -52,6 +52,7 @@ class _TorchWork:
 
 class TorchBackend:
     name: ClassVar[str] = "torch"
+    device: "torch.device | None" = None  # where the communicator's own check tensors live
 
     def __init__(self, rank: int, world_size: int, group=None, global_ranks: Sequence[int] | None = None,
                  store=None):
@@ -78,7 +79,9 @@ class TorchBackend:
         if store is None:
             store = dist.distributed_c10d._get_default_store()
         diag = dist.PrefixStore("collectives/diag", store)
-        return cls(dist.get_rank(), dist.get_world_size(), store=diag)
+        backend = cls(dist.get_rank(), dist.get_world_size(), store=diag)
+        backend.device = torch.device(device) if device.startswith("cuda") else None
+        return backend
 
     def _g(self, r: int) -> int:
         return self._global_ranks[r]
@@ -150,7 +153,9 @@ class TorchBackend:
         key = tuple(global_ranks)
         if key not in _GROUPS:  # torch names local-sync groups by their ranks: create each once
             _GROUPS[key] = dist.new_group(global_ranks, use_local_synchronization=True)
-        return TorchBackend(list(ranks).index(self.rank), len(ranks), _GROUPS[key], global_ranks, self.store)
+        sub = TorchBackend(list(ranks).index(self.rank), len(ranks), _GROUPS[key], global_ranks, self.store)
+        sub.device = self.device
+        return sub
 
     def close(self) -> None:
         if self._group is None and dist.is_initialized():
