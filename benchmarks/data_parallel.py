@@ -214,15 +214,15 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write results here")
     ap.add_argument("--comm-batch", type=int, default=1, help="sequences per rank, communication-heavy row")
     ap.add_argument("--comm-seq", type=int, default=32)
-    ap.add_argument("--compute-batch", type=int, default=4, help="sequences per rank, compute-bound row")
+    ap.add_argument("--compute-batch", type=int, default=2, help="sequences per rank, compute-bound row")
     ap.add_argument("--compute-seq", type=int, default=128)
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="dp2", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    args.iters = args.iters or (2 if args.quick else 4)
-    args.reps = args.reps or (2 if args.quick else 4)
+    args.iters = args.iters or (2 if args.quick else 3)
+    args.reps = args.reps or (2 if args.quick else 3)
     if args.worker:
         worker(args)
         return

@@ -1,6 +1,6 @@
 """Data parallel (bucketed, overlapped allreduce) matches one process on the same global batch.
 
-Every run trains 5 (bf16: 3, GPT: 3) steps, batch 50 in 2 micro-batches (uneven over 3
+Every run trains 4 (bf16: 3, GPT: 3) steps, batch 50 in 2 micro-batches (uneven over 3
 ranks: 17/17/16), AdamW with global-norm clipping at 0.2 (active from step 2) and tiny
 buckets (10 KB, first 2 KB) so several buckets overlap with backward. The reference is the
 same code on one process. Tolerances: fp32 5e-5 absolute on every parameter (only the
@@ -56,6 +56,7 @@ def test_ddp_matches_one_process(world, backend):
 
 
 def test_ddp_memory_is_whole_model():
-    ref = dp_zero.results(1, "torch")[0]["adamw/ddp"]["memory"]
-    got = dp_zero.results(2, "torch")[0]["adamw/ddp"]["memory"]
-    assert got == ref and got["grads"] == got["params"] and got["optim"] >= 2 * got["params"]
+    """Every rank holds everything, whatever the world size: params = grads (bucket buffers), AdamW state 2x."""
+    two = dp_zero.results(2, "torch")[0]["adamw/ddp"]["memory"]
+    three = dp_zero.results(3, "torch")[0]["adamw/ddp"]["memory"]
+    assert two == three and two["grads"] == two["params"] and two["optim"] >= 2 * two["params"]

@@ -1,6 +1,6 @@
 """ZeRO stages 1, 2 and 3 match one process, and shard what they promise.
 
-Same runs and tolerances as tests/test_data_parallel.py (its docstring): 5 AdamW steps with
+Same runs and tolerances as tests/test_data_parallel.py (its docstring): 4 AdamW steps with
 2 micro-batches, uneven batch over 3 ranks, clipping at 0.2, on torch (gloo) and shm at 2
 and 3 ranks; plus SGD with momentum, bf16 autocast, bf16 gradient compression, a GPT
 (ZeRO-3 gathers per block with prefetch), a batch of 4 over 3 ranks (empty micro-batches:

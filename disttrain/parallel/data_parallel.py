@@ -11,6 +11,8 @@ then ``finish_gradients()`` (blocks), ``clip_grad_norm()``, ``optimizer_step()``
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 
@@ -31,7 +33,8 @@ class DataParallel:
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named]
         self.broadcast_parameters()
-        self.buckets = GradBuckets(self.params, comm, cfg)
+        # One process has nothing to reduce: plain autograd grads (no bucket views, no zeroing memset).
+        self.buckets = GradBuckets(self.params, comm, cfg) if comm.world_size > 1 else None
         self.optimizer = make_optimizer(self.params)
         self.peak_state_bytes = 0
 
@@ -47,18 +50,21 @@ class DataParallel:
 
     def accumulate(self, last: bool):
         """Context for one micro-batch's backward; only the ``last`` one communicates."""
-        return self.buckets.accumulate(last)
+        return self.buckets.accumulate(last) if self.buckets else contextlib.nullcontext()
 
     def finish_gradients(self) -> None:
         """Launch the buckets that did not fill and wait for every allreduce. Collective, blocks."""
-        self.buckets.finish()
+        if self.buckets:
+            self.buckets.finish()
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Gradients are whole on every rank after the allreduce: the local norm is the global norm."""
-        return clip_([b.buf for b in self.buckets.buckets], max_norm)
+        return clip_(self.grad_tensors(), max_norm)
 
     def grad_tensors(self) -> list[torch.Tensor]:
         """The gradient storage this rank steps with (for loss-scaling checks): the bucket buffers."""
+        if self.buckets is None:
+            return [p.grad.view(-1) for p in self.params if p.grad is not None]
         return [b.buf for b in self.buckets.buckets]
 
     def optimizer_step(self) -> None:
@@ -66,7 +72,10 @@ class DataParallel:
         self.peak_state_bytes = max(self.peak_state_bytes, sum(self.memory_bytes().values()))
 
     def zero_grad(self) -> None:
-        self.buckets.zero()
+        if self.buckets:
+            self.buckets.zero()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
 
     def set_lr(self, lr: float) -> None:
         for g in self.optimizer.param_groups:
@@ -74,7 +83,7 @@ class DataParallel:
 
     def memory_bytes(self) -> dict[str, int]:
         """This rank's bytes of parameters, gradients (bucket buffers) and optimizer state."""
-        return {"params": storage_bytes(self.params), "grads": self.buckets.nbytes(),
+        return {"params": storage_bytes(self.params), "grads": self.buckets.nbytes() if self.buckets else storage_bytes(p.grad for p in self.params),
                 "optim": optimizer_bytes(self.optimizer)}
 
     # -- checkpoints (see strategy.Shard) --------------------------------------------------

@@ -6,6 +6,8 @@ and the checkpoint shards it would save (so the test can check names and boxes).
 """
 from __future__ import annotations
 
+import functools
+import json
 import os
 
 import torch
@@ -21,7 +23,7 @@ from disttrain.worker import seed_everything
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DIGITS = os.path.join(ROOT, "configs", "digits.yaml")
 
-BASE = ["train.steps=5", "train.log_every=1", "train.eval_every=0", "schedule.warmup_steps=2",
+BASE = ["train.steps=4", "train.log_every=1", "train.eval_every=0", "schedule.warmup_steps=2",
         "train.batch_size=50", "train.grad_accum=2", "optim.grad_clip=0.2", "optim.lr=0.01"]
 GPT_YAML = os.path.join(ROOT, "configs", "gpt-shakespeare.yaml")
 GPT = ["model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.seq_len=16", "data.plays=[hamlet_gut]",
@@ -121,11 +123,20 @@ def reshard_check(comm, trainer, variant: str, targets: list[str], tmpdir: str) 
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _task(data_json: str, seed: int, seq_len):
+    """Tasks are read-only: build each once per process (loading digits/Shakespeare costs seconds here)."""
+    from disttrain.config import ExperimentConfig
+
+    data = ExperimentConfig.model_validate({"data": json.loads(data_json)}).data
+    return build_task(data, seed, seq_len=seq_len)
+
+
 def _build(comm, variant: str, strategy: str):
     cfg = config_mod.load(GPT_YAML if variant == "gpt" else DIGITS, VARIANTS[variant] + [
         f"parallel.strategy={strategy}", "parallel.bucket_mb=0.01", "parallel.first_bucket_mb=0.002"])
     seed_everything(cfg.run.seed)
-    task = build_task(cfg.data, cfg.run.seed, seq_len=getattr(cfg.model, "seq_len", None))
+    task = _task(cfg.data.model_dump_json(), cfg.run.seed, getattr(cfg.model, "seq_len", None))
     if variant == "unused":
         model = BranchyMLP(task.train_x.shape[1], task.num_classes)
     else:
