@@ -61,7 +61,7 @@ def build_trainer(cfg: config_mod.ExperimentConfig, comm: collectives.Communicat
     task = build_task(cfg.data, cfg.run.seed, seq_len=getattr(cfg.model, "seq_len", None))
     num_inputs = task.train_x.shape[1] if not task.is_lm else 0
     model = build_model(cfg.model, num_inputs, task.num_classes)
-    device = comm.backend.device if hasattr(comm.backend, "device") else "cpu"
+    device = getattr(comm.backend, "device", None) or "cpu"  # backends say None for "the CPU"
     return Trainer(cfg, comm, model, task, RunDir(cfg.run.dir, comm.rank), device=str(device),
                    callbacks=preemption.build_callbacks(cfg, comm)  # preemption first, before checkpoints
                    + [cb for cb in [maybe_build_checkpointer(cfg.checkpoint, comm)] if cb is not None])
