@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 
+import logging
+
 import torch
 import torch.nn as nn
 
@@ -21,6 +23,8 @@ from collectives import Communicator
 from .buckets import GradBuckets, clip_
 from .optim_state import materialize_state, optimizer_bytes, state_tensors, storage_bytes
 from .strategy import Shard, ShardReader
+
+log = logging.getLogger(__name__)
 
 
 def full_box(shape) -> tuple:
@@ -69,7 +73,11 @@ class DataParallel:
 
     def optimizer_step(self) -> None:
         self.optimizer.step()
-        self.peak_state_bytes = max(self.peak_state_bytes, sum(self.memory_bytes().values()))
+        mem = self.memory_bytes()
+        if not self.peak_state_bytes:  # first step: the optimizer state now exists
+            log.info("rank %d: per-rank state %s", self.comm.rank,
+                     ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in mem.items()))
+        self.peak_state_bytes = max(self.peak_state_bytes, sum(mem.values()))
 
     def zero_grad(self) -> None:
         if self.buckets:

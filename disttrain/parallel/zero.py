@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import contextlib
 
+import logging
+
 import torch
 import torch.nn as nn
 
@@ -38,6 +40,8 @@ from .data_parallel import full_box
 from .flat_unit import FlatUnit
 from .optim_state import materialize_state, optimizer_bytes, state_tensors
 from .strategy import Shard, ShardReader
+
+log = logging.getLogger(__name__)
 
 
 def find_blocks(model: nn.Module) -> list[nn.Module]:
@@ -235,7 +239,11 @@ class Zero:
             works = [u.refresh_full(self.comm) for u in self.units]
             for w in works:
                 w.wait()
-        self.peak_state_bytes = max(self.peak_state_bytes, sum(self.memory_bytes().values()))
+        mem = self.memory_bytes()
+        if not self.peak_state_bytes:  # first step: the optimizer state now exists
+            log.info("rank %d: per-rank state %s", self.comm.rank,
+                     ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in mem.items()))
+        self.peak_state_bytes = max(self.peak_state_bytes, sum(mem.values()))
 
     def zero_grad(self) -> None:
         if self.stage == 1:
