@@ -5,11 +5,22 @@ Why a Protocol and not a base class: backends wrap very different libraries
 :class:`~collectives.communicator.Communicator` adds everything common (argument
 checks, cross-rank fingerprint checks, timeouts, sync/async forms) on top.
 
-Call order, all ranks of the group: construct via ``create(...)``, then any sequence of
-ops issued in the same order on every rank, then ``close()``. Every op starts the
-collective and returns a :class:`~collectives.types.Work`; the communicator waits on it
-for the synchronous form. Tensors are contiguous and of a supported dtype by the time
-they reach a backend (the communicator enforces this).
+Call order, all ranks of the group: construct via ``create(env, store, timeout, device=)``,
+then any sequence of ops issued in the same order on every rank, then ``close()``. Every
+op starts the collective and returns a :class:`~collectives.types.Work`; the communicator
+waits on it for the synchronous form. Tensors are contiguous and of a supported dtype by
+the time they reach a backend (the communicator enforces this). ``Work.wait(timeout)``
+raises :class:`~collectives.errors.CollectiveTimeoutError` when time runs out and
+:class:`~collectives.errors.PeerDiedError` when the transport saw a peer go.
+
+Cross-rank checks: a backend class with ``checks_inline = True`` gets a
+``fingerprint=`` keyword on every op (a :class:`~collectives.fingerprint.Fingerprint`,
+or None when the user turned checks off) and verifies it in its own synchronisation,
+raising ``fingerprint.mismatch_error(mine, theirs)`` on every rank. For the others the
+communicator runs ``collectives.checks`` through the backend's own ``allgather``/``send``
+(on ``backend.device`` when set, else CPU). Optional attributes: ``store`` (a
+torch.distributed Store the communicator uses to name missing ranks after a timeout),
+``device``, and ``alloc(shape, dtype)`` for backend-preferred memory.
 """
 from __future__ import annotations
 
@@ -54,7 +65,8 @@ class Backend(Protocol):
     def barrier(self) -> Work: ...
 
     def new_group(self, ranks: Sequence[int]) -> "Backend | None":
-        """Called by every rank of this group, in the same order; returns None on non-members."""
+        """``ranks`` ascending. Every member calls it; so do non-members (they get None), in
+        the same order on all ranks. A backend may rely on members only (torch, mpi, nccl do)."""
         ...
 
     def close(self) -> None: ...
