@@ -270,6 +270,7 @@ class ShmBackend:
         self._closed = False
         self._broken: str | None = None  # after a timeout or a dead peer the ranks are out of step for good
         self._op_timeout = timeout
+        self._spin = SPIN
 
     @staticmethod
     def segment_bytes(world: int) -> int:
@@ -398,7 +399,7 @@ class ShmBackend:
         n = 0
         while pending:
             n += 1
-            if n > SPIN:
+            if n > self._spin:
                 return self._slow_wait(target, pending, fp)
             pending = [p for p in pending if q[p] < target]
 
@@ -516,15 +517,16 @@ class ShmBackend:
         if async_op:
             if worker is None:
                 worker = self._workers[kind] = _Worker(f"shm-{kind}-{self._group}")
-            return worker.submit(lambda: self._timed(kind, timeout, fn, args))
+            return worker.submit(lambda: self._timed(kind, timeout, fn, args, 8))
         if worker is not None:
             worker.drain()
-        self._timed(kind, timeout, fn, args)
+        self._timed(kind, timeout, fn, args, SPIN)
         return _DONE
 
-    def _timed(self, kind: str, timeout: float, fn: Callable[..., None], args: tuple) -> None:
+    def _timed(self, kind: str, timeout: float, fn: Callable[..., None], args: tuple, spin: int) -> None:
         if kind == "coll":  # collectives run one at a time; p2p waits take their timeout as an argument
-            self._op_timeout = timeout
+            # A worker thread hardly spins: spinning Python holds the GIL the caller's backward pass wants.
+            self._op_timeout, self._spin = timeout, spin
             fn(*args)
         else:
             fn(*args, timeout)
@@ -540,7 +542,7 @@ class ShmBackend:
             op = ReduceOp(op)
         if async_op or self._workers or self._closed or self._broken:
             return self._run("coll", self._allreduce, (tensor, op, fingerprint), timeout, async_op)
-        self._op_timeout = self.timeout if timeout is None else timeout
+        self._op_timeout, self._spin = (self.timeout if timeout is None else timeout), SPIN
         self._allreduce(tensor, op, fingerprint)  # the sync fast path: no closure, no thread
         return _DONE
 
@@ -818,7 +820,7 @@ class ShmBackend:
             q[base + 1] = idx + 1
 
     def _p2p_wait(self, ready: Callable[[], bool], peer: int, fp, what: str, tag: int, timeout: float) -> None:
-        for _ in range(SPIN):
+        for _ in range(SPIN if threading.current_thread() is threading.main_thread() else 8):
             if ready():
                 return
         start = time.monotonic()
