@@ -56,11 +56,20 @@ class Fingerprint:
         return f"rank {self.rank}: {self.op}#{self.seq}{extra} shape [{shapes}] {self.dtype} at {self.site}"
 
 
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_INSIDE: dict[str, bool] = {}  # co_filename -> inside this package (abspath per call cost ~20 us per op)
+
+
 def call_site() -> str:
     """file:line of the first frame outside the collectives package (the user's call)."""
-    here = os.path.dirname(os.path.abspath(__file__))
     frame = sys._getframe(1)
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here):
+    while frame is not None:
+        name = frame.f_code.co_filename
+        inside = _INSIDE.get(name)
+        if inside is None:
+            inside = _INSIDE[name] = os.path.abspath(name).startswith(_HERE)
+        if not inside:
+            break
         frame = frame.f_back
     if frame is None:
         return "<unknown>"
