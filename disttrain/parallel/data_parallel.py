@@ -40,7 +40,8 @@ class DataParallel:
         # One process has nothing to reduce: plain autograd grads (no bucket views, no zeroing memset).
         self.buckets = GradBuckets(self.params, comm, cfg) if comm.world_size > 1 else None
         self.optimizer = make_optimizer(self.params)
-        self.peak_state_bytes = 0
+        self.peak_state_bytes = 0  # params+grads+optimizer state, bytes, after the first steps
+        self._steps = 0
 
     def broadcast_parameters(self) -> None:
         """Make every rank start from rank 0's weights (one flat broadcast). Collective."""
@@ -73,11 +74,13 @@ class DataParallel:
 
     def optimizer_step(self) -> None:
         self.optimizer.step()
-        mem = self.memory_bytes()
-        if not self.peak_state_bytes:  # first step: the optimizer state now exists
-            log.info("rank %d: per-rank state %s", self.comm.rank,
-                     ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in mem.items()))
-        self.peak_state_bytes = max(self.peak_state_bytes, sum(mem.values()))
+        self._steps += 1
+        if self._steps <= 2:  # sizes are fixed once the optimizer state exists: measure early, not every step
+            mem = self.memory_bytes()
+            if self._steps == 1:
+                log.info("rank %d: per-rank state %s", self.comm.rank,
+                         ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in mem.items()))
+            self.peak_state_bytes = max(self.peak_state_bytes, sum(mem.values()))
 
     def zero_grad(self) -> None:
         if self.buckets:

@@ -95,7 +95,8 @@ class Zero:
         self._fresh = True  # the next reduce-scatter overwrites the gradient shards (first micro-batch)
         self._dirty = False
         self._forwards = 0
-        self.peak_state_bytes = 0
+        self.peak_state_bytes = 0  # params+grads+optimizer state, bytes, after the first steps
+        self._steps = 0
         self.peak_transient_bytes = 0
 
     def _broadcast_parameters(self) -> None:
@@ -239,11 +240,13 @@ class Zero:
             works = [u.refresh_full(self.comm) for u in self.units]
             for w in works:
                 w.wait()
-        mem = self.memory_bytes()
-        if not self.peak_state_bytes:  # first step: the optimizer state now exists
-            log.info("rank %d: per-rank state %s", self.comm.rank,
-                     ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in mem.items()))
-        self.peak_state_bytes = max(self.peak_state_bytes, sum(mem.values()))
+        self._steps += 1
+        if self._steps <= 2:  # sizes are fixed once the optimizer state exists: measure early, not every step
+            mem = self.memory_bytes()
+            if self._steps == 1:
+                log.info("rank %d: per-rank state %s", self.comm.rank,
+                         ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in mem.items()))
+            self.peak_state_bytes = max(self.peak_state_bytes, sum(mem.values()))
 
     def zero_grad(self) -> None:
         if self.stage == 1:
