@@ -15,7 +15,8 @@ raises :class:`~collectives.errors.CollectiveTimeoutError` when time runs out an
 
 Cross-rank checks: a backend class with ``checks_inline = True`` gets a
 ``fingerprint=`` keyword on every op (a :class:`~collectives.fingerprint.Fingerprint`,
-or None when the user turned checks off) and verifies it in its own synchronisation,
+or None when the user turned checks off), plus ``timeout=`` and ``async_op=``, and
+verifies the fingerprint in its own synchronisation,
 raising ``fingerprint.mismatch_error(mine, theirs)`` on every rank. For the others the
 communicator runs ``collectives.checks`` through the backend's own ``allgather``/``send``
 (on ``backend.device`` when set, else CPU). Optional attributes: ``store`` (a
