@@ -213,7 +213,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer steps and repetitions")
     ap.add_argument("--json", default=None, help="write results here")
     ap.add_argument("--comm-batch", type=int, default=1, help="sequences per rank, communication-heavy row")
-    ap.add_argument("--comm-seq", type=int, default=32)
+    ap.add_argument("--comm-seq", type=int, default=16)
     ap.add_argument("--compute-batch", type=int, default=2, help="sequences per rank, compute-bound row")
     ap.add_argument("--compute-seq", type=int, default=128)
     ap.add_argument("--iters", type=int, default=None)

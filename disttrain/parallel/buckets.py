@@ -141,16 +141,15 @@ class GradBuckets:
 def clip_(grads: list[torch.Tensor], max_norm: float, comm: Communicator | None = None) -> float:
     """Clip ``grads`` (flat buffers or shards) to a global norm; with ``comm``, the squares are
     summed over ranks first (sharded gradients). Same formula as ``torch.nn.utils.clip_grad_norm_``."""
+    grads = [g for g in grads if g.numel()]
     sq = torch.zeros(1, dtype=torch.float64)
-    for g in grads:
-        if g.numel():
-            sq += torch.dot(g, g).double()  # fp64 accumulation: the sum order of shards must not matter much
+    if grads:  # one fused kernel over all tensors (like torch's clip); fp64 sum so shard order barely matters
+        sq += torch.stack(torch._foreach_norm(grads)).double().square().sum()
     if comm is not None and comm.world_size > 1:
         comm.allreduce(sq, ReduceOp.SUM)
     norm = math.sqrt(float(sq))
     if max_norm > 0:
         coef = min(1.0, max_norm / (norm + 1e-6))
-        if coef < 1.0:
-            for g in grads:
-                g.mul_(coef)
+        if coef < 1.0 and grads:
+            torch._foreach_mul_(grads, coef)
     return norm
