@@ -204,16 +204,29 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
             return {}
         return dict(re.findall(r"(\w+)=(\S*)", proc.stdout))
 
+    def release(self, job_id: str) -> None:
+        """Start a requeued job soon instead of after SLURM's ~2-minute hold-off.
+
+        Never ``StartTime=now``: the requeue revoked the job's old launch credential on its nodes
+        at a time stamp in whole seconds, and slurmd refuses a new credential that is not younger
+        (``Job credential revoked``: slurmctld then marks the job FAILED, ExitCode 1:0, RunTime 0,
+        without running the script). A begin time 2 s ahead makes the relaunch strictly younger
+        than the revocation, which happened before the job showed PENDING/BeginTime."""
+        self.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now+2"], check=False)
+
     def wait_state(self, job_id: str, states: set[str], timeout: float, release: bool = False) -> dict[str, str]:
         """Block until the job reaches one of ``states``; ``release`` lifts a requeued job's hold-off."""
         deadline = time.monotonic() + timeout
         info: dict[str, str] = {}
+        released: set[str] = set()
         while time.monotonic() < deadline:
             info = self.job(job_id)
             if info.get("JobState") in states:
                 return info
-            if release and info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
-                self.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], check=False)
+            if release and info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime" \
+                    and info.get("Restarts", "0") not in released:
+                self.release(job_id)  # once per requeue: the begin time it sets lies ahead
+                released.add(info.get("Restarts", "0"))
             time.sleep(0.3)
         raise TimeoutError(f"job {job_id} not in {sorted(states)} after {timeout:g}s: {info}\n{self.logs()}")
 
