@@ -22,7 +22,7 @@ from collectives import Communicator
 
 from .buckets import GradBuckets, clip_
 from .optim_state import materialize_state, optimizer_bytes, state_tensors, storage_bytes
-from .strategy import Shard, ShardReader
+from .strategy import Shard, ShardReader, broadcast_parameters
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +44,8 @@ class DataParallel:
         self._steps = 0
 
     def broadcast_parameters(self) -> None:
-        """Make every rank start from rank 0's weights (one flat broadcast). Collective."""
-        if self.comm.world_size == 1:
-            return
-        with torch.no_grad():
-            params = list(self.model.parameters())
-            flat = torch.cat([p.detach().reshape(-1) for p in params])
-            self.comm.broadcast(flat, src=0)
-            torch.nn.utils.vector_to_parameters(flat, params)
+        """Make every rank start from rank 0's weights. Collective."""
+        broadcast_parameters(self.model, self.comm)
 
     def accumulate(self, last: bool):
         """Context for one micro-batch's backward; only the ``last`` one communicates."""

@@ -70,6 +70,17 @@ class Strategy(Protocol):
         ...
 
 
+def broadcast_parameters(model: nn.Module, comm: Communicator) -> None:
+    """Make every rank start from rank 0's weights (one flat broadcast). Collective over ``comm``."""
+    if comm.world_size == 1:
+        return
+    with torch.no_grad():
+        params = list(model.parameters())
+        flat = torch.cat([p.detach().reshape(-1) for p in params])
+        comm.broadcast(flat, src=0)
+        torch.nn.utils.vector_to_parameters(flat, params)
+
+
 def build_strategy(cfg, model: nn.Module, make_optimizer: OptimizerFactory, comm: Communicator) -> Strategy:
     """Wrap ``model`` with the strategy named by ``cfg.strategy`` (the ``parallel`` config section)."""
     mesh = getattr(cfg, "mesh", None)

@@ -39,7 +39,7 @@ from .buckets import WIRE_DTYPES, GradBuckets, clip_, plan_buckets
 from .data_parallel import full_box
 from .flat_unit import FlatUnit
 from .optim_state import materialize_state, optimizer_bytes, state_tensors
-from .strategy import Shard, ShardReader
+from .strategy import Shard, ShardReader, broadcast_parameters
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class Zero:
     def __init__(self, stage: int, model: nn.Module, make_optimizer, comm: Communicator, cfg):
         self.stage, self.model, self.comm, self.cfg = stage, model, comm, cfg
         self.wire = WIRE_DTYPES[cfg.grad_dtype]
-        self._broadcast_parameters()
+        broadcast_parameters(self.model, self.comm)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         name_of = {p: n for n, p in named}
         self.blocks: list[nn.Module] = []
@@ -99,14 +99,6 @@ class Zero:
         self._steps = 0
         self.peak_transient_bytes = 0
 
-    def _broadcast_parameters(self) -> None:
-        if self.comm.world_size == 1:
-            return
-        with torch.no_grad():
-            params = list(self.model.parameters())
-            flat = torch.cat([p.detach().reshape(-1) for p in params])
-            self.comm.broadcast(flat, src=0)
-            torch.nn.utils.vector_to_parameters(flat, params)
 
     # -- stage 3: gather before use, free after --------------------------------------------
     def _install_forward_hooks(self) -> None:
