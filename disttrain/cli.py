@@ -2,6 +2,9 @@
 
     disttrain run configs/digits.yaml --nproc 2 train.steps=100
     disttrain launch --nproc-per-node 2 train.py --lr 3e-4     # torchrun-style
+    disttrain launch --hosts a:2,b:2 -m disttrain.worker run.yaml   # fan out over ssh
+    disttrain submit configs/digits.yaml --nodes 2 --ntasks-per-node 4 [--dry-run]   # SLURM
+    disttrain ckpt verify|inspect|consolidate|reshard RUN_DIR ...
 """
 from __future__ import annotations
 
@@ -51,7 +54,19 @@ def cmd_launch(argv: list[str]) -> int:
     return launch_main(argv)
 
 
-COMMANDS = {"run": cmd_run, "launch": cmd_launch, "ckpt": lambda argv: __import__("disttrain.ckpt_cli").ckpt_cli.main(argv), "submit": lambda argv: __import__("disttrain.slurm_submit").slurm_submit.cmd_submit(argv)}
+def cmd_ckpt(argv: list[str]) -> int:
+    from .ckpt_cli import main as ckpt_main
+
+    return ckpt_main(argv)
+
+
+def cmd_submit(argv: list[str]) -> int:
+    from .slurm_submit import cmd_submit as submit_main
+
+    return submit_main(argv)
+
+
+COMMANDS = {"run": cmd_run, "launch": cmd_launch, "submit": cmd_submit, "ckpt": cmd_ckpt}
 
 
 def main(argv: list[str] | None = None) -> int:
