@@ -28,4 +28,4 @@ MAKEFLAGS="-j$(nproc)" \
     "$PY" -m pip install --no-build-isolation --no-cache-dir -v ${HVD_TARGET:+--target "$HVD_TARGET"} . \
     > "$WORK/build.log" 2>&1 || { tail -50 "$WORK/build.log"; exit 1; }
 PYTHONPATH=${HVD_TARGET:-}${HVD_TARGET:+:}${PYTHONPATH:-} "$PY" -c \
-    'import horovod.torch as hvd; print("horovod", __import__("horovod").__version__, "gloo built:", hvd.gloo_built())'
+    'import horovod.torch as hvd; print("horovod", __import__("horovod").__version__, "gloo built:", __import__("horovod.common.util", fromlist=["x"]).gloo_built())'
