@@ -6,6 +6,8 @@ SGD: ``momentum_buffer``).
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 
@@ -53,3 +55,16 @@ def storage_bytes(tensors) -> int:
 
 def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
     return storage_bytes(v for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor))
+
+
+def track_state_bytes(strategy, steps: int, peak: int) -> int:
+    """Peak per-rank params+grads+optimizer bytes of ``strategy`` (its ``memory_bytes()``), measured on the
+    first two steps only: sizes are fixed once the optimizer state exists. Logs the split at step 1."""
+    if steps > 2:
+        return peak
+    mem = strategy.memory_bytes()
+    if steps == 1:
+        logging.getLogger(strategy.__class__.__module__).info(
+            "rank %d: per-rank state %s", strategy.comm.rank,
+            ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in mem.items()))
+    return max(peak, sum(mem.values()))

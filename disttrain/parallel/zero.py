@@ -38,7 +38,7 @@ from collectives import Communicator
 from .buckets import WIRE_DTYPES, GradBuckets, clip_, plan_buckets
 from .data_parallel import full_box
 from .flat_unit import FlatUnit
-from .optim_state import materialize_state, optimizer_bytes, state_tensors
+from .optim_state import materialize_state, optimizer_bytes, state_tensors, track_state_bytes
 from .strategy import Shard, ShardReader, broadcast_parameters
 
 log = logging.getLogger(__name__)
@@ -233,12 +233,7 @@ class Zero:
             for w in works:
                 w.wait()
         self._steps += 1
-        if self._steps <= 2:  # sizes are fixed once the optimizer state exists: measure early, not every step
-            mem = self.memory_bytes()
-            if self._steps == 1:
-                log.info("rank %d: per-rank state %s", self.comm.rank,
-                         ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in mem.items()))
-            self.peak_state_bytes = max(self.peak_state_bytes, sum(mem.values()))
+        self.peak_state_bytes = track_state_bytes(self, self._steps, self.peak_state_bytes)
 
     def zero_grad(self) -> None:
         if self.stage == 1:
