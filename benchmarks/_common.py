@@ -9,6 +9,7 @@ Timing rule (STYLE.md 14): warm up, hit a barrier before every repetition, time 
 calls on each rank, and keep the slowest rank's time per repetition (the collective is done
 when the last rank is). Report best (min over repetitions), mean and stdev.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -23,13 +24,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def measure(run: Callable[[], None], barrier: Callable[[], None], *, iters: int, reps: int, warmup: int = 2,
-            slowest: Callable[[float], float] | None = None) -> dict:
+def measure(
+    run: Callable[[], None],
+    barrier: Callable[[], None],
+    *,
+    iters: int,
+    reps: int,
+    warmup: int = 2,
+    slowest: Callable[[float], float] | None = None,
+) -> dict:
     """Seconds per call: ``{"best", "mean", "stdev", "reps"}``. ``slowest`` maps this rank's
     time to the max over ranks (e.g. an allreduce-max); without it, this rank's own time."""
     for _ in range(warmup):
@@ -42,8 +50,13 @@ def measure(run: Callable[[], None], barrier: Callable[[], None], *, iters: int,
             run()
         dt = (time.perf_counter() - t0) / iters
         times.append(slowest(dt) if slowest else dt)
-    return {"best": min(times), "mean": statistics.fmean(times),
-            "stdev": statistics.stdev(times) if len(times) > 1 else 0.0, "reps": reps, "iters": iters}
+    return {
+        "best": min(times),
+        "mean": statistics.fmean(times),
+        "stdev": statistics.stdev(times) if len(times) > 1 else 0.0,
+        "reps": reps,
+        "iters": iters,
+    }
 
 
 def iters_for(nbytes: int, budget_bytes: int = 64 << 20, lo: int = 1, hi: int = 500) -> int:
@@ -57,21 +70,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_job(cmd: Sequence[str], world: int, *, timeout: float = 600, env: dict | None = None,
-              mpiexec: bool = False) -> object:
+def spawn_job(
+    cmd: Sequence[str], world: int, *, timeout: float = 600, env: dict | None = None, mpiexec: bool = False
+) -> object:
     """Run ``cmd`` on ``world`` local ranks (torchrun-style env, or under ``mpiexec -n``); the command
     writes its result as JSON to the path in $BENCH_OUT on rank 0; return it. Raises on any failure."""
     out = tempfile.mktemp(prefix="bench-", suffix=".json")
-    base = dict(os.environ, BENCH_OUT=out, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {}))
+    base = dict(
+        os.environ,
+        BENCH_OUT=out,
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        **(env or {}),
+    )
     if mpiexec:
         exe = os.path.join(os.path.dirname(sys.executable), "mpiexec")
         procs = [subprocess.Popen([exe, "-n", str(world), *cmd], env=base, cwd=ROOT, start_new_session=True)]
     else:
         port, job = free_port(), "bench" + secrets.token_hex(4)
-        procs = [subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, env=dict(
-            base, RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(world),
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DISTTRAIN_JOB_ID=job)) for r in range(world)]
+        procs = [
+            subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                start_new_session=True,
+                env=dict(
+                    base,
+                    RANK=str(r),
+                    WORLD_SIZE=str(world),
+                    LOCAL_RANK=str(r),
+                    LOCAL_WORLD_SIZE=str(world),
+                    MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=str(port),
+                    DISTTRAIN_JOB_ID=job,
+                ),
+            )
+            for r in range(world)
+        ]
     deadline = time.monotonic() + timeout
     try:
         while any(p.poll() is None for p in procs):
@@ -106,8 +141,14 @@ def hardware() -> dict:
     except (OSError, StopIteration):
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1), "host": socket.gethostname(),
-            "python": platform.python_version(), "load_avg_1m": os.getloadavg()[0]}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem / 2**30, 1),
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "load_avg_1m": os.getloadavg()[0],
+    }
 
 
 def result_name(prefix: str) -> str:
@@ -116,8 +157,12 @@ def result_name(prefix: str) -> str:
 
 
 def write_json(path: str, payload: dict) -> None:
-    payload = {"name": result_name(os.path.splitext(os.path.basename(path))[0]), "date": datetime.datetime.now(
-        datetime.timezone.utc).isoformat(timespec="seconds"), "hardware": hardware(), **payload}
+    payload = {
+        "name": result_name(os.path.splitext(os.path.basename(path))[0]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "hardware": hardware(),
+        **payload,
+    }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)

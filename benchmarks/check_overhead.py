@@ -8,6 +8,7 @@ the same communicator (same buffers, same warm caches), in rounds after a warm-u
 barrier; the best round of each mode is kept, because this machine is shared and noisy.
 Overhead = time_on / time_off - 1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,13 @@ def worker(backend: str, size: int, rounds: int, iters: int) -> None:
     import collectives
 
     world = int(os.environ["WORLD_SIZE"])
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          int(os.environ["RANK"]) == 0, timeout=datetime.timedelta(seconds=120))
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        int(os.environ["RANK"]) == 0,
+        timeout=datetime.timedelta(seconds=120),
+    )
     comm = collectives.init(backend, store=store, timeout=120)
     t = comm.alloc(size // 4, torch.float32)
     t.fill_(1.0)
@@ -63,12 +69,30 @@ def run(backend: str, world: int, size: int, rounds: int, iters: int) -> dict:
         port = s.getsockname()[1]
     procs = []
     for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   DISTTRAIN_JOB_ID=f"bench{os.getpid()}{backend}", OMP_NUM_THREADS="1",
-                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", backend, "--size", str(size),
-               "--rounds", str(rounds), "--iters", str(iters)]
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            DISTTRAIN_JOB_ID=f"bench{os.getpid()}{backend}",
+            OMP_NUM_THREADS="1",
+            PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        )
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--worker",
+            backend,
+            "--size",
+            str(size),
+            "--rounds",
+            str(rounds),
+            "--iters",
+            str(iters),
+        ]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = []
     for p in procs:
@@ -77,7 +101,7 @@ def run(backend: str, world: int, size: int, rounds: int, iters: int) -> dict:
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            raise SystemExit(f"{backend}: timed out")
+            raise SystemExit(f"{backend}: timed out") from None
         if p.returncode != 0:
             for q in procs:
                 q.kill()
@@ -105,15 +129,26 @@ def main() -> None:
 
     backends = args.backends or [b for b in registry.available() if b != "nccl"]
     rows = [run(b, args.world, args.size, args.rounds, args.iters) for b in backends]
-    print(f"allreduce {args.size // 1024} KiB float32, {args.world} ranks, best of {args.rounds} rounds "
-          f"x {args.iters} ops ({platform.node()}, {datetime.date.today()})")
+    print(
+        f"allreduce {args.size // 1024} KiB float32, {args.world} ranks, best of {args.rounds} rounds "
+        f"x {args.iters} ops ({platform.node()}, {datetime.date.today()})"
+    )
     print(f"{'backend':8} {'check on (us)':>14} {'check off (us)':>15} {'overhead':>9}")
     for r in rows:
         print(f"{r['backend']:8} {r['on_us']:14.1f} {r['off_us']:15.1f} {r['overhead']:9.1%}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"size": args.size, "world": args.world, "host": platform.node(),
-                       "date": str(datetime.date.today()), "rows": rows}, f, indent=2)
+            json.dump(
+                {
+                    "size": args.size,
+                    "world": args.world,
+                    "host": platform.node(),
+                    "date": str(datetime.date.today()),
+                    "rows": rows,
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

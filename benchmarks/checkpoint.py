@@ -15,6 +15,7 @@ our sync save (<= 0.05), ``async_step_slowdown`` = overlapped step / normal step
 (<= 0.10; ``async_step_slowdown_cpu`` is the same from process CPU time, which a loaded
 machine does not blur), ``load_vs_dcp`` = dcp/ours (>= 0.8).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,20 +41,31 @@ def worker(ns) -> None:
     import collectives
     from collectives import ReduceOp
     from disttrain import config as config_mod
-    from disttrain.checkpoint import CheckpointReader, Checkpointer
-    from disttrain.checkpoint import adapters
+    from disttrain.checkpoint import Checkpointer, CheckpointReader, adapters
     from disttrain.worker import build_trainer
 
-    size = ["model.n_layer=2", "model.d_model=256", "model.n_head=4"] if ns.quick else \
-        ["model.n_layer=6", "model.d_model=384", "model.n_head=6"]
+    size = (
+        ["model.n_layer=2", "model.d_model=256", "model.n_head=4"]
+        if ns.quick
+        else ["model.n_layer=6", "model.d_model=384", "model.n_head=6"]
+    )
     cfg = config_mod.ExperimentConfig.model_validate({"model": {"kind": "gpt"}, "data": {"kind": "shakespeare"}})
     path = os.path.join(ns.dir, "cfg.yaml")
     if int(os.environ["RANK"]) == 0:
         config_mod.save(cfg, path)
     comm = collectives.init("torch", timeout=600)
     comm.barrier()
-    cfg = config_mod.load(path, size + ["model.seq_len=128", "train.batch_size=8", "train.steps=100000",
-                                        f"run.dir={ns.dir}/run", "checkpoint.keep=1"])
+    cfg = config_mod.load(
+        path,
+        size
+        + [
+            "model.seq_len=128",
+            "train.batch_size=8",
+            "train.steps=100000",
+            f"run.dir={ns.dir}/run",
+            "checkpoint.keep=1",
+        ],
+    )
     trainer = build_trainer(cfg, comm)
     trainer.callbacks = []
     ours = Checkpointer(cfg.checkpoint, comm)
@@ -99,13 +111,28 @@ def worker(ns) -> None:
 
     def our_load():
         from disttrain.checkpoint import resolve
+
         reader = CheckpointReader(resolve(ours.dir)[0], verify=True)
         adapters.load_state_shards(trainer.strategy, reader)
         reader.release()
 
-    res = {k: [] for k in ("ours_save", "dcp_save", "ours_load", "dcp_load", "ours_stall", "dcp_stall",
-                           "normal_step", "ours_async_step", "dcp_async_step", "normal_step_cpu",
-                           "ours_async_step_cpu", "dcp_async_step_cpu")}
+    res = {
+        k: []
+        for k in (
+            "ours_save",
+            "dcp_save",
+            "ours_load",
+            "dcp_load",
+            "ours_stall",
+            "dcp_stall",
+            "normal_step",
+            "ours_async_step",
+            "dcp_async_step",
+            "normal_step_cpu",
+            "ours_async_step_cpu",
+            "dcp_async_step_cpu",
+        )
+    }
     for rep in range(ns.reps):
         if rank == 0 and os.path.isdir(dcp_dir):
             shutil.rmtree(dcp_dir)
@@ -140,8 +167,9 @@ def worker(ns) -> None:
         if rank == 0:
             shutil.rmtree(dcp_dir + f"-a{rep}", ignore_errors=True)
     if rank == 0:
-        write_result({"params": nparams, "state_bytes_per_rank": state_bytes, "world_size": comm.world_size,
-                      "times": res})
+        write_result(
+            {"params": nparams, "state_bytes_per_rank": state_bytes, "world_size": comm.world_size, "times": res}
+        )
     comm.barrier()
     comm.close()
 
@@ -160,8 +188,12 @@ def main() -> int:
     reps = ns.reps or (2 if ns.quick else 3)
     work = tempfile.mkdtemp(prefix="bench-ckpt-", dir=os.environ.get("BENCH_DIR"))
     try:
-        out = spawn_job([sys.executable, os.path.abspath(__file__), "--worker", "--dir", work, "--reps", str(reps)]
-                        + (["--quick"] if ns.quick else []), world=2, timeout=1200)
+        out = spawn_job(
+            [sys.executable, os.path.abspath(__file__), "--worker", "--dir", work, "--reps", str(reps)]
+            + (["--quick"] if ns.quick else []),
+            world=2,
+            timeout=1200,
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     t = {k: min(v) for k, v in out["times"].items()}
@@ -178,18 +210,38 @@ def main() -> int:
         "dcp_async_stall_vs_sync": t["dcp_stall"] / t["dcp_save"],
         "dcp_async_step_slowdown": t["dcp_async_step"] / t["normal_step"] - 1,
     }
-    targets = {"save_vs_dcp": ">= 1.0", "load_vs_dcp": ">= 0.8", "async_stall_vs_sync": "<= 0.05",
-               "async_step_slowdown": "<= 0.10"}
+    targets = {
+        "save_vs_dcp": ">= 1.0",
+        "load_vs_dcp": ">= 0.8",
+        "async_stall_vs_sync": "<= 0.05",
+        "async_step_slowdown": "<= 0.10",
+    }
     mb = out["state_bytes_per_rank"] / 2**20
     rows = [[k, f"{t[k] * 1e3:.1f}", f"{mean[k] * 1e3:.1f}"] for k in out["times"]]  # *_cpu: CPU ms
-    print_table(f"checkpoint: GPT {out['params'] / 1e6:.1f}M params, {mb:.0f} MiB state per rank, "
-                f"{out['world_size']} ranks (ms, best / mean of {reps})", ["measure", "best ms", "mean ms"], rows)
-    print_table("ratios", ["ratio", "value", "target"], [[k, f"{v:.3f}", targets.get(k, "(peer)")]
-                                                        for k, v in ratios.items()])
+    print_table(
+        f"checkpoint: GPT {out['params'] / 1e6:.1f}M params, {mb:.0f} MiB state per rank, "
+        f"{out['world_size']} ranks (ms, best / mean of {reps})",
+        ["measure", "best ms", "mean ms"],
+        rows,
+    )
+    print_table(
+        "ratios", ["ratio", "value", "target"], [[k, f"{v:.3f}", targets.get(k, "(peer)")] for k, v in ratios.items()]
+    )
     if ns.json:
-        write_json(ns.json, {"params": out["params"], "state_bytes_per_rank": out["state_bytes_per_rank"],
-                             "world_size": out["world_size"], "reps": reps, "best_s": t, "mean_s": mean,
-                             "all_s": out["times"], "ratios": ratios, "targets": targets})
+        write_json(
+            ns.json,
+            {
+                "params": out["params"],
+                "state_bytes_per_rank": out["state_bytes_per_rank"],
+                "world_size": out["world_size"],
+                "reps": reps,
+                "best_s": t,
+                "mean_s": mean,
+                "all_s": out["times"],
+                "ratios": ratios,
+                "targets": targets,
+            },
+        )
     return 0
 
 

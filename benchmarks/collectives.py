@@ -24,6 +24,7 @@ JSON (``--json``): ``rows`` and ``ratios`` (peer_time / our_time, or our_time / 
 To add rows (e.g. ``disttrain.horovod``), append a :class:`Producer` to ``PRODUCERS`` whose
 ``kind`` names a function in ``WORKERS``; it gets the spec and returns rows.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,19 +37,31 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks._common import (human_bytes, iters_for, measure, print_table, spawn_job,  # noqa: E402
-                                write_json, write_result)
+from benchmarks._common import (
+    human_bytes,
+    iters_for,
+    measure,
+    print_table,
+    spawn_job,  # noqa: E402
+    write_json,
+    write_result,
+)
 
 OPS = ("allreduce", "allgather", "reduce_scatter", "broadcast")
 FULL_SIZES = [4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20, 256 << 20]
 QUICK_SIZES = [4 << 10, 64 << 10, 1 << 20, 64 << 20]
-BUS = {"allreduce": lambda n: 2 * (n - 1) / n, "allgather": lambda n: (n - 1) / n,
-       "reduce_scatter": lambda n: (n - 1) / n, "broadcast": lambda n: 1.0}
+BUS = {
+    "allreduce": lambda n: 2 * (n - 1) / n,
+    "allgather": lambda n: (n - 1) / n,
+    "reduce_scatter": lambda n: (n - 1) / n,
+    "broadcast": lambda n: 1.0,
+}
 
 
 @dataclasses.dataclass
 class Producer:
     """One job producing rows: ``kind`` picks the worker, ``mpiexec`` starts it under MPI's launcher."""
+
     kind: str
     mpiexec: bool = False
     optional: bool = True  # skip (with a note) when the job cannot run here
@@ -68,8 +81,12 @@ def _row_table(spec: dict, variants: dict, barrier, slowest, rank: int = 0) -> l
             if spec.get("memcpy") and op == spec["ops"][0]:
                 if rank == 0:
                     src, dst = np.ones(size, np.uint8), np.zeros(size, np.uint8)
-                    stats = measure(lambda: np.copyto(dst, src), lambda: None, iters=iters_for(size),
-                                    reps=spec["reps"])
+                    stats = measure(
+                        lambda dst=dst, src=src: np.copyto(dst, src),
+                        lambda: None,
+                        iters=iters_for(size),
+                        reps=spec["reps"],
+                    )
                     rows.append({"row": "memcpy", "op": "memcpy", "bytes": size, "ranks": 1, **stats})
                     del src, dst
                 barrier()
@@ -96,8 +113,13 @@ def worker_comm(spec: dict) -> list[dict]:
     from collectives import registry
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, rank == 0,
-                          timeout=datetime.timedelta(seconds=120))
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        rank == 0,
+        timeout=datetime.timedelta(seconds=120),
+    )
     comms = {}
     avail = registry.available()
     if "mpi" in avail:  # first: MPI must not be initialised by anything else before it
@@ -137,8 +159,12 @@ def worker_comm(spec: dict) -> list[dict]:
             t = buf(nb)
             return lambda: comm.broadcast(t, 0)
 
-        return {"allreduce": allreduce, "allgather": allgather, "reduce_scatter": reduce_scatter,
-                "broadcast": broadcast}
+        return {
+            "allreduce": allreduce,
+            "allgather": allgather,
+            "reduce_scatter": reduce_scatter,
+            "broadcast": broadcast,
+        }
 
     def direct_allreduce(nb):
         t, be = torch.zeros(nb // 4), shm.backend
@@ -159,9 +185,13 @@ def worker_comm(spec: dict) -> list[dict]:
 
         return {"allreduce": allreduce, "allgather": allgather, "broadcast": broadcast}  # gloo: no reduce_scatter
 
-    variants = {"shm zero-copy": comm_ops(shm, zero_copy=True), "shm": comm_ops(shm),
-                "shm nocheck": {"allreduce": comm_ops(shm_nocheck)["allreduce"]},
-                "shm direct": {"allreduce": direct_allreduce}, "gloo": gloo_ops()}
+    variants = {
+        "shm zero-copy": comm_ops(shm, zero_copy=True),
+        "shm": comm_ops(shm),
+        "shm nocheck": {"allreduce": comm_ops(shm_nocheck)["allreduce"]},
+        "shm direct": {"allreduce": direct_allreduce},
+        "gloo": gloo_ops(),
+    }
     variants.update({name: comm_ops(c) for name, c in comms.items()})
     mx = torch.zeros(1)
 
@@ -226,7 +256,7 @@ def memcpy_rows(sizes: list[int], reps: int) -> list[dict]:
     rows = []
     for size in sizes:
         src, dst = np.ones(size, np.uint8), np.zeros(size, np.uint8)
-        stats = measure(lambda: np.copyto(dst, src), lambda: None, iters=iters_for(size), reps=reps)
+        stats = measure(lambda dst=dst, src=src: np.copyto(dst, src), lambda: None, iters=iters_for(size), reps=reps)
         rows.append({"row": "memcpy", "op": "memcpy", "bytes": size, "ranks": 1, **stats})
     return rows
 
@@ -301,10 +331,23 @@ def main() -> None:
         algbw = r["bytes"] / r["best"] / 1e9
         bus = algbw * BUS[r["op"]](r["ranks"]) if r["op"] in BUS else algbw
         r.update(algbw_GBps=round(algbw, 3), busbw_GBps=round(bus, 3))
-        table.append([r["ranks"], r["op"], r["row"], human_bytes(r["bytes"]), f"{r['best'] * 1e6:,.1f}",
-                      f"{r['mean'] * 1e6:,.1f} ± {r['stdev'] * 1e6:,.1f}", f"{algbw:.2f}", f"{bus:.2f}"])
-    print_table("collectives (float32; time = best of reps, us)",
-                ["ranks", "op", "row", "size", "time us", "mean ± stdev", "algbw GB/s", "busbw GB/s"], table)
+        table.append(
+            [
+                r["ranks"],
+                r["op"],
+                r["row"],
+                human_bytes(r["bytes"]),
+                f"{r['best'] * 1e6:,.1f}",
+                f"{r['mean'] * 1e6:,.1f} ± {r['stdev'] * 1e6:,.1f}",
+                f"{algbw:.2f}",
+                f"{bus:.2f}",
+            ]
+        )
+    print_table(
+        "collectives (float32; time = best of reps, us)",
+        ["ranks", "op", "row", "size", "time us", "mean ± stdev", "algbw GB/s", "busbw GB/s"],
+        table,
+    )
     rat = ratios(rows)
     for k, v in rat.items():
         print(f"{k:40s} {v}")

@@ -14,6 +14,7 @@ All rows come from the same run, contenders interleaved repetition by repetition
 - world size 1: our trainer's step vs a plain PyTorch loop.
 Collective checks are off for our runs (DDP has none either). Writes a table and JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,17 +29,32 @@ sys.path.insert(0, ROOT)
 from benchmarks._common import print_table, spawn_job, write_json, write_result  # noqa: E402
 
 GPT_YAML = os.path.join(ROOT, "configs", "gpt-shakespeare.yaml")
-MODEL = [f"model.n_layer={os.environ.get('BENCH_DP_LAYERS', 6)}", "model.n_head=6",
-         f"model.d_model={os.environ.get('BENCH_DP_DMODEL', 384)}", "schedule.kind=constant",
-         "schedule.warmup_steps=0", "train.log_every=1000", "train.eval_every=0", "data.plays=[hamlet_gut]"]
+MODEL = [
+    f"model.n_layer={os.environ.get('BENCH_DP_LAYERS', 6)}",
+    "model.n_head=6",
+    f"model.d_model={os.environ.get('BENCH_DP_DMODEL', 384)}",
+    "schedule.kind=constant",
+    "schedule.warmup_steps=0",
+    "train.log_every=1000",
+    "train.eval_every=0",
+    "data.plays=[hamlet_gut]",
+]
 
 
 def _cfg(strategy: str, batch: int, seq: int, backend: str):
     from disttrain import config as config_mod
 
-    return config_mod.load(GPT_YAML, MODEL + [f"parallel.strategy={strategy}", f"train.batch_size={batch}",
-                                              f"model.seq_len={seq}", f"launch.backend={backend}",
-                                              "train.steps=100000"])
+    return config_mod.load(
+        GPT_YAML,
+        MODEL
+        + [
+            f"parallel.strategy={strategy}",
+            f"train.batch_size={batch}",
+            f"model.seq_len={seq}",
+            f"launch.backend={backend}",
+            "train.steps=100000",
+        ],
+    )
 
 
 class Ours:
@@ -166,11 +182,19 @@ def worker(args) -> None:
 
     if args.mode == "ws1":
         b, s = args.compute_batch, args.compute_seq
-        res = _interleave({"ours": Ours(comms["torch"], "ddp", b, s), "plain": Plain(b, s, False, 0, 1)},
-                          args.iters, args.reps, barrier, slowest)
+        res = _interleave(
+            {"ours": Ours(comms["torch"], "ddp", b, s), "plain": Plain(b, s, False, 0, 1)},
+            args.iters,
+            args.reps,
+            barrier,
+            slowest,
+        )
         out["ws1"] = res
     else:
-        for label, b, s in (("comm", args.comm_batch, args.comm_seq), ("compute", args.compute_batch, args.compute_seq)):
+        for label, b, s in (
+            ("comm", args.comm_batch, args.comm_seq),
+            ("compute", args.compute_batch, args.compute_seq),
+        ):
             gb = b * world
             cont = {f"ours_{k}": Ours(c, "ddp", gb, s) for k, c in comms.items()}
             ddp = Plain(gb, s, True, rank, world)
@@ -183,8 +207,13 @@ def worker(args) -> None:
                 t = torch.tensor([c.last], dtype=torch.float64)
                 dist.all_reduce(t)
                 losses[k] = float(t)
-            out[label] = {"per_rank_batch": b, "seq": s, "step_s": best, "final_loss": losses,
-                          "tokens_per_s": {k: tokens(gb, s) / v for k, v in best.items()}}
+            out[label] = {
+                "per_rank_batch": b,
+                "seq": s,
+                "step_s": best,
+                "final_loss": losses,
+                "tokens_per_s": {k: tokens(gb, s) / v for k, v in best.items()},
+            }
             del cont, ddp, nosync
         mem = {}
         for strategy in ("ddp", "zero1", "zero2", "zero3"):
@@ -192,8 +221,11 @@ def worker(args) -> None:
             o.step()
             o.step()
             st = o.trainer.strategy
-            mem[strategy] = {"state_bytes": st.peak_state_bytes, **st.memory_bytes(),
-                             "transient_bytes": getattr(st, "peak_transient_bytes", 0)}
+            mem[strategy] = {
+                "state_bytes": st.peak_state_bytes,
+                **st.memory_bytes(),
+                "transient_bytes": getattr(st, "peak_transient_bytes", 0),
+            }
             del o
         mem["fsdp2"] = {"state_bytes": _fsdp2_bytes(2 * world, 32)}
         psi = sum(p.numel() for p in Plain(2, 32, False, 0, 1).model.parameters())
@@ -226,9 +258,23 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    base = [sys.executable, os.path.abspath(__file__), "--worker", "--iters", str(args.iters), "--reps",
-            str(args.reps), "--comm-batch", str(args.comm_batch), "--comm-seq", str(args.comm_seq),
-            "--compute-batch", str(args.compute_batch), "--compute-seq", str(args.compute_seq)]
+    base = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        "--iters",
+        str(args.iters),
+        "--reps",
+        str(args.reps),
+        "--comm-batch",
+        str(args.comm_batch),
+        "--comm-seq",
+        str(args.comm_seq),
+        "--compute-batch",
+        str(args.compute_batch),
+        "--compute-seq",
+        str(args.compute_seq),
+    ]
     t0 = time.time()
     dp2 = spawn_job(base + ["--mode", "dp2"], 2, timeout=3000)
     ws1 = spawn_job(base + ["--mode", "ws1"], 1, timeout=3000)
@@ -243,32 +289,62 @@ def report(dp2: dict, ws1: dict, args, wall: float) -> None:
         share = 1 - r["step_s"]["ddp_no_sync"] / r["step_s"]["ddp"]
         r["ddp_comm_share"], r["ours_best"] = share, ours_best
         for k in r["step_s"]:
-            rows.append([label, f"{r['per_rank_batch']}x{r['seq']}", k, f"{r['step_s'][k] * 1e3:.0f}",
-                         f"{r['tokens_per_s'][k]:,.0f}", f"{r['final_loss'][k]:.5f}"])
+            rows.append(
+                [
+                    label,
+                    f"{r['per_rank_batch']}x{r['seq']}",
+                    k,
+                    f"{r['step_s'][k] * 1e3:.0f}",
+                    f"{r['tokens_per_s'][k]:,.0f}",
+                    f"{r['final_loss'][k]:.5f}",
+                ]
+            )
         key = "dp_vs_ddp" if label == "comm" else "dp_vs_ddp_compute_bound"
         ratios[key] = r["tokens_per_s"][ours_best] / r["tokens_per_s"]["ddp"]
-    print_table(f"GPT {dp2['params'] / 1e6:.1f}M params, 2 ranks: step time (best of {args.reps}x{args.iters})",
-                ["batch", "per rank", "who", "ms/step", "tokens/s", "final loss"], rows)
+    print_table(
+        f"GPT {dp2['params'] / 1e6:.1f}M params, 2 ranks: step time (best of {args.reps}x{args.iters})",
+        ["batch", "per rank", "who", "ms/step", "tokens/s", "final loss"],
+        rows,
+    )
     psi, n = dp2["params"], 2
     formula = 16 * psi / n
-    mem_rows = [[k, f"{v['state_bytes'] / 2**20:.1f}", f"{v.get('transient_bytes', 0) / 2**20:.1f}"]
-                for k, v in dp2["memory"].items()]
-    print_table("per-rank params+grads+optimizer state after a step (MiB); transient = gathered params/grads peak",
-                ["strategy", "state MiB", "transient MiB"], mem_rows)
+    mem_rows = [
+        [k, f"{v['state_bytes'] / 2**20:.1f}", f"{v.get('transient_bytes', 0) / 2**20:.1f}"]
+        for k, v in dp2["memory"].items()
+    ]
+    print_table(
+        "per-rank params+grads+optimizer state after a step (MiB); transient = gathered params/grads peak",
+        ["strategy", "state MiB", "transient MiB"],
+        mem_rows,
+    )
     ratios["zero3_mem_vs_formula"] = dp2["memory"]["zero3"]["state_bytes"] / formula
     ratios["zero3_mem_vs_fsdp2"] = dp2["memory"]["zero3"]["state_bytes"] / dp2["memory"]["fsdp2"]["state_bytes"]
     ratios["trainer_overhead_ws1"] = ws1["ws1"]["ours"] / ws1["ws1"]["plain"] - 1
     ratios["ddp_comm_share"] = dp2["comm"]["ddp_comm_share"]
     ratios["ddp_comm_share_compute_bound"] = dp2["compute"]["ddp_comm_share"]
     print(f"world size 1: ours {ws1['ws1']['ours'] * 1e3:.0f} ms/step, plain {ws1['ws1']['plain'] * 1e3:.0f} ms/step")
-    print(f"DDP communication share: {ratios['ddp_comm_share']:.0%} (comm row), "
-          f"{ratios['ddp_comm_share_compute_bound']:.0%} (compute row); best of ours: {dp2['comm']['ours_best']}")
+    print(
+        f"DDP communication share: {ratios['ddp_comm_share']:.0%} (comm row), "
+        f"{ratios['ddp_comm_share_compute_bound']:.0%} (compute row); best of ours: {dp2['comm']['ours_best']}"
+    )
     print(json.dumps(ratios, indent=1))
     if args.json:
-        write_json(args.json, {"ratios": ratios, "dp2": dp2, "ws1": ws1, "wall_s": wall,
-                               "targets": {"dp_vs_ddp": ">= 1.2", "dp_vs_ddp_compute_bound": ">= 1.0",
-                                           "zero3_mem_vs_formula": "<= 1.1", "zero3_mem_vs_fsdp2": "<= 1.0",
-                                           "trainer_overhead_ws1": "<= 0.03"}})
+        write_json(
+            args.json,
+            {
+                "ratios": ratios,
+                "dp2": dp2,
+                "ws1": ws1,
+                "wall_s": wall,
+                "targets": {
+                    "dp_vs_ddp": ">= 1.2",
+                    "dp_vs_ddp_compute_bound": ">= 1.0",
+                    "zero3_mem_vs_formula": "<= 1.1",
+                    "zero3_mem_vs_fsdp2": "<= 1.0",
+                    "trainer_overhead_ws1": "<= 0.03",
+                },
+            },
+        )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Without Horovod, only our rows are measured. Each cell: warm-up, barrier, best o
 ``hvd.allreduce_(t)`` (in place). ``ratios.hvd_api_vs_horovod_allreduce_64MiB`` is
 Horovod's best time over ours for the 64 MiB out-of-place allreduce (target >= 3).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,9 +55,12 @@ def worker(reps: int, out_path: str) -> None:
 
     torch.set_num_threads(1)
     if "HOROVOD_RANK" in os.environ:  # started by horovodrun: tell our side where it is
-        os.environ.update(RANK=os.environ["HOROVOD_RANK"], WORLD_SIZE=os.environ["HOROVOD_SIZE"],
-                          LOCAL_RANK=os.environ["HOROVOD_LOCAL_RANK"],
-                          LOCAL_WORLD_SIZE=os.environ["HOROVOD_LOCAL_SIZE"])
+        os.environ.update(
+            RANK=os.environ["HOROVOD_RANK"],
+            WORLD_SIZE=os.environ["HOROVOD_SIZE"],
+            LOCAL_RANK=os.environ["HOROVOD_LOCAL_RANK"],
+            LOCAL_WORLD_SIZE=os.environ["HOROVOD_LOCAL_SIZE"],
+        )
     import disttrain.horovod as ours
 
     ours.init()
@@ -74,10 +78,21 @@ def worker(reps: int, out_path: str) -> None:
             t = torch.ones(n)
             barrier = impl.barrier if impl is ours else (lambda: peer.allreduce(torch.zeros(1), name="bench.b"))
             k = max(2, reps if nbytes >= 1 << 20 else reps * 10)
-            best, mean = _time(lambda: impl.allreduce(t, name=f"b.{label}"), barrier, k)
-            best_i, mean_i = _time(lambda: impl.allreduce_(t, name=f"bi.{label}"), barrier, k)
-            rows.append({"impl": impl_name, "size": label, "bytes": nbytes, "allreduce_s": best,
-                         "allreduce_mean_s": mean, "allreduce_inplace_s": best_i, "allreduce_inplace_mean_s": mean_i})
+            best, mean = _time(lambda impl=impl, t=t, label=label: impl.allreduce(t, name=f"b.{label}"), barrier, k)
+            best_i, mean_i = _time(
+                lambda impl=impl, t=t, label=label: impl.allreduce_(t, name=f"bi.{label}"), barrier, k
+            )
+            rows.append(
+                {
+                    "impl": impl_name,
+                    "size": label,
+                    "bytes": nbytes,
+                    "allreduce_s": best,
+                    "allreduce_mean_s": mean,
+                    "allreduce_inplace_s": best_i,
+                    "allreduce_inplace_mean_s": mean_i,
+                }
+            )
     if ours.rank() == 0:
         with open(out_path, "w") as f:
             json.dump({"rows": rows, "backend": ours.basics.context().backend, "np": ours.size()}, f)
@@ -90,11 +105,23 @@ def _run_ours(np_: int, reps: int, out_path: str) -> None:
     port, job = _free_port(), "hvdbench-" + secrets.token_hex(3)
     procs = []
     for r in range(np_):
-        env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(np_), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(np_),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DISTTRAIN_JOB_ID=job, OMP_NUM_THREADS="1",
-                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", "--reps", str(reps),
-                                       "--out", out_path], env=env, cwd=ROOT))
+        env = dict(
+            os.environ,
+            RANK=str(r),
+            WORLD_SIZE=str(np_),
+            LOCAL_RANK=str(r),
+            LOCAL_WORLD_SIZE=str(np_),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            DISTTRAIN_JOB_ID=job,
+            OMP_NUM_THREADS="1",
+            PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, __file__, "--worker", "--reps", str(reps), "--out", out_path], env=env, cwd=ROOT
+            )
+        )
     try:
         for p in procs:
             p.wait(timeout=600)
@@ -109,11 +136,29 @@ def _run_ours(np_: int, reps: int, out_path: str) -> None:
 
 def _run_with_horovod(np_: int, reps: int, out_path: str) -> None:
     horovodrun = shutil.which("horovodrun") or os.path.join(os.path.dirname(sys.executable), "horovodrun")
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1",
-               DISTTRAIN_JOB_ID="hvdbench-" + secrets.token_hex(3),
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [horovodrun, "-np", str(np_), "-H", f"localhost:{np_}", "--gloo", sys.executable, __file__, "--worker",
-           "--reps", str(reps), "--out", out_path]
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        OMP_NUM_THREADS="1",
+        DISTTRAIN_JOB_ID="hvdbench-" + secrets.token_hex(3),
+        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    cmd = [
+        horovodrun,
+        "-np",
+        str(np_),
+        "-H",
+        f"localhost:{np_}",
+        "--gloo",
+        sys.executable,
+        __file__,
+        "--worker",
+        "--reps",
+        str(reps),
+        "--out",
+        out_path,
+    ]
     subprocess.run(cmd, env=env, cwd=ROOT, check=True, timeout=900)
 
 
@@ -143,12 +188,16 @@ def main(argv=None) -> int:
         res = json.load(f)
     os.unlink(out_path)
     rows = res["rows"]
-    print(f"allreduce, {res['np']} ranks, disttrain.horovod over {res['backend']}"
-          f"{' vs horovod 0.28.1 (gloo)' if with_peer else ' (horovod not installed)'}; best of {ns.reps}, ms")
+    print(
+        f"allreduce, {res['np']} ranks, disttrain.horovod over {res['backend']}"
+        f"{' vs horovod 0.28.1 (gloo)' if with_peer else ' (horovod not installed)'}; best of {ns.reps}, ms"
+    )
     print(f"{'impl':<20}{'size':>7}{'allreduce':>12}{'(mean)':>10}{'allreduce_':>12}{'(mean)':>10}")
     for r in rows:
-        print(f"{r['impl']:<20}{r['size']:>7}{r['allreduce_s'] * 1e3:>12.3f}{r['allreduce_mean_s'] * 1e3:>10.3f}"
-              f"{r['allreduce_inplace_s'] * 1e3:>12.3f}{r['allreduce_inplace_mean_s'] * 1e3:>10.3f}")
+        print(
+            f"{r['impl']:<20}{r['size']:>7}{r['allreduce_s'] * 1e3:>12.3f}{r['allreduce_mean_s'] * 1e3:>10.3f}"
+            f"{r['allreduce_inplace_s'] * 1e3:>12.3f}{r['allreduce_inplace_mean_s'] * 1e3:>10.3f}"
+        )
     ratios = {}
     for size in SIZES:
         a = next((r for r in rows if r["impl"] == "disttrain.horovod" and r["size"] == size), None)
@@ -156,9 +205,17 @@ def main(argv=None) -> int:
         if a and b:
             ratios[f"hvd_api_vs_horovod_allreduce_{size}"] = b["allreduce_s"] / a["allreduce_s"]
             ratios[f"hvd_api_vs_horovod_allreduce_inplace_{size}"] = b["allreduce_inplace_s"] / a["allreduce_inplace_s"]
-    doc = {"benchmark": "horovod", "date": datetime.date.today().isoformat(), "host": platform.node(),
-           "machine": f"{platform.machine()} {os.cpu_count()} cpus", "np": res["np"], "backend": res["backend"],
-           "horovod": with_peer, "rows": rows, "ratios": ratios}
+    doc = {
+        "benchmark": "horovod",
+        "date": datetime.date.today().isoformat(),
+        "host": platform.node(),
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+        "np": res["np"],
+        "backend": res["backend"],
+        "horovod": with_peer,
+        "rows": rows,
+        "ratios": ratios,
+    }
     print(json.dumps(doc, indent=1))
     if ns.json:
         with open(ns.json, "w") as f:

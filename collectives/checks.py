@@ -18,11 +18,11 @@ A rank that never arrives shows up as a timeout; :func:`missing_ranks` then asks
 job's store which ranks timed out at the same call, so the error can name the others.
 Cost: one extra small collective per op (measured in ``benchmarks/check_overhead.py``).
 """
+
 from __future__ import annotations
 
-import datetime
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -10,11 +10,12 @@ checks inline (``checks_inline = True``: it gets ``fingerprint=`` on every op).
 Async ops still check synchronously: the call returns once every rank has posted the
 same op (or raises), and the transfer itself overlaps with whatever the caller does next.
 """
+
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -33,9 +34,16 @@ class _Handle:
     """The Work returned to callers: waits on the backend's work, names missing ranks on a
     timeout, then runs ``after`` (AVG division, copy-back of non-contiguous tensors)."""
 
-    def __init__(self, comm: "Communicator", fp: Fingerprint, works: list[Work], timeout: float,
-                 after: list[Callable[[], None]], before: Callable[[], None] | None = None,
-                 members: list[int] | None = None):
+    def __init__(
+        self,
+        comm: Communicator,
+        fp: Fingerprint,
+        works: list[Work],
+        timeout: float,
+        after: list[Callable[[], None]],
+        before: Callable[[], None] | None = None,
+        members: list[int] | None = None,
+    ):
         self._comm, self._fp, self._works, self._timeout, self._members = comm, fp, works, timeout, members
         self._after, self._before, self._done = after, before, False
 
@@ -62,8 +70,17 @@ class _Handle:
 class Communicator:
     """A group of ranks and the backend that moves their tensors. Build with :func:`init`."""
 
-    def __init__(self, backend: Backend, env: DistEnv, *, check: bool = True, timeout: float = 300.0,
-                 group: str = "world", global_ranks: Sequence[int] | None = None, store=None):
+    def __init__(
+        self,
+        backend: Backend,
+        env: DistEnv,
+        *,
+        check: bool = True,
+        timeout: float = 300.0,
+        group: str = "world",
+        global_ranks: Sequence[int] | None = None,
+        store=None,
+    ):
         self.backend, self.env, self.check, self.timeout, self.group = backend, env, check, timeout, group
         self.global_ranks = list(global_ranks) if global_ranks is not None else list(range(backend.world_size))
         self.store = store if store is not None else getattr(backend, "store", None)
@@ -81,8 +98,10 @@ class Communicator:
         return self.backend.world_size
 
     def __repr__(self) -> str:
-        return (f"Communicator({self.backend.name}, group {self.group!r}, "
-                f"rank={self.rank}/{self.world_size} on {self.env.host})")
+        return (
+            f"Communicator({self.backend.name}, group {self.group!r}, "
+            f"rank={self.rank}/{self.world_size} on {self.env.host})"
+        )
 
     # -- argument handling -------------------------------------------------------------
     def _prep(self, op: str, tensors: Sequence[torch.Tensor], after: list | None) -> list[torch.Tensor]:
@@ -98,8 +117,10 @@ class Communicator:
                     f"supported: {', '.join(str(d) for d in SUPPORTED_DTYPES)}"
                 )
             if t.is_sparse or t.layout != torch.strided:
-                raise InvalidTensorError(f"rank {self.env.where}: {op} needs dense tensors, got layout {t.layout}"
-                                         "\nHINT: call .to_dense() first")
+                raise InvalidTensorError(
+                    f"rank {self.env.where}: {op} needs dense tensors, got layout {t.layout}"
+                    "\nHINT: call .to_dense() first"
+                )
             if not t.is_contiguous():
                 scratch = t.contiguous()
                 if after is not None:
@@ -116,18 +137,28 @@ class Communicator:
 
     def _list(self, op: str, what: str, tensors: Sequence[torch.Tensor]) -> None:
         if len(tensors) != self.world_size:
-            raise InvalidTensorError(f"rank {self.env.where}: {op} needs one {what} tensor per rank "
-                                     f"({self.world_size}), got {len(tensors)}")
+            raise InvalidTensorError(
+                f"rank {self.env.where}: {op} needs one {what} tensor per rank ({self.world_size}), got {len(tensors)}"
+            )
 
     def _fingerprint(self, op: str, shapes, dtype, extra: str = "", seq: int | None = None) -> Fingerprint:
         if seq is None:
             seq = self._seq
             self._seq += 1
-        return Fingerprint(seq, op, self.group, tuple(tuple(s) for s in shapes), str(dtype).removeprefix("torch."),
-                           extra, self.global_ranks[self.rank], call_site())
+        return Fingerprint(
+            seq,
+            op,
+            self.group,
+            tuple(tuple(s) for s in shapes),
+            str(dtype).removeprefix("torch."),
+            extra,
+            self.global_ranks[self.rank],
+            call_site(),
+        )
 
-    def _timeout_error(self, fp: Fingerprint, timeout: float, cause: Exception | None,
-                       members: Sequence[int] | None = None) -> CollectiveTimeoutError:
+    def _timeout_error(
+        self, fp: Fingerprint, timeout: float, cause: Exception | None, members: Sequence[int] | None = None
+    ) -> CollectiveTimeoutError:
         members = list(range(self.world_size)) if members is None else list(members)
         try:
             call = f"{fp.seq}" if fp.op != "p2p" else f"p2p{fp.extra.split()[0]}/{fp.seq}"
@@ -150,8 +181,15 @@ class Communicator:
             "check its log and traceback. Raise `timeout=` if the op is just slow."
         )
 
-    def _run(self, fp: Fingerprint, start: Callable[..., Work | list[Work] | None], after: list,
-             async_op: bool, timeout: float | None, skip: bool = False) -> Work | None:
+    def _run(
+        self,
+        fp: Fingerprint,
+        start: Callable[..., Work | list[Work] | None],
+        after: list,
+        async_op: bool,
+        timeout: float | None,
+        skip: bool = False,
+    ) -> Work | None:
         """Check (unless inline or off), start the backend op, then wait or hand back a handle."""
         timeout = self.timeout if timeout is None else timeout
         kwargs = {}
@@ -171,31 +209,53 @@ class Communicator:
         return None
 
     # -- collectives ---------------------------------------------------------------------
-    def allreduce(self, tensor: torch.Tensor, op: ReduceOp = ReduceOp.SUM, *, async_op: bool = False,
-                  timeout: float | None = None) -> Work | None:
+    def allreduce(
+        self, tensor: torch.Tensor, op: ReduceOp = ReduceOp.SUM, *, async_op: bool = False, timeout: float | None = None
+    ) -> Work | None:
         """All ranks: reduce ``tensor`` over the group, in place."""
         op = ReduceOp(op)
         after: list = []
         (t,) = self._prep("allreduce", [tensor], after)
         if op is ReduceOp.AVG and not t.is_floating_point():
-            raise InvalidTensorError(f"rank {self.env.where}: allreduce AVG of {t.dtype} would truncate"
-                                     "\nHINT: use SUM and divide, or a floating-point tensor")
+            raise InvalidTensorError(
+                f"rank {self.env.where}: allreduce AVG of {t.dtype} would truncate"
+                "\nHINT: use SUM and divide, or a floating-point tensor"
+            )
         fp = self._fingerprint("allreduce", [t.shape], t.dtype, f"op={op}")
-        return self._run(fp, lambda **kw: self.backend.allreduce(t, op, **kw), after, async_op, timeout,
-                         skip=t.numel() == 0 and not self._inline)
+        return self._run(
+            fp,
+            lambda **kw: self.backend.allreduce(t, op, **kw),
+            after,
+            async_op,
+            timeout,
+            skip=t.numel() == 0 and not self._inline,
+        )
 
-    def broadcast(self, tensor: torch.Tensor, src: int = 0, *, async_op: bool = False,
-                  timeout: float | None = None) -> Work | None:
+    def broadcast(
+        self, tensor: torch.Tensor, src: int = 0, *, async_op: bool = False, timeout: float | None = None
+    ) -> Work | None:
         """All ranks: ``tensor`` on every rank becomes rank ``src``'s (group rank)."""
         self._rank_arg("broadcast", "src", src)
         after: list = []
         (t,) = self._prep("broadcast", [tensor], after)
         fp = self._fingerprint("broadcast", [t.shape], t.dtype, f"src={src}")
-        return self._run(fp, lambda **kw: self.backend.broadcast(t, src, **kw), after, async_op, timeout,
-                         skip=t.numel() == 0 and not self._inline)
+        return self._run(
+            fp,
+            lambda **kw: self.backend.broadcast(t, src, **kw),
+            after,
+            async_op,
+            timeout,
+            skip=t.numel() == 0 and not self._inline,
+        )
 
-    def allgather(self, outputs: Sequence[torch.Tensor], tensor: torch.Tensor, *, async_op: bool = False,
-                  timeout: float | None = None) -> Work | None:
+    def allgather(
+        self,
+        outputs: Sequence[torch.Tensor],
+        tensor: torch.Tensor,
+        *,
+        async_op: bool = False,
+        timeout: float | None = None,
+    ) -> Work | None:
         """All ranks: ``outputs[r]`` receives rank r's ``tensor``; sizes may differ per rank
         (every rank passes the same list of output shapes)."""
         self._list("allgather", "output", outputs)
@@ -204,14 +264,29 @@ class Communicator:
         outs = self._prep("allgather", outputs, after)
         dtype = self._same_dtype("allgather", [t, *outs])
         if outs[self.rank].numel() != t.numel():
-            raise InvalidTensorError(f"rank {self.env.where}: allgather outputs[{self.rank}] has "
-                                     f"{outs[self.rank].numel()} elements but the input has {t.numel()}")
+            raise InvalidTensorError(
+                f"rank {self.env.where}: allgather outputs[{self.rank}] has "
+                f"{outs[self.rank].numel()} elements but the input has {t.numel()}"
+            )
         fp = self._fingerprint("allgather", [o.shape for o in outs], dtype)
-        return self._run(fp, lambda **kw: self.backend.allgather(outs, t, **kw), after, async_op, timeout,
-                         skip=all(o.numel() == 0 for o in outs) and not self._inline)
+        return self._run(
+            fp,
+            lambda **kw: self.backend.allgather(outs, t, **kw),
+            after,
+            async_op,
+            timeout,
+            skip=all(o.numel() == 0 for o in outs) and not self._inline,
+        )
 
-    def reduce_scatter(self, output: torch.Tensor, inputs: Sequence[torch.Tensor], op: ReduceOp = ReduceOp.SUM, *,
-                       async_op: bool = False, timeout: float | None = None) -> Work | None:
+    def reduce_scatter(
+        self,
+        output: torch.Tensor,
+        inputs: Sequence[torch.Tensor],
+        op: ReduceOp = ReduceOp.SUM,
+        *,
+        async_op: bool = False,
+        timeout: float | None = None,
+    ) -> Work | None:
         """All ranks: ``output`` receives the reduction over ranks of ``inputs[rank]``."""
         op = ReduceOp(op)
         self._list("reduce_scatter", "input", inputs)
@@ -220,17 +295,33 @@ class Communicator:
         ins = self._prep("reduce_scatter", inputs, None)
         dtype = self._same_dtype("reduce_scatter", [o, *ins])
         if ins[self.rank].numel() != o.numel():
-            raise InvalidTensorError(f"rank {self.env.where}: reduce_scatter output has {o.numel()} elements "
-                                     f"but inputs[{self.rank}] has {ins[self.rank].numel()}")
+            raise InvalidTensorError(
+                f"rank {self.env.where}: reduce_scatter output has {o.numel()} elements "
+                f"but inputs[{self.rank}] has {ins[self.rank].numel()}"
+            )
         if op is ReduceOp.AVG and not o.is_floating_point():
-            raise InvalidTensorError(f"rank {self.env.where}: reduce_scatter AVG of {dtype} would truncate"
-                                     "\nHINT: use SUM and divide, or a floating-point tensor")
+            raise InvalidTensorError(
+                f"rank {self.env.where}: reduce_scatter AVG of {dtype} would truncate"
+                "\nHINT: use SUM and divide, or a floating-point tensor"
+            )
         fp = self._fingerprint("reduce_scatter", [i.shape for i in ins], dtype, f"op={op}")
-        return self._run(fp, lambda **kw: self.backend.reduce_scatter(o, ins, op, **kw), after, async_op, timeout,
-                         skip=all(i.numel() == 0 for i in ins) and not self._inline)
+        return self._run(
+            fp,
+            lambda **kw: self.backend.reduce_scatter(o, ins, op, **kw),
+            after,
+            async_op,
+            timeout,
+            skip=all(i.numel() == 0 for i in ins) and not self._inline,
+        )
 
-    def all_to_all(self, outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], *, async_op: bool = False,
-                   timeout: float | None = None) -> Work | None:
+    def all_to_all(
+        self,
+        outputs: Sequence[torch.Tensor],
+        inputs: Sequence[torch.Tensor],
+        *,
+        async_op: bool = False,
+        timeout: float | None = None,
+    ) -> Work | None:
         """All ranks: ``inputs[r]`` goes to rank r and ``outputs[r]`` comes from rank r; the
         split sizes may differ (``outputs[r]`` must match rank r's ``inputs[rank]``; the check
         cannot compare split sizes across ranks, the transport rejects a wrong one)."""
@@ -249,16 +340,18 @@ class Communicator:
         return self._run(fp, lambda **kw: self.backend.barrier(**kw), [], async_op, timeout)
 
     # -- point to point ------------------------------------------------------------------
-    def send(self, tensor: torch.Tensor, dst: int, tag: int = 0, *, async_op: bool = False,
-             timeout: float | None = None) -> Work | None:
+    def send(
+        self, tensor: torch.Tensor, dst: int, tag: int = 0, *, async_op: bool = False, timeout: float | None = None
+    ) -> Work | None:
         """This rank to group rank ``dst``; pairs with ``recv(src=this rank, tag)`` there."""
         self._p2p_args("send", dst, tag)
         (t,) = self._prep("send", [tensor], None)
         fp = self._p2p_fingerprint(t, self.rank, dst, tag, self._sent)
         return self._p2p(fp, t, dst, tag, True, async_op, timeout, [])
 
-    def recv(self, tensor: torch.Tensor, src: int, tag: int = 0, *, async_op: bool = False,
-             timeout: float | None = None) -> Work | None:
+    def recv(
+        self, tensor: torch.Tensor, src: int, tag: int = 0, *, async_op: bool = False, timeout: float | None = None
+    ) -> Work | None:
         """Into ``tensor`` from group rank ``src``; pairs with ``send(dst=this rank, tag)`` there."""
         self._p2p_args("recv", src, tag)
         after: list = []
@@ -295,6 +388,7 @@ class Communicator:
                         # alive, or the transport would later write into freed memory.
                         _ORPHANS.append((works, t))
                         raise
+
             if t.numel():
                 works.append((self.backend.send if is_send else self.backend.recv)(t, peer, tag))
         handle = _Handle(self, fp, works, timeout, after, before, sorted({self.rank, peer}))
@@ -305,8 +399,10 @@ class Communicator:
 
     def _rank_arg(self, op: str, name: str, r: int) -> None:
         if not isinstance(r, int) or not 0 <= r < self.world_size:
-            raise InvalidTensorError(f"rank {self.env.where}: {op} {name}={r!r} is not a rank of group "
-                                     f"{self.group!r} (size {self.world_size})")
+            raise InvalidTensorError(
+                f"rank {self.env.where}: {op} {name}={r!r} is not a rank of group "
+                f"{self.group!r} (size {self.world_size})"
+            )
 
     def _p2p_args(self, op: str, peer: int, tag: int) -> None:
         self._rank_arg(op, "peer", peer)
@@ -316,27 +412,36 @@ class Communicator:
             raise InvalidTensorError(f"rank {self.env.where}: {op} tag={tag!r} must be in [0, {checks.CHECK_TAG})")
 
     # -- groups --------------------------------------------------------------------------
-    def new_group(self, ranks: Sequence[int]) -> "Communicator | None":
+    def new_group(self, ranks: Sequence[int]) -> Communicator | None:
         """All ranks of this group call it with the same ``ranks`` (group ranks, any order);
         members get the new communicator (ranked in ascending order), the others None."""
         members = sorted(set(ranks))
         if not members or any(not isinstance(r, int) or not 0 <= r < self.world_size for r in members):
-            raise InvalidTensorError(f"rank {self.env.where}: new_group({list(ranks)}) needs ranks of group "
-                                     f"{self.group!r} in [0, {self.world_size})")
+            raise InvalidTensorError(
+                f"rank {self.env.where}: new_group({list(ranks)}) needs ranks of group "
+                f"{self.group!r} in [0, {self.world_size})"
+            )
         fp = self._fingerprint("new_group", [], "none", f"ranks={members}")
         self._run(fp, lambda **kw: None, [], False, None)
         return self._make_group(members)
 
-    def _make_group(self, members: list[int]) -> "Communicator | None":
+    def _make_group(self, members: list[int]) -> Communicator | None:
         sub = self.backend.new_group(members)
         if sub is None:
             return None
         global_ranks = [self.global_ranks[r] for r in members]
         name = "[" + ",".join(map(str, global_ranks)) + "]"
-        return Communicator(sub, self.env, check=self.check, timeout=self.timeout, group=name,
-                            global_ranks=global_ranks, store=self.store)
+        return Communicator(
+            sub,
+            self.env,
+            check=self.check,
+            timeout=self.timeout,
+            group=name,
+            global_ranks=global_ranks,
+            store=self.store,
+        )
 
-    def split(self, color: int) -> "Communicator | None":
+    def split(self, color: int) -> Communicator | None:
         """All ranks: like MPI_Comm_split, ranks with the same ``color`` form a group (ranked in
         ascending order of their rank here). A negative color means "no group" (returns None)."""
         mine = torch.tensor([int(color), self.rank], dtype=torch.int64)
@@ -360,8 +465,15 @@ class Communicator:
         self.backend.close()
 
 
-def init(backend: str = "torch", *, store=None, env: DistEnv | None = None, check: bool = True,
-         timeout: float = 300.0, device: str = "cpu") -> Communicator:
+def init(
+    backend: str = "torch",
+    *,
+    store=None,
+    env: DistEnv | None = None,
+    check: bool = True,
+    timeout: float = 300.0,
+    device: str = "cpu",
+) -> Communicator:
     """Create the world communicator. Every rank calls it once, collectively; blocks until all join.
 
     ``store`` is a ``torch.distributed.Store`` the ranks share (the launcher's authenticated

@@ -4,12 +4,13 @@ Order of precedence: our launcher and torchrun (``RANK``/``WORLD_SIZE``...), the
 ``srun`` (``SLURM_PROCID``...), then MPI launchers (MPICH/Hydra ``PMI_RANK``, Open MPI
 ``OMPI_COMM_WORLD_RANK``), then a single process. Nothing here opens a connection.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
 import socket
-from typing import Mapping
+from collections.abc import Mapping
 
 from .errors import CollectivesError
 

@@ -3,6 +3,7 @@
 Every error a collective raises derives from :class:`CollectivesError`, so callers
 can catch one type. Messages name the rank, the op and the call site, then a HINT.
 """
+
 from __future__ import annotations
 
 

@@ -9,12 +9,14 @@ Backends either exchange fingerprints inline with their own synchronisation (the
 ``checks_inline = True`` and accept a ``fingerprint=`` keyword on every op), or the
 communicator runs a separate check before the op (see ``collectives.checks``).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
 import sys
+
 import xxhash
 
 from .errors import CollectiveMismatchError
@@ -45,7 +47,7 @@ class Fingerprint:
         return raw.ljust(ENCODED_SIZE, b"\0")
 
     @classmethod
-    def decode(cls, raw: bytes) -> "Fingerprint":
+    def decode(cls, raw: bytes) -> Fingerprint:
         d = json.loads(bytes(raw).rstrip(b"\0").decode())
         d["shapes"] = tuple(tuple(s) for s in d["shapes"])
         return cls(**d)

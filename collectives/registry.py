@@ -4,6 +4,7 @@ Heavy imports (mpi4py, cupy) live inside the backend modules, so importing
 ``collectives`` stays cheap and a missing optional dependency only matters to the
 user who names that backend.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -23,8 +24,7 @@ def register(name: str, target: str) -> None:
     """Register ``target`` (``"module:Class"``) under ``name``. Refuses duplicates."""
     if name in _BACKENDS and _BACKENDS[name] != target:
         raise BackendUnavailableError(
-            f"backend {name!r} is already registered as {_BACKENDS[name]!r}; "
-            f"refusing to replace it with {target!r}"
+            f"backend {name!r} is already registered as {_BACKENDS[name]!r}; refusing to replace it with {target!r}"
         )
     _BACKENDS[name] = target
 

@@ -1,4 +1,5 @@
 """Small value types shared by every backend: reduce ops and the async work handle."""
+
 from __future__ import annotations
 
 import enum

@@ -8,6 +8,7 @@
 Nothing here unpickles or runs code from the checkpoint. Exit codes: 0 ok, 1 the
 checkpoint fails (or the layout cannot load it), 2 usage error.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,10 @@ def _pick(path: str, all_: bool = False) -> list[str]:
 
     found = resolve(path)
     if not found:
-        raise SystemExit(f"disttrain ckpt: no committed checkpoint under {path}\n"
-                         "HINT: pass a run directory, its checkpoints/ directory or a step_* directory")
+        raise SystemExit(
+            f"disttrain ckpt: no committed checkpoint under {path}\n"
+            "HINT: pass a run directory, its checkpoints/ directory or a step_* directory"
+        )
     return found if all_ else found[:1]
 
 
@@ -34,8 +37,10 @@ def cmd_verify(ns) -> int:
         try:
             r = CheckpointReader(path)
             r.verify_all()
-            print(f"OK   {path}: step {r.step}, {len(r.manifest.files)} files, {r.manifest.nbytes():,} bytes, "
-                  f"{len(r.names)} tensors")
+            print(
+                f"OK   {path}: step {r.step}, {len(r.manifest.files)} files, {r.manifest.nbytes():,} bytes, "
+                f"{len(r.names)} tensors"
+            )
         except CheckpointError as exc:
             bad += 1
             print(f"FAIL {path}: {exc}")
@@ -53,9 +58,21 @@ def cmd_inspect(ns) -> int:
         return 1
     m = r.manifest
     if ns.json:
-        print(json.dumps({"path": path, "step": m.step, "world_size": m.world_size, "layout": m.layout,
-                          "files": m.files, "tensors": {n: {"shape": t.shape, "dtype": t.dtype, "pieces": len(t.pieces)}
-                                                        for n, t in m.tensors.items()}}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "path": path,
+                    "step": m.step,
+                    "world_size": m.world_size,
+                    "layout": m.layout,
+                    "files": m.files,
+                    "tensors": {
+                        n: {"shape": t.shape, "dtype": t.dtype, "pieces": len(t.pieces)} for n, t in m.tensors.items()
+                    },
+                },
+                indent=1,
+            )
+        )
         return 0
     print(f"{path}\n  step {m.step}, saved on {m.world_size} ranks, layout {json.dumps(m.layout)}")
     print(f"  {len(m.files)} files, {m.nbytes():,} bytes:")
@@ -85,8 +102,10 @@ def cmd_consolidate(ns) -> int:
         return 1
     os.makedirs(os.path.dirname(os.path.abspath(ns.out)), exist_ok=True)
     save_file(out, ns.out, metadata={"step": str(r.step), "source": path})
-    print(f"wrote {ns.out}: {len(out)} tensors from step {r.step} "
-          "(model.load_state_dict(safetensors.torch.load_file(PATH)))")
+    print(
+        f"wrote {ns.out}: {len(out)} tensors from step {r.step} "
+        "(model.load_state_dict(safetensors.torch.load_file(PATH)))"
+    )
     return 0
 
 
@@ -95,15 +114,21 @@ def cmd_reshard(ns) -> int:
     from .checkpoint.reshard import check, parse_layout
 
     if not ns.check:
-        print("disttrain ckpt reshard: only --check is offered; a checkpoint reshards itself when a job with "
-              "another layout or world size resumes from it", file=sys.stderr)
+        print(
+            "disttrain ckpt reshard: only --check is offered; a checkpoint reshards itself when a job with "
+            "another layout or world size resumes from it",
+            file=sys.stderr,
+        )
         return 2
     path = _pick(ns.path)[0]
     try:
         target = parse_layout(ns.to)
         r = CheckpointReader(path, verify=False)
-        missing = [f for f, i in r.manifest.files.items()
-                   if not os.path.isfile(os.path.join(path, f)) or os.path.getsize(os.path.join(path, f)) != i["size"]]
+        missing = [
+            f
+            for f, i in r.manifest.files.items()
+            if not os.path.isfile(os.path.join(path, f)) or os.path.getsize(os.path.join(path, f)) != i["size"]
+        ]
         state = r.state() if not missing else {}
     except CheckpointError as exc:
         print(f"NO   {path}: {exc}")
@@ -111,8 +136,10 @@ def cmd_reshard(ns) -> int:
     ok, lines = check(r.manifest, target, state)
     if missing:
         ok, lines = False, [f"file {f} is missing or has the wrong size" for f in missing] + lines
-    print(f"{'YES' if ok else 'NO '}  {path} (step {r.step}, {r.manifest.world_size} ranks, "
-          f"{r.manifest.layout.get('strategy', '?')}) -> {target}")
+    print(
+        f"{'YES' if ok else 'NO '}  {path} (step {r.step}, {r.manifest.world_size} ranks, "
+        f"{r.manifest.layout.get('strategy', '?')}) -> {target}"
+    )
     for line in lines:
         print(f"  - {line}")
     return 0 if ok else 1
@@ -136,8 +163,9 @@ def main(argv: list[str]) -> int:
     r.add_argument("--check", action="store_true")
     r.add_argument("--to", required=True, help="STRATEGY:WORLD[,tp=N][,pp=N], e.g. zero2:3")
     ns = p.parse_args(argv)
-    return {"verify": cmd_verify, "inspect": cmd_inspect, "consolidate": cmd_consolidate,
-            "reshard": cmd_reshard}[ns.cmd](ns)
+    return {"verify": cmd_verify, "inspect": cmd_inspect, "consolidate": cmd_consolidate, "reshard": cmd_reshard}[
+        ns.cmd
+    ](ns)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """The ``disttrain`` command.
 
-    disttrain run configs/digits.yaml --nproc 2 train.steps=100
-    disttrain launch --nproc-per-node 2 train.py --lr 3e-4     # torchrun-style
-    disttrain launch --hosts a:2,b:2 -m disttrain.worker run.yaml   # fan out over ssh
-    disttrain submit configs/digits.yaml --nodes 2 --ntasks-per-node 4 [--dry-run]   # SLURM
-    disttrain ckpt verify|inspect|consolidate|reshard RUN_DIR ...
+disttrain run configs/digits.yaml --nproc 2 train.steps=100
+disttrain launch --nproc-per-node 2 train.py --lr 3e-4     # torchrun-style
+disttrain launch --hosts a:2,b:2 -m disttrain.worker run.yaml   # fan out over ssh
+disttrain submit configs/digits.yaml --nodes 2 --ntasks-per-node 4 [--dry-run]   # SLURM
+disttrain ckpt verify|inspect|consolidate|reshard RUN_DIR ...
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,11 +40,18 @@ def cmd_run(argv: list[str]) -> int:
     resolved = os.path.join(run_dir, "config.yaml")
     cfg.run.dir = run_dir
     config_mod.save(cfg, resolved)
-    print(f"disttrain: {cfg.run.name}: {cfg.launch.nproc} workers, backend {cfg.launch.backend}, "
-          f"strategy {cfg.parallel.strategy}, run dir {run_dir}", flush=True)
+    print(
+        f"disttrain: {cfg.run.name}: {cfg.launch.nproc} workers, backend {cfg.launch.backend}, "
+        f"strategy {cfg.parallel.strategy}, run dir {run_dir}",
+        flush=True,
+    )
     only = frozenset(int(r) for r in ns.ranks.split(",")) if ns.ranks else None
-    spec = WorkerSpec(entrypoint=["-m", "disttrain.worker", resolved], nproc=cfg.launch.nproc,
-                      log_dir=os.path.join(run_dir, "logs"), only_ranks=only)
+    spec = WorkerSpec(
+        entrypoint=["-m", "disttrain.worker", resolved],
+        nproc=cfg.launch.nproc,
+        log_dir=os.path.join(run_dir, "logs"),
+        only_ranks=only,
+    )
     node = NodeSpec(master_port=free_port(), job_id=f"{cfg.run.name}-{secrets.token_hex(3)}")
     return launch(spec, node, cfg.launch.max_restarts).exit_code
 

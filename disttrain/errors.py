@@ -1,4 +1,5 @@
 """The error family of the disttrain package."""
+
 from __future__ import annotations
 
 

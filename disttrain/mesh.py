@@ -11,6 +11,7 @@ allreduces are cheapest), pipeline stages are the outermost blocks.
 Each axis's sub-groups are created once, here, by every rank in the same order (some
 backends need every rank of the parent to take part in creating every group).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -75,7 +76,8 @@ def resolve_shape(world_size: int, dp: int | str = "auto", tp: int = 1, pp: int 
             raise MeshError(
                 f"parallel.mesh: tp ({tp}) x pp ({pp}) = {tp * pp} does not divide the world size ({world_size}), "
                 f"so dp='auto' has no integer value\nHINT: pick tp and pp whose product divides {world_size}, "
-                f"or change the number of processes")
+                f"or change the number of processes"
+            )
         dp = world_size // (tp * pp)
     if not isinstance(dp, int) or dp < 1:
         raise MeshError(f"parallel.mesh.dp={dp!r}: expected an integer >= 1 or 'auto'")
@@ -83,7 +85,8 @@ def resolve_shape(world_size: int, dp: int | str = "auto", tp: int = 1, pp: int 
         raise MeshError(
             f"parallel.mesh: dp ({dp}) x tp ({tp}) x pp ({pp}) = {dp * tp * pp}, but the world size is {world_size}\n"
             f"HINT: the degrees must multiply to the number of processes; set dp: auto to let it fill in "
-            f"{world_size}/(tp*pp)")
+            f"{world_size}/(tp*pp)"
+        )
     return MeshShape(dp, tp, pp)
 
 
@@ -92,8 +95,10 @@ class DeviceMesh:
 
     def __init__(self, comm: Communicator, shape: MeshShape):
         if shape.world_size != comm.world_size:
-            raise MeshError(f"rank {comm.env.where}: mesh {shape} has {shape.world_size} ranks, the world has "
-                            f"{comm.world_size}\nHINT: build it with resolve_shape(world_size, ...)")
+            raise MeshError(
+                f"rank {comm.env.where}: mesh {shape} has {shape.world_size} ranks, the world has "
+                f"{comm.world_size}\nHINT: build it with resolve_shape(world_size, ...)"
+            )
         self.comm, self.shape = comm, shape
         self._coords = shape.coords(comm.rank)
         self._groups: dict[str, Communicator | None] = {}

@@ -10,6 +10,7 @@ Trainer call order, every rank: ``scaler.scale(loss).backward()`` per micro-batc
 ``strategy.finish_gradients()``, ``ok = scaler.unscale_(strategy.grad_tensors(), comm)``
 (collective: one allreduce), clip, ``optimizer_step()`` only if ``ok``, ``scaler.update(ok)``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,9 +31,19 @@ def autocast(precision: str, device: str):
 
 
 class LossScaler:
-    def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0, backoff_factor: float = 0.5,
-                 growth_interval: int = 2000):
-        self.scale_value, self.growth, self.backoff, self.interval = init_scale, growth_factor, backoff_factor, growth_interval
+    def __init__(
+        self,
+        init_scale: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+    ):
+        self.scale_value, self.growth, self.backoff, self.interval = (
+            init_scale,
+            growth_factor,
+            backoff_factor,
+            growth_interval,
+        )
         self._clean = 0
         self.skipped = 0
 

@@ -14,6 +14,7 @@ Call order, every rank: ``build_preemption(cfg, comm)`` (installs the handlers) 
 trainer calls ``on_start``/``on_step_end``/``on_end`` -> the worker calls ``finish()``
 after its final barrier and exits with the code it returns.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,9 +24,9 @@ import signal
 import torch
 
 from collectives import Communicator, ReduceOp
+from launcher.slurm import parse_signal
 
 from .config import ExperimentConfig, SlurmConfig
-from launcher.slurm import parse_signal
 
 log = logging.getLogger(__name__)
 
@@ -105,17 +106,24 @@ class Preemption:
             print(f"preemption: stopped at step {self.stop_step}; slurm.requeue is off, not requeueing", flush=True)
             return 0
         if not self.checkpointing:
-            print("preemption: checkpoint.enabled is off, so a requeued job would start over; not requeueing. "
-                  "HINT: enable checkpoints to resume after preemption", flush=True)
+            print(
+                "preemption: checkpoint.enabled is off, so a requeued job would start over; not requeueing. "
+                "HINT: enable checkpoints to resume after preemption",
+                flush=True,
+            )
             return EX_TEMPFAIL
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
         if restarts >= self.cfg.max_requeues:
-            print(f"preemption: job already requeued {restarts} times (slurm.max_requeues={self.cfg.max_requeues});"
-                  " not requeueing again", flush=True)
+            print(
+                f"preemption: job already requeued {restarts} times (slurm.max_requeues={self.cfg.max_requeues});"
+                " not requeueing again",
+                flush=True,
+            )
             return EX_TEMPFAIL
         try:
-            done = slurm.requeue(slurm.requeue_id(), os.environ.get("SLURM_ARRAY_TASK_ID"),
-                                 os.environ.get("DISTTRAIN_SLURM_SCRIPT"))
+            done = slurm.requeue(
+                slurm.requeue_id(), os.environ.get("SLURM_ARRAY_TASK_ID"), os.environ.get("DISTTRAIN_SLURM_SCRIPT")
+            )
         except slurm.SlurmEnvError as exc:
             print(f"preemption: checkpoint of step {self.stop_step} saved, but {exc}", flush=True)
             return EX_TEMPFAIL

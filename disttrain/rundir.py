@@ -2,6 +2,7 @@
 
 Only rank 0 writes here (logs are written by the launcher). Files are replaced atomically.
 """
+
 from __future__ import annotations
 
 import json

@@ -11,6 +11,7 @@ sees). Job name, output path, requeue, the warning signal and everything else un
 (``single_node``, ``multi_node``, ``job_array``) or ``slurm.template``; they use
 ``{{key}}`` placeholders, and a placeholder we do not provide is an error naming it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,10 @@ def template_path(cfg: config_mod.SlurmConfig, nodes: int) -> str:
 def launch_line(cfg: config_mod.ExperimentConfig, config_path: str, ntasks_per_node: int) -> str:
     s, py = cfg.slurm, shlex.quote(sys.executable)
     if s.mode == "agent":  # one agent per node; it starts the node's workers
-        return (f"srun --ntasks-per-node=1 --kill-on-bad-exit=1 {py} -u -m launcher.slurm_agent "
-                f"--nproc-per-node {ntasks_per_node} -m {s.worker_module} {shlex.quote(config_path)}")
+        return (
+            f"srun --ntasks-per-node=1 --kill-on-bad-exit=1 {py} -u -m launcher.slurm_agent "
+            f"--nproc-per-node {ntasks_per_node} -m {s.worker_module} {shlex.quote(config_path)}"
+        )
     return f"srun --kill-on-bad-exit=1 {py} -u -m {s.worker_module} {shlex.quote(config_path)}"
 
 
@@ -68,8 +71,12 @@ def build_values(cfg: config_mod.ExperimentConfig, config_path: str, script_path
     per_node = s.ntasks_per_node or cfg.launch.nproc
     run_dir = cfg.run.dir
     options = []
-    for flag, value in (("partition", s.partition), ("time", s.time), ("gpus-per-node", s.gpus_per_node),
-                        ("cpus-per-task", s.cpus_per_task if s.mode == "srun" else (s.cpus_per_task or per_node))):
+    for flag, value in (
+        ("partition", s.partition),
+        ("time", s.time),
+        ("gpus-per-node", s.gpus_per_node),
+        ("cpus-per-task", s.cpus_per_task if s.mode == "srun" else (s.cpus_per_task or per_node)),
+    ):
         if value is not None:
             options.append(f"#SBATCH --{flag}={value}")
     for extra in s.extra_sbatch:
@@ -125,8 +132,9 @@ def submit(script_path: str, timeout: float = 60.0) -> str:
     try:
         proc = subprocess.run(["sbatch", "--parsable", script_path], capture_output=True, text=True, timeout=timeout)
     except FileNotFoundError:
-        raise SubmitError(["sbatch: not found. HINT: run `disttrain submit` on a SLURM login node, or use --dry-run"]) \
-            from None
+        raise SubmitError(
+            ["sbatch: not found. HINT: run `disttrain submit` on a SLURM login node, or use --dry-run"]
+        ) from None
     except subprocess.TimeoutExpired:
         raise SubmitError([f"sbatch {script_path}: no answer in {timeout:g}s (is slurmctld up?)"]) from None
     if proc.returncode != 0:
@@ -134,13 +142,25 @@ def submit(script_path: str, timeout: float = 60.0) -> str:
     return proc.stdout.strip().split(";")[0]
 
 
-_FLAGS = ("nodes", "ntasks_per_node", "partition", "time", "gpus_per_node", "cpus_per_task", "array", "mode",
-          "template", "job_name")
+_FLAGS = (
+    "nodes",
+    "ntasks_per_node",
+    "partition",
+    "time",
+    "gpus_per_node",
+    "cpus_per_task",
+    "array",
+    "mode",
+    "template",
+    "job_name",
+)
 
 
 def cmd_submit(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="disttrain submit", description="Render an sbatch script from an experiment "
-                                "and submit it (requeued and resumed after preemption).")
+    p = argparse.ArgumentParser(
+        prog="disttrain submit",
+        description="Render an sbatch script from an experiment and submit it (requeued and resumed after preemption).",
+    )
     p.add_argument("config", help="experiment YAML")
     p.add_argument("--nodes", "-N", type=int, help="nodes (slurm.nodes)")
     p.add_argument("--ntasks-per-node", type=int, help="workers per node (slurm.ntasks_per_node; default launch.nproc)")
@@ -178,6 +198,9 @@ def cmd_submit(argv: list[str]) -> int:
     except SubmitError as exc:
         print(exc, file=sys.stderr)
         return 1
-    print(f"disttrain: submitted {cfg.slurm.job_name or cfg.run.name} as job {job}: {cfg.slurm.nodes} node(s) x "
-          f"{cfg.slurm.ntasks_per_node} worker(s); run dir {cfg.run.dir}; script {script_path}", flush=True)
+    print(
+        f"disttrain: submitted {cfg.slurm.job_name or cfg.run.name} as job {job}: {cfg.slurm.nodes} node(s) x "
+        f"{cfg.slurm.ntasks_per_node} worker(s); run dir {cfg.run.dir}; script {script_path}",
+        flush=True,
+    )
     return 0

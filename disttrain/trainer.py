@@ -5,6 +5,7 @@ Losses are summed per sample and divided by the *global* sample count, so the re
 gradient equals one process's gradient on the same global batch, whatever the world
 size or micro-batching (the equivalence tests rely on this).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,8 +38,16 @@ def build_optimizer(cfg, params) -> torch.optim.Optimizer:
 
 
 class Trainer:
-    def __init__(self, cfg: ExperimentConfig, comm: Communicator, model: nn.Module, task: Task,
-                 run_dir: RunDir | None = None, device: str = "cpu", callbacks: list | None = None):
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        comm: Communicator,
+        model: nn.Module,
+        task: Task,
+        run_dir: RunDir | None = None,
+        device: str = "cpu",
+        callbacks: list | None = None,
+    ):
         self.cfg, self.comm, self.task, self.device = cfg, comm, task, device
         self.run_dir = run_dir
         self.model = model.to(device)
@@ -47,8 +56,9 @@ class Trainer:
         # same samples and report the same loss (counted once in the logged metrics).
         self.dp_rank = getattr(self.strategy, "dp_rank", comm.rank)
         self.dp_size = getattr(self.strategy, "dp_size", comm.world_size)
-        self.sampler = GlobalBatchSampler(task.num_train, cfg.train.batch_size, cfg.run.seed, self.dp_rank,
-                                          self.dp_size)
+        self.sampler = GlobalBatchSampler(
+            task.num_train, cfg.train.batch_size, cfg.run.seed, self.dp_rank, self.dp_size
+        )
         self.step = 0  # optimizer steps completed; also the data position
         self.stop_requested = False  # set from a signal handler (preemption); honoured at a step boundary
         self.history: list[dict] = []
@@ -159,9 +169,14 @@ class Trainer:
                 self.comm.allreduce(stats, ReduceOp.SUM)
                 stats /= self.comm.world_size // self.dp_size  # replicas of one dp rank's loss and samples
                 elapsed = time.perf_counter() - window_start
-                rec = {"step": self.step, "loss": float(stats[0] / window_loss[1]), "grad_norm": last_norm,
-                       "lr": self.lr(self.step - 1), "samples_per_s": float(stats[2]) / elapsed,
-                       "time": time.perf_counter() - start}
+                rec = {
+                    "step": self.step,
+                    "loss": float(stats[0] / window_loss[1]),
+                    "grad_norm": last_norm,
+                    "lr": self.lr(self.step - 1),
+                    "samples_per_s": float(stats[2]) / elapsed,
+                    "time": time.perf_counter() - start,
+                }
                 if self.task.is_lm:
                     rec["tokens_per_s"] = rec["samples_per_s"] * self.task.units_per_sample
                 if eval_now:
@@ -176,10 +191,14 @@ class Trainer:
         final = self.evaluate()
         wall = time.perf_counter() - start
         summary = {
-            "experiment": self.cfg.run.name, "steps": self.step, "world_size": self.comm.world_size,
-            "backend": self.comm.backend.name, "strategy": self.cfg.parallel.strategy,
+            "experiment": self.cfg.run.name,
+            "steps": self.step,
+            "world_size": self.comm.world_size,
+            "backend": self.comm.backend.name,
+            "strategy": self.cfg.parallel.strategy,
             "final_loss": self.history[-1]["loss"] if self.history else None,
-            **{f"final_{k}": v for k, v in final.items()}, "wall_time_s": wall,
+            **{f"final_{k}": v for k, v in final.items()},
+            "wall_time_s": wall,
             "stopped_early": self.step < tcfg.steps,
         }
         if self.run_dir:
@@ -189,9 +208,14 @@ class Trainer:
 
     def _print_progress(self, rec: dict) -> None:
         total = self.cfg.train.steps
-        speed = (f"{rec['tokens_per_s']:,.0f} tok/s" if "tokens_per_s" in rec else f"{rec['samples_per_s']:,.0f} samples/s")
+        speed = (
+            f"{rec['tokens_per_s']:,.0f} tok/s" if "tokens_per_s" in rec else f"{rec['samples_per_s']:,.0f} samples/s"
+        )
         extra = "".join(f" | {k} {v:.4f}" for k, v in rec.items() if k.startswith("eval_"))
         bar_w = 20
         filled = int(bar_w * rec["step"] / total)
-        print(f"[{'#' * filled}{'.' * (bar_w - filled)}] step {rec['step']}/{total} | loss {rec['loss']:.4f} | "
-              f"grad {rec['grad_norm']:.3f} | lr {rec['lr']:.2e} | {speed}{extra}", flush=True)
+        print(
+            f"[{'#' * filled}{'.' * (bar_w - filled)}] step {rec['step']}/{total} | loss {rec['loss']:.4f} | "
+            f"grad {rec['grad_norm']:.3f} | lr {rec['lr']:.2e} | {speed}{extra}",
+            flush=True,
+        )

@@ -3,6 +3,7 @@
 Started by ``disttrain run`` (through the launcher), or directly by torchrun, srun or
 mpirun: it reads its place in the job from the environment (collectives.read_env).
 """
+
 from __future__ import annotations
 
 import logging
@@ -14,21 +15,21 @@ from launcher.slurm import catch_signals_early
 
 catch_signals_early()  # first thing: a SLURM warning signal while torch imports must not kill set-up
 
+# The heavy imports below come after the signal handler above, on purpose.
 import numpy as np  # noqa: E402
-import torch
+import torch  # noqa: E402
 
-import collectives
+import collectives  # noqa: E402
+from launcher.errors import LauncherError  # noqa: E402
+from launcher.slurm import setup_worker as setup_slurm_worker  # noqa: E402
 
-from launcher.errors import LauncherError
-from launcher.slurm import setup_worker as setup_slurm_worker
-
-from . import config as config_mod
-from . import preemption
-from .checkpoint import maybe_build_checkpointer
-from .data import build_task
-from .models import build_model
-from .rundir import RunDir
-from .trainer import Trainer
+from . import config as config_mod  # noqa: E402
+from . import preemption  # noqa: E402
+from .checkpoint import maybe_build_checkpointer  # noqa: E402
+from .data import build_task  # noqa: E402
+from .models import build_model  # noqa: E402
+from .rundir import RunDir  # noqa: E402
+from .trainer import Trainer  # noqa: E402
 
 
 def seed_everything(seed: int) -> None:
@@ -52,8 +53,14 @@ def init_communicator(cfg: config_mod.ExperimentConfig) -> collectives.Communica
     if cfg.launch.device == "cuda":
         torch.cuda.set_device(env.local_rank)
         device = f"cuda:{env.local_rank}"
-    return collectives.init(cfg.launch.backend, store=connect_store(cfg.launch.timeout), env=env,
-                            check=cfg.launch.check_collectives, timeout=cfg.launch.timeout, device=device)
+    return collectives.init(
+        cfg.launch.backend,
+        store=connect_store(cfg.launch.timeout),
+        env=env,
+        check=cfg.launch.check_collectives,
+        timeout=cfg.launch.timeout,
+        device=device,
+    )
 
 
 def build_trainer(cfg: config_mod.ExperimentConfig, comm: collectives.Communicator) -> Trainer:
@@ -62,9 +69,16 @@ def build_trainer(cfg: config_mod.ExperimentConfig, comm: collectives.Communicat
     num_inputs = task.train_x.shape[1] if not task.is_lm else 0
     model = build_model(cfg.model, num_inputs, task.num_classes)
     device = getattr(comm.backend, "device", None) or "cpu"  # backends say None for "the CPU"
-    return Trainer(cfg, comm, model, task, RunDir(cfg.run.dir, comm.rank), device=str(device),
-                   callbacks=preemption.build_callbacks(cfg, comm)  # preemption first, before checkpoints
-                   + [cb for cb in [maybe_build_checkpointer(cfg.checkpoint, comm)] if cb is not None])
+    return Trainer(
+        cfg,
+        comm,
+        model,
+        task,
+        RunDir(cfg.run.dir, comm.rank),
+        device=str(device),
+        callbacks=preemption.build_callbacks(cfg, comm)  # preemption first, before checkpoints
+        + [cb for cb in [maybe_build_checkpointer(cfg.checkpoint, comm)] if cb is not None],
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,8 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         trainer.run_dir.plot_loss()
         acc = summary.get("final_eval_accuracy")
         acc_s = f", eval accuracy {acc:.2%}" if acc is not None else f", eval loss {summary['final_eval_loss']:.4f}"
-        print(f"done: {summary['steps']} steps on {summary['world_size']} ranks in {summary['wall_time_s']:.1f}s, "
-              f"final loss {float('nan') if summary['final_loss'] is None else summary['final_loss']:.4f}{acc_s}", flush=True)
+        print(
+            f"done: {summary['steps']} steps on {summary['world_size']} ranks in {summary['wall_time_s']:.1f}s, "
+            f"final loss {float('nan') if summary['final_loss'] is None else summary['final_loss']:.4f}{acc_s}",
+            flush=True,
+        )
     trainer.run_dir.close()
     comm.barrier()  # nobody tears down the transport while a peer may still use it
     code = preemption.finish(trainer)  # a preempted SLURM job: rank 0 requeues it (everyone has saved)

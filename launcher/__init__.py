@@ -6,16 +6,26 @@ Names load lazily, so a worker's ``python -m launcher.bootstrap`` imports almost
     from launcher import JobSpec, WorkerSpec, run_job, HostSlots
     result = run_job(WorkerSpec(["train.py"], nproc=2), JobSpec(hosts=[HostSlots("node1", 2), HostSlots("node2", 2)]))
 """
+
 from __future__ import annotations
 
 import importlib
 
 _EXPORTS = {
-    "LocalAgent": "agent", "NodeSpec": "agent", "RunResult": "agent",
-    "LauncherError": "errors", "LaunchConfigError": "errors",
-    "HostSlots": "hostfile", "JobSpec": "job", "run_job": "job", "SshOptions": "ssh",
-    "Failure": "report", "format_report": "report",
-    "Worker": "worker", "WorkerSpec": "worker", "WorkerState": "worker",
+    "LocalAgent": "agent",
+    "NodeSpec": "agent",
+    "RunResult": "agent",
+    "LauncherError": "errors",
+    "LaunchConfigError": "errors",
+    "HostSlots": "hostfile",
+    "JobSpec": "job",
+    "run_job": "job",
+    "SshOptions": "ssh",
+    "Failure": "report",
+    "format_report": "report",
+    "Worker": "worker",
+    "WorkerSpec": "worker",
+    "WorkerState": "worker",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -11,6 +11,7 @@ Who hosts the store: the fan-out launcher (``launcher.job``) when there is one; 
 this agent, when ``NodeSpec.host_store`` is set (node 0 of a torchrun-style manual start)
 or when the node is alone and was given no store.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -65,8 +66,17 @@ class RunResult:
 
 
 class LocalAgent:
-    def __init__(self, spec: WorkerSpec, node: NodeSpec, *, max_restarts: int = 0, stop_grace: float = 5.0,
-                 monitor_interval: float = 0.05, report_stream=sys.stderr, report: bool = True):
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        node: NodeSpec,
+        *,
+        max_restarts: int = 0,
+        stop_grace: float = 5.0,
+        monitor_interval: float = 0.05,
+        report_stream=sys.stderr,
+        report: bool = True,
+    ):
         self.spec, self.node, self.max_restarts = spec, node, max_restarts
         self.stop_grace, self.monitor_interval, self.report_stream = stop_grace, monitor_interval, report_stream
         self.report = report  # False when a fan-out launcher prints the merged report
@@ -85,9 +95,11 @@ class LocalAgent:
         secret = node.secret or os.environ.get("DISTTRAIN_JOB_SECRET")
         if secret is None:
             if node.nnodes > 1 and not node.host_store and node.store is not None:
-                raise LaunchConfigError(f"node {node.node_rank} ({node.host}) has no job secret. HINT: export the "
-                                        "same DISTTRAIN_JOB_SECRET on every node (or start all nodes with "
-                                        "--hosts/--hostfile from one place)")
+                raise LaunchConfigError(
+                    f"node {node.node_rank} ({node.host}) has no job secret. HINT: export the "
+                    "same DISTTRAIN_JOB_SECRET on every node (or start all nodes with "
+                    "--hosts/--hostfile from one place)"
+                )
             secret = new_secret()
         node.secret = secret
         if node.store is None or node.host_store:
@@ -109,10 +121,18 @@ class LocalAgent:
             rank = self.node.rank_offset + local_rank
             place = WorkerPlace(rank, local_rank, world, self.spec.nproc, self.node.node_rank, self.node.nnodes)
             error_file = os.path.join(self._error_dir, f"attempt{attempt}", f"rank{rank}.json")
-            env = worker_env(place, job_id=self.node.job_id, host=self.node.host,
-                             master_addr=self.node.master_addr, master_port=self.node.master_port,
-                             restart_count=attempt, max_restarts=self.max_restarts, error_file=error_file,
-                             store=self.node.store, secret=self.node.secret)
+            env = worker_env(
+                place,
+                job_id=self.node.job_id,
+                host=self.node.host,
+                master_addr=self.node.master_addr,
+                master_port=self.node.master_port,
+                restart_count=attempt,
+                max_restarts=self.max_restarts,
+                error_file=error_file,
+                store=self.node.store,
+                secret=self.node.secret,
+            )
             w = Worker(self.spec, rank, local_rank, self.node.host, env)
             w.start()
             self.workers.append(w)
@@ -204,8 +224,12 @@ class LocalAgent:
                 merged = rdzv.collect_failures(attempt)
                 if self.node.node_rank == 0 and merged:
                     root = root_cause(merged)
-                    print(f"disttrain: rank {root.rank} on {root.host} failed ({root.how}); restarting worker "
-                          f"group (restart {attempt + 1} of {self.max_restarts})", file=self.report_stream, flush=True)
+                    print(
+                        f"disttrain: rank {root.rank} on {root.host} failed ({root.how}); restarting worker "
+                        f"group (restart {attempt + 1} of {self.max_restarts})",
+                        file=self.report_stream,
+                        flush=True,
+                    )
                 attempt += 1
                 continue
             merged = rdzv.collect_failures(attempt) or failures

@@ -7,6 +7,7 @@ worker an authenticated store (``DISTTRAIN_STORE``), an import hook points torch
 ``dist.init_process_group("gloo")`` opens no unauthenticated TCPStore. The bootstrap
 itself imports nothing heavy: worker start-up stays cheap.
 """
+
 from __future__ import annotations
 
 import os

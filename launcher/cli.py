@@ -10,6 +10,7 @@
 torchrun's spellings (``--nproc_per_node``) are accepted too. Exit code: 0, the root
 cause's exit code (128+signal for a killed worker), 2 for bad flags.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,10 @@ def _both(parser: argparse.ArgumentParser, name: str, **kw) -> None:
 
 
 def build_parser(prog: str = "disttrain launch") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Start worker processes with torchrun's environment, on "
-                                "this machine or on many hosts over ssh.")
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Start worker processes with torchrun's environment, on this machine or on many hosts over ssh.",
+    )
     _both(p, "--nproc-per-node", type=int, default=None, help="workers per node (default 1, or each host's slots)")
     p.add_argument("--nnodes", type=int, default=None, help="number of nodes")
     _both(p, "--node-rank", type=int, default=0, help="this node's rank (torchrun-style manual start)")
@@ -58,8 +61,14 @@ def build_parser(prog: str = "disttrain launch") -> argparse.ArgumentParser:
     g.add_argument("--ssh-connect-timeout", type=float, default=10.0, help="seconds before a host counts unreachable")
     g.add_argument("--remote-python", default=None, help="python on the hosts (default: this interpreter's path)")
     g.add_argument("--remote-cwd", "--wdir", default=None, help="working directory on the hosts (default: this one)")
-    g.add_argument("-x", dest="env", action="append", default=[], metavar="NAME[=VALUE]",
-                   help="environment variable to set on every host (value default: this shell's)")
+    g.add_argument(
+        "-x",
+        dest="env",
+        action="append",
+        default=[],
+        metavar="NAME[=VALUE]",
+        help="environment variable to set on every host (value default: this shell's)",
+    )
     g.add_argument("--join-timeout", type=float, default=60.0, help="seconds for every agent to reach the store")
     p.add_argument("-m", "--module", action="store_true", help="run the entrypoint as a module (python -m)")
     p.add_argument("entrypoint", help="script.py or module")
@@ -73,8 +82,13 @@ def worker_spec_from_args(ns: argparse.Namespace, nproc: int = 1) -> WorkerSpec:
         only = frozenset(int(r) for r in ns.ranks.split(",")) if ns.ranks else None
     except ValueError:
         raise LaunchConfigError(f"--ranks {ns.ranks!r}: expected comma-separated integers, e.g. --ranks 0,3") from None
-    return WorkerSpec(entrypoint=entry, nproc=nproc, log_dir=os.path.abspath(ns.log_dir) if ns.log_dir else None,
-                      only_ranks=only, tee=str(ns.redirects) != "3")
+    return WorkerSpec(
+        entrypoint=entry,
+        nproc=nproc,
+        log_dir=os.path.abspath(ns.log_dir) if ns.log_dir else None,
+        only_ranks=only,
+        tee=str(ns.redirects) != "3",
+    )
 
 
 def spec_from_args(ns: argparse.Namespace) -> tuple[WorkerSpec, NodeSpec]:
@@ -88,22 +102,32 @@ def spec_from_args(ns: argparse.Namespace) -> tuple[WorkerSpec, NodeSpec]:
     store = None
     if nnodes > 1:
         if not ns.rdzv_endpoint:
-            raise LaunchConfigError("--nnodes > 1 without --hosts needs --rdzv-endpoint HOST:PORT (node 0 hosts the "
-                                    "store there). HINT: or start every node from one place with --hosts")
+            raise LaunchConfigError(
+                "--nnodes > 1 without --hosts needs --rdzv-endpoint HOST:PORT (node 0 hosts the "
+                "store there). HINT: or start every node from one place with --hosts"
+            )
         if not os.environ.get("DISTTRAIN_JOB_SECRET"):
-            raise LaunchConfigError("a torchrun-style start of several nodes needs the same DISTTRAIN_JOB_SECRET "
-                                    "exported on every node. HINT: export DISTTRAIN_JOB_SECRET=$(python -c "
-                                    "'import secrets; print(secrets.token_hex(32))') on each node")
+            raise LaunchConfigError(
+                "a torchrun-style start of several nodes needs the same DISTTRAIN_JOB_SECRET "
+                "exported on every node. HINT: export DISTTRAIN_JOB_SECRET=$(python -c "
+                "'import secrets; print(secrets.token_hex(32))') on each node"
+            )
     if ns.rdzv_endpoint:
         if ":" not in ns.rdzv_endpoint:
             raise LaunchConfigError(f"--rdzv-endpoint {ns.rdzv_endpoint!r} needs a port: HOST:PORT")
         store = ns.rdzv_endpoint
     spec = worker_spec_from_args(ns, nproc)
     master_addr = ns.rdzv_endpoint.rpartition(":")[0] if store else ns.master_addr
-    node = NodeSpec(node_rank=ns.node_rank, nnodes=nnodes, rank_offset=ns.node_rank * nproc,
-                    master_addr=master_addr, master_port=ns.master_port or free_port(),
-                    job_id=ns.run_id or secrets.token_hex(4), store=store, host_store=store is not None
-                    and ns.node_rank == 0)
+    node = NodeSpec(
+        node_rank=ns.node_rank,
+        nnodes=nnodes,
+        rank_offset=ns.node_rank * nproc,
+        master_addr=master_addr,
+        master_port=ns.master_port or free_port(),
+        job_id=ns.run_id or secrets.token_hex(4),
+        store=store,
+        host_store=store is not None and ns.node_rank == 0,
+    )
     return spec, node
 
 
@@ -119,12 +143,26 @@ def job_from_args(ns: argparse.Namespace) -> JobSpec:
                 raise LaunchConfigError(f"-x {name}: not set in this shell. HINT: -x {name}=VALUE")
             value = os.environ[name]
         env[name] = value
-    job = JobSpec(hosts=hosts, np=ns.np, nproc_per_node=ns.nproc_per_node, max_restarts=ns.max_restarts,
-                  rdzv_endpoint=ns.rdzv_endpoint, master_port=ns.master_port,
-                  job_id=ns.run_id or secrets.token_hex(4),
-                  ssh=SshOptions(port=ns.ssh_port, identity=ns.ssh_identity, user=ns.ssh_user,
-                                 connect_timeout=ns.ssh_connect_timeout, options=tuple(ns.ssh_option)),
-                  remote_python=ns.remote_python, remote_cwd=ns.remote_cwd, env=env, join_timeout=ns.join_timeout)
+    job = JobSpec(
+        hosts=hosts,
+        np=ns.np,
+        nproc_per_node=ns.nproc_per_node,
+        max_restarts=ns.max_restarts,
+        rdzv_endpoint=ns.rdzv_endpoint,
+        master_port=ns.master_port,
+        job_id=ns.run_id or secrets.token_hex(4),
+        ssh=SshOptions(
+            port=ns.ssh_port,
+            identity=ns.ssh_identity,
+            user=ns.ssh_user,
+            connect_timeout=ns.ssh_connect_timeout,
+            options=tuple(ns.ssh_option),
+        ),
+        remote_python=ns.remote_python,
+        remote_cwd=ns.remote_cwd,
+        env=env,
+        join_timeout=ns.join_timeout,
+    )
     if ns.nnodes is not None and ns.nnodes != len(hosts):
         raise LaunchConfigError(f"--nnodes {ns.nnodes} but {len(hosts)} host(s) given. HINT: leave --nnodes out")
     return job

@@ -3,6 +3,7 @@
 Workers never import ``launcher`` to learn where they are; they read these variables, so
 the same worker runs under torchrun, srun and mpirun, and torchrun scripts run here.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,34 +37,46 @@ class WorkerPlace:
     nnodes: int = 1
 
 
-def worker_env(place: WorkerPlace, *, job_id: str, host: str, master_addr: str, master_port: int,
-               restart_count: int, max_restarts: int, error_file: str,
-               store: str | None = None, secret: str | None = None,
-               base: dict[str, str] | None = None) -> dict[str, str]:
+def worker_env(
+    place: WorkerPlace,
+    *,
+    job_id: str,
+    host: str,
+    master_addr: str,
+    master_port: int,
+    restart_count: int,
+    max_restarts: int,
+    error_file: str,
+    store: str | None = None,
+    secret: str | None = None,
+    base: dict[str, str] | None = None,
+) -> dict[str, str]:
     """The full environment of one worker process."""
     env = dict(os.environ if base is None else base)
-    env.update({
-        RANK: str(place.rank),
-        LOCAL_RANK: str(place.local_rank),
-        WORLD_SIZE: str(place.world_size),
-        LOCAL_WORLD_SIZE: str(place.local_world_size),
-        GROUP_RANK: str(place.node_rank),
-        "ROLE_RANK": str(place.rank),
-        "ROLE_WORLD_SIZE": str(place.world_size),
-        MASTER_ADDR: master_addr,
-        MASTER_PORT: str(master_port),
-        TORCHELASTIC_RESTART_COUNT: str(restart_count),
-        TORCHELASTIC_MAX_RESTARTS: str(max_restarts),
-        TORCHELASTIC_RUN_ID: job_id,
-        TORCHELASTIC_ERROR_FILE: error_file,
-        JOB_ID: job_id,
-        HOST: host,
-        NODE_RANK: str(place.node_rank),
-        NNODES: str(place.nnodes),
-        RESTART_COUNT: str(restart_count),
-        ERROR_FILE: error_file,
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            RANK: str(place.rank),
+            LOCAL_RANK: str(place.local_rank),
+            WORLD_SIZE: str(place.world_size),
+            LOCAL_WORLD_SIZE: str(place.local_world_size),
+            GROUP_RANK: str(place.node_rank),
+            "ROLE_RANK": str(place.rank),
+            "ROLE_WORLD_SIZE": str(place.world_size),
+            MASTER_ADDR: master_addr,
+            MASTER_PORT: str(master_port),
+            TORCHELASTIC_RESTART_COUNT: str(restart_count),
+            TORCHELASTIC_MAX_RESTARTS: str(max_restarts),
+            TORCHELASTIC_RUN_ID: job_id,
+            TORCHELASTIC_ERROR_FILE: error_file,
+            JOB_ID: job_id,
+            HOST: host,
+            NODE_RANK: str(place.node_rank),
+            NNODES: str(place.nnodes),
+            RESTART_COUNT: str(restart_count),
+            ERROR_FILE: error_file,
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     # Like torchrun: several workers on a node share its cores, so one thread each unless told.
     if place.local_world_size > 1:
         env.setdefault("OMP_NUM_THREADS", "1")

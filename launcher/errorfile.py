@@ -4,6 +4,7 @@ torchelastic needs ``@record`` in user code; we install ``sys.excepthook`` from 
 worker bootstrap instead, so user scripts need no change. The path comes from
 ``DISTTRAIN_ERROR_FILE`` (or torchrun's ``TORCHELASTIC_ERROR_FILE``).
 """
+
 from __future__ import annotations
 
 import os
@@ -45,9 +46,11 @@ def write(exc: BaseException, path: str | None = None) -> None:
 
 def _user_frames(tb):
     """Skip the bootstrap's own frames (runpy, launcher.bootstrap): the report starts in user code."""
-    while tb is not None and (tb.tb_frame.f_code.co_filename.startswith("<frozen runpy>")
-                              or tb.tb_frame.f_code.co_filename.endswith(os.path.join("launcher", "bootstrap.py"))
-                              or tb.tb_frame.f_code.co_filename.endswith("runpy.py")):
+    while tb is not None and (
+        tb.tb_frame.f_code.co_filename.startswith("<frozen runpy>")
+        or tb.tb_frame.f_code.co_filename.endswith(os.path.join("launcher", "bootstrap.py"))
+        or tb.tb_frame.f_code.co_filename.endswith("runpy.py")
+    ):
         tb = tb.tb_next
     return tb
 

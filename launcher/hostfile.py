@@ -10,6 +10,7 @@ A hostfile has one host a line, as DeepSpeed and Horovod read them::
 :func:`plan_nodes` turns hosts and counts into one :class:`NodePlan` per host that runs
 workers, with its global rank offset, and rejects counts the hosts cannot hold.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -87,7 +88,9 @@ def _no_duplicates(hosts: list[HostSlots], where: str) -> None:
     seen = set()
     for h in hosts:
         if h.host in seen:
-            raise LaunchConfigError(f"{where}: host {h.host} is listed twice. HINT: give it one line with all its slots")
+            raise LaunchConfigError(
+                f"{where}: host {h.host} is listed twice. HINT: give it one line with all its slots"
+            )
         seen.add(h.host)
 
 
@@ -101,16 +104,20 @@ def plan_nodes(hosts: list[HostSlots], *, np: int | None = None, nproc_per_node:
     if np is not None and nproc_per_node is not None:
         counts = [nproc_per_node] * len(hosts)
         if sum(counts) != np:
-            raise LaunchConfigError(f"-np {np} does not match --nproc-per-node {nproc_per_node} on {len(hosts)} "
-                                    f"host(s) ({sum(counts)} workers). HINT: give one of the two")
+            raise LaunchConfigError(
+                f"-np {np} does not match --nproc-per-node {nproc_per_node} on {len(hosts)} "
+                f"host(s) ({sum(counts)} workers). HINT: give one of the two"
+            )
     elif np is not None:
         if np < 1:
             raise LaunchConfigError(f"-np must be at least 1, got {np}")
         total = sum(h.slots or 1 for h in hosts)
         if np > total:
             listing = ", ".join(f"{h.host}:{h.slots or 1}" for h in hosts)
-            raise LaunchConfigError(f"-np {np} asks for more workers than the hosts have slots ({total}: {listing}). "
-                                    "HINT: add hosts, raise slots=, or lower -np")
+            raise LaunchConfigError(
+                f"-np {np} asks for more workers than the hosts have slots ({total}: {listing}). "
+                "HINT: add hosts, raise slots=, or lower -np"
+            )
         counts, left = [], np
         for h in hosts:
             counts.append(min(h.slots or 1, left))
@@ -120,8 +127,10 @@ def plan_nodes(hosts: list[HostSlots], *, np: int | None = None, nproc_per_node:
             raise LaunchConfigError(f"--nproc-per-node must be at least 1, got {nproc_per_node}")
         for h in hosts:
             if h.slots is not None and h.slots < nproc_per_node:
-                raise LaunchConfigError(f"host {h.host} has {h.slots} slot(s) but --nproc-per-node asks for "
-                                        f"{nproc_per_node}. HINT: raise its slots= or lower --nproc-per-node")
+                raise LaunchConfigError(
+                    f"host {h.host} has {h.slots} slot(s) but --nproc-per-node asks for "
+                    f"{nproc_per_node}. HINT: raise its slots= or lower --nproc-per-node"
+                )
         counts = [nproc_per_node] * len(hosts)
     else:
         counts = [h.slots or 1 for h in hosts]

@@ -13,6 +13,7 @@ started or that vanishes, a join timeout, or Ctrl-C stop every host: the launche
 store's abort key and closes every agent's stdin. It ends with one report and the root
 cause's exit code.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -76,13 +77,17 @@ def _endpoint(job: JobSpec, plans: list[NodePlan]) -> tuple[str, str, int]:
         host, sep, p = job.rdzv_endpoint.rpartition(":")
         host, port = (host, int(p)) if sep else (job.rdzv_endpoint, 0)
     if not is_local(host):
-        raise LaunchConfigError(f"the rendezvous store goes on {host}, but this machine is not {host}. HINT: start "
-                                "`disttrain launch` on the first host, or pass --rdzv-endpoint with an address of "
-                                "this machine that every host can reach")
+        raise LaunchConfigError(
+            f"the rendezvous store goes on {host}, but this machine is not {host}. HINT: start "
+            "`disttrain launch` on the first host, or pass --rdzv-endpoint with an address of "
+            "this machine that every host can reach"
+        )
     remote_hosts = [p.host for p in plans if not is_local(p.host)]
     if remote_hosts and (host == "localhost" or host.startswith("127.")):
-        raise LaunchConfigError(f"the store would listen on {host}, which {remote_hosts[0]} cannot reach. HINT: name "
-                                "this machine by an address the other hosts reach, or pass --rdzv-endpoint ADDR")
+        raise LaunchConfigError(
+            f"the store would listen on {host}, which {remote_hosts[0]} cannot reach. HINT: name "
+            "this machine by an address the other hosts reach, or pass --rdzv-endpoint ADDR"
+        )
     bind = socket.gethostbyname(host)
     return host, bind, port
 
@@ -93,8 +98,9 @@ def _forwarded_env(job: JobSpec) -> dict[str, str]:
     return env
 
 
-def _start_agent(spec: WorkerSpec, job: JobSpec, plan: NodePlan, node: NodeSpec, secret: str,
-                 env: dict[str, str]) -> _Agent:
+def _start_agent(
+    spec: WorkerSpec, job: JobSpec, plan: NodePlan, node: NodeSpec, secret: str, env: dict[str, str]
+) -> _Agent:
     local = is_local(plan.host)
     if local:
         argv = [sys.executable, "-u", "-m", "launcher.remote"]
@@ -104,17 +110,33 @@ def _start_agent(spec: WorkerSpec, job: JobSpec, plan: NodePlan, node: NodeSpec,
         cwd = job.remote_cwd or spec.cwd or os.getcwd()
         argv = job.ssh.command(plan.host, remote_command(python, cwd, pythonpath=os.environ.get("PYTHONPATH")))
         agent_spec = dataclasses.replace(spec, python=python, cwd=cwd)
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True, cwd=spec.cwd)
-    pumps = [StreamPump(proc.stdout, "", None, sys.stdout, tail_lines=5),
-             StreamPump(proc.stderr, "", None, sys.stderr, tail_lines=20)]
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        cwd=spec.cwd,
+    )
+    pumps = [
+        StreamPump(proc.stdout, "", None, sys.stdout, tail_lines=5),
+        StreamPump(proc.stderr, "", None, sys.stderr, tail_lines=20),
+    ]
     for p in pumps:
         p.start()
     from . import remote  # imported here: `python -m launcher.remote` must not find it preloaded
 
     try:
-        proc.stdin.write(remote.encode(agent_spec, node, max_restarts=job.max_restarts, secret=secret,
-                                       env={} if local else env, stop_grace=job.stop_grace))
+        proc.stdin.write(
+            remote.encode(
+                agent_spec,
+                node,
+                max_restarts=job.max_restarts,
+                secret=secret,
+                env={} if local else env,
+                stop_grace=job.stop_grace,
+            )
+        )
         proc.stdin.flush()
     except OSError:
         pass  # the agent died at once; the main loop reports it with ssh's stderr
@@ -144,11 +166,21 @@ class _Launcher:
         server = StoreServer(secret, bind, port, advertise=host).start()
         try:
             for plan in plans:
-                node = NodeSpec(node_rank=plan.node_rank, nnodes=len(plans), rank_offset=plan.rank_offset,
-                                world_size=world, host=plan.host, master_addr=host, master_port=master_port,
-                                job_id=job.job_id, store=server.address, rdzv_timeout=job.join_timeout)
-                self.agents.append(_start_agent(dataclasses.replace(self.spec, nproc=plan.nproc), job, plan, node,
-                                                secret, env))
+                node = NodeSpec(
+                    node_rank=plan.node_rank,
+                    nnodes=len(plans),
+                    rank_offset=plan.rank_offset,
+                    world_size=world,
+                    host=plan.host,
+                    master_addr=host,
+                    master_port=master_port,
+                    job_id=job.job_id,
+                    store=server.address,
+                    rdzv_timeout=job.join_timeout,
+                )
+                self.agents.append(
+                    _start_agent(dataclasses.replace(self.spec, nproc=plan.nproc), job, plan, node, secret, env)
+                )
             self._wait(server)
             return self._result(server)
         finally:
@@ -172,12 +204,15 @@ class _Launcher:
             if all(a.exit_code is not None for a in self.agents):
                 return
             if time.monotonic() > join_deadline:
-                missing = [a.plan.host for a in self.agents
-                           if server.get_local(f"agent/joined/{a.plan.node_rank}") is None]
+                missing = [
+                    a.plan.host for a in self.agents if server.get_local(f"agent/joined/{a.plan.node_rank}") is None
+                ]
                 if missing:
-                    self.errors.append(f"the agent(s) on {', '.join(missing)} did not reach the rendezvous store at "
-                                       f"{server.address} within {self.job.join_timeout:g}s. HINT: can those hosts "
-                                       f"reach {server.address}? (firewall, wrong interface)")
+                    self.errors.append(
+                        f"the agent(s) on {', '.join(missing)} did not reach the rendezvous store at "
+                        f"{server.address} within {self.job.join_timeout:g}s. HINT: can those hosts "
+                        f"reach {server.address}? (firewall, wrong interface)"
+                    )
                     self._abort(server, "agents missing")
                     return
                 join_deadline = float("inf")
@@ -191,13 +226,20 @@ class _Launcher:
         joined = server.get_local(f"agent/joined/{a.plan.node_rank}") is not None
         how = "local agent" if a.local else "ssh"
         if not joined:
-            hint = ("HINT: check the host name and that this works without a password: " + self.job.ssh.describe(a.plan.host)
-                    if not a.local else "HINT: see the output above")
-            self.errors.append(f"cannot start the agent on host {a.plan.host} ({how} exited with code {a.exit_code}: "
-                               f"{last}). {hint}")
+            hint = (
+                "HINT: check the host name and that this works without a password: "
+                + self.job.ssh.describe(a.plan.host)
+                if not a.local
+                else "HINT: see the output above"
+            )
+            self.errors.append(
+                f"cannot start the agent on host {a.plan.host} ({how} exited with code {a.exit_code}: {last}). {hint}"
+            )
         else:
-            self.errors.append(f"the agent on host {a.plan.host} exited unexpectedly ({how} exit code {a.exit_code}: "
-                               f"{last}); stopping every host")
+            self.errors.append(
+                f"the agent on host {a.plan.host} exited unexpectedly ({how} exit code {a.exit_code}: "
+                f"{last}); stopping every host"
+            )
         self._abort(server, f"agent on {a.plan.host} lost")
 
     def _abort(self, server: StoreServer, reason: str) -> None:
@@ -227,8 +269,11 @@ class _Launcher:
     def _result(self, server: StoreServer) -> RunResult:
         final = server.get_local("agent/final_round")
         r = int(final) if final is not None else 0
-        failures = [failure_from_json(d) for raw in server.keys_with_prefix(f"agent/round/{r}/failures/").values()
-                    for d in json.loads(raw)]
+        failures = [
+            failure_from_json(d)
+            for raw in server.keys_with_prefix(f"agent/round/{r}/failures/").values()
+            for d in json.loads(raw)
+        ]
         for e in self.errors:
             print(f"disttrain launch: error: {e}", file=sys.stderr, flush=True)
         if failures:

@@ -4,6 +4,7 @@ One thread per worker stream copies lines as they come: to the rank's file under
 log dir, to the console (prefixed, optionally filtered by rank), and into a bounded
 tail kept for the failure report.
 """
+
 from __future__ import annotations
 
 import collections
@@ -14,8 +15,9 @@ from typing import IO
 
 
 class StreamPump(threading.Thread):
-    def __init__(self, src: IO[bytes], prefix: str, log_path: str | None, console: IO[str] | None,
-                 tail_lines: int = 20):
+    def __init__(
+        self, src: IO[bytes], prefix: str, log_path: str | None, console: IO[str] | None, tail_lines: int = 20
+    ):
         super().__init__(daemon=True)
         self.src, self.prefix, self.console = src, prefix, console
         self.log = open(log_path, "ab") if log_path else None

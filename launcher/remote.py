@@ -5,6 +5,7 @@ environment to forward), runs a :class:`~launcher.agent.LocalAgent`, and exits w
 code. It then keeps reading stdin: EOF means the launcher stopped the job or its ssh
 connection dropped, so the agent stops its workers and exits; nothing is left behind.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,15 +19,15 @@ from .agent import LocalAgent, NodeSpec
 from .worker import WorkerSpec
 
 
-def encode(spec: WorkerSpec, node: NodeSpec, *, max_restarts: int, secret: str, env: dict[str, str],
-           stop_grace: float = 5.0) -> bytes:
+def encode(
+    spec: WorkerSpec, node: NodeSpec, *, max_restarts: int, secret: str, env: dict[str, str], stop_grace: float = 5.0
+) -> bytes:
     """The launcher side: the line written to the agent's stdin."""
     s = dataclasses.asdict(spec)
     s["only_ranks"] = sorted(spec.only_ranks) if spec.only_ranks is not None else None
     n = dataclasses.asdict(node)
     n["secret"] = None
-    msg = {"spec": s, "node": n, "max_restarts": max_restarts, "secret": secret, "env": env,
-           "stop_grace": stop_grace}
+    msg = {"spec": s, "node": n, "max_restarts": max_restarts, "secret": secret, "env": env, "stop_grace": stop_grace}
     return (json.dumps(msg) + "\n").encode()
 
 
@@ -58,13 +59,15 @@ def main() -> int:
             break
         line += ch
     if not line.strip():
-        print("launcher.remote: no configuration on stdin (this module is started by `disttrain launch`)",
-              file=sys.stderr)
+        print(
+            "launcher.remote: no configuration on stdin (this module is started by `disttrain launch`)", file=sys.stderr
+        )
         return 2
     spec, node, msg = decode(line)
     os.environ.update(msg.get("env") or {})
-    agent = LocalAgent(spec, node, max_restarts=msg["max_restarts"], stop_grace=msg.get("stop_grace", 5.0),
-                       report=False)
+    agent = LocalAgent(
+        spec, node, max_restarts=msg["max_restarts"], stop_grace=msg.get("stop_grace", 5.0), report=False
+    )
     threading.Thread(target=_watch_stdin, args=(agent,), name="stdin-watch", daemon=True).start()
     return agent.run().exit_code
 

@@ -13,6 +13,7 @@ Every agent (one per node) calls, in order, for round ``r`` (0 on the first atte
 
 Keys live under ``agent/``; workers' keys under ``worker/attempt_<r>/`` never collide.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -4,6 +4,7 @@ Every failed worker becomes a :class:`Failure` (host, rank, local rank, pid, exi
 or signal, time, stderr tail, traceback from its error file). The earliest is the root
 cause; later ones are usually its victims (peers that saw a dead connection).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,7 +46,7 @@ def root_cause(failures: list[Failure]) -> Failure:
 def _without_traceback(tail: list[str]) -> list[str]:
     """The stderr tail up to its last traceback: the error file already shows the traceback."""
     starts = [i for i, line in enumerate(tail) if line.startswith("Traceback (most recent call last)")]
-    return tail[:starts[-1]] if starts else tail
+    return tail[: starts[-1]] if starts else tail
 
 
 def format_report(failures: list[Failure], job_id: str = "") -> str:
@@ -57,14 +58,18 @@ def format_report(failures: list[Failure], job_id: str = "") -> str:
     for f in ordered:
         tag = "ROOT CAUSE" if f is root else "also failed"
         when = time.strftime("%H:%M:%S", time.localtime(f.time))
-        lines.append(f"[{tag}] rank {f.rank} (local rank {f.local_rank}) on host {f.host}, pid {f.pid}: {f.how} at {when}")
+        lines.append(
+            f"[{tag}] rank {f.rank} (local rank {f.local_rank}) on host {f.host}, pid {f.pid}: {f.how} at {when}"
+        )
         if f.error:
             lines.append(f"  error: {f.error.get('exc_type')}: {f.error.get('message')}")
             if f is root and f.error.get("traceback"):
                 lines.extend("  | " + line for line in f.error["traceback"].rstrip().splitlines())
         tail = _without_traceback(f.stderr_tail) if f.error and f.error.get("traceback") else f.stderr_tail
         if tail and (f is root or not f.error):
-            lines.append("  last lines of stderr:" if tail is f.stderr_tail else "  last lines of stderr (before the traceback):")
+            lines.append(
+                "  last lines of stderr:" if tail is f.stderr_tail else "  last lines of stderr (before the traceback):"
+            )
             lines.extend("  > " + line for line in tail)
     lines.append("=" * 72)
     return "\n".join(lines)

@@ -15,6 +15,7 @@ else the file named by ``DISTTRAIN_JOB_SECRET_FILE`` (the sbatch templates write
 mode 0600), else rank 0 writes one under ``secret_dir`` (the run directory, on the
 shared filesystem) and the others wait for it. Never imports torch.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,7 +28,7 @@ import signal
 import socket
 import subprocess
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 from . import environment as E
 from .errors import LauncherError
@@ -122,8 +123,10 @@ def _expand_range(body: str, whole: str) -> list[str]:
         part = part.strip()
         lo, dash, hi = part.partition("-")
         if not lo.isdigit() or (dash and not hi.isdigit()):
-            raise SlurmEnvError(f"node list {whole!r}: cannot read range {part!r} in [{body}]. HINT: ranges look "
-                                "like node[1-4,7] or gpu[001-016]")
+            raise SlurmEnvError(
+                f"node list {whole!r}: cannot read range {part!r} in [{body}]. HINT: ranges look "
+                "like node[1-4,7] or gpu[001-016]"
+            )
         if not dash:
             values.append(lo)
             continue
@@ -161,7 +164,7 @@ def expand_hostlist(nodelist: str) -> list[str]:
         names = [""]
         pos = 0
         for m in _BRACKET.finditer(item):
-            prefix = item[pos:m.start()]
+            prefix = item[pos : m.start()]
             if "[" in prefix or "]" in prefix:
                 raise SlurmEnvError(f"node list {nodelist!r}: stray bracket in {item!r}")
             values = _expand_range(m.group(1), nodelist)
@@ -179,8 +182,9 @@ def scontrol_hostnames(nodelist: str, timeout: float = 10.0) -> list[str] | None
     if shutil.which("scontrol") is None:
         return None
     try:
-        proc = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=timeout
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return proc.stdout.split() if proc.returncode == 0 else None
@@ -237,8 +241,10 @@ def _int(env: Mapping[str, str], key: str, default: int | None = None) -> int:
     raw = env.get(key)
     if raw is None or raw == "":
         if default is None:
-            raise SlurmEnvError(f"{key} is not set. HINT: start workers with srun inside an allocation "
-                                "(sbatch/salloc), one task per worker")
+            raise SlurmEnvError(
+                f"{key} is not set. HINT: start workers with srun inside an allocation "
+                "(sbatch/salloc), one task per worker"
+            )
         return default
     try:
         return int(raw)
@@ -251,8 +257,10 @@ def read_slurm_env(env: Mapping[str, str] | None = None, cross_check: bool = Fal
     env = os.environ if env is None else env
     job_id = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
     if not job_id:
-        raise SlurmEnvError("SLURM_JOB_ID is not set: not inside a SLURM job. HINT: submit with `disttrain "
-                            "submit` or run under srun/sbatch/salloc")
+        raise SlurmEnvError(
+            "SLURM_JOB_ID is not set: not inside a SLURM job. HINT: submit with `disttrain "
+            "submit` or run under srun/sbatch/salloc"
+        )
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
     nodes = expand_hostlist(nodelist)
     if cross_check:
@@ -275,32 +283,46 @@ def read_slurm_env(env: Mapping[str, str] | None = None, cross_check: bool = Fal
     if per_node_spec:
         per_node = expand_tasks_per_node(per_node_spec)
         if len(per_node) != nnodes or sum(per_node) != world:
-            raise SlurmEnvError(f"{where}: tasks per node {per_node_spec!r} do not add up to SLURM_NTASKS={world} "
-                                f"on {nnodes} node(s)")
+            raise SlurmEnvError(
+                f"{where}: tasks per node {per_node_spec!r} do not add up to SLURM_NTASKS={world} on {nnodes} node(s)"
+            )
         local_world = per_node[node_rank]
     else:
         local_world = world // nnodes if world % nnodes == 0 else 1
     if not 0 <= local_rank < local_world:
         raise SlurmEnvError(f"{where}: SLURM_LOCALID={local_rank} is outside the node's {local_world} task(s)")
-    return SlurmPlace(job_id=job_id, step_id=env.get("SLURM_STEP_ID", "0"), rank=rank, local_rank=local_rank,
-                      world_size=world, local_world_size=local_world, node_rank=node_rank, nodes=tuple(nodes),
-                      restart_count=_int(env, "SLURM_RESTART_COUNT", 0),
-                      array_job_id=env.get("SLURM_ARRAY_JOB_ID") or None,
-                      array_task_id=env.get("SLURM_ARRAY_TASK_ID") or None)
+    return SlurmPlace(
+        job_id=job_id,
+        step_id=env.get("SLURM_STEP_ID", "0"),
+        rank=rank,
+        local_rank=local_rank,
+        world_size=world,
+        local_world_size=local_world,
+        node_rank=node_rank,
+        nodes=tuple(nodes),
+        restart_count=_int(env, "SLURM_RESTART_COUNT", 0),
+        array_job_id=env.get("SLURM_ARRAY_JOB_ID") or None,
+        array_task_id=env.get("SLURM_ARRAY_TASK_ID") or None,
+    )
 
 
-def check_against_config(place: SlurmPlace, nodes: int | None, ntasks_per_node: int | None,
-                         source: str = "the config") -> None:
+def check_against_config(
+    place: SlurmPlace, nodes: int | None, ntasks_per_node: int | None, source: str = "the config"
+) -> None:
     """Raise when the job SLURM started is not the one the config describes."""
     if nodes is not None and nodes != place.nnodes:
-        raise SlurmEnvError(f"{place.where}: {source} asks for slurm.nodes={nodes} but SLURM started {place.nnodes} "
-                            f"node(s) ({','.join(place.nodes)}). HINT: srun -N{nodes}, or fix slurm.nodes")
+        raise SlurmEnvError(
+            f"{place.where}: {source} asks for slurm.nodes={nodes} but SLURM started {place.nnodes} "
+            f"node(s) ({','.join(place.nodes)}). HINT: srun -N{nodes}, or fix slurm.nodes"
+        )
     if ntasks_per_node is not None:
         want = ntasks_per_node * (nodes or place.nnodes)
         if want != place.world_size:
-            raise SlurmEnvError(f"{place.where}: {source} gives a world size of {want} ({ntasks_per_node} per node) "
-                                f"but SLURM started {place.world_size} task(s). HINT: srun --ntasks-per-node="
-                                f"{ntasks_per_node}, or fix slurm.ntasks_per_node")
+            raise SlurmEnvError(
+                f"{place.where}: {source} gives a world size of {want} ({ntasks_per_node} per node) "
+                f"but SLURM started {place.world_size} task(s). HINT: srun --ntasks-per-node="
+                f"{ntasks_per_node}, or fix slurm.ntasks_per_node"
+            )
 
 
 # -- addresses, ports, secrets ------------------------------------------------------------
@@ -320,15 +342,18 @@ def node_address(name: str, timeout: float = 10.0) -> str:
         pass
     if shutil.which("scontrol"):
         try:
-            out = subprocess.run(["scontrol", "show", "node", name, "-o"], capture_output=True, text=True,
-                                 timeout=timeout).stdout
+            out = subprocess.run(
+                ["scontrol", "show", "node", name, "-o"], capture_output=True, text=True, timeout=timeout
+            ).stdout
             m = re.search(r"\bNodeAddr=(\S+)", out)
             if m:
                 return m.group(1)
         except (OSError, subprocess.TimeoutExpired):
             pass
-    raise SlurmEnvError(f"first node {name!r} does not resolve and scontrol gives no NodeAddr for it. HINT: export "
-                        f"{ADDR_OVERRIDE}=<its address> in the batch script")
+    raise SlurmEnvError(
+        f"first node {name!r} does not resolve and scontrol gives no NodeAddr for it. HINT: export "
+        f"{ADDR_OVERRIDE}=<its address> in the batch script"
+    )
 
 
 def _read_secret_file(path: str) -> str:
@@ -342,8 +367,13 @@ def _read_secret_file(path: str) -> str:
     return secret
 
 
-def job_secret(place: SlurmPlace, secret_dir: str | None, creator: bool, timeout: float = 120.0,
-               env: Mapping[str, str] | None = None) -> tuple[str, str | None]:
+def job_secret(
+    place: SlurmPlace,
+    secret_dir: str | None,
+    creator: bool,
+    timeout: float = 120.0,
+    env: Mapping[str, str] | None = None,
+) -> tuple[str, str | None]:
     """(secret, file we created or None). ``creator`` writes the fallback file; others wait for it."""
     env = os.environ if env is None else env
     if env.get(E.SECRET):
@@ -351,8 +381,10 @@ def job_secret(place: SlurmPlace, secret_dir: str | None, creator: bool, timeout
     if env.get(SECRET_FILE):
         return _read_secret_file(env[SECRET_FILE]), None
     if not secret_dir:
-        raise SlurmEnvError(f"{place.where}: no job secret. HINT: export {E.SECRET} or {SECRET_FILE} (a 0600 file) "
-                            "in the batch script; `disttrain submit` does this")
+        raise SlurmEnvError(
+            f"{place.where}: no job secret. HINT: export {E.SECRET} or {SECRET_FILE} (a 0600 file) "
+            "in the batch script; `disttrain submit` does this"
+        )
     # Named by job, step and restart: a file left by another job or attempt is never read.
     path = os.path.join(secret_dir, f".slurm-secret-{place.job_id}.{place.step_id}.{place.restart_count}")
     if creator:
@@ -366,8 +398,10 @@ def job_secret(place: SlurmPlace, secret_dir: str | None, creator: bool, timeout
     deadline = time.monotonic() + timeout
     while not os.path.exists(path):
         if time.monotonic() > deadline:
-            raise SlurmEnvError(f"{place.where}: waited {timeout:g}s for rank 0's job secret {path}. HINT: "
-                                f"{secret_dir} must be on a filesystem all nodes share, or export {SECRET_FILE}")
+            raise SlurmEnvError(
+                f"{place.where}: waited {timeout:g}s for rank 0's job secret {path}. HINT: "
+                f"{secret_dir} must be on a filesystem all nodes share, or export {SECRET_FILE}"
+            )
         time.sleep(0.05)
     return _read_secret_file(path), None
 
@@ -376,14 +410,21 @@ def contract_env(place: SlurmPlace, master_addr: str, store_port: int, secret: s
     """Our variables for one srun-started worker (torchrun's names plus ours). The job id carries the
     restart count: a requeued attempt never meets shared-memory names a killed one left behind."""
     return {
-        E.RANK: str(place.rank), E.LOCAL_RANK: str(place.local_rank), E.WORLD_SIZE: str(place.world_size),
-        E.LOCAL_WORLD_SIZE: str(place.local_world_size), E.GROUP_RANK: str(place.node_rank),
-        E.MASTER_ADDR: master_addr, E.MASTER_PORT: str(store_port + 1),
-        E.TORCHELASTIC_RESTART_COUNT: str(place.restart_count), E.RESTART_COUNT: str(place.restart_count),
+        E.RANK: str(place.rank),
+        E.LOCAL_RANK: str(place.local_rank),
+        E.WORLD_SIZE: str(place.world_size),
+        E.LOCAL_WORLD_SIZE: str(place.local_world_size),
+        E.GROUP_RANK: str(place.node_rank),
+        E.MASTER_ADDR: master_addr,
+        E.MASTER_PORT: str(store_port + 1),
+        E.TORCHELASTIC_RESTART_COUNT: str(place.restart_count),
+        E.RESTART_COUNT: str(place.restart_count),
         E.JOB_ID: f"slurm-{place.job_id}.{place.step_id}.r{place.restart_count}",
         E.HOST: place.nodes[place.node_rank],
-        E.NODE_RANK: str(place.node_rank), E.NNODES: str(place.nnodes),
-        E.STORE: f"{master_addr}:{store_port}", E.SECRET: secret,
+        E.NODE_RANK: str(place.node_rank),
+        E.NNODES: str(place.nnodes),
+        E.STORE: f"{master_addr}:{store_port}",
+        E.SECRET: secret,
     }
 
 
@@ -405,8 +446,14 @@ class SlurmWorker:
             self.secret_path = None
 
 
-def setup_worker(secret_dir: str | None = None, *, nodes: int | None = None, ntasks_per_node: int | None = None,
-                 env: dict | None = None, timeout: float = 120.0) -> SlurmWorker | None:
+def setup_worker(
+    secret_dir: str | None = None,
+    *,
+    nodes: int | None = None,
+    ntasks_per_node: int | None = None,
+    env: dict | None = None,
+    timeout: float = 120.0,
+) -> SlurmWorker | None:
     """Called by every worker before it connects. Does nothing (returns None) unless srun started
     it directly: someone else (our agent, torchrun) already set ``RANK`` and ``WORLD_SIZE``.
 
@@ -419,9 +466,11 @@ def setup_worker(secret_dir: str | None = None, *, nodes: int | None = None, nta
     place = read_slurm_env(env)
     check_against_config(place, nodes, ntasks_per_node)
     if place.rank == 0 and env.get("SLURMD_NODENAME") and env["SLURMD_NODENAME"] != place.first_node:
-        raise SlurmEnvError(f"{place.where}: rank 0 runs on {env['SLURMD_NODENAME']}, not on the first node "
-                            f"{place.first_node}, where the others look for the store. HINT: srun "
-                            "--distribution=block (the default), or export DISTTRAIN_MASTER_ADDR")
+        raise SlurmEnvError(
+            f"{place.where}: rank 0 runs on {env['SLURMD_NODENAME']}, not on the first node "
+            f"{place.first_node}, where the others look for the store. HINT: srun "
+            "--distribution=block (the default), or export DISTTRAIN_MASTER_ADDR"
+        )
     addr = env.get(ADDR_OVERRIDE) or node_address(place.first_node)
     port = int(env[PORT_OVERRIDE]) if env.get(PORT_OVERRIDE) else derive_port(place.job_id, place.step_id)
     secret, secret_path = job_secret(place, secret_dir, place.rank == 0, timeout, env)
@@ -432,8 +481,10 @@ def setup_worker(secret_dir: str | None = None, *, nodes: int | None = None, nta
         try:
             server = StoreServer(secret, "0.0.0.0", port, advertise=addr).start()
         except StoreError as exc:
-            raise SlurmEnvError(f"{place.where}: {exc} (port {port} is derived from the job id). HINT: export "
-                                f"{PORT_OVERRIDE}=<a free port> in the batch script") from None
+            raise SlurmEnvError(
+                f"{place.where}: {exc} (port {port} is derived from the job id). HINT: export "
+                f"{PORT_OVERRIDE}=<a free port> in the batch script"
+            ) from None
     env.update(contract_env(place, addr, port, secret))
     log.info("%s: srun-started worker; store %s:%d", place.where, addr, port)
     return SlurmWorker(place, server, secret_path)
@@ -452,29 +503,44 @@ def requeue_id(env: Mapping[str, str] | None = None) -> str:
 
 
 _CONTRACT_PREFIXES = ("DISTTRAIN_", "TORCHELASTIC_", "SLURM_")
-_CONTRACT_NAMES = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                   "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+_CONTRACT_NAMES = {
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+}
 
 
 def _clean_env() -> dict[str, str]:
     """This worker's environment without its place in the old job (sbatch exports the environment:
     a resubmitted job must not inherit the old rank, store address or secret). SLURM_CONF stays."""
-    return {k: v for k, v in os.environ.items()
-            if k == "SLURM_CONF" or not (k in _CONTRACT_NAMES or k.startswith(_CONTRACT_PREFIXES))}
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k == "SLURM_CONF" or not (k in _CONTRACT_NAMES or k.startswith(_CONTRACT_PREFIXES))
+    }
 
 
 def _requeued(job: str, timeout: float) -> bool:
     """Whether SLURM shows ``job`` requeued (pending again, or a restart counted since we started)."""
     try:
-        out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True,
-                             timeout=timeout).stdout
+        out = subprocess.run(
+            ["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=timeout
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return False
     state = re.search(r"\bJobState=(\S+)", out)
     restarts = re.search(r"\bRestarts=(\d+)", out)
     before = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
-    return bool((state and state.group(1) in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"))
-                or (restarts and int(restarts.group(1)) > before))
+    return bool(
+        (state and state.group(1) in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"))
+        or (restarts and int(restarts.group(1)) > before)
+    )
 
 
 def requeue(job: str, array_task_id: str | None = None, script: str | None = None, timeout: float = 60.0) -> str:
@@ -513,5 +579,7 @@ def requeue(job: str, array_task_id: str | None = None, script: str | None = Non
         tried.append("no batch script to resubmit (DISTTRAIN_SLURM_SCRIPT unset)")
     else:
         tried.append("sbatch: not installed")
-    raise SlurmEnvError(f"could not requeue job {job}: " + "; ".join(tried) + ". HINT: the checkpoint is saved; "
-                        "resubmit the job by hand (it resumes), and submit with --requeue")
+    raise SlurmEnvError(
+        f"could not requeue job {job}: " + "; ".join(tried) + ". HINT: the checkpoint is saved; "
+        "resubmit the job by hand (it resumes), and submit with --requeue"
+    )

@@ -11,6 +11,7 @@ else a file under ``--secret-dir``, default ``$SLURM_SUBMIT_DIR``). Workers inhe
 warning signal (SIGUSR1/SIGUSR2) is passed on to the workers, which save and stop;
 SIGTERM stops them with ``--stop-grace`` seconds to finish their checkpoint.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,13 +21,15 @@ import sys
 
 from .agent import LocalAgent, NodeSpec
 from .errors import LauncherError
-from .slurm import derive_port, job_secret, node_address, read_slurm_env, PORT_OVERRIDE, ADDR_OVERRIDE
+from .slurm import ADDR_OVERRIDE, PORT_OVERRIDE, derive_port, job_secret, node_address, read_slurm_env
 from .worker import WorkerSpec
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m launcher.slurm_agent", description="Start this node's workers "
-                                "inside a SLURM job step (one srun task per node).")
+    p = argparse.ArgumentParser(
+        prog="python -m launcher.slurm_agent",
+        description="Start this node's workers inside a SLURM job step (one srun task per node).",
+    )
     p.add_argument("--nproc-per-node", type=int, required=True, help="workers on every node")
     p.add_argument("--max-restarts", type=int, default=0, help="restart the worker group after a failure")
     p.add_argument("--stop-grace", type=float, default=60.0, help="seconds workers get after SIGTERM to save")
@@ -43,22 +46,36 @@ def main(argv: list[str] | None = None) -> int:
     try:
         place = read_slurm_env()
         if place.world_size != place.nnodes:
-            raise LauncherError(f"{place.where}: the agent wants one srun task per node, got {place.world_size} "
-                                f"task(s) on {place.nnodes} node(s). HINT: srun --ntasks-per-node=1")
+            raise LauncherError(
+                f"{place.where}: the agent wants one srun task per node, got {place.world_size} "
+                f"task(s) on {place.nnodes} node(s). HINT: srun --ntasks-per-node=1"
+            )
         addr = os.environ.get(ADDR_OVERRIDE) or node_address(place.first_node)
-        port = int(os.environ[PORT_OVERRIDE]) if os.environ.get(PORT_OVERRIDE) else derive_port(place.job_id,
-                                                                                                 place.step_id)
-        secret, secret_path = job_secret(place, ns.secret_dir or os.environ.get("SLURM_SUBMIT_DIR") or os.getcwd(),
-                                         place.node_rank == 0)
+        port = (
+            int(os.environ[PORT_OVERRIDE])
+            if os.environ.get(PORT_OVERRIDE)
+            else derive_port(place.job_id, place.step_id)
+        )
+        secret, secret_path = job_secret(
+            place, ns.secret_dir or os.environ.get("SLURM_SUBMIT_DIR") or os.getcwd(), place.node_rank == 0
+        )
     except LauncherError as exc:
         print(f"disttrain slurm agent: error: {exc}", file=sys.stderr)
         return 2
     entry = (["-m", ns.entrypoint] if ns.module else [os.path.abspath(ns.entrypoint)]) + list(ns.args)
     spec = WorkerSpec(entrypoint=entry, nproc=ns.nproc_per_node, log_dir=ns.log_dir)
-    node = NodeSpec(node_rank=place.node_rank, nnodes=place.nnodes, rank_offset=place.node_rank * ns.nproc_per_node,
-                    host=place.nodes[place.node_rank], master_addr=addr, master_port=port + 1,
-                    job_id=f"slurm-{place.job_id}.{place.step_id}.r{place.restart_count}", store=f"{addr}:{port}",
-                    secret=secret, host_store=place.node_rank == 0)
+    node = NodeSpec(
+        node_rank=place.node_rank,
+        nnodes=place.nnodes,
+        rank_offset=place.node_rank * ns.nproc_per_node,
+        host=place.nodes[place.node_rank],
+        master_addr=addr,
+        master_port=port + 1,
+        job_id=f"slurm-{place.job_id}.{place.step_id}.r{place.restart_count}",
+        store=f"{addr}:{port}",
+        secret=secret,
+        host_store=place.node_rank == 0,
+    )
     agent = LocalAgent(spec, node, max_restarts=ns.max_restarts, stop_grace=ns.stop_grace)
 
     def forward(signum, frame):  # the warning signal: workers save at an agreed step and exit 0

@@ -4,6 +4,7 @@ The launcher builds one ``ssh`` command per remote host; the agent's configurati
 the job secret travel over ssh's stdin, never on a command line. Closing that stdin (or
 losing the connection) is how a remote agent learns to stop.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,8 +22,20 @@ class SshOptions:
     program: str = "ssh"
 
     def command(self, host: str, remote: str) -> list[str]:
-        argv = [self.program, "-T", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={max(1, round(self.connect_timeout))}",
-                "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3", "-o", "LogLevel=ERROR"]
+        argv = [
+            self.program,
+            "-T",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            f"ConnectTimeout={max(1, round(self.connect_timeout))}",
+            "-o",
+            "ServerAliveInterval=5",
+            "-o",
+            "ServerAliveCountMax=3",
+            "-o",
+            "LogLevel=ERROR",
+        ]
         if self.port:
             argv += ["-p", str(self.port)]
         if self.identity:

@@ -18,6 +18,7 @@ Wire format (after the handshake), both directions::
     frame  = u32 length | u8 code | field*      (length counts code and fields)
     field  = u32 length | bytes
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -96,7 +97,7 @@ def _read_frame(sock: socket.socket) -> tuple[int, list[bytes]]:
         (n,) = _U32.unpack_from(body, i)
         if i + 4 + n > len(body):
             raise ValueError("truncated field")
-        fields.append(body[i + 4:i + 4 + n])
+        fields.append(body[i + 4 : i + 4 + n])
         i += 4 + n
     return code, fields
 
@@ -123,11 +124,15 @@ class StoreServer:
             self._sock.bind((host, port))
         except OSError as exc:
             self._sock.close()
-            raise StoreError(f"cannot open the rendezvous store on {advertise or host}:{port}: {exc.strerror}. HINT: "
-                             + ("the port is in use; pick another port or leave it out for a free one"
-                                if exc.errno == 98 else
-                                f"{host} is not an address of this machine; start the launcher on the first "
-                                "host or pass --rdzv-endpoint with an address of this machine")) from None
+            raise StoreError(
+                f"cannot open the rendezvous store on {advertise or host}:{port}: {exc.strerror}. HINT: "
+                + (
+                    "the port is in use; pick another port or leave it out for a free one"
+                    if exc.errno == 98
+                    else f"{host} is not an address of this machine; start the launcher on the first "
+                    "host or pass --rdzv-endpoint with an address of this machine"
+                )
+            ) from None
         self._sock.listen(128)
         self.host, self.port = host, self._sock.getsockname()[1]
         self.address = f"{advertise or host}:{self.port}"
@@ -135,7 +140,7 @@ class StoreServer:
         self._closed = False
         self._thread = threading.Thread(target=self._accept_loop, name="store-accept", daemon=True)
 
-    def start(self) -> "StoreServer":
+    def start(self) -> StoreServer:
         self._thread.start()
         return self
 
@@ -155,7 +160,7 @@ class StoreServer:
                 pass
         self._thread.join(2.0)
 
-    def __enter__(self) -> "StoreServer":
+    def __enter__(self) -> StoreServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -312,8 +317,9 @@ class StoreClient:
     group never reads the previous attempt's keys).
     """
 
-    def __init__(self, address: str, secret: str, *, timeout: float = 300.0, connect_timeout: float = 60.0,
-                 prefix: str = ""):
+    def __init__(
+        self, address: str, secret: str, *, timeout: float = 300.0, connect_timeout: float = 60.0, prefix: str = ""
+    ):
         self.address, self.timeout, self.prefix = address, timeout, prefix
         self._secret = _b(secret)
         self._lock = threading.Lock()
@@ -330,25 +336,29 @@ class StoreClient:
                 break
             except OSError as exc:
                 if time.monotonic() + delay > deadline:
-                    raise StoreError(f"cannot reach the rendezvous store at {self.address}: {exc}. HINT: is the "
-                                     "launcher running, and is that address reachable from this host?") from None
+                    raise StoreError(
+                        f"cannot reach the rendezvous store at {self.address}: {exc}. HINT: is the "
+                        "launcher running, and is that address reachable from this host?"
+                    ) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 0.5)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             sock.settimeout(HANDSHAKE_TIMEOUT)
             hello = _recv_exact(sock, len(MAGIC) + NONCE)
-            if hello[:len(MAGIC)] != MAGIC:
+            if hello[: len(MAGIC)] != MAGIC:
                 raise StoreAuthError(f"{self.address} is not a disttrain rendezvous store")
-            nonce_s, nonce_c = hello[len(MAGIC):], secrets.token_bytes(NONCE)
+            nonce_s, nonce_c = hello[len(MAGIC) :], secrets.token_bytes(NONCE)
             sock.sendall(nonce_c + _mac(self._secret, b"dt-client", nonce_s, nonce_c))
             proof = _recv_exact(sock, MAC)
             if not hmac.compare_digest(proof, _mac(self._secret, b"dt-server", nonce_c, nonce_s)):
                 raise StoreAuthError(f"the store at {self.address} failed to prove it knows the job secret")
         except (OSError, ConnectionError) as exc:
             sock.close()
-            raise StoreAuthError(f"handshake with the rendezvous store at {self.address} failed ({exc}). HINT: "
-                                 "every host must use the same DISTTRAIN_JOB_SECRET") from None
+            raise StoreAuthError(
+                f"handshake with the rendezvous store at {self.address} failed ({exc}). HINT: "
+                "every host must use the same DISTTRAIN_JOB_SECRET"
+            ) from None
         except StoreError:
             sock.close()
             raise
@@ -373,11 +383,14 @@ class StoreClient:
                 self._sock.sendall(_pack(code, fields))
                 status, out = _read_frame(self._sock)
             except (OSError, ConnectionError, ValueError) as exc:
-                raise StoreError(f"rendezvous store at {self.address} dropped the connection during {what}: "
-                                 f"{exc}") from None
+                raise StoreError(
+                    f"rendezvous store at {self.address} dropped the connection during {what}: {exc}"
+                ) from None
         if status == TIMEOUT:
-            raise StoreTimeout(f"timed out after {wait:g}s waiting for {what} in the store at {self.address}. "
-                               "HINT: a peer may have died before writing it; see its log")
+            raise StoreTimeout(
+                f"timed out after {wait:g}s waiting for {what} in the store at {self.address}. "
+                "HINT: a peer may have died before writing it; see its log"
+            )
         if status != OK:
             raise StoreError(f"store at {self.address} refused {what}: {out[0].decode(errors='replace')}")
         return out

@@ -8,6 +8,7 @@ Imported only inside workers (it imports torch). Two ways in:
   moment ``torch.distributed.rendezvous`` is imported, so ``init_process_group()`` with the
   default ``env://`` meets at our store instead of opening an unauthenticated TCPStore.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -19,7 +20,7 @@ from .store import StoreClient, StoreTimeout, connect_from_env
 
 # torch's C++ side holds only the base object; once the Python object is gone its overrides
 # vanish ("Not implemented"). Stores live as long as the worker does, so keep them here.
-_ALIVE: list["AuthStore"] = []
+_ALIVE: list[AuthStore] = []
 
 
 def _seconds(t) -> float:
@@ -36,7 +37,7 @@ class AuthStore(dist.Store):
         _ALIVE.append(self)
 
     @classmethod
-    def from_env(cls, timeout: float = 300.0) -> "AuthStore | None":
+    def from_env(cls, timeout: float = 300.0) -> AuthStore | None:
         client = connect_from_env(timeout)
         return None if client is None else cls(client)
 

@@ -4,6 +4,7 @@ State transitions of a :class:`Worker`:
 ``INIT -> RUNNING -> (SUCCEEDED | FAILED | STOPPED)``; ``STOPPED`` means we killed it
 because a peer failed or the user interrupted.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,15 +57,24 @@ class Worker:
 
     def start(self) -> None:
         # Own session: we can signal the worker and anything it spawned as one group.
-        self.proc = subprocess.Popen(self.spec.argv(), env=self.env, cwd=self.spec.cwd, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.spec.argv(),
+            env=self.env,
+            cwd=self.spec.cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         out_path, err_path = rank_log_paths(self.spec.log_dir, self.rank)
         prefix = f"[{self.rank}@{self.host}] "
         filt = set(self.spec.only_ranks) if self.spec.only_ranks is not None else None
         out_console = console_for(self.rank, filt, sys.stdout) if self.spec.tee else None
         err_console = console_for(self.rank, filt, sys.stderr) if self.spec.tee else None
-        self.pumps = [StreamPump(self.proc.stdout, prefix, out_path, out_console),
-                      StreamPump(self.proc.stderr, prefix, err_path, err_console)]
+        self.pumps = [
+            StreamPump(self.proc.stdout, prefix, out_path, out_console),
+            StreamPump(self.proc.stderr, prefix, err_path, err_console),
+        ]
         for p in self.pumps:
             p.start()
         self.state = WorkerState.RUNNING
@@ -107,6 +117,13 @@ class Worker:
 
         assert self.proc is not None and self.proc.returncode is not None
         tail = list(self.pumps[1].tail) if len(self.pumps) > 1 else []
-        return Failure(rank=self.rank, local_rank=self.local_rank, host=self.host, pid=self.proc.pid,
-                       returncode=self.proc.returncode, time=self.exit_time or time.time(),
-                       stderr_tail=tail, error=errorfile.read(self.error_file))
+        return Failure(
+            rank=self.rank,
+            local_rank=self.local_rank,
+            host=self.host,
+            pid=self.proc.pid,
+            returncode=self.proc.returncode,
+            time=self.exit_time or time.time(),
+            stderr_tail=tail,
+            error=errorfile.read(self.error_file),
+        )

@@ -13,4 +13,7 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -q "${need[@]}" >/dev/null
 fi
 ./scripts/setup.sh
+# Lint and format first: a style error fails CI before the (slow) multi-rank tests run.
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
 exec .venv/bin/python -m pytest -q "$@"

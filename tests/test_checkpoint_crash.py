@@ -4,6 +4,7 @@ half-written one is never visible, and a restart loads the newest complete check
 Two ranks train the digits job; ``DISTTRAIN_CKPT_TEST_HOOK`` makes one of them kill
 itself at a named stage of the save of step 4 (see disttrain/checkpoint/testhooks.py).
 """
+
 import os
 import shutil
 
@@ -11,7 +12,7 @@ import pytest
 
 from disttrain import ckpt_cli
 from disttrain.checkpoint import CheckpointReader, resolve
-from tests.harness import RankFailure, spawn
+from tests.support.harness import RankFailure, spawn
 
 pytestmark = pytest.mark.timeout(200)
 TARGET = "tests.cases.ckpt_train:train"
@@ -30,18 +31,26 @@ def base(tmp_path_factory):
     return run, _files(step2)
 
 
-@pytest.mark.parametrize("stage,rank,world,overrides", [
-    ("after_shard", 1, 2, ["train.steps=4"]),  # rank 1's file is on disk, rank 0's may be; no manifest
-    # One rank (resumed from a 2-rank checkpoint) is enough for rank 0's stages and costs half.
-    ("mid_manifest", 0, 1, ["train.steps=5", "checkpoint.async_save=true"]),  # async save; its commit dies
-    ("before_rename", 0, 1, ["train.steps=4"]),  # complete temporary directory, never renamed
-])
+@pytest.mark.parametrize(
+    "stage,rank,world,overrides",
+    [
+        ("after_shard", 1, 2, ["train.steps=4"]),  # rank 1's file is on disk, rank 0's may be; no manifest
+        # One rank (resumed from a 2-rank checkpoint) is enough for rank 0's stages and costs half.
+        ("mid_manifest", 0, 1, ["train.steps=5", "checkpoint.async_save=true"]),  # async save; its commit dies
+        ("before_rename", 0, 1, ["train.steps=4"]),  # complete temporary directory, never renamed
+    ],
+)
 def test_kill_during_save_keeps_previous_checkpoint(base, tmp_path, stage, rank, world, overrides):
     run = str(tmp_path / "run")
     shutil.copytree(base[0], run)
     with pytest.raises(RankFailure) as e:
-        spawn(TARGET, world, args={"run_dir": run, "overrides": overrides + ["checkpoint.every=2"]},
-              env={"DISTTRAIN_CKPT_TEST_HOOK": f"kill@{stage}:{rank}:4"}, timeout=150)
+        spawn(
+            TARGET,
+            world,
+            args={"run_dir": run, "overrides": overrides + ["checkpoint.every=2"]},
+            env={"DISTTRAIN_CKPT_TEST_HOOK": f"kill@{stage}:{rank}:4"},
+            timeout=150,
+        )
     assert e.value.returncodes[rank] == -9, e.value
     ckpts = resolve(run)
     assert [os.path.basename(p) for p in ckpts] == ["step_000002"], os.listdir(os.path.join(run, "checkpoints"))
@@ -60,8 +69,7 @@ def test_kill_during_save_keeps_previous_checkpoint(base, tmp_path, stage, rank,
         with open(os.path.join(ck, "step_000003", "rank_00000.safetensors"), "r+b") as f:
             f.seek(5000)
             f.write(b"\xff\xfe")
-        r = spawn(TARGET, 2, args={"run_dir": run, "overrides": ["train.steps=3", "checkpoint.every=0"]},
-                  timeout=150)
+        r = spawn(TARGET, 2, args={"run_dir": run, "overrides": ["train.steps=3", "checkpoint.every=0"]}, timeout=150)
         assert [x["resumed_at"] for x in r] == [2, 2] and [x["step"] for x in r] == [3, 3]
         assert [os.path.basename(p) for p in resolve(run)] == ["step_000003", "step_000002"]
         CheckpointReader(resolve(run)[0]).verify_all()  # re-saved over the corrupt one

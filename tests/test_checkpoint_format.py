@@ -1,6 +1,7 @@
 """The on-disk format, in one process: round trip through the real writer and reader,
 resharding between flat (ZeRO-like) and nd (tensor-parallel-like) boxes, corrupt and
 truncated files, and malformed input refused without running code."""
+
 import json
 import os
 import pickle
@@ -11,9 +12,14 @@ import pytest
 import torch
 
 from disttrain import ckpt_cli
-from disttrain.checkpoint import (CheckpointCorruptError, CheckpointFormatError, CheckpointMismatchError,
-                                  CheckpointReader, resolve)
-from disttrain.checkpoint import checksum
+from disttrain.checkpoint import (
+    CheckpointCorruptError,
+    CheckpointFormatError,
+    CheckpointMismatchError,
+    CheckpointReader,
+    checksum,
+    resolve,
+)
 from disttrain.checkpoint.writer import RankWrite, commit
 from disttrain.parallel.strategy import Shard
 
@@ -29,11 +35,15 @@ S = torch.tensor(3.0)  # 0-d
 def _shards(rank: int, world: int = 3) -> list[Shard]:
     r0, r1 = rank * 6 // world, (rank + 1) * 6 // world
     f0, f1 = rank * 35 // world, (rank + 1) * 35 // world
-    out = [Shard("model.w", W[r0:r1].clone(), (6, 10), ((r0, r1), (0, 10))),
-           Shard("model.e", E.reshape(-1)[f0:f1].clone(), (5, 7), ((f0, f1),), flat=True)]
+    out = [
+        Shard("model.w", W[r0:r1].clone(), (6, 10), ((r0, r1), (0, 10))),
+        Shard("model.e", E.reshape(-1)[f0:f1].clone(), (5, 7), ((f0, f1),), flat=True),
+    ]
     if rank == 0:
-        out += [Shard("model.b", B.clone(), (10,), ((0, 10),), replicated=True),
-                Shard("optim.b.step", S.clone(), (), (), replicated=True)]
+        out += [
+            Shard("model.b", B.clone(), (10,), ((0, 10),), replicated=True),
+            Shard("optim.b.step", S.clone(), (), (), replicated=True),
+        ]
     return out
 
 
@@ -43,8 +53,9 @@ def _save(ckpt_dir: str, step: int = 5, world: int = 3) -> str:
         job = RankWrite(ckpt_dir, step, r, _shards(r, world))
         job.write_live()
         records.append(job.record({"rng": {}}))
-    return commit(ckpt_dir, step, world, {"strategy": "test"}, records,
-                  {"step": step, "config": {"model": {"n_head": 2}}}, keep=2)
+    return commit(
+        ckpt_dir, step, world, {"strategy": "test"}, records, {"step": step, "config": {"model": {"n_head": 2}}}, keep=2
+    )
 
 
 @pytest.fixture
@@ -66,19 +77,23 @@ def _replace_file(path: str, name: str, data: bytes) -> None:
 
     def fix(m):
         m["files"][name].update(size=len(data), checksum=checksum.digest(data))
+
     _rewrite_manifest(path, fix)
 
 
 def test_round_trip_and_reshard_between_flat_and_nd_boxes(ckpt):
     r = CheckpointReader(ckpt)
-    assert r.step == 5 and r.state()["step"] == 5 and sorted(r.names) == ["model.b", "model.e", "model.w",
-                                                                          "optim.b.step"]
+    assert (
+        r.step == 5 and r.state()["step"] == 5 and sorted(r.names) == ["model.b", "model.e", "model.w", "optim.b.step"]
+    )
     assert torch.equal(r("model.w", (6, 10), ((0, 6), (0, 10))), W)
     assert torch.equal(r("model.e", (5, 7), ((0, 5), (0, 7))), E)  # flat pieces -> nd box
     assert torch.equal(r("model.e", (5, 7), ((1, 4), (2, 6))), E[1:4, 2:6])
     assert torch.equal(r("model.w", (6, 10), ((7, 45),), True), W.reshape(-1)[7:45])  # nd pieces -> flat box
     assert torch.equal(r("model.w", (6, 10), ((1, 5), (3, 9))), W[1:5, 3:9])  # across two ranks' rows
-    assert torch.equal(r("model.b", (10,), ((2, 8),)), B[2:8]) and r("model.b", (10,), ((0, 10),)).dtype == torch.bfloat16
+    assert (
+        torch.equal(r("model.b", (10,), ((2, 8),)), B[2:8]) and r("model.b", (10,), ((0, 10),)).dtype == torch.bfloat16
+    )
     assert float(r("optim.b.step", (), ())) == 3.0
     with pytest.raises(CheckpointMismatchError, match="has shape"):
         r("model.w", (6, 11), ((0, 6), (0, 11)))
@@ -86,6 +101,7 @@ def test_round_trip_and_reshard_between_flat_and_nd_boxes(ckpt):
         r("model.zz", (1,), ((0, 1),))
     # Plain safetensors reads our rank files.
     from safetensors import safe_open
+
     with safe_open(os.path.join(ckpt, "rank_00001.safetensors"), "pt") as f:
         assert torch.equal(f.get_tensor("model.w"), W[2:4])
 
@@ -96,8 +112,10 @@ def test_reshard_to_every_world_size(tmp_path):
         for rank in range(3):  # loaded by 3 ranks with a flat (ZeRO) layout and a row (TP) layout
             f0, f1 = rank * 60 // 3, (rank + 1) * 60 // 3
             assert torch.equal(r("model.w", (6, 10), ((f0, f1),), True), W.reshape(-1)[f0:f1])
-            assert torch.equal(r("model.e", (5, 7), ((0, 5), (rank * 7 // 3, (rank + 1) * 7 // 3))),
-                               E[:, rank * 7 // 3 : (rank + 1) * 7 // 3])
+            assert torch.equal(
+                r("model.e", (5, 7), ((0, 5), (rank * 7 // 3, (rank + 1) * 7 // 3))),
+                E[:, rank * 7 // 3 : (rank + 1) * 7 // 3],
+            )
 
 
 def test_corrupt_truncated_and_missing_files_are_named(ckpt):
@@ -147,7 +165,9 @@ def test_header_over_limit_overlaps_and_duplicate_keys_are_refused(ckpt):
         h = header.encode()
         return struct.pack("<Q", len(h)) + h + b"\0" * data_len
 
-    overlap = '{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[4],"data_offsets":[8,24]}}'
+    overlap = (
+        '{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[4],"data_offsets":[8,24]}}'
+    )
     _replace_file(ckpt, name, header_file(overlap, 24))
     with pytest.raises(CheckpointFormatError, match="overlap"):
         CheckpointReader(ckpt).verify_all()
@@ -172,6 +192,7 @@ def test_malformed_manifests_are_refused(ckpt, tmp_path):
             for t in m["tensors"].values():
                 for p in t["pieces"]:
                     p["file"] = new if p["file"] == "rank_00000.safetensors" else p["file"]
+
         return fn
 
     for bad in ("../outside.safetensors", "/etc/passwd", "sub/x.safetensors", ".."):
@@ -181,6 +202,7 @@ def test_malformed_manifests_are_refused(ckpt, tmp_path):
         p = m["tensors"]["model.w"]["pieces"]
         p[1]["start"], p[1]["stop"] = p[0]["start"], p[0]["stop"]
         p[1]["file"] = p[0]["file"]
+
     expect(overlap, "overlap")
     expect(lambda m: m.update(version=99), "format version 99")
     open(os.path.join(ckpt, "manifest.json"), "w").write(good[:-1] + ',"step":7}')
@@ -216,5 +238,6 @@ def test_cli_reshard_check_and_consolidate(ckpt, tmp_path, capsys):
     out = str(tmp_path / "model.safetensors")
     assert ckpt_cli.main(["consolidate", ckpt, out]) == 0
     from safetensors.torch import load_file
+
     sd = load_file(out)
     assert torch.equal(sd["w"], W) and torch.equal(sd["e"], E) and set(sd) == {"w", "e", "b"}

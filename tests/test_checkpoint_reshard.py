@@ -3,14 +3,14 @@ resumes on 2 ranks with ZeRO-3, on 3 ranks with DDP (flat pieces into whole tens
 one process, optimizer state and data position included; after one more step every final
 checkpoint matches the single process within the trainer equivalence tolerance (2e-5: only
 the float32 summation order of gradients differs)."""
-import os
+
 import shutil
 
 import pytest
 import torch
 
 from disttrain.checkpoint import CheckpointReader, resolve
-from tests.harness import spawn
+from tests.support.harness import spawn
 
 pytestmark = pytest.mark.timeout(300)
 TARGET = "tests.cases.ckpt_train:train"
@@ -24,8 +24,12 @@ def _full(reader, name):
 
 def test_zero2_checkpoint_from_4_ranks_resumes_on_zero3_ddp_and_one_process(tmp_path):
     saved = str(tmp_path / "w4")
-    r4 = spawn(TARGET, 4, args={"run_dir": saved, "overrides": ["train.steps=3", "checkpoint.every=0",
-                                                               "parallel.strategy=zero2"]}, timeout=250)
+    r4 = spawn(
+        TARGET,
+        4,
+        args={"run_dir": saved, "overrides": ["train.steps=3", "checkpoint.every=0", "parallel.strategy=zero2"]},
+        timeout=250,
+    )
     (ck,) = resolve(saved)
     reader = CheckpointReader(ck)
     assert reader.manifest.world_size == 4 and reader.manifest.layout["strategy"] == "zero2"
@@ -37,8 +41,15 @@ def test_zero2_checkpoint_from_4_ranks_resumes_on_zero3_ddp_and_one_process(tmp_
     for world, strategy in ((1, "ddp"), (2, "zero3"), (3, "ddp")):
         run = str(tmp_path / f"w{world}")
         shutil.copytree(saved, run)
-        res = spawn(TARGET, world, args={"run_dir": run, "overrides": [
-            "train.steps=4", "checkpoint.every=0", f"parallel.strategy={strategy}"]}, timeout=250)
+        res = spawn(
+            TARGET,
+            world,
+            args={
+                "run_dir": run,
+                "overrides": ["train.steps=4", "checkpoint.every=0", f"parallel.strategy={strategy}"],
+            },
+            timeout=250,
+        )
         assert [r["resumed_at"] for r in res] == [3] * world and [r["step"] for r in res] == [4] * world
         final[world] = CheckpointReader(resolve(run)[0])
         assert final[world].step == 4

@@ -1,6 +1,7 @@
 """Kill-and-resume through ``disttrain run``: rank 1 is SIGKILLed mid-run, the launcher
 restarts the group (launch.max_restarts=1), the trainer resumes from the latest checkpoint,
 and the final state equals an uninterrupted run's bit for bit (same ranks, same data)."""
+
 import os
 import subprocess
 import sys
@@ -10,14 +11,18 @@ import pytest
 from disttrain.checkpoint import CheckpointReader, resolve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARGS = ["train.steps=30", "train.log_every=10", "train.eval_every=0", "checkpoint.every=10",
-        "launch.max_restarts=1"]
+ARGS = ["train.steps=30", "train.log_every=10", "train.eval_every=0", "checkpoint.every=10", "launch.max_restarts=1"]
 
 
 def _run(run_dir: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "disttrain.cli", "run", "configs/digits.yaml", f"run.dir={run_dir}",
-                           *ARGS], capture_output=True, text=True, cwd=ROOT, timeout=300,
-                          env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        [sys.executable, "-m", "disttrain.cli", "run", "configs/digits.yaml", f"run.dir={run_dir}", *ARGS],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 

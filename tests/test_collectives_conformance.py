@@ -5,12 +5,13 @@ mismatch (inside the world-size-2/3 jobs), timeout and dead-peer tests per backe
 Each (backend, world size) is one spawned job running many cases, because starting a
 rank costs about 1.5 s of torch import on this machine.
 """
+
 from __future__ import annotations
 
 import pytest
 
 from collectives import registry
-from tests.harness import RankFailure, spawn
+from tests.support.harness import RankFailure, spawn
 
 BACKENDS = [b for b in registry.available() if b != "nccl"]
 CASES = "tests.cases.collective_conformance"

@@ -4,6 +4,7 @@ Checked: it imports without CuPy, reports itself unavailable, ``init`` refuses c
 and the unique-id exchange round-trips 128 signed bytes between real processes through a
 real TCPStore. The GPU paths are unverified here (see collectives/backends/nccl.py).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 import collectives
 from collectives import registry
 from collectives.backends.nccl import NCCLBackend
-from tests.harness import spawn
+from tests.support.harness import spawn
 
 
 def test_registered_but_unavailable_without_gpu():

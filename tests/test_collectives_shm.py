@@ -2,6 +2,7 @@
 async, mailboxes) at world sizes 1-4, mismatch, timeout, a SIGKILLed peer, and nothing left
 in /dev/shm afterwards. One spawned job per world size (a rank costs seconds of torch import).
 """
+
 from __future__ import annotations
 
 import os
@@ -13,7 +14,7 @@ import torch
 import collectives
 from collectives.backends.shm_segment import DEV_SHM
 from collectives.env import DistEnv
-from tests.harness import RankFailure, spawn
+from tests.support.harness import RankFailure, spawn
 
 CASES = "tests.cases.shm_cases"
 SMALL_CHUNKS = {"DISTTRAIN_SHM_CHUNK_BYTES": "65536", "DISTTRAIN_SHM_SMALL_BYTES": "4096"}
@@ -51,8 +52,7 @@ def test_world1_in_process():
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_every_op_and_dtype(world_size):
     env = _job()
-    out = spawn(f"{CASES}:functional", world_size, args={"mismatch_and_timeout": world_size == 3}, env=env,
-                timeout=180)
+    out = spawn(f"{CASES}:functional", world_size, args={"mismatch_and_timeout": world_size == 3}, env=env, timeout=180)
     assert all(o[:-2] == out[0][:-2] for o in out), out
     assert len([c for c in out[0] if c.startswith("ops/")]) == 6 and "async" in out[0]
     if world_size == 3:

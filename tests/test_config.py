@@ -1,4 +1,5 @@
 """Config errors: FILE: key.path: got X, expected Y; exit code 2; no traceback."""
+
 import os
 import subprocess
 import sys
@@ -68,8 +69,9 @@ def test_bad_yaml_and_missing_file(tmp_path):
 
 def test_cli_exits_2_without_traceback(tmp_path):
     path = write(tmp_path, "train:\n  steps: -5\n")
-    proc = subprocess.run([sys.executable, "-m", "disttrain.cli", "run", path], capture_output=True, text=True,
-                          cwd=ROOT, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "disttrain.cli", "run", path], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
     assert proc.returncode == 2
     assert f"{path}: train.steps: got -5, expected a value >= 1" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -9,10 +9,11 @@ and bf16 gradient compression 2e-2 (each rank rounds its own partial products in
 Adam turns tiny gradient differences into up-to-lr-sized update differences).
 The spawns are shared with tests/test_zero.py (tests/cases/dp_zero.py runs them once).
 """
+
 import pytest
 
 from tests.cases import dp_zero
-from tests.equivalence import max_param_diff
+from tests.support.equivalence import max_param_diff
 
 pytestmark = pytest.mark.timeout(900)
 ATOL = {"bf16": 2e-2, "wire_bf16": 2e-2}

@@ -1,4 +1,5 @@
 """The README's main job, end to end, through the CLI and the launcher."""
+
 import json
 import os
 import subprocess
@@ -9,8 +10,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_digits_job_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "disttrain.cli", "run", "configs/digits.yaml",
-                           f"run.dir={run_dir}"], capture_output=True, text=True, cwd=ROOT, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-m", "disttrain.cli", "run", "configs/digits.yaml", f"run.dir={run_dir}"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[0@" in proc.stdout and "done:" in proc.stdout
     summary = json.loads((run_dir / "summary.json").read_text())

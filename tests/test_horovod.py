@@ -4,6 +4,7 @@ One job per (world size, backend) runs every pattern (tests/cases/hvd_api.py) an
 checks its pattern's result on every rank, so a broken pattern fails its own test. Parallel
 results are compared with one process on the same global batch (computed inside the job).
 """
+
 from __future__ import annotations
 
 import os
@@ -13,12 +14,15 @@ import sys
 import pytest
 
 from tests.cases.hvd_api import PATTERNS
-from tests.harness import ROOT, spawn
+from tests.support.harness import ROOT, spawn
 
 pytestmark = pytest.mark.timeout(300)
 TOL = 1e-5
-JOBS = {(2, "shm"): list(PATTERNS), (3, "shm"): list(PATTERNS),
-        (2, "torch"): ["training", "join", "mismatch", "process_sets", "alltoall", "allgather"]}
+JOBS = {
+    (2, "shm"): list(PATTERNS),
+    (3, "shm"): list(PATTERNS),
+    (2, "torch"): ["training", "join", "mismatch", "process_sets", "alltoall", "allgather"],
+}
 _cache: dict = {}
 
 
@@ -27,9 +31,13 @@ def _job(world: int, backend: str, tmp_path_factory) -> list[dict]:
     if key not in _cache:  # a failed job fails every test of it, without rerunning it
         path = str(tmp_path_factory.mktemp("hvd") / "timeline.json")
         try:
-            _cache[key] = spawn("tests.cases.hvd_api:patterns", world, timeout=240,
-                                args={"names": JOBS[key], "args": {"timeline": {"path": path}}},
-                                env={"DISTTRAIN_HVD_BACKEND": backend, "DISTTRAIN_HVD_TIMEOUT": "60"})
+            _cache[key] = spawn(
+                "tests.cases.hvd_api:patterns",
+                world,
+                timeout=240,
+                args={"names": JOBS[key], "args": {"timeline": {"path": path}}},
+                env={"DISTTRAIN_HVD_BACKEND": backend, "DISTTRAIN_HVD_TIMEOUT": "60"},
+            )
         except Exception as exc:  # RankFailure: keep it for the other tests of this job
             _cache[key] = exc
     if isinstance(_cache[key], Exception):
@@ -109,8 +117,14 @@ def _check(world: int, pattern: str, vals: list) -> None:
             assert v["even"] == [float(10 * s + 2 * r + j) for s in range(W) for j in range(2)]
     elif pattern == "objects":
         for v in vals:
-            assert v == {"who": 0, "betas_tuple": True, "int_key": True, "inf": True, "t": [0.0, 1.0, 2.0],
-                         "refused": v["refused"]}
+            assert v == {
+                "who": 0,
+                "betas_tuple": True,
+                "int_key": True,
+                "inf": True,
+                "t": [0.0, 1.0, 2.0],
+                "refused": v["refused"],
+            }
             assert v["refused"].startswith("cannot send object at ['bad']")
     elif pattern == "syncbn":
         for v in vals:
@@ -154,7 +168,7 @@ def test_pattern(results, request):
     _check(world, pattern, vals)
 
 
-HVD_SCRIPT = '''
+HVD_SCRIPT = """
 import torch
 import disttrain.horovod as hvd
 
@@ -171,7 +185,7 @@ for step in range(3):
 w = hvd.allgather(model.weight.detach().reshape(1, -1))
 print(f"RESULT rank={hvd.rank()} size={hvd.size()} equal={bool((w == w[0]).all())}", flush=True)
 hvd.shutdown()
-'''
+"""
 
 
 @pytest.mark.timeout(120)
@@ -180,8 +194,14 @@ def test_script_under_disttrain_launch_np(tmp_path):
     script = tmp_path / "train_hvd.py"
     script.write_text(HVD_SCRIPT)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "disttrain.cli", "launch", "-np", "2", str(script)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=100)
+    proc = subprocess.run(
+        [sys.executable, "-m", "disttrain.cli", "launch", "-np", "2", str(script)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     for r in range(2):

@@ -1,4 +1,5 @@
 """The launcher on one machine: start, stop, the root-cause report, restarts, torchrun scripts, errors."""
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,14 @@ GLOO = os.path.join(ROOT, "tests", "cases", "launcher_gloo.py")
 
 
 def launch(*args: str, timeout: float = 90.0, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "launcher.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @pytest.mark.timeout(60)
@@ -54,7 +61,7 @@ def test_sigkilled_worker_is_reported_by_signal_name():
 def test_traceback_comes_from_the_error_file_once():
     r = launch("--nproc-per-node", "2", WORKER, "raise", "1")
     assert r.returncode == 1, r.stderr
-    report = r.stderr[r.stderr.index("ROOT CAUSE"):]
+    report = r.stderr[r.stderr.index("ROOT CAUSE") :]
     assert "error: ValueError: boom on rank 1" in report
     assert report.count("Traceback (most recent call last)") == 1  # not repeated as a stderr tail
     assert "launcher/bootstrap.py" not in report  # the traceback starts in user code
@@ -81,8 +88,13 @@ def test_torchrun_script_runs_unchanged_over_the_authenticated_store():
 
 @pytest.mark.timeout(60)
 def test_ctrl_c_stops_every_worker():
-    p = subprocess.Popen([sys.executable, "-m", "launcher.cli", "--nproc-per-node", "2", WORKER, "sleep"], cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", "--nproc-per-node", "2", WORKER, "sleep"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     pids = []
     try:
         for line in p.stdout:
@@ -125,7 +137,9 @@ def test_hostfile_and_host_lists(tmp_path):
 
 
 def test_too_few_slots_names_the_hosts():
-    with pytest.raises(LaunchConfigError, match=r"-np 5 asks for more workers than the hosts have slots \(4: a:2, b:2\)"):
+    with pytest.raises(
+        LaunchConfigError, match=r"-np 5 asks for more workers than the hosts have slots \(4: a:2, b:2\)"
+    ):
         plan_nodes(parse_hosts("a:2,b:2"), np=5)
     with pytest.raises(LaunchConfigError, match=r"host b has 1 slot\(s\) but --nproc-per-node asks for 2"):
         plan_nodes(parse_hosts("a:2,b:1"), nproc_per_node=2)

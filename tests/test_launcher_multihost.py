@@ -2,6 +2,7 @@
 
 The launcher runs inside host 0; host 0's agent is local, host 1's is started over ssh.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,6 @@ import time
 
 import pytest
 
-from tests.netns import two_hosts  # noqa: F401  (pytest fixture)
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "cases", "launcher_worker.py")
 GLOO = os.path.join(ROOT, "tests", "cases", "launcher_gloo.py")
@@ -22,8 +21,9 @@ GLOO = os.path.join(ROOT, "tests", "cases", "launcher_gloo.py")
 
 def launch_on(hosts, *args: str, timeout: float = 120.0):
     env = {**os.environ, "GLOO_SOCKET_IFNAME": hosts.ifname}
-    return hosts.run(0, [sys.executable, "-m", "launcher.cli", *hosts.launcher_flags(), *args], timeout=timeout,
-                     cwd=ROOT, env=env)
+    return hosts.run(
+        0, [sys.executable, "-m", "launcher.cli", *hosts.launcher_flags(), *args], timeout=timeout, cwd=ROOT, env=env
+    )
 
 
 def _no_leftovers(hosts) -> None:
@@ -52,8 +52,11 @@ def test_worker_killed_on_the_remote_host_is_the_root_cause(two_hosts, tmp_path)
     hostfile.write_text(f"# two namespace hosts\n{a} slots=2\n{b} slots=2\n")
     r = launch_on(two_hosts, "--hostfile", str(hostfile), WORKER, "kill", "3")
     assert r.returncode == 128 + signal.SIGKILL, r.stdout + r.stderr
-    assert re.search(rf"\[ROOT CAUSE\] rank 3 \(local rank 1\) on host {re.escape(b)}, pid \d+: killed by signal "
-                     "SIGKILL", r.stderr), r.stderr
+    assert re.search(
+        rf"\[ROOT CAUSE\] rank 3 \(local rank 1\) on host {re.escape(b)}, pid \d+: killed by signal "
+        "SIGKILL",
+        r.stderr,
+    ), r.stderr
     assert "> killing myself" in r.stderr
     _no_leftovers(two_hosts)
 
@@ -93,9 +96,14 @@ def test_misnamed_host_is_a_clear_error(two_hosts):
 @pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "launcher-killed"])
 def test_stopping_the_launcher_stops_every_host(two_hosts, how):
     a, b = two_hosts.addrs
-    p = two_hosts.popen(0, [sys.executable, "-m", "launcher.cli", *two_hosts.launcher_flags(), "--hosts",
-                            f"{a}:1,{b}:1", WORKER, "sleep"], cwd=ROOT, stdout=subprocess.PIPE,
-                        stderr=subprocess.DEVNULL, text=True)
+    p = two_hosts.popen(
+        0,
+        [sys.executable, "-m", "launcher.cli", *two_hosts.launcher_flags(), "--hosts", f"{a}:1,{b}:1", WORKER, "sleep"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         seen = set()
         for line in p.stdout:  # both hosts' workers are running

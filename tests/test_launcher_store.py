@@ -1,4 +1,5 @@
 """The rendezvous store: torch-store semantics, and strangers rejected while a job runs."""
+
 from __future__ import annotations
 
 import hashlib
@@ -54,7 +55,7 @@ def test_store_operations_match_torch_semantics():
 
 def _handshake_reply(sock: socket.socket, secret: bytes) -> bytes:
     hello = sock.recv(len(MAGIC) + NONCE, socket.MSG_WAITALL)
-    nonce_s, nonce_c = hello[len(MAGIC):], os.urandom(NONCE)
+    nonce_s, nonce_c = hello[len(MAGIC) :], os.urandom(NONCE)
     return nonce_c + hmac.new(secret, b"dt-client" + nonce_s + nonce_c, hashlib.sha256).digest()
 
 
@@ -79,9 +80,24 @@ def test_strangers_are_rejected_while_a_job_runs_and_the_job_finishes(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "DISTTRAIN_JOB_SECRET": secret}
-    job = subprocess.Popen([sys.executable, "-m", "launcher.cli", "--nproc-per-node", "2", "--rdzv-endpoint",
-                            f"127.0.0.1:{port}", WORKER, "store"], cwd=ROOT, env=env, text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    job = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "launcher.cli",
+            "--nproc-per-node",
+            "2",
+            "--rdzv-endpoint",
+            f"127.0.0.1:{port}",
+            WORKER,
+            "store",
+        ],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     marker = tmp_path / "pwned"
     payload = pickle.dumps(_CreatesFile(str(marker)))
     try:

@@ -3,6 +3,7 @@
 The multi-rank behaviour (groups, equivalence with one process) is in
 tests/test_model_parallel.py; these are the local rules it rests on.
 """
+
 from __future__ import annotations
 
 import pytest

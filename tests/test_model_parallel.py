@@ -19,6 +19,7 @@ Every layout runs in turn in one 4-rank world (starting processes is most of the
 while the one-process reference runs beside it. The refused layouts run in the same
 world and each must be refused on every rank with a message naming the reason.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -27,7 +28,7 @@ import os
 import pytest
 import torch
 
-from tests.harness import spawn
+from tests.support.harness import spawn
 
 ATOL_FP32 = 2e-5
 REL_BF16 = 0.1
@@ -81,15 +82,20 @@ def world(tmp_path_factory):
     runs = [{"name": n, "overrides": o, **extra} for n, (o, _, extra) in LAYOUTS.items()]
     runs += [{"name": f"bad-{n}", "overrides": o, "expect_error": True} for n, (o, _) in REFUSED.items()]
     runs.append({"name": "ckpt-2x2x1", "overrides": mesh(2, 2, 1) + ZERO1, "stop_at": 3, "save_full": ckpt})
-    runs += [{"name": n, "overrides": o, "load_from": ckpt, "start_step": 3, **extra} for n, (o, extra) in RESUME.items()]
-    runs += [{"name": "eval-1x2x2", "overrides": mesh(1, 2, 2), "eval": True},
-             {"name": "eval-1x1x4", "overrides": mesh(1, 1, 4), "eval": True}]
+    runs += [
+        {"name": n, "overrides": o, "load_from": ckpt, "start_step": 3, **extra} for n, (o, extra) in RESUME.items()
+    ]
+    runs += [
+        {"name": "eval-1x2x2", "overrides": mesh(1, 2, 2), "eval": True},
+        {"name": "eval-1x1x4", "overrides": mesh(1, 1, 4), "eval": True},
+    ]
     runs.append({"name": "vocab-ce", "vocab_ce": True})
     reference = [{"name": "ref-fp32"}, {"name": "ref-bf16", "overrides": BF16}, {"name": "ref-eval", "eval": True}]
     # The one-process reference runs beside the 4-rank world (processes start in parallel).
     pool = concurrent.futures.ThreadPoolExecutor(1)
-    ref = pool.submit(spawn, "tests.cases.mp_train:train_many", 1, args={"runs": reference, "out_dir": out},
-                      timeout=600)
+    ref = pool.submit(
+        spawn, "tests.cases.mp_train:train_many", 1, args={"runs": reference, "out_dir": out}, timeout=600
+    )
     results = spawn("tests.cases.mp_train:train_many", 4, args={"runs": runs, "out_dir": out}, timeout=600)
     ref_results = ref.result()[0]
     pool.shutdown()

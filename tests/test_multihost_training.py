@@ -4,6 +4,7 @@ ends with the same parameters as one process on the same global batches.
 Tolerance: 2e-5 absolute per parameter after 12 AdamW steps (only the float32 summation
 order of the gradients differs between the layouts).
 """
+
 from __future__ import annotations
 
 import os
@@ -14,7 +15,6 @@ import pytest
 
 from disttrain import config as config_mod
 from disttrain.checkpoint import CheckpointReader, resolve
-from tests.netns import two_hosts  # noqa: F401  (pytest fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATOL = 2e-5
@@ -35,17 +35,48 @@ def _final_params(run_dir: str) -> dict:
 def test_digits_on_two_hosts_matches_one_process(two_hosts, tmp_path):
     a, b = two_hosts.addrs
     ref_dir, multi_dir = str(tmp_path / "one"), str(tmp_path / "multi")
-    ref = subprocess.run([sys.executable, "-m", "disttrain.cli", "run", "configs/digits.yaml", "--nproc", "1",
-                          f"run.dir={ref_dir}", *OVERRIDES], capture_output=True, text=True, cwd=ROOT, timeout=180)
+    ref = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "disttrain.cli",
+            "run",
+            "configs/digits.yaml",
+            "--nproc",
+            "1",
+            f"run.dir={ref_dir}",
+            *OVERRIDES,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=180,
+    )
     assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-2000:]
 
     cfg = config_mod.load(os.path.join(ROOT, "configs", "digits.yaml"), OVERRIDES + [f"run.dir={multi_dir}"])
     resolved = str(tmp_path / "multi.yaml")
     config_mod.save(cfg, resolved)
     env = {**os.environ, "GLOO_SOCKET_IFNAME": two_hosts.ifname}
-    r = two_hosts.run(0, [sys.executable, "-m", "launcher.cli", *two_hosts.launcher_flags(), "--hosts",
-                          f"{a}:2,{b}:2", "-x", f"GLOO_SOCKET_IFNAME={two_hosts.ifname}",
-                          "-m", "disttrain.worker", resolved], timeout=200, cwd=ROOT, env=env)
+    r = two_hosts.run(
+        0,
+        [
+            sys.executable,
+            "-m",
+            "launcher.cli",
+            *two_hosts.launcher_flags(),
+            "--hosts",
+            f"{a}:2,{b}:2",
+            "-x",
+            f"GLOO_SOCKET_IFNAME={two_hosts.ifname}",
+            "-m",
+            "disttrain.worker",
+            resolved,
+        ],
+        timeout=200,
+        cwd=ROOT,
+        env=env,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"[0@{a}]" in r.stdout and "done: 12 steps on 4 ranks" in r.stdout, r.stdout[-2000:]
 

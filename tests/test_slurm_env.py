@@ -1,27 +1,40 @@
 """SLURM without a cluster: hostlists, SLURM's variables into ours, clear errors, sbatch rendering,
 and the preemption agreement between real ranks (a signal to one rank stops all at one step)."""
+
 import os
+
 import pytest
 
-from launcher.slurm import (SlurmEnvError, check_against_config, derive_port, expand_hostlist,
-                            expand_tasks_per_node, read_slurm_env, requeue_id, setup_worker)
-from tests.harness import spawn
+from launcher.slurm import (
+    SlurmEnvError,
+    check_against_config,
+    derive_port,
+    expand_hostlist,
+    expand_tasks_per_node,
+    read_slurm_env,
+    requeue_id,
+    setup_worker,
+)
+from tests.support.harness import spawn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "configs", "digits.yaml")
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.mark.parametrize("nodelist, expected", [
-    ("n1", ["n1"]),
-    ("n[1-3]", ["n1", "n2", "n3"]),
-    ("gpu[08-11]", ["gpu08", "gpu09", "gpu10", "gpu11"]),
-    ("gpu[001-002,010]", ["gpu001", "gpu002", "gpu010"]),
-    ("n[9-10]", ["n9", "n10"]),
-    ("a[1-2],b[3,5],login", ["a1", "a2", "b3", "b5", "login"]),
-    ("rack[1-2]-n[01-02]", ["rack1-n01", "rack1-n02", "rack2-n01", "rack2-n02"]),
-    ("node-a[1-2]x", ["node-a1x", "node-a2x"]),
-])
+@pytest.mark.parametrize(
+    "nodelist, expected",
+    [
+        ("n1", ["n1"]),
+        ("n[1-3]", ["n1", "n2", "n3"]),
+        ("gpu[08-11]", ["gpu08", "gpu09", "gpu10", "gpu11"]),
+        ("gpu[001-002,010]", ["gpu001", "gpu002", "gpu010"]),
+        ("n[9-10]", ["n9", "n10"]),
+        ("a[1-2],b[3,5],login", ["a1", "a2", "b3", "b5", "login"]),
+        ("rack[1-2]-n[01-02]", ["rack1-n01", "rack1-n02", "rack2-n01", "rack2-n02"]),
+        ("node-a[1-2]x", ["node-a1x", "node-a2x"]),
+    ],
+)
 def test_hostlist(nodelist, expected):
     assert expand_hostlist(nodelist) == expected
 
@@ -40,9 +53,18 @@ def test_tasks_per_node():
 
 
 def _env(**kw):
-    env = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
-           "SLURM_NODEID": "1", "SLURM_NTASKS": "4", "SLURM_NNODES": "2", "SLURM_STEP_NODELIST": "gpu[07-08]",
-           "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_RESTART_COUNT": "2"}
+    env = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_STEP_ID": "0",
+        "SLURM_PROCID": "3",
+        "SLURM_LOCALID": "1",
+        "SLURM_NODEID": "1",
+        "SLURM_NTASKS": "4",
+        "SLURM_NNODES": "2",
+        "SLURM_STEP_NODELIST": "gpu[07-08]",
+        "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
+        "SLURM_RESTART_COUNT": "2",
+    }
     env.update(kw)
     return {k: v for k, v in env.items() if v is not None}
 
@@ -55,14 +77,17 @@ def test_read_slurm_env():
     assert requeue_id(_env(SLURM_ARRAY_JOB_ID="4200", SLURM_ARRAY_TASK_ID="7")) == "4200_7"  # the task, not the array
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"SLURM_PROCID": "4"}, "outside SLURM_NTASKS"),
-    ({"SLURM_NNODES": "3"}, "3 nodes but node list"),
-    ({"SLURM_STEP_TASKS_PER_NODE": "2,1"}, "do not add up"),
-    ({"SLURM_STEP_NODELIST": "gpu[07-"}, "unbalanced"),
-    ({"SLURM_NTASKS": "four"}, "not an integer"),
-    ({"SLURM_JOB_ID": None}, "not inside a SLURM job"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"SLURM_PROCID": "4"}, "outside SLURM_NTASKS"),
+        ({"SLURM_NNODES": "3"}, "3 nodes but node list"),
+        ({"SLURM_STEP_TASKS_PER_NODE": "2,1"}, "do not add up"),
+        ({"SLURM_STEP_NODELIST": "gpu[07-"}, "unbalanced"),
+        ({"SLURM_NTASKS": "four"}, "not an integer"),
+        ({"SLURM_JOB_ID": None}, "not inside a SLURM job"),
+    ],
+)
 def test_read_slurm_env_errors(change, message):
     with pytest.raises(SlurmEnvError, match=message):
         read_slurm_env(_env(**change))
@@ -92,8 +117,13 @@ def test_setup_worker_exports_contract(tmp_path):
 def test_setup_worker_rank0_hosts_store_and_secret_file(tmp_path):
     from launcher.store import StoreClient
 
-    env = _env(SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0", DISTTRAIN_MASTER_ADDR="127.0.0.1",
-               DISTTRAIN_MASTER_PORT="0")
+    env = _env(
+        SLURM_PROCID="0",
+        SLURM_LOCALID="0",
+        SLURM_NODEID="0",
+        DISTTRAIN_MASTER_ADDR="127.0.0.1",
+        DISTTRAIN_MASTER_PORT="0",
+    )
     env["DISTTRAIN_MASTER_PORT"] = str(__import__("launcher.environment", fromlist=["x"]).free_port())
     job = setup_worker(str(tmp_path), env=env)
     try:
@@ -131,27 +161,70 @@ def _submit(capsys):
 
 
 def test_submit_dry_run_renders_from_config(tmp_path, _submit):
-    p = _submit(DIGITS, "--nodes", "2", "--ntasks-per-node", "3", "--time", "30", "--partition", "gpu", "--dry-run",
-                f"run.dir={tmp_path}", "slurm.job_name=mnist-big", "slurm.extra_sbatch=[--qos=high]",
-                "slurm.setup=[module load cuda]")
+    p = _submit(
+        DIGITS,
+        "--nodes",
+        "2",
+        "--ntasks-per-node",
+        "3",
+        "--time",
+        "30",
+        "--partition",
+        "gpu",
+        "--dry-run",
+        f"run.dir={tmp_path}",
+        "slurm.job_name=mnist-big",
+        "slurm.extra_sbatch=[--qos=high]",
+        "slurm.setup=[module load cuda]",
+    )
     assert p.returncode == 0, p.stderr
     s = p.stdout
-    for line in ("#SBATCH --job-name=mnist-big", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=3",
-                 "#SBATCH --signal=B:USR1@90", "#SBATCH --requeue", "#SBATCH --partition=gpu", "#SBATCH --time=30",
-                 "#SBATCH --qos=high", f"#SBATCH --output={tmp_path}/slurm/%x-%j.out", "module load cuda",
-                 "trap 'kill -USR1 $SRUN", f"-m disttrain.worker {tmp_path}/config.yaml"):
+    for line in (
+        "#SBATCH --job-name=mnist-big",
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=3",
+        "#SBATCH --signal=B:USR1@90",
+        "#SBATCH --requeue",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --time=30",
+        "#SBATCH --qos=high",
+        f"#SBATCH --output={tmp_path}/slurm/%x-%j.out",
+        "module load cuda",
+        "trap 'kill -USR1 $SRUN",
+        f"-m disttrain.worker {tmp_path}/config.yaml",
+    ):
         assert line in s, (line, s)
     assert "{{" not in s and not (tmp_path / "config.yaml").exists()  # dry run writes nothing
 
 
 def test_submit_array_and_agent_mode(tmp_path, _submit):
-    p = _submit(DIGITS, "--array", "0-3", "--mode", "agent", "--nodes", "2", "--dry-run", f"run.dir={tmp_path}",
-                "slurm.signal=SIGUSR2", "slurm.signal_seconds=120", "slurm.requeue=false")
+    p = _submit(
+        DIGITS,
+        "--array",
+        "0-3",
+        "--mode",
+        "agent",
+        "--nodes",
+        "2",
+        "--dry-run",
+        f"run.dir={tmp_path}",
+        "slurm.signal=SIGUSR2",
+        "slurm.signal_seconds=120",
+        "slurm.requeue=false",
+    )
     assert p.returncode == 0, p.stderr
     s = p.stdout
-    for line in ("#SBATCH --array=0-3", "%x-%A_%a.out", "#SBATCH --ntasks-per-node=1", "#SBATCH --cpus-per-task=2",
-                 "#SBATCH --signal=B:USR2@120", "#SBATCH --no-requeue", "-m launcher.slurm_agent --nproc-per-node 2",
-                 '"run.dir=$RUN_DIR"', "task_${SLURM_ARRAY_TASK_ID}"):
+    for line in (
+        "#SBATCH --array=0-3",
+        "%x-%A_%a.out",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --cpus-per-task=2",
+        "#SBATCH --signal=B:USR2@120",
+        "#SBATCH --no-requeue",
+        "-m launcher.slurm_agent --nproc-per-node 2",
+        '"run.dir=$RUN_DIR"',
+        "task_${SLURM_ARRAY_TASK_ID}",
+    ):
         assert line in s, (line, s)
 
 
@@ -172,8 +245,12 @@ def test_submit_bad_signal_and_unknown_key(tmp_path, _submit):
 
 # -- the agreed stop step, on real ranks (no SLURM needed) ------------------------------------
 def test_signal_to_one_rank_stops_all_at_one_step():
-    results = spawn("tests.cases.preempt:signal_one_rank", 2, args={"config": DIGITS, "signal_rank": 1,
-                                                                    "signal_step": 3}, timeout=150)
+    results = spawn(
+        "tests.cases.preempt:signal_one_rank",
+        2,
+        args={"config": DIGITS, "signal_rank": 1, "signal_step": 3},
+        timeout=150,
+    )
     stops = {r["stop_step"] for r in results}
     assert len(stops) == 1 and stops.pop() in (3, 4), results  # the next agreement after the signal
     assert all(r["steps"] == r["stop_step"] for r in results)

@@ -16,6 +16,7 @@ All three jobs start together (the ``jobs`` fixture) while the one-process refer
 trains; a driver thread signals, releases requeued jobs and lifts the time limit of a
 requeued one, so the tests only wait for their job.
 """
+
 import glob
 import os
 import shutil
@@ -28,9 +29,8 @@ import time
 import pytest
 import torch
 
-from tests.equivalence import max_param_diff
-from tests.harness import spawn
-from tests.slurm_cluster import slurm_cluster  # noqa: F401  (the fixture)
+from tests.support.equivalence import max_param_diff
+from tests.support.harness import spawn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "configs", "digits.yaml")
@@ -74,9 +74,27 @@ def test_hostlist_parser_agrees_with_scontrol(slurm_cluster):
 
 def _submit(cluster, run_dir, *extra) -> str:
     env = dict(cluster.env, DT_TEST_HOLD_STEP="4", OMP_NUM_THREADS="1")
-    proc = cluster.run([sys.executable, "-m", "disttrain.cli", "submit", DIGITS, "--nodes", "2", "--ntasks-per-node",
-                        "1", *extra, f"run.dir={run_dir}", *BASE, "checkpoint.every=0",
-                        "slurm.worker_module=tests.cases.slurm_train"], cwd=ROOT, env=env, timeout=120)
+    proc = cluster.run(
+        [
+            sys.executable,
+            "-m",
+            "disttrain.cli",
+            "submit",
+            DIGITS,
+            "--nodes",
+            "2",
+            "--ntasks-per-node",
+            "1",
+            *extra,
+            f"run.dir={run_dir}",
+            *BASE,
+            "checkpoint.every=0",
+            "slurm.worker_module=tests.cases.slurm_train",
+        ],
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
     assert " as job " in proc.stdout, proc.stdout + proc.stderr
     return proc.stdout.split(" as job ")[1].split(":")[0]
 
@@ -96,8 +114,12 @@ class _Driver(threading.Thread):
                 for job in self.jobs:
                     info = self.c.job(job)
                     restarts = int(info.get("Restarts", 0))
-                    if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime" and restarts >= 1 \
-                            and (job, restarts) not in self.released:
+                    if (
+                        info.get("JobState") == "PENDING"
+                        and info.get("Reason") == "BeginTime"
+                        and restarts >= 1
+                        and (job, restarts) not in self.released
+                    ):
                         # SLURM holds a requeued job ~2 minutes; release it (once per requeue: the begin time
                         # we set lies ahead), and lift the 1-minute limit: the test is about the first
                         # attempt's limit, not a second one.
@@ -116,18 +138,39 @@ class _Driver(threading.Thread):
 def jobs(slurm_cluster, tmp_path_factory):
     c, base = slurm_cluster, tmp_path_factory.mktemp("slurm-jobs")
     srun_dir = base / "srun"
-    srun = subprocess.Popen(["srun", "-N2", "-n4", "--kill-on-bad-exit=1", sys.executable, "-u", "-m",
-                             "tests.cases.slurm_train", DIGITS, f"run.dir={srun_dir}", *BASE], cwd=ROOT,
-                            env=dict(c.env, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    srun = subprocess.Popen(
+        [
+            "srun",
+            "-N2",
+            "-n4",
+            "--kill-on-bad-exit=1",
+            sys.executable,
+            "-u",
+            "-m",
+            "tests.cases.slurm_train",
+            DIGITS,
+            f"run.dir={srun_dir}",
+            *BASE,
+        ],
+        cwd=ROOT,
+        env=dict(c.env, OMP_NUM_THREADS="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     # The time-limited job runs one agent per node (launcher.slurm_agent) that forwards the warning to its workers.
     limited = _submit(c, base / "limit", "--time", "1", "slurm.signal_seconds=50", "--mode", "agent")
     cancelled = _submit(c, base / "usr1")
     driver = _Driver(c, cancelled, base / "usr1", [limited, cancelled])
     driver.start()
     try:
-        yield {"srun": (srun, srun_dir), "limited": (limited, base / "limit"), "cancelled": (cancelled, base / "usr1"),
-               "driver": driver}
+        yield {
+            "srun": (srun, srun_dir),
+            "limited": (limited, base / "limit"),
+            "cancelled": (cancelled, base / "usr1"),
+            "driver": driver,
+        }
     finally:
         driver.stop.set()
         driver.join(10)
@@ -154,12 +197,14 @@ def _wait_done(c, driver, job: str, run_dir, timeout: float) -> dict:
         assert driver.error is None, driver.error
         info = c.job(job)
         state = info.get("JobState")
-        assert state not in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"), \
+        assert state not in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"), (
             f"job {job}: {info}\n{_out(run_dir)}\n{c.logs(tail=80)}"
+        )
         if state == "COMPLETED":
             return info
-        assert time.monotonic() < deadline, \
+        assert time.monotonic() < deadline, (
             f"job {job} not done after {timeout:g}s: {info}\n{_out(run_dir)}\n{c.logs()}"
+        )
         time.sleep(0.3)
 
 

@@ -1,4 +1,4 @@
-from tests.harness import spawn
+from tests.support.harness import spawn
 
 
 def test_torch_backend_allreduce_avg():

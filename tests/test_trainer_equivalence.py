@@ -4,12 +4,13 @@ Tolerance: 2e-5 absolute on every parameter after 12 AdamW steps. The only diffe
 between layouts is the float32 summation order of the gradient (per-rank partial sums
 then allreduce vs one sum), amplified slightly by Adam's normalisation.
 """
+
 import os
 
 import pytest
 
-from tests.equivalence import assert_equivalent
-from tests.harness import spawn
+from tests.support.equivalence import assert_equivalent
+from tests.support.harness import spawn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "configs", "digits.yaml")

@@ -7,6 +7,7 @@ and 3 ranks; plus SGD with momentum, bf16 autocast, bf16 gradient compression, a
 ZeRO-3 ranks without data still take part in the gathers) and a model whose ``aux`` branch
 gets no gradient on some ranks and steps.
 """
+
 import pytest
 
 from tests.cases import dp_zero

@@ -9,12 +9,13 @@ closes without ``finalize``, barriers fail, so nobody waits on the dead.
 
     python _pmi.py SIZE BIND_ADDR PROCESS_MAPPING
 """
+
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import threading
-import os
 
 _DEBUG = bool(os.environ.get("COLLECTIVES_PMI_DEBUG"))
 
@@ -77,13 +78,18 @@ class _PMIServer:
                 cmd = d.get("cmd")
                 if cmd == "collectives_segments":  # from collectives' mpi backend, not MPICH
                     with self._cv:
-                        self.segments.update(p for p in d.get("paths", "").split(",")
-                                             if p.startswith("/dev/shm/mpich_shm_"))
+                        self.segments.update(
+                            p for p in d.get("paths", "").split(",") if p.startswith("/dev/shm/mpich_shm_")
+                        )
                     aux = True
                     break
                 if cmd == "initack":
-                    out = [f"cmd=initack rc=0", f"cmd=set size={self.size}", f"cmd=set rank={d['pmiid']}",
-                           "cmd=set debug=0"]
+                    out = [
+                        "cmd=initack rc=0",
+                        f"cmd=set size={self.size}",
+                        f"cmd=set rank={d['pmiid']}",
+                        "cmd=set debug=0",
+                    ]
                 elif cmd == "init":
                     out = ["cmd=response_to_init pmi_version=1 pmi_subversion=1 rc=0"]
                 elif cmd == "get_maxes":
@@ -100,8 +106,11 @@ class _PMIServer:
                     out = ["cmd=put_result rc=0"]
                 elif cmd == "get":
                     value = self.mapping if d.get("key") == "PMI_process_mapping" else self._kvs.get(d.get("key"))
-                    out = [f"cmd=get_result rc=0 value={value}" if value is not None
-                           else "cmd=get_result rc=-1 msg=key_not_found"]
+                    out = [
+                        f"cmd=get_result rc=0 value={value}"
+                        if value is not None
+                        else "cmd=get_result rc=-1 msg=key_not_found"
+                    ]
                 elif cmd == "barrier_in":
                     out = [f"cmd=barrier_out rc={self._barrier()}"]
                     self._note_segments()

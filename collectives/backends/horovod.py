@@ -12,12 +12,14 @@ an allreduce of the flat concatenation, keeping our slice. Subgroups are Horovod
 (needs dynamic process sets, which we switch on). Horovod has no point-to-point ops, so
 ``send``/``recv`` raise. Horovod ops have no timeout; ``wait`` polls them against ours.
 """
+
 from __future__ import annotations
 
 import os
 import socket
 import time
-from typing import ClassVar, Sequence
+from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 
@@ -70,8 +72,9 @@ class _HvdWork:
 class HorovodBackend:
     name: ClassVar[str] = "horovod"
 
-    def __init__(self, rank: int, world_size: int, process_set=None, global_ranks: Sequence[int] | None = None,
-                 store=None):
+    def __init__(
+        self, rank: int, world_size: int, process_set=None, global_ranks: Sequence[int] | None = None, store=None
+    ):
         self.rank, self.world_size, self.store = rank, world_size, store
         self._ps = process_set
         self._global = list(global_ranks) if global_ranks is not None else list(range(world_size))
@@ -85,7 +88,7 @@ class HorovodBackend:
         return True
 
     @classmethod
-    def create(cls, env: DistEnv, store=None, timeout: float = 300.0, device: str = "cpu") -> "HorovodBackend":
+    def create(cls, env: DistEnv, store=None, timeout: float = 300.0, device: str = "cpu") -> HorovodBackend:
         if not device.startswith("cpu"):
             raise BackendUnavailableError(f"rank {env.where}: the horovod backend here runs CPU tensors (gloo) only")
         hvd = _horovod()
@@ -103,23 +106,32 @@ class HorovodBackend:
         store.wait(["collectives/horovod/rendezvous"])
         addr, _, port = store.get("collectives/horovod/rendezvous").decode().rpartition(":")
         all_local = env.local_world_size == env.world_size
-        os.environ.update({
-            "HOROVOD_GLOO_RENDEZVOUS_ADDR": addr, "HOROVOD_GLOO_RENDEZVOUS_PORT": port,
-            "HOROVOD_CONTROLLER": "gloo", "HOROVOD_CPU_OPERATIONS": "gloo", "HOROVOD_HOSTNAME": host,
-            "HOROVOD_RANK": str(env.rank), "HOROVOD_SIZE": str(env.world_size),
-            "HOROVOD_LOCAL_RANK": str(env.local_rank), "HOROVOD_LOCAL_SIZE": str(env.local_world_size),
-            "HOROVOD_CROSS_RANK": str(env.rank // max(1, env.local_world_size)),
-            "HOROVOD_CROSS_SIZE": str(max(1, env.world_size // max(1, env.local_world_size))),
-            "HOROVOD_DYNAMIC_PROCESS_SETS": "1",
-            "HOROVOD_GLOO_TIMEOUT_SECONDS": str(int(timeout)),
-        })
+        os.environ.update(
+            {
+                "HOROVOD_GLOO_RENDEZVOUS_ADDR": addr,
+                "HOROVOD_GLOO_RENDEZVOUS_PORT": port,
+                "HOROVOD_CONTROLLER": "gloo",
+                "HOROVOD_CPU_OPERATIONS": "gloo",
+                "HOROVOD_HOSTNAME": host,
+                "HOROVOD_RANK": str(env.rank),
+                "HOROVOD_SIZE": str(env.world_size),
+                "HOROVOD_LOCAL_RANK": str(env.local_rank),
+                "HOROVOD_LOCAL_SIZE": str(env.local_world_size),
+                "HOROVOD_CROSS_RANK": str(env.rank // max(1, env.local_world_size)),
+                "HOROVOD_CROSS_SIZE": str(max(1, env.world_size // max(1, env.local_world_size))),
+                "HOROVOD_DYNAMIC_PROCESS_SETS": "1",
+                "HOROVOD_GLOO_TIMEOUT_SECONDS": str(int(timeout)),
+            }
+        )
         iface = os.environ.get("GLOO_SOCKET_IFNAME") or ("lo" if all_local else None)
         if iface:
             os.environ["HOROVOD_GLOO_IFACE"] = iface
         hvd.init()
         if hvd.rank() != env.rank or hvd.size() != env.world_size:
-            raise CollectivesError(f"rank {env.where}: horovod came up as rank {hvd.rank()} of {hvd.size()}, "
-                                   f"expected {env.rank} of {env.world_size}")
+            raise CollectivesError(
+                f"rank {env.where}: horovod came up as rank {hvd.rank()} of {hvd.size()}, "
+                f"expected {env.rank} of {env.world_size}"
+            )
         return cls(env.rank, env.world_size, store=store)
 
     # -- helpers --------------------------------------------------------------------------
@@ -129,8 +141,13 @@ class HorovodBackend:
     @staticmethod
     def _op(op: ReduceOp):
         hvd = _horovod()
-        return {ReduceOp.SUM: hvd.Sum, ReduceOp.AVG: hvd.Average, ReduceOp.MIN: hvd.Min, ReduceOp.MAX: hvd.Max,
-                ReduceOp.PROD: hvd.Product}[op]
+        return {
+            ReduceOp.SUM: hvd.Sum,
+            ReduceOp.AVG: hvd.Average,
+            ReduceOp.MIN: hvd.Min,
+            ReduceOp.MAX: hvd.Max,
+            ReduceOp.PROD: hvd.Product,
+        }[op]
 
     # -- ops ------------------------------------------------------------------------------
     def allreduce(self, tensor: torch.Tensor, op: ReduceOp) -> Work:
@@ -155,7 +172,7 @@ class HorovodBackend:
         flat = torch.cat([t.reshape(-1) for t in inputs])
         work = self.allreduce(flat, op)
         start = sum(t.numel() for t in inputs[: self.rank])
-        return _HvdWork(work._handles, lambda _: output.copy_(flat[start:start + output.numel()].view_as(output)))
+        return _HvdWork(work._handles, lambda _: output.copy_(flat[start : start + output.numel()].view_as(output)))
 
     def all_to_all(self, outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> Work:
         flat = torch.cat([t.reshape(-1) for t in inputs])
@@ -170,8 +187,10 @@ class HorovodBackend:
         return _HvdWork([h], scatter)
 
     def send(self, tensor: torch.Tensor, dst: int, tag: int) -> Work:
-        raise CollectivesError("the horovod backend has no point-to-point ops (Horovod has none)\n"
-                               "HINT: use backend 'torch', 'mpi' or 'shm' for send/recv")
+        raise CollectivesError(
+            "the horovod backend has no point-to-point ops (Horovod has none)\n"
+            "HINT: use backend 'torch', 'mpi' or 'shm' for send/recv"
+        )
 
     def recv(self, tensor: torch.Tensor, src: int, tag: int) -> Work:
         return self.send(tensor, src, tag)
@@ -180,7 +199,7 @@ class HorovodBackend:
         _horovod().barrier(**self._kw())
         return _HvdWork([])
 
-    def new_group(self, ranks: Sequence[int]) -> "HorovodBackend | None":
+    def new_group(self, ranks: Sequence[int]) -> HorovodBackend | None:
         """Every rank calls it (Horovod registers process sets collectively)."""
         hvd = _horovod()
         global_ranks = [self._global[r] for r in sorted(ranks)]
@@ -217,8 +236,9 @@ def _start_rendezvous(env: DistEnv, hosts: list[str]) -> tuple[str, int]:
             order.append(h)
     plan = get_host_assignments(parse_hosts(",".join(f"{h}:{hosts.count(h)}" for h in order)), len(hosts))
     if [s.hostname for s in plan] != hosts:
-        raise CollectivesError(f"rank {env.where}: horovod needs the ranks of a host to be consecutive; "
-                               f"ranks sit on {hosts}")
+        raise CollectivesError(
+            f"rank {env.where}: horovod needs the ranks of a host to be consecutive; ranks sit on {hosts}"
+        )
     server = RendezvousServer(verbose=0)
     port = server.start()
     server.init(plan)
@@ -235,7 +255,14 @@ def _default_store(env: DistEnv, timeout: float):
     if env.world_size == 1:
         return dist.HashStore()
     if env.master_addr is None or env.master_port is None:
-        raise CollectivesError(f"rank {env.where}: the horovod backend needs MASTER_ADDR and MASTER_PORT or a store"
-                               "\nHINT: start workers with `disttrain launch`")
-    return dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=env.rank == 0,
-                         timeout=datetime.timedelta(seconds=timeout))
+        raise CollectivesError(
+            f"rank {env.where}: the horovod backend needs MASTER_ADDR and MASTER_PORT or a store"
+            "\nHINT: start workers with `disttrain launch`"
+        )
+    return dist.TCPStore(
+        env.master_addr,
+        env.master_port,
+        env.world_size,
+        is_master=env.rank == 0,
+        timeout=datetime.timedelta(seconds=timeout),
+    )

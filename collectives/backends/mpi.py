@@ -16,6 +16,7 @@ bfloat16 and float16 have no MPI type: reductions run on a float32 copy (exact f
 2 ranks; with more ranks one rounding at the end instead of one per step), everything
 else moves them as 16-bit words.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -23,7 +24,8 @@ import importlib.util
 import os
 import socket
 import time
-from typing import ClassVar, Sequence
+from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 
@@ -40,8 +42,15 @@ _PMI_PROC = None  # rank 0's PMI server process, when no MPI launcher started th
 
 def _types():
     m = _MPI
-    return {torch.float32: m.FLOAT, torch.float64: m.DOUBLE, torch.int32: m.INT32_T, torch.int64: m.INT64_T,
-            torch.float16: m.UINT16_T, torch.bfloat16: m.UINT16_T, torch.uint8: m.BYTE}
+    return {
+        torch.float32: m.FLOAT,
+        torch.float64: m.DOUBLE,
+        torch.int32: m.INT32_T,
+        torch.int64: m.INT64_T,
+        torch.float16: m.UINT16_T,
+        torch.bfloat16: m.UINT16_T,
+        torch.uint8: m.BYTE,
+    }
 
 
 def _ops():
@@ -51,8 +60,10 @@ def _ops():
 
 def _cpu(t: torch.Tensor) -> None:
     if t.device.type != "cpu":
-        raise InvalidTensorError(f"the mpi backend moves CPU tensors only, got one on {t.device}"
-                                 "\nHINT: use backend='nccl' or 'torch' for CUDA tensors")
+        raise InvalidTensorError(
+            f"the mpi backend moves CPU tensors only, got one on {t.device}"
+            "\nHINT: use backend='nccl' or 'torch' for CUDA tensors"
+        )
 
 
 def _buf(t: torch.Tensor, count: int | None = None):
@@ -95,8 +106,9 @@ class _MPIWork:
             cls = exc.Get_error_class()
             text = exc.Get_error_string().splitlines()[0]
             if cls in (getattr(_MPI, "ERR_PROC_FAILED", -1), _MPI.ERR_OTHER, _MPI.ERR_INTERN):
-                raise PeerDiedError(f"MPI failed, most likely a peer died ({text})\n"
-                                    "HINT: look for the first rank that crashed") from None
+                raise PeerDiedError(
+                    f"MPI failed, most likely a peer died ({text})\nHINT: look for the first rank that crashed"
+                ) from None
             raise CollectivesError(f"MPI failed: {text}") from None
         if self._then is not None:
             self._then()
@@ -118,17 +130,20 @@ class MPIBackend:
         return importlib.util.find_spec("mpi4py") is not None
 
     @classmethod
-    def create(cls, env: DistEnv, store, timeout: float, device: str = "cpu") -> "MPIBackend":
+    def create(cls, env: DistEnv, store, timeout: float, device: str = "cpu") -> MPIBackend:
         if device != "cpu":
-            raise CollectivesError(f"rank {env.where}: the mpi backend moves CPU tensors only, not {device!r}"
-                                   "\nHINT: use backend='nccl' or 'torch' for CUDA tensors")
+            raise CollectivesError(
+                f"rank {env.where}: the mpi backend moves CPU tensors only, not {device!r}"
+                "\nHINT: use backend='nccl' or 'torch' for CUDA tensors"
+            )
         MPI = _init_mpi(env, store, timeout)
         world = MPI.COMM_WORLD
         if world.Get_size() != env.world_size or world.Get_rank() != env.rank:
             raise CollectivesError(
                 f"rank {env.where}: MPI_COMM_WORLD is rank {world.Get_rank()} of {world.Get_size()} but the "
                 f"{env.source} environment says rank {env.rank} of {env.world_size}\n"
-                "HINT: was mpi4py imported (initialising MPI) before collectives.init('mpi')?")
+                "HINT: was mpi4py imported (initialising MPI) before collectives.init('mpi')?"
+            )
         comm = world.Dup()
         comm.Set_errhandler(MPI.ERRORS_RETURN)
         if store is None and env.world_size > 1:
@@ -163,7 +178,7 @@ class MPIBackend:
 
         def then():
             for o, d, c in zip(outputs, displs, counts):
-                o.copy_(flat[d:d + c].view_as(o))
+                o.copy_(flat[d : d + c].view_as(o))
 
         return _MPIWork([req], then, (tensor, flat))
 
@@ -190,11 +205,13 @@ class MPIBackend:
         sflat = torch.cat([i.reshape(-1) for i in inputs])
         rflat = torch.empty(sum(rcounts), dtype=sflat.dtype)
         mtype = _types()[sflat.dtype]
-        req = self._comm.Ialltoallv([_buf(sflat)[0], scounts, sdispls, mtype], [_buf(rflat)[0], rcounts, rdispls, mtype])
+        req = self._comm.Ialltoallv(
+            [_buf(sflat)[0], scounts, sdispls, mtype], [_buf(rflat)[0], rcounts, rdispls, mtype]
+        )
 
         def then():
             for o, d, c in zip(outputs, rdispls, rcounts):
-                o.copy_(rflat[d:d + c].view_as(o))
+                o.copy_(rflat[d : d + c].view_as(o))
 
         return _MPIWork([req], then, (sflat, rflat))
 
@@ -210,7 +227,7 @@ class MPIBackend:
     def barrier(self) -> Work:
         return _MPIWork([self._comm.Ibarrier()])
 
-    def new_group(self, ranks: Sequence[int]) -> "MPIBackend | None":
+    def new_group(self, ranks: Sequence[int]) -> MPIBackend | None:
         """Only members need to call it (MPI_Comm_create_group); others get None."""
         if self.rank not in ranks:
             return None
@@ -287,8 +304,7 @@ def _connect_pmi(env: DistEnv, store, timeout: float) -> None:
     store.wait([_PMI_KEY], datetime.timedelta(seconds=timeout))
     global _PMI_ADDR
     _PMI_ADDR = store.get(_PMI_KEY).decode()
-    os.environ.update(PMI_PORT=_PMI_ADDR, PMI_ID=str(env.rank), PMI_RANK=str(env.rank),
-                      PMI_SIZE=str(env.world_size))
+    os.environ.update(PMI_PORT=_PMI_ADDR, PMI_ID=str(env.rank), PMI_RANK=str(env.rank), PMI_SIZE=str(env.world_size))
 
 
 def _start_pmi_server(size: int, bind: str, mapping: str) -> int:
@@ -297,8 +313,9 @@ def _start_pmi_server(size: int, bind: str, mapping: str) -> int:
 
     global _PMI_PROC
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_pmi.py")
-    _PMI_PROC = subprocess.Popen([sys.executable, "-I", path, str(size), bind, mapping],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    _PMI_PROC = subprocess.Popen(
+        [sys.executable, "-I", path, str(size), bind, mapping], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
     # No atexit hook: MPICH's own exit handlers still talk to the server after Python's have
     # run; the server exits once every rank closed its connection, or soon after we are gone.
     line = _PMI_PROC.stdout.readline()
@@ -335,8 +352,9 @@ def _host_store(comm, env: DistEnv, timeout: float):
     addr = None
     if comm.Get_rank() == 0:
         host = "127.0.0.1" if env.local_world_size == env.world_size else socket.gethostname()
-        store = dist.TCPStore(host, 0, comm.Get_size(), True, timeout=datetime.timedelta(seconds=timeout),
-                              wait_for_workers=False)
+        store = dist.TCPStore(
+            host, 0, comm.Get_size(), True, timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False
+        )
         addr = (host, store.port)
     addr = comm.bcast(addr, root=0)  # once, at start-up: the one pickle this backend sends
     if comm.Get_rank() != 0:

@@ -14,11 +14,13 @@ UNVERIFIED: written without a GPU (none on the development machine); tested ther
 the import, ``is_available()`` being False, the id exchange through the store and the
 clear error. bfloat16 needs NCCL >= 2.10; AVG uses ncclAvg (NCCL >= 2.10).
 """
+
 from __future__ import annotations
 
 import datetime
 import time
-from typing import ClassVar, Sequence
+from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 
@@ -29,8 +31,15 @@ from ..types import ReduceOp, Work
 _ID_KEY = "collectives/nccl/id/"
 
 # NCCL enum values (nccl.h); CuPy exposes most as constants, these are stable ABI.
-_DTYPES = {torch.int32: 2, torch.int64: 4, torch.float16: 6, torch.float32: 7, torch.float64: 8,
-           torch.bfloat16: 9, torch.uint8: 1}
+_DTYPES = {
+    torch.int32: 2,
+    torch.int64: 4,
+    torch.float16: 6,
+    torch.float32: 7,
+    torch.float64: 8,
+    torch.bfloat16: 9,
+    torch.uint8: 1,
+}
 _OPS = {ReduceOp.SUM: 0, ReduceOp.PROD: 1, ReduceOp.MAX: 2, ReduceOp.MIN: 3, ReduceOp.AVG: 4}
 
 
@@ -43,7 +52,7 @@ def _nccl():
 class _NcclWork:
     """An event recorded on the op's stream after the op; ``then`` runs on completion."""
 
-    def __init__(self, backend: "NCCLBackend", event: torch.cuda.Event, then=None, keep=()):
+    def __init__(self, backend: NCCLBackend, event: torch.cuda.Event, then=None, keep=()):
         self._backend, self._event, self._then, self._keep, self._done = backend, event, then, keep, False
 
     def wait(self, timeout: float | None = None) -> None:
@@ -81,19 +90,22 @@ class NCCLBackend:
             return False
 
     @classmethod
-    def create(cls, env: DistEnv, store, timeout: float, device: str = "cuda") -> "NCCLBackend":
+    def create(cls, env: DistEnv, store, timeout: float, device: str = "cuda") -> NCCLBackend:
         if not torch.cuda.is_available():
             raise BackendUnavailableError(
                 f"rank {env.where}: the nccl backend needs a CUDA GPU, and torch sees none"
-                "\nHINT: use backend='shm' or 'torch' (gloo) on CPU-only machines")
+                "\nHINT: use backend='shm' or 'torch' (gloo) on CPU-only machines"
+            )
         try:
             nccl = _nccl()
         except ImportError as exc:
-            raise BackendUnavailableError(f"rank {env.where}: cupy is not installed ({exc})"
-                                          "\nHINT: pip install 'disttrain[nccl]' (cupy-cuda12x)") from None
+            raise BackendUnavailableError(
+                f"rank {env.where}: cupy is not installed ({exc})\nHINT: pip install 'disttrain[nccl]' (cupy-cuda12x)"
+            ) from None
         if not nccl.available:
-            raise BackendUnavailableError(f"rank {env.where}: CuPy was built without NCCL"
-                                          "\nHINT: pip install nvidia-nccl-cu12")
+            raise BackendUnavailableError(
+                f"rank {env.where}: CuPy was built without NCCL\nHINT: pip install nvidia-nccl-cu12"
+            )
         dev = torch.device(device if device.startswith("cuda:") else f"cuda:{env.local_rank}")
         torch.cuda.set_device(dev)
         if store is None:
@@ -113,8 +125,10 @@ class NCCLBackend:
     def _check(self, *tensors: torch.Tensor) -> None:
         for t in tensors:
             if t.device != self.device:
-                raise InvalidTensorError(f"rank {self.rank}: nccl ops need tensors on {self.device}, got {t.device}"
-                                         "\nHINT: move them with .to(device) first")
+                raise InvalidTensorError(
+                    f"rank {self.rank}: nccl ops need tensors on {self.device}, got {t.device}"
+                    "\nHINT: move them with .to(device) first"
+                )
 
     def _done(self, then=None, keep=()) -> Work:
         event = torch.cuda.Event()
@@ -131,8 +145,10 @@ class NCCLBackend:
         try:
             self._comm.check_async_error()
         except Exception as exc:
-            raise CollectivesError(f"NCCL reported an asynchronous error: {exc}"
-                                   "\nHINT: a peer probably died; look for the first rank that failed") from None
+            raise CollectivesError(
+                f"NCCL reported an asynchronous error: {exc}"
+                "\nHINT: a peer probably died; look for the first rank that failed"
+            ) from None
 
     # -- ops ------------------------------------------------------------------------------
     def allreduce(self, tensor: torch.Tensor, op: ReduceOp) -> Work:
@@ -160,7 +176,7 @@ class NCCLBackend:
             flat = torch.empty(n * self.world_size, dtype=tensor.dtype, device=self.device)
         self._comm.allGather(src.data_ptr(), flat.data_ptr(), n, _DTYPES[tensor.dtype], self._stream())
         for r, o in enumerate(outputs):  # enqueued on the same stream: ordered after the gather
-            o.copy_(flat[r * n: r * n + o.numel()].view_as(o))
+            o.copy_(flat[r * n : r * n + o.numel()].view_as(o))
         return self._done(keep=(src, flat))
 
     def reduce_scatter(self, output: torch.Tensor, inputs: Sequence[torch.Tensor], op: ReduceOp) -> Work:
@@ -168,14 +184,16 @@ class NCCLBackend:
         sizes = [i.numel() for i in inputs]
         if all(s == sizes[0] for s in sizes):
             flat = torch.cat([i.reshape(-1) for i in inputs])
-            self._comm.reduceScatter(flat.data_ptr(), output.data_ptr(), sizes[0], _DTYPES[output.dtype],
-                                     _OPS[op], self._stream())
+            self._comm.reduceScatter(
+                flat.data_ptr(), output.data_ptr(), sizes[0], _DTYPES[output.dtype], _OPS[op], self._stream()
+            )
             return self._done(keep=(flat, output))
         flat = torch.cat([i.reshape(-1) for i in inputs])  # unequal chunks: allreduce, keep ours
-        self._comm.allReduce(flat.data_ptr(), flat.data_ptr(), flat.numel(), _DTYPES[output.dtype], _OPS[op],
-                             self._stream())
+        self._comm.allReduce(
+            flat.data_ptr(), flat.data_ptr(), flat.numel(), _DTYPES[output.dtype], _OPS[op], self._stream()
+        )
         start = sum(sizes[: self.rank])
-        output.copy_(flat[start: start + output.numel()].view_as(output))
+        output.copy_(flat[start : start + output.numel()].view_as(output))
         return self._done(keep=(flat,))
 
     def all_to_all(self, outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> Work:
@@ -184,11 +202,13 @@ class NCCLBackend:
         nccl.groupStart()
         for peer in range(self.world_size):
             if inputs[peer].numel():
-                self._comm.send(inputs[peer].data_ptr(), inputs[peer].numel(), _DTYPES[inputs[peer].dtype], peer,
-                                stream)
+                self._comm.send(
+                    inputs[peer].data_ptr(), inputs[peer].numel(), _DTYPES[inputs[peer].dtype], peer, stream
+                )
             if outputs[peer].numel():
-                self._comm.recv(outputs[peer].data_ptr(), outputs[peer].numel(), _DTYPES[outputs[peer].dtype],
-                                peer, stream)
+                self._comm.recv(
+                    outputs[peer].data_ptr(), outputs[peer].numel(), _DTYPES[outputs[peer].dtype], peer, stream
+                )
         nccl.groupEnd()
         return self._done(keep=(*inputs, *outputs))
 
@@ -207,7 +227,7 @@ class NCCLBackend:
         one = torch.zeros(1, device=self.device)
         return self.allreduce(one, ReduceOp.SUM)
 
-    def new_group(self, ranks: Sequence[int]) -> "NCCLBackend | None":
+    def new_group(self, ranks: Sequence[int]) -> NCCLBackend | None:
         """Only members need to call it; others get None. Ids go through the store, named by
         the parent group, the member list and a per-parent counter."""
         self._groups += 1
@@ -241,7 +261,9 @@ def exchange_unique_id(store, key: str, is_root: bool, timeout: float, make_id) 
     try:
         store.wait([key], datetime.timedelta(seconds=timeout))
     except Exception as exc:
-        raise CollectiveTimeoutError(f"the NCCL unique id {key!r} did not arrive from rank 0 within {timeout:g}s "
-                                     f"({exc})\nHINT: is rank 0 alive and using the same store?") from None
+        raise CollectiveTimeoutError(
+            f"the NCCL unique id {key!r} did not arrive from rank 0 within {timeout:g}s "
+            f"({exc})\nHINT: is rank 0 alive and using the same store?"
+        ) from None
     raw = store.get(key)
     return tuple(b - 256 if b > 127 else b for b in raw)  # CuPy's ids are C chars (signed)

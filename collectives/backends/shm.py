@@ -32,6 +32,7 @@ Order: ops run in the caller's thread and return a completed handle; with
 (point-to-point sends and receives get a thread each, so a pair of async exchanges can't
 deadlock). Memory ordering relies on x86's total store order (flags written after data).
 """
+
 from __future__ import annotations
 
 import collections
@@ -41,13 +42,20 @@ import threading
 import time
 import uuid
 import weakref
-from typing import Callable, ClassVar, Sequence
+from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from ..env import DistEnv
-from ..errors import CollectiveMismatchError, CollectivesError, CollectiveTimeoutError, InvalidTensorError, PeerDiedError
+from ..errors import (
+    CollectiveMismatchError,
+    CollectivesError,
+    CollectiveTimeoutError,
+    InvalidTensorError,
+    PeerDiedError,
+)
 from ..fingerprint import ENCODED_SIZE, Fingerprint, mismatch_error
 from ..types import CompletedWork, ReduceOp, Work
 from .shm_segment import HEADER, Segment, job_tag, pid_alive
@@ -66,15 +74,26 @@ def _mbox_bytes(world: int) -> int:
     """Mailbox chunk per ordered pair: the ring (8 chunks) is world^2 sized, so shrink it for big groups."""
     return 256 << 10 if world <= 8 else 32 << 10
 
+
 SPIN = 400  # polls before the first yield: about 100 microseconds
 ROW = 16  # int64s per rank control row: [STEP, ERRSEQ, -, -, then per parity: DIG, NBYTES, ALLOC, OFFSET]
 _STEP, _ERR, _PAR = 0, 1, 4
 _LOWP = (torch.bfloat16, torch.float16)
 _DONE = CompletedWork()
-_NP = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16, torch.int32: np.int32,
-       torch.int64: np.int64}
-_NPFN = {ReduceOp.SUM: np.add, ReduceOp.AVG: np.add, ReduceOp.MIN: np.minimum, ReduceOp.MAX: np.maximum,
-         ReduceOp.PROD: np.multiply}
+_NP = {
+    torch.float32: np.float32,
+    torch.float64: np.float64,
+    torch.float16: np.float16,
+    torch.int32: np.int32,
+    torch.int64: np.int64,
+}
+_NPFN = {
+    ReduceOp.SUM: np.add,
+    ReduceOp.AVG: np.add,
+    ReduceOp.MIN: np.minimum,
+    ReduceOp.MAX: np.maximum,
+    ReduceOp.PROD: np.multiply,
+}
 _worlds = itertools.count()  # world communicators built by this process (names must not repeat)
 
 
@@ -112,8 +131,13 @@ def _combine(srcs: list[torch.Tensor], out: torch.Tensor, op: ReduceOp, world: i
             acc.div_(world)
         out.copy_(acc)
         return
-    fn = {ReduceOp.SUM: torch.add, ReduceOp.AVG: torch.add, ReduceOp.MIN: torch.minimum,
-          ReduceOp.MAX: torch.maximum, ReduceOp.PROD: torch.mul}[op]
+    fn = {
+        ReduceOp.SUM: torch.add,
+        ReduceOp.AVG: torch.add,
+        ReduceOp.MIN: torch.minimum,
+        ReduceOp.MAX: torch.maximum,
+        ReduceOp.PROD: torch.mul,
+    }[op]
     if len(srcs) == 1:
         if out is not srcs[0]:
             out.copy_(srcs[0])
@@ -136,8 +160,11 @@ def _reduce_rows(rows: torch.Tensor, out: torch.Tensor, op: ReduceOp, world: int
     """out = reduce over dim 0 of ``rows`` ([world, n], not aliasing ``out``)."""
     if op in (ReduceOp.SUM, ReduceOp.AVG):
         if out.dtype in _LOWP:
-            out.copy_(torch.sum(rows, 0, dtype=torch.float32).div_(world) if op is ReduceOp.AVG
-                      else torch.sum(rows, 0, dtype=torch.float32))
+            out.copy_(
+                torch.sum(rows, 0, dtype=torch.float32).div_(world)
+                if op is ReduceOp.AVG
+                else torch.sum(rows, 0, dtype=torch.float32)
+            )
             return
         torch.sum(rows, 0, dtype=out.dtype, out=out)
         if op is ReduceOp.AVG:
@@ -229,7 +256,7 @@ class _Alloc:
 
     def peer(self, rank: int, offset: int, nbytes: int) -> torch.Tensor:
         start = HEADER + rank * self.stride + offset
-        return self.u8[start:start + nbytes]
+        return self.u8[start : start + nbytes]
 
 
 class ShmBackend:
@@ -238,8 +265,9 @@ class ShmBackend:
     name: ClassVar[str] = "shm"
     checks_inline: ClassVar[bool] = True
 
-    def __init__(self, seg: Segment, rank: int, world: int, timeout: float, where: str, group: str,
-                 global_ranks: Sequence[int]):
+    def __init__(
+        self, seg: Segment, rank: int, world: int, timeout: float, where: str, group: str, global_ranks: Sequence[int]
+    ):
         self.rank, self.world_size, self.timeout = rank, world, timeout
         self._seg, self._where, self._group, self._global = seg, where, group, list(global_ranks)
         self._q, W = seg.q, world
@@ -283,17 +311,20 @@ class ShmBackend:
         return os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK)
 
     @classmethod
-    def create(cls, env: DistEnv, store=None, timeout: float = 300.0, device: str = "cpu") -> "ShmBackend":
+    def create(cls, env: DistEnv, store=None, timeout: float = 300.0, device: str = "cpu") -> ShmBackend:
         """Every rank calls it once. The segment name comes from the job id (DISTTRAIN_JOB_ID, else
         TORCHELASTIC_RUN_ID, MPI/SLURM ids, MASTER_PORT); without any, rank 0 announces a random name
         through ``store``. Returns once this rank has mapped it (peers are awaited by the first op)."""
         if not device.startswith("cpu"):
-            raise InvalidTensorError(f"rank {env.where}: the shm backend moves CPU tensors only, got device {device!r}"
-                                     "\nHINT: use backend='nccl' for CUDA tensors")
+            raise InvalidTensorError(
+                f"rank {env.where}: the shm backend moves CPU tensors only, got device {device!r}"
+                "\nHINT: use backend='nccl' for CUDA tensors"
+            )
         if env.local_world_size != env.world_size:
             raise CollectivesError(
                 f"rank {env.where}: shm needs every rank on one host, but LOCAL_WORLD_SIZE={env.local_world_size} "
-                f"!= WORLD_SIZE={env.world_size}\nHINT: use backend='mpi' or 'torch' across hosts")
+                f"!= WORLD_SIZE={env.world_size}\nHINT: use backend='mpi' or 'torch' across hosts"
+            )
         gen = next(_worlds)
         tag = job_tag()
         if tag is not None:  # deterministic: every rank derives the same name
@@ -311,24 +342,33 @@ class ShmBackend:
             raise CollectivesError(
                 f"rank {env.where}: the shm backend cannot name its segment: no DISTTRAIN_JOB_ID, MASTER_PORT, "
                 "SLURM or MPI job id in the environment and no store\nHINT: set DISTTRAIN_JOB_ID to the same value "
-                "on every rank, or pass a store to collectives.init")
+                "on every rank, or pass a store to collectives.init"
+            )
         seg = Segment.open(name, env.rank, env.world_size, cls.segment_bytes(env.world_size), timeout, where=env.where)
         return cls(seg, env.rank, env.world_size, timeout, env.where, "world", range(env.world_size))
 
-    def new_group(self, ranks: Sequence[int]) -> "ShmBackend | None":
+    def new_group(self, ranks: Sequence[int]) -> ShmBackend | None:
         """Every rank of this group calls it with the same ``ranks``; members map a new segment."""
         self._drain_all()
         ranks = sorted(ranks)
         self._subgroups += 1
         if any(not 0 <= r < self.world_size for r in ranks) or len(set(ranks)) != len(ranks):
-            raise CollectivesError(f"rank {self._where}: new_group ranks {ranks} invalid for group of size "
-                                   f"{self.world_size}")
+            raise CollectivesError(
+                f"rank {self._where}: new_group ranks {ranks} invalid for group of size {self.world_size}"
+            )
         if self.rank not in ranks:
             return None
         name = f"{self._seg.name}.g{self._subgroups}"
         me = ranks.index(self.rank)
-        seg = Segment.open(name, me, len(ranks), self.segment_bytes(len(ranks)), self.timeout,
-                           creator_pid=self._seg.pid(ranks[0]) or None, where=self._where)
+        seg = Segment.open(
+            name,
+            me,
+            len(ranks),
+            self.segment_bytes(len(ranks)),
+            self.timeout,
+            creator_pid=self._seg.pid(ranks[0]) or None,
+            where=self._where,
+        )
         group = f"{self._group}/{','.join(map(str, ranks))}"
         return ShmBackend(seg, me, len(ranks), self.timeout, self._where, group, [self._global[r] for r in ranks])
 
@@ -348,8 +388,15 @@ class ShmBackend:
             return torch.empty(shape, dtype=dtype)
         stride = _align(nbytes)
         ident = next(self._alloc_ids)
-        seg = Segment.open(f"{self._seg.name}.a{ident}", self.rank, self.world_size, HEADER + stride * self.world_size,
-                           self.timeout, creator_pid=self._seg.pid(0) or None, where=self._where)
+        seg = Segment.open(
+            f"{self._seg.name}.a{ident}",
+            self.rank,
+            self.world_size,
+            HEADER + stride * self.world_size,
+            self.timeout,
+            creator_pid=self._seg.pid(0) or None,
+            where=self._where,
+        )
         a = _Alloc(ident, seg, stride, nbytes, self.rank)
         self._allocs[ident] = a
         tensor = a.peer(self.rank, 0, nbytes).view(dtype).view(shape)
@@ -428,7 +475,8 @@ class ShmBackend:
                     raise CollectiveTimeoutError(
                         f"rank {self._where}: shm {self._what(fp)} in group {self._group!r} timed out after "
                         f"{self._op_timeout:g}s; ranks that never arrived: {missing}\nHINT: a rank is stuck "
-                        "or skipped this collective (rank-dependent branch?); raise timeout= for slow steps")
+                        "or skipped this collective (rank-dependent branch?); raise timeout= for slow steps"
+                    )
 
     def _rank_of(self, row: int) -> int:
         return self._row.index(row)
@@ -445,12 +493,13 @@ class ShmBackend:
                 self._broken = f"group rank {r} died"
                 raise PeerDiedError(
                     f"rank {self._where}: group rank {r} (global rank {self._global[r]}, pid {pid}) died during "
-                    f"shm {self._what(fp)} in group {self._group!r}\nHINT: see that rank's log for the root cause")
+                    f"shm {self._what(fp)} in group {self._group!r}\nHINT: see that rank's log for the root cause"
+                )
 
     def _mismatch(self, fp: Fingerprint, peer_row: int) -> None:
         q, r = self._q, self.rank
         off = self._blob_off + r * ENCODED_SIZE
-        self._seg.mm[off:off + ENCODED_SIZE] = fp.encode()
+        self._seg.mm[off : off + ENCODED_SIZE] = fp.encode()
         q[self._me + _ERR] = self._step
         peer = self._rank_of(peer_row)
         deadline = time.monotonic() + min(self.timeout, 10.0)
@@ -458,11 +507,12 @@ class ShmBackend:
             if time.monotonic() > deadline:
                 raise CollectiveMismatchError(
                     f"collective mismatch in group {self._group!r}: {fp.describe()}, but group rank {peer} "
-                    "called something else (its fingerprint was not published; are checks off there?)")
+                    "called something else (its fingerprint was not published; are checks off there?)"
+                )
             self._check_alive([peer], fp, rows=False)
             time.sleep(1e-3)
         off = self._blob_off + peer * ENCODED_SIZE
-        raise mismatch_error(fp, Fingerprint.decode(self._seg.mm[off:off + ENCODED_SIZE]))
+        raise mismatch_error(fp, Fingerprint.decode(self._seg.mm[off : off + ENCODED_SIZE]))
 
     def _zero_copy_peers(self, par: int) -> list[int] | None:
         """Offsets of every rank's tensor in one shared alloc, or None when some rank's isn't in it."""
@@ -510,8 +560,10 @@ class ShmBackend:
         if self._closed:
             raise CollectivesError(f"rank {self._where}: shm communicator of group {self._group!r} is closed")
         if self._broken:
-            raise CollectivesError(f"rank {self._where}: shm communicator of group {self._group!r} is unusable after "
-                                   f"an earlier error: {self._broken}\nHINT: the job must restart (or rebuild the group)")
+            raise CollectivesError(
+                f"rank {self._where}: shm communicator of group {self._group!r} is unusable after "
+                f"an earlier error: {self._broken}\nHINT: the job must restart (or rebuild the group)"
+            )
         timeout = self.timeout if timeout is None else timeout
         worker = self._workers.get(kind)
         if async_op:
@@ -536,8 +588,15 @@ class ShmBackend:
             w.drain()
 
     # -- collectives -------------------------------------------------------------------------
-    def allreduce(self, tensor: torch.Tensor, op: ReduceOp, *, fingerprint: Fingerprint | None = None,
-                  async_op: bool = False, timeout: float | None = None) -> Work:
+    def allreduce(
+        self,
+        tensor: torch.Tensor,
+        op: ReduceOp,
+        *,
+        fingerprint: Fingerprint | None = None,
+        async_op: bool = False,
+        timeout: float | None = None,
+    ) -> Work:
         if type(op) is not ReduceOp:
             op = ReduceOp(op)
         if async_op or self._workers or self._closed or self._broken:
@@ -596,7 +655,7 @@ class ShmBackend:
         es = t.element_size()
         chunk = SLOT // es
         for start in range(0, flat.numel(), chunk):
-            piece = flat[start:start + chunk]
+            piece = flat[start : start + chunk]
             n = piece.numel()
             slot = self._next_slot()
             rows = self._rows(slot, t.dtype)
@@ -605,15 +664,26 @@ class ShmBackend:
             parts = _parts(n, W)
             lo, hi = parts[self.rank]
             if hi > lo:
-                _combine([rows[self.rank, lo:hi]] + [rows[j, lo:hi] for j in range(W) if j != self.rank],
-                         rows[self.rank, lo:hi], op, W)
+                _combine(
+                    [rows[self.rank, lo:hi]] + [rows[j, lo:hi] for j in range(W) if j != self.rank],
+                    rows[self.rank, lo:hi],
+                    op,
+                    W,
+                )
             self._sync(fp)
             for j, (a_, b_) in enumerate(parts):
                 if b_ > a_:
                     piece[a_:b_].copy_(rows[j, a_:b_])
 
-    def broadcast(self, tensor: torch.Tensor, src: int, *, fingerprint: Fingerprint | None = None,
-                  async_op: bool = False, timeout: float | None = None) -> Work:
+    def broadcast(
+        self,
+        tensor: torch.Tensor,
+        src: int,
+        *,
+        fingerprint: Fingerprint | None = None,
+        async_op: bool = False,
+        timeout: float | None = None,
+    ) -> Work:
         return self._run("coll", self._broadcast, (tensor, src, fingerprint), timeout, async_op)
 
     def _broadcast(self, t: torch.Tensor, src: int, fp) -> None:
@@ -638,16 +708,24 @@ class ShmBackend:
             n = min(SLOT, nb - start)
             slot = self._next_slot()
             if root:
-                self._stage[src, slot, :n].copy_(data[start:start + n])
+                self._stage[src, slot, :n].copy_(data[start : start + n])
             self._sync(fp)
             if not root:
-                data[start:start + n].copy_(self._stage[src, slot, :n])
+                data[start : start + n].copy_(self._stage[src, slot, :n])
 
-    def allgather(self, outputs: Sequence[torch.Tensor], tensor: torch.Tensor, *,
-                  fingerprint: Fingerprint | None = None, async_op: bool = False,
-                  timeout: float | None = None) -> Work:
+    def allgather(
+        self,
+        outputs: Sequence[torch.Tensor],
+        tensor: torch.Tensor,
+        *,
+        fingerprint: Fingerprint | None = None,
+        async_op: bool = False,
+        timeout: float | None = None,
+    ) -> Work:
         if len(outputs) != self.world_size:
-            raise InvalidTensorError(f"rank {self._where}: allgather needs {self.world_size} outputs, got {len(outputs)}")
+            raise InvalidTensorError(
+                f"rank {self._where}: allgather needs {self.world_size} outputs, got {len(outputs)}"
+            )
         return self._run("coll", self._allgather, (list(outputs), tensor, fingerprint), timeout, async_op)
 
     def _allgather(self, outputs: list[torch.Tensor], t: torch.Tensor, fp) -> None:
@@ -656,15 +734,16 @@ class ShmBackend:
         sizes = [o.numel() for o in outs]
         data = _u8(t)
         if data.numel() != sizes[r]:
-            raise InvalidTensorError(f"rank {self._where}: allgather output {r} has {sizes[r]} bytes but the input "
-                                     f"has {data.numel()}")
+            raise InvalidTensorError(
+                f"rank {self._where}: allgather output {r} has {sizes[r]} bytes but the input has {data.numel()}"
+            )
         big = max(sizes)
         if big <= SLOT:
             slot = self._next_slot()
-            self._stage[r, slot, :sizes[r]].copy_(data)
+            self._stage[r, slot, : sizes[r]].copy_(data)
             self._arrive(fp, big)
             for j in range(W):
-                outs[j].copy_(data if j == r else self._stage[j, slot, :sizes[j]])
+                outs[j].copy_(data if j == r else self._stage[j, slot, : sizes[j]])
             return
         par = self._arrive(fp, big, self._where_is([t]))
         offsets = self._zero_copy_peers(par)
@@ -677,23 +756,36 @@ class ShmBackend:
         outs[r].copy_(data)
         for start in range(0, big, SLOT):
             slot = self._next_slot()
-            mine = data[start:start + SLOT]
-            self._stage[r, slot, :mine.numel()].copy_(mine)
+            mine = data[start : start + SLOT]
+            self._stage[r, slot, : mine.numel()].copy_(mine)
             self._sync(fp)
             for j in range(W):
                 if j != r and sizes[j] > start:
                     n = min(SLOT, sizes[j] - start)
-                    outs[j][start:start + n].copy_(self._stage[j, slot, :n])
+                    outs[j][start : start + n].copy_(self._stage[j, slot, :n])
 
-    def reduce_scatter(self, output: torch.Tensor, inputs: Sequence[torch.Tensor], op: ReduceOp, *,
-                       fingerprint: Fingerprint | None = None, async_op: bool = False,
-                  timeout: float | None = None) -> Work:
+    def reduce_scatter(
+        self,
+        output: torch.Tensor,
+        inputs: Sequence[torch.Tensor],
+        op: ReduceOp,
+        *,
+        fingerprint: Fingerprint | None = None,
+        async_op: bool = False,
+        timeout: float | None = None,
+    ) -> Work:
         if len(inputs) != self.world_size:
-            raise InvalidTensorError(f"rank {self._where}: reduce_scatter needs {self.world_size} inputs, got {len(inputs)}")
+            raise InvalidTensorError(
+                f"rank {self._where}: reduce_scatter needs {self.world_size} inputs, got {len(inputs)}"
+            )
         if inputs[self.rank].numel() != output.numel() or any(i.dtype != output.dtype for i in inputs):
-            raise InvalidTensorError(f"rank {self._where}: reduce_scatter output ({output.numel()} x {output.dtype}) "
-                                     f"must match inputs[{self.rank}] in size and every input in dtype")
-        return self._run("coll", self._reduce_scatter, (output, list(inputs), ReduceOp(op), fingerprint), timeout, async_op)
+            raise InvalidTensorError(
+                f"rank {self._where}: reduce_scatter output ({output.numel()} x {output.dtype}) "
+                f"must match inputs[{self.rank}] in size and every input in dtype"
+            )
+        return self._run(
+            "coll", self._reduce_scatter, (output, list(inputs), ReduceOp(op), fingerprint), timeout, async_op
+        )
 
     def _reduce_scatter(self, out: torch.Tensor, inputs: list[torch.Tensor], op: ReduceOp, fp) -> None:
         W, r, es = self.world_size, self.rank, out.element_size()
@@ -720,16 +812,22 @@ class ShmBackend:
             for t in inputs:  # copy the part of the concatenation that falls in [start, end)
                 a_, b_ = max(pos, start), min(pos + t.numel(), end)
                 if b_ > a_:
-                    rows[r, a_ - start:b_ - start].copy_(t.view(-1)[a_ - pos:b_ - pos])
+                    rows[r, a_ - start : b_ - start].copy_(t.view(-1)[a_ - pos : b_ - pos])
                 pos += t.numel()
             self._sync(fp)
             a_, b_ = max(my_lo, start), min(my_hi, end)
             if b_ > a_:
-                _reduce_rows(rows[:, a_ - start:b_ - start], flat_out[a_ - my_lo:b_ - my_lo], op, W)
+                _reduce_rows(rows[:, a_ - start : b_ - start], flat_out[a_ - my_lo : b_ - my_lo], op, W)
 
-    def all_to_all(self, outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], *,
-                   fingerprint: Fingerprint | None = None, async_op: bool = False,
-                  timeout: float | None = None) -> Work:
+    def all_to_all(
+        self,
+        outputs: Sequence[torch.Tensor],
+        inputs: Sequence[torch.Tensor],
+        *,
+        fingerprint: Fingerprint | None = None,
+        async_op: bool = False,
+        timeout: float | None = None,
+    ) -> Work:
         if len(outputs) != self.world_size or len(inputs) != self.world_size:
             raise InvalidTensorError(f"rank {self._where}: all_to_all needs {self.world_size} inputs and outputs")
         return self._run("coll", self._all_to_all, (list(outputs), list(inputs), fingerprint), timeout, async_op)
@@ -745,17 +843,18 @@ class ShmBackend:
         for start in range(0, big, sub):
             slot = self._next_slot()
             for j in range(W):
-                piece = ins[j][start:start + sub]
+                piece = ins[j][start : start + sub]
                 if j != r and piece.numel():
-                    self._stage[r, slot, j * sub:j * sub + piece.numel()].copy_(piece)
+                    self._stage[r, slot, j * sub : j * sub + piece.numel()].copy_(piece)
             self._sync(fp)
             for j in range(W):
-                piece = outs[j][start:start + sub]
+                piece = outs[j][start : start + sub]
                 if j != r and piece.numel():
-                    piece.copy_(self._stage[j, slot, r * sub:r * sub + piece.numel()])
+                    piece.copy_(self._stage[j, slot, r * sub : r * sub + piece.numel()])
 
-    def barrier(self, *, fingerprint: Fingerprint | None = None, async_op: bool = False,
-                timeout: float | None = None) -> Work:
+    def barrier(
+        self, *, fingerprint: Fingerprint | None = None, async_op: bool = False, timeout: float | None = None
+    ) -> Work:
         return self._run("coll", self._barrier, (fingerprint,), timeout, async_op)
 
     def _barrier(self, fp) -> None:
@@ -765,13 +864,29 @@ class ShmBackend:
     # Pair (src, dst) owns a ring of MBOX_SLOTS chunks of _mbox_bytes(world). Counters: SENT (written by src),
     # TAKEN (by dst); per slot: tag, message bytes, dtype, fingerprint digest (send and recv digests agree). A send completes once its last chunk is in
     # the ring (buffered up to 2 MiB per pair), so a matching recv needn't be posted yet.
-    def send(self, tensor: torch.Tensor, dst: int, tag: int, *, fingerprint: Fingerprint | None = None,
-             async_op: bool = False, timeout: float | None = None) -> Work:
+    def send(
+        self,
+        tensor: torch.Tensor,
+        dst: int,
+        tag: int,
+        *,
+        fingerprint: Fingerprint | None = None,
+        async_op: bool = False,
+        timeout: float | None = None,
+    ) -> Work:
         self._peer_ok(dst, "send")
         return self._run("send", self._send, (tensor, dst, tag, fingerprint), timeout, async_op)
 
-    def recv(self, tensor: torch.Tensor, src: int, tag: int, *, fingerprint: Fingerprint | None = None,
-             async_op: bool = False, timeout: float | None = None) -> Work:
+    def recv(
+        self,
+        tensor: torch.Tensor,
+        src: int,
+        tag: int,
+        *,
+        fingerprint: Fingerprint | None = None,
+        async_op: bool = False,
+        timeout: float | None = None,
+    ) -> Work:
         self._peer_ok(src, "recv")
         return self._run("recv", self._recv, (tensor, src, tag, fingerprint), timeout, async_op)
 
@@ -781,16 +896,16 @@ class ShmBackend:
 
     def _mbox(self, src: int, dst: int, slot: int, n: int) -> torch.Tensor:
         off = self._mbox_off + ((src * self.world_size + dst) * MBOX_SLOTS + slot) * self._mb
-        return self._u8[off:off + n]
+        return self._u8[off : off + n]
 
     def _send(self, t: torch.Tensor, dst: int, tag: int, fp, timeout: float) -> None:
         q, base, data = self._q, self._pair(self.rank, dst), _u8(t)
         nb = data.numel()
         for start in range(0, max(nb, 1), self._mb):
             idx = self._sent[dst]
-            self._p2p_wait(lambda: idx - q[base + 1] < MBOX_SLOTS, dst, fp, "send to", tag, timeout)
+            self._p2p_wait(lambda idx=idx: idx - q[base + 1] < MBOX_SLOTS, dst, fp, "send to", tag, timeout)
             slot = idx % MBOX_SLOTS
-            piece = data[start:start + self._mb]
+            piece = data[start : start + self._mb]
             self._mbox(self.rank, dst, slot, piece.numel()).copy_(piece)
             m = base + 2 + 4 * slot
             q[m], q[m + 1], q[m + 2], q[m + 3] = tag, nb, _DTYPES.index(t.dtype), _digest(fp) if fp else 0
@@ -802,19 +917,24 @@ class ShmBackend:
         nb = data.numel()
         for start in range(0, max(nb, 1), self._mb):
             idx = self._taken[src]
-            self._p2p_wait(lambda: q[base] > idx, src, fp, "recv from", tag, timeout)
+            self._p2p_wait(lambda idx=idx: q[base] > idx, src, fp, "recv from", tag, timeout)
             slot = idx % MBOX_SLOTS
             m = base + 2 + 4 * slot
             digest = _digest(fp) if fp is not None and start == 0 else 0
-            if start == 0 and (q[m] != tag or q[m + 1] != nb or q[m + 2] != _DTYPES.index(t.dtype)
-                               or (digest and q[m + 3] and q[m + 3] != digest)):
+            if start == 0 and (
+                q[m] != tag
+                or q[m + 1] != nb
+                or q[m + 2] != _DTYPES.index(t.dtype)
+                or (digest and q[m + 3] and q[m + 3] != digest)
+            ):
                 mine = fp.describe() if fp is not None else f"tag {tag}, {nb} bytes of {t.dtype}"
                 raise CollectiveMismatchError(
                     f"rank {self._where}: point-to-point mismatch in group {self._group!r}:\n  recv {mine}\n"
                     f"  but the next message from group rank {src} has tag {q[m]}, {q[m + 1]} bytes of "
                     f"{_DTYPES[q[m + 2]]}\nHINT: messages between a pair of ranks are matched in order; post "
-                    "receives in send order, with the same shape and dtype")
-            piece = data[start:start + self._mb]
+                    "receives in send order, with the same shape and dtype"
+                )
+            piece = data[start : start + self._mb]
             piece.copy_(self._mbox(src, self.rank, slot, piece.numel()))
             self._taken[src] = idx + 1
             q[base + 1] = idx + 1
@@ -834,8 +954,19 @@ class ShmBackend:
                 if now - start > timeout:
                     raise CollectiveTimeoutError(
                         f"rank {self._where}: shm {what} group rank {peer} (tag {tag}) timed out after "
-                        f"{timeout:g}s in group {self._group!r}\nHINT: the peer never posted the matching op")
+                        f"{timeout:g}s in group {self._group!r}\nHINT: the peer never posted the matching op"
+                    )
 
 
-_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int32, torch.int64, torch.uint8,
-           torch.int8, torch.int16, torch.bool]
+_DTYPES = [
+    torch.float32,
+    torch.float64,
+    torch.bfloat16,
+    torch.float16,
+    torch.int32,
+    torch.int64,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.bool,
+]

@@ -17,6 +17,7 @@ a file whose creator is dead is stale and is skipped (rank 0 replaces it).
 We map /dev/shm files with ``mmap`` directly instead of ``multiprocessing.shared_memory``
 so that Python's resource tracker never sees (nor warns about, nor unlinks) them.
 """
+
 from __future__ import annotations
 
 import mmap
@@ -98,8 +99,17 @@ class Segment:
             pass  # tensors still view it (alloc'd buffers); the mapping goes when they do
 
     @classmethod
-    def open(cls, name: str, rank: int, world: int, size: int, timeout: float, *,
-             creator_pid: int | None = None, where: str = "") -> "Segment":
+    def open(
+        cls,
+        name: str,
+        rank: int,
+        world: int,
+        size: int,
+        timeout: float,
+        *,
+        creator_pid: int | None = None,
+        where: str = "",
+    ) -> Segment:
         """Rank 0 creates ``name``; others attach. Returns once this rank is attached; doesn't wait for peers.
 
         ``creator_pid`` (when known, e.g. from a parent group) lets followers notice a dead creator early.
@@ -107,15 +117,18 @@ class Segment:
         if world > MAX_RANKS:
             raise CollectivesError(f"rank {where}: shm supports at most {MAX_RANKS} ranks per group, got {world}")
         path = os.path.join(DEV_SHM, name)
-        seg = cls._create(name, path, rank, world, size) if rank == 0 else \
-            cls._attach(name, path, rank, world, size, timeout, creator_pid, where)
+        seg = (
+            cls._create(name, path, rank, world, size)
+            if rank == 0
+            else cls._attach(name, path, rank, world, size, timeout, creator_pid, where)
+        )
         seg.q[_PID0 + rank] = os.getpid()
         if not seg.missing():  # the last to attach removes the name; the mapping stays
             seg.maybe_unlink()
         return seg
 
     @classmethod
-    def _create(cls, name: str, path: str, rank: int, world: int, size: int) -> "Segment":
+    def _create(cls, name: str, path: str, rank: int, world: int, size: int) -> Segment:
         tmp = f"{path}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -138,8 +151,9 @@ class Segment:
         return seg
 
     @classmethod
-    def _attach(cls, name: str, path: str, rank: int, world: int, size: int, timeout: float,
-                creator_pid: int | None, where: str) -> "Segment":
+    def _attach(
+        cls, name: str, path: str, rank: int, world: int, size: int, timeout: float, creator_pid: int | None, where: str
+    ) -> Segment:
         deadline = time.monotonic() + timeout
         delay = 2e-4
         while True:
@@ -161,12 +175,15 @@ class Segment:
                     seg.q.release()
                     mm.close()  # stale (dead creator) or foreign: wait for rank 0 to replace it
             if creator_pid is not None and not pid_alive(creator_pid):
-                raise PeerDiedError(f"rank {where}: rank 0 of the group (pid {creator_pid}) died before "
-                                    f"creating shared-memory segment {name!r}")
+                raise PeerDiedError(
+                    f"rank {where}: rank 0 of the group (pid {creator_pid}) died before "
+                    f"creating shared-memory segment {name!r}"
+                )
             if time.monotonic() > deadline:
                 raise CollectiveTimeoutError(
                     f"rank {where}: shared-memory segment {path} did not appear within {timeout:.0f}s "
                     f"(waiting for group rank 0 to create it)\nHINT: every rank must create the communicator; "
-                    f"ranks of one job need the same DISTTRAIN_JOB_ID (or MASTER_PORT) and the same host")
+                    f"ranks of one job need the same DISTTRAIN_JOB_ID (or MASTER_PORT) and the same host"
+                )
             time.sleep(delay)
             delay = min(delay * 2, 0.01)

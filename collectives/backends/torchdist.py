@@ -4,10 +4,12 @@ Bootstrapped from the job's store (our authenticated rendezvous store where the
 launcher provides one), so no unauthenticated TCPStore is opened for the job. Under
 plain torchrun, rank 0 hosts a TCPStore at MASTER_ADDR:MASTER_PORT, as ``env://`` does.
 """
+
 from __future__ import annotations
 
 import datetime
-from typing import ClassVar, Sequence
+from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -52,10 +54,9 @@ class _TorchWork:
 
 class TorchBackend:
     name: ClassVar[str] = "torch"
-    device: "torch.device | None" = None  # where the communicator's own check tensors live
+    device: torch.device | None = None  # where the communicator's own check tensors live
 
-    def __init__(self, rank: int, world_size: int, group=None, global_ranks: Sequence[int] | None = None,
-                 store=None):
+    def __init__(self, rank: int, world_size: int, group=None, global_ranks: Sequence[int] | None = None, store=None):
         self.rank, self.world_size, self._group, self.store = rank, world_size, group, store
         self._global_ranks = list(global_ranks) if global_ranks is not None else list(range(world_size))
 
@@ -64,7 +65,7 @@ class TorchBackend:
         return dist.is_available()
 
     @classmethod
-    def create(cls, env: DistEnv, store: "dist.Store | None", timeout: float, device: str = "cpu") -> "TorchBackend":
+    def create(cls, env: DistEnv, store: dist.Store | None, timeout: float, device: str = "cpu") -> TorchBackend:
         if store is None and not dist.is_initialized():
             store = _default_store(env, timeout)
         if not dist.is_initialized():
@@ -145,7 +146,7 @@ class TorchBackend:
     def barrier(self) -> Work:
         return _TorchWork(dist.barrier(group=self._group, async_op=True))
 
-    def new_group(self, ranks: Sequence[int]) -> "TorchBackend | None":
+    def new_group(self, ranks: Sequence[int]) -> TorchBackend | None:
         """Only members need to call it (torch's local synchronisation); others get None."""
         if self.rank not in ranks:
             return None
@@ -172,8 +173,10 @@ def _translate(exc: RuntimeError) -> CollectivesError:
     if "timed out" in low or "timeout" in low:
         return CollectiveTimeoutError(text.splitlines()[0] if text else "timed out")
     if any(s in low for s in ("closed by peer", "connection reset", "broken pipe", "connection refused", "eof")):
-        return PeerDiedError(f"a peer closed its connection ({text.splitlines()[0]})\n"
-                             "HINT: look for the first rank that crashed; this rank only saw it go away")
+        return PeerDiedError(
+            f"a peer closed its connection ({text.splitlines()[0]})\n"
+            "HINT: look for the first rank that crashed; this rank only saw it go away"
+        )
     return CollectivesError(f"torch.distributed failed: {text}")
 
 
@@ -189,7 +192,7 @@ class _MultiWork:
         return all(w.is_completed() for w in self._works)
 
 
-def _default_store(env: DistEnv, timeout: float) -> "dist.Store":
+def _default_store(env: DistEnv, timeout: float) -> dist.Store:
     """The store ``env://`` would use: rank 0 hosts a TCPStore at MASTER_ADDR:MASTER_PORT."""
     if env.world_size == 1:
         return dist.HashStore()

@@ -9,12 +9,22 @@ validation), ``checksum`` (xxh3), ``writer`` (rank files, commit, pruning), ``re
 step, config as JSON), ``adapters`` (shards of strategies that have none),
 ``checkpointer`` (the trainer callback: resume, periodic/async/preemption/final saves).
 """
+
 from .checkpointer import Checkpointer
 from .errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError, CheckpointMismatchError
 from .reader import CheckpointReader, list_checkpoints, resolve
 
-__all__ = ["CheckpointCorruptError", "CheckpointError", "CheckpointFormatError", "CheckpointMismatchError",
-           "CheckpointReader", "Checkpointer", "list_checkpoints", "resolve", "maybe_build_checkpointer"]
+__all__ = [
+    "CheckpointCorruptError",
+    "CheckpointError",
+    "CheckpointFormatError",
+    "CheckpointMismatchError",
+    "CheckpointReader",
+    "Checkpointer",
+    "list_checkpoints",
+    "resolve",
+    "maybe_build_checkpointer",
+]
 
 
 def maybe_build_checkpointer(cfg, comm) -> "Checkpointer | None":

@@ -5,6 +5,7 @@ is used as is. Otherwise the model and optimizer are taken to be whole and ident
 every rank (plain data parallel): every tensor is one replicated box, and the writer saves
 each once, spreading them over the ranks.
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,7 +41,7 @@ def load_state_shards(strategy, read) -> None:
         p.copy_(read(f"model.{n}", tuple(p.shape), _full(p), False))
     for n, p in strategy.model.named_parameters():
         prefix = f"optim.{n}."
-        keys = [k[len(prefix):] for k in read.names if k.startswith(prefix)]
+        keys = [k[len(prefix) :] for k in read.names if k.startswith(prefix)]
         if not keys:
             continue
         st = strategy.optimizer.state[p]
@@ -48,5 +49,10 @@ def load_state_shards(strategy, read) -> None:
             shape = tuple(read.shape(f"{prefix}{k}"))
             t = read(f"{prefix}{k}", shape, tuple((0, s) for s in shape), False)
             old = st.get(k)
-            st[k] = t.to(device=p.device if t.dim() else "cpu") if not isinstance(old, torch.Tensor) else \
-                old.copy_(t) if old.shape == t.shape else t.to(old.device)
+            st[k] = (
+                t.to(device=p.device if t.dim() else "cpu")
+                if not isinstance(old, torch.Tensor)
+                else old.copy_(t)
+                if old.shape == t.shape
+                else t.to(old.device)
+            )

@@ -16,6 +16,7 @@ records and rank 0 commits in the background (manifest, rename, ``latest``, prun
 one save is in flight; a failed background write raises on every rank at the next step,
 naming the failed rank.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,8 @@ import torch
 
 from collectives import ReduceOp
 
-from . import adapters, state as state_mod, testhooks
+from . import adapters, testhooks
+from . import state as state_mod
 from .errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError
 from .reader import CheckpointReader, resolve
 from .writer import RankWrite, aligned_empty, clean_temporaries, commit
@@ -139,8 +141,9 @@ class Checkpointer:
                 self._staging = None
                 self._staging = aligned_empty(padded)
             self._inflight = flight
-            threading.Thread(target=self._background, args=(flight, self._staging), daemon=True,
-                             name=f"ckpt-step{trainer.step}").start()
+            threading.Thread(
+                target=self._background, args=(flight, self._staging), daemon=True, name=f"ckpt-step{trainer.step}"
+            ).start()
         self.last_saved = trainer.step
         self.stall_s += time.perf_counter() - t0
 
@@ -178,24 +181,39 @@ class Checkpointer:
             if err is not None:
                 log.error("rank %s: loading %s failed: %s", self.comm.env.where, path, err)
             if max(flags) == 2:
-                raise CheckpointMismatchError(f"rank {self.comm.env.where}: {path} does not load on ranks {bad}: "
-                                              f"{err or 'see their logs'}") from err
+                raise CheckpointMismatchError(
+                    f"rank {self.comm.env.where}: {path} does not load on ranks {bad}: {err or 'see their logs'}"
+                ) from err
             if not self.cfg.fallback or i == len(cands) - 1:
-                raise CheckpointCorruptError(f"rank {self.comm.env.where}: {path} failed verification on ranks "
-                                             f"{bad}: {err or 'see their logs'}" + ("" if self.cfg.fallback else
-                                             "\nHINT: checkpoint.fallback=true loads the newest one that verifies"))
+                raise CheckpointCorruptError(
+                    f"rank {self.comm.env.where}: {path} failed verification on ranks "
+                    f"{bad}: {err or 'see their logs'}"
+                    + (
+                        ""
+                        if self.cfg.fallback
+                        else "\nHINT: checkpoint.fallback=true loads the newest one that verifies"
+                    )
+                )
             if self.rank == 0 or err is not None:
-                log.warning("rank %s: checkpoint %s failed verification on ranks %s; falling back to %s",
-                            self.comm.env.where, path, bad, cands[i + 1])
+                log.warning(
+                    "rank %s: checkpoint %s failed verification on ranks %s; falling back to %s",
+                    self.comm.env.where,
+                    path,
+                    bad,
+                    cands[i + 1],
+                )
         return None
 
     # -- internals ------------------------------------------------------------------------
     def _with_layout(self, trainer, shared):
         if shared is not None:
             par = trainer.cfg.parallel
-            shared["layout"] = {"strategy": par.strategy, "class": type(trainer.strategy).__name__,
-                                "world_size": self.world, "mesh": getattr(par, "mesh", None) and
-                                par.mesh.model_dump(mode="json")}
+            shared["layout"] = {
+                "strategy": par.strategy,
+                "class": type(trainer.strategy).__name__,
+                "world_size": self.world,
+                "mesh": getattr(par, "mesh", None) and par.mesh.model_dump(mode="json"),
+            }
         return shared
 
     def _background(self, flight: _InFlight, staging: torch.Tensor) -> None:
@@ -216,8 +234,10 @@ class Checkpointer:
             return
         t0 = time.perf_counter()
         if not f.snapshot.wait(self.comm.timeout):
-            raise CheckpointError(f"rank {self.comm.env.where}: the snapshot of step {f.job.step} did not finish "
-                                  f"within {self.comm.timeout:g}s")
+            raise CheckpointError(
+                f"rank {self.comm.env.where}: the snapshot of step {f.job.step} did not finish "
+                f"within {self.comm.timeout:g}s"
+            )
         self.stall_s += time.perf_counter() - t0
 
     def _poll(self, block: bool, sync: bool = False) -> None:
@@ -231,8 +251,10 @@ class Checkpointer:
                 self._inflight = None
                 bad = [r for r, s in enumerate(flags) if s == FAILED]
                 why = f": {type(f.error).__name__}: {f.error}" if f.error is not None else "; see their logs"
-                raise CheckpointError(f"rank {self.comm.env.where}: saving checkpoint step {f.job.step} failed on "
-                                      f"rank(s) {bad}{why}\nHINT: check free space and permissions of {self.dir}")
+                raise CheckpointError(
+                    f"rank {self.comm.env.where}: saving checkpoint step {f.job.step} failed on "
+                    f"rank(s) {bad}{why}\nHINT: check free space and permissions of {self.dir}"
+                )
             if all(s == WRITTEN for s in flags):
                 break
             if not block:
@@ -265,8 +287,10 @@ class Checkpointer:
     def _agree_commit(self, err) -> None:
         flags = self._agree(1 if err is not None else 0)
         if flags[0]:
-            raise CheckpointError(f"rank {self.comm.env.where}: committing the checkpoint failed on rank 0"
-                                  + (f": {err}" if err else "; see its log"))
+            raise CheckpointError(
+                f"rank {self.comm.env.where}: committing the checkpoint failed on rank 0"
+                + (f": {err}" if err else "; see its log")
+            )
 
     def _commit_bg(self, *args) -> None:
         try:
@@ -283,18 +307,23 @@ class Checkpointer:
     def _raise_commit_error(self) -> None:
         if self._commit_error is not None:
             err, self._commit_error = self._commit_error, None
-            raise CheckpointError(f"rank {self.comm.env.where}: committing a checkpoint in {self.dir} failed: "
-                                  f"{type(err).__name__}: {err}") from err
+            raise CheckpointError(
+                f"rank {self.comm.env.where}: committing a checkpoint in {self.dir} failed: {type(err).__name__}: {err}"
+            ) from err
 
     def _plan_for(self, shards: list) -> list[int]:
         """Indices of ``shards`` this rank writes: all of its own, and a balanced share of the
         replicated ones (each replicated box is written by exactly one of its holders)."""
-        sig = [(s.name, [list(b) for b in s.box], s.flat, s.tensor.numel() * s.tensor.element_size(),
-                bool(s.replicated)) for s in shards]
+        sig = [
+            (s.name, [list(b) for b in s.box], s.flat, s.tensor.numel() * s.tensor.element_size(), bool(s.replicated))
+            for s in shards
+        ]
         if self._plan is not None:
             if self._plan[0] != sig:
-                raise CheckpointError(f"rank {self.comm.env.where}: the strategy's state shards changed between "
-                                      "saves; the write plan is computed once")
+                raise CheckpointError(
+                    f"rank {self.comm.env.where}: the strategy's state shards changed between "
+                    "saves; the write plan is computed once"
+                )
             return self._plan[1]
         everyone = [json.loads(b) for b in self._allgather_bytes(json.dumps(sig).encode())]
         load = [sum(n for _, _, _, n, rep in sg if not rep) for sg in everyone]
@@ -311,8 +340,11 @@ class Checkpointer:
             r = min(holders[key], key=lambda x: (load[x], x))
             owner[key] = r
             load[r] += sizes[key]
-        mine = [i for i, (name, box, flat, _, rep) in enumerate(sig)
-                if not rep or owner[json.dumps([name, box, flat])] == self.rank]
+        mine = [
+            i
+            for i, (name, box, flat, _, rep) in enumerate(sig)
+            if not rep or owner[json.dumps([name, box, flat])] == self.rank
+        ]
         self._plan = (sig, mine)
         return mine
 

@@ -3,6 +3,7 @@
 A checksum catches torn writes, truncation and bit rot; it is not a signature. The
 algorithm name is stored in the manifest so a reader can refuse one it does not know.
 """
+
 from __future__ import annotations
 
 import os

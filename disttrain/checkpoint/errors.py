@@ -1,4 +1,5 @@
 """The checkpoint error family. Messages name the file, the rank and the values, then a HINT."""
+
 from __future__ import annotations
 
 from ..errors import DisttrainError

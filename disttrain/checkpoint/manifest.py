@@ -7,6 +7,7 @@ it: which byte range of which file holds which box (``flat`` boxes index the ten
 flattened to 1-D, as ZeRO shards do). :func:`validate` refuses anything malformed
 before a byte of tensor data is read.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,14 +54,36 @@ class Manifest:
     tensors: dict[str, TensorInfo]
 
     def to_json(self) -> bytes:
-        return json.dumps({
-            "format": FORMAT, "version": VERSION, "step": self.step, "world_size": self.world_size,
-            "layout": self.layout, "checksum": checksum.ALGORITHM, "files": self.files,
-            "tensors": {n: {"shape": list(t.shape), "dtype": t.dtype,
-                            "pieces": [{"file": p.file, "key": p.key, "start": p.start, "stop": p.stop,
-                                        "box": [list(b) for b in p.box], "flat": p.flat} for p in t.pieces]}
-                        for n, t in self.tensors.items()},
-        }, separators=(",", ":")).encode()
+        return json.dumps(
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "step": self.step,
+                "world_size": self.world_size,
+                "layout": self.layout,
+                "checksum": checksum.ALGORITHM,
+                "files": self.files,
+                "tensors": {
+                    n: {
+                        "shape": list(t.shape),
+                        "dtype": t.dtype,
+                        "pieces": [
+                            {
+                                "file": p.file,
+                                "key": p.key,
+                                "start": p.start,
+                                "stop": p.stop,
+                                "box": [list(b) for b in p.box],
+                                "flat": p.flat,
+                            }
+                            for p in t.pieces
+                        ],
+                    }
+                    for n, t in self.tensors.items()
+                },
+            },
+            separators=(",", ":"),
+        ).encode()
 
     def nbytes(self) -> int:
         return sum(f["size"] for f in self.files.values())
@@ -69,8 +92,10 @@ class Manifest:
 def safe_file_name(name: object, where: str) -> str:
     """A manifest path must be a plain file name inside the checkpoint directory."""
     if not isinstance(name, str) or not _SAFE_NAME.match(name) or name in (".", ".."):
-        raise CheckpointFormatError(f"{where}: file path {name!r} leaves the checkpoint directory or is not a "
-                                    "plain file name\nHINT: manifests list files by bare name; it was not opened")
+        raise CheckpointFormatError(
+            f"{where}: file path {name!r} leaves the checkpoint directory or is not a "
+            "plain file name\nHINT: manifests list files by bare name; it was not opened"
+        )
     return name
 
 
@@ -85,8 +110,10 @@ def parse(text: bytes, where: str) -> Manifest:
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointFormatError(f"{where}: not a {FORMAT} manifest")
     if obj.get("version") != VERSION:
-        raise CheckpointFormatError(f"{where}: format version {obj.get('version')!r}, this reader knows {VERSION}"
-                                    "\nHINT: read it with the disttrain version that wrote it")
+        raise CheckpointFormatError(
+            f"{where}: format version {obj.get('version')!r}, this reader knows {VERSION}"
+            "\nHINT: read it with the disttrain version that wrote it"
+        )
     if obj.get("checksum") != checksum.ALGORITHM:
         raise CheckpointFormatError(f"{where}: checksum algorithm {obj.get('checksum')!r} is unknown")
     files: dict[str, dict] = {}
@@ -94,8 +121,11 @@ def parse(text: bytes, where: str) -> Manifest:
         safe_file_name(name, where)
         if not isinstance(info, dict) or not isinstance(info.get("checksum"), str):
             raise CheckpointFormatError(f"{where}: file {name!r}: malformed entry {info!r}")
-        files[name] = {"rank": _int(info.get("rank"), f"{name} rank", where),
-                       "size": _int(info.get("size"), f"{name} size", where), "checksum": info["checksum"]}
+        files[name] = {
+            "rank": _int(info.get("rank"), f"{name} rank", where),
+            "size": _int(info.get("size"), f"{name} size", where),
+            "checksum": info["checksum"],
+        }
     tensors: dict[str, TensorInfo] = {}
     for tname, t in (obj.get("tensors") or {}).items():
         w = f"{where}: tensor {tname!r}"
@@ -106,16 +136,27 @@ def parse(text: bytes, where: str) -> Manifest:
         for p in t.get("pieces") or []:
             try:
                 box = tuple((_int(a, "box", w), _int(b, "box", w)) for a, b in p["box"])
-                piece = Piece(safe_file_name(p["file"], w), str(p["key"]), _int(p["start"], "start", w),
-                              _int(p["stop"], "stop", w), box, bool(p["flat"]))
+                piece = Piece(
+                    safe_file_name(p["file"], w),
+                    str(p["key"]),
+                    _int(p["start"], "start", w),
+                    _int(p["stop"], "stop", w),
+                    box,
+                    bool(p["flat"]),
+                )
             except (KeyError, TypeError, ValueError):
                 raise CheckpointFormatError(f"{w}: malformed piece {p!r}") from None
             if piece.file not in files:
                 raise CheckpointFormatError(f"{w}: piece in {piece.file!r}, which the manifest does not list")
             pieces.append(piece)
         tensors[tname] = TensorInfo(shape, t["dtype"], tuple(pieces))
-    m = Manifest(_int(obj.get("step"), "step", where), _int(obj.get("world_size"), "world_size", where, 1),
-                 obj.get("layout") or {}, files, tensors)
+    m = Manifest(
+        _int(obj.get("step"), "step", where),
+        _int(obj.get("world_size"), "world_size", where, 1),
+        obj.get("layout") or {},
+        files,
+        tensors,
+    )
     validate(m, where)
     return m
 
@@ -135,8 +176,9 @@ def validate(m: Manifest, where: str) -> None:
                 raise CheckpointFormatError(f"{w}: box {list(map(list, p.box))} is outside shape {list(bounds)}")
             n = math.prod(b - a for a, b in p.box)
             if p.stop - p.start != n * isz or p.start > p.stop:
-                raise CheckpointFormatError(f"{w}: byte range [{p.start}, {p.stop}) in {p.file} does not hold "
-                                            f"{n} elements of {t.dtype}")
+                raise CheckpointFormatError(
+                    f"{w}: byte range [{p.start}, {p.stop}) in {p.file} does not hold {n} elements of {t.dtype}"
+                )
             covered += n
             (flat if p.flat else nd).append(p.box)
             if p.stop > p.start:
@@ -155,5 +197,6 @@ def validate(m: Manifest, where: str) -> None:
         spans.sort()
         for (a0, b0, n0), (a1, b1, n1) in zip(spans, spans[1:]):
             if a1 < b0:
-                raise CheckpointFormatError(f"{where}: {f}: byte ranges of {n0!r} [{a0}, {b0}) and {n1!r} "
-                                            f"[{a1}, {b1}) overlap")
+                raise CheckpointFormatError(
+                    f"{where}: {f}: byte ranges of {n0!r} [{a0}, {b0}) and {n1!r} [{a1}, {b1}) overlap"
+                )

@@ -5,6 +5,7 @@ a file is read whole, its size and xxh3 checksum compared with the manifest, the
 safetensors header is parsed and cross-checked against the manifest, and only then does
 any tensor leave the reader. Nothing here unpickles or evaluates anything.
 """
+
 from __future__ import annotations
 
 import logging
@@ -91,9 +92,11 @@ class CheckpointReader:
         try:
             return self.manifest.tensors[name]
         except KeyError:
-            raise CheckpointMismatchError(f"{self.path}: the checkpoint has no tensor {name!r} "
-                                          f"(it holds {len(self.names)} tensors)\nHINT: `disttrain ckpt inspect "
-                                          f"{self.path}` lists them; was it saved from another model?") from None
+            raise CheckpointMismatchError(
+                f"{self.path}: the checkpoint has no tensor {name!r} "
+                f"(it holds {len(self.names)} tensors)\nHINT: `disttrain ckpt inspect "
+                f"{self.path}` lists them; was it saved from another model?"
+            ) from None
 
     def where(self, file: str) -> str:
         rank = self.manifest.files.get(file, {}).get("rank", "?")
@@ -110,8 +113,10 @@ class CheckpointReader:
         path = os.path.join(self.path, name)
         real = os.path.realpath(path)
         if os.path.dirname(real) != os.path.realpath(self.path):
-            raise CheckpointFormatError(f"{self.where(name)}: resolves to {real}, outside the checkpoint directory"
-                                        "\nHINT: checkpoint files must be regular files, not links; it was not read")
+            raise CheckpointFormatError(
+                f"{self.where(name)}: resolves to {real}, outside the checkpoint directory"
+                "\nHINT: checkpoint files must be regular files, not links; it was not read"
+            )
         try:
             size = os.stat(path).st_size
             buf = torch.empty(size, dtype=torch.uint8)
@@ -124,8 +129,9 @@ class CheckpointReader:
                         break
                     got += n
         except FileNotFoundError:
-            raise CheckpointCorruptError(f"{self.where(name)}: missing; expected {info['size']} bytes with "
-                                         f"checksum {info['checksum']}") from None
+            raise CheckpointCorruptError(
+                f"{self.where(name)}: missing; expected {info['size']} bytes with checksum {info['checksum']}"
+            ) from None
         if self.verify or size != info["size"]:
             actual = checksum.digest(mv[:got])
             if size != info["size"] or got != size or actual != info["checksum"]:
@@ -133,7 +139,8 @@ class CheckpointReader:
                 raise CheckpointCorruptError(
                     f"{self.where(name)}: {what}size {got}, expected {info['size']}; checksum {actual}, "
                     f"expected {info['checksum']} ({checksum.ALGORITHM})\nHINT: the file was damaged after the "
-                    "save; an older checkpoint may still verify (`disttrain ckpt verify RUN_DIR`)")
+                    "save; an older checkpoint may still verify (`disttrain ckpt verify RUN_DIR`)"
+                )
         if name.endswith(".safetensors"):
             self._cross_check(name, buf)
         if keep:
@@ -151,10 +158,15 @@ class CheckpointReader:
                     continue
                 e = entries.get(p.key)
                 shape = (box_numel(p.box),) if p.flat else tuple(b - a for a, b in p.box)
-                if e is None or (e.start, e.stop) != (p.start, p.stop) or e.dtype != FROM_NAME[t.dtype] \
-                        or tuple(e.shape) != shape:
-                    raise CheckpointFormatError(f"{self.where(name)}: header entry {p.key!r} does not match the "
-                                                f"manifest's piece of {tname!r}")
+                if (
+                    e is None
+                    or (e.start, e.stop) != (p.start, p.stop)
+                    or e.dtype != FROM_NAME[t.dtype]
+                    or tuple(e.shape) != shape
+                ):
+                    raise CheckpointFormatError(
+                        f"{self.where(name)}: header entry {p.key!r} does not match the manifest's piece of {tname!r}"
+                    )
 
     def state(self) -> dict:
         """The trainer-level JSON state (step, RNG, data position, config), verified."""
@@ -175,9 +187,11 @@ class CheckpointReader:
         info = self._info(name)
         global_shape, box = tuple(global_shape), tuple(tuple(b) for b in box)
         if tuple(info.shape) != global_shape:
-            raise CheckpointMismatchError(f"{self.path}: tensor {name!r} has shape {list(info.shape)} in the "
-                                          f"checkpoint, the loader expects {list(global_shape)}\nHINT: the model "
-                                          "config differs from the one that saved it")
+            raise CheckpointMismatchError(
+                f"{self.path}: tensor {name!r} has shape {list(info.shape)} in the "
+                f"checkpoint, the loader expects {list(global_shape)}\nHINT: the model "
+                "config differs from the one that saved it"
+            )
         dtype = FROM_NAME[info.dtype]
         out = torch.empty((box_numel(box),) if flat else tuple(b - a for a, b in box), dtype=dtype)
         covered = 0
@@ -189,8 +203,10 @@ class CheckpointReader:
                 raise CheckpointFormatError(f"{self.where(p.file)}: piece of {name!r} is misaligned ({exc})") from None
             covered += copy_overlap(out, box, flat, src, p.box, p.flat, global_shape)
         if covered != out.numel():
-            raise CheckpointMismatchError(f"{self.path}: tensor {name!r}: the checkpoint covers {covered} of the "
-                                          f"{out.numel()} elements of box {[list(b) for b in box]}")
+            raise CheckpointMismatchError(
+                f"{self.path}: tensor {name!r}: the checkpoint covers {covered} of the "
+                f"{out.numel()} elements of box {[list(b) for b in box]}"
+            )
         return out
 
     def release(self) -> None:

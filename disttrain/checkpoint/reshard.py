@@ -6,6 +6,7 @@ A box is ``[start, stop)`` per dim of the global shape, or of ``(numel,)`` when 
 slices; mixed cases go through flat element indices of the nd box (row-major), which
 costs an int64 index per element but only for the mixed case.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,8 +46,15 @@ def _flat_bounds(box: Box, shape: tuple[int, ...]) -> tuple[int, int]:
     return lo, hi + 1
 
 
-def copy_overlap(out: torch.Tensor, out_box: Box, out_flat: bool, src: torch.Tensor, src_box: Box,
-                 src_flat: bool, shape: tuple[int, ...]) -> int:
+def copy_overlap(
+    out: torch.Tensor,
+    out_box: Box,
+    out_flat: bool,
+    src: torch.Tensor,
+    src_box: Box,
+    src_flat: bool,
+    shape: tuple[int, ...],
+) -> int:
     """Copy the part of ``src`` (holding ``src_box``) that falls in ``out_box`` into ``out``;
     returns the number of elements copied. Both tensors are contiguous and shaped like their box."""
     if not out_flat and not src_flat:
@@ -106,8 +114,10 @@ def parse_layout(text: str) -> TargetLayout:
     """``STRATEGY:WORLD[,tp=N][,pp=N]``, e.g. ``zero2:3`` or ``ddp:4,tp=2``."""
     m = re.fullmatch(r"(\w+):(\d+)((?:,(?:tp|pp)=\d+)*)", text.strip())
     if not m or m.group(1) not in STRATEGIES:
-        raise CheckpointError(f"layout {text!r}: expected STRATEGY:WORLD[,tp=N][,pp=N] with STRATEGY one of "
-                              f"{', '.join(STRATEGIES)}\nHINT: e.g. --to zero2:3 or --to ddp:4,tp=2")
+        raise CheckpointError(
+            f"layout {text!r}: expected STRATEGY:WORLD[,tp=N][,pp=N] with STRATEGY one of "
+            f"{', '.join(STRATEGIES)}\nHINT: e.g. --to zero2:3 or --to ddp:4,tp=2"
+        )
     extra = dict(kv.split("=") for kv in m.group(3).split(",") if kv)
     return TargetLayout(m.group(1), int(m.group(2)), int(extra.get("tp", 1)), int(extra.get("pp", 1)))
 
@@ -147,6 +157,8 @@ def check(manifest: Manifest, target: TargetLayout, state: dict | None = None) -
     if batch is not None and batch < dp:
         notes.append(f"global batch {batch} < {dp} data-parallel ranks: some ranks get empty micro-batches")
     if manifest.world_size != w:
-        notes.append(f"saved on {manifest.world_size} ranks, loading on {w}: RNG streams of ranks >= "
-                     f"{manifest.world_size} are re-seeded; data position (step {manifest.step}) carries over")
+        notes.append(
+            f"saved on {manifest.world_size} ranks, loading on {w}: RNG streams of ranks >= "
+            f"{manifest.world_size} are re-seeded; data position (step {manifest.step}) carries over"
+        )
     return not problems, problems + notes

@@ -7,6 +7,7 @@ the tensors back to back, largest item size first (every tensor stays aligned to
 dtype). The parser never evaluates anything: a pickle renamed ``.safetensors`` fails the
 header-length or first-byte check, and every offset is bounds- and overlap-checked.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,9 +23,18 @@ from .errors import CheckpointFormatError
 MAX_HEADER = 100 * 1000 * 1000  # the safetensors library's limit
 ALIGN = 4096
 
-CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-         torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-         torch.bool: "BOOL"}
+CODES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 FROM_CODE = {v: k for k, v in CODES.items()}
 NAMES = {d: str(d).removeprefix("torch.") for d in CODES}
 FROM_NAME = {v: k for k, v in NAMES.items()}
@@ -45,8 +55,9 @@ def itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def layout(items: list[tuple[str, torch.dtype, tuple[int, ...]]],
-           metadata: dict[str, str]) -> tuple[bytes, list[Entry], int]:
+def layout(
+    items: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]
+) -> tuple[bytes, list[Entry], int]:
     """Order ``(key, dtype, shape)`` items and build the header. Returns (header bytes including
     the 8-byte length and padding, entries in file order, total file size)."""
     order = sorted(range(len(items)), key=lambda i: -itemsize(items[i][1]))
@@ -99,7 +110,8 @@ def parse_header(head: bytes, file_size: int, where: str) -> tuple[dict[str, Ent
         raise CheckpointFormatError(
             f"{where}: header length {n} is over the safetensors limit of {MAX_HEADER} bytes\n"
             "HINT: this is not a safetensors file (a pickle renamed .safetensors starts like this); "
-            "it was not loaded")
+            "it was not loaded"
+        )
     if 8 + n > file_size or len(head) < 8 + n:
         raise CheckpointFormatError(f"{where}: header of {n} bytes runs past the end of the {file_size}-byte file")
     text = head[8 : 8 + n]
@@ -124,8 +136,10 @@ def parse_header(head: bytes, file_size: int, where: str) -> tuple[dict[str, Ent
         if not ok:
             raise CheckpointFormatError(f"{where}: tensor {key!r}: malformed entry {info!r}")
         if not 0 <= a <= b <= data_size or b - a != math.prod(shape) * itemsize(dtype):
-            raise CheckpointFormatError(f"{where}: tensor {key!r}: data_offsets [{a}, {b}) do not fit shape "
-                                        f"{list(shape)} {info['dtype']} in {data_size} data bytes")
+            raise CheckpointFormatError(
+                f"{where}: tensor {key!r}: data_offsets [{a}, {b}) do not fit shape "
+                f"{list(shape)} {info['dtype']} in {data_size} data bytes"
+            )
         entries[key] = Entry(key, dtype, shape, data_start + a, data_start + b)
     spans = sorted((e.start, e.stop, e.key) for e in entries.values() if e.stop > e.start)
     for (a0, b0, k0), (a1, b1, k1) in zip(spans, spans[1:]):

@@ -4,6 +4,7 @@ learning-rate position and the resolved config, as JSON (byte tensors as base64)
 The data position is the step (``GlobalBatchSampler``: batch ``s`` is a pure function of
 the seed and ``s``), and so is the lr schedule position, so both reshard to any world size.
 """
+
 from __future__ import annotations
 
 import base64
@@ -28,10 +29,17 @@ def capture_rng() -> dict:
     """This rank's RNG streams: torch CPU (and CUDA), numpy, python ``random``."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, gauss_next = random.getstate()
-    out = {"torch": _b64(torch.get_rng_state()),
-           "numpy": {"kind": kind, "keys": base64.b64encode(keys.astype("<u4").tobytes()).decode(), "pos": int(pos),
-                     "has_gauss": int(has_gauss), "gauss": float(gauss)},
-           "python": {"version": version, "state": list(internal), "gauss_next": gauss_next}}
+    out = {
+        "torch": _b64(torch.get_rng_state()),
+        "numpy": {
+            "kind": kind,
+            "keys": base64.b64encode(keys.astype("<u4").tobytes()).decode(),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
     return out
@@ -51,12 +59,13 @@ def restore_rng(rng: dict) -> None:
 def capture(trainer) -> dict:
     """The JSON state of ``trainer`` shared by every rank (rank 0's copy goes in state.json)."""
     cfg = trainer.cfg
-    return {"step": trainer.step,
-            "data": {"position": trainer.step, "sampler_seed": trainer.sampler.seed,
-                     "global_batch": trainer.sampler.batch},
-            "lr_schedule": {"step": trainer.step, "lr": trainer.lr(trainer.step)},
-            "world_size": trainer.comm.world_size,
-            "config": cfg.model_dump(mode="json")}
+    return {
+        "step": trainer.step,
+        "data": {"position": trainer.step, "sampler_seed": trainer.sampler.seed, "global_batch": trainer.sampler.batch},
+        "lr_schedule": {"step": trainer.step, "lr": trainer.lr(trainer.step)},
+        "world_size": trainer.comm.world_size,
+        "config": cfg.model_dump(mode="json"),
+    }
 
 
 def apply(trainer, state: dict, rank_rng: list[dict]) -> None:
@@ -65,8 +74,11 @@ def apply(trainer, state: dict, rank_rng: list[dict]) -> None:
     trainer.step = int(state["step"])
     seed = state.get("data", {}).get("sampler_seed")
     if seed is not None and seed != trainer.sampler.seed:
-        log.warning("checkpoint data order was seeded with %s, this run uses %s: the data order changes",
-                    seed, trainer.sampler.seed)
+        log.warning(
+            "checkpoint data order was seeded with %s, this run uses %s: the data order changes",
+            seed,
+            trainer.sampler.seed,
+        )
     r = trainer.comm.rank
     if r < len(rank_rng) and rank_rng[r]:
         restore_rng(rank_rng[r])

@@ -6,6 +6,7 @@ file is written and fsynced), ``mid_manifest`` (half the manifest is on disk),
 ``before_rename``, ``before_latest``, ``write`` (inside the background write). Only the first
 attempt of a job fires (restart count 0), so a restarted job runs clean.
 """
+
 from __future__ import annotations
 
 import os

@@ -10,6 +10,7 @@ of the temporary directory to ``step_NNNNNN`` (the commit point), fsync of the p
 the ``latest`` pointer (replaced by rename), and pruning to the last ``keep``.
 A crash anywhere before the rename leaves only a ``.tmp-*`` directory nobody reads.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,8 +56,9 @@ class RankWrite:
             keys.append(s.name if seen[s.name] == 1 else f"{s.name}#{seen[s.name]}")
         self.keys = keys
         items = [(k, s.tensor.dtype, tuple(s.tensor.shape)) for k, s in zip(keys, shards)]
-        self.header, entries, self.size = layout(items, {"format": "disttrain-checkpoint", "rank": str(rank),
-                                                        "step": str(step)})
+        self.header, entries, self.size = layout(
+            items, {"format": "disttrain-checkpoint", "rank": str(rank), "step": str(step)}
+        )
         self.entries = {e.key: e for e in entries}
         self.checksum: str | None = None
 
@@ -69,10 +71,26 @@ class RankWrite:
         pieces = []
         for k, s in zip(self.keys, self.shards):
             e = self.entries[k]
-            pieces.append({"name": s.name, "shape": list(s.global_shape), "dtype": NAMES[s.tensor.dtype], "key": k,
-                           "start": e.start, "stop": e.stop, "box": [list(b) for b in s.box], "flat": s.flat})
-        return {"rank": self.rank, "file": self.file, "size": self.size, "checksum": self.checksum,
-                "pieces": pieces, "state": local_state}
+            pieces.append(
+                {
+                    "name": s.name,
+                    "shape": list(s.global_shape),
+                    "dtype": NAMES[s.tensor.dtype],
+                    "key": k,
+                    "start": e.start,
+                    "stop": e.stop,
+                    "box": [list(b) for b in s.box],
+                    "flat": s.flat,
+                }
+            )
+        return {
+            "rank": self.rank,
+            "file": self.file,
+            "size": self.size,
+            "checksum": self.checksum,
+            "pieces": pieces,
+            "state": local_state,
+        }
 
     # -- sync: from the live tensors -------------------------------------------------------
     def write_live(self) -> None:
@@ -82,7 +100,7 @@ class RankWrite:
         try:
             _write_all(fd, memoryview(self.header))
             h.update(self.header)
-            for k, s in sorted(zip(self.keys, self.shards), key=lambda ks: self.entries[ks[0]].start):
+            for _k, s in sorted(zip(self.keys, self.shards), key=lambda ks: self.entries[ks[0]].start):
                 mv = tensor_bytes(s.tensor.detach().to("cpu").contiguous())
                 h.update(mv)
                 _write_all(fd, mv)
@@ -170,8 +188,9 @@ def _write_file(path: str, data: bytes, kill_midway: bool = False, rank: int = 0
         os.close(fd)
 
 
-def build_manifest(step: int, world_size: int, layout_info: dict, records: list[dict],
-                   state_size: int, state_checksum: str) -> Manifest:
+def build_manifest(
+    step: int, world_size: int, layout_info: dict, records: list[dict], state_size: int, state_checksum: str
+) -> Manifest:
     files = {r["file"]: {"rank": r["rank"], "size": r["size"], "checksum": r["checksum"]} for r in records}
     files[STATE] = {"rank": 0, "size": state_size, "checksum": state_checksum}
     tensors: dict[str, dict] = {}
@@ -179,24 +198,27 @@ def build_manifest(step: int, world_size: int, layout_info: dict, records: list[
         for p in r["pieces"]:
             t = tensors.setdefault(p["name"], {"shape": tuple(p["shape"]), "dtype": p["dtype"], "pieces": []})
             if t["shape"] != tuple(p["shape"]) or t["dtype"] != p["dtype"]:
-                raise ValueError(f"tensor {p['name']!r}: rank {r['rank']} says {p['shape']} {p['dtype']}, another "
-                                 f"rank {list(t['shape'])} {t['dtype']}")
-            t["pieces"].append(Piece(r["file"], p["key"], p["start"], p["stop"],
-                                     tuple(tuple(b) for b in p["box"]), p["flat"]))
+                raise ValueError(
+                    f"tensor {p['name']!r}: rank {r['rank']} says {p['shape']} {p['dtype']}, another "
+                    f"rank {list(t['shape'])} {t['dtype']}"
+                )
+            t["pieces"].append(
+                Piece(r["file"], p["key"], p["start"], p["stop"], tuple(tuple(b) for b in p["box"]), p["flat"])
+            )
     infos = {n: TensorInfo(t["shape"], t["dtype"], tuple(t["pieces"])) for n, t in sorted(tensors.items())}
     return Manifest(step, world_size, layout_info, files, infos)
 
 
-def commit(ckpt_dir: str, step: int, world_size: int, layout_info: dict, records: list[dict], state: dict,
-           keep: int) -> str:
+def commit(
+    ckpt_dir: str, step: int, world_size: int, layout_info: dict, records: list[dict], state: dict, keep: int
+) -> str:
     """Rank 0, after every rank's file is written and fsynced: make the checkpoint visible."""
     tmp = tmp_dir(ckpt_dir, step)
     state_bytes = json.dumps(state, separators=(",", ":")).encode()
     _write_file(os.path.join(tmp, STATE), state_bytes)
     manifest = build_manifest(step, world_size, layout_info, records, len(state_bytes), checksum.digest(state_bytes))
     validate(manifest, os.path.join(tmp, NAME))  # never commit what a reader would refuse
-    _write_file(os.path.join(tmp, NAME), manifest.to_json(), kill_midway=bool(os.environ.get(testhooks.ENV)),
-                step=step)
+    _write_file(os.path.join(tmp, NAME), manifest.to_json(), kill_midway=bool(os.environ.get(testhooks.ENV)), step=step)
     checksum.fsync_dir(tmp)
     testhooks.fire("before_rename", 0, step)
     final = os.path.join(ckpt_dir, step_dir_name(step))

@@ -1,4 +1,5 @@
 """Datasets that ship offline, and the sampler that splits each global batch across ranks."""
+
 from .sampler import GlobalBatchSampler
 from .task import Task, build_task
 

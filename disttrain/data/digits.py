@@ -1,4 +1,5 @@
 """scikit-learn's bundled 8x8 handwritten digits: 1797 samples, 64 features, 10 classes (no download)."""
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ permutation per epoch); rank r of W takes the contiguous slice ``[r*B//W, (r+1)*
 So N ranks see exactly the samples one process would, the data position is just the
 step number (it reshards to any world size), and uneven splits are allowed.
 """
+
 from __future__ import annotations
 
 import torch

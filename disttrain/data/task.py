@@ -3,10 +3,11 @@
 Losses are *sums* over samples (or tokens); the trainer divides by the global count, so
 any split of a global batch across ranks and micro-batches gives the same gradient.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -7,6 +7,7 @@ Backend: ``DISTTRAIN_HVD_BACKEND`` names a ``collectives`` backend; by default `
 rank is on this host (and ``/dev/shm`` is usable), else ``torch`` (gloo). ``DISTTRAIN_HVD_TIMEOUT``
 (seconds, default 300) bounds every op, so a missing rank raises instead of hanging.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,8 +38,14 @@ class ReduceOp(enum.IntEnum):
     Product = 5
 
 
-Average, Sum, Adasum, Min, Max, Product = (ReduceOp.Average, ReduceOp.Sum, ReduceOp.Adasum, ReduceOp.Min,
-                                           ReduceOp.Max, ReduceOp.Product)
+Average, Sum, Adasum, Min, Max, Product = (
+    ReduceOp.Average,
+    ReduceOp.Sum,
+    ReduceOp.Adasum,
+    ReduceOp.Min,
+    ReduceOp.Max,
+    ReduceOp.Product,
+)
 
 
 @dataclasses.dataclass
@@ -100,16 +107,20 @@ def init(comm=None, process_sets=None) -> None:
         try:
             data = collectives.init(backend, store=_store(timeout), env=env, check=False, timeout=timeout)
         except collectives.CollectivesError as exc:
-            raise HorovodInternalError(f"rank {env.where}: hvd.init() could not start backend {backend!r}: {exc}\n"
-                                       "HINT: set DISTTRAIN_HVD_BACKEND to one of "
-                                       f"{', '.join(registry.known())}") from exc
+            raise HorovodInternalError(
+                f"rank {env.where}: hvd.init() could not start backend {backend!r}: {exc}\n"
+                "HINT: set DISTTRAIN_HVD_BACKEND to one of "
+                f"{', '.join(registry.known())}"
+            ) from exc
         owns = True
     elif isinstance(comm, collectives.Communicator):
         data, backend, owns, env = comm, comm.backend.name, False, comm.env
     else:
-        raise HorovodError(f"hvd.init(comm=...) takes a collectives.Communicator, got {type(comm).__name__}\n"
-                           "HINT: MPI communicators and rank lists are not supported; start the job with "
-                           "`disttrain launch -np N script.py` and use process sets for subsets of ranks")
+        raise HorovodError(
+            f"hvd.init(comm=...) takes a collectives.Communicator, got {type(comm).__name__}\n"
+            "HINT: MPI communicators and rank lists are not supported; start the job with "
+            "`disttrain launch -np N script.py` and use process sets for subsets of ranks"
+        )
     size = data.world_size
     world = Channel(data, data.new_group(range(size)), 0, range(size))
     topo = _topology(world, env)
@@ -201,8 +212,9 @@ def add_process_set(process_set) -> ProcessSet:
     ps = process_set if isinstance(process_set, ProcessSet) else ProcessSet(process_set)
     for other in ctx.sets.values():
         if other.ranks == ps.ranks and other is not ps:
-            raise HorovodError(f"a process set with ranks {ps.ranks} is already registered as id "
-                               f"{other.process_set_id}")
+            raise HorovodError(
+                f"a process set with ranks {ps.ranks} is already registered as id {other.process_set_id}"
+            )
     register(ps, ctx.next_set_id, ctx.world, ctx.world.rank)
     ctx.sets[ps.process_set_id] = ps
     ctx.next_set_id += 1
@@ -249,8 +261,11 @@ def nccl_built() -> int:
     try:
         import torch
 
-        return int(torch.cuda.nccl.version()[0] * 1000 + torch.cuda.nccl.version()[1] * 100) \
-            if torch.cuda.is_available() else 0
+        return (
+            int(torch.cuda.nccl.version()[0] * 1000 + torch.cuda.nccl.version()[1] * 100)
+            if torch.cuda.is_available()
+            else 0
+        )
     except Exception:
         return 0
 

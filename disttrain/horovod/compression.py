@@ -3,6 +3,7 @@
 ``compress`` runs before the allreduce and ``decompress`` after it; fp16 halves the bytes on the
 wire for float32/float64 tensors and leaves other dtypes alone.
 """
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ disagree about an op (shape, dtype, reduce op, root) or the transport fails. Our
 cross-rank report of ``collectives`` (both sides of a mismatch, with call sites) as the message
 and keep the original :class:`collectives.CollectivesError` as ``__cause__``.
 """
+
 from __future__ import annotations
 
 from ..errors import DisttrainError

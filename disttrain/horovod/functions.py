@@ -7,6 +7,7 @@ runs code from whatever bytes arrive; here an object may be built from None, boo
 optimizer hyperparameters, metrics, configs and small state. Anything else raises
 :class:`HorovodError` on the sending rank before anything is sent.
 """
+
 from __future__ import annotations
 
 import base64
@@ -27,9 +28,13 @@ def _enc(obj, path: str):
         return obj
     if isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous()
-        return {"__tensor__": [str(t.dtype).removeprefix("torch."), list(t.shape),
-                               base64.b64encode(t.reshape(-1).view(torch.uint8).numpy().tobytes()
-                                                if t.numel() else b"").decode()]}
+        return {
+            "__tensor__": [
+                str(t.dtype).removeprefix("torch."),
+                list(t.shape),
+                base64.b64encode(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"").decode(),
+            ]
+        }
     if isinstance(obj, tuple):
         return {"__tuple__": [_enc(v, f"{path}[{i}]") for i, v in enumerate(obj)]}
     if isinstance(obj, list):
@@ -40,7 +45,8 @@ def _enc(obj, path: str):
         f"cannot send {type(obj).__name__} at {path or 'the top level'}: objects travel as JSON "
         "(None, bool, int, float, str, list, tuple, dict, torch.Tensor)\n"
         "HINT: Horovod pickled arbitrary objects; disttrain.horovod does not unpickle bytes from other "
-        "processes. Convert the object to those types (e.g. a dataclass with dataclasses.asdict)")
+        "processes. Convert the object to those types (e.g. a dataclass with dataclasses.asdict)"
+    )
 
 
 def _dec(obj):
@@ -76,7 +82,9 @@ def decode_object(raw: bytes):
 def _bytes_tensor(raw: bytes) -> torch.Tensor:
     """Bytes as int32 words (every backend moves int32), padded to a multiple of 4."""
     pad = (-len(raw)) % 4
-    return torch.frombuffer(bytearray(raw + b"\0" * pad), dtype=torch.int32) if raw else torch.empty(0, dtype=torch.int32)
+    return (
+        torch.frombuffer(bytearray(raw + b"\0" * pad), dtype=torch.int32) if raw else torch.empty(0, dtype=torch.int32)
+    )
 
 
 def _tensor_bytes(t: torch.Tensor, n: int) -> bytes:
@@ -109,7 +117,7 @@ def allgather_object(obj, name: str | None = None, process_set=global_process_se
     out, offset = [], 0
     for n in sizes.tolist():
         w = (n + 3) // 4
-        out.append(decode_object(_tensor_bytes(words[offset:offset + w], n)))
+        out.append(decode_object(_tensor_bytes(words[offset : offset + w], n)))
         offset += w
     return out
 

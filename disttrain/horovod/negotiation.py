@@ -19,11 +19,12 @@ communicator. Every rank then holds the same table and reaches the same verdict:
 Cost: one small collective per op on the control communicator (about the cost of the
 cross-rank check ``collectives`` runs anyway, which the data communicator skips).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -83,12 +84,27 @@ class Channel:
     def fingerprint(self, op: str, shapes, dtype, extra: str = "", name: str | None = None) -> Fingerprint:
         seq, self._seq = self._seq, self._seq + 1
         site = user_site() + (f" ({name})" if name else "")
-        return Fingerprint(seq, op, self.group, tuple(tuple(int(d) for d in s) for s in shapes),
-                           str(dtype).removeprefix("torch."), extra, self.global_ranks[self.rank], site)
+        return Fingerprint(
+            seq,
+            op,
+            self.group,
+            tuple(tuple(int(d) for d in s) for s in shapes),
+            str(dtype).removeprefix("torch."),
+            extra,
+            self.global_ranks[self.rank],
+            site,
+        )
 
     # -- the agreement -------------------------------------------------------------------
-    def negotiate(self, fp: Fingerprint, *, dim0: int = 0, splits: Sequence[int] | None = None,
-                  joined: bool = False, round_: int = 0) -> Agreement:
+    def negotiate(
+        self,
+        fp: Fingerprint,
+        *,
+        dim0: int = 0,
+        splits: Sequence[int] | None = None,
+        joined: bool = False,
+        round_: int = 0,
+    ) -> Agreement:
         W = self.size
         mine = torch.tensor([fp.digest(), int(joined), int(dim0), int(round_)], dtype=torch.int64)
         if W == 1:
@@ -114,7 +130,8 @@ class Channel:
                     f"rank {self.global_ranks[self.rank]}: {ag.op.op} is not supported with Join at this time "
                     f"(ranks {who} already called join()); {ag.op.describe()}\n"
                     "HINT: as in Horovod, only allreduce (e.g. DistributedOptimizer gradients) may run while "
-                    "some ranks have joined; finish other collectives before join()")
+                    "some ranks have joined; finish other collectives before join()"
+                )
         if splits is not None and not joined:
             mat = torch.empty(W, W, dtype=torch.int64)
             row = torch.tensor(list(splits), dtype=torch.int64)

@@ -12,12 +12,13 @@ raise :class:`HorovodInternalError` from ``synchronize``, naming both sides and 
 Dtypes: float16/32/64, bfloat16, int32/64 natively; uint8/int8/int16 travel as int32 (values
 round-trip exactly; sums wrap as the narrow type would). Integer ``Average`` truncates.
 """
+
 from __future__ import annotations
 
 import itertools
 import threading
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -40,8 +41,16 @@ _names = itertools.count()
 class _Pending:
     """One async op: the transfers in flight and what turns them into the user's result."""
 
-    def __init__(self, name: str, op: str, works: list, finish: Callable[[], object] | None,
-                 error: Exception | None = None, t_start: float = 0.0, t_agreed: float = 0.0):
+    def __init__(
+        self,
+        name: str,
+        op: str,
+        works: list,
+        finish: Callable[[], object] | None,
+        error: Exception | None = None,
+        t_start: float = 0.0,
+        t_agreed: float = 0.0,
+    ):
         self.name, self.op, self.works, self.finish, self.error = name, op, works, finish, error
         self.t_start, self.t_agreed = t_start, t_agreed
 
@@ -113,13 +122,17 @@ def _wire(t: torch.Tensor, what: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise HorovodError(f"{what} expects a torch.Tensor, got {type(t).__name__}")
     if t.is_sparse:
-        raise HorovodError(f"{what} got a sparse tensor\nHINT: sparse allreduce is not supported; "
-                           "use DistributedOptimizer(sparse_as_dense=True) or .to_dense()")
+        raise HorovodError(
+            f"{what} got a sparse tensor\nHINT: sparse allreduce is not supported; "
+            "use DistributedOptimizer(sparse_as_dense=True) or .to_dense()"
+        )
     if t.dtype in _WIRE:
         return t.to(_WIRE[t.dtype])
     if t.dtype not in SUPPORTED_DTYPES:
-        raise HorovodError(f"{what}: dtype {t.dtype} is not supported; supported: "
-                           f"{', '.join(map(str, SUPPORTED_DTYPES + tuple(_WIRE)))}")
+        raise HorovodError(
+            f"{what}: dtype {t.dtype} is not supported; supported: "
+            f"{', '.join(map(str, SUPPORTED_DTYPES + tuple(_WIRE)))}"
+        )
     return t.contiguous()
 
 
@@ -130,8 +143,7 @@ def _set(process_set: ProcessSet):
     return process_set
 
 
-def _start(name: str | None, opname: str, ps: ProcessSet, fp_args: tuple, launch, *, dim0: int = 0,
-           splits=None) -> int:
+def _start(name: str | None, opname: str, ps: ProcessSet, fp_args: tuple, launch, *, dim0: int = 0, splits=None) -> int:
     """Agree (blocking), then ``launch(agreement, channel) -> (works, finish)``; returns a handle.
     A disagreement is kept for ``synchronize`` to raise, as Horovod reports it there."""
     ch = _set(ps).channel(opname)
@@ -154,8 +166,15 @@ def _dtype_name(tensors: Sequence[torch.Tensor]) -> str:
 
 
 # -- allreduce -------------------------------------------------------------------------------
-def _allreduce_start(tensors: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor] | None, name, op,
-                     prescale_factor: float, postscale_factor: float, process_set: ProcessSet) -> int:
+def _allreduce_start(
+    tensors: Sequence[torch.Tensor],
+    outputs: Sequence[torch.Tensor] | None,
+    name,
+    op,
+    prescale_factor: float,
+    postscale_factor: float,
+    process_set: ProcessSet,
+) -> int:
     """Reduce ``tensors``; write into ``outputs`` (in place) or return new tensors (None).
     Tensors of one dtype travel fused in one flat buffer."""
     what = "allreduce" if len(tensors) == 1 else "grouped_allreduce"
@@ -173,19 +192,27 @@ def _allreduce_start(tensors: Sequence[torch.Tensor], outputs: Sequence[torch.Te
         cop = CommOp.SUM if (comm_op is CommOp.AVG and not dtype.is_floating_point) else comm_op
         parts.append((dtype, idx, n, cop))
     if len({p[3] for p in parts}) > 1:
-        raise HorovodError(f"{what}: integer Average mixed with float tensors in one group\n"
-                           "HINT: group integer and float tensors separately")
-    extra = ";".join([f"op={parts[0][3]}", f"hop={op.name}",
-                      "parts=" + ",".join(f"{str(d).removeprefix('torch.')}:{n}" for d, _, n, _ in parts)])
+        raise HorovodError(
+            f"{what}: integer Average mixed with float tensors in one group\n"
+            "HINT: group integer and float tensors separately"
+        )
+    extra = ";".join(
+        [
+            f"op={parts[0][3]}",
+            f"hop={op.name}",
+            "parts=" + ",".join(f"{str(d).removeprefix('torch.')}:{n}" for d, _, n, _ in parts),
+        ]
+    )
 
     def launch(ag, ch):
         works, flats = [], []
-        for dtype, idx, n, cop in parts:
+        for _dtype, idx, _n, cop in parts:
             if len(idx) == 1 and outputs is not None and wired[idx[0]] is tensors[idx[0]]:
                 flat = tensors[idx[0]].view(-1)  # in place, already on the wire: no copy
             elif len(idx) == 1:
-                flat = wired[idx[0]].reshape(-1).clone() if wired[idx[0]] is tensors[idx[0]] else \
-                    wired[idx[0]].reshape(-1)
+                flat = (
+                    wired[idx[0]].reshape(-1).clone() if wired[idx[0]] is tensors[idx[0]] else wired[idx[0]].reshape(-1)
+                )
             else:
                 flat = torch.cat([wired[i].reshape(-1) for i in idx])
             if prescale_factor != 1.0:
@@ -195,7 +222,7 @@ def _allreduce_start(tensors: Sequence[torch.Tensor], outputs: Sequence[torch.Te
 
         def finish():
             results: list = [None] * len(tensors)
-            for (dtype, idx, n, cop), flat in zip(parts, flats):
+            for (dtype, idx, _n, _cop), flat in zip(parts, flats):
                 if op == Average and not dtype.is_floating_point:
                     flat.div_(ch.size, rounding_mode="trunc")
                 if postscale_factor != 1.0:
@@ -257,23 +284,33 @@ def _adasum_pair(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ca * a + cb * b
 
 
-def allreduce_async(tensor, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0,
-                    process_set=global_process_set) -> int:
+def allreduce_async(
+    tensor, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0, process_set=global_process_set
+) -> int:
     """All members: start reducing a copy of ``tensor`` (default op Average); returns a handle."""
     op = _resolve_op(op, average)
     h = _allreduce_start([tensor], None, name, op, prescale_factor, postscale_factor, process_set)
     return _unwrap(h)
 
 
-def allreduce_async_(tensor, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0,
-                     process_set=global_process_set) -> int:
+def allreduce_async_(
+    tensor, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0, process_set=global_process_set
+) -> int:
     """All members: start reducing ``tensor`` in place; returns a handle."""
     op = _resolve_op(op, average)
     return _unwrap(_allreduce_start([tensor], [tensor], name, op, prescale_factor, postscale_factor, process_set))
 
 
-def allreduce(tensor, average=None, name=None, compression=Compression.none, op=None, prescale_factor=1.0,
-              postscale_factor=1.0, process_set=global_process_set) -> torch.Tensor:
+def allreduce(
+    tensor,
+    average=None,
+    name=None,
+    compression=Compression.none,
+    op=None,
+    prescale_factor=1.0,
+    postscale_factor=1.0,
+    process_set=global_process_set,
+) -> torch.Tensor:
     """All members: the reduction of ``tensor`` over the set (a new tensor; blocks).
     Differentiable: the gradient is allreduced with the same op."""
     op = _resolve_op(op, average)
@@ -282,8 +319,9 @@ def allreduce(tensor, average=None, name=None, compression=Compression.none, op=
     return compression.decompress(out, ctx)
 
 
-def allreduce_(tensor, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0,
-               process_set=global_process_set) -> torch.Tensor:
+def allreduce_(
+    tensor, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0, process_set=global_process_set
+) -> torch.Tensor:
     """All members: reduce ``tensor`` in place (blocks); returns it."""
     return synchronize(allreduce_async_(tensor, average, name, op, prescale_factor, postscale_factor, process_set))
 
@@ -297,8 +335,14 @@ class _AllreduceFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         op, pre, post, ps = ctx.args
-        return allreduce(grad, op=op, prescale_factor=pre, postscale_factor=post, process_set=ps), \
-            None, None, None, None, None
+        return (
+            allreduce(grad, op=op, prescale_factor=pre, postscale_factor=post, process_set=ps),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def _unwrap(h: int) -> int:
@@ -310,32 +354,47 @@ def _unwrap(h: int) -> int:
     return h
 
 
-def grouped_allreduce_async(tensors, average=None, name=None, op=None, prescale_factor=1.0,
-                            postscale_factor=1.0, process_set=global_process_set) -> int:
+def grouped_allreduce_async(
+    tensors, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0, process_set=global_process_set
+) -> int:
     """All members: start reducing copies of ``tensors`` as one fused op; returns a handle."""
     op = _resolve_op(op, average)
     return _allreduce_start(list(tensors), None, name, op, prescale_factor, postscale_factor, process_set)
 
 
-def grouped_allreduce_async_(tensors, average=None, name=None, op=None, prescale_factor=1.0,
-                             postscale_factor=1.0, process_set=global_process_set) -> int:
+def grouped_allreduce_async_(
+    tensors, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0, process_set=global_process_set
+) -> int:
     op = _resolve_op(op, average)
     tensors = list(tensors)
     return _allreduce_start(tensors, tensors, name, op, prescale_factor, postscale_factor, process_set)
 
 
-def grouped_allreduce(tensors, average=None, name=None, compression=Compression.none, op=None,
-                      prescale_factor=1.0, postscale_factor=1.0, process_set=global_process_set) -> list:
+def grouped_allreduce(
+    tensors,
+    average=None,
+    name=None,
+    compression=Compression.none,
+    op=None,
+    prescale_factor=1.0,
+    postscale_factor=1.0,
+    process_set=global_process_set,
+) -> list:
     pairs = [compression.compress(t) for t in tensors]
-    outs = synchronize(grouped_allreduce_async([c for c, _ in pairs], average, name, op, prescale_factor,
-                                               postscale_factor, process_set))
+    outs = synchronize(
+        grouped_allreduce_async(
+            [c for c, _ in pairs], average, name, op, prescale_factor, postscale_factor, process_set
+        )
+    )
     return [compression.decompress(o, ctx) for o, (_, ctx) in zip(outs, pairs)]
 
 
-def grouped_allreduce_(tensors, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0,
-                       process_set=global_process_set) -> list:
-    return synchronize(grouped_allreduce_async_(tensors, average, name, op, prescale_factor, postscale_factor,
-                                                process_set))
+def grouped_allreduce_(
+    tensors, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0, process_set=global_process_set
+) -> list:
+    return synchronize(
+        grouped_allreduce_async_(tensors, average, name, op, prescale_factor, postscale_factor, process_set)
+    )
 
 
 def sparse_allreduce_async(tensor, name, op, process_set=global_process_set):
@@ -354,8 +413,9 @@ def _allgather_start(tensor, name, process_set) -> int:
         work = ch.data.allgather(list(out.split(ag.dims)), w, async_op=True)
         return [work], lambda: out if out.dtype == tensor.dtype else out.to(tensor.dtype)
 
-    return _start(name, "allgather", process_set, ([rest], _dtype_name([tensor]), f"ndim={w.dim()}"), launch,
-                  dim0=w.shape[0])
+    return _start(
+        name, "allgather", process_set, ([rest], _dtype_name([tensor]), f"ndim={w.dim()}"), launch, dim0=w.shape[0]
+    )
 
 
 def allgather_async(tensor, name=None, process_set=global_process_set) -> int:
@@ -385,8 +445,9 @@ class _AllgatherFn(torch.autograd.Function):
 def grouped_allgather_async(tensors, name=None, process_set=global_process_set) -> int:
     """All members: allgather each tensor (issued back to back); the handle yields a list."""
     hs = [_allgather_start(t, f"{name}.{i}" if name else None, process_set) for i, t in enumerate(tensors)]
-    return _register(_Pending(name or "grouped_allgather", "grouped_allgather", [],
-                              lambda: [synchronize(h) for h in hs]))
+    return _register(
+        _Pending(name or "grouped_allgather", "grouped_allgather", [], lambda: [synchronize(h) for h in hs])
+    )
 
 
 def grouped_allgather(tensors, name=None, process_set=global_process_set) -> list:
@@ -459,13 +520,16 @@ def alltoall_async(tensor, splits=None, name=None, process_set=global_process_se
     rows = w.shape[0] if w.dim() else 0
     if splits is None:
         if rows % n:
-            raise HorovodError(f"alltoall: first dimension {rows} is not divisible by the set size {n}\n"
-                               "HINT: pass splits= (rows per destination rank)")
+            raise HorovodError(
+                f"alltoall: first dimension {rows} is not divisible by the set size {n}\n"
+                "HINT: pass splits= (rows per destination rank)"
+            )
         splits = [rows // n] * n
     splits = [int(s) for s in (splits.tolist() if isinstance(splits, torch.Tensor) else splits)]
     if len(splits) != n or any(s < 0 for s in splits) or sum(splits) != rows:
-        raise HorovodError(f"alltoall: splits {splits} must be {n} non-negative counts summing to the first "
-                           f"dimension {rows}")
+        raise HorovodError(
+            f"alltoall: splits {splits} must be {n} non-negative counts summing to the first dimension {rows}"
+        )
     rest = tuple(w.shape[1:])
 
     def launch(ag, ch):
@@ -479,8 +543,7 @@ def alltoall_async(tensor, splits=None, name=None, process_set=global_process_se
 
         return [work], finish
 
-    return _start(name, "alltoall", ps, ([rest], _dtype_name([tensor]), f"ndim={w.dim()}"), launch,
-                  splits=splits)
+    return _start(name, "alltoall", ps, ([rest], _dtype_name([tensor]), f"ndim={w.dim()}"), launch, splits=splits)
 
 
 def alltoall(tensor, splits=None, name=None, process_set=global_process_set):
@@ -536,33 +599,53 @@ def _reducescatter_start(tensor, name, op, process_set, prescale_factor, postsca
     return _start(name, "reducescatter", ps, ([tensor.shape], _dtype_name([tensor]), f"op={op.name}"), launch)
 
 
-def reducescatter_async(tensor, name=None, op=Average, process_set=global_process_set, prescale_factor=1.0,
-                        postscale_factor=1.0) -> int:
+def reducescatter_async(
+    tensor, name=None, op=Average, process_set=global_process_set, prescale_factor=1.0, postscale_factor=1.0
+) -> int:
     """All members: start reducing ``tensor`` and keeping this rank's block of first-dim rows
     (the first ``rows % size`` ranks get one extra row, as in Horovod)."""
     return _reducescatter_start(tensor, name, op, process_set, prescale_factor, postscale_factor)
 
 
-def reducescatter(tensor, name=None, compression=Compression.none, op=Average, process_set=global_process_set,
-                  prescale_factor=1.0, postscale_factor=1.0) -> torch.Tensor:
+def reducescatter(
+    tensor,
+    name=None,
+    compression=Compression.none,
+    op=Average,
+    process_set=global_process_set,
+    prescale_factor=1.0,
+    postscale_factor=1.0,
+) -> torch.Tensor:
     compressed, ctx = compression.compress(tensor)
     out = synchronize(_reducescatter_start(compressed, name, op, process_set, prescale_factor, postscale_factor))
     return compression.decompress(out, ctx)
 
 
-def grouped_reducescatter_async(tensors, name=None, op=Average, process_set=global_process_set,
-                                prescale_factor=1.0, postscale_factor=1.0) -> int:
-    hs = [_reducescatter_start(t, f"{name}.{i}" if name else None, op, process_set, prescale_factor,
-                               postscale_factor) for i, t in enumerate(tensors)]
-    return _register(_Pending(name or "grouped_reducescatter", "grouped_reducescatter", [],
-                              lambda: [synchronize(h) for h in hs]))
+def grouped_reducescatter_async(
+    tensors, name=None, op=Average, process_set=global_process_set, prescale_factor=1.0, postscale_factor=1.0
+) -> int:
+    hs = [
+        _reducescatter_start(t, f"{name}.{i}" if name else None, op, process_set, prescale_factor, postscale_factor)
+        for i, t in enumerate(tensors)
+    ]
+    return _register(
+        _Pending(name or "grouped_reducescatter", "grouped_reducescatter", [], lambda: [synchronize(h) for h in hs])
+    )
 
 
-def grouped_reducescatter(tensors, name=None, compression=Compression.none, op=Average,
-                          process_set=global_process_set, prescale_factor=1.0, postscale_factor=1.0) -> list:
+def grouped_reducescatter(
+    tensors,
+    name=None,
+    compression=Compression.none,
+    op=Average,
+    process_set=global_process_set,
+    prescale_factor=1.0,
+    postscale_factor=1.0,
+) -> list:
     pairs = [compression.compress(t) for t in tensors]
-    outs = synchronize(grouped_reducescatter_async([c for c, _ in pairs], name, op, process_set, prescale_factor,
-                                                   postscale_factor))
+    outs = synchronize(
+        grouped_reducescatter_async([c for c, _ in pairs], name, op, process_set, prescale_factor, postscale_factor)
+    )
     return [compression.decompress(o, ctx) for o, (_, ctx) in zip(outs, pairs)]
 
 

@@ -13,6 +13,7 @@ Difference from Horovod: ranks must produce gradients for the same parameters in
 order (same model, no rank-dependent branches), because our ops are matched by order, not by
 name. A rank that differs raises HorovodInternalError on every rank, naming both sides.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,38 +31,55 @@ from .process_sets import global_process_set
 class _DistributedOptimizer(torch.optim.Optimizer):
     """Mixed into a dynamic subclass of the user's optimizer class (see DistributedOptimizer)."""
 
-    def __init__(self, params, named_parameters, compression, backward_passes_per_step=1, op=Average,
-                 gradient_predivide_factor=1.0, groups=None, sparse_as_dense=False,
-                 process_set=global_process_set):
+    def __init__(
+        self,
+        params,
+        named_parameters,
+        compression,
+        backward_passes_per_step=1,
+        op=Average,
+        gradient_predivide_factor=1.0,
+        groups=None,
+        sparse_as_dense=False,
+        process_set=global_process_set,
+    ):
         super(self.__class__, self).__init__(params)
         self._compression = compression
         if named_parameters is not None:
             named_parameters = list(named_parameters)
         else:
-            named_parameters = [(f"allreduce.noname.{i}.{j}", v) for i, group in enumerate(self.param_groups)
-                                for j, v in enumerate(group["params"])]
+            named_parameters = [
+                (f"allreduce.noname.{i}.{j}", v)
+                for i, group in enumerate(self.param_groups)
+                for j, v in enumerate(group["params"])
+            ]
         if any(not isinstance(p, tuple) for p in named_parameters):
-            raise ValueError("named_parameters should be a sequence of tuples (name, parameter), usually "
-                             "produced by model.named_parameters().")
+            raise ValueError(
+                "named_parameters should be a sequence of tuples (name, parameter), usually "
+                "produced by model.named_parameters()."
+            )
         names = [k for k, _ in named_parameters]
         dups = sorted({k for k in names if names.count(k) > 1})
         if dups:
-            raise ValueError("Parameter names in named_parameters must be unique. Found duplicates: "
-                             + ", ".join(dups))
+            raise ValueError("Parameter names in named_parameters must be unique. Found duplicates: " + ", ".join(dups))
         all_ids = {id(v) for group in self.param_groups for v in group["params"]}
         unnamed = all_ids - {id(v) for _, v in named_parameters}
         if unnamed:
-            raise ValueError("named_parameters was specified, but one or more model parameters were not "
-                             "named. Python object ids: " + ", ".join(str(i) for i in unnamed))
+            raise ValueError(
+                "named_parameters was specified, but one or more model parameters were not "
+                "named. Python object ids: " + ", ".join(str(i) for i in unnamed)
+            )
         self._parameter_names = {v: k for k, v in named_parameters}
         self.backward_passes_per_step = backward_passes_per_step
         self._allreduce_delay = {v: backward_passes_per_step for _, v in named_parameters}
         self.op, self.gradient_predivide_factor = op, gradient_predivide_factor
         self.sparse_as_dense, self.process_set = sparse_as_dense, process_set
         if op == Adasum:
-            raise HorovodError("DistributedOptimizer(op=hvd.Adasum) is not supported (Horovod's delta-model "
-                               "Adasum optimizer)\nHINT: use op=hvd.Average, or hvd.allreduce(op=hvd.Adasum) "
-                               "on your own tensors")
+            raise HorovodError(
+                "DistributedOptimizer(op=hvd.Adasum) is not supported (Horovod's delta-model "
+                "Adasum optimizer)\nHINT: use op=hvd.Average, or hvd.allreduce(op=hvd.Adasum) "
+                "on your own tensors"
+            )
         if gradient_predivide_factor != 1.0 and op != Average:
             raise ValueError("gradient_predivide_factor not supported with op != Average")
         self._handles: dict = {}
@@ -83,7 +101,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             if groups <= 0:
                 raise ValueError("groups should be a positive integer or a list of lists of parameters")
             k = -(-len(params) // groups)
-            p_groups = [tuple(params[i:i + k]) for i in range(0, len(params), k)]
+            p_groups = [tuple(params[i : i + k]) for i in range(0, len(params), k)]
         else:
             seen, p_groups = set(), []
             for g in groups:
@@ -133,32 +151,46 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             p.grad = torch.zeros_like(p)
         if p.grad.is_sparse:
             if not self.sparse_as_dense:
-                raise HorovodError(f"parameter {self._parameter_names.get(p)} has a sparse gradient\n"
-                                   "HINT: pass sparse_as_dense=True")
+                raise HorovodError(
+                    f"parameter {self._parameter_names.get(p)} has a sparse gradient\nHINT: pass sparse_as_dense=True"
+                )
             p.grad = p.grad.to_dense()
         return p.grad
 
     def _allreduce_grad_async(self, p):
         compressed, ctx = self._compression.compress(self._grad(p))
         pre, post = self._scales()
-        handle = allreduce_async_(compressed, name=self._parameter_names.get(p), op=self.op,
-                                  prescale_factor=pre, postscale_factor=post, process_set=self.process_set)
+        handle = allreduce_async_(
+            compressed,
+            name=self._parameter_names.get(p),
+            op=self.op,
+            prescale_factor=pre,
+            postscale_factor=post,
+            process_set=self.process_set,
+        )
         return handle, (compressed, ctx)
 
     def _grouped_allreduce_grad_async(self, ps):
         pairs = [self._compression.compress(self._grad(p)) for p in ps]
         pre, post = self._scales()
-        handle = grouped_allreduce_async_([c for c, _ in pairs], name=self._parameter_names.get(ps[0]),
-                                          op=self.op, prescale_factor=pre, postscale_factor=post,
-                                          process_set=self.process_set)
+        handle = grouped_allreduce_async_(
+            [c for c, _ in pairs],
+            name=self._parameter_names.get(ps[0]),
+            op=self.op,
+            prescale_factor=pre,
+            postscale_factor=post,
+            process_set=self.process_set,
+        )
         return handle, pairs
 
     def _make_hook(self, p):
         def hook(*ignore):
             if p in self._handles and self._handles[p][0] is not None and self._allreduce_delay[p] <= 0:
-                raise HorovodError("Gradients were computed more than backward_passes_per_step times before "
-                                   "call to step(). Increase backward_passes_per_step to accumulate gradients "
-                                   "locally.")
+                raise HorovodError(
+                    "Gradients were computed more than backward_passes_per_step times before "
+                    "call to step(). Increase backward_passes_per_step to accumulate gradients "
+                    "locally."
+                )
             handle, ctx = None, None
             self._allreduce_delay[p] -= 1
             if self._allreduce_delay[p] == 0:
@@ -174,6 +206,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 else:
                     handle, ctx = self._allreduce_grad_async(p)
             self._handles[p] = (handle, ctx)
+
         return hook
 
     def synchronize(self) -> None:
@@ -194,7 +227,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                         done.update(group)
                     continue
                 self._handles[p] = self._allreduce_grad_async(p)
-        for key, (handle, ctx) in list(self._handles.items()):
+        for key, (handle, _ctx) in list(self._handles.items()):
             if handle is None:
                 self._handles[key] = self._allreduce_grad_async(key)
         for key, (handle, ctx) in self._handles.items():
@@ -223,30 +256,56 @@ class _DistributedOptimizer(torch.optim.Optimizer):
     def step(self, closure=None):
         if self._should_synchronize:
             if self._synchronized:
-                warnings.warn("optimizer.step() called without optimizer.skip_synchronize() context after "
-                              "optimizer.synchronize(). This can cause training slowdown.")
+                warnings.warn(
+                    "optimizer.step() called without optimizer.skip_synchronize() context after "
+                    "optimizer.synchronize(). This can cause training slowdown.",
+                    stacklevel=2,
+                )
             self.synchronize()
         self._synchronized = False
         return super(self.__class__, self).step(closure)
 
     def zero_grad(self, *args, **kwargs):
         if self._handles:
-            raise HorovodError("optimizer.zero_grad() was called after loss.backward() but before "
-                               "optimizer.step() or optimizer.synchronize(). This is prohibited as it can cause "
-                               "a race condition.")
+            raise HorovodError(
+                "optimizer.zero_grad() was called after loss.backward() but before "
+                "optimizer.step() or optimizer.synchronize(). This is prohibited as it can cause "
+                "a race condition."
+            )
         return super(self.__class__, self).zero_grad(*args, **kwargs)
 
 
-def DistributedOptimizer(optimizer, named_parameters=None, compression=Compression.none, backward_passes_per_step=1,
-                         op=Average, gradient_predivide_factor=1.0, num_groups=0, groups=None,
-                         sparse_as_dense=False, process_set=global_process_set):
+def DistributedOptimizer(
+    optimizer,
+    named_parameters=None,
+    compression=Compression.none,
+    backward_passes_per_step=1,
+    op=Average,
+    gradient_predivide_factor=1.0,
+    num_groups=0,
+    groups=None,
+    sparse_as_dense=False,
+    process_set=global_process_set,
+):
     """Wrap ``optimizer`` so that ``step()`` applies gradients reduced over ``process_set``
     (averaged by default). Called on every rank with the same model. Returns an instance of a
     subclass of ``optimizer``'s class sharing its param groups (state starts empty, as in Horovod)."""
     if num_groups != 0:
-        warnings.warn("Parameter `num_groups` has been replaced by `groups` and will be removed in v0.23.0.",
-                      DeprecationWarning)
+        warnings.warn(
+            "Parameter `num_groups` has been replaced by `groups` and will be removed in v0.23.0.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         groups = groups or num_groups
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,), dict(_DistributedOptimizer.__dict__))
-    return cls(optimizer.param_groups, named_parameters, compression, backward_passes_per_step, op,
-               gradient_predivide_factor, groups, sparse_as_dense, process_set)
+    return cls(
+        optimizer.param_groups,
+        named_parameters,
+        compression,
+        backward_passes_per_step,
+        op,
+        gradient_predivide_factor,
+        groups,
+        sparse_as_dense,
+        process_set,
+    )

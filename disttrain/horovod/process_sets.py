@@ -10,9 +10,10 @@ the same order with the same ranks everywhere: each set gets a data and a contro
 communicator (see ``negotiation``). ``global_process_set`` (id 0) holds every rank.
 Unlike Horovod, sets may be added at any time without ``HOROVOD_DYNAMIC_PROCESS_SETS``.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .exceptions import HorovodError, NotInitializedError
 from .negotiation import Channel
@@ -26,7 +27,8 @@ class ProcessSet:
             raise HorovodError(
                 f"ProcessSet needs a list of global ranks, got {type(ranks).__name__}\n"
                 "HINT: Horovod also took an mpi4py communicator here; pass its ranks instead, "
-                "e.g. ProcessSet(list(range(0, hvd.size(), 2)))")
+                "e.g. ProcessSet(list(range(0, hvd.size(), 2)))"
+            )
         self.ranks: list[int] = sorted(set(ranks))
         self.process_set_id: int | None = None
         self._channel: Channel | None = None
@@ -34,8 +36,10 @@ class ProcessSet:
 
     def _registered(self) -> None:
         if self.process_set_id is None:
-            raise NotInitializedError(f"{self} is not registered\nHINT: pass it to hvd.init(process_sets=[...]) "
-                                      "or call hvd.add_process_set() on every rank")
+            raise NotInitializedError(
+                f"{self} is not registered\nHINT: pass it to hvd.init(process_sets=[...]) "
+                "or call hvd.add_process_set() on every rank"
+            )
 
     def size(self) -> int:
         self._registered()
@@ -53,8 +57,10 @@ class ProcessSet:
     def channel(self, op: str) -> Channel:
         self._registered()
         if self._channel is None:
-            raise HorovodError(f"rank {self._my_rank}: {op} on {self}, which does not include this rank\n"
-                               "HINT: guard the call with `if process_set.included():`")
+            raise HorovodError(
+                f"rank {self._my_rank}: {op} on {self}, which does not include this rank\n"
+                "HINT: guard the call with `if process_set.included():`"
+            )
         return self._channel
 
     def __repr__(self) -> str:

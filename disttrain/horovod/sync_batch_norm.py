@@ -7,10 +7,10 @@ with the N*b batch, and the gradient flows back through the allreduces. Running 
 the unbiased global variance, as torch's BatchNorm does. Eval mode and one-rank jobs fall back
 to plain batch norm.
 """
+
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .basics import Sum, size
@@ -22,8 +22,15 @@ class SyncBatchNorm(_BatchNorm):
     """Drop-in for ``torch.nn.BatchNorm{1,2,3}d`` (inputs of dim >= 2). Called on every member of
     ``process_set`` in the same order, each with its own shard of the batch."""
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 process_set=global_process_set):
+    def __init__(
+        self,
+        num_features,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        process_set=global_process_set,
+    ):
         super().__init__(num_features, eps, momentum, affine, track_running_stats)
         self.process_set = process_set
 
@@ -37,8 +44,11 @@ class SyncBatchNorm(_BatchNorm):
             return super().forward(input)
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
-        momentum = (1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum) \
-            if self.track_running_stats else 0.0
+        momentum = (
+            (1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum)
+            if self.track_running_stats
+            else 0.0
+        )
         dims = [0] + list(range(2, input.dim()))
         local_count = torch.tensor([input.numel() // input.shape[1]], dtype=input.dtype)
         sums = torch.cat([local_count, input.sum(dims)])
@@ -46,8 +56,7 @@ class SyncBatchNorm(_BatchNorm):
         count, mean = sums[0], sums[1:] / sums[0]
         shape = [1, -1] + [1] * (input.dim() - 2)
         centered = input - mean.view(shape)
-        sq = allreduce((centered * centered).sum(dims), op=Sum, name="sync_batch_norm.sq",
-                       process_set=self.process_set)
+        sq = allreduce((centered * centered).sum(dims), op=Sum, name="sync_batch_norm.sq", process_set=self.process_set)
         var = sq / count
         if self.track_running_stats:
             with torch.no_grad():

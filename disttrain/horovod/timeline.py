@@ -10,6 +10,7 @@ As in Horovod, each tensor name is a row (a trace "process") with two phases per
 file is one valid JSON object (``{"traceEvents": [...]}``), written when the timeline stops,
 and it shows rank 0's view only.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,7 @@ import threading
 import time
 
 _lock = threading.Lock()
-_active: "Timeline | None" = None
+_active: Timeline | None = None
 
 
 class Timeline:
@@ -42,14 +43,34 @@ class Timeline:
     def record(self, name: str, op: str, t_start: float, t_agreed: float, t_done: float, args: dict) -> None:
         with _lock:
             pid = self._pid(name)
-            self.events.append({"name": f"NEGOTIATE_{op.upper()}", "ph": "X", "pid": pid, "tid": 1,
-                                "ts": self._us(t_start), "dur": self._us(t_agreed) - self._us(t_start)})
-            self.events.append({"name": op.upper(), "ph": "X", "pid": pid, "tid": 1, "ts": self._us(t_agreed),
-                                "dur": max(0.0, self._us(t_done) - self._us(t_agreed)), "args": args})
+            self.events.append(
+                {
+                    "name": f"NEGOTIATE_{op.upper()}",
+                    "ph": "X",
+                    "pid": pid,
+                    "tid": 1,
+                    "ts": self._us(t_start),
+                    "dur": self._us(t_agreed) - self._us(t_start),
+                }
+            )
+            self.events.append(
+                {
+                    "name": op.upper(),
+                    "ph": "X",
+                    "pid": pid,
+                    "tid": 1,
+                    "ts": self._us(t_agreed),
+                    "dur": max(0.0, self._us(t_done) - self._us(t_agreed)),
+                    "args": args,
+                }
+            )
 
     def write(self) -> None:
-        doc = {"traceEvents": self.events, "displayTimeUnit": "ms",
-               "otherData": {"producer": "disttrain.horovod", "rank": self.rank}}
+        doc = {
+            "traceEvents": self.events,
+            "displayTimeUnit": "ms",
+            "otherData": {"producer": "disttrain.horovod", "rank": self.rank},
+        }
         tmp = f"{self.path}.tmp{os.getpid()}"
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         with open(tmp, "w") as f:

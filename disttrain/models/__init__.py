@@ -1,4 +1,5 @@
 """Example models, built from the ``model`` config section."""
+
 from __future__ import annotations
 
 import torch.nn as nn
@@ -13,6 +14,12 @@ def build_model(cfg, num_inputs: int, num_classes: int) -> nn.Module:
     if cfg.kind == "gpt":
         from .gpt import GPT
 
-        return GPT(vocab_size=num_classes, n_layer=cfg.n_layer, n_head=cfg.n_head, d_model=cfg.d_model,
-                   seq_len=cfg.seq_len, dropout=cfg.dropout)
+        return GPT(
+            vocab_size=num_classes,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            d_model=cfg.d_model,
+            seq_len=cfg.seq_len,
+            dropout=cfg.dropout,
+        )
     raise ValueError(f"unknown model kind {cfg.kind!r}")

@@ -5,6 +5,7 @@ from outside: ``blocks`` is the unit of ZeRO-3 gathering and pipeline stages; in
 block, ``attn.qkv``/``attn.proj`` and ``mlp.fc``/``mlp.proj`` are the column/row pairs
 tensor parallelism splits; ``tok_emb`` and ``head`` are vocabulary-parallel candidates.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,8 +55,15 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab_size: int, n_layer: int = 4, n_head: int = 4, d_model: int = 128, seq_len: int = 128,
-                 dropout: float = 0.0):
+    def __init__(
+        self,
+        vocab_size: int,
+        n_layer: int = 4,
+        n_head: int = 4,
+        d_model: int = 128,
+        seq_len: int = 128,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.seq_len = seq_len
         self.tok_emb = nn.Embedding(vocab_size, d_model)

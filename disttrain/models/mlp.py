@@ -1,4 +1,5 @@
 """A multi-layer perceptron classifier (the digits example)."""
+
 from __future__ import annotations
 
 import torch

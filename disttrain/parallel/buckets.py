@@ -13,6 +13,7 @@ index order, so every rank issues the same collectives in the same order even wh
 parameter gets no gradient on some rank; :meth:`GradBuckets.finish` launches whatever is
 left (an unused parameter contributes its zeros) and waits for all of it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,8 +47,9 @@ def plan_buckets(params: list[nn.Parameter], bucket_mb: float, first_bucket_mb: 
 class Bucket:
     """One flat gradient buffer over ``params``; ``offsets[i]`` is where ``params[i]`` starts."""
 
-    def __init__(self, index: int, params: list[nn.Parameter], comm: Communicator, wire: torch.dtype | None,
-                 pad_to: int = 1):
+    def __init__(
+        self, index: int, params: list[nn.Parameter], comm: Communicator, wire: torch.dtype | None, pad_to: int = 1
+    ):
         self.index, self.params = index, params
         self.offsets, n = [], 0
         for p in params:
@@ -58,7 +60,7 @@ class Bucket:
         self.buf = comm.alloc(self.numel, torch.float32)
         self.buf.zero_()
         self.wire = comm.alloc(self.numel, wire) if wire is not None else None
-        self.views = [self.buf[o:o + p.numel()].view_as(p) for p, o in zip(params, self.offsets)]
+        self.views = [self.buf[o : o + p.numel()].view_as(p) for p, o in zip(params, self.offsets)]
         self.ready = 0
         self.work = None
 
@@ -74,8 +76,14 @@ class Bucket:
 class GradBuckets:
     """Gradient buffers of ``params`` and their asynchronous reduction. All ranks build it identically."""
 
-    def __init__(self, params: list[nn.Parameter], comm: Communicator, cfg, pad_to: int = 1,
-                 groups: list[list[nn.Parameter]] | None = None):
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        comm: Communicator,
+        cfg,
+        pad_to: int = 1,
+        groups: list[list[nn.Parameter]] | None = None,
+    ):
         self.comm = comm
         wire = WIRE_DTYPES[getattr(cfg, "grad_dtype", "fp32")]
         groups = groups if groups is not None else plan_buckets(params, cfg.bucket_mb, cfg.first_bucket_mb)
@@ -102,7 +110,9 @@ class GradBuckets:
         b = self._where[p]
         b.ready += 1
         if b.ready == len(b.params):
-            while self._next < len(self.buckets) and self.buckets[self._next].ready >= len(self.buckets[self._next].params):
+            while self._next < len(self.buckets) and self.buckets[self._next].ready >= len(
+                self.buckets[self._next].params
+            ):
                 self._launch(self.buckets[self._next])
 
     def _launch(self, b: Bucket) -> None:
@@ -134,8 +144,10 @@ class GradBuckets:
             b.attach()
 
     def nbytes(self) -> int:
-        return sum(b.buf.numel() * b.buf.element_size() + (b.wire.numel() * b.wire.element_size() if b.wire is not None else 0)
-                   for b in self.buckets)
+        return sum(
+            b.buf.numel() * b.buf.element_size() + (b.wire.numel() * b.wire.element_size() if b.wire is not None else 0)
+            for b in self.buckets
+        )
 
 
 def clip_(grads: list[torch.Tensor], max_norm: float, comm: Communicator | None = None) -> float:

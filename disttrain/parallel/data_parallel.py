@@ -9,10 +9,10 @@ one only accumulate (no communication).
 Call order (every rank): ``with dp.accumulate(last): loss.backward()`` per micro-batch,
 then ``finish_gradients()`` (blocks), ``clip_grad_norm()``, ``optimizer_step()``, ``zero_grad()``.
 """
+
 from __future__ import annotations
 
 import contextlib
-
 import logging
 
 import torch
@@ -83,14 +83,18 @@ class DataParallel:
 
     def memory_bytes(self) -> dict[str, int]:
         """This rank's bytes of parameters, gradients (bucket buffers) and optimizer state."""
-        return {"params": storage_bytes(self.params), "grads": self.buckets.nbytes() if self.buckets else storage_bytes(p.grad for p in self.params),
-                "optim": optimizer_bytes(self.optimizer)}
+        return {
+            "params": storage_bytes(self.params),
+            "grads": self.buckets.nbytes() if self.buckets else storage_bytes(p.grad for p in self.params),
+            "optim": optimizer_bytes(self.optimizer),
+        }
 
     # -- checkpoints (see strategy.Shard) --------------------------------------------------
     def state_shards(self) -> list[Shard]:
         """Every tensor whole and replicated on all ranks. Local."""
-        out = [Shard(f"model.{n}", p.detach(), tuple(p.shape), full_box(p.shape), replicated=True)
-               for n, p in self.named]
+        out = [
+            Shard(f"model.{n}", p.detach(), tuple(p.shape), full_box(p.shape), replicated=True) for n, p in self.named
+        ]
         for n, p in self.named:
             for k, v in state_tensors(self.optimizer, p).items():
                 out.append(Shard(f"optim.{n}.{k}", v, tuple(v.shape), full_box(v.shape), replicated=True))

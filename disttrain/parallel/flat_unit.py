@@ -10,6 +10,7 @@ hooks and tensors saved for backward keep working. ZeRO-3 frees ``full`` between
 resizing its storage to 0 and gathers it back into the same storage (the FSDP trick), so
 the views come back to life without being rebuilt.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,14 @@ from collectives import Communicator, Work
 
 
 class FlatUnit:
-    def __init__(self, index: int, named: list[tuple[str, nn.Parameter]], comm: Communicator, sharded_params: bool,
-                 module: nn.Module | None = None):
+    def __init__(
+        self,
+        index: int,
+        named: list[tuple[str, nn.Parameter]],
+        comm: Communicator,
+        sharded_params: bool,
+        module: nn.Module | None = None,
+    ):
         self.index, self.module = index, module
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
@@ -38,15 +45,15 @@ class FlatUnit:
         self.full = torch.zeros(self.padded)
         with torch.no_grad():
             for p, o in zip(self.params, self.offsets):
-                self.full[o:o + p.numel()].copy_(p.detach().reshape(-1))
-                p.data = self.full[o:o + p.numel()].view(p.shape)
+                self.full[o : o + p.numel()].copy_(p.detach().reshape(-1))
+                p.data = self.full[o : o + p.numel()].view(p.shape)
         self.sharded_params = sharded_params
         if sharded_params:  # ZeRO-3: the master is the only persistent copy
-            self.master = nn.Parameter(self.full[self.lo:self.hi].clone())
+            self.master = nn.Parameter(self.full[self.lo : self.hi].clone())
             self._set_storage(0)
             self.gathered = False
         else:  # ZeRO-1/2: the master is this rank's slice of the full buffer itself
-            self.master = nn.Parameter(self.full[self.lo:self.hi])
+            self.master = nn.Parameter(self.full[self.lo : self.hi])
             self.gathered = True
         self.ag_work: Work | None = None
         # gradient side (ZeRO-2/3): the full gradient while backward fills it, the reduced shard after
@@ -61,7 +68,7 @@ class FlatUnit:
         self.full.untyped_storage().resize_(numel * self.full.element_size())
 
     def chunks(self, t: torch.Tensor) -> list[torch.Tensor]:
-        return [t[i * self.shard:(i + 1) * self.shard] for i in range(len(t) // self.shard)]
+        return [t[i * self.shard : (i + 1) * self.shard] for i in range(len(t) // self.shard)]
 
     def start_gather(self, comm: Communicator) -> None:
         """Allocate ``full`` and launch the allgather of every rank's master into it (async)."""
@@ -97,7 +104,7 @@ class FlatUnit:
         if self.gfull is None:
             self.gfull = torch.zeros(self.padded)
         o = self.offsets[i]
-        self.gfull[o:o + grad.numel()].add_(grad.reshape(-1))
+        self.gfull[o : o + grad.numel()].add_(grad.reshape(-1))
 
     def start_reduce_scatter(self, comm: Communicator, wire: torch.dtype | None, fresh: bool) -> None:
         from collectives import ReduceOp

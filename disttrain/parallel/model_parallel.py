@@ -20,6 +20,7 @@ Checkpoint state is named like the single-process model (``model.<param>``,
 ``optim.<param>.<state>``) with boxes of the logical tensors, so a dp2 x tp2 checkpoint
 loads into dp4 or tp1 x pp2.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,14 +45,17 @@ def validate_layout(model: nn.Module, shape: MeshShape, pipeline_cfg=None) -> No
     blocks = getattr(model, "blocks", None)
     if tp > 1 and any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
         # tp peers would draw different dropout masks for the same replicated activations.
-        raise MeshError(f"layout {shape}: dropout > 0 is not supported with tensor parallelism"
-                        "\nHINT: set model.dropout: 0 or tp: 1")
+        raise MeshError(
+            f"layout {shape}: dropout > 0 is not supported with tensor parallelism\nHINT: set model.dropout: 0 or tp: 1"
+        )
     if blocks is not None and tp > 1:
         attn = getattr(blocks[0], "attn", None)
         n_head = getattr(attn, "n_head", None)
         if n_head is not None and n_head % tp:
-            raise MeshError(f"layout {shape}: the model's {n_head} attention heads cannot be split across tp={tp}"
-                            f"\nHINT: tp must divide model.n_head ({n_head})")
+            raise MeshError(
+                f"layout {shape}: the model's {n_head} attention heads cannot be split across tp={tp}"
+                f"\nHINT: tp must divide model.n_head ({n_head})"
+            )
         vocab = getattr(getattr(model, "tok_emb", None), "num_embeddings", None)
         if vocab is not None and vocab < tp:
             raise MeshError(f"layout {shape}: a vocabulary of {vocab} cannot be split across tp={tp}")
@@ -59,8 +63,10 @@ def validate_layout(model: nn.Module, shape: MeshShape, pipeline_cfg=None) -> No
         if blocks is None:
             raise MeshError(f"layout {shape}: pipeline parallel needs the GPT structure (blocks)\nHINT: use pp=1")
         if len(blocks) < pp:
-            raise MeshError(f"layout {shape}: the model has {len(blocks)} blocks, fewer than pp={pp} stages"
-                            f"\nHINT: use pp <= {len(blocks)} (each stage needs at least one block)")
+            raise MeshError(
+                f"layout {shape}: the model has {len(blocks)} blocks, fewer than pp={pp} stages"
+                f"\nHINT: use pp <= {len(blocks)} (each stage needs at least one block)"
+            )
         gpt_stage_plan(model, pp, getattr(pipeline_cfg, "stages", None))
 
 
@@ -68,7 +74,7 @@ class _ParallelModule(nn.Module):
     """``strategy.model``: called like the single-process model (evaluation), collectively by
     every rank of the replica; returns the full logits on every rank."""
 
-    def __init__(self, strategy: "ModelParallel"):
+    def __init__(self, strategy: ModelParallel):
         super().__init__()
         self.module = strategy.inner
         self._strategy = [strategy]  # not a submodule
@@ -86,8 +92,10 @@ class ModelParallel:
         shape = resolve_shape(comm.world_size, m.dp, m.tp, m.pp)
         validate_layout(model, shape, cfg.pipeline)
         if cfg.strategy not in ("ddp", "zero1"):
-            raise MeshError(f"parallel.strategy={cfg.strategy} with tp/pp: only ddp and zero1 compose with model "
-                            "parallelism here\nHINT: set parallel.strategy: zero1 (optimizer state sharded over dp)")
+            raise MeshError(
+                f"parallel.strategy={cfg.strategy} with tp/pp: only ddp and zero1 compose with model "
+                "parallelism here\nHINT: set parallel.strategy: zero1 (optimizer state sharded over dp)"
+            )
         self.comm, self.cfg, self.zero = comm, cfg, cfg.strategy == "zero1"
         self.mesh = build_mesh(comm, m.dp, m.tp, m.pp)
         self.dp_rank, self.dp_size = self.mesh.index("dp"), self.mesh.size("dp")
@@ -107,8 +115,13 @@ class ModelParallel:
         self.owner = self._assign_owners() if self.zero else [self.dp_rank] * len(self.params)
         mine = [p for p, o in zip(self.params, self.owner) if o == self.dp_rank]
         self.optimizer = make_optimizer(mine)
-        log.info("rank %d: %r, %d local parameters (%d owned)", comm.rank, self.mesh,
-                 sum(p.numel() for p in self.params), sum(p.numel() for p in mine))
+        log.info(
+            "rank %d: %r, %d local parameters (%d owned)",
+            comm.rank,
+            self.mesh,
+            sum(p.numel() for p in self.params),
+            sum(p.numel() for p in mine),
+        )
 
     def _assign_owners(self) -> list[int]:
         """ZeRO-1: each dp rank owns whole parameters, balanced by size (same on every dp rank)."""
@@ -155,7 +168,7 @@ class ModelParallel:
         offset = 0
         for p in self.params:
             n = p.numel()
-            p.grad.copy_(flat[offset: offset + n].view_as(p))
+            p.grad.copy_(flat[offset : offset + n].view_as(p))
             offset += n
 
     def clip_grad_norm(self, max_norm: float) -> float:
@@ -191,7 +204,7 @@ class ModelParallel:
                 if r != self.dp_rank:
                     offset = 0
                     for p in owned:
-                        p.copy_(flat[offset: offset + p.numel()].view_as(p))
+                        p.copy_(flat[offset : offset + p.numel()].view_as(p))
                         offset += p.numel()
 
     def zero_grad(self) -> None:
@@ -214,7 +227,7 @@ class ModelParallel:
         """Model and optimizer state as boxes of the single-process model's tensors. Local."""
         tp_rep = self.mesh.size("tp") > 1
         out = []
-        for (name, p), owner in zip(self.named, self.owner):
+        for (name, p), _owner in zip(self.named, self.owner):
             pieces, gshape = self._pieces(p, p.detach())
             rep = self.dp_size > 1 or (tp_rep and tp_slice(p) is None)
             out += [Shard(f"model.{name}", t, gshape, box, replicated=rep) for t, box in pieces]
@@ -226,8 +239,9 @@ class ModelParallel:
                     vp, _ = self._pieces(p, v)
                     out += [Shard(f"optim.{name}.{key}", t, gshape, box, replicated=orep) for t, box in vp]
                 else:  # scalars such as Adam's step
-                    out.append(Shard(f"optim.{name}.{key}", v, tuple(v.shape), tuple((0, n) for n in v.shape),
-                                     replicated=True))
+                    out.append(
+                        Shard(f"optim.{name}.{key}", v, tuple(v.shape), tuple((0, n) for n in v.shape), replicated=True)
+                    )
         return out
 
     def load_state_shards(self, read: ShardReader) -> None:
@@ -235,7 +249,7 @@ class ModelParallel:
         with torch.no_grad():
             for name, p in self.named:
                 sl = tp_slice(p)
-                for local, box in (self._boxes(p)):
+                for local, box in self._boxes(p):
                     t = read(f"model.{name}", sl.global_shape if sl else tuple(p.shape), box, False)
                     local(p).copy_(t)
         self._materialise_optimizer_state()
@@ -249,8 +263,9 @@ class ModelParallel:
                         continue
                     if v.shape == p.shape:
                         for local, box in self._boxes(p):
-                            local(v).copy_(read(f"optim.{name}.{key}", sl.global_shape if sl else tuple(p.shape),
-                                                box, False))
+                            local(v).copy_(
+                                read(f"optim.{name}.{key}", sl.global_shape if sl else tuple(p.shape), box, False)
+                            )
                     else:
                         v.copy_(read(f"optim.{name}.{key}", tuple(v.shape), tuple((0, n) for n in v.shape), False))
 

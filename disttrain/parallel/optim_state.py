@@ -4,6 +4,7 @@ Logical names (the checkpoint contract): ``model.<param>`` and ``optim.<param>.<
 with the optimizer's own state keys (AdamW: ``exp_avg``, ``exp_avg_sq``, ``step``;
 SGD: ``momentum_buffer``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -65,6 +66,8 @@ def track_state_bytes(strategy, steps: int, peak: int) -> int:
     mem = strategy.memory_bytes()
     if steps == 1:
         logging.getLogger(strategy.__class__.__module__).info(
-            "rank %d: per-rank state %s", strategy.comm.rank,
-            ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in mem.items()))
+            "rank %d: per-rank state %s",
+            strategy.comm.rank,
+            ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in mem.items()),
+        )
     return max(peak, sum(mem.values()))

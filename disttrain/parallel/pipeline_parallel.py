@@ -17,10 +17,11 @@ Both idle each stage for (p-1) slots of an (m+p-1)-slot step: bubble (p-1)/(m+p-
 Every stage calls :meth:`Pipeline.run` with the same micro-batches; the loss (sum over
 micro-batches) is broadcast from the last stage so every rank reports it.
 """
+
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -38,8 +39,10 @@ def balance_stages(costs: list[int], stages: int, first_extra: int = 0, last_ext
     minimises the largest stage cost; the first/last stage also carry ``*_extra``."""
     n = len(costs)
     if stages > n:
-        raise MeshError(f"parallel.mesh.pp={stages}: the model has {n} blocks, fewer than the stages"
-                        f"\nHINT: use pp <= {n} (each stage needs at least one block), or more layers")
+        raise MeshError(
+            f"parallel.mesh.pp={stages}: the model has {n} blocks, fewer than the stages"
+            f"\nHINT: use pp <= {n} (each stage needs at least one block), or more layers"
+        )
     prefix = [0]
     for c in costs:
         prefix.append(prefix[-1] + c)
@@ -67,21 +70,29 @@ def check_stages(plan: list[list[int]], n_layer: int, pp: int) -> list[list[int]
     """Validate a stage plan from the config: pp stages, contiguous, every block once."""
     flat = [b for s in plan for b in s]
     if len(plan) != pp or flat != list(range(n_layer)) or any(not s for s in plan):
-        raise MeshError(f"parallel.pipeline.stages={plan}: expected {pp} non-empty stages covering blocks "
-                        f"0..{n_layer - 1} in order\nHINT: e.g. {balance_stages([1] * n_layer, pp)}")
+        raise MeshError(
+            f"parallel.pipeline.stages={plan}: expected {pp} non-empty stages covering blocks "
+            f"0..{n_layer - 1} in order\nHINT: e.g. {balance_stages([1] * n_layer, pp)}"
+        )
     return plan
 
 
 def gpt_stage_plan(model: nn.Module, pp: int, plan: list[list[int]] | None) -> list[list[int]]:
     if not (hasattr(model, "blocks") and hasattr(model, "tok_emb") and hasattr(model, "head")):
-        raise MeshError(f"pipeline parallel supports the GPT example's structure (tok_emb, pos_emb, blocks, ln_f, "
-                        f"head); got {type(model).__name__}\nHINT: use pp=1 for this model")
+        raise MeshError(
+            f"pipeline parallel supports the GPT example's structure (tok_emb, pos_emb, blocks, ln_f, "
+            f"head); got {type(model).__name__}\nHINT: use pp=1 for this model"
+        )
     n = len(model.blocks)
     if plan is not None:
         return check_stages(plan, n, pp)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    return balance_stages([count(b) for b in model.blocks], pp, count(model.tok_emb) + count(model.pos_emb),
-                          count(model.ln_f) + count(model.head))
+    return balance_stages(
+        [count(b) for b in model.blocks],
+        pp,
+        count(model.tok_emb) + count(model.pos_emb),
+        count(model.ln_f) + count(model.head),
+    )
 
 
 def apply_pipeline_split(model: nn.Module, stages: list[list[int]], stage: int) -> nn.Module:
@@ -128,8 +139,14 @@ SCHEDULES: dict[str, Callable[[int, int, int], list[tuple[str, int]]]] = {"gpipe
 class Pipeline:
     """Runs one stage of a pipeline. ``group`` is the pp Communicator (group rank = stage)."""
 
-    def __init__(self, model: nn.Module, group: Communicator | None, schedule: str, d_model: int,
-                 forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] = stage_forward):
+    def __init__(
+        self,
+        model: nn.Module,
+        group: Communicator | None,
+        schedule: str,
+        d_model: int,
+        forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] = stage_forward,
+    ):
         if schedule not in SCHEDULES:
             raise MeshError(f"parallel.pipeline.schedule={schedule!r}; known: {', '.join(SCHEDULES)}")
         self.model, self.group, self.schedule, self.d_model, self.forward = model, group, schedule, d_model, forward

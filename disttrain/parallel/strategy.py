@@ -16,16 +16,20 @@ A strategy that schedules micro-batches itself (pipeline parallel) implements
 ``forward_backward(micro_batches, loss_fn) -> float``; the trainer then calls it
 instead of its own loop.
 """
+
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Callable, ContextManager, Iterable, Protocol
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager as ContextManager
+from typing import Protocol
 
 import torch
 import torch.nn as nn
 
 from collectives import Communicator
+
 
 @dataclasses.dataclass(frozen=True)
 class Shard:

@@ -15,6 +15,7 @@ carries a :class:`TPSlice` saying which box of the logical (single-process) tens
 holds, which checkpoints and the equivalence tests use. Every rank of the tp group calls
 these layers in the same order (they communicate).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -137,8 +138,15 @@ class ColumnParallelLinear(nn.Module):
     each on its own so every rank holds whole heads of each. ``gather_output`` allgathers
     the full output (for a head whose logits go into an ordinary loss)."""
 
-    def __init__(self, linear: nn.Linear, group: Communicator | None, tp: int, rank: int, partitions: int = 1,
-                 gather_output: bool = False):
+    def __init__(
+        self,
+        linear: nn.Linear,
+        group: Communicator | None,
+        tp: int,
+        rank: int,
+        partitions: int = 1,
+        gather_output: bool = False,
+    ):
         super().__init__()
         self.group, self.gather_output = group, gather_output
         out, self.in_features = linear.out_features, linear.in_features
@@ -225,18 +233,25 @@ class _VocabParallelCE(torch.autograd.Function):
         return g * grad.unsqueeze(-1), None, None, None
 
 
-def vocab_parallel_cross_entropy(local_logits: torch.Tensor, target: torch.Tensor, group: Communicator | None,
-                                 vocab_start: int, reduction: str = "sum") -> torch.Tensor:
+def vocab_parallel_cross_entropy(
+    local_logits: torch.Tensor,
+    target: torch.Tensor,
+    group: Communicator | None,
+    vocab_start: int,
+    reduction: str = "sum",
+) -> torch.Tensor:
     """Cross-entropy of logits split over the vocabulary across tp, without gathering them.
 
     ``local_logits[..., j]`` is the logit of token ``vocab_start + j``; every tp rank passes
     the same ``target`` and gets the same loss. Collective over ``group`` (two allreduces).
     """
     if group is None:
-        return F.cross_entropy(local_logits.reshape(-1, local_logits.shape[-1]).float(), target.reshape(-1),
-                               reduction=reduction)
-    per = _VocabParallelCE.apply(local_logits.reshape(-1, local_logits.shape[-1]), target.reshape(-1), group,
-                                 vocab_start)
+        return F.cross_entropy(
+            local_logits.reshape(-1, local_logits.shape[-1]).float(), target.reshape(-1), reduction=reduction
+        )
+    per = _VocabParallelCE.apply(
+        local_logits.reshape(-1, local_logits.shape[-1]), target.reshape(-1), group, vocab_start
+    )
     return per.sum() if reduction == "sum" else per.mean() if reduction == "mean" else per
 
 
@@ -260,8 +275,10 @@ def _parallel_module(name, mod, style, parent, group, tp, rank):
         if not isinstance(mod, nn.Embedding):
             raise MeshError(f"{where}: expected nn.Embedding")
         if mod.num_embeddings < tp:
-            raise MeshError(f"{where}: vocabulary of {mod.num_embeddings} cannot be split across tp={tp} ranks"
-                            f"\nHINT: use tp <= {mod.num_embeddings}")
+            raise MeshError(
+                f"{where}: vocabulary of {mod.num_embeddings} cannot be split across tp={tp} ranks"
+                f"\nHINT: use tp <= {mod.num_embeddings}"
+            )
         return VocabParallelEmbedding(mod, group, tp, rank)
     if not isinstance(mod, nn.Linear):
         raise MeshError(f"{where}: expected nn.Linear")
@@ -274,8 +291,10 @@ def _parallel_module(name, mod, style, parent, group, tp, rank):
         if n_head is None or mod.out_features % 3:
             raise MeshError(f"{where}: expected a fused q/k/v projection inside a module with `n_head`")
         if n_head % tp:
-            raise MeshError(f"{where}: {n_head} attention heads cannot be split evenly across tp={tp} ranks"
-                            f"\nHINT: choose tp dividing n_head ({n_head}), or change model.n_head")
+            raise MeshError(
+                f"{where}: {n_head} attention heads cannot be split evenly across tp={tp} ranks"
+                f"\nHINT: choose tp dividing n_head ({n_head}), or change model.n_head"
+            )
         return ColumnParallelLinear(mod, group, tp, rank, partitions=3)
     if mod.out_features < tp:
         raise MeshError(f"{where}: {mod.out_features} output features cannot be split across tp={tp}")
@@ -294,8 +313,10 @@ def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh, plan: dict[str, st
     tp, rank, group = mesh.size("tp"), mesh.index("tp"), mesh.group("tp")
     if plan is None:
         if not (hasattr(model, "blocks") and hasattr(model, "tok_emb")):
-            raise MeshError(f"apply_tensor_parallel: no plan for {type(model).__name__}\nHINT: pass a plan naming "
-                            "modules, e.g. {'net.0': 'colwise', 'net.2': 'rowwise'}")
+            raise MeshError(
+                f"apply_tensor_parallel: no plan for {type(model).__name__}\nHINT: pass a plan naming "
+                "modules, e.g. {'net.0': 'colwise', 'net.2': 'rowwise'}"
+            )
         plan = GPT_PLAN
     if tp == 1:
         return model
@@ -306,8 +327,10 @@ def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh, plan: dict[str, st
         names = [n for n in modules if n and fnmatch.fnmatchcase(n, pattern)]
         if not names:
             close = difflib.get_close_matches(pattern, [n for n in modules if n], n=3)
-            raise MeshError(f"tensor parallel plan: {pattern!r} names no module of {type(model).__name__}"
-                            + (f"\nHINT: did you mean {', '.join(map(repr, close))}?" if close else ""))
+            raise MeshError(
+                f"tensor parallel plan: {pattern!r} names no module of {type(model).__name__}"
+                + (f"\nHINT: did you mean {', '.join(map(repr, close))}?" if close else "")
+            )
         for name in names:
             parent_name, _, attr = name.rpartition(".")
             parent = modules[parent_name] if parent_name else model

@@ -24,10 +24,10 @@ with no gradient) is launched with zeros when the micro-batch's ``accumulate`` c
 exits, so nothing hangs. Gradient clipping sums squared shard norms over ranks.
 Checkpoint shards are ``flat=True`` pieces of each logical parameter and its state.
 """
+
 from __future__ import annotations
 
 import contextlib
-
 import logging
 
 import torch
@@ -70,18 +70,25 @@ class Zero:
             groups.append([(n, p) for n, p in named if p not in in_block])  # the root unit, last
             modules = [*self.blocks, model]
         else:
-            groups = [[(name_of[p], p) for p in g] for g in plan_buckets([p for _, p in named], cfg.bucket_mb,
-                                                                              cfg.first_bucket_mb)]
+            groups = [
+                [(name_of[p], p) for p in g]
+                for g in plan_buckets([p for _, p in named], cfg.bucket_mb, cfg.first_bucket_mb)
+            ]
             modules = [None] * len(groups)
         self.units = [FlatUnit(i, g, comm, stage == 3, m) for i, (g, m) in enumerate(zip(groups, modules)) if g]
         self._where = {p: (u, i) for u in self.units for i, p in enumerate(u.params)}
         self.masters = [u.master for u in self.units]
         self.buckets = None
         if stage == 1:
-            self.buckets = GradBuckets([p for u in self.units for p in u.params], comm, cfg, pad_to=comm.world_size,
-                                       groups=[u.params for u in self.units])
+            self.buckets = GradBuckets(
+                [p for u in self.units for p in u.params],
+                comm,
+                cfg,
+                pad_to=comm.world_size,
+                groups=[u.params for u in self.units],
+            )
             for u, b in zip(self.units, self.buckets.buckets):
-                u.master.grad = b.buf[u.lo:u.hi]
+                u.master.grad = b.buf[u.lo : u.hi]
         else:
             for u in self.units:
                 u.master.grad = u.gshard
@@ -98,7 +105,6 @@ class Zero:
         self.peak_state_bytes = 0  # params+grads+optimizer state, bytes, after the first steps
         self._steps = 0
         self.peak_transient_bytes = 0
-
 
     # -- stage 3: gather before use, free after --------------------------------------------
     def _install_forward_hooks(self) -> None:
@@ -151,8 +157,11 @@ class Zero:
         """A micro-batch with no samples on this rank: take part in the gathers its peers' forward and
         backward issue (root, blocks 0..L-1, then L-2..0 in backward; the last block is kept)."""
         n = len(self.block_units)
-        seq = ([self.root] if self.root.module is self.model else []) + self.block_units + \
-            self.block_units[:max(n - 1, 0)][::-1]
+        seq = (
+            ([self.root] if self.root.module is self.model else [])
+            + self.block_units
+            + self.block_units[: max(n - 1, 0)][::-1]
+        )
         for u in seq:
             self._ensure(u)
             u.free()
@@ -182,7 +191,7 @@ class Zero:
 
     def _rs_order(self) -> list[FlatUnit]:
         # Stage 2 units are already in backward order; stage 3 blocks finish last-to-first, then the root.
-        return self.units if self.stage == 2 else [*reversed(self.block_units), *self.units[len(self.block_units):]]
+        return self.units if self.stage == 2 else [*reversed(self.block_units), *self.units[len(self.block_units) :]]
 
     def _flush(self) -> None:
         """End of a micro-batch's backward (stage 2/3): launch the rest, wait, keep the shards. Collective."""

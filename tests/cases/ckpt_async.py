@@ -1,13 +1,13 @@
 """Rank functions: an async save equals a sync save of the same step, bit for bit, while
 training goes on; a failed background write surfaces at the next step naming the rank."""
+
 from __future__ import annotations
 
 import os
 
 import collectives
 from disttrain import config as config_mod
-from disttrain.checkpoint import Checkpointer, CheckpointError
-from disttrain.checkpoint import testhooks
+from disttrain.checkpoint import Checkpointer, CheckpointError, testhooks
 from disttrain.worker import build_trainer
 from tests.cases.ckpt_train import DIGITS
 

@@ -1,5 +1,6 @@
 """Rank functions for the checkpoint tests: train the digits job through the real worker
 (build_trainer, so the checkpoint callback resumes and saves) in a given run directory."""
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,9 @@ DIGITS = os.path.join(ROOT, "configs", "digits.yaml")
 
 
 def _state(trainer) -> dict:
-    out = {n: p.detach().reshape(-1).tolist() for n, p in trainer.model.named_parameters()
-           if p.untyped_storage().nbytes()}  # ZeRO-3 frees gathered parameters between steps
+    out = {
+        n: p.detach().reshape(-1).tolist() for n, p in trainer.model.named_parameters() if p.untyped_storage().nbytes()
+    }  # ZeRO-3 frees gathered parameters between steps
     names = {p: n for n, p in trainer.model.named_parameters()}
     for p, st in trainer.strategy.optimizer.state.items():
         for k, v in st.items():
@@ -27,8 +29,10 @@ def _state(trainer) -> dict:
 
 def train(run_dir: str, overrides: list[str], backend: str = "torch") -> dict:
     """Train in ``run_dir`` (resuming from its checkpoints); return step, losses and full state."""
-    cfg = config_mod.load(DIGITS, [f"run.dir={run_dir}", f"launch.backend={backend}", "train.log_every=1",
-                                   "train.eval_every=0", *overrides])
+    cfg = config_mod.load(
+        DIGITS,
+        [f"run.dir={run_dir}", f"launch.backend={backend}", "train.log_every=1", "train.eval_every=0", *overrides],
+    )
     comm = collectives.init(backend, check=cfg.launch.check_collectives, timeout=60)
     trainer = build_trainer(cfg, comm)
     start = {"step": None}
@@ -38,5 +42,11 @@ def train(run_dir: str, overrides: list[str], backend: str = "torch") -> dict:
     trainer.run_dir.close()
     comm.barrier()
     comm.close()
-    return {"step": trainer.step, "resumed_at": start["step"], "losses": [h["loss"] for h in trainer.history],
-            "state": _state(trainer), "stall_s": ckpt.stall_s if ckpt else None, "summary": summary}
+    return {
+        "step": trainer.step,
+        "resumed_at": start["step"],
+        "losses": [h["loss"] for h in trainer.history],
+        "state": _state(trainer),
+        "stall_s": ckpt.stall_s if ckpt else None,
+        "summary": summary,
+    }

@@ -5,6 +5,7 @@ the op, and with closed-form expectations where it has not (all_to_all, send/rec
 Each function returns the names of the cases it ran, so the test can check every rank
 ran all of them.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -21,16 +22,26 @@ from collectives import CollectiveMismatchError, CollectiveTimeoutError, Invalid
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int32, torch.int64]
 OPS = [ReduceOp.SUM, ReduceOp.AVG, ReduceOp.MIN, ReduceOp.MAX, ReduceOp.PROD]
-_DIST_OPS = {ReduceOp.SUM: dist.ReduceOp.SUM, ReduceOp.AVG: dist.ReduceOp.SUM, ReduceOp.MIN: dist.ReduceOp.MIN,
-             ReduceOp.MAX: dist.ReduceOp.MAX, ReduceOp.PROD: dist.ReduceOp.PRODUCT}
+_DIST_OPS = {
+    ReduceOp.SUM: dist.ReduceOp.SUM,
+    ReduceOp.AVG: dist.ReduceOp.SUM,
+    ReduceOp.MIN: dist.ReduceOp.MIN,
+    ReduceOp.MAX: dist.ReduceOp.MAX,
+    ReduceOp.PROD: dist.ReduceOp.PRODUCT,
+}
 
 
 def _store(timeout: float = 60.0):
     if os.environ.get("MASTER_ADDR") is None:
         return None
     world = int(os.environ["WORLD_SIZE"])
-    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                         int(os.environ["RANK"]) == 0, timeout=datetime.timedelta(seconds=timeout))
+    return dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        int(os.environ["RANK"]) == 0,
+        timeout=datetime.timedelta(seconds=timeout),
+    )
 
 
 def setup(backend: str, check: bool = True, timeout: float = 60.0, oracle: bool = True):
@@ -40,14 +51,19 @@ def setup(backend: str, check: bool = True, timeout: float = 60.0, oracle: bool 
     group = None
     if oracle:
         if not dist.is_initialized():
-            dist.init_process_group("gloo", store=dist.PrefixStore("oracle", store), rank=comm.rank,
-                                    world_size=comm.world_size, timeout=datetime.timedelta(seconds=timeout))
+            dist.init_process_group(
+                "gloo",
+                store=dist.PrefixStore("oracle", store),
+                rank=comm.rank,
+                world_size=comm.world_size,
+                timeout=datetime.timedelta(seconds=timeout),
+            )
         group = dist.new_group(backend="gloo")  # its own group, apart from the torch backend's
     return comm, group
 
 
 def finish(result) -> None:
-    """Write the result where tests._rank_main would, then leave without running destructors
+    """Write the result where tests.support.rank_main would, then leave without running destructors
     (a timed-out transport may still hold a thread that would block interpreter exit)."""
     with open(sys.argv[3], "w") as f:
         json.dump(result, f)
@@ -59,10 +75,14 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     if a.dtype in (torch.bfloat16, torch.float16):  # MPI/shm may reduce half types in float32
         ok = torch.allclose(a.double(), b.double(), rtol=2e-2, atol=1e-2)
     else:
-        ok = torch.allclose(a.double(), b.double(), rtol=1e-6, atol=1e-6) if a.is_floating_point() else torch.equal(a, b)
+        ok = (
+            torch.allclose(a.double(), b.double(), rtol=1e-6, atol=1e-6) if a.is_floating_point() else torch.equal(a, b)
+        )
     if not ok or a.shape != b.shape or a.dtype != b.dtype:
-        raise AssertionError(f"{what}: got {a.flatten()[:8].tolist()} {a.dtype} {tuple(a.shape)}, "
-                             f"expected {b.flatten()[:8].tolist()} {b.dtype} {tuple(b.shape)}")
+        raise AssertionError(
+            f"{what}: got {a.flatten()[:8].tolist()} {a.dtype} {tuple(a.shape)}, "
+            f"expected {b.flatten()[:8].tolist()} {b.dtype} {tuple(b.shape)}"
+        )
 
 
 def _values(rank: int, n: int, dtype: torch.dtype, op: ReduceOp = ReduceOp.SUM) -> torch.Tensor:
@@ -80,7 +100,9 @@ def run_conformance(comm, oracle) -> list[str]:
     for dtype in DTYPES:
         for op in OPS:
             if op is ReduceOp.AVG and not dtype.is_floating_point:
-                with_error(lambda: comm.allreduce(torch.ones(3, dtype=dtype), op), InvalidTensorError)
+                with_error(
+                    lambda dtype=dtype, op=op: comm.allreduce(torch.ones(3, dtype=dtype), op), InvalidTensorError
+                )
                 continue
             t = _values(r, 37, dtype, op)
             want = t.clone()
@@ -121,10 +143,10 @@ def run_conformance(comm, oracle) -> list[str]:
         flat = torch.cat(ins)
         dist.all_reduce(flat, group=oracle)
         start = sum(chunks[:r])
-        _close(out, flat[start:start + chunks[r]], f"reduce_scatter {dtype}")
+        _close(out, flat[start : start + chunks[r]], f"reduce_scatter {dtype}")
         if dtype.is_floating_point:
             comm.reduce_scatter(out, ins, ReduceOp.AVG)
-            _close(out, flat[start:start + chunks[r]] / w, f"reduce_scatter avg {dtype}")
+            _close(out, flat[start : start + chunks[r]] / w, f"reduce_scatter avg {dtype}")
 
         # all_to_all with split sizes; size (src + dst) % 3 includes zero-size pairs
         ins = [torch.full(((r + d) % 3, 2), 10 * r + d, dtype=dtype) for d in range(w)]
@@ -206,8 +228,11 @@ def run_mismatches(comm) -> list[str]:
     r = comm.rank
     t0 = time.monotonic()
     n = 4 if r == 0 else 5
-    text = with_error(lambda: comm.allreduce(torch.ones(n)), CollectiveMismatchError,
-                      ("rank 0: allreduce", "shape [4]", "shape [5]", "collective_conformance.py:"))
+    text = with_error(
+        lambda: comm.allreduce(torch.ones(n)),
+        CollectiveMismatchError,
+        ("rank 0: allreduce", "shape [4]", "shape [5]", "collective_conformance.py:"),
+    )
     other = 1 if r == 0 else 0
     if f"rank {other}:" not in text:
         raise AssertionError(f"mismatch message does not name rank {other}:\n{text}")
@@ -221,8 +246,11 @@ def run_mismatches(comm) -> list[str]:
     if r == 0:
         comm.send(torch.ones(3), 1)
     elif r == 1:
-        with_error(lambda: comm.recv(torch.ones(3, dtype=torch.float64), 0), CollectiveMismatchError,
-                   ("p2p", "float32", "float64"))
+        with_error(
+            lambda: comm.recv(torch.ones(3, dtype=torch.float64), 0),
+            CollectiveMismatchError,
+            ("p2p", "float32", "float64"),
+        )
     comm.barrier()
     t = torch.ones(3)
     comm.allreduce(t)  # still works
@@ -297,8 +325,11 @@ def timeout_case(backend: str, op_timeout: float = 2.0, check: bool = True) -> d
         time.sleep(op_timeout + 4)  # past rank 0's timeout and its 2 s grace for stragglers
     else:
         t0 = time.monotonic()
-        text = with_error(lambda: comm.allreduce(torch.ones(2), timeout=op_timeout), CollectiveTimeoutError,
-                          ("allreduce#1", "never arrived: 1"))
+        text = with_error(
+            lambda: comm.allreduce(torch.ones(2), timeout=op_timeout),
+            CollectiveTimeoutError,
+            ("allreduce#1", "never arrived: 1"),
+        )
         out.update(elapsed=time.monotonic() - t0, message=text)
     finish(out)
 

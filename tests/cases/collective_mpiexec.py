@@ -1,5 +1,6 @@
 """Run under ``mpiexec -n N python -m tests.cases.collective_mpiexec``: the mpi backend with
 MPI's own launcher (no MASTER_ADDR, no store: rank 0 hosts one for diagnostics)."""
+
 from __future__ import annotations
 
 import torch

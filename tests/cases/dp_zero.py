@@ -4,6 +4,7 @@ Each run is (variant, strategy); every rank runs the same list in the same order
 communicator and returns, per run, the logged losses, every parameter (gathered whole)
 and the checkpoint shards it would save (so the test can check names and boxes).
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,12 +24,30 @@ from disttrain.worker import seed_everything
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DIGITS = os.path.join(ROOT, "configs", "digits.yaml")
 
-BASE = ["train.steps=4", "train.log_every=1", "train.eval_every=0", "schedule.warmup_steps=2",
-        "train.batch_size=50", "train.grad_accum=2", "optim.grad_clip=0.2", "optim.lr=0.01"]
+BASE = [
+    "train.steps=4",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "schedule.warmup_steps=2",
+    "train.batch_size=50",
+    "train.grad_accum=2",
+    "optim.grad_clip=0.2",
+    "optim.lr=0.01",
+]
 GPT_YAML = os.path.join(ROOT, "configs", "gpt-shakespeare.yaml")
-GPT = ["model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.seq_len=16", "data.plays=[hamlet_gut]",
-       "train.batch_size=6", "train.steps=3", "train.log_every=1", "train.eval_every=0", "schedule.warmup_steps=1",
-       "optim.weight_decay=0.0"]
+GPT = [
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.d_model=32",
+    "model.seq_len=16",
+    "data.plays=[hamlet_gut]",
+    "train.batch_size=6",
+    "train.steps=3",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "schedule.warmup_steps=1",
+    "optim.weight_decay=0.0",
+]
 VARIANTS = {
     "adamw": BASE,
     "sgd": BASE + ["optim.name=sgd", "optim.momentum=0.9", "optim.lr=0.05"],
@@ -47,8 +66,9 @@ class BranchyMLP(nn.Module):
 
     def __init__(self, n_in: int, n_out: int):
         super().__init__()
-        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(n_in, 48), nn.GELU()), nn.Sequential(nn.Linear(48, 32),
-                                                                                                  nn.GELU())])
+        self.blocks = nn.ModuleList(
+            [nn.Sequential(nn.Linear(n_in, 48), nn.GELU()), nn.Sequential(nn.Linear(48, 32), nn.GELU())]
+        )
         self.aux = nn.Linear(32, n_out)
         self.head = nn.Linear(32, n_out)
 
@@ -70,8 +90,16 @@ def _full_params(trainer) -> dict[str, list[float]]:
 
 
 def _shards(strategy) -> list:
-    return [{"name": sh.name, "shape": list(sh.global_shape), "box": [list(b) for b in sh.box], "flat": sh.flat,
-             "data": sh.tensor.detach().float().reshape(-1).tolist()} for sh in strategy.state_shards()]
+    return [
+        {
+            "name": sh.name,
+            "shape": list(sh.global_shape),
+            "box": [list(b) for b in sh.box],
+            "flat": sh.flat,
+            "data": sh.tensor.detach().float().reshape(-1).tolist(),
+        }
+        for sh in strategy.state_shards()
+    ]
 
 
 def _logical(paths: list[str]) -> dict[str, torch.Tensor]:
@@ -81,7 +109,7 @@ def _logical(paths: list[str]) -> dict[str, torch.Tensor]:
         for name, tensor, shape, box, flat in torch.load(path):
             t = out.setdefault(name, torch.zeros(shape))
             if flat:
-                t.view(-1)[box[0][0]:box[0][1]] = tensor.reshape(-1)
+                t.view(-1)[box[0][0] : box[0][1]] = tensor.reshape(-1)
             else:
                 t[tuple(slice(a, b) for a, b in box)] = tensor
     return out
@@ -93,8 +121,9 @@ def _read_from(logical: dict[str, torch.Tensor]):
         if tuple(t.shape) != tuple(shape):
             raise KeyError(f"{name}: checkpoint shape {tuple(t.shape)} != {tuple(shape)}")
         if flat:
-            return t.reshape(-1)[box[0][0]:box[0][1]].clone()
+            return t.reshape(-1)[box[0][0] : box[0][1]].clone()
         return t[tuple(slice(a, b) for a, b in box)].clone()
+
     return read
 
 
@@ -103,8 +132,13 @@ def reshard_check(comm, trainer, variant: str, targets: list[str], tmpdir: str) 
     strategy, and return, per target, the largest difference between its shards and the saved state."""
     os.makedirs(tmpdir, exist_ok=True)
     path = os.path.join(tmpdir, f"shards.{comm.rank}.pt")
-    torch.save([(sh.name, sh.tensor.clone(), tuple(sh.global_shape), tuple(sh.box), sh.flat)
-                for sh in trainer.strategy.state_shards()], path)
+    torch.save(
+        [
+            (sh.name, sh.tensor.clone(), tuple(sh.global_shape), tuple(sh.box), sh.flat)
+            for sh in trainer.strategy.state_shards()
+        ],
+        path,
+    )
     comm.barrier()
     logical = _logical([os.path.join(tmpdir, f"shards.{r}.pt") for r in range(comm.world_size)])
     comm.barrier()
@@ -123,7 +157,7 @@ def reshard_check(comm, trainer, variant: str, targets: list[str], tmpdir: str) 
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _task(data_json: str, seed: int, seq_len):
     """Tasks are read-only: build each once per process (loading digits/Shakespeare costs seconds here)."""
     from disttrain.config import ExperimentConfig
@@ -133,8 +167,11 @@ def _task(data_json: str, seed: int, seq_len):
 
 
 def _build(comm, variant: str, strategy: str):
-    cfg = config_mod.load(GPT_YAML if variant == "gpt" else DIGITS, VARIANTS[variant] + [
-        f"parallel.strategy={strategy}", "parallel.bucket_mb=0.01", "parallel.first_bucket_mb=0.002"])
+    cfg = config_mod.load(
+        GPT_YAML if variant == "gpt" else DIGITS,
+        VARIANTS[variant]
+        + [f"parallel.strategy={strategy}", "parallel.bucket_mb=0.01", "parallel.first_bucket_mb=0.002"],
+    )
     seed_everything(cfg.run.seed)
     task = _task(cfg.data.model_dump_json(), cfg.run.seed, getattr(cfg.model, "seq_len", None))
     if variant == "unused":
@@ -149,21 +186,33 @@ def run_one(comm, variant: str, strategy: str, reshard: list[str] | None = None,
     trainer, _ = _build(comm, variant, strategy)
     summary = trainer.fit()
     extra = {"reshard": reshard_check(comm, trainer, variant, reshard, tmpdir)} if reshard else {}
-    return {**extra, "losses": [h["loss"] for h in trainer.history], "norms": [h["grad_norm"] for h in trainer.history],
-            "params": _full_params(trainer), "shards": _shards(trainer.strategy),
-            "memory": trainer.strategy.memory_bytes(), "eval": summary["final_eval_loss"]}
+    return {
+        **extra,
+        "losses": [h["loss"] for h in trainer.history],
+        "norms": [h["grad_norm"] for h in trainer.history],
+        "params": _full_params(trainer),
+        "shards": _shards(trainer.strategy),
+        "memory": trainer.strategy.memory_bytes(),
+        "eval": summary["final_eval_loss"],
+    }
 
 
-def equivalence_case(runs: list[list[str]], backend: str = "torch", reshard: dict | None = None,
-                     tmpdir: str | None = None) -> dict:
+def equivalence_case(
+    runs: list[list[str]], backend: str = "torch", reshard: dict | None = None, tmpdir: str | None = None
+) -> dict:
     """``reshard``: {"variant/strategy": [target strategies]} to save/load-check after that run."""
     comm = collectives.init(backend, timeout=120)
     out = {}
     try:
         for variant, strategy in runs:
             key = f"{variant}/{strategy}"
-            out[key] = run_one(comm, variant, strategy, (reshard or {}).get(key),
-                               os.path.join(tmpdir, key.replace("/", "_")) if tmpdir else None)
+            out[key] = run_one(
+                comm,
+                variant,
+                strategy,
+                (reshard or {}).get(key),
+                os.path.join(tmpdir, key.replace("/", "_")) if tmpdir else None,
+            )
         comm.barrier()
     finally:
         comm.close()
@@ -174,8 +223,16 @@ def equivalence_case(runs: list[list[str]], backend: str = "torch", reshard: dic
 STRATEGIES = ["ddp", "zero1", "zero2", "zero3"]
 PLAN = {
     (2, "torch"): [(v, s) for v in ("adamw", "gpt") for s in STRATEGIES]
-    + [("sgd", "ddp"), ("sgd", "zero1"), ("sgd", "zero3"), ("bf16", "ddp"), ("bf16", "zero2"), ("bf16", "zero3"),
-       ("wire_bf16", "ddp"), ("wire_bf16", "zero2")],
+    + [
+        ("sgd", "ddp"),
+        ("sgd", "zero1"),
+        ("sgd", "zero3"),
+        ("bf16", "ddp"),
+        ("bf16", "zero2"),
+        ("bf16", "zero3"),
+        ("wire_bf16", "ddp"),
+        ("wire_bf16", "zero2"),
+    ],
     (3, "torch"): [(v, s) for v in ("adamw", "unused") for s in STRATEGIES],
     (2, "shm"): [(v, s) for v in ("adamw",) for s in STRATEGIES] + [("gpt", "zero3")],
     (3, "shm"): [(v, s) for v in ("adamw", "tiny") for s in STRATEGIES],
@@ -191,7 +248,7 @@ def results(world: int, backend: str) -> list[dict] | None:
     """Per-rank results of the planned runs at (world, backend); world 1 is the reference (ddp on one
     process, every variant). None if the backend is not registered here. Spawned once per session."""
     from collectives import registry
-    from tests.harness import spawn
+    from tests.support.harness import spawn
 
     if backend not in registry.known():
         return None
@@ -203,8 +260,12 @@ def results(world: int, backend: str) -> list[dict] | None:
         runs = [[v, "ddp"] for v in VARIANTS] if world == 1 else [list(r) for r in PLAN[key]]
         tmp = tempfile.mkdtemp(prefix="dp-zero-shards-")
         try:
-            _cache[key] = spawn("tests.cases.dp_zero:equivalence_case", world, timeout=600, args={
-                "runs": runs, "backend": backend, "reshard": RESHARD.get(key, {}), "tmpdir": tmp})
+            _cache[key] = spawn(
+                "tests.cases.dp_zero:equivalence_case",
+                world,
+                timeout=600,
+                args={"runs": runs, "backend": backend, "reshard": RESHARD.get(key, {}), "tmpdir": tmp},
+            )
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return _cache[key]
@@ -224,7 +285,7 @@ def assemble(per_rank: list[dict], key: str) -> dict[str, torch.Tensor]:
             t, s = out[sh["name"]], seen[sh["name"]]
             data = torch.tensor(sh["data"])
             if sh["flat"]:
-                (a, b), = sh["box"]
+                ((a, b),) = sh["box"]
                 t.view(-1)[a:b] = data
                 s.view(-1)[a:b] = 1
             else:

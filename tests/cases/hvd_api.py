@@ -2,6 +2,7 @@
 ``disttrain.horovod`` on every rank. ``patterns`` runs the named patterns in order in one job
 (importing torch per process dominates a test's cost) and returns, per pattern, either its
 result or the error it raised, so every pattern fails its own test."""
+
 from __future__ import annotations
 
 import copy
@@ -30,9 +31,18 @@ def _maxdiff(a: torch.nn.Module, b: torch.nn.Module) -> float:
 
 # -- patterns --------------------------------------------------------------------------------------
 def basics(**_):
-    return {"rank": hvd.rank(), "size": hvd.size(), "local_rank": hvd.local_rank(), "local_size": hvd.local_size(),
-            "cross_rank": hvd.cross_rank(), "cross_size": hvd.cross_size(), "init": hvd.is_initialized(),
-            "gloo_built": hvd.gloo_built(), "mpi_built": hvd.mpi_built(), "homogeneous": hvd.is_homogeneous()}
+    return {
+        "rank": hvd.rank(),
+        "size": hvd.size(),
+        "local_rank": hvd.local_rank(),
+        "local_size": hvd.local_size(),
+        "cross_rank": hvd.cross_rank(),
+        "cross_size": hvd.cross_size(),
+        "init": hvd.is_initialized(),
+        "gloo_built": hvd.gloo_built(),
+        "mpi_built": hvd.mpi_built(),
+        "homogeneous": hvd.is_homogeneous(),
+    }
 
 
 def training(steps: int = 4, per_rank: int = 4, **_):
@@ -40,8 +50,9 @@ def training(steps: int = 4, per_rank: int = 4, **_):
     from rank 0 (which 'resumed from a checkpoint'), equal to one process on the global batch."""
     W, r = hvd.size(), hvd.rank()
     model = _model(seed=100 + r)  # different on every rank until the broadcast
-    opt = hvd.DistributedOptimizer(torch.optim.Adam(model.parameters(), lr=0.01 * (r + 1)),
-                                   named_parameters=model.named_parameters())
+    opt = hvd.DistributedOptimizer(
+        torch.optim.Adam(model.parameters(), lr=0.01 * (r + 1)), named_parameters=model.named_parameters()
+    )
     ref = ref_opt = None
     if r == 0:  # the checkpoint: one local step of a reference run, loaded into rank 0
         ref = _model(seed=7)
@@ -68,20 +79,26 @@ def training(steps: int = 4, per_rank: int = 4, **_):
             ref_opt.step()
     params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     gathered = hvd.allgather(params.unsqueeze(0))
-    return {"lr": lr_after_broadcast, "ranks_equal": float((gathered - gathered[0]).abs().max()),
-            "vs_single": _maxdiff(model, ref) if r == 0 else 0.0}
+    return {
+        "lr": lr_after_broadcast,
+        "ranks_equal": float((gathered - gathered[0]).abs().max()),
+        "vs_single": _maxdiff(model, ref) if r == 0 else 0.0,
+    }
 
 
 def bpps(steps: int = 3, per_rank: int = 4, **_):
     """backward_passes_per_step=2: two half batches per step, one allreduce per step."""
     W, r = hvd.size(), hvd.rank()
     model, ref = _model(3), _model(3)
-    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), backward_passes_per_step=2,
-                                   named_parameters=model.named_parameters())
+    opt = hvd.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        backward_passes_per_step=2,
+        named_parameters=model.named_parameters(),
+    )
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     for step in range(steps):
         x, y = _data(10 + step, W * per_rank)
-        mine_x, mine_y = x[r * per_rank:(r + 1) * per_rank], y[r * per_rank:(r + 1) * per_rank]
+        mine_x, mine_y = x[r * per_rank : (r + 1) * per_rank], y[r * per_rank : (r + 1) * per_rank]
         opt.zero_grad()
         for hx, hy in zip(mine_x.chunk(2), mine_y.chunk(2)):
             (torch.nn.functional.mse_loss(model(hx), hy) / 2).backward()
@@ -98,11 +115,14 @@ def fp16(**_):
     out = hvd.allreduce(t, op=hvd.Sum, compression=hvd.Compression.fp16)
     expect = torch.linspace(-1, 1, 1000) * sum(range(1, W + 1))
     model, ref = _model(5), _model(5)
-    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), compression=hvd.Compression.fp16,
-                                   named_parameters=model.named_parameters())
+    opt = hvd.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        compression=hvd.Compression.fp16,
+        named_parameters=model.named_parameters(),
+    )
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     x, y = _data(20, W * 4)
-    torch.nn.functional.mse_loss(model(x[r * 4:(r + 1) * 4]), y[r * 4:(r + 1) * 4]).backward()
+    torch.nn.functional.mse_loss(model(x[r * 4 : (r + 1) * 4]), y[r * 4 : (r + 1) * 4]).backward()
     opt.step()
     torch.nn.functional.mse_loss(ref(x), y).backward()
     ref_opt.step()
@@ -121,14 +141,28 @@ def async_ops(**_):
     outs = [hvd.synchronize(h) for h in handles]
     same = hvd.synchronize(h_inplace)
     total = float(sum(range(1, W + 1)))
-    ops = {name: float(hvd.allreduce(torch.tensor([float(r + 2)]), op=op)[0])
-           for name, op in [("avg", hvd.Average), ("sum", hvd.Sum), ("min", hvd.Min), ("max", hvd.Max),
-                            ("prod", hvd.Product)]}
+    ops = {
+        name: float(hvd.allreduce(torch.tensor([float(r + 2)]), op=op)[0])
+        for name, op in [
+            ("avg", hvd.Average),
+            ("sum", hvd.Sum),
+            ("min", hvd.Min),
+            ("max", hvd.Max),
+            ("prod", hvd.Product),
+        ]
+    }
     scaled = hvd.allreduce(torch.ones(3), op=hvd.Sum, prescale_factor=2.0, postscale_factor=0.5)
     ints = hvd.allreduce(torch.tensor([r + 1, 7], dtype=torch.int8), op=hvd.Sum)
-    return {"ok": all(bool((o == total).all()) for o in outs), "inplace_is_same": same is inplace,
-            "inplace": inplace.tolist(), "ops": ops, "scaled": scaled.tolist(), "ints": ints.tolist(),
-            "int_dtype": str(ints.dtype), "unchanged": bool((ts[0] == r + 1).all())}
+    return {
+        "ok": all(bool((o == total).all()) for o in outs),
+        "inplace_is_same": same is inplace,
+        "inplace": inplace.tolist(),
+        "ops": ops,
+        "scaled": scaled.tolist(),
+        "ints": ints.tolist(),
+        "int_dtype": str(ints.dtype),
+        "unchanged": bool((ts[0] == r + 1).all()),
+    }
 
 
 def grouped(**_):
@@ -139,16 +173,28 @@ def grouped(**_):
     rs = hvd.grouped_reducescatter([torch.arange(W * 2, dtype=torch.float32) + r], op=hvd.Sum)
     inplace = [torch.ones(2) * r, torch.ones(3) * r]
     hvd.grouped_allreduce_(inplace, op=hvd.Average)
-    return {"a": ra.tolist(), "b": rb.tolist(), "c": rc.tolist(), "c_dtype": str(rc.dtype), "ga": ga.tolist(),
-            "gb": gb.tolist(), "rs": rs[0].tolist(), "inplace": [t.tolist() for t in inplace]}
+    return {
+        "a": ra.tolist(),
+        "b": rb.tolist(),
+        "c": rc.tolist(),
+        "c_dtype": str(rc.dtype),
+        "ga": ga.tolist(),
+        "gb": gb.tolist(),
+        "rs": rs[0].tolist(),
+        "inplace": [t.tolist() for t in inplace],
+    }
 
 
 def process_sets(**_):
     W, r = hvd.size(), hvd.rank()
     evens = hvd.add_process_set(list(range(0, W, 2)))
     odds = hvd.add_process_set(hvd.ProcessSet(list(range(1, W, 2))))
-    out = {"evens_size": evens.size(), "odds_size": odds.size(), "in_evens": evens.included(),
-           "rank_in_set": (evens if evens.included() else odds).rank()}
+    out = {
+        "evens_size": evens.size(),
+        "odds_size": odds.size(),
+        "in_evens": evens.included(),
+        "rank_in_set": (evens if evens.included() else odds).rank(),
+    }
     mine = evens if evens.included() else odds
     out["sum"] = float(hvd.allreduce(torch.tensor([float(r)]), op=hvd.Sum, process_set=mine)[0])
     out["gather"] = hvd.allgather(torch.tensor([r]), process_set=mine).tolist()
@@ -165,12 +211,16 @@ def process_sets(**_):
 
 
 def allgather(**_):
-    W, r = hvd.size(), hvd.rank()
+    _W, r = hvd.size(), hvd.rank()
     t = torch.full((r + 1, 2), r, dtype=torch.int8)
     g = hvd.allgather(t)
     objs = hvd.allgather_object({"rank": r, "tuple": (r, "x"), "t": torch.tensor([r])})
-    return {"shape": list(g.shape), "dtype": str(g.dtype), "rows": g[:, 0].tolist(),
-            "objs": [[o["rank"], list(o["tuple"]), o["t"].tolist(), isinstance(o["tuple"], tuple)] for o in objs]}
+    return {
+        "shape": list(g.shape),
+        "dtype": str(g.dtype),
+        "rows": g[:, 0].tolist(),
+        "objs": [[o["rank"], list(o["tuple"]), o["t"].tolist(), isinstance(o["tuple"], tuple)] for o in objs],
+    }
 
 
 def alltoall(**_):
@@ -193,8 +243,14 @@ def objects(**_):
         refused = "no error"
     except hvd.HorovodError as exc:
         refused = str(exc).splitlines()[0]
-    return {"who": got["who"], "betas_tuple": isinstance(got["betas"], tuple), "int_key": 3 in got,
-            "inf": got[3][2] == float("inf"), "t": got["t"].tolist(), "refused": refused}
+    return {
+        "who": got["who"],
+        "betas_tuple": isinstance(got["betas"], tuple),
+        "int_key": 3 in got,
+        "inf": got[3][2] == float("inf"),
+        "t": got["t"].tolist(),
+        "refused": refused,
+    }
 
 
 def syncbn(per_rank: int = 4, **_):
@@ -216,18 +272,23 @@ def syncbn(per_rank: int = 4, **_):
     ref = bn(full)
     (ref * w_up).sum().backward()
     wgrad = hvd.allreduce(sbn.weight.grad, op=hvd.Sum)
-    return {"out": float((out - ref[lo:hi]).abs().max()), "xgrad": float((mine.grad - full.grad[lo:hi]).abs().max()),
-            "wgrad": float((wgrad - bn.weight.grad).abs().max()),
-            "running": float((sbn.running_var - bn.running_var).abs().max()
-                             + (sbn.running_mean - bn.running_mean).abs().max())}
+    return {
+        "out": float((out - ref[lo:hi]).abs().max()),
+        "xgrad": float((mine.grad - full.grad[lo:hi]).abs().max()),
+        "wgrad": float((wgrad - bn.weight.grad).abs().max()),
+        "running": float(
+            (sbn.running_var - bn.running_var).abs().max() + (sbn.running_mean - bn.running_mean).abs().max()
+        ),
+    }
 
 
 def join(**_):
     """Uneven data: rank r has r+1 batches; ranks out of data join and contribute zeros."""
     W, r = hvd.size(), hvd.rank()
     model, ref = _model(9), _model(9)
-    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
-                                   named_parameters=model.named_parameters())
+    opt = hvd.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), named_parameters=model.named_parameters()
+    )
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     for step in range(r + 1):
         x, y = _data(30 + step, 4, seed=r)
@@ -248,7 +309,7 @@ def join(**_):
 
 
 def join_refuses_broadcast(**_):
-    r, W = hvd.rank(), hvd.size()
+    r, _W = hvd.rank(), hvd.size()
     try:
         if r == 0:
             hvd.join()
@@ -264,7 +325,10 @@ def join_refuses_broadcast(**_):
 def mismatch(**_):
     r = hvd.rank()
     out = {}
-    for kind, t in [("shape", torch.ones(r + 2)), ("dtype", torch.ones(3, dtype=torch.float64 if r else torch.float32))]:
+    for kind, t in [
+        ("shape", torch.ones(r + 2)),
+        ("dtype", torch.ones(3, dtype=torch.float64 if r else torch.float32)),
+    ]:
         try:
             hvd.allreduce(t, name=f"bad_{kind}")
             out[kind] = "no error"
@@ -316,15 +380,36 @@ def timeline(path: str = "", **_):
     with open(path) as f:
         doc = json.load(f)
     ev = doc["traceEvents"]
-    return {"names": sorted({e["name"] for e in ev if e["ph"] == "X"}),
-            "rows": sorted(e["args"]["name"] for e in ev if e["ph"] == "M" and e["name"] == "process_name"),
-            "fields_ok": all({"ph", "pid", "name"} <= set(e) for e in ev)
-            and all("ts" in e and "dur" in e for e in ev if e["ph"] == "X")}
+    return {
+        "names": sorted({e["name"] for e in ev if e["ph"] == "X"}),
+        "rows": sorted(e["args"]["name"] for e in ev if e["ph"] == "M" and e["name"] == "process_name"),
+        "fields_ok": all({"ph", "pid", "name"} <= set(e) for e in ev)
+        and all("ts" in e and "dur" in e for e in ev if e["ph"] == "X"),
+    }
 
 
-PATTERNS = {f.__name__: f for f in [basics, training, bpps, fp16, async_ops, grouped, process_sets, allgather,
-                                    alltoall, objects, syncbn, join, join_refuses_broadcast, mismatch,
-                                    reducescatter, adasum, timeline]}
+PATTERNS = {
+    f.__name__: f
+    for f in [
+        basics,
+        training,
+        bpps,
+        fp16,
+        async_ops,
+        grouped,
+        process_sets,
+        allgather,
+        alltoall,
+        objects,
+        syncbn,
+        join,
+        join_refuses_broadcast,
+        mismatch,
+        reducescatter,
+        adasum,
+        timeline,
+    ]
+}
 
 
 def patterns(names: list[str], args: dict | None = None) -> dict:
@@ -365,7 +450,13 @@ def backend_ops() -> dict:
             s = torch.ones(2)
             sub.allreduce(s)
             sub_sum = s.tolist()
-        return {"allreduce": t.tolist(), "allgather": [o.tolist() for o in outs], "broadcast": b.tolist(),
-                "reduce_scatter": rs.tolist(), "all_to_all": [o.tolist() for o in a2a_out], "sub": sub_sum}
+        return {
+            "allreduce": t.tolist(),
+            "allgather": [o.tolist() for o in outs],
+            "broadcast": b.tolist(),
+            "reduce_scatter": rs.tolist(),
+            "all_to_all": [o.tolist() for o in a2a_out],
+            "sub": sub_sum,
+        }
     finally:
         comm.close()

@@ -6,6 +6,7 @@ MODE: ok | exit3 (RANK exits 3) | kill (RANK SIGKILLs itself on the first attemp
 raise (RANK raises) | sleep (everyone sleeps 60 s, printing its pid) | store (meet at the
 launcher's store after the key ``go`` appears; every rank adds 1 to ``count``).
 """
+
 import os
 import signal
 import sys
@@ -15,8 +16,11 @@ rank = int(os.environ["RANK"])
 attempt = os.environ.get("DISTTRAIN_RESTART_COUNT", "0")
 mode = sys.argv[1] if len(sys.argv) > 1 else "ok"
 target = int(sys.argv[2]) if len(sys.argv) > 2 else 1
-print(f"rank={rank} world={os.environ['WORLD_SIZE']} local={os.environ['LOCAL_RANK']} attempt={attempt} "
-      f"host={os.environ.get('DISTTRAIN_HOST')} pid={os.getpid()}", flush=True)
+print(
+    f"rank={rank} world={os.environ['WORLD_SIZE']} local={os.environ['LOCAL_RANK']} attempt={attempt} "
+    f"host={os.environ.get('DISTTRAIN_HOST')} pid={os.getpid()}",
+    flush=True,
+)
 if mode == "exit3" and rank == target:
     print("about to fail with 3", file=sys.stderr, flush=True)
     sys.exit(3)

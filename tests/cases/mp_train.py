@@ -1,6 +1,7 @@
 """Rank functions for the model-parallel tests: train a tiny GPT on Shakespeare through the
 real Trainer, then write this rank's state as Shards (the checkpoint view) for the test
 to assemble into full logical tensors."""
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,15 @@ def make_config(overrides: list[str]) -> config_mod.ExperimentConfig:
 
 
 def _full_shards(model) -> list[dict]:
-    return [{"name": f"model.{n}", "tensor": p.detach().clone(), "global_shape": tuple(p.shape),
-             "box": tuple((0, s) for s in p.shape)} for n, p in model.named_parameters()]
+    return [
+        {
+            "name": f"model.{n}",
+            "tensor": p.detach().clone(),
+            "global_shape": tuple(p.shape),
+            "box": tuple((0, s) for s in p.shape),
+        }
+        for n, p in model.named_parameters()
+    ]
 
 
 def assemble(paths: list[str]) -> dict[str, torch.Tensor]:
@@ -59,6 +67,7 @@ def _reader(full: dict[str, torch.Tensor]):
         for d, (a, b) in enumerate(box):
             t = t.narrow(d, a, b - a)
         return t.clone()
+
     return read
 
 
@@ -84,8 +93,7 @@ def _train_one(comm, run: dict, out_dir: str) -> dict:
 
         seed_everything(cfg.run.seed)  # a fresh model: the default strategy hooked the first one
         trainer.model = build_model(cfg.model, 0, trainer.task.num_classes)
-        trainer.strategy = ModelParallel(trainer.model, lambda ps: build_optimizer(cfg.optim, ps), comm,
-                                         cfg.parallel)
+        trainer.strategy = ModelParallel(trainer.model, lambda ps: build_optimizer(cfg.optim, ps), comm, cfg.parallel)
     if run.get("eval"):
         return trainer.evaluate(max_samples=64)
     if run.get("load_from"):
@@ -97,19 +105,26 @@ def _train_one(comm, run: dict, out_dir: str) -> dict:
     trainer.fit()
     s = trainer.strategy
     if hasattr(s, "mesh"):
-        shards = [{"name": x.name, "tensor": x.tensor.detach().clone(), "global_shape": x.global_shape,
-                   "box": x.box} for x in s.state_shards()]
+        shards = [
+            {"name": x.name, "tensor": x.tensor.detach().clone(), "global_shape": x.global_shape, "box": x.box}
+            for x in s.state_shards()
+        ]
     else:
         shards = _full_shards(trainer.model)
         for name, p in trainer.model.named_parameters():
             for key, v in s.optimizer.state.get(p, {}).items():
-                shards.append({"name": f"optim.{name}.{key}", "tensor": v.clone(), "global_shape": tuple(v.shape),
-                               "box": tuple((0, n) for n in v.shape)})
+                shards.append(
+                    {
+                        "name": f"optim.{name}.{key}",
+                        "tensor": v.clone(),
+                        "global_shape": tuple(v.shape),
+                        "box": tuple((0, n) for n in v.shape),
+                    }
+                )
     torch.save(shards, os.path.join(out_dir, f"rank{comm.rank}.pt"))
     comm.barrier()
     if run.get("save_full") and comm.rank == 0:  # the "checkpoint": full logical tensors
-        torch.save(assemble([os.path.join(out_dir, f"rank{r}.pt") for r in range(comm.world_size)]),
-                   run["save_full"])
+        torch.save(assemble([os.path.join(out_dir, f"rank{r}.pt") for r in range(comm.world_size)]), run["save_full"])
     comm.barrier()
     return {"losses": [h["loss"] for h in trainer.history]}
 
@@ -131,8 +146,7 @@ def _vocab_ce(comm) -> dict:
     mine = logits[:, a:b].clone().requires_grad_(True)
     got = vocab_parallel_cross_entropy(mine, target, mesh.group("tp"), a)
     got.backward()
-    return {"loss_diff": abs(float(got) - float(want)),
-            "grad_diff": float((mine.grad - full.grad[:, a:b]).abs().max())}
+    return {"loss_diff": abs(float(got) - float(want)), "grad_diff": float((mine.grad - full.grad[:, a:b]).abs().max())}
 
 
 def train_many(runs: list[dict], out_dir: str) -> dict:

@@ -1,4 +1,5 @@
 """Rank functions for the preemption callback (real ranks, real signals, no SLURM)."""
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,16 @@ class _SignalSelf:
 
 
 def signal_one_rank(config: str, signal_rank: int, signal_step: int) -> dict:
-    cfg = config_mod.load(config, ["train.steps=40", "train.log_every=100", "train.eval_every=0",
-                                   "slurm.preemption=true", "checkpoint.enabled=false"])
+    cfg = config_mod.load(
+        config,
+        [
+            "train.steps=40",
+            "train.log_every=100",
+            "train.eval_every=0",
+            "slurm.preemption=true",
+            "checkpoint.enabled=false",
+        ],
+    )
     comm = collectives.init("torch", timeout=60)
     trainer = build_trainer(cfg, comm)
     trainer.run_dir = None
@@ -33,5 +42,8 @@ def signal_one_rank(config: str, signal_rank: int, signal_step: int) -> dict:
     summary = trainer.fit()
     comm.barrier()
     comm.close()
-    return {"stop_step": pre.stop_step, "steps": summary["steps"],
-            "received": pre.received.name if pre.received is not None else None}
+    return {
+        "stop_step": pre.stop_step,
+        "steps": summary["steps"],
+        "received": pre.received.name if pre.received is not None else None,
+    }

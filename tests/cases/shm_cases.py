@@ -5,6 +5,7 @@ Spawned with a small chunk size (DISTTRAIN_SHM_CHUNK_BYTES=65536, SMALL=4096) so
 tensors take every path: latency path, split reduce-scatter/allgather, multi-chunk rounds.
 Expected values are closed-form (the gloo-oracle comparison lives in the conformance suite).
 """
+
 from __future__ import annotations
 
 import os
@@ -29,15 +30,23 @@ def _vals(rank: int, n: int, dtype, op=ReduceOp.SUM) -> torch.Tensor:
 
 def _expect(world: int, n: int, dtype, op) -> torch.Tensor:
     rows = torch.stack([_vals(r, n, torch.float64, op) for r in range(world)])
-    red = {ReduceOp.SUM: rows.sum(0), ReduceOp.AVG: rows.mean(0), ReduceOp.MIN: rows.min(0).values,
-           ReduceOp.MAX: rows.max(0).values, ReduceOp.PROD: rows.prod(0)}[op]
+    red = {
+        ReduceOp.SUM: rows.sum(0),
+        ReduceOp.AVG: rows.mean(0),
+        ReduceOp.MIN: rows.min(0).values,
+        ReduceOp.MAX: rows.max(0).values,
+        ReduceOp.PROD: rows.prod(0),
+    }[op]
     return red.to(dtype)
 
 
 def _eq(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     tol = 1e-2 if got.dtype in (torch.bfloat16, torch.float16) else 1e-6
-    ok = torch.allclose(got.double(), want.double(), rtol=tol, atol=tol) if got.is_floating_point() \
+    ok = (
+        torch.allclose(got.double(), want.double(), rtol=tol, atol=tol)
+        if got.is_floating_point()
         else torch.equal(got, want)
+    )
     if not ok or got.dtype != want.dtype or got.shape != want.shape:
         raise AssertionError(f"{what}: got {got.flatten()[:6].tolist()} expected {want.flatten()[:6].tolist()}")
 
@@ -69,7 +78,7 @@ def _ops(comm) -> list[str]:
                 _eq(z, _vals(src, n, dtype), f"broadcast zero-copy {dtype} n={n}")
         for k in (3, 20_000):  # unequal sizes: rank j sends (j+1)*k elements
             mine = _vals(r, (r + 1) * k, dtype)
-            for src in (mine, pool[:mine.numel()]):
+            for src in (mine, pool[: mine.numel()]):
                 src.copy_(mine)
                 outs = [torch.empty((j + 1) * k, dtype=dtype) for j in range(w)]
                 comm.allgather(outs, src)
@@ -78,12 +87,16 @@ def _ops(comm) -> list[str]:
         for k in (2, 9000):
             sizes = [(j + 1) * k for j in range(w)]
             flat = _vals(r, sum(sizes), dtype)
-            for base in (flat, pool[:flat.numel()]):
+            for base in (flat, pool[: flat.numel()]):
                 base.copy_(flat)
                 out = torch.empty(sizes[r], dtype=dtype)
                 comm.reduce_scatter(out, list(base.split(sizes)), ReduceOp.SUM)
                 lo = sum(sizes[:r])
-                _eq(out, _expect(w, sum(sizes), dtype, ReduceOp.SUM)[lo:lo + sizes[r]], f"reduce_scatter {dtype} k={k}")
+                _eq(
+                    out,
+                    _expect(w, sum(sizes), dtype, ReduceOp.SUM)[lo : lo + sizes[r]],
+                    f"reduce_scatter {dtype} k={k}",
+                )
         for k in (1, 10_000):  # rank i sends (i + j + 1) * k elements to rank j
             ins = [torch.full(((r + j + 1) * k,), 10 * r + j, dtype=dtype) for j in range(w)]
             outs = [torch.empty((i + r + 1) * k, dtype=dtype) for i in range(w)]
@@ -136,7 +149,7 @@ def functional(mismatch_and_timeout: bool = False) -> list[str]:
         except CollectiveMismatchError as exc:
             msg = str(exc)
             if "shape [4]" not in msg or "shape [5]" not in msg:
-                raise AssertionError(f"mismatch message lacks both sides: {msg}")
+                raise AssertionError(f"mismatch message lacks both sides: {msg}") from exc
         t = torch.ones(3)
         comm.allreduce(t)  # still usable: the op never started
         _eq(t, torch.full((3,), float(comm.world_size)), "after mismatch")
@@ -150,7 +163,7 @@ def functional(mismatch_and_timeout: bool = False) -> list[str]:
             except CollectiveTimeoutError as exc:
                 msg = str(exc)
                 if f"never arrived: {comm.world_size - 1}" not in msg or "allreduce#" not in msg:
-                    raise AssertionError(f"timeout message: {msg}")
+                    raise AssertionError(f"timeout message: {msg}") from exc
         done.append("timeout")
     sys.stdout.flush()
     return done

@@ -6,16 +6,16 @@ real ones: ``Hold`` (on the first attempt only, after step ``DT_TEST_HOLD_STEP``
 signal, so the test knows where the job stands when it signals it) and ``DumpParams``
 (rank 0 writes every parameter to ``RUN_DIR/params.pt`` at the end).
 """
+
 from __future__ import annotations
 
 import os
 import sys
 import time
 
-from disttrain import worker  # first: it catches SLURM's signals before torch imports
-
 import torch  # noqa: E402
 
+from disttrain import worker  # first: it catches SLURM's signals before torch imports
 from disttrain.preemption import Preemption  # noqa: E402
 
 
@@ -38,9 +38,10 @@ class DumpParams:
     def on_end(self, trainer, summary) -> None:
         if trainer.comm.rank == 0:
             params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-            torch.save({"params": params, "step": trainer.step,
-                        "restart": int(os.environ.get("SLURM_RESTART_COUNT") or 0)},
-                       os.path.join(trainer.cfg.run.dir, "params.pt"))
+            torch.save(
+                {"params": params, "step": trainer.step, "restart": int(os.environ.get("SLURM_RESTART_COUNT") or 0)},
+                os.path.join(trainer.cfg.run.dir, "params.pt"),
+            )
 
 
 def main() -> int:

@@ -1,7 +1,6 @@
 """Rank functions that train through the real Trainer (for equivalence tests)."""
-from __future__ import annotations
 
-import torch
+from __future__ import annotations
 
 import collectives
 from disttrain import config as config_mod

@@ -1,4 +1,5 @@
 """Helpers to compare a multi-rank result with a single process's."""
+
 from __future__ import annotations
 
 import torch

@@ -1,6 +1,6 @@
 """A real SLURM on this host for tests: munge, slurmctld and N slurmd "nodes" in a temp dir.
 
-    from tests.slurm_cluster import slurm_cluster   # a pytest fixture (session scope)
+    # the slurm_cluster fixture (session scope) is in tests/conftest.py
 
     def test_x(slurm_cluster):
         job = slurm_cluster.sbatch(script_path)
@@ -15,6 +15,7 @@ Teardown cancels every job, stops the daemons by pid, kills any process that sti
 this cluster's ``SLURM_CONF`` (job steps), and removes the directory, also after a
 failure. Skips only when SLURM or munge binaries are missing (or we are not root).
 """
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,6 @@ import socket
 import subprocess
 import tempfile
 import time
-
-import pytest
 
 BINARIES = ("munged", "slurmctld", "slurmd", "srun", "sbatch", "scontrol", "squeue", "scancel", "sinfo")
 
@@ -59,7 +58,7 @@ class SlurmCluster:
         self.procs: list[subprocess.Popen] = []
 
     # -- lifecycle ------------------------------------------------------------------------
-    def start(self, timeout: float = 60.0) -> "SlurmCluster":
+    def start(self, timeout: float = 60.0) -> SlurmCluster:
         d = self.dir
         munge = os.path.join(d, "munge")
         os.makedirs(munge)
@@ -72,13 +71,26 @@ class SlurmCluster:
             f.write(os.urandom(1024))
         shutil.chown(key, "munge", "munge")
         os.chmod(key, 0o400)
-        self._spawn([_exe("munged"), "-F", f"--socket={sock}", f"--key-file={key}", f"--pid-file={munge}/pid",
-                     f"--log-file={munge}/log", f"--seed-file={munge}/seed"], "munged", user="munge")
+        self._spawn(
+            [
+                _exe("munged"),
+                "-F",
+                f"--socket={sock}",
+                f"--key-file={key}",
+                f"--pid-file={munge}/pid",
+                f"--log-file={munge}/log",
+                f"--seed-file={munge}/seed",
+            ],
+            "munged",
+            user="munge",
+        )
         self._wait(lambda: os.path.exists(sock), 10, "munged socket")
         ctld_port = _free_port()
         node_lines = "\n".join(
             f"NodeName={n} NodeHostname=localhost NodeAddr=127.0.0.1 Port={_free_port()} CPUs={self.cpus} "
-            "RealMemory=2000 State=UNKNOWN" for n in self.nodes)
+            "RealMemory=2000 State=UNKNOWN"
+            for n in self.nodes
+        )
         with open(self.conf, "w") as f:
             f.write(f"""ClusterName=dttest
 SlurmctldHost=localhost
@@ -108,7 +120,7 @@ SlurmdParameters=config_overrides
 MinJobAge=600
 InactiveLimit=0
 {node_lines}
-PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP
+PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE State=UP
 """)
         self._spawn([_exe("slurmctld"), "-D", "-i", "-f", self.conf], "slurmctld")
         for n in self.nodes:
@@ -118,9 +130,19 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
 
     def _spawn(self, argv: list[str], name: str, user: str | None = None) -> None:
         out = open(os.path.join(self.dir, "log", f"{name}.out"), "w")
-        self.procs.append(subprocess.Popen(argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                           stdin=subprocess.DEVNULL, start_new_session=True, user=user, group=user,
-                                           extra_groups=[] if user else None))
+        self.procs.append(
+            subprocess.Popen(
+                argv,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                user=user,
+                group=user,
+                extra_groups=[] if user else None,
+            )
+        )
         out.close()
 
     def _wait(self, cond, timeout: float, what: str) -> None:
@@ -153,8 +175,9 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
             if any(p.poll() is None for p in self.procs[1:2]):
                 self.run(["scancel", "--full", "--user", "root"], check=False, timeout=20)
                 deadline = time.monotonic() + 30
-                while time.monotonic() < deadline and self.run(["squeue", "-h"], check=False,
-                                                                 timeout=20).stdout.strip():
+                while (
+                    time.monotonic() < deadline and self.run(["squeue", "-h"], check=False, timeout=20).stdout.strip()
+                ):
                     time.sleep(0.5)
         except (OSError, subprocess.TimeoutExpired):
             pass
@@ -223,28 +246,13 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
             info = self.job(job_id)
             if info.get("JobState") in states:
                 return info
-            if release and info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime" \
-                    and info.get("Restarts", "0") not in released:
+            if (
+                release
+                and info.get("JobState") == "PENDING"
+                and info.get("Reason") == "BeginTime"
+                and info.get("Restarts", "0") not in released
+            ):
                 self.release(job_id)  # once per requeue: the begin time it sets lies ahead
                 released.add(info.get("Restarts", "0"))
             time.sleep(0.3)
         raise TimeoutError(f"job {job_id} not in {sorted(states)} after {timeout:g}s: {info}\n{self.logs()}")
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    missing = missing_binaries()
-    if missing:
-        pytest.skip(f"SLURM test cluster: missing {', '.join(missing)} (apt-get install slurm-wlm munge)")
-    if os.geteuid() != 0:
-        pytest.skip("SLURM test cluster: the daemons need root (SlurmUser=root)")
-    cluster = SlurmCluster()
-    try:
-        cluster.start()
-    except BaseException:
-        cluster.close()
-        raise
-    try:
-        yield cluster
-    finally:
-        cluster.close()

@@ -1,6 +1,6 @@
 """Several "hosts" on one machine: network namespaces on a bridge, each with a real sshd.
 
-    from tests.netns import net_hosts, skip_reason, two_hosts   # two_hosts: a pytest fixture
+    from tests.support.netns import net_hosts, skip_reason   # the two_hosts fixture is in tests/conftest.py
 
     with net_hosts(2) as hosts:
         hosts.run(0, ["python", "-m", "launcher.cli", *hosts.launcher_flags(), "--hosts",
@@ -14,6 +14,7 @@ in the namespaces, the namespaces, the key directory) is removed on exit, also a
 failure; namespaces left by a killed earlier run are removed when their process is gone.
 Needs root, ``ip`` (iproute2), ``sshd`` and ``ssh-keygen``: see :func:`skip_reason`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,8 +26,6 @@ import signal
 import subprocess
 import tempfile
 import time
-
-import pytest
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 TAG = "dtn"  # namespace names: dtn<pid>x<n>br, dtn<pid>x<n>h0, ...
@@ -70,7 +69,7 @@ def _remove_stale() -> None:
     for line in _ip("netns", "list", check=False).stdout.splitlines():
         name = line.split()[0] if line.split() else ""
         if name.startswith(TAG) and "x" in name:
-            pid = name[len(TAG):].split("x", 1)[0]
+            pid = name[len(TAG) :].split("x", 1)[0]
             if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
                 _delete_ns(name)
 
@@ -87,13 +86,29 @@ class NetHosts:
 
     def ssh_options(self) -> list[str]:
         """``-o`` options for a plain ``ssh``/``scp`` to any of the hosts."""
-        return ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", f"UserKnownHostsFile={self.known_hosts}",
-                "-o", "LogLevel=ERROR", "-i", self.key]
+        return [
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            f"UserKnownHostsFile={self.known_hosts}",
+            "-o",
+            "LogLevel=ERROR",
+            "-i",
+            self.key,
+        ]
 
     def launcher_flags(self) -> list[str]:
         """Flags for ``disttrain launch`` / ``python -m launcher.cli`` to reach the hosts."""
-        return ["--ssh-identity", self.key, "--ssh-option", "StrictHostKeyChecking=no",
-                "--ssh-option", f"UserKnownHostsFile={self.known_hosts}"]
+        return [
+            "--ssh-identity",
+            self.key,
+            "--ssh-option",
+            "StrictHostKeyChecking=no",
+            "--ssh-option",
+            f"UserKnownHostsFile={self.known_hosts}",
+        ]
 
     def exec_prefix(self, i: int) -> list[str]:
         return ["ip", "netns", "exec", self.namespaces[i]]
@@ -155,8 +170,13 @@ def net_hosts(n: int = 2, *, sshd: bool = True):
     tag = f"{TAG}{os.getpid()}x{random.randrange(1000)}"
     net = f"10.{random.randrange(100, 250)}.{random.randrange(1, 250)}"
     bridge = f"{tag}br"
-    hosts = NetHosts(namespaces=[f"{tag}h{i}" for i in range(n)], addrs=[f"{net}.{i + 1}" for i in range(n)],
-                     key="", known_hosts="", workdir=tempfile.mkdtemp(prefix="disttrain-netns-"))
+    hosts = NetHosts(
+        namespaces=[f"{tag}h{i}" for i in range(n)],
+        addrs=[f"{net}.{i + 1}" for i in range(n)],
+        key="",
+        known_hosts="",
+        workdir=tempfile.mkdtemp(prefix="disttrain-netns-"),
+    )
     made: list[str] = []
     try:
         _ip("netns", "add", bridge)
@@ -176,15 +196,23 @@ def net_hosts(n: int = 2, *, sshd: bool = True):
         if sshd:
             w = hosts.workdir
             for name in ("host_key", "user_key"):
-                subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", os.path.join(w, name)],
-                               check=True, capture_output=True, timeout=30)
+                subprocess.run(
+                    ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", os.path.join(w, name)],
+                    check=True,
+                    capture_output=True,
+                    timeout=30,
+                )
             shutil.copy(os.path.join(w, "user_key.pub"), os.path.join(w, "authorized_keys"))
             hosts.key, hosts.known_hosts = os.path.join(w, "user_key"), os.path.join(w, "known_hosts")
             os.makedirs("/run/sshd", exist_ok=True)
             for i, (ns, addr) in enumerate(zip(hosts.namespaces, hosts.addrs)):
                 conf = _sshd_config(w, i, addr, os.path.join(w, "host_key"), os.path.join(w, "authorized_keys"))
-                proc = subprocess.Popen(["ip", "netns", "exec", ns, SSHD, "-D", "-e", "-f", conf],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                proc = subprocess.Popen(
+                    ["ip", "netns", "exec", ns, SSHD, "-D", "-e", "-f", conf],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
                 hosts.sshd_procs.append(proc)
             for i, (ns, addr) in enumerate(zip(hosts.namespaces, hosts.addrs)):
                 _wait_listening(addr, ns, hosts.sshd_procs[i])
@@ -202,20 +230,12 @@ def net_hosts(n: int = 2, *, sshd: bool = True):
         shutil.rmtree(hosts.workdir, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def two_hosts():
-    """Two namespace hosts with sshd (module-scoped: set up once per test module)."""
-    reason = skip_reason()
-    if reason:
-        pytest.skip(f"multi-host tests skipped: {reason}")
-    with net_hosts(2) as hosts:
-        yield hosts
-
-
 def free_port_in(hosts: NetHosts, i: int) -> int:
     """A port free on host ``i`` (namespaces have their own port spaces; high random is fine)."""
-    out = hosts.run(i, ["python3", "-c", "import socket; s=socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])"])
+    out = hosts.run(
+        i, ["python3", "-c", "import socket; s=socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])"]
+    )
     return int(out.stdout)
 
 
-__all__ = ["NetHosts", "free_port_in", "net_hosts", "skip_reason", "two_hosts"]
+__all__ = ["NetHosts", "free_port_in", "net_hosts", "skip_reason"]

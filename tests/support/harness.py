@@ -8,6 +8,7 @@ environment set (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MA
 DISTTRAIN_JOB_ID) and returns something JSON-serialisable; ``spawn`` returns the list
 indexed by rank. Raises :class:`RankFailure` naming every failed rank with its output.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class RankFailure(AssertionError):
@@ -37,18 +38,33 @@ def free_port() -> int:
 
 def rank_env(rank: int, world_size: int, port: int, job_id: str, extra: dict | None = None) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({
-        "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-        "DISTTRAIN_JOB_ID": job_id, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": ROOT + os.pathsep + env.get("PYTHONPATH", ""),
-    })
+    env.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "DISTTRAIN_JOB_ID": job_id,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": ROOT + os.pathsep + env.get("PYTHONPATH", ""),
+        }
+    )
     env.update({k: str(v) for k, v in (extra or {}).items()})
     return env
 
 
-def spawn(target: str, world_size: int, *, args: dict | None = None, env: dict | None = None,
-          timeout: float = 120.0, expect_fail: bool = False) -> list:
+def spawn(
+    target: str,
+    world_size: int,
+    *,
+    args: dict | None = None,
+    env: dict | None = None,
+    timeout: float = 120.0,
+    expect_fail: bool = False,
+) -> list:
     """Run ``target`` on ``world_size`` ranks; return per-rank results (or raise RankFailure)."""
     job_id = "t" + secrets.token_hex(4)
     port = free_port()
@@ -57,9 +73,17 @@ def spawn(target: str, world_size: int, *, args: dict | None = None, env: dict |
     for rank in range(world_size):
         out_path = os.path.join(workdir, f"rank{rank}.json")
         log = open(os.path.join(workdir, f"rank{rank}.log"), "w+")
-        cmd = [sys.executable, "-m", "tests._rank_main", target, json.dumps(args or {}), out_path]
-        procs.append(subprocess.Popen(cmd, env=rank_env(rank, world_size, port, job_id, env), cwd=ROOT,
-                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        cmd = [sys.executable, "-m", "tests.support.rank_main", target, json.dumps(args or {}), out_path]
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                env=rank_env(rank, world_size, port, job_id, env),
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
         logs.append(log)
     deadline = time.monotonic() + timeout
     failed_first: int | None = None

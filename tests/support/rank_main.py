@@ -1,4 +1,5 @@
-"""Child side of tests.harness.spawn: call module:function(**args), write its result as JSON."""
+"""Child side of tests.support.harness.spawn: call module:function(**args), write its result as JSON."""
+
 import importlib
 import json
 import sys
