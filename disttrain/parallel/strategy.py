@@ -48,6 +48,40 @@ ShardReader = Callable[[str, tuple, tuple, bool], torch.Tensor]
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
+# Per-group options for one parameter, as a sorted tuple of (option, value) pairs: () for the optimizer's
+# defaults, (("weight_decay", 0.0),) for a bias or norm weight under the usual no-decay rule.
+GroupOptions = tuple[tuple[str, object], ...]
+
+
+def _no_groups(name: str, param: torch.nn.Parameter) -> GroupOptions:
+    return ()
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    """How a strategy builds its optimizer: the contract between whoever configures the optimizer (the
+    trainer from ``optim:``, or the user's own factory through the Python API) and the strategies.
+
+    ``build`` takes torch param groups (``[{"params": [...], **options}, ...]``) and returns the optimizer.
+    ``group_of(name, param)`` says which options a parameter gets; ``name`` is its name in the
+    single-process model. A strategy that keeps the real parameters calls ``build_for(named_params)``;
+    one that flattens parameters (ZeRO) must keep parameters with different options in different flat
+    buffers, grouping with ``group_of``, and call ``build`` with one group per distinct option set.
+    """
+
+    build: Callable[[list[dict]], torch.optim.Optimizer]
+    group_of: Callable[[str, torch.nn.Parameter], GroupOptions] = _no_groups
+
+    def groups(self, named: Iterable[tuple[str, torch.nn.Parameter]]) -> list[dict]:
+        """Torch param groups for ``named`` parameters, in first-seen order of their option sets."""
+        by_options: dict[GroupOptions, list[torch.nn.Parameter]] = {}
+        for name, p in named:
+            by_options.setdefault(tuple(sorted(self.group_of(name, p))), []).append(p)
+        return [{"params": ps, **dict(opts)} for opts, ps in by_options.items()]
+
+    def build_for(self, named: Iterable[tuple[str, torch.nn.Parameter]]) -> torch.optim.Optimizer:
+        return self.build(self.groups(named))
+
 
 class Strategy(Protocol):
     model: nn.Module
