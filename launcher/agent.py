@@ -82,7 +82,7 @@ class LocalAgent:
         self.report = report  # False when a fan-out launcher prints the merged report
         self.workers: list[Worker] = []
         self._interrupted: int | None = None
-        self._error_dir = tempfile.mkdtemp(prefix=f"disttrain-{node.job_id}-errors-")
+        self._error_dir = tempfile.mkdtemp(prefix="disttrain-errors-")  # 0700; no job id in a /tmp name
         self._server: StoreServer | None = None
 
     def interrupt(self, signum: int = signal.SIGTERM) -> None:
