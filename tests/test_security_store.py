@@ -208,3 +208,49 @@ def test_a_thousand_slow_strangers_while_the_group_restarts_and_the_job_finishes
     assert re.search(r"rejected connection from 127\.0\.0\.1:\d+|more connections rejected", err), err[-2000:]
     assert peak_fds[0] < 700, f"the launcher held {peak_fds[0]} descriptors: strangers were not capped"
     assert SECRET not in out + err
+
+
+_TINY_STORE = """
+import logging, resource, sys, time
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+resource.setrlimit(resource.RLIMIT_NOFILE, (48, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+from launcher.store import StoreServer
+server = StoreServer(sys.argv[1]).start()
+print(server.address, flush=True)
+sys.stdin.read()
+server.close()
+"""
+
+
+@pytest.mark.timeout(90)
+def test_the_accept_loop_survives_running_out_of_file_descriptors():
+    """A store limited to 48 descriptors, flooded by 150 idle strangers, still admits the job."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _TINY_STORE, SECRET],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    strangers = []
+    try:
+        address = proc.stdout.readline().strip()
+        host, _, port = address.rpartition(":")
+        for _ in range(150):
+            strangers.append(socket.create_connection((host, int(port)), timeout=5))
+        time.sleep(0.5)  # the server is out of descriptors now, shedding the oldest strangers
+        client = StoreClient(address, SECRET, timeout=10, connect_timeout=30)
+        client.set("k", "v")
+        assert client.get("k") == b"v"
+        for s in strangers:
+            s.close()
+        assert StoreClient(address, SECRET, timeout=10, connect_timeout=30).get("k") == b"v"
+        proc.stdin.close()
+        err = proc.stderr.read()
+        assert proc.wait(20) == 0, err
+    finally:
+        for s in strangers:
+            s.close()
+        proc.kill()
+    assert "accept failed (Too many open files)" in err, err[-2000:]
