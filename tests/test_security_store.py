@@ -195,6 +195,12 @@ def test_a_thousand_slow_strangers_while_the_group_restarts_and_the_job_finishes
                 time.sleep(0.05)
         flooder = threading.Thread(target=flood, daemon=True)
         flooder.start()
+        deadline = time.monotonic() + 60
+        while opened[0] < 1000 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # With the strangers in, the test (a legitimate client, admitted despite them) lets rank 1
+        # die, and the group restarts under the flood.
+        StoreClient(f"127.0.0.1:{port}", SECRET, timeout=30, connect_timeout=30).set("worker/attempt_0/go", "1")
         out, err = job.communicate(timeout=150)
     finally:
         stop.set()
