@@ -109,7 +109,8 @@ def test_a_forged_frame_after_a_good_handshake_is_refused():
         c2.add("m", 5)
         lifted = bytes(other.sent[mark:])
         third = _Proxy((host, int(port)))
-        StoreClient(third.address, SECRET, timeout=5)
+        c3 = StoreClient(third.address, SECRET, timeout=5)  # kept alive: its connection carries the lifted frame
+        c3.ping()
         n_rejected = len(_rejections(server, "failed its MAC"))
         third.inject(lifted)
         deadline = time.monotonic() + 10
