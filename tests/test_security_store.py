@@ -261,3 +261,31 @@ def test_the_accept_loop_survives_running_out_of_file_descriptors():
             s.close()
         proc.kill()
     assert "accept failed (Too many open files)" in err, err[-2000:]
+
+
+@pytest.mark.timeout(60)
+def test_a_stranger_trickling_bytes_is_dropped_by_one_deadline_for_the_whole_handshake():
+    """One byte every 0.3 s would keep a per-read timeout happy for ever; the handshake as a
+    whole has one deadline, so the server hangs up long before the 64-byte reply is complete."""
+    with StoreServer(SECRET) as server:
+        host, _, port = server.address.rpartition(":")
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.recv(40, socket.MSG_WAITALL)  # the server's hello
+            sent = 0
+            try:
+                while sent < 63:
+                    s.sendall(b"\x00")
+                    sent += 1
+                    time.sleep(0.3)
+                    s.settimeout(0.01)
+                    try:
+                        if s.recv(1) == b"":
+                            break  # closed by the server
+                    except TimeoutError:
+                        pass
+                    finally:
+                        s.settimeout(5)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+        assert sent < 63, "the server waited for the whole trickle"
+        assert _rejections(server, "no handshake within")
