@@ -110,8 +110,11 @@ def spawn(size: int, bind: str, mapping: str, *, stderr=None) -> tuple[subproces
         stdout=subprocess.PIPE,
         stderr=stderr,
     )
-    proc.stdin.write((json.dumps({"ids": ids, "token": token}) + "\n").encode())
-    proc.stdin.flush()
+    try:
+        proc.stdin.write((json.dumps({"ids": ids, "token": token}) + "\n").encode())
+        proc.stdin.flush()
+    except OSError:  # it died at once; the readline below says so
+        pass
     line = proc.stdout.readline()
     if not line.strip().isdigit():
         raise RuntimeError(f"the PMI server for the mpi backend did not start (said {line!r})")
