@@ -289,3 +289,47 @@ def test_a_stranger_trickling_bytes_is_dropped_by_one_deadline_for_the_whole_han
                 pass
         assert sent < 63, "the server waited for the whole trickle"
         assert _rejections(server, "no handshake within")
+
+
+_NO_THREADS_STORE = """
+import logging, sys, threading
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+from launcher.store import StoreServer
+server = StoreServer(sys.argv[1]).start()
+print(server.address, flush=True)
+threading.stack_size(1 << 44)  # from now on no thread can start: pthread_create fails
+sys.stdin.readline()
+threading.stack_size(0)
+print("restored", flush=True)
+sys.stdin.read()
+server.close()
+"""
+
+
+@pytest.mark.timeout(60)
+def test_the_accept_loop_survives_failing_to_start_a_thread():
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _NO_THREADS_STORE, SECRET],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        address = proc.stdout.readline().strip()
+        first = StoreClient(address, SECRET, timeout=10, connect_timeout=30)  # proven, but no thread to serve it
+        with pytest.raises(StoreError, match="dropped the connection"):
+            first.ping()
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "restored"
+        second = StoreClient(address, SECRET, timeout=10, connect_timeout=30)
+        second.set("k", "v")
+        assert second.get("k") == b"v"
+        proc.stdin.close()
+        err = proc.stderr.read()
+        assert proc.wait(20) == 0, err
+    finally:
+        proc.kill()
+    assert "could not serve 127.0.0.1" in err and "can't start new thread" in err, err
