@@ -5,16 +5,11 @@ import os
 
 import pytest
 
-from launcher.slurm import (
-    SlurmEnvError,
-    check_against_config,
-    derive_port,
-    expand_hostlist,
-    expand_tasks_per_node,
-    read_slurm_env,
-    requeue_id,
-    setup_worker,
-)
+from launcher.slurm.errors import SlurmEnvError
+from launcher.slurm.hostlist import expand_hostlist, expand_tasks_per_node
+from launcher.slurm.place import check_against_config, derive_port, read_slurm_env
+from launcher.slurm.requeue import requeue_id
+from launcher.slurm.worker import setup_worker
 from tests.support.harness import spawn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -221,7 +216,7 @@ def test_submit_array_and_agent_mode(tmp_path, _submit):
         "#SBATCH --cpus-per-task=2",
         "#SBATCH --signal=B:USR2@120",
         "#SBATCH --no-requeue",
-        "-m launcher.slurm_agent --nproc-per-node 2",
+        "-m launcher.slurm.agent --nproc-per-node 2",
         '"run.dir=$RUN_DIR"',
         "task_${SLURM_ARRAY_TASK_ID}",
     ):
