@@ -159,7 +159,7 @@ def build_values(cfg: ExperimentConfig, config_path: str, script_path: str) -> d
         raise SubmitError([str(exc)]) from None
     nodes = s.nodes or 1
     per_node = s.ntasks_per_node or cfg.launch.nproc
-    run_dir = cfg.run.dir
+    run_dir = one_line("run.dir", cfg.run.dir)
     options = []
     for flag, value in (
         ("partition", s.partition),
