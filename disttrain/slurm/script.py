@@ -85,7 +85,15 @@ def packaged_template(kind: str) -> str:
     """The text of a template shipped in this package (``templates/<kind>.sbatch``)."""
     if kind not in TEMPLATE_KINDS:
         raise SubmitError([f"no packaged sbatch template {kind!r}; known: {', '.join(TEMPLATE_KINDS)}"])
-    return (resources.files(__package__) / "templates" / f"{kind}.sbatch").read_text(encoding="utf-8")
+    try:
+        return (resources.files(__package__) / "templates" / f"{kind}.sbatch").read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SubmitError(
+            [
+                f"the sbatch template {kind}.sbatch is missing from the installed disttrain.slurm package. "
+                "HINT: reinstall disttrain (its wheel carries disttrain/slurm/templates/), or set slurm.template"
+            ]
+        ) from None
 
 
 def read_template(cfg: SlurmConfig, nodes: int) -> tuple[str, str]:
