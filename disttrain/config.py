@@ -178,7 +178,10 @@ class SlurmConfig(Section):
         "srun",
         description="srun: one task per worker; agent: one launcher agent per node that starts the node's workers.",
     )
-    template: str | None = Field(None, description="Path of a custom sbatch template (default: slurm/<kind>.sbatch).")
+    template: str | None = Field(
+        None,
+        description="Path of a custom sbatch template (default: the packaged disttrain/slurm/templates/<kind>.sbatch).",
+    )
     extra_sbatch: list[str] = Field([], description="Extra #SBATCH options, e.g. ['--account=abc', '--qos=high'].")
     setup: list[str] = Field([], description="Shell lines run before srun (module load, venv activation).")
     requeue: bool = Field(True, description="Requeue the job after a preemption checkpoint (sbatch --requeue).")
