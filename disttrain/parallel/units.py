@@ -12,10 +12,12 @@ and only modules with trainable parameters become units.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import logging
 
+import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
@@ -73,14 +75,33 @@ def find_units(model: nn.Module, patterns: list[str] | None = None) -> list[tupl
     return [(n, m) for n, m in found if _trainable(m)]
 
 
-def _checkpointed(forward, *args, **kwargs):
-    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+@contextlib.contextmanager
+def _buffers_kept(module: nn.Module):
+    """The recomputation must not count twice: BatchNorm's running statistics (and any buffer the
+    forward updates) are put back as the real forward left them."""
+    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
+
+
+def _checkpointed(module: nn.Module, forward, *args, **kwargs):
+    return checkpoint(
+        forward,
+        *args,
+        use_reentrant=False,
+        context_fn=lambda: (contextlib.nullcontext(), _buffers_kept(module)),
+        **kwargs,
+    )
 
 
 def apply_activation_checkpointing(units: list[tuple[str, nn.Module]]) -> None:
     """Recompute each unit's forward during backward instead of keeping its activations
-    (``torch.utils.checkpoint``, non-reentrant, RNG state preserved). Module hooks still run once per
-    real forward. Local."""
+    (``torch.utils.checkpoint``, non-reentrant, RNG state preserved, buffers not updated twice).
+    Module hooks still run once per real forward. Local."""
     for _, m in units:
-        m.forward = functools.partial(_checkpointed, m.forward)
+        m.forward = functools.partial(_checkpointed, m, m.forward)
     log.info("activation checkpointing over %d units", len(units))
