@@ -11,7 +11,15 @@ All rows come from the same run, contenders interleaved repetition by repetition
 - per-rank bytes of parameters + gradients + optimizer state after a step for DP, ZeRO-1/2/3
   and FSDP2 (``fully_shard`` per block + root over ``init_device_mesh("cpu", (2,))``), vs the
   ZeRO formula (4+4+8)·Ψ/N (fp32 AdamW);
-- world size 1: our trainer's step vs a plain PyTorch loop.
+- world size 1: our trainer's step vs a plain PyTorch loop;
+- transformers models (``--mode hf``, 2 ranks): GPT2LMHeadModel from a GPT2Config (>= 10M
+  parameters, lm_head tied) under our data parallel vs torch DDP at a batch where DDP spends a
+  large share communicating (``hf_gpt2_dp_vs_ddp``); per-rank params+grads+optimizer bytes of our
+  ZeRO-3 vs FSDP2 ``fully_shard`` on the same GPT2Block units + root (``hf_gpt2_zero3_mem_vs_fsdp2``);
+  activation memory held between forward and backward (glibc's in-use heap, one process) with
+  activation checkpointing of the blocks over without (``hf_gpt2_ac_activation_mem``); and
+  ResNetForImageClassification (BatchNorm, buffers broadcast every step by both) under our data
+  parallel vs torch DDP (``vision_dp_vs_ddp``).
 Collective checks are off for our runs (DDP has none either). Writes a table and JSON.
 """
 
@@ -156,6 +164,244 @@ def _fsdp2_bytes(batch: int, seq: int) -> int:
     return params + grads + optim
 
 
+# -- transformers models ---------------------------------------------------------------------------
+HF_GPT2 = {"n_layer": 4, "n_embd": 384, "n_head": 6, "vocab_size": 8192, "n_positions": 128}
+HF_RESNET = {"hidden_sizes": [32, 64, 128, 256], "depths": [1, 1, 1, 1], "embedding_size": 32}
+
+
+def _hf_model(kind: str):
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(
+            **HF_GPT2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0
+        )
+        return transformers.GPT2LMHeadModel(cfg)
+    cfg = transformers.ResNetConfig(num_channels=3, layer_type="basic", num_labels=10, **HF_RESNET)
+    return transformers.ResNetForImageClassification(cfg)
+
+
+def _hf_batch(kind: str, n: int, seq: int, step: int, rank: int):
+    import torch
+
+    g = torch.Generator().manual_seed(step * 1009 + rank)
+    if kind == "gpt2":
+        x = torch.randint(0, HF_GPT2["vocab_size"], (n, seq), generator=g)
+        return x, x
+    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def _hf_loss(kind: str, model, x, y):
+    import torch.nn.functional as F
+
+    if kind == "gpt2":
+        logits = model(input_ids=x).logits[:, :-1]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1), reduction="sum")
+    return F.cross_entropy(model(pixel_values=x).logits, y, reduction="sum")
+
+
+class HFOurs:
+    """A user's loop around our strategy (build_strategy + accumulate/finish/clip/step/zero)."""
+
+    def __init__(self, comm, kind: str, strategy: str, n: int, seq: int, **parallel):
+        import torch
+
+        from disttrain.config import ParallelConfig
+        from disttrain.parallel import OptimizerSpec, build_strategy
+
+        self.kind, self.n, self.seq, self.rank, self.world = kind, n, seq, comm.rank, comm.world_size
+        cfg = ParallelConfig.model_validate({"strategy": strategy, **parallel})
+        spec = OptimizerSpec(
+            lambda g: torch.optim.AdamW(g, lr=1e-4), lambda name, p: (("weight_decay", 0.0),) if p.ndim < 2 else ()
+        )
+        self.s = build_strategy(cfg, _hf_model(kind), spec, comm)
+        self.i, self.last = 0, 0.0
+
+    def step(self) -> None:
+        x, y = _hf_batch(self.kind, self.n, self.seq, self.i, self.rank)
+        with self.s.accumulate(True):
+            loss = _hf_loss(self.kind, self.s.model, x, y) / (self.n * self.world)
+            loss.backward()
+        self.s.finish_gradients()
+        self.s.clip_grad_norm(1.0)
+        self.s.optimizer_step()
+        self.s.zero_grad()
+        self.last, self.i = float(loss.detach()), self.i + 1
+
+
+class HFPlain:
+    """The same loop with torch DDP (gloo), or FSDP2 ``fully_shard`` on the given unit classes."""
+
+    def __init__(self, kind: str, n: int, seq: int, rank: int, world: int, wrap: str = "ddp"):
+        import torch
+
+        from disttrain.parallel.strategy import OptimizerSpec
+
+        self.kind, self.n, self.seq, self.rank, self.world = kind, n, seq, rank, world
+        self.model = _hf_model(kind)
+        if wrap == "ddp":
+            self.model = torch.nn.parallel.DistributedDataParallel(self.model)
+        else:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            from disttrain.parallel.units import find_units
+
+            mesh = init_device_mesh("cpu", (world,))
+            for _, m in find_units(self.model):
+                fully_shard(m, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
+        spec = OptimizerSpec(
+            lambda g: torch.optim.AdamW(g, lr=1e-4), lambda name, p: (("weight_decay", 0.0),) if p.ndim < 2 else ()
+        )
+        self.opt = spec.build_for(self.model.named_parameters())
+        self.no_sync, self.i, self.last = False, 0, 0.0
+
+    def step(self) -> None:
+        import contextlib
+
+        import torch
+
+        x, y = _hf_batch(self.kind, self.n, self.seq, self.i, self.rank)
+        ctx = self.model.no_sync() if self.no_sync else contextlib.nullcontext()
+        with ctx:
+            loss = _hf_loss(self.kind, self.model, x, y) / (self.n * self.world)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.last, self.i = float(loss.detach()), self.i + 1
+
+    def state_bytes(self) -> int:
+        import torch
+
+        def local(t):
+            t = t.to_local() if isinstance(t, torch.distributed.tensor.DTensor) else t
+            return t.numel() * t.element_size()
+
+        ps = list(self.model.parameters())
+        optim = sum(local(v) for st in self.opt.state.values() for v in st.values() if isinstance(v, torch.Tensor))
+        return sum(local(p) for p in ps) + sum(local(p.grad) for p in ps if p.grad is not None) + optim
+
+
+def _heap_in_use() -> int:
+    """Bytes glibc's malloc has handed out (arena + mmapped chunks): where torch's CPU tensors live."""
+    import ctypes
+
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]  # fmt: skip
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = Mallinfo2
+    m = libc.mallinfo2()
+    return m.uordblks + m.hblkhd
+
+
+def hf_activation_bytes(n: int, seq: int) -> dict:
+    """Memory held between forward and backward (activations saved for backward), GPT-2, one process,
+    without and with activation checkpointing of its blocks; min over 3 tries each."""
+    from disttrain.parallel.units import apply_activation_checkpointing, find_units
+
+    out = {}
+    for ac in (False, True):
+        model = _hf_model("gpt2")
+        if ac:
+            apply_activation_checkpointing(find_units(model))
+        best = None
+        for i in range(3):
+            x, y = _hf_batch("gpt2", n, seq, i, 0)
+            before = _heap_in_use()
+            loss = _hf_loss("gpt2", model, x, y)
+            held = _heap_in_use() - before
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            del loss
+            best = held if best is None else min(best, held)
+        out["ac" if ac else "no_ac"] = best
+    return out
+
+
+def hf_worker(args, comms, barrier, slowest, rank: int, world: int) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    out: dict = {"world": world}
+    rows = {}
+    for kind, n, seq in (("gpt2", args.hf_batch, args.hf_seq), ("resnet", args.vision_batch, 0)):
+        cont = {f"ours_{k}": HFOurs(c, kind, "ddp", n, seq) for k, c in comms.items()}
+        ddp = HFPlain(kind, n, seq, rank, world)
+        nosync = HFPlain(kind, n, seq, rank, world)
+        nosync.no_sync = True
+        cont.update({"ddp": ddp, "ddp_no_sync": nosync})
+        best = _interleave(cont, args.iters, args.reps, barrier, slowest)
+        units = n * world * (seq - 1 if kind == "gpt2" else 1)
+        losses = {}
+        for k, c in cont.items():
+            t = torch.tensor([c.last], dtype=torch.float64)
+            dist.all_reduce(t)
+            losses[k] = float(t)
+        rows[kind] = {
+            "per_rank_batch": n,
+            "seq": seq,
+            "params": sum(p.numel() for p in ddp.model.parameters()),
+            "step_s": best,
+            "final_loss": losses,
+            "units_per_s": {k: units / v for k, v in best.items()},
+        }
+        del cont, ddp, nosync
+    out["rows"] = rows
+    ours = HFOurs(comms.get("shm", comms["torch"]), "gpt2", "zero3", 2, 32)
+    for _ in range(3):
+        ours.step()
+    fsdp = HFPlain("gpt2", 2, 32, rank, world, wrap="fsdp2")
+    for _ in range(3):
+        fsdp.step()
+    out["zero3_vs_fsdp2"] = {"ours": ours.s.peak_state_bytes, "fsdp2": fsdp.state_bytes()}
+    del ours, fsdp
+    out["activation"] = hf_activation_bytes(args.hf_ac_batch, HF_GPT2["n_positions"]) if rank == 0 else {}
+    return out
+
+
+def hf_report(hf: dict) -> dict:
+    rows, ratios = [], {}
+    for kind, r in hf["rows"].items():
+        ours_best = max((k for k in r["units_per_s"] if k.startswith("ours_")), key=lambda k: r["units_per_s"][k])
+        r["ddp_comm_share"] = 1 - r["step_s"]["ddp_no_sync"] / r["step_s"]["ddp"]
+        r["ours_best"] = ours_best
+        for k in r["step_s"]:
+            rows.append(
+                [
+                    f"{kind} {r['params'] / 1e6:.1f}M",
+                    f"{r['per_rank_batch']}x{r['seq']}" if r["seq"] else f"{r['per_rank_batch']}x3x32x32",
+                    k,
+                    f"{r['step_s'][k] * 1e3:.0f}",
+                    f"{r['units_per_s'][k]:,.0f}",
+                    f"{r['final_loss'][k]:.5f}",
+                ]
+            )
+        key = "hf_gpt2_dp_vs_ddp" if kind == "gpt2" else "vision_dp_vs_ddp"
+        ratios[key] = r["units_per_s"][ours_best] / r["units_per_s"]["ddp"]
+        ratios[f"{key}_ddp_comm_share"] = r["ddp_comm_share"]
+    print_table(
+        "transformers models, 2 ranks (tokens/s for GPT-2, images/s for ResNet)",
+        ["model", "per rank", "who", "ms/step", "units/s", "final loss"],
+        rows,
+    )
+    z = hf["zero3_vs_fsdp2"]
+    ratios["hf_gpt2_zero3_mem_vs_fsdp2"] = z["ours"] / z["fsdp2"]
+    a = hf["activation"]
+    ratios["hf_gpt2_ac_activation_mem"] = a["ac"] / a["no_ac"]
+    print(
+        f"GPT-2 per-rank params+grads+optimizer: ZeRO-3 {z['ours'] / 2**20:.1f} MiB, FSDP2 {z['fsdp2'] / 2**20:.1f} MiB;"
+        f" activations held for backward: {a['no_ac'] / 2**20:.1f} MiB, with checkpointing {a['ac'] / 2**20:.1f} MiB"
+    )
+    return ratios
+
+
 def worker(args) -> None:
     import torch
     import torch.distributed as dist
@@ -180,7 +426,9 @@ def worker(args) -> None:
     out: dict = {"world": world}
     tokens = lambda b, s: b * s  # noqa: E731  (global batch x sequence)
 
-    if args.mode == "ws1":
+    if args.mode == "hf":
+        out["hf"] = hf_worker(args, comms, barrier, slowest, rank, world)
+    elif args.mode == "ws1":
         b, s = args.compute_batch, args.compute_seq
         res = _interleave(
             {"ours": Ours(comms["torch"], "ddp", b, s), "plain": Plain(b, s, False, 0, 1)},
@@ -248,6 +496,11 @@ def main() -> None:
     ap.add_argument("--comm-seq", type=int, default=16)
     ap.add_argument("--compute-batch", type=int, default=2, help="sequences per rank, compute-bound row")
     ap.add_argument("--compute-seq", type=int, default=128)
+    ap.add_argument("--hf-batch", type=int, default=1, help="GPT-2 sequences per rank (transformers rows)")
+    ap.add_argument("--hf-seq", type=int, default=32)
+    ap.add_argument("--hf-ac-batch", type=int, default=4, help="sequences for the activation-memory row")
+    ap.add_argument("--vision-batch", type=int, default=4, help="ResNet images per rank")
+    ap.add_argument("--only", choices=["all", "gpt", "hf"], default="all", help="our GPT rows, transformers rows")
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -274,14 +527,55 @@ def main() -> None:
         str(args.compute_batch),
         "--compute-seq",
         str(args.compute_seq),
+        "--hf-batch",
+        str(args.hf_batch),
+        "--hf-seq",
+        str(args.hf_seq),
+        "--hf-ac-batch",
+        str(args.hf_ac_batch),
+        "--vision-batch",
+        str(args.vision_batch),
     ]
     t0 = time.time()
-    dp2 = spawn_job(base + ["--mode", "dp2"], 2, timeout=3000)
-    ws1 = spawn_job(base + ["--mode", "ws1"], 1, timeout=3000)
-    report(dp2, ws1, args, time.time() - t0)
+    dp2 = ws1 = hf = None
+    if args.only in ("all", "gpt"):
+        dp2 = spawn_job(base + ["--mode", "dp2"], 2, timeout=3000)
+        ws1 = spawn_job(base + ["--mode", "ws1"], 1, timeout=3000)
+    if args.only in ("all", "hf"):
+        hf = spawn_job(base + ["--mode", "hf"], 2, timeout=3000)["hf"]
+    report(dp2, ws1, hf, args, time.time() - t0)
 
 
-def report(dp2: dict, ws1: dict, args, wall: float) -> None:
+def report(dp2: dict | None, ws1: dict | None, hf: dict | None, args, wall: float) -> None:
+    ratios = hf_report(hf) if hf else {}
+    if dp2 is not None:
+        ratios.update(gpt_report(dp2, ws1, args))
+    print(json.dumps(ratios, indent=1))
+    if args.json:
+        write_json(
+            args.json,
+            {
+                "ratios": ratios,
+                "dp2": dp2,
+                "ws1": ws1,
+                "hf": hf,
+                "wall_s": wall,
+                "targets": {
+                    "dp_vs_ddp": ">= 1.2",
+                    "dp_vs_ddp_compute_bound": ">= 1.0",
+                    "zero3_mem_vs_formula": "<= 1.1",
+                    "zero3_mem_vs_fsdp2": "<= 1.0",
+                    "trainer_overhead_ws1": "<= 0.03",
+                    "hf_gpt2_dp_vs_ddp": ">= 1.2 (DDP communication share 25-50%)",
+                    "hf_gpt2_zero3_mem_vs_fsdp2": "<= 1.0",
+                    "hf_gpt2_ac_activation_mem": "reported (lower is better)",
+                    "vision_dp_vs_ddp": ">= 1.0",
+                },
+            },
+        )
+
+
+def gpt_report(dp2: dict, ws1: dict, args) -> dict:
     rows, ratios = [], {}
     for label in ("comm", "compute"):
         r = dp2[label]
@@ -327,24 +621,7 @@ def report(dp2: dict, ws1: dict, args, wall: float) -> None:
         f"DDP communication share: {ratios['ddp_comm_share']:.0%} (comm row), "
         f"{ratios['ddp_comm_share_compute_bound']:.0%} (compute row); best of ours: {dp2['comm']['ours_best']}"
     )
-    print(json.dumps(ratios, indent=1))
-    if args.json:
-        write_json(
-            args.json,
-            {
-                "ratios": ratios,
-                "dp2": dp2,
-                "ws1": ws1,
-                "wall_s": wall,
-                "targets": {
-                    "dp_vs_ddp": ">= 1.2",
-                    "dp_vs_ddp_compute_bound": ">= 1.0",
-                    "zero3_mem_vs_formula": "<= 1.1",
-                    "zero3_mem_vs_fsdp2": "<= 1.0",
-                    "trainer_overhead_ws1": "<= 0.03",
-                },
-            },
-        )
+    return ratios
 
 
 if __name__ == "__main__":

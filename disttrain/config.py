@@ -127,6 +127,15 @@ class PipelineConfig(Section):
     )
 
 
+class ZeroConfig(Section):
+    units: list[str] | None = Field(
+        None,
+        description="ZeRO-3 units (gathered one at a time) and activation-checkpointing units: module class "
+        "names (GPT2Block) or module-path globs (transformer.h.*); default: the model's transformer blocks "
+        "(transformers' _no_split_modules, or a ModuleList of identical blocks), else its top-level children.",
+    )
+
+
 class ParallelConfig(Section):
     strategy: Literal["ddp", "zero1", "zero2", "zero3"] = Field("ddp", description="How gradients/state are shared.")
     bucket_mb: float = Field(25.0, gt=0, description="Gradient bucket size in MiB.")
@@ -138,6 +147,20 @@ class ParallelConfig(Section):
     mesh: MeshConfig = Field(default_factory=MeshConfig, description="Device mesh: dp x tp x pp = world size.")
     pipeline: PipelineConfig = Field(
         default_factory=PipelineConfig, description="Pipeline schedule (used when pp > 1)."
+    )
+    zero: ZeroConfig = Field(default_factory=ZeroConfig, description="ZeRO units (ZeRO-3, activation checkpointing).")
+    sync_batchnorm: bool = Field(
+        False,
+        description="Replace BatchNorm layers by a synchronised BatchNorm: train-mode statistics of the global "
+        "batch (as one process would compute them), identical running statistics on every rank.",
+    )
+    broadcast_buffers: bool = Field(
+        True,
+        description="After each step every rank takes rank 0's buffers (BatchNorm running statistics), as torch "
+        "DDP does; skipped with sync_batchnorm (they never drift).",
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each unit's (see zero.units) activations in backward instead of storing them."
     )
 
 

@@ -19,7 +19,7 @@ from collectives import Communicator, ReduceOp
 
 from .config import ExperimentConfig
 from .data import GlobalBatchSampler, Task
-from .parallel import build_strategy
+from .parallel import OptimizerSpec, build_strategy
 from .precision import maybe_loss_scaler
 from .rundir import RunDir
 from .schedule import lr_at
@@ -51,7 +51,9 @@ class Trainer:
         self.cfg, self.comm, self.task, self.device = cfg, comm, task, device
         self.run_dir = run_dir
         self.model = model.to(device)
-        self.strategy = build_strategy(cfg.parallel, self.model, lambda ps: build_optimizer(cfg.optim, ps), comm)
+        self.strategy = build_strategy(
+            cfg.parallel, self.model, OptimizerSpec(lambda g: build_optimizer(cfg.optim, g)), comm
+        )
         # Model-parallel strategies name this rank's data-parallel replica: its tp/pp peers read the
         # same samples and report the same loss (counted once in the logged metrics).
         self.dp_rank = getattr(self.strategy, "dp_rank", comm.rank)

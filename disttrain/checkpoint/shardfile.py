@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import struct
 
 import torch
@@ -146,16 +145,3 @@ def parse_header(head: bytes, file_size: int, where: str) -> tuple[dict[str, Ent
         if a1 < b0:
             raise CheckpointFormatError(f"{where}: byte ranges of {k0!r} [{a0}, {b0}) and {k1!r} [{a1}, {b1}) overlap")
     return entries, meta
-
-
-def read_header(path: str, where: str | None = None) -> tuple[dict[str, Entry], dict[str, str]]:
-    """Parse a file's header without reading its tensors (for inspect/check)."""
-    where = where or path
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) == 8:
-            (n,) = struct.unpack("<Q", head)
-            if n <= MAX_HEADER and 8 + n <= size:
-                head += f.read(n)
-    return parse_header(head, size, where)
