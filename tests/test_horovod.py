@@ -405,8 +405,12 @@ def test_horovod_synthetic_benchmark_example_under_disttrain_launch(tmp_path):
 def test_horovod_backend_when_installed():
     """collectives' ``horovod`` backend moves tensors with a real Horovod (skipped where not built)."""
     pytest.importorskip("horovod.torch", reason="Horovod is not installed (scripts/build_horovod.sh builds it)")
-    W = 2
-    out = spawn("tests.cases.hvd_api:backend_ops", W, timeout=180)
+    from launcher.store import StoreServer, new_secret
+
+    W, secret = 2, new_secret()
+    with StoreServer(secret) as server:  # the authenticated store the launcher would run
+        env = {"DISTTRAIN_STORE": server.address, "DISTTRAIN_JOB_SECRET": secret}
+        out = spawn("tests.cases.hvd_api:backend_ops", W, timeout=180, env=env)
     for r, v in enumerate(out):
         assert v["allreduce"] == [float(sum(range(1, W + 1)))] * 5
         assert v["allgather"] == [[float(k)] * (k + 1) for k in range(W)]

@@ -435,8 +435,9 @@ def patterns(names: list[str], args: dict | None = None) -> dict:
 def backend_ops() -> dict:
     """The ``horovod`` collectives backend (an installed Horovod) through our communicator."""
     import collectives
+    from launcher.torch_store import AuthStore
 
-    comm = collectives.init("horovod", timeout=60)
+    comm = collectives.init("horovod", store=AuthStore.from_env(60), timeout=60)
     r, W = comm.rank, comm.world_size
     try:
         t = torch.full((5,), float(r + 1))
