@@ -165,7 +165,13 @@ def _fsdp2_bytes(batch: int, seq: int) -> int:
 
 
 # -- transformers models ---------------------------------------------------------------------------
-HF_GPT2 = {"n_layer": 4, "n_embd": 384, "n_head": 6, "vocab_size": 8192, "n_positions": 128}
+HF_GPT2 = {  # 10.3M parameters (lm_head tied to wte)
+    "n_layer": int(os.environ.get("BENCH_HF_LAYERS", 4)),
+    "n_embd": int(os.environ.get("BENCH_HF_DMODEL", 384)),
+    "n_head": 6,
+    "vocab_size": 8192,
+    "n_positions": 128,
+}
 HF_RESNET = {"hidden_sizes": [32, 64, 128, 256], "depths": [1, 1, 1, 1], "embedding_size": 32}
 
 
@@ -194,13 +200,15 @@ def _hf_batch(kind: str, n: int, seq: int, step: int, rank: int):
     return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
-def _hf_loss(kind: str, model, x, y):
+def _hf_loss(kind: str, model, x, y, world: int):
+    """The loss summed over this rank's units (tokens or images) over the global count."""
     import torch.nn.functional as F
 
     if kind == "gpt2":
         logits = model(input_ids=x).logits[:, :-1]
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1), reduction="sum")
-    return F.cross_entropy(model(pixel_values=x).logits, y, reduction="sum")
+        s = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1), reduction="sum")
+        return s / (y[:, 1:].numel() * world)
+    return F.cross_entropy(model(pixel_values=x).logits, y, reduction="sum") / (len(y) * world)
 
 
 class HFOurs:
@@ -223,7 +231,7 @@ class HFOurs:
     def step(self) -> None:
         x, y = _hf_batch(self.kind, self.n, self.seq, self.i, self.rank)
         with self.s.accumulate(True):
-            loss = _hf_loss(self.kind, self.s.model, x, y) / (self.n * self.world)
+            loss = _hf_loss(self.kind, self.s.model, x, y, self.world)
             loss.backward()
         self.s.finish_gradients()
         self.s.clip_grad_norm(1.0)
@@ -258,7 +266,7 @@ class HFPlain:
             lambda g: torch.optim.AdamW(g, lr=1e-4), lambda name, p: (("weight_decay", 0.0),) if p.ndim < 2 else ()
         )
         self.opt = spec.build_for(self.model.named_parameters())
-        self.no_sync, self.i, self.last = False, 0, 0.0
+        self.no_sync, self.i, self.last, self.peak_state_bytes = False, 0, 0.0, 0
 
     def step(self) -> None:
         import contextlib
@@ -268,10 +276,12 @@ class HFPlain:
         x, y = _hf_batch(self.kind, self.n, self.seq, self.i, self.rank)
         ctx = self.model.no_sync() if self.no_sync else contextlib.nullcontext()
         with ctx:
-            loss = _hf_loss(self.kind, self.model, x, y) / (self.n * self.world)
+            loss = _hf_loss(self.kind, self.model, x, y, self.world)
             loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
+        if self.i < 2:  # sizes are fixed once the optimizer state exists; gradients are still held here
+            self.peak_state_bytes = max(self.peak_state_bytes, self.state_bytes())
         self.opt.zero_grad(set_to_none=True)
         self.last, self.i = float(loss.detach()), self.i + 1
 
@@ -315,7 +325,7 @@ def hf_activation_bytes(n: int, seq: int) -> dict:
         for i in range(3):
             x, y = _hf_batch("gpt2", n, seq, i, 0)
             before = _heap_in_use()
-            loss = _hf_loss("gpt2", model, x, y)
+            loss = _hf_loss("gpt2", model, x, y, 1)
             held = _heap_in_use() - before
             loss.backward()
             model.zero_grad(set_to_none=True)
@@ -360,7 +370,7 @@ def hf_worker(args, comms, barrier, slowest, rank: int, world: int) -> dict:
     fsdp = HFPlain("gpt2", 2, 32, rank, world, wrap="fsdp2")
     for _ in range(3):
         fsdp.step()
-    out["zero3_vs_fsdp2"] = {"ours": ours.s.peak_state_bytes, "fsdp2": fsdp.state_bytes()}
+    out["zero3_vs_fsdp2"] = {"ours": ours.s.peak_state_bytes, "fsdp2": fsdp.peak_state_bytes}
     del ours, fsdp
     out["activation"] = hf_activation_bytes(args.hf_ac_batch, HF_GPT2["n_positions"]) if rank == 0 else {}
     return out
