@@ -71,3 +71,20 @@ def test_export_loads_with_from_pretrained(model, tmp_path):
     saved = H.results()[2][0][f"{model}/{'zero3' if model == 'gpt2' else 'ddp'}/save"]
     assert abs(H.eval_loss(model, loaded) - saved["eval"]) <= 1e-6
     assert _max_diff(saved["buffers"], H.state_of(loaded)["buffers"]) == 0.0
+
+
+@pytest.mark.unit
+def test_model_record_is_json_with_the_transformers_config_only_for_transformers_models():
+    import json
+
+    import torch.nn as nn
+
+    from disttrain.checkpoint.state import model_record
+
+    rec = model_record(H.build_model("gpt2"))
+    assert rec["aliases"] == {"lm_head.weight": "transformer.wte.weight"}
+    cfg = rec["transformers"]["config"]
+    assert cfg["architectures"] == ["GPT2LMHeadModel"] and cfg["n_embd"] == 32 and cfg["model_type"] == "gpt2"
+    assert json.loads(json.dumps(rec)) == rec  # plain JSON, no pickle
+    plain = model_record(nn.Sequential(nn.Linear(2, 2)))
+    assert "transformers" not in plain and plain["class"] == "torch.nn.modules.container.Sequential"

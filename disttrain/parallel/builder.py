@@ -31,6 +31,14 @@ def build_strategy(cfg, model: nn.Module, optim: OptimizerSpec, comm: Communicat
     if mesh.tp > 1 or mesh.pp > 1:  # model parallel (composes ddp/zero1 over dp)
         from .model_parallel import build_model_parallel
 
+        flags = {"sync_batchnorm": cfg.sync_batchnorm, "activation_checkpointing": cfg.activation_checkpointing}
+        unsupported = [k for k, on in flags.items() if on]
+        if unsupported:
+            raise ValueError(
+                f"parallel.{unsupported[0]} is not supported with tensor/pipeline parallelism (mesh tp={mesh.tp}, "
+                f"pp={mesh.pp})\nHINT: set parallel.{unsupported[0]}: false, or mesh tp: 1 and pp: 1"
+            )
+
         return build_model_parallel(cfg, model, optim, comm)
     if cfg.strategy not in STRATEGIES:
         raise ValueError(f"unknown parallel strategy {cfg.strategy!r}; known: {', '.join(STRATEGIES)}")

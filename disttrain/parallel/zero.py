@@ -13,9 +13,10 @@ optimizer (any elementwise torch optimizer: AdamW, SGD, ...) steps only this ran
   does), so no full gradient outlives a backward.
 - Stage 3: units are the model's blocks (``parallel.zero.units``, default from
   :func:`.units.find_units`: transformer blocks, else top-level children) plus a root unit for
-  the rest (and for any parameter shared between a block and something outside it). A block's parameters are gathered
-  right before its forward (forward pre-hook) and freed after it, gathered again when the
-  gradient reaches the block's output (a tensor hook: just before its backward) and freed
+  the rest (and for any parameter shared between a block and something outside it). A
+  block's parameters are gathered right before its forward (forward pre-hook) and freed after
+  it, gathered again when the gradient reaches the block's output (a tensor hook: just before
+  its backward) and freed
   once all its gradients are in; the next block (forward) or previous block (backward) is
   prefetched. Gathers and reduce-scatters run on two communicators of their own, so their
   relative order may differ between ranks (e.g. a parameter unused on one rank).
