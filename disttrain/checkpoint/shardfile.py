@@ -188,16 +188,3 @@ def read_exact(fd: int, n: int) -> bytes:
         parts.append(chunk)
         got += len(chunk)
     return b"".join(parts)
-
-
-def read_header(path: str, where: str | None = None) -> tuple[dict[str, Entry], dict[str, str]]:
-    """Parse a file's header without reading its tensors (for inspect/check)."""
-    where = where or path
-    fd, size = open_regular(path, where)
-    with os.fdopen(fd, "rb") as f:
-        head = f.read(8)
-        if len(head) == 8:
-            (n,) = struct.unpack("<Q", head)
-            if n <= MAX_HEADER and 8 + n <= size:
-                head += f.read(n)
-    return parse_header(head, size, where)
