@@ -150,7 +150,7 @@ class Run:
         self._end_step()
         return True
 
-    def evaluate(self, dataset, step: StepFn | None = None, collate_fn=None, max_samples: int = 2048) -> dict:
+    def evaluate(self, dataset, step: StepFn | None = None, collate_fn=None, max_samples: int | None = None) -> dict:
         """Mean loss (and the step's metrics per unit) on ``dataset``, split over the ranks. Collective."""
         return self._trainer().evaluate(max_samples, dataset=dataset, step_fn=step, collate=collate_fn)
 

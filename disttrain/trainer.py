@@ -52,9 +52,25 @@ class SchedulesMicroBatches(Protocol):
     def forward_backward(self, micro_batches, loss_fn) -> float: ...
 
 
+@runtime_checkable
+class HasReplicas(Protocol):
+    """A model-parallel strategy: this rank's data-parallel replica among ``dp_size``."""
+
+    dp_rank: int
+    dp_size: int
+
+
+@runtime_checkable
+class HasGradTensors(Protocol):
+    """A strategy that exposes the gradient storage it steps with (for loss scaling and count scaling)."""
+
+    def grad_tensors(self) -> list[torch.Tensor]: ...
+
+
 def _strategy(cfg, model: nn.Module, spec: OptimizerSpec, comm: Communicator):
     # Shim until i12-strategies lands build_strategy(cfg, model, spec, comm): the strategies still call
-    # make_optimizer(params); group the parameters they pass by name (ZeRO's flat masters have none).
+    # make_optimizer(params); group the parameters they pass by name (ZeRO's flat masters have none, so
+    # they keep the optimizer's defaults: no-decay groups apply under ZeRO once that branch lands).
     names = {p: n for n, p in model.named_parameters()}
     return build_strategy(cfg, model, lambda ps: spec.build(spec.groups((names.get(p, ""), p) for p in ps)), comm)
 
@@ -86,8 +102,9 @@ class Trainer:
         self._base_lrs = None if optimizer is None else [g["lr"] for g in self.strategy.optimizer.param_groups]
         # Model-parallel strategies name this rank's data-parallel replica: its tp/pp peers read the
         # same samples and report the same loss (counted once in the logged metrics).
-        self.dp_rank = getattr(self.strategy, "dp_rank", comm.rank)
-        self.dp_size = getattr(self.strategy, "dp_size", comm.world_size)
+        replicas = isinstance(self.strategy, HasReplicas)
+        self.dp_rank = self.strategy.dp_rank if replicas else comm.rank
+        self.dp_size = self.strategy.dp_size if replicas else comm.world_size
         self.sampler: GlobalBatchSampler | None = None
         self._loader: StepLoader | None = None
         self._num_workers = 0
@@ -100,7 +117,7 @@ class Trainer:
         # order on every rank (preemption before checkpointing, so a stop request is saved the same step).
         self.callbacks = list(callbacks or [])
         # fp16: dynamic loss scaling over the strategy's (possibly sharded) gradients; None otherwise.
-        self.scaler = maybe_loss_scaler(cfg.train.precision) if hasattr(self.strategy, "grad_tensors") else None
+        self.scaler = maybe_loss_scaler(cfg.train.precision) if isinstance(self.strategy, HasGradTensors) else None
         self._started = False
         self._open: contextlib.AbstractContextManager | None = None  # the accumulate context of a micro-batch
         self._trailing: list[int] = []  # this step's empty micro-batches after the last non-empty one
@@ -194,6 +211,10 @@ class Trainer:
                 "HINT: return (loss_sum, count) with count the number of samples or tokens in the loss"
             )
         factor = self.cfg.train.batch_size / count
+        if factor != 1.0 and not isinstance(s, HasGradTensors):
+            raise DisttrainError(
+                f"parallel strategy {type(s).__name__} cannot rescale its gradients by the global count"
+            )
         grads = s.grad_tensors() if self.scaler is not None or factor != 1.0 else []
         ok = self.scaler.unscale_(grads, self.comm) if self.scaler else True
         if factor != 1.0:
@@ -321,16 +342,17 @@ class Trainer:
     # -- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(
-        self, max_samples: int = 2048, dataset=None, step_fn: StepFn | None = None, collate=None
+        self, max_samples: int | None = None, dataset=None, step_fn: StepFn | None = None, collate=None
     ) -> dict[str, float]:
-        """Mean loss (and the step function's metrics, per unit) on up to ``max_samples`` evenly spaced
+        """Mean loss (and the step function's metrics, per unit) on up to ``max_samples`` (default
+        ``train.eval_samples``) evenly spaced
         samples of the eval split. Collective; every rank gets the result ({} without an eval split)."""
         dataset = dataset if dataset is not None else (self.data.eval if self.data is not None else None)
         if dataset is None or len(dataset) == 0:
             return {}
         collate = collate if collate is not None else self.data.collate if self.data is not None else None
         step_fn = step_fn or self.step_fn
-        n = min(len(dataset), max_samples)
+        n = min(len(dataset), max_samples or self.cfg.train.eval_samples)
         idx = torch.linspace(0, len(dataset) - 1, n).long()
         mine = idx[self.dp_rank * n // self.dp_size : (self.dp_rank + 1) * n // self.dp_size]
         per_rank = max(1, self.cfg.train.batch_size // self.dp_size)
