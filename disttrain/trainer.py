@@ -6,10 +6,11 @@ Two ways in, on every rank:
   ``micro_batches()`` -> the user's forward -> ``backward(loss_sum, count)``, then ``end_step()``
   and ``after_step()``.
 
-Losses are sums over units (samples or tokens). ``backward`` divides by the global batch size
-(a constant every rank knows) before autograd; ``end_step`` adds this step's counts over every
-rank and micro-batch (one tiny allreduce) and scales the reduced gradients by
-``batch_size / global count``, so the gradient equals one process's on the same global batch,
+Losses are sums over units (samples or tokens). ``backward`` divides by the expected global count
+(global batch size x the data's fixed units per sample, else the batch size: a constant every rank
+knows) before autograd; ``end_step`` adds this step's counts over every rank and micro-batch (one
+tiny allreduce) and scales the reduced gradients by ``expected / global count`` when they differ
+(padding, ignored labels), so the gradient equals one process's on the same global batch,
 whatever the world size, micro-batching or padding (the equivalence tests rely on this).
 """
 
@@ -184,11 +185,15 @@ class Trainer:
 
     def backward(self, loss_sum: torch.Tensor, count: float | torch.Tensor) -> None:
         """Backward of one micro-batch's ``loss_sum`` over ``count`` units; closes its accumulate context."""
-        loss = loss_sum / self.cfg.train.batch_size
+        loss = loss_sum / self._expected_count()
         (self.scaler.scale(loss) if self.scaler else loss).backward()
         self._sums[0] += float(count)
         self._sums[1] += float(loss_sum.detach())
         self._close_micro()
+
+    def _expected_count(self) -> int:
+        per_sample = self.data.units_per_sample if self.data is not None else None
+        return self.cfg.train.batch_size * (per_sample or 1)
 
     def end_step(self) -> tuple[float, float, int]:
         """Reduce, scale by the global count, clip, schedule, optimizer step. Collective; every rank, once
@@ -210,7 +215,7 @@ class Trainer:
                 f"step {self.step}: the step function counted no units on any rank (count 0)\n"
                 "HINT: return (loss_sum, count) with count the number of samples or tokens in the loss"
             )
-        factor = self.cfg.train.batch_size / count
+        factor = self._expected_count() / count
         if factor != 1.0 and not isinstance(s, HasGradTensors):
             raise DisttrainError(
                 f"parallel strategy {type(s).__name__} cannot rescale its gradients by the global count"
