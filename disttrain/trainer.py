@@ -70,10 +70,10 @@ class HasGradTensors(Protocol):
 
 def _strategy(cfg, model: nn.Module, spec: OptimizerSpec, comm: Communicator):
     # Shim until i12-strategies lands build_strategy(cfg, model, spec, comm): the strategies still call
-    # make_optimizer(params); group the parameters they pass by name (ZeRO's flat masters have none, so
-    # they keep the optimizer's defaults: no-decay groups apply under ZeRO once that branch lands).
-    names = {p: n for n, p in model.named_parameters()}
-    return build_strategy(cfg, model, lambda ps: spec.build(spec.groups((names.get(p, ""), p) for p in ps)), comm)
+    # make_optimizer(params), and ZeRO's flat units cannot keep per-group options yet, so every strategy
+    # gets one group (the optimizer's defaults) and DDP and ZeRO stay equal; the spec's no-decay groups
+    # take effect in all of them when that branch lands and this becomes build_strategy(cfg, model, spec, comm).
+    return build_strategy(cfg, model, lambda ps: spec.build([{"params": list(ps)}]), comm)
 
 
 class Trainer:

@@ -26,16 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPT2 = os.path.join(ROOT, "examples", "gpt2_shakespeare")
 RESNET = os.path.join(ROOT, "examples", "resnet_digits")
 ATOL = 2e-5
-# optim.no_decay=[]: ZeRO's flat units mix decayed and exempt parameters until the strategies' half groups
-# them by OptimizerSpec.group_of; weight decay itself stays on (and must match across layouts).
-FAST = [
-    "train.steps=6",
-    "train.log_every=3",
-    "train.eval_every=0",
-    "train.eval_samples=32",
-    "checkpoint.every=3",
-    "optim.no_decay=[]",
-]
+FAST = ["train.steps=6", "train.log_every=3", "train.eval_every=0", "train.eval_samples=32", "checkpoint.every=3"]
 GPT2_ARGS = [*FAST, "train.batch_size=6", "model.kwargs.seq_len=32", "data.kwargs.seq_len=32"]
 RESNET_ARGS = [*FAST, "train.batch_size=12", "model.kwargs.frozen_batchnorm=true"]
 

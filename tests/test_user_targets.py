@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from disttrain import config as config_mod
 from disttrain.loss import StepOutputError, cross_entropy_step, read_logits
-from disttrain.optim import build_optimizer_spec
+from disttrain.optim import build_optimizer_spec, user_optimizer_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -162,6 +162,14 @@ def test_optimizer_by_name_with_no_decay_groups(tmp_path):
     names = {id(p): n for n, p in model.named_parameters()}
     assert sorted(names[i] for i in decay) == ["0.weight", "2.weight", "3.weight"]
     assert all(g["eps"] == 1e-6 for g in opt.param_groups)
+    # A user's factory (the Python API) gets the same groups, weight_decay 0 on the exempt one.
+    spec = user_optimizer_spec(
+        lambda groups: torch.optim.SGD(groups, lr=0.1, weight_decay=0.5), model, ["bias", "norm"]
+    )
+    opt = spec.build_for(model.named_parameters())
+    assert sorted(names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0.5 for p in g["params"]) == sorted(
+        names[i] for i in decay
+    )
     cfg.optim.no_decay = ["*.weight"]
     opt = build_optimizer_spec(cfg.optim, model).build_for(model.named_parameters())
     assert sorted(names[id(p)] for g in opt.param_groups if g["weight_decay"] for p in g["params"]) == [
