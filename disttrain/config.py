@@ -375,7 +375,8 @@ def _format(source: str, exc: ValidationError) -> list[str]:
             loc = loc[:1] + loc[2:]
         path = ".".join(str(p) for p in loc) or "<top>"
         if err["type"] == "value_error":  # a validator's own sentence (it may carry a HINT line)
-            lines.append(f"{source}: {path}: {str(err['msg']).removeprefix('Value error, ')}")
+            where = f"{path}: " if loc else ""
+            lines.append(f"{source}: {where}{str(err['msg']).removeprefix('Value error, ')}")
             continue
         if err["type"] == "extra_forbidden":
             known = _known_keys(loc, tagged)
