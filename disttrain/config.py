@@ -207,6 +207,15 @@ class PipelineConfig(Section):
     )
 
 
+class ZeroConfig(Section):
+    units: list[str] | None = Field(
+        None,
+        description="ZeRO-3 units (gathered one at a time) and activation-checkpointing units: module class "
+        "names (GPT2Block) or module-path globs (transformer.h.*); default: the model's transformer blocks "
+        "(transformers' _no_split_modules, or a ModuleList of identical blocks), else its top-level children.",
+    )
+
+
 class ParallelConfig(Section):
     strategy: Literal["ddp", "zero1", "zero2", "zero3"] = Field("ddp", description="How gradients/state are shared.")
     bucket_mb: float = Field(25.0, gt=0, description="Gradient bucket size in MiB.")
@@ -218,6 +227,20 @@ class ParallelConfig(Section):
     mesh: MeshConfig = Field(default_factory=MeshConfig, description="Device mesh: dp x tp x pp = world size.")
     pipeline: PipelineConfig = Field(
         default_factory=PipelineConfig, description="Pipeline schedule (used when pp > 1)."
+    )
+    zero: ZeroConfig = Field(default_factory=ZeroConfig, description="ZeRO units (ZeRO-3, activation checkpointing).")
+    sync_batchnorm: bool = Field(
+        False,
+        description="Replace BatchNorm layers by a synchronised BatchNorm: train-mode statistics of the global "
+        "batch (as one process would compute them), identical running statistics on every rank.",
+    )
+    broadcast_buffers: bool = Field(
+        True,
+        description="After each step every rank takes rank 0's buffers (BatchNorm running statistics), as torch "
+        "DDP does; skipped with sync_batchnorm (they never drift).",
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each unit's (see zero.units) activations in backward instead of storing them."
     )
 
 
@@ -258,7 +281,10 @@ class SlurmConfig(Section):
         "srun",
         description="srun: one task per worker; agent: one launcher agent per node that starts the node's workers.",
     )
-    template: str | None = Field(None, description="Path of a custom sbatch template (default: slurm/<kind>.sbatch).")
+    template: str | None = Field(
+        None,
+        description="Path of a custom sbatch template (default: the packaged disttrain/slurm/templates/<kind>.sbatch).",
+    )
     extra_sbatch: list[str] = Field([], description="Extra #SBATCH options, e.g. ['--account=abc', '--qos=high'].")
     setup: list[str] = Field([], description="Shell lines run before srun (module load, venv activation).")
     requeue: bool = Field(True, description="Requeue the job after a preemption checkpoint (sbatch --requeue).")

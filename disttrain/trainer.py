@@ -35,8 +35,7 @@ from .data.loader import eval_batches, micro_slices
 from .errors import DisttrainError
 from .loss import StepFn, StepOutputError, cross_entropy_step, read_step_output
 from .optim import build_optimizer, build_optimizer_spec, user_optimizer_spec
-from .parallel import build_strategy
-from .parallel.strategy import OptimizerSpec
+from .parallel import OptimizerSpec, build_strategy
 from .precision import autocast, maybe_loss_scaler
 from .rundir import RunDir
 from .schedule import lr_at
@@ -46,6 +45,8 @@ log = logging.getLogger(__name__)
 __all__ = ["Trainer", "build_optimizer"]
 
 
+# Structural checks of two Strategy capabilities, so a strategy that predates the contract's
+# ``schedules_micro_batches`` flag and ``grad_tensors`` (ModelParallel until issue 13 wires them) works too.
 @runtime_checkable
 class SchedulesMicroBatches(Protocol):
     """A strategy that runs forward and backward itself (pipeline parallel)."""
@@ -54,26 +55,10 @@ class SchedulesMicroBatches(Protocol):
 
 
 @runtime_checkable
-class HasReplicas(Protocol):
-    """A model-parallel strategy: this rank's data-parallel replica among ``dp_size``."""
-
-    dp_rank: int
-    dp_size: int
-
-
-@runtime_checkable
 class HasGradTensors(Protocol):
     """A strategy that exposes the gradient storage it steps with (for loss scaling and count scaling)."""
 
     def grad_tensors(self) -> list[torch.Tensor]: ...
-
-
-def _strategy(cfg, model: nn.Module, spec: OptimizerSpec, comm: Communicator):
-    # Shim until i12-strategies lands build_strategy(cfg, model, spec, comm): the strategies still call
-    # make_optimizer(params), and ZeRO's flat units cannot keep per-group options yet, so every strategy
-    # gets one group (the optimizer's defaults) and DDP and ZeRO stay equal; the spec's no-decay groups
-    # take effect in all of them when that branch lands and this becomes build_strategy(cfg, model, spec, comm).
-    return build_strategy(cfg, model, lambda ps: spec.build([{"params": list(ps)}]), comm)
 
 
 class Trainer:
@@ -98,14 +83,12 @@ class Trainer:
             spec = build_optimizer_spec(cfg.optim, self.model)
         else:
             spec = user_optimizer_spec(optimizer, self.model, cfg.optim.no_decay)
-        self.strategy = _strategy(cfg.parallel, self.model, spec, comm)
+        self.strategy = build_strategy(cfg.parallel, self.model, spec, comm)
         # The user's optimizer keeps its own learning rates: the schedule scales each group's.
         self._base_lrs = None if optimizer is None else [g["lr"] for g in self.strategy.optimizer.param_groups]
         # Model-parallel strategies name this rank's data-parallel replica: its tp/pp peers read the
         # same samples and report the same loss (counted once in the logged metrics).
-        replicas = isinstance(self.strategy, HasReplicas)
-        self.dp_rank = self.strategy.dp_rank if replicas else comm.rank
-        self.dp_size = self.strategy.dp_size if replicas else comm.world_size
+        self.dp_rank, self.dp_size = self.strategy.dp_rank, self.strategy.dp_size
         self.sampler: GlobalBatchSampler | None = None
         self._loader: StepLoader | None = None
         self._num_workers = 0

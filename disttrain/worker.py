@@ -11,7 +11,7 @@ import os
 import random
 import sys
 
-from launcher.slurm import catch_signals_early
+from launcher.slurm.signals import catch_signals_early
 
 catch_signals_early()  # first thing: a SLURM warning signal while torch imports must not kill set-up
 
@@ -21,16 +21,16 @@ import torch  # noqa: E402
 
 import collectives  # noqa: E402
 from launcher.errors import LauncherError  # noqa: E402
-from launcher.slurm import setup_worker as setup_slurm_worker  # noqa: E402
+from launcher.slurm.worker import setup_worker as setup_slurm_worker  # noqa: E402
 
 from . import config as config_mod  # noqa: E402
-from . import preemption  # noqa: E402
 from .checkpoint import maybe_build_checkpointer  # noqa: E402
 from .config import GPTConfig, TargetData, TargetModel  # noqa: E402
 from .data import build_target_data, build_task  # noqa: E402
 from .loss import build_step  # noqa: E402
 from .models import build_model, build_target_model  # noqa: E402
 from .rundir import RunDir  # noqa: E402
+from .slurm import preemption  # noqa: E402
 from .targets import UserCodeError  # noqa: E402
 from .trainer import Trainer  # noqa: E402
 

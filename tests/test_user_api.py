@@ -41,6 +41,7 @@ def test_own_loop_on_three_ranks_equals_one_process(tmp_path):
         "tests.cases.user_api:train", 1, args={"config": _config(tmp_path, "one"), "overrides": [], "mode": "loop"}
     )
     assert one["global_step"] == 4 and one["steps_here"] == 4
+    assert one["decays"] == [0.0, 0.1]  # biases and the LayerNorm weight: no weight decay
     three = spawn(
         "tests.cases.user_api:train", 3, args={"config": _config(tmp_path, "three"), "overrides": [], "mode": "loop"}
     )
