@@ -49,6 +49,7 @@ from .negotiation import (
     mismatch_message,
     row_of,
 )
+from .pool import Pool
 from .wire import Kind, digest, fuse_key
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class SetWorker:
     def __init__(self, engine: Engine, set_id: int, ranks: Sequence[int], comm: Communicator | None):
         self.engine, self.id, self.ranks, self.comm = engine, set_id, list(ranks), comm
         self.member = comm is not None
+        self.pool = Pool(comm) if comm is not None else None
         s = engine.settings
         self.table = Table(len(self.ranks), stall_warn_s=s.stall_warn_s, stall_fail_s=s.stall_fail_s)
         self._cv = threading.Condition()
@@ -178,7 +180,8 @@ class SetWorker:
         """One cycle; True when the set stops (shutdown or removal agreed)."""
         s, size = self.engine.settings, len(self.ranks)
         clock = int((time.monotonic() - self.engine.t0) * 1e3)
-        row = torch.tensor(row_of(flags, clock, [op.ann for op in out], s.slots), dtype=torch.int64)
+        free = self.pool.free_mask()
+        row = torch.tensor(row_of(flags, clock, [op.ann for op in out], s.slots, free), dtype=torch.int64)
         if size > 1:
             table = torch.empty(size, row.numel(), dtype=torch.int64)
             self.comm.allgather(list(table.unbind(0)), row)
@@ -208,7 +211,12 @@ class SetWorker:
             op = self._inflight.get(r.name)
             if op is not None:
                 op.t_agreed = t_agreed
-        run_ready(verdict.ready, self._inflight, self.comm if size > 1 else None, s.fusion_bytes)
+        agreed_free = free
+        for r in rows:
+            agreed_free &= r[3]
+        run_ready(
+            verdict.ready, self._inflight, self.comm if size > 1 else None, s.fusion_bytes, self.pool, agreed_free
+        )
         for r in verdict.ready:
             op = self._take(r.name)
             if op is not None and tl is not None:
