@@ -120,7 +120,13 @@ def _allreduce(bucket: list[Ready], mine: dict[int, Op], comm, size: int, pool, 
     pre, post = (lead.pre, lead.post) if lead is not None else (1.0, 1.0)
     n0 = _numel(first)
     pooled = None
-    if len(bucket) == 1 and pool is not None and n0 * torch.empty((), dtype=dtype).element_size() >= MIN_BYTES:
+    big = n0 * torch.empty((), dtype=dtype).element_size() >= MIN_BYTES
+    # Out of place: a reused result buffer saves faulting in a fresh one (any backend). In place:
+    # worth the two copies only where the pool's buffers are reduced zero-copy. Members may differ
+    # in ``in_place`` only where allocation is local (not zero_copy), and a buffer is reused only
+    # when this member's own bit in the agreed mask says it is free here, so that is safe.
+    in_place = lead is not None and lead.output is not None
+    if len(bucket) == 1 and pool is not None and big and (pool.zero_copy or not in_place):
         pooled = pool.acquire(n0, dtype, agreed_free, taken)  # the same answer on every member
     if pooled is not None:
         buf = pooled

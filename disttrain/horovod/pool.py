@@ -32,6 +32,9 @@ class Pool:
 
     def __init__(self, comm):
         self.comm = comm
+        # Only buffers the backend maps across processes beat reducing in place in user memory;
+        # mirrors Communicator.alloc, which falls back to torch.empty for the other backends.
+        self.zero_copy = getattr(comm.backend, "alloc", None) is not None
         self.max_bytes = int(os.environ.get("DISTTRAIN_HVD_POOL_BYTES", 1 << 30))
         self._bufs: list[tuple[tuple[int, torch.dtype], torch.Tensor, int]] = []  # (key, buffer, idle use count)
         self._bytes = 0
