@@ -188,7 +188,7 @@ def alltoall_start(tensor: torch.Tensor, splits, name: str | None, ps: ProcessSe
     rows = w.shape[0] if w.dim() else 0
     if splits is None:
         if rows % n:
-            raise HorovodError(
+            raise ValueError(
                 f"alltoall: first dimension {rows} is not divisible by the set size {n}\n"
                 "HINT: pass splits= (rows per destination rank)"
             )
