@@ -99,6 +99,8 @@ class SetWorker:
         self.error: BaseException | None = None
         self.stopped = False
         self._thread: threading.Thread | None = None
+        self._rows: torch.Tensor | None = None
+        self._row: torch.Tensor | None = None
 
     def start(self) -> None:
         if self.member:
@@ -181,14 +183,17 @@ class SetWorker:
         s, size = self.engine.settings, len(self.ranks)
         clock = int((time.monotonic() - self.engine.t0) * 1e3)
         free = self.pool.free_mask()
-        row = torch.tensor(row_of(flags, clock, [op.ann for op in out], s.slots, free), dtype=torch.int64)
+        used = row_of(flags, clock, [op.ann for op in out], 0, free)
         if size > 1:
-            table = torch.empty(size, row.numel(), dtype=torch.int64)
-            self.comm.allgather(list(table.unbind(0)), row)
-            counts = table[:, 1].tolist()
-            rows = [table[i, : HEADER + SLOT * counts[i]].tolist() for i in range(size)]
+            if self._rows is None:  # one buffer for the set's lifetime (slots beyond a row's count are not read)
+                self._rows = torch.zeros(size, HEADER + SLOT * s.slots, dtype=torch.int64)
+                self._row = torch.zeros(HEADER + SLOT * s.slots, dtype=torch.int64)
+            self._row[: len(used)] = torch.tensor(used, dtype=torch.int64)
+            self.comm.allgather(list(self._rows.unbind(0)), self._row)
+            counts = self._rows[:, 1].tolist()
+            rows = [self._rows[i, : HEADER + SLOT * counts[i]].tolist() for i in range(size)]
         else:
-            rows = [row[: HEADER + SLOT * len(out)].tolist()]
+            rows = [used]
         verdict = self.table.absorb(rows)
         t_agreed = time.perf_counter()
         tl = timeline.active()  # read before any handle completes: a later start_timeline sees later ops only
