@@ -1,0 +1,205 @@
+"""Step-counter synchronisation of an ``shm`` group, with the cross-rank check riding on it.
+
+Each rank owns a monotonic step counter in its control row (see ``shm_layout``); every
+rank's counter moves in lockstep, op by op. An op's first step is its *arrival*: the rank
+writes its op record (the fingerprint digest and, for large ops, where its tensor lives)
+into the record half picked by the op's parity, then bumps its counter. "Wait until every
+counter reaches s" is the only primitive.
+
+Digests are compared right after arrival, so the cross-rank check costs one integer
+compare per peer (the digest covers what ``Fingerprint.digest()`` covers, with the
+non-``seq`` part cached); on a mismatch every rank publishes its encoded fingerprint and
+raises ``mismatch_error`` naming both sides. A peer that died raises
+:class:`PeerDiedError`; a peer that never arrives, :class:`CollectiveTimeoutError`
+naming it. After either the group is out of step for good (``broken``).
+
+Who calls: ``shm_algorithms`` (one op at a time per group: the caller's thread or the
+group's worker thread, never both). Memory ordering relies on x86's total store order
+(records and data are written before the counter that publishes them).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+
+import xxhash
+
+from ..errors import CollectiveMismatchError, CollectiveTimeoutError, PeerDiedError
+from ..fingerprint import ENCODED_SIZE, Fingerprint, mismatch_error
+from .shm_layout import (
+    RECORD_ALLOC,
+    RECORD_BASE,
+    RECORD_NBYTES,
+    RECORD_OFFSET,
+    ROW_ERROR_STEP,
+    Layout,
+)
+from .shm_segment import Segment, pid_alive
+
+SPIN = 400  # polls before the first yield: about 100 microseconds
+WORKER_SPIN = 8  # a worker thread hardly spins: spinning Python holds the GIL the caller's backward pass wants
+_LIVENESS_EVERY = 5e-3  # seconds between checks that awaited peers still run
+
+_digests: dict = {}
+
+
+def digest(fp: Fingerprint) -> int:
+    """What ``fp.digest()`` covers (seq, op, group, shapes, dtype, extra), at a third of its cost: the
+    hash of everything but ``seq`` is cached (a training loop repeats a few dozen calls), then mixed with
+    ``seq``. Ranks run the same code, so equal fingerprints give equal digests on every rank."""
+    key = (fp.op, fp.group, fp.shapes, fp.dtype, fp.extra)
+    base = _digests.get(key)
+    if base is None:
+        if len(_digests) > 4096:
+            _digests.clear()
+        base = _digests[key] = xxhash.xxh64_intdigest(repr(key).encode())
+    return ((base ^ (fp.seq * 0x9E3779B97F4A7C15)) & 0x7FFF_FFFF_FFFF_FFFF) or 1
+
+
+class StepSync:
+    """The control rows of one group's segment, seen from one rank."""
+
+    def __init__(
+        self,
+        seg: Segment,
+        layout: Layout,
+        rank: int,
+        timeout: float,
+        where: str,
+        group: str,
+        global_ranks: Sequence[int],
+    ):
+        self.seg, self.layout, self.rank, self.world = seg, layout, rank, layout.world
+        self.where, self.group, self.global_ranks = where, group, list(global_ranks)
+        self.ctrl = seg.q  # int64 view of the whole segment
+        self.rows = [layout.row(r) for r in range(self.world)]
+        self.mine = self.rows[rank]
+        self.peer_rows = [self.rows[r] for r in range(self.world) if r != rank]
+        self.step = 0  # this rank's counter
+        self.ops = 0  # collectives issued (parity picks the record half)
+        self.timeout = timeout  # of the op in progress
+        self.spin = SPIN
+        self.broken: str | None = None  # why the group is out of step for good
+
+    # -- the primitives ------------------------------------------------------------------
+    def arrive(self, fp: Fingerprint | None, nbytes: int = 0, where: tuple[int, int] = (0, 0)) -> int:
+        """Publish this rank's op record, bump the step, wait for all, compare digests.
+
+        Returns the record base of this op (``RECORD_BASE[parity]``), for :meth:`record`."""
+        ctrl, base = self.ctrl, RECORD_BASE[self.ops & 1]
+        at = self.mine + base
+        dig = digest(fp) if fp is not None else 0
+        ctrl[at], ctrl[at + 1], ctrl[at + 2], ctrl[at + 3] = dig, nbytes, where[0], where[1]
+        self.step += 1
+        ctrl[self.mine] = self.step
+        self.ops += 1  # now, not after the op: a rank leaving by a mismatch error must not reuse this half
+        self.wait(self.step, fp)
+        if dig:
+            for p in self.peer_rows:
+                other = ctrl[p + base]
+                if other != dig and other:
+                    self._mismatch(fp, p)
+        return base
+
+    def advance(self, fp: Fingerprint | None = None) -> None:
+        """One more step of the op in progress: bump the counter, wait for every peer."""
+        self.step += 1
+        self.ctrl[self.mine] = self.step
+        self.wait(self.step, fp)
+
+    def record(self, rank: int, base: int, field: int) -> int:
+        """Field ``field`` (``RECORD_*``) of ``rank``'s record of the op whose record base is ``base``."""
+        return self.ctrl[self.rows[rank] + base + field]
+
+    def largest(self, base: int) -> int:
+        """The largest byte count any rank published for this op."""
+        return max(self.ctrl[row + base + RECORD_NBYTES] for row in self.rows)
+
+    def zero_copy_offsets(self, base: int) -> list[int] | None:
+        """Offsets of every rank's tensor in one shared alloc, or None when some rank's isn't in it."""
+        ctrl = self.ctrl
+        ident = ctrl[self.mine + base + RECORD_ALLOC]
+        if not ident or any(ctrl[row + base + RECORD_ALLOC] != ident for row in self.rows):
+            return None
+        return [ctrl[row + base + RECORD_OFFSET] for row in self.rows]
+
+    # -- waiting -------------------------------------------------------------------------
+    def wait(self, target: int, fp: Fingerprint | None) -> None:
+        ctrl = self.ctrl
+        pending = [p for p in self.peer_rows if ctrl[p] < target]
+        n = 0
+        while pending:
+            n += 1
+            if n > self.spin:
+                return self._slow_wait(target, pending, fp)
+            pending = [p for p in pending if ctrl[p] < target]
+
+    def _slow_wait(self, target: int, pending: list[int], fp: Fingerprint | None) -> None:
+        ctrl = self.ctrl
+        start = time.monotonic()
+        deadline, check, delay = start + self.timeout, start, 0.0
+        while True:
+            pending = [p for p in pending if ctrl[p] < target]
+            if not pending:
+                return
+            if delay:
+                time.sleep(delay)
+            else:
+                os.sched_yield()
+            now = time.monotonic()
+            if now - start > 2e-3:
+                delay = min(max(delay * 1.5, 2e-5), 1e-3)
+            if now - check > _LIVENESS_EVERY:
+                check = now
+                self.check_alive([self.rank_of(p) for p in pending], fp)
+                if now > deadline:
+                    self._timed_out(pending, fp)
+
+    def _timed_out(self, pending_rows: list[int], fp: Fingerprint | None) -> None:
+        self.seg.maybe_unlink()  # a rank that never attached can't remove our name
+        missing = ", ".join(str(self.global_ranks[self.rank_of(p)]) for p in pending_rows)
+        self.broken = f"timeout in {self.what(fp)}"
+        raise CollectiveTimeoutError(
+            f"rank {self.where}: shm {self.what(fp)} in group {self.group!r} timed out after "
+            f"{self.timeout:g}s; ranks that never arrived: {missing}\nHINT: a rank is stuck "
+            "or skipped this collective (rank-dependent branch?); raise timeout= for slow steps"
+        )
+
+    # -- failures ------------------------------------------------------------------------
+    def rank_of(self, row: int) -> int:
+        return self.rows.index(row)
+
+    def what(self, fp: Fingerprint | None) -> str:
+        return f"{fp.op}#{fp.seq} ({fp.site})" if fp is not None else f"collective #{self.ops}"
+
+    def check_alive(self, ranks: list[int], fp: Fingerprint | None) -> None:
+        """Raise :class:`PeerDiedError` (and mark the group broken) when one of ``ranks`` is gone."""
+        for r in ranks:
+            pid = self.seg.pid(r)
+            if not pid_alive(pid):
+                self.seg.maybe_unlink()
+                self.broken = f"group rank {r} died"
+                raise PeerDiedError(
+                    f"rank {self.where}: group rank {r} (global rank {self.global_ranks[r]}, pid {pid}) died during "
+                    f"shm {self.what(fp)} in group {self.group!r}\nHINT: see that rank's log for the root cause"
+                )
+
+    def _mismatch(self, fp: Fingerprint, peer_row: int) -> None:
+        ctrl, layout = self.ctrl, self.layout
+        off = layout.fingerprints + self.rank * ENCODED_SIZE
+        self.seg.mm[off : off + ENCODED_SIZE] = fp.encode()
+        ctrl[self.mine + ROW_ERROR_STEP] = self.step
+        peer = self.rank_of(peer_row)
+        deadline = time.monotonic() + min(self.timeout, 10.0)
+        while ctrl[peer_row + ROW_ERROR_STEP] != self.step:
+            if time.monotonic() > deadline:
+                raise CollectiveMismatchError(
+                    f"collective mismatch in group {self.group!r}: {fp.describe()}, but group rank {peer} "
+                    "called something else (its fingerprint was not published; are checks off there?)"
+                )
+            self.check_alive([peer], fp)
+            time.sleep(1e-3)
+        off = layout.fingerprints + peer * ENCODED_SIZE
+        raise mismatch_error(fp, Fingerprint.decode(self.seg.mm[off : off + ENCODED_SIZE]))
