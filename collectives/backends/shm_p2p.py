@@ -24,7 +24,7 @@ from ..errors import CollectiveMismatchError, CollectiveTimeoutError
 from ..fingerprint import Fingerprint
 from .shm_kernels import WIRE_DTYPES, as_bytes
 from .shm_layout import MAILBOX_SLOTS, Layout
-from .shm_sync import SPIN, WORKER_SPIN, StepSync, digest
+from .shm_sync import SPIN, WORKER_SPIN, StepSync
 
 _SENT, _TAKEN, _SLOTS = 0, 1, 2  # int64 indices in a pair record; slot records are 4 int64 each
 
@@ -53,7 +53,7 @@ class Mailboxes:
             self._ring(self._rank, dst, slot, piece.numel()).copy_(piece)
             rec = pair + _SLOTS + 4 * slot
             ctrl[rec], ctrl[rec + 1], ctrl[rec + 2] = tag, nbytes, WIRE_DTYPES.index(t.dtype)
-            ctrl[rec + 3] = digest(fp) if fp else 0
+            ctrl[rec + 3] = fp.digest() if fp else 0
             self._sent[dst] = idx + 1
             ctrl[pair + _SENT] = idx + 1  # publish: the chunk and its record are written
 
@@ -73,7 +73,7 @@ class Mailboxes:
             ctrl[pair + _TAKEN] = idx + 1  # the chunk is free again
 
     def _match(self, ctrl, rec: int, t: torch.Tensor, nbytes: int, src: int, tag: int, fp) -> None:
-        dig = digest(fp) if fp is not None else 0
+        dig = fp.digest() if fp is not None else 0
         their_tag, their_bytes, their_dtype, their_digest = ctrl[rec], ctrl[rec + 1], ctrl[rec + 2], ctrl[rec + 3]
         if (
             their_tag == tag

@@ -6,9 +6,8 @@ writes its op record (the fingerprint digest and, for large ops, where its tenso
 into the record half picked by the op's parity, then bumps its counter. "Wait until every
 counter reaches s" is the only primitive.
 
-Digests are compared right after arrival, so the cross-rank check costs one integer
-compare per peer (the digest covers what ``Fingerprint.digest()`` covers, with the
-non-``seq`` part cached); on a mismatch every rank publishes its encoded fingerprint and
+Digests (``Fingerprint.digest()``) are compared right after arrival, so the cross-rank
+check costs one integer compare per peer; on a mismatch every rank publishes its encoded fingerprint and
 raises ``mismatch_error`` naming both sides. A peer that died raises
 :class:`PeerDiedError`; a peer that never arrives, :class:`CollectiveTimeoutError`
 naming it. After either the group is out of step for good (``broken``).
@@ -23,8 +22,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-
-import xxhash
 
 from ..errors import CollectiveMismatchError, CollectiveTimeoutError, PeerDiedError
 from ..fingerprint import ENCODED_SIZE, Fingerprint, mismatch_error
@@ -41,21 +38,6 @@ from .shm_segment import Segment, pid_alive
 SPIN = 400  # polls before the first yield: about 100 microseconds
 WORKER_SPIN = 8  # a worker thread hardly spins: spinning Python holds the GIL the caller's backward pass wants
 _LIVENESS_EVERY = 5e-3  # seconds between checks that awaited peers still run
-
-_digests: dict = {}
-
-
-def digest(fp: Fingerprint) -> int:
-    """What ``fp.digest()`` covers (seq, op, group, shapes, dtype, extra), at a third of its cost: the
-    hash of everything but ``seq`` is cached (a training loop repeats a few dozen calls), then mixed with
-    ``seq``. Ranks run the same code, so equal fingerprints give equal digests on every rank."""
-    key = (fp.op, fp.group, fp.shapes, fp.dtype, fp.extra)
-    base = _digests.get(key)
-    if base is None:
-        if len(_digests) > 4096:
-            _digests.clear()
-        base = _digests[key] = xxhash.xxh64_intdigest(repr(key).encode())
-    return ((base ^ (fp.seq * 0x9E3779B97F4A7C15)) & 0x7FFF_FFFF_FFFF_FFFF) or 1
 
 
 class StepSync:
@@ -90,7 +72,7 @@ class StepSync:
         Returns the record base of this op (``RECORD_BASE[parity]``), for :meth:`record`."""
         ctrl, base = self.ctrl, RECORD_BASE[self.ops & 1]
         at = self.mine + base
-        dig = digest(fp) if fp is not None else 0
+        dig = fp.digest() if fp is not None else 0
         ctrl[at], ctrl[at + 1], ctrl[at + 2], ctrl[at + 3] = dig, nbytes, where[0], where[1]
         self.step += 1
         ctrl[self.mine] = self.step
