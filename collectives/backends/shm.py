@@ -37,7 +37,7 @@ from .shm_alloc import AllocTable
 from .shm_layout import Layout
 from .shm_p2p import Mailboxes
 from .shm_segment import Segment, job_tag
-from .shm_sync import SPIN, WORKER_SPIN, StepSync
+from .shm_sync import WORKER_SPIN, StepSync
 from .worker_thread import WorkerThread
 
 _DONE = CompletedWork()
@@ -59,7 +59,7 @@ class ShmBackend:
         self._seg, self._where, self._group, self._global = seg, where, group, list(global_ranks)
         layout = Layout.for_world(world)
         u8 = torch.frombuffer(seg.mm, dtype=torch.uint8)
-        self._sync = StepSync(seg, layout, rank, timeout, where, group, global_ranks)
+        self._sync = StepSync(seg, layout, rank, timeout, where, group, global_ranks, u8.data_ptr())
         self._allocs = AllocTable()
         self._algo = Algorithms(self._sync, layout, u8, self._allocs)
         self._mail = Mailboxes(self._sync, layout, u8)
@@ -174,7 +174,7 @@ class ShmBackend:
             return worker.submit(lambda: self._timed(kind, timeout, fn, args, WORKER_SPIN))
         if worker is not None:
             worker.drain()
-        self._timed(kind, timeout, fn, args, SPIN)
+        self._timed(kind, timeout, fn, args, self._sync.full_spin)
         return _DONE
 
     def _timed(self, kind: str, timeout: float, fn: Callable[..., None], args: tuple, spin: int) -> None:
@@ -203,7 +203,7 @@ class ShmBackend:
         if async_op or self._workers or self._closed or self._sync.broken:
             return self._run("coll", self._algo.allreduce, (tensor, op, fingerprint), timeout, async_op)
         sync = self._sync  # the sync fast path: no closure, no thread
-        sync.timeout, sync.spin = (self.timeout if timeout is None else timeout), SPIN
+        sync.timeout, sync.spin = (self.timeout if timeout is None else timeout), sync.full_spin
         self._algo.allreduce(tensor, op, fingerprint)
         return _DONE
 

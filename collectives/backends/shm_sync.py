@@ -4,7 +4,10 @@ Each rank owns a monotonic step counter in its control row (see ``shm_layout``);
 rank's counter moves in lockstep, op by op. An op's first step is its *arrival*: the rank
 writes its op record (the fingerprint digest and, for large ops, where its tensor lives)
 into the record half picked by the op's parity, then bumps its counter. "Wait until every
-counter reaches s" is the only primitive.
+counter reaches s" is the only primitive. Waiting spins briefly (less when ranks outnumber
+cores), yields a few times, then sleeps on the awaited peer's counter (a futex, see
+``futex``) after raising its own "sleeping" flag; a rank that bumps its counter wakes its
+counter's sleepers when any peer's flag is up.
 
 Digests (``Fingerprint.digest()``) are compared right after arrival, so the cross-rank
 check costs one integer compare per peer; on a mismatch every rank publishes its encoded fingerprint and
@@ -25,19 +28,31 @@ from collections.abc import Sequence
 
 from ..errors import CollectiveMismatchError, CollectiveTimeoutError, PeerDiedError
 from ..fingerprint import ENCODED_SIZE, Fingerprint, mismatch_error
+from .futex import FUTEX
 from .shm_layout import (
     RECORD_ALLOC,
     RECORD_BASE,
     RECORD_NBYTES,
     RECORD_OFFSET,
     ROW_ERROR_STEP,
+    ROW_SLEEPING,
     Layout,
 )
 from .shm_segment import Segment, pid_alive
 
-SPIN = 400  # polls before the first yield: about 100 microseconds
+SPIN = 400  # polls before the first yield when every rank has a core: about 100 microseconds
+YIELDS = 32  # then yields, then the futex
+CROWDED_SPIN, CROWDED_YIELDS = 16, 2  # ranks outnumber cores: get out of the way of the rank we wait for
 WORKER_SPIN = 8  # a worker thread hardly spins: spinning Python holds the GIL the caller's backward pass wants
+_SLEEP = 1e-3  # longest futex sleep: bounds a (rare) missed wake and paces liveness checks
 _LIVENESS_EVERY = 5e-3  # seconds between checks that awaited peers still run
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 class StepSync:
@@ -52,6 +67,7 @@ class StepSync:
         where: str,
         group: str,
         global_ranks: Sequence[int],
+        base_addr: int,
     ):
         self.seg, self.layout, self.rank, self.world = seg, layout, rank, layout.world
         self.where, self.group, self.global_ranks = where, group, list(global_ranks)
@@ -62,7 +78,12 @@ class StepSync:
         self.step = 0  # this rank's counter
         self.ops = 0  # collectives issued (parity picks the record half)
         self.timeout = timeout  # of the op in progress
-        self.spin = SPIN
+        crowded = self.world > _cores()
+        self.full_spin = CROWDED_SPIN if crowded else SPIN  # the caller's thread
+        self.spin = self.full_spin  # of the op in progress (a worker thread spins less)
+        self._yields = CROWDED_YIELDS if crowded else YIELDS
+        self._futex = FUTEX
+        self._addr = base_addr  # of the segment: a row's step counter is at base_addr + 8 * row
         self.broken: str | None = None  # why the group is out of step for good
 
     # -- the primitives ------------------------------------------------------------------
@@ -76,6 +97,8 @@ class StepSync:
         ctrl[at], ctrl[at + 1], ctrl[at + 2], ctrl[at + 3] = dig, nbytes, where[0], where[1]
         self.step += 1
         ctrl[self.mine] = self.step
+        if self._futex is not None:
+            self._wake()
         self.ops += 1  # now, not after the op: a rank leaving by a mismatch error must not reuse this half
         self.wait(self.step, fp)
         if dig:
@@ -89,6 +112,8 @@ class StepSync:
         """One more step of the op in progress: bump the counter, wait for every peer."""
         self.step += 1
         self.ctrl[self.mine] = self.step
+        if self._futex is not None:
+            self._wake()
         self.wait(self.step, fp)
 
     def record(self, rank: int, base: int, field: int) -> int:
@@ -119,25 +144,48 @@ class StepSync:
             pending = [p for p in pending if ctrl[p] < target]
 
     def _slow_wait(self, target: int, pending: list[int], fp: Fingerprint | None) -> None:
-        ctrl = self.ctrl
+        """Past the spin: yield a few times, then sleep on the first pending peer's counter (a futex),
+        so the rank we wait for gets the core; without futexes, sleep in growing steps."""
+        ctrl, futex = self.ctrl, self._futex
         start = time.monotonic()
-        deadline, check, delay = start + self.timeout, start, 0.0
-        while True:
-            pending = [p for p in pending if ctrl[p] < target]
-            if not pending:
+        deadline, check, delay, yields = start + self.timeout, start, 0.0, self._yields
+        sleeping = False
+        try:
+            while True:
+                pending = [p for p in pending if ctrl[p] < target]
+                if not pending:
+                    return
+                if yields > 0:
+                    yields -= 1
+                    os.sched_yield()
+                elif futex is not None:
+                    if not sleeping:
+                        ctrl[self.mine + ROW_SLEEPING] = sleeping = 1  # peers now wake us when they step
+                    row = pending[0]
+                    seen = ctrl[row]
+                    if seen < target:  # the kernel returns at once if the counter moved since
+                        futex.wait(self._addr + 8 * row, seen, _SLEEP)
+                else:
+                    time.sleep(delay)
+                    delay = min(max(delay * 1.5, 2e-5), 1e-3)
+                now = time.monotonic()
+                if now - check > _LIVENESS_EVERY:
+                    check = now
+                    self.check_alive([self.rank_of(p) for p in pending], fp)
+                    if now > deadline:
+                        self._timed_out(pending, fp)
+        finally:
+            if sleeping:
+                ctrl[self.mine + ROW_SLEEPING] = 0
+
+    def _wake(self) -> None:
+        """After bumping our counter: wake peers that sleep on it (one flag read per peer otherwise)."""
+        futex, ctrl = self._futex, self.ctrl
+        futex.fence()
+        for p in self.peer_rows:
+            if ctrl[p + ROW_SLEEPING]:
+                futex.wake(self._addr + 8 * self.mine)
                 return
-            if delay:
-                time.sleep(delay)
-            else:
-                os.sched_yield()
-            now = time.monotonic()
-            if now - start > 2e-3:
-                delay = min(max(delay * 1.5, 2e-5), 1e-3)
-            if now - check > _LIVENESS_EVERY:
-                check = now
-                self.check_alive([self.rank_of(p) for p in pending], fp)
-                if now > deadline:
-                    self._timed_out(pending, fp)
 
     def _timed_out(self, pending_rows: list[int], fp: Fingerprint | None) -> None:
         self.seg.maybe_unlink()  # a rank that never attached can't remove our name
