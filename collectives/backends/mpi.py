@@ -32,6 +32,7 @@ import torch
 from ..env import DistEnv
 from ..errors import CollectivesError, CollectiveTimeoutError, InvalidTensorError, PeerDiedError
 from ..types import ReduceOp, Work
+from .store_fallback import fallback_store
 
 _MPI = None  # the mpi4py.MPI module, imported by _init_mpi
 _HEALTHY = True  # False after a transport error: skip MPI_Finalize at exit (it would wait on the dead)
@@ -136,6 +137,8 @@ class MPIBackend:
                 f"rank {env.where}: the mpi backend moves CPU tensors only, not {device!r}"
                 "\nHINT: use backend='nccl' or 'torch' for CUDA tensors"
             )
+        if store is None and not _mpi_launched() and env.world_size > 1:
+            store = fallback_store(env, timeout, "mpi")  # the PMI server's address travels through it
         MPI = _init_mpi(env, store, timeout)
         world = MPI.COMM_WORLD
         if world.Get_size() != env.world_size or world.Get_rank() != env.rank:
@@ -146,8 +149,6 @@ class MPIBackend:
             )
         comm = world.Dup()
         comm.Set_errhandler(MPI.ERRORS_RETURN)
-        if store is None and env.world_size > 1:
-            store = _host_store(comm, env, timeout)
         if store is not None:
             import torch.distributed as dist
 
@@ -249,8 +250,7 @@ def _init_mpi(env: DistEnv, store, timeout: float):
         return _MPI
     import sys
 
-    launched = any(k in os.environ for k in ("PMI_FD", "PMI_PORT", "PMIX_RANK", "PMI_RANK"))
-    if "mpi4py.MPI" not in sys.modules and not launched and env.world_size > 1:
+    if "mpi4py.MPI" not in sys.modules and not _mpi_launched() and env.world_size > 1:
         _connect_pmi(env, store, timeout)
     import mpi4py
 
@@ -260,6 +260,11 @@ def _init_mpi(env: DistEnv, store, timeout: float):
     _MPI = MPI
     atexit.register(_finalize)
     return MPI
+
+
+def _mpi_launched() -> bool:
+    """True when an MPI launcher (mpiexec, srun --mpi) gave this process its PMI connection."""
+    return any(k in os.environ for k in ("PMI_FD", "PMI_PORT", "PMIX_RANK", "PMI_RANK"))
 
 
 def _finalize() -> None:
@@ -286,10 +291,6 @@ def _mapped_segments() -> set[str]:
 
 
 def _connect_pmi(env: DistEnv, store, timeout: float) -> None:
-    if store is None:
-        from .torchdist import _default_store
-
-        store = _default_store(env, timeout)
     if env.rank == 0:
         local = env.local_world_size == env.world_size
         host = "127.0.0.1" if local else (env.master_addr or socket.gethostname())
@@ -341,22 +342,3 @@ def _process_mapping(store, env: DistEnv, timeout: float) -> str:
             blocks.append([node, 1, 1])
             node += 1
     return "(vector," + ",".join(f"({a},{b},{c})" for a, b, c in blocks) + ")"
-
-
-def _host_store(comm, env: DistEnv, timeout: float):
-    """Under mpiexec there is no job store: rank 0 hosts a TCPStore for timeout diagnostics."""
-    import datetime
-
-    import torch.distributed as dist
-
-    addr = None
-    if comm.Get_rank() == 0:
-        host = "127.0.0.1" if env.local_world_size == env.world_size else socket.gethostname()
-        store = dist.TCPStore(
-            host, 0, comm.Get_size(), True, timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False
-        )
-        addr = (host, store.port)
-    addr = comm.bcast(addr, root=0)  # once, at start-up: the one pickle this backend sends
-    if comm.Get_rank() != 0:
-        store = dist.TCPStore(addr[0], addr[1], comm.Get_size(), False, timeout=datetime.timedelta(seconds=timeout))
-    return store
