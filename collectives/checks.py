@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .backend import Backend
 from .errors import CollectivesError
 from .fingerprint import ENCODED_SIZE, Fingerprint, mismatch_error
 from .types import ReduceOp
@@ -34,12 +35,12 @@ from .types import ReduceOp
 CHECK_TAG = 32700  # p2p fingerprint messages; user tags must stay below it (MPI's TAG_UB is >= 32767)
 
 
-def check_collective(backend, fp: Fingerprint, timeout: float) -> None:
+def check_collective(backend: Backend, fp: Fingerprint, timeout: float) -> None:
     """Every rank of the group, before the op; blocks until all arrive. Raises on mismatch."""
     world = backend.world_size
     if world == 1:
         return
-    dev = getattr(backend, "device", None) or "cpu"  # nccl (and torch on cuda) move device memory only
+    dev = backend.device or "cpu"  # nccl (and torch on cuda) move device memory only
     d = fp.digest()
     # One in-place allreduce of two int64: max(d) == d and max(-d) == -d on every rank iff all d agree.
     both = torch.tensor([d, -d], dtype=torch.int64, device=dev)
@@ -57,15 +58,15 @@ def check_collective(backend, fp: Fingerprint, timeout: float) -> None:
     raise mismatch_error(fp, other)
 
 
-def send_fingerprint(backend, fp: Fingerprint, dst: int):
+def send_fingerprint(backend: Backend, fp: Fingerprint, dst: int):
     """Sender side of a p2p check: post the encoded fingerprint ahead of the payload."""
-    dev = getattr(backend, "device", None) or "cpu"
+    dev = backend.device or "cpu"
     raw = torch.frombuffer(bytearray(fp.encode()), dtype=torch.uint8).to(dev)
     return backend.send(raw, dst, CHECK_TAG)
 
 
-def post_recv_fingerprint(backend, src: int):
-    buf = torch.empty(ENCODED_SIZE, dtype=torch.uint8, device=getattr(backend, "device", None) or "cpu")
+def post_recv_fingerprint(backend: Backend, src: int):
+    buf = torch.empty(ENCODED_SIZE, dtype=torch.uint8, device=backend.device or "cpu")
     return buf, backend.recv(buf, src, CHECK_TAG)
 
 

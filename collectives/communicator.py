@@ -5,7 +5,7 @@ torch tensors, takes an optional ``timeout`` (seconds) and, with ``async_op=True
 returns a :class:`Work` whose ``wait()`` completes it; otherwise it blocks and returns
 None. Argument checks (dtype, layout, sizes) happen here, once, for every backend, and
 so do the cross-rank fingerprint checks (see ``collectives.checks``) unless the backend
-checks inline (``checks_inline = True``: it gets ``fingerprint=`` on every op).
+checks inline (an :class:`~collectives.backend.InlineCheckingBackend`: it gets ``fingerprint=`` on every op).
 
 Async ops still check synchronously: the call returns once every rank has posted the
 same op (or raises), and the transfer itself overlaps with whatever the caller does next.
@@ -96,8 +96,8 @@ class Communicator:
     ):
         self.backend, self.env, self.check, self.timeout, self.group = backend, env, check, timeout, group
         self.global_ranks = list(global_ranks) if global_ranks is not None else list(range(backend.world_size))
-        self.store = store if store is not None else getattr(backend, "store", None)
-        self._inline = bool(getattr(type(backend), "checks_inline", False))
+        self.store = store if store is not None else backend.store
+        self._inline = type(backend).checks_inline
         self._seq = 0
         self._grank = self.global_ranks[backend.rank]
         self._specs: dict[tuple, _Spec] = {}
@@ -537,8 +537,7 @@ class Communicator:
 
     def alloc(self, shape: Sequence[int] | int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A tensor in the backend's preferred memory (a shared segment for ``shm``) for zero-copy ops."""
-        alloc = getattr(self.backend, "alloc", None)
-        return alloc(shape, dtype) if alloc else torch.empty(shape, dtype=dtype)
+        return self.backend.alloc(shape, dtype)
 
     def close(self) -> None:
         self.backend.close()

@@ -24,6 +24,7 @@ from typing import ClassVar
 
 import torch
 
+from ..backend import Backend
 from ..env import DistEnv
 from ..errors import BackendUnavailableError, CollectivesError, CollectiveTimeoutError, InvalidTensorError
 from ..types import ReduceOp, Work
@@ -73,7 +74,7 @@ class _NcclWork:
         return self._done or self._event.query()
 
 
-class NCCLBackend:
+class NCCLBackend(Backend):
     name: ClassVar[str] = "nccl"
 
     def __init__(self, comm, rank: int, world_size: int, store, device: torch.device, uid_prefix: str):

@@ -28,6 +28,7 @@ from typing import ClassVar
 
 import torch
 
+from ..backend import InlineCheckingBackend
 from ..env import DistEnv
 from ..errors import CollectivesError, InvalidTensorError
 from ..fingerprint import Fingerprint
@@ -44,13 +45,11 @@ _DONE = CompletedWork()
 _worlds = itertools.count()  # world communicators built by this process (names must not repeat)
 
 
-class ShmBackend:
+class ShmBackend(InlineCheckingBackend):
     """Collectives over one shared segment per group. Build with :meth:`create` (all ranks)."""
 
     name: ClassVar[str] = "shm"
     checks_inline: ClassVar[bool] = True
-    device: ClassVar[None] = None
-    store = None
 
     def __init__(
         self, seg: Segment, rank: int, world: int, timeout: float, where: str, group: str, global_ranks: Sequence[int]

@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 import torch.distributed as dist
 
+from ..backend import Backend
 from ..env import DistEnv
 from ..errors import CollectivesError, CollectiveTimeoutError, PeerDiedError
 from ..types import ReduceOp, Work
@@ -53,7 +54,7 @@ class _TorchWork:
         return self._done or self._work is None or self._work.is_completed()
 
 
-class TorchBackend:
+class TorchBackend(Backend):
     name: ClassVar[str] = "torch"
     device: torch.device | None = None  # where the communicator's own check tensors live
 
