@@ -49,9 +49,9 @@ class Futex:
             ts = self._timeouts[seconds] = _Timespec(int(seconds), int((seconds % 1) * 1e9))
         self._syscall(self._number, addr, _WAIT, expected & 0xFFFFFFFF, ctypes.addressof(ts))
 
-    def wake(self, addr: int) -> None:
-        """Wake every process sleeping on the word at ``addr``."""
-        self._syscall(self._number, addr, _WAKE, _ALL, None)
+    def wake(self, addr: int) -> int:
+        """Wake every process sleeping on the word at ``addr``; returns how many were woken."""
+        return self._syscall(self._number, addr, _WAKE, _ALL, None)
 
     def fence(self) -> None:
         """A full memory barrier (a locked instruction): orders a waker's store of the word before its
