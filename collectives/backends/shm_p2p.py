@@ -14,6 +14,7 @@ receive worker thread (one each, so a pair of async exchanges cannot deadlock).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -22,11 +23,13 @@ import torch
 
 from ..errors import CollectiveMismatchError, CollectiveTimeoutError
 from ..fingerprint import Fingerprint
+from .futex import FUTEX
 from .shm_kernels import WIRE_DTYPES, as_bytes
 from .shm_layout import MAILBOX_SLOTS, Layout
 from .shm_sync import SPIN, WORKER_SPIN, StepSync
 
 _SENT, _TAKEN, _SLOTS = 0, 1, 2  # int64 indices in a pair record; slot records are 4 int64 each
+_RECEIVER_SLEEPS, _SENDER_SLEEPS = 2 + 4 * MAILBOX_SLOTS, 3 + 4 * MAILBOX_SLOTS  # flags of a futex sleeper
 
 
 class Mailboxes:
@@ -34,6 +37,7 @@ class Mailboxes:
 
     def __init__(self, sync: StepSync, layout: Layout, u8: torch.Tensor):
         self._sync, self._layout, self._u8 = sync, layout, u8
+        self._futex, self._addr = FUTEX, u8.data_ptr()
         self._ctrl, self._rank, self._chunk = sync.ctrl, sync.rank, layout.mailbox_bytes
         self._sent = [0] * layout.world  # messages chunks this rank put in each ring
         self._taken = [0] * layout.world  # chunks this rank took from each ring
@@ -47,7 +51,16 @@ class Mailboxes:
         nbytes = data.numel()
         for start in range(0, max(nbytes, 1), self._chunk):
             idx = self._sent[dst]
-            self._wait(lambda idx=idx: idx - ctrl[pair + _TAKEN] < MAILBOX_SLOTS, dst, fp, "send to", tag, timeout)
+            self._wait(
+                lambda idx=idx: idx - ctrl[pair + _TAKEN] < MAILBOX_SLOTS,
+                pair + _TAKEN,
+                pair + _SENDER_SLEEPS,
+                dst,
+                fp,
+                "send to",
+                tag,
+                timeout,
+            )
             slot = idx % MAILBOX_SLOTS
             piece = data[start : start + self._chunk]
             self._ring(self._rank, dst, slot, piece.numel()).copy_(piece)
@@ -56,13 +69,23 @@ class Mailboxes:
             ctrl[rec + 3] = fp.digest() if fp else 0
             self._sent[dst] = idx + 1
             ctrl[pair + _SENT] = idx + 1  # publish: the chunk and its record are written
+            self._wake(pair + _SENT, pair + _RECEIVER_SLEEPS)
 
     def recv(self, t: torch.Tensor, src: int, tag: int, fp: Fingerprint | None, timeout: float) -> None:
         ctrl, pair, data = self._ctrl, self._layout.pair(src, self._rank), as_bytes(t)
         nbytes = data.numel()
         for start in range(0, max(nbytes, 1), self._chunk):
             idx = self._taken[src]
-            self._wait(lambda idx=idx: ctrl[pair + _SENT] > idx, src, fp, "recv from", tag, timeout)
+            self._wait(
+                lambda idx=idx: ctrl[pair + _SENT] > idx,
+                pair + _SENT,
+                pair + _RECEIVER_SLEEPS,
+                src,
+                fp,
+                "recv from",
+                tag,
+                timeout,
+            )
             slot = idx % MAILBOX_SLOTS
             rec = pair + _SLOTS + 4 * slot
             if start == 0:
@@ -71,6 +94,7 @@ class Mailboxes:
             piece.copy_(self._ring(src, self._rank, slot, piece.numel()))
             self._taken[src] = idx + 1
             ctrl[pair + _TAKEN] = idx + 1  # the chunk is free again
+            self._wake(pair + _TAKEN, pair + _SENDER_SLEEPS)
 
     def _match(self, ctrl, rec: int, t: torch.Tensor, nbytes: int, src: int, tag: int, fp) -> None:
         dig = fp.digest() if fp is not None else 0
@@ -90,20 +114,45 @@ class Mailboxes:
             "receives in send order, with the same shape and dtype"
         )
 
-    def _wait(self, ready: Callable[[], bool], peer: int, fp, what: str, tag: int, timeout: float) -> None:
+    def _wake(self, word: int, flag: int) -> None:
+        """After writing counter ``word``: wake the peer if it sleeps on it (its ``flag`` is up)."""
+        if self._futex is not None:
+            self._futex.fence()
+            if self._ctrl[flag]:
+                self._futex.wake(self._addr + 8 * word)
+
+    def _wait(
+        self, ready: Callable[[], bool], word: int, flag: int, peer: int, fp, what: str, tag: int, timeout: float
+    ) -> None:
+        """Until ``ready()``: spin, yield for 2 ms, then sleep on counter ``word`` (a futex, with ``flag``
+        raised so the peer wakes us; without futexes, short sleeps); check the peer's life every 5 ms."""
         for _ in range(SPIN if threading.current_thread() is threading.main_thread() else WORKER_SPIN):
             if ready():
                 return
+        ctrl, futex = self._ctrl, self._futex
         start = time.monotonic()
-        check = start
-        while not ready():
-            now = time.monotonic()
-            time.sleep(0 if now - start < 2e-3 else 2e-4)
-            if now - check > 5e-3:
-                check = now
-                self._sync.check_alive([peer], fp)
-                if now - start > timeout:
-                    raise CollectiveTimeoutError(
-                        f"rank {self._sync.where}: shm {what} group rank {peer} (tag {tag}) timed out after "
-                        f"{timeout:g}s in group {self._sync.group!r}\nHINT: the peer never posted the matching op"
-                    )
+        check, sleeping = start, False
+        try:
+            while not ready():
+                now = time.monotonic()
+                if now - start < 2e-3:
+                    os.sched_yield()
+                elif futex is not None:
+                    if not sleeping:
+                        ctrl[flag] = sleeping = 1
+                    seen = ctrl[word]
+                    if not ready():  # the kernel returns at once if the counter moved since
+                        futex.wait(self._addr + 8 * word, seen, 1e-3)
+                else:
+                    time.sleep(2e-4)
+                if now - check > 5e-3:
+                    check = now
+                    self._sync.check_alive([peer], fp)
+                    if now - start > timeout:
+                        raise CollectiveTimeoutError(
+                            f"rank {self._sync.where}: shm {what} group rank {peer} (tag {tag}) timed out after "
+                            f"{timeout:g}s in group {self._sync.group!r}\nHINT: the peer never posted the matching op"
+                        )
+        finally:
+            if sleeping:
+                ctrl[flag] = 0
