@@ -37,6 +37,10 @@ class Algorithms:
         self.stage = u8[layout.staging : layout.mailboxes].view(self.world, 2, STAGING_SLOT_BYTES)
         self._typed: dict = {}  # (slot, dtype[, "np"]) -> view of every rank's slot
         self._rounds = 0  # staging rounds issued (parity picks the slot)
+        # numpy views of recent small allreduce operands, by (address, bytes, dtype): making one costs more
+        # than the reduction. A view keeps its tensor's memory alive, so an address in here is never reused
+        # for other memory while its entry lives (at most 64 entries of at most SMALL_BYTES each).
+        self._arrays: dict = {}
 
     # -- staging ---------------------------------------------------------------------------
     def _next_slot(self) -> int:
@@ -66,7 +70,7 @@ class Algorithms:
 
     def close(self) -> None:
         self.stage = None
-        self._typed = {}
+        self._typed, self._arrays = {}, {}
 
     # -- collectives -----------------------------------------------------------------------
     def allreduce(self, t: torch.Tensor, op: ReduceOp, fp: Fingerprint | None) -> None:
@@ -76,9 +80,12 @@ class Algorithms:
             return
         if nbytes <= SMALL_BYTES and t.dtype in NUMPY_DTYPES and (world == 2 or t.dtype is not torch.float16):
             # Latency path in numpy (a third of torch's per-call overhead); fp16 pairs round once either way.
-            a = (t.detach() if t.requires_grad else t).numpy()
-            if a.ndim != 1:
-                a = a.reshape(-1)
+            key = (t.data_ptr(), nbytes, t.dtype)
+            a = self._arrays.get(key)
+            if a is None:
+                if len(self._arrays) >= 64:
+                    self._arrays.clear()
+                a = self._arrays[key] = (t.detach() if t.requires_grad else t).numpy().reshape(-1)
             n = a.shape[0]
             rows = self._np_rows(self._next_slot(), t.dtype)
             rows[self.rank, :n] = a
