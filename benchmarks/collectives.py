@@ -105,7 +105,8 @@ def _row_table(spec: dict, variants: dict, barrier, slowest, rank: int = 0) -> l
                 if run is None:
                     continue
                 reps = spec["reps"] if size < (64 << 20) else max(2, spec["reps"] // 2)
-                stats = measure(run, barrier, iters=iters_for(size), reps=reps, slowest=slowest)
+                iters = iters_for(size, hi=spec.get("max_iters", 500))
+                stats = measure(run, barrier, iters=iters, reps=reps, slowest=slowest)
                 rows.append({"row": name, "op": op, "bytes": size, "ranks": spec["world"], **stats})
                 del run
     return rows
@@ -378,6 +379,8 @@ def main() -> None:
         for world in worlds:
             job_sizes = sizes if world == 2 or not args.quick else [s for s in sizes if s in (4 << 10, 64 << 20)]
             spec = {"sizes": job_sizes, "ops": list(OPS), "reps": reps, "world": world}
+            if args.quick:
+                spec["max_iters"] = 200  # a 4 KiB gloo call takes about 1 ms: bound each repetition
             if world >= 8:  # the crowded case: small messages only, the rows the waiting strategy is about
                 spec.update(sizes=[4 << 10], ops=["allreduce", "allgather"], only=["shm", "shm direct", "gloo"])
             for p in PRODUCERS:
