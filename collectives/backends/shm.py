@@ -49,7 +49,6 @@ class ShmBackend(InlineCheckingBackend):
     """Collectives over one shared segment per group. Build with :meth:`create` (all ranks)."""
 
     name: ClassVar[str] = "shm"
-    checks_inline: ClassVar[bool] = True
 
     def __init__(
         self, seg: Segment, rank: int, world: int, timeout: float, where: str, group: str, global_ranks: Sequence[int]
