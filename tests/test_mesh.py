@@ -16,6 +16,7 @@ from disttrain.parallel.pipeline_parallel import SCHEDULES, balance_stages, chec
 pytestmark = pytest.mark.timeout(60)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("dims", [(2, 2, 1), (2, 1, 2), (1, 2, 2), (4, 1, 1), (1, 1, 4), (1, 4, 1), (2, 3, 1)])
 def test_axis_groups_partition_the_world(dims):
     shape = MeshShape(*dims)
@@ -32,11 +33,13 @@ def test_axis_groups_partition_the_world(dims):
     assert [shape.rank_of(**shape.coords(r)) for r in range(shape.world_size)] == list(range(shape.world_size))
 
 
+@pytest.mark.unit
 def test_tp_peers_are_neighbours():
     assert MeshShape(2, 2, 1).axis_groups("tp") == [[0, 1], [2, 3]]
     assert MeshShape(2, 2, 1).axis_groups("dp") == [[0, 2], [1, 3]]
 
 
+@pytest.mark.unit
 def test_resolve_shape_fills_dp_and_explains_bad_layouts():
     assert resolve_shape(8, "auto", 2, 2) == MeshShape(2, 2, 2)
     with pytest.raises(MeshError, match=r"tp \(3\) x pp \(1\) = 3 does not divide the world size \(4\)[\s\S]*HINT"):
@@ -47,6 +50,7 @@ def test_resolve_shape_fills_dp_and_explains_bad_layouts():
         resolve_shape(4, "auto", 0, 1)
 
 
+@pytest.mark.unit
 def test_model_that_does_not_divide_is_refused():
     model = GPT(70, n_layer=2, n_head=2, d_model=16, seq_len=8)
     validate_layout(model, MeshShape(2, 2, 1))
@@ -58,6 +62,7 @@ def test_model_that_does_not_divide_is_refused():
         validate_layout(GPT(70, n_layer=2, n_head=2, d_model=16, seq_len=8, dropout=0.1), MeshShape(2, 2, 1))
 
 
+@pytest.mark.unit
 def test_balance_stages_by_cost():
     assert balance_stages([1, 1, 1, 1], 2) == [[0, 1], [2, 3]]
     assert balance_stages([1, 1, 1, 1], 4) == [[0], [1], [2], [3]]
@@ -99,6 +104,7 @@ def simulate(schedule: str, p: int, m: int, tf: float = 1.0, tb: float = 2.0) ->
     return [1 - b / total for b in busy]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 @pytest.mark.parametrize("p,m", [(2, 1), (2, 4), (4, 4), (4, 8), (3, 5)])
 def test_schedules_have_the_formula_bubble(schedule, p, m):
@@ -111,6 +117,7 @@ def test_schedules_have_the_formula_bubble(schedule, p, m):
     assert sum(idle) / p == pytest.approx(formula, abs=1e-9)
 
 
+@pytest.mark.unit
 def test_1f1b_bounds_activations_in_flight():
     p, m = 4, 8
     for s in range(p):

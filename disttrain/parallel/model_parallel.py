@@ -293,9 +293,10 @@ class ModelParallel:
             p.grad = gr
 
 
-def build_model_parallel(cfg, model: nn.Module, make_optimizer, comm: Communicator) -> ModelParallel:
-    """Every rank, collectively: the dp x tp x pp strategy for ``model`` (``cfg`` = parallel section)."""
-    return ModelParallel(model, make_optimizer, comm, cfg)
+def build_model_parallel(cfg, model: nn.Module, optim, comm: Communicator) -> ModelParallel:
+    """Every rank, collectively: the dp x tp x pp strategy for ``model`` (``cfg`` = parallel section);
+    ``optim`` is the :class:`.strategy.OptimizerSpec`."""
+    return ModelParallel(model, optim.factory_for(model), comm, cfg)
 
 
 def uses_model_parallel(cfg) -> bool:
