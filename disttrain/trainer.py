@@ -341,6 +341,9 @@ class Trainer:
         collate = collate if collate is not None else self.data.collate if self.data is not None else None
         step_fn = step_fn or self.step_fn
         n = min(len(dataset), max_samples or self.cfg.train.eval_samples)
+        # Every rank takes the same number of samples, so the same number of forward passes: sharded
+        # strategies (ZeRO-3, tp, pp) run collectives inside forward. A tiny eval split repeats samples.
+        n = max(self.dp_size, n - n % self.dp_size)
         idx = torch.linspace(0, len(dataset) - 1, n).long()
         mine = idx[self.dp_rank * n // self.dp_size : (self.dp_rank + 1) * n // self.dp_size]
         per_rank = max(1, self.cfg.train.batch_size // self.dp_size)
