@@ -90,6 +90,7 @@ class Zero:
         options = {p: optim.options(n, p) for n, p in named}
         self.blocks: list[nn.Module] = []
         self.root: FlatUnit | None = None  # ZeRO-3: the unit of everything outside the blocks
+        self._eval_gathered = False  # ZeRO-3: every unit gathered for evaluation forwards
         if stage == 3:
             self.blocks = blocks if blocks is not None else [m for _, m in find_units(model, cfg.zero.units)]
             self.blocks = [b for b in self.blocks if b is not model]
@@ -165,14 +166,30 @@ class Zero:
             self.block_units[i].start_gather(self.ag_comm)
 
     def _root_pre(self, module, args) -> None:
+        if not (torch.is_grad_enabled() and module.training):
+            # Evaluation: gather every unit once and keep them until the next training forward or
+            # optimizer step, so ranks may run different numbers of eval batches (an uneven split)
+            # without their gathers going out of step: only the first eval forward communicates.
+            if not self._eval_gathered:
+                for u in self.units:
+                    u.start_gather(self.ag_comm)
+                for u in self.units:
+                    self._ensure(u)
+                self._eval_gathered = True
+            return
+        if self._eval_gathered:
+            self._drop_eval_gather()
         self._forwards += 1
         if self.root.module is self.model:
             self._ensure(self.root)
         self._prefetch(0)
 
+    def _drop_eval_gather(self) -> None:
+        self._eval_gathered = False
+        self._free_all()
+
     def _root_post(self, module, args, out) -> None:
-        if not (torch.is_grad_enabled() and module.training):
-            self._free_all()
+        pass  # training keeps the root gathered until the backward is done (``_flush``)
 
     def _block_pre(self, i: int) -> None:
         self._ensure(self.block_units[i])
@@ -184,6 +201,8 @@ class Zero:
             for t in torch.utils._pytree.tree_leaves(out):
                 if isinstance(t, torch.Tensor) and t.requires_grad:
                     t.register_hook(lambda g, i=i: self._pre_backward(i))
+        if self._eval_gathered:
+            return
         if not training or i != len(self.block_units) - 1:  # the last block is needed first in backward
             self.block_units[i].free()
 
@@ -276,6 +295,8 @@ class Zero:
         return [m.grad for m in self.masters]
 
     def optimizer_step(self) -> None:
+        if self._eval_gathered:  # the gathered copies would be stale
+            self._drop_eval_gather()
         self.optimizer.step()
         if self.stage < 3:
             works = [u.refresh_full(self.comm) for u in self.units]
@@ -299,8 +320,9 @@ class Zero:
     def memory_bytes(self) -> dict[str, int]:
         """This rank's bytes of parameters (full buffers, or masters + gathered for stage 3),
         gradients (buckets or shards) and optimizer state, now."""
-        if self.stage == 3:
-            params = sum(u.master.numel() * u.master.element_size() + u.gathered_bytes() for u in self.units)
+        if self.stage == 3:  # copies gathered for evaluation are transient (dropped at the next training forward)
+            gathered = 0 if self._eval_gathered else sum(u.gathered_bytes() for u in self.units)
+            params = sum(u.master.numel() * u.master.element_size() for u in self.units) + gathered
         else:
             params = sum(u.full.numel() * 4 for u in self.units)
         grads = self.buckets.nbytes() if self.stage == 1 else sum(u.gshard.numel() * 4 for u in self.units)
@@ -344,6 +366,8 @@ class Zero:
 
     def load_state_shards(self, read: ShardReader) -> None:
         """Read this rank's pieces (stages 1/2 read whole parameters, since every rank holds them). Local."""
+        if self._eval_gathered:  # gathered copies of the old state
+            self._drop_eval_gather()
         with torch.no_grad():
             if self.stage < 3:
                 for u in self.units:

@@ -193,12 +193,17 @@ class Run:
 
 def train_case(runs: list[dict], backend: str = "torch") -> dict:
     """Each run: train ``steps`` steps. With ``run_dir``: resume from its newest checkpoint first, and
-    save (asynchronously) at each step in ``save_at`` and at the end."""
+    save (asynchronously) at each step in ``save_at`` and at the end. ``world: 1`` runs on rank 0 alone."""
     comm = collectives.init(backend, timeout=120)
     out = {}
     try:
         for run in runs:
-            r = Run(comm, run, run.get("run_dir"))
+            c = comm
+            if run.get("world") == 1:  # rank 0 alone, on a communicator of its own: a 1-rank job
+                c = comm.new_group([0])
+                if c is None:
+                    continue
+            r = Run(c, run, run.get("run_dir"))
             resumed = r.ckpt.resume(r) if r.ckpt and run.get("resume") else None
             after_load = state_of(r.model, r.strategy) if resumed is not None else None
             while r.step < run["steps"]:
@@ -218,7 +223,7 @@ def train_case(runs: list[dict], backend: str = "torch") -> dict:
     return out
 
 
-# -- the matrix the tests read: three spawns (2 ranks, then 3 and 1 rank resuming its checkpoints) ----
+# -- the matrix the tests read: two spawns (2 ranks; then 3 ranks, and rank 0 alone, resuming its checkpoints) --
 STRATEGIES = ["ddp", "zero1", "zero2", "zero3"]
 STEPS, BATCH, SAVE_AT = 4, 12, 2
 
@@ -240,7 +245,8 @@ def _equivalence_runs() -> list[dict]:
 
 def plan(tmp: str) -> dict:
     """Runs per world size. The 2-rank spawn also trains GPT-2 under ZeRO-3 (and ResNet under ddp with
-    sync BN) to step 2 with a checkpoint; the 3- and 1-rank spawns resume those with other strategies."""
+    sync BN) to step 2 with a checkpoint; the 3-rank spawn (and its rank 0 alone) resumes them with other
+    strategies."""
     gpt_dir, res_dir = os.path.join(tmp, "gpt2-zero3"), os.path.join(tmp, "resnet-ddp")
     two = _equivalence_runs() + [
         {"key": "gpt2/zero3+ac", "model": "gpt2", "strategy": "zero3", "steps": STEPS, "batch": BATCH,
@@ -258,16 +264,19 @@ def plan(tmp: str) -> dict:
          "resume": True, "parallel": {"sync_batchnorm": True}},
     ]  # fmt: skip
     three = _equivalence_runs() + [{**r, "strategy": "zero3" if r["model"] == "gpt2" else "zero2"} for r in resume]
-    one = [{**r, "strategy": "ddp" if r["model"] == "gpt2" else "zero3"} for r in resume]
+    # then rank 0 alone (after the 3-rank resumes, which save nothing, so both load the 2-rank checkpoint)
+    three += [{**r, "key": f"{r['key']}@1", "world": 1, "strategy": "ddp" if r["model"] == "gpt2" else "zero3"}
+              for r in resume]  # fmt: skip
     ref = [{"key": m, "model": m, "steps": STEPS, "batch": BATCH} for m in ("gpt2", "resnet")]
-    return {"ref": ref, 2: two, 3: three, 1: one, "dirs": {"gpt2": gpt_dir, "resnet": res_dir}}
+    return {"ref": ref, 2: two, 3: three, "dirs": {"gpt2": gpt_dir, "resnet": res_dir}}
 
 
 _cache: dict = {}
 
 
 def results(backend: str = "torch") -> dict:
-    """{"ref": reference results, 1/2/3: per-rank results, "dirs": checkpoint run dirs}; spawned once."""
+    """{"ref": reference results, 2/3: per-rank results, "dirs": checkpoint run dirs}; spawned once.
+    The 1-rank resumes are in rank 0's results of the 3-rank spawn, keyed ``<model>/resume@1``."""
     if backend not in _cache:
         import atexit
         import shutil
@@ -279,7 +288,7 @@ def results(backend: str = "torch") -> dict:
         atexit.register(shutil.rmtree, tmp, True)
         p = plan(tmp)
         out = {"ref": reference_case(p["ref"]), "dirs": p["dirs"]}
-        for world in (2, 3, 1):  # 3 and 1 resume what 2 saved
+        for world in (2, 3):  # 3 (and 1) resume what 2 saved
             args = {"runs": p[world], "backend": backend}
             out[world] = spawn("tests.cases.hf_strategies:train_case", world, timeout=900, args=args)
         _cache[backend] = out
