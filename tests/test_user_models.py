@@ -5,9 +5,9 @@ through real ``disttrain run`` / ``disttrain launch`` processes.
 Equivalence: N ranks give one process's parameters on the same global batch, read from each run's
 final checkpoint. Tolerance ATOL (absolute, every parameter, after 6 steps): the layouts differ only
 in the float32 summation order of gradients (per-rank partial sums, then the allreduce or
-reduce-scatter), slightly amplified by Adam's normalisation. The ResNet runs with frozen BatchNorm
-(running statistics, ``frozen_batchnorm: true``): train-mode BatchNorm normalises over each rank's
-share of the batch, which is not one process's computation (sync_batchnorm is the strategies' half).
+reduce-scatter), slightly amplified by Adam's normalisation. The ResNet's BatchNorm runs in train
+mode with ``parallel.sync_batchnorm: true`` (statistics of the global batch), and its running
+statistics (checkpointed buffers) are compared too.
 A killed-and-resumed run is compared bit for bit with the uninterrupted one.
 """
 
@@ -28,7 +28,7 @@ RESNET = os.path.join(ROOT, "examples", "resnet_digits")
 ATOL = 2e-5
 FAST = ["train.steps=6", "train.log_every=3", "train.eval_every=0", "train.eval_samples=32", "checkpoint.every=3"]
 GPT2_ARGS = [*FAST, "train.batch_size=6", "model.kwargs.seq_len=32", "data.kwargs.seq_len=32"]
-RESNET_ARGS = [*FAST, "train.batch_size=12", "model.kwargs.frozen_batchnorm=true"]
+RESNET_ARGS = [*FAST, "train.batch_size=12", "parallel.sync_batchnorm=true"]
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -133,4 +133,5 @@ def test_resnet_yaml_ranks_equal_one_process(tmp_path_factory):
     one = _params(_run(tmp_path_factory, yaml, "resnet-1", 1, *RESNET_ARGS))
     two = _params(_run(tmp_path_factory, yaml, "resnet-z1", 2, *RESNET_ARGS, "parallel.strategy=zero1"))
     assert any(n.endswith("normalization.weight") for n in one)
+    assert any(n.endswith("running_mean") and float(one[n].abs().max()) > 0 for n in one)  # buffers, trained
     assert _max_diff(one, two) <= ATOL, f"zero1 on 2 ranks: {_max_diff(one, two)}"

@@ -3,8 +3,9 @@ would bring it: a model factory and a dataset factory. The built-in cross-entrop
 model's ImageClassifierOutput (its ``logits``) from (pixel_values, label) batches.
 
 BatchNorm in train mode normalises over each rank's share of the batch (as with torch DDP), so
-N ranks differ slightly from one process. ``frozen_batchnorm=True`` makes BatchNorm use its
-running statistics (fine-tuning style): then N ranks equal one process exactly.
+N ranks differ slightly from one process; ``parallel.sync_batchnorm: true`` normalises over the
+global batch instead (N ranks then equal one process, running statistics included).
+``frozen_batchnorm=True`` makes BatchNorm use its running statistics (fine-tuning style).
 """
 
 from __future__ import annotations
