@@ -93,7 +93,8 @@ class Trainer:
             batches = [tuple(t.to(self.device) for t in self.task.batch(mb)) for mb in micro]
             global_count = self.cfg.train.batch_size * self.task.units_per_sample
             with self._autocast():
-                local_loss = fb(batches, lambda logits, y: self.task.loss_sum(logits, y) / global_count)
+                scale = self.scaler.scale_value if self.scaler else 1.0
+                local_loss = fb(batches, lambda logits, y: self.task.loss_sum(logits, y) / global_count, scale)
             micro = []
         for i, mb in enumerate(micro):
             last = i == len(micro) - 1

@@ -62,8 +62,8 @@ LAYOUTS = {  # name -> (overrides, reference, extra run options)
 REFUSED = {  # name -> (overrides, words the message must contain)
     "world": (mesh("auto", 3, 1), ["tp (3)", "does not divide the world size (4)", "HINT"]),
     "product": (mesh(2, 2, 2), ["= 8", "world size is 4", "HINT"]),
-    "heads": (mesh(1, 4, 1) + ["model.n_head=2"], ["2 attention heads", "tp=4", "HINT"]),
-    "layers": (mesh(1, 1, 4) + ["model.n_layer=2"], ["2 blocks", "pp=4", "HINT"]),
+    "heads": (mesh(1, 4, 1) + ["model.n_head=2"], ["n_head = 2", "tp=4", "blocks.*.attn.qkv", "HINT"]),
+    "layers": (mesh(1, 1, 4) + ["model.n_layer=1"], ["3 pipeline units, fewer than 4 stages", "HINT"]),
     "stages": (mesh(2, 1, 2) + ["parallel.pipeline.stages=[[0],[1,2]]"], ["stages", "HINT"]),
     "zero3": (mesh(2, 2, 1) + ["parallel.strategy=zero3"], ["zero3", "HINT"]),
 }

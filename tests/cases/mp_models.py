@@ -1,0 +1,291 @@
+"""Rank functions for tensor/pipeline parallel on users' models: transformers Llama and GPT-2
+built from their configs, and a user's own small transformer with a plan given as YAML would.
+
+Each run trains a few AdamW steps (clip 1.0) through :class:`ModelParallel` (or, for the
+reference, a plain single-process loop) on fixed random token batches, then writes this
+rank's state as Shards for the test to assemble into full logical tensors.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import collectives
+
+VOCAB, SEQ, BATCH, STEPS = 96, 16, 8, 3
+
+
+# -- models -----------------------------------------------------------------------------------
+class UserAttention(nn.Module):
+    def __init__(self, d: int, n_heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, d // n_heads  # n_heads is adjusted per tp rank by the plan
+        self.dropout = dropout  # on the attention probabilities: a tp-sharded region (this rank's heads)
+        self.q, self.k, self.v, self.out = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (m(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2) for m in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+class UserBlock(nn.Module):
+    def __init__(self, d: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = UserAttention(d, n_heads, dropout)
+        self.ff_in, self.ff_out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        x = x + self.drop(self.attn(self.norm1(x)))
+        return x + self.drop(self.ff_out(F.gelu(self.ff_in(self.norm2(x)))))
+
+
+class UserLM(nn.Module):
+    """A user's own transformer: no positional embedding (causal attention is enough here), so
+    every stage is a plain sequence and sequence parallelism applies from the embedding on."""
+
+    def __init__(self, vocab: int = VOCAB, d: int = 32, n_heads: int = 4, n_layer: int = 2, dropout: float = 0.0):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(UserBlock(d, n_heads, dropout) for _ in range(n_layer))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(self.norm(x))
+
+
+USER_PLAN = {  # as it would be written under parallel.tp.plan
+    "emb": "vocab",
+    "blocks.*.attn.[qkv]": "colwise",
+    "blocks.*.attn.out": "rowwise",
+    "blocks.*.ff_in": "colwise",
+    "blocks.*.ff_out": "rowwise",
+    "head": "colwise_gather",
+}
+USER_SP_PLAN = {**USER_PLAN, "blocks.*.norm[12]": "sequence", "blocks.*.drop": "sequence", "norm": "sequence"}
+
+
+def build(kind: str, dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "user":
+        return UserLM(dropout=dropout)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            bos_token_id=0,
+            eos_token_id=1,
+        )
+        return transformers.LlamaForCausalLM(cfg)
+    cfg = transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def batches(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g)
+    return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+
+
+def loss_fn(out, y):
+    from disttrain.parallel.vocab_parallel import cross_entropy
+
+    logits = out.logits if hasattr(out, "logits") else out
+    return cross_entropy(logits, y, reduction="sum") / (BATCH * SEQ)  # over the global batch
+
+
+def parallel_cfg(dp, tp, pp, schedule="1f1b", v=1, plan=None, strategy="ddp", split=None, mb=4, loss_parallel=True):
+    from disttrain.config import ParallelConfig
+
+    return ParallelConfig.model_validate(
+        {
+            "strategy": strategy,
+            "mesh": {"dp": dp, "tp": tp, "pp": pp},
+            "pipeline": {"schedule": schedule, "microbatches": mb, "virtual_stages": v, "split": split},
+            "tp": {"plan": plan, "loss_parallel": loss_parallel},
+        }
+    )
+
+
+# -- runs -------------------------------------------------------------------------------------
+def _shard_dicts(shards) -> list[dict]:
+    return [
+        {"name": s.name, "tensor": s.tensor.detach().clone(), "global_shape": s.global_shape, "box": s.box}
+        for s in shards
+    ]
+
+
+def _reader(full: dict[str, torch.Tensor]):
+    def read(name, global_shape, box, flat):
+        t = full[name]
+        if tuple(t.shape) != tuple(global_shape):
+            raise KeyError(f"{name}: shape {tuple(t.shape)} != {tuple(global_shape)}")
+        for d, (a, b) in enumerate(box):
+            t = t.narrow(d, a, b - a)
+        return t.clone()
+
+    return read
+
+
+def _reference(run: dict, out_dir: str) -> dict:
+    """One process, no strategy: the plain model, AdamW, clip_grad_norm_."""
+    model = build(run["model"], run.get("dropout", 0.0))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01, eps=1e-6)
+    start, losses = 0, []
+    if run.get("load_from"):
+        deadline = time.monotonic() + 300
+        while not os.path.exists(run["load_from"]) and time.monotonic() < deadline:  # written by the 4-rank world
+            time.sleep(0.2)
+        full = torch.load(run["load_from"])
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(full[f"model.{n}"])
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()  # materialise the state, then overwrite it
+        for n, p in model.named_parameters():
+            for k, v in opt.state[p].items():
+                v.copy_(full[f"optim.{n}.{k}"])
+        start = run["start_step"]
+    for step in range(start, run.get("steps", STEPS)):
+        x, y = batches(step)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss))
+    shards = []
+    for n, p in model.named_parameters():
+        shards.append(
+            {
+                "name": f"model.{n}",
+                "tensor": p.detach().clone(),
+                "global_shape": tuple(p.shape),
+                "box": tuple((0, s) for s in p.shape),
+            }
+        )
+        for k, v in opt.state[p].items():
+            shards.append(
+                {
+                    "name": f"optim.{n}.{k}",
+                    "tensor": v.clone(),
+                    "global_shape": tuple(v.shape),
+                    "box": tuple((0, s) for s in v.shape),
+                }
+            )
+    torch.save(shards, os.path.join(out_dir, "rank0.pt"))
+    return {"losses": losses}
+
+
+def _strategy(comm, run: dict):
+    from disttrain.parallel.model_parallel import ModelParallel
+    from disttrain.parallel.strategy import build_strategy
+
+    model = build(run["model"], run.get("dropout", 0.0))
+    make = lambda ps: torch.optim.AdamW(list(ps), lr=3e-3, weight_decay=0.01, eps=1e-6)  # noqa: E731
+    if run.get("ddp"):  # plain data parallel, the strategy build_strategy picks for dp only
+        return build_strategy(parallel_cfg(comm.world_size, 1, 1), model, make, comm)
+    return ModelParallel(model, make, comm, parallel_cfg(**run["layout"]), seed=0)
+
+
+def _train(comm, run: dict, out_dir: str) -> dict:
+    torch.manual_seed(0)
+    s = _strategy(comm, run)
+    if run.get("load_from"):
+        s.load_state_shards(_reader(torch.load(run["load_from"])))
+        if run.get("rng_from"):
+            torch.set_rng_state(torch.load(run["rng_from"])[comm.rank])
+    dp_rank, dp_size = getattr(s, "dp_rank", comm.rank), getattr(s, "dp_size", comm.world_size)
+    losses = []
+    for step in range(run.get("start_step", 0), run.get("stop_at", run.get("steps", STEPS))):
+        x, y = batches(step)
+        lo, hi = dp_rank * BATCH // dp_size, (dp_rank + 1) * BATCH // dp_size
+        x, y = x[lo:hi], y[lo:hi]
+        if hasattr(s, "forward_backward"):
+            loss = s.forward_backward([(x, y)], loss_fn)
+        else:
+            with s.accumulate(True):
+                out = loss_fn(s.model(x), y)
+                out.backward()
+            loss = float(out)
+        s.finish_gradients()
+        s.clip_grad_norm(1.0)
+        s.optimizer_step()
+        s.zero_grad()
+        t = torch.tensor([loss], dtype=torch.float64)
+        comm.allreduce(t, collectives.ReduceOp.SUM)
+        losses.append(float(t) / (comm.world_size // dp_size))
+    torch.save(_shard_dicts(s.state_shards()), os.path.join(out_dir, f"rank{comm.rank}.pt"))
+    if run.get("save_rng"):
+        states = [torch.empty_like(torch.get_rng_state()) for _ in range(comm.world_size)]
+        comm.allgather(states, torch.get_rng_state())
+        if comm.rank == 0:
+            torch.save(states, run["save_rng"])
+    comm.barrier()
+    if run.get("save_full") and comm.rank == 0:
+        from tests.cases.mp_train import assemble
+
+        full = assemble([os.path.join(out_dir, f"rank{r}.pt") for r in range(comm.world_size)])
+        torch.save(full, run["save_full"] + ".tmp")
+        os.replace(run["save_full"] + ".tmp", run["save_full"])  # another world polls for it
+    comm.barrier()
+    return {"losses": losses}
+
+
+def many(runs: list[dict], out_dir: str) -> dict:
+    """One world, many runs in turn. A run is {"name", "model", "layout"|"ddp"|"reference", ...};
+    a run with "expect_error" returns the error's type and message instead."""
+    comm = collectives.init("torch", timeout=300) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    results = {}
+    for run in runs:
+        d = os.path.join(out_dir, run["name"])
+        os.makedirs(d, exist_ok=True)
+        if run.get("reference"):
+            results[run["name"]] = _reference(run, d)
+            continue
+        if run.get("expect_error"):
+            try:
+                _train(comm, run, d)
+                results[run["name"]] = {"error": ""}
+            except Exception as exc:  # noqa: BLE001 - the message is what is under test
+                from disttrain.errors import ConfigError
+
+                results[run["name"]] = {"error": str(exc), "config_error": isinstance(exc, ConfigError)}
+            continue
+        results[run["name"]] = _train(comm, run, d)
+    if comm is not None:
+        comm.barrier()
+        comm.close()
+    return results
