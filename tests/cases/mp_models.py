@@ -29,8 +29,10 @@ class UserAttention(nn.Module):
         self.q, self.k, self.v, self.out = (nn.Linear(d, d) for _ in range(4))
 
     def forward(self, x):
-        b, t, _ = x.shape
-        q, k, v = (m(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2) for m in (self.q, self.k, self.v))
+        # Shapes from the projections' outputs: under sequence parallelism x holds 1/tp of the tokens.
+        q, k, v = (m(x) for m in (self.q, self.k, self.v))
+        b, t = q.shape[:2]
+        q, k, v = (z.view(b, t, self.n_heads, self.head_dim).transpose(1, 2) for z in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
@@ -168,15 +170,15 @@ def _reference(run: dict, out_dir: str) -> dict:
         while not os.path.exists(run["load_from"]) and time.monotonic() < deadline:  # written by the 4-rank world
             time.sleep(0.2)
         full = torch.load(run["load_from"])
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()  # materialise the state (this step's weight decay is overwritten below)
+        opt.zero_grad()
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.copy_(full[f"model.{n}"])
-        for p in model.parameters():
-            p.grad = torch.zeros_like(p)
-        opt.step()  # materialise the state, then overwrite it
-        for n, p in model.named_parameters():
-            for k, v in opt.state[p].items():
-                v.copy_(full[f"optim.{n}.{k}"])
+                for k, v in opt.state[p].items():
+                    v.copy_(full[f"optim.{n}.{k}"])
         start = run["start_step"]
     for step in range(start, run.get("steps", STEPS)):
         x, y = batches(step)
@@ -239,7 +241,7 @@ def _train(comm, run: dict, out_dir: str) -> dict:
             with s.accumulate(True):
                 out = loss_fn(s.model(x), y)
                 out.backward()
-            loss = float(out)
+            loss = float(out.detach())
         s.finish_gradients()
         s.clip_grad_norm(1.0)
         s.optimizer_step()
@@ -249,8 +251,10 @@ def _train(comm, run: dict, out_dir: str) -> dict:
         losses.append(float(t) / (comm.world_size // dp_size))
     torch.save(_shard_dicts(s.state_shards()), os.path.join(out_dir, f"rank{comm.rank}.pt"))
     if run.get("save_rng"):
-        states = [torch.empty_like(torch.get_rng_state()) for _ in range(comm.world_size)]
-        comm.allgather(states, torch.get_rng_state())
+        mine = torch.get_rng_state().view(torch.int32)  # the communicator moves int32, not uint8
+        states = [torch.empty_like(mine) for _ in range(comm.world_size)]
+        comm.allgather(states, mine)
+        states = [s.view(torch.uint8) for s in states]
         if comm.rank == 0:
             torch.save(states, run["save_rng"])
     comm.barrier()
