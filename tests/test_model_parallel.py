@@ -8,7 +8,7 @@ Tolerances (max absolute parameter difference after 6 steps; losses within 10x t
 * fp32: 2e-5. Layouts differ only in float32 summation order (per-rank partial sums,
   tp partial products, then allreduce), amplified a little by Adam's normalisation
   (measured: about 2.5e-6).
-* bf16 autocast: the difference to the bf16 one-process run, as a share of that run's whole
+* bf16 / fp16 autocast (fp16 with dynamic loss scaling): the difference to the bf16 one-process run, as a share of that run's whole
   update (||theta_mp - theta_ref|| / ||theta_ref - theta_0||), at most 0.1; losses within
   1e-2. Rounding happens at different places (tp sums fp32 partial products of bf16 matmuls,
   then rounds once), and Adam turns noise on near-zero gradients into whole steps, so a
@@ -42,6 +42,7 @@ def mesh(dp, tp, pp):
 GPIPE = ["parallel.pipeline.schedule=gpipe"]
 F1B = ["parallel.pipeline.schedule=1f1b"]
 BF16 = ["train.precision=bf16"]
+FP16 = ["train.precision=fp16"]
 ZERO1 = ["parallel.strategy=zero1"]
 MB = ["parallel.pipeline.microbatches=4"]
 
@@ -57,6 +58,7 @@ LAYOUTS = {  # name -> (overrides, reference, extra run options)
     "2x2x1-zero1": (mesh(2, 2, 1) + ZERO1, "fp32", {}),
     "2x2x1-bf16": (mesh(2, 2, 1) + BF16, "bf16", {}),
     "1x2x2-bf16-zero1": (mesh(1, 2, 2) + BF16 + ZERO1, "bf16", {}),
+    "1x2x2-fp16": (mesh(1, 2, 2) + FP16, "fp16", {}),  # dynamic loss scaling through the pipeline
 }
 
 REFUSED = {  # name -> (overrides, words the message must contain)
@@ -90,7 +92,12 @@ def world(tmp_path_factory):
         {"name": "eval-1x1x4", "overrides": mesh(1, 1, 4), "eval": True},
     ]
     runs.append({"name": "vocab-ce", "vocab_ce": True})
-    reference = [{"name": "ref-fp32"}, {"name": "ref-bf16", "overrides": BF16}, {"name": "ref-eval", "eval": True}]
+    reference = [
+        {"name": "ref-fp32"},
+        {"name": "ref-bf16", "overrides": BF16},
+        {"name": "ref-fp16", "overrides": FP16},
+        {"name": "ref-eval", "eval": True},
+    ]
     # The one-process reference runs beside the 4-rank world (processes start in parallel).
     pool = concurrent.futures.ThreadPoolExecutor(1)
     ref = pool.submit(

@@ -57,6 +57,10 @@ MODELS = ["llama", "gpt2", "user"]
 EXTRA = {  # name -> run
     "user-sequence-parallel": {"model": "user", "layout": {"dp": 2, "tp": 2, "pp": 1, "plan": USER_SP_PLAN}},
     "llama-zero1": {"model": "llama", "layout": {"dp": 2, "tp": 2, "pp": 1, "strategy": "zero1"}},
+    "user-parallelize-hook": {
+        "model": "user",
+        "layout": {"dp": 2, "tp": 2, "pp": 1, "parallelize": "tests.cases.mp_models:parallelize_user"},
+    },
     "gpt2-gathered-logits": {"model": "gpt2", "layout": {"dp": 2, "tp": 2, "pp": 1, "loss_parallel": False}},
 }
 DROP = {"model": "user", "dropout": 0.1, "layout": {"dp": 2, "tp": 2, "pp": 1, "plan": USER_PLAN}}
@@ -89,6 +93,14 @@ def world(tmp_path_factory):
         {"name": "drop-b", **DROP},
         {"name": "drop-ckpt", **DROP, "stop_at": 1, "save_full": drop_ckpt, "save_rng": rng},
         {"name": "drop-resume", **DROP, "load_from": drop_ckpt, "rng_from": rng, "start_step": 1},
+        {
+            "name": "drop-resume-control",
+            **DROP,
+            "load_from": drop_ckpt,
+            "rng_from": rng,
+            "start_step": 1,
+            "forget_tp_stream": True,
+        },
     ]
     runs += [
         {"name": f"bad-{n}", "model": "user", "layout": {"dp": 2, "tp": 2, "pp": 1, "plan": plan}, "expect_error": True}
@@ -136,7 +148,7 @@ def test_layout_matches_one_process(world, model, layout):
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("name", list(EXTRA))
-def test_sequence_parallel_zero1_and_gathered_logits_match_one_process(world, name):
+def test_sequence_parallel_zero1_hook_and_gathered_logits_match_one_process(world, name):
     _compare(world, name, EXTRA[name]["model"])
 
 
@@ -159,6 +171,9 @@ def test_dropout_under_tp_is_deterministic_and_resumes_bit_exactly(world):
     assert results[0]["drop-a"]["losses"][1:] == results[0]["drop-resume"]["losses"]
     # dropout really acted: the run differs from the same layout without dropout
     assert max(float((a[k] - plain[k]).abs().max()) for k in a if k.startswith("model.")) > 1e-4
+    # and the checkpointed tp-sharded stream matters: resuming without it draws other masks
+    control = _full(out, "drop-resume-control", 4)
+    assert any(not torch.equal(a[k], control[k]) for k in a if k.startswith("model."))
 
 
 @pytest.mark.timeout(900)

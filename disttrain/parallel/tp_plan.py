@@ -253,6 +253,16 @@ def apply_tp_plan(
     return model
 
 
+_ACTIVE: list[TPContext] = []  # the strategy's context while a parallelize hook runs
+
+
+def apply_plan(model: nn.Module, mesh: DeviceMesh, plan: dict[str, str]) -> nn.Module:
+    """For ``parallel.tp.parallelize`` hooks: apply ``plan`` to (part of) ``model`` with the
+    strategy's tp context (its dropout streams included). Every tp rank, locally."""
+    ctx = _ACTIVE[-1] if _ACTIVE else TPContext(mesh.group("tp"), mesh.size("tp"), mesh.index("tp"))
+    return apply_tp_plan(model, ctx, plan, "parallel.tp.parallelize", strict=True, loss_parallel=False)
+
+
 def import_target(spec: str, key: str):
     """``"pkg.mod:fn"`` -> the callable, or PlanError naming ``key``."""
     mod_name, sep, fn_name = spec.partition(":")
@@ -279,7 +289,12 @@ def apply_tensor_parallel(
     does all of it) or by the plan (configured, or the model's own). With ``loss_parallel`` a
     gathered head keeps its logits split by vocabulary (the loss is vocab-parallel). Local."""
     if parallelize:
-        out = import_target(parallelize, "parallel.tp.parallelize")(model, mesh)
+        fn = import_target(parallelize, "parallel.tp.parallelize")
+        _ACTIVE.append(ctx)
+        try:
+            out = fn(model, mesh)
+        finally:
+            _ACTIVE.pop()
         return model if out is None else out
     resolved, key, strict = resolve_plan(model, plan)
     return apply_tp_plan(model, ctx, resolved, key, strict, loss_parallel)

@@ -79,6 +79,13 @@ USER_PLAN = {  # as it would be written under parallel.tp.plan
 USER_SP_PLAN = {**USER_PLAN, "blocks.*.norm[12]": "sequence", "blocks.*.drop": "sequence", "norm": "sequence"}
 
 
+def parallelize_user(model: nn.Module, mesh) -> nn.Module:
+    """A ``parallel.tp.parallelize`` hook: what a plan says, applied by hand (torchtitan's shape)."""
+    from disttrain.parallel.tp_plan import apply_plan
+
+    return apply_plan(model, mesh, USER_PLAN)
+
+
 def build(kind: str, dropout: float = 0.0) -> nn.Module:
     torch.manual_seed(0)
     if kind == "user":
@@ -127,7 +134,9 @@ def loss_fn(out, y):
     return cross_entropy(logits, y, reduction="sum") / (BATCH * SEQ)  # over the global batch
 
 
-def parallel_cfg(dp, tp, pp, schedule="1f1b", v=1, plan=None, strategy="ddp", split=None, mb=4, loss_parallel=True):
+def parallel_cfg(
+    dp, tp, pp, schedule="1f1b", v=1, plan=None, strategy="ddp", split=None, mb=4, loss_parallel=True, parallelize=None
+):
     from disttrain.config import ParallelConfig
 
     return ParallelConfig.model_validate(
@@ -135,7 +144,7 @@ def parallel_cfg(dp, tp, pp, schedule="1f1b", v=1, plan=None, strategy="ddp", sp
             "strategy": strategy,
             "mesh": {"dp": dp, "tp": tp, "pp": pp},
             "pipeline": {"schedule": schedule, "microbatches": mb, "virtual_stages": v, "split": split},
-            "tp": {"plan": plan, "loss_parallel": loss_parallel},
+            "tp": {"plan": plan, "loss_parallel": loss_parallel, "parallelize": parallelize},
         }
     )
 
@@ -226,6 +235,8 @@ def _train(comm, run: dict, out_dir: str) -> dict:
     torch.manual_seed(0)
     s = _strategy(comm, run)
     if run.get("load_from"):
+        if run.get("forget_tp_stream"):  # the control: resume without the sharded-region dropout stream
+            s.rng.load = lambda state: None
         s.load_state_shards(_reader(torch.load(run["load_from"])))
         if run.get("rng_from"):
             torch.set_rng_state(torch.load(run["rng_from"])[comm.rank])
