@@ -87,12 +87,20 @@ class _ParallelModule(nn.Module):
         self.module = strategy.inner
         self._strategy = [strategy]  # not a submodule
 
-    def forward(self, x):
+    def forward(self, *args, **kwargs):
         s = self._strategy[0]
         if s.pipeline is not None:
-            return s.pipeline.infer(x)
+            if len(args) != 1 or kwargs:
+                raise MeshError(
+                    f"pipeline parallel: the model is called with {len(args)} positional and {sorted(kwargs)} keyword "
+                    "arguments; a pipeline's first stage takes one input\nHINT: call model(input_ids)"
+                )
+            return s.pipeline.infer(args[0])
         s._reset_rng()
-        return self.module(x)
+        try:
+            return self.module(*args, **kwargs)
+        finally:
+            s._reset_rng()
 
 
 class ModelParallel:
