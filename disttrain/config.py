@@ -152,10 +152,11 @@ class TensorParallelConfig(Section):
     parallelize: str | None = Field(
         None, description="Target 'pkg.mod:fn' called as fn(model, mesh) instead of a plan, for what a plan cannot say."
     )
-    loss_parallel: bool = Field(
-        True,
-        description="Keep the output head's logits split by vocabulary and use the vocab-parallel cross-entropy "
-        "(false: gather the logits, for step functions that need them whole).",
+    loss_parallel: bool | None = Field(
+        None,
+        description="Keep the output head's logits split by vocabulary and score them with the vocab-parallel "
+        "cross-entropy (never gathered). Default: on for the built-in loss, off for a loss.target step function "
+        "(which may need whole logits; it can use disttrain.parallel.vocab_parallel.cross_entropy and turn this on).",
     )
 
 

@@ -111,9 +111,11 @@ class ModelParallel:
         comm: Communicator,
         cfg,
         seed: int | None = None,
+        loss_parallel: bool | None = None,
     ):
         """Every rank, collectively. ``optim``: an OptimizerSpec (or a factory over parameters);
-        ``cfg``: the ``parallel`` config section; ``seed``: the run seed (default: torch's initial seed)."""
+        ``cfg``: the ``parallel`` config section; ``seed``: the run seed (default: torch's initial seed);
+        ``loss_parallel``: overrides ``cfg.tp.loss_parallel`` (None there: on)."""
         m = cfg.mesh
         shape = resolve_shape(comm.world_size, m.dp, m.tp, m.pp)
         if cfg.strategy not in SUPPORTED:
@@ -129,8 +131,9 @@ class ModelParallel:
         self.rng = RNGTracker(seed, self.mesh.index("tp"), self.mesh.index("pp")) if tp > 1 else None
         self.tp_ctx = TPContext(self.mesh.group("tp"), tp, self.mesh.index("tp"), rng=self.rng)
         if tp > 1:
+            lp = cfg.tp.loss_parallel if loss_parallel is None else loss_parallel
             model = apply_tensor_parallel(
-                model, self.mesh, self.tp_ctx, cfg.tp.plan, cfg.tp.parallelize, cfg.tp.loss_parallel
+                model, self.mesh, self.tp_ctx, cfg.tp.plan, cfg.tp.parallelize, True if lp is None else lp
             )
         # Names of the single-process model, by parameter identity (pipeline stages rename modules).
         logical = {id(p): n for n, p in model.named_parameters()}
