@@ -71,16 +71,18 @@ def _model(size: dict, vocab: int):
 def _ours(comm, task, size, layout, schedule="1f1b", microbatches=4, v=1):
     import torch
 
-    from disttrain.parallel.model_parallel import ModelParallel
+    from disttrain.parallel.model_parallel import build_model_parallel
 
     model = _model(size, task.num_classes)
-    return ModelParallel(
-        model, lambda ps: torch.optim.AdamW(ps, lr=1e-3), comm, _parallel_cfg(layout, schedule, microbatches, v), seed=0
-    )
+    cfg = _parallel_cfg(layout, schedule, microbatches, v)
+    return build_model_parallel(cfg, model, lambda ps: torch.optim.AdamW(ps, lr=1e-3), comm, seed=0)
 
 
 def _step_ours(s, batch, loss_fn):
-    s.forward_backward([batch], loss_fn)
+    if s.pipeline is not None:
+        s.forward_backward([batch], loss_fn)
+    else:
+        loss_fn(s.model(batch[0]), batch[1]).backward()
     s.finish_gradients()
     s.clip_grad_norm(1.0)
     s.optimizer_step()
@@ -183,9 +185,10 @@ def _llama_loss(out, y):
 def _llama_ours(comm, size):
     import torch
 
-    from disttrain.parallel.model_parallel import ModelParallel
+    from disttrain.parallel.model_parallel import build_model_parallel
 
-    return ModelParallel(_llama(size), lambda ps: torch.optim.AdamW(ps, lr=1e-3), comm, _parallel_cfg("2x2x1"), seed=0)
+    make = lambda ps: torch.optim.AdamW(ps, lr=1e-3)  # noqa: E731
+    return build_model_parallel(_parallel_cfg("2x2x1"), _llama(size), make, comm, seed=0)
 
 
 def _llama_peer(comm, size):

@@ -226,32 +226,6 @@ class ModelParallel:
     def accumulate(self, last: bool):
         return contextlib.nullcontext()
 
-    def forward_backward(self, micro_batches, loss_fn, loss_scale: float = 1.0) -> float:
-        """Every rank of the world: forward and backward this replica's share of the step.
-        ``micro_batches``: [(input, target)]; ``loss_fn(output, target)`` -> a scalar loss;
-        gradients are of ``loss * loss_scale`` (fp16). Returns the unscaled loss sum."""
-        if self.pipeline is None:
-            total = 0.0
-            for x, y in micro_batches:
-                if isinstance(x, torch.Tensor) and len(x) == 0:
-                    continue
-                self._reset_rng()
-                loss = loss_fn(self.inner(x), y)
-                (loss * loss_scale if loss_scale != 1.0 else loss).backward()
-                total += float(loss.detach())
-            self._reset_rng()
-            return total
-        # The pipeline's own micro-batching replaces the trainer's (losses are sums over the
-        # global count, so any split gives the same gradient).
-        x = _cat_batches([b[0] for b in micro_batches])
-        y = _cat_batches([b[1] for b in micro_batches])
-        n = len(y) if isinstance(y, torch.Tensor) else self.cfg.pipeline.microbatches
-        m = min(self.cfg.pipeline.microbatches, n)
-        mbs = list(zip(_split_batch(x, m), _split_batch(y, m))) if m else []
-        loss = self.pipeline.run(mbs, loss_fn, loss_scale)
-        self._reset_rng()
-        return loss
-
     def finish_gradients(self) -> None:
         for p in self.params:
             if p.grad is None:
@@ -432,9 +406,38 @@ class ModelParallel:
             p.grad = gr
 
 
-def build_model_parallel(cfg, model: nn.Module, optim, comm: Communicator) -> ModelParallel:
-    """Every rank, collectively: the dp x tp x pp strategy for ``model`` (``cfg`` = parallel section)."""
-    return ModelParallel(model, optim, comm, cfg)
+class PipelineParallel(ModelParallel):
+    """ModelParallel with pp > 1: it schedules the micro-batches itself (``forward_backward``)."""
+
+    def forward_backward(self, micro_batches, loss_fn, loss_scale: float = 1.0) -> float:
+        """Every rank of the world: forward and backward this replica's share of the step.
+        ``micro_batches``: [(input, target)]; ``loss_fn(output, target)`` -> a scalar loss;
+        gradients are of ``loss * loss_scale`` (fp16). Returns the unscaled loss sum."""
+        # The pipeline's own micro-batching replaces the trainer's (losses are sums over the
+        # global count, so any split gives the same gradient).
+        x = _cat_batches([b[0] for b in micro_batches])
+        y = _cat_batches([b[1] for b in micro_batches])
+        n = len(y) if isinstance(y, torch.Tensor) else self.cfg.pipeline.microbatches
+        m = min(self.cfg.pipeline.microbatches, n)
+        mbs = list(zip(_split_batch(x, m), _split_batch(y, m))) if m else []
+        loss = self.pipeline.run(mbs, loss_fn, loss_scale)
+        self._reset_rng()
+        return loss
+
+    def last_stage_broadcast(self, values: list[float]) -> list[float]:
+        """Collective over the pp group: the last stage's ``values`` on every stage."""
+        t = torch.tensor(values, dtype=torch.float64)
+        self.mesh.group("pp").broadcast(t, src=self.mesh.size("pp") - 1)
+        return t.tolist()
+
+
+def build_model_parallel(
+    cfg, model: nn.Module, optim, comm: Communicator, seed: int | None = None, loss_parallel: bool | None = None
+) -> ModelParallel:
+    """Every rank, collectively: the dp x tp x pp strategy for ``model`` (``cfg`` = parallel section);
+    ``optim``: the OptimizerSpec (or a factory). With pp > 1 it schedules micro-batches itself."""
+    cls = PipelineParallel if cfg.mesh.pp > 1 else ModelParallel
+    return cls(model, optim, comm, cfg, seed=seed, loss_parallel=loss_parallel)
 
 
 def uses_model_parallel(cfg) -> bool:

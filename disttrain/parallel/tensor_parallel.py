@@ -334,7 +334,9 @@ class VocabParallelEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         outside = (ids < self.start) | (ids >= self.stop)
         local = (ids - self.start).masked_fill(outside, 0)
-        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        pad = self.padding_idx
+        pad = pad - self.start if pad is not None and self.start <= pad < self.stop else None  # no gradient there
+        out = F.embedding(local, self.weight, padding_idx=pad).masked_fill(outside.unsqueeze(-1), 0.0)
         out = _leave(out, self.ctx)
         self.ctx.replicated_region()
         return out

@@ -81,7 +81,7 @@ class _StopAt:
 
 
 def _train_one(comm, run: dict, out_dir: str) -> dict:
-    from disttrain.parallel.model_parallel import ModelParallel
+    from disttrain.parallel.model_parallel import build_model_parallel
     from disttrain.trainer import build_optimizer
 
     cfg = make_config(run.get("overrides", []) + [f"run.dir={out_dir}/rundir"])
@@ -93,7 +93,8 @@ def _train_one(comm, run: dict, out_dir: str) -> dict:
 
         seed_everything(cfg.run.seed)  # a fresh model: the default strategy hooked the first one
         trainer.model = build_model(cfg.model, 0, trainer.task.num_classes)
-        trainer.strategy = ModelParallel(trainer.model, lambda ps: build_optimizer(cfg.optim, ps), comm, cfg.parallel)
+        make = lambda ps: build_optimizer(cfg.optim, ps)  # noqa: E731
+        trainer.strategy = build_model_parallel(cfg.parallel, trainer.model, make, comm)
     if run.get("eval"):
         return trainer.evaluate(max_samples=64)
     if run.get("load_from"):
