@@ -61,6 +61,11 @@ EXTRA = {  # name -> run
         "model": "user",
         "layout": {"dp": 2, "tp": 2, "pp": 1, "parallelize": "tests.cases.mp_models:parallelize_user"},
     },
+    "llama-step-fn-tp2xpp2": {  # a user's (model, batch) step function through the pipeline, whole logits
+        "model": "llama",
+        "step_fn": True,
+        "layout": {"dp": 1, "tp": 2, "pp": 2, "loss_parallel": False},
+    },
     "gpt2-gathered-logits": {"model": "gpt2", "layout": {"dp": 2, "tp": 2, "pp": 1, "loss_parallel": False}},
 }
 DROP = {"model": "user", "dropout": 0.1, "layout": {"dp": 2, "tp": 2, "pp": 1, "plan": USER_PLAN}}
@@ -148,7 +153,7 @@ def test_layout_matches_one_process(world, model, layout):
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("name", list(EXTRA))
-def test_sequence_parallel_zero1_hook_and_gathered_logits_match_one_process(world, name):
+def test_sequence_parallel_zero1_hook_step_fn_and_gathered_logits_match_one_process(world, name):
     _compare(world, name, EXTRA[name]["model"])
 
 

@@ -424,6 +424,21 @@ class PipelineParallel(ModelParallel):
         self._reset_rng()
         return loss
 
+    def split_micro_batches(self, batches: list) -> list:
+        """This replica's batches (any nesting of tensors) re-cut into ``pipeline.microbatches`` pieces."""
+        whole = _cat_batches(batches)
+        first = whole
+        while isinstance(first, dict | tuple | list):
+            first = next(iter(first.values())) if isinstance(first, dict) else first[0]
+        n = len(first) if isinstance(first, torch.Tensor) else self.cfg.pipeline.microbatches
+        return _split_batch(whole, min(self.cfg.pipeline.microbatches, n)) if n else []
+
+    def forward_backward_micro(self, micro_batches: list, loss_fn, loss_scale: float = 1.0) -> float:
+        """Every rank: run exactly these (input, target) micro-batches through the pipeline."""
+        loss = self.pipeline.run(micro_batches, loss_fn, loss_scale)
+        self._reset_rng()
+        return loss
+
     def last_stage_broadcast(self, values: list[float]) -> list[float]:
         """Collective over the pp group: the last stage's ``values`` on every stage."""
         t = torch.tensor(values, dtype=torch.float64)

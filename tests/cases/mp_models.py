@@ -134,6 +134,16 @@ def loss_fn(out, y):
     return cross_entropy(logits, y, reduction="sum") / (BATCH * SEQ)  # over the global batch
 
 
+def lm_step(model, batch):
+    """A user's step function, as in examples/: whole logits and torch's cross-entropy."""
+    out = model(input_ids=batch["input_ids"])
+    logits = out.logits if hasattr(out, "logits") else out
+    labels = batch["labels"]
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="sum"
+    ), labels.numel()
+
+
 def parallel_cfg(
     dp, tp, pp, schedule="1f1b", v=1, plan=None, strategy="ddp", split=None, mb=4, loss_parallel=True, parallelize=None
 ):
@@ -246,7 +256,15 @@ def _train(comm, run: dict, out_dir: str) -> dict:
         x, y = batches(step)
         lo, hi = dp_rank * BATCH // dp_size, (dp_rank + 1) * BATCH // dp_size
         x, y = x[lo:hi], y[lo:hi]
-        if hasattr(s, "forward_backward"):
+        if run.get("step_fn"):  # the user's own step function, through the pipeline's stand-ins
+            from disttrain.parallel.pipeline_step import is_transformers_model, run_step_fn
+
+            batch = {"input_ids": x, "labels": y}
+            hf = is_transformers_model(s.inner)
+            loss_sum, count = run_step_fn(s, lm_step, [batch], BATCH * SEQ, lambda r: (r[0], r[1]), hf)
+            assert count == y.numel(), (count, y.numel())
+            loss = loss_sum / (BATCH * SEQ)
+        elif hasattr(s, "forward_backward"):
             loss = s.forward_backward([(x, y)], loss_fn)
         else:
             with s.accumulate(True):
