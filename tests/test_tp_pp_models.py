@@ -66,6 +66,10 @@ EXTRA = {  # name -> run
         "step_fn": True,
         "layout": {"dp": 1, "tp": 2, "pp": 2, "loss_parallel": False},
     },
+    "user-split-target-dp2xpp2": {  # stages from a split target, passing a dict with bool/int16 tensors
+        "model": "user",
+        "layout": {"dp": 2, "tp": 1, "pp": 2, "split": "tests.cases.mp_models:split_user"},
+    },
     "gpt2-gathered-logits": {"model": "gpt2", "layout": {"dp": 2, "tp": 2, "pp": 1, "loss_parallel": False}},
 }
 DROP = {"model": "user", "dropout": 0.1, "layout": {"dp": 2, "tp": 2, "pp": 1, "plan": USER_PLAN}}
@@ -153,7 +157,7 @@ def test_layout_matches_one_process(world, model, layout):
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("name", list(EXTRA))
-def test_sequence_parallel_zero1_hook_step_fn_and_gathered_logits_match_one_process(world, name):
+def test_other_ways_in_match_one_process(world, name):
     _compare(world, name, EXTRA[name]["model"])
 
 

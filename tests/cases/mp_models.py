@@ -134,6 +134,32 @@ def loss_fn(out, y):
     return cross_entropy(logits, y, reduction="sum") / (BATCH * SEQ)  # over the global batch
 
 
+class _Front(nn.Module):
+    def __init__(self, m: UserLM):
+        super().__init__()
+        self.emb, self.block = m.emb, m.blocks[0]
+
+    def forward(self, ids):  # a dict with a bool and an int16 tensor beside the activations
+        return {"h": self.block(self.emb(ids)), "extra": (ids >= 0, ids.to(torch.int16))}
+
+
+class _Back(nn.Module):
+    def __init__(self, m: UserLM):
+        super().__init__()
+        self.block, self.norm, self.head = m.blocks[1], m.norm, m.head
+
+    def forward(self, x):
+        keep, ids16 = x["extra"]
+        assert keep.dtype == torch.bool and ids16.dtype == torch.int16
+        return self.head(self.norm(self.block(x["h"])))
+
+
+def split_user(model: UserLM, num_stages: int) -> list[nn.Module]:
+    """A ``parallel.pipeline.split`` target: the stage modules, built by the user."""
+    assert num_stages == 2
+    return [_Front(model), _Back(model)]
+
+
 def lm_step(model, batch):
     """A user's step function, as in examples/: whole logits and torch's cross-entropy."""
     out = model(input_ids=batch["input_ids"])
