@@ -11,7 +11,15 @@ All rows come from the same run, contenders interleaved repetition by repetition
 - per-rank bytes of parameters + gradients + optimizer state after a step for DP, ZeRO-1/2/3
   and FSDP2 (``fully_shard`` per block + root over ``init_device_mesh("cpu", (2,))``), vs the
   ZeRO formula (4+4+8)·Ψ/N (fp32 AdamW);
-- world size 1: our trainer's step vs a plain PyTorch loop.
+- world size 1: our trainer's step vs a plain PyTorch loop;
+- transformers models (``--mode hf``, 2 ranks): GPT2LMHeadModel from a GPT2Config (>= 10M
+  parameters, lm_head tied) under our data parallel vs torch DDP at a batch where DDP spends a
+  large share communicating (``hf_gpt2_dp_vs_ddp``); per-rank params+grads+optimizer bytes of our
+  ZeRO-3 vs FSDP2 ``fully_shard`` on the same GPT2Block units + root (``hf_gpt2_zero3_mem_vs_fsdp2``);
+  activation memory held between forward and backward (glibc's in-use heap, one process) with
+  activation checkpointing of the blocks over without (``hf_gpt2_ac_activation_mem``); and
+  ResNetForImageClassification (BatchNorm, buffers broadcast every step by both) under our data
+  parallel vs torch DDP (``vision_dp_vs_ddp``).
 Collective checks are off for our runs (DDP has none either). Writes a table and JSON.
 """
 
@@ -27,6 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks._common import print_table, spawn_job, write_json, write_result  # noqa: E402
+from benchmarks._hf_models import HF_GPT2, HFOurs, HFPlain, hf_activation_bytes  # noqa: E402
 
 GPT_YAML = os.path.join(ROOT, "configs", "gpt-shakespeare.yaml")
 MODEL = [
@@ -156,6 +165,83 @@ def _fsdp2_bytes(batch: int, seq: int) -> int:
     return params + grads + optim
 
 
+def hf_worker(args, comms, barrier, slowest, rank: int, world: int) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    out: dict = {"world": world}
+    rows = {}
+    for kind, n, seq in (("gpt2", args.hf_batch, args.hf_seq), ("resnet", args.vision_batch, 0)):
+        cont = {f"ours_{k}": HFOurs(c, kind, "ddp", n, seq) for k, c in comms.items()}
+        ddp = HFPlain(kind, n, seq, rank, world)
+        nosync = HFPlain(kind, n, seq, rank, world)
+        nosync.no_sync = True
+        cont.update({"ddp": ddp, "ddp_no_sync": nosync})
+        best = _interleave(cont, args.iters, args.reps, barrier, slowest)
+        units = n * world * (seq - 1 if kind == "gpt2" else 1)
+        losses = {}
+        for k, c in cont.items():
+            t = torch.tensor([c.last], dtype=torch.float64)
+            dist.all_reduce(t)
+            losses[k] = float(t)
+        rows[kind] = {
+            "per_rank_batch": n,
+            "seq": seq,
+            "params": sum(p.numel() for p in ddp.model.parameters()),
+            "step_s": best,
+            "final_loss": losses,
+            "units_per_s": {k: units / v for k, v in best.items()},
+        }
+        del cont, ddp, nosync
+    out["rows"] = rows
+    ours = HFOurs(comms.get("shm", comms["torch"]), "gpt2", "zero3", 2, 32)
+    for _ in range(3):
+        ours.step()
+    fsdp = HFPlain("gpt2", 2, 32, rank, world, wrap="fsdp2")
+    for _ in range(3):
+        fsdp.step()
+    out["zero3_vs_fsdp2"] = {"ours": ours.s.peak_state_bytes, "fsdp2": fsdp.peak_state_bytes}
+    del ours, fsdp
+    out["activation"] = hf_activation_bytes(args.hf_ac_batch, HF_GPT2["n_positions"]) if rank == 0 else {}
+    return out
+
+
+def hf_report(hf: dict) -> dict:
+    rows, ratios = [], {}
+    for kind, r in hf["rows"].items():
+        ours_best = max((k for k in r["units_per_s"] if k.startswith("ours_")), key=lambda k: r["units_per_s"][k])
+        r["ddp_comm_share"] = 1 - r["step_s"]["ddp_no_sync"] / r["step_s"]["ddp"]
+        r["ours_best"] = ours_best
+        for k in r["step_s"]:
+            rows.append(
+                [
+                    f"{kind} {r['params'] / 1e6:.1f}M",
+                    f"{r['per_rank_batch']}x{r['seq']}" if r["seq"] else f"{r['per_rank_batch']}x3x32x32",
+                    k,
+                    f"{r['step_s'][k] * 1e3:.0f}",
+                    f"{r['units_per_s'][k]:,.0f}",
+                    f"{r['final_loss'][k]:.5f}",
+                ]
+            )
+        key = "hf_gpt2_dp_vs_ddp" if kind == "gpt2" else "vision_dp_vs_ddp"
+        ratios[key] = r["units_per_s"][ours_best] / r["units_per_s"]["ddp"]
+        ratios[f"{key}_ddp_comm_share"] = r["ddp_comm_share"]
+    print_table(
+        "transformers models, 2 ranks (tokens/s for GPT-2, images/s for ResNet)",
+        ["model", "per rank", "who", "ms/step", "units/s", "final loss"],
+        rows,
+    )
+    z = hf["zero3_vs_fsdp2"]
+    ratios["hf_gpt2_zero3_mem_vs_fsdp2"] = z["ours"] / z["fsdp2"]
+    a = hf["activation"]
+    ratios["hf_gpt2_ac_activation_mem"] = a["ac"] / a["no_ac"]
+    print(
+        f"GPT-2 per-rank params+grads+optimizer: ZeRO-3 {z['ours'] / 2**20:.1f} MiB, FSDP2 {z['fsdp2'] / 2**20:.1f} MiB;"
+        f" activations held for backward: {a['no_ac'] / 2**20:.1f} MiB, with checkpointing {a['ac'] / 2**20:.1f} MiB"
+    )
+    return ratios
+
+
 def worker(args) -> None:
     import torch
     import torch.distributed as dist
@@ -180,7 +266,9 @@ def worker(args) -> None:
     out: dict = {"world": world}
     tokens = lambda b, s: b * s  # noqa: E731  (global batch x sequence)
 
-    if args.mode == "ws1":
+    if args.mode == "hf":
+        out["hf"] = hf_worker(args, comms, barrier, slowest, rank, world)
+    elif args.mode == "ws1":
         b, s = args.compute_batch, args.compute_seq
         res = _interleave(
             {"ours": Ours(comms["torch"], "ddp", b, s), "plain": Plain(b, s, False, 0, 1)},
@@ -248,6 +336,11 @@ def main() -> None:
     ap.add_argument("--comm-seq", type=int, default=16)
     ap.add_argument("--compute-batch", type=int, default=2, help="sequences per rank, compute-bound row")
     ap.add_argument("--compute-seq", type=int, default=128)
+    ap.add_argument("--hf-batch", type=int, default=1, help="GPT-2 sequences per rank (transformers rows)")
+    ap.add_argument("--hf-seq", type=int, default=32)
+    ap.add_argument("--hf-ac-batch", type=int, default=4, help="sequences for the activation-memory row")
+    ap.add_argument("--vision-batch", type=int, default=4, help="ResNet images per rank")
+    ap.add_argument("--only", choices=["all", "gpt", "hf"], default="all", help="our GPT rows, transformers rows")
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -274,14 +367,55 @@ def main() -> None:
         str(args.compute_batch),
         "--compute-seq",
         str(args.compute_seq),
+        "--hf-batch",
+        str(args.hf_batch),
+        "--hf-seq",
+        str(args.hf_seq),
+        "--hf-ac-batch",
+        str(args.hf_ac_batch),
+        "--vision-batch",
+        str(args.vision_batch),
     ]
     t0 = time.time()
-    dp2 = spawn_job(base + ["--mode", "dp2"], 2, timeout=3000)
-    ws1 = spawn_job(base + ["--mode", "ws1"], 1, timeout=3000)
-    report(dp2, ws1, args, time.time() - t0)
+    dp2 = ws1 = hf = None
+    if args.only in ("all", "gpt"):
+        dp2 = spawn_job(base + ["--mode", "dp2"], 2, timeout=3000)
+        ws1 = spawn_job(base + ["--mode", "ws1"], 1, timeout=3000)
+    if args.only in ("all", "hf"):
+        hf = spawn_job(base + ["--mode", "hf"], 2, timeout=3000)["hf"]
+    report(dp2, ws1, hf, args, time.time() - t0)
 
 
-def report(dp2: dict, ws1: dict, args, wall: float) -> None:
+def report(dp2: dict | None, ws1: dict | None, hf: dict | None, args, wall: float) -> None:
+    ratios = hf_report(hf) if hf else {}
+    if dp2 is not None:
+        ratios.update(gpt_report(dp2, ws1, args))
+    print(json.dumps(ratios, indent=1))
+    if args.json:
+        write_json(
+            args.json,
+            {
+                "ratios": ratios,
+                "dp2": dp2,
+                "ws1": ws1,
+                "hf": hf,
+                "wall_s": wall,
+                "targets": {
+                    "dp_vs_ddp": ">= 1.2",
+                    "dp_vs_ddp_compute_bound": ">= 1.0",
+                    "zero3_mem_vs_formula": "<= 1.1",
+                    "zero3_mem_vs_fsdp2": "<= 1.0",
+                    "trainer_overhead_ws1": "<= 0.03",
+                    "hf_gpt2_dp_vs_ddp": ">= 1.2 (DDP communication share 25-50%)",
+                    "hf_gpt2_zero3_mem_vs_fsdp2": "<= 1.0",
+                    "hf_gpt2_ac_activation_mem": "reported (lower is better)",
+                    "vision_dp_vs_ddp": ">= 1.0",
+                },
+            },
+        )
+
+
+def gpt_report(dp2: dict, ws1: dict, args) -> dict:
     rows, ratios = [], {}
     for label in ("comm", "compute"):
         r = dp2[label]
@@ -327,24 +461,7 @@ def report(dp2: dict, ws1: dict, args, wall: float) -> None:
         f"DDP communication share: {ratios['ddp_comm_share']:.0%} (comm row), "
         f"{ratios['ddp_comm_share_compute_bound']:.0%} (compute row); best of ours: {dp2['comm']['ours_best']}"
     )
-    print(json.dumps(ratios, indent=1))
-    if args.json:
-        write_json(
-            args.json,
-            {
-                "ratios": ratios,
-                "dp2": dp2,
-                "ws1": ws1,
-                "wall_s": wall,
-                "targets": {
-                    "dp_vs_ddp": ">= 1.2",
-                    "dp_vs_ddp_compute_bound": ">= 1.0",
-                    "zero3_mem_vs_formula": "<= 1.1",
-                    "zero3_mem_vs_fsdp2": "<= 1.0",
-                    "trainer_overhead_ws1": "<= 0.03",
-                },
-            },
-        )
+    return ratios
 
 
 if __name__ == "__main__":

@@ -1,15 +1,18 @@
-"""disttrain.horovod allreduce next to real Horovod (gloo), in the same processes, interleaved.
+"""disttrain.horovod next to real Horovod (gloo), in the same processes, interleaved.
 
     .venv/bin/python benchmarks/horovod.py                 # 2 ranks; table + JSON on stdout
     .venv/bin/python benchmarks/horovod.py --np 2 --reps 7 --json out.json
 
 When Horovod is installed (scripts/build_horovod.sh), the workers are started by
 ``horovodrun --gloo`` and each worker also initialises ``disttrain.horovod`` (backend from
-DISTTRAIN_HVD_BACKEND, default shm), so both run on the same ranks, op by op, alternating.
+DISTTRAIN_HVD_BACKEND, default shm), so both run on the same ranks, alternating.
 Without Horovod, only our rows are measured. Each cell: warm-up, barrier, best of --reps
 (and the mean), for ``hvd.allreduce(t)`` (out of place, Average: Horovod's default) and
-``hvd.allreduce_(t)`` (in place). ``ratios.hvd_api_vs_horovod_allreduce_64MiB`` is
-Horovod's best time over ours for the 64 MiB out-of-place allreduce (target >= 3).
+``hvd.allreduce_(t)`` (in place) at 4 KiB, 1 MiB and 64 MiB, and for one training step
+(zero_grad, forward, backward, ``DistributedOptimizer.step()``) of an MLP with 120 parameter
+tensors, where every gradient is submitted by its hook, negotiated by name and fused.
+Ratios are Horovod's best time over ours: ``hvd_api_vs_horovod_allreduce_64MiB`` (target
+>= 3) and ``hvd_step_vs_horovod`` (target >= 2).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # file would shadow the ``collectives`` and ``horovod`` packages: put the repository there instead.
 sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 SIZES = {"4KiB": 4 << 10, "1MiB": 1 << 20, "64MiB": 64 << 20}
+LAYERS, WIDTH, BATCH = 60, 128, 16  # 120 parameter tensors, 1 M parameters (4 MiB of gradients)
 
 
 def _free_port() -> int:
@@ -93,12 +97,40 @@ def worker(reps: int, out_path: str) -> None:
                     "allreduce_inplace_mean_s": mean_i,
                 }
             )
+    for impl_name, impl in [("disttrain.horovod", ours), ("horovod", peer)]:
+        if impl is None:
+            continue
+        step = _step_fn(impl, torch)
+        barrier = impl.barrier if impl is ours else (lambda: peer.allreduce(torch.zeros(1), name="bench.b"))
+        best, mean = _time(step, barrier, max(3, reps * 2))
+        rows.append({"impl": impl_name, "size": "step", "bytes": 0, "step_s": best, "step_mean_s": mean})
     if ours.rank() == 0:
         with open(out_path, "w") as f:
             json.dump({"rows": rows, "backend": ours.basics.context().backend, "np": ours.size()}, f)
     ours.shutdown()
     if peer is not None:
         peer.shutdown()
+
+
+def _step_fn(impl, torch):
+    """One DistributedOptimizer training step of a deep MLP (same seed, same data for both impls)."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(LAYERS):
+        layers += [torch.nn.Linear(WIDTH, WIDTH), torch.nn.Tanh()]
+    model = torch.nn.Sequential(*layers)
+    opt = impl.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=1e-3), named_parameters=model.named_parameters()
+    )
+    impl.broadcast_parameters(model.state_dict(), root_rank=0)
+    x = torch.randn(BATCH, WIDTH)
+
+    def step():
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+
+    return step
 
 
 def _run_ours(np_: int, reps: int, out_path: str) -> None:
@@ -194,6 +226,9 @@ def main(argv=None) -> int:
     )
     print(f"{'impl':<20}{'size':>7}{'allreduce':>12}{'(mean)':>10}{'allreduce_':>12}{'(mean)':>10}")
     for r in rows:
+        if r["size"] == "step":
+            print(f"{r['impl']:<20}{'step':>7}{r['step_s'] * 1e3:>12.3f}{r['step_mean_s'] * 1e3:>10.3f}")
+            continue
         print(
             f"{r['impl']:<20}{r['size']:>7}{r['allreduce_s'] * 1e3:>12.3f}{r['allreduce_mean_s'] * 1e3:>10.3f}"
             f"{r['allreduce_inplace_s'] * 1e3:>12.3f}{r['allreduce_inplace_mean_s'] * 1e3:>10.3f}"
@@ -205,12 +240,17 @@ def main(argv=None) -> int:
         if a and b:
             ratios[f"hvd_api_vs_horovod_allreduce_{size}"] = b["allreduce_s"] / a["allreduce_s"]
             ratios[f"hvd_api_vs_horovod_allreduce_inplace_{size}"] = b["allreduce_inplace_s"] / a["allreduce_inplace_s"]
+    a = next((r for r in rows if r["impl"] == "disttrain.horovod" and r["size"] == "step"), None)
+    b = next((r for r in rows if r["impl"] == "horovod" and r["size"] == "step"), None)
+    if a and b:
+        ratios["hvd_step_vs_horovod"] = b["step_s"] / a["step_s"]
     doc = {
         "benchmark": "horovod",
         "date": datetime.date.today().isoformat(),
         "host": platform.node(),
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
         "np": res["np"],
+        "loadavg": os.getloadavg(),
         "backend": res["backend"],
         "horovod": with_peer,
         "rows": rows,

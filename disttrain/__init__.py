@@ -1,3 +1,29 @@
-"""disttrain: YAML-configured distributed training on the collectives and launcher packages."""
+"""disttrain: distributed training of your own PyTorch model, from YAML or from your own script.
+
+    run = disttrain.init("run.yaml", sys.argv[1:])
+    model, opt = run.setup(model, lambda groups: torch.optim.AdamW(groups, lr=3e-4))
+    for batch in run.batches(train_set):
+        run.backward(*my_step(model, batch))
+        run.step()
+
+``disttrain.fit(model=..., data=..., step=..., config=...)`` runs the built-in loop instead.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+__all__ = ["Run", "fit", "init"]
+
+if TYPE_CHECKING:
+    from .api import Run, fit, init
+
+
+def __getattr__(name: str):
+    # The API imports torch and the collectives; `import disttrain` (the CLI, config tools) stays light.
+    if name in __all__:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'disttrain' has no attribute {name!r}")

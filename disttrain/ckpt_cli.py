@@ -2,7 +2,8 @@
 
     disttrain ckpt verify RUN_DIR|CKPT_DIR [--all]      # checksums, headers, tiling
     disttrain ckpt inspect CKPT_DIR [--json]            # step, layout, files, tensors
-    disttrain ckpt consolidate CKPT_DIR OUT.safetensors [--optim]
+    disttrain ckpt consolidate CKPT_DIR OUT.safetensors [--optim]   # model.load_state_dict(load_file(OUT), strict=True)
+    disttrain ckpt export CKPT_DIR OUT_DIR                  # transformers: AutoModel*.from_pretrained(OUT_DIR)
     disttrain ckpt reshard --check --to zero2:3 CKPT_DIR
 
 Nothing here unpickles or runs code from the checkpoint. Exit codes: 0 ok, 1 the
@@ -84,27 +85,82 @@ def cmd_inspect(ns) -> int:
     return 0
 
 
+def _model_tensors(path: str, optim: bool = False) -> tuple[dict, dict, int]:
+    """Every model tensor of the checkpoint, whole, under every name ``state_dict()`` has (tied names
+    from the recorded aliases, as separate copies: safetensors refuses shared storage); optimizer
+    state too with ``optim``. Returns (tensors, the ``model`` record, step)."""
+    from .checkpoint import CheckpointReader
+
+    r = CheckpointReader(path)
+    record = r.state().get("model") or {}
+    out = {}
+    for n in sorted(r.names):
+        if n.startswith("model.") or (optim and n.startswith("optim.")):
+            shape = r.shape(n)
+            out[n[6:] if n.startswith("model.") else n] = r(n, shape, tuple((0, s) for s in shape), False)
+    for alias, target in sorted((record.get("aliases") or {}).items()):
+        if target in out and alias not in out:
+            out[alias] = out[target].clone()
+    r.release()
+    return out, record, r.step
+
+
 def cmd_consolidate(ns) -> int:
     from safetensors.torch import save_file
 
-    from .checkpoint import CheckpointError, CheckpointReader
+    from .checkpoint import CheckpointError
 
     path = _pick(ns.path)[0]
     try:
-        r = CheckpointReader(path)
-        out = {}
-        for n in sorted(r.names):
-            if n.startswith("model.") or (ns.optim and n.startswith("optim.")):
-                shape = r.shape(n)
-                out[n[6:] if n.startswith("model.") else n] = r(n, shape, tuple((0, s) for s in shape), False)
+        out, _, step = _model_tensors(path, ns.optim)
     except CheckpointError as exc:
         print(f"FAIL {path}: {exc}")
         return 1
     os.makedirs(os.path.dirname(os.path.abspath(ns.out)), exist_ok=True)
-    save_file(out, ns.out, metadata={"step": str(r.step), "source": path})
+    tmp = f"{ns.out}.tmp-{os.getpid()}"
+    save_file(out, tmp, metadata={"format": "pt", "step": str(step), "source": path})
+    os.replace(tmp, ns.out)
     print(
-        f"wrote {ns.out}: {len(out)} tensors from step {r.step} "
-        "(model.load_state_dict(safetensors.torch.load_file(PATH)))"
+        f"wrote {ns.out}: {len(out)} tensors from step {step} "
+        "(model.load_state_dict(safetensors.torch.load_file(PATH), strict=True))"
+    )
+    return 0
+
+
+def cmd_export(ns) -> int:
+    """A folder ``from_pretrained`` loads: config.json (recorded at save time) + model.safetensors."""
+    from safetensors.torch import save_file
+
+    from .checkpoint import CheckpointError
+
+    path = _pick(ns.path)[0]
+    try:
+        out, record, step = _model_tensors(path)
+    except CheckpointError as exc:
+        print(f"FAIL {path}: {exc}")
+        return 1
+    hf = record.get("transformers")
+    if not hf:
+        print(
+            f"FAIL {path}: the checkpoint records no transformers config (model class "
+            f"{record.get('class', 'unknown')})\nHINT: export is for transformers PreTrainedModel models; "
+            f"`disttrain ckpt consolidate {ns.path} OUT.safetensors` writes a state dict for any model"
+        )
+        return 1
+    final = os.path.abspath(ns.out)
+    tmp = f"{final}.tmp-{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(hf["config"], f, indent=2, sort_keys=True)
+    save_file(out, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt", "step": str(step)})
+    if os.path.isdir(final):
+        import shutil
+
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    print(
+        f"wrote {final}: config.json + model.safetensors ({len(out)} tensors, step {step}); "
+        f"transformers.{hf['architecture']}.from_pretrained({final!r})"
     )
     return 0
 
@@ -158,14 +214,22 @@ def main(argv: list[str]) -> int:
     c.add_argument("path")
     c.add_argument("out")
     c.add_argument("--optim", action="store_true", help="include optimizer state (optim.* names)")
+    e = sub.add_parser("export", help="a folder transformers' from_pretrained loads (config.json + model.safetensors)")
+    e.add_argument("path")
+    e.add_argument("out")
     r = sub.add_parser("reshard", help="will a layout load this checkpoint? (--check)")
     r.add_argument("path")
     r.add_argument("--check", action="store_true")
     r.add_argument("--to", required=True, help="STRATEGY:WORLD[,tp=N][,pp=N], e.g. zero2:3")
     ns = p.parse_args(argv)
-    return {"verify": cmd_verify, "inspect": cmd_inspect, "consolidate": cmd_consolidate, "reshard": cmd_reshard}[
-        ns.cmd
-    ](ns)
+    cmds = {
+        "verify": cmd_verify,
+        "inspect": cmd_inspect,
+        "consolidate": cmd_consolidate,
+        "export": cmd_export,
+        "reshard": cmd_reshard,
+    }
+    return cmds[ns.cmd](ns)
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def cmd_ckpt(argv: list[str]) -> int:
 
 
 def cmd_submit(argv: list[str]) -> int:
-    from .slurm_submit import cmd_submit as submit_main
+    from .slurm.submit import cmd_submit as submit_main
 
     return submit_main(argv)
 

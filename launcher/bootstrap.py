@@ -6,6 +6,13 @@ worker an authenticated store (``DISTTRAIN_STORE``), an import hook points torch
 ``env://`` rendezvous at it the moment ``torch.distributed.rendezvous`` is imported, so
 ``dist.init_process_group("gloo")`` opens no unauthenticated TCPStore. The bootstrap
 itself imports nothing heavy: worker start-up stays cheap.
+
+A worker dies with its agent: the first thing the bootstrap does is ask the kernel for
+SIGKILL when its parent dies (``PR_SET_PDEATHSIG``), then check that its parent is still
+the agent that started it (``DISTTRAIN_AGENT_PID``), which closes the race with an agent
+that died in between. So an agent killed by any signal (the OOM killer's SIGKILL
+included) leaves no worker holding devices; an agent that stops normally still stops its
+workers itself, with SIGTERM and a grace period.
 """
 
 from __future__ import annotations
@@ -52,7 +59,32 @@ def install_rendezvous_hook() -> None:
         sys.meta_path.insert(0, _RendezvousHook())
 
 
+AGENT_PID = "DISTTRAIN_AGENT_PID"
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_agent() -> None:
+    """SIGKILL this process when its parent (the agent) dies; exit now if it already has.
+
+    Linux only (``prctl``); elsewhere a no-op. Without ``DISTTRAIN_AGENT_PID`` (started by
+    something else than our agent) nothing is done.
+    """
+    agent = os.environ.pop(AGENT_PID, None)
+    if not agent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        print(f"launcher.bootstrap: prctl(PR_SET_PDEATHSIG) failed: errno {ctypes.get_errno()}", file=sys.stderr)
+    if os.getppid() != int(agent):  # the agent died before prctl took effect
+        print(f"launcher.bootstrap: the agent (pid {agent}) is gone; exiting", file=sys.stderr, flush=True)
+        os._exit(1)
+
+
 def main(argv: list[str]) -> None:
+    die_with_agent()
     errorfile.install()
     if os.environ.get("DISTTRAIN_STORE") and os.environ.get("DISTTRAIN_JOB_SECRET"):
         install_rendezvous_hook()

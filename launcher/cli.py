@@ -24,6 +24,7 @@ from .errors import LaunchConfigError, LauncherError
 from .hostfile import parse_hostfile, parse_hosts
 from .job import JobSpec, run_job
 from .ssh import SshOptions
+from .store import check_secret
 from .worker import WorkerSpec
 
 
@@ -176,6 +177,8 @@ def launch(spec: WorkerSpec, node: NodeSpec, max_restarts: int = 0, **agent_kw) 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
+        if os.environ.get("DISTTRAIN_JOB_SECRET"):
+            check_secret(os.environ["DISTTRAIN_JOB_SECRET"], "DISTTRAIN_JOB_SECRET")
         if ns.hostfile or ns.hosts:
             return run_job(worker_spec_from_args(ns), job_from_args(ns)).exit_code
         if ns.np is not None and ns.nproc_per_node is None:

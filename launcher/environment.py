@@ -23,6 +23,11 @@ RESTART_COUNT = "DISTTRAIN_RESTART_COUNT"  # 0 on the first attempt; the trainer
 ERROR_FILE = "DISTTRAIN_ERROR_FILE"  # where a worker writes its traceback as JSON on an uncaught exception
 STORE = "DISTTRAIN_STORE"  # host:port of the authenticated rendezvous store, when the launcher runs one
 SECRET = "DISTTRAIN_JOB_SECRET"  # the job secret for the store; never on a command line or in a log
+# what horovodrun sets, so Horovod scripts (and disttrain.horovod) find their place -----------
+HOROVOD_RANK, HOROVOD_SIZE = "HOROVOD_RANK", "HOROVOD_SIZE"
+HOROVOD_LOCAL_RANK, HOROVOD_LOCAL_SIZE = "HOROVOD_LOCAL_RANK", "HOROVOD_LOCAL_SIZE"
+HOROVOD_CROSS_RANK, HOROVOD_CROSS_SIZE = "HOROVOD_CROSS_RANK", "HOROVOD_CROSS_SIZE"  # node index, node count
+HOROVOD_HOSTNAME = "HOROVOD_HOSTNAME"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +80,13 @@ def worker_env(
             RESTART_COUNT: str(restart_count),
             ERROR_FILE: error_file,
             "PYTHONUNBUFFERED": "1",
+            HOROVOD_RANK: str(place.rank),
+            HOROVOD_SIZE: str(place.world_size),
+            HOROVOD_LOCAL_RANK: str(place.local_rank),
+            HOROVOD_LOCAL_SIZE: str(place.local_world_size),
+            HOROVOD_CROSS_RANK: str(place.node_rank),
+            HOROVOD_CROSS_SIZE: str(place.nnodes),
+            HOROVOD_HOSTNAME: host,
         }
     )
     # Like torchrun: several workers on a node share its cores, so one thread each unless told.

@@ -33,6 +33,21 @@ class NodePlan:
     rank_offset: int
 
 
+_HOST = re.compile(r"[A-Za-z0-9_.:%@\[\]-]{1,255}")
+
+
+def check_host(host: str, where: str) -> str:
+    """Refuse a host name that a command line could read as something else: one starting with
+    ``-`` (``-oProxyCommand=...`` is an ssh option, not a host), or with characters no host,
+    address or ``user@host`` has. Returns the name."""
+    if host.startswith("-") or not _HOST.fullmatch(host):
+        raise LaunchConfigError(
+            f"{where}: {host!r} is not a host name (names start with a letter, digit or '[' and hold "
+            "letters, digits and . _ : % @ [ ] -). HINT: it was not passed to ssh"
+        )
+    return host
+
+
 _LINE = re.compile(r"^(?P<host>[^\s#]+)(?:\s+slots\s*=\s*(?P<slots>\S+))?\s*(?:max_slots\s*=\s*\S+\s*)?$")
 
 
@@ -51,7 +66,7 @@ def parse_hostfile(path: str) -> list[HostSlots]:
         m = _LINE.match(line)
         if not m:
             raise LaunchConfigError(f"{path}:{n}: cannot read {raw.strip()!r}. HINT: lines look like 'node1 slots=4'")
-        hosts.append(HostSlots(m["host"], _slots(m["slots"], f"{path}:{n}")))
+        hosts.append(HostSlots(check_host(m["host"], f"{path}:{n}"), _slots(m["slots"], f"{path}:{n}")))
     if not hosts:
         raise LaunchConfigError(f"hostfile {path} names no hosts")
     _no_duplicates(hosts, path)
@@ -65,7 +80,7 @@ def parse_hosts(text: str, flag: str = "--hosts") -> list[HostSlots]:
         host, sep, slots = item.rpartition(":")
         if not sep:
             host, slots = item, None
-        hosts.append(HostSlots(host, _slots(slots, f"{flag} {item!r}")))
+        hosts.append(HostSlots(check_host(host, flag), _slots(slots, f"{flag} {item!r}")))
     if not hosts:
         raise LaunchConfigError(f"{flag} names no hosts. HINT: {flag} node1:2,node2:2")
     _no_duplicates(hosts, flag)
@@ -101,6 +116,8 @@ def plan_nodes(hosts: list[HostSlots], *, np: int | None = None, nproc_per_node:
     * ``nproc_per_node`` (torchrun's): that many on every host, which must have the slots.
     * neither: every host runs its slots (1 if unstated).
     """
+    for h in hosts:  # JobSpec built in Python skips the parsers
+        check_host(h.host, "JobSpec.hosts")
     if np is not None and nproc_per_node is not None:
         counts = [nproc_per_node] * len(hosts)
         if sum(counts) != np:

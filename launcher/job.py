@@ -35,7 +35,7 @@ from .logs import StreamPump
 from .rendezvous import ABORT_KEY, failure_from_json
 from .report import format_report, root_cause
 from .ssh import SshOptions, is_local, remote_command
-from .store import StoreServer, new_secret
+from .store import StoreServer, check_secret, new_secret
 from .worker import WorkerSpec
 
 # Forwarded to remote agents unless the user says otherwise (local agents inherit everything).
@@ -157,7 +157,7 @@ class _Launcher:
     def run(self) -> RunResult:
         job, plans = self.job, self.plans
         host, bind, port = _endpoint(job, plans)
-        secret = os.environ.get(SECRET) or new_secret()
+        secret = check_secret(os.environ[SECRET], SECRET) if os.environ.get(SECRET) else new_secret()
         world = sum(p.nproc for p in plans)
         master_port = job.master_port or free_port(bind)
         env = _forwarded_env(job)

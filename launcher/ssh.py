@@ -1,7 +1,8 @@
 """Reaching other hosts: the system ``ssh`` client, in batch mode, with a bounded connect time.
 
 The launcher builds one ``ssh`` command per remote host; the agent's configuration and
-the job secret travel over ssh's stdin, never on a command line. Closing that stdin (or
+the job secret travel over ssh's stdin, never on a command line. The host comes after
+``--`` (and names starting with ``-`` are refused), so it is never read as an option. Closing that stdin (or
 losing the connection) is how a remote agent learns to stop.
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import shlex
 import socket
+
+from .errors import LaunchConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +47,9 @@ class SshOptions:
             argv += ["-l", self.user]
         for opt in self.options:
             argv += ["-o", opt]
-        return argv + [host, remote]
+        if host.startswith("-"):  # never an option; hostfile.check_host refuses it earlier
+            raise LaunchConfigError(f"refusing host name {host!r}: it would be read as an ssh option")
+        return argv + ["--", host, remote]  # "--": whatever the host is, it is not an option
 
     def describe(self, host: str) -> str:
         """The command a user can paste to check the host (for HINT lines)."""

@@ -6,104 +6,102 @@ It offers what ``torch.distributed.Store`` needs (set/get/add/wait/compare_set/c
 delete_key/num_keys, blocking get with a timeout); ``launcher.torch_store`` adapts it.
 
 Every connection first passes a mutual HMAC-SHA256 challenge-response over fresh nonces
-from both sides (:mod:`hmac`, :mod:`secrets`), so a recorded handshake cannot be replayed
-and a client never talks to a server that lacks the secret. Nothing from a peer is read
-as a request before that; a peer that fails is closed and logged with its address, and
-the job goes on. Requests are length-prefixed binary frames of byte strings: no pickle,
-nothing a stranger sends is ever evaluated. The channel is authenticated, not encrypted:
-run jobs on a network you trust not to read traffic.
+from both sides, then every frame carries a MAC under a per-connection session key (see
+:mod:`launcher.channel`): a recorded handshake cannot be replayed, a frame cannot be
+injected, and a client never talks to a server that lacks the secret. Nothing from a peer
+is read as a request before that. Before a peer has proven itself it costs the server one
+socket in a single non-blocking handshake loop: one deadline for the whole handshake, at
+most ``MAX_PENDING`` in flight (the oldest is dropped for a newcomer), and an accept loop
+that sheds strangers when file descriptors run out. A peer that fails is closed and logged
+with its address, and the job goes on. Requests are byte strings: no pickle, nothing a
+stranger sends is ever evaluated. The channel is authenticated, not encrypted: run jobs
+on a network you trust not to read traffic.
 
-Wire format (after the handshake), both directions::
-
-    frame  = u32 length | u8 code | field*      (length counts code and fields)
-    field  = u32 length | bytes
+Workers: :func:`connect_from_env` takes the secret out of ``os.environ`` once it has
+connected, so programs the worker starts do not inherit it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
+import collections
+import errno
 import logging
 import os
-import secrets
+import selectors
 import socket
 import struct
 import threading
 import time
 
-from .errors import LauncherError
+from .channel import (
+    HANDSHAKE_TIMEOUT,
+    HELLO,
+    MAC,
+    MAGIC,
+    NONCE,
+    REPLY,
+    Channel,
+    StoreAuthError,
+    StoreError,
+    check_secret,
+    client_check_proof,
+    client_reply,
+    new_secret,
+    recv_exact,
+    server_check_reply,
+    server_hello,
+)
+
+__all__ = ["MAGIC", "NONCE", "MAC", "StoreAuthError", "StoreClient", "StoreError", "StoreServer", "StoreTimeout"]
+__all__ += ["check_secret", "connect_from_env", "env_has_store", "new_secret"]
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"DTSTORE1"
-NONCE = 32
-MAC = hashlib.sha256().digest_size
-MAX_FRAME = 64 << 20  # a store holds addresses and small blobs; anything larger is a stranger
-HANDSHAKE_TIMEOUT = 5.0
+MAX_PENDING = 256  # connections still in their handshake; the oldest is dropped for a new one
+_ACCEPT_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 # request codes
 SET, GET, ADD, CHECK, WAIT, CAS, DELETE, NUM_KEYS, APPEND, MULTI_GET, MULTI_SET, PING = range(1, 13)
 # reply codes
 OK, TIMEOUT, ERROR = 0, 1, 2
 
-_U32 = struct.Struct("!I")
-_HEAD = struct.Struct("!IB")
-
-
-class StoreError(LauncherError):
-    """The store refused a request or could not be reached."""
-
-
-class StoreAuthError(StoreError):
-    """The handshake failed: wrong secret, or not our store."""
-
 
 class StoreTimeout(StoreError, TimeoutError):
     """A blocking get/wait ran past its timeout."""
 
 
-def new_secret() -> str:
-    return secrets.token_hex(32)
-
-
-def _mac(secret: bytes, label: bytes, *parts: bytes) -> bytes:
-    return hmac.new(secret, label + b"".join(parts), hashlib.sha256).digest()
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("peer closed the connection")
-        buf += chunk
-    return bytes(buf)
-
-
-def _pack(code: int, fields: list[bytes]) -> bytes:
-    body = b"".join(_U32.pack(len(f)) + f for f in fields)
-    return _HEAD.pack(1 + len(body), code) + body
-
-
-def _read_frame(sock: socket.socket) -> tuple[int, list[bytes]]:
-    length, code = _HEAD.unpack(_recv_exact(sock, _HEAD.size))
-    if not 1 <= length <= MAX_FRAME:
-        raise ValueError(f"frame of {length} bytes")
-    body = _recv_exact(sock, length - 1)
-    fields, i = [], 0
-    while i < len(body):
-        if i + 4 > len(body):
-            raise ValueError("truncated field")
-        (n,) = _U32.unpack_from(body, i)
-        if i + 4 + n > len(body):
-            raise ValueError("truncated field")
-        fields.append(body[i + 4 : i + 4 + n])
-        i += 4 + n
-    return code, fields
-
-
 def _b(x: str | bytes) -> bytes:
     return x.encode() if isinstance(x, str) else bytes(x)
+
+
+class _Pending:
+    """A connection in its handshake: what the server sent, what came back so far, until when."""
+
+    __slots__ = ("peer", "nonce", "buf", "deadline")
+
+    def __init__(self, peer: str, nonce: bytes, deadline: float):
+        self.peer, self.nonce, self.buf, self.deadline = peer, nonce, b"", deadline
+
+
+class _RejectLog:
+    """Logs rejected peers, at most ``burst`` lines a second (a flood gets one summary line)."""
+
+    def __init__(self, burst: int = 20):
+        self.burst, self._window, self._count, self._dropped = burst, 0, 0, 0
+        self.recent: collections.deque[tuple[str, str]] = collections.deque(maxlen=1000)
+
+    def __call__(self, peer: str, why: str) -> None:
+        self.recent.append((peer, why))
+        now = int(time.monotonic())
+        if now != self._window:
+            if self._dropped:
+                log.warning("rendezvous store: %d more connections rejected (not logged one by one)", self._dropped)
+            self._window, self._count, self._dropped = now, 0, 0
+        self._count += 1
+        if self._count <= self.burst:
+            log.warning("rendezvous store: rejected connection from %s: %s", peer, why)
+        else:
+            self._dropped += 1
 
 
 class StoreServer:
@@ -117,7 +115,8 @@ class StoreServer:
         self._secret = _b(secret)
         self.data: dict[str, bytes] = {}
         self.cond = threading.Condition()
-        self.rejected: list[tuple[str, str]] = []  # (peer, why), for tests and the log
+        self._reject = _RejectLog()
+        self.rejected = self._reject.recent  # (peer, why) of the latest 1,000 rejections
         self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -133,7 +132,8 @@ class StoreServer:
                     "host or pass --rdzv-endpoint with an address of this machine"
                 )
             ) from None
-        self._sock.listen(128)
+        self._sock.listen(1024)
+        self._sock.setblocking(False)
         self.host, self.port = host, self._sock.getsockname()[1]
         self.address = f"{advertise or host}:{self.port}"
         self._conns: set[socket.socket] = set()
@@ -182,54 +182,124 @@ class StoreServer:
 
     # -- network ------------------------------------------------------------------------
     def _accept_loop(self) -> None:
-        while not self._closed:
-            try:
-                conn, peer = self._sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn, peer), name="store-conn", daemon=True).start()
+        """One thread accepts and runs every handshake (non-blocking, bounded); only a peer that
+        proved the secret gets a thread of its own. Strangers cost one socket each, at most
+        ``MAX_PENDING`` of them for at most ``HANDSHAKE_TIMEOUT`` seconds."""
+        sel = selectors.DefaultSelector()
+        sel.register(self._sock, selectors.EVENT_READ)
+        pending: dict[socket.socket, _Pending] = {}  # insertion order: oldest first
 
-    def _reject(self, peer: str, why: str) -> None:
-        self.rejected.append((peer, why))
-        log.warning("rendezvous store: rejected connection from %s: %s", peer, why)
+        def drop(conn: socket.socket, why: str | None) -> None:
+            p = pending.pop(conn)
+            sel.unregister(conn)
+            conn.close()
+            if why is not None:
+                self._reject(p.peer, why)
 
-    def _handshake(self, conn: socket.socket, peer: str) -> bool:
-        conn.settimeout(HANDSHAKE_TIMEOUT)
-        nonce_s = secrets.token_bytes(NONCE)
         try:
-            conn.sendall(MAGIC + nonce_s)
-            reply = _recv_exact(conn, NONCE + MAC)
-        except (OSError, ConnectionError) as exc:
-            self._reject(peer, f"no handshake ({exc})")
-            return False
-        nonce_c, mac_c = reply[:NONCE], reply[NONCE:]
-        if not hmac.compare_digest(mac_c, _mac(self._secret, b"dt-client", nonce_s, nonce_c)):
-            self._reject(peer, "handshake failed (wrong secret, replayed or garbage bytes)")
-            return False
-        conn.sendall(_mac(self._secret, b"dt-server", nonce_c, nonce_s))
-        conn.settimeout(None)
-        return True
+            while not self._closed:
+                now = time.monotonic()
+                for conn in [c for c, p in pending.items() if p.deadline <= now]:
+                    drop(conn, f"no handshake within {HANDSHAKE_TIMEOUT:g}s")
+                wait = min((p.deadline for p in pending.values()), default=now + 0.2) - now
+                for key, _ in sel.select(max(0.0, min(wait, 0.2))):
+                    if key.fileobj is self._sock:
+                        self._accept_some(sel, pending, drop)
+                    elif key.fileobj in pending:
+                        self._advance(key.fileobj, pending, sel, drop)
+        except OSError:
+            if not self._closed:
+                log.exception("rendezvous store: the accept loop failed")
+        finally:
+            for conn in list(pending):
+                drop(conn, None)
+            sel.close()
 
-    def _serve(self, conn: socket.socket, peer_addr) -> None:
-        peer = f"{peer_addr[0]}:{peer_addr[1]}"
+    def _accept_some(self, sel, pending: dict, drop) -> None:
+        for _ in range(64):  # a burst, then back to the handshakes in flight
+            try:
+                conn, addr = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _ACCEPT_ERRORS:  # out of descriptors: shed the oldest stranger, go on
+                    log.warning("rendezvous store: accept failed (%s); dropping the oldest handshake", exc.strerror)
+                    if pending:
+                        drop(next(iter(pending)), "dropped: out of file descriptors")
+                    else:
+                        time.sleep(0.05)
+                    return
+                if self._closed:
+                    return
+                raise
+            peer = f"{addr[0]}:{addr[1]}"
+            if len(pending) >= MAX_PENDING:
+                drop(next(iter(pending)), f"dropped: {MAX_PENDING} handshakes in flight")
+            hello, nonce = server_hello()
+            try:
+                conn.setblocking(False)
+                conn.send(hello)  # 40 bytes into an empty socket buffer: never short
+            except OSError:
+                conn.close()
+                continue
+            pending[conn] = _Pending(peer, nonce, time.monotonic() + HANDSHAKE_TIMEOUT)
+            sel.register(conn, selectors.EVENT_READ)
+
+    def _advance(self, conn: socket.socket, pending: dict, sel, drop) -> None:
+        p = pending[conn]
+        try:
+            chunk = conn.recv(REPLY - len(p.buf))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            drop(conn, f"no handshake ({exc})")
+            return
+        if not chunk:
+            drop(conn, "closed during the handshake")
+            return
+        p.buf += chunk
+        if len(p.buf) < REPLY:
+            return
+        ok = server_check_reply(self._secret, p.nonce, p.buf)
+        if ok is None:
+            drop(conn, "handshake failed (wrong secret, replayed or garbage bytes)")
+            return
+        del pending[conn]
+        sel.unregister(conn)
+        proof, key = ok
+        try:
+            conn.setblocking(True)
+            conn.settimeout(HANDSHAKE_TIMEOUT)
+            conn.sendall(proof)
+            conn.settimeout(None)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(
+                target=self._serve, args=(Channel(conn, key, client=False), p.peer), name="store-conn", daemon=True
+            ).start()
+        except (OSError, RuntimeError) as exc:  # RuntimeError: can't start a new thread
+            conn.close()
+            log.warning("rendezvous store: could not serve %s: %s", p.peer, exc)
+
+    def _serve(self, chan: Channel, peer: str) -> None:
+        conn = chan.sock
         self._conns.add(conn)
         try:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if not self._handshake(conn, peer):
-                return
             while not self._closed:
                 try:
-                    code, fields = _read_frame(conn)
+                    code, fields = chan.recv()
                 except (ConnectionError, OSError):
+                    return
+                except StoreAuthError as exc:
+                    self._reject(peer, str(exc))
                     return
                 except (ValueError, struct.error) as exc:
                     self._reject(peer, f"malformed request ({exc})")
                     return
                 try:
-                    reply = self._handle(code, fields)
+                    status, out = self._handle(code, fields)
                 except (ValueError, IndexError, UnicodeDecodeError) as exc:
-                    reply = _pack(ERROR, [f"bad request {code}: {exc}".encode()])
-                conn.sendall(reply)
+                    status, out = ERROR, [f"bad request {code}: {exc}".encode()]
+                chan.send(status, out)
         except OSError:
             pass
         finally:
@@ -246,32 +316,32 @@ class StoreServer:
                 self.cond.wait(min(left, 1.0))
         return True
 
-    def _handle(self, code: int, f: list[bytes]) -> bytes:
+    def _handle(self, code: int, f: list[bytes]) -> tuple[int, list[bytes]]:
         d, cond = self.data, self.cond
         if code == SET:
             with cond:
                 d[f[0].decode()] = f[1]
                 cond.notify_all()
-            return _pack(OK, [])
+            return (OK, [])
         if code == GET:
             key, timeout = f[0].decode(), float(f[1])
             if not self._wait_for([key], timeout):
-                return _pack(TIMEOUT, [])
+                return (TIMEOUT, [])
             with cond:
-                return _pack(OK, [d[key]])
+                return (OK, [d[key]])
         if code == ADD:
             key, delta = f[0].decode(), int(f[1])
             with cond:
                 value = int(d.get(key, b"0")) + delta
                 d[key] = str(value).encode()
                 cond.notify_all()
-            return _pack(OK, [d[key]])
+            return (OK, [d[key]])
         if code == CHECK:
             with cond:
-                return _pack(OK, [b"1" if all(k.decode() in d for k in f) else b"0"])
+                return (OK, [b"1" if all(k.decode() in d for k in f) else b"0"])
         if code == WAIT:
             ok = self._wait_for([k.decode() for k in f[1:]], float(f[0]))
-            return _pack(OK if ok else TIMEOUT, [])
+            return (OK if ok else TIMEOUT, [])
         if code == CAS:
             key, expected, desired = f[0].decode(), f[1], f[2]
             with cond:
@@ -279,34 +349,34 @@ class StoreServer:
                 if (current is None and expected == b"") or current == expected:
                     d[key] = desired
                     cond.notify_all()
-                    return _pack(OK, [desired])
-                return _pack(OK, [expected if current is None else current])
+                    return (OK, [desired])
+                return (OK, [expected if current is None else current])
         if code == DELETE:
             with cond:
-                return _pack(OK, [b"1" if d.pop(f[0].decode(), None) is not None else b"0"])
+                return (OK, [b"1" if d.pop(f[0].decode(), None) is not None else b"0"])
         if code == NUM_KEYS:
             with cond:
-                return _pack(OK, [str(len(d)).encode()])
+                return (OK, [str(len(d)).encode()])
         if code == APPEND:
             with cond:
                 key = f[0].decode()
                 d[key] = d.get(key, b"") + f[1]
                 cond.notify_all()
-            return _pack(OK, [])
+            return (OK, [])
         if code == MULTI_GET:
             keys = [k.decode() for k in f[1:]]
             if not self._wait_for(keys, float(f[0])):
-                return _pack(TIMEOUT, [])
+                return (TIMEOUT, [])
             with cond:
-                return _pack(OK, [d[k] for k in keys])
+                return (OK, [d[k] for k in keys])
         if code == MULTI_SET:
             with cond:
                 for k, v in zip(f[0::2], f[1::2]):
                     d[k.decode()] = v
                 cond.notify_all()
-            return _pack(OK, [])
+            return (OK, [])
         if code == PING:
-            return _pack(OK, [])
+            return (OK, [])
         raise ValueError("unknown request code")
 
 
@@ -325,16 +395,26 @@ class StoreClient:
         self._lock = threading.Lock()
         host, _, port = address.rpartition(":")
         self._hostport = (host.strip("[]"), int(port))
-        self._sock = self._connect(connect_timeout)
+        self._chan = self._connect(connect_timeout)
+        self._sock = self._chan.sock
 
-    def _connect(self, connect_timeout: float) -> socket.socket:
+    def _connect(self, connect_timeout: float) -> Channel:
+        """Connect and handshake. A connection dropped before the server's hello (a store busy
+        shedding strangers) is retried until ``connect_timeout``; a refused proof is final."""
         deadline = time.monotonic() + connect_timeout
         delay = 0.01
         while True:
             try:
                 sock = socket.create_connection(self._hostport, timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.settimeout(max(0.1, min(HANDSHAKE_TIMEOUT, deadline - time.monotonic())))
+                try:
+                    hello = recv_exact(sock, HELLO)
+                except BaseException:
+                    sock.close()
+                    raise
                 break
-            except OSError as exc:
+            except OSError as exc:  # ConnectionError and socket.timeout included
                 if time.monotonic() + delay > deadline:
                     raise StoreError(
                         f"cannot reach the rendezvous store at {self.address}: {exc}. HINT: is the "
@@ -342,18 +422,17 @@ class StoreClient:
                     ) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 0.5)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
+            try:
+                reply, key = client_reply(self._secret, hello)
+            except StoreAuthError:
+                raise StoreAuthError(f"{self.address} is not a disttrain rendezvous store") from None
             sock.settimeout(HANDSHAKE_TIMEOUT)
-            hello = _recv_exact(sock, len(MAGIC) + NONCE)
-            if hello[: len(MAGIC)] != MAGIC:
-                raise StoreAuthError(f"{self.address} is not a disttrain rendezvous store")
-            nonce_s, nonce_c = hello[len(MAGIC) :], secrets.token_bytes(NONCE)
-            sock.sendall(nonce_c + _mac(self._secret, b"dt-client", nonce_s, nonce_c))
-            proof = _recv_exact(sock, MAC)
-            if not hmac.compare_digest(proof, _mac(self._secret, b"dt-server", nonce_c, nonce_s)):
+            sock.sendall(reply)
+            proof = recv_exact(sock, MAC)
+            if not client_check_proof(self._secret, hello, reply, proof):
                 raise StoreAuthError(f"the store at {self.address} failed to prove it knows the job secret")
-        except (OSError, ConnectionError) as exc:
+        except OSError as exc:
             sock.close()
             raise StoreAuthError(
                 f"handshake with the rendezvous store at {self.address} failed ({exc}). HINT: "
@@ -363,7 +442,7 @@ class StoreClient:
             sock.close()
             raise
         sock.settimeout(None)
-        return sock
+        return Channel(sock, key, client=True)
 
     @property
     def secret(self) -> str:
@@ -380,9 +459,9 @@ class StoreClient:
             # Blocking ops get the server-side timeout plus slack; others a generous one.
             self._sock.settimeout((wait if wait is not None else 0) + 60.0)
             try:
-                self._sock.sendall(_pack(code, fields))
-                status, out = _read_frame(self._sock)
-            except (OSError, ConnectionError, ValueError) as exc:
+                self._chan.send(code, fields)
+                status, out = self._chan.recv()
+            except (OSError, ValueError, StoreAuthError) as exc:
                 raise StoreError(
                     f"rendezvous store at {self.address} dropped the connection during {what}: {exc}"
                 ) from None
@@ -439,15 +518,30 @@ class StoreClient:
         self._call(PING, [], "ping")
 
 
+_SECRET_ENV, _STORE_ENV = "DISTTRAIN_JOB_SECRET", "DISTTRAIN_STORE"
+_secret_taken: str | None = None  # the worker's secret once it left os.environ
+
+
+def env_has_store() -> bool:
+    """True when this process was started by our launcher with a store (and its secret)."""
+    return bool(os.environ.get(_STORE_ENV) and (_secret_taken or os.environ.get(_SECRET_ENV)))
+
+
 def connect_from_env(timeout: float = 300.0, *, prefix: str | None = None) -> StoreClient | None:
     """The worker's client of the launcher's store, or None when not started by our launcher.
 
     Called by any worker, any time; keys are prefixed with ``worker/attempt_<restart>/`` unless
-    ``prefix`` is given, so each restart of the group meets in a clean namespace.
+    ``prefix`` is given, so each restart of the group meets in a clean namespace. After the
+    first connection the secret is removed from ``os.environ`` (kept in this module), so a
+    program the worker starts never inherits it.
     """
-    address, secret = os.environ.get("DISTTRAIN_STORE"), os.environ.get("DISTTRAIN_JOB_SECRET")
+    global _secret_taken
+    address, secret = os.environ.get(_STORE_ENV), _secret_taken or os.environ.get(_SECRET_ENV)
     if not address or not secret:
         return None
     if prefix is None:
         prefix = f"worker/attempt_{os.environ.get('DISTTRAIN_RESTART_COUNT', '0')}/"
-    return StoreClient(address, secret, timeout=timeout, prefix=prefix)
+    client = StoreClient(address, secret, timeout=timeout, prefix=prefix)
+    _secret_taken = secret
+    os.environ.pop(_SECRET_ENV, None)
+    return client

@@ -3,7 +3,7 @@
 Imported only inside workers (it imports torch). Two ways in:
 
 * explicit: ``dist.init_process_group("gloo", store=AuthStore.from_env(), rank=..., world_size=...)``
-  (collectives' torch backend does this through ``connect_from_env``);
+  (``disttrain.worker`` does this and hands the store to ``collectives.init``);
 * unchanged torchrun scripts: ``launcher.bootstrap`` installs :func:`install_env_handler` the
   moment ``torch.distributed.rendezvous`` is imported, so ``init_process_group()`` with the
   default ``env://`` meets at our store instead of opening an unauthenticated TCPStore.
@@ -16,7 +16,7 @@ import os
 
 import torch.distributed as dist
 
-from .store import StoreClient, StoreTimeout, connect_from_env
+from .store import StoreClient, StoreTimeout, connect_from_env, env_has_store
 
 # torch's C++ side holds only the base object; once the Python object is gone its overrides
 # vanish ("Not implemented"). Stores live as long as the worker does, so keep them here.
@@ -104,7 +104,7 @@ def install_env_handler(rendezvous_module=None) -> None:
     original = rendezvous_module._rendezvous_handlers.get("env")
 
     def env_handler(url: str, timeout: datetime.timedelta = datetime.timedelta(minutes=30), **kwargs):
-        if not (os.environ.get("DISTTRAIN_STORE") and os.environ.get("DISTTRAIN_JOB_SECRET")):
+        if not env_has_store():
             yield from original(url, timeout=timeout, **kwargs)
             return
         query = dict(p.split("=", 1) for p in url.partition("?")[2].split("&") if "=" in p)

@@ -56,10 +56,11 @@ class Worker:
         return self.env["DISTTRAIN_ERROR_FILE"]
 
     def start(self) -> None:
-        # Own session: we can signal the worker and anything it spawned as one group.
+        # Own session: we can signal the worker and anything it spawned as one group. The
+        # bootstrap asks for SIGKILL when we (its parent) die, if we are still its parent.
         self.proc = subprocess.Popen(
             self.spec.argv(),
-            env=self.env,
+            env={**self.env, "DISTTRAIN_AGENT_PID": str(os.getpid())},
             cwd=self.spec.cwd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,

@@ -81,6 +81,7 @@ def _replace_file(path: str, name: str, data: bytes) -> None:
     _rewrite_manifest(path, fix)
 
 
+@pytest.mark.unit
 def test_round_trip_and_reshard_between_flat_and_nd_boxes(ckpt):
     r = CheckpointReader(ckpt)
     assert (
@@ -106,6 +107,7 @@ def test_round_trip_and_reshard_between_flat_and_nd_boxes(ckpt):
         assert torch.equal(f.get_tensor("model.w"), W[2:4])
 
 
+@pytest.mark.unit
 def test_reshard_to_every_world_size(tmp_path):
     for world in (1, 2, 4):
         r = CheckpointReader(_save(str(tmp_path / f"w{world}"), world=world))
@@ -118,6 +120,7 @@ def test_reshard_to_every_world_size(tmp_path):
             )
 
 
+@pytest.mark.unit
 def test_corrupt_truncated_and_missing_files_are_named(ckpt):
     path = os.path.join(ckpt, "rank_00001.safetensors")
     data = bytearray(open(path, "rb").read())
@@ -146,6 +149,7 @@ class _Payload:
         return (open, (self.target, "w"))
 
 
+@pytest.mark.unit
 def test_pickle_renamed_safetensors_is_refused_without_running_it(ckpt, tmp_path):
     target = str(tmp_path / "pwned")
     _replace_file(ckpt, "rank_00002.safetensors", pickle.dumps(_Payload(target), protocol=2))
@@ -155,6 +159,7 @@ def test_pickle_renamed_safetensors_is_refused_without_running_it(ckpt, tmp_path
     assert not os.path.exists(target)
 
 
+@pytest.mark.unit
 def test_header_over_limit_overlaps_and_duplicate_keys_are_refused(ckpt):
     name = "rank_00000.safetensors"
     _replace_file(ckpt, name, struct.pack("<Q", 200_000_000) + b"{}" + b"\0" * 64)
@@ -177,6 +182,7 @@ def test_header_over_limit_overlaps_and_duplicate_keys_are_refused(ckpt):
         CheckpointReader(ckpt).verify_all()
 
 
+@pytest.mark.unit
 def test_malformed_manifests_are_refused(ckpt, tmp_path):
     good = open(os.path.join(ckpt, "manifest.json")).read()
 
@@ -218,6 +224,7 @@ def test_malformed_manifests_are_refused(ckpt, tmp_path):
         CheckpointReader(ckpt).verify_all()
 
 
+@pytest.mark.unit
 def test_commit_keeps_last_k_and_ignores_temporaries(tmp_path):
     d = str(tmp_path / "checkpoints")
     for step in (1, 2, 3):
@@ -228,6 +235,7 @@ def test_commit_keeps_last_k_and_ignores_temporaries(tmp_path):
     assert [os.path.basename(p) for p in resolve(str(tmp_path))] == ["step_000003", "step_000002"]
 
 
+@pytest.mark.unit
 def test_cli_reshard_check_and_consolidate(ckpt, tmp_path, capsys):
     assert ckpt_cli.main(["reshard", ckpt, "--check", "--to", "zero2:5"]) == 1  # only model.b has optimizer state
     assert "optimizer state missing for 2 parameters" in capsys.readouterr().out

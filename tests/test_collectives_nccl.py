@@ -16,6 +16,7 @@ from collectives.backends.nccl import NCCLBackend
 from tests.support.harness import spawn
 
 
+@pytest.mark.unit
 def test_registered_but_unavailable_without_gpu():
     assert "nccl" in registry.known()
     if torch.cuda.is_available():
@@ -27,6 +28,7 @@ def test_registered_but_unavailable_without_gpu():
     assert "not available" in str(info.value) and "available here:" in str(info.value)
 
 
+@pytest.mark.unit
 def test_create_without_gpu_names_the_fix():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

@@ -29,6 +29,7 @@ def _leftovers(env: dict) -> list[str]:
     return [f for f in os.listdir(DEV_SHM) if env["DISTTRAIN_JOB_ID"] in f]
 
 
+@pytest.mark.unit
 @pytest.mark.timeout(60)
 def test_world1_in_process():
     env = DistEnv(0, 1, 0, 1, None, None, "single")

@@ -23,18 +23,21 @@ def errors(path, overrides=()):
     return info.value.lines
 
 
+@pytest.mark.unit
 def test_every_shipped_config_validates():
     for name in os.listdir(os.path.join(ROOT, "configs")):
         if name.endswith(".yaml"):
             config_mod.load(os.path.join(ROOT, "configs", name))
 
 
+@pytest.mark.unit
 def test_unknown_key_names_file_path_and_suggests(tmp_path):
     path = write(tmp_path, "train:\n  step: 10\n")
     (line,) = errors(path)
     assert line.startswith(f"{path}: train.step: unknown key (did you mean 'steps'?)")
 
 
+@pytest.mark.unit
 def test_wrong_type_and_range(tmp_path):
     path = write(tmp_path, "train:\n  steps: ten\noptim:\n  lr: -1\nmodel:\n  kind: mlp\n  hidden: [4, 0]\n")
     lines = errors(path)
@@ -43,6 +46,7 @@ def test_wrong_type_and_range(tmp_path):
     assert f"{path}: model.hidden.1: got 0, expected a value > 0" in lines
 
 
+@pytest.mark.unit
 def test_bad_choice_and_bad_override(tmp_path):
     path = write(tmp_path, "parallel:\n  strategy: fsdp\n")
     (line,) = errors(path)
@@ -53,6 +57,7 @@ def test_bad_choice_and_bad_override(tmp_path):
         config_mod.load(path, ["train.steps"])
 
 
+@pytest.mark.unit
 def test_unknown_model_kind_and_bad_gpt(tmp_path):
     (line,) = errors(write(tmp_path, "model:\n  kind: resnet\n"))
     assert "model" in line and "'mlp'" in line and "'gpt'" in line
@@ -60,6 +65,7 @@ def test_unknown_model_kind_and_bad_gpt(tmp_path):
     assert "d_model (30) must be divisible by n_head (4)" in line
 
 
+@pytest.mark.unit
 def test_bad_yaml_and_missing_file(tmp_path):
     (line,) = errors(write(tmp_path, "train: [1, 2\n"))
     assert line.startswith(str(tmp_path / "exp.yaml") + ":") and "not valid YAML" in line

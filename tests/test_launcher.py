@@ -122,6 +122,7 @@ def test_port_in_use_is_a_clear_error_naming_the_host():
     assert f"localhost:{port}" in r.stderr and "in use" in r.stderr and "HINT" in r.stderr
 
 
+@pytest.mark.unit
 def test_hostfile_and_host_lists(tmp_path):
     f = tmp_path / "hosts"
     f.write_text("# cluster\nnode1 slots=4\n\nnode2 slots=2  # small one\nnode3\n")
@@ -136,6 +137,7 @@ def test_hostfile_and_host_lists(tmp_path):
         parse_hostfile(str(f))
 
 
+@pytest.mark.unit
 def test_too_few_slots_names_the_hosts():
     with pytest.raises(
         LaunchConfigError, match=r"-np 5 asks for more workers than the hosts have slots \(4: a:2, b:2\)"
@@ -143,5 +145,8 @@ def test_too_few_slots_names_the_hosts():
         plan_nodes(parse_hosts("a:2,b:2"), np=5)
     with pytest.raises(LaunchConfigError, match=r"host b has 1 slot\(s\) but --nproc-per-node asks for 2"):
         plan_nodes(parse_hosts("a:2,b:1"), nproc_per_node=2)
+
+
+def test_too_few_slots_on_the_command_line_exits_2_naming_the_host():
     r = launch("-np", "3", "-H", "localhost:2", WORKER, timeout=30)
     assert r.returncode == 2 and "localhost:2" in r.stderr

@@ -8,7 +8,7 @@ Tolerances (max absolute parameter difference after 6 steps; losses within 10x t
 * fp32: 2e-5. Layouts differ only in float32 summation order (per-rank partial sums,
   tp partial products, then allreduce), amplified a little by Adam's normalisation
   (measured: about 2.5e-6).
-* bf16 / fp16 autocast (fp16 with dynamic loss scaling): the difference to the bf16 one-process run, as a share of that run's whole
+* bf16 autocast: the difference to the bf16 one-process run, as a share of that run's whole
   update (||theta_mp - theta_ref|| / ||theta_ref - theta_0||), at most 0.1; losses within
   1e-2. Rounding happens at different places (tp sums fp32 partial products of bf16 matmuls,
   then rounds once), and Adam turns noise on near-zero gradients into whole steps, so a
@@ -58,7 +58,6 @@ LAYOUTS = {  # name -> (overrides, reference, extra run options)
     "2x2x1-zero1": (mesh(2, 2, 1) + ZERO1, "fp32", {}),
     "2x2x1-bf16": (mesh(2, 2, 1) + BF16, "bf16", {}),
     "1x2x2-bf16-zero1": (mesh(1, 2, 2) + BF16 + ZERO1, "bf16", {}),
-    "1x2x2-fp16": (mesh(1, 2, 2) + FP16, "fp16", {}),  # dynamic loss scaling through the pipeline
 }
 
 REFUSED = {  # name -> (overrides, words the message must contain)
@@ -92,10 +91,10 @@ def world(tmp_path_factory):
         {"name": "eval-1x1x4", "overrides": mesh(1, 1, 4), "eval": True},
     ]
     runs.append({"name": "vocab-ce", "vocab_ce": True})
+    runs.append({"name": "fp16-1x2x2", "overrides": mesh(1, 2, 2) + FP16})
     reference = [
         {"name": "ref-fp32"},
         {"name": "ref-bf16", "overrides": BF16},
-        {"name": "ref-fp16", "overrides": FP16},
         {"name": "ref-eval", "eval": True},
     ]
     # The one-process reference runs beside the 4-rank world (processes start in parallel).
@@ -196,3 +195,15 @@ def test_vocab_parallel_cross_entropy_matches_full(world):
     for r in range(4):
         assert results[r]["vocab-ce"]["loss_diff"] <= 1e-4, results[r]["vocab-ce"]
         assert results[r]["vocab-ce"]["grad_diff"] <= 1e-6, results[r]["vocab-ce"]
+
+
+@pytest.mark.timeout(900)
+def test_fp16_loss_scaling_trains_through_tp_and_pp(world):
+    # Not an equivalence: which early steps overflow at the initial scale (2**16) depends on how the
+    # layout splits the fp16 sums (tp's smaller partial sums overflow later), so the skipped steps differ.
+    _, results = world
+    for r in range(4):
+        losses = results[r]["fp16-1x2x2"]["losses"]
+        assert all(loss == loss and abs(loss) < 1e3 for loss in losses), losses
+        assert losses[-1] < losses[0] - 0.05, f"rank {r}: fp16 under tp2 x pp2 did not learn: {losses}"
+    assert len({tuple(results[r]["fp16-1x2x2"]["losses"]) for r in range(4)}) == 1

@@ -56,7 +56,7 @@ def _out(run_dir) -> str:
 
 @pytest.mark.timeout(60)
 def test_hostlist_parser_agrees_with_scontrol(slurm_cluster):
-    from launcher.slurm import expand_hostlist, scontrol_hostnames
+    from launcher.slurm.hostlist import expand_hostlist, scontrol_hostnames
 
     for nodelist in ("n[1-2]", "gpu[001-003,010],login", "rack[1-2]-n[08-10]", "a[9-11],c,d[7]"):
         theirs = slurm_cluster.run(["scontrol", "show", "hostnames", nodelist]).stdout.split()
@@ -159,7 +159,7 @@ def jobs(slurm_cluster, tmp_path_factory):
         text=True,
         start_new_session=True,
     )
-    # The time-limited job runs one agent per node (launcher.slurm_agent) that forwards the warning to its workers.
+    # The time-limited job runs one agent per node (launcher.slurm.agent) that forwards the warning to its workers.
     limited = _submit(c, base / "limit", "--time", "1", "slurm.signal_seconds=50", "--mode", "agent")
     cancelled = _submit(c, base / "usr1")
     driver = _Driver(c, cancelled, base / "usr1", [limited, cancelled])
@@ -232,7 +232,8 @@ def test_preemption_by_signal_and_by_time_limit_requeues_and_resumes(slurm_clust
 
 @pytest.mark.timeout(120)
 def test_requeue_falls_back_to_resubmitting_the_script(slurm_cluster, tmp_path, monkeypatch):
-    from launcher.slurm import SlurmEnvError, requeue
+    from launcher.slurm.errors import SlurmEnvError
+    from launcher.slurm.requeue import requeue
 
     script = tmp_path / "job.sbatch"
     script.write_text(f"#!/bin/bash\n#SBATCH --output={tmp_path}/%A_%a.out\ntrue\n")

@@ -101,11 +101,11 @@ def test_pipeline_units_of_the_families_and_of_a_users_split():
     assert [len(s) for s in stages] == [1, 1, 1, 1]
     stages, _ = plan_stages(UserLM(), 2, ["blocks.1"])
     assert stages == [[("emb",), ("blocks.0",)], [("blocks.1",), ("norm",), ("head",)]]
-    with pytest.raises(MeshError, match=r"'blocks.7' does not begin a unit of UserLM[\s\S]*HINT"):
+    with pytest.raises(PlanError, match=r"'blocks.7' does not begin a unit of UserLM[\s\S]*HINT"):
         plan_stages(UserLM(), 2, ["blocks.7"])
-    with pytest.raises(MeshError, match=r"UserLM is not a known family[\s\S]*HINT"):
+    with pytest.raises(PlanError, match=r"UserLM is not a known family[\s\S]*HINT"):
         plan_stages(UserLM(), 2, None)
-    with pytest.raises(MeshError, match=r"1 paths for 3 stages"):
+    with pytest.raises(PlanError, match=r"1 paths for 3 stages"):
         plan_stages(UserLM(), 3, ["blocks.1"])
 
 

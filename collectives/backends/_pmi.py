@@ -7,42 +7,168 @@ starts in milliseconds. It prints its port, then serves until every rank closed 
 or, at most 10 s after, its parent went away (stdin closed). When a rank's connection
 closes without ``finalize``, barriers fail, so nobody waits on the dead.
 
-    python _pmi.py SIZE BIND_ADDR PROCESS_MAPPING
+Only the job's ranks get in. MPICH's PMI-1 client cannot do a MAC, but its first line is
+``cmd=initack pmiid=<PMI_ID>``: rank 0 draws one random, distinct id per rank, hands it to
+the server on stdin (never on a command line) and to each rank through the job's
+authenticated store. A connection whose first line is not an unused id of ours (or our
+own ``collectives_segments`` report with the job token) within :data:`HELLO_TIMEOUT` is
+closed and logged and counts for nothing: it cannot fail a barrier, end the server, or
+take a rank's place. At most ``size`` rank connections, each id once; keys are
+write-once; lines are bounded; at most :data:`MAX_PENDING` strangers are held at a time.
+A segment path is unlinked only if it is exactly MPICH's name in /dev/shm and a regular
+file of ours there (``lstat``).
+
+    python _pmi.py SIZE BIND_ADDR PROCESS_MAPPING      (then one JSON line on stdin)
 """
 
 from __future__ import annotations
 
+import collections
+import json
 import os
+import re
+import secrets
 import socket
+import stat
+import subprocess
 import sys
 import threading
 
 _DEBUG = bool(os.environ.get("COLLECTIVES_PMI_DEBUG"))
+MAX_LINE = 4096  # MPICH's PMIU_MAXLINE is 1024
+HELLO_TIMEOUT = 10.0  # for a connection's first line
+MAX_PENDING = 64  # connections that have not yet proven they are a rank; the oldest goes first
+SHM_DIR = "/dev/shm"
+_SEGMENT = re.compile(r"mpich_shm_[0-9a-f]{1,16}_[0-9]{1,10}")  # MPICH: "/mpich_shm_%x_%d"
+
+
+def _log(msg: str) -> None:
+    print(f"collectives PMI server: {msg}", file=sys.stderr, flush=True)
+
+
+def segment_name(path: str) -> str | None:
+    """The bare name when ``path`` is exactly ``/dev/shm/<MPICH segment name>``, else None."""
+    head, _, name = path.rpartition("/")
+    return name if head == SHM_DIR and _SEGMENT.fullmatch(name) else None
+
+
+def unlink_segment(name: str) -> bool:
+    """Unlink /dev/shm/``name`` if it is a regular file owned by us; True when it did.
+
+    /dev/shm is sticky: once we saw the entry is ours, nobody else can swap it before the unlink.
+    """
+    if not _SEGMENT.fullmatch(name):
+        return False
+    dfd = os.open(SHM_DIR, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        st = os.lstat(name, dir_fd=dfd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+            _log(f"not unlinking {SHM_DIR}/{name}: not a regular file of uid {os.getuid()}")
+            return False
+        os.unlink(name, dir_fd=dfd)
+        return True
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(dfd)
+
+
+def credentials(size: int) -> tuple[list[int], str]:
+    """One random, distinct PMI_ID per rank (MPICH parses it with ``atoi``: 31 bits), and a job token."""
+    ids: set[int] = set()
+    while len(ids) < size:
+        ids.add(secrets.randbelow(2**31 - 2) + 1)
+    return list(ids), secrets.token_hex(32)
+
+
+def spawn(size: int, bind: str, mapping: str, *, stderr=None) -> tuple[subprocess.Popen, int, list[int], str]:
+    """Start the server process (called by rank 0): (process, port, per-rank PMI ids, job token).
+
+    The ids and token go to the server on its stdin, which then stays open: its EOF tells
+    the server that rank 0 is gone.
+    """
+    ids, token = credentials(size)
+    proc = subprocess.Popen(
+        [sys.executable, "-I", os.path.abspath(__file__), str(size), bind, mapping],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+    )
+    proc.stdin.write((json.dumps({"ids": ids, "token": token}) + "\n").encode())
+    proc.stdin.flush()
+    line = proc.stdout.readline()
+    if not line.strip().isdigit():
+        raise RuntimeError(f"the PMI server for the mpi backend did not start (said {line!r})")
+    return proc, int(line), ids, token
+
+
+def segments_line(token: str, paths) -> bytes:
+    """The report a rank sends (on a connection of its own) of the MPICH segments it maps."""
+    return f"cmd=collectives_segments token={token} paths={','.join(sorted(paths))}\n".encode()
 
 
 class _PMIServer:
-    """The PMI-1 wire protocol (what hydra's ``mpiexec`` speaks to its ranks), as much of it as MPICH's MPI_Init/Finalize use: a key-value
-    space, barriers, and the job's size and node mapping. One thread per rank connection.
+    """The PMI-1 wire protocol (what hydra's ``mpiexec`` speaks to its ranks), as much of it as
+    MPICH's MPI_Init/Finalize use: a key-value space, barriers, and the job's size and node
+    mapping. One thread per connection; a connection is a rank only once its first line
+    carried an unused id of ours.
 
     A barrier fails (rc=1) as soon as any rank's connection closed without ``finalize``, so
     a dead rank makes MPI_Init/Finalize fail instead of waiting forever.
     """
 
-    def __init__(self, size: int, bind: str, mapping: str):
+    def __init__(self, size: int, bind: str, mapping: str, ids: list[int], token: str):
         self.size, self.mapping, self.closed = size, mapping, 0
         self.kvsname = f"kvs_{os.getpid()}_0"
-        self.segments: set[str] = set()  # MPICH derives node-local resource names from it
+        self.segments: set[str] = set()  # bare names in /dev/shm; MPICH derives them from the kvsname
+        self.rejected = 0
+        self._rank_of = {str(i): r for r, i in enumerate(ids)}  # unused ids; an id leaves when used
+        self._token = token
         self._kvs: dict[str, str] = {}
         self._cv = threading.Condition()
+        self._pending: collections.OrderedDict[socket.socket, str] = collections.OrderedDict()
         self._arrived, self._generation, self._lost = 0, 0, False
-        self._sock = socket.create_server((bind, 0), backlog=size + 8)
+        self._sock = socket.create_server((bind, 0), backlog=max(size + 8, 128))
         self.port = self._sock.getsockname()[1]
         threading.Thread(target=self._accept, name="pmi-server", daemon=True).start()
 
     def _accept(self) -> None:
         while True:
-            conn, _ = self._sock.accept()
-            threading.Thread(target=self._serve, args=(conn,), name="pmi-conn", daemon=True).start()
+            try:
+                conn, addr = self._sock.accept()
+            except OSError as exc:  # EMFILE and friends: shed the oldest stranger and go on
+                _log(f"accept failed ({exc.strerror}); dropping the oldest unproven connection")
+                self._drop_oldest()
+                threading.Event().wait(0.05)
+                continue
+            peer = f"{addr[0]}:{addr[1]}"
+            with self._cv:
+                if len(self._pending) >= MAX_PENDING:
+                    self._drop_oldest_locked()
+                self._pending[conn] = peer
+            try:
+                threading.Thread(target=self._serve, args=(conn, peer), name="pmi-conn", daemon=True).start()
+            except RuntimeError:
+                with self._cv:
+                    self._pending.pop(conn, None)
+                conn.close()
+
+    def _drop_oldest(self) -> None:
+        with self._cv:
+            self._drop_oldest_locked()
+
+    def _drop_oldest_locked(self) -> None:
+        if self._pending:
+            old, _ = self._pending.popitem(last=False)
+            try:
+                old.shutdown(socket.SHUT_RDWR)  # its thread sees EOF and logs it
+            except OSError:
+                pass
+
+    def _reject(self, peer: str, why: str) -> None:
+        self.rejected += 1
+        if self.rejected <= 100 or self.rejected % 1000 == 0:
+            _log(f"rejected connection from {peer}: {why} ({self.rejected} so far)")
 
     def _note_segments(self) -> None:
         """Remember the MPICH shared-memory segments rank 0 (our parent) maps, to unlink them
@@ -50,9 +176,9 @@ class _PMIServer:
         try:
             with open(f"/proc/{os.getppid()}/maps") as f:
                 for line in f:
-                    path = line.split()[-1]
-                    if path.startswith("/dev/shm/mpich_shm_"):
-                        self.segments.add(path)
+                    name = segment_name(line.split()[-1])
+                    if name is not None:
+                        self.segments.add(name)
         except OSError:
             pass
 
@@ -67,84 +193,150 @@ class _PMIServer:
                 self._cv.wait_for(lambda: self._generation != gen or self._lost)
             return 0 if self._generation != gen else 1
 
-    def _serve(self, conn: socket.socket) -> None:
-        f = conn.makefile("rwb")
-        finalized, aux = False, False
+    @staticmethod
+    def _fields(line: bytes) -> dict[str, str]:
+        return dict(kv.split("=", 1) for kv in line.decode().split() if "=" in kv)
+
+    def _hello(self, f, conn: socket.socket, peer: str) -> tuple[int | None, dict | None]:
+        """Read the first line within HELLO_TIMEOUT: (rank, fields) for a rank, (None, None) otherwise."""
+        conn.settimeout(HELLO_TIMEOUT)  # one short line: a single deadline in practice
         try:
-            for line in f:
+            line = f.readline(MAX_LINE + 1)
+        except (OSError, ValueError) as exc:
+            self._reject(peer, f"no first line ({exc or 'timed out'})")
+            return None, None
+        finally:
+            with self._cv:
+                self._pending.pop(conn, None)
+        if not line.endswith(b"\n"):
+            self._reject(peer, "no complete first line" if len(line) <= MAX_LINE else "first line too long")
+            return None, None
+        try:
+            d = self._fields(line)
+        except (UnicodeDecodeError, ValueError):
+            self._reject(peer, "garbage")
+            return None, None
+        if d.get("cmd") == "collectives_segments":
+            if secrets.compare_digest(d.get("token", ""), self._token):
+                names = {n for p in d.get("paths", "").split(",") if p and (n := segment_name(p)) is not None}
+                with self._cv:
+                    self.segments.update(names)
+            else:
+                self._reject(peer, "segment report without the job token")
+            return None, None
+        pmiid = d.get("pmiid", "")
+        with self._cv:
+            rank = self._rank_of.pop(pmiid, None) if d.get("cmd") == "initack" else None
+        if rank is None:
+            self._reject(peer, f"not a rank of this job (first line {line[:60]!r})")
+            return None, None
+        conn.settimeout(None)
+        return rank, d
+
+    def _serve(self, conn: socket.socket, peer: str) -> None:
+        f = conn.makefile("rwb")
+        rank, d = self._hello(f, conn, peer)
+        if rank is None:
+            f.close()
+            conn.close()
+            return
+        finalized = False
+        try:
+            while True:
                 if _DEBUG:
-                    print("<<", line, file=sys.stderr, flush=True)
-                d = dict(kv.split("=", 1) for kv in line.decode().split() if "=" in kv)
-                cmd = d.get("cmd")
-                if cmd == "collectives_segments":  # from collectives' mpi backend, not MPICH
-                    with self._cv:
-                        self.segments.update(
-                            p for p in d.get("paths", "").split(",") if p.startswith("/dev/shm/mpich_shm_")
-                        )
-                    aux = True
+                    print("<<", rank, d, file=sys.stderr, flush=True)
+                out = self._answer(rank, d)
+                if out is None:  # abort
                     break
-                if cmd == "initack":
-                    out = [
-                        "cmd=initack rc=0",
-                        f"cmd=set size={self.size}",
-                        f"cmd=set rank={d['pmiid']}",
-                        "cmd=set debug=0",
-                    ]
-                elif cmd == "init":
-                    out = ["cmd=response_to_init pmi_version=1 pmi_subversion=1 rc=0"]
-                elif cmd == "get_maxes":
-                    out = ["cmd=maxes rc=0 kvsname_max=256 keylen_max=256 vallen_max=1024"]
-                elif cmd == "get_appnum":
-                    out = ["cmd=appnum rc=0 appnum=0"]
-                elif cmd == "get_my_kvsname":
-                    out = [f"cmd=my_kvsname rc=0 kvsname={self.kvsname}"]
-                elif cmd == "get_universe_size":
-                    out = [f"cmd=universe_size rc=0 size={self.size}"]
-                elif cmd == "put":
-                    with self._cv:
-                        self._kvs[d["key"]] = d.get("value", "")
-                    out = ["cmd=put_result rc=0"]
-                elif cmd == "get":
-                    value = self.mapping if d.get("key") == "PMI_process_mapping" else self._kvs.get(d.get("key"))
-                    out = [
-                        f"cmd=get_result rc=0 value={value}"
-                        if value is not None
-                        else "cmd=get_result rc=-1 msg=key_not_found"
-                    ]
-                elif cmd == "barrier_in":
-                    out = [f"cmd=barrier_out rc={self._barrier()}"]
-                    self._note_segments()
-                elif cmd == "finalize":
-                    finalized = True
-                    out = ["cmd=finalize_ack rc=0"]
-                elif cmd == "abort":
-                    break
-                else:
-                    out = [f"cmd={cmd} rc=-1 msg=unsupported_by_collectives_pmi"]
                 if _DEBUG:
                     print(">>", out, file=sys.stderr, flush=True)
                 f.write(("\n".join(out) + "\n").encode())
                 f.flush()
-                if finalized:
+                if d.get("cmd") == "finalize":
+                    finalized = True
                     break
+                line = f.readline(MAX_LINE + 1)
+                if not line:
+                    break
+                if not line.endswith(b"\n"):
+                    _log(f"rank {rank} sent a line over {MAX_LINE} bytes; closing its connection")
+                    break
+                d = self._fields(line)
         except (OSError, ValueError):
             pass
         finally:
+            f.close()
             conn.close()
-            if not aux:
-                with self._cv:
-                    self.closed += 1
-                    if not finalized:
-                        self._lost = True
-                    self._cv.notify_all()
+            with self._cv:
+                self.closed += 1
+                if not finalized:
+                    self._lost = True
+                self._cv.notify_all()
+
+    def _answer(self, rank: int, d: dict[str, str]) -> list[str] | None:
+        cmd = d.get("cmd")
+        if cmd == "initack":
+            return ["cmd=initack rc=0", f"cmd=set size={self.size}", f"cmd=set rank={rank}", "cmd=set debug=0"]
+        if cmd == "init":
+            return ["cmd=response_to_init pmi_version=1 pmi_subversion=1 rc=0"]
+        if cmd == "get_maxes":
+            return ["cmd=maxes rc=0 kvsname_max=256 keylen_max=256 vallen_max=1024"]
+        if cmd == "get_appnum":
+            return ["cmd=appnum rc=0 appnum=0"]
+        if cmd == "get_my_kvsname":
+            return [f"cmd=my_kvsname rc=0 kvsname={self.kvsname}"]
+        if cmd == "get_universe_size":
+            return [f"cmd=universe_size rc=0 size={self.size}"]
+        if cmd == "put":
+            key, value = d.get("key", ""), d.get("value", "")
+            with self._cv:
+                old = self._kvs.setdefault(key, value)
+            if old != value:  # write-once: nobody rewrites another rank's business card
+                _log(f"rank {rank} tried to overwrite key {key[:60]!r}; refused")
+                return ["cmd=put_result rc=-1 msg=duplicate_key"]
+            return ["cmd=put_result rc=0"]
+        if cmd == "get":
+            key = d.get("key")
+            value = self.mapping if key == "PMI_process_mapping" else self._kvs.get(key)
+            if value is None:
+                return ["cmd=get_result rc=-1 msg=key_not_found"]
+            return [f"cmd=get_result rc=0 value={value}"]
+        if cmd == "barrier_in":
+            out = [f"cmd=barrier_out rc={self._barrier()}"]
+            self._note_segments()
+            return out
+        if cmd == "finalize":
+            return ["cmd=finalize_ack rc=0"]
+        if cmd == "abort":
+            return None
+        return [f"cmd={cmd} rc=-1 msg=unsupported_by_collectives_pmi"]
 
 
 def main() -> None:
     size, bind, mapping = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    server = _PMIServer(size, bind, mapping)
+    raw = b""  # the raw fd, not sys.stdin: a daemon thread must not hold the buffer's lock at exit
+    while not raw.endswith(b"\n") and len(raw) < (64 << 20):
+        chunk = os.read(0, 1 << 16)
+        if not chunk:
+            break
+        raw += chunk
+    creds = json.loads(raw)
+    ids, token = [int(i) for i in creds["ids"]], str(creds["token"])
+    if len(ids) != size or len(set(ids)) != size or len(token) < 32:
+        sys.exit("collectives PMI server: bad credentials on stdin")
+    server = _PMIServer(size, bind, mapping, ids, token)
     print(server.port, flush=True)
     stop = threading.Event()
-    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+
+    def watch_parent() -> None:
+        try:
+            while os.read(0, 4096):
+                pass
+        except OSError:
+            pass
+        stop.set()
+
+    threading.Thread(target=watch_parent, daemon=True).start()
     # Serve until every rank has closed its connection: MPICH still talks to PMI from its
     # exit handlers, after MPI_Finalize. Once the parent (rank 0) is gone, wait at most 10 s.
     with server._cv:
@@ -154,11 +346,8 @@ def main() -> None:
             if stop.is_set():
                 server._cv.wait_for(lambda: server.closed >= size, timeout=10.0)
                 break
-    for path in server.segments:  # normally already gone (MPI_Finalize unlinks them)
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+    for name in server.segments:  # normally already gone (MPI_Finalize unlinks them)
+        unlink_segment(name)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 For users who have Horovod built (see scripts/build_horovod.sh) and want its ops under our
 communicator. Bootstrapped without ``horovodrun``: rank 0 starts Horovod's own rendezvous
 HTTP server in-process (the one ``horovodrun --gloo`` starts), publishes its address through
-the job's store (ours, else a TCPStore at MASTER_ADDR:MASTER_PORT), and every rank then sets
+the job's authenticated store (required beyond one rank), and every rank then sets
 the ``HOROVOD_*`` variables horovodrun would set and calls ``hvd.init()``.
 
 Mapping: allreduce, broadcast and barrier are Horovod's; allgather and all_to_all flatten to
@@ -248,21 +248,15 @@ def _start_rendezvous(env: DistEnv, hosts: list[str]) -> tuple[str, int]:
 
 
 def _default_store(env: DistEnv, timeout: float):
-    import datetime
-
+    """Only a one-rank job needs no store. An unauthenticated c10d TCPStore on MASTER_PORT would
+    let anyone who reaches the port steer the rendezvous (issue 14), so we refuse to open one."""
     import torch.distributed as dist
 
     if env.world_size == 1:
         return dist.HashStore()
-    if env.master_addr is None or env.master_port is None:
-        raise CollectivesError(
-            f"rank {env.where}: the horovod backend needs MASTER_ADDR and MASTER_PORT or a store"
-            "\nHINT: start workers with `disttrain launch`"
-        )
-    return dist.TCPStore(
-        env.master_addr,
-        env.master_port,
-        env.world_size,
-        is_master=env.rank == 0,
-        timeout=datetime.timedelta(seconds=timeout),
+    raise CollectivesError(
+        f"rank {env.where}: the horovod backend needs the job's authenticated store to publish Horovod's "
+        "rendezvous address; it will not open an unauthenticated TCPStore at MASTER_ADDR:MASTER_PORT\n"
+        "HINT: start workers with `disttrain launch` (which runs the store) and pass "
+        "store=launcher.torch_store.AuthStore.from_env(timeout) to collectives.init"
     )

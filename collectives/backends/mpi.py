@@ -32,12 +32,14 @@ import torch
 from ..env import DistEnv
 from ..errors import CollectivesError, CollectiveTimeoutError, InvalidTensorError, PeerDiedError
 from ..types import ReduceOp, Work
+from . import _pmi
 
 _MPI = None  # the mpi4py.MPI module, imported by _init_mpi
 _HEALTHY = True  # False after a transport error: skip MPI_Finalize at exit (it would wait on the dead)
 _PMI_KEY = "collectives/mpi/pmi"
 _PMI_ADDR = None  # host:port of that server, on every rank
 _PMI_PROC = None  # rank 0's PMI server process, when no MPI launcher started the job
+_PMI_TOKEN = ""  # proves our own segment report to that server
 
 
 def _types():
@@ -271,7 +273,7 @@ def _finalize() -> None:
             try:
                 host, port = _PMI_ADDR.rsplit(":", 1)
                 with socket.create_connection((host, int(port)), timeout=5) as s:
-                    s.sendall(f"cmd=collectives_segments paths={','.join(sorted(mine))}\n".encode())
+                    s.sendall(_pmi.segments_line(_PMI_TOKEN, mine))
             except OSError:
                 pass
         _MPI.Finalize()
@@ -295,33 +297,34 @@ def _connect_pmi(env: DistEnv, store, timeout: float) -> None:
         host = "127.0.0.1" if local else (env.master_addr or socket.gethostname())
         # Nodes for MPICH's shared-memory paths: consecutive ranks with one host are one node.
         mapping = _process_mapping(store, env, timeout)
-        port = _start_pmi_server(env.world_size, "127.0.0.1" if local else "0.0.0.0", mapping)
+        port = _start_pmi_server(env.world_size, "127.0.0.1" if local else "0.0.0.0", mapping, store)
         store.set(_PMI_KEY, f"{host}:{port}")
     else:
         _process_mapping(store, env, timeout)
     import datetime
 
     store.wait([_PMI_KEY], datetime.timedelta(seconds=timeout))
-    global _PMI_ADDR
+    global _PMI_ADDR, _PMI_TOKEN
     _PMI_ADDR = store.get(_PMI_KEY).decode()
-    os.environ.update(PMI_PORT=_PMI_ADDR, PMI_ID=str(env.rank), PMI_RANK=str(env.rank), PMI_SIZE=str(env.world_size))
+    _PMI_TOKEN = store.get(f"{_PMI_KEY}/token").decode()
+    # PMI_ID: this rank's unguessable id, the only way into the PMI server (see _pmi.py).
+    pmi_id = store.get(f"{_PMI_KEY}/id/{env.rank}").decode()
+    os.environ.update(PMI_PORT=_PMI_ADDR, PMI_ID=pmi_id, PMI_RANK=str(env.rank), PMI_SIZE=str(env.world_size))
 
 
-def _start_pmi_server(size: int, bind: str, mapping: str) -> int:
-    import subprocess
-    import sys
-
+def _start_pmi_server(size: int, bind: str, mapping: str, store) -> int:
+    """Rank 0: start the PMI server; each rank's PMI id and the job token go into the store."""
     global _PMI_PROC
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_pmi.py")
-    _PMI_PROC = subprocess.Popen(
-        [sys.executable, "-I", path, str(size), bind, mapping], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-    )
     # No atexit hook: MPICH's own exit handlers still talk to the server after Python's have
     # run; the server exits once every rank closed its connection, or soon after we are gone.
-    line = _PMI_PROC.stdout.readline()
-    if not line.strip().isdigit():
-        raise CollectivesError(f"the PMI server for the mpi backend did not start (said {line!r})")
-    return int(line)
+    try:
+        _PMI_PROC, port, ids, token = _pmi.spawn(size, bind, mapping)
+    except RuntimeError as exc:
+        raise CollectivesError(str(exc)) from None
+    for rank, pmi_id in enumerate(ids):
+        store.set(f"{_PMI_KEY}/id/{rank}", str(pmi_id))
+    store.set(f"{_PMI_KEY}/token", token)
+    return port
 
 
 def _process_mapping(store, env: DistEnv, timeout: float) -> str:

@@ -40,7 +40,6 @@ import itertools
 import os
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Callable, Sequence
 from typing import ClassVar
@@ -58,7 +57,7 @@ from ..errors import (
 )
 from ..fingerprint import ENCODED_SIZE, Fingerprint, mismatch_error
 from ..types import CompletedWork, ReduceOp, Work
-from .shm_segment import HEADER, Segment, job_tag, pid_alive
+from .shm_segment import HEADER, Segment, job_tag, pid_alive, segment_nonce
 
 try:
     import xxhash
@@ -312,9 +311,9 @@ class ShmBackend:
 
     @classmethod
     def create(cls, env: DistEnv, store=None, timeout: float = 300.0, device: str = "cpu") -> ShmBackend:
-        """Every rank calls it once. The segment name comes from the job id (DISTTRAIN_JOB_ID, else
-        TORCHELASTIC_RUN_ID, MPI/SLURM ids, MASTER_PORT); without any, rank 0 announces a random name
-        through ``store``. Returns once this rank has mapped it (peers are awaited by the first op)."""
+        """Every rank calls it once. With ``store``, rank 0 announces a random segment name through it;
+        without, the name derives from the job secret and id (see ``shm_segment.job_tag``). Returns
+        once this rank has mapped it (peers are awaited by the first op)."""
         if not device.startswith("cpu"):
             raise InvalidTensorError(
                 f"rank {env.where}: the shm backend moves CPU tensors only, got device {device!r}"
@@ -327,20 +326,20 @@ class ShmBackend:
             )
         gen = next(_worlds)
         tag = job_tag()
-        if tag is not None:  # deterministic: every rank derives the same name
-            name = f"disttrain-{tag}-w{gen}"
-        elif store is not None:  # rank 0 announces a random name
+        if store is not None:  # rank 0 announces a name nobody else can predict (shm_segment)
             key = f"collectives/shm/world{gen}"
             if env.rank == 0:
-                name = f"disttrain-{uuid.uuid4().hex[:16]}"
+                name = f"disttrain-{segment_nonce()}-w{gen}"
                 store.set(key, name)
             else:
                 name = store.get(key).decode()
+        elif tag is not None:  # every rank derives the same name from the job's secret or id
+            name = f"disttrain-{tag}-w{gen}"
         elif env.world_size == 1:
             name = f"disttrain-solo{os.getpid()}-w{gen}"
         else:
             raise CollectivesError(
-                f"rank {env.where}: the shm backend cannot name its segment: no DISTTRAIN_JOB_ID, MASTER_PORT, "
+                f"rank {env.where}: the shm backend cannot name its segment: no DISTTRAIN_JOB_ID, "
                 "SLURM or MPI job id in the environment and no store\nHINT: set DISTTRAIN_JOB_ID to the same value "
                 "on every rank, or pass a store to collectives.init"
             )

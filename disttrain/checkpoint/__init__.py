@@ -6,7 +6,7 @@
 Modules: ``shardfile`` (safetensors I/O), ``manifest`` (the commit record and its
 validation), ``checksum`` (xxh3), ``writer`` (rank files, commit, pruning), ``reader``
 (verification, box serving), ``reshard`` (box overlap, layout checks), ``state`` (RNG,
-step, config as JSON), ``adapters`` (shards of strategies that have none),
+step, config, the model record as JSON), ``adapters`` (the strategy calls),
 ``checkpointer`` (the trainer callback: resume, periodic/async/preemption/final saves).
 """
 

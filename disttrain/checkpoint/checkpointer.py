@@ -29,7 +29,7 @@ import torch
 
 from collectives import ReduceOp
 
-from . import adapters, testhooks
+from . import adapters, retention, testhooks
 from . import state as state_mod
 from .errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError
 from .reader import CheckpointReader, resolve
@@ -59,6 +59,7 @@ class Checkpointer:
         self.dir: str | None = None
         self.group = None
         self.last_saved = -1
+        self.resumed_from: int | None = None  # the step this run loaded; kept by pruning
         self.stall_s = 0.0  # time the training thread spent blocked by saves (snapshot gate included)
         self._plan: tuple | None = None
         self._staging: torch.Tensor | None = None
@@ -176,6 +177,7 @@ class Checkpointer:
             if not any(flags):
                 state_mod.apply(trainer, saved, saved.get("rng") or [])
                 self.last_saved = trainer.step
+                self.resumed_from = reader.step  # pruning never removes it (retention.prune)
                 return trainer.step
             bad = [r for r, f in enumerate(flags) if f]
             if err is not None:
@@ -202,6 +204,8 @@ class Checkpointer:
                     bad,
                     cands[i + 1],
                 )
+            if self.rank == 0:  # out of the count and out of the way, but kept for a post-mortem
+                retention.set_aside(path)
         return None
 
     # -- internals ------------------------------------------------------------------------
@@ -272,7 +276,8 @@ class Checkpointer:
         shared = dict(f.shared)
         layout = shared.pop("layout")
         shared["rng"] = [r["state"]["rng"] for r in sorted(records, key=lambda r: r["rank"])]
-        args = (self.dir, f.job.step, self.world, layout, records, shared, self.cfg.keep)
+        protect = () if self.resumed_from is None else (self.resumed_from,)
+        args = (self.dir, f.job.step, self.world, layout, records, shared, self.cfg.keep, protect)
         if sync:
             err = None
             try:

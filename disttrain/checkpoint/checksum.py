@@ -11,7 +11,6 @@ import os
 import xxhash
 
 ALGORITHM = "xxh3_128"
-CHUNK = 8 << 20
 
 
 def hasher():
@@ -21,22 +20,6 @@ def hasher():
 def digest(data) -> str:
     """Checksum of a bytes-like object (memoryview, bytes, numpy array)."""
     return xxhash.xxh3_128(data).hexdigest()
-
-
-def file_digest(path: str) -> tuple[int, str]:
-    """(size, checksum) of a file, streamed in chunks."""
-    h = hasher()
-    size = 0
-    buf = bytearray(CHUNK)
-    mv = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(mv)
-            if not n:
-                break
-            h.update(mv[:n])
-            size += n
-    return size, h.hexdigest()
 
 
 def fsync_dir(path: str) -> None:

@@ -24,6 +24,12 @@ VERSION = 1
 NAME = "manifest.json"
 STATE = "state.json"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}$")
+# What a reader accepts before it parses: a manifest of 64 MiB holds about 400,000 pieces,
+# e.g. 400 tensors sharded over 1,024 ranks. Both are read before anything is allocated.
+MAX_BYTES = 256 << 20
+MAX_PIECES = 4 << 20
+MAX_NDIM = 64
+MAX_OVERLAP_CHECKS = 20_000_000  # box pairs compared per tensor before the manifest counts as hostile
 
 Box = tuple[tuple[int, int], ...]
 
@@ -116,6 +122,18 @@ def parse(text: bytes, where: str) -> Manifest:
         )
     if obj.get("checksum") != checksum.ALGORITHM:
         raise CheckpointFormatError(f"{where}: checksum algorithm {obj.get('checksum')!r} is unknown")
+    if not isinstance(obj.get("tensors") or {}, dict) or not isinstance(obj.get("files") or {}, dict):
+        raise CheckpointFormatError(f"{where}: 'files' and 'tensors' must be JSON objects")
+    n_pieces = sum(
+        len(t["pieces"])
+        for t in (obj.get("tensors") or {}).values()
+        if isinstance(t, dict) and isinstance(t.get("pieces"), list)
+    )
+    if n_pieces > MAX_PIECES:
+        raise CheckpointFormatError(
+            f"{where}: {n_pieces} pieces, over the limit of {MAX_PIECES}\nHINT: not a manifest disttrain "
+            "writes; it was not loaded"
+        )
     files: dict[str, dict] = {}
     for name, info in (obj.get("files") or {}).items():
         safe_file_name(name, where)
@@ -131,6 +149,8 @@ def parse(text: bytes, where: str) -> Manifest:
         w = f"{where}: tensor {tname!r}"
         if not isinstance(t, dict) or t.get("dtype") not in FROM_NAME or not isinstance(t.get("shape"), list):
             raise CheckpointFormatError(f"{w}: malformed entry")
+        if len(t["shape"]) > MAX_NDIM:
+            raise CheckpointFormatError(f"{w}: {len(t['shape'])} dimensions, over the limit of {MAX_NDIM}")
         shape = tuple(_int(s, "shape", w) for s in t["shape"])
         pieces = []
         for p in t.get("pieces") or []:
@@ -161,6 +181,27 @@ def parse(text: bytes, where: str) -> Manifest:
     return m
 
 
+def _check_disjoint(boxes: list[Box], w: str) -> None:
+    """No two boxes overlap: a sweep along the axis with the most distinct starts, so grid
+    tilings cost n log n; a crafted manifest that still needs too many comparisons is refused."""
+    if len(boxes) < 2:
+        return
+    ndim = len(boxes[0])
+    axis = max(range(ndim), key=lambda d: len({b[d][0] for b in boxes}))
+    order = sorted((b for b in boxes if all(lo < hi for lo, hi in b)), key=lambda b: b[axis][0])
+    active: list[Box] = []
+    budget = MAX_OVERLAP_CHECKS
+    for b in order:
+        active = [a for a in active if a[axis][1] > b[axis][0]]
+        budget -= len(active)
+        if budget < 0:
+            raise CheckpointFormatError(f"{w}: {len(boxes)} pieces too costly to check for overlaps; not loaded")
+        for a in active:
+            if all(max(x0, y0) < min(x1, y1) for (x0, x1), (y0, y1) in zip(a, b)):
+                raise CheckpointFormatError(f"{w}: boxes {list(map(list, a))} and {list(map(list, b))} overlap")
+        active.append(b)
+
+
 def validate(m: Manifest, where: str) -> None:
     """Boxes inside their tensors, byte ranges sized right and disjoint, pieces tiling each tensor."""
     by_file: dict[str, list] = {}
@@ -183,10 +224,8 @@ def validate(m: Manifest, where: str) -> None:
             (flat if p.flat else nd).append(p.box)
             if p.stop > p.start:
                 by_file.setdefault(p.file, []).append((p.start, p.stop, name))
-        for i, a in enumerate(nd):
-            for b in nd[i + 1 :]:
-                if all(max(x0, y0) < min(x1, y1) for (x0, x1), (y0, y1) in zip(a, b)) and math.prod(t.shape):
-                    raise CheckpointFormatError(f"{w}: boxes {list(map(list, a))} and {list(map(list, b))} overlap")
+        if math.prod(t.shape):
+            _check_disjoint(nd, w)
         fl = sorted(b[0] for b in flat)
         for (a0, b0), (a1, _) in zip(fl, fl[1:]):
             if a1 < b0:

@@ -1,9 +1,13 @@
 """Reading a checkpoint: verify, then serve boxes. Local to one rank; no communication.
 
-Order of trust: the manifest is parsed and validated first (paths, boxes, byte ranges);
-a file is read whole, its size and xxh3 checksum compared with the manifest, then its
-safetensors header is parsed and cross-checked against the manifest, and only then does
-any tensor leave the reader. Nothing here unpickles or evaluates anything.
+Order of trust: the manifest is parsed and validated first (its size and piece count
+capped before parsing; paths, boxes, byte ranges); a file's size is compared with the
+manifest before a byte is allocated, then it is read whole and its xxh3 checksum
+compared, then its safetensors header is parsed and cross-checked against the manifest,
+and only then does any tensor leave the reader. Every file is opened relative to the
+checkpoint directory with ``O_NOFOLLOW | O_NONBLOCK`` and must be a regular file: a
+symlink, FIFO or device planted in a checkpoint is refused at once, never followed or
+waited on. Nothing here unpickles or evaluates anything.
 """
 
 from __future__ import annotations
@@ -11,14 +15,16 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 
 import torch
 
 from . import checksum
+from . import manifest as manifest_mod
 from .errors import CheckpointCorruptError, CheckpointFormatError, CheckpointMismatchError
 from .manifest import NAME, STATE, Manifest, parse, safe_file_name
 from .reshard import box_numel, copy_overlap
-from .shardfile import FROM_NAME, MAX_HEADER, loads_strict, parse_header
+from .shardfile import FROM_NAME, MAX_HEADER, loads_strict, open_regular, parse_header, read_exact
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -38,9 +44,17 @@ def list_checkpoints(ckpt_dir: str) -> list[tuple[int, str]]:
     out = []
     for n in names:
         m = STEP_DIR.match(n)
-        if m and os.path.isfile(os.path.join(ckpt_dir, n, NAME)):
+        if m and _is_real(os.path.join(ckpt_dir, n), stat.S_ISDIR) and _is_real(os.path.join(ckpt_dir, n, NAME)):
             out.append((int(m.group(1)), os.path.join(ckpt_dir, n)))
     return sorted(out, reverse=True)
+
+
+def _is_real(path: str, kind=stat.S_ISREG) -> bool:
+    """``path`` exists and is of ``kind`` itself (a symlink never counts)."""
+    try:
+        return kind(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def resolve(path: str) -> list[str]:
@@ -51,8 +65,12 @@ def resolve(path: str) -> list[str]:
     ckpt = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
     found = [p for _, p in list_checkpoints(ckpt)]
     try:
-        with open(os.path.join(ckpt, LATEST)) as f:
-            target = os.path.join(ckpt, safe_file_name(f.read().strip(), os.path.join(ckpt, LATEST)))
+        fd, _ = open_regular(os.path.join(ckpt, LATEST), os.path.join(ckpt, LATEST))
+        try:
+            text = read_exact(fd, 4096).decode(errors="replace")
+        finally:
+            os.close(fd)
+        target = os.path.join(ckpt, safe_file_name(text.strip(), os.path.join(ckpt, LATEST)))
         if target in found and found[0] != target:
             log.info("%s names %s but %s is newer and committed", LATEST, target, found[0])
     except (FileNotFoundError, CheckpointFormatError):
@@ -68,11 +86,24 @@ class CheckpointReader:
     def __init__(self, path: str, verify: bool = True):
         self.path, self.verify = os.path.abspath(path), verify
         mpath = os.path.join(self.path, NAME)
+        if not _is_real(self.path, stat.S_ISDIR):
+            raise CheckpointFormatError(
+                f"{self.path}: not a directory (a symlink is not followed)\nHINT: point at the checkpoint "
+                "directory itself; it was not read"
+            )
         try:
-            with open(mpath, "rb") as f:
-                text = f.read()
+            fd, size = open_regular(mpath, mpath)
         except FileNotFoundError:
             raise CheckpointCorruptError(f"{mpath}: missing; {self.path} is not a committed checkpoint") from None
+        try:
+            if size > manifest_mod.MAX_BYTES:
+                raise CheckpointFormatError(
+                    f"{mpath}: {size} bytes, over the manifest limit of {manifest_mod.MAX_BYTES}\nHINT: not a "
+                    "manifest disttrain writes; it was not read"
+                )
+            text = read_exact(fd, size)
+        finally:
+            os.close(fd)
         self.manifest: Manifest = parse(text, mpath)
         self._buffers: dict[str, torch.Tensor] = {}
         self.names = frozenset(self.manifest.tensors)
@@ -110,28 +141,37 @@ class CheckpointReader:
         info = self.manifest.files.get(name)
         if info is None:
             raise CheckpointFormatError(f"{self.path}: {name!r} is not listed in the manifest")
-        path = os.path.join(self.path, name)
-        real = os.path.realpath(path)
-        if os.path.dirname(real) != os.path.realpath(self.path):
-            raise CheckpointFormatError(
-                f"{self.where(name)}: resolves to {real}, outside the checkpoint directory"
-                "\nHINT: checkpoint files must be regular files, not links; it was not read"
-            )
         try:
-            size = os.stat(path).st_size
-            buf = torch.empty(size, dtype=torch.uint8)
-            mv = memoryview(buf.numpy())
-            with open(path, "rb", buffering=0) as f:
-                got = 0
-                while got < size:
-                    n = f.readinto(mv[got:])
-                    if not n:
-                        break
-                    got += n
+            dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise CheckpointCorruptError(f"{self.path}: cannot open the directory ({exc.strerror})") from None
+        try:
+            try:
+                fd, size = open_regular(safe_file_name(name, self.path), self.where(name), dir_fd=dfd)
+            finally:
+                os.close(dfd)
         except FileNotFoundError:
             raise CheckpointCorruptError(
                 f"{self.where(name)}: missing; expected {info['size']} bytes with checksum {info['checksum']}"
             ) from None
+        try:
+            if size != info["size"]:  # before allocating: a sparse 100 GB file costs nothing here
+                raise CheckpointCorruptError(
+                    f"{self.where(name)}: {'truncated: ' if size < info['size'] else ''}size {size}, expected "
+                    f"{info['size']} from the manifest\nHINT: the file "
+                    "was damaged or replaced after the save; it was not read. An older checkpoint may still "
+                    "verify (`disttrain ckpt verify RUN_DIR`)"
+                )
+            buf = torch.empty(size, dtype=torch.uint8)
+            mv = memoryview(buf.numpy())
+            got = 0
+            while got < size:
+                n = os.readv(fd, [mv[got : got + (1 << 28)]])
+                if not n:
+                    break
+                got += n
+        finally:
+            os.close(fd)
         if self.verify or size != info["size"]:
             actual = checksum.digest(mv[:got])
             if size != info["size"] or got != size or actual != info["checksum"]:

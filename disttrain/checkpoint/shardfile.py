@@ -11,9 +11,11 @@ header-length or first-byte check, and every offset is bounds- and overlap-check
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
+import stat
 import struct
 
 import torch
@@ -148,14 +150,41 @@ def parse_header(head: bytes, file_size: int, where: str) -> tuple[dict[str, Ent
     return entries, meta
 
 
-def read_header(path: str, where: str | None = None) -> tuple[dict[str, Entry], dict[str, str]]:
-    """Parse a file's header without reading its tensors (for inspect/check)."""
-    where = where or path
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) == 8:
-            (n,) = struct.unpack("<Q", head)
-            if n <= MAX_HEADER and 8 + n <= size:
-                head += f.read(n)
-    return parse_header(head, size, where)
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def open_regular(name: str, where: str, *, dir_fd: int | None = None) -> tuple[int, int]:
+    """Open a checkpoint file for reading: (fd, size). Refuses, without waiting and without
+    following, anything that is not a regular file: a symlink (``O_NOFOLLOW``), a FIFO or
+    device (``O_NONBLOCK`` so the open itself cannot block, then ``fstat``). The caller closes."""
+    try:
+        fd = os.open(name, _OPEN_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CheckpointFormatError(
+                f"{where}: is a symbolic link, not followed (it could lead outside the checkpoint directory)"
+                "\nHINT: checkpoint files must be regular files, not links; it was not read"
+            ) from None
+        if exc.errno == errno.ENOENT:
+            raise
+        raise CheckpointFormatError(f"{where}: cannot open ({exc.strerror})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a directory" if stat.S_ISDIR(st.st_mode) else "not a file"
+        raise CheckpointFormatError(
+            f"{where}: is {kind}, not a regular file\nHINT: checkpoint files must be regular files; it was not read"
+        )
+    return fd, st.st_size
+
+
+def read_exact(fd: int, n: int) -> bytes:
+    """Up to ``n`` bytes from ``fd`` (fewer only at end of file)."""
+    parts, got = [], 0
+    while got < n:
+        chunk = os.read(fd, min(n - got, 1 << 24))
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)

@@ -3,18 +3,56 @@ learning-rate position and the resolved config, as JSON (byte tensors as base64)
 
 The data position is the step (``GlobalBatchSampler``: batch ``s`` is a pure function of
 the seed and ``s``), and so is the lr schedule position, so both reshard to any world size.
+
+The ``model`` record says what a consolidated file needs beyond the tensors: the other names of
+tied parameters and buffers (``aliases``: GPT-2's ``lm_head.weight`` -> ``transformer.wte.weight``),
+the model's class, and for a transformers ``PreTrainedModel`` its config as JSON (what
+``disttrain ckpt export`` writes as ``config.json``). Never a pickle.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import random
+import sys
+from typing import Protocol
 
 import numpy as np
 import torch
 
+from ..parallel.buffers import aliases
+from ..parallel.strategy import Strategy
+
 log = logging.getLogger(__name__)
+
+
+class TrainingRun(Protocol):
+    """What the checkpointer reads and sets on the run it saves (the trainer, or the Python API's run)."""
+
+    cfg: object  # the ExperimentConfig (run.seed, train.steps, parallel, model_dump)
+    comm: object  # the Communicator
+    strategy: Strategy
+    model: object  # the user's nn.Module (names, aliases, transformers config)
+    sampler: object  # seed, batch
+    run_dir: object
+    step: int
+    stop_requested: bool
+
+    def lr(self, step: int) -> float: ...
+
+
+def model_record(model) -> dict:
+    """JSON description of ``model`` for consolidation and export (class, tied names, transformers config)."""
+    cls = type(model)
+    rec: dict = {"class": f"{cls.__module__}.{cls.__qualname__}", "aliases": aliases(model)}
+    tf = sys.modules.get("transformers")  # only a model built with transformers can be one of its models
+    if tf is not None and isinstance(model, tf.PreTrainedModel):
+        config = json.loads(model.config.to_json_string(use_diff=False))
+        config["architectures"] = [cls.__name__]
+        rec["transformers"] = {"architecture": cls.__name__, "version": tf.__version__, "config": config}
+    return rec
 
 
 def _b64(t: torch.Tensor) -> str:
@@ -56,7 +94,7 @@ def restore_rng(rng: dict) -> None:
         torch.cuda.set_rng_state_all([_unb64(s) for s in rng["cuda"]])
 
 
-def capture(trainer) -> dict:
+def capture(trainer: TrainingRun) -> dict:
     """The JSON state of ``trainer`` shared by every rank (rank 0's copy goes in state.json)."""
     cfg = trainer.cfg
     return {
@@ -65,10 +103,11 @@ def capture(trainer) -> dict:
         "lr_schedule": {"step": trainer.step, "lr": trainer.lr(trainer.step)},
         "world_size": trainer.comm.world_size,
         "config": cfg.model_dump(mode="json"),
+        "model": model_record(trainer.model),
     }
 
 
-def apply(trainer, state: dict, rank_rng: list[dict]) -> None:
+def apply(trainer: TrainingRun, state: dict, rank_rng: list[dict]) -> None:
     """Restore step/data position and this rank's RNG (rank r takes saved rank r's streams;
     ranks that did not exist when it was saved are re-seeded from (seed, step, rank))."""
     trainer.step = int(state["step"])

@@ -20,9 +20,9 @@ import shutil
 
 import torch
 
-from . import checksum, testhooks
+from . import checksum, retention, testhooks
 from .manifest import NAME, STATE, Manifest, Piece, TensorInfo, validate
-from .reader import LATEST, STEP_DIR, list_checkpoints, step_dir_name
+from .reader import LATEST, step_dir_name
 from .shardfile import ALIGN, NAMES, layout, tensor_bytes
 
 log = logging.getLogger(__name__)
@@ -210,7 +210,14 @@ def build_manifest(
 
 
 def commit(
-    ckpt_dir: str, step: int, world_size: int, layout_info: dict, records: list[dict], state: dict, keep: int
+    ckpt_dir: str,
+    step: int,
+    world_size: int,
+    layout_info: dict,
+    records: list[dict],
+    state: dict,
+    keep: int,
+    protect: tuple[int, ...] = (),
 ) -> str:
     """Rank 0, after every rank's file is written and fsynced: make the checkpoint visible."""
     tmp = tmp_dir(ckpt_dir, step)
@@ -236,18 +243,13 @@ def commit(
     _write_file(pointer + ".tmp", (step_dir_name(step) + "\n").encode())
     os.replace(pointer + ".tmp", pointer)
     checksum.fsync_dir(ckpt_dir)
-    prune(ckpt_dir, keep, step)
+    prune(ckpt_dir, keep, step, protect)
     return final
 
 
-def prune(ckpt_dir: str, keep: int, current: int) -> None:
-    """Keep the ``keep`` newest committed checkpoints; drop temporaries of older steps."""
-    for _, path in list_checkpoints(ckpt_dir)[keep:]:
-        shutil.rmtree(path, ignore_errors=True)
-    for n in os.listdir(ckpt_dir):
-        m = STEP_DIR.match(n.removeprefix(TMP_PREFIX)) if n.startswith(TMP_PREFIX) else None
-        if m and int(m.group(1)) < current:
-            shutil.rmtree(os.path.join(ckpt_dir, n), ignore_errors=True)
+def prune(ckpt_dir: str, keep: int, current: int, protect: tuple[int, ...] = ()) -> None:
+    """Keep the ``keep`` newest committed checkpoints (and ``current`` and ``protect``); see retention."""
+    retention.prune(ckpt_dir, keep, current, protect, TMP_PREFIX)
 
 
 def clean_temporaries(ckpt_dir: str) -> None:

@@ -1,6 +1,20 @@
-"""Datasets that ship offline, and the sampler that splits each global batch across ranks."""
+"""Datasets: the built-in kinds that ship offline, the user's own through ``data.target``, and the
+global-batch sampler and loader that split each step's batch across ranks and micro-batches."""
 
+from .builder import TASKS, build_target_data, build_task
+from .dataset import Data, TensorPairs, as_data
+from .loader import StepLoader
 from .sampler import GlobalBatchSampler
-from .task import Task, build_task
+from .task import Task
 
-__all__ = ["GlobalBatchSampler", "Task", "build_task"]
+__all__ = [
+    "TASKS",
+    "Data",
+    "GlobalBatchSampler",
+    "StepLoader",
+    "Task",
+    "TensorPairs",
+    "as_data",
+    "build_target_data",
+    "build_task",
+]

@@ -1,7 +1,9 @@
-"""A Task bundles a dataset, how to fetch samples by index, and how to score a model on it.
+"""A Task bundles an in-memory dataset (the built-in kinds), how to fetch samples by index, and
+how to score a model on it.
 
 Losses are *sums* over samples (or tokens); the trainer divides by the global count, so
 any split of a global batch across ranks and micro-batches gives the same gradient.
+Builders live in ``builder.py``; the datasets of each kind in their own modules.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from ..parallel.vocab_parallel import cross_entropy
+from .dataset import Data, TensorPairs, keep_batch
 
 
 @dataclasses.dataclass
@@ -36,6 +39,11 @@ class Task:
     def num_eval(self) -> int:
         return len(self.eval_y)
 
+    @property
+    def num_inputs(self) -> int:
+        """Input features of a classifier (0 for a language model, whose inputs are token ids)."""
+        return 0 if self.is_lm else int(self.train_x.shape[1])
+
     def batch(self, idx: torch.Tensor, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
         x, y = (self.train_x, self.train_y) if split == "train" else (self.eval_x, self.eval_y)
         return self.fetch(x, y, idx)
@@ -47,22 +55,15 @@ class Task:
     def count(self, y: torch.Tensor) -> int:
         return y.numel()
 
+    def data(self) -> Data:
+        """The task as map-style datasets of (input, target) pairs, fetched a batch at a time."""
+        return Data(
+            TensorPairs(self.batch, self.num_train, "train"),
+            TensorPairs(self.batch, self.num_eval, "eval") if self.num_eval else None,
+            collate=keep_batch,
+            unit="token" if self.is_lm else "sample",
+        )
 
-def _index(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor):
+
+def index_fetch(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor):
     return x[idx], y[idx]
-
-
-def build_task(cfg, seed: int, seq_len: int | None = None) -> Task:
-    """Build the dataset named by the ``data`` config section."""
-    if cfg.kind == "digits":
-        from .digits import load_digits
-
-        return load_digits(cfg.eval_fraction, seed)
-    if cfg.kind == "shakespeare":
-        from .shakespeare import load_shakespeare
-
-        return load_shakespeare(cfg.plays, cfg.eval_fraction, seq_len or 128)
-    raise ValueError(f"unknown data kind {cfg.kind!r}")
-
-
-index_fetch = _index

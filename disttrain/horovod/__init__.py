@@ -7,18 +7,17 @@
 
     disttrain launch -np 4 train.py              # was: horovodrun -np 4 python train.py
 
-What differs from Horovod and why is in docs/horovod.md: ops are matched by call order rather
-than by name, objects travel as JSON rather than pickles, elastic mode is absent.
+As in Horovod, ops are matched by name by a background engine (``engine``), fused, and
+reported on every rank when ranks disagree or stall. What differs and why is in
+docs/horovod.md: objects travel as JSON rather than pickles, elastic mode is absent.
+
+Modules, from the bottom up: ``wire`` (op descriptions), ``negotiation`` (the agreement),
+``handles``, ``execution`` (fusion, transfers), ``engine`` (the per-set threads), ``basics``
+(init, ranks, process sets), ``submit`` (op calls to named ops), ``autograd``, ``ops`` (the
+op surface), then ``functions``, ``optimizer``, ``sync_batch_norm`` and ``timeline``.
 """
 
 from .basics import (
-    Adasum,
-    Average,
-    Max,
-    Min,
-    Product,
-    ReduceOp,
-    Sum,
     add_process_set,
     ccl_built,
     cross_rank,
@@ -78,6 +77,7 @@ from .ops import (
 )
 from .optimizer import DistributedOptimizer
 from .process_sets import ProcessSet, global_process_set
+from .reduce_op import Adasum, Average, Max, Min, Product, ReduceOp, Sum
 from .sync_batch_norm import SyncBatchNorm
 
 __all__ = [

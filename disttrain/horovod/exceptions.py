@@ -25,3 +25,15 @@ class HostsUpdatedInterrupt(HorovodError):
 
 class NotInitializedError(HorovodError, ValueError):
     """An op was called before ``hvd.init()`` (Horovod raises ValueError here too)."""
+
+
+class HorovodShutdownError(HorovodInternalError):
+    """An op was submitted after, or was pending at, a shutdown (of this rank or another)."""
+
+
+class DuplicateNameError(HorovodError, ValueError):
+    """Two ops with one name in flight on this rank (Horovod raises ValueError at submission)."""
+
+
+class ProcessSetError(HorovodError, ValueError):
+    """A process set that is a duplicate, unknown, or does not include this rank."""

@@ -16,10 +16,23 @@ import json
 
 import torch
 
-from .basics import context
+from .basics import rank
 from .exceptions import HorovodError
 from .ops import allgather, broadcast_, broadcast_async_, synchronize
 from .process_sets import global_process_set
+
+_object_calls: dict[tuple[str, int | None], int] = collections.defaultdict(int)
+
+
+def _object_name(kind: str, name: str | None, process_set) -> str:
+    """Unnamed object collectives are named by their call count per set (every member calls
+    them in the same order); Horovod used the object's type name, which differs when a
+    non-root rank passes None."""
+    if name:
+        return name
+    key = (kind, process_set.process_set_id)
+    _object_calls[key] += 1
+    return f"{kind}.{_object_calls[key]}"
 
 
 # -- the object codec --------------------------------------------------------------------------
@@ -94,8 +107,8 @@ def _tensor_bytes(t: torch.Tensor, n: int) -> bytes:
 # -- object collectives --------------------------------------------------------------------------
 def broadcast_object(obj, root_rank: int = 0, name: str | None = None, process_set=global_process_set):
     """All members: ``root_rank``'s ``obj`` (JSON-able values and tensors; see the module doc)."""
-    name = name or type(obj).__name__
-    me = context("broadcast_object()").world.rank
+    name = _object_name("broadcast_object", name, process_set)
+    me = rank()
     if me == root_rank:
         raw = encode_object(obj)
         size = torch.tensor([len(raw)], dtype=torch.int64)
@@ -110,7 +123,7 @@ def broadcast_object(obj, root_rank: int = 0, name: str | None = None, process_s
 
 def allgather_object(obj, name: str | None = None, process_set=global_process_set) -> list:
     """All members: every member's ``obj``, in set-rank order."""
-    name = name or type(obj).__name__
+    name = _object_name("allgather_object", name, process_set)
     raw = encode_object(obj)
     sizes = allgather(torch.tensor([len(raw)], dtype=torch.int64), name=name + ".sz", process_set=process_set)
     words = allgather(_bytes_tensor(raw), name=name + ".t", process_set=process_set)

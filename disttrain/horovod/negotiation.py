@@ -1,188 +1,233 @@
-"""Per-op agreement between the ranks of a process set, ahead of the data transfer.
+"""The agreement: which named ops every member of a process set has submitted, and in what order.
 
-Why: Horovod's background coordinator matches ops by name, so a rank that called ``join()``
-keeps answering the others' allreduces with zeros, and a shape mismatch comes back as an
-error on every rank instead of a hang. Our communicators instead need every rank to issue
-the same ops in the same order. A :class:`Channel` bridges the two: before each op, every
-member runs one fixed-shape allgather of four int64 per rank (digest of the op's
-fingerprint, joined flag, first dimension, join round) on a *control* communicator of its
-own, so the agreement never waits behind a large transfer still running on the *data*
-communicator. Every rank then holds the same table and reaches the same verdict:
+Horovod matches ops by *name*, not by call order: ranks may submit them in any order, from any
+thread, and a rank-dependent branch only has to submit the same names in the end. Horovod's
+coordinator gathers every rank's requests each cycle and answers with the list of tensors all
+ranks asked for. We do the same without a coordinator: every cycle each member contributes one
+fixed-size row of int64 to a single allgather on the set's control communicator, so every
+member holds the same rows and :meth:`Table.absorb` (pure, deterministic) reaches the same
+verdict everywhere: one small collective per cycle, however many ops it agrees on.
 
-* all digests equal: go (the table also carries each rank's first dimension, which is all
-  an allgather with ragged first dimensions needs);
-* digests differ: the ranks exchange their full 512-byte fingerprints (a second fixed-shape
-  allgather) and every rank raises :class:`HorovodInternalError` naming both sides;
-* some ranks joined: the op must be an allreduce (as in Horovod 0.28); the joined ranks read
-  its fingerprint and contribute zeros, everyone else proceeds; any other op raises on all.
-
-Cost: one small collective per op on the control communicator (about the cost of the
-cross-rank check ``collectives`` runs anyway, which the data communicator skips).
+A row is ``HEADER`` int64 (flags, number of announcements, the rank's clock in ms) followed by
+up to ``slots`` announcements of four int64 each (see ``wire``): name digest, signature digest,
+fusion key, aux. A rank announces each op once; more than ``slots`` new ops spill into the next
+cycles. The table remembers, per name, which ranks announced it with which signature. A name
+is *ready* once every member that has not joined announced it; ready names run in the order in
+which the table first saw them (identical on every member). Differing signatures make an error
+on every member (the engine then exchanges readable descriptions, see :func:`mismatch_message`);
+a name that some members still lack after the stall time is reported (which ranks lack which
+names) and, after the shutdown time, fails where it was submitted, so nothing hangs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-from collections.abc import Sequence
+import json
+import logging
 
-import torch
+from .wire import JOINABLE, Kind, split_key
 
-from collectives import CollectivesError, Communicator, ReduceOp
-from collectives.fingerprint import ENCODED_SIZE, Fingerprint, mismatch_error
-
-from .exceptions import HorovodInternalError
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_TORCH = os.path.dirname(torch.__file__)
-ROW = 4  # int64 per rank: digest, joined, first dim, join round
-JOINABLE = ("allreduce",)  # Horovod 0.28 supports only allreduce while a rank has joined
-
-
-def user_site() -> str:
-    """file:line of the user's call: the first frame outside this package and torch."""
-    import sys
-
-    frame = sys._getframe(1)
-    while frame is not None:
-        path = os.path.abspath(frame.f_code.co_filename)
-        if not (path.startswith(_HERE) or path.startswith(_TORCH)):
-            return f"{frame.f_code.co_filename}:{frame.f_lineno}"
-        frame = frame.f_back
-    return "<unknown>"
+log = logging.getLogger(__name__)
+HEADER = 4  # flags, announcement count, clock (ms), reserved
+SLOT = 4  # name digest, signature digest, fusion key, aux
+JOINED, SHUTDOWN, REMOVING = 1, 2, 4  # row flags
+DESCRIPTION_BYTES = 384  # a readable description of one op, exchanged only on a mismatch
 
 
 @dataclasses.dataclass
-class Agreement:
-    """What every rank learned from one negotiation (identical on all members)."""
-
-    dims: list[int]  # first dimension per set rank (allgather, alltoall)
-    joined: list[bool]  # set ranks inside join()
-    rounds: list[int]  # join rounds per rank (0: joined in this very round)
-    op: Fingerprint | None = None  # the active ranks' op, when some rank joined
-    splits: list[list[int]] | None = None  # alltoall: splits[src][dst] in first-dim rows
+class Announcement:
+    name: int  # digest of the op's name
+    signature: int
+    fuse: int
+    aux: int
 
 
-class Channel:
-    """The communicators behind one process set. Members only; every call is collective
-    over the set, in the same order on every member, and blocks until all members arrive."""
+@dataclasses.dataclass
+class Ready:
+    """An op every active member submitted with one signature: run it now, in list order."""
 
-    def __init__(self, data: Communicator, ctl: Communicator, set_id: int, global_ranks: Sequence[int]):
-        self.data, self.ctl, self.set_id = data, ctl, set_id
-        self.global_ranks = list(global_ranks)
-        self.group = f"process_set{set_id}"
-        self._seq = 0
+    name: int
+    fuse: int
+    aux: list[int | None]  # per set rank (None: this rank joined and contributes zeros)
 
     @property
-    def rank(self) -> int:
-        return self.data.rank
+    def kind(self) -> Kind:
+        return split_key(self.fuse)[0]
 
-    @property
-    def size(self) -> int:
-        return self.data.world_size
 
-    def fingerprint(self, op: str, shapes, dtype, extra: str = "", name: str | None = None) -> Fingerprint:
-        seq, self._seq = self._seq, self._seq + 1
-        site = user_site() + (f" ({name})" if name else "")
-        return Fingerprint(
-            seq,
-            op,
-            self.group,
-            tuple(tuple(int(d) for d in s) for s in shapes),
-            str(dtype).removeprefix("torch."),
-            extra,
-            self.global_ranks[self.rank],
-            site,
-        )
+@dataclasses.dataclass
+class Failed:
+    """An op that fails on every member that submitted it."""
 
-    # -- the agreement -------------------------------------------------------------------
-    def negotiate(
-        self,
-        fp: Fingerprint,
-        *,
-        dim0: int = 0,
-        splits: Sequence[int] | None = None,
-        joined: bool = False,
-        round_: int = 0,
-    ) -> Agreement:
-        W = self.size
-        mine = torch.tensor([fp.digest(), int(joined), int(dim0), int(round_)], dtype=torch.int64)
-        if W == 1:
-            return Agreement([int(dim0)], [joined], [round_], splits=[list(splits)] if splits is not None else None)
-        table = torch.empty(W, ROW, dtype=torch.int64)
-        self._ctl("allgather", lambda: self.ctl.allgather(list(table.unbind(0)), mine))
-        rows = table.tolist()
-        ag = Agreement([r[2] for r in rows], [bool(r[1]) for r in rows], [r[3] for r in rows])
-        active = [i for i in range(W) if not ag.joined[i]]
-        if not active:
-            return ag
-        digests = {rows[i][0] for i in active}
-        if len(digests) > 1 or len(active) < W:
-            fps = self._exchange_fingerprints(fp)
-            if len(digests) > 1:
-                ref = fp if not joined else fps[active[0]]
-                other = next(fps[i] for i in active if rows[i][0] != ref.digest())
-                raise HorovodInternalError(str(mismatch_error(ref, other))) from None
-            ag.op = fps[active[0]]
-            if ag.op.op not in JOINABLE:
-                who = ", ".join(str(self.global_ranks[i]) for i in range(W) if ag.joined[i])
-                raise HorovodInternalError(
-                    f"rank {self.global_ranks[self.rank]}: {ag.op.op} is not supported with Join at this time "
-                    f"(ranks {who} already called join()); {ag.op.describe()}\n"
-                    "HINT: as in Horovod, only allreduce (e.g. DistributedOptimizer gradients) may run while "
-                    "some ranks have joined; finish other collectives before join()"
+    name: int
+    message: str | None  # None: signatures differ; the engine builds the message from descriptions
+    missing: list[int] | None = None  # stalled: the set ranks that never submitted it
+
+
+@dataclasses.dataclass
+class Stalled:
+    name: int
+    missing: list[int]  # set ranks that have not submitted it
+    waited_s: float
+
+
+@dataclasses.dataclass
+class Verdict:
+    ready: list[Ready]
+    failed: list[Failed]
+    stalled: list[Stalled]  # past the warning time (reported once per name)
+    joined: list[bool]
+    join_done: int | None  # set rank that joined last, once every member has joined
+    shutdown: bool  # some member shut down: every member stops (as in Horovod)
+    removed: bool  # every member removed the set: its thread stops
+
+
+@dataclasses.dataclass
+class _Entry:
+    seen: int  # order of first sight: the agreed run order
+    since_ms: int  # agreed clock when first seen
+    by_rank: dict[int, Announcement]
+    warned: bool = False
+
+
+class Table:
+    """What the members announced so far. Identical on every member after each ``absorb``."""
+
+    def __init__(self, size: int, *, stall_warn_s: float, stall_fail_s: float):
+        self.size = size
+        self.stall_warn_ms, self.stall_fail_ms = stall_warn_s * 1e3, stall_fail_s * 1e3
+        self._entries: dict[int, _Entry] = {}
+        self._order = 0
+        self._joined_at: list[int | None] = [None] * size
+        self._cycle = 0
+
+    def pending(self) -> int:
+        return len(self._entries)
+
+    def absorb(self, rows: list[list[int]]) -> Verdict:
+        """Fold one cycle's rows (indexed by set rank) into the table and decide."""
+        self._cycle += 1
+        now = rows[0][2]  # set rank 0's clock is the agreed clock
+        shutdown = any(r[0] & SHUTDOWN for r in rows)
+        removed = all(r[0] & REMOVING for r in rows)
+        joined = [bool(r[0] & JOINED) for r in rows]
+        for i, j in enumerate(joined):
+            if j and self._joined_at[i] is None:
+                self._joined_at[i] = self._cycle
+            elif not j:
+                self._joined_at[i] = None
+        for i, row in enumerate(rows):
+            for k in range(row[1]):
+                base = HEADER + SLOT * k
+                a = Announcement(*row[base : base + SLOT])
+                e = self._entries.get(a.name)
+                if e is None:
+                    e = self._entries[a.name] = _Entry(self._order, now, {})
+                    self._order += 1
+                e.by_rank[i] = a
+        active = [i for i in range(self.size) if not joined[i]]
+        ready: list[Ready] = []
+        failed: list[Failed] = []
+        stalled: list[Stalled] = []
+        for name, e in sorted(self._entries.items(), key=lambda kv: kv[1].seen):
+            if active and all(i in e.by_rank for i in active):
+                del self._entries[name]
+                first = e.by_rank[min(e.by_rank)]
+                if len({a.signature for a in e.by_rank.values()}) > 1:
+                    failed.append(Failed(name, None))
+                    continue
+                kind = split_key(first.fuse)[0]
+                if any(joined) and kind not in JOINABLE:
+                    failed.append(Failed(name, f"{kind.name.title()} is not supported with Join at this time."))
+                    continue
+                ready.append(
+                    Ready(name, first.fuse, [e.by_rank[i].aux if i in e.by_rank else None for i in range(self.size)])
                 )
-        if splits is not None and not joined:
-            mat = torch.empty(W, W, dtype=torch.int64)
-            row = torch.tensor(list(splits), dtype=torch.int64)
-            self._ctl("alltoall splits", lambda: self.ctl.allgather(list(mat.unbind(0)), row))
-            ag.splits = mat.tolist()
-        return ag
+                continue
+            if not active:  # every member joined while this name waited for someone
+                del self._entries[name]
+                failed.append(Failed(name, "every rank called join() before this op was submitted everywhere"))
+                continue
+            waited = now - e.since_ms
+            missing = [i for i in active if i not in e.by_rank]
+            if waited >= self.stall_fail_ms:
+                del self._entries[name]
+                stalled.append(Stalled(name, missing, waited / 1e3))
+                failed.append(Failed(name, f"stalled for {waited / 1e3:.1f}s", missing))
+            elif waited >= self.stall_warn_ms and not e.warned:
+                e.warned = True
+                stalled.append(Stalled(name, missing, waited / 1e3))
+        join_done = None
+        if all(joined):
+            last = max(self._joined_at)  # type: ignore[type-var]
+            join_done = max(i for i in range(self.size) if self._joined_at[i] == last)
+            self._joined_at = [None] * self.size
+        return Verdict(ready, failed, stalled, joined, join_done, shutdown, removed)
 
-    def _exchange_fingerprints(self, fp: Fingerprint) -> list[Fingerprint]:
-        raw = torch.frombuffer(bytearray(fp.encode()), dtype=torch.uint8)
-        full = torch.empty(self.size, ENCODED_SIZE, dtype=torch.uint8)
-        # uint8 is not a wire dtype of every backend: ship the bytes as int32 words.
-        words = raw.view(torch.int32)
-        out = full.view(torch.int32)
-        self._ctl("fingerprint exchange", lambda: self.ctl.allgather(list(out.unbind(0)), words))
-        return [Fingerprint.decode(bytes(full[i].numpy())) for i in range(self.size)]
 
-    def _ctl(self, what: str, fn) -> None:
-        try:
-            fn()
-        except CollectivesError as exc:
-            raise HorovodInternalError(f"{self.group}: negotiation ({what}) failed: {exc}") from exc
+def row_of(flags: int, clock_ms: int, outgoing: list[Announcement], slots: int) -> list[int]:
+    row = [flags, len(outgoing), clock_ms, 0]
+    for a in outgoing:
+        row += [a.name, a.signature, a.fuse, a.aux]
+    return row + [0] * (SLOT * (slots - len(outgoing)))
 
-    # -- join ----------------------------------------------------------------------------
-    def join(self) -> int:
-        """This rank has no more data: answer the others' allreduces with zeros until every
-        member has joined. Returns the global rank that joined last."""
-        round_ = 0
-        while True:
-            fp = self.fingerprint("join", [], "none")
-            ag = self.negotiate(fp, joined=True, round_=round_)
-            if all(ag.joined):
-                last = max(i for i, r in enumerate(ag.rounds) if r == 0)
-                return self.global_ranks[last]
-            self.mirror(ag.op)
-            round_ += 1
 
-    def mirror(self, fp: Fingerprint) -> None:
-        """A joined rank's side of the active ranks' allreduce: zeros of every fused part."""
-        fields = dict(kv.split("=", 1) for kv in fp.extra.split(";") if "=" in kv)
-        op = ReduceOp(fields["op"])
-        for part in filter(None, fields.get("parts", "").split(",")):
-            dtype, numel = part.split(":")
-            zeros = torch.zeros(int(numel), dtype=getattr(torch, dtype))
-            try:
-                self.data.allreduce(zeros, op)
-            except CollectivesError as exc:
-                raise HorovodInternalError(f"{self.group}: join's zero allreduce failed: {exc}") from exc
+# -- readable mismatch reports, in Horovod's words ----------------------------------------------
+def describe(kind: Kind, dtype: str, shape, reduce_op: str = "", scales=(1.0, 1.0), root: int = -1) -> str:
+    return json.dumps(
+        {"kind": kind.name, "dtype": dtype, "shape": list(shape), "op": reduce_op, "scales": list(scales), "root": root}
+    )
 
-    def close(self) -> None:
-        for comm in (self.ctl, self.data):
-            try:
-                comm.close()
-            except CollectivesError:
-                pass
+
+def mismatch_message(descs: dict[int, dict], global_ranks: list[int]) -> str:
+    """Horovod's message for the first field that differs (dtype, op, shape, scales, reduce op,
+    root), followed by every rank's view of the op."""
+    ranks = sorted(descs)
+    first = descs[ranks[0]]
+    msg = ""
+    for r in ranks[1:]:
+        d = descs[r]
+        if d["dtype"] != first["dtype"]:
+            msg = f"Mismatched data types: One rank had type {first['dtype']}, but another rank had type {d['dtype']}."
+        elif d["kind"] != first["kind"]:
+            msg = f"Mismatched operations: One rank did an {first['kind']}, but another rank did an {d['kind']}."
+        elif first["kind"] in ("ALLGATHER", "ALLTOALL") and len(d["shape"]) != len(first["shape"]):
+            msg = (
+                f"Mismatched {first['kind']} tensor shapes: One rank sent a tensor of rank {len(first['shape'])}, "
+                f"but another rank sent a tensor of rank {len(d['shape'])}."
+            )
+        elif first["kind"] in ("ALLGATHER", "ALLTOALL") and d["shape"][1:] != first["shape"][1:]:
+            dim = next(k for k in range(1, len(d["shape"])) if d["shape"][k] != first["shape"][k])
+            msg = (
+                f"Mismatched {first['kind']} tensor shapes: One rank sent a tensor with dimension {dim} equal to "
+                f"{first['shape'][dim]}, but another rank sent a tensor with dimension {dim} equal to {d['shape'][dim]}."
+            )
+        elif first["kind"] not in ("ALLGATHER", "ALLTOALL") and d["shape"] != first["shape"]:
+            msg = (
+                f"Mismatched {first['kind']} tensor shapes: One rank sent a tensor of shape {first['shape']}, "
+                f"but another rank sent a tensor of shape {d['shape']}."
+            )
+        elif d["scales"] != first["scales"]:
+            msg = (
+                f"Mismatched prescale and/or postscale factors: One rank sent factors {tuple(first['scales'])}, "
+                f"but another rank sent factors {tuple(d['scales'])}."
+            )
+        elif d["op"] != first["op"]:
+            msg = (
+                f"Mismatched reduction operation: One rank sent reduction op {first['op']}, "
+                f"but another rank sent reduction op {d['op']}."
+            )
+        elif d["root"] != first["root"]:
+            msg = (
+                f"Mismatched {first['kind']} root ranks: One rank specified root rank {first['root']}, "
+                f"but another rank specified root rank {d['root']}."
+            )
+        if msg:
+            break
+    sides = "; ".join(
+        f"rank {global_ranks[r]}: {descs[r]['kind'].lower()} {descs[r]['dtype']} shape {descs[r]['shape']}"
+        + (f" op {descs[r]['op']}" if descs[r]["op"] else "")
+        + (f" root {descs[r]['root']}" if descs[r]["root"] >= 0 else "")
+        for r in ranks
+    )
+    return f"{msg or 'Mismatched op'} ({sides})"

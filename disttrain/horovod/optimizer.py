@@ -9,9 +9,11 @@ soon as that gradient is ready (every ``backward_passes_per_step``-th backward),
 transfer overlaps the rest of the backward pass; ``step()`` (or ``synchronize()``) waits for
 them and writes the reduced gradients back. ``groups`` fuses parameters into one allreduce.
 
-Difference from Horovod: ranks must produce gradients for the same parameters in the same
-order (same model, no rank-dependent branches), because our ops are matched by order, not by
-name. A rank that differs raises HorovodInternalError on every rank, naming both sides.
+Allreduces are named by parameter (``allreduce.<name>``) and matched by name, so ranks may
+produce gradients in different orders, or for different parameters (a rank-dependent loss):
+``step()`` submits zeros for the parameters this rank has no gradient for, as Horovod does.
+Sparse gradients (``nn.Embedding(sparse=True)``) are allgathered as indices and values
+(``sparse_as_dense=False``, Horovod's default) or reduced dense and made sparse again.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import warnings
 
 import torch
 
-from .basics import Adasum, Average, size
+from .basics import size
 from .compression import Compression
 from .exceptions import HorovodError
-from .ops import allreduce_async_, grouped_allreduce_async_, synchronize
+from .ops import allreduce_async_, grouped_allreduce_async_, sparse_allreduce_async, synchronize
 from .process_sets import global_process_set
+from .reduce_op import Adasum, Average
 
 
 class _DistributedOptimizer(torch.optim.Optimizer):
@@ -149,20 +152,17 @@ class _DistributedOptimizer(torch.optim.Optimizer):
     def _grad(self, p) -> torch.Tensor:
         if p.grad is None:  # not computed here; another rank may have: contribute zeros
             p.grad = torch.zeros_like(p)
-        if p.grad.is_sparse:
-            if not self.sparse_as_dense:
-                raise HorovodError(
-                    f"parameter {self._parameter_names.get(p)} has a sparse gradient\nHINT: pass sparse_as_dense=True"
-                )
-            p.grad = p.grad.to_dense()
-        return p.grad
+        return p.grad.to_dense() if p.grad.is_sparse else p.grad
 
     def _allreduce_grad_async(self, p):
+        name = self._parameter_names.get(p)
+        if p.grad is not None and p.grad.is_sparse and not self.sparse_as_dense:
+            return sparse_allreduce_async(p.grad, name=name, op=self.op, process_set=self.process_set), None
         compressed, ctx = self._compression.compress(self._grad(p))
         pre, post = self._scales()
         handle = allreduce_async_(
             compressed,
-            name=self._parameter_names.get(p),
+            name=name,
             op=self.op,
             prescale_factor=pre,
             postscale_factor=post,
@@ -231,7 +231,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             if handle is None:
                 self._handles[key] = self._allreduce_grad_async(key)
         for key, (handle, ctx) in self._handles.items():
-            outputs = synchronize(handle)
+            outputs = None if callable(handle) else synchronize(handle)
             if isinstance(key, tuple):
                 for gp, out, (_, gctx) in zip(key, outputs, ctx):
                     self._allreduce_delay[gp] = self.backward_passes_per_step
@@ -239,7 +239,12 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 self._group_counts[key] = 0
             else:
                 self._allreduce_delay[key] = self.backward_passes_per_step
-                key.grad.set_(self._compression.decompress(outputs, ctx[1]))
+                if callable(handle):  # sparse: the allgathered indices and values
+                    key.grad.zero_().add_(handle())
+                elif key.grad.is_sparse:  # sparse_as_dense: reduced dense, made sparse again
+                    key.grad.zero_().add_(self._compression.decompress(outputs, ctx[1]).to_sparse())
+                else:
+                    key.grad.set_(self._compression.decompress(outputs, ctx[1]))
         self._handles.clear()
         self._synchronized = True
 

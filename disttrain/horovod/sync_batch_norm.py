@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .basics import Sum, size
+from .basics import size
 from .ops import allreduce
 from .process_sets import global_process_set
+from .reduce_op import Sum
 
 
 class SyncBatchNorm(_BatchNorm):

@@ -5,8 +5,8 @@
     hvd.stop_timeline()                        # or hvd.shutdown(); HOROVOD_TIMELINE=path works too
 
 As in Horovod, each tensor name is a row (a trace "process") with two phases per op:
-``NEGOTIATE_<OP>`` (waiting for every rank to reach the op: a long bar means a straggler) and
-``<OP>`` (the transfer, ending when ``synchronize``/``poll`` saw it done). Unlike Horovod, the
+``NEGOTIATE_<OP>`` (from submission until every rank had submitted it: a long bar means a
+straggler) and ``<OP>`` (the transfer, until the engine completed it). Unlike Horovod, the
 file is one valid JSON object (``{"traceEvents": [...]}``), written when the timeline stops,
 and it shows rank 0's view only.
 """
@@ -82,14 +82,11 @@ def active() -> Timeline | None:
     return _active
 
 
-def start_timeline(file_path: str, mark_cycles: bool = False) -> None:
+def start_timeline(file_path: str, rank: int, mark_cycles: bool = False) -> None:
     """All ranks (only rank 0 records and writes). Replaces a running timeline."""
     global _active
-    from .basics import context
-
-    ctx = context("start_timeline()")
     stop_timeline()
-    if ctx.world.rank == 0:
+    if rank == 0:
         _active = Timeline(file_path, 0, mark_cycles)
 
 

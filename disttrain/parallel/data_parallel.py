@@ -3,8 +3,9 @@
 Gradients live in flat buckets (``buckets.GradBuckets``) whose allreduces are launched from
 autograd hooks while backward is still running, and waited for in ``finish_gradients``.
 Losses are already divided by the global sample count, so a SUM gives the global-batch
-gradient. Parameters are broadcast from rank 0 at start. Micro-batches before the last
-one only accumulate (no communication).
+gradient. Parameters and buffers are broadcast from rank 0 at start, and buffers again after
+each step (``parallel.broadcast_buffers``, as torch DDP). Micro-batches before the last one only
+accumulate (no communication). Tied parameters are one tensor: reduced and saved once.
 
 Call order (every rank): ``with dp.accumulate(last): loss.backward()`` per micro-batch,
 then ``finish_gradients()`` (blocks), ``clip_grad_norm()``, ``optimizer_step()``, ``zero_grad()``.
@@ -21,30 +22,31 @@ import torch.nn as nn
 from collectives import Communicator
 
 from .buckets import GradBuckets, clip_
+from .buffers import broadcast_buffers, broadcast_parameters, buffer_shards, full_box, load_buffers
 from .optim_state import materialize_state, optimizer_bytes, state_tensors, storage_bytes, track_state_bytes
-from .strategy import Shard, ShardReader, broadcast_parameters
+from .strategy import OptimizerSpec, Shard, ShardReader
 
 log = logging.getLogger(__name__)
 
 
-def full_box(shape) -> tuple:
-    return tuple((0, int(s)) for s in shape)
-
-
 class DataParallel:
-    def __init__(self, model: nn.Module, make_optimizer, comm: Communicator, cfg):
+    schedules_micro_batches = False
+
+    def __init__(self, model: nn.Module, optim: OptimizerSpec, comm: Communicator, cfg):
         self.model, self.comm, self.cfg = model, comm, cfg
+        self.dp_rank, self.dp_size = comm.rank, comm.world_size
+        self.sync_buffers = cfg.broadcast_buffers and not cfg.sync_batchnorm and comm.world_size > 1
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named]
         self.broadcast_parameters()
         # One process has nothing to reduce: plain autograd grads (no bucket views, no zeroing memset).
         self.buckets = GradBuckets(self.params, comm, cfg) if comm.world_size > 1 else None
-        self.optimizer = make_optimizer(self.params)
+        self.optimizer = optim.build_for(self.named)
         self.peak_state_bytes = 0  # params+grads+optimizer state, bytes, after the first steps
         self._steps = 0
 
     def broadcast_parameters(self) -> None:
-        """Make every rank start from rank 0's weights. Collective."""
+        """Make every rank start from rank 0's parameters and buffers. Collective."""
         broadcast_parameters(self.model, self.comm)
 
     def accumulate(self, last: bool):
@@ -55,6 +57,8 @@ class DataParallel:
         """Launch the buckets that did not fill and wait for every allreduce. Collective, blocks."""
         if self.buckets:
             self.buckets.finish()
+        if self.sync_buffers:
+            broadcast_buffers(self.model, self.comm)
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Gradients are whole on every rank after the allreduce: the local norm is the global norm."""
@@ -95,6 +99,7 @@ class DataParallel:
         out = [
             Shard(f"model.{n}", p.detach(), tuple(p.shape), full_box(p.shape), replicated=True) for n, p in self.named
         ]
+        out += buffer_shards(self.model)
         for n, p in self.named:
             for k, v in state_tensors(self.optimizer, p).items():
                 out.append(Shard(f"optim.{n}.{k}", v, tuple(v.shape), full_box(v.shape), replicated=True))
@@ -105,6 +110,7 @@ class DataParallel:
         with torch.no_grad():
             for n, p in self.named:
                 p.copy_(read(f"model.{n}", tuple(p.shape), full_box(p.shape), False))
+            load_buffers(self.model, read)
             materialize_state(self.optimizer)
             for n, p in self.named:
                 for k, v in state_tensors(self.optimizer, p).items():

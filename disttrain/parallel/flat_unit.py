@@ -2,7 +2,10 @@
 
 The unit's logical layout is its parameters back to back (``offsets``), padded with zeros
 to a multiple of the world size. Rank r owns ``[r*S, (r+1)*S)`` (``lo``/``hi``), where
-S = padded/world: its ``master`` (an ``nn.Parameter`` the optimizer steps) is that slice.
+S = padded/world: its ``master`` is that slice. Parameters with different optimizer options
+(``OptimizerSpec.group_of``: e.g. no weight decay for biases) come in contiguous runs, and the
+master is cut at run boundaries into ``pieces``: one ``nn.Parameter`` view per run this rank
+touches, each stepped in its own optimizer param group (the padding rides with the last run).
 
 Every model parameter becomes a view into ``full`` (``param.data = full[o:o+n]``); the
 parameter keeps its identity and its autograd version counter, so ``named_parameters``,
@@ -29,8 +32,13 @@ class FlatUnit:
         comm: Communicator,
         sharded_params: bool,
         module: nn.Module | None = None,
+        options: list[tuple] | None = None,
     ):
         self.index, self.module = index, module
+        options = options if options is not None else [()] * len(named)
+        rank_of = {o: i for i, o in enumerate(_first_seen(options))}
+        order = sorted(range(len(named)), key=lambda i: rank_of[options[i]])
+        named, options = [named[i] for i in order], [options[i] for i in order]
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.offsets, n = [], 0
@@ -49,12 +57,18 @@ class FlatUnit:
                 p.data = self.full[o : o + p.numel()].view(p.shape)
         self.sharded_params = sharded_params
         if sharded_params:  # ZeRO-3: the master is the only persistent copy
-            self.master = nn.Parameter(self.full[self.lo : self.hi].clone())
+            self.master = self.full[self.lo : self.hi].clone()
             self._set_storage(0)
             self.gathered = False
         else:  # ZeRO-1/2: the master is this rank's slice of the full buffer itself
-            self.master = nn.Parameter(self.full[self.lo : self.hi])
+            self.master = self.full[self.lo : self.hi]
             self.gathered = True
+        # (options, Parameter over master[a:b], a, b) per run of equal options this rank's slice meets
+        self.pieces: list[tuple[tuple, nn.Parameter, int, int]] = []
+        for opts, start, stop in _runs(options, self.offsets, self.padded):
+            a, b = max(start, self.lo) - self.lo, min(stop, self.hi) - self.lo
+            if a < b:
+                self.pieces.append((opts, nn.Parameter(self.master[a:b]), a, b))
         self.ag_work: Work | None = None
         # gradient side (ZeRO-2/3): the full gradient while backward fills it, the reduced shard after
         self.gfull: torch.Tensor | None = None
@@ -62,6 +76,18 @@ class FlatUnit:
         self.rs_work: Work | None = None
         self.rs_out: torch.Tensor | None = None
         self.ready = 0
+
+    def piece_at(self, a: int) -> tuple[nn.Parameter, int]:
+        """The master piece holding master index ``a`` and where it starts."""
+        for _, p, s, e in self.pieces:
+            if s <= a < e:
+                return p, s
+        raise IndexError(a)
+
+    def set_grad(self, grad: torch.Tensor) -> None:
+        """Point every piece's ``.grad`` at its part of ``grad`` (this rank's gradient slice)."""
+        for _, p, a, b in self.pieces:
+            p.grad = grad[a:b]
 
     # -- parameters ------------------------------------------------------------------------
     def _set_storage(self, numel: int) -> None:
@@ -76,7 +102,7 @@ class FlatUnit:
             return
         self._set_storage(self.padded)
         with torch.autograd._unsafe_preserve_version_counter(self.full):
-            self.ag_work = comm.allgather(self.chunks(self.full), self.master.detach(), async_op=True)
+            self.ag_work = comm.allgather(self.chunks(self.full), self.master, async_op=True)
 
     def wait_gather(self) -> None:
         if self.ag_work is not None:
@@ -97,7 +123,7 @@ class FlatUnit:
 
     def refresh_full(self, comm: Communicator) -> Work | None:
         """ZeRO-1/2 after the optimizer step: every rank's updated slice into everybody's ``full``."""
-        return comm.allgather(self.chunks(self.full), self.master.detach().clone(), async_op=True)
+        return comm.allgather(self.chunks(self.full), self.master.clone(), async_op=True)
 
     # -- gradients (ZeRO-2/3) ---------------------------------------------------------------
     def take_grad(self, i: int, grad: torch.Tensor) -> None:
@@ -129,3 +155,20 @@ class FlatUnit:
                 self.gshard.add_(self.rs_out.float())
         self.rs_work = self.rs_out = self._rs_input = self.gfull = None
         self.ready = 0
+
+
+def _first_seen(options: list[tuple]) -> list[tuple]:
+    return list(dict.fromkeys(options))
+
+
+def _runs(options: list[tuple], offsets: list[int], padded: int) -> list[tuple[tuple, int, int]]:
+    """(options, start, stop) of each run of equal options over the flat layout; the last runs to ``padded``."""
+    runs: list[list] = []
+    for opts, o in zip(options, offsets):
+        if not runs or runs[-1][0] != opts:
+            runs.append([opts, o, o])
+    for i, r in enumerate(runs):
+        r[2] = runs[i + 1][1] if i + 1 < len(runs) else padded
+    if not runs:
+        runs = [[(), 0, padded]]
+    return [tuple(r) for r in runs]

@@ -32,8 +32,10 @@ import torch.nn as nn
 from collectives import Communicator, ReduceOp
 
 from ..mesh import MeshError, build_mesh, resolve_shape
+from .buffers import broadcast_parameters
 from .pipeline_parallel import Pipeline
 from .pipeline_split import build_stages
+from .pipeline_step import as_model_output, is_transformers_model
 from .rng_tracker import RNGTracker
 from .strategy import OptimizerSpec, Shard, ShardReader
 from .tensor_parallel import TPContext, is_partial_grad, tp_slice
@@ -90,12 +92,14 @@ class _ParallelModule(nn.Module):
     def forward(self, *args, **kwargs):
         s = self._strategy[0]
         if s.pipeline is not None:
-            if len(args) != 1 or kwargs:
+            kwargs = {k: v for k, v in kwargs.items() if v is not None}
+            if len(args) + len(kwargs) != 1:
                 raise MeshError(
                     f"pipeline parallel: the model is called with {len(args)} positional and {sorted(kwargs)} keyword "
                     "arguments; a pipeline's first stage takes one input\nHINT: call model(input_ids)"
                 )
-            return s.pipeline.infer(args[0])
+            out = s.pipeline.infer(args[0] if args else next(iter(kwargs.values())))
+            return as_model_output(is_transformers_model(self.module), out)
         s._reset_rng()
         try:
             return self.module(*args, **kwargs)
@@ -124,6 +128,7 @@ class ModelParallel:
                 f"{', '.join(SUPPORTED)}\nHINT: set parallel.strategy: zero1 (optimizer state sharded over dp)"
             )
         self.comm, self.cfg, self.zero = comm, cfg, cfg.strategy == "zero1"
+        broadcast_parameters(model, comm)  # every rank starts from rank 0's parameters and buffers
         self.mesh = build_mesh(comm, m.dp, m.tp, m.pp)
         self.dp_rank, self.dp_size = self.mesh.index("dp"), self.mesh.size("dp")
         tp, pp = shape.tp, shape.pp

@@ -28,7 +28,6 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from ..mesh import MeshError
 from .tp_plan import PlanError, import_target
 
 Unit = tuple[str, ...]
@@ -208,7 +207,7 @@ def plan_stages(model: nn.Module, num_stages: int, split: list[str] | None) -> t
     """Every rank, locally and identically: the units of each stage, and the family forward."""
     fam = _family(model)
     if fam is None and not split:
-        raise MeshError(
+        raise PlanError(
             f"parallel.pipeline.split: {type(model).__name__} is not a known family (transformers Llama/Qwen2/"
             "Mistral or GPT-2, the built-in GPT), so the stages need to be named"
             f"\nHINT: set parallel.pipeline.split to the {num_stages - 1} module paths where stages 2.. begin, "
@@ -220,7 +219,7 @@ def plan_stages(model: nn.Module, num_stages: int, split: list[str] | None) -> t
         if len(split) == num_stages and split[0] == units[0][0]:
             split = split[1:]
         if len(split) != num_stages - 1:
-            raise MeshError(
+            raise PlanError(
                 f"parallel.pipeline.split: {len(split)} paths for {num_stages} stages"
                 f"\nHINT: list the {num_stages - 1} module paths where stages 2..{num_stages} begin"
             )
@@ -229,16 +228,16 @@ def plan_stages(model: nn.Module, num_stages: int, split: list[str] | None) -> t
         for path in split:
             if path not in heads:
                 close = [h for h in heads if fnmatch.fnmatchcase(h, path + "*")][:3] or heads[1:4]
-                raise MeshError(
+                raise PlanError(
                     f"parallel.pipeline.split: {path!r} does not begin a unit of {type(model).__name__}"
                     f"\nHINT: stages can begin at e.g. {', '.join(map(repr, close))}"
                 )
             starts.append(heads.index(path))
         if starts != sorted(set(starts)):
-            raise MeshError(f"parallel.pipeline.split: {split} is not in model order, or repeats a path")
+            raise PlanError(f"parallel.pipeline.split: {split} is not in model order, or repeats a path")
     else:
         if len(units) < num_stages:
-            raise MeshError(
+            raise PlanError(
                 f"parallel.pipeline: {type(model).__name__} has {len(units)} pipeline units, fewer than "
                 f"{num_stages} stages\nHINT: use fewer stages (pp x virtual_stages <= {len(units)})"
             )

@@ -56,7 +56,8 @@ def first_stage_input(step_fn: Callable, batch: Any):
     )
 
 
-def _as_output(model_is_transformers: bool, out: torch.Tensor):
+def as_model_output(model_is_transformers: bool, out: torch.Tensor):
+    """What the model itself would return: a transformers model's output carries ``logits``."""
     if model_is_transformers:
         from transformers.modeling_outputs import CausalLMOutput
 
@@ -85,7 +86,7 @@ def run_step_fn(
     sums = [0.0, 0.0]
 
     def loss_fn(out, batch):
-        loss_sum, count = read_output(step_fn(lambda *a, **k: _as_output(transformers_model, out), batch))
+        loss_sum, count = read_output(step_fn(lambda *a, **k: as_model_output(transformers_model, out), batch))
         sums[0] += float(loss_sum.detach())
         sums[1] += float(count)
         return loss_sum / batch_size

@@ -1,34 +1,33 @@
-"""The seam between the trainer loop and a parallelism strategy.
+"""The contracts between the trainer, the strategies and checkpoints (no implementations here:
+``builder.build_strategy`` chooses one).
 
 Call order per optimizer step, on every rank of the group:
 ``for each micro-batch: with s.accumulate(last): loss.backward()``, then
 ``s.finish_gradients()`` (blocks until gradients are reduced), ``s.clip_grad_norm(max)``
 (a collective: the global norm), ``s.optimizer_step()``, ``s.zero_grad()``.
-Strategies own the optimizer because ZeRO shards it.
+Strategies own the optimizer because ZeRO shards it; they build it from an
+:class:`OptimizerSpec`.
 
 Checkpoints see a strategy's state as :class:`Shard` pieces of *logical* tensors (named
-by the single-process model: ``model.<param>``, ``optim.<param>.<state>``), each with
-its global shape and the box this rank holds. Saving asks ``state_shards()``; loading
-calls ``load_state_shards(read)`` and the strategy asks for exactly the boxes its own
-layout needs, so a checkpoint written by one layout/world size loads into another.
+by the single-process model: ``model.<param>``, ``model.<buffer>``, ``optim.<param>.<state>``),
+each with its global shape and the box this rank holds. Saving asks ``state_shards()``;
+loading calls ``load_state_shards(read)`` and the strategy asks for exactly the boxes its
+own layout needs, so a checkpoint written by one layout/world size loads into another.
 
-A strategy that schedules micro-batches itself (pipeline parallel) implements
-``forward_backward(micro_batches, loss_fn) -> float``; the trainer then calls it
-instead of its own loop.
+A strategy that schedules micro-batches itself (pipeline parallel) says so with
+``schedules_micro_batches = True`` and implements :class:`MicroBatchScheduler`; the trainer
+then calls ``forward_backward`` instead of its own loop (narrow with :func:`schedules_micro_batches`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager as ContextManager
-from typing import Protocol
+from typing import ClassVar, Protocol, TypeGuard
 
 import torch
 import torch.nn as nn
-
-from collectives import Communicator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,20 +71,39 @@ class OptimizerSpec:
     build: Callable[[list[dict]], torch.optim.Optimizer]
     group_of: Callable[[str, torch.nn.Parameter], GroupOptions] = _no_groups
 
+    def options(self, name: str, param: torch.nn.Parameter) -> GroupOptions:
+        """``group_of`` as a canonical (sorted) key."""
+        return tuple(sorted(self.group_of(name, param)))
+
     def groups(self, named: Iterable[tuple[str, torch.nn.Parameter]]) -> list[dict]:
         """Torch param groups for ``named`` parameters, in first-seen order of their option sets."""
         by_options: dict[GroupOptions, list[torch.nn.Parameter]] = {}
         for name, p in named:
-            by_options.setdefault(tuple(sorted(self.group_of(name, p))), []).append(p)
+            by_options.setdefault(self.options(name, p), []).append(p)
         return [{"params": ps, **dict(opts)} for opts, ps in by_options.items()]
 
     def build_for(self, named: Iterable[tuple[str, torch.nn.Parameter]]) -> torch.optim.Optimizer:
         return self.build(self.groups(named))
 
+    def factory_for(self, model: nn.Module) -> OptimizerFactory:
+        """An old-style ``make_optimizer(params)`` that names each parameter by its place in ``model``
+        at call time (for strategies that take a factory)."""
+
+        def make(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+            name_of = {p: n for n, p in model.named_parameters()}
+            return self.build_for((name_of[p], p) for p in params)
+
+        return make
+
 
 class Strategy(Protocol):
-    model: nn.Module
+    """What the trainer and the checkpointer use. Every method is called on every rank of the group."""
+
+    model: nn.Module  # called like the user's model
     optimizer: torch.optim.Optimizer
+    dp_rank: int  # this rank's data-parallel replica (which samples it reads)
+    dp_size: int  # data-parallel replicas (tp/pp peers of one replica read the same samples)
+    schedules_micro_batches: ClassVar[bool]  # True: the trainer calls forward_backward (MicroBatchScheduler)
 
     def accumulate(self, last: bool) -> ContextManager: ...
 
@@ -93,14 +111,23 @@ class Strategy(Protocol):
 
     def clip_grad_norm(self, max_norm: float) -> float: ...
 
+    def grad_tensors(self) -> list[torch.Tensor]:
+        """The gradient storage this rank steps with (flat buffers or shards), for loss scaling."""
+        ...
+
     def optimizer_step(self) -> None: ...
 
     def zero_grad(self) -> None: ...
 
     def set_lr(self, lr: float) -> None: ...
 
+    def memory_bytes(self) -> dict[str, int]:
+        """This rank's bytes of parameters, gradients and optimizer state, now."""
+        ...
+
     def state_shards(self) -> list[Shard]:
-        """Model and optimizer state as shards of logical tensors. Local; no communication."""
+        """Model (parameters and persistent buffers) and optimizer state as shards of logical tensors.
+        Local; no communication."""
         ...
 
     def load_state_shards(self, read: ShardReader) -> None:
@@ -108,35 +135,13 @@ class Strategy(Protocol):
         ...
 
 
-def broadcast_parameters(model: nn.Module, comm: Communicator) -> None:
-    """Make every rank start from rank 0's weights (one flat broadcast). Collective over ``comm``."""
-    if comm.world_size == 1:
-        return
-    with torch.no_grad():
-        params = list(model.parameters())
-        flat = torch.cat([p.detach().reshape(-1) for p in params])
-        comm.broadcast(flat, src=0)
-        torch.nn.utils.vector_to_parameters(flat, params)
+class MicroBatchScheduler(Strategy, Protocol):
+    def forward_backward(self, micro_batches: list, loss_fn: Callable) -> float:
+        """Run every micro-batch's forward and backward (the strategy's own schedule); returns this
+        rank's loss sum. Collective over the strategy's groups."""
+        ...
 
 
-def build_strategy(cfg, model: nn.Module, make_optimizer: OptimizerFactory, comm: Communicator) -> Strategy:
-    """Wrap ``model`` with the strategy named by ``cfg.strategy`` (the ``parallel`` config section)."""
-    mesh = getattr(cfg, "mesh", None)
-    if mesh is not None and (mesh.tp > 1 or mesh.pp > 1):  # model parallel (composes ddp/zero1 over dp)
-        from .model_parallel import build_model_parallel
-
-        return build_model_parallel(cfg, model, make_optimizer, comm)
-    if cfg.strategy == "ddp":
-        from .data_parallel import DataParallel
-
-        return DataParallel(model, make_optimizer, comm, cfg)
-    if cfg.strategy in ("zero1", "zero2", "zero3"):
-        try:
-            from .zero import build_zero
-        except ImportError:
-            raise NotImplementedError(f"parallel.strategy={cfg.strategy} is not available in this build") from None
-        return build_zero(cfg, model, make_optimizer, comm)
-    raise ValueError(f"unknown parallel strategy {cfg.strategy!r}")
-
-
-nullcontext = contextlib.nullcontext
+def schedules_micro_batches(strategy: Strategy) -> TypeGuard[MicroBatchScheduler]:
+    """True when ``strategy`` runs the micro-batches itself (call its ``forward_backward``)."""
+    return strategy.schedules_micro_batches

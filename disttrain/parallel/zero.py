@@ -11,10 +11,12 @@ optimizer (any elementwise torch optimizer: AdamW, SGD, ...) steps only this ran
   produces it (and ``param.grad`` dropped); a full unit is reduce-scattered (async), and
   only this rank's shard of the gradient is kept. Reduced every micro-batch (as DeepSpeed
   does), so no full gradient outlives a backward.
-- Stage 3: units are the model's blocks (``model.blocks``, or the children of its first
-  Sequential/ModuleList) plus a root unit for the rest. A block's parameters are gathered
-  right before its forward (forward pre-hook) and freed after it, gathered again when the
-  gradient reaches the block's output (a tensor hook: just before its backward) and freed
+- Stage 3: units are the model's blocks (``parallel.zero.units``, default from
+  :func:`.units.find_units`: transformer blocks, else top-level children) plus a root unit for
+  the rest (and for any parameter shared between a block and something outside it). A
+  block's parameters are gathered right before its forward (forward pre-hook) and freed after
+  it, gathered again when the gradient reaches the block's output (a tensor hook: just before
+  its backward) and freed
   once all its gradients are in; the next block (forward) or previous block (backward) is
   prefetched. Gathers and reduce-scatters run on two communicators of their own, so their
   relative order may differ between ranks (e.g. a parameter unused on one rank).
@@ -22,7 +24,10 @@ optimizer (any elementwise torch optimizer: AdamW, SGD, ...) steps only this ran
 Units' reduce-scatters launch strictly in unit order; whatever did not fire (parameters
 with no gradient) is launched with zeros when the micro-batch's ``accumulate`` context
 exits, so nothing hangs. Gradient clipping sums squared shard norms over ranks.
-Checkpoint shards are ``flat=True`` pieces of each logical parameter and its state.
+Checkpoint shards are ``flat=True`` pieces of each logical parameter and its state; buffers
+(and frozen parameters) are whole and replicated, broadcast from rank 0 at start and after each
+step (``parallel.broadcast_buffers``). Parameters with different optimizer options
+(``OptimizerSpec.group_of``) live in separate runs of each flat unit, stepped in separate groups.
 """
 
 from __future__ import annotations
@@ -36,38 +41,62 @@ import torch.nn as nn
 from collectives import Communicator
 
 from .buckets import WIRE_DTYPES, GradBuckets, clip_, plan_buckets
-from .data_parallel import full_box
+from .buffers import broadcast_buffers, broadcast_parameters, buffer_shards, full_box, load_buffers
 from .flat_unit import FlatUnit
 from .optim_state import materialize_state, optimizer_bytes, state_tensors, track_state_bytes
-from .strategy import Shard, ShardReader, broadcast_parameters
+from .strategy import OptimizerSpec, Shard, ShardReader
+from .units import find_units
 
 log = logging.getLogger(__name__)
 
 
-def find_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks ZeRO-3 gathers one at a time: ``model.blocks``, else the parameterised
-    children of the model's first Sequential/ModuleList."""
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
-        blocks = next((m for m in model.modules() if isinstance(m, (nn.ModuleList, nn.Sequential))), None)
-    if blocks is None:
-        return []
-    return [m for m in blocks if any(p.requires_grad for p in m.parameters())]
+def _block_groups(model: nn.Module, blocks: list[nn.Module], named: list[tuple[str, nn.Parameter]]):
+    """Parameters of each block, and the rest (the root unit). A parameter reachable from outside
+    its block (tied to another block or to the root) goes to the root, which stays gathered all step."""
+    paths = {id(m): n for n, m in model.named_modules()}
+    names_of: dict[nn.Parameter, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(p, []).append(n)
+    taken: set = set()
+    groups = []
+    for b in blocks:
+        prefix = paths[id(b)] + "."
+        g = [(n, p) for n, p in named if p not in taken and all(x.startswith(prefix) for x in names_of[p])]
+        taken.update(p for _, p in g)
+        groups.append(g)
+    return groups, [(n, p) for n, p in named if p not in taken]
 
 
 class Zero:
-    def __init__(self, stage: int, model: nn.Module, make_optimizer, comm: Communicator, cfg):
+    schedules_micro_batches = False
+
+    def __init__(
+        self,
+        stage: int,
+        model: nn.Module,
+        optim: OptimizerSpec,
+        comm: Communicator,
+        cfg,
+        blocks: list[nn.Module] | None = None,
+    ):
+        """Every rank, collectively. ``blocks``: the ZeRO-3 units (default: :func:`.units.find_units`)."""
         self.stage, self.model, self.comm, self.cfg = stage, model, comm, cfg
+        self.dp_rank, self.dp_size = comm.rank, comm.world_size
         self.wire = WIRE_DTYPES[cfg.grad_dtype]
+        self.sync_buffers = cfg.broadcast_buffers and not cfg.sync_batchnorm and comm.world_size > 1
         broadcast_parameters(self.model, self.comm)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         name_of = {p: n for n, p in named}
+        options = {p: optim.options(n, p) for n, p in named}
         self.blocks: list[nn.Module] = []
+        self.root: FlatUnit | None = None  # ZeRO-3: the unit of everything outside the blocks
         if stage == 3:
-            self.blocks = find_blocks(model)
-            in_block = {p for b in self.blocks for p in b.parameters()}
-            groups = [[(name_of[p], p) for p in b.parameters() if p.requires_grad] for b in self.blocks]
-            groups.append([(n, p) for n, p in named if p not in in_block])  # the root unit, last
+            self.blocks = blocks if blocks is not None else [m for _, m in find_units(model, cfg.zero.units)]
+            self.blocks = [b for b in self.blocks if b is not model]
+            groups, rest = _block_groups(model, self.blocks, named)
+            keep = [i for i, g in enumerate(groups) if g]  # a block whose parameters are all tied elsewhere
+            self.blocks, groups = [self.blocks[i] for i in keep], [groups[i] for i in keep]
+            groups.append(rest)  # the root unit, last
             modules = [*self.blocks, model]
         else:
             groups = [
@@ -75,9 +104,13 @@ class Zero:
                 for g in plan_buckets([p for _, p in named], cfg.bucket_mb, cfg.first_bucket_mb)
             ]
             modules = [None] * len(groups)
-        self.units = [FlatUnit(i, g, comm, stage == 3, m) for i, (g, m) in enumerate(zip(groups, modules)) if g]
+        self.units = [
+            FlatUnit(i, g, comm, stage == 3, m, [options[p] for _, p in g])
+            for i, (g, m) in enumerate(zip(groups, modules))
+            if g
+        ]
         self._where = {p: (u, i) for u in self.units for i, p in enumerate(u.params)}
-        self.masters = [u.master for u in self.units]
+        self.masters = [piece for u in self.units for _, piece, _, _ in u.pieces]
         self.buckets = None
         if stage == 1:
             self.buckets = GradBuckets(
@@ -88,16 +121,22 @@ class Zero:
                 groups=[u.params for u in self.units],
             )
             for u, b in zip(self.units, self.buckets.buckets):
-                u.master.grad = b.buf[u.lo : u.hi]
+                u.set_grad(b.buf[u.lo : u.hi])
         else:
             for u in self.units:
-                u.master.grad = u.gshard
+                u.set_grad(u.gshard)
             self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for u in self.units for p in u.params]
             self.rs_comm = comm.new_group(list(range(comm.world_size)))
         if stage == 3:
             self.ag_comm = comm.new_group(list(range(comm.world_size)))
             self._install_forward_hooks()
-        self.optimizer = make_optimizer(self.masters)
+        by_options: dict[tuple, list[nn.Parameter]] = {}
+        for opts in dict.fromkeys(options[p] for _, p in named):  # the same group order on every rank
+            by_options[opts] = []
+        for u in self.units:
+            for opts, piece, _, _ in u.pieces:
+                by_options[opts].append(piece)
+        self.optimizer = optim.build([{"params": ps, **dict(o)} for o, ps in by_options.items() if ps])
         self._next_rs = 0
         self._fresh = True  # the next reduce-scatter overwrites the gradient shards (first micro-batch)
         self._dirty = False
@@ -142,8 +181,7 @@ class Zero:
     def _block_post(self, i: int, out) -> None:
         training = torch.is_grad_enabled()
         if training:
-            outs = out if isinstance(out, (tuple, list)) else [out]
-            for t in outs:
+            for t in torch.utils._pytree.tree_leaves(out):
                 if isinstance(t, torch.Tensor) and t.requires_grad:
                     t.register_hook(lambda g, i=i: self._pre_backward(i))
         if not training or i != len(self.block_units) - 1:  # the last block is needed first in backward
@@ -182,7 +220,7 @@ class Zero:
         u.ready += 1
         if u.ready == len(u.params):
             self.peak_transient_bytes = max(self.peak_transient_bytes, self._transient_bytes())
-            if self.stage == 3 and u is not getattr(self, "root", None):
+            if self.stage == 3 and u is not self.root:
                 u.free()  # every op that used these parameters has run its backward
             order = self._rs_order()
             while self._next_rs < len(order) and order[self._next_rs].ready >= len(order[self._next_rs].params):
@@ -226,6 +264,8 @@ class Zero:
             self.buckets.finish()
         elif self._dirty:
             self._flush()
+        if self.sync_buffers:
+            broadcast_buffers(self.model, self.comm)
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Global norm: squared norms of this rank's shards, summed over ranks (an allreduce)."""
@@ -260,7 +300,7 @@ class Zero:
         """This rank's bytes of parameters (full buffers, or masters + gathered for stage 3),
         gradients (buckets or shards) and optimizer state, now."""
         if self.stage == 3:
-            params = sum(u.master.numel() * 4 + u.gathered_bytes() for u in self.units)
+            params = sum(u.master.numel() * u.master.element_size() + u.gathered_bytes() for u in self.units)
         else:
             params = sum(u.full.numel() * 4 for u in self.units)
         grads = self.buckets.nbytes() if self.stage == 1 else sum(u.gshard.numel() * 4 for u in self.units)
@@ -290,16 +330,17 @@ class Zero:
                     yield u, n, p, (a - o, b - o), (a - u.lo, b - u.lo)
 
     def state_shards(self) -> list[Shard]:
-        """Flat pieces of each parameter and its optimizer state that this rank owns. Local."""
+        """Flat pieces of each parameter and its optimizer state that this rank owns; buffers whole. Local."""
         out = []
         for u, n, p, box, (s, e) in self._pieces():
-            out.append(Shard(f"model.{n}", u.master.detach()[s:e], tuple(p.shape), (box,), flat=True))
-            for k, v in state_tensors(self.optimizer, u.master).items():
+            out.append(Shard(f"model.{n}", u.master[s:e], tuple(p.shape), (box,), flat=True))
+            piece, o = u.piece_at(s)
+            for k, v in state_tensors(self.optimizer, piece).items():
                 if v.dim() == 0:
                     out.append(Shard(f"optim.{n}.{k}", v, (), (), replicated=True))
                 else:
-                    out.append(Shard(f"optim.{n}.{k}", v[s:e], tuple(p.shape), (box,), flat=True))
-        return out
+                    out.append(Shard(f"optim.{n}.{k}", v[s - o : e - o], tuple(p.shape), (box,), flat=True))
+        return out + buffer_shards(self.model)
 
     def load_state_shards(self, read: ShardReader) -> None:
         """Read this rank's pieces (stages 1/2 read whole parameters, since every rank holds them). Local."""
@@ -311,15 +352,12 @@ class Zero:
             else:
                 for u, n, p, box, (s, e) in self._pieces():
                     u.master[s:e].copy_(read(f"model.{n}", tuple(p.shape), (box,), True).reshape(-1))
+            load_buffers(self.model, read)
             materialize_state(self.optimizer)
             for u, n, p, box, (s, e) in self._pieces():
-                for k, v in state_tensors(self.optimizer, u.master).items():
+                piece, o = u.piece_at(s)
+                for k, v in state_tensors(self.optimizer, piece).items():
                     if v.dim() == 0:
                         v.copy_(read(f"optim.{n}.{k}", (), (), False))
                     else:
-                        v[s:e].copy_(read(f"optim.{n}.{k}", tuple(p.shape), (box,), True).reshape(-1))
-
-
-def build_zero(cfg, model: nn.Module, make_optimizer, comm: Communicator) -> Zero:
-    """ZeRO stage ``cfg.strategy`` (zero1/zero2/zero3) over ``model``. Collective: all ranks build it together."""
-    return Zero(int(cfg.strategy[-1]), model, make_optimizer, comm, cfg)
+                        v[s - o : e - o].copy_(read(f"optim.{n}.{k}", tuple(p.shape), (box,), True).reshape(-1))

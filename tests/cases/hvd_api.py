@@ -13,6 +13,7 @@ import traceback
 import torch
 
 import disttrain.horovod as hvd
+from tests.cases.hvd_names import NAMED
 
 
 def _model(seed: int) -> torch.nn.Module:
@@ -309,17 +310,21 @@ def join(**_):
 
 
 def join_refuses_broadcast(**_):
-    r, _W = hvd.rank(), hvd.size()
-    try:
-        if r == 0:
-            hvd.join()
-        else:
-            hvd.broadcast(torch.ones(2), root_rank=1)
-        res = "no error"
-    except hvd.HorovodInternalError as exc:
-        res = "not supported with Join" if "not supported with Join" in str(exc) else str(exc)
-    hvd.join()  # rank 0 left its join() with the error; now every rank joins
-    return res
+    """Horovod 0.28: while a rank has joined, broadcast and allgather raise on the ranks that
+    submit them; the joined rank's join() still returns once they join too."""
+    r = hvd.rank()
+    errors = []
+    if r == 0:
+        last = hvd.join()
+    else:
+        for call in (lambda: hvd.broadcast(torch.ones(2), root_rank=1), lambda: hvd.allgather(torch.ones(2))):
+            try:
+                call()
+                errors.append("no error")
+            except hvd.HorovodInternalError as exc:
+                errors.append(str(exc))
+        last = hvd.join()
+    return {"errors": errors, "last": last, "after": float(hvd.allreduce(torch.ones(1), op=hvd.Sum)[0])}
 
 
 def mismatch(**_):
@@ -408,6 +413,7 @@ PATTERNS = {
         reducescatter,
         adasum,
         timeline,
+        *NAMED,
     ]
 }
 
@@ -429,8 +435,9 @@ def patterns(names: list[str], args: dict | None = None) -> dict:
 def backend_ops() -> dict:
     """The ``horovod`` collectives backend (an installed Horovod) through our communicator."""
     import collectives
+    from launcher.torch_store import AuthStore
 
-    comm = collectives.init("horovod", timeout=60)
+    comm = collectives.init("horovod", store=AuthStore.from_env(60), timeout=60)
     r, W = comm.rank, comm.world_size
     try:
         t = torch.full((5,), float(r + 1))

@@ -257,14 +257,14 @@ def _reference(run: dict, out_dir: str) -> dict:
 
 
 def _strategy(comm, run: dict):
+    from disttrain.parallel import OptimizerSpec, build_strategy
     from disttrain.parallel.model_parallel import build_model_parallel
-    from disttrain.parallel.strategy import build_strategy
 
     model = build(run["model"], run.get("dropout", 0.0))
-    make = lambda ps: torch.optim.AdamW(list(ps), lr=3e-3, weight_decay=0.01, eps=1e-6)  # noqa: E731
+    spec = OptimizerSpec(build=lambda groups: torch.optim.AdamW(groups, lr=3e-3, weight_decay=0.01, eps=1e-6))
     if run.get("ddp"):  # plain data parallel, the strategy build_strategy picks for dp only
-        return build_strategy(parallel_cfg(comm.world_size, 1, 1), model, make, comm)
-    return build_model_parallel(parallel_cfg(**run["layout"]), model, make, comm, seed=0)
+        return build_strategy(parallel_cfg(comm.world_size, 1, 1), model, spec, comm)
+    return build_model_parallel(parallel_cfg(**run["layout"]), model, spec, comm, seed=0)
 
 
 def _train(comm, run: dict, out_dir: str) -> dict:

@@ -81,8 +81,8 @@ class _StopAt:
 
 
 def _train_one(comm, run: dict, out_dir: str) -> dict:
+    from disttrain.optim import build_optimizer_spec
     from disttrain.parallel.model_parallel import build_model_parallel
-    from disttrain.trainer import build_optimizer
 
     cfg = make_config(run.get("overrides", []) + [f"run.dir={out_dir}/rundir"])
     trainer = build_trainer(cfg, comm)
@@ -93,8 +93,8 @@ def _train_one(comm, run: dict, out_dir: str) -> dict:
 
         seed_everything(cfg.run.seed)  # a fresh model: the default strategy hooked the first one
         trainer.model = build_model(cfg.model, 0, trainer.task.num_classes)
-        make = lambda ps: build_optimizer(cfg.optim, ps)  # noqa: E731
-        trainer.strategy = build_model_parallel(cfg.parallel, trainer.model, make, comm)
+        spec = build_optimizer_spec(cfg.optim, trainer.model)  # the trainer's no-decay groups
+        trainer.strategy = build_model_parallel(cfg.parallel, trainer.model, spec, comm)
     if run.get("eval"):
         return trainer.evaluate(max_samples=64)
     if run.get("load_from"):

@@ -7,7 +7,7 @@ import signal
 
 import collectives
 from disttrain import config as config_mod
-from disttrain.preemption import Preemption
+from disttrain.slurm.preemption import Preemption
 from disttrain.worker import build_trainer
 
 

@@ -16,7 +16,7 @@ import time
 import torch  # noqa: E402
 
 from disttrain import worker  # first: it catches SLURM's signals before torch imports
-from disttrain.preemption import Preemption  # noqa: E402
+from disttrain.slurm.preemption import Preemption  # noqa: E402
 
 
 class Hold:

@@ -1,15 +1,15 @@
-"""One agent per node under srun; each starts its node's workers with our environment.
+"""Agent mode: one agent per node under srun; each starts its node's workers with our environment.
 
-    srun --ntasks-per-node=1 python -m launcher.slurm_agent --nproc-per-node 4 -m disttrain.worker run.yaml
-    srun --ntasks-per-node=1 python -m launcher.slurm_agent --nproc-per-node 4 train.py --lr 3e-4
+    srun --ntasks-per-node=1 python -m launcher.slurm.agent --nproc-per-node 4 -m disttrain.worker run.yaml
+    srun --ntasks-per-node=1 python -m launcher.slurm.agent --nproc-per-node 4 train.py --lr 3e-4
 
-Node rank, node count and the first node come from SLURM (:mod:`launcher.slurm`); the
+Node rank, node count and the first node come from SLURM (:mod:`launcher.slurm.place`); the
 agent on the first node hosts the authenticated store at a port derived from the job id,
 the others join it (the job secret: ``DISTTRAIN_JOB_SECRET``, ``DISTTRAIN_JOB_SECRET_FILE``,
-else a file under ``--secret-dir``, default ``$SLURM_SUBMIT_DIR``). Workers inherit
-``SLURM_RESTART_COUNT``; ``DISTTRAIN_RESTART_COUNT`` counts the agent's own restarts. The
-warning signal (SIGUSR1/SIGUSR2) is passed on to the workers, which save and stop;
-SIGTERM stops them with ``--stop-grace`` seconds to finish their checkpoint.
+else a file under ``--secret-dir``, default ``$SLURM_SUBMIT_DIR``: :mod:`launcher.slurm.secret`).
+Workers inherit ``SLURM_RESTART_COUNT``; ``DISTTRAIN_RESTART_COUNT`` counts the agent's own
+restarts. The warning signal (SIGUSR1/SIGUSR2) is passed on to the workers, which save and
+stop; SIGTERM stops them with ``--stop-grace`` seconds to finish their checkpoint.
 """
 
 from __future__ import annotations
@@ -19,15 +19,16 @@ import os
 import signal
 import sys
 
-from .agent import LocalAgent, NodeSpec
-from .errors import LauncherError
-from .slurm import ADDR_OVERRIDE, PORT_OVERRIDE, derive_port, job_secret, node_address, read_slurm_env
-from .worker import WorkerSpec
+from ..agent import LocalAgent, NodeSpec
+from ..errors import LauncherError
+from ..worker import WorkerSpec
+from .place import job_tag, read_slurm_env, store_endpoint
+from .secret import job_secret
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m launcher.slurm_agent",
+        prog="python -m launcher.slurm.agent",
         description="Start this node's workers inside a SLURM job step (one srun task per node).",
     )
     p.add_argument("--nproc-per-node", type=int, required=True, help="workers on every node")
@@ -50,12 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{place.where}: the agent wants one srun task per node, got {place.world_size} "
                 f"task(s) on {place.nnodes} node(s). HINT: srun --ntasks-per-node=1"
             )
-        addr = os.environ.get(ADDR_OVERRIDE) or node_address(place.first_node)
-        port = (
-            int(os.environ[PORT_OVERRIDE])
-            if os.environ.get(PORT_OVERRIDE)
-            else derive_port(place.job_id, place.step_id)
-        )
+        addr, port = store_endpoint(place)
         secret, secret_path = job_secret(
             place, ns.secret_dir or os.environ.get("SLURM_SUBMIT_DIR") or os.getcwd(), place.node_rank == 0
         )
@@ -71,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         host=place.nodes[place.node_rank],
         master_addr=addr,
         master_port=port + 1,
-        job_id=f"slurm-{place.job_id}.{place.step_id}.r{place.restart_count}",
+        job_id=job_tag(place),
         store=f"{addr}:{port}",
         secret=secret,
         host_store=place.node_rank == 0,

@@ -10,9 +10,10 @@ final barrier: every rank has saved) rank 0 requeues the job (``scontrol requeue
 array task for arrays; else resubmits ``DISTTRAIN_SLURM_SCRIPT`` with sbatch) and every
 worker exits 0; the requeued job resumes from the checkpoint.
 
-Call order, every rank: ``build_preemption(cfg, comm)`` (installs the handlers) -> the
-trainer calls ``on_start``/``on_step_end``/``on_end`` -> the worker calls ``finish()``
-after its final barrier and exits with the code it returns.
+Call order, every rank: the worker's ``build_callbacks(cfg, comm)`` (through
+``maybe_build_preemption``: installs the handlers at once, so a signal during set-up is not
+fatal) -> the trainer calls ``on_start``/``on_step_end``/``on_end`` -> the worker calls
+``finish(trainer)`` after its final barrier and exits with the code it returns.
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ import signal
 import torch
 
 from collectives import Communicator, ReduceOp
-from launcher.slurm import parse_signal
+from launcher.slurm.errors import SlurmEnvError
+from launcher.slurm.place import in_slurm
+from launcher.slurm.requeue import requeue, requeue_id
+from launcher.slurm.signals import parse_signal, release_early_signals, take_early_signal
 
-from .config import ExperimentConfig, SlurmConfig
+from ..config import ExperimentConfig, SlurmConfig
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +57,6 @@ class Preemption:
         except ValueError:
             log.warning("preemption: not the main thread; signals stay unhandled")
             return
-        from launcher.slurm import take_early_signal
-
         early = take_early_signal()  # one that came while the worker was still importing torch
         if early is not None and early in self.signals and self.received is None:
             self.received = signal.Signals(early)
@@ -97,9 +99,7 @@ class Preemption:
         Returns the worker's exit code: 0, or EX_TEMPFAIL when rank 0 could not requeue."""
         if self.stop_step is None or self.comm.rank != 0:
             return 0
-        from launcher import slurm
-
-        if not slurm.in_slurm():
+        if not in_slurm():
             print(f"preemption: stopped at step {self.stop_step} (not under SLURM: nothing to requeue)", flush=True)
             return 0
         if not self.cfg.requeue:
@@ -121,10 +121,10 @@ class Preemption:
             )
             return EX_TEMPFAIL
         try:
-            done = slurm.requeue(
-                slurm.requeue_id(), os.environ.get("SLURM_ARRAY_TASK_ID"), os.environ.get("DISTTRAIN_SLURM_SCRIPT")
+            done = requeue(
+                requeue_id(), os.environ.get("SLURM_ARRAY_TASK_ID"), os.environ.get("DISTTRAIN_SLURM_SCRIPT")
             )
-        except slurm.SlurmEnvError as exc:
+        except SlurmEnvError as exc:
             print(f"preemption: checkpoint of step {self.stop_step} saved, but {exc}", flush=True)
             return EX_TEMPFAIL
         print(f"preemption: checkpoint of step {self.stop_step} saved; {done}", flush=True)
@@ -136,9 +136,7 @@ def maybe_build_preemption(cfg: ExperimentConfig, comm: Communicator) -> Preempt
 
     Installs the handlers right away, so a signal during set-up is not fatal."""
     mode = cfg.slurm.preemption
-    if mode is False or (mode == "auto" and not os.environ.get("SLURM_JOB_ID")):
-        from launcher.slurm import release_early_signals
-
+    if mode is False or (mode == "auto" and not in_slurm()):
         release_early_signals()
         return None
     cb = Preemption(cfg.slurm, comm, checkpointing=cfg.checkpoint.enabled)

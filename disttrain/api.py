@@ -1,0 +1,224 @@
+"""The Python API: disttrain inside the user's own script and loop.
+
+    run = disttrain.init("run.yaml", sys.argv[1:])          # config + overrides; comm, seed, run dir
+    model, opt = run.setup(MyModel(), lambda groups: torch.optim.AdamW(groups, lr=3e-4))
+    for batch in run.batches(train_set, collate_fn=collate):  # resumes at the exact sample
+        loss_sum, count = my_step(model, batch)
+        run.backward(loss_sum, count)
+        run.step()                                          # reduce, clip, schedule, optimizer, checkpoint
+
+or the built-in loop with the user's parts: ``disttrain.fit(model=..., data=(train, eval),
+step=my_step, config="run.yaml")``. Every rank runs the same script: under ``disttrain launch``,
+torchrun, srun or mpiexec (the place in the job comes from their environment variables), or
+as one plain process. A run directory with checkpoints resumes from its latest one.
+
+``run.step()`` after every ``run.backward()``: it acts at the end of each optimizer step
+(``train.grad_accum`` micro-batches) and returns True then. A rank with no sample in a step
+(global batch smaller than the world) takes part in it without running the loop body.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from . import config as config_mod
+from . import worker
+from .data import Data, as_data
+from .errors import DisttrainError
+from .loss import StepFn
+from .parallel.strategy import OptimizerSpec
+from .rundir import RunDir
+from .trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+OptimizerFactory = Callable[[list[dict]], torch.optim.Optimizer]
+
+
+def _load(config: str | config_mod.ExperimentConfig | None, argv: Sequence[str]) -> config_mod.ExperimentConfig:
+    """The config (a path, a loaded config, or argv[0] when it names a YAML file) plus overrides; a bad
+    one ends the process with exit code 2 and the error lines, no traceback."""
+    argv = list(argv)
+    if config is None and argv and argv[0].endswith((".yaml", ".yml")):
+        config, argv = argv[0], argv[1:]
+    try:
+        if isinstance(config, config_mod.ExperimentConfig):
+            if argv:
+                raise config_mod.ConfigError(["overrides need a config file: disttrain.init('run.yaml', argv)"])
+            return config
+        if config is None:
+            raise config_mod.ConfigError(["no config: disttrain.init('run.yaml', sys.argv[1:])"])
+        return config_mod.load(config, argv)
+    except config_mod.ConfigError as exc:
+        print(exc, file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+class Run:
+    """One rank's run, from the user's script. Build it with :func:`init`; every rank calls the same
+    methods in the same order (they are collective where training is)."""
+
+    def __init__(self, cfg: config_mod.ExperimentConfig, comm, slurm_job=None):
+        self.cfg, self.comm, self._slurm_job = cfg, comm, slurm_job
+        self.device = worker.device_of(comm)
+        self.run_dir = RunDir(cfg.run.dir, comm.rank)
+        self._callbacks = worker.build_callbacks(cfg, comm)
+        self.trainer: Trainer | None = None
+        self.summary: dict | None = None
+        self.exit_code = 0
+
+    # -- where am I ---------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.comm.world_size
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0 (print and write files there)."""
+        return self.comm.rank == 0
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps completed (after a resume: counted from the start of the run)."""
+        return self.trainer.step if self.trainer is not None else 0
+
+    def autocast(self):
+        """The autocast context of ``train.precision`` (bf16/fp16), or a no-op for fp32."""
+        return self._trainer().autocast()
+
+    # -- the verbs ----------------------------------------------------------------------------
+    def setup(
+        self, model: nn.Module, optimizer: OptimizerFactory | OptimizerSpec | None = None
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Wrap ``model`` with the strategy of ``parallel`` (weights broadcast from rank 0) and build the
+        optimizer: ``optimizer(param_groups)`` (biases and norm weights get weight_decay 0, per
+        ``optim.no_decay``), or the ``optim`` section when None. Returns (model, optimizer) to use; call
+        ``model(...)`` as usual, but step through ``run.step()``, not ``optimizer.step()``. Collective."""
+        if self.trainer is not None:
+            raise DisttrainError("run.setup() was already called; one model per run")
+        self.trainer = Trainer(
+            self.cfg, self.comm, model, None, self.run_dir, self.device, self._callbacks, optimizer=optimizer
+        )
+        return self.trainer.strategy.model, self.trainer.strategy.optimizer
+
+    def batches(
+        self, dataset, collate_fn: Callable[[list], Any] | None = None, num_workers: int | None = None
+    ) -> Iterator[Any]:
+        """This rank's micro-batches of ``dataset`` (any map-style Dataset), on the device, from the
+        run's current step (a resumed run continues at the exact sample) until ``train.steps`` or a
+        preemption stop. The first call resumes from the run directory's latest checkpoint; the end
+        of the loop saves the final one. ``num_workers`` defaults to ``data.num_workers``."""
+        t = self._trainer()
+        t.attach_data(Data(dataset, None, collate_fn), num_workers)
+        t.start()
+        while t.step < self.cfg.train.steps and not t.stop_requested:
+            before, got = t.step, False
+            for batch in t.micro_batches():
+                got = True
+                yield batch
+            if not got:  # nothing for this rank in this step: it still takes part in the collectives
+                self._end_step()
+            elif t.step == before:
+                raise DisttrainError(
+                    f"rank {self.comm.env.where}: step {before} ended without run.step()\n"
+                    "HINT: call run.backward(loss_sum, count) and then run.step() for every batch"
+                )
+        self.summary = t.finish()
+
+    def backward(self, loss_sum: torch.Tensor, count: float | torch.Tensor) -> None:
+        """Backward of ``loss_sum``, the loss summed over ``count`` units (samples, or tokens that count).
+        The gradient becomes the mean over every unit of the global batch."""
+        self._trainer().backward(loss_sum, count)
+
+    def step(self) -> bool:
+        """At the end of an optimizer step (the last micro-batch): reduce gradients, divide by the global
+        count, clip, schedule the lr, step the optimizer, log, checkpoint and honour a preemption
+        request; True then. Elsewhere a no-op (False). Collective at step ends."""
+        t = self._trainer()
+        if not t.at_boundary:
+            return False
+        self._end_step()
+        return True
+
+    def evaluate(self, dataset, step: StepFn | None = None, collate_fn=None, max_samples: int = 2048) -> dict:
+        """Mean loss (and the step's metrics per unit) on ``dataset``, split over the ranks. Collective."""
+        return self._trainer().evaluate(max_samples, dataset=dataset, step_fn=step, collate=collate_fn)
+
+    def finish(self) -> int:
+        """Summary (rank 0), barrier, a SLURM requeue after preemption, close the communicator. Returns the
+        exit code for ``sys.exit``. Collective; optional at the very end of a script."""
+        if self.trainer is None:
+            self.comm.barrier()
+            self.comm.close()
+            return 0
+        summary = self.summary or self.trainer.finish()
+        self.exit_code = worker.close(self.trainer, summary, self._slurm_job)
+        return self.exit_code
+
+    # -- internals ----------------------------------------------------------------------------
+    def _trainer(self) -> Trainer:
+        if self.trainer is None:
+            raise DisttrainError("call run.setup(model, optimizer) first")
+        return self.trainer
+
+    def _end_step(self) -> None:
+        t = self._trainer()
+        _, norm, _ = t.end_step()
+        t.after_step(norm, t.evaluate if t.data is not None and t.data.eval is not None else None)
+
+
+def init(config: str | config_mod.ExperimentConfig | None = None, argv: Sequence[str] = ()) -> Run:
+    """Every rank, first: read the config and its ``key=value`` overrides (a bad one exits with code 2),
+    join the job (launcher, torchrun, srun, mpiexec or one process), seed every RNG, open the run
+    directory and install the preemption handlers. Blocks until every rank has joined."""
+    cfg = _load(config, argv)
+    slurm_job = worker.setup_slurm_worker(cfg.run.dir, nodes=cfg.slurm.nodes, ntasks_per_node=cfg.slurm.ntasks_per_node)
+    comm = worker.init_communicator(cfg)
+    ours = logging.getLogger("disttrain")
+    if not ours.handlers:  # our records, prefixed rank@host; the root logger stays the user's
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(f"[{comm.env.where}] %(levelname)s %(name)s: %(message)s"))
+        ours.addHandler(handler)
+    worker.seed_everything(cfg.run.seed)
+    return Run(cfg, comm, slurm_job)
+
+
+def fit(
+    model: nn.Module,
+    data,
+    step: StepFn | None = None,
+    config: str | config_mod.ExperimentConfig | None = None,
+    argv: Sequence[str] = (),
+    optimizer: OptimizerFactory | OptimizerSpec | None = None,
+    collate_fn: Callable[[list], Any] | None = None,
+) -> dict:
+    """The built-in loop with the user's parts: ``model``, ``data`` (a ``(train, eval)`` pair of
+    map-style Datasets, eval may be None, or one Dataset), ``step(model, batch) -> (loss_sum, count
+    [, metrics])`` (default: cross-entropy), the config's strategy, schedule, logging, evaluation,
+    checkpoints and resume. Every rank; returns the summary. Build the model after ``init`` or with
+    the same seed on every rank (rank 0's weights are broadcast anyway)."""
+    run = init(config, argv)
+    run.trainer = Trainer(
+        run.cfg,
+        run.comm,
+        model,
+        as_data(data, collate_fn),
+        run.run_dir,
+        run.device,
+        run._callbacks,
+        step_fn=step,
+        optimizer=optimizer,
+    )
+    run.summary = run.trainer.fit()
+    run.finish()
+    return run.summary

@@ -1,0 +1,62 @@
+"""Build the ``data`` config section: a built-in kind (a registry entry) or the user's ``data.target``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+from ..errors import DisttrainError
+from ..targets import UserCodeError, call_target, import_target
+from .dataset import Data
+from .task import Task
+
+
+def _digits(cfg, seed: int, seq_len: int | None) -> Task:
+    from .digits import load_digits
+
+    return load_digits(cfg.eval_fraction, seed)
+
+
+def _shakespeare(cfg, seed: int, seq_len: int | None) -> Task:
+    from .shakespeare import load_shakespeare
+
+    return load_shakespeare(cfg.plays, cfg.eval_fraction, seq_len or 128)
+
+
+# The built-in kinds: data.kind -> builder(section, seed, seq_len) -> Task.
+TASKS: dict[str, Callable[[Any, int, int | None], Task]] = {"digits": _digits, "shakespeare": _shakespeare}
+
+
+def build_task(cfg, seed: int, seq_len: int | None = None) -> Task:
+    """The in-memory task of a built-in ``data`` section (``kind: digits|shakespeare``)."""
+    try:
+        builder = TASKS[cfg.kind]
+    except KeyError:
+        raise DisttrainError(f"unknown data kind {cfg.kind!r}; known: {', '.join(TASKS)}") from None
+    return builder(cfg, seed, seq_len)
+
+
+@runtime_checkable
+class MapDataset(Protocol):
+    """What the trainer needs of a dataset: its length and a sample by index (torch's map-style Dataset)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Any: ...
+
+
+def _is_dataset(obj: Any) -> bool:
+    return isinstance(obj, MapDataset)
+
+
+def build_target_data(cfg, import_path: list[str]) -> Data:
+    """Call ``data.target(**data.kwargs)``; it must return ``(train, eval)`` map-style datasets."""
+    out = call_target("data.target", cfg.target, import_path, **cfg.kwargs)
+    pair = out if isinstance(out, (tuple, list)) and len(out) == 2 else None
+    if pair is None or not _is_dataset(pair[0]) or not (pair[1] is None or _is_dataset(pair[1])):
+        raise UserCodeError(
+            f"data.target {cfg.target!r} returned {type(out).__name__}, expected (train, eval): two map-style "
+            "Datasets (with __len__ and __getitem__); eval may be None"
+        )
+    collate = import_target(cfg.collate, import_path) if cfg.collate else None
+    return Data(pair[0], pair[1], collate)

@@ -1,0 +1,94 @@
+"""Batches of one rank, step by step, from any map-style Dataset.
+
+Step ``s`` of this rank is ``GlobalBatchSampler.local_batch(s)`` cut into ``grad_accum``
+micro-batches (``torch.tensor_split``: sizes differ by at most one, some may be empty when
+the local batch is small). A torch DataLoader reads them (``num_workers`` processes, or this
+one), starting at any step: the data position is the step number, so a resumed run reads
+exactly the samples the uninterrupted one would have, at any world size.
+
+Who calls: the trainer, on every rank, in step order; ``micro_batches(step)`` yields one
+entry per micro-batch, the batch or None for an empty one (the rank still takes part in
+the step's collectives).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .sampler import GlobalBatchSampler
+
+
+def micro_slices(idx: torch.Tensor, grad_accum: int) -> list[torch.Tensor]:
+    """``idx`` cut into ``grad_accum`` contiguous micro-batches (all empty when ``idx`` is)."""
+    return list(torch.tensor_split(idx, grad_accum)) if len(idx) else [idx] * grad_accum
+
+
+class _MicroBatchIndices(Sampler[list[int]]):
+    """The DataLoader's batch sampler: the non-empty micro-batches of steps start, start+1, ..."""
+
+    def __init__(self, sampler: GlobalBatchSampler, grad_accum: int, start: int):
+        self.sampler, self.grad_accum, self.start = sampler, grad_accum, start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start
+        while True:
+            for mb in micro_slices(self.sampler.local_batch(step), self.grad_accum):
+                if len(mb):
+                    yield mb.tolist()
+            step += 1
+
+
+class StepLoader:
+    def __init__(
+        self,
+        dataset: Dataset,
+        sampler: GlobalBatchSampler,
+        grad_accum: int,
+        start: int,
+        collate: Callable[[list], Any] | None = None,
+        num_workers: int = 0,
+    ):
+        self.sampler, self.grad_accum, self.next_step = sampler, grad_accum, start
+        # A generator of its own: the DataLoader draws its workers' base seed from it, never from the
+        # global RNG (a resumed run must consume exactly the random numbers the uninterrupted one did).
+        gen = torch.Generator().manual_seed(sampler.seed * 1_000_003 + start * 1009 + sampler.rank)
+        self.loader = DataLoader(
+            dataset,
+            batch_sampler=_MicroBatchIndices(sampler, grad_accum, start),
+            collate_fn=collate,
+            num_workers=num_workers,
+            generator=gen,
+        )
+        self._it: Iterator | None = None
+
+    def micro_batches(self, step: int) -> Iterator[Any | None]:
+        """This rank's micro-batches of ``step`` (None for an empty one). Steps must come in order."""
+        if step != self.next_step:
+            raise RuntimeError(f"StepLoader: asked for step {step}, positioned at step {self.next_step}")
+        if self._it is None:
+            self._it = iter(self.loader)
+        self.next_step += 1
+        for mb in micro_slices(self.sampler.local_batch(step), self.grad_accum):
+            yield next(self._it) if len(mb) else None
+
+    def close(self) -> None:
+        """Stop the worker processes (if any)."""
+        self._it = None
+
+
+def eval_batches(
+    dataset: Dataset,
+    indices: torch.Tensor,
+    batch: int,
+    collate: Callable[[list], Any] | None = None,
+    num_workers: int = 0,
+) -> DataLoader:
+    """A loader over ``indices`` of ``dataset`` in chunks of ``batch`` (evaluation)."""
+    chunks = [c.tolist() for c in torch.split(indices, max(1, batch)) if len(c)]
+    return DataLoader(
+        dataset, batch_sampler=chunks, collate_fn=collate, num_workers=num_workers, generator=torch.Generator()
+    )

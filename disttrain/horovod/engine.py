@@ -1,0 +1,364 @@
+"""The background engine: Horovod's cycle, one thread per process set this rank belongs to.
+
+User threads only *submit* (``submit``, ``join``): an op is queued with its name and a handle is
+returned at once. The set's thread runs cycles: announce what was queued since the last cycle
+(one allgather of fixed-size rows over the set's communicator, see ``negotiation``), fold every
+member's row into the shared table, then run the ops that every member has now submitted, in
+the agreed order, fused (see ``execution``), and complete their handles. The same thread does
+all the set's communication, so a communicator is never used by two threads, and the sets
+progress independently (a set waiting for a slow member does not hold up another set).
+
+Pace: a busy set cycles every ``HOROVOD_CYCLE_TIME`` ms (default 1; ops arriving within a cycle
+are fused); a submission to an idle set starts a cycle at once; an idle set still cycles every
+``idle_s`` so that a member waiting for it learns about stalls, joins and shutdowns.
+
+Stalls: a name that some members submitted and others did not is logged after
+``HOROVOD_STALL_CHECK_TIME_SECONDS`` (60; which ranks miss which names) and fails on the
+ranks that submitted it after ``HOROVOD_STALL_SHUTDOWN_TIME_SECONDS`` (default: the op timeout
+``DISTTRAIN_HVD_TIMEOUT``, 300 s), so a rank-dependent bug is an error, never a hang.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+
+import torch
+
+from collectives import CollectivesError, Communicator
+
+from . import timeline
+from .exceptions import HorovodInternalError, HorovodShutdownError, ProcessSetError
+from .execution import Op, run_ready
+from .handles import Handle
+from .negotiation import (
+    DESCRIPTION_BYTES,
+    HEADER,
+    JOINED,
+    REMOVING,
+    SHUTDOWN,
+    SLOT,
+    Announcement,
+    Table,
+    mismatch_message,
+    row_of,
+)
+from .wire import Kind, digest, fuse_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    cycle_s: float = 1e-3
+    idle_s: float = 0.05
+    fusion_bytes: int = 128 << 20
+    slots: int = 128
+    stall_warn_s: float = 60.0
+    stall_fail_s: float = 300.0
+    timeout: float = 300.0
+
+    @classmethod
+    def from_env(cls, timeout: float) -> Settings:
+        env = os.environ
+        warn = 0 if env.get("HOROVOD_STALL_CHECK_DISABLE") else float(env.get("HOROVOD_STALL_CHECK_TIME_SECONDS", 60))
+        fail = float(env.get("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", 0) or timeout)
+        return cls(
+            cycle_s=float(env.get("HOROVOD_CYCLE_TIME", 1.0)) / 1e3,
+            fusion_bytes=int(env.get("HOROVOD_FUSION_THRESHOLD", 128 << 20)),
+            slots=int(env.get("DISTTRAIN_HVD_SLOTS", 128)),
+            stall_warn_s=warn if warn > 0 else float("inf"),
+            stall_fail_s=fail,
+            timeout=timeout,
+        )
+
+
+class SetWorker:
+    """One process set as seen from this rank. Members own a communicator and a thread."""
+
+    def __init__(self, engine: Engine, set_id: int, ranks: Sequence[int], comm: Communicator | None):
+        self.engine, self.id, self.ranks, self.comm = engine, set_id, list(ranks), comm
+        self.member = comm is not None
+        s = engine.settings
+        self.table = Table(len(self.ranks), stall_warn_s=s.stall_warn_s, stall_fail_s=s.stall_fail_s)
+        self._cv = threading.Condition()
+        self._queue: collections.deque[Op] = collections.deque()
+        self._inflight: dict[int, Op] = {}  # announced, by name digest
+        self._names: dict[str, Op] = {}  # queued or announced, by name (duplicate check)
+        self._join: Handle | None = None
+        self._flags = 0
+        self._last = 0.0
+        self.error: BaseException | None = None
+        self.stopped = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self.member:
+            self._thread = threading.Thread(target=self._loop, name=f"hvd-set{self.id}", daemon=True)
+            self._thread.start()
+
+    # -- user threads ---------------------------------------------------------------------
+    def submit(self, op: Op) -> None:
+        with self._cv:
+            self._check_open(op.name)
+            prior = self._names.get(op.name)
+            if prior is not None and not prior.handle.done():  # done: only our bookkeeping lags
+                from .exceptions import DuplicateNameError
+
+                raise DuplicateNameError(
+                    f"Requested to {op.kind.name.lower()} a tensor with the same name as another tensor that is "
+                    f"currently being processed: {op.name!r} (process set {self.id})\n"
+                    "HINT: give concurrent ops distinct names, or synchronize the first before resubmitting"
+                )
+            op.handle.alive = lambda: self.error
+            self._names[op.name] = op
+            self._queue.append(op)
+            self._cv.notify()
+
+    def join(self, handle: Handle) -> None:
+        with self._cv:
+            self._check_open("join")
+            handle.alive = lambda: self.error
+            self._join = handle
+            self._cv.notify()
+
+    def request_stop(self, flag: int) -> None:
+        with self._cv:
+            self._flags |= flag
+            self._cv.notify()
+
+    def wait_stopped(self, timeout: float) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _check_open(self, what: str) -> None:
+        if self.error is not None:
+            raise HorovodInternalError(f"{what}: process set {self.id} failed earlier: {self.error}") from self.error
+        if self.stopped or self._flags:
+            raise HorovodShutdownError(
+                f"{what}: Horovod has been shut down (or process set {self.id} removed). This was caused by an "
+                "exception on one of the ranks or an attempt to submit an op after one of the ranks finished "
+                "execution.\nHINT: every rank must submit the same names before any rank calls hvd.shutdown()"
+            )
+
+    # -- the set's thread -----------------------------------------------------------------
+    def _loop(self) -> None:
+        s = self.engine.settings
+        try:
+            while True:
+                with self._cv:
+                    while True:
+                        busy = bool(self._queue or self._inflight or self._join or self._flags)
+                        wake = self._last + (s.cycle_s if busy else s.idle_s)
+                        now = time.monotonic()
+                        if now >= wake:
+                            break
+                        self._cv.wait(wake - now)
+                    out = [self._queue.popleft() for _ in range(min(s.slots, len(self._queue)))]
+                    for op in out:
+                        self._inflight[op.ann.name] = op
+                    flags = self._flags | (JOINED if self._join is not None else 0)
+                self._last = time.monotonic()
+                if self._cycle(out, flags):
+                    break
+        except BaseException as exc:  # transport failure, dead peer: every waiter hears it
+            self.error = exc if isinstance(exc, HorovodInternalError) else HorovodInternalError(str(exc))
+            self.error.__cause__ = exc
+            log.error("rank %s: Horovod engine for process set %s failed: %s", self.engine.rank, self.id, exc)
+        finally:
+            self._stop()
+
+    def _cycle(self, out: list[Op], flags: int) -> bool:
+        """One cycle; True when the set stops (shutdown or removal agreed)."""
+        s, size = self.engine.settings, len(self.ranks)
+        clock = int((time.monotonic() - self.engine.t0) * 1e3)
+        row = torch.tensor(row_of(flags, clock, [op.ann for op in out], s.slots), dtype=torch.int64)
+        if size > 1:
+            table = torch.empty(size, row.numel(), dtype=torch.int64)
+            self.comm.allgather(list(table.unbind(0)), row)
+            counts = table[:, 1].tolist()
+            rows = [table[i, : HEADER + SLOT * counts[i]].tolist() for i in range(size)]
+        else:
+            rows = [row[: HEADER + SLOT * len(out)].tolist()]
+        verdict = self.table.absorb(rows)
+        t_agreed = time.perf_counter()
+        tl = timeline.active()  # read before any handle completes: a later start_timeline sees later ops only
+        unexplained = [f.name for f in verdict.failed if f.message is None]
+        explained = self._describe(unexplained) if unexplained else {}
+        for f in verdict.failed:
+            op = self._take(f.name)
+            if op is not None:
+                msg = f.message if f.message is not None else explained[f.name]
+                if f.missing is not None:
+                    msg = (
+                        f"{msg}: ranks {[self.ranks[i] for i in f.missing]} of process set {self.id} never submitted "
+                        f"it (Horovod's stall inspector)\nHINT: every rank of the set must submit the same names; "
+                        "look for a collective inside a rank-dependent branch"
+                    )
+                op.handle.fail(HorovodInternalError(f"{op.name}: {msg}"))
+        for st in verdict.stalled:
+            self._report_stall(st)
+        for r in verdict.ready:
+            op = self._inflight.get(r.name)
+            if op is not None:
+                op.t_agreed = t_agreed
+        run_ready(verdict.ready, self._inflight, self.comm if size > 1 else None, s.fusion_bytes)
+        for r in verdict.ready:
+            op = self._take(r.name)
+            if op is not None and tl is not None:
+                tl.record(op.name, op.kind.name, op.t_submit, op.t_agreed, time.perf_counter(), {})
+        if verdict.join_done is not None:
+            with self._cv:
+                h, self._join = self._join, None
+            if h is not None:
+                h.complete(self.ranks[verdict.join_done])
+        return verdict.shutdown or verdict.removed
+
+    def _take(self, name: int) -> Op | None:
+        with self._cv:
+            op = self._inflight.pop(name, None)
+            if op is not None:
+                self._names.pop(op.name, None)
+        return op
+
+    def _describe(self, names: list[int]) -> dict[int, str]:
+        """Every member's readable view of the ops whose signatures differ, exchanged so that
+        every rank raises the same message, naming both sides (Horovod's words)."""
+        size, m = len(self.ranks), len(names)
+        mine = torch.zeros(m, DESCRIPTION_BYTES, dtype=torch.uint8)
+        for k, name in enumerate(names):
+            op = self._inflight.get(name)
+            if op is not None:
+                raw = op.description.encode()[:DESCRIPTION_BYTES]
+                mine[k, : len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        everyone = torch.empty(size, m, DESCRIPTION_BYTES, dtype=torch.uint8)
+        words = everyone.view(size, -1).view(torch.int32)  # uint8 is not a wire dtype everywhere
+        if size > 1:
+            self.comm.allgather(list(words.unbind(0)), mine.view(-1).view(torch.int32))
+        else:
+            everyone[0].copy_(mine)
+        out = {}
+        for k, name in enumerate(names):
+            descs = {}
+            for r in range(size):
+                raw = bytes(everyone[r, k].numpy()).rstrip(b"\0")
+                if raw:
+                    descs[r] = json.loads(raw.decode())
+            out[name] = mismatch_message(descs, self.ranks)
+        return out
+
+    def _report_stall(self, st) -> None:
+        op = self._inflight.get(st.name)
+        missing = [self.ranks[i] for i in st.missing]
+        what = repr(op.name) if op is not None else f"an op this rank has not submitted (digest {st.name:x})"
+        log.warning(
+            "rank %s: stall: %s in process set %s has waited %.0fs for ranks %s, which have not submitted it "
+            "(Horovod's stall inspector: one or more ranks skipped or reordered a collective)",
+            self.engine.rank,
+            what,
+            self.id,
+            st.waited_s,
+            missing,
+        )
+
+    def _stop(self) -> None:
+        with self._cv:
+            self.stopped = True
+            left = list(self._queue) + list(self._inflight.values())
+            self._queue.clear()
+            self._inflight.clear()
+            self._names.clear()
+            join, self._join = self._join, None
+        err = self.error or HorovodShutdownError(
+            "Horovod has been shut down before this op completed (some rank called hvd.shutdown() or removed "
+            "its process set)"
+        )
+        for op in left:
+            op.handle.fail(err)
+        if join is not None:
+            join.fail(err)
+        if self.comm is not None and self.id != 0:
+            try:
+                self.comm.close()
+            except CollectivesError:
+                pass
+
+
+class Engine:
+    """This rank's process sets and their threads. Built by ``hvd.init()``."""
+
+    def __init__(self, world: Communicator, rank: int, settings: Settings):
+        self.settings, self.rank, self.world_comm = settings, rank, world
+        self.t0 = time.monotonic()
+        self._lock = threading.Lock()
+        self.sets: dict[int, SetWorker] = {0: SetWorker(self, 0, range(world.world_size), world)}
+        self._next_id = 1
+        self._ps_calls = 0
+        self.sets[0].start()
+
+    def worker(self, set_id: int | None) -> SetWorker:
+        with self._lock:
+            w = self.sets.get(set_id) if set_id is not None else None
+        if w is None:
+            raise ProcessSetError(
+                f"process set id {set_id} is not registered (removed, or never added)\n"
+                "HINT: register it with hvd.add_process_set() on every rank before using it"
+            )
+        return w
+
+    # -- process sets: collective over every rank, agreed on the global set ---------------
+    def _set_op(self, what: str, ranks: list[int], action) -> Handle:
+        self._ps_calls += 1
+        name = f"process_set.{what}.{self._ps_calls}"
+        sig = digest(f"{what}|{ranks}")
+        ann = Announcement(digest(name), sig, fuse_key(Kind.PROCESS_SET, torch.int64, 0, (1.0, 1.0)), 0)
+        desc = json.dumps({"kind": "PROCESS_SET", "dtype": "", "shape": ranks, "op": what, "scales": [], "root": -1})
+        h = Handle(name)
+        self.sets[0].submit(Op(name, Kind.PROCESS_SET, ann, desc, h, action=action))
+        return h
+
+    def add_set(self, ranks: list[int]) -> Handle:
+        def action():
+            with self._lock:
+                for sid, w in self.sets.items():
+                    if w.ranks == ranks:
+                        raise ProcessSetError(
+                            f"Attempted to add a duplicate process set: ranks {ranks} are already process set {sid}"
+                        )
+            comm = self.world_comm.new_group(ranks)  # every rank, here, in agreed order
+            with self._lock:
+                sid, self._next_id = self._next_id, self._next_id + 1
+                w = self.sets[sid] = SetWorker(self, sid, ranks, comm)
+            w.start()
+            return sid
+
+        return self._set_op("add", ranks, action)
+
+    def remove_set(self, set_id: int) -> Handle:
+        def action():
+            with self._lock:
+                w = self.sets.pop(set_id, None)
+            if w is None:
+                return False
+            if w.member:
+                w.request_stop(REMOVING)  # its members stop after a cycle in which all of them flag it
+            return True
+
+        return self._set_op("remove", [set_id], action)
+
+    def shutdown(self) -> None:
+        """This rank stops: each of its sets flags shutdown and stops after that cycle (the
+        other members stop with it, as in Horovod)."""
+        with self._lock:
+            workers = list(self.sets.values())
+        for w in workers:
+            if w.member and not w.stopped:
+                w.request_stop(SHUTDOWN)
+        for w in workers:
+            w.wait_stopped(self.settings.timeout)

@@ -1,0 +1,251 @@
+"""Turning an op call into a named, described :class:`~.execution.Op` and submitting it.
+
+Names as Horovod makes them: ``<kind>.<name>`` when the caller names the op, else
+``<kind>.noname.<n>``. Horovod's ``n`` is the handle number, so its unnamed ops match only when
+every rank issued the same sequence of *all* ops; ours counts the unnamed ops of that kind on
+that process set, so they match whenever every member issued the same sequence of *unnamed*
+ops of the kind (a superset: named ops skipped by a joined rank, or a failed submission, no
+longer shift the names of later unnamed ops). Each ``*_start`` returns ``(handle number, Handle)``
+at once; the engine's thread runs the op once every member of the set submitted the name.
+Local argument errors (bad splits, a root outside the set, an unsupported dtype) raise here, on
+the calling rank, before anything is submitted, as Horovod's enqueue functions do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from . import handles
+from .basics import context, process_set_worker
+from .exceptions import HorovodError
+from .execution import Op
+from .handles import GroupHandle, Handle
+from .negotiation import Announcement, describe
+from .process_sets import ProcessSet
+from .reduce_op import Adasum, Average, ReduceOp
+from .wire import Kind, digest, dtype_name, fuse_key, to_wire
+
+
+def resolve_op(op, average) -> ReduceOp:
+    if op is not None and average is not None:
+        raise ValueError("The op parameter supersedes average. Please provide only one of them.")
+    if op is None:
+        return Average if average is None or average else ReduceOp.Sum
+    try:
+        return ReduceOp(op)
+    except ValueError:
+        raise HorovodError(f"unknown reduce op {op!r}; use hvd.Average, Sum, Min, Max, Product or Adasum") from None
+
+
+def _name(prefix: str, name: str | None, ps: ProcessSet) -> str:
+    """Call after the arguments are validated (a refused call must not consume a number)."""
+    if name:
+        return f"{prefix}.{name}"
+    return f"{prefix}.noname.{handles.unnamed_count(prefix, ps.process_set_id)}"
+
+
+def _submit(
+    worker,
+    name: str,
+    kind: Kind,
+    desc: str,
+    fuse: int,
+    aux: int,
+    finish: Callable[[object], object] | None = None,
+    **fields,
+) -> Handle:
+    handle = Handle(name, finish)
+    ann = Announcement(digest(name), digest(desc if kind is not Kind.ALLGATHER else _gather_sig(desc)), fuse, aux)
+    worker.submit(Op(name, kind, ann, desc, handle, **fields))
+    return handle
+
+
+def _gather_sig(desc: str) -> str:
+    """Allgather and alltoall may differ in the first dimension: leave it out of the signature."""
+    import json
+
+    d = json.loads(desc)
+    d["shape"] = [len(d["shape"]), *d["shape"][1:]]
+    return json.dumps(d)
+
+
+def _finish_as(dtype: torch.dtype) -> Callable[[object], object]:
+    return lambda t: t if t.dtype == dtype else t.to(dtype)
+
+
+# -- allreduce -------------------------------------------------------------------------------
+def allreduce_start(
+    tensors: Sequence[torch.Tensor],
+    outputs: Sequence[torch.Tensor] | None,
+    name: str | None,
+    op: ReduceOp,
+    pre: float,
+    post: float,
+    ps: ProcessSet,
+    grouped: bool,
+) -> tuple[int, Handle]:
+    """Reduce each tensor (in place into ``outputs`` when given); a grouped call submits one op
+    per tensor (``<name>_<i>``), fused by the engine, and its handle yields the list."""
+    prefix = "grouped_allreduce" if grouped else "allreduce"
+    worker = process_set_worker(ps, prefix)
+    kind = Kind.ADASUM if op == Adasum else Kind.ALLREDUCE
+    wired = [to_wire(t, prefix) for t in tensors]
+    if kind is Kind.ADASUM:
+        for w in wired:
+            _check_adasum(ps, w)
+    hid = handles.next_id()
+    base = _name(prefix, name, ps)
+    parts = []
+    for i, (t, w) in enumerate(zip(tensors, wired)):
+        n = f"{base}_{i}" if grouped else base
+        out = outputs[i] if outputs is not None else None
+        desc = describe(kind, dtype_name(t.dtype), t.shape, op.name, (pre, post))
+        fuse = fuse_key(kind, torch.float64 if kind is Kind.ADASUM else w.dtype, op, (pre, post))
+        parts.append(
+            _submit(
+                worker,
+                n,
+                kind,
+                desc,
+                fuse,
+                w.numel(),
+                None if out is not None else _finish_as(t.dtype),
+                tensor=w,
+                output=out,
+                pre=pre,
+                post=post,
+            )
+        )
+    if grouped:
+        return hid, GroupHandle(base, parts)
+    return hid, parts[0]
+
+
+def _check_adasum(ps: ProcessSet, w: torch.Tensor) -> None:
+    n = len(ps.ranks)
+    if n & (n - 1):
+        raise NotImplementedError("Running Adasum with non-power of 2 ranks is not supported yet.")
+    if not w.is_floating_point():
+        raise HorovodError("Adasum needs floating-point tensors")
+
+
+# -- allgather, broadcast, alltoall, reducescatter, barrier -----------------------------------
+def allgather_start(tensor: torch.Tensor, name: str | None, ps: ProcessSet, prefix: str = "allgather"):
+    hid = handles.next_id()
+    w = to_wire(tensor, "allgather")
+    if w.dim() == 0:
+        w = w.reshape(1)
+    desc = describe(Kind.ALLGATHER, dtype_name(tensor.dtype), w.shape)
+    h = _submit(
+        process_set_worker(ps, "allgather"),
+        _name(prefix, name, ps),
+        Kind.ALLGATHER,
+        desc,
+        fuse_key(Kind.ALLGATHER, w.dtype, 0, (1.0, 1.0)),
+        w.shape[0],
+        _finish_as(tensor.dtype),
+        tensor=w,
+    )
+    return hid, h
+
+
+def broadcast_start(tensor: torch.Tensor, root_rank: int, name: str | None, ps: ProcessSet, inplace: bool):
+    process_set_worker(ps, "broadcast")
+    if root_rank not in ps.ranks:
+        raise HorovodError(f"broadcast root_rank={root_rank} is not a member of {ps}")
+    hid = handles.next_id()
+    w = to_wire(tensor, "broadcast")
+    if not inplace and w is tensor:
+        w = w.clone()
+    desc = describe(Kind.BROADCAST, dtype_name(tensor.dtype), tensor.shape, root=root_rank)
+    h = _submit(
+        process_set_worker(ps, "broadcast"),
+        _name("broadcast", name, ps),
+        Kind.BROADCAST,
+        desc,
+        fuse_key(Kind.BROADCAST, w.dtype, 0, (1.0, 1.0)),
+        0,
+        None if inplace else _finish_as(tensor.dtype),
+        tensor=w,
+        output=tensor if inplace else None,
+        root=ps.ranks.index(root_rank),
+    )
+    return hid, h
+
+
+def alltoall_start(tensor: torch.Tensor, splits, name: str | None, ps: ProcessSet):
+    process_set_worker(ps, "alltoall")
+    w = to_wire(tensor, "alltoall")
+    n = len(ps.ranks)
+    rows = w.shape[0] if w.dim() else 0
+    if splits is None:
+        if rows % n:
+            raise HorovodError(
+                f"alltoall: first dimension {rows} is not divisible by the set size {n}\n"
+                "HINT: pass splits= (rows per destination rank)"
+            )
+        splits = [rows // n] * n
+    if isinstance(splits, torch.Tensor):
+        if splits.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"alltoall: splits must be an int32 or int64 tensor, got {splits.dtype}")
+        splits = splits.tolist()
+    splits = [int(s) for s in splits]
+    if len(splits) != n or any(s < 0 for s in splits) or sum(splits) != rows:
+        raise ValueError(
+            f"alltoall: splits {splits} must be {n} non-negative counts (one per rank of the set) summing to "
+            f"the first dimension {rows}"
+        )
+    hid = handles.next_id()
+    desc = describe(Kind.ALLTOALL, dtype_name(tensor.dtype), w.shape)
+    dtype = tensor.dtype
+    h = _submit(
+        process_set_worker(ps, "alltoall"),
+        _name("alltoall", name, ps),
+        Kind.ALLTOALL,
+        desc,
+        fuse_key(Kind.ALLTOALL, w.dtype, 0, (1.0, 1.0)),
+        rows,
+        lambda res: (res[0] if res[0].dtype == dtype else res[0].to(dtype), res[1]),
+        tensor=w,
+        splits=splits,
+    )
+    return hid, h
+
+
+def reducescatter_start(tensor, name, op: ReduceOp, ps: ProcessSet, pre: float, post: float, prefix="reducescatter"):
+    if op == Adasum:
+        raise HorovodError("reducescatter does not support Adasum")
+    w = to_wire(tensor, "reducescatter")
+    if w.dim() == 0:
+        raise HorovodError("Process-set rank zero tried to reducescatter a rank-zero tensor.")
+    hid = handles.next_id()
+    desc = describe(Kind.REDUCESCATTER, dtype_name(tensor.dtype), tensor.shape, op.name, (pre, post))
+    h = _submit(
+        process_set_worker(ps, "reducescatter"),
+        _name(prefix, name, ps),
+        Kind.REDUCESCATTER,
+        desc,
+        fuse_key(Kind.REDUCESCATTER, w.dtype, op, (pre, post)),
+        w.numel(),
+        _finish_as(tensor.dtype),
+        tensor=w,
+        pre=pre,
+        post=post,
+    )
+    return hid, h
+
+
+def barrier_start(ps: ProcessSet):
+    hid = handles.next_id()
+    desc = describe(Kind.BARRIER, "", [])  # Horovod's fixed name: one barrier per set at a time
+    fuse = fuse_key(Kind.BARRIER, torch.int64, 0, (1.0, 1.0))
+    return hid, _submit(process_set_worker(ps, "barrier"), "barrier.noname", Kind.BARRIER, desc, fuse, 0)
+
+
+def join_start() -> Handle:
+    ctx = context("join()")
+    h = Handle("join")
+    ctx.engine.worker(0).join(h)
+    return h

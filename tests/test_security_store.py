@@ -1,0 +1,210 @@
+"""Attacks on the rendezvous store: injected and replayed frames, short secrets, a flood of slow
+strangers while the worker group restarts, and the secret left in a worker's environment."""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from launcher import cli
+from launcher.channel import MIN_SECRET, StoreError, check_secret, pack
+from launcher.store import SET, StoreClient, StoreServer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "cases", "security_worker.py")
+SECRET = "0123456789abcdef" * 4
+
+
+class _Proxy:
+    """A man in the middle: forwards one client connection to the server, records what the
+    client sent, and can write extra bytes into the client-to-server direction."""
+
+    def __init__(self, target: tuple[str, int]):
+        self._listen = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listen.getsockname()[1]}"
+        self.sent = bytearray()  # client -> server, as forwarded
+        self._target, self._up = target, None
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        down, _ = self._listen.accept()
+        self._up = socket.create_connection(self._target)
+
+        def pump(src, dst, record):
+            try:
+                while data := src.recv(65536):
+                    if record is not None:
+                        record += data
+                    dst.sendall(data)
+            except OSError:
+                pass
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        threading.Thread(target=pump, args=(down, self._up, self.sent), daemon=True).start()
+        threading.Thread(target=pump, args=(self._up, down, None), daemon=True).start()
+
+    def inject(self, data: bytes) -> None:
+        self._up.sendall(data)
+
+
+def _rejections(server: StoreServer, what: str, timeout: float = 10.0) -> list[tuple[str, str]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        hits = [r for r in list(server.rejected) if what in r[1]]
+        if hits:
+            return hits
+        time.sleep(0.02)
+    return []
+
+
+@pytest.mark.timeout(60)
+def test_a_replayed_frame_after_a_good_handshake_is_refused_and_the_connection_closed():
+    with StoreServer(SECRET) as server:
+        host, _, port = server.address.rpartition(":")
+        proxy = _Proxy((host, int(port)))
+        client = StoreClient(proxy.address, SECRET, timeout=5)
+        before = len(proxy.sent)
+        assert client.add("n", 1) == 1
+        deadline = time.monotonic() + 5
+        while len(proxy.sent) == before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        frame = bytes(proxy.sent[before:])  # the client's ADD, MAC and all
+        proxy.inject(frame)  # replayed: valid MAC, old sequence number
+        assert _rejections(server, "failed its MAC"), list(server.rejected)
+        assert server.get_local("n") == b"1"  # the replay added nothing
+        with pytest.raises(StoreError, match="dropped the connection"):
+            client.add("n", 1)  # the server closed the tampered connection
+        assert server.get_local("n") == b"1"
+        # A fresh connection works (the store itself is unharmed).
+        assert StoreClient(server.address, SECRET, timeout=5).add("n", 1) == 2
+
+
+@pytest.mark.timeout(60)
+def test_a_forged_frame_after_a_good_handshake_is_refused():
+    with StoreServer(SECRET) as server:
+        host, _, port = server.address.rpartition(":")
+        proxy = _Proxy((host, int(port)))
+        client = StoreClient(proxy.address, SECRET, timeout=5)
+        client.set("victim", "good")
+        forged = pack(SET, [b"victim", b"evil"]) + os.urandom(32)  # well formed, wrong MAC
+        proxy.inject(forged)
+        assert _rejections(server, "failed its MAC"), list(server.rejected)
+        assert server.get_local("victim") == b"good"
+        # A frame lifted from another connection (another session key) is refused too.
+        other = _Proxy((host, int(port)))
+        c2 = StoreClient(other.address, SECRET, timeout=5)
+        mark = len(other.sent)
+        c2.add("m", 5)
+        lifted = bytes(other.sent[mark:])
+        third = _Proxy((host, int(port)))
+        StoreClient(third.address, SECRET, timeout=5)
+        n_rejected = len(_rejections(server, "failed its MAC"))
+        third.inject(lifted)
+        deadline = time.monotonic() + 10
+        while len(_rejections(server, "failed its MAC")) == n_rejected and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(_rejections(server, "failed its MAC")) > n_rejected
+        assert server.get_local("m") == b"5"
+
+
+@pytest.mark.unit
+def test_short_user_secrets_are_refused(monkeypatch, capsys):
+    with pytest.raises(StoreError, match=f"at least {MIN_SECRET}"):
+        check_secret("x" * (MIN_SECRET - 1), "a test")
+    assert check_secret("x" * MIN_SECRET, "a test")
+    monkeypatch.setenv("DISTTRAIN_JOB_SECRET", "hunter2")
+    assert cli.main(["--nproc-per-node", "1", WORKER, "sleep"]) == 2
+    err = capsys.readouterr().err
+    assert "DISTTRAIN_JOB_SECRET is 7 bytes" in err and "hunter2" not in err
+
+
+def _fds(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
+@pytest.mark.timeout(180)
+def test_a_thousand_slow_strangers_while_the_group_restarts_and_the_job_finishes():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2200:
+        pytest.skip(f"needs 2,200 file descriptors, the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2200), hard))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "DISTTRAIN_JOB_SECRET": SECRET}
+    job = subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", "--nproc-per-node", "2", "--max-restarts", "1"]
+        + ["--rdzv-endpoint", f"127.0.0.1:{port}", WORKER, "restart"],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    stop, opened, peak_fds = threading.Event(), [0], [0]
+
+    def flood():
+        """Keep up to 1,000 connections open that trickle one byte a second and never finish."""
+        socks: list[socket.socket] = []
+        while not stop.is_set():
+            while len(socks) < 1000 and not stop.is_set():
+                try:
+                    socks.append(socket.create_connection(("127.0.0.1", port), timeout=1))
+                    opened[0] += 1
+                except OSError:
+                    break
+                if opened[0] % 100 == 0:
+                    peak_fds[0] = max(peak_fds[0], _fds(job.pid))
+                    time.sleep(0.05)  # about 2,000 a second at most: a flood, not a CPU hog
+            alive = []
+            for c in socks:
+                try:
+                    c.send(b"\x00")
+                    alive.append(c)
+                except OSError:
+                    c.close()
+            socks = alive
+            peak_fds[0] = max(peak_fds[0], _fds(job.pid))
+            stop.wait(0.5)
+        for c in socks:
+            c.close()
+
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # the launcher's store is up
+            try:
+                socket.create_connection(("127.0.0.1", port), 1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "launcher never opened its store"
+                time.sleep(0.05)
+        flooder = threading.Thread(target=flood, daemon=True)
+        flooder.start()
+        out, err = job.communicate(timeout=150)
+    finally:
+        stop.set()
+        job.kill()
+        job.wait()
+    assert job.returncode == 0, out + err
+    assert "restarting worker group (restart 1 of 1)" in err, err
+    met = re.findall(r"MET count=(\d+) secret_in_env=(\w+) secret_in_child=(\w+)", out)
+    assert len(met) == 2 and all(m == ("2", "False", "False") for m in met), out
+    assert opened[0] >= 1000, opened
+    assert re.search(r"rejected connection from 127\.0\.0\.1:\d+|more connections rejected", err), err[-2000:]
+    assert peak_fds[0] < 700, f"the launcher held {peak_fds[0]} descriptors: strangers were not capped"
+    assert SECRET not in out + err
