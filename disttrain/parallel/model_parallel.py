@@ -108,6 +108,8 @@ class _ParallelModule(nn.Module):
 
 
 class ModelParallel:
+    schedules_micro_batches = False  # tp/dp only: the trainer's own loop drives it
+
     def __init__(
         self,
         model: nn.Module,
@@ -413,6 +415,8 @@ class ModelParallel:
 
 class PipelineParallel(ModelParallel):
     """ModelParallel with pp > 1: it schedules the micro-batches itself (``forward_backward``)."""
+
+    schedules_micro_batches = True
 
     def forward_backward(self, micro_batches, loss_fn, loss_scale: float = 1.0) -> float:
         """Every rank of the world: forward and backward this replica's share of the step.

@@ -121,6 +121,19 @@ def build(kind: str, dropout: float = 0.0) -> nn.Module:
     return transformers.GPT2LMHeadModel(cfg)
 
 
+def llama_model(**kwargs) -> nn.Module:
+    """``model.target`` for the YAML test: the transformers Llama above."""
+    return build("llama")
+
+
+def token_data(n: int = 64):
+    """``data.target``: (train, eval) lists of {"input_ids", "labels"} windows of random tokens."""
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, VOCAB, (n + 16, SEQ + 1), generator=g)
+    rows = [{"input_ids": r[:-1].clone(), "labels": r[1:].clone()} for r in ids]
+    return rows[:n], rows[n:]
+
+
 def batches(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + step)
     ids = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g)
