@@ -450,13 +450,71 @@ def bench_rank(quick: bool) -> dict:
     }
 
 
+def bubble_rank(tf: float, tb: float, m: int, steps: int = 3) -> dict:
+    """Every rank: only the bubbles (1F1B and interleaved at p=2 and 4), fixed-cost compute ``tf``/``tb``
+    per whole stage (a chunk of v sleeps 1/v of it). For a quiet rerun with longer fixed costs."""
+    import torch
+
+    import collectives
+    from collectives import ReduceOp
+    from disttrain.data.shakespeare import load_shakespeare
+
+    torch.set_num_threads(1)
+    comm = collectives.init("torch", timeout=300)
+    size = {"n_layer": 6, "n_head": 2, "d_model": 32, "seq_len": 16, "batch": 16}
+    task = load_shakespeare(["macbeth_gut"], 0.1, size["seq_len"])
+    batch = task.batch(torch.arange(size["batch"]))
+    loss_fn = lambda logits, y: task.loss_sum(logits, y) / y.numel()  # noqa: E731
+    out = {}
+    for name, layout, schedule, v in (
+        ("1f1b_p4", "1x1x4", "1f1b", 1),
+        ("interleaved_p2", "2x1x2", "interleaved", 2),
+        ("interleaved_p4", "1x1x4", "interleaved", 2),
+    ):
+        s = _ours(comm, task, size, layout, schedule, m, v)
+        for chunk in s.pipeline.chunks:
+            _Delay(tf / v, tb / v).wrap(chunk)
+        dp = int(layout.split("x")[0])
+        mine = tuple(t[s.dp_rank * size["batch"] // dp : (s.dp_rank + 1) * size["batch"] // dp] for t in batch)
+        fracs = []
+        for i in range(steps + 1):
+            comm.barrier()
+            t0 = time.perf_counter()
+            s.forward_backward([mine], loss_fn)
+            frac = torch.tensor([1.0 - s.pipeline.timing["busy_s"] / (time.perf_counter() - t0)], dtype=torch.float64)
+            comm.allreduce(frac, ReduceOp.SUM)
+            s.zero_grad()
+            if i:
+                fracs.append(float(frac) / comm.world_size)
+        p = int(layout.split("x")[2])
+        formula = (p - 1) / (v * m + p - 1)
+        out[name] = {"p": p, "v": v, "m": m, "bubble": statistics.median(fracs), "formula": formula}
+    comm.barrier()
+    comm.close()
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small model, few steps (about a minute)")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--bubble-only", type=float, metavar="T_FORWARD", help="only the bubbles, with t_f (t_b = 2 t_f)")
     args = ap.parse_args(argv)
     sys.path.insert(0, ROOT)
     from tests.support.harness import spawn
+
+    if args.bubble_only:
+        tf = args.bubble_only
+        res = spawn("benchmarks.model_parallel:bubble_rank", 4, args={"tf": tf, "tb": 2 * tf, "m": 4}, timeout=1200)[0]
+        for k, x in res.items():
+            print(
+                f"{k}: v={x['v']} m={x['m']} bubble {x['bubble']:.3f} | formula {x['formula']:.3f} | "
+                f"ratio {x['bubble'] / x['formula']:.3f}"
+            )
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"t_forward_s": tf, "bubbles": res}, f, indent=2)
+        return 0
 
     res = spawn("benchmarks.model_parallel:bench_rank", 4, args={"quick": args.quick}, timeout=1200)[0]
     print(f"model parallel on 4 ranks ({res['hardware']}, {res['date']}), GPT {res['model']}")
