@@ -253,7 +253,7 @@ class Trainer:
                 self.strategy,
                 self.step_fn,
                 batches,
-                self.cfg.train.batch_size,
+                self._expected_count(),  # the divisor backward() uses; end_step rescales by the real count
                 read,
                 is_transformers_model(self.model),
                 scale,

@@ -11,8 +11,8 @@ is therefore called twice per micro-batch, each time with a stand-in for the mod
    and the step function computes its loss and count from it as it always does.
 
 Loss sums and counts exist on the last stage only; they are broadcast over the pp group so
-every rank reports the same numbers. Gradients are of ``loss_sum / batch_size`` (the trainer's
-convention; it rescales by ``batch_size / count`` once the global count is known).
+every rank reports the same numbers. Gradients are of ``loss_sum / divisor`` (the trainer's expected
+global count; it rescales by ``expected / count`` once the real global count is known).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def run_step_fn(
     strategy,
     step_fn: Callable,
     batches: list,
-    batch_size: int,
+    divisor: int,
     read_output: Callable[[Any], tuple[torch.Tensor, float]],
     transformers_model: bool = False,
     loss_scale: float = 1.0,
@@ -89,7 +89,7 @@ def run_step_fn(
         loss_sum, count = read_output(step_fn(lambda *a, **k: as_model_output(transformers_model, out), batch))
         sums[0] += float(loss_sum.detach())
         sums[1] += float(count)
-        return loss_sum / batch_size
+        return loss_sum / divisor
 
     strategy.forward_backward_micro(micro, loss_fn, loss_scale)
     return tuple(strategy.last_stage_broadcast(sums))
