@@ -20,7 +20,8 @@ from disttrain.parallel.tensor_parallel import ColumnParallelLinear, RowParallel
 from disttrain.parallel.tp_plan import PlanError, apply_tp_plan, resolve_plan
 from tests.cases.mp_models import USER_PLAN, UserLM, build
 
-pytestmark = [pytest.mark.timeout(120), pytest.mark.unit]
+# Not in the unit layer: most of these build transformers models (importing transformers takes seconds).
+pytestmark = pytest.mark.timeout(120)
 
 
 def ctx(size: int = 2, rank: int = 0) -> TPContext:
@@ -40,6 +41,7 @@ def test_plans_come_from_the_model_or_the_family():
         resolve_plan(UserLM(), None)
 
 
+@pytest.mark.unit
 def test_bad_plans_name_the_key_the_glob_and_the_module_type():
     with pytest.raises(PlanError, match=r"parallel.tp.plan: 'blocks.\*.atn.q' matches no module of UserLM"):
         apply_tp_plan(UserLM(), ctx(), {"blocks.*.atn.q": "colwise"})
@@ -124,6 +126,7 @@ def test_stages_run_in_order_and_give_the_models_output():
         assert torch.allclose(h, want, atol=1e-5), kind
 
 
+@pytest.mark.unit
 def test_the_wire_carries_any_nesting_and_dtype():
     obj = {
         "h": torch.randn(2, 3, requires_grad=True),
