@@ -198,12 +198,45 @@ class MeshConfig(Section):
 
 
 class PipelineConfig(Section):
-    schedule: Literal["gpipe", "1f1b"] = Field("1f1b", description="Micro-batch schedule of pipeline parallelism.")
+    schedule: Literal["gpipe", "1f1b", "interleaved"] = Field(
+        "1f1b",
+        description="Micro-batch schedule: gpipe, 1f1b, or interleaved (1F1B over virtual_stages chunks per rank).",
+    )
     microbatches: int = Field(
         4, ge=1, description="Micro-batches per step per replica when pp > 1 (more: smaller bubble)."
     )
+    virtual_stages: int = Field(
+        1, ge=1, description="Model chunks per pp rank (interleaved schedule): bubble (p-1)/(v*m+p-1)."
+    )
+    split: list[str] | str | None = Field(
+        None,
+        description="Module paths where stages 2.. begin (e.g. ['model.layers.2']), or a target "
+        "'pkg.mod:fn' called as fn(model, num_stages) -> stage modules; default: balanced, for known families.",
+    )
+    stage_forward: str | None = Field(
+        None,
+        description="Target 'pkg.mod:fn' called as fn(stage, x) to run a stage whose units are not a plain "
+        "sequence (default: in order, or the family's own).",
+    )
     stages: list[list[int]] | None = Field(
-        None, description="Blocks of each stage, e.g. [[0, 1], [2, 3]]; default: balanced by parameter count."
+        None, description="Blocks of each stage of the built-in GPT, e.g. [[0, 1], [2, 3]] (older form of split)."
+    )
+
+
+class TensorParallelConfig(Section):
+    plan: dict[str, str] | None = Field(
+        None,
+        description="Module-path globs -> style (colwise, rowwise, vocab, replicate, sequence, colwise_gather, "
+        "colwise_qkv, colwise_packed); default: the model's own plan (transformers _tp_plan / base_model_tp_plan).",
+    )
+    parallelize: str | None = Field(
+        None, description="Target 'pkg.mod:fn' called as fn(model, mesh) instead of a plan, for what a plan cannot say."
+    )
+    loss_parallel: bool | None = Field(
+        None,
+        description="Keep the output head's logits split by vocabulary and score them with the vocab-parallel "
+        "cross-entropy (never gathered). Default: on for the built-in loss, off for a loss.target step function "
+        "(which may need whole logits; it can use disttrain.parallel.vocab_parallel.cross_entropy and turn this on).",
     )
 
 
@@ -227,6 +260,9 @@ class ParallelConfig(Section):
     mesh: MeshConfig = Field(default_factory=MeshConfig, description="Device mesh: dp x tp x pp = world size.")
     pipeline: PipelineConfig = Field(
         default_factory=PipelineConfig, description="Pipeline schedule (used when pp > 1)."
+    )
+    tp: TensorParallelConfig = Field(
+        default_factory=TensorParallelConfig, description="Tensor-parallel plan (used when mesh.tp > 1)."
     )
     zero: ZeroConfig = Field(default_factory=ZeroConfig, description="ZeRO units (ZeRO-3, activation checkpointing).")
     sync_batchnorm: bool = Field(

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from .parallel.vocab_parallel import cross_entropy as vocab_cross_entropy
 from .targets import UserCodeError, import_target
 
 StepFn = Callable[[nn.Module, Any], tuple]
@@ -93,9 +93,8 @@ def cross_entropy_step(model: nn.Module, batch: Any, ignore_index: int = -100):
             f"{tuple(target.shape)} (one row of logits per target expected; causal LMs: shift the labels in "
             f"the dataset)\n{HINT}"
         )
-    loss_sum = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), flat, ignore_index=ignore_index, reduction="sum"
-    )
+    # Logits split by vocabulary across tp (a vocab-parallel head) are scored without gathering them.
+    loss_sum = vocab_cross_entropy(logits, flat, reduction="sum", ignore_index=ignore_index)
     valid = flat != ignore_index
     metrics = {}
     if logits.dim() == 2:

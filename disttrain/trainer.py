@@ -36,6 +36,7 @@ from .errors import DisttrainError
 from .loss import StepFn, StepOutputError, cross_entropy_step, read_step_output
 from .optim import build_optimizer, build_optimizer_spec, user_optimizer_spec
 from .parallel import OptimizerSpec, build_strategy
+from .parallel.pipeline_step import is_transformers_model, run_step_fn
 from .precision import autocast, maybe_loss_scaler
 from .rundir import RunDir
 from .schedule import lr_at
@@ -83,7 +84,10 @@ class Trainer:
             spec = build_optimizer_spec(cfg.optim, self.model)
         else:
             spec = user_optimizer_spec(optimizer, self.model, cfg.optim.no_decay)
-        self.strategy = build_strategy(cfg.parallel, self.model, spec, comm)
+        pcfg = cfg.parallel
+        if pcfg.tp.loss_parallel is None:  # auto: logits stay split by vocabulary for the built-in loss only
+            pcfg = pcfg.model_copy(update={"tp": pcfg.tp.model_copy(update={"loss_parallel": step_fn is None})})
+        self.strategy = build_strategy(pcfg, self.model, spec, comm)
         # The user's optimizer keeps its own learning rates: the schedule scales each group's.
         self._base_lrs = None if optimizer is None else [g["lr"] for g in self.strategy.optimizer.param_groups]
         # Model-parallel strategies name this rank's data-parallel replica: its tp/pp peers read the
@@ -235,35 +239,28 @@ class Trainer:
         return self.end_step()
 
     def _scheduled_step(self) -> tuple[float, float, int]:
-        """A strategy that schedules micro-batches itself (pipeline parallel): built-in data and loss only."""
-        if self.task is None:
-            raise DisttrainError(
-                "parallel.mesh.pp/tp > 1 trains the built-in models and data only\n"
-                "HINT: use parallel.strategy ddp or zero1/2/3 for your own model"
-            )
-        idx = self.sampler.local_batch(self.step)
-        micro = micro_slices(idx, self.cfg.train.grad_accum)
-        batches = [tuple(t.to(self.device) for t in self.task.batch(mb)) for mb in micro]
-        count = self.cfg.train.batch_size * self.task.units_per_sample
+        """A strategy that schedules micro-batches itself (pipeline parallel): the step function runs
+        through the pipeline's stand-ins for the model (see disttrain.parallel.pipeline_step)."""
+        batches = list(self.micro_batches())
+        scale = self.scaler.scale_value if self.scaler else 1.0
+
+        def read(out):
+            res = read_step_output(out)
+            return res.loss_sum, res.count
+
         with self.autocast():
-            local = self.strategy.forward_backward(batches, lambda logits, y: self.task.loss_sum(logits, y) / count)
-        # Gradients are already divided by the global count: only reduce, clip and step.
-        s = self.strategy
-        s.finish_gradients()
-        totals = torch.tensor([local, float(len(idx))], dtype=torch.float64)
-        self.comm.allreduce(totals, ReduceOp.SUM)
-        totals /= self.comm.world_size // self.dp_size
-        norm = s.clip_grad_norm(self.cfg.optim.grad_clip)
-        self._apply_lr()
-        s.optimizer_step()
-        s.zero_grad()
-        self.step += 1
-        w = self._window
-        w["loss"] += float(totals[0])
-        w["steps"] += 1
-        w["samples"] += float(totals[1])
-        w["count"] += float(totals[1]) * self.task.units_per_sample
-        return local, norm, len(idx)
+            loss_sum, count = run_step_fn(
+                self.strategy,
+                self.step_fn,
+                batches,
+                self._expected_count(),  # the divisor backward() uses; end_step rescales by the real count
+                read,
+                is_transformers_model(self.model),
+                scale,
+            )
+        self._sums[0] += count
+        self._sums[1] += loss_sum
+        return self.end_step()
 
     def lr(self, step: int) -> float:
         """The learning rate of step ``step`` (the first param group's, for a user's optimizer)."""

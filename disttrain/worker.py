@@ -155,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserCodeError as exc:  # the user's target, data or step function: the message says what to fix
         print(f"disttrain worker {comm.env.where}: {exc}", file=sys.stderr, flush=True)
         return 1
+    except config_mod.ConfigError as exc:  # a tp plan or pipeline split that does not fit the built model
+        print(f"disttrain worker {comm.env.where}: {exc}", file=sys.stderr, flush=True)
+        return 2
     return close(trainer, summary, slurm_job)
 
 

@@ -9,14 +9,12 @@ from __future__ import annotations
 import pytest
 
 from disttrain.mesh import AXES, MeshError, MeshShape, resolve_shape
-from disttrain.models.gpt import GPT
-from disttrain.parallel.model_parallel import validate_layout
-from disttrain.parallel.pipeline_parallel import SCHEDULES, balance_stages, check_stages
+from disttrain.parallel.pipeline_schedule import SCHEDULES, bubble_formula, build_schedule
+from disttrain.parallel.pipeline_split import balance
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.unit]
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize("dims", [(2, 2, 1), (2, 1, 2), (1, 2, 2), (4, 1, 1), (1, 1, 4), (1, 4, 1), (2, 3, 1)])
 def test_axis_groups_partition_the_world(dims):
     shape = MeshShape(*dims)
@@ -33,13 +31,11 @@ def test_axis_groups_partition_the_world(dims):
     assert [shape.rank_of(**shape.coords(r)) for r in range(shape.world_size)] == list(range(shape.world_size))
 
 
-@pytest.mark.unit
 def test_tp_peers_are_neighbours():
     assert MeshShape(2, 2, 1).axis_groups("tp") == [[0, 1], [2, 3]]
     assert MeshShape(2, 2, 1).axis_groups("dp") == [[0, 2], [1, 3]]
 
 
-@pytest.mark.unit
 def test_resolve_shape_fills_dp_and_explains_bad_layouts():
     assert resolve_shape(8, "auto", 2, 2) == MeshShape(2, 2, 2)
     with pytest.raises(MeshError, match=r"tp \(3\) x pp \(1\) = 3 does not divide the world size \(4\)[\s\S]*HINT"):
@@ -50,53 +46,39 @@ def test_resolve_shape_fills_dp_and_explains_bad_layouts():
         resolve_shape(4, "auto", 0, 1)
 
 
-@pytest.mark.unit
-def test_model_that_does_not_divide_is_refused():
-    model = GPT(70, n_layer=2, n_head=2, d_model=16, seq_len=8)
-    validate_layout(model, MeshShape(2, 2, 1))
-    with pytest.raises(MeshError, match=r"2 attention heads cannot be split across tp=4[\s\S]*HINT"):
-        validate_layout(model, MeshShape(1, 4, 1))
-    with pytest.raises(MeshError, match=r"2 blocks, fewer than pp=4[\s\S]*HINT"):
-        validate_layout(model, MeshShape(1, 1, 4))
-    with pytest.raises(MeshError, match=r"dropout[\s\S]*HINT"):
-        validate_layout(GPT(70, n_layer=2, n_head=2, d_model=16, seq_len=8, dropout=0.1), MeshShape(2, 2, 1))
-
-
-@pytest.mark.unit
 def test_balance_stages_by_cost():
-    assert balance_stages([1, 1, 1, 1], 2) == [[0, 1], [2, 3]]
-    assert balance_stages([1, 1, 1, 1], 4) == [[0], [1], [2], [3]]
+    assert balance([1, 1, 1, 1], 2) == [0, 2]
+    assert balance([1, 1, 1, 1], 4) == [0, 1, 2, 3]
     # A heavy embedding on stage 0 pushes blocks to the later stages.
-    assert balance_stages([1, 1, 1, 1], 2, first_extra=2) == [[0], [1, 2, 3]]
-    with pytest.raises(MeshError, match="fewer than the stages"):
-        balance_stages([1, 1], 3)
-    assert check_stages([[0], [1, 2, 3]], 4, 2)
-    with pytest.raises(MeshError, match="HINT"):
-        check_stages([[0], [2, 3]], 4, 2)
+    assert balance([3, 1, 1, 1], 2) == [0, 1]
+    assert balance([1, 1, 1, 5], 2) == [0, 3]
 
 
-def simulate(schedule: str, p: int, m: int, tf: float = 1.0, tb: float = 2.0) -> list[float]:
-    """Run the per-stage action lists with their send/recv dependencies; return each stage's
+def simulate(schedule: str, p: int, m: int, v: int = 1, tf: float = 1.0, tb: float = 2.0) -> list[float]:
+    """Run the per-rank action lists with their send/recv dependencies (global stage
+    g = chunk * p + rank; a chunk's compute costs 1/v of a whole stage's); return each rank's
     idle fraction. Raises if the schedule deadlocks."""
-    acts = [list(SCHEDULES[schedule](s, p, m)) for s in range(p)]
+    acts = [list(build_schedule(schedule, r, p, m, v)) for r in range(p)]
+    n = p * v
     done: dict[tuple[str, int, int], float] = {}
     clock = [0.0] * p
     busy = [0.0] * p
     while any(acts):
         progressed = False
-        for s in range(p):
-            if not acts[s]:
+        for r in range(p):
+            if not acts[r]:
                 continue
-            kind, i = acts[s][0]
-            deps = [("F", s - 1, i)] if kind == "F" and s > 0 else []
+            kind, i, c = acts[r][0]
+            g = c * p + r
+            deps = [("F", g - 1, i)] if kind == "F" and g > 0 else []
             if kind == "B":
-                deps = [("F", s, i)] + ([("B", s + 1, i)] if s < p - 1 else [])
+                deps = [("F", g, i)] + ([("B", g + 1, i)] if g < n - 1 else [])
             if all(d in done for d in deps):
-                start = max([clock[s]] + [done[d] for d in deps])
-                cost = tf if kind == "F" else tb
-                clock[s] = done[(kind, s, i)] = start + cost
-                busy[s] += cost
-                acts[s].pop(0)
+                start = max([clock[r]] + [done[d] for d in deps])
+                cost = (tf if kind == "F" else tb) / v
+                clock[r] = done[(kind, g, i)] = start + cost
+                busy[r] += cost
+                acts[r].pop(0)
                 progressed = True
         if not progressed:
             raise AssertionError(f"{schedule} deadlocks: next actions {[a[:1] for a in acts]}")
@@ -104,26 +86,43 @@ def simulate(schedule: str, p: int, m: int, tf: float = 1.0, tb: float = 2.0) ->
     return [1 - b / total for b in busy]
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 @pytest.mark.parametrize("p,m", [(2, 1), (2, 4), (4, 4), (4, 8), (3, 5)])
 def test_schedules_have_the_formula_bubble(schedule, p, m):
     for s in range(p):
-        acts = SCHEDULES[schedule](s, p, m)
-        assert sorted(acts) == sorted([("F", i) for i in range(m)] + [("B", i) for i in range(m)])
-        assert all(acts.index(("F", i)) < acts.index(("B", i)) for i in range(m))
+        acts = SCHEDULES[schedule](s, p, m, 1)
+        assert sorted(acts) == sorted([("F", i, 0) for i in range(m)] + [("B", i, 0) for i in range(m)])
+        assert all(acts.index(("F", i, 0)) < acts.index(("B", i, 0)) for i in range(m))
     idle = simulate(schedule, p, m)
-    formula = (p - 1) / (m + p - 1)
-    assert sum(idle) / p == pytest.approx(formula, abs=1e-9)
+    assert sum(idle) / p == pytest.approx(bubble_formula(p, m), abs=1e-9)
 
 
-@pytest.mark.unit
+@pytest.mark.parametrize("p,m,v", [(2, 2, 2), (2, 4, 2), (4, 4, 2), (4, 8, 2), (2, 4, 3), (3, 6, 2)])
+def test_interleaved_never_deadlocks_and_has_the_formula_bubble(p, m, v):
+    for r in range(p):
+        acts = build_schedule("interleaved", r, p, m, v)
+        want = [(k, i, c) for k in "FB" for i in range(m) for c in range(v)]
+        assert sorted(acts) == sorted(want)
+    idle = simulate("interleaved", p, m, v)
+    assert sum(idle) / p == pytest.approx(bubble_formula(p, m, v), abs=1e-9)
+    assert bubble_formula(p, m, v) < bubble_formula(p, m, 1)
+
+
+def test_bad_schedule_combinations_are_refused():
+    with pytest.raises(MeshError, match=r"virtual_stages=2 needs schedule: interleaved[\s\S]*HINT"):
+        build_schedule("1f1b", 0, 2, 4, 2)
+    with pytest.raises(MeshError, match=r"micro-batches \(3\) divisible by pp \(2\)[\s\S]*HINT"):
+        build_schedule("interleaved", 0, 2, 3, 2)
+    with pytest.raises(MeshError, match="known: gpipe, 1f1b, interleaved"):
+        build_schedule("zigzag", 0, 2, 4, 1)
+
+
 def test_1f1b_bounds_activations_in_flight():
     p, m = 4, 8
     for s in range(p):
         live = peak = 0
-        for kind, _ in SCHEDULES["1f1b"](s, p, m):
+        for kind, _, _ in SCHEDULES["1f1b"](s, p, m, 1):
             live += 1 if kind == "F" else -1
             peak = max(peak, live)
         assert peak <= p - s
-    assert max(sum(1 for k, _ in SCHEDULES["gpipe"](0, p, m) if k == "F") for _ in [0]) == m
+    assert sum(1 for k, _, _ in SCHEDULES["gpipe"](0, p, m, 1) if k == "F") == m

@@ -12,8 +12,8 @@ import dataclasses
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
+from ..parallel.vocab_parallel import cross_entropy
 from .dataset import Data, TensorPairs, keep_batch
 
 
@@ -49,8 +49,8 @@ class Task:
         return self.fetch(x, y, idx)
 
     def loss_sum(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Sum of cross-entropy over every sample (or token)."""
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), reduction="sum")
+        """Sum of cross-entropy over every sample (or token); logits may be split by vocabulary (tp)."""
+        return cross_entropy(logits, y, reduction="sum")
 
     def count(self, y: torch.Tensor) -> int:
         return y.numel()

@@ -55,6 +55,16 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    # Tensor-parallel plan, declared the way transformers models declare theirs (module-path globs -> style).
+    _tp_plan = {
+        "tok_emb": "vocab",
+        "blocks.*.attn.qkv": "colwise_qkv",  # q, k, v each split by heads
+        "blocks.*.attn.proj": "rowwise",
+        "blocks.*.mlp.fc": "colwise",
+        "blocks.*.mlp.proj": "rowwise",
+        "head": "colwise_gather",  # vocab-parallel logits (kept split when the loss is vocab-parallel)
+    }
+
     def __init__(
         self,
         vocab_size: int,

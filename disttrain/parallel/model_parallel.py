@@ -2,23 +2,23 @@
 
 Built by ``build_strategy`` when ``parallel.mesh`` has tp > 1 or pp > 1. Every rank:
 
-1. checks the layout against the world size and the model (:func:`validate_layout`,
-   local, so a bad YAML fails the same way on every rank before any communication);
-2. builds the mesh (collective), applies tensor parallelism (the tp group splits
-   layers) and the pipeline split (keeps its stage's modules);
-3. per step: ``forward_backward`` runs the stage's micro-batches (GPipe/1F1B over the pp
-   group, or plain accumulation when pp == 1); ``finish_gradients`` sums gradients over
-   the dp group (one flat allreduce); ``clip_grad_norm`` adds each distinct gradient
-   element once (tp-sliced params on every tp rank, tp-replicated params on tp rank 0,
-   dp rank 0 only) and allreduces over the world; ``optimizer_step`` steps, and with
-   ZeRO-1 each dp rank steps only the parameters it owns, then broadcasts them.
+1. builds the mesh (collective), applies tensor parallelism by the plan (the model's own,
+   or ``parallel.tp.plan``, or ``parallel.tp.parallelize``) and the pipeline split (keeps
+   its stages' modules: ``parallel.pipeline``);
+2. per step: ``forward_backward`` runs the micro-batches (GPipe / 1F1B / interleaved over
+   the pp group, or plain accumulation when pp == 1); ``finish_gradients`` sums partial
+   gradients (sequence-parallel norms over tp, tied weights over the stages that hold
+   them) and then over dp; ``clip_grad_norm`` adds each distinct gradient element once and
+   allreduces over the world; ``optimizer_step`` steps, and with ZeRO-1 each dp rank steps
+   only the parameters it owns, then broadcasts them.
 
 Ranks of one dp replica (its tp and pp peers) read the same samples (``dp_rank``/``dp_size``
 tell the trainer's sampler), and each reports the replica's loss.
 
 Checkpoint state is named like the single-process model (``model.<param>``,
-``optim.<param>.<state>``) with boxes of the logical tensors, so a dp2 x tp2 checkpoint
-loads into dp4 or tp1 x pp2.
+``optim.<param>.<state>``, ``model.<buffer>``) with boxes of the logical tensors, so a
+tp2 x pp2 checkpoint loads into dp4 or into one process; ``rng.tp_sharded`` holds each
+rank's dropout stream of sharded regions.
 """
 
 from __future__ import annotations
@@ -31,97 +31,193 @@ import torch.nn as nn
 
 from collectives import Communicator, ReduceOp
 
-from ..mesh import MeshError, MeshShape, build_mesh, resolve_shape
-from .pipeline_parallel import Pipeline, apply_pipeline_split, gpt_stage_plan
-from .strategy import Shard, ShardReader
-from .tensor_parallel import GPT_PLAN, apply_tensor_parallel, tp_slice
+from ..mesh import MeshError, build_mesh, resolve_shape
+from .buffers import broadcast_parameters
+from .pipeline_parallel import Pipeline
+from .pipeline_split import build_stages
+from .pipeline_step import as_model_output, is_transformers_model
+from .rng_tracker import RNGTracker
+from .strategy import OptimizerSpec, Shard, ShardReader
+from .tensor_parallel import TPContext, is_partial_grad, tp_slice
+from .tp_plan import apply_tensor_parallel
 
 log = logging.getLogger(__name__)
 
+SUPPORTED = ("ddp", "zero1")
 
-def validate_layout(model: nn.Module, shape: MeshShape, pipeline_cfg=None) -> None:
-    """Refuse a layout the GPT model cannot be split into (heads, layers, vocabulary). Local."""
-    tp, pp = shape.tp, shape.pp
-    blocks = getattr(model, "blocks", None)
-    if tp > 1 and any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
-        # tp peers would draw different dropout masks for the same replicated activations.
+
+def _legacy_split(stages: list[list[int]], pp: int, n_blocks: int) -> list[str]:
+    flat = [b for s in stages for b in s]
+    if len(stages) != pp or flat != list(range(n_blocks)) or any(not s for s in stages):
         raise MeshError(
-            f"layout {shape}: dropout > 0 is not supported with tensor parallelism\nHINT: set model.dropout: 0 or tp: 1"
+            f"parallel.pipeline.stages={stages}: expected {pp} non-empty stages covering blocks "
+            f"0..{n_blocks - 1} in order\nHINT: or name where stages begin: parallel.pipeline.split: ['blocks.2']"
         )
-    if blocks is not None and tp > 1:
-        attn = getattr(blocks[0], "attn", None)
-        n_head = getattr(attn, "n_head", None)
-        if n_head is not None and n_head % tp:
-            raise MeshError(
-                f"layout {shape}: the model's {n_head} attention heads cannot be split across tp={tp}"
-                f"\nHINT: tp must divide model.n_head ({n_head})"
-            )
-        vocab = getattr(getattr(model, "tok_emb", None), "num_embeddings", None)
-        if vocab is not None and vocab < tp:
-            raise MeshError(f"layout {shape}: a vocabulary of {vocab} cannot be split across tp={tp}")
-    if pp > 1:
-        if blocks is None:
-            raise MeshError(f"layout {shape}: pipeline parallel needs the GPT structure (blocks)\nHINT: use pp=1")
-        if len(blocks) < pp:
-            raise MeshError(
-                f"layout {shape}: the model has {len(blocks)} blocks, fewer than pp={pp} stages"
-                f"\nHINT: use pp <= {len(blocks)} (each stage needs at least one block)"
-            )
-        gpt_stage_plan(model, pp, getattr(pipeline_cfg, "stages", None))
+    return [f"blocks.{s[0]}" for s in stages[1:]]
+
+
+def _split_batch(x, m: int) -> list:
+    """Split a batch (tensor, or tuples/lists/dicts of them) into ``m`` micro-batches along dim 0."""
+    if isinstance(x, torch.Tensor):
+        return list(torch.tensor_split(x, m))
+    if isinstance(x, dict):
+        parts = {k: _split_batch(v, m) for k, v in x.items()}
+        return [{k: parts[k][i] for k in x} for i in range(m)]
+    if isinstance(x, tuple | list):
+        parts = [_split_batch(v, m) for v in x]
+        return [type(x)(p[i] for p in parts) for i in range(m)]
+    return [x] * m
+
+
+def _cat_batches(xs: list):
+    if isinstance(xs[0], torch.Tensor):
+        return torch.cat(xs)
+    if isinstance(xs[0], dict):
+        return {k: _cat_batches([x[k] for x in xs]) for k in xs[0]}
+    if isinstance(xs[0], tuple | list):
+        return type(xs[0])(_cat_batches([x[i] for x in xs]) for i in range(len(xs[0])))
+    return xs[0]
 
 
 class _ParallelModule(nn.Module):
     """``strategy.model``: called like the single-process model (evaluation), collectively by
-    every rank of the replica; returns the full logits on every rank."""
+    every rank of the replica; returns the model's output on every rank (logits possibly
+    split by vocabulary: score them with :func:`disttrain.parallel.vocab_parallel.cross_entropy`)."""
 
     def __init__(self, strategy: ModelParallel):
         super().__init__()
         self.module = strategy.inner
         self._strategy = [strategy]  # not a submodule
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, *args, **kwargs):
         s = self._strategy[0]
         if s.pipeline is not None:
-            return s.pipeline.infer(x, s.vocab)
-        return self.module(x)
+            kwargs = {k: v for k, v in kwargs.items() if v is not None}
+            if len(args) + len(kwargs) != 1:
+                raise MeshError(
+                    f"pipeline parallel: the model is called with {len(args)} positional and {sorted(kwargs)} keyword "
+                    "arguments; a pipeline's first stage takes one input\nHINT: call model(input_ids)"
+                )
+            out = s.pipeline.infer(args[0] if args else next(iter(kwargs.values())))
+            return as_model_output(is_transformers_model(self.module), out)
+        s._reset_rng()
+        try:
+            return self.module(*args, **kwargs)
+        finally:
+            s._reset_rng()
 
 
 class ModelParallel:
-    def __init__(self, model: nn.Module, make_optimizer, comm: Communicator, cfg, plan: dict | None = None):
+    schedules_micro_batches = False  # tp/dp only: the trainer's own loop drives it
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optim,
+        comm: Communicator,
+        cfg,
+        seed: int | None = None,
+        loss_parallel: bool | None = None,
+    ):
+        """Every rank, collectively. ``optim``: an OptimizerSpec (or a factory over parameters);
+        ``cfg``: the ``parallel`` config section; ``seed``: the run seed (default: torch's initial seed);
+        ``loss_parallel``: overrides ``cfg.tp.loss_parallel`` (None there: on)."""
         m = cfg.mesh
         shape = resolve_shape(comm.world_size, m.dp, m.tp, m.pp)
-        validate_layout(model, shape, cfg.pipeline)
-        if cfg.strategy not in ("ddp", "zero1"):
+        if cfg.strategy not in SUPPORTED:
             raise MeshError(
-                f"parallel.strategy={cfg.strategy} with tp/pp: only ddp and zero1 compose with model "
-                "parallelism here\nHINT: set parallel.strategy: zero1 (optimizer state sharded over dp)"
+                f"parallel.strategy={cfg.strategy} with tp/pp: supported with model parallelism: "
+                f"{', '.join(SUPPORTED)}\nHINT: set parallel.strategy: zero1 (optimizer state sharded over dp)"
             )
         self.comm, self.cfg, self.zero = comm, cfg, cfg.strategy == "zero1"
+        broadcast_parameters(model, comm)  # every rank starts from rank 0's parameters and buffers
         self.mesh = build_mesh(comm, m.dp, m.tp, m.pp)
         self.dp_rank, self.dp_size = self.mesh.index("dp"), self.mesh.size("dp")
-        self.vocab = getattr(getattr(model, "head", None), "out_features", 0)
-        if self.mesh.size("tp") > 1:
-            apply_tensor_parallel(model, self.mesh, plan if plan is not None else GPT_PLAN)
+        tp, pp = shape.tp, shape.pp
+        seed = torch.initial_seed() if seed is None else seed
+        self.rng = RNGTracker(seed, self.mesh.index("tp"), self.mesh.index("pp")) if tp > 1 else None
+        self.tp_ctx = TPContext(self.mesh.group("tp"), tp, self.mesh.index("tp"), rng=self.rng)
+        if tp > 1:
+            lp = cfg.tp.loss_parallel if loss_parallel is None else loss_parallel
+            model = apply_tensor_parallel(
+                model, self.mesh, self.tp_ctx, cfg.tp.plan, cfg.tp.parallelize, True if lp is None else lp
+            )
+        # Names of the single-process model, by parameter identity (pipeline stages rename modules).
+        logical = {id(p): n for n, p in model.named_parameters()}
+        self.logical_buffers = {id(b): n for n, b in model.named_buffers()}
         self.pipeline = None
-        if self.mesh.size("pp") > 1:
-            self.stages = gpt_stage_plan(model, shape.pp, cfg.pipeline.stages)
-            d_model = model.pos_emb.embedding_dim
-            apply_pipeline_split(model, self.stages, self.mesh.index("pp"))
-            self.pipeline = Pipeline(model, self.mesh.group("pp"), cfg.pipeline.schedule, d_model)
+        self.tied: list[tuple[str, Communicator]] = []  # (param name, group of the pp ranks holding it)
+        held_by_other_first: set[str] = set()
+        if pp > 1:
+            pc = cfg.pipeline
+            v = pc.virtual_stages
+            split = pc.split
+            if split is None and pc.stages is not None:
+                split = _legacy_split(pc.stages, pp, len(getattr(model, "blocks", [])))
+            mine = [c * pp + self.mesh.index("pp") for c in range(v)]
+            stage_params: dict[int, set[str]] = {}
+            chunks = build_stages(model, pp * v, mine, split, pc.stage_forward, stage_params, logical)
+            for c in chunks:  # a split target's own modules: named by stage
+                for n, p in c.named_parameters():
+                    logical.setdefault(id(p), f"stage{c.index}.{n}")
+            self._make_tied_groups(stage_params, shape, held_by_other_first)
+            self.pipeline = Pipeline(
+                chunks, self.mesh.group("pp"), pc.schedule, pc.microbatches, self.mesh.group("tp"), self._reset_rng
+            )
+            owned = {id(p): p for c in chunks for p in c.parameters()}
+            self._buffers = {
+                self.logical_buffers[id(b)]: b for c in chunks for b in c.buffers() if id(b) in self.logical_buffers
+            }
+        else:
+            owned = {id(p): p for p in model.parameters()}
+            self._buffers = dict(model.named_buffers())
         self.inner = model
         self.model = _ParallelModule(self)
-        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.named = [(logical[i], p) for i, p in owned.items() if p.requires_grad]
         self.params = [p for _, p in self.named]
+        self._count_in_norm = [n not in held_by_other_first for n, _ in self.named]
         self.owner = self._assign_owners() if self.zero else [self.dp_rank] * len(self.params)
-        mine = [p for p, o in zip(self.params, self.owner) if o == self.dp_rank]
-        self.optimizer = make_optimizer(mine)
+        mine_named = [(n, p) for (n, p), o in zip(self.named, self.owner) if o == self.dp_rank]
+        if isinstance(optim, OptimizerSpec):
+            self.optimizer = optim.build_for(mine_named)
+        else:
+            self.optimizer = optim([p for _, p in mine_named])
         log.info(
             "rank %d: %r, %d local parameters (%d owned)",
             comm.rank,
             self.mesh,
             sum(p.numel() for p in self.params),
-            sum(p.numel() for p in mine),
+            sum(p.numel() for _, p in mine_named),
         )
+
+    def _make_tied_groups(self, stage_params: dict[int, set[str]], shape, skip_in_norm: set[str]) -> None:
+        """Parameters held by stages on several pp ranks (an LM head tied to the embedding): one
+        group per (dp, tp) coordinate over those pp ranks, created on every rank in the same order."""
+        pp = shape.pp
+        holders: dict[str, list[int]] = {}
+        for stage, names in sorted(stage_params.items()):
+            for n in names:
+                ranks = holders.setdefault(n, [])
+                if stage % pp not in ranks:
+                    ranks.append(stage % pp)
+        sets: dict[tuple[int, ...], list[str]] = {}
+        for n, ranks in sorted(holders.items()):
+            if len(ranks) > 1:
+                sets.setdefault(tuple(sorted(ranks)), []).append(n)
+        me = self.mesh.index("pp")
+        for ranks, names in sorted(sets.items()):
+            for dp in range(shape.dp):
+                for t in range(shape.tp):
+                    members = [shape.rank_of(r, dp, t) for r in ranks]
+                    g = self.comm.new_group(members)
+                    if self.comm.rank in members:
+                        self.tied += [(n, g) for n in names]
+            if me in ranks and me != ranks[0]:
+                skip_in_norm.update(names)
+
+    def _reset_rng(self) -> None:
+        if self.rng is not None:
+            self.rng.enter_replicated()
 
     def _assign_owners(self) -> list[int]:
         """ZeRO-1: each dp rank owns whole parameters, balanced by size (same on every dp rank)."""
@@ -137,47 +233,46 @@ class ModelParallel:
     def accumulate(self, last: bool):
         return contextlib.nullcontext()
 
-    def forward_backward(self, micro_batches, loss_fn) -> float:
-        """Every rank of the world: forward and backward this replica's share of the step."""
-        if self.pipeline is None:
-            total = 0.0
-            for x, y in micro_batches:
-                if len(x) == 0:
-                    continue
-                loss = loss_fn(self.inner(x), y)
-                loss.backward()
-                total += float(loss.detach())
-            return total
-        # The pipeline's own micro-batching replaces the trainer's (losses are sums over the
-        # global count, so any split gives the same gradient).
-        x = torch.cat([b[0] for b in micro_batches])
-        y = torch.cat([b[1] for b in micro_batches])
-        m = min(self.cfg.pipeline.microbatches, len(x))
-        mbs = list(zip(torch.tensor_split(x, m), torch.tensor_split(y, m))) if m else []
-        return self.pipeline.run(mbs, loss_fn)
-
     def finish_gradients(self) -> None:
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        group = self.mesh.group("dp")
-        if group is None:
-            return
-        flat = torch.cat([p.grad.reshape(-1) for p in self.params])
+        tp = self.mesh.group("tp")
+        partial = [p for p in self.params if is_partial_grad(p)]
+        if tp is not None and partial:  # sequence-parallel norms: each tp rank saw 1/tp of the tokens
+            self._allreduce_grads(partial, tp)
+        by_name = dict(self.named)
+        groups: dict[int, tuple[Communicator, list]] = {}
+        for name, g in self.tied:
+            if name in by_name:
+                groups.setdefault(id(g), (g, []))[1].append(by_name[name])
+        for g, ps in groups.values():
+            self._allreduce_grads(ps, g)
+        dp = self.mesh.group("dp")
+        if dp is not None:
+            self._allreduce_grads(self.params, dp)
+
+    @staticmethod
+    def _allreduce_grads(params: list, group: Communicator) -> None:
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
         group.allreduce(flat, ReduceOp.SUM)
         offset = 0
-        for p in self.params:
+        for p in params:
             n = p.numel()
             p.grad.copy_(flat[offset : offset + n].view_as(p))
             offset += n
+
+    def grad_tensors(self) -> list[torch.Tensor]:
+        """This rank's gradients (for fp16 loss scaling: unscale and the inf/NaN check)."""
+        return [p.grad for p in self.params if p.grad is not None]
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Collective over the world: the norm of the whole model's gradient, each element once."""
         sq = torch.zeros((), dtype=torch.float64)
         if self.dp_rank == 0:
             tp0 = self.mesh.index("tp") == 0
-            for p in self.params:
-                if p.grad is not None and (tp0 or tp_slice(p) is not None):
+            for p, count in zip(self.params, self._count_in_norm):
+                if count and p.grad is not None and (tp0 or tp_slice(p) is not None):
                     sq += p.grad.detach().double().pow(2).sum()
         self.comm.allreduce(sq, ReduceOp.SUM)
         norm = float(sq.sqrt())
@@ -223,8 +318,17 @@ class ModelParallel:
             return [(value, tuple((0, n) for n in p.shape))], tuple(p.shape)
         return [(value.narrow(sl.dim, ls, le - ls), box) for (ls, le), box in sl.boxes()], sl.global_shape
 
+    def _persistent_buffers(self) -> dict[str, torch.Tensor]:
+        skip = {n for n, _ in self._non_persistent()}
+        return {n: b for n, b in self._buffers.items() if n not in skip}
+
+    def _non_persistent(self):
+        for name, mod in self.inner.named_modules():
+            for b in getattr(mod, "_non_persistent_buffers_set", ()):
+                yield (f"{name}.{b}" if name else b), None
+
     def state_shards(self) -> list[Shard]:
-        """Model and optimizer state as boxes of the single-process model's tensors. Local."""
+        """Model, buffers, optimizer and the tp dropout stream as boxes of logical tensors. Local."""
         tp_rep = self.mesh.size("tp") > 1
         out = []
         for (name, p), _owner in zip(self.named, self.owner):
@@ -242,16 +346,26 @@ class ModelParallel:
                     out.append(
                         Shard(f"optim.{name}.{key}", v, tuple(v.shape), tuple((0, n) for n in v.shape), replicated=True)
                     )
+        for name, b in self._persistent_buffers().items():
+            out.append(
+                Shard(f"model.{name}", b.detach(), tuple(b.shape), tuple((0, n) for n in b.shape), replicated=True)
+            )
+        if self.rng is not None:
+            st = self.rng.state()
+            w, r = self.comm.world_size, self.comm.rank
+            out.append(Shard("rng.tp_sharded", st.unsqueeze(0), (w, st.numel()), ((r, r + 1), (0, st.numel()))))
         return out
 
     def load_state_shards(self, read: ShardReader) -> None:
-        """Fill this rank's boxes of every parameter and optimizer state from ``read``. Local."""
+        """Fill this rank's boxes of every parameter, buffer and optimizer state from ``read``. Local."""
         with torch.no_grad():
             for name, p in self.named:
                 sl = tp_slice(p)
                 for local, box in self._boxes(p):
                     t = read(f"model.{name}", sl.global_shape if sl else tuple(p.shape), box, False)
                     local(p).copy_(t)
+            for name, b in self._persistent_buffers().items():
+                b.copy_(read(f"model.{name}", tuple(b.shape), tuple((0, n) for n in b.shape), False))
         self._materialise_optimizer_state()
         with torch.no_grad():
             for (name, p), owner in zip(self.named, self.owner):
@@ -268,6 +382,12 @@ class ModelParallel:
                             )
                     else:
                         v.copy_(read(f"optim.{name}.{key}", tuple(v.shape), tuple((0, n) for n in v.shape), False))
+        if self.rng is not None:
+            n, w, r = self.rng.state().numel(), self.comm.world_size, self.comm.rank
+            try:
+                self.rng.load(read("rng.tp_sharded", (w, n), ((r, r + 1), (0, n)), False)[0])
+            except (KeyError, ValueError) as exc:  # another layout or world size wrote it: a fresh stream
+                log.warning("rank %d: tp dropout stream not restored (%s); reseeded", r, exc)
 
     def _boxes(self, p):
         sl = tp_slice(p)
@@ -280,23 +400,68 @@ class ModelParallel:
         mine = [p for p, o in zip(self.params, self.owner) if o == self.dp_rank]
         if all(p in self.optimizer.state for p in mine):
             return
-        saved = [(g["lr"], g.get("weight_decay")) for g in self.optimizer.param_groups]
+        saved = [g["lr"] for g in self.optimizer.param_groups]
         grads = [p.grad for p in mine]
         for g in self.optimizer.param_groups:
             g["lr"] = 0.0
         for p in mine:
             p.grad = torch.zeros_like(p)
         self.optimizer.step()
-        for g, (lr, _) in zip(self.optimizer.param_groups, saved):
+        for g, lr in zip(self.optimizer.param_groups, saved):
             g["lr"] = lr
         for p, gr in zip(mine, grads):
             p.grad = gr
 
 
-def build_model_parallel(cfg, model: nn.Module, optim, comm: Communicator) -> ModelParallel:
+class PipelineParallel(ModelParallel):
+    """ModelParallel with pp > 1: it schedules the micro-batches itself (``forward_backward``)."""
+
+    schedules_micro_batches = True
+
+    def forward_backward(self, micro_batches, loss_fn, loss_scale: float = 1.0) -> float:
+        """Every rank of the world: forward and backward this replica's share of the step.
+        ``micro_batches``: [(input, target)]; ``loss_fn(output, target)`` -> a scalar loss;
+        gradients are of ``loss * loss_scale`` (fp16). Returns the unscaled loss sum."""
+        # The pipeline's own micro-batching replaces the trainer's (losses are sums over the
+        # global count, so any split gives the same gradient).
+        x = _cat_batches([b[0] for b in micro_batches])
+        y = _cat_batches([b[1] for b in micro_batches])
+        n = len(y) if isinstance(y, torch.Tensor) else self.cfg.pipeline.microbatches
+        m = min(self.cfg.pipeline.microbatches, n)
+        mbs = list(zip(_split_batch(x, m), _split_batch(y, m))) if m else []
+        loss = self.pipeline.run(mbs, loss_fn, loss_scale)
+        self._reset_rng()
+        return loss
+
+    def split_micro_batches(self, batches: list) -> list:
+        """This replica's batches (any nesting of tensors) re-cut into ``pipeline.microbatches`` pieces."""
+        whole = _cat_batches(batches)
+        first = whole
+        while isinstance(first, dict | tuple | list):
+            first = next(iter(first.values())) if isinstance(first, dict) else first[0]
+        n = len(first) if isinstance(first, torch.Tensor) else self.cfg.pipeline.microbatches
+        return _split_batch(whole, min(self.cfg.pipeline.microbatches, n)) if n else []
+
+    def forward_backward_micro(self, micro_batches: list, loss_fn, loss_scale: float = 1.0) -> float:
+        """Every rank: run exactly these (input, target) micro-batches through the pipeline."""
+        loss = self.pipeline.run(micro_batches, loss_fn, loss_scale)
+        self._reset_rng()
+        return loss
+
+    def last_stage_broadcast(self, values: list[float]) -> list[float]:
+        """Collective over the pp group: the last stage's ``values`` on every stage."""
+        t = torch.tensor(values, dtype=torch.float64)
+        self.mesh.group("pp").broadcast(t, src=self.mesh.size("pp") - 1)
+        return t.tolist()
+
+
+def build_model_parallel(
+    cfg, model: nn.Module, optim, comm: Communicator, seed: int | None = None, loss_parallel: bool | None = None
+) -> ModelParallel:
     """Every rank, collectively: the dp x tp x pp strategy for ``model`` (``cfg`` = parallel section);
-    ``optim`` is the :class:`.strategy.OptimizerSpec`."""
-    return ModelParallel(model, optim.factory_for(model), comm, cfg)
+    ``optim``: the OptimizerSpec (or a factory). With pp > 1 it schedules micro-batches itself."""
+    cls = PipelineParallel if cfg.mesh.pp > 1 else ModelParallel
+    return cls(model, optim, comm, cfg, seed=seed, loss_parallel=loss_parallel)
 
 
 def uses_model_parallel(cfg) -> bool:

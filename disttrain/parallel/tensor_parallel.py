@@ -8,19 +8,22 @@ fc -> proj) needs one allreduce forward and one backward, through the conjugate 
 * ``f`` (copy_to_tp): identity forward, allreduce of the gradient backward;
 * ``g`` (reduce_from_tp): allreduce forward, identity backward.
 
-``apply_tensor_parallel(model, mesh, plan)`` swaps modules named by a plan (glob patterns
-over module names -> a style) for their parallel versions, slicing the full weights each
-rank built from the same seed; the model's code is untouched. Every parallel parameter
-carries a :class:`TPSlice` saying which box of the logical (single-process) tensor it
-holds, which checkpoints and the equivalence tests use. Every rank of the tp group calls
-these layers in the same order (they communicate).
+With sequence parallelism (:attr:`TPContext.sequence_parallel`) the activations between a
+row layer and the next column layer are split along the sequence (dim 1, batch first):
+``g`` becomes a reduce-scatter over the sequence, ``f`` an allgather, and norms/dropout in
+between run on 1/tp of the tokens (their replicated parameters' gradients are partial sums,
+added over tp by the strategy).
+
+Layers accept ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2: a linear stored transposed,
+``weight[in, out]``); the local weight keeps the source's layout, so checkpoint boxes index
+the single-process tensor. Every parallel parameter carries a :class:`TPSlice` saying which
+box of the logical tensor it holds. Every rank of the tp group calls these layers in the
+same order (they communicate). The plan that places them is in :mod:`.tp_plan`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import fnmatch
 
 import torch
 import torch.nn as nn
@@ -28,7 +31,8 @@ import torch.nn.functional as F
 
 from collectives import Communicator, ReduceOp
 
-from ..mesh import DeviceMesh, MeshError
+from .rng_tracker import RNGTracker
+from .vocab_parallel import VocabShard, mark_vocab_shard
 
 
 def split_range(n: int, parts: int, index: int) -> tuple[int, int]:
@@ -58,9 +62,39 @@ class TPSlice:
         return torch.cat([full.narrow(self.dim, gs, ge - gs) for _, _, gs, ge in self.pieces], dim=self.dim)
 
 
-def _mark(p: nn.Parameter, sl: TPSlice) -> nn.Parameter:
-    p.tp_slice = sl
-    return p
+def tp_slice(p: torch.Tensor) -> TPSlice | None:
+    """The box of the logical tensor a parameter holds, or None if it is replicated across tp."""
+    return getattr(p, "tp_slice", None)
+
+
+def is_partial_grad(p: torch.Tensor) -> bool:
+    """True for a replicated parameter whose gradient each tp rank holds only a part of (sequence parallel)."""
+    return getattr(p, "tp_partial_grad", False)
+
+
+def mark_partial_grad(p: nn.Parameter) -> None:
+    p.tp_partial_grad = True
+
+
+@dataclasses.dataclass
+class TPContext:
+    """What every parallel layer of one model shares: the tp group and its options."""
+
+    group: Communicator | None
+    size: int
+    rank: int
+    sequence_parallel: bool = False
+    rng: RNGTracker | None = None
+    seq_dim: int = 1
+
+    def sharded_region(self) -> None:
+        if self.rng is not None:
+            self.rng.enter_sharded()
+
+    def replicated_region(self) -> None:
+        """After a layer whose output is the same on every tp rank (or sequence-split: still per rank)."""
+        if self.rng is not None:
+            self.rng.enter_sharded() if self.sequence_parallel else self.rng.enter_replicated()
 
 
 def _pieces(n: int, partitions: int, tp: int, rank: int) -> tuple[tuple[int, int, int, int], ...]:
@@ -73,12 +107,47 @@ def _pieces(n: int, partitions: int, tp: int, rank: int) -> tuple[tuple[int, int
     return tuple(out)
 
 
+def _take(p: torch.Tensor, sl: TPSlice, shared: dict) -> nn.Parameter:
+    """The local parameter for ``sl`` of ``p``; tied parameters (one object under several names) stay one."""
+    key = id(p)
+    if key in shared:
+        q = shared[key]
+        if tp_slice(q) != sl:
+            raise ValueError(f"a tied parameter {tuple(p.shape)} is split two different ways by the plan")
+        return q
+    q = nn.Parameter(sl.take(p.detach()).clone(), requires_grad=p.requires_grad)
+    q.tp_slice = sl
+    shared[key] = q
+    return q
+
+
 # -- the conjugate collectives ---------------------------------------------------------------
 def _allreduce(x: torch.Tensor, group: Communicator) -> torch.Tensor:
     # Reduce in fp32 so bf16 partial sums are rounded once, like the single-process matmul's.
     y = x.float().contiguous().clone()
     group.allreduce(y, ReduceOp.SUM)
     return y.to(x.dtype)
+
+
+def _gather(x: torch.Tensor, group: Communicator, dim: int) -> torch.Tensor:
+    """Equal pieces along ``dim`` from every tp rank, concatenated in rank order."""
+    x = x.contiguous()
+    outs = [torch.empty_like(x) for _ in range(group.world_size)]
+    group.allgather(outs, x)
+    return torch.cat(outs, dim=dim)
+
+
+def _reduce_scatter(x: torch.Tensor, group: Communicator, dim: int) -> torch.Tensor:
+    n, tp = x.shape[dim], group.world_size
+    if n % tp:
+        raise ValueError(
+            f"sequence parallel: dim {dim} of size {n} does not split across tp={tp}"
+            f"\nHINT: use a sequence length divisible by {tp}, or drop the 'sequence' entries of the plan"
+        )
+    parts = [c.float().contiguous() for c in x.chunk(tp, dim=dim)]
+    out = torch.empty_like(parts[0])
+    group.reduce_scatter(out, parts, ReduceOp.SUM)
+    return out.to(x.dtype)
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -106,15 +175,40 @@ class _ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
-class _GatherFromTP(torch.autograd.Function):
+class _GatherSeq(torch.autograd.Function):
+    """Sequence-parallel f: allgather along ``dim`` forward, reduce-scatter backward."""
+
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _gather(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter(grad, ctx.group, ctx.dim), None, None
+
+
+class _ScatterSeq(torch.autograd.Function):
+    """Sequence-parallel g: reduce-scatter along ``dim`` forward, allgather backward."""
+
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _reduce_scatter(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather(grad, ctx.group, ctx.dim), None, None
+
+
+class _GatherLast(torch.autograd.Function):
     """Allgather along the last dim (sizes may differ per rank) forward, own slice backward."""
 
     @staticmethod
     def forward(ctx, x, group, sizes):
         ctx.group, ctx.sizes = group, sizes
         x = x.contiguous()
-        lead = x.shape[:-1]
-        outs = [torch.empty(*lead, s, dtype=x.dtype) for s in sizes]
+        outs = [torch.empty(*x.shape[:-1], s, dtype=x.dtype, device=x.device) for s in sizes]
         group.allgather(outs, x)
         return torch.cat(outs, dim=-1)
 
@@ -132,212 +226,126 @@ def reduce_from_tp(x, group):
     return x if group is None else _ReduceFromTP.apply(x, group)
 
 
+def _enter(x: torch.Tensor, ctx: TPContext) -> torch.Tensor:
+    """Input of a column layer: replicated (f) or sequence-split (allgather)."""
+    if ctx.group is None:
+        return x
+    return _GatherSeq.apply(x, ctx.group, ctx.seq_dim) if ctx.sequence_parallel else _CopyToTP.apply(x, ctx.group)
+
+
+def _leave(x: torch.Tensor, ctx: TPContext) -> torch.Tensor:
+    """Output of a row layer / vocab embedding: summed (g) or summed and sequence-split (reduce-scatter)."""
+    if ctx.group is None:
+        return x
+    return _ScatterSeq.apply(x, ctx.group, ctx.seq_dim) if ctx.sequence_parallel else _ReduceFromTP.apply(x, ctx.group)
+
+
+def _shape_of(mod: nn.Module) -> tuple[int, int, bool]:
+    """(in_features, out_features, transposed) of an nn.Linear or a transformers Conv1D."""
+    if isinstance(mod, nn.Linear):
+        return mod.in_features, mod.out_features, False
+    w = mod.weight  # Conv1D: weight[in, out], y = x @ w + b
+    return w.shape[0], w.shape[1], True
+
+
 # -- layers -----------------------------------------------------------------------------------
 class ColumnParallelLinear(nn.Module):
-    """Output features split across tp; ``partitions`` equal chunks (q, k, v) are split
-    each on its own so every rank holds whole heads of each. ``gather_output`` allgathers
-    the full output (for a head whose logits go into an ordinary loss)."""
+    """Output features split across tp; ``partitions`` equal chunks (fused q/k/v, gate/up) are
+    split each on its own so every rank holds whole heads of each. ``gather_output`` allgathers
+    the full output; without it, a vocabulary head's output is marked as a vocabulary shard
+    (see :func:`disttrain.parallel.vocab_parallel.cross_entropy`)."""
 
     def __init__(
         self,
-        linear: nn.Linear,
-        group: Communicator | None,
-        tp: int,
-        rank: int,
+        source: nn.Module,
+        ctx: TPContext,
         partitions: int = 1,
         gather_output: bool = False,
+        shared: dict | None = None,
     ):
         super().__init__()
-        self.group, self.gather_output = group, gather_output
-        out, self.in_features = linear.out_features, linear.in_features
-        pieces = _pieces(out, partitions, tp, rank)
+        self.ctx, self.gather_output = ctx, gather_output
+        self.in_features, out, self.transposed = _shape_of(source)
+        self.global_out_features = out
+        pieces = _pieces(out, partitions, ctx.size, ctx.rank)
         self.out_features = sum(p[1] - p[0] for p in pieces)
-        self.sizes = [sum(p[1] - p[0] for p in _pieces(out, partitions, tp, r)) for r in range(tp)]
-        wsl = TPSlice(tuple(linear.weight.shape), 0, pieces)
-        self.weight = _mark(nn.Parameter(wsl.take(linear.weight.detach()).clone()), wsl)
-        if linear.bias is not None:
-            bsl = TPSlice((out,), 0, pieces)
-            self.bias = _mark(nn.Parameter(bsl.take(linear.bias.detach()).clone()), bsl)
+        self.sizes = [sum(p[1] - p[0] for p in _pieces(out, partitions, ctx.size, r)) for r in range(ctx.size)]
+        self.vocab_start = pieces[0][2] if partitions == 1 else 0
+        shared = {} if shared is None else shared
+        wsl = TPSlice(tuple(source.weight.shape), 1 if self.transposed else 0, pieces)
+        self.weight = _take(source.weight, wsl, shared)
+        if source.bias is not None:
+            self.bias = _take(source.bias, TPSlice((out,), 0, pieces), shared)
         else:
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
-        if self.gather_output and self.group is not None:
-            y = _GatherFromTP.apply(y, self.group, self.sizes)
-        return y
+        x = _enter(x, self.ctx)
+        self.ctx.sharded_region()
+        w = self.weight.t() if self.transposed else self.weight
+        y = F.linear(x, w, self.bias)
+        if self.ctx.group is None:
+            return y
+        if self.gather_output:
+            if self.ctx.rng is not None:
+                self.ctx.rng.enter_replicated()
+            return _GatherLast.apply(y, self.ctx.group, self.sizes)
+        return mark_vocab_shard(y, VocabShard(self.ctx.group, self.vocab_start, self.global_out_features))
 
 
 class RowParallelLinear(nn.Module):
     """Input features split across tp (the input arrives split, from a column layer);
     partial products are summed by one allreduce; the bias is added once, after it."""
 
-    def __init__(self, linear: nn.Linear, group: Communicator | None, tp: int, rank: int):
+    def __init__(self, source: nn.Module, ctx: TPContext, shared: dict | None = None):
         super().__init__()
-        self.group, self.out_features = group, linear.out_features
-        pieces = _pieces(linear.in_features, 1, tp, rank)
+        self.ctx = ctx
+        n_in, self.out_features, self.transposed = _shape_of(source)
+        pieces = _pieces(n_in, 1, ctx.size, ctx.rank)
         self.in_features = pieces[0][1]
-        wsl = TPSlice(tuple(linear.weight.shape), 1, pieces)
-        self.weight = _mark(nn.Parameter(wsl.take(linear.weight.detach()).clone()), wsl)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())  # replicated
+        shared = {} if shared is None else shared
+        self.weight = _take(
+            source.weight, TPSlice(tuple(source.weight.shape), 0 if self.transposed else 1, pieces), shared
+        )
+        self.bias = None if source.bias is None else source.bias  # replicated: the same Parameter object
+        if ctx.sequence_parallel and self.bias is not None:
+            mark_partial_grad(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = reduce_from_tp(F.linear(x, self.weight), self.group)
+        w = self.weight.t() if self.transposed else self.weight
+        y = _leave(F.linear(x, w), self.ctx)
+        self.ctx.replicated_region()
         return y if self.bias is None else y + self.bias
 
 
 class VocabParallelEmbedding(nn.Module):
     """Rows (token ids) split across tp: each rank looks up the ids it owns, zeroes the
-    rest, and an allreduce assembles the embedding."""
+    rest, and an allreduce (reduce-scatter under sequence parallel) assembles the embedding."""
 
-    def __init__(self, emb: nn.Embedding, group: Communicator | None, tp: int, rank: int):
+    def __init__(self, emb: nn.Embedding, ctx: TPContext, shared: dict | None = None):
         super().__init__()
-        self.group, self.embedding_dim = group, emb.embedding_dim
-        self.vocab_size = emb.num_embeddings
-        self.start, self.stop = split_range(self.vocab_size, tp, rank)
+        self.ctx, self.embedding_dim = ctx, emb.embedding_dim
+        self.vocab_size, self.padding_idx = emb.num_embeddings, emb.padding_idx
+        self.start, self.stop = split_range(self.vocab_size, ctx.size, ctx.rank)
         self.num_embeddings = self.stop - self.start
         sl = TPSlice(tuple(emb.weight.shape), 0, ((0, self.num_embeddings, self.start, self.stop),))
-        self.weight = _mark(nn.Parameter(sl.take(emb.weight.detach()).clone()), sl)
+        self.weight = _take(emb.weight, sl, {} if shared is None else shared)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         outside = (ids < self.start) | (ids >= self.stop)
         local = (ids - self.start).masked_fill(outside, 0)
-        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
-        return reduce_from_tp(out, self.group)
+        pad = self.padding_idx
+        pad = pad - self.start if pad is not None and self.start <= pad < self.stop else None  # no gradient there
+        out = F.embedding(local, self.weight, padding_idx=pad).masked_fill(outside.unsqueeze(-1), 0.0)
+        out = _leave(out, self.ctx)
+        self.ctx.replicated_region()
+        return out
 
 
-class _VocabParallelCE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, target, group, start):
-        logits = logits.float()
-        n = logits.shape[-1]
-        m = logits.max(dim=-1).values
-        group.allreduce(m, ReduceOp.MAX)
-        shifted = logits - m.unsqueeze(-1)
-        exp = shifted.exp()
-        sum_exp = exp.sum(dim=-1)
-        inside = (target >= start) & (target < start + n)
-        local_t = (target - start).masked_fill(~inside, 0)
-        picked = shifted.gather(-1, local_t.unsqueeze(-1)).squeeze(-1).masked_fill(~inside, 0.0)
-        both = torch.stack([sum_exp, picked])
-        group.allreduce(both, ReduceOp.SUM)
-        sum_exp, picked = both[0], both[1]
-        ctx.save_for_backward(exp / sum_exp.unsqueeze(-1), local_t, inside)
-        return sum_exp.log() - picked
-
-    @staticmethod
-    def backward(ctx, grad):
-        softmax, local_t, inside = ctx.saved_tensors
-        g = softmax.clone()
-        g.scatter_add_(-1, local_t.unsqueeze(-1), -inside.to(g.dtype).unsqueeze(-1))
-        return g * grad.unsqueeze(-1), None, None, None
-
-
-def vocab_parallel_cross_entropy(
-    local_logits: torch.Tensor,
-    target: torch.Tensor,
-    group: Communicator | None,
-    vocab_start: int,
-    reduction: str = "sum",
-) -> torch.Tensor:
-    """Cross-entropy of logits split over the vocabulary across tp, without gathering them.
-
-    ``local_logits[..., j]`` is the logit of token ``vocab_start + j``; every tp rank passes
-    the same ``target`` and gets the same loss. Collective over ``group`` (two allreduces).
-    """
-    if group is None:
-        return F.cross_entropy(
-            local_logits.reshape(-1, local_logits.shape[-1]).float(), target.reshape(-1), reduction=reduction
-        )
-    per = _VocabParallelCE.apply(
-        local_logits.reshape(-1, local_logits.shape[-1]), target.reshape(-1), group, vocab_start
-    )
-    return per.sum() if reduction == "sum" else per.mean() if reduction == "mean" else per
-
-
-# -- applying a plan -------------------------------------------------------------------------
-STYLES = ("colwise", "colwise_heads", "colwise_gather", "rowwise", "vocab_embedding")
-
-GPT_PLAN = {
-    "tok_emb": "vocab_embedding",
-    "blocks.*.attn.qkv": "colwise_heads",  # q, k, v each split by heads
-    "blocks.*.attn.proj": "rowwise",
-    "blocks.*.mlp.fc": "colwise",
-    "blocks.*.mlp.proj": "rowwise",
-    "head": "colwise_gather",  # vocabulary-parallel logits, gathered for the task's loss
-}
-"""The plan for :class:`disttrain.models.gpt.GPT` (module names are that model's contract)."""
-
-
-def _parallel_module(name, mod, style, parent, group, tp, rank):
-    where = f"tensor parallel plan: {name!r} ({type(mod).__name__}) as {style!r}"
-    if style == "vocab_embedding":
-        if not isinstance(mod, nn.Embedding):
-            raise MeshError(f"{where}: expected nn.Embedding")
-        if mod.num_embeddings < tp:
-            raise MeshError(
-                f"{where}: vocabulary of {mod.num_embeddings} cannot be split across tp={tp} ranks"
-                f"\nHINT: use tp <= {mod.num_embeddings}"
-            )
-        return VocabParallelEmbedding(mod, group, tp, rank)
-    if not isinstance(mod, nn.Linear):
-        raise MeshError(f"{where}: expected nn.Linear")
-    if style == "rowwise":
-        if mod.in_features < tp:
-            raise MeshError(f"{where}: {mod.in_features} input features cannot be split across tp={tp}")
-        return RowParallelLinear(mod, group, tp, rank)
-    if style == "colwise_heads":
-        n_head = getattr(parent, "n_head", None)
-        if n_head is None or mod.out_features % 3:
-            raise MeshError(f"{where}: expected a fused q/k/v projection inside a module with `n_head`")
-        if n_head % tp:
-            raise MeshError(
-                f"{where}: {n_head} attention heads cannot be split evenly across tp={tp} ranks"
-                f"\nHINT: choose tp dividing n_head ({n_head}), or change model.n_head"
-            )
-        return ColumnParallelLinear(mod, group, tp, rank, partitions=3)
-    if mod.out_features < tp:
-        raise MeshError(f"{where}: {mod.out_features} output features cannot be split across tp={tp}")
-    return ColumnParallelLinear(mod, group, tp, rank, gather_output=style == "colwise_gather")
-
-
-def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh, plan: dict[str, str] | None = None) -> nn.Module:
-    """Replace the modules named by ``plan`` (glob over module names -> style) by their
-    tensor-parallel versions, in place; returns ``model``. Every rank of the mesh calls it
-    after building the same full model (same seed). Local: no communication.
-
-    Styles: ``colwise``, ``colwise_heads`` (a fused q/k/v), ``colwise_gather`` (output
-    gathered), ``rowwise`` (input arrives split: pair it after a colwise layer) and
-    ``vocab_embedding``. Modules the plan does not name stay replicated.
-    """
-    tp, rank, group = mesh.size("tp"), mesh.index("tp"), mesh.group("tp")
-    if plan is None:
-        if not (hasattr(model, "blocks") and hasattr(model, "tok_emb")):
-            raise MeshError(
-                f"apply_tensor_parallel: no plan for {type(model).__name__}\nHINT: pass a plan naming "
-                "modules, e.g. {'net.0': 'colwise', 'net.2': 'rowwise'}"
-            )
-        plan = GPT_PLAN
-    if tp == 1:
-        return model
-    modules = dict(model.named_modules())
-    for pattern, style in plan.items():
-        if style not in STYLES:
-            raise MeshError(f"tensor parallel plan: {pattern!r}: unknown style {style!r}; known: {', '.join(STYLES)}")
-        names = [n for n in modules if n and fnmatch.fnmatchcase(n, pattern)]
-        if not names:
-            close = difflib.get_close_matches(pattern, [n for n in modules if n], n=3)
-            raise MeshError(
-                f"tensor parallel plan: {pattern!r} names no module of {type(model).__name__}"
-                + (f"\nHINT: did you mean {', '.join(map(repr, close))}?" if close else "")
-            )
-        for name in names:
-            parent_name, _, attr = name.rpartition(".")
-            parent = modules[parent_name] if parent_name else model
-            setattr(parent, attr, _parallel_module(name, modules[name], style, parent, group, tp, rank))
-    return model
-
-
-def tp_slice(p: torch.Tensor) -> TPSlice | None:
-    """The box of the logical tensor a parameter holds, or None if it is replicated across tp."""
-    return getattr(p, "tp_slice", None)
+def apply_sequence_region(mod: nn.Module, ctx: TPContext) -> None:
+    """Mark ``mod`` (a norm, dropout, ...) as running on a sequence shard: its replicated
+    parameters' gradients are partial (summed over tp by the strategy) and its dropout draws
+    from the per-rank stream."""
+    for p in mod.parameters():
+        mark_partial_grad(p)
+    mod.register_forward_pre_hook(lambda m, args: ctx.sharded_region())

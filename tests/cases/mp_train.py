@@ -81,8 +81,8 @@ class _StopAt:
 
 
 def _train_one(comm, run: dict, out_dir: str) -> dict:
-    from disttrain.parallel.model_parallel import ModelParallel
-    from disttrain.trainer import build_optimizer
+    from disttrain.optim import build_optimizer_spec
+    from disttrain.parallel.model_parallel import build_model_parallel
 
     cfg = make_config(run.get("overrides", []) + [f"run.dir={out_dir}/rundir"])
     trainer = build_trainer(cfg, comm)
@@ -93,7 +93,8 @@ def _train_one(comm, run: dict, out_dir: str) -> dict:
 
         seed_everything(cfg.run.seed)  # a fresh model: the default strategy hooked the first one
         trainer.model = build_model(cfg.model, 0, trainer.task.num_classes)
-        trainer.strategy = ModelParallel(trainer.model, lambda ps: build_optimizer(cfg.optim, ps), comm, cfg.parallel)
+        spec = build_optimizer_spec(cfg.optim, trainer.model)  # the trainer's no-decay groups
+        trainer.strategy = build_model_parallel(cfg.parallel, trainer.model, spec, comm)
     if run.get("eval"):
         return trainer.evaluate(max_samples=64)
     if run.get("load_from"):
@@ -134,7 +135,8 @@ def _vocab_ce(comm) -> dict:
     import torch.nn.functional as F
 
     from disttrain.mesh import build_mesh
-    from disttrain.parallel.tensor_parallel import split_range, vocab_parallel_cross_entropy
+    from disttrain.parallel.tensor_parallel import split_range
+    from disttrain.parallel.vocab_parallel import vocab_parallel_cross_entropy
 
     mesh = build_mesh(comm, dp=1, tp=comm.world_size)
     g = torch.Generator().manual_seed(1)
