@@ -42,11 +42,12 @@ ALL = [
     "errors",
     "sparse",
     "sets_lifecycle",
+    "large",
 ]
 JOBS = {
     (2, "shm"): ALL,
     (3, "shm"): [*ALL, "stall"],
-    (2, "torch"): ["training", "join", "orders", "rank_dependent", "errors", "sets_lifecycle", "alltoall"],
+    (2, "torch"): ["training", "join", "orders", "rank_dependent", "errors", "sets_lifecycle", "alltoall", "large"],
 }
 STALL_S = 6
 _cache: dict = {}
@@ -188,6 +189,12 @@ def test_join_refuses_broadcast_and_allgather(world, backend, tmp_path_factory):
         assert "Broadcast is not supported with Join" in v["errors"][0]
         assert "Allgather is not supported with Join" in v["errors"][1]
     assert all(v["after"] == float(world) for v in vals)
+
+
+@pytest.mark.parametrize("world,backend", where("large"))
+def test_large_allreduces_through_reused_result_buffers(world, backend, tmp_path_factory):
+    for v in run(world, backend, "large", tmp_path_factory):
+        assert v == {"held": True, "second": True, "third": True, "inplace": True, "parts": True}
 
 
 # -- the API ---------------------------------------------------------------------------------------

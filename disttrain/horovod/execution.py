@@ -141,7 +141,10 @@ def _allreduce(bucket: list[Ready], mine: dict[int, Op], comm, size: int, pool, 
     elif len(bucket) == 1 and ops[0] is not None:
         buf = ops[0].tensor.reshape(-1).clone()
     else:
-        buf = torch.empty(sum(_numel(r) for r in bucket), dtype=dtype)
+        total = sum(_numel(r) for r in bucket)
+        if pool is not None and pool.zero_copy and total * torch.empty((), dtype=dtype).element_size() >= MIN_BYTES:
+            pooled = pool.acquire(total, dtype, agreed_free, taken)  # a fusion buffer reduced zero-copy
+        buf = pooled if pooled is not None else torch.empty(total, dtype=dtype)
         off = 0
         for r, op in zip(bucket, ops):
             n = _numel(r)
