@@ -106,7 +106,7 @@ def allreduce_start(
     parts = []
     for i, (t, w) in enumerate(zip(tensors, wired)):
         n = f"{base}_{i}" if grouped else base
-        out = outputs[i] if outputs is not None else None
+        out = outputs[i].detach() if outputs is not None else None  # same storage, no autograd
         desc = _described(kind, dtype_name(t.dtype), tuple(t.shape), op.name, (pre, post))
         fuse = _fuse(kind, torch.float64 if kind is Kind.ADASUM else w.dtype, op, (pre, post))
         parts.append(
@@ -163,8 +163,8 @@ def broadcast_start(tensor: torch.Tensor, root_rank: int, name: str | None, ps: 
         raise HorovodError(f"broadcast root_rank={root_rank} is not a member of {ps}")
     hid = handles.next_id()
     w = to_wire(tensor, "broadcast")
-    if not inplace and w is tensor:
-        w = w.clone()
+    if not inplace and w.data_ptr() == tensor.data_ptr():
+        w = w.clone()  # an out-of-place broadcast must not write into the caller's tensor
     desc = _described(Kind.BROADCAST, dtype_name(tensor.dtype), tuple(tensor.shape), root=root_rank)
     h = _submit(
         process_set_worker(ps, "broadcast"),
@@ -175,7 +175,7 @@ def broadcast_start(tensor: torch.Tensor, root_rank: int, name: str | None, ps: 
         0,
         None if inplace else _finish_as(tensor.dtype),
         tensor=w,
-        output=tensor if inplace else None,
+        output=tensor.detach() if inplace else None,
         root=ps.ranks.index(root_rank),
     )
     return hid, h
