@@ -77,6 +77,11 @@ def _described(kind: Kind, dtype: str, shape: tuple, op: str = "", scales=(1.0, 
     return desc, digest(describe(kind, dtype, signed, op, scales, root))
 
 
+def _same(tensor: torch.Tensor) -> Callable[[object], object]:
+    """In-place ops return the caller's own tensor object (the engine wrote a detached alias)."""
+    return lambda _: tensor
+
+
 def _finish_as(dtype: torch.dtype) -> Callable[[object], object]:
     return lambda t: t if t.dtype == dtype else t.to(dtype)
 
@@ -117,7 +122,7 @@ def allreduce_start(
                 desc,
                 fuse,
                 w.numel(),
-                None if out is not None else _finish_as(t.dtype),
+                _same(outputs[i]) if out is not None else _finish_as(t.dtype),
                 tensor=w,
                 output=out,
                 pre=pre,
@@ -173,7 +178,7 @@ def broadcast_start(tensor: torch.Tensor, root_rank: int, name: str | None, ps: 
         desc,
         _fuse(Kind.BROADCAST, w.dtype, 0, (1.0, 1.0)),
         0,
-        None if inplace else _finish_as(tensor.dtype),
+        _same(tensor) if inplace else _finish_as(tensor.dtype),
         tensor=w,
         output=tensor.detach() if inplace else None,
         root=ps.ranks.index(root_rank),
