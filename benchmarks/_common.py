@@ -81,6 +81,7 @@ def spawn_job(
         BENCH_OUT=out,
         OMP_NUM_THREADS="1",
         PYTHONUNBUFFERED="1",
+        DISTTRAIN_UNAUTHENTICATED_STORE="1",  # loopback benchmark jobs may open a plain TCPStore
         PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
         **(env or {}),
     )

@@ -10,7 +10,10 @@ Rows (2 and 4 ranks; allreduce, allgather, reduce_scatter, broadcast; float32):
   (staged through shared memory); ``shm nocheck``: plain, fingerprint checks off (allreduce
   only; gives the check's cost); ``shm direct``: the backend without the communicator
   (allreduce only; shows what the communicator's per-call Python costs at small sizes);
-* ``torch``/``mpi``: our other backends, when registered and available;
+* ``torch``/``mpi``: our other backends through the communicator, when available;
+  ``torch nocheck``/``mpi nocheck``: the same with fingerprint checks off (allreduce,
+  allgather), i.e. what the backend and the communicator's call path cost over the raw
+  library (the raw library checks nothing);
 * peers used directly: ``gloo`` (torch.distributed), ``mpi4py+MPICH`` (under ``mpiexec``),
   ``horovod`` (when importable); ``memcpy``: one core copying the same bytes (the bound).
 
@@ -20,7 +23,13 @@ algbw * 2(n-1)/n (allreduce), * (n-1)/n (allgather, reduce_scatter), * 1 (broadc
 Each job interleaves its rows per (op, size); with ``--rounds`` > 1 every job runs again
 and the best of all rounds is kept, so slow phases of a loaded machine hit every row.
 
-JSON (``--json``): ``rows`` and ``ratios`` (peer_time / our_time, or our_time / memcpy).
+World sizes: 2 and 4 (all rows), and 8 (4 KiB allreduce and allgather of shm, gloo and
+MPICH only): 4 and 8 ranks oversubscribe a 2-core machine, which is what shm's waiting
+(spin, yield, futex) is for. The load average is printed with the table (and in the JSON):
+compare ratios from one run, never absolute times across runs.
+
+JSON (``--json``): ``rows``, ``ratios`` (peer_time / our_time, or our_time / memcpy) and
+``targets`` (each ratio's goal from issue 17, and whether this run met it).
 To add rows (e.g. ``disttrain.horovod``), append a :class:`Producer` to ``PRODUCERS`` whose
 ``kind`` names a function in ``WORKERS``; it gets the spec and returns rows.
 """
@@ -96,7 +105,8 @@ def _row_table(spec: dict, variants: dict, barrier, slowest, rank: int = 0) -> l
                 if run is None:
                     continue
                 reps = spec["reps"] if size < (64 << 20) else max(2, spec["reps"] // 2)
-                stats = measure(run, barrier, iters=iters_for(size), reps=reps, slowest=slowest)
+                iters = iters_for(size, hi=spec.get("max_iters", 500))
+                stats = measure(run, barrier, iters=iters, reps=reps, slowest=slowest)
                 rows.append({"row": name, "op": op, "bytes": size, "ranks": spec["world"], **stats})
                 del run
     return rows
@@ -121,7 +131,8 @@ def worker_comm(spec: dict) -> list[dict]:
         timeout=datetime.timedelta(seconds=120),
     )
     comms = {}
-    avail = registry.available()
+    only = set(spec.get("only") or ())
+    avail = [b for b in registry.available() if not only or b in only]
     if "mpi" in avail:  # first: MPI must not be initialised by anything else before it
         try:
             comms["mpi"] = collectives.init("mpi", store=dist.PrefixStore("mpi", store), timeout=120)
@@ -192,7 +203,12 @@ def worker_comm(spec: dict) -> list[dict]:
         "shm direct": {"allreduce": direct_allreduce},
         "gloo": gloo_ops(),
     }
-    variants.update({name: comm_ops(c) for name, c in comms.items()})
+    if only:
+        variants = {k: v for k, v in variants.items() if k in only}
+    for name, c in comms.items():
+        variants[name] = comm_ops(c)
+        unchecked = comm_ops(collectives.Communicator(c.backend, c.env, check=False, timeout=120))
+        variants[f"{name} nocheck"] = {"allreduce": unchecked["allreduce"], "allgather": unchecked["allgather"]}
     mx = torch.zeros(1)
 
     def slowest(dt: float) -> float:
@@ -270,24 +286,75 @@ def best_of(rows: list[dict]) -> list[dict]:
     return list(best.values())
 
 
+# ratio -> (comparison, goal), from issue 17; "_plain"/"_direct" variants and the checked mpi/torch
+# ratios are printed for diagnosis, without a goal
+TARGETS = {
+    "shm_vs_mpi_allreduce_4KiB": (">=", 0.5),
+    "shm_vs_mpi_allreduce_4KiB_4ranks": (">=", 0.5),
+    "shm_allgather_vs_mpi_4KiB_4ranks": (">=", 0.5),
+    "mpi_backend_vs_mpi4py_4KiB": (">=", 0.7),
+    "torch_backend_vs_gloo_4KiB": (">=", 0.7),
+    "shm_vs_gloo_allreduce_64MiB": (">=", 5.0),
+    "shm_vs_mpi_allreduce_64MiB": (">=", 3.0),
+    "shm_time_over_memcpy_64MiB": ("<=", 2.5),
+    "check_overhead_shm_64KiB": ("<=", 0.03),
+}
+
+
 def ratios(rows: list[dict]) -> dict:
     t = {(r["row"], r["op"], r["bytes"], r["ranks"]): r["best"] for r in rows}
     out = {}
+    k4, k64, m64 = 4 << 10, 64 << 10, 64 << 20
 
     def put(name, num, den):
         if num in t and den in t:
             out[name] = round(t[num] / t[den], 3)
 
-    for label, size in (("64MiB", 64 << 20), ("4KiB", 4 << 10)):
+    for label, size in (("64MiB", m64), ("4KiB", k4)):
         for suffix, ours in (("", "shm zero-copy"), ("_plain", "shm"), ("_direct", "shm direct")):
             mine = (ours, "allreduce", size, 2)
             put(f"shm_vs_gloo_allreduce_{label}{suffix}", ("gloo", "allreduce", size, 2), mine)
             put(f"shm_vs_mpi_allreduce_{label}{suffix}", ("mpi4py+MPICH", "allreduce", size, 2), mine)
             put(f"shm_time_over_memcpy_{label}{suffix}", mine, ("memcpy", "memcpy", size, 1))
-    k64 = 64 << 10
+    for world in (4, 8):
+        for suffix, ours in (("", "shm zero-copy"), ("_plain", "shm"), ("_direct", "shm direct")):
+            put(
+                f"shm_vs_mpi_allreduce_4KiB_{world}ranks{suffix}",
+                ("mpi4py+MPICH", "allreduce", k4, world),
+                (ours, "allreduce", k4, world),
+            )
+        put(
+            f"shm_allgather_vs_mpi_4KiB_{world}ranks",
+            ("mpi4py+MPICH", "allgather", k4, world),
+            ("shm", "allgather", k4, world),
+        )
+    for label, size in (("4KiB", k4), ("64MiB", m64)):
+        # the raw library checks nothing: the goal compares our unchecked path; the checked one adds a collective
+        put(
+            f"mpi_backend_vs_mpi4py_{label}",
+            ("mpi4py+MPICH", "allreduce", size, 2),
+            ("mpi nocheck", "allreduce", size, 2),
+        )
+        put(
+            f"mpi_backend_checked_vs_mpi4py_{label}",
+            ("mpi4py+MPICH", "allreduce", size, 2),
+            ("mpi", "allreduce", size, 2),
+        )
+        put(f"torch_backend_vs_gloo_{label}", ("gloo", "allreduce", size, 2), ("torch nocheck", "allreduce", size, 2))
+        put(f"torch_backend_checked_vs_gloo_{label}", ("gloo", "allreduce", size, 2), ("torch", "allreduce", size, 2))
     if ("shm", "allreduce", k64, 2) in t and ("shm nocheck", "allreduce", k64, 2) in t:
         on, off = t[("shm", "allreduce", k64, 2)], t[("shm nocheck", "allreduce", k64, 2)]
         out["check_overhead_shm_64KiB"] = round(on / off - 1, 4)
+    return out
+
+
+def verdicts(rat: dict) -> dict:
+    """Each targeted ratio: its goal and whether this run met it (None when the row is missing)."""
+    out = {}
+    for name, (cmp, goal) in TARGETS.items():
+        v = rat.get(name)
+        met = None if v is None else (v >= goal if cmp == ">=" else v <= goal)
+        out[name] = {"value": v, "goal": f"{cmp} {goal}", "met": met}
     return out
 
 
@@ -305,12 +372,17 @@ def main() -> None:
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
     reps = 3 if args.quick else 5
     rounds = args.rounds or (1 if args.quick else 2)
-    worlds = [int(w) for w in (args.ranks or "2,4").split(",")]
+    worlds = [int(w) for w in (args.ranks or "2,4,8").split(",")]
+    load_before = os.getloadavg()
     rows, notes = memcpy_rows(sizes, reps), []
     for _ in range(rounds):
         for world in worlds:
             job_sizes = sizes if world == 2 or not args.quick else [s for s in sizes if s in (4 << 10, 64 << 20)]
             spec = {"sizes": job_sizes, "ops": list(OPS), "reps": reps, "world": world}
+            if args.quick:
+                spec["max_iters"] = 200  # a 4 KiB gloo call takes about 1 ms: bound each repetition
+            if world >= 8:  # the crowded case: small messages only, the rows the waiting strategy is about
+                spec.update(sizes=[4 << 10], ops=["allreduce", "allgather"], only=["shm", "shm direct", "gloo"])
             for p in PRODUCERS:
                 cmd = [sys.executable, os.path.abspath(__file__), "--worker", p.kind, "--spec", json.dumps(spec)]
                 t0 = time.monotonic()
@@ -348,13 +420,22 @@ def main() -> None:
         ["ranks", "op", "row", "size", "time us", "mean ± stdev", "algbw GB/s", "busbw GB/s"],
         table,
     )
+    load = {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]}
+    print(f"load average (1, 5, 15 min): before {load['before']}, after {load['after']} on {os.cpu_count()} cores")
     rat = ratios(rows)
+    goals = verdicts(rat)
     for k, v in rat.items():
-        print(f"{k:40s} {v}")
+        g = goals.get(k)
+        mark = "" if g is None else f"  target {g['goal']}: {'met' if g['met'] else 'MISSED'}"
+        print(f"{k:44s} {v}{mark}")
+    for k, g in goals.items():
+        if g["value"] is None:
+            print(f"{k:44s} (row missing)  target {g['goal']}")
     for n in notes:
         print("note:", n)
     if args.json:
-        write_json(args.json, {"rows": rows, "ratios": rat, "notes": notes, "quick": args.quick})
+        payload = {"rows": rows, "ratios": rat, "targets": goals, "load": load, "notes": notes, "quick": args.quick}
+        write_json(args.json, payload)
 
 
 if __name__ == "__main__":

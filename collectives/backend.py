@@ -13,32 +13,44 @@ the time they reach a backend (the communicator enforces this). ``Work.wait(time
 raises :class:`~collectives.errors.CollectiveTimeoutError` when time runs out and
 :class:`~collectives.errors.PeerDiedError` when the transport saw a peer go.
 
-Cross-rank checks: a backend class with ``checks_inline = True`` gets a
-``fingerprint=`` keyword on every op (a :class:`~collectives.fingerprint.Fingerprint`,
-or None when the user turned checks off), plus ``timeout=`` and ``async_op=``, and
-verifies the fingerprint in its own synchronisation,
-raising ``fingerprint.mismatch_error(mine, theirs)`` on every rank. For the others the
-communicator runs ``collectives.checks`` through the backend's own ``allgather``/``send``
-(on ``backend.device`` when set, else CPU). Optional attributes: ``store`` (a
-torch.distributed Store the communicator uses to name missing ranks after a timeout),
-``device``, and ``alloc(shape, dtype)`` for backend-preferred memory.
+Capabilities are declared, not probed: every backend class subclasses :class:`Backend`
+(explicitly, so it inherits the defaults below) and overrides what it has:
+
+* ``checks_inline`` (class attribute, default False): True for a backend that verifies the
+  communicator's fingerprint inside its own synchronisation; it must then satisfy
+  :class:`InlineCheckingBackend` (every op takes ``fingerprint=``, ``timeout=`` and
+  ``async_op=``, and raises ``fingerprint.mismatch_error(mine, theirs)`` on every rank).
+  For the others the communicator runs ``collectives.checks`` through the backend's own
+  ``allreduce``/``send`` on ``device``;
+* ``device`` (default None, meaning the CPU): where the communicator's own small tensors
+  (checks) must live;
+* ``store`` (default None): a torch.distributed Store the communicator uses to name
+  missing ranks after a timeout;
+* ``alloc(shape, dtype)`` (default: ``torch.empty`` on ``device``): the backend's
+  preferred memory for zero-copy ops.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import ClassVar, Literal, Protocol
 
 import torch
 
 from .types import ReduceOp, Work
 
 
-@runtime_checkable
 class Backend(Protocol):
     name: ClassVar[str]
+    checks_inline: ClassVar[bool] = False
     rank: int
     world_size: int
+    device: torch.device | None = None
+    store: object | None = None  # a torch.distributed.Store
+
+    def alloc(self, shape: Sequence[int] | int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A tensor in the backend's preferred memory. Collective for backends whose memory is shared."""
+        return torch.empty(shape, dtype=dtype, device=self.device)
 
     @classmethod
     def is_available(cls) -> bool:
@@ -73,3 +85,52 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class InlineCheckingBackend(Backend, Protocol):
+    """A backend that checks fingerprints inside its own synchronisation (``shm``). Its ops also
+    take ``fingerprint`` (None when checks are off), ``async_op`` (run on its own thread) and
+    ``timeout`` (seconds, for this op)."""
+
+    checks_inline: ClassVar[Literal[True]] = True
+
+    def allreduce(
+        self, tensor: torch.Tensor, op: ReduceOp, *, fingerprint=None, async_op=False, timeout=None
+    ) -> Work: ...
+
+    def broadcast(self, tensor: torch.Tensor, src: int, *, fingerprint=None, async_op=False, timeout=None) -> Work: ...
+
+    def allgather(
+        self, outputs: Sequence[torch.Tensor], tensor: torch.Tensor, *, fingerprint=None, async_op=False, timeout=None
+    ) -> Work: ...
+
+    def reduce_scatter(
+        self,
+        output: torch.Tensor,
+        inputs: Sequence[torch.Tensor],
+        op: ReduceOp,
+        *,
+        fingerprint=None,
+        async_op=False,
+        timeout=None,
+    ) -> Work: ...
+
+    def all_to_all(
+        self,
+        outputs: Sequence[torch.Tensor],
+        inputs: Sequence[torch.Tensor],
+        *,
+        fingerprint=None,
+        async_op=False,
+        timeout=None,
+    ) -> Work: ...
+
+    def send(
+        self, tensor: torch.Tensor, dst: int, tag: int, *, fingerprint=None, async_op=False, timeout=None
+    ) -> Work: ...
+
+    def recv(
+        self, tensor: torch.Tensor, src: int, tag: int, *, fingerprint=None, async_op=False, timeout=None
+    ) -> Work: ...
+
+    def barrier(self, *, fingerprint=None, async_op=False, timeout=None) -> Work: ...

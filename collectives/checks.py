@@ -2,9 +2,10 @@
 
 Why this design: the check must detect a mismatch on *every* rank and must itself never
 mismatch, so it is one fixed-shape collective that every rank issues before its op,
-whatever the op: an allgather of two int64 (sequence number, 63-bit digest of the
-fingerprint) through the backend itself. All ranks then hold the same table and reach
-the same verdict. Only on a mismatch do they exchange the full 512-byte fingerprints
+whatever the op: an in-place allreduce (MAX) of two int64, the 63-bit digest of the
+fingerprint (which covers the sequence number) and its negation, through the backend
+itself: all ranks agree iff every rank gets back its own digest for both. All ranks then
+hold the same extremes and reach the same verdict. Only on a mismatch do they exchange the full 512-byte fingerprints
 (a second fixed-shape allgather) so the error can name both sides. Because the op
 itself never started, the group stays usable after a :class:`CollectiveMismatchError`.
 
@@ -26,43 +27,46 @@ from collections.abc import Sequence
 
 import torch
 
+from .backend import Backend
 from .errors import CollectivesError
 from .fingerprint import ENCODED_SIZE, Fingerprint, mismatch_error
+from .types import ReduceOp
 
 CHECK_TAG = 32700  # p2p fingerprint messages; user tags must stay below it (MPI's TAG_UB is >= 32767)
 
 
-def check_collective(backend, fp: Fingerprint, timeout: float) -> None:
+def check_collective(backend: Backend, fp: Fingerprint, timeout: float) -> None:
     """Every rank of the group, before the op; blocks until all arrive. Raises on mismatch."""
     world = backend.world_size
     if world == 1:
         return
-    dev = getattr(backend, "device", None) or "cpu"  # nccl (and torch on cuda) move device memory only
-    mine = torch.tensor([fp.seq, fp.digest()], dtype=torch.int64, device=dev)
-    table = [torch.empty(2, dtype=torch.int64, device=dev) for _ in range(world)]
-    backend.allgather(table, mine).wait(timeout)
-    digests = [int(t[1]) for t in table]
-    if all(d == digests[0] for d in digests):
+    dev = backend.device or "cpu"  # nccl (and torch on cuda) move device memory only
+    d = fp.digest()
+    # One in-place allreduce of two int64: max(d) == d and max(-d) == -d on every rank iff all d agree.
+    both = torch.tensor([d, -d], dtype=torch.int64, device=dev)
+    backend.allreduce(both, ReduceOp.MAX).wait(timeout)
+    hi, neg_lo = both.tolist()
+    if hi == d and neg_lo == -d:
         return
-    # Everyone saw the same table, so everyone takes this branch: exchange full fingerprints.
+    # Every rank saw the same extremes, and at least one differs from its own digest, so every
+    # rank takes this branch: exchange full fingerprints to name both sides.
     raw = torch.frombuffer(bytearray(fp.encode()), dtype=torch.uint8).to(dev)
     full = [torch.empty(ENCODED_SIZE, dtype=torch.uint8, device=dev) for _ in range(world)]
     backend.allgather(full, raw).wait(timeout)
     theirs = [Fingerprint.decode(bytes(t.cpu().numpy())) for t in full]
-    mine_digest = fp.digest()
-    other = next(f for f, d in zip(theirs, digests) if d != mine_digest)  # exists: digests differ
+    other = next((f for f in theirs if f.digest() != d and f.rank != fp.rank), theirs[0])
     raise mismatch_error(fp, other)
 
 
-def send_fingerprint(backend, fp: Fingerprint, dst: int):
+def send_fingerprint(backend: Backend, fp: Fingerprint, dst: int):
     """Sender side of a p2p check: post the encoded fingerprint ahead of the payload."""
-    dev = getattr(backend, "device", None) or "cpu"
+    dev = backend.device or "cpu"
     raw = torch.frombuffer(bytearray(fp.encode()), dtype=torch.uint8).to(dev)
     return backend.send(raw, dst, CHECK_TAG)
 
 
-def post_recv_fingerprint(backend, src: int):
-    buf = torch.empty(ENCODED_SIZE, dtype=torch.uint8, device=getattr(backend, "device", None) or "cpu")
+def post_recv_fingerprint(backend: Backend, src: int):
+    buf = torch.empty(ENCODED_SIZE, dtype=torch.uint8, device=backend.device or "cpu")
     return buf, backend.recv(buf, src, CHECK_TAG)
 
 

@@ -5,7 +5,7 @@ torch tensors, takes an optional ``timeout`` (seconds) and, with ``async_op=True
 returns a :class:`Work` whose ``wait()`` completes it; otherwise it blocks and returns
 None. Argument checks (dtype, layout, sizes) happen here, once, for every backend, and
 so do the cross-rank fingerprint checks (see ``collectives.checks``) unless the backend
-checks inline (``checks_inline = True``: it gets ``fingerprint=`` on every op).
+checks inline (an :class:`~collectives.backend.InlineCheckingBackend`: it gets ``fingerprint=`` on every op).
 
 Async ops still check synchronously: the call returns once every rank has posted the
 same op (or raises), and the transfer itself overlaps with whatever the caller does next.
@@ -23,11 +23,24 @@ from . import checks, registry
 from .backend import Backend
 from .env import DistEnv, read_env
 from .errors import BackendUnavailableError, CollectivesError, CollectiveTimeoutError, InvalidTensorError
-from .fingerprint import Fingerprint, call_site
+from .fingerprint import Fingerprint, base_digest, call_site
 from .types import SUPPORTED_DTYPES, ReduceOp, Work
 
 log = logging.getLogger(__name__)
 _ORPHANS: list = []  # in-flight work abandoned by an error: never freed, so never written after free
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # exact types the fast path accepts (subclasses go the long way)
+_STRIDED = torch.strided
+_MAX_SPECS = 1024
+
+
+class _Spec:
+    """What repeats between calls of one op with one signature: validated once, then reused."""
+
+    __slots__ = ("op", "shapes", "dtype", "extra", "base", "arg")
+
+    def __init__(self, op: str, shapes: tuple, dtype: str, extra: str, group: str, arg=None):
+        self.op, self.shapes, self.dtype, self.extra, self.arg = op, shapes, dtype, extra, arg
+        self.base = base_digest(op, group, shapes, dtype, extra)
 
 
 class _Handle:
@@ -83,9 +96,11 @@ class Communicator:
     ):
         self.backend, self.env, self.check, self.timeout, self.group = backend, env, check, timeout, group
         self.global_ranks = list(global_ranks) if global_ranks is not None else list(range(backend.world_size))
-        self.store = store if store is not None else getattr(backend, "store", None)
-        self._inline = bool(getattr(type(backend), "checks_inline", False))
+        self.store = store if store is not None else backend.store
+        self._inline = type(backend).checks_inline
         self._seq = 0
+        self._grank = self.global_ranks[backend.rank]
+        self._specs: dict[tuple, _Spec] = {}
         self._sent: dict[int, int] = defaultdict(int)
         self._received: dict[int, int] = defaultdict(int)
 
@@ -152,7 +167,7 @@ class Communicator:
             tuple(tuple(s) for s in shapes),
             str(dtype).removeprefix("torch."),
             extra,
-            self.global_ranks[self.rank],
+            self._grank,
             call_site(),
         )
 
@@ -208,11 +223,47 @@ class Communicator:
         handle.wait(timeout)
         return None
 
+    # -- the fast path -------------------------------------------------------------------
+    def _remember(self, key: tuple, spec: _Spec) -> None:
+        if len(self._specs) >= _MAX_SPECS:
+            self._specs.clear()
+        self._specs[key] = spec
+
+    def _call(self, spec: _Spec, start: Callable[..., Work], args: tuple, timeout: float | None) -> None:
+        """A synchronous op whose arguments were validated before (same signature): fingerprint from
+        the cached spec, check (inline or not, unless off), run, wait. Costs a few microseconds."""
+        timeout = self.timeout if timeout is None else timeout
+        seq = self._seq
+        self._seq = seq + 1
+        fp = None
+        if self.check:
+            fp = Fingerprint(
+                seq, spec.op, self.group, spec.shapes, spec.dtype, spec.extra, self._grank, call_site(), spec.base
+            )
+        try:
+            if self._inline:
+                start(*args, fingerprint=fp, async_op=False, timeout=timeout).wait(timeout)
+            else:
+                if fp is not None:
+                    checks.check_collective(self.backend, fp, timeout)
+                start(*args).wait(timeout)
+        except CollectiveTimeoutError as exc:
+            if fp is None:  # checks off: describe the call only now that it failed
+                fp = Fingerprint(
+                    seq, spec.op, self.group, spec.shapes, spec.dtype, spec.extra, self._grank, call_site(), spec.base
+                )
+            raise self._timeout_error(fp, timeout, exc) from None
+
     # -- collectives ---------------------------------------------------------------------
     def allreduce(
         self, tensor: torch.Tensor, op: ReduceOp = ReduceOp.SUM, *, async_op: bool = False, timeout: float | None = None
     ) -> Work | None:
         """All ranks: reduce ``tensor`` over the group, in place."""
+        if type(tensor) in _PLAIN and not async_op:
+            key = ("allreduce", tensor.shape, tensor.dtype, op)
+            spec = self._specs.get(key)
+            if spec is not None and tensor.layout is _STRIDED and tensor.is_contiguous():
+                return self._call(spec, self.backend.allreduce, (tensor, spec.arg), timeout)
         op = ReduceOp(op)
         after: list = []
         (t,) = self._prep("allreduce", [tensor], after)
@@ -222,6 +273,10 @@ class Communicator:
                 "\nHINT: use SUM and divide, or a floating-point tensor"
             )
         fp = self._fingerprint("allreduce", [t.shape], t.dtype, f"op={op}")
+        if t.numel():
+            self._remember(
+                ("allreduce", t.shape, t.dtype, op), _Spec(fp.op, fp.shapes, fp.dtype, fp.extra, self.group, op)
+            )
         return self._run(
             fp,
             lambda **kw: self.backend.allreduce(t, op, **kw),
@@ -235,10 +290,18 @@ class Communicator:
         self, tensor: torch.Tensor, src: int = 0, *, async_op: bool = False, timeout: float | None = None
     ) -> Work | None:
         """All ranks: ``tensor`` on every rank becomes rank ``src``'s (group rank)."""
+        if type(tensor) in _PLAIN and not async_op:
+            spec = self._specs.get(("broadcast", tensor.shape, tensor.dtype, src))
+            if spec is not None and tensor.layout is _STRIDED and tensor.is_contiguous():
+                return self._call(spec, self.backend.broadcast, (tensor, src), timeout)
         self._rank_arg("broadcast", "src", src)
         after: list = []
         (t,) = self._prep("broadcast", [tensor], after)
         fp = self._fingerprint("broadcast", [t.shape], t.dtype, f"src={src}")
+        if t.numel():
+            self._remember(
+                ("broadcast", t.shape, t.dtype, src), _Spec(fp.op, fp.shapes, fp.dtype, fp.extra, self.group)
+            )
         return self._run(
             fp,
             lambda **kw: self.backend.broadcast(t, src, **kw),
@@ -258,6 +321,19 @@ class Communicator:
     ) -> Work | None:
         """All ranks: ``outputs[r]`` receives rank r's ``tensor``; sizes may differ per rank
         (every rank passes the same list of output shapes)."""
+        if type(tensor) in _PLAIN and not async_op and len(outputs) == self.world_size:
+            dtype = tensor.dtype
+            if (
+                tensor.layout is _STRIDED
+                and tensor.is_contiguous()
+                and all(
+                    type(o) in _PLAIN and o.dtype is dtype and o.layout is _STRIDED and o.is_contiguous()
+                    for o in outputs
+                )
+            ):
+                spec = self._specs.get(("allgather", tensor.shape, dtype, *(o.shape for o in outputs)))
+                if spec is not None:
+                    return self._call(spec, self.backend.allgather, (outputs, tensor), timeout)
         self._list("allgather", "output", outputs)
         after: list = []
         (t,) = self._prep("allgather", [tensor], None)
@@ -269,6 +345,9 @@ class Communicator:
                 f"{outs[self.rank].numel()} elements but the input has {t.numel()}"
             )
         fp = self._fingerprint("allgather", [o.shape for o in outs], dtype)
+        if any(o.numel() for o in outs):
+            key = ("allgather", t.shape, dtype, *(o.shape for o in outs))
+            self._remember(key, _Spec(fp.op, fp.shapes, fp.dtype, fp.extra, self.group))
         return self._run(
             fp,
             lambda **kw: self.backend.allgather(outs, t, **kw),
@@ -458,8 +537,7 @@ class Communicator:
 
     def alloc(self, shape: Sequence[int] | int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A tensor in the backend's preferred memory (a shared segment for ``shm``) for zero-copy ops."""
-        alloc = getattr(self.backend, "alloc", None)
-        return alloc(shape, dtype) if alloc else torch.empty(shape, dtype=dtype)
+        return self.backend.alloc(shape, dtype)
 
     def close(self) -> None:
         self.backend.close()

@@ -5,14 +5,18 @@ root/reduce-op and the user's call site. Ranks agree when their ``digest()`` agr
 (rank and call site are excluded: they differ legitimately). On a mismatch, every rank
 raises :func:`mismatch_error` naming both sides.
 
-Backends either exchange fingerprints inline with their own synchronisation (they set
+Cost matters: the communicator builds one per op. The hash of everything but ``seq`` is
+computed once per distinct call (shape, dtype, op...) and passed in as ``base`` (or cached
+here), the digest mixes it with ``seq`` in a few integer operations, and the call site is
+kept as (file, line) and formatted only when a message needs it.
+
+Backends either exchange fingerprints inline with their own synchronisation (they declare
 ``checks_inline = True`` and accept a ``fingerprint=`` keyword on every op), or the
 communicator runs a separate check before the op (see ``collectives.checks``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -22,28 +26,82 @@ import xxhash
 from .errors import CollectiveMismatchError
 
 ENCODED_SIZE = 512  # fixed-size slot so a fingerprint fits a shared-memory control block
+_MASK = 0x7FFF_FFFF_FFFF_FFFF
+_GOLDEN = 0x9E3779B97F4A7C15
+_bases: dict = {}
 
 
-@dataclasses.dataclass(frozen=True)
+def base_digest(op: str, group: str, shapes: tuple, dtype: str, extra: str) -> int:
+    """Hash of what must agree except the sequence number (cached: a training loop repeats a few dozen calls)."""
+    key = (op, group, shapes, dtype, extra)
+    base = _bases.get(key)
+    if base is None:
+        if len(_bases) > 4096:
+            _bases.clear()
+        base = _bases[key] = xxhash.xxh64_intdigest(repr(key).encode())
+    return base
+
+
 class Fingerprint:
-    seq: int
-    op: str
-    group: str
-    shapes: tuple[tuple[int, ...], ...]
-    dtype: str
-    extra: str  # reduce op, root, peer: whatever else must agree
-    rank: int
-    site: str  # file:line of the user's call
+    """One rank's description of one op. ``site`` is ``"file:line"`` (given as a string, or as a
+    ``(file, line)`` pair that is formatted on first use)."""
+
+    __slots__ = ("seq", "op", "group", "shapes", "dtype", "extra", "rank", "_site", "_base")
+
+    def __init__(
+        self,
+        seq: int,
+        op: str,
+        group: str,
+        shapes: tuple[tuple[int, ...], ...],
+        dtype: str,
+        extra: str,  # reduce op, root, peer: whatever else must agree
+        rank: int,
+        site: str | tuple[str, int],
+        base: int = 0,
+    ):
+        self.seq, self.op, self.group, self.shapes, self.dtype = seq, op, group, shapes, dtype
+        self.extra, self.rank, self._site, self._base = extra, rank, site, base
+
+    @property
+    def site(self) -> str:
+        if type(self._site) is tuple:
+            self._site = f"{self._site[0]}:{self._site[1]}"
+        return self._site
 
     def digest(self) -> int:
-        """63-bit digest of everything that must agree across ranks."""
-        key = f"{self.seq}|{self.op}|{self.group}|{self.shapes}|{self.dtype}|{self.extra}"
-        return xxhash.xxh64_intdigest(key.encode()) & 0x7FFF_FFFF_FFFF_FFFF
+        """63-bit digest of everything that must agree across ranks (never 0)."""
+        base = self._base
+        if not base:
+            base = self._base = base_digest(self.op, self.group, self.shapes, self.dtype, self.extra)
+        return ((base ^ (self.seq * _GOLDEN)) & _MASK) or 1
+
+    def _fields(self) -> dict:
+        return {
+            "seq": self.seq,
+            "op": self.op,
+            "group": self.group,
+            "shapes": self.shapes,
+            "dtype": self.dtype,
+            "extra": self.extra,
+            "rank": self.rank,
+            "site": self.site,
+        }
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Fingerprint) and self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash((self.seq, self.op, self.group, self.shapes, self.dtype, self.extra, self.rank))
+
+    def __repr__(self) -> str:
+        return "Fingerprint(" + ", ".join(f"{k}={v!r}" for k, v in self._fields().items()) + ")"
 
     def encode(self) -> bytes:
-        raw = json.dumps(dataclasses.asdict(self), separators=(",", ":")).encode()
+        fields = self._fields()
+        raw = json.dumps(fields, separators=(",", ":")).encode()
         if len(raw) > ENCODED_SIZE:  # very long shape lists or paths: keep what matters most
-            raw = json.dumps({**dataclasses.asdict(self), "shapes": [["..."]], "site": self.site[-120:]}).encode()
+            raw = json.dumps({**fields, "shapes": [["..."]], "site": self.site[-120:]}).encode()
         return raw.ljust(ENCODED_SIZE, b"\0")
 
     @classmethod
@@ -62,20 +120,19 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _INSIDE: dict[str, bool] = {}  # co_filename -> inside this package (abspath per call cost ~20 us per op)
 
 
-def call_site() -> str:
-    """file:line of the first frame outside the collectives package (the user's call)."""
-    frame = sys._getframe(1)
+def call_site(depth: int = 1) -> tuple[str, int] | str:
+    """(file, line) of the first frame outside the collectives package (the user's call), starting
+    ``depth`` frames above the caller."""
+    frame = sys._getframe(depth)
     while frame is not None:
         name = frame.f_code.co_filename
         inside = _INSIDE.get(name)
         if inside is None:
             inside = _INSIDE[name] = os.path.abspath(name).startswith(_HERE)
         if not inside:
-            break
+            return (name, frame.f_lineno)
         frame = frame.f_back
-    if frame is None:
-        return "<unknown>"
-    return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+    return "<unknown>"
 
 
 def mismatch_error(mine: Fingerprint, theirs: Fingerprint) -> CollectiveMismatchError:

@@ -23,6 +23,7 @@ from typing import ClassVar
 
 import torch
 
+from ..backend import Backend
 from ..env import DistEnv
 from ..errors import BackendUnavailableError, CollectivesError, CollectiveTimeoutError
 from ..types import ReduceOp, Work
@@ -69,7 +70,7 @@ class _HvdWork:
         return self._done or all(_horovod().poll(h) for h in self._handles)
 
 
-class HorovodBackend:
+class HorovodBackend(Backend):
     name: ClassVar[str] = "horovod"
 
     def __init__(

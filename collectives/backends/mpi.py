@@ -29,10 +29,12 @@ from typing import ClassVar
 
 import torch
 
+from ..backend import Backend
 from ..env import DistEnv
 from ..errors import CollectivesError, CollectiveTimeoutError, InvalidTensorError, PeerDiedError
 from ..types import ReduceOp, Work
 from . import _pmi
+from .store_fallback import fallback_store
 
 _MPI = None  # the mpi4py.MPI module, imported by _init_mpi
 _HEALTHY = True  # False after a transport error: skip MPI_Finalize at exit (it would wait on the dead)
@@ -42,22 +44,25 @@ _PMI_PROC = None  # rank 0's PMI server process, when no MPI launcher started th
 _PMI_TOKEN = ""  # proves our own segment report to that server
 
 
-def _types():
-    m = _MPI
-    return {
-        torch.float32: m.FLOAT,
-        torch.float64: m.DOUBLE,
-        torch.int32: m.INT32_T,
-        torch.int64: m.INT64_T,
-        torch.float16: m.UINT16_T,
-        torch.bfloat16: m.UINT16_T,
-        torch.uint8: m.BYTE,
-    }
+_TYPES: dict = {}  # torch dtype -> MPI datatype, filled once MPI is imported
+_OPS: dict = {}  # ReduceOp -> MPI op
 
 
-def _ops():
-    m = _MPI
-    return {ReduceOp.SUM: m.SUM, ReduceOp.AVG: m.SUM, ReduceOp.MIN: m.MIN, ReduceOp.MAX: m.MAX, ReduceOp.PROD: m.PROD}
+def _tables(m) -> None:
+    _TYPES.update(
+        {
+            torch.float32: m.FLOAT,
+            torch.float64: m.DOUBLE,
+            torch.int32: m.INT32_T,
+            torch.int64: m.INT64_T,
+            torch.float16: m.UINT16_T,
+            torch.bfloat16: m.UINT16_T,
+            torch.uint8: m.BYTE,
+        }
+    )
+    _OPS.update(
+        {ReduceOp.SUM: m.SUM, ReduceOp.AVG: m.SUM, ReduceOp.MIN: m.MIN, ReduceOp.MAX: m.MAX, ReduceOp.PROD: m.PROD}
+    )
 
 
 def _cpu(t: torch.Tensor) -> None:
@@ -68,10 +73,11 @@ def _cpu(t: torch.Tensor) -> None:
         )
 
 
-def _buf(t: torch.Tensor, count: int | None = None):
+def _buf(t: torch.Tensor):
     """Zero-copy MPI buffer spec of a contiguous CPU tensor."""
-    _cpu(t)
-    return [_MPI.buffer.fromaddress(t.data_ptr(), t.nbytes), t.numel() if count is None else count, _types()[t.dtype]]
+    if t.is_cuda:
+        _cpu(t)
+    return [_MPI.buffer.fromaddress(t.data_ptr(), t.nbytes), t.numel(), _TYPES[t.dtype]]
 
 
 def _bytes(t: torch.Tensor):
@@ -87,16 +93,17 @@ class _MPIWork:
     """Requests plus what to do once they complete (copy out, divide, downcast)."""
 
     def __init__(self, reqs, then=None, keep=()):
-        self._reqs, self._then, self._keep, self._done = list(reqs), then, keep, False
+        self._reqs, self._then, self._keep, self._done = reqs, then, keep, False
 
     def wait(self, timeout: float | None = None) -> None:
         global _HEALTHY
         if self._done:
             return
         deadline = None if timeout is None else time.monotonic() + timeout
+        test = _MPI.Request.Testall
         try:
             spins = 0
-            while not _MPI.Request.Testall(self._reqs):
+            while not test(self._reqs):
                 spins += 1
                 if spins % 64 == 0:
                     if deadline is not None and time.monotonic() > deadline:
@@ -120,7 +127,7 @@ class _MPIWork:
         return self._done or _MPI.Request.Testall(self._reqs)
 
 
-class MPIBackend:
+class MPIBackend(Backend):
     name: ClassVar[str] = "mpi"
 
     def __init__(self, comm, store=None):
@@ -138,6 +145,8 @@ class MPIBackend:
                 f"rank {env.where}: the mpi backend moves CPU tensors only, not {device!r}"
                 "\nHINT: use backend='nccl' or 'torch' for CUDA tensors"
             )
+        if store is None and not _mpi_launched() and env.world_size > 1:
+            store = fallback_store(env, timeout, "mpi")  # the PMI server's address travels through it
         MPI = _init_mpi(env, store, timeout)
         world = MPI.COMM_WORLD
         if world.Get_size() != env.world_size or world.Get_rank() != env.rank:
@@ -148,8 +157,6 @@ class MPIBackend:
             )
         comm = world.Dup()
         comm.Set_errhandler(MPI.ERRORS_RETURN)
-        if store is None and env.world_size > 1:
-            store = _host_store(comm, env, timeout)
         if store is not None:
             import torch.distributed as dist
 
@@ -158,25 +165,45 @@ class MPIBackend:
 
     # -- ops ------------------------------------------------------------------------------
     def allreduce(self, tensor: torch.Tensor, op: ReduceOp) -> Work:
-        work = tensor.float() if _half(tensor) else tensor
-        req = self._comm.Iallreduce(_MPI.IN_PLACE, _buf(work), _ops()[op])
+        if not _half(tensor):
+            req = self._comm.Iallreduce(_MPI.IN_PLACE, _buf(tensor), _OPS[op])
+            if op is not ReduceOp.AVG:
+                return _MPIWork([req], None, (tensor,))
+            return _MPIWork([req], lambda: tensor.div_(self.world_size), (tensor,))
+        work = tensor.float()  # no MPI type for half types: reduce in float32, round once
 
         def then():
             if op is ReduceOp.AVG:
                 work.div_(self.world_size)
-            if work is not tensor:
-                tensor.copy_(work)
+            tensor.copy_(work)
 
-        return _MPIWork([req], then if (op is ReduceOp.AVG or work is not tensor) else None, (work,))
+        return _MPIWork([self._comm.Iallreduce(_MPI.IN_PLACE, _buf(work), _OPS[op])], then, (work,))
 
     def broadcast(self, tensor: torch.Tensor, src: int) -> Work:
         return _MPIWork([self._comm.Ibcast(_buf(tensor), root=src)], keep=(tensor,))
 
     def allgather(self, outputs: Sequence[torch.Tensor], tensor: torch.Tensor) -> Work:
+        n, nbytes = tensor.numel(), tensor.nbytes
+        if all(o.numel() == n for o in outputs):
+            first = outputs[0].data_ptr()
+            if all(o.data_ptr() == first + i * nbytes for i, o in enumerate(outputs)):  # one buffer: in place
+                whole = [_MPI.buffer.fromaddress(first, nbytes * len(outputs)), n, _TYPES[tensor.dtype]]
+                aliased = tensor.data_ptr() == first + self.rank * nbytes  # MPI forbids aliasing but IN_PLACE
+                send = _MPI.IN_PLACE if aliased else _buf(tensor)
+                return _MPIWork([self._comm.Iallgather(send, whole)], keep=(tensor, outputs))
+            flat = torch.empty(n * len(outputs), dtype=tensor.dtype)
+            # the receive count is per rank
+            req = self._comm.Iallgather(_buf(tensor), [_buf(flat)[0], n, _TYPES[tensor.dtype]])
+
+            def scatter_out():
+                for o, part in zip(outputs, flat.view(len(outputs), n)):
+                    o.view(-1).copy_(part)
+
+            return _MPIWork([req], scatter_out, (tensor, flat))
         counts = [o.numel() for o in outputs]
         displs = [sum(counts[:i]) for i in range(len(counts))]
         flat = torch.empty(sum(counts), dtype=tensor.dtype)
-        req = self._comm.Iallgatherv(_buf(tensor), [_buf(flat)[0], counts, displs, _types()[tensor.dtype]])
+        req = self._comm.Iallgatherv(_buf(tensor), [_buf(flat)[0], counts, displs, _TYPES[tensor.dtype]])
 
         def then():
             for o, d, c in zip(outputs, displs, counts):
@@ -190,7 +217,7 @@ class MPIBackend:
         out = torch.empty(output.numel(), dtype=torch.float32) if _half(output) else output
         if _half(output):
             flat = flat.float()
-        req = self._comm.Ireduce_scatter(_buf(flat), _buf(out), counts, _ops()[op])
+        req = self._comm.Ireduce_scatter(_buf(flat), _buf(out), counts, _OPS[op])
 
         def then():
             if op is ReduceOp.AVG:
@@ -206,7 +233,7 @@ class MPIBackend:
         rdispls = [sum(rcounts[:i]) for i in range(len(rcounts))]
         sflat = torch.cat([i.reshape(-1) for i in inputs])
         rflat = torch.empty(sum(rcounts), dtype=sflat.dtype)
-        mtype = _types()[sflat.dtype]
+        mtype = _TYPES[sflat.dtype]
         req = self._comm.Ialltoallv(
             [_buf(sflat)[0], scounts, sdispls, mtype], [_buf(rflat)[0], rcounts, rdispls, mtype]
         )
@@ -251,8 +278,7 @@ def _init_mpi(env: DistEnv, store, timeout: float):
         return _MPI
     import sys
 
-    launched = any(k in os.environ for k in ("PMI_FD", "PMI_PORT", "PMIX_RANK", "PMI_RANK"))
-    if "mpi4py.MPI" not in sys.modules and not launched and env.world_size > 1:
+    if "mpi4py.MPI" not in sys.modules and not _mpi_launched() and env.world_size > 1:
         _connect_pmi(env, store, timeout)
     import mpi4py
 
@@ -260,8 +286,14 @@ def _init_mpi(env: DistEnv, store, timeout: float):
     from mpi4py import MPI
 
     _MPI = MPI
+    _tables(MPI)
     atexit.register(_finalize)
     return MPI
+
+
+def _mpi_launched() -> bool:
+    """True when an MPI launcher (mpiexec, srun --mpi) gave this process its PMI connection."""
+    return any(k in os.environ for k in ("PMI_FD", "PMI_PORT", "PMIX_RANK", "PMI_RANK"))
 
 
 def _finalize() -> None:
@@ -288,16 +320,12 @@ def _mapped_segments() -> set[str]:
 
 
 def _connect_pmi(env: DistEnv, store, timeout: float) -> None:
-    if store is None:
-        from .torchdist import _default_store
-
-        store = _default_store(env, timeout)
     if env.rank == 0:
         local = env.local_world_size == env.world_size
         host = "127.0.0.1" if local else (env.master_addr or socket.gethostname())
         # Nodes for MPICH's shared-memory paths: consecutive ranks with one host are one node.
         mapping = _process_mapping(store, env, timeout)
-        port = _start_pmi_server(env.world_size, "127.0.0.1" if local else "0.0.0.0", mapping, store)
+        port = _start_pmi_server(env.world_size, _pmi.bind_address(host, local), mapping, store)
         store.set(_PMI_KEY, f"{host}:{port}")
     else:
         _process_mapping(store, env, timeout)
@@ -344,22 +372,3 @@ def _process_mapping(store, env: DistEnv, timeout: float) -> str:
             blocks.append([node, 1, 1])
             node += 1
     return "(vector," + ",".join(f"({a},{b},{c})" for a, b, c in blocks) + ")"
-
-
-def _host_store(comm, env: DistEnv, timeout: float):
-    """Under mpiexec there is no job store: rank 0 hosts a TCPStore for timeout diagnostics."""
-    import datetime
-
-    import torch.distributed as dist
-
-    addr = None
-    if comm.Get_rank() == 0:
-        host = "127.0.0.1" if env.local_world_size == env.world_size else socket.gethostname()
-        store = dist.TCPStore(
-            host, 0, comm.Get_size(), True, timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False
-        )
-        addr = (host, store.port)
-    addr = comm.bcast(addr, root=0)  # once, at start-up: the one pickle this backend sends
-    if comm.Get_rank() != 0:
-        store = dist.TCPStore(addr[0], addr[1], comm.Get_size(), False, timeout=datetime.timedelta(seconds=timeout))
-    return store

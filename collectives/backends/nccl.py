@@ -7,7 +7,7 @@ recorded after the op, so a timeout is a timeout, not a hang. On a timeout or er
 communicator is aborted (``ncclCommAbort``), which unblocks the GPU.
 
 The NCCL unique id (128 bytes) goes from rank 0 to the others through the job's store
-(the launcher's store or, without one, a TCPStore at MASTER_ADDR:MASTER_PORT).
+(the launcher's store; without one, see ``store_fallback``).
 Sub-groups get their own NCCL communicator with an id exchanged the same way.
 
 UNVERIFIED: written without a GPU (none on the development machine); tested there are
@@ -24,6 +24,7 @@ from typing import ClassVar
 
 import torch
 
+from ..backend import Backend
 from ..env import DistEnv
 from ..errors import BackendUnavailableError, CollectivesError, CollectiveTimeoutError, InvalidTensorError
 from ..types import ReduceOp, Work
@@ -73,7 +74,7 @@ class _NcclWork:
         return self._done or self._event.query()
 
 
-class NCCLBackend:
+class NCCLBackend(Backend):
     name: ClassVar[str] = "nccl"
 
     def __init__(self, comm, rank: int, world_size: int, store, device: torch.device, uid_prefix: str):
@@ -109,9 +110,9 @@ class NCCLBackend:
         dev = torch.device(device if device.startswith("cuda:") else f"cuda:{env.local_rank}")
         torch.cuda.set_device(dev)
         if store is None:
-            from .torchdist import _default_store
+            from .store_fallback import fallback_store
 
-            store = _default_store(env, timeout)
+            store = fallback_store(env, timeout, "nccl")
         uid = exchange_unique_id(store, _ID_KEY + "world", env.rank == 0, timeout, nccl.get_unique_id)
         comm = nccl.NcclCommunicator(env.world_size, uid, env.rank)
         import torch.distributed as dist

@@ -1,8 +1,8 @@
 """torch.distributed as a backend: gloo on CPU tensors, nccl on CUDA tensors.
 
 Bootstrapped from the job's store (our authenticated rendezvous store where the
-launcher provides one), so no unauthenticated TCPStore is opened for the job. Under
-plain torchrun, rank 0 hosts a TCPStore at MASTER_ADDR:MASTER_PORT, as ``env://`` does.
+launcher provides one); without one, see ``store_fallback`` (no unauthenticated TCPStore
+unless the user opts in). A process group the user initialised already is used as is.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from typing import ClassVar
 import torch
 import torch.distributed as dist
 
+from ..backend import Backend
 from ..env import DistEnv
 from ..errors import CollectivesError, CollectiveTimeoutError, PeerDiedError
 from ..types import ReduceOp, Work
+from .store_fallback import fallback_store
 
 _OPS = {
     ReduceOp.SUM: dist.ReduceOp.SUM,
@@ -52,7 +54,7 @@ class _TorchWork:
         return self._done or self._work is None or self._work.is_completed()
 
 
-class TorchBackend:
+class TorchBackend(Backend):
     name: ClassVar[str] = "torch"
     device: torch.device | None = None  # where the communicator's own check tensors live
 
@@ -67,7 +69,7 @@ class TorchBackend:
     @classmethod
     def create(cls, env: DistEnv, store: dist.Store | None, timeout: float, device: str = "cpu") -> TorchBackend:
         if store is None and not dist.is_initialized():
-            store = _default_store(env, timeout)
+            store = fallback_store(env, timeout, "torch")
         if not dist.is_initialized():
             dist.init_process_group(
                 backend="nccl" if device.startswith("cuda") else "gloo",
@@ -190,23 +192,3 @@ class _MultiWork:
 
     def is_completed(self) -> bool:
         return all(w.is_completed() for w in self._works)
-
-
-def _default_store(env: DistEnv, timeout: float) -> dist.Store:
-    """The store ``env://`` would use: rank 0 hosts a TCPStore at MASTER_ADDR:MASTER_PORT."""
-    if env.world_size == 1:
-        return dist.HashStore()
-    if env.master_addr is None or env.master_port is None:
-        from ..errors import CollectivesError
-
-        raise CollectivesError(
-            f"rank {env.where}: the torch backend needs MASTER_ADDR and MASTER_PORT "
-            f"(started by {env.source})\nHINT: start workers with `disttrain launch`, torchrun, or set both variables"
-        )
-    return dist.TCPStore(
-        env.master_addr,
-        env.master_port,
-        env.world_size,
-        is_master=env.rank == 0,
-        timeout=datetime.timedelta(seconds=timeout),
-    )

@@ -1,5 +1,5 @@
 """Run under ``mpiexec -n N python -m tests.cases.collective_mpiexec``: the mpi backend with
-MPI's own launcher (no MASTER_ADDR, no store: rank 0 hosts one for diagnostics)."""
+MPI's own launcher (no MASTER_ADDR, no store: we open no listener; a timeout then cannot name the missing ranks)."""
 
 from __future__ import annotations
 

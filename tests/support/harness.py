@@ -49,6 +49,7 @@ def rank_env(rank: int, world_size: int, port: int, job_id: str, extra: dict | N
             "DISTTRAIN_JOB_ID": job_id,
             "OMP_NUM_THREADS": "1",
             "PYTHONUNBUFFERED": "1",
+            "DISTTRAIN_UNAUTHENTICATED_STORE": "1",  # loopback test jobs may open a plain TCPStore
             "PYTHONPATH": ROOT + os.pathsep + env.get("PYTHONPATH", ""),
         }
     )

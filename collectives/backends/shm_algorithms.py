@@ -1,0 +1,244 @@
+"""The collective algorithms of the ``shm`` backend, on a group's segment.
+
+Three paths, chosen per op from its size and where its tensors live:
+
+* latency (up to ``SMALL_BYTES``): copy into this rank's staging slot, one sync, every rank
+  reduces all slots straight into its own tensor: no allocation, numpy on views made once;
+* staged (larger, plain tensors): split the work, rank r reduces part r of everybody's data
+  (reduce-scatter), then every rank copies the other parts (allgather), pipelined through
+  the two staging slots in chunks of ``STAGING_SLOT_BYTES``;
+* zero copy (every rank's operand in one ``alloc``): peers read each other's buffers in
+  place: for an allreduce one read of N bytes plus a write of N bytes per rank, plus the
+  reduction.
+
+Staging slots alternate per round, so a round needs one sync: a rank writing slot k+1
+cannot overwrite what a slower peer still reads from slot k. Who calls: ``ShmBackend``, one
+op at a time per group.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..fingerprint import Fingerprint
+from ..types import ReduceOp
+from .shm_alloc import AllocTable
+from .shm_kernels import NUMPY_DTYPES, as_bytes, combine, reduce_numpy, reduce_rows, split_range
+from .shm_layout import RECORD_ALLOC, SMALL_BYTES, STAGING_SLOT_BYTES, Layout
+from .shm_sync import StepSync
+
+
+class Algorithms:
+    """Every collective of one group, run synchronously on the calling thread."""
+
+    def __init__(self, sync: StepSync, layout: Layout, u8: torch.Tensor, allocs: AllocTable):
+        self.sync, self.allocs = sync, allocs
+        self.rank, self.world = sync.rank, layout.world
+        self.stage = u8[layout.staging : layout.mailboxes].view(self.world, 2, STAGING_SLOT_BYTES)
+        self._typed: dict = {}  # (slot, dtype[, "np"]) -> view of every rank's slot
+        self._rounds = 0  # staging rounds issued (parity picks the slot)
+        # numpy views of recent small allreduce operands, by (address, bytes, dtype): making one costs more
+        # than the reduction. A view keeps its tensor's memory alive, so an address in here is never reused
+        # for other memory while its entry lives (at most 64 entries of at most SMALL_BYTES each).
+        self._arrays: dict = {}
+
+    # -- staging ---------------------------------------------------------------------------
+    def _next_slot(self) -> int:
+        self._rounds += 1
+        return self._rounds & 1
+
+    def _rows(self, slot: int, dtype: torch.dtype) -> torch.Tensor:
+        key = (slot, dtype)
+        rows = self._typed.get(key)
+        if rows is None:
+            rows = self._typed[key] = self.stage[:, slot, :].view(dtype)
+        return rows
+
+    def _np_rows(self, slot: int, dtype: torch.dtype):
+        key = (slot, dtype, "np")
+        rows = self._typed.get(key)
+        if rows is None:
+            rows = self._typed[key] = self.stage[:, slot, :].numpy().view(NUMPY_DTYPES[dtype])
+        return rows
+
+    def _shared(self, base: int):
+        """The alloc every rank's operand lies in, with each rank's offset; or (None, None)."""
+        offsets = self.sync.zero_copy_offsets(base)
+        if offsets is None:
+            return None, None
+        return self.allocs[self.sync.record(self.rank, base, RECORD_ALLOC)], offsets
+
+    def close(self) -> None:
+        self.stage = None
+        self._typed, self._arrays = {}, {}
+
+    # -- collectives -----------------------------------------------------------------------
+    def allreduce(self, t: torch.Tensor, op: ReduceOp, fp: Fingerprint | None) -> None:
+        world, nbytes, sync = self.world, t.nbytes, self.sync
+        if world == 1:
+            sync.arrive(fp, nbytes)
+            return
+        if nbytes <= SMALL_BYTES and t.dtype in NUMPY_DTYPES and (world == 2 or t.dtype is not torch.float16):
+            # Latency path in numpy (a third of torch's per-call overhead); fp16 pairs round once either way.
+            key = (t.data_ptr(), nbytes, t.dtype)
+            a = self._arrays.get(key)
+            if a is None:
+                if len(self._arrays) >= 64:
+                    self._arrays.clear()
+                a = self._arrays[key] = (t.detach() if t.requires_grad else t).numpy().reshape(-1)
+            n = a.shape[0]
+            rows = self._np_rows(self._next_slot(), t.dtype)
+            rows[self.rank, :n] = a
+            sync.arrive(fp, nbytes)
+            reduce_numpy(rows, a, n, op, world)
+            return
+        flat = t.view(-1)
+        if nbytes <= SMALL_BYTES:
+            rows = self._rows(self._next_slot(), t.dtype)
+            n = flat.numel()
+            rows[self.rank, :n].copy_(flat)
+            sync.arrive(fp, nbytes)
+            reduce_rows(rows[:, :n], flat, op, world)
+            return
+        base = sync.arrive(fp, nbytes, self.allocs.locate([t]))
+        alloc, offsets = self._shared(base)
+        if alloc is not None:
+            views = [alloc.peer(j, offsets[j], nbytes).view(t.dtype) for j in range(world)]
+            parts = split_range(flat.numel(), world)
+            lo, hi = parts[self.rank]
+            mine = views[self.rank]
+            others = [views[j][lo:hi] for j in range(world) if j != self.rank]
+            combine([mine[lo:hi], *others], mine[lo:hi], op, world)
+            sync.advance(fp)
+            for j, (a, b) in enumerate(parts):
+                if j != self.rank and b > a:
+                    mine[a:b].copy_(views[j][a:b])
+            sync.advance(fp)  # peers may still read our part: don't return (and let the caller write) before
+            return
+        chunk = STAGING_SLOT_BYTES // t.element_size()
+        for start in range(0, flat.numel(), chunk):
+            piece = flat[start : start + chunk]
+            n = piece.numel()
+            rows = self._rows(self._next_slot(), t.dtype)
+            rows[self.rank, :n].copy_(piece)
+            sync.advance(fp)
+            parts = split_range(n, world)
+            lo, hi = parts[self.rank]
+            if hi > lo:
+                others = [rows[j, lo:hi] for j in range(world) if j != self.rank]
+                combine([rows[self.rank, lo:hi], *others], rows[self.rank, lo:hi], op, world)
+            sync.advance(fp)
+            for j, (a, b) in enumerate(parts):
+                if b > a:
+                    piece[a:b].copy_(rows[j, a:b])
+
+    def broadcast(self, t: torch.Tensor, src: int, fp: Fingerprint | None) -> None:
+        nbytes, root, sync = t.numel() * t.element_size(), self.rank == src, self.sync
+        data = as_bytes(t)
+        if nbytes <= STAGING_SLOT_BYTES:
+            slot = self._next_slot()
+            if root:
+                self.stage[src, slot, :nbytes].copy_(data)
+            sync.arrive(fp, nbytes)
+            if not root:
+                data.copy_(self.stage[src, slot, :nbytes])
+            return
+        base = sync.arrive(fp, nbytes, self.allocs.locate([t]))
+        alloc, offsets = self._shared(base)
+        if alloc is not None:
+            if not root:
+                data.copy_(alloc.peer(src, offsets[src], nbytes))
+            sync.advance(fp)
+            return
+        for start in range(0, nbytes, STAGING_SLOT_BYTES):
+            n = min(STAGING_SLOT_BYTES, nbytes - start)
+            slot = self._next_slot()
+            if root:
+                self.stage[src, slot, :n].copy_(data[start : start + n])
+            sync.advance(fp)
+            if not root:
+                data[start : start + n].copy_(self.stage[src, slot, :n])
+
+    def allgather(self, outputs: list[torch.Tensor], t: torch.Tensor, fp: Fingerprint | None) -> None:
+        world, r, sync = self.world, self.rank, self.sync
+        outs = [as_bytes(o) for o in outputs]
+        sizes = [o.numel() for o in outs]
+        data = as_bytes(t)
+        biggest = max(sizes)
+        if biggest <= STAGING_SLOT_BYTES:
+            slot = self._next_slot()
+            self.stage[r, slot, : sizes[r]].copy_(data)
+            sync.arrive(fp, biggest)
+            for j in range(world):
+                outs[j].copy_(data if j == r else self.stage[j, slot, : sizes[j]])
+            return
+        base = sync.arrive(fp, biggest, self.allocs.locate([t]))
+        alloc, offsets = self._shared(base)
+        if alloc is not None:
+            for j in range(world):
+                outs[j].copy_(data if j == r else alloc.peer(j, offsets[j], sizes[j]))
+            sync.advance(fp)
+            return
+        outs[r].copy_(data)
+        for start in range(0, biggest, STAGING_SLOT_BYTES):
+            slot = self._next_slot()
+            mine = data[start : start + STAGING_SLOT_BYTES]
+            self.stage[r, slot, : mine.numel()].copy_(mine)
+            sync.advance(fp)
+            for j in range(world):
+                if j != r and sizes[j] > start:
+                    n = min(STAGING_SLOT_BYTES, sizes[j] - start)
+                    outs[j][start : start + n].copy_(self.stage[j, slot, :n])
+
+    def reduce_scatter(self, out: torch.Tensor, inputs: list[torch.Tensor], op: ReduceOp, fp) -> None:
+        world, r, size, sync = self.world, self.rank, out.element_size(), self.sync
+        counts = [i.numel() for i in inputs]
+        total = sum(counts)
+        my_lo = sum(counts[:r])
+        my_hi = my_lo + counts[r]
+        flat_out = out.view(-1)
+        base = sync.arrive(fp, total * size, self.allocs.locate(inputs) if total * size > SMALL_BYTES else (0, 0))
+        alloc, offsets = self._shared(base)
+        if alloc is not None:
+            lo, n = my_lo * size, counts[r] * size
+            srcs = [alloc.peer(j, offsets[j] + lo, n).view(out.dtype) for j in range(world)]
+            if n:
+                combine([srcs[r]] + [s for j, s in enumerate(srcs) if j != r], flat_out, op, world)
+            sync.advance(fp)
+            return
+        chunk = STAGING_SLOT_BYTES // size
+        for start in range(0, total, chunk):
+            end = min(total, start + chunk)
+            rows = self._rows(self._next_slot(), out.dtype)
+            pos = 0
+            for t in inputs:  # copy the part of the concatenation that falls in [start, end)
+                a, b = max(pos, start), min(pos + t.numel(), end)
+                if b > a:
+                    rows[r, a - start : b - start].copy_(t.view(-1)[a - pos : b - pos])
+                pos += t.numel()
+            sync.advance(fp)
+            a, b = max(my_lo, start), min(my_hi, end)
+            if b > a:
+                reduce_rows(rows[:, a - start : b - start], flat_out[a - my_lo : b - my_lo], op, world)
+
+    def all_to_all(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], fp) -> None:
+        world, r, sync = self.world, self.rank, self.sync
+        ins, outs = [as_bytes(i) for i in inputs], [as_bytes(o) for o in outputs]
+        outs[r].copy_(ins[r])
+        base = sync.arrive(fp, max(x.numel() for x in ins + outs))
+        biggest = sync.largest(base)
+        part = STAGING_SLOT_BYTES // world // 64 * 64  # each slot holds one part per destination
+        for start in range(0, biggest, part):
+            slot = self._next_slot()
+            for j in range(world):
+                piece = ins[j][start : start + part]
+                if j != r and piece.numel():
+                    self.stage[r, slot, j * part : j * part + piece.numel()].copy_(piece)
+            sync.advance(fp)
+            for j in range(world):
+                piece = outs[j][start : start + part]
+                if j != r and piece.numel():
+                    piece.copy_(self.stage[j, slot, r * part : r * part + piece.numel()])
+
+    def barrier(self, fp: Fingerprint | None) -> None:
+        self.sync.arrive(fp)
