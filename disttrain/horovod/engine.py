@@ -101,6 +101,7 @@ class SetWorker:
         self._thread: threading.Thread | None = None
         self._rows: torch.Tensor | None = None
         self._row: torch.Tensor | None = None
+        self._idle = True  # the thread waits for work (a submission wakes it) rather than for its cycle
 
     def start(self) -> None:
         if self.member:
@@ -123,7 +124,8 @@ class SetWorker:
             op.handle.alive = lambda: self.error
             self._names[op.name] = op
             self._queue.append(op)
-            self._cv.notify()
+            if self._idle:  # a busy thread wakes at its cycle deadline anyway: no wake-up per gradient
+                self._cv.notify()
 
     def join(self, handle: Handle) -> None:
         with self._cv:
@@ -163,7 +165,9 @@ class SetWorker:
                         now = time.monotonic()
                         if now >= wake:
                             break
+                        self._idle = not busy
                         self._cv.wait(wake - now)
+                    self._idle = False
                     out = [self._queue.popleft() for _ in range(min(s.slots, len(self._queue)))]
                     for op in out:
                         self._inflight[op.ann.name] = op

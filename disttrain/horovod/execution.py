@@ -25,7 +25,7 @@ from .exceptions import HorovodError
 from .handles import Handle
 from .negotiation import Announcement, Ready
 from .pool import MIN_BYTES, Pool
-from .wire import Kind, split_key
+from .wire import Kind, scale_, split_key
 
 _COMM_OPS = (CommOp.AVG, CommOp.SUM, None, CommOp.MIN, CommOp.MAX, CommOp.PROD)  # by hvd.ReduceOp value
 
@@ -141,7 +141,10 @@ def _allreduce(bucket: list[Ready], mine: dict[int, Op], comm, size: int, pool, 
     elif len(bucket) == 1 and ops[0] is not None:
         buf = ops[0].tensor.reshape(-1).clone()
     else:
-        buf = torch.empty(sum(_numel(r) for r in bucket), dtype=dtype)
+        total = sum(_numel(r) for r in bucket)
+        if pool is not None and pool.zero_copy and total * torch.empty((), dtype=dtype).element_size() >= MIN_BYTES:
+            pooled = pool.acquire(total, dtype, agreed_free, taken)  # a fusion buffer reduced zero-copy
+        buf = pooled if pooled is not None else torch.empty(total, dtype=dtype)
         off = 0
         for r, op in zip(bucket, ops):
             n = _numel(r)
@@ -152,16 +155,14 @@ def _allreduce(bucket: list[Ready], mine: dict[int, Op], comm, size: int, pool, 
             off += n
     if len(bucket) == 1 and ops[0] is None and pooled is None:
         buf.zero_()
-    if pre != 1.0:
-        buf.mul_(pre)
+    scale_(buf, pre)
     if comm is not None and size > 1:
         cop = _comm_op(first.fuse)
         int_avg = cop is CommOp.AVG and not dtype.is_floating_point
         comm.allreduce(buf, CommOp.SUM if int_avg else cop)
         if int_avg:
             buf.div_(size, rounding_mode="trunc")
-    if post != 1.0:
-        buf.mul_(post)
+    scale_(buf, post)
     off = 0
     for r, op in zip(bucket, ops):
         n = _numel(r)
@@ -230,7 +231,7 @@ def _reducescatter(r: Ready, op: Op | None, comm) -> None:
     me = comm.rank if comm is not None else 0
     rows = t.shape[0]
     counts = [rows // W + (1 if k < rows % W else 0) for k in range(W)]  # Horovod's split rule
-    src = t * op.pre if op.pre != 1.0 else t
+    src = scale_(t.clone(), op.pre) if op.pre != 1.0 else t
     out = torch.empty((counts[me], *t.shape[1:]), dtype=t.dtype)
     cop = _comm_op(r.fuse)
     int_avg = cop is CommOp.AVG and not t.is_floating_point()
@@ -240,8 +241,7 @@ def _reducescatter(r: Ready, op: Op | None, comm) -> None:
         out.copy_(src)
     if int_avg:
         out.div_(W, rounding_mode="trunc")
-    if op.post != 1.0:
-        out.mul_(op.post)
+    scale_(out, op.post)
     op.handle.complete(out)
 
 

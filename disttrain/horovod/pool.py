@@ -47,18 +47,20 @@ class Pool:
         return mask
 
     def acquire(self, numel: int, dtype: torch.dtype, agreed_free: int, taken: set[int]) -> torch.Tensor | None:
-        """A flat buffer free on every member, or None (then the caller uses its own memory)."""
+        """A flat buffer of ``numel`` elements (a prefix of a pooled one, sized by powers of two)
+        free on every member, or None (then the caller uses its own memory)."""
         if _use_count(torch.empty(0)) is None:
             return None
+        cap = 1 << max(numel - 1, 1).bit_length()
         for i, (key, buf, _) in enumerate(self._bufs):
-            if key == (numel, dtype) and agreed_free >> i & 1 and i not in taken:
+            if key == (cap, dtype) and agreed_free >> i & 1 and i not in taken:
                 taken.add(i)
-                return buf
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+                return buf[:numel]
+        nbytes = cap * torch.empty((), dtype=dtype).element_size()
         if len(self._bufs) >= MAX_BUFFERS or self._bytes + nbytes > self.max_bytes:
             return None
-        buf = self.comm.alloc(numel, dtype)  # keep this very tensor: shm forgets an alloc once it is dropped
-        self._bufs.append(((numel, dtype), buf, _use_count(buf)))
+        buf = self.comm.alloc(cap, dtype)  # keep this very tensor: shm forgets an alloc once it is dropped
+        self._bufs.append(((cap, dtype), buf, _use_count(buf)))
         self._bytes += nbytes
         taken.add(len(self._bufs) - 1)
-        return buf
+        return buf[:numel]

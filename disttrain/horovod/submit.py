@@ -77,6 +77,11 @@ def _described(kind: Kind, dtype: str, shape: tuple, op: str = "", scales=(1.0, 
     return desc, digest(describe(kind, dtype, signed, op, scales, root))
 
 
+def _same(tensor: torch.Tensor) -> Callable[[object], object]:
+    """In-place ops return the caller's own tensor object (the engine wrote a detached alias)."""
+    return lambda _: tensor
+
+
 def _finish_as(dtype: torch.dtype) -> Callable[[object], object]:
     return lambda t: t if t.dtype == dtype else t.to(dtype)
 
@@ -106,7 +111,7 @@ def allreduce_start(
     parts = []
     for i, (t, w) in enumerate(zip(tensors, wired)):
         n = f"{base}_{i}" if grouped else base
-        out = outputs[i] if outputs is not None else None
+        out = outputs[i].detach() if outputs is not None else None  # same storage, no autograd
         desc = _described(kind, dtype_name(t.dtype), tuple(t.shape), op.name, (pre, post))
         fuse = _fuse(kind, torch.float64 if kind is Kind.ADASUM else w.dtype, op, (pre, post))
         parts.append(
@@ -117,7 +122,7 @@ def allreduce_start(
                 desc,
                 fuse,
                 w.numel(),
-                None if out is not None else _finish_as(t.dtype),
+                _same(outputs[i]) if out is not None else _finish_as(t.dtype),
                 tensor=w,
                 output=out,
                 pre=pre,
@@ -163,8 +168,8 @@ def broadcast_start(tensor: torch.Tensor, root_rank: int, name: str | None, ps: 
         raise HorovodError(f"broadcast root_rank={root_rank} is not a member of {ps}")
     hid = handles.next_id()
     w = to_wire(tensor, "broadcast")
-    if not inplace and w is tensor:
-        w = w.clone()
+    if not inplace and w.data_ptr() == tensor.data_ptr():
+        w = w.clone()  # an out-of-place broadcast must not write into the caller's tensor
     desc = _described(Kind.BROADCAST, dtype_name(tensor.dtype), tuple(tensor.shape), root=root_rank)
     h = _submit(
         process_set_worker(ps, "broadcast"),
@@ -173,9 +178,9 @@ def broadcast_start(tensor: torch.Tensor, root_rank: int, name: str | None, ps: 
         desc,
         _fuse(Kind.BROADCAST, w.dtype, 0, (1.0, 1.0)),
         0,
-        None if inplace else _finish_as(tensor.dtype),
+        _same(tensor) if inplace else _finish_as(tensor.dtype),
         tensor=w,
-        output=tensor if inplace else None,
+        output=tensor.detach() if inplace else None,
         root=ps.ranks.index(root_rank),
     )
     return hid, h

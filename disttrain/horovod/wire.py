@@ -73,6 +73,7 @@ def to_wire(t, what: str) -> torch.Tensor:
     """``t`` as a contiguous tensor of a dtype every backend moves (narrow ints widened)."""
     if not isinstance(t, torch.Tensor):
         raise HorovodError(f"{what} expects a torch.Tensor, got {type(t).__name__}")
+    t = t.detach()  # the engine writes results in place: autograd must not see those writes
     if t.is_sparse:
         raise HorovodError(
             f"{what} got a sparse tensor\nHINT: use hvd.sparse_allreduce_async, or "
@@ -87,3 +88,12 @@ def to_wire(t, what: str) -> torch.Tensor:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def scale_(t: torch.Tensor, factor: float) -> torch.Tensor:
+    """``t *= factor`` for any dtype (integers: computed in float64, truncated, as Horovod casts)."""
+    if factor == 1.0:
+        return t
+    if t.is_floating_point():
+        return t.mul_(factor)
+    return t.copy_(t.to(torch.float64).mul_(factor).trunc())

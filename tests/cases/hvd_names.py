@@ -149,9 +149,16 @@ def errors(**_):
     attempt("gather_dims", lambda: hvd.allgather(torch.ones(2, 3 + r), name="e.gdims"))
     attempt("root", lambda: hvd.broadcast(torch.ones(2), root_rank=r, name="e.root"))
     attempt("splits", lambda: hvd.alltoall(torch.ones(W, 2), splits=[W + 1] + [0] * (W - 1)))
-    # a duplicate name in flight: raises at submission on that rank; the first op still completes
-    first = hvd.allreduce_async(torch.ones(2), name="e.dup", op=hvd.Sum)
-    attempt("duplicate", lambda: hvd.allreduce_async(torch.ones(2), name="e.dup"))
+    # a duplicate name in flight: raises at submission on that rank; the first op still completes.
+    # As in Horovod's test, the other ranks submit the name only after a barrier, so rank 0's first
+    # op is surely still in flight when it submits the duplicate.
+    if r == 0:
+        first = hvd.allreduce_async(torch.ones(2), name="e.dup", op=hvd.Sum)
+        attempt("duplicate", lambda: hvd.allreduce_async(torch.ones(2), name="e.dup"))
+    hvd.barrier()
+    if r != 0:
+        first = hvd.allreduce_async(torch.ones(2), name="e.dup", op=hvd.Sum)
+        out["duplicate"] = "not checked"
     out["dup_first"] = hvd.synchronize(first).tolist()
     out["after"] = float(hvd.allreduce(torch.ones(1), op=hvd.Sum)[0])
     return out
@@ -233,6 +240,30 @@ def sets_lifecycle(**_):
     return {"rounds": rounds, "twice": hvd.remove_process_set(hvd.ProcessSet([0]))}
 
 
+def large(**_):
+    """Allreduces past the pool threshold: a held result is never overwritten by the next one,
+    in-place results land in the user's tensor, and a fused bucket of many tensors is exact."""
+    W, r = hvd.size(), hvd.rank()
+    n = 1 << 19  # 2 MiB of float32
+    first = hvd.allreduce(torch.full((n,), float(r + 1)), op=hvd.Sum, name="big")
+    second = hvd.allreduce(torch.full((n,), float(10 * (r + 1))), op=hvd.Sum, name="big")
+    third = hvd.allreduce(torch.full((n,), 1.0), op=hvd.Sum, name="big")
+    mine = torch.full((n,), float(r))
+    hvd.allreduce_(mine, op=hvd.Max, name="big.inplace")
+    parts = [torch.full((1 << 14,), float(r + k)) for k in range(40)]  # 40 x 64 KiB, fused
+    hs = [hvd.allreduce_async_(p, op=hvd.Sum, name=f"part{k}") for k, p in enumerate(parts)]
+    for h in hs:
+        hvd.synchronize(h)
+    tot = sum(range(1, W + 1))
+    return {
+        "held": [float(first.min()), float(first.max())] == [float(tot)] * 2,
+        "second": bool((second == 10.0 * tot).all()),
+        "third": bool((third == float(W)).all()),
+        "inplace": bool((mine == float(W - 1)).all()),
+        "parts": all(bool((p == float(sum(q + k for q in range(W)))).all()) for k, p in enumerate(parts)),
+    }
+
+
 def environment(**_):
     """hvd.rank()/size()/local_*() agree with the HOROVOD_* variables when they are set."""
     keys = ["HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_LOCAL_RANK", "HOROVOD_LOCAL_SIZE"]
@@ -242,4 +273,4 @@ def environment(**_):
     }
 
 
-NAMED = [orders, rank_dependent, threads, stall, errors, sparse, sets_lifecycle, environment]
+NAMED = [orders, rank_dependent, threads, stall, errors, sparse, sets_lifecycle, large, environment]
