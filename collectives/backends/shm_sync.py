@@ -44,6 +44,7 @@ SPIN = 400  # polls before the first yield when every rank has a core: about 100
 YIELDS = 32  # then yields, then the futex
 CROWDED_SPIN, CROWDED_YIELDS = 16, 2  # ranks outnumber cores: get out of the way of the rank we wait for
 WORKER_SPIN = 8  # a worker thread hardly spins: spinning Python holds the GIL the caller's backward pass wants
+_YIELD_FOR = 2e-4  # seconds of yielding at most before the futex
 _SLEEP = 1e-3  # longest futex sleep: bounds a (rare) missed wake and paces liveness checks
 _LIVENESS_EVERY = 5e-3  # seconds between checks that awaited peers still run
 
@@ -155,9 +156,11 @@ class StepSync:
                 pending = [p for p in pending if ctrl[p] < target]
                 if not pending:
                     return
-                if yields > 0:
+                if yields > 0:  # a few yields, for at most _YIELD_FOR: on a busy machine each may cost a slice
                     yields -= 1
                     os.sched_yield()
+                    if time.monotonic() - start > _YIELD_FOR:
+                        yields = 0
                 elif futex is not None:
                     if not sleeping:
                         ctrl[self.mine + ROW_SLEEPING] = sleeping = 1  # peers now wake us when they step
