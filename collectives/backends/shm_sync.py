@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..errors import CollectiveMismatchError, CollectiveTimeoutError, PeerDiedError
 from ..fingerprint import ENCODED_SIZE, Fingerprint, mismatch_error
@@ -174,7 +174,9 @@ class StepSync:
                 now = time.monotonic()
                 if now - check > _LIVENESS_EVERY:
                     check = now
-                    self.check_alive([self.rank_of(p) for p in pending], fp)
+                    # A peer that arrived and then exited (it finished its last op) is not a death:
+                    # its counter, read after its death is seen, is final.
+                    self.check_alive([self.rank_of(p) for p in pending], fp, lambda r: ctrl[self.rows[r]] >= target)
                     if now > deadline:
                         self._timed_out(pending, fp)
         finally:
@@ -207,11 +209,12 @@ class StepSync:
     def what(self, fp: Fingerprint | None) -> str:
         return f"{fp.op}#{fp.seq} ({fp.site})" if fp is not None else f"collective #{self.ops}"
 
-    def check_alive(self, ranks: list[int], fp: Fingerprint | None) -> None:
-        """Raise :class:`PeerDiedError` (and mark the group broken) when one of ``ranks`` is gone."""
+    def check_alive(self, ranks: list[int], fp: Fingerprint | None, done: Callable[[int], bool] | None = None) -> None:
+        """Raise :class:`PeerDiedError` (and mark the group broken) when one of ``ranks`` is gone
+        before doing its part: ``done(rank)``, asked only once the rank is seen dead, says it did."""
         for r in ranks:
             pid = self.seg.pid(r)
-            if not pid_alive(pid):
+            if not pid_alive(pid) and not (done is not None and done(r)):
                 self.seg.maybe_unlink()
                 self.broken = f"group rank {r} died"
                 raise PeerDiedError(
