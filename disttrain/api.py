@@ -135,9 +135,10 @@ class Run:
                 )
         self.summary = t.finish()
 
-    def backward(self, loss_sum: torch.Tensor, count: float | torch.Tensor) -> None:
+    def backward(self, loss_sum: torch.Tensor, count: float | torch.Tensor, metrics: dict | None = None) -> None:
         """Backward of ``loss_sum``, the loss summed over ``count`` units (samples, or tokens that count).
-        The gradient becomes the mean over every unit of the global batch."""
+        The gradient becomes the mean over every unit of the global batch. ``metrics`` (what a step
+        function may return third) is accepted so ``run.backward(*step(model, batch))`` works; unused."""
         self._trainer().backward(loss_sum, count)
 
     def step(self) -> bool:
@@ -150,7 +151,7 @@ class Run:
         self._end_step()
         return True
 
-    def evaluate(self, dataset, step: StepFn | None = None, collate_fn=None, max_samples: int = 2048) -> dict:
+    def evaluate(self, dataset, step: StepFn | None = None, collate_fn=None, max_samples: int | None = None) -> dict:
         """Mean loss (and the step's metrics per unit) on ``dataset``, split over the ranks. Collective."""
         return self._trainer().evaluate(max_samples, dataset=dataset, step_fn=step, collate=collate_fn)
 

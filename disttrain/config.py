@@ -76,7 +76,9 @@ def _kind_or_target(value: Any) -> str | None:
     otherwise its ``kind`` names a built-in (registry entry)."""
     if isinstance(value, dict):
         return "import" if "target" in value else value.get("kind")
-    return "import" if getattr(value, "target", None) else getattr(value, "kind", None)
+    if isinstance(value, (TargetModel, TargetData)):
+        return "import"
+    return value.kind if isinstance(value, (MLPConfig, GPTConfig, DigitsData, ShakespeareData)) else None
 
 
 ModelConfig = Annotated[
@@ -174,6 +176,9 @@ class TrainConfig(Section):
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast dtype; master weights stay fp32.")
     log_every: int = Field(10, ge=1, description="Steps between metric lines.")
     eval_every: int = Field(0, ge=0, description="Steps between evaluations (0: only at the end).")
+    eval_samples: int = Field(
+        2048, ge=1, description="Samples of the eval split each evaluation reads (evenly spaced)."
+    )
 
 
 class MeshConfig(Section):
@@ -396,7 +401,8 @@ def _format(source: str, exc: ValidationError) -> list[str]:
             loc = loc[:1] + loc[2:]
         path = ".".join(str(p) for p in loc) or "<top>"
         if err["type"] == "value_error":  # a validator's own sentence (it may carry a HINT line)
-            lines.append(f"{source}: {path}: {str(err['msg']).removeprefix('Value error, ')}")
+            where = f"{path}: " if loc else ""
+            lines.append(f"{source}: {where}{str(err['msg']).removeprefix('Value error, ')}")
             continue
         if err["type"] == "extra_forbidden":
             known = _known_keys(loc, tagged)

@@ -6,10 +6,11 @@ Two ways in, on every rank:
   ``micro_batches()`` -> the user's forward -> ``backward(loss_sum, count)``, then ``end_step()``
   and ``after_step()``.
 
-Losses are sums over units (samples or tokens). ``backward`` divides by the global batch size
-(a constant every rank knows) before autograd; ``end_step`` adds this step's counts over every
-rank and micro-batch (one tiny allreduce) and scales the reduced gradients by
-``batch_size / global count``, so the gradient equals one process's on the same global batch,
+Losses are sums over units (samples or tokens). ``backward`` divides by the expected global count
+(global batch size x the data's fixed units per sample, else the batch size: a constant every rank
+knows) before autograd; ``end_step`` adds this step's counts over every rank and micro-batch (one
+tiny allreduce) and scales the reduced gradients by ``expected / global count`` when they differ
+(padding, ignored labels), so the gradient equals one process's on the same global batch,
 whatever the world size, micro-batching or padding (the equivalence tests rely on this).
 """
 
@@ -44,11 +45,20 @@ log = logging.getLogger(__name__)
 __all__ = ["Trainer", "build_optimizer"]
 
 
+# Structural checks of two Strategy capabilities, so a strategy that predates the contract's
+# ``schedules_micro_batches`` flag and ``grad_tensors`` (ModelParallel until issue 13 wires them) works too.
 @runtime_checkable
 class SchedulesMicroBatches(Protocol):
     """A strategy that runs forward and backward itself (pipeline parallel)."""
 
     def forward_backward(self, micro_batches, loss_fn) -> float: ...
+
+
+@runtime_checkable
+class HasGradTensors(Protocol):
+    """A strategy that exposes the gradient storage it steps with (for loss scaling and count scaling)."""
+
+    def grad_tensors(self) -> list[torch.Tensor]: ...
 
 
 class Trainer:
@@ -78,8 +88,7 @@ class Trainer:
         self._base_lrs = None if optimizer is None else [g["lr"] for g in self.strategy.optimizer.param_groups]
         # Model-parallel strategies name this rank's data-parallel replica: its tp/pp peers read the
         # same samples and report the same loss (counted once in the logged metrics).
-        self.dp_rank = getattr(self.strategy, "dp_rank", comm.rank)
-        self.dp_size = getattr(self.strategy, "dp_size", comm.world_size)
+        self.dp_rank, self.dp_size = self.strategy.dp_rank, self.strategy.dp_size
         self.sampler: GlobalBatchSampler | None = None
         self._loader: StepLoader | None = None
         self._num_workers = 0
@@ -92,7 +101,7 @@ class Trainer:
         # order on every rank (preemption before checkpointing, so a stop request is saved the same step).
         self.callbacks = list(callbacks or [])
         # fp16: dynamic loss scaling over the strategy's (possibly sharded) gradients; None otherwise.
-        self.scaler = maybe_loss_scaler(cfg.train.precision) if hasattr(self.strategy, "grad_tensors") else None
+        self.scaler = maybe_loss_scaler(cfg.train.precision) if isinstance(self.strategy, HasGradTensors) else None
         self._started = False
         self._open: contextlib.AbstractContextManager | None = None  # the accumulate context of a micro-batch
         self._trailing: list[int] = []  # this step's empty micro-batches after the last non-empty one
@@ -159,11 +168,15 @@ class Trainer:
 
     def backward(self, loss_sum: torch.Tensor, count: float | torch.Tensor) -> None:
         """Backward of one micro-batch's ``loss_sum`` over ``count`` units; closes its accumulate context."""
-        loss = loss_sum / self.cfg.train.batch_size
+        loss = loss_sum / self._expected_count()
         (self.scaler.scale(loss) if self.scaler else loss).backward()
         self._sums[0] += float(count)
         self._sums[1] += float(loss_sum.detach())
         self._close_micro()
+
+    def _expected_count(self) -> int:
+        per_sample = self.data.units_per_sample if self.data is not None else None
+        return self.cfg.train.batch_size * (per_sample or 1)
 
     def end_step(self) -> tuple[float, float, int]:
         """Reduce, scale by the global count, clip, schedule, optimizer step. Collective; every rank, once
@@ -185,7 +198,11 @@ class Trainer:
                 f"step {self.step}: the step function counted no units on any rank (count 0)\n"
                 "HINT: return (loss_sum, count) with count the number of samples or tokens in the loss"
             )
-        factor = self.cfg.train.batch_size / count
+        factor = self._expected_count() / count
+        if factor != 1.0 and not isinstance(s, HasGradTensors):
+            raise DisttrainError(
+                f"parallel strategy {type(s).__name__} cannot rescale its gradients by the global count"
+            )
         grads = s.grad_tensors() if self.scaler is not None or factor != 1.0 else []
         ok = self.scaler.unscale_(grads, self.comm) if self.scaler else True
         if factor != 1.0:
@@ -313,16 +330,17 @@ class Trainer:
     # -- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(
-        self, max_samples: int = 2048, dataset=None, step_fn: StepFn | None = None, collate=None
+        self, max_samples: int | None = None, dataset=None, step_fn: StepFn | None = None, collate=None
     ) -> dict[str, float]:
-        """Mean loss (and the step function's metrics, per unit) on up to ``max_samples`` evenly spaced
+        """Mean loss (and the step function's metrics, per unit) on up to ``max_samples`` (default
+        ``train.eval_samples``) evenly spaced
         samples of the eval split. Collective; every rank gets the result ({} without an eval split)."""
         dataset = dataset if dataset is not None else (self.data.eval if self.data is not None else None)
         if dataset is None or len(dataset) == 0:
             return {}
         collate = collate if collate is not None else self.data.collate if self.data is not None else None
         step_fn = step_fn or self.step_fn
-        n = min(len(dataset), max_samples)
+        n = min(len(dataset), max_samples or self.cfg.train.eval_samples)
         idx = torch.linspace(0, len(dataset) - 1, n).long()
         mine = idx[self.dp_rank * n // self.dp_size : (self.dp_rank + 1) * n // self.dp_size]
         per_rank = max(1, self.cfg.train.batch_size // self.dp_size)

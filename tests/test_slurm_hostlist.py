@@ -55,7 +55,7 @@ def test_unreadable_node_list_is_an_error_naming_it(nodelist):
         expand_hostlist(nodelist)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(
     prefix=st.from_regex(r"[a-z][a-z-]{0,5}", fullmatch=True),
     first=st.integers(0, 2000),

@@ -73,6 +73,22 @@ def unlink_segment(name: str) -> bool:
         os.close(dfd)
 
 
+def bind_address(host: str, local: bool) -> str:
+    """Where the server listens: loopback for a one-host job, else the address ranks are told
+    (``host``) when it is one of ours, and every interface only when it is not."""
+    if local:
+        return "127.0.0.1"
+    try:
+        addr = socket.gethostbyname(host)
+        if addr.startswith("127."):  # e.g. Debian's 127.0.1.1 for the host name: other hosts cannot reach it
+            return "0.0.0.0"
+        with socket.socket() as s:
+            s.bind((addr, 0))  # succeeds only for an address of this machine (namespace)
+        return addr
+    except OSError:
+        return "0.0.0.0"
+
+
 def credentials(size: int) -> tuple[list[int], str]:
     """One random, distinct PMI_ID per rank (MPICH parses it with ``atoi``: 31 bits), and a job token."""
     ids: set[int] = set()
@@ -94,8 +110,11 @@ def spawn(size: int, bind: str, mapping: str, *, stderr=None) -> tuple[subproces
         stdout=subprocess.PIPE,
         stderr=stderr,
     )
-    proc.stdin.write((json.dumps({"ids": ids, "token": token}) + "\n").encode())
-    proc.stdin.flush()
+    try:
+        proc.stdin.write((json.dumps({"ids": ids, "token": token}) + "\n").encode())
+        proc.stdin.flush()
+    except OSError:  # it died at once; the readline below says so
+        pass
     line = proc.stdout.readline()
     if not line.strip().isdigit():
         raise RuntimeError(f"the PMI server for the mpi backend did not start (said {line!r})")

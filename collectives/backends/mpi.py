@@ -325,7 +325,7 @@ def _connect_pmi(env: DistEnv, store, timeout: float) -> None:
         host = "127.0.0.1" if local else (env.master_addr or socket.gethostname())
         # Nodes for MPICH's shared-memory paths: consecutive ranks with one host are one node.
         mapping = _process_mapping(store, env, timeout)
-        port = _start_pmi_server(env.world_size, "127.0.0.1" if local else "0.0.0.0", mapping, store)
+        port = _start_pmi_server(env.world_size, _pmi.bind_address(host, local), mapping, store)
         store.set(_PMI_KEY, f"{host}:{port}")
     else:
         _process_mapping(store, env, timeout)

@@ -23,6 +23,9 @@ class Data:
     eval: Dataset | None = None
     collate: Callable[[list], Any] | None = None  # None: torch's default_collate
     unit: str | None = None  # what a step function's count counts, for throughput lines ("token")
+    # Units the step counts per sample when that is fixed (tokens of a fixed-length window): the trainer
+    # then divides by the expected global count up front and needs no rescaling when it is met.
+    units_per_sample: int | None = None
 
 
 def keep_batch(batch: Any) -> Any:

@@ -62,6 +62,7 @@ class Task:
             TensorPairs(self.batch, self.num_eval, "eval") if self.num_eval else None,
             collate=keep_batch,
             unit="token" if self.is_lm else "sample",
+            units_per_sample=self.units_per_sample,
         )
 
 

@@ -142,7 +142,7 @@ def init(comm=None, process_sets=None) -> None:
         if not isinstance(ps, ProcessSet):
             raise HorovodError("hvd.init(process_sets=...) takes a list of ProcessSet; 'dynamic' is the default here")
         add_process_set(ps)
-    if os.environ.get("HOROVOD_TIMELINE"):
+    if os.environ.get("HOROVOD_TIMELINE", "DYNAMIC") != "DYNAMIC":  # DYNAMIC: hvd.start_timeline() later
         start_timeline(os.environ["HOROVOD_TIMELINE"], mark_cycles=bool(os.environ.get("HOROVOD_TIMELINE_MARK_CYCLES")))
 
 

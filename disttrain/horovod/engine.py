@@ -49,6 +49,7 @@ from .negotiation import (
     mismatch_message,
     row_of,
 )
+from .pool import Pool
 from .wire import Kind, digest, fuse_key
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class SetWorker:
     def __init__(self, engine: Engine, set_id: int, ranks: Sequence[int], comm: Communicator | None):
         self.engine, self.id, self.ranks, self.comm = engine, set_id, list(ranks), comm
         self.member = comm is not None
+        self.pool = Pool(comm) if comm is not None else None
         s = engine.settings
         self.table = Table(len(self.ranks), stall_warn_s=s.stall_warn_s, stall_fail_s=s.stall_fail_s)
         self._cv = threading.Condition()
@@ -97,6 +99,8 @@ class SetWorker:
         self.error: BaseException | None = None
         self.stopped = False
         self._thread: threading.Thread | None = None
+        self._rows: torch.Tensor | None = None
+        self._row: torch.Tensor | None = None
 
     def start(self) -> None:
         if self.member:
@@ -178,14 +182,18 @@ class SetWorker:
         """One cycle; True when the set stops (shutdown or removal agreed)."""
         s, size = self.engine.settings, len(self.ranks)
         clock = int((time.monotonic() - self.engine.t0) * 1e3)
-        row = torch.tensor(row_of(flags, clock, [op.ann for op in out], s.slots), dtype=torch.int64)
+        free = self.pool.free_mask()
+        used = row_of(flags, clock, [op.ann for op in out], 0, free)
         if size > 1:
-            table = torch.empty(size, row.numel(), dtype=torch.int64)
-            self.comm.allgather(list(table.unbind(0)), row)
-            counts = table[:, 1].tolist()
-            rows = [table[i, : HEADER + SLOT * counts[i]].tolist() for i in range(size)]
+            if self._rows is None:  # one buffer for the set's lifetime (slots beyond a row's count are not read)
+                self._rows = torch.zeros(size, HEADER + SLOT * s.slots, dtype=torch.int64)
+                self._row = torch.zeros(HEADER + SLOT * s.slots, dtype=torch.int64)
+            self._row[: len(used)] = torch.tensor(used, dtype=torch.int64)
+            self.comm.allgather(list(self._rows.unbind(0)), self._row)
+            counts = self._rows[:, 1].tolist()
+            rows = [self._rows[i, : HEADER + SLOT * counts[i]].tolist() for i in range(size)]
         else:
-            rows = [row[: HEADER + SLOT * len(out)].tolist()]
+            rows = [used]
         verdict = self.table.absorb(rows)
         t_agreed = time.perf_counter()
         tl = timeline.active()  # read before any handle completes: a later start_timeline sees later ops only
@@ -208,7 +216,12 @@ class SetWorker:
             op = self._inflight.get(r.name)
             if op is not None:
                 op.t_agreed = t_agreed
-        run_ready(verdict.ready, self._inflight, self.comm if size > 1 else None, s.fusion_bytes)
+        agreed_free = free
+        for r in rows:
+            agreed_free &= r[3]
+        run_ready(
+            verdict.ready, self._inflight, self.comm if size > 1 else None, s.fusion_bytes, self.pool, agreed_free
+        )
         for r in verdict.ready:
             op = self._take(r.name)
             if op is not None and tl is not None:

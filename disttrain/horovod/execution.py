@@ -24,6 +24,7 @@ from . import adasum
 from .exceptions import HorovodError
 from .handles import Handle
 from .negotiation import Announcement, Ready
+from .pool import MIN_BYTES, Pool
 from .wire import Kind, split_key
 
 _COMM_OPS = (CommOp.AVG, CommOp.SUM, None, CommOp.MIN, CommOp.MAX, CommOp.PROD)  # by hvd.ReduceOp value
@@ -64,12 +65,20 @@ def _deliver(op: Op, value: torch.Tensor) -> None:
     op.handle.complete(value)
 
 
-def run_ready(ready: list[Ready], mine: dict[int, Op], comm: Communicator | None, fusion_bytes: int) -> None:
+def run_ready(
+    ready: list[Ready],
+    mine: dict[int, Op],
+    comm: Communicator | None,
+    fusion_bytes: int,
+    pool: Pool | None = None,
+    agreed_free: int = 0,
+) -> None:
     """Run one cycle's ready list, completing the handles of this rank's ops. ``mine`` maps name
     digests to this rank's ops (absent for the ops this rank answers after join()). A transport
     error propagates: the set's communicators are then out of step, and the engine stops the set."""
     size = comm.world_size if comm is not None else 1
     done: set[int] = set()
+    taken: set[int] = set()  # pool buffers handed out in this cycle
     for i, r in enumerate(ready):
         if r.name in done:
             continue
@@ -86,7 +95,7 @@ def run_ready(ready: list[Ready], mine: dict[int, Op], comm: Communicator | None
                 bucket.append(r2)
                 nbytes += b
                 done.add(r2.name)
-            _allreduce(bucket, mine, comm, size)
+            _allreduce(bucket, mine, comm, size, pool, agreed_free, taken)
         else:
             done.add(r.name)
             op = mine.get(r.name)
@@ -103,13 +112,29 @@ def _numel(r: Ready) -> int:
     return next(a for a in r.aux if a is not None)
 
 
-def _allreduce(bucket: list[Ready], mine: dict[int, Op], comm, size: int) -> None:
+def _allreduce(bucket: list[Ready], mine: dict[int, Op], comm, size: int, pool, agreed_free: int, taken) -> None:
     first = bucket[0]
     dtype = split_key(first.fuse)[1]
     ops = [mine.get(r.name) for r in bucket]
     lead = next((o for o in ops if o is not None), None)
     pre, post = (lead.pre, lead.post) if lead is not None else (1.0, 1.0)
-    if len(bucket) == 1 and ops[0] is not None and ops[0].output is not None and ops[0].output.dtype == dtype:
+    n0 = _numel(first)
+    pooled = None
+    big = n0 * torch.empty((), dtype=dtype).element_size() >= MIN_BYTES
+    # Out of place: a reused result buffer saves faulting in a fresh one (any backend). In place:
+    # worth the two copies only where the pool's buffers are reduced zero-copy. Members may differ
+    # in ``in_place`` only where allocation is local (not zero_copy), and a buffer is reused only
+    # when this member's own bit in the agreed mask says it is free here, so that is safe.
+    in_place = lead is not None and lead.output is not None
+    if len(bucket) == 1 and pool is not None and big and (pool.zero_copy or not in_place):
+        pooled = pool.acquire(n0, dtype, agreed_free, taken)  # the same answer on every member
+    if pooled is not None:
+        buf = pooled
+        if ops[0] is not None:
+            buf.copy_(ops[0].tensor.view(-1))
+        else:
+            buf.zero_()
+    elif len(bucket) == 1 and ops[0] is not None and _reduce_in_output(ops[0], dtype):
         buf = ops[0].output.view(-1)  # in place, alone: reduce where it lies
         if ops[0].tensor.data_ptr() != buf.data_ptr():
             buf.copy_(ops[0].tensor.view(-1))
@@ -125,7 +150,7 @@ def _allreduce(bucket: list[Ready], mine: dict[int, Op], comm, size: int) -> Non
             else:
                 buf[off : off + n].copy_(op.tensor.view(-1))
             off += n
-    if len(bucket) == 1 and ops[0] is None:
+    if len(bucket) == 1 and ops[0] is None and pooled is None:
         buf.zero_()
     if pre != 1.0:
         buf.mul_(pre)
@@ -143,6 +168,10 @@ def _allreduce(bucket: list[Ready], mine: dict[int, Op], comm, size: int) -> Non
         if op is not None:
             _deliver(op, buf[off : off + n].view(op.tensor.shape))
         off += n
+
+
+def _reduce_in_output(op: Op, dtype: torch.dtype) -> bool:
+    return op.output is not None and op.output.dtype == dtype and op.output.is_contiguous()
 
 
 def _adasum(r: Ready, op: Op | None, comm) -> None:

@@ -50,7 +50,8 @@ class Handle:
         self.wait()
         if self._error is not None:
             raise self._error
-        return self._finish(self._value) if self._finish is not None else self._value
+        value, self._value = self._value, None  # the caller owns it now (pool buffers count owners)
+        return self._finish(value) if self._finish is not None else value
 
 
 class GroupHandle(Handle):

@@ -28,7 +28,7 @@ import logging
 from .wire import JOINABLE, Kind, split_key
 
 log = logging.getLogger(__name__)
-HEADER = 4  # flags, announcement count, clock (ms), reserved
+HEADER = 4  # flags, announcement count, clock (ms), free result buffers (see ``pool``)
 SLOT = 4  # name digest, signature digest, fusion key, aux
 JOINED, SHUTDOWN, REMOVING = 1, 2, 4  # row flags
 DESCRIPTION_BYTES = 384  # a readable description of one op, exchanged only on a mismatch
@@ -165,8 +165,8 @@ class Table:
         return Verdict(ready, failed, stalled, joined, join_done, shutdown, removed)
 
 
-def row_of(flags: int, clock_ms: int, outgoing: list[Announcement], slots: int) -> list[int]:
-    row = [flags, len(outgoing), clock_ms, 0]
+def row_of(flags: int, clock_ms: int, outgoing: list[Announcement], slots: int, free: int = 0) -> list[int]:
+    row = [flags, len(outgoing), clock_ms, free]
     for a in outgoing:
         row += [a.name, a.signature, a.fuse, a.aux]
     return row + [0] * (SLOT * (slots - len(outgoing)))

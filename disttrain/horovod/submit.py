@@ -13,6 +13,7 @@ the calling rank, before anything is submitted, as Horovod's enqueue functions d
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -50,25 +51,30 @@ def _submit(
     worker,
     name: str,
     kind: Kind,
-    desc: str,
+    described: tuple[str, int],
     fuse: int,
     aux: int,
     finish: Callable[[object], object] | None = None,
     **fields,
 ) -> Handle:
     handle = Handle(name, finish)
-    ann = Announcement(digest(name), digest(desc if kind is not Kind.ALLGATHER else _gather_sig(desc)), fuse, aux)
-    worker.submit(Op(name, kind, ann, desc, handle, **fields))
+    desc, sig = described
+    worker.submit(Op(name, kind, Announcement(_digest(name), sig, fuse, aux), desc, handle, **fields))
     return handle
 
 
-def _gather_sig(desc: str) -> str:
-    """Allgather and alltoall may differ in the first dimension: leave it out of the signature."""
-    import json
+# A training loop submits the same names and shapes every step: describe each once.
+_digest = functools.lru_cache(maxsize=8192)(digest)
+_fuse = functools.lru_cache(maxsize=1024)(fuse_key)
 
-    d = json.loads(desc)
-    d["shape"] = [len(d["shape"]), *d["shape"][1:]]
-    return json.dumps(d)
+
+@functools.lru_cache(maxsize=8192)
+def _described(kind: Kind, dtype: str, shape: tuple, op: str = "", scales=(1.0, 1.0), root: int = -1):
+    """(readable description, signature digest). Allgather and alltoall may differ in the first
+    dimension, so it stays out of their signature (the rank count of the shape stays in)."""
+    desc = describe(kind, dtype, shape, op, scales, root)
+    signed = (len(shape), *shape[1:]) if kind in (Kind.ALLGATHER, Kind.ALLTOALL) else shape
+    return desc, digest(describe(kind, dtype, signed, op, scales, root))
 
 
 def _finish_as(dtype: torch.dtype) -> Callable[[object], object]:
@@ -101,8 +107,8 @@ def allreduce_start(
     for i, (t, w) in enumerate(zip(tensors, wired)):
         n = f"{base}_{i}" if grouped else base
         out = outputs[i] if outputs is not None else None
-        desc = describe(kind, dtype_name(t.dtype), t.shape, op.name, (pre, post))
-        fuse = fuse_key(kind, torch.float64 if kind is Kind.ADASUM else w.dtype, op, (pre, post))
+        desc = _described(kind, dtype_name(t.dtype), tuple(t.shape), op.name, (pre, post))
+        fuse = _fuse(kind, torch.float64 if kind is Kind.ADASUM else w.dtype, op, (pre, post))
         parts.append(
             _submit(
                 worker,
@@ -137,13 +143,13 @@ def allgather_start(tensor: torch.Tensor, name: str | None, ps: ProcessSet, pref
     w = to_wire(tensor, "allgather")
     if w.dim() == 0:
         w = w.reshape(1)
-    desc = describe(Kind.ALLGATHER, dtype_name(tensor.dtype), w.shape)
+    desc = _described(Kind.ALLGATHER, dtype_name(tensor.dtype), tuple(w.shape))
     h = _submit(
         process_set_worker(ps, "allgather"),
         _name(prefix, name, ps),
         Kind.ALLGATHER,
         desc,
-        fuse_key(Kind.ALLGATHER, w.dtype, 0, (1.0, 1.0)),
+        _fuse(Kind.ALLGATHER, w.dtype, 0, (1.0, 1.0)),
         w.shape[0],
         _finish_as(tensor.dtype),
         tensor=w,
@@ -159,13 +165,13 @@ def broadcast_start(tensor: torch.Tensor, root_rank: int, name: str | None, ps: 
     w = to_wire(tensor, "broadcast")
     if not inplace and w is tensor:
         w = w.clone()
-    desc = describe(Kind.BROADCAST, dtype_name(tensor.dtype), tensor.shape, root=root_rank)
+    desc = _described(Kind.BROADCAST, dtype_name(tensor.dtype), tuple(tensor.shape), root=root_rank)
     h = _submit(
         process_set_worker(ps, "broadcast"),
         _name("broadcast", name, ps),
         Kind.BROADCAST,
         desc,
-        fuse_key(Kind.BROADCAST, w.dtype, 0, (1.0, 1.0)),
+        _fuse(Kind.BROADCAST, w.dtype, 0, (1.0, 1.0)),
         0,
         None if inplace else _finish_as(tensor.dtype),
         tensor=w,
@@ -182,7 +188,7 @@ def alltoall_start(tensor: torch.Tensor, splits, name: str | None, ps: ProcessSe
     rows = w.shape[0] if w.dim() else 0
     if splits is None:
         if rows % n:
-            raise HorovodError(
+            raise ValueError(
                 f"alltoall: first dimension {rows} is not divisible by the set size {n}\n"
                 "HINT: pass splits= (rows per destination rank)"
             )
@@ -198,14 +204,14 @@ def alltoall_start(tensor: torch.Tensor, splits, name: str | None, ps: ProcessSe
             f"the first dimension {rows}"
         )
     hid = handles.next_id()
-    desc = describe(Kind.ALLTOALL, dtype_name(tensor.dtype), w.shape)
+    desc = _described(Kind.ALLTOALL, dtype_name(tensor.dtype), tuple(w.shape))
     dtype = tensor.dtype
     h = _submit(
         process_set_worker(ps, "alltoall"),
         _name("alltoall", name, ps),
         Kind.ALLTOALL,
         desc,
-        fuse_key(Kind.ALLTOALL, w.dtype, 0, (1.0, 1.0)),
+        _fuse(Kind.ALLTOALL, w.dtype, 0, (1.0, 1.0)),
         rows,
         lambda res: (res[0] if res[0].dtype == dtype else res[0].to(dtype), res[1]),
         tensor=w,
@@ -221,13 +227,13 @@ def reducescatter_start(tensor, name, op: ReduceOp, ps: ProcessSet, pre: float, 
     if w.dim() == 0:
         raise HorovodError("Process-set rank zero tried to reducescatter a rank-zero tensor.")
     hid = handles.next_id()
-    desc = describe(Kind.REDUCESCATTER, dtype_name(tensor.dtype), tensor.shape, op.name, (pre, post))
+    desc = _described(Kind.REDUCESCATTER, dtype_name(tensor.dtype), tuple(tensor.shape), op.name, (pre, post))
     h = _submit(
         process_set_worker(ps, "reducescatter"),
         _name(prefix, name, ps),
         Kind.REDUCESCATTER,
         desc,
-        fuse_key(Kind.REDUCESCATTER, w.dtype, op, (pre, post)),
+        _fuse(Kind.REDUCESCATTER, w.dtype, op, (pre, post)),
         w.numel(),
         _finish_as(tensor.dtype),
         tensor=w,
@@ -239,8 +245,8 @@ def reducescatter_start(tensor, name, op: ReduceOp, ps: ProcessSet, pre: float, 
 
 def barrier_start(ps: ProcessSet):
     hid = handles.next_id()
-    desc = describe(Kind.BARRIER, "", [])  # Horovod's fixed name: one barrier per set at a time
-    fuse = fuse_key(Kind.BARRIER, torch.int64, 0, (1.0, 1.0))
+    desc = _described(Kind.BARRIER, "", ())  # Horovod's fixed name: one barrier per set at a time
+    fuse = _fuse(Kind.BARRIER, torch.int64, 0, (1.0, 1.0))
     return hid, _submit(process_set_worker(ps, "barrier"), "barrier.noname", Kind.BARRIER, desc, fuse, 0)
 
 

@@ -6,7 +6,8 @@
     torchrun --nproc-per-node 2 examples/gpt2_shakespeare/train.py examples/gpt2_shakespeare/gpt2.yaml
     mpiexec -n 2 python examples/gpt2_shakespeare/train.py examples/gpt2_shakespeare/gpt2.yaml launch.backend=mpi
 
-The YAML's model/data/loss targets are not used here: this script builds them itself.
+This script builds the model, data and step itself (the YAML's targets are not imported); it
+reads their sizes from the YAML's model.kwargs and data.kwargs, so both ways train the same thing.
 """
 
 import sys
@@ -19,9 +20,9 @@ import disttrain
 
 def main() -> int:
     run = disttrain.init(sys.argv[1], sys.argv[2:])
-    train_set, eval_set = shakespeare(seq_len=64)
+    train_set, eval_set = shakespeare(**run.cfg.data.kwargs)
     model, _ = run.setup(
-        build_model(n_layer=2, n_embd=64, n_head=2, seq_len=64),
+        build_model(**run.cfg.model.kwargs),
         lambda groups: torch.optim.AdamW(groups, lr=2e-3, weight_decay=0.1, betas=(0.9, 0.95)),
     )
     for batch in run.batches(train_set):

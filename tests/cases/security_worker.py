@@ -2,7 +2,7 @@
 
     python -m launcher.cli --nproc-per-node 2 tests/cases/security_worker.py MODE
 
-MODE: restart (attempt 0: rank 1 SIGKILLs itself; attempt 1: every rank meets at the store,
+MODE: restart (attempt 0: rank 1 SIGKILLs itself once the key ``go`` appears; attempt 1: every rank meets at the store,
 adds 1 to ``count``, then reports whether the job secret is still in its environment and in
 a child's) | sleep (print the pid, sleep 60 s).
 """
@@ -19,13 +19,13 @@ print(f"rank={rank} attempt={attempt} pid={os.getpid()}", flush=True)
 if mode == "sleep":
     time.sleep(60)
 elif mode == "restart":
+    from launcher.store import connect_from_env
+
     if attempt == 0 and rank == 1:
-        time.sleep(1.0)
+        connect_from_env(60).get("go", 60)  # the test says when (its strangers are all in)
         os.kill(os.getpid(), signal.SIGKILL)
     if attempt == 0:
         time.sleep(60)  # stopped by the agent once rank 1 died
-    from launcher.store import connect_from_env
-
     store = connect_from_env(60)
     world = int(os.environ["WORLD_SIZE"])
     store.add("count", 1)

@@ -1,0 +1,65 @@
+"""The Python API from a user's own loop (disttrain.init, setup, batches, backward, step) and
+disttrain.fit, in real rank processes: 1 process equals 3 ranks with 2 micro-batches each on a
+global batch of 5 ragged, padded sequences (a rank has empty micro-batches, ranks count different
+numbers of tokens). Tolerance 1e-6 absolute on every parameter after 4 AdamW steps (summation order)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from tests.support.harness import spawn
+
+pytestmark = pytest.mark.timeout(900)
+
+YAML = """
+run: {{dir: {dir}, seed: 3}}
+launch: {{backend: torch}}
+train: {{steps: 4, batch_size: 5, grad_accum: 2, log_every: 2, eval_every: 0, eval_samples: 8}}
+schedule: {{kind: constant}}
+optim: {{name: AdamW, lr: 0.01, weight_decay: 0.1}}
+checkpoint: {{enabled: {ckpt}}}
+"""
+
+
+def _config(tmp_path, name: str, ckpt: bool = False) -> str:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(YAML.format(dir=tmp_path / name, ckpt=str(ckpt).lower()))
+    return str(path)
+
+
+def _diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((torch.tensor(a[k]) - torch.tensor(b[k])).abs().max()) for k in a)
+
+
+def test_own_loop_on_three_ranks_equals_one_process(tmp_path):
+    (one,) = spawn(
+        "tests.cases.user_api:train", 1, args={"config": _config(tmp_path, "one"), "overrides": [], "mode": "loop"}
+    )
+    assert one["global_step"] == 4 and one["steps_here"] == 4
+    assert one["decays"] == [0.0, 0.1]  # biases and the LayerNorm weight: no weight decay
+    three = spawn(
+        "tests.cases.user_api:train", 3, args={"config": _config(tmp_path, "three"), "overrides": [], "mode": "loop"}
+    )
+    for r, res in enumerate(three):
+        assert res["global_step"] == 4
+        assert _diff(one["params"], res["params"]) <= 1e-6, f"rank {r}: {_diff(one['params'], res['params'])}"
+
+
+def test_fit_with_user_parts_writes_summary_and_checkpoint(tmp_path):
+    config = _config(tmp_path, "fit", ckpt=True)
+    res = spawn("tests.cases.user_api:train", 2, args={"config": config, "overrides": [], "mode": "fit"})
+    summary = res[0]["summary"]
+    assert summary["steps"] == 4 and summary["world_size"] == 2 and summary["final_eval_loss"] > 0
+    with open(os.path.join(tmp_path, "fit", "summary.json")) as f:
+        assert json.load(f)["steps"] == 4
+    assert os.path.isdir(os.path.join(tmp_path, "fit", "checkpoints", "step_000004"))
+    # A second run of the same script resumes from the latest checkpoint and has nothing left to do.
+    again = spawn(
+        "tests.cases.user_api:train", 2, args={"config": config, "overrides": ["train.steps=5"], "mode": "fit"}
+    )
+    assert again[0]["summary"]["steps"] == 5
