@@ -147,7 +147,7 @@ class Mailboxes:
                     time.sleep(2e-4)
                 if now - check > 5e-3:
                     check = now
-                    self._sync.check_alive([peer], fp)
+                    self._sync.check_alive([peer], fp, lambda _: ready())  # it may have posted, then exited
                     if now - start > timeout:
                         raise CollectiveTimeoutError(
                             f"rank {self._sync.where}: shm {what} group rank {peer} (tag {tag}) timed out after "

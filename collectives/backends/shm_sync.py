@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..errors import CollectiveMismatchError, CollectiveTimeoutError, PeerDiedError
 from ..fingerprint import ENCODED_SIZE, Fingerprint, mismatch_error
@@ -44,6 +44,7 @@ SPIN = 400  # polls before the first yield when every rank has a core: about 100
 YIELDS = 32  # then yields, then the futex
 CROWDED_SPIN, CROWDED_YIELDS = 16, 2  # ranks outnumber cores: get out of the way of the rank we wait for
 WORKER_SPIN = 8  # a worker thread hardly spins: spinning Python holds the GIL the caller's backward pass wants
+_YIELD_FOR = 2e-4  # seconds of yielding at most before the futex
 _SLEEP = 1e-3  # longest futex sleep: bounds a (rare) missed wake and paces liveness checks
 _LIVENESS_EVERY = 5e-3  # seconds between checks that awaited peers still run
 
@@ -155,9 +156,11 @@ class StepSync:
                 pending = [p for p in pending if ctrl[p] < target]
                 if not pending:
                     return
-                if yields > 0:
+                if yields > 0:  # a few yields, for at most _YIELD_FOR: on a busy machine each may cost a slice
                     yields -= 1
                     os.sched_yield()
+                    if time.monotonic() - start > _YIELD_FOR:
+                        yields = 0
                 elif futex is not None:
                     if not sleeping:
                         ctrl[self.mine + ROW_SLEEPING] = sleeping = 1  # peers now wake us when they step
@@ -171,7 +174,9 @@ class StepSync:
                 now = time.monotonic()
                 if now - check > _LIVENESS_EVERY:
                     check = now
-                    self.check_alive([self.rank_of(p) for p in pending], fp)
+                    # A peer that arrived and then exited (it finished its last op) is not a death:
+                    # its counter, read after its death is seen, is final.
+                    self.check_alive([self.rank_of(p) for p in pending], fp, lambda r: ctrl[self.rows[r]] >= target)
                     if now > deadline:
                         self._timed_out(pending, fp)
         finally:
@@ -204,11 +209,12 @@ class StepSync:
     def what(self, fp: Fingerprint | None) -> str:
         return f"{fp.op}#{fp.seq} ({fp.site})" if fp is not None else f"collective #{self.ops}"
 
-    def check_alive(self, ranks: list[int], fp: Fingerprint | None) -> None:
-        """Raise :class:`PeerDiedError` (and mark the group broken) when one of ``ranks`` is gone."""
+    def check_alive(self, ranks: list[int], fp: Fingerprint | None, done: Callable[[int], bool] | None = None) -> None:
+        """Raise :class:`PeerDiedError` (and mark the group broken) when one of ``ranks`` is gone
+        before doing its part: ``done(rank)``, asked only once the rank is seen dead, says it did."""
         for r in ranks:
             pid = self.seg.pid(r)
-            if not pid_alive(pid):
+            if not pid_alive(pid) and not (done is not None and done(r)):
                 self.seg.maybe_unlink()
                 self.broken = f"group rank {r} died"
                 raise PeerDiedError(
