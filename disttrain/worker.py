@@ -67,7 +67,7 @@ def init_communicator(cfg: config_mod.ExperimentConfig) -> collectives.Communica
 
 
 def device_of(comm: collectives.Communicator) -> str:
-    return str(getattr(comm.backend, "device", None) or "cpu")  # backends say None for "the CPU"
+    return str(comm.backend.device or "cpu")  # Backend declares device; None means the CPU
 
 
 def build_callbacks(cfg: config_mod.ExperimentConfig, comm: collectives.Communicator) -> list:
