@@ -97,6 +97,7 @@ class Communicator:
         self.backend, self.env, self.check, self.timeout, self.group = backend, env, check, timeout, group
         self.global_ranks = list(global_ranks) if global_ranks is not None else list(range(backend.world_size))
         self.store = store if store is not None else backend.store
+        self.job_store = None  # set by init(): the store the ranks met through, held while this lives
         self._inline = type(backend).checks_inline
         self._seq = 0
         self._grank = self.global_ranks[backend.rank]
@@ -567,5 +568,8 @@ def init(
         )
     impl = cls.create(env, store, timeout, device=device)
     comm = Communicator(impl, env, check=check, timeout=timeout)
+    # Held for the communicator's life: a TCPStore's server lives in rank 0's store object, and
+    # dropping it (a caller's local going out of scope) would close the rendezvous under slower peers.
+    comm.job_store = store
     log.debug("rank %s: initialised %r", env.where, comm)
     return comm
