@@ -6,6 +6,7 @@ mpirun: it reads its place in the job from the environment (collectives.read_env
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import random
@@ -137,6 +138,9 @@ def close(trainer: Trainer, summary: dict, slurm_job) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # A native crash (an abort in a transport's thread, a segfault) prints every thread's Python
+    # stack to this rank's log, next to the rank@host prefix, instead of a bare "Aborted".
+    faulthandler.enable(all_threads=True)
     try:
         cfg = config_mod.load(argv[0], argv[1:])
     except config_mod.ConfigError as exc:

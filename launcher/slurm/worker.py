@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 from .. import environment as E
 from .errors import SlurmEnvError
@@ -20,6 +21,7 @@ from .place import PORT_OVERRIDE, SlurmPlace, check_against_config, contract_env
 from .secret import job_secret
 
 log = logging.getLogger(__name__)
+CHECKED_OUT = "slurm/checked_out"  # tasks done with the job's store (rank 0 closes it after all)
 
 
 class SlurmWorker:
@@ -28,7 +30,11 @@ class SlurmWorker:
     def __init__(self, place: SlurmPlace, server=None, secret_path: str | None = None):
         self.place, self.server, self.secret_path = place, server, secret_path
 
-    def close(self) -> None:
+    def close(self, linger: float = 30.0) -> None:
+        """Every task, after its communicator closed: check out of the job's store. Rank 0, which
+        hosts the store, keeps it up until every task has checked out (at most ``linger`` seconds),
+        so no peer loses the store in the middle of its own teardown."""
+        self._check_out(linger)
         if self.server is not None:
             self.server.close()
             self.server = None
@@ -38,6 +44,32 @@ class SlurmWorker:
             except OSError:
                 pass
             self.secret_path = None
+
+    def _check_out(self, linger: float) -> None:
+        from ..store import StoreError, connect_from_env
+
+        try:
+            client = connect_from_env(min(linger, 10.0))
+            if client is None:
+                return
+            try:
+                done = client.add(CHECKED_OUT, 1)
+                deadline = time.monotonic() + linger
+                while self.server is not None and done < self.place.world_size and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                    done = client.add(CHECKED_OUT, 0)
+                if self.server is not None and done < self.place.world_size:
+                    log.warning(
+                        "%s: %d of %d tasks checked out of the store after %.0fs; closing it anyway",
+                        self.place.where,
+                        done,
+                        self.place.world_size,
+                        linger,
+                    )
+            finally:
+                client.close()
+        except (StoreError, OSError) as exc:  # the store is gone already: nothing left to wait for
+            log.debug("%s: check-out skipped: %s", self.place.where, exc)
 
 
 def setup_worker(
