@@ -279,6 +279,18 @@ class ParallelConfig(Section):
         False, description="Recompute each unit's (see zero.units) activations in backward instead of storing them."
     )
 
+    @model_validator(mode="after")
+    def _model_parallel_flags(self) -> ParallelConfig:
+        if self.mesh.tp > 1 or self.mesh.pp > 1:
+            flags = {"sync_batchnorm": self.sync_batchnorm, "activation_checkpointing": self.activation_checkpointing}
+            for flag, on in flags.items():
+                if on:
+                    raise ValueError(
+                        f"{flag} is not supported with tensor/pipeline parallelism (mesh tp={self.mesh.tp}, "
+                        f"pp={self.mesh.pp})\nHINT: set parallel.{flag}: false, or mesh tp: 1 and pp: 1"
+                    )
+        return self
+
 
 class CheckpointConfig(Section):
     every: int = Field(0, ge=0, description="Steps between checkpoints (0: only at the end).")

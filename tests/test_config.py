@@ -66,6 +66,16 @@ def test_unknown_model_kind_and_bad_gpt(tmp_path):
 
 
 @pytest.mark.unit
+def test_model_parallel_refuses_flags_it_cannot_honour_at_load(tmp_path):
+    path = write(tmp_path, "parallel:\n  sync_batchnorm: true\n  mesh:\n    tp: 2\n")
+    (line,) = errors(path)
+    assert line.startswith(f"{path}: parallel: ") and "sync_batchnorm is not supported" in line
+    lines = errors(path, ["parallel.sync_batchnorm=false", "parallel.activation_checkpointing=true"])
+    assert any("activation_checkpointing is not supported" in x and "tp=2" in x for x in lines), lines
+    config_mod.load(path, ["parallel.mesh.tp=1"])  # plain data parallel keeps both
+
+
+@pytest.mark.unit
 def test_bad_yaml_and_missing_file(tmp_path):
     (line,) = errors(write(tmp_path, "train: [1, 2\n"))
     assert line.startswith(str(tmp_path / "exp.yaml") + ":") and "not valid YAML" in line
