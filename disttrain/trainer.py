@@ -21,7 +21,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -35,7 +35,7 @@ from .data.loader import eval_batches, micro_slices
 from .errors import DisttrainError
 from .loss import StepFn, StepOutputError, cross_entropy_step, read_step_output
 from .optim import build_optimizer, build_optimizer_spec, user_optimizer_spec
-from .parallel import OptimizerSpec, build_strategy
+from .parallel import OptimizerSpec, build_strategy, schedules_micro_batches
 from .parallel.pipeline_step import is_transformers_model, run_step_fn
 from .precision import autocast, maybe_loss_scaler
 from .rundir import RunDir
@@ -44,22 +44,6 @@ from .schedule import lr_at
 log = logging.getLogger(__name__)
 
 __all__ = ["Trainer", "build_optimizer"]
-
-
-# Structural checks of two Strategy capabilities, so a strategy that predates the contract's
-# ``schedules_micro_batches`` flag and ``grad_tensors`` (ModelParallel until issue 13 wires them) works too.
-@runtime_checkable
-class SchedulesMicroBatches(Protocol):
-    """A strategy that runs forward and backward itself (pipeline parallel)."""
-
-    def forward_backward(self, micro_batches, loss_fn) -> float: ...
-
-
-@runtime_checkable
-class HasGradTensors(Protocol):
-    """A strategy that exposes the gradient storage it steps with (for loss scaling and count scaling)."""
-
-    def grad_tensors(self) -> list[torch.Tensor]: ...
 
 
 class Trainer:
@@ -105,7 +89,7 @@ class Trainer:
         # order on every rank (preemption before checkpointing, so a stop request is saved the same step).
         self.callbacks = list(callbacks or [])
         # fp16: dynamic loss scaling over the strategy's (possibly sharded) gradients; None otherwise.
-        self.scaler = maybe_loss_scaler(cfg.train.precision) if isinstance(self.strategy, HasGradTensors) else None
+        self.scaler = maybe_loss_scaler(cfg.train.precision)
         self._started = False
         self._open: contextlib.AbstractContextManager | None = None  # the accumulate context of a micro-batch
         self._trailing: list[int] = []  # this step's empty micro-batches after the last non-empty one
@@ -203,10 +187,6 @@ class Trainer:
                 "HINT: return (loss_sum, count) with count the number of samples or tokens in the loss"
             )
         factor = self._expected_count() / count
-        if factor != 1.0 and not isinstance(s, HasGradTensors):
-            raise DisttrainError(
-                f"parallel strategy {type(s).__name__} cannot rescale its gradients by the global count"
-            )
         grads = s.grad_tensors() if self.scaler is not None or factor != 1.0 else []
         ok = self.scaler.unscale_(grads, self.comm) if self.scaler else True
         if factor != 1.0:
@@ -230,7 +210,7 @@ class Trainer:
 
     def train_step(self) -> tuple[float, float, int]:
         """Run step ``self.step`` with the step function; returns (global loss per unit, grad norm, samples)."""
-        if isinstance(self.strategy, SchedulesMicroBatches):
+        if schedules_micro_batches(self.strategy):
             return self._scheduled_step()
         for batch in self.micro_batches():
             with self.autocast():
