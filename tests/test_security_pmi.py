@@ -56,8 +56,8 @@ def test_pmi_server_admits_only_its_ids_once_keeps_keys_and_unlinks_only_its_seg
         assert _send(port, b"cmd=barrier_in\n") == b""
         assert _send(port, b"x" * 100_000) == b""
         climb = f"/dev/shm/mpich_shm_/../..{victim}"
-        _send(port, f"cmd=collectives_segments paths={climb}\n".encode(), read=False)
-        _send(port, f"cmd=collectives_segments token={'0' * 64} paths={climb}\n".encode(), read=False)
+        assert _send(port, f"cmd=collectives_segments paths={climb}\n".encode()) == b""  # no token, no ack
+        assert _send(port, f"cmd=collectives_segments token={'0' * 64} paths={climb}\n".encode()) == b""
         # Segment-shaped names that are not ours to delete: another user's file, a symlink, a directory.
         nobody = pwd.getpwnam("nobody").pw_uid
         for kind in ("foreign", "link", "dir"):
@@ -103,7 +103,7 @@ def test_pmi_server_admits_only_its_ids_once_keeps_keys_and_unlinks_only_its_seg
             f.flush()
         assert [_rank_line(f)["rc"] for f in (f0, f1)] == ["0", "0"]
         # Our own report, with the token: only the genuine segment-shaped paths are candidates.
-        _send(port, _pmi.segments_line(token, reported), read=False)
+        assert b"collectives_segments_ack rc=0" in _send(port, _pmi.segments_line(token, reported))
         for f in (f0, f1):
             f.write(b"cmd=finalize\n")
             f.flush()

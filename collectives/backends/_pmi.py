@@ -122,7 +122,8 @@ def spawn(size: int, bind: str, mapping: str, *, stderr=None) -> tuple[subproces
 
 
 def segments_line(token: str, paths) -> bytes:
-    """The report a rank sends (on a connection of its own) of the MPICH segments it maps."""
+    """The report a rank sends (on a connection of its own) of the MPICH segments it maps;
+    the server answers ``cmd=collectives_segments_ack rc=0`` once it has recorded them."""
     return f"cmd=collectives_segments token={token} paths={','.join(sorted(paths))}\n".encode()
 
 
@@ -240,6 +241,13 @@ class _PMIServer:
                 names = {n for p in d.get("paths", "").split(",") if p and (n := segment_name(p)) is not None}
                 with self._cv:
                     self.segments.update(names)
+                # Acknowledged once recorded: the rank waits for this line before it finalizes,
+                # so the server cannot see every rank close before the report is in.
+                try:
+                    f.write(b"cmd=collectives_segments_ack rc=0\n")
+                    f.flush()
+                except OSError:
+                    pass
             else:
                 self._reject(peer, "segment report without the job token")
             return None, None

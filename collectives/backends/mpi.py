@@ -306,6 +306,7 @@ def _finalize() -> None:
                 host, port = _PMI_ADDR.rsplit(":", 1)
                 with socket.create_connection((host, int(port)), timeout=5) as s:
                     s.sendall(_pmi.segments_line(_PMI_TOKEN, mine))
+                    s.recv(64)  # the ack: recorded before this rank's finalize can end the server
             except OSError:
                 pass
         _MPI.Finalize()
