@@ -368,6 +368,19 @@ class Communicator:
         timeout: float | None = None,
     ) -> Work | None:
         """All ranks: ``output`` receives the reduction over ranks of ``inputs[rank]``."""
+        if type(output) in _PLAIN and not async_op and len(inputs) == self.world_size:
+            dtype = output.dtype
+            if (
+                output.layout is _STRIDED
+                and output.is_contiguous()
+                and all(
+                    type(i) in _PLAIN and i.dtype is dtype and i.layout is _STRIDED and i.is_contiguous()
+                    for i in inputs
+                )
+            ):
+                spec = self._specs.get(("reduce_scatter", output.shape, dtype, op, *(i.shape for i in inputs)))
+                if spec is not None:
+                    return self._call(spec, self.backend.reduce_scatter, (output, inputs, spec.arg), timeout)
         op = ReduceOp(op)
         self._list("reduce_scatter", "input", inputs)
         after: list = []
@@ -385,6 +398,9 @@ class Communicator:
                 "\nHINT: use SUM and divide, or a floating-point tensor"
             )
         fp = self._fingerprint("reduce_scatter", [i.shape for i in ins], dtype, f"op={op}")
+        if any(i.numel() for i in ins):
+            key = ("reduce_scatter", o.shape, dtype, op, *(i.shape for i in ins))
+            self._remember(key, _Spec(fp.op, fp.shapes, fp.dtype, fp.extra, self.group, op))
         return self._run(
             fp,
             lambda **kw: self.backend.reduce_scatter(o, ins, op, **kw),

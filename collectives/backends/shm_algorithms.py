@@ -27,6 +27,19 @@ from .shm_kernels import NUMPY_DTYPES, as_bytes, combine, reduce_numpy, reduce_r
 from .shm_layout import RECORD_ALLOC, SMALL_BYTES, STAGING_SLOT_BYTES, Layout
 from .shm_sync import StepSync
 
+_MAX_ARRAYS = 64
+
+
+def _numpy_reduces(dtype: torch.dtype, op: ReduceOp, world: int) -> bool:
+    """Whether the numpy latency path reduces ``dtype`` as the torch kernels do: fp16 accumulates
+    in fp32 there (the same result only for a pair), and integer AVG truncates (numpy's divide
+    cannot write integers)."""
+    if dtype not in NUMPY_DTYPES:
+        return False
+    if dtype is torch.float16:
+        return world == 2
+    return dtype.is_floating_point or op is not ReduceOp.AVG
+
 
 class Algorithms:
     """Every collective of one group, run synchronously on the calling thread."""
@@ -37,9 +50,9 @@ class Algorithms:
         self.stage = u8[layout.staging : layout.mailboxes].view(self.world, 2, STAGING_SLOT_BYTES)
         self._typed: dict = {}  # (slot, dtype[, "np"]) -> view of every rank's slot
         self._rounds = 0  # staging rounds issued (parity picks the slot)
-        # numpy views of recent small allreduce operands, by (address, bytes, dtype): making one costs more
-        # than the reduction. A view keeps its tensor's memory alive, so an address in here is never reused
-        # for other memory while its entry lives (at most 64 entries of at most SMALL_BYTES each).
+        # numpy views of recent small operands, by (address, bytes, dtype or None for bytes): making one costs
+        # more than the work. A view keeps its tensor's memory alive, so an address in here is never reused
+        # for other memory while its entry lives (at most _MAX_ARRAYS entries of at most SMALL_BYTES each).
         self._arrays: dict = {}
 
     # -- staging ---------------------------------------------------------------------------
@@ -61,6 +74,29 @@ class Algorithms:
             rows = self._typed[key] = self.stage[:, slot, :].numpy().view(NUMPY_DTYPES[dtype])
         return rows
 
+    def _np_stage(self, slot: int):
+        key = (slot, "bytes")
+        rows = self._typed.get(key)
+        if rows is None:
+            rows = self._typed[key] = self.stage[:, slot, :].numpy()
+        return rows
+
+    def _cached(self, key: tuple, make):
+        a = self._arrays.get(key)
+        if a is None:
+            if len(self._arrays) >= _MAX_ARRAYS:
+                self._arrays.clear()
+            a = self._arrays[key] = make()
+        return a
+
+    def _np_typed(self, t: torch.Tensor):
+        """A flat numpy view of small contiguous ``t`` (a ``NUMPY_DTYPES`` dtype), cached by address."""
+        return self._cached((t.data_ptr(), t.nbytes, t.dtype), lambda: t.detach().numpy().reshape(-1))
+
+    def _np_bytes(self, t: torch.Tensor):
+        """A flat uint8 numpy view of small contiguous ``t`` (any dtype), cached by address."""
+        return self._cached((t.data_ptr(), t.nbytes, None), lambda: as_bytes(t.detach()).numpy())
+
     def _shared(self, base: int):
         """The alloc every rank's operand lies in, with each rank's offset; or (None, None)."""
         offsets = self.sync.zero_copy_offsets(base)
@@ -78,14 +114,9 @@ class Algorithms:
         if world == 1:
             sync.arrive(fp, nbytes)
             return
-        if nbytes <= SMALL_BYTES and t.dtype in NUMPY_DTYPES and (world == 2 or t.dtype is not torch.float16):
+        if nbytes <= SMALL_BYTES and _numpy_reduces(t.dtype, op, world):
             # Latency path in numpy (a third of torch's per-call overhead); fp16 pairs round once either way.
-            key = (t.data_ptr(), nbytes, t.dtype)
-            a = self._arrays.get(key)
-            if a is None:
-                if len(self._arrays) >= 64:
-                    self._arrays.clear()
-                a = self._arrays[key] = (t.detach() if t.requires_grad else t).numpy().reshape(-1)
+            a = self._np_typed(t)
             n = a.shape[0]
             rows = self._np_rows(self._next_slot(), t.dtype)
             rows[self.rank, :n] = a
@@ -161,6 +192,17 @@ class Algorithms:
 
     def allgather(self, outputs: list[torch.Tensor], t: torch.Tensor, fp: Fingerprint | None) -> None:
         world, r, sync = self.world, self.rank, self.sync
+        if t.nbytes <= SMALL_BYTES and max(o.nbytes for o in outputs) <= SMALL_BYTES:
+            # Latency path in numpy on cached byte views (torch's slicing and copy_ cost more than the data).
+            slot = self._next_slot()
+            stage = self._np_stage(slot)
+            mine = self._np_bytes(t)
+            views = [self._np_bytes(o) for o in outputs]
+            stage[r, : mine.shape[0]] = mine
+            sync.arrive(fp, max(v.shape[0] for v in views))
+            for j, v in enumerate(views):
+                v[:] = mine if j == r else stage[j, : v.shape[0]]
+            return
         outs = [as_bytes(o) for o in outputs]
         sizes = [o.numel() for o in outs]
         data = as_bytes(t)
@@ -197,6 +239,18 @@ class Algorithms:
         my_lo = sum(counts[:r])
         my_hi = my_lo + counts[r]
         flat_out = out.view(-1)
+        if total * size <= SMALL_BYTES and _numpy_reduces(out.dtype, op, world):
+            # Latency path: every input into this rank's staging row, one sync, reduce our part in numpy.
+            rows = self._np_rows(self._next_slot(), out.dtype)
+            pos = 0
+            for t in inputs:
+                a = self._np_typed(t)
+                rows[r, pos : pos + a.shape[0]] = a
+                pos += a.shape[0]
+            sync.arrive(fp, total * size)
+            if my_hi > my_lo:
+                reduce_numpy(rows[:, my_lo:my_hi], self._np_typed(out), counts[r], op, world)
+            return
         base = sync.arrive(fp, total * size, self.allocs.locate(inputs) if total * size > SMALL_BYTES else (0, 0))
         alloc, offsets = self._shared(base)
         if alloc is not None:
