@@ -25,6 +25,7 @@ ALL = [
     "fp16",
     "async_ops",
     "grouped",
+    "grads",  # before the patterns after which ranks have issued different numbers of unnamed ops
     "process_sets",
     "allgather",
     "alltoall",
@@ -272,6 +273,8 @@ def test_alltoall(world, backend, tmp_path_factory):
 def test_broadcast_object(world, backend, tmp_path_factory):
     for v in run(world, backend, "objects", tmp_path_factory):
         assert v["refused"].startswith("cannot send object at ['bad']")
+        assert v["set_types"] == ["set"]
+        assert v["sets"] == [sorted(map(str, {r, "x", (r, 1)})) for r in range(world)]
         assert {k: v[k] for k in ("who", "betas_tuple", "int_key", "inf", "t")} == {
             "who": 0,
             "betas_tuple": True,
@@ -279,6 +282,18 @@ def test_broadcast_object(world, backend, tmp_path_factory):
             "inf": True,
             "t": [0.0, 1.0, 2.0],
         }
+
+
+@pytest.mark.parametrize("world,backend", where("grads"))
+def test_gradients_through_grouped_ops_and_reducescatter(world, backend, tmp_path_factory):
+    tot = float(sum(range(world)))
+    for r, v in enumerate(run(world, backend, "grads", tmp_path_factory)):
+        assert v["values"] == [[tot] * 3, [float(world)] * 2]
+        assert v["grouped_allreduce"] == [[2.0 * world] * 3, [float(world)] * 2]
+        assert v["grouped_allgather"] == [[3.0, 3.0]] * (r + 1)
+        assert v["reducescatter_sum"] == [float(world)]
+        assert v["reducescatter_avg"] == [1.0]
+        assert v["grouped_reducescatter"] == [0.5 * world]
 
 
 @pytest.mark.parametrize("world,backend", where("syncbn"))

@@ -3,7 +3,7 @@
 
 Objects travel as JSON, not pickles. Horovod pickled arbitrary objects with cloudpickle, which
 runs code from whatever bytes arrive; here an object may be built from None, bool, int, float
-(inf/nan too), str, list, tuple, dict (any keys of those types) and torch tensors, which covers
+(inf/nan too), str, list, tuple, set, frozenset, dict (any keys of those types) and torch tensors, which covers
 optimizer hyperparameters, metrics, configs and small state. Anything else raises
 :class:`HorovodError` on the sending rank before anything is sent.
 """
@@ -52,11 +52,14 @@ def _enc(obj, path: str):
         return {"__tuple__": [_enc(v, f"{path}[{i}]") for i, v in enumerate(obj)]}
     if isinstance(obj, list):
         return [_enc(v, f"{path}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, (set, frozenset)):
+        tag = "__frozenset__" if isinstance(obj, frozenset) else "__set__"
+        return {tag: [_enc(v, f"{path} element") for v in obj]}
     if isinstance(obj, dict):
         return {"__dict__": [[_enc(k, f"{path} key"), _enc(v, f"{path}[{k!r}]")] for k, v in obj.items()]}
     raise HorovodError(
         f"cannot send {type(obj).__name__} at {path or 'the top level'}: objects travel as JSON "
-        "(None, bool, int, float, str, list, tuple, dict, torch.Tensor)\n"
+        "(None, bool, int, float, str, list, tuple, set, frozenset, dict, torch.Tensor)\n"
         "HINT: Horovod pickled arbitrary objects; disttrain.horovod does not unpickle bytes from other "
         "processes. Convert the object to those types (e.g. a dataclass with dataclasses.asdict)"
     )
@@ -75,6 +78,10 @@ def _dec(obj):
             return torch.frombuffer(raw, dtype=dt).reshape(shape).clone()
         if "__tuple__" in obj:
             return tuple(_dec(v) for v in obj["__tuple__"])
+        if "__set__" in obj:
+            return {_dec_key(v) for v in obj["__set__"]}
+        if "__frozenset__" in obj:
+            return frozenset(_dec_key(v) for v in obj["__frozenset__"])
         return {_dec_key(k): _dec(v) for k, v in obj["__dict__"]}
     return obj
 

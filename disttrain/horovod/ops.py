@@ -17,9 +17,18 @@ from __future__ import annotations
 import torch
 
 from . import handles
-from .autograd import AllgatherFn, AllreduceFn, AlltoallFn, BroadcastFn
+from .autograd import (
+    AllgatherFn,
+    AllreduceFn,
+    AlltoallFn,
+    BroadcastFn,
+    GroupedAllgatherFn,
+    GroupedAllreduceFn,
+    GroupedReducescatterFn,
+    ReducescatterFn,
+)
 from .compression import Compression
-from .handles import GroupHandle, poll, synchronize
+from .handles import poll, synchronize
 from .process_sets import ProcessSet, global_process_set
 from .reduce_op import Average
 from .submit import (
@@ -28,6 +37,8 @@ from .submit import (
     alltoall_start,
     barrier_start,
     broadcast_start,
+    grouped_allgather_start,
+    grouped_reducescatter_start,
     join_start,
     reducescatter_start,
     resolve_op,
@@ -114,11 +125,8 @@ def grouped_allreduce(
     process_set=global_process_set,
 ) -> list:
     pairs = [compression.compress(t) for t in tensors]
-    outs = synchronize(
-        grouped_allreduce_async(
-            [c for c, _ in pairs], average, name, op, prescale_factor, postscale_factor, process_set
-        )
-    )
+    op = resolve_op(op, average)
+    outs = GroupedAllreduceFn.apply(op, name, prescale_factor, postscale_factor, process_set, *[c for c, _ in pairs])
     return [compression.decompress(o, ctx) for o, (_, ctx) in zip(outs, pairs)]
 
 
@@ -163,14 +171,12 @@ def allgather(tensor, name=None, process_set=global_process_set) -> torch.Tensor
 
 def grouped_allgather_async(tensors, name=None, process_set=global_process_set) -> int:
     """All members: allgather each tensor; the handle yields a list."""
-    hid = handles.next_id()
-    base = name or f"noname.{hid}"
-    parts = [allgather_start(t, f"{base}_{i}", process_set, "grouped_allgather")[1] for i, t in enumerate(tensors)]
-    return handles.register(GroupHandle(f"grouped_allgather.{base}", parts), hid)
+    return _register(grouped_allgather_start(list(tensors), name, process_set))
 
 
 def grouped_allgather(tensors, name=None, process_set=global_process_set) -> list:
-    return synchronize(grouped_allgather_async(tensors, name, process_set))
+    """All members: allgather each tensor (blocks). Differentiable, as Horovod's."""
+    return list(GroupedAllgatherFn.apply(name, process_set, *tensors))
 
 
 # -- broadcast -------------------------------------------------------------------------------
@@ -226,7 +232,8 @@ def reducescatter(
     postscale_factor=1.0,
 ) -> torch.Tensor:
     compressed, ctx = compression.compress(tensor)
-    out = synchronize(reducescatter_async(compressed, name, op, process_set, prescale_factor, postscale_factor))
+    op = resolve_op(op, None)
+    out = ReducescatterFn.apply(compressed, name, op, process_set, prescale_factor, postscale_factor)
     return compression.decompress(out, ctx)
 
 
@@ -234,15 +241,9 @@ def grouped_reducescatter_async(
     tensors, name=None, op=Average, process_set=global_process_set, prescale_factor=1.0, postscale_factor=1.0
 ) -> int:
     op = resolve_op(op, None)
-    hid = handles.next_id()
-    base = name or f"noname.{hid}"
-    parts = [
-        reducescatter_start(
-            t, f"{base}_{i}", op, process_set, prescale_factor, postscale_factor, "grouped_reducescatter"
-        )[1]
-        for i, t in enumerate(tensors)
-    ]
-    return handles.register(GroupHandle(f"grouped_reducescatter.{base}", parts), hid)
+    return _register(
+        grouped_reducescatter_start(list(tensors), name, op, process_set, prescale_factor, postscale_factor)
+    )
 
 
 def grouped_reducescatter(
@@ -255,8 +256,9 @@ def grouped_reducescatter(
     postscale_factor=1.0,
 ) -> list:
     pairs = [compression.compress(t) for t in tensors]
-    outs = synchronize(
-        grouped_reducescatter_async([c for c, _ in pairs], name, op, process_set, prescale_factor, postscale_factor)
+    op = resolve_op(op, None)
+    outs = GroupedReducescatterFn.apply(
+        name, op, process_set, prescale_factor, postscale_factor, *[c for c, _ in pairs]
     )
     return [compression.decompress(o, ctx) for o, (_, ctx) in zip(outs, pairs)]
 

@@ -162,6 +162,14 @@ def allgather_start(tensor: torch.Tensor, name: str | None, ps: ProcessSet, pref
     return hid, h
 
 
+def grouped_allgather_start(tensors, name: str | None, ps: ProcessSet):
+    """One allgather per tensor (``<name>_<i>``, fused by the engine); the handle yields the list."""
+    hid = handles.next_id()
+    base = name or f"noname.{handles.unnamed_count('grouped_allgather', ps.process_set_id)}"  # as _name
+    parts = [allgather_start(t, f"{base}_{i}", ps, "grouped_allgather")[1] for i, t in enumerate(tensors)]
+    return hid, GroupHandle(f"grouped_allgather.{base}", parts)
+
+
 def broadcast_start(tensor: torch.Tensor, root_rank: int, name: str | None, ps: ProcessSet, inplace: bool):
     process_set_worker(ps, "broadcast")
     if root_rank not in ps.ranks:
@@ -246,6 +254,17 @@ def reducescatter_start(tensor, name, op: ReduceOp, ps: ProcessSet, pre: float, 
         post=post,
     )
     return hid, h
+
+
+def grouped_reducescatter_start(tensors, name, op: ReduceOp, ps: ProcessSet, pre: float, post: float):
+    """One reducescatter per tensor (``<name>_<i>``); the handle yields the list."""
+    hid = handles.next_id()
+    base = name or f"noname.{handles.unnamed_count('grouped_reducescatter', ps.process_set_id)}"  # as _name
+    parts = [
+        reducescatter_start(t, f"{base}_{i}", op, ps, pre, post, "grouped_reducescatter")[1]
+        for i, t in enumerate(tensors)
+    ]
+    return hid, GroupHandle(f"grouped_reducescatter.{base}", parts)
 
 
 def barrier_start(ps: ProcessSet):

@@ -244,7 +244,10 @@ def objects(**_):
         refused = "no error"
     except hvd.HorovodError as exc:
         refused = str(exc).splitlines()[0]
+    sets = hvd.allgather_object({r, "x", (r, 1)})
     return {
+        "sets": [sorted(map(str, x)) for x in sets],
+        "set_types": sorted({type(x).__name__ for x in sets}),
         "who": got["who"],
         "betas_tuple": isinstance(got["betas"], tuple),
         "int_key": 3 in got,
@@ -357,6 +360,32 @@ def reducescatter(**_):
     return {"rows": out[:, 0].tolist(), "avg": avg[:, 0].tolist()}
 
 
+def grads(**_):
+    """Gradients through the grouped ops and reducescatter, by Horovod's rules (its autograd functions)."""
+    W, r = hvd.size(), hvd.rank()
+    xs = [torch.full((3,), float(r), requires_grad=True), torch.ones(2, requires_grad=True)]
+    ys = hvd.grouped_allreduce(xs, op=hvd.Sum)
+    (ys[0].sum() * 2 + ys[1].sum()).backward()  # allreduced with the same op: W * 2 and W * 1
+    a = torch.full((r + 1, 2), float(r), requires_grad=True)
+    (ga,) = hvd.grouped_allgather([a])
+    (ga * 3).sum().backward()  # averaged over ranks, this rank's rows: 3
+    t = torch.ones(W * 2, 2, requires_grad=True)
+    hvd.reducescatter(t, op=hvd.Sum).sum().backward()  # allgathered, times W for Sum
+    u = torch.ones(W * 2, 2, requires_grad=True)
+    hvd.reducescatter(u).sum().backward()  # Average: allgathered
+    v = torch.ones(W * 2, requires_grad=True)
+    (o,) = hvd.grouped_reducescatter([v], op=hvd.Sum, postscale_factor=0.5)
+    o.sum().backward()  # W * 0.5
+    return {
+        "grouped_allreduce": [x.grad.tolist() for x in xs],
+        "grouped_allgather": a.grad.tolist(),
+        "reducescatter_sum": t.grad.unique().tolist(),
+        "reducescatter_avg": u.grad.unique().tolist(),
+        "grouped_reducescatter": v.grad.unique().tolist(),
+        "values": [y.tolist() for y in ys],
+    }
+
+
 def adasum(**_):
     W, r = hvd.size(), hvd.rank()
     g = torch.Generator().manual_seed(5)
@@ -411,6 +440,7 @@ PATTERNS = {
         join_refuses_broadcast,
         mismatch,
         reducescatter,
+        grads,
         adasum,
         timeline,
         *NAMED,
