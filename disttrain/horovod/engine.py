@@ -226,10 +226,12 @@ class SetWorker:
         run_ready(
             verdict.ready, self._inflight, self.comm if size > 1 else None, s.fusion_bytes, self.pool, agreed_free
         )
-        for r in verdict.ready:
-            op = self._take(r.name)
-            if op is not None and tl is not None:
-                tl.record(op.name, op.kind.name, op.t_submit, op.t_agreed, time.perf_counter(), {})
+        with self._cv:  # one acquisition per cycle, not one per op
+            taken = [self._take_locked(r.name) for r in verdict.ready]
+        if tl is not None:
+            for op in taken:
+                if op is not None:
+                    tl.record(op.name, op.kind.name, op.t_submit, op.t_agreed, time.perf_counter(), {})
         if verdict.join_done is not None:
             with self._cv:
                 h, self._join = self._join, None
@@ -239,9 +241,12 @@ class SetWorker:
 
     def _take(self, name: int) -> Op | None:
         with self._cv:
-            op = self._inflight.pop(name, None)
-            if op is not None:
-                self._names.pop(op.name, None)
+            return self._take_locked(name)
+
+    def _take_locked(self, name: int) -> Op | None:
+        op = self._inflight.pop(name, None)
+        if op is not None:
+            self._names.pop(op.name, None)
         return op
 
     def _describe(self, names: list[int]) -> dict[int, str]:

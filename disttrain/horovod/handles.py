@@ -22,29 +22,38 @@ class Handle:
 
     def __init__(self, name: str, finish: Callable[[object], object] | None = None):
         self.name, self._finish = name, finish
-        self._event = threading.Event()
+        # A latch: held from birth, released once by the engine. A bare lock costs a fraction of an
+        # Event (a Condition and its lock), and a training step makes one handle per gradient.
+        self._latch = threading.Lock()
+        self._latch.acquire()
+        self._done = False
         self._value: object = None
         self._error: BaseException | None = None
         self.alive: Callable[[], BaseException | None] = lambda: None  # the engine's failure, if any
 
     # -- engine side ----------------------------------------------------------------------
     def complete(self, value: object = None) -> None:
-        self._value = value
-        self._event.set()
+        if not self._done:
+            self._value, self._done = value, True
+            self._latch.release()
 
     def fail(self, error: BaseException) -> None:
-        self._error = error
-        self._event.set()
+        if not self._done:
+            self._error, self._done = error, True
+            self._latch.release()
 
     # -- user side ------------------------------------------------------------------------
     def done(self) -> bool:
-        return self._event.is_set()
+        return self._done
 
     def wait(self) -> None:
-        while not self._event.wait(_WAIT_SLICE):
+        if self._done:
+            return
+        while not self._latch.acquire(timeout=_WAIT_SLICE):
             dead = self.alive()
-            if dead is not None and not self._event.is_set():
+            if dead is not None and not self._done:
                 raise HorovodInternalError(f"{self.name}: the Horovod background thread stopped: {dead}") from dead
+        self._latch.release()  # open for good: other waiters pass too
 
     def result(self):
         self.wait()
