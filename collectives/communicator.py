@@ -225,6 +225,18 @@ class Communicator:
         return None
 
     # -- the fast path -------------------------------------------------------------------
+    def _plain_list(self, one: torch.Tensor, many: Sequence[torch.Tensor]) -> bool:
+        """Whether a list-taking op may take the fast path: one tensor per rank, every tensor a plain,
+        contiguous, strided one of ``one``'s dtype (else the full validation runs)."""
+        if type(one) not in _PLAIN or len(many) != self.world_size:
+            return False
+        dtype = one.dtype
+        return (
+            one.layout is _STRIDED
+            and one.is_contiguous()
+            and all(type(t) in _PLAIN and t.dtype is dtype and t.layout is _STRIDED and t.is_contiguous() for t in many)
+        )
+
     def _remember(self, key: tuple, spec: _Spec) -> None:
         if len(self._specs) >= _MAX_SPECS:
             self._specs.clear()
@@ -322,19 +334,10 @@ class Communicator:
     ) -> Work | None:
         """All ranks: ``outputs[r]`` receives rank r's ``tensor``; sizes may differ per rank
         (every rank passes the same list of output shapes)."""
-        if type(tensor) in _PLAIN and not async_op and len(outputs) == self.world_size:
-            dtype = tensor.dtype
-            if (
-                tensor.layout is _STRIDED
-                and tensor.is_contiguous()
-                and all(
-                    type(o) in _PLAIN and o.dtype is dtype and o.layout is _STRIDED and o.is_contiguous()
-                    for o in outputs
-                )
-            ):
-                spec = self._specs.get(("allgather", tensor.shape, dtype, *(o.shape for o in outputs)))
-                if spec is not None:
-                    return self._call(spec, self.backend.allgather, (outputs, tensor), timeout)
+        if not async_op and self._plain_list(tensor, outputs):
+            spec = self._specs.get(("allgather", tensor.shape, tensor.dtype, *(o.shape for o in outputs)))
+            if spec is not None:
+                return self._call(spec, self.backend.allgather, (outputs, tensor), timeout)
         self._list("allgather", "output", outputs)
         after: list = []
         (t,) = self._prep("allgather", [tensor], None)
@@ -368,19 +371,10 @@ class Communicator:
         timeout: float | None = None,
     ) -> Work | None:
         """All ranks: ``output`` receives the reduction over ranks of ``inputs[rank]``."""
-        if type(output) in _PLAIN and not async_op and len(inputs) == self.world_size:
-            dtype = output.dtype
-            if (
-                output.layout is _STRIDED
-                and output.is_contiguous()
-                and all(
-                    type(i) in _PLAIN and i.dtype is dtype and i.layout is _STRIDED and i.is_contiguous()
-                    for i in inputs
-                )
-            ):
-                spec = self._specs.get(("reduce_scatter", output.shape, dtype, op, *(i.shape for i in inputs)))
-                if spec is not None:
-                    return self._call(spec, self.backend.reduce_scatter, (output, inputs, spec.arg), timeout)
+        if not async_op and self._plain_list(output, inputs):
+            spec = self._specs.get(("reduce_scatter", output.shape, output.dtype, op, *(i.shape for i in inputs)))
+            if spec is not None:
+                return self._call(spec, self.backend.reduce_scatter, (output, inputs, spec.arg), timeout)
         op = ReduceOp(op)
         self._list("reduce_scatter", "input", inputs)
         after: list = []

@@ -67,18 +67,13 @@ class Algorithms:
             rows = self._typed[key] = self.stage[:, slot, :].view(dtype)
         return rows
 
-    def _np_rows(self, slot: int, dtype: torch.dtype):
+    def _np_rows(self, slot: int, dtype: torch.dtype | None):
+        """Every rank's staging slot as numpy rows of ``dtype`` (None: bytes)."""
         key = (slot, dtype, "np")
         rows = self._typed.get(key)
         if rows is None:
-            rows = self._typed[key] = self.stage[:, slot, :].numpy().view(NUMPY_DTYPES[dtype])
-        return rows
-
-    def _np_stage(self, slot: int):
-        key = (slot, "bytes")
-        rows = self._typed.get(key)
-        if rows is None:
-            rows = self._typed[key] = self.stage[:, slot, :].numpy()
+            rows = self.stage[:, slot, :].numpy()
+            rows = self._typed[key] = rows if dtype is None else rows.view(NUMPY_DTYPES[dtype])
         return rows
 
     def _cached(self, key: tuple, make):
@@ -195,7 +190,7 @@ class Algorithms:
         if t.nbytes <= SMALL_BYTES and max(o.nbytes for o in outputs) <= SMALL_BYTES:
             # Latency path in numpy on cached byte views (torch's slicing and copy_ cost more than the data).
             slot = self._next_slot()
-            stage = self._np_stage(slot)
+            stage = self._np_rows(slot, None)
             mine = self._np_bytes(t)
             views = [self._np_bytes(o) for o in outputs]
             stage[r, : mine.shape[0]] = mine

@@ -40,11 +40,20 @@ def resolve_op(op, average) -> ReduceOp:
         raise HorovodError(f"unknown reduce op {op!r}; use hvd.Average, Sum, Min, Max, Product or Adasum") from None
 
 
-def _name(prefix: str, name: str | None, ps: ProcessSet) -> str:
+def _base(prefix: str, name: str | None, ps: ProcessSet) -> str:
     """Call after the arguments are validated (a refused call must not consume a number)."""
-    if name:
-        return f"{prefix}.{name}"
-    return f"{prefix}.noname.{handles.unnamed_count(prefix, ps.process_set_id)}"
+    return name or f"noname.{handles.unnamed_count(prefix, ps.process_set_id)}"
+
+
+def _name(prefix: str, name: str | None, ps: ProcessSet) -> str:
+    return f"{prefix}.{_base(prefix, name, ps)}"
+
+
+def _grouped(prefix: str, name: str | None, ps: ProcessSet, tensors, start_one) -> tuple[int, GroupHandle]:
+    """One op per tensor, named ``<base>_<i>`` (fused by the engine); the handle yields the list."""
+    hid = handles.next_id()
+    base = _base(prefix, name, ps)
+    return hid, GroupHandle(f"{prefix}.{base}", [start_one(t, f"{base}_{i}")[1] for i, t in enumerate(tensors)])
 
 
 def _submit(
@@ -163,11 +172,8 @@ def allgather_start(tensor: torch.Tensor, name: str | None, ps: ProcessSet, pref
 
 
 def grouped_allgather_start(tensors, name: str | None, ps: ProcessSet):
-    """One allgather per tensor (``<name>_<i>``, fused by the engine); the handle yields the list."""
-    hid = handles.next_id()
-    base = name or f"noname.{handles.unnamed_count('grouped_allgather', ps.process_set_id)}"  # as _name
-    parts = [allgather_start(t, f"{base}_{i}", ps, "grouped_allgather")[1] for i, t in enumerate(tensors)]
-    return hid, GroupHandle(f"grouped_allgather.{base}", parts)
+    prefix = "grouped_allgather"
+    return _grouped(prefix, name, ps, tensors, lambda t, n: allgather_start(t, n, ps, prefix))
 
 
 def broadcast_start(tensor: torch.Tensor, root_rank: int, name: str | None, ps: ProcessSet, inplace: bool):
@@ -257,14 +263,8 @@ def reducescatter_start(tensor, name, op: ReduceOp, ps: ProcessSet, pre: float, 
 
 
 def grouped_reducescatter_start(tensors, name, op: ReduceOp, ps: ProcessSet, pre: float, post: float):
-    """One reducescatter per tensor (``<name>_<i>``); the handle yields the list."""
-    hid = handles.next_id()
-    base = name or f"noname.{handles.unnamed_count('grouped_reducescatter', ps.process_set_id)}"  # as _name
-    parts = [
-        reducescatter_start(t, f"{base}_{i}", op, ps, pre, post, "grouped_reducescatter")[1]
-        for i, t in enumerate(tensors)
-    ]
-    return hid, GroupHandle(f"grouped_reducescatter.{base}", parts)
+    prefix = "grouped_reducescatter"
+    return _grouped(prefix, name, ps, tensors, lambda t, n: reducescatter_start(t, n, op, ps, pre, post, prefix))
 
 
 def barrier_start(ps: ProcessSet):
