@@ -249,3 +249,13 @@ def test_cli_reshard_check_and_consolidate(ckpt, tmp_path, capsys):
 
     sd = load_file(out)
     assert torch.equal(sd["w"], W) and torch.equal(sd["e"], E) and set(sd) == {"w", "e", "b"}
+
+
+@pytest.mark.unit
+def test_writing_leaves_the_callers_tensors_resizable(tmp_path):
+    """A live write reads the model's own tensors in place; it must not mark their storage non-resizable
+    (ZeRO-3 frees gathered parameters by resizing it to zero)."""
+    shards = _shards(0)
+    RankWrite(str(tmp_path / "checkpoints"), 1, 0, shards).write_live()
+    for s in shards:
+        s.tensor.untyped_storage().resize_(0)

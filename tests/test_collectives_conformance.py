@@ -23,7 +23,7 @@ CASES = "tests.cases.collective_conformance"
 def test_conformance(backend, world_size):
     out = spawn(f"{CASES}:conformance", world_size, args={"backend": backend}, timeout=200)
     assert all(o == out[0] for o in out), out
-    assert "async" in out[0] and "non-contiguous" in out[0] and "zero-size" in out[0]
+    assert "async" in out[0] and "non-contiguous" in out[0] and "zero-size" in out[0] and "resizable" in out[0]
     assert len([c for c in out[0] if c.startswith("ops/")]) == 6
     assert ("mismatch" in out[0]) == (world_size > 1)
 
@@ -39,7 +39,7 @@ def test_groups_world4(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_unchecked_world2(backend):
     out = spawn(f"{CASES}:conformance", 2, args={"backend": backend, "check": False}, timeout=200)
-    assert "mismatch" not in out[0] and len(out[0]) == 17
+    assert "mismatch" not in out[0] and len(out[0]) == 18
 
 
 @pytest.mark.timeout(120)

@@ -18,6 +18,9 @@ op at a time per group.
 
 from __future__ import annotations
 
+import ctypes
+
+import numpy as np
 import torch
 
 from ..fingerprint import Fingerprint
@@ -41,6 +44,13 @@ def _numpy_reduces(dtype: torch.dtype, op: ReduceOp, world: int) -> bool:
     return dtype.is_floating_point or op is not ReduceOp.AVG
 
 
+def _at(ptr: int, nbytes: int) -> np.ndarray:
+    """A writable uint8 numpy array over ``nbytes`` at address ``ptr`` (no reference to their owner)."""
+    if nbytes == 0:
+        return np.empty(0, np.uint8)
+    return np.frombuffer((ctypes.c_uint8 * nbytes).from_address(ptr), np.uint8)
+
+
 class Algorithms:
     """Every collective of one group, run synchronously on the calling thread."""
 
@@ -51,8 +61,10 @@ class Algorithms:
         self._typed: dict = {}  # (slot, dtype[, "np"]) -> view of every rank's slot
         self._rounds = 0  # staging rounds issued (parity picks the slot)
         # numpy views of recent small operands, by (address, bytes, dtype or None for bytes): making one costs
-        # more than the work. A view keeps its tensor's memory alive, so an address in here is never reused
-        # for other memory while its entry lives (at most _MAX_ARRAYS entries of at most SMALL_BYTES each).
+        # more than the work. A view is made from the address, not with ``Tensor.numpy()`` (which marks the
+        # caller's storage non-resizable for good: ZeRO-3 frees gathered parameters by resizing theirs) and
+        # holds no reference; it is only used while a live operand occupies exactly that memory, so a freed
+        # and reused address simply maps the new operand (at most _MAX_ARRAYS entries of at most SMALL_BYTES).
         self._arrays: dict = {}
 
     # -- staging ---------------------------------------------------------------------------
@@ -86,11 +98,13 @@ class Algorithms:
 
     def _np_typed(self, t: torch.Tensor):
         """A flat numpy view of small contiguous ``t`` (a ``NUMPY_DTYPES`` dtype), cached by address."""
-        return self._cached((t.data_ptr(), t.nbytes, t.dtype), lambda: t.detach().numpy().reshape(-1))
+        ptr, n = t.data_ptr(), t.nbytes
+        return self._cached((ptr, n, t.dtype), lambda: _at(ptr, n).view(NUMPY_DTYPES[t.dtype]))
 
     def _np_bytes(self, t: torch.Tensor):
         """A flat uint8 numpy view of small contiguous ``t`` (any dtype), cached by address."""
-        return self._cached((t.data_ptr(), t.nbytes, None), lambda: as_bytes(t.detach()).numpy())
+        ptr, n = t.data_ptr(), t.nbytes
+        return self._cached((ptr, n, None), lambda: _at(ptr, n))
 
     def _shared(self, base: int):
         """The alloc every rank's operand lies in, with each rank's offset; or (None, None)."""

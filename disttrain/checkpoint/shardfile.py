@@ -10,6 +10,7 @@ header-length or first-byte check, and every offset is bounds- and overlap-check
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import errno
 import json
@@ -81,8 +82,15 @@ def layout(
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """A zero-copy byte view of a contiguous CPU tensor (any dtype, including 0-d and bf16)."""
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    """A zero-copy byte view of a contiguous CPU tensor (any dtype, including 0-d and bf16) that keeps
+    ``t`` alive. Made from the address: ``Tensor.numpy()`` would mark the caller's storage (a model's
+    parameter, when a checkpoint is written without staging) non-resizable for good."""
+    n = t.numel() * t.element_size()
+    if n == 0:
+        return memoryview(b"")
+    raw = (ctypes.c_uint8 * n).from_address(t.data_ptr())
+    raw.owner = t
+    return memoryview(raw).cast("B")
 
 
 def _no_duplicates(pairs):

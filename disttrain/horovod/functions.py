@@ -45,7 +45,9 @@ def _enc(obj, path: str):
             "__tensor__": [
                 str(t.dtype).removeprefix("torch."),
                 list(t.shape),
-                base64.b64encode(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"").decode(),
+                base64.b64encode(
+                    t.reshape(-1).view(torch.uint8).clone().numpy().tobytes() if t.numel() else b""
+                ).decode(),
             ]
         }
     if isinstance(obj, tuple):

@@ -180,6 +180,20 @@ def run_conformance(comm, oracle) -> list[str]:
     _close(big[:, ::2], torch.arange(w, dtype=torch.float32)[:, None].expand(w, 3), "allgather into strided outputs")
     done.append("non-contiguous")
 
+    # the caller's storage stays the caller's: after small and large ops it can still be resized
+    # (ZeRO-3 frees gathered parameters so; Tensor.numpy() on an operand would forbid it for good)
+    for n in (7, 40_000):
+        t, out = _values(r, n, torch.float32), torch.empty(n * w)
+        ins = [_values(r, n, torch.float32) for _ in range(w)]
+        comm.allreduce(t)
+        comm.allgather(list(out.chunk(w)), t)
+        comm.reduce_scatter(t, ins)
+        comm.broadcast(out, 0)
+        for x in (t, out, *ins):
+            x.untyped_storage().resize_(0)
+            x.untyped_storage().resize_(4)
+    done.append("resizable")
+
     # zero-size
     z = torch.empty(0, 3)
     comm.allreduce(z)
