@@ -14,6 +14,7 @@ same op (or raises), and the transfer itself overlaps with whatever the caller d
 from __future__ import annotations
 
 import logging
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
@@ -36,11 +37,12 @@ _MAX_SPECS = 1024
 class _Spec:
     """What repeats between calls of one op with one signature: validated once, then reused."""
 
-    __slots__ = ("op", "shapes", "dtype", "extra", "base", "arg")
+    __slots__ = ("op", "shapes", "dtype", "extra", "base", "arg", "fp")
 
     def __init__(self, op: str, shapes: tuple, dtype: str, extra: str, group: str, arg=None):
         self.op, self.shapes, self.dtype, self.extra, self.arg = op, shapes, dtype, extra, arg
         self.base = base_digest(op, group, shapes, dtype, extra)
+        self.fp: Fingerprint | None = None  # renewed per synchronous call (see Communicator._call)
 
 
 class _Handle:
@@ -249,10 +251,13 @@ class Communicator:
         seq = self._seq
         self._seq = seq + 1
         fp = None
-        if self.check:
-            fp = Fingerprint(
-                seq, spec.op, self.group, spec.shapes, spec.dtype, spec.extra, self._grank, call_site(), spec.base
-            )
+        if self.check:  # the op completes before this returns, so the spec's fingerprint is reused
+            fp = spec.fp
+            if fp is None:
+                fp = spec.fp = Fingerprint(
+                    seq, spec.op, self.group, spec.shapes, spec.dtype, spec.extra, self._grank, "", spec.base
+                )
+            fp.renew(seq, sys._getframe(1))  # the call site is looked up only if an error needs it
         try:
             if self._inline:
                 start(*args, fingerprint=fp, async_op=False, timeout=timeout).wait(timeout)
@@ -260,6 +265,8 @@ class Communicator:
                 if fp is not None:
                     checks.check_collective(self.backend, fp, timeout)
                 start(*args).wait(timeout)
+            if fp is not None:
+                fp.renew(seq, None)
         except CollectiveTimeoutError as exc:
             if fp is None:  # checks off: describe the call only now that it failed
                 fp = Fingerprint(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from types import FrameType
 
 import xxhash
 
@@ -29,6 +30,7 @@ ENCODED_SIZE = 512  # fixed-size slot so a fingerprint fits a shared-memory cont
 _MASK = 0x7FFF_FFFF_FFFF_FFFF
 _GOLDEN = 0x9E3779B97F4A7C15
 _bases: dict = {}
+_FRAME = FrameType
 
 
 def base_digest(op: str, group: str, shapes: tuple, dtype: str, extra: str) -> int:
@@ -43,8 +45,9 @@ def base_digest(op: str, group: str, shapes: tuple, dtype: str, extra: str) -> i
 
 
 class Fingerprint:
-    """One rank's description of one op. ``site`` is ``"file:line"`` (given as a string, or as a
-    ``(file, line)`` pair that is formatted on first use)."""
+    """One rank's description of one op. ``site`` is ``"file:line"``: given as a string, as a
+    ``(file, line)`` pair, or as the frame of the collectives call the site is found above; the
+    last two are formatted on first use (an error message), never on the hot path."""
 
     __slots__ = ("seq", "op", "group", "shapes", "dtype", "extra", "rank", "_site", "_base")
 
@@ -65,9 +68,19 @@ class Fingerprint:
 
     @property
     def site(self) -> str:
-        if type(self._site) is tuple:
-            self._site = f"{self._site[0]}:{self._site[1]}"
-        return self._site
+        site = self._site
+        if type(site) is _FRAME:
+            site = self._site = call_site(frame=site)
+        if type(site) is tuple:
+            site = self._site = f"{site[0]}:{site[1]}"
+        return site
+
+    def renew(self, seq: int, frame: FrameType | None) -> Fingerprint:
+        """The same signature again as call ``seq``, made at ``frame`` (a synchronous op's fingerprint is
+        reused by the next call of the same signature: that costs two stores rather than a new object).
+        Pass ``frame=None`` after the op so the frame, and the tensors in it, are not kept alive."""
+        self.seq, self._site = seq, frame
+        return self
 
     def digest(self) -> int:
         """63-bit digest of everything that must agree across ranks (never 0)."""
@@ -120,10 +133,11 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _INSIDE: dict[str, bool] = {}  # co_filename -> inside this package (abspath per call cost ~20 us per op)
 
 
-def call_site(depth: int = 1) -> tuple[str, int] | str:
+def call_site(depth: int = 1, frame: FrameType | None = None) -> tuple[str, int] | str:
     """(file, line) of the first frame outside the collectives package (the user's call), starting
-    ``depth`` frames above the caller."""
-    frame = sys._getframe(depth)
+    at ``frame`` or ``depth`` frames above the caller."""
+    if frame is None:
+        frame = sys._getframe(depth)
     while frame is not None:
         name = frame.f_code.co_filename
         inside = _INSIDE.get(name)

@@ -73,11 +73,23 @@ def _cpu(t: torch.Tensor) -> None:
         )
 
 
+_SPECS: dict = {}  # (address, bytes, dtype) -> buffer spec of a recent operand (made in C: 0.8 us a call)
+_MAX_SPECS = 256
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _buf(t: torch.Tensor):
-    """Zero-copy MPI buffer spec of a contiguous CPU tensor."""
-    if t.is_cuda:
-        _cpu(t)
-    return [_MPI.buffer.fromaddress(t.data_ptr(), t.nbytes), t.numel(), _TYPES[t.dtype]]
+    """Zero-copy MPI buffer spec of a contiguous CPU tensor. Specs are cached by address: one names
+    memory, not its owner, and is only used while a live operand occupies exactly that memory."""
+    key = (t.data_ptr(), t.nbytes, t.dtype)
+    spec = _SPECS.get(key)
+    if spec is None:
+        if t.is_cuda:
+            _cpu(t)
+        if len(_SPECS) >= _MAX_SPECS:
+            _SPECS.clear()
+        spec = _SPECS[key] = [_MPI.buffer.fromaddress(key[0], key[1]), t.numel(), _TYPES[t.dtype]]
+    return spec
 
 
 def _bytes(t: torch.Tensor):
@@ -86,11 +98,13 @@ def _bytes(t: torch.Tensor):
 
 
 def _half(t: torch.Tensor) -> bool:
-    return t.dtype in (torch.float16, torch.bfloat16)
+    return t.dtype in _HALF
 
 
 class _MPIWork:
     """Requests plus what to do once they complete (copy out, divide, downcast)."""
+
+    __slots__ = ("_reqs", "_then", "_keep", "_done")
 
     def __init__(self, reqs, then=None, keep=()):
         self._reqs, self._then, self._keep, self._done = reqs, then, keep, False
@@ -169,7 +183,7 @@ class MPIBackend(Backend):
 
     # -- ops ------------------------------------------------------------------------------
     def allreduce(self, tensor: torch.Tensor, op: ReduceOp) -> Work:
-        if not _half(tensor):
+        if tensor.dtype not in _HALF:
             req = self._comm.Iallreduce(_MPI.IN_PLACE, _buf(tensor), _OPS[op])
             if op is not ReduceOp.AVG:
                 return _MPIWork([req], None, (tensor,))

@@ -256,6 +256,17 @@ def run_mismatches(comm) -> list[str]:
         with_error(lambda: comm.broadcast(torch.ones(3), 0), CollectiveMismatchError, ("allreduce", "broadcast"))
     dt = torch.float64 if r == 1 else torch.float32
     with_error(lambda: comm.allreduce(torch.ones(3, dtype=dt)), CollectiveMismatchError, ("float32", "float64"))
+    # signatures seen before take the fast path (cached validation, reused fingerprint): it checks as well,
+    # and each side still names its own call site
+    six = torch.ones(6)
+    for op in (ReduceOp.SUM, ReduceOp.MAX, ReduceOp.SUM):
+        comm.allreduce(six, op)
+    text = with_error(
+        lambda: comm.allreduce(six, ReduceOp.SUM if r == 0 else ReduceOp.MAX), CollectiveMismatchError, ("op=",)
+    )
+    sides = [line for line in text.splitlines() if line.strip().startswith("rank ")]
+    if len(sides) != 2 or not all("collective_conformance.py:" in line for line in sides):
+        raise AssertionError(f"fast-path mismatch does not name both sides and their call sites:\n{text}")
     # p2p: the receiver names both sides
     if r == 0:
         comm.send(torch.ones(3), 1)
