@@ -106,7 +106,7 @@ def _row_table(spec: dict, variants: dict, barrier, slowest, rank: int = 0) -> l
                     continue
                 reps = spec["reps"] if size < (64 << 20) else max(2, spec["reps"] // 2)
                 iters = iters_for(size, hi=spec.get("max_iters", 500))
-                stats = measure(run, barrier, iters=iters, reps=reps, slowest=slowest)
+                stats = measure(run, barrier, iters=iters, reps=reps, warmup_s=0.02, slowest=slowest)
                 rows.append({"row": name, "op": op, "bytes": size, "ranks": spec["world"], **stats})
                 del run
     return rows

@@ -227,17 +227,21 @@ class Communicator:
         return None
 
     # -- the fast path -------------------------------------------------------------------
-    def _plain_list(self, one: torch.Tensor, many: Sequence[torch.Tensor]) -> bool:
-        """Whether a list-taking op may take the fast path: one tensor per rank, every tensor a plain,
-        contiguous, strided one of ``one``'s dtype (else the full validation runs)."""
-        if type(one) not in _PLAIN or len(many) != self.world_size:
-            return False
+    def _list_key(self, op: str, one: torch.Tensor, many: Sequence[torch.Tensor], arg=None) -> tuple | None:
+        """The spec key of a list-taking op that may take the fast path (one tensor per rank, every tensor
+        a plain, contiguous, strided one of ``one``'s dtype), built in the same pass; None otherwise (the
+        full validation runs)."""
+        if type(one) not in _PLAIN or len(many) != self.world_size or one.layout is not _STRIDED:
+            return None
+        if not one.is_contiguous():
+            return None
         dtype = one.dtype
-        return (
-            one.layout is _STRIDED
-            and one.is_contiguous()
-            and all(type(t) in _PLAIN and t.dtype is dtype and t.layout is _STRIDED and t.is_contiguous() for t in many)
-        )
+        key = [op, one.shape, dtype, arg]
+        for t in many:
+            if type(t) not in _PLAIN or t.dtype is not dtype or t.layout is not _STRIDED or not t.is_contiguous():
+                return None
+            key.append(t.shape)
+        return tuple(key)
 
     def _remember(self, key: tuple, spec: _Spec) -> None:
         if len(self._specs) >= _MAX_SPECS:
@@ -341,8 +345,8 @@ class Communicator:
     ) -> Work | None:
         """All ranks: ``outputs[r]`` receives rank r's ``tensor``; sizes may differ per rank
         (every rank passes the same list of output shapes)."""
-        if not async_op and self._plain_list(tensor, outputs):
-            spec = self._specs.get(("allgather", tensor.shape, tensor.dtype, *(o.shape for o in outputs)))
+        if not async_op:
+            spec = self._specs.get(self._list_key("allgather", tensor, outputs))
             if spec is not None:
                 return self._call(spec, self.backend.allgather, (outputs, tensor), timeout)
         self._list("allgather", "output", outputs)
@@ -357,7 +361,7 @@ class Communicator:
             )
         fp = self._fingerprint("allgather", [o.shape for o in outs], dtype)
         if any(o.numel() for o in outs):
-            key = ("allgather", t.shape, dtype, *(o.shape for o in outs))
+            key = ("allgather", t.shape, dtype, None, *(o.shape for o in outs))
             self._remember(key, _Spec(fp.op, fp.shapes, fp.dtype, fp.extra, self.group))
         return self._run(
             fp,
@@ -378,8 +382,8 @@ class Communicator:
         timeout: float | None = None,
     ) -> Work | None:
         """All ranks: ``output`` receives the reduction over ranks of ``inputs[rank]``."""
-        if not async_op and self._plain_list(output, inputs):
-            spec = self._specs.get(("reduce_scatter", output.shape, output.dtype, op, *(i.shape for i in inputs)))
+        if not async_op:
+            spec = self._specs.get(self._list_key("reduce_scatter", output, inputs, op))
             if spec is not None:
                 return self._call(spec, self.backend.reduce_scatter, (output, inputs, spec.arg), timeout)
         op = ReduceOp(op)

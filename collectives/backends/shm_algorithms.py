@@ -52,7 +52,8 @@ def _at(ptr: int, nbytes: int) -> np.ndarray:
 
 
 class Algorithms:
-    """Every collective of one group, run synchronously on the calling thread."""
+    """Every collective of one group, run synchronously on the calling thread. Operands are contiguous
+    (the communicator's contract: it hands a contiguous copy of anything else and copies back)."""
 
     def __init__(self, sync: StepSync, layout: Layout, u8: torch.Tensor, allocs: AllocTable):
         self.sync, self.allocs = sync, allocs
@@ -60,7 +61,7 @@ class Algorithms:
         self.stage = u8[layout.staging : layout.mailboxes].view(self.world, 2, STAGING_SLOT_BYTES)
         self._typed: dict = {}  # (slot, dtype[, "np"]) -> view of every rank's slot
         self._rounds = 0  # staging rounds issued (parity picks the slot)
-        # numpy views of recent small operands, by (address, bytes, dtype or None for bytes): making one costs
+        # numpy views of recent small operands (and small allgathers' copy plans), by address: making one costs
         # more than the work. A view is made from the address, not with ``Tensor.numpy()`` (which marks the
         # caller's storage non-resizable for good: ZeRO-3 frees gathered parameters by resizing theirs) and
         # holds no reference; it is only used while a live operand occupies exactly that memory, so a freed
@@ -199,19 +200,36 @@ class Algorithms:
             if not root:
                 data[start : start + n].copy_(self.stage[src, slot, :n])
 
+    def _gather_plan(self, slot: int, outputs: list[torch.Tensor], t: torch.Tensor):
+        """A small allgather's copies as prebuilt numpy views: (this rank's staging row and input, the
+        largest output, [(output, source)]); False when an output is too large for the latency path."""
+        sizes = [o.nbytes for o in outputs]
+        if max(sizes) > SMALL_BYTES:
+            return False
+        stage, mine = self._np_rows(slot, None), _at(t.data_ptr(), t.nbytes)
+        pairs = [
+            (_at(o.data_ptr(), n), mine if j == self.rank else stage[j, :n])
+            for j, (o, n) in enumerate(zip(outputs, sizes))
+        ]
+        return stage[self.rank, : t.nbytes], mine, max(sizes), pairs
+
     def allgather(self, outputs: list[torch.Tensor], t: torch.Tensor, fp: Fingerprint | None) -> None:
         world, r, sync = self.world, self.rank, self.sync
-        if t.nbytes <= SMALL_BYTES and max(o.nbytes for o in outputs) <= SMALL_BYTES:
-            # Latency path in numpy on cached byte views (torch's slicing and copy_ cost more than the data).
+        if t.nbytes <= SMALL_BYTES:
+            # Latency path: every copy on a numpy view made once per (slot, operand addresses), one sync.
             slot = self._next_slot()
-            stage = self._np_rows(slot, None)
-            mine = self._np_bytes(t)
-            views = [self._np_bytes(o) for o in outputs]
-            stage[r, : mine.shape[0]] = mine
-            sync.arrive(fp, max(v.shape[0] for v in views))
-            for j, v in enumerate(views):
-                v[:] = mine if j == r else stage[j, : v.shape[0]]
-            return
+            key = (slot, t.data_ptr(), t.nbytes, *[(o.data_ptr(), o.nbytes) for o in outputs])
+            plan = self._arrays.get(key)
+            if plan is None:
+                plan = self._cached(key, lambda: self._gather_plan(slot, outputs, t))
+            if plan:
+                row, mine, biggest, pairs = plan
+                row[...] = mine
+                sync.arrive(fp, biggest)
+                for dst, src in pairs:
+                    dst[...] = src
+                return
+            self._rounds -= 1  # the slot was not used
         outs = [as_bytes(o) for o in outputs]
         sizes = [o.numel() for o in outs]
         data = as_bytes(t)

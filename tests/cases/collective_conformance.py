@@ -180,6 +180,18 @@ def run_conformance(comm, oracle) -> list[str]:
     _close(big[:, ::2], torch.arange(w, dtype=torch.float32)[:, None].expand(w, 3), "allgather into strided outputs")
     done.append("non-contiguous")
 
+    # allgather whose own part is small but whose other parts are not (shm: latency path refused, staged)
+    sizes = [1] + [40_000] * (w - 1)
+    outs = [torch.full((n,), -1.0) for n in sizes]
+    comm.allgather(outs, _values(r, sizes[r], torch.float32))
+    comm.allgather(outs, _values(r, sizes[r], torch.float32))  # and again, with the signature known
+    for i in range(w):
+        _close(outs[i], _values(i, sizes[i], torch.float32), f"allgather small-and-large from {i}")
+    t = _values(r, 5, torch.float32)
+    comm.allreduce(t)  # the staging rounds still agree afterwards
+    _close(t, sum(_values(i, 5, torch.float32) for i in range(w)), "allreduce after small-and-large allgather")
+    done.append("allgather-mixed")
+
     # the caller's storage stays the caller's: after small and large ops it can still be resized
     # (ZeRO-3 frees gathered parameters so; Tensor.numpy() on an operand would forbid it for good)
     for n in (7, 40_000):
