@@ -24,7 +24,7 @@ import importlib.util
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import torch
@@ -101,6 +101,17 @@ def _half(t: torch.Tensor) -> bool:
     return t.dtype in _HALF
 
 
+_POLLS = range(256)
+
+
+def _poll(test: Callable[[], bool]) -> bool:
+    """Up to ``_POLLS`` tests in a bare loop (a 4 KiB op polls tens of times: the loop's own cost counts)."""
+    for _ in _POLLS:
+        if test():
+            return True
+    return False
+
+
 class _MPIWork:
     """Requests plus what to do once they complete (copy out, divide, downcast)."""
 
@@ -118,16 +129,13 @@ class _MPIWork:
         # One request (the common case) is tested on its own: Testall builds an array per call.
         test = reqs[0].Test if len(reqs) == 1 else (lambda: _MPI.Request.Testall(reqs))
         try:
-            spins = 0
-            while not test():
-                spins += 1
-                if spins & 255 == 0:  # the clock and a yield now and then, not per poll
-                    if deadline is None:
-                        deadline = float("inf") if timeout is None else time.monotonic() + timeout
-                    elif time.monotonic() > deadline:
-                        _HEALTHY = False
-                        raise CollectiveTimeoutError(f"MPI requests still pending after {timeout:g}s")
-                    time.sleep(0)  # let a peer sharing this core run
+            while not _poll(test):  # the clock and a yield every _POLLS polls, not per poll
+                if deadline is None:
+                    deadline = float("inf") if timeout is None else time.monotonic() + timeout
+                elif time.monotonic() > deadline:
+                    _HEALTHY = False
+                    raise CollectiveTimeoutError(f"MPI requests still pending after {timeout:g}s")
+                time.sleep(0)  # let a peer sharing this core run
         except _MPI.Exception as exc:
             _HEALTHY = False
             cls = exc.Get_error_class()
