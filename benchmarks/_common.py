@@ -63,38 +63,6 @@ def measure(
             run()
         dt = (time.perf_counter() - t0) / iters
         times.append(slowest(dt) if slowest else dt)
-    return _stats(times, reps, iters) if times else {}
-
-
-def measure_interleaved(
-    runs: dict[str, Callable[[], None]],
-    barrier: Callable[[], None],
-    *,
-    iters: int,
-    reps: int,
-    warmup: int = 2,
-    warmup_s: float = 0.0,
-    slowest: Callable[[float], float] | None = None,
-) -> dict[str, dict]:
-    """:func:`measure` for variants of one thing (say, an op with and without a check), their
-    repetitions taken in turns (a, b, a, b...) so that a drift of the machine falls on every variant
-    rather than on whichever ran then (measured one after the other, the later of two identical rows
-    ran about 10% faster). Each variant is warmed up as in :func:`measure` before the first turn."""
-    for run in runs.values():
-        measure(run, barrier, iters=iters, reps=0, warmup=warmup, warmup_s=warmup_s, slowest=slowest)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(reps):
-        for name, run in runs.items():
-            barrier()
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                run()
-            dt = (time.perf_counter() - t0) / iters
-            times[name].append(slowest(dt) if slowest else dt)
-    return {name: _stats(ts, reps, iters) for name, ts in times.items()}
-
-
-def _stats(times: list[float], reps: int, iters: int) -> dict:
     return {
         "best": min(times),
         "mean": statistics.fmean(times),

@@ -20,10 +20,8 @@ Rows (2 and 4 ranks; allreduce, allgather, reduce_scatter, broadcast; float32):
 Sizes follow nccl-tests: for allgather and reduce_scatter, ``size`` is the whole gathered
 (or scattered) buffer, each rank contributes size/ranks. algbw = size / time; busbw =
 algbw * 2(n-1)/n (allreduce), * (n-1)/n (allgather, reduce_scatter), * 1 (broadcast).
-Each job interleaves its rows per (op, size); ``shm`` and ``shm nocheck`` (the check's cost,
-a few percent) take their repetitions in turns, so a drift of the machine cannot pass for it;
-with ``--rounds`` > 1 every job runs again and the best of all rounds is kept, so slow phases
-of a loaded machine hit every row.
+Each job interleaves its rows per (op, size); with ``--rounds`` > 1 every job runs again
+and the best of all rounds is kept, so slow phases of a loaded machine hit every row.
 
 World sizes: 2 and 4 (all rows), and 8 (4 KiB allreduce and allgather of shm, gloo and
 MPICH only): 4 and 8 ranks oversubscribe a 2-core machine, which is what shm's waiting
@@ -52,7 +50,6 @@ from benchmarks._common import (
     human_bytes,
     iters_for,
     measure,
-    measure_interleaved,
     print_table,
     spawn_job,  # noqa: E402
     write_json,
@@ -102,24 +99,16 @@ def _row_table(spec: dict, variants: dict, barrier, slowest, rank: int = 0) -> l
                     rows.append({"row": "memcpy", "op": "memcpy", "bytes": size, "ranks": 1, **stats})
                     del src, dst
                 barrier()
-            reps = spec["reps"] if size < (64 << 20) else max(2, spec["reps"] // 2)
-            iters = iters_for(size, hi=spec.get("max_iters", 500))
-            twins: dict = {}  # rows of one backend with and without the check: measured in turns
             for name, ops in variants.items():
                 make = ops.get(op)
                 run = make(size) if make else None
                 if run is None:
                     continue
-                if name in spec.get("twins", ()):
-                    twins[name] = run
-                    continue
+                reps = spec["reps"] if size < (64 << 20) else max(2, spec["reps"] // 2)
+                iters = iters_for(size, hi=spec.get("max_iters", 500))
                 stats = measure(run, barrier, iters=iters, reps=reps, warmup_s=0.02, slowest=slowest)
                 rows.append({"row": name, "op": op, "bytes": size, "ranks": spec["world"], **stats})
                 del run
-            if twins:
-                both = measure_interleaved(twins, barrier, iters=iters, reps=reps, warmup_s=0.02, slowest=slowest)
-                rows += [{"row": k, "op": op, "bytes": size, "ranks": spec["world"], **v} for k, v in both.items()]
-            del twins
     return rows
 
 
@@ -227,7 +216,7 @@ def worker_comm(spec: dict) -> list[dict]:
         shm.allreduce(mx, collectives.ReduceOp.MAX)
         return float(mx[0])
 
-    rows = _row_table({**spec, "memcpy": True, "twins": ("shm", "shm nocheck")}, variants, shm.barrier, slowest, rank)
+    rows = _row_table({**spec, "memcpy": True}, variants, shm.barrier, slowest, rank)
     for c in comms.values():
         c.close()
     return rows
