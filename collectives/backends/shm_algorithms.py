@@ -102,11 +102,6 @@ class Algorithms:
         ptr, n = t.data_ptr(), t.nbytes
         return self._cached((ptr, n, t.dtype), lambda: _at(ptr, n).view(NUMPY_DTYPES[t.dtype]))
 
-    def _np_bytes(self, t: torch.Tensor):
-        """A flat uint8 numpy view of small contiguous ``t`` (any dtype), cached by address."""
-        ptr, n = t.data_ptr(), t.nbytes
-        return self._cached((ptr, n, None), lambda: _at(ptr, n))
-
     def _shared(self, base: int):
         """The alloc every rank's operand lies in, with each rank's offset; or (None, None)."""
         offsets = self.sync.zero_copy_offsets(base)
