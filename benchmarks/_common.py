@@ -42,10 +42,10 @@ def measure(
     """Seconds per call: ``{"best", "mean", "stdev", "reps"}``. ``slowest`` maps this rank's
     time to the max over ranks (e.g. an allreduce-max); without it, this rank's own time.
 
-    Warm-up: ``warmup`` calls, then about ``warmup_s`` seconds more (the count comes from the slowest
-    rank's time per call, through ``slowest``, which a multi-rank caller passing ``warmup_s`` must give,
-    so every rank runs the same number): with more ranks than cores, the first row after a pause (a barrier, another job's phase)
-    otherwise pays for waking every rank (measured: the same row at 4 ranks on 2 cores, 4 KiB
+    Warm-up: ``warmup`` calls, then about ``warmup_s`` seconds more. The count comes from the slowest
+    rank's time per call, through ``slowest`` (which a multi-rank caller passing ``warmup_s`` must
+    give), so every rank runs the same number. With more ranks than cores, the first row after a
+    pause otherwise pays for waking every rank (measured: the same row at 4 ranks on 2 cores, 4 KiB
     allreduce, 92 us first vs 55 us second)."""
     t0 = time.perf_counter()
     for _ in range(warmup):

@@ -30,7 +30,6 @@ ENCODED_SIZE = 512  # fixed-size slot so a fingerprint fits a shared-memory cont
 _MASK = 0x7FFF_FFFF_FFFF_FFFF
 _GOLDEN = 0x9E3779B97F4A7C15
 _bases: dict = {}
-_FRAME = FrameType
 
 
 def base_digest(op: str, group: str, shapes: tuple, dtype: str, extra: str) -> int:
@@ -69,7 +68,7 @@ class Fingerprint:
     @property
     def site(self) -> str:
         site = self._site
-        if type(site) is _FRAME:
+        if type(site) is FrameType:
             site = self._site = call_site(frame=site)
         if type(site) is tuple:
             site = self._site = f"{site[0]}:{site[1]}"
