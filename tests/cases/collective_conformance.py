@@ -181,15 +181,17 @@ def run_conformance(comm, oracle) -> list[str]:
     done.append("non-contiguous")
 
     # allgather whose own part is small but whose other parts are not (shm: latency path refused, staged)
+    # Each call sends values no earlier op left in the staging slots, so a rank reading the wrong slot fails.
     sizes = [1] + [40_000] * (w - 1)
     outs = [torch.full((n,), -1.0) for n in sizes]
-    comm.allgather(outs, _values(r, sizes[r], torch.float32))
-    comm.allgather(outs, _values(r, sizes[r], torch.float32))  # and again, with the signature known
-    for i in range(w):
-        _close(outs[i], _values(i, sizes[i], torch.float32), f"allgather small-and-large from {i}")
-    t = _values(r, 5, torch.float32)
+    for k in (1, 2):  # the second time with the signature known
+        comm.allgather(outs, _values(r, sizes[r], torch.float32) + 1000 * k)
+        for i in range(w):
+            _close(outs[i], _values(i, sizes[i], torch.float32) + 1000 * k, f"allgather small-and-large from {i}")
+    t = _values(r, 5, torch.float32) + 5000
     comm.allreduce(t)  # the staging rounds still agree afterwards
-    _close(t, sum(_values(i, 5, torch.float32) for i in range(w)), "allreduce after small-and-large allgather")
+    want = sum(_values(i, 5, torch.float32) + 5000 for i in range(w))
+    _close(t, want, "allreduce after small-and-large allgather")
     done.append("allgather-mixed")
 
     # the caller's storage stays the caller's: after small and large ops it can still be resized
