@@ -14,7 +14,6 @@ same op (or raises), and the transfer itself overlaps with whatever the caller d
 from __future__ import annotations
 
 import logging
-import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
@@ -257,11 +256,12 @@ class Communicator:
         fp = None
         if self.check:  # the op completes before this returns, so the spec's fingerprint is reused
             fp = spec.fp
-            if fp is None:
+            if fp is None:  # site None: read off the stack only if an error needs it (the op is still on it)
                 fp = spec.fp = Fingerprint(
-                    seq, spec.op, self.group, spec.shapes, spec.dtype, spec.extra, self._grank, "", spec.base
+                    seq, spec.op, self.group, spec.shapes, spec.dtype, spec.extra, self._grank, None, spec.base
                 )
-            fp.renew(seq, sys._getframe(1))  # the call site is looked up only if an error needs it
+            else:
+                fp.seq = seq
         try:
             if self._inline:
                 start(*args, fingerprint=fp, async_op=False, timeout=timeout).wait(timeout)
@@ -269,14 +269,16 @@ class Communicator:
                 if fp is not None:
                     checks.check_collective(self.backend, fp, timeout)
                 start(*args).wait(timeout)
-            if fp is not None:
-                fp.renew(seq, None)
         except CollectiveTimeoutError as exc:
+            spec.fp = None  # its site now names this call
             if fp is None:  # checks off: describe the call only now that it failed
                 fp = Fingerprint(
-                    seq, spec.op, self.group, spec.shapes, spec.dtype, spec.extra, self._grank, call_site(), spec.base
+                    seq, spec.op, self.group, spec.shapes, spec.dtype, spec.extra, self._grank, None, spec.base
                 )
             raise self._timeout_error(fp, timeout, exc) from None
+        except BaseException:
+            spec.fp = None
+            raise
 
     # -- collectives ---------------------------------------------------------------------
     def allreduce(

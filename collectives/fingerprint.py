@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from types import FrameType
 
 import xxhash
 
@@ -28,7 +27,6 @@ from .errors import CollectiveMismatchError
 
 ENCODED_SIZE = 512  # fixed-size slot so a fingerprint fits a shared-memory control block
 _MASK = 0x7FFF_FFFF_FFFF_FFFF
-_GOLDEN = 0x9E3779B97F4A7C15
 _bases: dict = {}
 
 
@@ -39,14 +37,14 @@ def base_digest(op: str, group: str, shapes: tuple, dtype: str, extra: str) -> i
     if base is None:
         if len(_bases) > 4096:
             _bases.clear()
-        base = _bases[key] = xxhash.xxh64_intdigest(repr(key).encode())
+        base = _bases[key] = (xxhash.xxh64_intdigest(repr(key).encode()) & _MASK) or 1
     return base
 
 
 class Fingerprint:
     """One rank's description of one op. ``site`` is ``"file:line"``: given as a string, as a
-    ``(file, line)`` pair, or as the frame of the collectives call the site is found above; the
-    last two are formatted on first use (an error message), never on the hot path."""
+    ``(file, line)`` pair, or None: read off the stack when first needed (an error message, raised
+    while the op is still on the stack), never on the hot path."""
 
     __slots__ = ("seq", "op", "group", "shapes", "dtype", "extra", "rank", "_site", "_base")
 
@@ -59,7 +57,7 @@ class Fingerprint:
         dtype: str,
         extra: str,  # reduce op, root, peer: whatever else must agree
         rank: int,
-        site: str | tuple[str, int],
+        site: str | tuple[str, int] | None,
         base: int = 0,
     ):
         self.seq, self.op, self.group, self.shapes, self.dtype = seq, op, group, shapes, dtype
@@ -68,25 +66,19 @@ class Fingerprint:
     @property
     def site(self) -> str:
         site = self._site
-        if type(site) is FrameType:
-            site = self._site = call_site(frame=site)
+        if site is None:  # the op is on the stack: its caller is the first frame outside this package
+            site = self._site = call_site()
         if type(site) is tuple:
             site = self._site = f"{site[0]}:{site[1]}"
         return site
 
-    def renew(self, seq: int, frame: FrameType | None) -> Fingerprint:
-        """The same signature again as call ``seq``, made at ``frame`` (a synchronous op's fingerprint is
-        reused by the next call of the same signature: that costs two stores rather than a new object).
-        Pass ``frame=None`` after the op so the frame, and the tensors in it, are not kept alive."""
-        self.seq, self._site = seq, frame
-        return self
-
     def digest(self) -> int:
-        """63-bit digest of everything that must agree across ranks (never 0)."""
+        """63-bit digest of everything that must agree across ranks (never 0). The base is a 63-bit hash,
+        so two ops collide only if their bases differ by exactly their sequence numbers' xor (odds ~2^-63)."""
         base = self._base
         if not base:
             base = self._base = base_digest(self.op, self.group, self.shapes, self.dtype, self.extra)
-        return ((base ^ (self.seq * _GOLDEN)) & _MASK) or 1
+        return (base ^ self.seq) or 1
 
     def _fields(self) -> dict:
         return {
@@ -132,11 +124,10 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _INSIDE: dict[str, bool] = {}  # co_filename -> inside this package (abspath per call cost ~20 us per op)
 
 
-def call_site(depth: int = 1, frame: FrameType | None = None) -> tuple[str, int] | str:
+def call_site(depth: int = 1) -> tuple[str, int] | str:
     """(file, line) of the first frame outside the collectives package (the user's call), starting
-    at ``frame`` or ``depth`` frames above the caller."""
-    if frame is None:
-        frame = sys._getframe(depth)
+    ``depth`` frames above the caller."""
+    frame = sys._getframe(depth)
     while frame is not None:
         name = frame.f_code.co_filename
         inside = _INSIDE.get(name)
