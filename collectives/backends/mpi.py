@@ -101,56 +101,64 @@ def _half(t: torch.Tensor) -> bool:
     return t.dtype in _HALF
 
 
-_POLLS = range(256)
-
-
-def _poll(test: Callable[[], bool]) -> bool:
-    """Up to ``_POLLS`` tests in a bare loop (a 4 KiB op polls tens of times: the loop's own cost counts)."""
-    for _ in _POLLS:
-        if test():
-            return True
-    return False
+_POLLS = range(256)  # tests in a bare loop before the clock and a yield (a 4 KiB op polls tens of times)
+_AVG = ReduceOp.AVG
 
 
 class _MPIWork:
-    """Requests plus what to do once they complete (copy out, divide, downcast)."""
+    """One request plus what to do once it completes (copy out, divide, downcast); ``keep`` holds the
+    request's buffers alive until then."""
 
-    __slots__ = ("_reqs", "_then", "_keep", "_done")
+    __slots__ = ("_req", "_then", "_keep", "_done")
 
-    def __init__(self, reqs, then=None, keep=()):
-        self._reqs, self._then, self._keep, self._done = reqs, then, keep, False
+    def __init__(self, req, then=None, keep=None):
+        self._req, self._then, self._keep, self._done = req, then, keep, False
 
     def wait(self, timeout: float | None = None) -> None:
-        global _HEALTHY
         if self._done:
             return
-        deadline = None
-        reqs = self._reqs
-        # One request (the common case) is tested on its own: Testall builds an array per call.
-        test = reqs[0].Test if len(reqs) == 1 else (lambda: _MPI.Request.Testall(reqs))
+        test = self._req.Test
         try:
-            while not _poll(test):  # the clock and a yield every _POLLS polls, not per poll
-                if deadline is None:
-                    deadline = float("inf") if timeout is None else time.monotonic() + timeout
-                elif time.monotonic() > deadline:
-                    _HEALTHY = False
-                    raise CollectiveTimeoutError(f"MPI requests still pending after {timeout:g}s")
-                time.sleep(0)  # let a peer sharing this core run
+            for _ in _POLLS:
+                if test():
+                    break
+            else:
+                self._wait_long(test, timeout)
         except _MPI.Exception as exc:
-            _HEALTHY = False
-            cls = exc.Get_error_class()
-            text = exc.Get_error_string().splitlines()[0]
-            if cls in (getattr(_MPI, "ERR_PROC_FAILED", -1), _MPI.ERR_OTHER, _MPI.ERR_INTERN):
-                raise PeerDiedError(
-                    f"MPI failed, most likely a peer died ({text})\nHINT: look for the first rank that crashed"
-                ) from None
-            raise CollectivesError(f"MPI failed: {text}") from None
+            _failed(exc)
         if self._then is not None:
             self._then()
         self._done = True
 
+    @staticmethod
+    def _wait_long(test: Callable[[], bool], timeout: float | None) -> None:
+        """Past the first polls: the clock and a yield every ``_POLLS`` polls, until done or the timeout."""
+        global _HEALTHY
+        deadline = float("inf") if timeout is None else time.monotonic() + timeout
+        while True:
+            time.sleep(0)  # let a peer sharing this core run
+            for _ in _POLLS:
+                if test():
+                    return
+            if time.monotonic() > deadline:
+                _HEALTHY = False
+                raise CollectiveTimeoutError(f"MPI requests still pending after {timeout:g}s")
+
     def is_completed(self) -> bool:
-        return self._done or _MPI.Request.Testall(self._reqs)
+        return self._done or self._req.Test()
+
+
+def _failed(exc) -> None:
+    """Raise an MPI error as ours: a dead peer's as :class:`PeerDiedError`."""
+    global _HEALTHY
+    _HEALTHY = False
+    cls = exc.Get_error_class()
+    text = exc.Get_error_string().splitlines()[0]
+    if cls in (getattr(_MPI, "ERR_PROC_FAILED", -1), _MPI.ERR_OTHER, _MPI.ERR_INTERN):
+        raise PeerDiedError(
+            f"MPI failed, most likely a peer died ({text})\nHINT: look for the first rank that crashed"
+        ) from None
+    raise CollectivesError(f"MPI failed: {text}") from None
 
 
 class MPIBackend(Backend):
@@ -193,9 +201,9 @@ class MPIBackend(Backend):
     def allreduce(self, tensor: torch.Tensor, op: ReduceOp) -> Work:
         if tensor.dtype not in _HALF:
             req = self._comm.Iallreduce(_MPI.IN_PLACE, _buf(tensor), _OPS[op])
-            if op is not ReduceOp.AVG:
-                return _MPIWork([req], None, (tensor,))
-            return _MPIWork([req], lambda: tensor.div_(self.world_size), (tensor,))
+            if op is not _AVG:
+                return _MPIWork(req, None, tensor)
+            return _MPIWork(req, lambda: tensor.div_(self.world_size), tensor)
         work = tensor.float()  # no MPI type for half types: reduce in float32, round once
 
         def then():
@@ -203,10 +211,10 @@ class MPIBackend(Backend):
                 work.div_(self.world_size)
             tensor.copy_(work)
 
-        return _MPIWork([self._comm.Iallreduce(_MPI.IN_PLACE, _buf(work), _OPS[op])], then, (work,))
+        return _MPIWork(self._comm.Iallreduce(_MPI.IN_PLACE, _buf(work), _OPS[op]), then, work)
 
     def broadcast(self, tensor: torch.Tensor, src: int) -> Work:
-        return _MPIWork([self._comm.Ibcast(_buf(tensor), root=src)], keep=(tensor,))
+        return _MPIWork(self._comm.Ibcast(_buf(tensor), root=src), keep=tensor)
 
     def allgather(self, outputs: Sequence[torch.Tensor], tensor: torch.Tensor) -> Work:
         n, nbytes = tensor.numel(), tensor.nbytes
@@ -216,7 +224,7 @@ class MPIBackend(Backend):
                 whole = [_MPI.buffer.fromaddress(first, nbytes * len(outputs)), n, _TYPES[tensor.dtype]]
                 aliased = tensor.data_ptr() == first + self.rank * nbytes  # MPI forbids aliasing but IN_PLACE
                 send = _MPI.IN_PLACE if aliased else _buf(tensor)
-                return _MPIWork([self._comm.Iallgather(send, whole)], keep=(tensor, outputs))
+                return _MPIWork(self._comm.Iallgather(send, whole), keep=(tensor, outputs))
             flat = torch.empty(n * len(outputs), dtype=tensor.dtype)
             # the receive count is per rank
             req = self._comm.Iallgather(_buf(tensor), [_buf(flat)[0], n, _TYPES[tensor.dtype]])
@@ -225,7 +233,7 @@ class MPIBackend(Backend):
                 for o, part in zip(outputs, flat.view(len(outputs), n)):
                     o.view(-1).copy_(part)
 
-            return _MPIWork([req], scatter_out, (tensor, flat))
+            return _MPIWork(req, scatter_out, (tensor, flat))
         counts = [o.numel() for o in outputs]
         displs = [sum(counts[:i]) for i in range(len(counts))]
         flat = torch.empty(sum(counts), dtype=tensor.dtype)
@@ -235,7 +243,7 @@ class MPIBackend(Backend):
             for o, d, c in zip(outputs, displs, counts):
                 o.copy_(flat[d : d + c].view_as(o))
 
-        return _MPIWork([req], then, (tensor, flat))
+        return _MPIWork(req, then, (tensor, flat))
 
     def reduce_scatter(self, output: torch.Tensor, inputs: Sequence[torch.Tensor], op: ReduceOp) -> Work:
         counts = [i.numel() for i in inputs]
@@ -251,7 +259,7 @@ class MPIBackend(Backend):
             if out is not output:
                 output.copy_(out.view_as(output))
 
-        return _MPIWork([req], then, (flat, out))
+        return _MPIWork(req, then, (flat, out))
 
     def all_to_all(self, outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> Work:
         scounts, rcounts = [i.numel() for i in inputs], [o.numel() for o in outputs]
@@ -268,19 +276,19 @@ class MPIBackend(Backend):
             for o, d, c in zip(outputs, rdispls, rcounts):
                 o.copy_(rflat[d : d + c].view_as(o))
 
-        return _MPIWork([req], then, (sflat, rflat))
+        return _MPIWork(req, then, (sflat, rflat))
 
     # Point to point moves bytes: a receive posted with the wrong size then fails cleanly
     # (MPI_ERR_TRUNCATE, or a short count) instead of tripping MPICH's unpack assertion,
     # and the communicator's fingerprint check reports the mismatch first.
     def send(self, tensor: torch.Tensor, dst: int, tag: int) -> Work:
-        return _MPIWork([self._comm.Isend(_bytes(tensor), dest=dst, tag=tag)], keep=(tensor,))
+        return _MPIWork(self._comm.Isend(_bytes(tensor), dest=dst, tag=tag), keep=tensor)
 
     def recv(self, tensor: torch.Tensor, src: int, tag: int) -> Work:
-        return _MPIWork([self._comm.Irecv(_bytes(tensor), source=src, tag=tag)], keep=(tensor,))
+        return _MPIWork(self._comm.Irecv(_bytes(tensor), source=src, tag=tag), keep=tensor)
 
     def barrier(self) -> Work:
-        return _MPIWork([self._comm.Ibarrier()])
+        return _MPIWork(self._comm.Ibarrier())
 
     def new_group(self, ranks: Sequence[int]) -> MPIBackend | None:
         """Only members need to call it (MPI_Comm_create_group); others get None."""
