@@ -80,6 +80,8 @@ class StepSync:
         self.rows = [layout.row(r) for r in range(self.world)]
         self.mine = self.rows[rank]
         self.peer_rows = [self.rows[r] for r in range(self.world) if r != rank]
+        # where each peer's digest of an op lands, per record half (the check reads these after arrival)
+        self._peer_digests = tuple(tuple(p + base for p in self.peer_rows) for base in RECORD_BASE)
         self.step = 0  # this rank's counter
         self.ops = 0  # collectives issued (parity picks the record half)
         self.timeout = timeout  # of the op in progress
@@ -97,7 +99,8 @@ class StepSync:
         """Publish this rank's op record, bump the step, wait for all, compare digests.
 
         Returns the record base of this op (``RECORD_BASE[parity]``), for :meth:`record`."""
-        ctrl, base = self.ctrl, RECORD_BASE[self.ops & 1]
+        ctrl, half = self.ctrl, self.ops & 1
+        base = RECORD_BASE[half]
         at = self.mine + base
         dig = fp.digest() if fp is not None else 0
         ctrl[at], ctrl[at + 1], ctrl[at + 2], ctrl[at + 3] = dig, nbytes, where[0], where[1]
@@ -108,10 +111,10 @@ class StepSync:
         self.ops += 1  # now, not after the op: a rank leaving by a mismatch error must not reuse this half
         self.wait(self.step, fp)
         if dig:
-            for p in self.peer_rows:
-                other = ctrl[p + base]
+            for i in self._peer_digests[half]:
+                other = ctrl[i]
                 if other != dig and other:
-                    self._mismatch(fp, p)
+                    self._mismatch(fp, i - base)
         return base
 
     def advance(self, fp: Fingerprint | None = None) -> None:
