@@ -174,6 +174,16 @@ class ShmBackend(InlineCheckingBackend):
         self._timed(kind, timeout, fn, args, self._sync.full_spin)
         return _DONE
 
+    def _coll(self, fn: Callable[..., None], args: tuple, timeout: float | None, async_op: bool) -> Work:
+        """A collective, on the caller's thread at once when nothing is queued (no closure, no thread; allreduce
+        inlines the same), else through :meth:`_run`. ``args`` are not kept beyond the call unless queued."""
+        if async_op or self._workers or self._closed or self._sync.broken:
+            return self._run("coll", fn, args, timeout, async_op)
+        sync = self._sync
+        sync.timeout, sync.spin = (self.timeout if timeout is None else timeout), sync.full_spin
+        fn(*args)
+        return _DONE
+
     def _timed(self, kind: str, timeout: float, fn: Callable[..., None], args: tuple, spin: int) -> None:
         if kind == "coll":  # collectives run one at a time; p2p waits take their timeout as an argument
             self._sync.timeout, self._sync.spin = timeout, spin
@@ -199,7 +209,7 @@ class ShmBackend(InlineCheckingBackend):
             op = ReduceOp(op)
         if async_op or self._workers or self._closed or self._sync.broken:
             return self._run("coll", self._algo.allreduce, (tensor, op, fingerprint), timeout, async_op)
-        sync = self._sync  # the sync fast path: no closure, no thread
+        sync = self._sync  # _coll inlined: the 4 KiB allreduce is the op whose latency counts most
         sync.timeout, sync.spin = (self.timeout if timeout is None else timeout), sync.full_spin
         self._algo.allreduce(tensor, op, fingerprint)
         return _DONE
@@ -213,7 +223,7 @@ class ShmBackend(InlineCheckingBackend):
         async_op: bool = False,
         timeout: float | None = None,
     ) -> Work:
-        return self._run("coll", self._algo.broadcast, (tensor, src, fingerprint), timeout, async_op)
+        return self._coll(self._algo.broadcast, (tensor, src, fingerprint), timeout, async_op)
 
     def allgather(
         self,
@@ -233,7 +243,8 @@ class ShmBackend(InlineCheckingBackend):
                 f"rank {self._where}: allgather output {self.rank} has {outputs[self.rank].nbytes} bytes but the "
                 f"input has {tensor.nbytes}"
             )
-        return self._run("coll", self._algo.allgather, (list(outputs), tensor, fingerprint), timeout, async_op)
+        outs = list(outputs) if async_op else outputs  # a queued op keeps its own list
+        return self._coll(self._algo.allgather, (outs, tensor, fingerprint), timeout, async_op)
 
     def reduce_scatter(
         self,
@@ -254,8 +265,10 @@ class ShmBackend(InlineCheckingBackend):
                 f"rank {self._where}: reduce_scatter output ({output.numel()} x {output.dtype}) "
                 f"must match inputs[{self.rank}] in size and every input in dtype"
             )
-        args = (output, list(inputs), ReduceOp(op), fingerprint)
-        return self._run("coll", self._algo.reduce_scatter, args, timeout, async_op)
+        if type(op) is not ReduceOp:
+            op = ReduceOp(op)
+        args = (output, list(inputs) if async_op else inputs, op, fingerprint)
+        return self._coll(self._algo.reduce_scatter, args, timeout, async_op)
 
     def all_to_all(
         self,
@@ -273,7 +286,7 @@ class ShmBackend(InlineCheckingBackend):
     def barrier(
         self, *, fingerprint: Fingerprint | None = None, async_op: bool = False, timeout: float | None = None
     ) -> Work:
-        return self._run("coll", self._algo.barrier, (fingerprint,), timeout, async_op)
+        return self._coll(self._algo.barrier, (fingerprint,), timeout, async_op)
 
     # -- point to point ----------------------------------------------------------------------
     def send(

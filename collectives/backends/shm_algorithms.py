@@ -19,6 +19,7 @@ op at a time per group.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -208,12 +209,16 @@ class Algorithms:
         ]
         return stage[self.rank, : t.nbytes], mine, max(sizes), pairs
 
-    def allgather(self, outputs: list[torch.Tensor], t: torch.Tensor, fp: Fingerprint | None) -> None:
+    def allgather(self, outputs: Sequence[torch.Tensor], t: torch.Tensor, fp: Fingerprint | None) -> None:
         world, r, sync = self.world, self.rank, self.sync
         if t.nbytes <= SMALL_BYTES:
             # Latency path: every copy on a numpy view made once per (slot, operand addresses), one sync.
             slot = self._next_slot()
-            key = (slot, t.data_ptr(), t.nbytes, *[(o.data_ptr(), o.nbytes) for o in outputs])
+            key = [slot, t.data_ptr(), t.nbytes]
+            for o in outputs:
+                key.append(o.data_ptr())
+                key.append(o.nbytes)
+            key = tuple(key)
             plan = self._arrays.get(key)
             if plan is None:
                 plan = self._cached(key, lambda: self._gather_plan(slot, outputs, t))
@@ -254,7 +259,7 @@ class Algorithms:
                     n = min(STAGING_SLOT_BYTES, sizes[j] - start)
                     outs[j][start : start + n].copy_(self.stage[j, slot, :n])
 
-    def reduce_scatter(self, out: torch.Tensor, inputs: list[torch.Tensor], op: ReduceOp, fp) -> None:
+    def reduce_scatter(self, out: torch.Tensor, inputs: Sequence[torch.Tensor], op: ReduceOp, fp) -> None:
         world, r, size, sync = self.world, self.rank, out.element_size(), self.sync
         counts = [i.numel() for i in inputs]
         total = sum(counts)
