@@ -38,23 +38,35 @@ def measure(
     warmup: int = 2,
     warmup_s: float = 0.0,
     slowest: Callable[[float], float] | None = None,
+    rep_s: float | None = None,
 ) -> dict:
     """Seconds per call: ``{"best", "mean", "stdev", "reps"}``. ``slowest`` maps this rank's
     time to the max over ranks (e.g. an allreduce-max); without it, this rank's own time.
 
-    Warm-up: ``warmup`` calls, then about ``warmup_s`` seconds more. The count comes from the slowest
-    rank's time per call, through ``slowest`` (which a multi-rank caller passing ``warmup_s`` must
-    give), so every rank runs the same number. With more ranks than cores, the first row after a
-    pause otherwise pays for waking every rank (measured: the same row at 4 ranks on 2 cores, 4 KiB
-    allreduce, 92 us first vs 55 us second)."""
+    Warm-up: ``warmup`` calls, then batches doubling in size until ``warmup_s`` seconds have passed
+    on the slowest rank (``slowest``, which a multi-rank caller passing ``warmup_s`` must give, makes
+    every rank take the same decision), at most about ``10 * iters`` calls more. A count fixed from the
+    first calls' time fell short whenever those were slow: with more ranks than cores, the first row
+    after a pause pays for waking every rank (measured: the same row at 4 ranks on 2 cores, 4 KiB
+    allreduce, 92 us first vs 55 us second). ``rep_s``: cap ``iters`` so that one repetition takes about
+    that long at the warm-up's pace (the slowest rank's), so slow rows can take many short repetitions."""
     t0 = time.perf_counter()
     for _ in range(warmup):
         run()
-    if warmup_s > 0:
-        per = (time.perf_counter() - t0) / max(warmup, 1)
-        per = slowest(per) if slowest else per
-        for _ in range(min(int(warmup_s / max(per, 1e-7)), 10 * iters)):
+    k, calls = max(warmup, 1), warmup
+    while True:  # batches doubling in size until warmup_s has passed on the slowest rank
+        elapsed = time.perf_counter() - t0
+        if warmup_s <= 0 and rep_s is None:
+            break
+        elapsed = slowest(elapsed) if slowest else elapsed
+        if elapsed >= warmup_s or k >= 10 * iters:
+            break
+        for _ in range(k):
             run()
+        calls += k
+        k *= 2
+    if rep_s is not None and calls:  # fewer calls per repetition for slow rows: about rep_s each
+        iters = max(1, min(iters, int(rep_s * calls / max(elapsed, 1e-9))))
     times = []
     for _ in range(reps):
         barrier()
@@ -69,6 +81,48 @@ def measure(
         "stdev": statistics.stdev(times) if len(times) > 1 else 0.0,
         "reps": reps,
         "iters": iters,
+    }
+
+
+def measure_in_turns(
+    runs: dict[str, Callable[[], None]],
+    barrier: Callable[[], None],
+    *,
+    iters: int,
+    reps: int,
+    warmup_s: float = 0.0,
+    slowest: Callable[[float], float] | None = None,
+    rep_s: float | None = None,
+) -> dict[str, dict]:
+    """:func:`measure` for rows of one library (say gloo, and our backend over gloo) whose latency jumps
+    between modes for long stretches: their repetitions are taken in turns, the order rotating, so every
+    row sees the same modes. Warm-up and ``rep_s`` as in :func:`measure`, per row (the fewest calls wins)."""
+    names = list(runs)
+    first = {
+        n: measure(runs[n], barrier, iters=iters, reps=1, warmup_s=warmup_s, slowest=slowest, rep_s=rep_s)
+        for n in names
+    }
+    iters = min(f["iters"] for f in first.values())
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(reps):
+        k = rep % len(names)
+        for name in names[k:] + names[:k]:
+            run = runs[name]
+            barrier()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                run()
+            dt = (time.perf_counter() - t0) / iters
+            times[name].append(slowest(dt) if slowest else dt)
+    return {
+        n: {
+            "best": min(ts),
+            "mean": statistics.fmean(ts),
+            "stdev": statistics.stdev(ts) if len(ts) > 1 else 0.0,
+            "reps": reps,
+            "iters": iters,
+        }
+        for n, ts in times.items()
     }
 
 

@@ -24,7 +24,9 @@ Sizes follow nccl-tests: for allgather and reduce_scatter, ``size`` is the whole
 (or scattered) buffer, each rank contributes size/ranks. algbw = size / time; busbw =
 algbw * 2(n-1)/n (allreduce), * (n-1)/n (allgather, reduce_scatter), * 1 (broadcast).
 Each job interleaves its rows per (op, size); with ``--rounds`` > 1 every job runs again
-and the best of all rounds is kept, so slow phases of a loaded machine hit every row.
+and the best of all rounds is kept, so slow phases of a loaded machine hit every row. A row's
+time is its best repetition; below 1 MiB a row takes three times the repetitions, each of at most
+about 20 ms (fewer calls for slow rows), so a short disturbance of the machine spoils few of them.
 ``check_overhead_shm_64KiB`` comes from its own measurement at the end of the 2-rank job
 (``check_pairs``): 64 KiB allreduces with and without the check in alternating blocks, the
 median over blocks of checked/unchecked - 1. The check costs a few tenths of a microsecond on
@@ -59,6 +61,7 @@ from benchmarks._common import (
     human_bytes,
     iters_for,
     measure,
+    measure_in_turns,
     print_table,
     spawn_job,  # noqa: E402
     write_json,
@@ -89,6 +92,13 @@ PRODUCERS: list[Producer] = [Producer("comm", optional=False), Producer("mpi4py"
 
 
 # -- workers (run on every rank of a spawned job) -------------------------------------------
+SMALL_ROW = 1 << 20  # below: latency rows, three times the repetitions, each about REP_S long at most
+REP_S = 0.02
+# gloo's latency on loopback jumps between modes (about 0.45 and 1.5 ms at 4 KiB) for long stretches: gloo used
+# directly and our torch backend over it take their repetitions in turns, or the ratio would be the modes' draw
+IN_TURNS = ("gloo", "torch", "torch nocheck")
+
+
 def _row_table(spec: dict, variants: dict, barrier, slowest, rank: int = 0) -> list[dict]:
     """Interleave every variant per (op, size); ``variants[name][op](nbytes)`` returns a run() or None.
     With ``spec["memcpy"]``, rank 0 also times one core's memcpy of each size in between (the others wait
@@ -108,16 +118,31 @@ def _row_table(spec: dict, variants: dict, barrier, slowest, rank: int = 0) -> l
                     rows.append({"row": "memcpy", "op": "memcpy", "bytes": size, "ranks": 1, **stats})
                     del src, dst
                 barrier()
+            small = size < SMALL_ROW
+            reps = spec["reps"] * 3 if small else spec["reps"] if size < (64 << 20) else max(2, spec["reps"] // 2)
+            how = dict(
+                iters=iters_for(size, hi=spec.get("max_iters", 500)),
+                reps=reps,
+                warmup_s=0.05,
+                slowest=slowest,
+                rep_s=REP_S if small else None,
+            )
+            together: dict = {}  # rows of IN_TURNS, measured in turns once all are made
             for name, ops in variants.items():
                 make = ops.get(op)
                 run = make(size) if make else None
                 if run is None:
                     continue
-                reps = spec["reps"] if size < (64 << 20) else max(2, spec["reps"] // 2)
-                iters = iters_for(size, hi=spec.get("max_iters", 500))
-                stats = measure(run, barrier, iters=iters, reps=reps, warmup_s=0.02, slowest=slowest)
+                if name in IN_TURNS:
+                    together[name] = run
+                    continue
+                stats = measure(run, barrier, **how)
                 rows.append({"row": name, "op": op, "bytes": size, "ranks": spec["world"], **stats})
                 del run
+            if together:
+                got = measure_in_turns(together, barrier, **how)
+                rows += [{"row": k, "op": op, "bytes": size, "ranks": spec["world"], **v} for k, v in got.items()]
+            del together
     return rows
 
 
