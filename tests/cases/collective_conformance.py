@@ -281,6 +281,18 @@ def run_mismatches(comm) -> list[str]:
     sides = [line for line in text.splitlines() if line.strip().startswith("rank ")]
     if len(sides) != 2 or not all("collective_conformance.py:" in line for line in sides):
         raise AssertionError(f"fast-path mismatch does not name both sides and their call sites:\n{text}")
+
+    def my_site(text: str) -> str:
+        return next(line for line in text.splitlines() if line.strip().startswith(f"rank {r}:")).rsplit(" at ", 1)[1]
+
+    # the same mismatch again, from another line, names that line (the fingerprint the fast path reuses
+    # must not keep the site the first error resolved)
+    comm.allreduce(six)
+    again = with_error(
+        lambda: comm.allreduce(six, ReduceOp.SUM if r == 0 else ReduceOp.MAX), CollectiveMismatchError, ("op=",)
+    )
+    if my_site(again) == my_site(text):
+        raise AssertionError(f"a second fast-path mismatch names the first one's call site:\n{text}\n{again}")
     # p2p: the receiver names both sides
     if r == 0:
         comm.send(torch.ones(3), 1)
