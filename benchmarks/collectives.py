@@ -16,7 +16,7 @@ Rows (2 and 4 ranks; allreduce, allgather, reduce_scatter, broadcast; float32):
   library (the raw library checks nothing);
 * peers used directly: ``gloo`` (torch.distributed), ``mpi4py+MPICH`` (under ``mpiexec``),
   ``mpi4py same job`` (allreduce, allgather: mpi4py on MPI_COMM_WORLD in the processes that run our
-  ``mpi`` backend, right after its rows: what that backend adds over the library it wraps, the
+  ``mpi`` backend, in turns with its rows: what that backend adds over the library it wraps, the
   processes and the moment being the same),
   ``horovod`` (when importable); ``memcpy``: one core copying the same bytes (the bound).
 
@@ -94,9 +94,11 @@ PRODUCERS: list[Producer] = [Producer("comm", optional=False), Producer("mpi4py"
 # -- workers (run on every rank of a spawned job) -------------------------------------------
 SMALL_ROW = 1 << 20  # below: latency rows, three times the repetitions, each about REP_S long at most
 REP_S = 0.02
-# gloo's latency on loopback jumps between modes (about 0.45 and 1.5 ms at 4 KiB) for long stretches: gloo used
-# directly and our torch backend over it take their repetitions in turns, or the ratio would be the modes' draw
-IN_TURNS = ("gloo", "torch", "torch nocheck")
+# Rows of one library taking their repetitions in turns: gloo's latency on loopback jumps between modes (about
+# 0.45 and 1.5 ms at 4 KiB) for long stretches, so gloo used directly and our torch backend over it are measured
+# together, or their ratio would be the modes' draw; likewise MPICH called directly and our mpi backend over it
+# (in the same processes: a ratio of a few microseconds must not be a drift of the machine between two rows).
+IN_TURNS = (("gloo", "torch", "torch nocheck"), ("mpi", "mpi nocheck", "mpi4py same job"))
 
 
 def _row_table(spec: dict, variants: dict, barrier, slowest, rank: int = 0) -> list[dict]:
@@ -127,21 +129,23 @@ def _row_table(spec: dict, variants: dict, barrier, slowest, rank: int = 0) -> l
                 slowest=slowest,
                 rep_s=REP_S if small else None,
             )
-            together: dict = {}  # rows of IN_TURNS, measured in turns once all are made
+            together: list[dict] = [{} for _ in IN_TURNS]  # each group's rows, measured in turns once all are made
             for name, ops in variants.items():
                 make = ops.get(op)
                 run = make(size) if make else None
                 if run is None:
                     continue
-                if name in IN_TURNS:
-                    together[name] = run
+                group = next((g for g, names in enumerate(IN_TURNS) if name in names), None)
+                if group is not None:
+                    together[group][name] = run
                     continue
                 stats = measure(run, barrier, **how)
                 rows.append({"row": name, "op": op, "bytes": size, "ranks": spec["world"], **stats})
                 del run
-            if together:
-                got = measure_in_turns(together, barrier, **how)
-                rows += [{"row": k, "op": op, "bytes": size, "ranks": spec["world"], **v} for k, v in got.items()]
+            for runs in together:
+                if runs:
+                    got = measure_in_turns(runs, barrier, **how)
+                    rows += [{"row": k, "op": op, "bytes": size, "ranks": spec["world"], **v} for k, v in got.items()]
             del together
     return rows
 
@@ -243,7 +247,7 @@ def worker_comm(spec: dict) -> list[dict]:
         variants[name] = comm_ops(c)
         unchecked = comm_ops(collectives.Communicator(c.backend, c.env, check=False, timeout=120))
         variants[f"{name} nocheck"] = {"allreduce": unchecked["allreduce"], "allgather": unchecked["allgather"]}
-        if name == "mpi":  # the library it wraps, called directly in the same processes, measured right after
+        if name == "mpi":  # the library it wraps, called directly in the same processes (measured in turns with it)
             from mpi4py import MPI
 
             raw = mpi4py_ops(MPI.COMM_WORLD, world)
@@ -400,7 +404,7 @@ def ratios(rows: list[dict], rounds: list[dict] = ()) -> dict:
         )
     for label, size in (("4KiB", k4), ("64MiB", m64)):
         # the raw library checks nothing: the goal compares our unchecked path; the checked one adds a collective.
-        # The raw calls made in the same processes, right after ours, when that row exists (mpiexec's otherwise).
+        # The raw calls made in the same processes, in turns with ours, when that row exists (mpiexec's otherwise).
         raw = ("mpi4py same job", "allreduce", size, 2)
         raw = raw if raw in t else ("mpi4py+MPICH", "allreduce", size, 2)
         put(f"mpi_backend_vs_mpi4py_{label}", raw, ("mpi nocheck", "allreduce", size, 2))

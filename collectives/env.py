@@ -31,6 +31,15 @@ class DistEnv:
         return f"{self.rank}@{self.host}"
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask; the CPU count where there is none). Ranks on one
+    host beyond this number share cores, and waiting must then hand the core over rather than spin."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def _int(env: Mapping[str, str], key: str) -> int:
     try:
         return int(env[key])

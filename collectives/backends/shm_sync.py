@@ -26,6 +26,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
+from ..env import usable_cores
 from ..errors import CollectiveMismatchError, CollectiveTimeoutError, PeerDiedError
 from ..fingerprint import ENCODED_SIZE, Fingerprint, mismatch_error
 from .futex import FUTEX
@@ -53,13 +54,6 @@ _SLEEP = 1e-3  # longest futex sleep: bounds a (rare) missed wake and paces live
 _LIVENESS_EVERY = 5e-3  # seconds between checks that awaited peers still run
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 class StepSync:
     """The control rows of one group's segment, seen from one rank."""
 
@@ -85,7 +79,7 @@ class StepSync:
         self.step = 0  # this rank's counter
         self.ops = 0  # collectives issued (parity picks the record half)
         self.timeout = timeout  # of the op in progress
-        crowded = self.world > _cores()
+        crowded = self.world > usable_cores()
         self.full_spin = CROWDED_SPIN if crowded else SPIN  # the caller's thread
         self.spin = self.full_spin  # of the op in progress (a worker thread spins less)
         self._yields = CROWDED_YIELDS if crowded else YIELDS
