@@ -4,8 +4,8 @@ In order, each region page-aligned:
 
 * control rows: ``ROW_INT64S`` int64 per rank (see the ``ROW_*`` and ``RECORD_*`` indices):
   the step counter, the step of a published mismatch, a "sleeping" flag for the waiting
-  strategy, then two op records (the second starts where the first ends) (digest, bytes, alloc id, offset), one per op parity, so a
-  rank may publish op k+1 while a slow peer still reads op k's record;
+  strategy, then two op records (digest, bytes, alloc id, offset; the second right after the
+  first), one per op parity, so a rank may publish op k+1 while a slow peer still reads op k's record;
 * fingerprints: one encoded :class:`~collectives.fingerprint.Fingerprint` per rank,
   written only on a mismatch so every rank can name both sides;
 * pair records: per ordered (src, dst) pair, 512 bytes of mailbox counters and slot records;
