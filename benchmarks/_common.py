@@ -96,7 +96,8 @@ def measure_in_turns(
 ) -> dict[str, dict]:
     """:func:`measure` for rows of one library (say gloo, and our backend over gloo) whose latency jumps
     between modes for long stretches: their repetitions are taken in turns, the order rotating, so every
-    row sees the same modes. Warm-up and ``rep_s`` as in :func:`measure`, per row (the fewest calls wins)."""
+    row sees the same modes. Warm-up and ``rep_s`` as in :func:`measure`, per row (the fewest calls wins).
+    Each row's stats keep its repetitions' ``times`` in turn order, so rows can be compared turn by turn."""
     names = list(runs)
     first = {
         n: measure(runs[n], barrier, iters=iters, reps=1, warmup_s=warmup_s, slowest=slowest, rep_s=rep_s)
@@ -121,6 +122,7 @@ def measure_in_turns(
             "stdev": statistics.stdev(ts) if len(ts) > 1 else 0.0,
             "reps": reps,
             "iters": iters,
+            "times": ts,
         }
         for n, ts in times.items()
     }
