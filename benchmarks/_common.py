@@ -54,11 +54,9 @@ def measure(
     for _ in range(warmup):
         run()
     k, calls = max(warmup, 1), warmup
-    while True:  # batches doubling in size until warmup_s has passed on the slowest rank
+    while warmup_s > 0 or rep_s is not None:  # batches doubling in size until warmup_s has passed
         elapsed = time.perf_counter() - t0
-        if warmup_s <= 0 and rep_s is None:
-            break
-        elapsed = slowest(elapsed) if slowest else elapsed
+        elapsed = slowest(elapsed) if slowest else elapsed  # the slowest rank's: every rank decides alike
         if elapsed >= warmup_s or k >= 10 * iters:
             break
         for _ in range(k):

@@ -28,8 +28,8 @@ and the best of all rounds is kept, so slow phases of a loaded machine hit every
 time is its best repetition; below 1 MiB a row takes three times the repetitions, each of at most
 about 20 ms (fewer calls for slow rows), so a short disturbance of the machine spoils few of them.
 ``check_overhead_shm_64KiB`` comes from its own measurement at the end of the 2-rank job
-(``check_pairs``): 64 KiB allreduces with and without the check in alternating blocks, the
-median over blocks of checked/unchecked - 1. The check costs a few tenths of a microsecond on
+(``check_pairs``): 64 KiB allreduces with and without the check in 40 turns, the median over
+turns of checked/unchecked - 1. The check costs a few tenths of a microsecond on
 a 12 us op, less than the bests of two rows measured one after the other drift apart
 (``check_overhead_shm_64KiB_best`` still gives that ratio of bests). Likewise gloo and our torch
 backend over it, and MPICH and our mpi backend in the same processes, take their repetitions in
@@ -271,25 +271,22 @@ def worker_comm(spec: dict) -> list[dict]:
 
 
 def check_pairs(checked, unchecked, slowest, nbytes: int = 64 << 10, blocks: int = 40, iters: int = 200) -> dict:
-    """The check's cost on ``nbytes`` allreduces: blocks of ``iters`` calls with and without it, taken in
-    turns (the order alternating), each block's time the slowest rank's. A row of op ``check_pairs``
-    holding every block's time per call (``on``, ``off``), for the median of on/off - 1."""
+    """The check's cost on ``nbytes`` allreduces: ``blocks`` turns of ``iters`` calls with and without it
+    (:func:`measure_in_turns`). A row of op ``check_pairs`` holding every turn's time per call (``on``,
+    ``off``), for the median of on/off - 1."""
     import torch
 
     t = torch.zeros(nbytes // 4)
-    comms = [("on", checked), ("off", unchecked)]
-    for _, c in comms:
-        for _ in range(iters):
-            c.allreduce(t)
-    times: dict[str, list[float]] = {"on": [], "off": []}
-    for b in range(blocks):
-        for name, c in comms if b % 2 == 0 else comms[::-1]:
-            checked.barrier()
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                c.allreduce(t)
-            times[name].append(slowest((time.perf_counter() - t0) / iters))
-    return {"row": "shm", "op": "check_pairs", "bytes": nbytes, "ranks": checked.world_size, "best": 0.0, **times}
+    runs = {"on": lambda: checked.allreduce(t), "off": lambda: unchecked.allreduce(t)}
+    got = measure_in_turns(runs, checked.barrier, iters=iters, reps=blocks, warmup_s=0.05, slowest=slowest)
+    return {
+        "row": "shm",
+        "op": "check_pairs",
+        "bytes": nbytes,
+        "ranks": checked.world_size,
+        "best": 0.0,
+        **{k: v["times"] for k, v in got.items()},
+    }
 
 
 def mpi4py_ops(comm, world: int) -> dict:
