@@ -265,9 +265,7 @@ def worker_comm(spec: dict) -> list[dict]:
     rows = _row_table({**spec, "memcpy": True}, variants, shm.barrier, slowest, rank)
     if world == 2 and (64 << 10) in spec["sizes"] and "allreduce" in spec["ops"]:
         rows.append(check_pairs(shm, shm_nocheck, slowest))
-    for c in comms.values():
-        c.close()
-    return rows
+    return _hand_back(rows, rank, shm.barrier)
 
 
 def check_pairs(checked, unchecked, slowest, nbytes: int = 64 << 10, blocks: int = 40, iters: int = 200) -> dict:
@@ -325,17 +323,25 @@ def worker_mpi4py(spec: dict) -> list[dict]:
         comm.Allreduce(MPI.IN_PLACE, mx, op=MPI.MAX)
         return float(mx[0])
 
-    return _row_table({**spec, "world": world}, {"mpi4py+MPICH": mpi4py_ops(comm, world)}, comm.Barrier, slowest)
+    rows = _row_table({**spec, "world": world}, {"mpi4py+MPICH": mpi4py_ops(comm, world)}, comm.Barrier, slowest)
+    return _hand_back(rows, comm.rank, comm.Barrier)
 
 
 WORKERS = {"comm": worker_comm, "mpi4py": worker_mpi4py}
 
 
-def worker_main(kind: str, spec: dict) -> None:
-    rows = WORKERS[kind](spec)
-    rank = int(os.environ.get("RANK", os.environ.get("PMI_RANK", "0")))
+def _hand_back(rows: list[dict], rank: int, barrier) -> list[dict]:
+    """Rank 0 writes the rows for the coordinator; then every rank passes a barrier, so none exits before
+    they are on disk (under mpiexec, a rank leaving without MPI_Finalize may end the others: once, rank 0
+    was stopped mid-write and the coordinator read an empty file from a job that exited 0)."""
     if rank == 0:
         write_result(rows)
+    barrier()
+    return rows
+
+
+def worker_main(kind: str, spec: dict) -> None:
+    WORKERS[kind](spec)
     sys.stdout.flush()
     os._exit(0)  # skip interpreter teardown (MPI finalize, gloo threads): the rows are written
 
