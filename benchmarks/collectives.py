@@ -264,27 +264,20 @@ def worker_comm(spec: dict) -> list[dict]:
 
     rows = _row_table({**spec, "memcpy": True}, variants, shm.barrier, slowest, rank)
     if world == 2 and (64 << 10) in spec["sizes"] and "allreduce" in spec["ops"]:
-        rows.append(check_pairs(shm, shm_nocheck, slowest))
+        rows += check_pairs(shm, shm_nocheck, slowest)
     return _hand_back(rows, rank, shm.barrier)
 
 
-def check_pairs(checked, unchecked, slowest, nbytes: int = 64 << 10, blocks: int = 40, iters: int = 200) -> dict:
+def check_pairs(checked, unchecked, slowest, nbytes: int = 64 << 10, blocks: int = 40, iters: int = 200) -> list[dict]:
     """The check's cost on ``nbytes`` allreduces: ``blocks`` turns of ``iters`` calls with and without it
-    (:func:`measure_in_turns`). A row of op ``check_pairs`` holding every turn's time per call (``on``,
-    ``off``), for the median of on/off - 1."""
+    (:func:`measure_in_turns`), as rows ``shm`` and ``shm nocheck`` of op ``check_pairs`` (kept out of the
+    table; their turn times give the median of checked/unchecked - 1)."""
     import torch
 
     t = torch.zeros(nbytes // 4)
-    runs = {"on": lambda: checked.allreduce(t), "off": lambda: unchecked.allreduce(t)}
+    runs = {"shm": lambda: checked.allreduce(t), "shm nocheck": lambda: unchecked.allreduce(t)}
     got = measure_in_turns(runs, checked.barrier, iters=iters, reps=blocks, warmup_s=0.05, slowest=slowest)
-    return {
-        "row": "shm",
-        "op": "check_pairs",
-        "bytes": nbytes,
-        "ranks": checked.world_size,
-        "best": 0.0,
-        **{k: v["times"] for k, v in got.items()},
-    }
+    return [{"row": k, "op": "check_pairs", "bytes": nbytes, "ranks": checked.world_size, **v} for k, v in got.items()]
 
 
 def mpi4py_ops(comm, world: int) -> dict:
@@ -409,20 +402,25 @@ def ratios(rows: list[dict], rounds: list[dict] = ()) -> dict:
             ("shm", "allgather", k4, world),
         )
 
-    def in_turns(name, num, den):
-        """A goal ratio of two rows measured in turns: the median over every turn of every round of num/den,
-        each pair measured back to back (the ratio of their bests goes to ``<name>_best``). A latency with modes
-        (gloo's) makes the best of a few calls a draw; the turn-by-turn median compares like with like."""
+    def turn_median(num, den) -> float | None:
+        """The median over every turn of every round of num/den, for two rows measured in turns (each pair
+        back to back); None without such rows. A latency with modes (gloo's) or a drift of the machine makes
+        the ratio of two bests a draw; the turn-by-turn median compares like with like."""
         pairs = []
         for rnd in rounds:
             a, b = rnd.get(num), rnd.get(den)
             if a and b and a.get("times") and b.get("times"):
                 pairs += [x / y for x, y in zip(a["times"], b["times"])]
-        if pairs:
-            put(f"{name}_best", num, den)
-            out[name] = round(statistics.median(pairs), 3)
-        else:
+        return statistics.median(pairs) if pairs else None
+
+    def in_turns(name, num, den):
+        """A goal ratio of rows measured in turns: their turn median (the ratio of bests goes to ``<name>_best``)."""
+        med = turn_median(num, den)
+        if med is None:
             put(name, num, den)
+        else:
+            put(f"{name}_best", num, den)
+            out[name] = round(med, 3)
 
     for label, size in (("4KiB", k4), ("64MiB", m64)):
         # the raw library checks nothing: the goal compares our unchecked path; the checked one adds a collective.
@@ -453,16 +451,11 @@ def ratios(rows: list[dict], rounds: list[dict] = ()) -> dict:
     if ("shm", "allreduce", k64, 2) in t and ("shm nocheck", "allreduce", k64, 2) in t:
         on, off = t[("shm", "allreduce", k64, 2)], t[("shm nocheck", "allreduce", k64, 2)]
         out["check_overhead_shm_64KiB_best"] = round(on / off - 1, 4)
-        # The goal's figure: the median over check_pairs' blocks (every round) of checked/unchecked - 1, each
-        # pair measured back to back. Bests of separate rows differ by the machine's drift, often by more
-        # than the check's cost (0.2-0.4 us on a 12 us op).
-        pairs = []
-        for rnd in rounds:
-            got = rnd.get(("shm", "check_pairs", k64, 2))
-            if got:
-                pairs += [a / b - 1 for a, b in zip(got["on"], got["off"])]
-        if pairs:
-            out["check_overhead_shm_64KiB"] = round(statistics.median(pairs), 4)
+        # The goal's figure: from check_pairs, the turn median of checked/unchecked, minus 1. Bests of separate
+        # rows differ by the machine's drift, often by more than the check's cost (0.2-0.4 us on a 12 us op).
+        med = turn_median(("shm", "check_pairs", k64, 2), ("shm nocheck", "check_pairs", k64, 2))
+        if med is not None:
+            out["check_overhead_shm_64KiB"] = round(med - 1, 4)
     return out
 
 
