@@ -27,7 +27,7 @@ import torch
 from ..fingerprint import Fingerprint
 from ..types import ReduceOp
 from .shm_alloc import AllocTable
-from .shm_kernels import NUMPY_DTYPES, as_bytes, combine, reduce_numpy, reduce_rows, split_range
+from .shm_kernels import NUMPY_DTYPES, NUMPY_UFUNCS, as_bytes, combine, reduce_numpy, reduce_rows, split_range
 from .shm_layout import RECORD_ALLOC, SMALL_BYTES, STAGING_SLOT_BYTES, Layout
 from .shm_sync import StepSync
 
@@ -103,6 +103,26 @@ class Algorithms:
         ptr, n = t.data_ptr(), t.nbytes
         return self._cached((ptr, n, t.dtype), lambda: _at(ptr, n).view(NUMPY_DTYPES[t.dtype]))
 
+    def _reduce_plan(self, slot: int, t: torch.Tensor, op: ReduceOp):
+        """A small allreduce's numpy views: (operand, this rank's staging row, ufunc, the two rows of a pair or
+        None, every row or None, whether to divide); False when numpy does not reduce ``t``'s dtype like torch."""
+        if not _numpy_reduces(t.dtype, op, self.world):
+            return False
+        a = self._np_typed(t)
+        n = a.shape[0]
+        rows = self._np_rows(slot, t.dtype)[:, :n]
+        pair = self.world == 2
+        fn = NUMPY_UFUNCS[op]
+        return (
+            a,
+            rows[self.rank],
+            fn,
+            rows[0] if pair else None,
+            rows[1] if pair else None,
+            None if pair else rows,
+            op is ReduceOp.AVG,
+        )
+
     def _shared(self, base: int):
         """The alloc every rank's operand lies in, with each rank's offset; or (None, None)."""
         offsets = self.sync.zero_copy_offsets(base)
@@ -120,15 +140,26 @@ class Algorithms:
         if world == 1:
             sync.arrive(fp, nbytes)
             return
-        if nbytes <= SMALL_BYTES and _numpy_reduces(t.dtype, op, world):
+        if nbytes <= SMALL_BYTES:
             # Latency path in numpy (a third of torch's per-call overhead); fp16 pairs round once either way.
-            a = self._np_typed(t)
-            n = a.shape[0]
-            rows = self._np_rows(self._next_slot(), t.dtype)
-            rows[self.rank, :n] = a
-            sync.arrive(fp, nbytes)
-            reduce_numpy(rows, a, n, op, world)
-            return
+            # Its views are built once per (slot, operand, op): building them costs more than the copies.
+            slot = self._rounds + 1 & 1
+            key = (slot, t.data_ptr(), nbytes, t.dtype, op)
+            plan = self._arrays.get(key)
+            if plan is None:
+                plan = self._cached(key, lambda: self._reduce_plan(slot, t, op))
+            if plan:
+                self._rounds += 1
+                a, row, fn, first, second, rows, avg = plan
+                row[...] = a
+                sync.arrive(fp, nbytes)
+                if rows is None:
+                    fn(first, second, out=a)
+                else:
+                    fn.reduce(rows, axis=0, out=a)
+                if avg:
+                    np.divide(a, world, out=a)
+                return
         flat = t.view(-1)
         if nbytes <= SMALL_BYTES:
             rows = self._rows(self._next_slot(), t.dtype)
