@@ -172,7 +172,11 @@ def leave(code: int) -> None:
     thread-owning object of torch's. Its cause is not found (not reproduced in 30 runs, 18 of them on a
     loaded machine); the job's exit code must not depend on it. What Python's exit does first still
     runs: other non-daemon threads are joined, exit hooks (MPI finalize, logging, weakref finalizers)
-    run and both streams are flushed; only the teardown of objects after that is skipped."""
+    run and both streams are flushed; only the teardown of objects after that is skipped.
+
+    MPI is finalized here when it is still up (mpi4py used directly: mpi4py finalizes from the C exit
+    path, after the hooks above): MPICH tells its process manager that this rank finalized from
+    MPI_Finalize, and hydra (mpiexec) SIGKILLs every rank still running once one leaves unannounced."""
     import atexit
     import threading
 
@@ -180,6 +184,9 @@ def leave(code: int) -> None:
         if t is not threading.current_thread() and not t.daemon:
             t.join()
     atexit._run_exitfuncs()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -44,3 +44,27 @@ def test_mpiexec(n):
     assert out.count("MPIEXEC-OK") == n, out[-4000:]
     if n > 1:
         assert "['mismatch']" in out, out[-4000:]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("raw", ["0", "1"])
+def test_worker_leaves_cleanly_under_mpiexec(raw):
+    """disttrain.worker's exit path under hydra: ranks that leave first must not get the last one killed
+    (with our mpi backend, and with mpi4py used alone)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS="1", DISTTRAIN_CASE_RAW=raw)
+    proc = subprocess.run(
+        [MPIEXEC, "-n", "2", sys.executable, "-m", "tests.cases.mpiexec_leave"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "LATE-RANK-DONE 1" in out, out[-4000:]
