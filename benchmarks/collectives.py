@@ -268,7 +268,7 @@ def worker_comm(spec: dict) -> list[dict]:
     return _hand_back(rows, rank, shm.barrier)
 
 
-def check_pairs(checked, unchecked, slowest, nbytes: int = 64 << 10, blocks: int = 40, iters: int = 200) -> list[dict]:
+def check_pairs(checked, unchecked, slowest, nbytes: int = 64 << 10, blocks: int = 160, iters: int = 50) -> list[dict]:
     """The check's cost on ``nbytes`` allreduces: ``blocks`` turns of ``iters`` calls with and without it
     (:func:`measure_in_turns`), as rows ``shm`` and ``shm nocheck`` of op ``check_pairs`` (kept out of the
     table; their turn times give the median of checked/unchecked - 1)."""

@@ -46,7 +46,7 @@ class Fingerprint:
     ``(file, line)`` pair, or None: read off the stack when first needed (an error message, raised
     while the op is still on the stack), never on the hot path."""
 
-    __slots__ = ("seq", "op", "group", "shapes", "dtype", "extra", "rank", "_site", "_base")
+    __slots__ = ("seq", "op", "group", "shapes", "dtype", "extra", "rank", "_site", "base")
 
     def __init__(
         self,
@@ -61,7 +61,9 @@ class Fingerprint:
         base: int = 0,
     ):
         self.seq, self.op, self.group, self.shapes, self.dtype = seq, op, group, shapes, dtype
-        self.extra, self.rank, self._site, self._base = extra, rank, site, base
+        self.extra, self.rank, self._site = extra, rank, site
+        # the hash of everything but seq (``base_digest``), computed now unless given: digest() stays a xor
+        self.base = base or base_digest(op, group, shapes, dtype, extra)
 
     @property
     def site(self) -> str:
@@ -74,11 +76,9 @@ class Fingerprint:
 
     def digest(self) -> int:
         """63-bit digest of everything that must agree across ranks (never 0). The base is a 63-bit hash,
-        so two ops collide only if their bases differ by exactly their sequence numbers' xor (odds ~2^-63)."""
-        base = self._base
-        if not base:
-            base = self._base = base_digest(self.op, self.group, self.shapes, self.dtype, self.extra)
-        return (base ^ self.seq) or 1
+        so two ops collide only if their bases differ by exactly their sequence numbers' xor (odds ~2^-63).
+        Hot paths may inline it as ``(fp.base ^ fp.seq) or 1``."""
+        return (self.base ^ self.seq) or 1
 
     def _fields(self) -> dict:
         return {
