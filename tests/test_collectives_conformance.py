@@ -39,7 +39,7 @@ def test_groups_world4(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_unchecked_world2(backend):
     out = spawn(f"{CASES}:conformance", 2, args={"backend": backend, "check": False}, timeout=200)
-    assert "mismatch" not in out[0] and len(out[0]) == 19
+    assert "mismatch" not in out[0] and len(out[0]) == 20
 
 
 @pytest.mark.timeout(120)

@@ -233,15 +233,12 @@ class MPIBackend(Backend):
                 aliased = tensor.data_ptr() == first + self.rank * nbytes  # MPI forbids aliasing but IN_PLACE
                 send = _MPI.IN_PLACE if aliased else _buf(tensor)
                 return _MPIWork(self._comm.Iallgather(send, whole), keep=(tensor, outputs))
-            flat = torch.empty(n * len(outputs), dtype=tensor.dtype)
-            # the receive count is per rank
-            req = self._comm.Iallgather(_buf(tensor), [_buf(flat)[0], n, _TYPES[tensor.dtype]])
-
-            def scatter_out():
-                for o, part in zip(outputs, flat.view(len(outputs), n)):
-                    o.view(-1).copy_(part)
-
-            return _MPIWork(req, scatter_out, (tensor, flat))
+        key = (tensor.data_ptr(), nbytes, tensor.dtype, *(o.data_ptr() for o in outputs), *(o.numel() for o in outputs))
+        spec = _SPECS.get(key)
+        if spec is None:
+            spec = self._scattered(key, outputs, tensor)
+        if spec:  # straight into the outputs, wherever they lie
+            return _MPIWork(self._comm.Iallgatherv(spec[0], spec[1]), keep=(tensor, outputs))
         counts = [o.numel() for o in outputs]
         displs = [sum(counts[:i]) for i in range(len(counts))]
         flat = torch.empty(sum(counts), dtype=tensor.dtype)
@@ -252,6 +249,34 @@ class MPIBackend(Backend):
                 o.copy_(flat[d : d + c].view_as(o))
 
         return _MPIWork(req, then, (tensor, flat))
+
+    def _scattered(self, key: tuple, outputs: Sequence[torch.Tensor], tensor: torch.Tensor):
+        """(send, receive) specs of an Allgatherv into ``outputs`` where they lie: the receive buffer starts
+        at the lowest output and each rank's part lands at its output's displacement from there; False
+        when that cannot be said to MPI (an empty output, displacements past int32 or not whole elements,
+        an input overlapping an output that is not its own). Cached by addresses, as ``_buf``'s specs."""
+        size = tensor.element_size()
+        ptrs = [o.data_ptr() for o in outputs]
+        ends = [p + o.nbytes for p, o in zip(ptrs, outputs)]
+        low = min(ptrs)
+        displs = [(p - low) // size for p in ptrs]
+        spec = False
+        src, src_end = tensor.data_ptr(), tensor.data_ptr() + tensor.nbytes
+        in_place = src == ptrs[self.rank]  # the input is this rank's output (MPI allows only IN_PLACE aliasing)
+        overlaps = not in_place and any(p < src_end and src < e for p, e in zip(ptrs, ends))
+        if (
+            all(o.numel() for o in outputs)
+            and all((p - low) % size == 0 for p in ptrs)
+            and max(ends) - low < 1 << 31
+            and not overlaps
+        ):
+            send = _MPI.IN_PLACE if in_place else _buf(tensor)
+            recv = [_MPI.buffer.fromaddress(low, max(ends) - low), [o.numel() for o in outputs], displs]
+            spec = (send, [*recv, _TYPES[tensor.dtype]])
+        if len(_SPECS) >= _MAX_SPECS:
+            _SPECS.clear()
+        _SPECS[key] = spec
+        return spec
 
     def reduce_scatter(self, output: torch.Tensor, inputs: Sequence[torch.Tensor], op: ReduceOp) -> Work:
         counts = [i.numel() for i in inputs]

@@ -194,6 +194,25 @@ def run_conformance(comm, oracle) -> list[str]:
     _close(t, want, "allreduce after small-and-large allgather")
     done.append("allgather-mixed")
 
+    # allgather into separate outputs in any address order, the input being this rank's own output or a
+    # tensor in between two outputs (mpi: received straight into the outputs where they lie)
+    pool = torch.full((3 * w + 2,), -1.0)
+    outs = [pool[3 * (w - 1 - i) : 3 * (w - i)] for i in range(w)]  # descending addresses
+    for k in (1, 2):
+        outs[r].copy_(_values(r, 3, torch.float32) + 100 * k)
+        comm.allgather(outs, outs[r])
+        for i in range(w):
+            _close(outs[i], _values(i, 3, torch.float32) + 100 * k, f"allgather in place, descending, from {i}")
+    gap = torch.full((6 * w,), -1.0)
+    outs = [gap[6 * i : 6 * i + 2] for i in range(w)]
+    src = gap[6 * r + 3 : 6 * r + 5]  # between this rank's output and the next one
+    src.copy_(_values(r, 2, torch.float32) + 7)
+    comm.allgather(outs, src)
+    for i in range(w):
+        _close(outs[i], _values(i, 2, torch.float32) + 7, f"allgather with the input between outputs, from {i}")
+    _close(gap[6 * r + 3 : 6 * r + 5], _values(r, 2, torch.float32) + 7, "allgather left its input alone")
+    done.append("allgather-scattered")
+
     # the caller's storage stays the caller's: after small and large ops it can still be resized
     # (ZeRO-3 frees gathered parameters so; Tensor.numpy() on an operand would forbid it for good)
     for n in (7, 40_000):
