@@ -280,6 +280,25 @@ class MPIBackend(Backend):
 
     def reduce_scatter(self, output: torch.Tensor, inputs: Sequence[torch.Tensor], op: ReduceOp) -> Work:
         counts = [i.numel() for i in inputs]
+        if not _half(output):  # inputs that follow each other in memory (one buffer's parts): sent from there
+            first = end = inputs[0].data_ptr()
+            for i in inputs:
+                if i.data_ptr() != end:
+                    break
+                end += i.nbytes
+            else:
+                out = output.data_ptr()
+                if end > first and not (out < end and first < out + output.nbytes):  # MPI: no aliasing
+                    key = ("span", first, end - first, output.dtype)
+                    send = _SPECS.get(key)
+                    if send is None:
+                        if len(_SPECS) >= _MAX_SPECS:
+                            _SPECS.clear()
+                        buf = _MPI.buffer.fromaddress(first, end - first)
+                        send = _SPECS[key] = [buf, sum(counts), _TYPES[output.dtype]]
+                    req = self._comm.Ireduce_scatter(send, _buf(output), counts, _OPS[op])
+                    then = (lambda: output.div_(self.world_size)) if op is ReduceOp.AVG else None
+                    return _MPIWork(req, then, (inputs, output))
         flat = torch.cat([i.reshape(-1) for i in inputs])
         out = torch.empty(output.numel(), dtype=torch.float32) if _half(output) else output
         if _half(output):

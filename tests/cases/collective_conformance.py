@@ -147,6 +147,13 @@ def run_conformance(comm, oracle) -> list[str]:
         if dtype.is_floating_point:
             comm.reduce_scatter(out, ins, ReduceOp.AVG)
             _close(out, flat[start : start + chunks[r]] / w, f"reduce_scatter avg {dtype}")
+        # the same from parts of one buffer (mpi sends it as it lies), then into a part of that buffer
+        whole = torch.cat([_values(r + i, chunks[i], dtype) for i in range(w)])
+        parts = list(whole.split(chunks))
+        comm.reduce_scatter(out, parts, ReduceOp.SUM)
+        _close(out, flat[start : start + chunks[r]], f"reduce_scatter from one buffer {dtype}")
+        comm.reduce_scatter(parts[r], parts, ReduceOp.SUM)  # output aliasing an input (as ZeRO's shards may)
+        _close(parts[r], flat[start : start + chunks[r]], f"reduce_scatter into its own input {dtype}")
 
         # all_to_all with split sizes; size (src + dst) % 3 includes zero-size pairs
         ins = [torch.full(((r + d) % 3, 2), 10 * r + d, dtype=dtype) for d in range(w)]
