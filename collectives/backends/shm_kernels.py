@@ -5,8 +5,8 @@ Nothing here waits or touches the control rows. Rules every kernel follows:
 bfloat16/float16 sums, averages and products accumulate in float32 and round once;
 integer AVG truncates toward zero (like C integer division).
 
-The latency path of a small allreduce runs in numpy (``NUMPY_DTYPES``/``NUMPY_UFUNCS``):
-its per-call overhead is about a third of torch's at 4 KiB.
+The latency paths of small allreduces and reduce_scatters run in numpy (``NUMPY_DTYPES``/``NUMPY_UFUNCS``,
+on views that ``shm_algorithms`` builds once): its per-call overhead is about a third of torch's at 4 KiB.
 """
 
 from __future__ import annotations
@@ -105,17 +105,6 @@ def reduce_rows(rows: torch.Tensor, out: torch.Tensor, op: ReduceOp, world: int)
         out.copy_(torch.prod(rows, 0, dtype=torch.float32))
     else:
         torch.prod(rows, 0, dtype=out.dtype, out=out)
-
-
-def reduce_numpy(rows: np.ndarray, out: np.ndarray, n: int, op: ReduceOp, world: int) -> None:
-    """out[:n] = reduce over ranks of ``rows[:, :n]`` (the small-allreduce latency path)."""
-    fn = NUMPY_UFUNCS[op]
-    if world == 2:
-        fn(rows[0, :n], rows[1, :n], out=out)
-    else:
-        fn.reduce(rows[:, :n], axis=0, out=out)
-    if op is ReduceOp.AVG:
-        np.divide(out, world, out=out)
 
 
 def split_range(n: int, world: int, unit: int = 16) -> list[tuple[int, int]]:
