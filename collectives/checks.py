@@ -22,7 +22,9 @@ Cost: one extra small collective per op (measured in ``benchmarks/check_overhead
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -43,9 +45,15 @@ def check_collective(backend: Backend, fp: Fingerprint, timeout: float) -> None:
     dev = backend.device or "cpu"  # nccl (and torch on cuda) move device memory only
     d = fp.digest()
     # One in-place allreduce of two int64: max(d) == d and max(-d) == -d on every rank iff all d agree.
-    both = torch.tensor([d, -d], dtype=torch.int64, device=dev)
-    backend.allreduce(both, ReduceOp.MAX).wait(timeout)
-    hi, neg_lo = both.tolist()
+    if dev == "cpu":  # a buffer per backend and thread, filled and read through numpy (a new tensor: ~2 us)
+        both, view = _cpu_buffer(backend)
+        view[0], view[1] = d, -d
+        backend.allreduce(both, ReduceOp.MAX).wait(timeout)
+        hi, neg_lo = int(view[0]), int(view[1])
+    else:
+        both = torch.tensor([d, -d], dtype=torch.int64, device=dev)
+        backend.allreduce(both, ReduceOp.MAX).wait(timeout)
+        hi, neg_lo = both.tolist()
     if hi == d and neg_lo == -d:
         return
     # Every rank saw the same extremes, and at least one differs from its own digest, so every
@@ -56,6 +64,23 @@ def check_collective(backend: Backend, fp: Fingerprint, timeout: float) -> None:
     theirs = [Fingerprint.decode(bytes(t.cpu().numpy())) for t in full]
     other = next((f for f in theirs if f.digest() != d and f.rank != fp.rank), theirs[0])
     raise mismatch_error(fp, other)
+
+
+class _PerThread(threading.local):
+    def __init__(self):
+        self.buffers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # backend -> (tensor, numpy view)
+
+
+_local = _PerThread()
+
+
+def _cpu_buffer(backend: Backend):
+    buffers = _local.buffers
+    pair = buffers.get(backend)
+    if pair is None:
+        both = torch.zeros(2, dtype=torch.int64)
+        pair = buffers[backend] = (both, both.numpy())  # our own tensor: .numpy() pinning its size is fine
+    return pair
 
 
 def send_fingerprint(backend: Backend, fp: Fingerprint, dst: int):
