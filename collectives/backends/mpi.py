@@ -74,7 +74,7 @@ def _cpu(t: torch.Tensor) -> None:
 
 
 _SPECS: dict = {}  # (address, bytes, dtype) -> buffer spec of a recent operand (made in C: 0.8 us a call)
-_MAX_SPECS = 256
+_MAX_SPECS = 2048
 _HALF = (torch.float16, torch.bfloat16)
 
 

@@ -31,7 +31,7 @@ from .shm_kernels import NUMPY_DTYPES, NUMPY_UFUNCS, as_bytes, combine, reduce_r
 from .shm_layout import RECORD_ALLOC, SMALL_BYTES, STAGING_SLOT_BYTES, Layout
 from .shm_sync import StepSync
 
-_MAX_ARRAYS = 64
+_MAX_ARRAYS = 2048  # plans and views of recent small operands (under a KiB each; a plan per staging slot)
 
 
 def _numpy_reduces(dtype: torch.dtype, op: ReduceOp, world: int) -> bool:
