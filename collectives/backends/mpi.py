@@ -107,6 +107,7 @@ def _half(t: torch.Tensor) -> bool:
 _POLLS = range(256)
 _CROWDED_POLLS = range(4)
 _AVG = ReduceOp.AVG
+_F16, _BF16 = torch.float16, torch.bfloat16
 
 
 class _MPIWork:
@@ -207,7 +208,7 @@ class MPIBackend(Backend):
     # -- ops ------------------------------------------------------------------------------
     def allreduce(self, tensor: torch.Tensor, op: ReduceOp) -> Work:
         dtype = tensor.dtype
-        if dtype is not torch.float16 and dtype is not torch.bfloat16:  # identity tests: `in` calls __eq__
+        if dtype is not _F16 and dtype is not _BF16:  # identity tests: `in` calls __eq__
             req = self._comm.Iallreduce(_MPI.IN_PLACE, _buf(tensor), _OPS[op])
             if op is not _AVG:
                 return _MPIWork(req, None, tensor)
