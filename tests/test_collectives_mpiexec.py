@@ -18,29 +18,35 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.mark.timeout(180)
-@pytest.mark.parametrize("n", [1, 3])
-def test_mpiexec(n):
+def _mpiexec(n: int, module: str, timeout: float, **extra: str) -> str:
+    """Run ``python -m module`` on ``n`` ranks under MPICH's mpiexec, without torchrun's variables;
+    assert it exited 0 and return its output."""
     env = {
         k: v
         for k, v in os.environ.items()
         if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     }
-    env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    # MPICH's shared-memory "release_gather" collectives leave a segment in /dev/shm after
-    # MPI_Finalize under hydra (3+ ranks); under our launcher the PMI server removes it.
-    for op in ("BCAST", "REDUCE", "ALLREDUCE", "BARRIER"):
-        env[f"MPIR_CVAR_{op}_POSIX_INTRA_ALGORITHM"] = "mpir"
+    env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **extra)
     proc = subprocess.run(
-        [MPIEXEC, "-n", str(n), sys.executable, "-m", "tests.cases.collective_mpiexec"],
+        [MPIEXEC, "-n", str(n), sys.executable, "-m", module],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=150,
+        timeout=timeout,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("n", [1, 3])
+def test_mpiexec(n):
+    # MPICH's shared-memory "release_gather" collectives leave a segment in /dev/shm after
+    # MPI_Finalize under hydra (3+ ranks); under our launcher the PMI server removes it.
+    cvars = {f"MPIR_CVAR_{op}_POSIX_INTRA_ALGORITHM": "mpir" for op in ("BCAST", "REDUCE", "ALLREDUCE", "BARRIER")}
+    out = _mpiexec(n, "tests.cases.collective_mpiexec", 150, **cvars)
     assert out.count("MPIEXEC-OK") == n, out[-4000:]
     if n > 1:
         assert "['mismatch']" in out, out[-4000:]
@@ -51,20 +57,5 @@ def test_mpiexec(n):
 def test_worker_leaves_cleanly_under_mpiexec(raw):
     """disttrain.worker's exit path under hydra: ranks that leave first must not get the last one killed
     (with our mpi backend, and with mpi4py used alone)."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    }
-    env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS="1", DISTTRAIN_CASE_RAW=raw)
-    proc = subprocess.run(
-        [MPIEXEC, "-n", "2", sys.executable, "-m", "tests.cases.mpiexec_leave"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=100,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
+    out = _mpiexec(2, "tests.cases.mpiexec_leave", 100, DISTTRAIN_CASE_RAW=raw)
     assert "LATE-RANK-DONE 1" in out, out[-4000:]
