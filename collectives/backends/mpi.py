@@ -86,9 +86,15 @@ def _buf(t: torch.Tensor):
     if spec is None:
         if t.is_cuda:
             _cpu(t)
-        if len(_SPECS) >= _MAX_SPECS:
-            _SPECS.clear()
-        spec = _SPECS[key] = [_MPI.buffer.fromaddress(key[0], key[1]), t.numel(), _TYPES[t.dtype]]
+        spec = _remember(key, [_MPI.buffer.fromaddress(key[0], key[1]), t.numel(), _TYPES[t.dtype]])
+    return spec
+
+
+def _remember(key: tuple, spec):
+    """Cache ``spec`` under ``key`` in ``_SPECS`` (emptied when full) and return it."""
+    if len(_SPECS) >= _MAX_SPECS:
+        _SPECS.clear()
+    _SPECS[key] = spec
     return spec
 
 
@@ -274,10 +280,7 @@ class MPIBackend(Backend):
             send = _MPI.IN_PLACE if in_place else _buf(tensor)
             recv = [_MPI.buffer.fromaddress(low, max(ends) - low), [o.numel() for o in outputs], displs]
             spec = (send, [*recv, _TYPES[tensor.dtype]])
-        if len(_SPECS) >= _MAX_SPECS:
-            _SPECS.clear()
-        _SPECS[key] = spec
-        return spec
+        return _remember(key, spec)
 
     def reduce_scatter(self, output: torch.Tensor, inputs: Sequence[torch.Tensor], op: ReduceOp) -> Work:
         counts = [i.numel() for i in inputs]
@@ -293,10 +296,8 @@ class MPIBackend(Backend):
                     key = ("span", first, end - first, output.dtype)
                     send = _SPECS.get(key)
                     if send is None:
-                        if len(_SPECS) >= _MAX_SPECS:
-                            _SPECS.clear()
                         buf = _MPI.buffer.fromaddress(first, end - first)
-                        send = _SPECS[key] = [buf, sum(counts), _TYPES[output.dtype]]
+                        send = _remember(key, [buf, sum(counts), _TYPES[output.dtype]])
                     req = self._comm.Ireduce_scatter(send, _buf(output), counts, _OPS[op])
                     then = (lambda: output.div_(self.world_size)) if op is ReduceOp.AVG else None
                     return _MPIWork(req, then, (inputs, output))

@@ -27,7 +27,7 @@ import torch
 from ..fingerprint import Fingerprint
 from ..types import ReduceOp
 from .shm_alloc import AllocTable
-from .shm_kernels import NUMPY_DTYPES, NUMPY_UFUNCS, as_bytes, combine, reduce_rows, split_range
+from .shm_kernels import NUMPY_DTYPES, as_bytes, combine, numpy_reducer, reduce_numpy, reduce_rows, split_range
 from .shm_layout import RECORD_ALLOC, SMALL_BYTES, STAGING_SLOT_BYTES, Layout
 from .shm_sync import StepSync
 
@@ -104,24 +104,13 @@ class Algorithms:
         return self._cached((ptr, n, t.dtype), lambda: _at(ptr, n).view(NUMPY_DTYPES[t.dtype]))
 
     def _reduce_plan(self, slot: int, t: torch.Tensor, op: ReduceOp):
-        """A small allreduce's numpy views: (operand, this rank's staging row, ufunc, the two rows of a pair or
-        None, every row or None, whether to divide); False when numpy does not reduce ``t``'s dtype like torch."""
+        """A small allreduce's numpy views: (operand, this rank's staging row, reducer); False when numpy does
+        not reduce ``t``'s dtype like torch."""
         if not _numpy_reduces(t.dtype, op, self.world):
             return False
         a = self._np_typed(t)
-        n = a.shape[0]
-        rows = self._np_rows(slot, t.dtype)[:, :n]
-        pair = self.world == 2
-        fn = NUMPY_UFUNCS[op]
-        return (
-            a,
-            rows[self.rank],
-            fn,
-            rows[0] if pair else None,
-            rows[1] if pair else None,
-            None if pair else rows,
-            op is ReduceOp.AVG,
-        )
+        rows = self._np_rows(slot, t.dtype)[:, : a.shape[0]]
+        return a, rows[self.rank], numpy_reducer(rows, op)
 
     def _shared(self, base: int):
         """The alloc every rank's operand lies in, with each rank's offset; or (None, None)."""
@@ -150,15 +139,10 @@ class Algorithms:
                 plan = self._cached(key, lambda: self._reduce_plan(slot, t, op))
             if plan:
                 self._rounds += 1
-                a, row, fn, first, second, rows, avg = plan
+                a, row, reducer = plan
                 row[...] = a
                 sync.arrive(fp, nbytes)
-                if rows is None:
-                    fn(first, second, out=a)
-                else:
-                    fn.reduce(rows, axis=0, out=a)
-                if avg:
-                    np.divide(a, world, out=a)
+                reduce_numpy(reducer, a)
                 return
         flat = t.view(-1)
         if nbytes <= SMALL_BYTES:
@@ -305,10 +289,9 @@ class Algorithms:
                     outs[j][start : start + n].copy_(self.stage[j, slot, :n])
 
     def _scatter_plan(self, slot: int, out: torch.Tensor, inputs: Sequence[torch.Tensor], op: ReduceOp):
-        """A small reduce_scatter's numpy views: ([(staging part, input)], bytes staged, ufunc, the pair's two
-        rows of this rank's part or None, every row's part or None, the output or None (an empty part),
-        whether to divide); False past SMALL_BYTES or when numpy does not reduce the dtype like torch.
-        Inputs that follow each other in memory are staged with one copy."""
+        """A small reduce_scatter's numpy views: ([(staging part, input)], bytes staged, the output or None (an
+        empty part), reducer of this rank's part); False past SMALL_BYTES or when numpy does not reduce the
+        dtype like torch. Inputs that follow each other in memory are staged with one copy."""
         counts = [i.numel() for i in inputs]
         total, size, r = sum(counts), out.element_size(), self.rank
         if total * size > SMALL_BYTES or not _numpy_reduces(out.dtype, op, self.world):
@@ -325,19 +308,8 @@ class Algorithms:
                     copies.append((rows[r, pos : pos + n], _at(p, n * size).view(dtype)))
                 pos += n
         lo = sum(counts[:r])
-        part = rows[:, lo : lo + counts[r]]
-        pair = self.world == 2
         outv = _at(out.data_ptr(), out.nbytes).view(dtype) if counts[r] else None
-        return (
-            copies,
-            total * size,
-            NUMPY_UFUNCS[op],
-            part[0] if pair else None,
-            part[1] if pair else None,
-            None if pair else part,
-            outv,
-            op is ReduceOp.AVG,
-        )
+        return copies, total * size, outv, numpy_reducer(rows[:, lo : lo + counts[r]], op)
 
     def reduce_scatter(self, out: torch.Tensor, inputs: Sequence[torch.Tensor], op: ReduceOp, fp) -> None:
         world, r, size, sync = self.world, self.rank, out.element_size(), self.sync
@@ -354,17 +326,12 @@ class Algorithms:
             plan = self._cached(key, lambda: self._scatter_plan(slot, out, inputs, op))
         if plan:
             self._rounds += 1
-            copies, staged, fn, first, second, rows, outv, avg = plan
+            copies, staged, outv, reducer = plan
             for dst, src in copies:
                 dst[...] = src
             sync.arrive(fp, staged)
             if outv is not None:
-                if rows is None:
-                    fn(first, second, out=outv)
-                else:
-                    fn.reduce(rows, axis=0, out=outv)
-                if avg:
-                    np.divide(outv, world, out=outv)
+                reduce_numpy(reducer, outv)
             return
         counts = [i.numel() for i in inputs]
         total = sum(counts)

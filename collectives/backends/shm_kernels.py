@@ -107,6 +107,26 @@ def reduce_rows(rows: torch.Tensor, out: torch.Tensor, op: ReduceOp, world: int)
         torch.prod(rows, 0, dtype=out.dtype, out=out)
 
 
+def numpy_reducer(rows: np.ndarray, op: ReduceOp) -> tuple:
+    """What :func:`reduce_numpy` needs to reduce ``rows`` ([world, n] numpy views) with ``op``, built once
+    by a latency path's plan: (ufunc, the pair's two rows or None, every row or None, divisor or 0)."""
+    world = rows.shape[0]
+    pair = world == 2
+    avg = world if op is ReduceOp.AVG else 0
+    return NUMPY_UFUNCS[op], rows[0] if pair else None, rows[1] if pair else None, None if pair else rows, avg
+
+
+def reduce_numpy(reducer: tuple, out: np.ndarray) -> None:
+    """out = reduce over ranks, as ``reducer`` (:func:`numpy_reducer`) says: the small ops' latency path."""
+    fn, first, second, rows, avg = reducer
+    if rows is None:
+        fn(first, second, out=out)
+    else:
+        fn.reduce(rows, axis=0, out=out)
+    if avg:
+        np.divide(out, avg, out=out)
+
+
 def split_range(n: int, world: int, unit: int = 16) -> list[tuple[int, int]]:
     """Split [0, n) into ``world`` contiguous parts, boundaries on multiples of ``unit``."""
     step = -(-n // world)

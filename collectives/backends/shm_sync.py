@@ -76,7 +76,6 @@ class StepSync:
         self.peer_rows = [self.rows[r] for r in range(self.world) if r != rank]
         # where each peer's digest of an op lands, per record half (the check reads these after arrival)
         self._peer_digests = tuple(tuple(p + base for p in self.peer_rows) for base in RECORD_BASE)
-        self._pair_digest = tuple(d[0] for d in self._peer_digests) if self.world == 2 else None  # a pair: one each
         self.step = 0  # this rank's counter
         self.ops = 0  # collectives issued (parity picks the record half)
         self.timeout = timeout  # of the op in progress
@@ -106,12 +105,6 @@ class StepSync:
         self.ops += 1  # now, not after the op: a rank leaving by a mismatch error must not reuse this half
         self.wait(self.step, fp)
         if dig:
-            pair = self._pair_digest
-            if pair is not None:
-                other = ctrl[pair[half]]
-                if other != dig and other:
-                    self._mismatch(fp, pair[half] - base)
-                return base
             for i in self._peer_digests[half]:
                 other = ctrl[i]
                 if other != dig and other:
