@@ -33,6 +33,7 @@ from .models import build_model, build_target_model  # noqa: E402
 from .rundir import RunDir  # noqa: E402
 from .slurm import preemption  # noqa: E402
 from .targets import UserCodeError  # noqa: E402
+from .teardown import leave  # noqa: E402
 from .trainer import Trainer  # noqa: E402
 
 
@@ -163,33 +164,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"disttrain worker {comm.env.where}: {exc}", file=sys.stderr, flush=True)
         return 2
     return close(trainer, summary, slurm_job)
-
-
-def leave(code: int) -> None:
-    """End a worker whose job is done without the interpreter's teardown. Once in CI, a worker that had
-    finished (summary written, communicator closed) aborted at exit with "terminate called without an
-    active exception" and no Python frame: a native destructor run during finalization, in a
-    thread-owning object of torch's. Its cause is not found (not reproduced in 30 runs, 18 of them on a
-    loaded machine); the job's exit code must not depend on it. What Python's exit does first still
-    runs: other non-daemon threads are joined, exit hooks (MPI finalize, logging, weakref finalizers)
-    run and both streams are flushed; only the teardown of objects after that is skipped.
-
-    MPI is finalized here when it is still up (mpi4py used directly: mpi4py finalizes from the C exit
-    path, after the hooks above): MPICH tells its process manager that this rank finalized from
-    MPI_Finalize, and hydra (mpiexec) SIGKILLs every rank still running once one leaves unannounced."""
-    import atexit
-    import threading
-
-    for t in threading.enumerate():
-        if t is not threading.current_thread() and not t.daemon:
-            t.join()
-    atexit._run_exitfuncs()
-    mpi = sys.modules.get("mpi4py.MPI")
-    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
-        mpi.Finalize()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 if __name__ == "__main__":

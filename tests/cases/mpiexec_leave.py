@@ -1,4 +1,4 @@
-"""A finished worker leaving through ``disttrain.worker.leave`` under MPICH's mpiexec, as a worker started
+"""A finished worker leaving through ``disttrain.teardown.leave`` (as ``disttrain.worker`` does) under MPICH's mpiexec, as a worker started
 by mpirun does: the mpi backend (``DISTTRAIN_CASE_RAW=1``: mpi4py alone), ranks finishing at different
 times. The last rank must still get to the end: hydra SIGKILLs every rank left once one exits without
 having told it, through PMI, that it finalized."""
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 import collectives
-from disttrain.worker import leave
+from disttrain.teardown import leave
 
 if os.environ.get("DISTTRAIN_CASE_RAW") == "1":
     from mpi4py import MPI
