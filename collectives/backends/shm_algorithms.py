@@ -45,6 +45,14 @@ def _numpy_reduces(dtype: torch.dtype, op: ReduceOp, world: int) -> bool:
     return dtype.is_floating_point or op is not ReduceOp.AVG
 
 
+def _address_key(head: list, tensors: Sequence[torch.Tensor]) -> tuple:
+    """``head`` followed by each tensor's address and size: the key of a plan of views of those tensors."""
+    for t in tensors:
+        head.append(t.data_ptr())
+        head.append(t.nbytes)
+    return tuple(head)
+
+
 def _at(ptr: int, nbytes: int) -> np.ndarray:
     """A writable uint8 numpy array over ``nbytes`` at address ``ptr`` (no reference to their owner)."""
     if nbytes == 0:
@@ -243,11 +251,7 @@ class Algorithms:
         if t.nbytes <= SMALL_BYTES:
             # Latency path: every copy on a numpy view made once per (slot, operand addresses), one sync.
             slot = self._next_slot()
-            key = [slot, t.data_ptr(), t.nbytes]
-            for o in outputs:
-                key.append(o.data_ptr())
-                key.append(o.nbytes)
-            key = tuple(key)
+            key = _address_key([slot, t.data_ptr(), t.nbytes], outputs)
             plan = self._arrays.get(key)
             if plan is None:
                 plan = self._cached(key, lambda: self._gather_plan(slot, outputs, t))
@@ -316,11 +320,7 @@ class Algorithms:
         # Latency path: every input into this rank's staging row, one sync, reduce our part in numpy, on views
         # made once per (slot, output, inputs, op).
         slot = self._rounds + 1 & 1
-        key = [slot, out.data_ptr(), out.nbytes, out.dtype, op]
-        for t in inputs:
-            key.append(t.data_ptr())
-            key.append(t.nbytes)
-        key = tuple(key)
+        key = _address_key([slot, out.data_ptr(), out.nbytes, out.dtype, op], inputs)
         plan = self._arrays.get(key)
         if plan is None:
             plan = self._cached(key, lambda: self._scatter_plan(slot, out, inputs, op))
