@@ -41,7 +41,7 @@ def worker(ns) -> None:
     import collectives
     from collectives import ReduceOp
     from disttrain import config as config_mod
-    from disttrain.checkpoint import Checkpointer, CheckpointReader, adapters
+    from disttrain.checkpoint import Checkpointer, CheckpointReader
     from disttrain.worker import build_trainer
 
     size = (
@@ -93,7 +93,7 @@ def worker(ns) -> None:
     for _ in range(2):  # warm up; creates the optimizer state
         trainer.train_step()
     nparams = sum(p.numel() for p in trainer.model.parameters())
-    state_bytes = sum(s.tensor.numel() * s.tensor.element_size() for s in adapters.state_shards(trainer.strategy))
+    state_bytes = sum(s.tensor.numel() * s.tensor.element_size() for s in trainer.strategy.state_shards())
     model, optim = trainer.strategy.model, trainer.strategy.optimizer
     dcp_dir = os.path.join(ns.dir, "dcp")
 
@@ -113,7 +113,7 @@ def worker(ns) -> None:
         from disttrain.checkpoint import resolve
 
         reader = CheckpointReader(resolve(ours.dir)[0], verify=True)
-        adapters.load_state_shards(trainer.strategy, reader)
+        trainer.strategy.load_state_shards(reader)
         reader.release()
 
     res = {

@@ -178,7 +178,7 @@ def _llama(size: dict):
 
 
 def _llama_loss(out, y):
-    from disttrain.parallel.vocab_parallel import cross_entropy
+    from disttrain.parallel.tensor.vocab import cross_entropy
 
     logits = out.logits if hasattr(out, "logits") else out
     return cross_entropy(logits, y, reduction="sum") / y.numel()

@@ -13,9 +13,9 @@ from .errors import BackendUnavailableError
 
 _BACKENDS: dict[str, str] = {
     "torch": "collectives.backends.torchdist:TorchBackend",
-    "mpi": "collectives.backends.mpi:MPIBackend",
+    "mpi": "collectives.backends.mpi.backend:MPIBackend",
     "nccl": "collectives.backends.nccl:NCCLBackend",
-    "shm": "collectives.backends.shm:ShmBackend",
+    "shm": "collectives.backends.shm.backend:ShmBackend",
     "horovod": "collectives.backends.horovod:HorovodBackend",
 }
 

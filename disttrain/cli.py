@@ -63,7 +63,7 @@ def cmd_launch(argv: list[str]) -> int:
 
 
 def cmd_ckpt(argv: list[str]) -> int:
-    from .ckpt_cli import main as ckpt_main
+    from .checkpoint.cli import main as ckpt_main
 
     return ckpt_main(argv)
 

@@ -236,7 +236,7 @@ class TensorParallelConfig(Section):
         None,
         description="Keep the output head's logits split by vocabulary and score them with the vocab-parallel "
         "cross-entropy (never gathered). Default: on for the built-in loss, off for a loss.target step function "
-        "(which may need whole logits; it can use disttrain.parallel.vocab_parallel.cross_entropy and turn this on).",
+        "(which may need whole logits; it can use disttrain.parallel.tensor.vocab.cross_entropy and turn this on).",
     )
 
 

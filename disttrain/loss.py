@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .parallel.vocab_parallel import cross_entropy as vocab_cross_entropy
+from .parallel.tensor.vocab import cross_entropy as vocab_cross_entropy
 from .targets import UserCodeError, import_target
 
 StepFn = Callable[[nn.Module, Any], tuple]

@@ -36,7 +36,7 @@ from .errors import DisttrainError
 from .loss import StepFn, StepOutputError, cross_entropy_step, read_step_output
 from .optim import build_optimizer, build_optimizer_spec, user_optimizer_spec
 from .parallel import OptimizerSpec, build_strategy, schedules_micro_batches
-from .parallel.pipeline_step import is_transformers_model, run_step_fn
+from .parallel.pipeline.step import is_transformers_model, run_step_fn
 from .precision import autocast, maybe_loss_scaler
 from .rundir import RunDir
 from .schedule import lr_at
@@ -220,7 +220,7 @@ class Trainer:
 
     def _scheduled_step(self) -> tuple[float, float, int]:
         """A strategy that schedules micro-batches itself (pipeline parallel): the step function runs
-        through the pipeline's stand-ins for the model (see disttrain.parallel.pipeline_step)."""
+        through the pipeline's stand-ins for the model (see disttrain.parallel.pipeline.step)."""
         batches = list(self.micro_batches())
         scale = self.scaler.scale_value if self.scaler else 1.0
 

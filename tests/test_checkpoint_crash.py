@@ -10,8 +10,8 @@ import shutil
 
 import pytest
 
-from disttrain import ckpt_cli
 from disttrain.checkpoint import CheckpointReader, resolve
+from disttrain.checkpoint import cli as ckpt_cli
 from tests.support.harness import RankFailure, spawn
 
 pytestmark = pytest.mark.timeout(200)

@@ -11,7 +11,6 @@ import struct
 import pytest
 import torch
 
-from disttrain import ckpt_cli
 from disttrain.checkpoint import (
     CheckpointCorruptError,
     CheckpointFormatError,
@@ -20,6 +19,7 @@ from disttrain.checkpoint import (
     checksum,
     resolve,
 )
+from disttrain.checkpoint import cli as ckpt_cli
 from disttrain.checkpoint.writer import RankWrite, commit
 from disttrain.parallel.strategy import Shard
 

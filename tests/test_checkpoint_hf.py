@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from disttrain.ckpt_cli import main as ckpt
+from disttrain.checkpoint.cli import main as ckpt
 from tests.cases import hf_strategies as H
 from tests.test_data_parallel_hf import _max_diff, check_against_reference
 

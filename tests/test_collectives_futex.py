@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from collectives.backends.futex import FUTEX
+from collectives.backends.shm.futex import FUTEX
 
 pytestmark = pytest.mark.skipif(FUTEX is None, reason="no futex syscall number for this platform")
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import collectives
-from collectives.backends.shm_segment import DEV_SHM
+from collectives.backends.shm.segment import DEV_SHM
 from collectives.env import DistEnv
 from tests.support.harness import RankFailure, spawn
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from disttrain.mesh import AXES, MeshError, MeshShape, resolve_shape
-from disttrain.parallel.pipeline_schedule import SCHEDULES, bubble_formula, build_schedule
-from disttrain.parallel.pipeline_split import balance
+from disttrain.parallel.mesh import AXES, MeshError, MeshShape, resolve_shape
+from disttrain.parallel.pipeline.schedule import SCHEDULES, bubble_formula, build_schedule
+from disttrain.parallel.pipeline.split import balance
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.unit]
 

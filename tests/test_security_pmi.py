@@ -1,4 +1,4 @@
-"""Attacks on the PMI server that rank 0 of an ``mpi`` job runs (collectives/backends/_pmi.py):
+"""Attacks on the PMI server that rank 0 of an ``mpi`` job runs (collectives/backends/mpi/pmi.py):
 a stranger on its port during MPI start-up and mid-run, id guessing, connection drops,
 overwriting keys, and the ``../`` unlink attack. The job finishes with exit 0 and the same
 result; nothing outside MPICH's own segments is ever unlinked."""
@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from collectives.backends import _pmi
+from collectives.backends.mpi import pmi
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASE = os.path.join(ROOT, "tests", "cases", "security_mpi.py")
@@ -44,7 +44,7 @@ def _rank_line(f) -> dict:
 
 @pytest.mark.timeout(60)
 def test_pmi_server_admits_only_its_ids_once_keeps_keys_and_unlinks_only_its_segments(tmp_path):
-    proc, port, ids, token = _pmi.spawn(2, "127.0.0.1", "(vector,(0,1,2))", stderr=subprocess.PIPE)
+    proc, port, ids, token = pmi.spawn(2, "127.0.0.1", "(vector,(0,1,2))", stderr=subprocess.PIPE)
     victim = tmp_path / "victim"
     victim.write_text("precious")
     planted = {}
@@ -103,7 +103,7 @@ def test_pmi_server_admits_only_its_ids_once_keeps_keys_and_unlinks_only_its_seg
             f.flush()
         assert [_rank_line(f)["rc"] for f in (f0, f1)] == ["0", "0"]
         # Our own report, with the token: only the genuine segment-shaped paths are candidates.
-        assert b"collectives_segments_ack rc=0" in _send(port, _pmi.segments_line(token, reported))
+        assert b"collectives_segments_ack rc=0" in _send(port, pmi.segments_line(token, reported))
         for f in (f0, f1):
             f.write(b"cmd=finalize\n")
             f.flush()
@@ -133,7 +133,7 @@ def _pmi_port(launcher_pid: int) -> int | None:
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"_pmi.py" not in f.read():
+                if b"pmi.py" not in f.read():
                     continue
             inodes = {
                 os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1]

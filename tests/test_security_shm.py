@@ -13,7 +13,7 @@ import struct
 
 import pytest
 
-from collectives.backends.shm_segment import _PID0, DEV_SHM, HEADER, MAGIC, Segment, job_tag, segment_nonce
+from collectives.backends.shm.segment import _PID0, DEV_SHM, HEADER, MAGIC, Segment, job_tag, segment_nonce
 from collectives.errors import CollectiveTimeoutError
 
 SIZE = HEADER + 4096
@@ -55,7 +55,7 @@ def test_a_planted_segment_is_refused_and_logged(kind, caplog, tmp_path):
         os.symlink(target, path)
         why = "without following links"
     try:
-        with caplog.at_level(logging.WARNING, logger="collectives.backends.shm_segment"):
+        with caplog.at_level(logging.WARNING, logger="collectives.backends.shm.segment"):
             with pytest.raises(CollectiveTimeoutError, match="a file there was refused") as e:
                 Segment.open(name, 1, 2, SIZE, timeout=0.2, where="1@test")
         assert why in str(e.value)

@@ -13,11 +13,11 @@ import torch
 import torch.nn as nn
 
 from disttrain.errors import ConfigError
-from disttrain.mesh import MeshError
-from disttrain.parallel import pipeline_wire as wire
-from disttrain.parallel.pipeline_split import build_stages, plan_stages
-from disttrain.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear, TPContext
-from disttrain.parallel.tp_plan import PlanError, apply_tp_plan, resolve_plan
+from disttrain.parallel.mesh import MeshError
+from disttrain.parallel.pipeline import wire
+from disttrain.parallel.pipeline.split import build_stages, plan_stages
+from disttrain.parallel.tensor.parallel import ColumnParallelLinear, RowParallelLinear, TPContext
+from disttrain.parallel.tensor.plan import PlanError, apply_tp_plan, resolve_plan
 from tests.cases.mp_models import USER_PLAN, UserLM, build
 
 # Not in the unit layer: most of these build transformers models (importing transformers takes seconds).

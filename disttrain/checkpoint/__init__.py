@@ -6,7 +6,7 @@
 Modules: ``shardfile`` (safetensors I/O), ``manifest`` (the commit record and its
 validation), ``checksum`` (xxh3), ``writer`` (rank files, commit, pruning), ``reader``
 (verification, box serving), ``reshard`` (box overlap, layout checks), ``state`` (RNG,
-step, config, the model record as JSON), ``adapters`` (the strategy calls),
+step, config, the model record as JSON), ``cli`` (``disttrain ckpt``),
 ``checkpointer`` (the trainer callback: resume, periodic/async/preemption/final saves).
 """
 

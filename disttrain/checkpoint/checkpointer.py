@@ -29,7 +29,7 @@ import torch
 
 from collectives import ReduceOp
 
-from . import adapters, retention, testhooks
+from . import retention, testhooks
 from . import state as state_mod
 from .errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError
 from .reader import CheckpointReader, resolve
@@ -120,7 +120,7 @@ class Checkpointer:
         t0 = time.perf_counter()
         self._poll(block=True)
         self._join_commit()
-        shards = adapters.state_shards(trainer.strategy)
+        shards = trainer.strategy.state_shards()
         mine = self._plan_for(shards)
         job = RankWrite(self.dir, trainer.step, self.rank, [shards[i] for i in mine])
         local = {"rng": state_mod.capture_rng()}
@@ -165,7 +165,7 @@ class Checkpointer:
             try:
                 reader = CheckpointReader(path, verify=self.cfg.verify_on_load)
                 saved = reader.state()
-                adapters.load_state_shards(trainer.strategy, reader)
+                trainer.strategy.load_state_shards(reader)
             except CheckpointCorruptError as exc:
                 code, err = 1, exc
             except Exception as exc:  # mismatch or anything unexpected: falling back would not help

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..parallel.vocab_parallel import cross_entropy
+from ..parallel.tensor.vocab import cross_entropy
 from .dataset import Data, TensorPairs, keep_batch
 
 

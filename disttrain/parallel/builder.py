@@ -53,6 +53,6 @@ def build_strategy(cfg, model: nn.Module, optim: OptimizerSpec, comm: Communicat
         from .data_parallel import DataParallel
 
         return DataParallel(model, optim, comm, cfg)
-    from .zero import Zero
+    from .zero.strategy import Zero
 
     return Zero(int(cfg.strategy[-1]), model, optim, comm, cfg, [m for _, m in units])

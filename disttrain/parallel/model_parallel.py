@@ -31,15 +31,15 @@ import torch.nn as nn
 
 from collectives import Communicator, ReduceOp
 
-from ..mesh import MeshError, build_mesh, resolve_shape
 from .buffers import broadcast_parameters
-from .pipeline_parallel import Pipeline
-from .pipeline_split import build_stages
-from .pipeline_step import as_model_output, is_transformers_model
-from .rng_tracker import RNGTracker
+from .mesh import MeshError, build_mesh, resolve_shape
+from .pipeline.parallel import Pipeline
+from .pipeline.split import build_stages
+from .pipeline.step import as_model_output, is_transformers_model
 from .strategy import OptimizerSpec, Shard, ShardReader
-from .tensor_parallel import TPContext, is_partial_grad, tp_slice
-from .tp_plan import apply_tensor_parallel
+from .tensor.parallel import TPContext, is_partial_grad, tp_slice
+from .tensor.plan import apply_tensor_parallel
+from .tensor.rng_tracker import RNGTracker
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def _cat_batches(xs: list):
 class _ParallelModule(nn.Module):
     """``strategy.model``: called like the single-process model (evaluation), collectively by
     every rank of the replica; returns the model's output on every rank (logits possibly
-    split by vocabulary: score them with :func:`disttrain.parallel.vocab_parallel.cross_entropy`)."""
+    split by vocabulary: score them with :func:`disttrain.parallel.tensor.vocab.cross_entropy`)."""
 
     def __init__(self, strategy: ModelParallel):
         super().__init__()

@@ -105,7 +105,7 @@ def eval_loss(kind: str, model) -> float:
 
 
 def state_of(model, strategy=None) -> dict:
-    from disttrain.parallel.zero import Zero
+    from disttrain.parallel.zero.strategy import Zero
 
     if isinstance(strategy, Zero):
         params = strategy.full_parameters()

@@ -81,7 +81,7 @@ USER_SP_PLAN = {**USER_PLAN, "blocks.*.norm[12]": "sequence", "blocks.*.drop": "
 
 def parallelize_user(model: nn.Module, mesh) -> nn.Module:
     """A ``parallel.tp.parallelize`` hook: what a plan says, applied by hand (torchtitan's shape)."""
-    from disttrain.parallel.tp_plan import apply_plan
+    from disttrain.parallel.tensor.plan import apply_plan
 
     return apply_plan(model, mesh, USER_PLAN)
 
@@ -141,7 +141,7 @@ def batches(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def loss_fn(out, y):
-    from disttrain.parallel.vocab_parallel import cross_entropy
+    from disttrain.parallel.tensor.vocab import cross_entropy
 
     logits = out.logits if hasattr(out, "logits") else out
     return cross_entropy(logits, y, reduction="sum") / (BATCH * SEQ)  # over the global batch
@@ -296,7 +296,7 @@ def _train(comm, run: dict, out_dir: str) -> dict:
         lo, hi = dp_rank * BATCH // dp_size, (dp_rank + 1) * BATCH // dp_size
         x, y = x[lo:hi], y[lo:hi]
         if run.get("step_fn"):  # the user's own step function, through the pipeline's stand-ins
-            from disttrain.parallel.pipeline_step import is_transformers_model, run_step_fn
+            from disttrain.parallel.pipeline.step import is_transformers_model, run_step_fn
 
             batch = {"input_ids": x, "labels": y}
             hf = is_transformers_model(s.inner)

@@ -134,9 +134,9 @@ def _vocab_ce(comm) -> dict:
     """Vocab-parallel cross-entropy on tp=world vs F.cross_entropy on the full logits."""
     import torch.nn.functional as F
 
-    from disttrain.mesh import build_mesh
-    from disttrain.parallel.tensor_parallel import split_range
-    from disttrain.parallel.vocab_parallel import vocab_parallel_cross_entropy
+    from disttrain.parallel.mesh import build_mesh
+    from disttrain.parallel.tensor.parallel import split_range
+    from disttrain.parallel.tensor.vocab import vocab_parallel_cross_entropy
 
     mesh = build_mesh(comm, dp=1, tp=comm.world_size)
     g = torch.Generator().manual_seed(1)

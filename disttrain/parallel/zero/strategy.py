@@ -40,12 +40,12 @@ import torch.nn as nn
 
 from collectives import Communicator
 
-from .buckets import WIRE_DTYPES, GradBuckets, clip_, plan_buckets
-from .buffers import broadcast_buffers, broadcast_parameters, buffer_shards, full_box, load_buffers
+from ..buckets import WIRE_DTYPES, GradBuckets, clip_, plan_buckets
+from ..buffers import broadcast_buffers, broadcast_parameters, buffer_shards, full_box, load_buffers
+from ..optim_state import materialize_state, optimizer_bytes, state_tensors, track_state_bytes
+from ..strategy import OptimizerSpec, Shard, ShardReader
+from ..units import find_units
 from .flat_unit import FlatUnit
-from .optim_state import materialize_state, optimizer_bytes, state_tensors, track_state_bytes
-from .strategy import OptimizerSpec, Shard, ShardReader
-from .units import find_units
 
 log = logging.getLogger(__name__)
 

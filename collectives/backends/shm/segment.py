@@ -33,7 +33,7 @@ import secrets
 import stat
 import time
 
-from ..errors import CollectivesError, CollectiveTimeoutError, PeerDiedError
+from ...errors import CollectivesError, CollectiveTimeoutError, PeerDiedError
 
 DEV_SHM = os.environ.get("DISTTRAIN_SHM_DIR", "/dev/shm")
 HEADER = 4096

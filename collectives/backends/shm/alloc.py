@@ -4,7 +4,7 @@
 dtype) maps one new segment holding an equal, page-aligned slice per rank and returns this
 rank's slice as a tensor. When every rank's operand of a large op lies in the same
 allocation, peers read each other's slices in place and the op skips staging (see
-``shm_algorithms``). The memory lives as long as the returned tensor (or a view) does.
+``algorithms``). The memory lives as long as the returned tensor (or a view) does.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .shm_layout import align
-from .shm_segment import HEADER, Segment
+from .layout import align
+from .segment import HEADER, Segment
 
 
 class SharedAlloc:

@@ -1,6 +1,6 @@
 """Step-counter synchronisation of an ``shm`` group, with the cross-rank check riding on it.
 
-Each rank owns a monotonic step counter in its control row (see ``shm_layout``); every
+Each rank owns a monotonic step counter in its control row (see ``layout``); every
 rank's counter moves in lockstep, op by op. An op's first step is its *arrival*: the rank
 writes its op record (the fingerprint digest and, for large ops, where its tensor lives)
 into the record half picked by the op's parity, then bumps its counter. "Wait until every
@@ -15,7 +15,7 @@ raises ``mismatch_error`` naming both sides. A peer that died raises
 :class:`PeerDiedError`; a peer that never arrives, :class:`CollectiveTimeoutError`
 naming it. After either the group is out of step for good (``broken``).
 
-Who calls: ``shm_algorithms`` (one op at a time per group: the caller's thread or the
+Who calls: ``algorithms`` (one op at a time per group: the caller's thread or the
 group's worker thread, never both). Memory ordering relies on x86's total store order
 (records and data are written before the counter that publishes them).
 """
@@ -26,11 +26,11 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
-from ..env import usable_cores
-from ..errors import CollectiveMismatchError, CollectiveTimeoutError, PeerDiedError
-from ..fingerprint import ENCODED_SIZE, Fingerprint, mismatch_error
+from ...env import usable_cores
+from ...errors import CollectiveMismatchError, CollectiveTimeoutError, PeerDiedError
+from ...fingerprint import ENCODED_SIZE, Fingerprint, mismatch_error
 from .futex import FUTEX
-from .shm_layout import (
+from .layout import (
     RECORD_ALLOC,
     RECORD_BASE,
     RECORD_NBYTES,
@@ -39,7 +39,7 @@ from .shm_layout import (
     ROW_SLEEPING,
     Layout,
 )
-from .shm_segment import Segment, pid_alive
+from .segment import Segment, pid_alive
 
 SPIN = 400  # polls before the first yield when every rank has a core: about 100 microseconds
 YIELDS = 32  # then yields, then the futex

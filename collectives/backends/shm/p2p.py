@@ -1,6 +1,6 @@
 """Point-to-point mailboxes of the ``shm`` backend.
 
-Each ordered pair (src, dst) owns a ring of ``MAILBOX_SLOTS`` chunks (see ``shm_layout``)
+Each ordered pair (src, dst) owns a ring of ``MAILBOX_SLOTS`` chunks (see ``layout``)
 and a pair record: ``SENT`` (written by src only), ``TAKEN`` (by dst only), then per slot
 (tag, message bytes, dtype code, fingerprint digest). A send completes once its last chunk
 is in the ring (buffered up to ``MAILBOX_SLOTS`` chunks per pair), so a matching receive
@@ -21,12 +21,12 @@ from collections.abc import Callable
 
 import torch
 
-from ..errors import CollectiveMismatchError, CollectiveTimeoutError
-from ..fingerprint import Fingerprint
+from ...errors import CollectiveMismatchError, CollectiveTimeoutError
+from ...fingerprint import Fingerprint
 from .futex import FUTEX
-from .shm_kernels import WIRE_DTYPES, as_bytes
-from .shm_layout import MAILBOX_SLOTS, Layout
-from .shm_sync import SPIN, WORKER_SPIN, StepSync
+from .kernels import WIRE_DTYPES, as_bytes
+from .layout import MAILBOX_SLOTS, Layout
+from .sync import SPIN, WORKER_SPIN, StepSync
 
 _SENT, _TAKEN, _SLOTS = 0, 1, 2  # int64 indices in a pair record; slot records are 4 int64 each
 _RECEIVER_SLEEPS, _SENDER_SLEEPS = 2 + 4 * MAILBOX_SLOTS, 3 + 4 * MAILBOX_SLOTS  # flags of a futex sleeper

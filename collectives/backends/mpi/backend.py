@@ -29,12 +29,12 @@ from typing import ClassVar
 
 import torch
 
-from ..backend import Backend
-from ..env import DistEnv, usable_cores
-from ..errors import CollectivesError, CollectiveTimeoutError, InvalidTensorError, PeerDiedError
-from ..types import ReduceOp, Work
-from . import _pmi
-from .store_fallback import fallback_store
+from ...backend import Backend
+from ...env import DistEnv, usable_cores
+from ...errors import CollectivesError, CollectiveTimeoutError, InvalidTensorError, PeerDiedError
+from ...types import ReduceOp, Work
+from ..store_fallback import fallback_store
+from . import pmi
 
 _MPI = None  # the mpi4py.MPI module, imported by _init_mpi
 _HEALTHY = True  # False after a transport error: skip MPI_Finalize at exit (it would wait on the dead)
@@ -393,7 +393,7 @@ def _finalize() -> None:
             try:
                 host, port = _PMI_ADDR.rsplit(":", 1)
                 with socket.create_connection((host, int(port)), timeout=5) as s:
-                    s.sendall(_pmi.segments_line(_PMI_TOKEN, mine))
+                    s.sendall(pmi.segments_line(_PMI_TOKEN, mine))
                     s.recv(64)  # the ack: recorded before this rank's finalize can end the server
             except OSError:
                 pass
@@ -414,7 +414,7 @@ def _connect_pmi(env: DistEnv, store, timeout: float) -> None:
         host = "127.0.0.1" if local else (env.master_addr or socket.gethostname())
         # Nodes for MPICH's shared-memory paths: consecutive ranks with one host are one node.
         mapping = _process_mapping(store, env, timeout)
-        port = _start_pmi_server(env.world_size, _pmi.bind_address(host, local), mapping, store)
+        port = _start_pmi_server(env.world_size, pmi.bind_address(host, local), mapping, store)
         store.set(_PMI_KEY, f"{host}:{port}")
     else:
         _process_mapping(store, env, timeout)
@@ -424,7 +424,7 @@ def _connect_pmi(env: DistEnv, store, timeout: float) -> None:
     global _PMI_ADDR, _PMI_TOKEN
     _PMI_ADDR = store.get(_PMI_KEY).decode()
     _PMI_TOKEN = store.get(f"{_PMI_KEY}/token").decode()
-    # PMI_ID: this rank's unguessable id, the only way into the PMI server (see _pmi.py).
+    # PMI_ID: this rank's unguessable id, the only way into the PMI server (see pmi.py).
     pmi_id = store.get(f"{_PMI_KEY}/id/{env.rank}").decode()
     os.environ.update(PMI_PORT=_PMI_ADDR, PMI_ID=pmi_id, PMI_RANK=str(env.rank), PMI_SIZE=str(env.world_size))
 
@@ -435,7 +435,7 @@ def _start_pmi_server(size: int, bind: str, mapping: str, store) -> int:
     # No atexit hook: MPICH's own exit handlers still talk to the server after Python's have
     # run; the server exits once every rank closed its connection, or soon after we are gone.
     try:
-        _PMI_PROC, port, ids, token = _pmi.spawn(size, bind, mapping)
+        _PMI_PROC, port, ids, token = pmi.spawn(size, bind, mapping)
     except RuntimeError as exc:
         raise CollectivesError(str(exc)) from None
     for rank, pmi_id in enumerate(ids):

@@ -1,6 +1,6 @@
 """Linux futexes on shared memory, through ``ctypes``: block until a 32-bit word changes.
 
-Who uses it: ``shm_sync`` (a rank waiting for a peer's step counter) and anything else
+Who uses it: ``sync`` (a rank waiting for a peer's step counter) and anything else
 that waits on a word in a segment mapped by several processes. A futex lets the waiter
 sleep in the kernel and the rank it waits for run, which matters when ranks outnumber
 cores: a spinning (or merely yielding) waiter steals the core from the rank that holds the

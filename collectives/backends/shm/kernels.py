@@ -1,12 +1,12 @@
 """Reduction kernels of the ``shm`` backend: combine tensors that already sit in memory.
 
-Who calls: ``shm_algorithms`` after a synchronisation step has made peers' data visible.
+Who calls: ``algorithms`` after a synchronisation step has made peers' data visible.
 Nothing here waits or touches the control rows. Rules every kernel follows:
 bfloat16/float16 sums, averages and products accumulate in float32 and round once;
 integer AVG truncates toward zero (like C integer division).
 
 The latency paths of small allreduces and reduce_scatters run in numpy (``NUMPY_DTYPES``/``NUMPY_UFUNCS``,
-on views that ``shm_algorithms`` builds once): its per-call overhead is about a third of torch's at 4 KiB.
+on views that ``algorithms`` builds once): its per-call overhead is about a third of torch's at 4 KiB.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..types import ReduceOp
+from ...types import ReduceOp
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 NUMPY_DTYPES = {

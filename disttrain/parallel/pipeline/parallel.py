@@ -2,7 +2,7 @@
 runner that feeds them micro-batches by a schedule.
 
 This rank holds ``v`` chunks (virtual stages; 1 unless the schedule is interleaved); chunk
-``c`` is global stage ``c * p + rank``. Activations travel as :mod:`.pipeline_wire`
+``c`` is global stage ``c * p + rank``. Activations travel as :mod:`.wire`
 messages (any nesting, shape and dtype) to the next global stage, gradients of the
 tensors that need one travel back. Tags name the receiving chunk, so messages of different
 chunks between the same two ranks never cross.
@@ -23,8 +23,8 @@ import torch.nn as nn
 
 from collectives import Communicator
 
-from . import pipeline_wire as wire
-from .pipeline_schedule import build_schedule
+from . import wire
+from .schedule import build_schedule
 
 ACT_TAG, GRAD_TAG = 1000, 2000
 

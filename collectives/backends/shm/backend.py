@@ -1,15 +1,15 @@
 """``shm``: our collectives for ranks on one host, over POSIX shared memory.
 
-Every group maps one segment (``shm_segment``: naming, publish, attach, cleanup) whose
-regions are laid out by ``shm_layout``: per rank a control row, two staging slots and
+Every group maps one segment (``segment``: naming, publish, attach, cleanup) whose
+regions are laid out by ``layout``: per rank a control row, two staging slots and
 point-to-point mailboxes. The concepts live in siblings, each readable alone:
 
-* ``shm_sync``: step counters, the wait, dead-peer and timeout detection, and the
+* ``sync``: step counters, the wait, dead-peer and timeout detection, and the
   cross-rank check riding on the op's own synchronisation (one integer compare per peer);
-* ``shm_algorithms``: latency, staged and zero-copy paths of every collective;
-* ``shm_kernels``: the reductions (half types accumulate in float32);
-* ``shm_alloc``: ``alloc``'d tensors in a shared segment, for zero-copy ops;
-* ``shm_p2p``: mailboxes for send/recv;
+* ``algorithms``: latency, staged and zero-copy paths of every collective;
+* ``kernels``: the reductions (half types accumulate in float32);
+* ``alloc``: ``alloc``'d tensors in a shared segment, for zero-copy ops;
+* ``p2p``: mailboxes for send/recv;
 * ``worker_thread``: the thread async ops run on.
 
 This module is the backend itself: construction, groups, dispatch. Ops run in the
@@ -27,18 +27,18 @@ from typing import ClassVar
 
 import torch
 
-from ..backend import InlineCheckingBackend
-from ..env import DistEnv
-from ..errors import CollectivesError, InvalidTensorError
-from ..fingerprint import Fingerprint
-from ..types import CompletedWork, ReduceOp, Work
-from .shm_algorithms import Algorithms
-from .shm_alloc import AllocTable
-from .shm_layout import Layout
-from .shm_p2p import Mailboxes
-from .shm_segment import Segment, job_tag, segment_nonce
-from .shm_sync import WORKER_SPIN, StepSync
-from .worker_thread import WorkerThread
+from ...backend import InlineCheckingBackend
+from ...env import DistEnv
+from ...errors import CollectivesError, InvalidTensorError
+from ...fingerprint import Fingerprint
+from ...types import CompletedWork, ReduceOp, Work
+from ..worker_thread import WorkerThread
+from .algorithms import Algorithms
+from .alloc import AllocTable
+from .layout import Layout
+from .p2p import Mailboxes
+from .segment import Segment, job_tag, segment_nonce
+from .sync import WORKER_SPIN, StepSync
 
 _DONE = CompletedWork()
 _worlds = itertools.count()  # world communicators built by this process (names must not repeat)
@@ -76,7 +76,7 @@ class ShmBackend(InlineCheckingBackend):
     @classmethod
     def create(cls, env: DistEnv, store=None, timeout: float = 300.0, device: str = "cpu") -> ShmBackend:
         """Every rank calls it once. With ``store``, rank 0 announces a random segment name through it;
-        without, the name derives from the job secret and id (see ``shm_segment.job_tag``). Returns
+        without, the name derives from the job secret and id (see ``segment.job_tag``). Returns
         once this rank has mapped it (peers are awaited by the first op)."""
         if not device.startswith("cpu"):
             raise InvalidTensorError(
@@ -90,7 +90,7 @@ class ShmBackend(InlineCheckingBackend):
             )
         gen = next(_worlds)
         tag = job_tag()
-        if store is not None:  # rank 0 announces a name nobody else can predict (shm_segment)
+        if store is not None:  # rank 0 announces a name nobody else can predict (segment)
             key = f"collectives/shm/world{gen}"
             if env.rank == 0:
                 name = f"disttrain-{segment_nonce()}-w{gen}"

@@ -1,4 +1,4 @@
-"""Where everything lives in a group's ``shm`` segment (after ``shm_segment``'s 4 KiB header).
+"""Where everything lives in a group's ``shm`` segment (after ``segment``'s 4 KiB header).
 
 In order, each region page-aligned:
 
@@ -23,8 +23,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from ..fingerprint import ENCODED_SIZE
-from .shm_segment import HEADER
+from ...fingerprint import ENCODED_SIZE
+from .segment import HEADER
 
 SMALL_BYTES = int(os.environ.get("DISTTRAIN_SHM_SMALL_BYTES", 128 << 10))
 STAGING_SLOT_BYTES = max(64 << 10, int(os.environ.get("DISTTRAIN_SHM_CHUNK_BYTES", 4 << 20)) // 4096 * 4096)

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from .tp_plan import PlanError, import_target
+from ..tensor.plan import PlanError, import_target
 
 Unit = tuple[str, ...]
 

@@ -18,7 +18,7 @@ Layers accept ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2: a linear stored
 ``weight[in, out]``); the local weight keeps the source's layout, so checkpoint boxes index
 the single-process tensor. Every parallel parameter carries a :class:`TPSlice` saying which
 box of the logical tensor it holds. Every rank of the tp group calls these layers in the
-same order (they communicate). The plan that places them is in :mod:`.tp_plan`.
+same order (they communicate). The plan that places them is in :mod:`.plan`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from collectives import Communicator, ReduceOp
 
 from .rng_tracker import RNGTracker
-from .vocab_parallel import VocabShard, mark_vocab_shard
+from .vocab import VocabShard, mark_vocab_shard
 
 
 def split_range(n: int, parts: int, index: int) -> tuple[int, int]:
@@ -253,7 +253,7 @@ class ColumnParallelLinear(nn.Module):
     """Output features split across tp; ``partitions`` equal chunks (fused q/k/v, gate/up) are
     split each on its own so every rank holds whole heads of each. ``gather_output`` allgathers
     the full output; without it, a vocabulary head's output is marked as a vocabulary shard
-    (see :func:`disttrain.parallel.vocab_parallel.cross_entropy`)."""
+    (see :func:`disttrain.parallel.tensor.vocab.cross_entropy`)."""
 
     def __init__(
         self,

@@ -19,7 +19,7 @@ import logging
 
 from collectives import Communicator
 
-from .errors import DisttrainError
+from ..errors import DisttrainError
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ A column-parallel head that does not gather its output marks the tensor it retur
 :func:`cross_entropy` is the one loss to call on a model's logits, plain or sharded: the
 built-in LM step uses it, and a user's step function can too::
 
-    from disttrain.parallel.vocab_parallel import cross_entropy
+    from disttrain.parallel.tensor.vocab import cross_entropy
     loss_sum = cross_entropy(logits, labels, reduction="sum")   # same value on every tp rank
 
 It is collective over the tp group when the logits are a shard (two allreduces forward).

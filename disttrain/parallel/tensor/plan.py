@@ -34,9 +34,9 @@ import logging
 
 import torch.nn as nn
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 from ..mesh import DeviceMesh
-from .tensor_parallel import (
+from .parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     TPContext,

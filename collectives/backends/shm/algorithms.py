@@ -24,12 +24,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..fingerprint import Fingerprint
-from ..types import ReduceOp
-from .shm_alloc import AllocTable
-from .shm_kernels import NUMPY_DTYPES, as_bytes, combine, numpy_reducer, reduce_numpy, reduce_rows, split_range
-from .shm_layout import RECORD_ALLOC, SMALL_BYTES, STAGING_SLOT_BYTES, Layout
-from .shm_sync import StepSync
+from ...fingerprint import Fingerprint
+from ...types import ReduceOp
+from .alloc import AllocTable
+from .kernels import NUMPY_DTYPES, as_bytes, combine, numpy_reducer, reduce_numpy, reduce_rows, split_range
+from .layout import RECORD_ALLOC, SMALL_BYTES, STAGING_SLOT_BYTES, Layout
+from .sync import StepSync
 
 _MAX_ARRAYS = 2048  # plans and views of recent small operands (under a KiB each; a plan per staging slot)
 

@@ -19,7 +19,7 @@ import sys
 
 
 def _pick(path: str, all_: bool = False) -> list[str]:
-    from .checkpoint.reader import resolve
+    from .reader import resolve
 
     found = resolve(path)
     if not found:
@@ -31,7 +31,7 @@ def _pick(path: str, all_: bool = False) -> list[str]:
 
 
 def cmd_verify(ns) -> int:
-    from .checkpoint import CheckpointError, CheckpointReader
+    from . import CheckpointError, CheckpointReader
 
     bad = 0
     for path in _pick(ns.path, ns.all):
@@ -49,7 +49,7 @@ def cmd_verify(ns) -> int:
 
 
 def cmd_inspect(ns) -> int:
-    from .checkpoint import CheckpointError, CheckpointReader
+    from . import CheckpointError, CheckpointReader
 
     path = _pick(ns.path)[0]
     try:
@@ -89,7 +89,7 @@ def _model_tensors(path: str, optim: bool = False) -> tuple[dict, dict, int]:
     """Every model tensor of the checkpoint, whole, under every name ``state_dict()`` has (tied names
     from the recorded aliases, as separate copies: safetensors refuses shared storage); optimizer
     state too with ``optim``. Returns (tensors, the ``model`` record, step)."""
-    from .checkpoint import CheckpointReader
+    from . import CheckpointReader
 
     r = CheckpointReader(path)
     record = r.state().get("model") or {}
@@ -108,7 +108,7 @@ def _model_tensors(path: str, optim: bool = False) -> tuple[dict, dict, int]:
 def cmd_consolidate(ns) -> int:
     from safetensors.torch import save_file
 
-    from .checkpoint import CheckpointError
+    from . import CheckpointError
 
     path = _pick(ns.path)[0]
     try:
@@ -131,7 +131,7 @@ def cmd_export(ns) -> int:
     """A folder ``from_pretrained`` loads: config.json (recorded at save time) + model.safetensors."""
     from safetensors.torch import save_file
 
-    from .checkpoint import CheckpointError
+    from . import CheckpointError
 
     path = _pick(ns.path)[0]
     try:
@@ -166,8 +166,8 @@ def cmd_export(ns) -> int:
 
 
 def cmd_reshard(ns) -> int:
-    from .checkpoint import CheckpointError, CheckpointReader
-    from .checkpoint.reshard import check, parse_layout
+    from . import CheckpointError, CheckpointReader
+    from .reshard import check, parse_layout
 
     if not ns.check:
         print(

@@ -1,5 +1,5 @@
 """A PMI-1 server for MPICH, run as its own small process by rank 0 of an ``mpi`` job that
-no MPI launcher started (see ``collectives/backends/mpi.py``).
+no MPI launcher started (see ``collectives/backends/mpi/backend.py``).
 
 Why a process: MPI_Init runs inside ``import mpi4py.MPI`` holding the GIL, so a server
 thread in rank 0 could not answer rank 0's own MPI_Init. Standard library only, so it
@@ -18,7 +18,7 @@ write-once; lines are bounded; at most :data:`MAX_PENDING` strangers are held at
 A segment path is unlinked only if it is exactly MPICH's name in /dev/shm and a regular
 file of ours there (``lstat``).
 
-    python _pmi.py SIZE BIND_ADDR PROCESS_MAPPING      (then one JSON line on stdin)
+    python pmi.py SIZE BIND_ADDR PROCESS_MAPPING      (then one JSON line on stdin)
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import torch
 from collectives import Communicator
 
 from ..mesh import MeshError
-from .vocab_parallel import VocabShard, mark_vocab_shard, vocab_shard
+from ..tensor.vocab import VocabShard, mark_vocab_shard, vocab_shard
 
 VERSION = 1
 MAX_HEADER = 1 << 20

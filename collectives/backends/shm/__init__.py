@@ -1,0 +1,1 @@
+"""Our shared-memory backend: one segment per group (``segment``, ``layout``), step counters and futex waits (``sync``, ``futex``), the algorithms and kernels, zero-copy buffers (``alloc``) and send/recv mailboxes (``p2p``); ``backend`` is the ``Backend``."""
