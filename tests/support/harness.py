@@ -94,8 +94,9 @@ def spawn(
             bad = [r for r, c in enumerate(codes) if c not in (None, 0)]
             if bad and failed_first is None:
                 failed_first = bad[0]
-                # Let the other ranks raise their own errors briefly, then kill them.
-                grace = time.monotonic() + 10.0
+                # Let the other ranks raise their own errors, then kill them. The grace outlasts the
+                # 8 s op timeouts the dead-peer cases use, with room for a loaded machine.
+                grace = time.monotonic() + 25.0
                 while time.monotonic() < grace and any(p.poll() is None for p in procs):
                     time.sleep(0.05)
                 break
