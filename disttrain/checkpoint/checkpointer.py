@@ -28,6 +28,7 @@ import time
 import torch
 
 from collectives import ReduceOp
+from collectives.objects import allgather_bytes
 
 from . import retention, testhooks
 from . import state as state_mod
@@ -361,16 +362,7 @@ class Checkpointer:
         return v.tolist()
 
     def _allgather_bytes(self, data: bytes) -> list[bytes]:
-        n = torch.tensor([len(data)], dtype=torch.int64)
-        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
-        self.group.allgather(sizes, n)
-        lens = [int(s) for s in sizes]
-        width = -(-max(lens) // 4)
-        mine = torch.zeros(width, dtype=torch.int32)
-        mine.view(torch.uint8)[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else 0
-        outs = [torch.zeros(width, dtype=torch.int32) for _ in range(self.world)]
-        self.group.allgather(outs, mine)
-        return [bytes(o.view(torch.uint8)[:n].numpy()) for o, n in zip(outs, lens)]
+        return allgather_bytes(self.group, data)
 
     def _bcast_json(self, obj):
         """Rank 0's ``obj`` on every rank."""
