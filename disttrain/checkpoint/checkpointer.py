@@ -19,6 +19,7 @@ naming the failed rank.
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import os
@@ -37,6 +38,16 @@ from .reader import CheckpointReader, resolve
 from .writer import RankWrite, aligned_empty, clean_temporaries, commit
 
 log = logging.getLogger(__name__)
+
+
+class LoadOutcome(enum.IntEnum):
+    """What one rank found loading a checkpoint in resume(); the ranks agree on the worst (MAX)."""
+
+    OK = 0
+    CORRUPT = 1  # failed verification: an older checkpoint may load (checkpoint.fallback)
+    MISMATCH = 2  # does not fit this run (or anything unexpected): falling back would not help
+
+
 WRITING, WRITTEN, FAILED = 0, 1, 2
 
 
@@ -161,16 +172,16 @@ class Checkpointer:
         warning, when ``fallback``); returns its step or None when there is none."""
         cands = self._bcast_json(resolve(self.dir) if self.rank == 0 else None)
         for i, path in enumerate(cands):
-            code, err = 0, None
+            code, err = LoadOutcome.OK, None
             reader = None
             try:
                 reader = CheckpointReader(path, verify=self.cfg.verify_on_load)
                 saved = reader.state()
                 trainer.strategy.load_state_shards(reader)
             except CheckpointCorruptError as exc:
-                code, err = 1, exc
+                code, err = LoadOutcome.CORRUPT, exc
             except Exception as exc:  # mismatch or anything unexpected: falling back would not help
-                code, err = 2, exc
+                code, err = LoadOutcome.MISMATCH, exc
             finally:
                 if reader is not None:
                     reader.release()
@@ -183,7 +194,7 @@ class Checkpointer:
             bad = [r for r, f in enumerate(flags) if f]
             if err is not None:
                 log.error("rank %s: loading %s failed: %s", self.comm.env.where, path, err)
-            if max(flags) == 2:
+            if max(flags) == LoadOutcome.MISMATCH:
                 raise CheckpointMismatchError(
                     f"rank {self.comm.env.where}: {path} does not load on ranks {bad}: {err or 'see their logs'}"
                 ) from err
