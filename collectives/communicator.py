@@ -9,79 +9,32 @@ checks inline (an :class:`~collectives.backend.InlineCheckingBackend`: it gets `
 
 Async ops still check synchronously: the call returns once every rank has posted the
 same op (or raises), and the transfer itself overlaps with whatever the caller does next.
+
+The steps every op takes live in ``calls.py`` (:class:`CallPath`), the argument checks in
+``arguments.py`` (:class:`ArgumentChecks`); this module is the API.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from . import checks, registry
+from .arguments import ArgumentChecks
 from .backend import Backend
+from .calls import ORPHANS, PLAIN, STRIDED, CallPath, Handle, Spec
 from .env import DistEnv, read_env
-from .errors import BackendUnavailableError, CollectivesError, CollectiveTimeoutError, InvalidTensorError
-from .fingerprint import Fingerprint, base_digest, call_site
-from .types import SUPPORTED_DTYPES, ReduceOp, Work
+from .errors import BackendUnavailableError, CollectivesError, InvalidTensorError
+from .fingerprint import Fingerprint
+from .types import ReduceOp, Work
 
 log = logging.getLogger(__name__)
-_ORPHANS: list = []  # in-flight work abandoned by an error: never freed, so never written after free
-_PLAIN = (torch.Tensor, torch.nn.Parameter)  # exact types the fast path accepts (subclasses go the long way)
-_STRIDED = torch.strided
-_MAX_SPECS = 1024
 
 
-class _Spec:
-    """What repeats between calls of one op with one signature: validated once, then reused."""
-
-    __slots__ = ("op", "shapes", "dtype", "extra", "base", "arg", "fp")
-
-    def __init__(self, op: str, shapes: tuple, dtype: str, extra: str, group: str, arg=None):
-        self.op, self.shapes, self.dtype, self.extra, self.arg = op, shapes, dtype, extra, arg
-        self.base = base_digest(op, group, shapes, dtype, extra)
-        self.fp: Fingerprint | None = None  # renewed per synchronous call (see Communicator._call)
-
-
-class _Handle:
-    """The Work returned to callers: waits on the backend's work, names missing ranks on a
-    timeout, then runs ``after`` (AVG division, copy-back of non-contiguous tensors)."""
-
-    def __init__(
-        self,
-        comm: Communicator,
-        fp: Fingerprint,
-        works: list[Work],
-        timeout: float,
-        after: list[Callable[[], None]],
-        before: Callable[[], None] | None = None,
-        members: list[int] | None = None,
-    ):
-        self._comm, self._fp, self._works, self._timeout, self._members = comm, fp, works, timeout, members
-        self._after, self._before, self._done = after, before, False
-
-    def wait(self, timeout: float | None = None) -> None:
-        if self._done:
-            return
-        timeout = self._timeout if timeout is None else timeout
-        try:
-            if self._before is not None:
-                self._before()
-                self._before = None
-            for w in self._works:
-                w.wait(timeout)
-        except CollectiveTimeoutError as exc:
-            raise self._comm._timeout_error(self._fp, timeout, exc, self._members) from None
-        for fn in self._after:
-            fn()
-        self._done = True
-
-    def is_completed(self) -> bool:
-        return self._done or all(w.is_completed() for w in self._works)
-
-
-class Communicator:
+class Communicator(CallPath, ArgumentChecks):
     """A group of ranks and the backend that moves their tensors. Build with :func:`init`."""
 
     def __init__(
@@ -102,17 +55,9 @@ class Communicator:
         self._inline = type(backend).checks_inline
         self._seq = 0
         self._grank = self.global_ranks[backend.rank]
-        self._specs: dict[tuple, _Spec] = {}
+        self._specs: dict[tuple, Spec] = {}
         self._sent: dict[int, int] = defaultdict(int)
         self._received: dict[int, int] = defaultdict(int)
-
-    @property
-    def rank(self) -> int:
-        return self.backend.rank
-
-    @property
-    def world_size(self) -> int:
-        return self.backend.world_size
 
     def __repr__(self) -> str:
         return (
@@ -120,175 +65,15 @@ class Communicator:
             f"rank={self.rank}/{self.world_size} on {self.env.host})"
         )
 
-    # -- argument handling -------------------------------------------------------------
-    def _prep(self, op: str, tensors: Sequence[torch.Tensor], after: list | None) -> list[torch.Tensor]:
-        """Validate; replace non-contiguous tensors by contiguous scratch (copied back when
-        ``after`` is given, i.e. for outputs)."""
-        out = []
-        for t in tensors:
-            if not isinstance(t, torch.Tensor):
-                raise InvalidTensorError(f"rank {self.env.where}: {op} expects torch tensors, got {type(t).__name__}")
-            if t.dtype not in SUPPORTED_DTYPES:
-                raise InvalidTensorError(
-                    f"rank {self.env.where}: {op} does not support dtype {t.dtype}; "
-                    f"supported: {', '.join(str(d) for d in SUPPORTED_DTYPES)}"
-                )
-            if t.is_sparse or t.layout != torch.strided:
-                raise InvalidTensorError(
-                    f"rank {self.env.where}: {op} needs dense tensors, got layout {t.layout}"
-                    "\nHINT: call .to_dense() first"
-                )
-            if not t.is_contiguous():
-                scratch = t.contiguous()
-                if after is not None:
-                    after.append(lambda dst=t, src=scratch: dst.copy_(src))
-                t = scratch
-            out.append(t)
-        return out
-
-    def _same_dtype(self, op: str, tensors: Sequence[torch.Tensor]) -> torch.dtype:
-        dtypes = {t.dtype for t in tensors}
-        if len(dtypes) != 1:
-            raise InvalidTensorError(f"rank {self.env.where}: {op} needs one dtype, got {sorted(map(str, dtypes))}")
-        return next(iter(dtypes))
-
-    def _list(self, op: str, what: str, tensors: Sequence[torch.Tensor]) -> None:
-        if len(tensors) != self.world_size:
-            raise InvalidTensorError(
-                f"rank {self.env.where}: {op} needs one {what} tensor per rank ({self.world_size}), got {len(tensors)}"
-            )
-
-    def _fingerprint(self, op: str, shapes, dtype, extra: str = "", seq: int | None = None) -> Fingerprint:
-        if seq is None:
-            seq = self._seq
-            self._seq += 1
-        return Fingerprint(
-            seq,
-            op,
-            self.group,
-            tuple(tuple(s) for s in shapes),
-            str(dtype).removeprefix("torch."),
-            extra,
-            self._grank,
-            call_site(),
-        )
-
-    def _timeout_error(
-        self, fp: Fingerprint, timeout: float, cause: Exception | None, members: Sequence[int] | None = None
-    ) -> CollectiveTimeoutError:
-        members = list(range(self.world_size)) if members is None else list(members)
-        try:
-            call = f"{fp.seq}" if fp.op != "p2p" else f"p2p{fp.extra.split()[0]}/{fp.seq}"
-            missing = checks.missing_ranks(self.store, f"{fp.group}/{call}", self.rank, members)
-        except CollectivesError as exc:
-            missing, note = None, f" ({exc})"
-        else:
-            note = ""
-        if missing is None:
-            who = f"could not tell which ranks are missing (no job store){note}"
-        elif missing:
-            who = "ranks that never arrived: " + ", ".join(str(self.global_ranks[r]) for r in missing)
-        else:
-            who = "every rank arrived, so the transport stalled or a peer died during the op"
-        detail = f" [{cause}]" if cause is not None and str(cause) else ""
-        return CollectiveTimeoutError(
-            f"rank {self.env.where}: {fp.op}#{fp.seq} in group {fp.group!r} ({fp.describe()}) did not complete "
-            f"within {timeout:g}s; {who}{detail}\n"
-            "HINT: a missing rank is usually stuck in compute, waiting on a different collective, or dead; "
-            "check its log and traceback. Raise `timeout=` if the op is just slow."
-        )
-
-    def _run(
-        self,
-        fp: Fingerprint,
-        start: Callable[..., Work | list[Work] | None],
-        after: list,
-        async_op: bool,
-        timeout: float | None,
-        skip: bool = False,
-    ) -> Work | None:
-        """Check (unless inline or off), start the backend op, then wait or hand back a handle."""
-        timeout = self.timeout if timeout is None else timeout
-        kwargs = {}
-        if self._inline:  # inline backends also run the op on their own thread when async, with our timeout
-            kwargs.update(fingerprint=fp if self.check else None, async_op=async_op, timeout=timeout)
-        elif self.check:
-            try:
-                checks.check_collective(self.backend, fp, timeout)
-            except CollectiveTimeoutError as exc:
-                raise self._timeout_error(fp, timeout, exc) from None
-        works = [] if skip else start(**kwargs)
-        works = works if isinstance(works, list) else [works]
-        handle = _Handle(self, fp, [w for w in works if w is not None], timeout, after)
-        if async_op:
-            return handle
-        handle.wait(timeout)
-        return None
-
-    # -- the fast path -------------------------------------------------------------------
-    def _list_key(self, op: str, one: torch.Tensor, many: Sequence[torch.Tensor], arg=None) -> tuple | None:
-        """The spec key of a list-taking op that may take the fast path (one tensor per rank, every tensor
-        a plain, contiguous, strided one of ``one``'s dtype), built in the same pass; None otherwise (the
-        full validation runs)."""
-        if type(one) not in _PLAIN or len(many) != self.world_size or one.layout is not _STRIDED:
-            return None
-        if not one.is_contiguous():
-            return None
-        dtype = one.dtype
-        key = [op, one.shape, dtype, arg]
-        for t in many:
-            if type(t) not in _PLAIN or t.dtype is not dtype or t.layout is not _STRIDED or not t.is_contiguous():
-                return None
-            key.append(t.shape)
-        return tuple(key)
-
-    def _remember(self, key: tuple, spec: _Spec) -> None:
-        if len(self._specs) >= _MAX_SPECS:
-            self._specs.clear()
-        self._specs[key] = spec
-
-    def _call(self, spec: _Spec, start: Callable[..., Work], args: tuple, timeout: float | None) -> None:
-        """A synchronous op whose arguments were validated before (same signature): fingerprint from
-        the cached spec, check (inline or not, unless off), run, wait. Costs a few microseconds."""
-        timeout = self.timeout if timeout is None else timeout
-        seq = self._seq
-        self._seq = seq + 1
-        fp = None
-        if self.check:  # the op completes before this returns, so the spec's fingerprint is reused
-            fp = spec.fp
-            if fp is None:  # site None: read off the stack only if an error needs it (the op is still on it)
-                fp = spec.fp = Fingerprint(
-                    seq, spec.op, self.group, spec.shapes, spec.dtype, spec.extra, self._grank, None, spec.base
-                )
-            else:
-                fp.seq = seq
-        try:
-            if self._inline:
-                start(*args, fingerprint=fp, async_op=False, timeout=timeout).wait(timeout)
-            else:
-                if fp is not None:
-                    checks.check_collective(self.backend, fp, timeout)
-                start(*args).wait(timeout)
-        except CollectiveTimeoutError as exc:
-            spec.fp = None  # its site now names this call
-            if fp is None:  # checks off: describe the call only now that it failed
-                fp = Fingerprint(
-                    seq, spec.op, self.group, spec.shapes, spec.dtype, spec.extra, self._grank, None, spec.base
-                )
-            raise self._timeout_error(fp, timeout, exc) from None
-        except BaseException:
-            spec.fp = None
-            raise
-
     # -- collectives ---------------------------------------------------------------------
     def allreduce(
         self, tensor: torch.Tensor, op: ReduceOp = ReduceOp.SUM, *, async_op: bool = False, timeout: float | None = None
     ) -> Work | None:
         """All ranks: reduce ``tensor`` over the group, in place."""
-        if type(tensor) in _PLAIN and not async_op:
+        if type(tensor) in PLAIN and not async_op:
             key = ("allreduce", tensor.shape, tensor.dtype, op)
             spec = self._specs.get(key)
-            if spec is not None and tensor.layout is _STRIDED and tensor.is_contiguous():
+            if spec is not None and tensor.layout is STRIDED and tensor.is_contiguous():
                 return self._call(spec, self.backend.allreduce, (tensor, spec.arg), timeout)
         op = ReduceOp(op)
         after: list = []
@@ -301,7 +86,7 @@ class Communicator:
         fp = self._fingerprint("allreduce", [t.shape], t.dtype, f"op={op}")
         if t.numel():
             self._remember(
-                ("allreduce", t.shape, t.dtype, op), _Spec(fp.op, fp.shapes, fp.dtype, fp.extra, self.group, op)
+                ("allreduce", t.shape, t.dtype, op), Spec(fp.op, fp.shapes, fp.dtype, fp.extra, self.group, op)
             )
         return self._run(
             fp,
@@ -316,18 +101,16 @@ class Communicator:
         self, tensor: torch.Tensor, src: int = 0, *, async_op: bool = False, timeout: float | None = None
     ) -> Work | None:
         """All ranks: ``tensor`` on every rank becomes rank ``src``'s (group rank)."""
-        if type(tensor) in _PLAIN and not async_op:
+        if type(tensor) in PLAIN and not async_op:
             spec = self._specs.get(("broadcast", tensor.shape, tensor.dtype, src))
-            if spec is not None and tensor.layout is _STRIDED and tensor.is_contiguous():
+            if spec is not None and tensor.layout is STRIDED and tensor.is_contiguous():
                 return self._call(spec, self.backend.broadcast, (tensor, src), timeout)
         self._rank_arg("broadcast", "src", src)
         after: list = []
         (t,) = self._prep("broadcast", [tensor], after)
         fp = self._fingerprint("broadcast", [t.shape], t.dtype, f"src={src}")
         if t.numel():
-            self._remember(
-                ("broadcast", t.shape, t.dtype, src), _Spec(fp.op, fp.shapes, fp.dtype, fp.extra, self.group)
-            )
+            self._remember(("broadcast", t.shape, t.dtype, src), Spec(fp.op, fp.shapes, fp.dtype, fp.extra, self.group))
         return self._run(
             fp,
             lambda **kw: self.backend.broadcast(t, src, **kw),
@@ -364,7 +147,7 @@ class Communicator:
         fp = self._fingerprint("allgather", [o.shape for o in outs], dtype)
         if any(o.numel() for o in outs):
             key = ("allgather", t.shape, dtype, None, *(o.shape for o in outs))
-            self._remember(key, _Spec(fp.op, fp.shapes, fp.dtype, fp.extra, self.group))
+            self._remember(key, Spec(fp.op, fp.shapes, fp.dtype, fp.extra, self.group))
         return self._run(
             fp,
             lambda **kw: self.backend.allgather(outs, t, **kw),
@@ -407,7 +190,7 @@ class Communicator:
         fp = self._fingerprint("reduce_scatter", [i.shape for i in ins], dtype, f"op={op}")
         if any(i.numel() for i in ins):
             key = ("reduce_scatter", o.shape, dtype, op, *(i.shape for i in ins))
-            self._remember(key, _Spec(fp.op, fp.shapes, fp.dtype, fp.extra, self.group, op))
+            self._remember(key, Spec(fp.op, fp.shapes, fp.dtype, fp.extra, self.group, op))
         return self._run(
             fp,
             lambda **kw: self.backend.reduce_scatter(o, ins, op, **kw),
@@ -489,30 +272,16 @@ class Communicator:
                     except CollectivesError:
                         # The data receive is already posted (for overlap): keep its buffers
                         # alive, or the transport would later write into freed memory.
-                        _ORPHANS.append((works, t))
+                        ORPHANS.append((works, t))
                         raise
 
             if t.numel():
                 works.append((self.backend.send if is_send else self.backend.recv)(t, peer, tag))
-        handle = _Handle(self, fp, works, timeout, after, before, sorted({self.rank, peer}))
+        handle = Handle(self, fp, works, timeout, after, before, sorted({self.rank, peer}))
         if async_op:
             return handle
         handle.wait(timeout)
         return None
-
-    def _rank_arg(self, op: str, name: str, r: int) -> None:
-        if not isinstance(r, int) or not 0 <= r < self.world_size:
-            raise InvalidTensorError(
-                f"rank {self.env.where}: {op} {name}={r!r} is not a rank of group "
-                f"{self.group!r} (size {self.world_size})"
-            )
-
-    def _p2p_args(self, op: str, peer: int, tag: int) -> None:
-        self._rank_arg(op, "peer", peer)
-        if peer == self.rank:
-            raise InvalidTensorError(f"rank {self.env.where}: {op} to/from itself would deadlock")
-        if not isinstance(tag, int) or not 0 <= tag < checks.CHECK_TAG:
-            raise InvalidTensorError(f"rank {self.env.where}: {op} tag={tag!r} must be in [0, {checks.CHECK_TAG})")
 
     # -- groups --------------------------------------------------------------------------
     def new_group(self, ranks: Sequence[int]) -> Communicator | None:

@@ -1,8 +1,14 @@
 """Where am I? Rank and world size read from whatever started this process.
 
-Order of precedence: our launcher and torchrun (``RANK``/``WORLD_SIZE``...), then SLURM's
-``srun`` (``SLURM_PROCID``...), then MPI launchers (MPICH/Hydra ``PMI_RANK``, Open MPI
-``OMPI_COMM_WORLD_RANK``), then a single process. Nothing here opens a connection.
+Order of precedence: our launcher and torchrun (``RANK``/``WORLD_SIZE``...), then MPI
+launchers (MPICH/Hydra ``PMI_RANK``, Open MPI ``OMPI_COMM_WORLD_RANK``), then a single
+process. Nothing here opens a connection.
+
+SLURM's variables are not read here: their one reader is ``launcher.slurm.place``, and an
+srun-started worker passes through ``launcher.setup_slurm_worker()`` (``disttrain.init`` and
+``disttrain.worker`` call it), which exports torchrun's names, so this module sees the same
+place the launcher computed (ARCHITECTURE.md, "SLURM"). A task of a multi-task srun step that
+did not pass through it is refused with that HINT rather than guessed at.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ class DistEnv:
     local_world_size: int
     master_addr: str | None
     master_port: int | None
-    source: str  # "launcher", "torchrun", "slurm", "mpi" or "single"
+    source: str  # "launcher", "torchrun", "mpi" or "single"
     host: str = dataclasses.field(default_factory=socket.gethostname)
 
     @property
@@ -58,11 +64,6 @@ def read_env(env: Mapping[str, str] | None = None) -> DistEnv:
         local_rank = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
         local_world = _int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else world
         source = "launcher" if "DISTTRAIN_JOB_ID" in env else "torchrun"
-    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        rank, world = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS")
-        local_rank = _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
-        local_world = int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]) if "SLURM_NTASKS_PER_NODE" in env else 1
-        source = "slurm"
     elif "PMI_RANK" in env or "OMPI_COMM_WORLD_RANK" in env:
         if "PMI_RANK" in env:
             rank, world = _int(env, "PMI_RANK"), _int(env, "PMI_SIZE")
@@ -73,6 +74,13 @@ def read_env(env: Mapping[str, str] | None = None) -> DistEnv:
             local_rank = _int(env, "OMPI_COMM_WORLD_LOCAL_RANK")
             local_world = _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE")
         source = "mpi"
+    elif env.get("SLURM_PROCID") and env.get("SLURM_NTASKS", "1") != "1":
+        raise CollectivesError(
+            f"srun started this process as task {env['SLURM_PROCID']} of {env['SLURM_NTASKS']}, but nothing "
+            "exported its place (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE)\n"
+            "HINT: call launcher.setup_slurm_worker() before collectives.init() (disttrain.init does), or "
+            "start the script with `srun ... python -m launcher.slurm.agent --nproc-per-node N SCRIPT`"
+        )
     else:
         rank, world, local_rank, local_world, source = 0, 1, 0, 1, "single"
     if not 0 <= rank < world:

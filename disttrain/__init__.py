@@ -7,6 +7,8 @@
         run.step()
 
 ``disttrain.fit(model=..., data=..., step=..., config=...)`` runs the built-in loop instead.
+``disttrain.init(train={"steps": 100})`` takes keyword settings (one mapping per section) with or
+without a YAML; a config that does not validate raises ``disttrain.ConfigError``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["Run", "fit", "init"]
+__all__ = ["ConfigError", "DisttrainError", "Run", "fit", "init"]
+
+from .errors import ConfigError, DisttrainError
 
 if TYPE_CHECKING:
     from .api import Run, fit, init
@@ -22,7 +26,7 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str):
     # The API imports torch and the collectives; `import disttrain` (the CLI, config tools) stays light.
-    if name in __all__:
+    if name in ("Run", "fit", "init"):
         from . import api
 
         return getattr(api, name)

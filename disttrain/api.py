@@ -20,7 +20,6 @@ as one plain process. A run directory with checkpoints resumes from its latest o
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -41,23 +40,23 @@ log = logging.getLogger(__name__)
 OptimizerFactory = Callable[[list[dict]], torch.optim.Optimizer]
 
 
-def _load(config: str | config_mod.ExperimentConfig | None, argv: Sequence[str]) -> config_mod.ExperimentConfig:
-    """The config (a path, a loaded config, or argv[0] when it names a YAML file) plus overrides; a bad
-    one ends the process with exit code 2 and the error lines, no traceback."""
+def _load(
+    config: str | config_mod.ExperimentConfig | None, argv: Sequence[str], settings: dict[str, Any]
+) -> config_mod.ExperimentConfig:
+    """The config: a path, a loaded config, argv[0] when it names a YAML file, or none (the defaults),
+    with keyword ``settings`` (one mapping per section) and ``key=value`` overrides on top.
+    Raises :class:`ConfigError` (catchable; ``str()`` is the report) on anything that does not validate."""
     argv = list(argv)
     if config is None and argv and argv[0].endswith((".yaml", ".yml")):
         config, argv = argv[0], argv[1:]
-    try:
-        if isinstance(config, config_mod.ExperimentConfig):
-            if argv:
-                raise config_mod.ConfigError(["overrides need a config file: disttrain.init('run.yaml', argv)"])
+    if isinstance(config, config_mod.ExperimentConfig):
+        if not argv and not settings:
             return config
-        if config is None:
-            raise config_mod.ConfigError(["no config: disttrain.init('run.yaml', sys.argv[1:])"])
-        return config_mod.load(config, argv)
-    except config_mod.ConfigError as exc:
-        print(exc, file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        settings = {**config.model_dump(mode="json"), **settings}
+        config = None
+    if config is None or settings:
+        return config_mod.from_settings(settings, argv, base=config)
+    return config_mod.load(config, argv)
 
 
 class Run:
@@ -178,11 +177,12 @@ class Run:
         t.after_step(norm, t.evaluate if t.data is not None and t.data.eval is not None else None)
 
 
-def init(config: str | config_mod.ExperimentConfig | None = None, argv: Sequence[str] = ()) -> Run:
-    """Every rank, first: read the config and its ``key=value`` overrides (a bad one exits with code 2),
+def init(config: str | config_mod.ExperimentConfig | None = None, argv: Sequence[str] = (), **settings: Any) -> Run:
+    """Every rank, first: read the config (a YAML path, or none), keyword settings such as
+    ``train={"steps": 100}`` and ``key=value`` overrides (a bad one raises :class:`ConfigError`),
     join the job (launcher, torchrun, srun, mpiexec or one process), seed every RNG, open the run
     directory and install the preemption handlers. Blocks until every rank has joined."""
-    cfg = _load(config, argv)
+    cfg = _load(config, argv, settings)
     slurm_job = worker.setup_slurm_worker(cfg.run.dir, nodes=cfg.slurm.nodes, ntasks_per_node=cfg.slurm.ntasks_per_node)
     comm = worker.init_communicator(cfg)
     ours = logging.getLogger("disttrain")

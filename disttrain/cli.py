@@ -1,10 +1,12 @@
-"""The ``disttrain`` command.
+"""The `disttrain` command: one verb per job a user has, each with its own `--help`.
 
-disttrain run configs/digits.yaml --nproc 2 train.steps=100
-disttrain launch --nproc-per-node 2 train.py --lr 3e-4     # torchrun-style
-disttrain launch --hosts a:2,b:2 -m disttrain.worker run.yaml   # fan out over ssh
-disttrain submit configs/digits.yaml --nodes 2 --ntasks-per-node 4 [--dry-run]   # SLURM
-disttrain ckpt verify|inspect|consolidate|reshard RUN_DIR ...
+    disttrain run configs/digits.yaml --nproc 2 train.steps=100
+    disttrain launch --nproc-per-node 2 train.py --lr 3e-4             # torchrun-style
+    disttrain launch --hosts a:2,b:2 -m disttrain.worker run.yaml      # fan out over ssh
+    disttrain submit configs/digits.yaml --nodes 2 --ntasks-per-node 4 --dry-run   # SLURM
+    disttrain ckpt verify RUN_DIR                                      # and inspect, consolidate, export, reshard
+
+Exit codes follow argparse: 2 for an unknown command, a bad flag or a config that does not validate.
 """
 
 from __future__ import annotations
@@ -14,7 +16,28 @@ import os
 import secrets
 import sys
 
+from . import __version__
 from . import config as config_mod
+
+EXAMPLES = """\
+examples:
+  disttrain run configs/digits.yaml --nproc 2 train.steps=100 optim.lr=1e-3
+  disttrain launch --nproc-per-node 2 train.py --lr 3e-4
+  disttrain launch --hosts node1:4,node2:4 -m disttrain.worker run.yaml
+  disttrain submit configs/digits.yaml --nodes 2 --ntasks-per-node 4 --dry-run
+  disttrain ckpt verify runs/digits
+  disttrain ckpt export runs/gpt2 hf-model/
+
+'disttrain COMMAND --help' describes a command's flags.
+"""
+
+# verb -> one line of help; ckpt's sub-verbs are spelled out because each is a job of its own.
+VERBS = {
+    "run": "train an experiment from a YAML file on this machine",
+    "launch": "start any script with torchrun's environment, here or on many hosts over ssh",
+    "submit": "render an sbatch script from a YAML file and submit it to SLURM (--dry-run prints it)",
+    "ckpt": "look at, check and convert checkpoints: verify, inspect, consolidate, export, reshard",
+}
 
 
 def cmd_run(argv: list[str]) -> int:
@@ -30,10 +53,7 @@ def cmd_run(argv: list[str]) -> int:
     except config_mod.ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    from launcher.agent import NodeSpec
-    from launcher.cli import launch
-    from launcher.environment import free_port
-    from launcher.worker import WorkerSpec
+    from launcher import NodeSpec, WorkerSpec, free_port, launch
 
     run_dir = os.path.abspath(cfg.run.dir)
     os.makedirs(run_dir, exist_ok=True)
@@ -57,7 +77,7 @@ def cmd_run(argv: list[str]) -> int:
 
 
 def cmd_launch(argv: list[str]) -> int:
-    from launcher.cli import main as launch_main
+    from launcher import launch_main
 
     return launch_main(argv)
 
@@ -77,12 +97,36 @@ def cmd_submit(argv: list[str]) -> int:
 COMMANDS = {"run": cmd_run, "launch": cmd_launch, "submit": cmd_submit, "ckpt": cmd_ckpt}
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser: `--version`, `--help` and the verbs. Each verb parses its own arguments."""
+    p = argparse.ArgumentParser(
+        prog="disttrain",
+        description="Distributed training for PyTorch, from a laptop to a SLURM cluster with the same YAML.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"disttrain {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for verb, text in VERBS.items():
+        sub.add_parser(verb, help=text, add_help=False)
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print(__doc__.strip() + "\n\ncommands: " + ", ".join(COMMANDS), file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    return COMMANDS[argv[0]](argv[1:])
+    """Dispatch to a verb; returns the exit code (argparse's 2 for an unknown command or a bad flag)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
+    parser = build_parser()
+    if not argv:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        parser.parse_args(argv)  # --help, --version, or argparse's "invalid choice" naming the command
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    parser.print_help(sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ Only rank 0 writes here (logs are written by the launcher). Files are replaced a
 from __future__ import annotations
 
 import json
+import logging
 import os
+
+log = logging.getLogger(__name__)
 
 
 class RunDir:
@@ -39,14 +42,19 @@ class RunDir:
         except FileNotFoundError:
             return []
 
-    def plot_loss(self) -> None:
-        """loss.png from metrics.jsonl (rank 0)."""
+    def plot_loss(self) -> bool:
+        """loss.png from metrics.jsonl (rank 0); skipped with a logged note where matplotlib, an
+        optional extra (``disttrain[plot]``), is not installed. Returns whether the file was written."""
         if self.rank != 0:
-            return
+            return False
         rows = [r for r in self.read_metrics() if "loss" in r]
         if not rows:
-            return
-        import matplotlib
+            return False
+        try:
+            import matplotlib
+        except ImportError:
+            log.info("loss.png skipped: matplotlib is not installed (pip install 'disttrain[plot]' to get it)")
+            return False
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -64,6 +72,7 @@ class RunDir:
         fig.tight_layout()
         fig.savefig(self.file("loss.png"), dpi=100)
         plt.close(fig)
+        return True
 
     def close(self) -> None:
         if self._metrics is not None:

@@ -8,18 +8,15 @@ import sys
 
 
 def leave(code: int) -> None:
-    """End a worker whose job is done without the interpreter's teardown. Once in CI, a worker that had
-        finished (summary written, communicator closed) aborted at exit with "terminate called without an
-        active exception" and no Python frame: a native destructor run during finalization, in a
-        thread-owning object of torch's. Its cause is not found (not reproduced in 30 runs, 18 of them on a
-        loaded machine); it was seen again in a test rank that had written its result (4 ranks, tensor and
-    pipeline parallel). The job's exit code must not depend on it. What Python's exit does first still
-        runs: other non-daemon threads are joined, exit hooks (MPI finalize, logging, weakref finalizers)
-        run and both streams are flushed; only the teardown of objects after that is skipped.
+    """End a worker whose job is done, skipping the interpreter's teardown of objects: a native
+    destructor run during finalization (a thread-owning object of torch's) can abort a process that
+    has already finished its work, and the job's exit code must not depend on that. What Python's
+    exit does first still runs: other non-daemon threads are joined, exit hooks (MPI finalize,
+    logging, weakref finalizers) run and both streams are flushed.
 
-        MPI is finalized here when it is still up (mpi4py used directly: mpi4py finalizes from the C exit
-        path, after the hooks above): MPICH tells its process manager that this rank finalized from
-        MPI_Finalize, and hydra (mpiexec) SIGKILLs every rank still running once one leaves unannounced."""
+    MPI is finalized here when it is still up (mpi4py used directly finalizes from the C exit path,
+    after the hooks above): MPICH tells its process manager that this rank finalized from
+    MPI_Finalize, and hydra (mpiexec) kills every rank still running once one leaves unannounced."""
     import atexit
     import threading
 

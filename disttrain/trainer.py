@@ -42,6 +42,8 @@ from .rundir import RunDir
 from .schedule import lr_at
 
 log = logging.getLogger(__name__)
+# Indices of Trainer._sums, one float64 allreduce per step: units counted, loss summed, samples read.
+_COUNT, _LOSS_SUM, _SAMPLES = 0, 1, 2
 
 __all__ = ["Trainer", "build_optimizer"]
 
@@ -94,7 +96,7 @@ class Trainer:
         self._open: contextlib.AbstractContextManager | None = None  # the accumulate context of a micro-batch
         self._trailing: list[int] = []  # this step's empty micro-batches after the last non-empty one
         self.at_boundary = False  # the micro-batch handed out last is this step's last non-empty one
-        self._sums = [0.0, 0.0, 0.0]  # this rank's count, loss sum and samples in the current step
+        self._sums = [0.0, 0.0, 0.0]  # this rank's [_COUNT], [_LOSS_SUM] and [_SAMPLES] in the current step
         self._window = {"loss": 0.0, "steps": 0, "samples": 0.0, "count": 0.0, "start": time.perf_counter()}
         self.started_at = time.perf_counter()
 
@@ -141,7 +143,7 @@ class Trainer:
             self._open = self.strategy.accumulate(i == accum - 1)
             self._open.__enter__()
             self.at_boundary = i == last_full
-            self._sums[2] += sizes[i]
+            self._sums[_SAMPLES] += sizes[i]
             yield to_device(batch, self.device)
             self._close_micro()
 
@@ -158,8 +160,8 @@ class Trainer:
         """Backward of one micro-batch's ``loss_sum`` over ``count`` units; closes its accumulate context."""
         loss = loss_sum / self._expected_count()
         (self.scaler.scale(loss) if self.scaler else loss).backward()
-        self._sums[0] += float(count)
-        self._sums[1] += float(loss_sum.detach())
+        self._sums[_COUNT] += float(count)
+        self._sums[_LOSS_SUM] += float(loss_sum.detach())
         self._close_micro()
 
     def _expected_count(self) -> int:
@@ -180,7 +182,7 @@ class Trainer:
         totals = torch.tensor(self._sums, dtype=torch.float64)
         self.comm.allreduce(totals, ReduceOp.SUM)
         totals /= self.comm.world_size // self.dp_size  # tp/pp peers of a replica counted the same units
-        count, loss_sum, samples = float(totals[0]), float(totals[1]), float(totals[2])
+        count, loss_sum, samples = float(totals[_COUNT]), float(totals[_LOSS_SUM]), float(totals[_SAMPLES])
         if count <= 0:
             raise StepOutputError(
                 f"step {self.step}: the step function counted no units on any rank (count 0)\n"
@@ -198,7 +200,7 @@ class Trainer:
         if self.scaler:
             self.scaler.update(ok)
         s.zero_grad()
-        local_samples = int(self._sums[2])
+        local_samples = int(self._sums[_SAMPLES])
         self._sums = [0.0, 0.0, 0.0]
         self.step += 1
         w = self._window
@@ -238,8 +240,8 @@ class Trainer:
                 is_transformers_model(self.model),
                 scale,
             )
-        self._sums[0] += count
-        self._sums[1] += loss_sum
+        self._sums[_COUNT] += count
+        self._sums[_LOSS_SUM] += loss_sum
         return self.end_step()
 
     def lr(self, step: int) -> float:

@@ -12,7 +12,7 @@ import os
 import random
 import sys
 
-from launcher.slurm.signals import catch_signals_early
+from launcher import catch_signals_early
 
 catch_signals_early()  # first thing: a SLURM warning signal while torch imports must not kill set-up
 
@@ -21,8 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import collectives  # noqa: E402
-from launcher.errors import LauncherError  # noqa: E402
-from launcher.slurm.worker import setup_worker as setup_slurm_worker  # noqa: E402
+from launcher import LauncherError, setup_slurm_worker  # noqa: E402
 
 from . import config as config_mod  # noqa: E402
 from .checkpoint import maybe_build_checkpointer  # noqa: E402
@@ -47,7 +46,7 @@ def connect_store(timeout: float):
     """The launcher's authenticated store when the launcher runs one, else None (backends use the env)."""
     if not os.environ.get("DISTTRAIN_STORE"):
         return None
-    from launcher.torch_store import AuthStore
+    from launcher import AuthStore
 
     return AuthStore.from_env(timeout=timeout)
 

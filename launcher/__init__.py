@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 
+# name -> module (the attribute has the same name) or "module:attribute". disttrain uses these names only.
 _EXPORTS = {
     "LocalAgent": "agent",
     "NodeSpec": "agent",
@@ -26,6 +27,22 @@ _EXPORTS = {
     "Worker": "worker",
     "WorkerSpec": "worker",
     "WorkerState": "worker",
+    "free_port": "environment",
+    "launch": "cli",
+    "launch_main": "cli:main",
+    "AuthStore": "torch_store",
+    # SLURM: the one reader of SLURM's variables (launcher.slurm.place) and what workers call
+    "SlurmEnvError": "slurm.errors",
+    "SlurmPlace": "slurm.place",
+    "in_slurm": "slurm.place",
+    "read_slurm_env": "slurm.place",
+    "setup_slurm_worker": "slurm.worker:setup_worker",
+    "requeue": "slurm.requeue",
+    "requeue_id": "slurm.requeue",
+    "catch_signals_early": "slurm.signals",
+    "parse_signal": "slurm.signals",
+    "release_early_signals": "slurm.signals",
+    "take_early_signal": "slurm.signals",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -33,4 +50,5 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'launcher' has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    module, _, attr = _EXPORTS[name].partition(":")
+    return getattr(importlib.import_module(f".{module}", __name__), attr or name)

@@ -91,3 +91,68 @@ def test_cli_exits_2_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert f"{path}: train.steps: got -5, expected a value >= 1" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.unit
+def test_backend_typo_is_a_config_error_naming_the_key_and_the_known_names(tmp_path):
+    path = write(tmp_path, "launch:\n  backend: shmm\n")
+    (line,) = errors(path)
+    first, hint = line.split("\n")
+    assert first.startswith(f"{path}: launch.backend: unknown collectives backend 'shmm'; known backends: ")
+    assert all(name in first for name in ("mpi", "nccl", "shm", "torch")), first
+    assert hint.startswith("HINT: did you mean 'shm'?"), hint
+
+
+@pytest.mark.unit
+def test_keyword_settings_need_no_yaml_and_merge_over_one(tmp_path):
+    cfg = config_mod.from_settings({"train": {"steps": 7}, "launch": {"backend": "shm"}}, ["optim.lr=0.5"])
+    assert (cfg.train.steps, cfg.train.batch_size, cfg.launch.backend, cfg.optim.lr) == (7, 64, "shm", 0.5)
+    path = write(tmp_path, "train:\n  steps: 3\n  batch_size: 8\n")
+    cfg = config_mod.from_settings({"train": {"steps": 5}}, base=path)
+    assert (cfg.train.steps, cfg.train.batch_size) == (5, 8)
+    with pytest.raises(config_mod.ConfigError) as info:
+        config_mod.from_settings({"train": {"steps": 0}})
+    assert info.value.lines == ["<settings>: train.steps: got 0, expected a value >= 1"]
+
+
+@pytest.mark.unit
+def test_init_raises_a_catchable_config_error_instead_of_exiting(tmp_path):
+    import disttrain
+
+    with pytest.raises(
+        disttrain.ConfigError, match=r"<settings>: launch.backend: unknown collectives backend 'tourch'"
+    ):
+        disttrain.init(launch={"backend": "tourch"})
+    with pytest.raises(disttrain.ConfigError, match="no such file"):
+        disttrain.init(str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.unit
+def test_cli_answers_like_argparse_tools(capsys):
+    from disttrain import __version__, cli
+
+    assert cli.main(["foo"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'foo'" in err and "usage: disttrain" in err
+    with pytest.raises(SystemExit) as info:  # argparse's --version prints and exits 0
+        cli.build_parser().parse_args(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"disttrain {__version__}"
+    assert cli.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert all(verb in text for verb in ("run", "launch", "submit", "ckpt", "export", "reshard", "consolidate"))
+    assert "``" not in text and ":class:" not in text, text
+
+
+def test_cli_exit_codes_unknown_command_version_and_backend_typo(tmp_path):
+    def cli(*args):
+        cmd = [sys.executable, "-m", "disttrain.cli", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+    p = cli("foo")
+    assert p.returncode == 2 and "invalid choice: 'foo'" in p.stderr, p.stderr
+    p = cli("--version")
+    assert p.returncode == 0 and p.stdout.startswith("disttrain "), p.stdout + p.stderr
+    path = write(tmp_path, "launch:\n  backend: torchh\n")
+    p = cli("run", path)
+    assert p.returncode == 2 and f"{path}: launch.backend: unknown collectives backend 'torchh'" in p.stderr
+    assert "Traceback" not in p.stderr

@@ -163,3 +163,99 @@ def test_rank0_off_the_first_node_is_an_error_with_a_hint(tmp_path):
 def test_worker_rejects_a_job_unlike_its_config(tmp_path):
     with pytest.raises(SlurmEnvError, match="slurm.nodes=3"):
         setup_worker(str(tmp_path), nodes=3, env=_env(DISTTRAIN_MASTER_ADDR="127.0.0.1"))
+
+
+# -- one reader, every layout: what srun sets per task, through launcher's reader, to collectives ----------------
+def _srun_tasks(nodelist: str, tasks_per_node: str, **job) -> list[dict]:
+    """The variables srun gives every task of a step (block distribution), as SLURM spells them."""
+    from launcher.slurm.hostlist import expand_hostlist, expand_tasks_per_node
+
+    nodes, per_node = expand_hostlist(nodelist), expand_tasks_per_node(tasks_per_node)
+    world, tasks, rank = sum(per_node), [], 0
+    for node_id, count in enumerate(per_node):
+        for local in range(count):
+            env = {
+                "SLURM_JOB_ID": "777",
+                "SLURM_STEP_ID": "0",
+                "SLURM_PROCID": str(rank),
+                "SLURM_LOCALID": str(local),
+                "SLURM_NODEID": str(node_id),
+                "SLURM_NTASKS": str(world),
+                "SLURM_NNODES": str(len(nodes)),
+                "SLURM_STEP_NODELIST": nodelist,
+                "SLURM_STEP_TASKS_PER_NODE": tasks_per_node,
+                "SLURMD_NODENAME": nodes[node_id],
+                **job,
+            }
+            tasks.append(env)
+            rank += 1
+    return tasks
+
+
+LAYOUTS = [
+    # srun -n4 on one node: SLURM sets no SLURM_NTASKS_PER_NODE, only the step's tasks per node
+    pytest.param("node1", "4", {}, [[0, 1, 2, 3]], id="srun-n4-one-node"),
+    # sbatch -N2 --ntasks-per-node=2; srun
+    pytest.param("gpu[07-08]", "2(x2)", {"SLURM_NTASKS_PER_NODE": "2"}, [[0, 1], [2, 3]], id="ntasks-per-node"),
+    # srun -n7 on four nodes: 2,2,2,1
+    pytest.param("n[1-4]", "2(x3),1", {}, [[0, 1], [2, 3], [4, 5], [6]], id="heterogeneous-2(x3),1"),
+    # one task of a job array (its own job id), two tasks on its node
+    pytest.param(
+        "a01",
+        "2",
+        {"SLURM_JOB_ID": "503", "SLURM_ARRAY_JOB_ID": "500", "SLURM_ARRAY_TASK_ID": "3"},
+        [[0, 1]],
+        id="job-array",
+    ),
+]
+
+
+@pytest.mark.parametrize("nodelist, per_node, job, ranks_by_node", LAYOUTS)
+def test_every_layout_gives_collectives_the_place_launchers_reader_computed(nodelist, per_node, job, ranks_by_node):
+    import collectives
+
+    tasks = _srun_tasks(nodelist, per_node, **job)
+    world = sum(len(r) for r in ranks_by_node)
+    for env in tasks:
+        place = read_slurm_env(env)
+        exported = {**env, **contract_env(place, "10.0.0.7", 12345, "s" * 64)}
+        seen = collectives.read_env(exported)  # what the backends (shm: local_world_size) are given
+        node = next(i for i, ranks in enumerate(ranks_by_node) if seen.rank in ranks)
+        want = (seen.rank, world, ranks_by_node[node].index(seen.rank), len(ranks_by_node[node]))
+        assert (place.rank, place.world_size, place.local_rank, place.local_world_size) == want
+        assert (seen.rank, seen.world_size, seen.local_rank, seen.local_world_size) == want
+        assert seen.source == "launcher" and seen.host == env["SLURMD_NODENAME"]
+        check_against_config(place, place.nnodes, None)  # disttrain's slurm.nodes agrees
+    assert sorted(read_slurm_env(t).rank for t in tasks) == list(range(world))
+
+
+def test_srun_n4_on_one_node_is_four_local_ranks_not_four_nodes():
+    place = read_slurm_env(_srun_tasks("node1", "4")[2])
+    assert (place.local_rank, place.local_world_size, place.nnodes) == (2, 4, 1)
+
+
+def test_array_tasks_are_apart_in_requeue_and_in_shared_memory_names():
+    a = read_slurm_env(
+        _srun_tasks("a01", "2", SLURM_JOB_ID="503", SLURM_ARRAY_JOB_ID="500", SLURM_ARRAY_TASK_ID="3")[0]
+    )
+    b = read_slurm_env(
+        _srun_tasks("a01", "2", SLURM_JOB_ID="504", SLURM_ARRAY_JOB_ID="500", SLURM_ARRAY_TASK_ID="4")[0]
+    )
+    assert (a.array_job_id, a.array_task_id) == ("500", "3")
+    assert job_tag(a) != job_tag(b) and derive_port(a.job_id) != derive_port(b.job_id)
+    assert requeue_id({"SLURM_JOB_ID": "503", "SLURM_ARRAY_JOB_ID": "500", "SLURM_ARRAY_TASK_ID": "3"}) == "500_3"
+
+
+def test_config_asking_for_another_tasks_per_node_is_refused_on_a_heterogeneous_step():
+    with pytest.raises(SlurmEnvError, match=r"world size of 8 \(2 per node\) but SLURM started 7"):
+        check_against_config(read_slurm_env(_srun_tasks("n[1-4]", "2(x3),1")[0]), None, 2)
+
+
+def test_collectives_refuses_an_srun_task_nobody_placed_instead_of_guessing():
+    import collectives
+
+    raw = _srun_tasks("node1", "4")[1]  # before this, local_world_size fell back to 1 here
+    with pytest.raises(collectives.CollectivesError, match=r"task 1 of 4.*\nHINT: call launcher.setup_slurm_worker"):
+        collectives.read_env(raw)
+    single = {"SLURM_JOB_ID": "9", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
+    assert collectives.read_env(single).source == "single"  # a one-task step is one process

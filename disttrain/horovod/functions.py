@@ -16,6 +16,8 @@ import json
 
 import torch
 
+from collectives.objects import from_words, to_words
+
 from .basics import rank
 from .exceptions import HorovodError
 from .ops import allgather, broadcast_, broadcast_async_, synchronize
@@ -101,18 +103,6 @@ def decode_object(raw: bytes):
     return _dec(json.loads(raw.decode()))
 
 
-def _bytes_tensor(raw: bytes) -> torch.Tensor:
-    """Bytes as int32 words (every backend moves int32), padded to a multiple of 4."""
-    pad = (-len(raw)) % 4
-    return (
-        torch.frombuffer(bytearray(raw + b"\0" * pad), dtype=torch.int32) if raw else torch.empty(0, dtype=torch.int32)
-    )
-
-
-def _tensor_bytes(t: torch.Tensor, n: int) -> bytes:
-    return t.contiguous().view(torch.uint8).numpy().tobytes()[:n]
-
-
 # -- object collectives --------------------------------------------------------------------------
 def broadcast_object(obj, root_rank: int = 0, name: str | None = None, process_set=global_process_set):
     """All members: ``root_rank``'s ``obj`` (JSON-able values and tensors; see the module doc)."""
@@ -125,9 +115,9 @@ def broadcast_object(obj, root_rank: int = 0, name: str | None = None, process_s
         size = torch.zeros(1, dtype=torch.int64)
     broadcast_(size, root_rank, name + ".sz", process_set)
     n = int(size.item())
-    t = _bytes_tensor(raw) if me == root_rank else torch.zeros((n + 3) // 4, dtype=torch.int32)
+    t = to_words(raw) if me == root_rank else torch.zeros((n + 3) // 4, dtype=torch.int32)
     broadcast_(t, root_rank, name + ".t", process_set)
-    return obj if me == root_rank else decode_object(_tensor_bytes(t, n))
+    return obj if me == root_rank else decode_object(from_words(t, n))
 
 
 def allgather_object(obj, name: str | None = None, process_set=global_process_set) -> list:
@@ -135,11 +125,11 @@ def allgather_object(obj, name: str | None = None, process_set=global_process_se
     name = _object_name("allgather_object", name, process_set)
     raw = encode_object(obj)
     sizes = allgather(torch.tensor([len(raw)], dtype=torch.int64), name=name + ".sz", process_set=process_set)
-    words = allgather(_bytes_tensor(raw), name=name + ".t", process_set=process_set)
+    words = allgather(to_words(raw), name=name + ".t", process_set=process_set)
     out, offset = [], 0
     for n in sizes.tolist():
         w = (n + 3) // 4
-        out.append(decode_object(_tensor_bytes(words[offset : offset + w], n)))
+        out.append(decode_object(from_words(words[offset : offset + w], n)))
         offset += w
     return out
 

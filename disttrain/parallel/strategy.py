@@ -16,7 +16,8 @@ own layout needs, so a checkpoint written by one layout/world size loads into an
 
 A strategy that schedules micro-batches itself (pipeline parallel) says so with
 ``schedules_micro_batches = True`` and implements :class:`MicroBatchScheduler`; the trainer
-then calls ``forward_backward`` instead of its own loop (narrow with :func:`schedules_micro_batches`).
+then calls its ``split_micro_batches``, ``forward_backward_micro`` and ``last_stage_broadcast``
+instead of its own loop (narrow with :func:`schedules_micro_batches`).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ class Strategy(Protocol):
     optimizer: torch.optim.Optimizer
     dp_rank: int  # this rank's data-parallel replica (which samples it reads)
     dp_size: int  # data-parallel replicas (tp/pp peers of one replica read the same samples)
-    schedules_micro_batches: ClassVar[bool]  # True: the trainer calls forward_backward (MicroBatchScheduler)
+    schedules_micro_batches: ClassVar[bool]  # True: the trainer drives it through MicroBatchScheduler
 
     def accumulate(self, last: bool) -> ContextManager: ...
 
@@ -136,12 +137,28 @@ class Strategy(Protocol):
 
 
 class MicroBatchScheduler(Strategy, Protocol):
-    def forward_backward(self, micro_batches: list, loss_fn: Callable) -> float:
-        """Run every micro-batch's forward and backward (the strategy's own schedule); returns this
-        rank's loss sum. Collective over the strategy's groups."""
+    """A strategy that runs a step's micro-batches itself (pipeline parallel). Per optimizer step the
+    trainer (``parallel.pipeline.step.run_step_fn``), on every rank of the world, calls in this order:
+    ``split_micro_batches``, ``forward_backward_micro``, ``last_stage_broadcast``; then the usual
+    ``finish_gradients`` ... ``zero_grad`` of :class:`Strategy`."""
+
+    def split_micro_batches(self, batches: list) -> list:
+        """This replica's batches (any nesting of tensors) re-cut into the schedule's micro-batches.
+        Local; no communication."""
+        ...
+
+    def forward_backward_micro(self, micro_batches: list, loss_fn: Callable, loss_scale: float = 1.0) -> float:
+        """Forward and backward exactly these ``(input, target)`` micro-batches on the strategy's own
+        schedule; gradients are of ``loss * loss_scale``. Returns this rank's unscaled loss sum.
+        Collective over the pipeline; blocks until this rank's part of the schedule is done."""
+        ...
+
+    def last_stage_broadcast(self, values: list[float]) -> list[float]:
+        """The last stage's ``values`` (the loss sum and count it computed) on every stage.
+        Collective over the pp group; blocks."""
         ...
 
 
 def schedules_micro_batches(strategy: Strategy) -> TypeGuard[MicroBatchScheduler]:
-    """True when ``strategy`` runs the micro-batches itself (call its ``forward_backward``)."""
+    """True when ``strategy`` runs the micro-batches itself (drive it through :class:`MicroBatchScheduler`)."""
     return strategy.schedules_micro_batches

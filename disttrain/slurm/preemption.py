@@ -25,10 +25,15 @@ import signal
 import torch
 
 from collectives import Communicator, ReduceOp
-from launcher.slurm.errors import SlurmEnvError
-from launcher.slurm.place import in_slurm
-from launcher.slurm.requeue import requeue, requeue_id
-from launcher.slurm.signals import parse_signal, release_early_signals, take_early_signal
+from launcher import (
+    SlurmEnvError,
+    in_slurm,
+    parse_signal,
+    release_early_signals,
+    requeue,
+    requeue_id,
+    take_early_signal,
+)
 
 from ..config import ExperimentConfig, SlurmConfig
 

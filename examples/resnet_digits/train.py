@@ -1,13 +1,12 @@
 """The ResNet on digits with your own loop (a plain cross-entropy step written out).
 
-python examples/resnet_digits/train.py examples/resnet_digits/resnet.yaml train.steps=30
+python examples/resnet_digits/train.py examples/resnet_digits/resnet.yaml train.steps=30 optim.lr=0.1
 disttrain launch --nproc-per-node 2 examples/resnet_digits/train.py examples/resnet_digits/resnet.yaml
 torchrun --nproc-per-node 2 examples/resnet_digits/train.py examples/resnet_digits/resnet.yaml
 """
 
 import sys
 
-import torch
 import torch.nn.functional as F
 from digits_resnet import build_model, digits
 
@@ -24,9 +23,8 @@ def step(model, batch):
 def main() -> int:
     run = disttrain.init(sys.argv[1], sys.argv[2:])
     train_set, eval_set = digits()
-    model, _ = run.setup(
-        build_model(), lambda groups: torch.optim.SGD(groups, lr=0.05, momentum=0.9, weight_decay=5e-4)
-    )
+    # The optimizer is the YAML's optim section, so overrides such as optim.lr=0.1 apply here too.
+    model, _ = run.setup(build_model(**run.cfg.model.kwargs))
     for batch in run.batches(train_set):
         loss_sum, count, _ = step(model, batch)
         run.backward(loss_sum, count)

@@ -41,12 +41,11 @@ from .layout import (
 )
 from .segment import Segment, pid_alive
 
-SPIN = 400  # polls before the first yield when every rank has a core: about 100 microseconds
+SPIN = 400  # polls before the first yield when every rank has a core
 YIELDS = 32  # then yields, then the futex
 # Ranks outnumber cores: poll a few times, then yield the core, for up to a millisecond, before the futex.
 # A yield hands the core straight to a runnable peer on it (the rank we wait for, often), where a futex
-# sleep costs the waker a syscall and the sleeper a wake-up. Measured at 4 ranks on 2 cores, 4 KiB,
-# median of 8: allreduce 75-84 -> 49-59 us, allgather 94-110 -> 60-85 us (the old 16 polls, 2 yields).
+# sleep costs the waker a syscall and the sleeper a wake-up.
 CROWDED_SPIN, CROWDED_YIELDS, CROWDED_YIELD_FOR = 4, 64, 1e-3
 WORKER_SPIN = 8  # a worker thread hardly spins: spinning Python holds the GIL the caller's backward pass wants
 _YIELD_FOR = 2e-4  # seconds of yielding at most before the futex (every rank has a core)

@@ -15,6 +15,7 @@ import json
 import torch
 
 from collectives import Communicator
+from collectives.objects import from_words, tensor_as_words, tensor_from_words, to_words, words_buffer
 
 from ..mesh import MeshError
 from ..tensor.vocab import VocabShard, mark_vocab_shard, vocab_shard
@@ -27,37 +28,24 @@ NATIVE = {torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int
 
 def _to_wire(t: torch.Tensor) -> torch.Tensor:
     t = t.detach().contiguous()
-    if t.dtype in NATIVE:
-        return t
-    raw = t.reshape(-1).view(torch.uint8)
-    pad = (-raw.numel()) % 4
-    if pad:
-        raw = torch.cat([raw, raw.new_zeros(pad)])
-    return raw.view(torch.int32)
+    return t if t.dtype in NATIVE else tensor_as_words(t)
 
 
 def _wire_buffer(shape: list[int], dtype: torch.dtype) -> torch.Tensor:
-    if dtype in NATIVE:
-        return torch.empty(shape, dtype=dtype)
-    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-    return torch.empty((nbytes + 3) // 4, dtype=torch.int32)
+    return torch.empty(shape, dtype=dtype) if dtype in NATIVE else words_buffer(shape, dtype)
 
 
 def _from_wire(buf: torch.Tensor, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
-    if dtype in NATIVE:
-        return buf
-    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-    return buf.view(torch.uint8)[:nbytes].view(dtype).reshape(shape).clone()
+    return buf if dtype in NATIVE else tensor_from_words(buf, shape, dtype)
 
 
 def _header(meta: dict) -> tuple[torch.Tensor, int]:
-    raw = json.dumps(meta).encode()
-    raw += b" " * ((-len(raw)) % 4)  # JSON ignores trailing blanks
-    return torch.frombuffer(bytearray(raw), dtype=torch.int32).clone(), len(raw)
+    words = to_words(json.dumps(meta).encode(), fill=b" ")  # JSON ignores trailing blanks
+    return words, 4 * words.numel()
 
 
 def _parse(header: torch.Tensor) -> dict:
-    return json.loads(bytes(header.view(torch.uint8).numpy()).decode())
+    return json.loads(from_words(header).decode())
 
 
 def _spec(obj, tensors: list) -> object:

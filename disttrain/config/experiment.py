@@ -1,0 +1,50 @@
+"""The whole experiment: one field per section, each section's model in the module named by it."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from .checkpoint import CheckpointConfig
+from .data import DataConfig, DigitsData, TargetData
+from .launch import LaunchConfig
+from .loss import LossConfig
+from .model import MLPConfig, ModelConfig, TargetModel
+from .optim import OptimConfig
+from .parallel import ParallelConfig
+from .run import RunConfig
+from .schedule import ScheduleConfig
+from .section import Section
+from .slurm import SlurmConfig
+from .train import TrainConfig
+
+
+class ExperimentConfig(Section):
+    run: RunConfig = Field(default_factory=RunConfig, description="Naming, output and seed.")
+    launch: LaunchConfig = Field(default_factory=LaunchConfig, description="Processes and transport.")
+    model: ModelConfig = Field(default_factory=MLPConfig, description="The network.")
+    data: DataConfig = Field(default_factory=DigitsData, description="The dataset.")
+    loss: LossConfig = Field(default_factory=LossConfig, description="The step function: forward and loss.")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer.")
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Learning-rate schedule.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Loop length, batch and precision.")
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Parallelism strategy.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="SLURM submission and preemption.")
+
+    @model_validator(mode="after")
+    def _builtin_model_needs_builtin_data(self) -> ExperimentConfig:
+        if not isinstance(self.model, TargetModel) and isinstance(self.data, TargetData):
+            raise ValueError(
+                f"model.kind {self.model.kind!r} is sized from a built-in dataset (digits or shakespeare), "
+                "not from data.target\nHINT: set model.target to your own model factory"
+            )
+        return self
+
+    def targets(self) -> dict[str, str]:
+        """Every import target of this config, by key path."""
+        found = {"loss.target": self.loss.target}
+        if isinstance(self.model, TargetModel):
+            found["model.target"] = self.model.target
+        if isinstance(self.data, TargetData):
+            found.update({"data.target": self.data.target, "data.collate": self.data.collate})
+        return {k: v for k, v in sorted(found.items()) if v}
