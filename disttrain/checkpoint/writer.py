@@ -23,7 +23,7 @@ import torch
 from . import checksum, retention, testhooks
 from .manifest import NAME, STATE, Manifest, Piece, TensorInfo, validate
 from .reader import LATEST, step_dir_name
-from .shardfile import ALIGN, NAMES, layout, tensor_bytes
+from .shardfile import ALIGN, NAMES, layout, shard_metadata, tensor_bytes
 
 log = logging.getLogger(__name__)
 TMP_PREFIX = ".tmp-"
@@ -56,9 +56,7 @@ class RankWrite:
             keys.append(s.name if seen[s.name] == 1 else f"{s.name}#{seen[s.name]}")
         self.keys = keys
         items = [(k, s.tensor.dtype, tuple(s.tensor.shape)) for k, s in zip(keys, shards)]
-        self.header, entries, self.size = layout(
-            items, {"format": "disttrain-checkpoint", "rank": str(rank), "step": str(step)}
-        )
+        self.header, entries, self.size = layout(items, shard_metadata(rank, step))
         self.entries = {e.key: e for e in entries}
         self.checksum: str | None = None
 
