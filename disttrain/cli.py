@@ -15,6 +15,7 @@ import secrets
 import sys
 
 from . import config as config_mod
+from . import rundir
 
 
 def cmd_run(argv: list[str]) -> int:
@@ -35,11 +36,14 @@ def cmd_run(argv: list[str]) -> int:
     from launcher.environment import free_port
     from launcher.worker import WorkerSpec
 
-    run_dir = os.path.abspath(cfg.run.dir)
-    os.makedirs(run_dir, exist_ok=True)
+    try:
+        run_dir = rundir.prepare(cfg.run.dir, cfg.run.shared_group)  # 0700, or refused if others can change it
+    except rundir.RunDirError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     resolved = os.path.join(run_dir, "config.yaml")
     cfg.run.dir = run_dir
-    config_mod.save(cfg, resolved)
+    os.environ["DISTTRAIN_CONFIG_SHA256"] = config_mod.save(cfg, resolved)  # workers check it before any import
     print(
         f"disttrain: {cfg.run.name}: {cfg.launch.nproc} workers, backend {cfg.launch.backend}, "
         f"strategy {cfg.parallel.strategy}, run dir {run_dir}",

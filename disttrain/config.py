@@ -8,6 +8,8 @@ returns an :class:`ExperimentConfig` or raises :class:`ConfigError` whose lines 
 from __future__ import annotations
 
 import difflib
+import errno
+import hashlib
 import os
 from typing import Annotated, Any, Literal
 
@@ -24,6 +26,12 @@ class Section(BaseModel):
 class RunConfig(Section):
     name: str = Field("experiment", description="Name of the experiment (job name, log prefix).")
     dir: str = Field("runs/experiment", description="Run directory: config, metrics, summary, logs, checkpoints.")
+    shared_group: bool = Field(
+        False,
+        description="Share the run directory with its group: accept one (or a parent) the group can write, and "
+        "create directories 0750 and files 0640 so the group reads weights and logs. Off: directories 0700, files "
+        "0600, and a run directory anyone but you could change is refused (see SECURITY.md).",
+    )
     seed: int = Field(0, description="Seed for model init, data order and dropout; identical on every rank.")
     import_path: list[str] = Field(
         [],
@@ -482,16 +490,39 @@ def _apply_override(data: dict, item: str) -> None:
     node[parts[-1]] = value
 
 
-def load(path: str, overrides: list[str] | tuple[str, ...] = (), import_targets: bool = True) -> ExperimentConfig:
+def load(
+    path: str,
+    overrides: list[str] | tuple[str, ...] = (),
+    import_targets: bool = True,
+    sha256: str | None = None,
+) -> ExperimentConfig:
     """Read, override and validate an experiment file. Raises ConfigError with user-facing lines.
 
     The config file's directory and the current directory are appended to ``run.import_path``;
     with ``import_targets`` every import target is imported now, so a bad one is reported as
-    ``FILE: model.target: cannot import 'x:y' (ModuleNotFoundError: ...)`` before any rank starts."""
+    ``FILE: model.target: cannot import 'x:y' (ModuleNotFoundError: ...)`` before any rank starts.
+    With ``sha256`` (a resolved config that ``save`` wrote, handed to a worker) the bytes must have
+    that digest before anything of them is used, and no directory is added: the resolved
+    ``run.import_path`` is complete, and the run directory is never put on the import path."""
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except FileNotFoundError:
+        nofollow = os.O_NOFOLLOW if sha256 is not None else 0  # a user's own config may be a link
+        fd = os.open(path, os.O_RDONLY | nofollow | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            raw = f.read(64 << 20)
+        if sha256 is not None and hashlib.sha256(raw).hexdigest() != sha256:
+            raise ConfigError(
+                [
+                    f"{path}: its SHA-256 is not the one of the config the job was started with; it changed after "
+                    "the launch and was not used\nHINT: someone else may be able to write the run directory "
+                    "(see SECURITY.md)"
+                ]
+            )
+        data = yaml.safe_load(raw)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError([f"{path}: is a symbolic link; a resolved config is never read through one"]) from None
+        if not isinstance(exc, FileNotFoundError):
+            raise ConfigError([f"{path}: cannot read ({exc.strerror})"]) from None
         raise ConfigError([f"{path}: no such file"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -507,8 +538,9 @@ def load(path: str, overrides: list[str] | tuple[str, ...] = (), import_targets:
         cfg = ExperimentConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format(source, exc)) from None
-    here = [os.path.dirname(os.path.abspath(path)), os.getcwd()]
-    cfg.run.import_path = list(dict.fromkeys([*cfg.run.import_path, *here]))
+    if sha256 is None:
+        here = [os.path.dirname(os.path.abspath(path)), os.getcwd()]
+        cfg.run.import_path = list(dict.fromkeys([*cfg.run.import_path, *here]))
     if import_targets:
         from .targets import TargetError, import_target
 
@@ -527,9 +559,12 @@ def dump(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
-def save(cfg: ExperimentConfig, path: str) -> None:
+def save(cfg: ExperimentConfig, path: str) -> str:
+    """Write the resolved config (a fresh temporary renamed over ``path``; a planted symlink is
+    replaced, not followed). Returns its SHA-256, which workers check before using it."""
+    from .rundir import write_atomic
+
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(dump(cfg))
-    os.replace(tmp, path)
+    data = dump(cfg).encode()
+    write_atomic(path, data)
+    return hashlib.sha256(data).hexdigest()
