@@ -66,7 +66,7 @@ class Run:
     def __init__(self, cfg: config_mod.ExperimentConfig, comm, slurm_job=None):
         self.cfg, self.comm, self._slurm_job = cfg, comm, slurm_job
         self.device = worker.device_of(comm)
-        self.run_dir = RunDir(cfg.run.dir, comm.rank)
+        self.run_dir = RunDir(cfg.run.dir, comm.rank, shared_group=cfg.run.shared_group)
         self._callbacks = worker.build_callbacks(cfg, comm)
         self.trainer: Trainer | None = None
         self.summary: dict | None = None

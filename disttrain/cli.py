@@ -16,7 +16,7 @@ import os
 import secrets
 import sys
 
-from . import __version__
+from . import __version__, rundir
 from . import config as config_mod
 
 EXAMPLES = """\
@@ -55,11 +55,14 @@ def cmd_run(argv: list[str]) -> int:
         return 2
     from launcher import NodeSpec, WorkerSpec, free_port, launch
 
-    run_dir = os.path.abspath(cfg.run.dir)
-    os.makedirs(run_dir, exist_ok=True)
+    try:
+        run_dir = rundir.prepare(cfg.run.dir, cfg.run.shared_group)  # 0700, or refused if others can change it
+    except rundir.RunDirError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     resolved = os.path.join(run_dir, "config.yaml")
     cfg.run.dir = run_dir
-    config_mod.save(cfg, resolved)
+    os.environ["DISTTRAIN_CONFIG_SHA256"] = config_mod.save(cfg, resolved)  # workers check it before any import
     print(
         f"disttrain: {cfg.run.name}: {cfg.launch.nproc} workers, backend {cfg.launch.backend}, "
         f"strategy {cfg.parallel.strategy}, run dir {run_dir}",

@@ -98,7 +98,7 @@ def build_trainer(cfg: config_mod.ExperimentConfig, comm: collectives.Communicat
         comm,
         model,
         data,
-        RunDir(cfg.run.dir, comm.rank),
+        RunDir(cfg.run.dir, comm.rank, shared_group=cfg.run.shared_group),
         device=device_of(comm),
         callbacks=build_callbacks(cfg, comm),
         step_fn=build_step(cfg.loss, paths),
@@ -142,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     # stack to this rank's log, next to the rank@host prefix, instead of a bare "Aborted".
     faulthandler.enable(all_threads=True)
     try:
-        cfg = config_mod.load(argv[0], argv[1:])
+        # A resolved config handed over by `disttrain run`/`submit` comes with its SHA-256: checked before
+        # any of it is used or any target imported, and its directory (the run dir) not put on the path.
+        cfg = config_mod.load(argv[0], argv[1:], sha256=os.environ.pop("DISTTRAIN_CONFIG_SHA256", None) or None)
     except config_mod.ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2

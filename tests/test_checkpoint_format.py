@@ -71,12 +71,16 @@ def _rewrite_manifest(path: str, fn) -> None:
 
 
 def _replace_file(path: str, name: str, data: bytes) -> None:
-    """Swap a file's bytes and fix its manifest checksum: only the structural checks can refuse it."""
+    """Swap a file's bytes (padded with zeros to its size: the manifest fixes each shard's size) and
+    fix its manifest checksum: only the structural checks can refuse it."""
+    size = os.path.getsize(os.path.join(path, name))
+    assert len(data) <= size
+    data += b"\0" * (size - len(data))
     with open(os.path.join(path, name), "wb") as f:
         f.write(data)
 
     def fix(m):
-        m["files"][name].update(size=len(data), checksum=checksum.digest(data))
+        m["files"][name].update(checksum=checksum.digest(data))
 
     _rewrite_manifest(path, fix)
 

@@ -44,8 +44,14 @@ def cmd_verify(ns) -> int:
             )
         except CheckpointError as exc:
             bad += 1
-            print(f"FAIL {path}: {exc}")
+            print(f"FAIL {_shown(path)}: {_shown(exc, keep=chr(10))}")
     return 1 if bad else 0
+
+
+def _shown(text: object, keep: str = "") -> str:
+    """``text`` with what is not printable escaped (``\\x1b``): a name in a checkpoint must not
+    drive the terminal that prints it."""
+    return "".join(c if c.isprintable() or c in keep else repr(c)[1:-1] for c in str(text))
 
 
 def cmd_inspect(ns) -> int:
@@ -55,7 +61,7 @@ def cmd_inspect(ns) -> int:
     try:
         r = CheckpointReader(path, verify=False)
     except CheckpointError as exc:
-        print(f"FAIL {path}: {exc}")
+        print(f"FAIL {_shown(path)}: {_shown(exc, keep=chr(10))}")
         return 1
     m = r.manifest
     if ns.json:
@@ -75,13 +81,13 @@ def cmd_inspect(ns) -> int:
             )
         )
         return 0
-    print(f"{path}\n  step {m.step}, saved on {m.world_size} ranks, layout {json.dumps(m.layout)}")
+    print(f"{_shown(path)}\n  step {m.step}, saved on {m.world_size} ranks, layout {json.dumps(m.layout)}")
     print(f"  {len(m.files)} files, {m.nbytes():,} bytes:")
     for f, info in m.files.items():
-        print(f"    {f:28s} rank {info['rank']:<4d} {info['size']:>14,d} B  xxh3 {info['checksum']}")
+        print(f"    {f:28s} rank {info['rank']:<4d} {info['size']:>14,d} B  xxh3 {_shown(info['checksum'])}")
     print(f"  {len(m.tensors)} tensors:")
     for n, t in m.tensors.items():
-        print(f"    {n:60s} {str(list(t.shape)):18s} {t.dtype:9s} {len(t.pieces)} piece(s)")
+        print(f"    {_shown(n):60s} {str(list(t.shape)):18s} {t.dtype:9s} {len(t.pieces)} piece(s)")
     return 0
 
 
@@ -114,7 +120,7 @@ def cmd_consolidate(ns) -> int:
     try:
         out, _, step = _model_tensors(path, ns.optim)
     except CheckpointError as exc:
-        print(f"FAIL {path}: {exc}")
+        print(f"FAIL {_shown(path)}: {_shown(exc, keep=chr(10))}")
         return 1
     os.makedirs(os.path.dirname(os.path.abspath(ns.out)), exist_ok=True)
     tmp = f"{ns.out}.tmp-{os.getpid()}"
@@ -137,7 +143,7 @@ def cmd_export(ns) -> int:
     try:
         out, record, step = _model_tensors(path)
     except CheckpointError as exc:
-        print(f"FAIL {path}: {exc}")
+        print(f"FAIL {_shown(path)}: {_shown(exc, keep=chr(10))}")
         return 1
     hf = record.get("transformers")
     if not hf:
@@ -187,7 +193,7 @@ def cmd_reshard(ns) -> int:
         ]
         state = r.state() if not missing else {}
     except CheckpointError as exc:
-        print(f"NO   {path}: {exc}")
+        print(f"NO   {_shown(path)}: {_shown(exc, keep=chr(10))}")
         return 1
     ok, lines = check(r.manifest, target, state)
     if missing:

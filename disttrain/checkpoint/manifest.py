@@ -17,7 +17,7 @@ import re
 
 from . import checksum
 from .errors import CheckpointFormatError
-from .shardfile import FROM_NAME, itemsize, loads_strict
+from .shardfile import FROM_NAME, itemsize, layout, loads_strict, shard_metadata
 
 FORMAT = "disttrain-checkpoint"
 VERSION = 1
@@ -30,6 +30,23 @@ MAX_BYTES = 256 << 20
 MAX_PIECES = 4 << 20
 MAX_NDIM = 64
 MAX_OVERLAP_CHECKS = 20_000_000  # box pairs compared per tensor before the manifest counts as hostile
+# state.json (and any file that holds no tensor) is read whole and parsed: a base of 16 MiB for the
+# resolved config and model record, plus 256 KiB per saved rank for its RNG streams.
+STATE_BASE_BYTES = 16 << 20
+STATE_BYTES_PER_RANK = 256 << 10
+SHARD_SUFFIX = ".safetensors"
+# Errors a hostile file can provoke in parsing or checking code that was not written to raise them.
+BAD_INPUT = (
+    RecursionError,
+    TypeError,
+    ValueError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    OverflowError,
+    MemoryError,
+    UnicodeError,
+)
 
 Box = tuple[tuple[int, int], ...]
 
@@ -112,6 +129,20 @@ def _int(v, what: str, where: str, lo: int = 0) -> int:
 
 
 def parse(text: bytes, where: str) -> Manifest:
+    """Parse and validate a manifest. Whatever is wrong with it raises CheckpointFormatError naming
+    ``where`` (a loader then falls back), never another exception type."""
+    try:
+        return _parse(text, where)
+    except CheckpointFormatError:
+        raise
+    except BAD_INPUT as exc:
+        raise CheckpointFormatError(
+            f"{where}: malformed manifest ({type(exc).__name__}: {str(exc)[:200]})\nHINT: not a manifest "
+            "disttrain writes; it was not loaded"
+        ) from None
+
+
+def _parse(text: bytes, where: str) -> Manifest:
     obj = loads_strict(text, where)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointFormatError(f"{where}: not a {FORMAT} manifest")
@@ -168,17 +199,57 @@ def parse(text: bytes, where: str) -> Manifest:
                 raise CheckpointFormatError(f"{w}: malformed piece {p!r}") from None
             if piece.file not in files:
                 raise CheckpointFormatError(f"{w}: piece in {piece.file!r}, which the manifest does not list")
+            if not piece.file.endswith(SHARD_SUFFIX):
+                raise CheckpointFormatError(f"{w}: piece in {piece.file!r}, which is not a {SHARD_SUFFIX} file")
             pieces.append(piece)
         tensors[tname] = TensorInfo(shape, t["dtype"], tuple(pieces))
+    world = _int(obj.get("world_size"), "world_size", where, 1)
+    state_cap = STATE_BASE_BYTES + STATE_BYTES_PER_RANK * min(world, MAX_PIECES)
+    for name, info in files.items():
+        if not name.endswith(SHARD_SUFFIX) and info["size"] > state_cap:
+            raise CheckpointFormatError(
+                f"{where}: {name} declared as {info['size']} bytes, over the limit of {state_cap} for a "
+                f"file without tensors of a {world}-rank checkpoint\nHINT: not a checkpoint disttrain writes; "
+                "it was not read"
+            )
+    if not isinstance(obj.get("layout") or {}, dict):
+        raise CheckpointFormatError(f"{where}: 'layout' must be a JSON object")
     m = Manifest(
         _int(obj.get("step"), "step", where),
-        _int(obj.get("world_size"), "world_size", where, 1),
+        world,
         obj.get("layout") or {},
         files,
         tensors,
     )
     validate(m, where)
+    check_shard_sizes(m, where)
     return m
+
+
+def check_shard_sizes(m: Manifest, where: str) -> None:
+    """Each shard file's declared size is exactly what the writer lays out for its pieces: the
+    header (rebuilt from keys, dtypes, piece shapes, rank and step) plus the pieces back to
+    back, at the offsets the manifest gives. So no file can declare a byte the manifest's tensors
+    do not account for, and a reader's memory is bounded by the tensors it asked for."""
+    per_file: dict[str, list[tuple[Piece, str]]] = {f: [] for f in m.files if f.endswith(SHARD_SUFFIX)}
+    for t in m.tensors.values():
+        for p in t.pieces:
+            per_file[p.file].append((p, t.dtype))
+    for f, pieces in per_file.items():
+        pieces.sort(key=lambda pd: (pd[0].start, pd[0].stop))
+        items = [
+            (p.key, FROM_NAME[dt], (math.prod(b - a for a, b in p.box),) if p.flat else tuple(b - a for a, b in p.box))
+            for p, dt in pieces
+        ]
+        _, entries, size = layout(items, shard_metadata(m.files[f]["rank"], m.step))
+        declared = m.files[f]["size"]
+        placed = sorted((e.start, e.stop, e.key) for e in entries)
+        wanted = [(p.start, p.stop, p.key) for p, _ in pieces]
+        if size != declared or placed != wanted:
+            raise CheckpointFormatError(
+                f"{where}: {f} declared as {declared} bytes, but its {len(pieces)} piece(s) and header make "
+                f"{size} bytes laid out as the writer does\nHINT: not a checkpoint disttrain writes; it was not read"
+            )
 
 
 def _check_disjoint(boxes: list[Box], w: str) -> None:

@@ -1,10 +1,13 @@
 """Reading a checkpoint: verify, then serve boxes. Local to one rank; no communication.
 
 Order of trust: the manifest is parsed and validated first (its size and piece count
-capped before parsing; paths, boxes, byte ranges); a file's size is compared with the
-manifest before a byte is allocated, then it is read whole and its xxh3 checksum
-compared, then its safetensors header is parsed and cross-checked against the manifest,
-and only then does any tensor leave the reader. Every file is opened relative to the
+capped before parsing; paths, boxes, byte ranges, and each shard's size recomputed from
+its pieces); a file's size is compared with the manifest before a byte is read, then its
+xxh3 checksum is computed over fixed-size chunks, then its safetensors header is parsed
+and cross-checked against the manifest, and only then are the byte ranges of the pieces a
+caller asks for read (``pread``; never a whole shard) and handed out. Whatever a hostile
+file provokes (deep JSON nesting, wrong types, impossible shapes) is a
+:class:`CheckpointFormatError`, so a loader falls back past it. Every file is opened relative to the
 checkpoint directory with ``O_NOFOLLOW | O_NONBLOCK`` and must be a regular file: a
 symlink, FIFO or device planted in a checkpoint is refused at once, never followed or
 waited on. Nothing here unpickles or evaluates anything.
@@ -12,6 +15,7 @@ waited on. Nothing here unpickles or evaluates anything.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -21,14 +25,16 @@ import torch
 
 from . import checksum
 from . import manifest as manifest_mod
-from .errors import CheckpointCorruptError, CheckpointFormatError, CheckpointMismatchError
-from .manifest import NAME, STATE, Manifest, parse, safe_file_name
+from . import state as state_mod
+from .errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError, CheckpointMismatchError
+from .manifest import BAD_INPUT, NAME, STATE, Manifest, parse, safe_file_name
 from .reshard import box_numel, copy_overlap
-from .shardfile import FROM_NAME, MAX_HEADER, loads_strict, open_regular, parse_header, read_exact
+from .shardfile import FROM_NAME, MAX_HEADER, loads_strict, open_regular, parse_header, pread_into, read_exact
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step_(\d+)$")
 LATEST = "latest"
+_CHUNK = 16 << 20  # checksums are computed over chunks of this size
 
 
 def step_dir_name(step: int) -> str:
@@ -105,7 +111,7 @@ class CheckpointReader:
         finally:
             os.close(fd)
         self.manifest: Manifest = parse(text, mpath)
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._verified: set[str] = set()
         self.names = frozenset(self.manifest.tensors)
 
     # -- description ---------------------------------------------------------------------
@@ -134,10 +140,8 @@ class CheckpointReader:
         return f"{os.path.join(self.path, file)} (written by rank {rank})"
 
     # -- verified bytes ------------------------------------------------------------------
-    def file_bytes(self, name: str, keep: bool = True) -> torch.Tensor:
-        """The whole file as a uint8 tensor, after its size and checksum matched the manifest."""
-        if name in self._buffers:
-            return self._buffers[name]
+    def _open(self, name: str) -> int:
+        """An fd on ``name`` (a regular file in the directory, of the manifest's size). The caller closes."""
         info = self.manifest.files.get(name)
         if info is None:
             raise CheckpointFormatError(f"{self.path}: {name!r} is not listed in the manifest")
@@ -154,44 +158,70 @@ class CheckpointReader:
             raise CheckpointCorruptError(
                 f"{self.where(name)}: missing; expected {info['size']} bytes with checksum {info['checksum']}"
             ) from None
+        if size != info["size"]:  # before reading: a sparse 100 GB file costs nothing here
+            os.close(fd)
+            raise CheckpointCorruptError(
+                f"{self.where(name)}: {'truncated: ' if size < info['size'] else ''}size {size}, expected "
+                f"{info['size']} from the manifest\nHINT: the file was damaged or replaced after the save; it "
+                "was not read. An older checkpoint may still verify (`disttrain ckpt verify RUN_DIR`)"
+            )
+        return fd
+
+    def _verify_file(self, name: str) -> None:
+        """Check ``name`` once: its size, its checksum (streamed in chunks: memory stays at one chunk
+        whatever the file's size), and for a shard its safetensors header against the manifest."""
+        if name in self._verified:
+            return
+        info = self.manifest.files[name] if name in self.manifest.files else None
+        fd = self._open(name)
         try:
-            if size != info["size"]:  # before allocating: a sparse 100 GB file costs nothing here
-                raise CheckpointCorruptError(
-                    f"{self.where(name)}: {'truncated: ' if size < info['size'] else ''}size {size}, expected "
-                    f"{info['size']} from the manifest\nHINT: the file "
-                    "was damaged or replaced after the save; it was not read. An older checkpoint may still "
-                    "verify (`disttrain ckpt verify RUN_DIR`)"
-                )
-            buf = torch.empty(size, dtype=torch.uint8)
-            mv = memoryview(buf.numpy())
-            got = 0
-            while got < size:
-                n = os.readv(fd, [mv[got : got + (1 << 28)]])
-                if not n:
-                    break
-                got += n
+            if self.verify:
+                h, got = checksum.hasher(), 0
+                chunk = memoryview(bytearray(min(_CHUNK, max(info["size"], 1))))
+                while got < info["size"]:
+                    n = pread_into(fd, chunk[: min(len(chunk), info["size"] - got)], got)
+                    if not n:
+                        break
+                    h.update(chunk[:n])
+                    got += n
+                actual = h.hexdigest()
+                if got != info["size"] or actual != info["checksum"]:
+                    raise CheckpointCorruptError(
+                        f"{self.where(name)}: {'truncated: ' if got < info['size'] else ''}size {got}, expected "
+                        f"{info['size']}; checksum {actual}, expected {info['checksum']} ({checksum.ALGORITHM})"
+                        "\nHINT: the file was damaged after the save; an older checkpoint may still verify "
+                        "(`disttrain ckpt verify RUN_DIR`)"
+                    )
+            if name.endswith(manifest_mod.SHARD_SUFFIX):
+                self._cross_check(name, fd, info["size"])
         finally:
             os.close(fd)
-        if self.verify or size != info["size"]:
-            actual = checksum.digest(mv[:got])
-            if size != info["size"] or got != size or actual != info["checksum"]:
-                what = "truncated: " if got < info["size"] else ""
-                raise CheckpointCorruptError(
-                    f"{self.where(name)}: {what}size {got}, expected {info['size']}; checksum {actual}, "
-                    f"expected {info['checksum']} ({checksum.ALGORITHM})\nHINT: the file was damaged after the "
-                    "save; an older checkpoint may still verify (`disttrain ckpt verify RUN_DIR`)"
-                )
-        if name.endswith(".safetensors"):
-            self._cross_check(name, buf)
-        if keep:
-            self._buffers[name] = buf
+        self._verified.add(name)
+
+    def _read_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Bytes [start, stop) of a verified file as a uint8 tensor: only that range is read."""
+        self._verify_file(name)
+        buf = torch.empty(stop - start, dtype=torch.uint8)
+        fd = self._open(name)
+        try:
+            got = pread_into(fd, memoryview(buf.numpy()), start) if stop > start else 0
+        finally:
+            os.close(fd)
+        if got != stop - start:
+            raise CheckpointCorruptError(
+                f"{self.where(name)}: bytes [{start}, {stop}) ended after {got}; the file changed while it was read"
+            )
         return buf
 
-    def _cross_check(self, name: str, buf: torch.Tensor) -> None:
-        head = bytes(buf[:8].numpy())
+    def file_bytes(self, name: str) -> torch.Tensor:
+        """The whole of a verified file (for state.json; shards are read piece by piece)."""
+        return self._read_range(name, 0, self.manifest.files[name]["size"] if name in self.manifest.files else 0)
+
+    def _cross_check(self, name: str, fd: int, size: int) -> None:
+        head = read_at(fd, 8, 0)
         if len(head) == 8 and int.from_bytes(head, "little") <= MAX_HEADER:
-            head = bytes(buf[: 8 + int.from_bytes(head, "little")].numpy())
-        entries, _ = parse_header(head, len(buf), self.where(name))
+            head = read_at(fd, 8 + int.from_bytes(head, "little"), 0)
+        entries, _ = parse_header(head, size, self.where(name))
         for tname, t in self.manifest.tensors.items():
             for p in t.pieces:
                 if p.file != name:
@@ -209,18 +239,19 @@ class CheckpointReader:
                     )
 
     def state(self) -> dict:
-        """The trainer-level JSON state (step, RNG, data position, config), verified."""
+        """The trainer-level JSON state (step, RNG, data position, config), verified and type-checked."""
         if STATE not in self.manifest.files:
             return {}
-        obj = loads_strict(bytes(self.file_bytes(STATE, keep=False).numpy()), self.where(STATE))
-        if not isinstance(obj, dict):
-            raise CheckpointFormatError(f"{self.where(STATE)}: not a JSON object")
-        return obj
+        where = self.where(STATE)
+        with _as_corrupt(where):
+            obj = loads_strict(bytes(self.file_bytes(STATE).numpy()), where)
+            return state_mod.check(obj, where)
 
     def verify_all(self) -> None:
         """Read and check every file (what ``disttrain ckpt verify`` does)."""
         for name in self.manifest.files:
-            self.file_bytes(name, keep=False)
+            with _as_corrupt(self.where(name)):
+                self._verify_file(name)
 
     # -- the ShardReader ----------------------------------------------------------------
     def __call__(self, name: str, global_shape, box, flat: bool = False) -> torch.Tensor:
@@ -236,12 +267,12 @@ class CheckpointReader:
         out = torch.empty((box_numel(box),) if flat else tuple(b - a for a, b in box), dtype=dtype)
         covered = 0
         for p in info.pieces:
-            raw = self.file_bytes(p.file)[p.start : p.stop]
-            try:
+            if not _overlaps(box, flat, p.box, p.flat, global_shape):
+                continue
+            with _as_corrupt(f"{self.where(p.file)}: piece of {name!r}"):
+                raw = self._read_range(p.file, p.start, p.stop)
                 src = raw.view(dtype).view((box_numel(p.box),) if p.flat else tuple(b - a for a, b in p.box))
-            except RuntimeError as exc:
-                raise CheckpointFormatError(f"{self.where(p.file)}: piece of {name!r} is misaligned ({exc})") from None
-            covered += copy_overlap(out, box, flat, src, p.box, p.flat, global_shape)
+                covered += copy_overlap(out, box, flat, src, p.box, p.flat, global_shape)
         if covered != out.numel():
             raise CheckpointMismatchError(
                 f"{self.path}: tensor {name!r}: the checkpoint covers {covered} of the "
@@ -250,4 +281,34 @@ class CheckpointReader:
         return out
 
     def release(self) -> None:
-        self._buffers.clear()
+        """Forget which files were verified (nothing is held open or buffered between calls)."""
+        self._verified.clear()
+
+
+def read_at(fd: int, n: int, offset: int) -> bytes:
+    buf = bytearray(n)
+    return bytes(memoryview(buf)[: pread_into(fd, memoryview(buf), offset)])
+
+
+def _overlaps(box, flat: bool, pbox, pflat: bool, shape) -> bool:
+    """Whether a piece can contribute to ``box`` (nd boxes of the same kind are compared directly;
+    mixed flat/nd pieces are always read and left to ``copy_overlap``)."""
+    if flat != pflat or len(box) != len(pbox):
+        return True
+    return all(max(a, c) < min(b, d) for (a, b), (c, d) in zip(box, pbox))
+
+
+@contextlib.contextmanager
+def _as_corrupt(where: str):
+    """Turn what a hostile file provokes in code not written to raise it (deep nesting, wrong
+    types, impossible shapes, an allocation it made too big) into CheckpointFormatError, so a
+    loader falls back and sets the checkpoint aside instead of stopping."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (*BAD_INPUT, RuntimeError) as exc:
+        raise CheckpointFormatError(
+            f"{where}: malformed ({type(exc).__name__}: {str(exc)[:300]})\nHINT: not a checkpoint disttrain "
+            "writes, or it was damaged; it was not used"
+        ) from None

@@ -103,11 +103,19 @@ def _no_duplicates(pairs):
 
 
 def loads_strict(text: bytes | str, what: str) -> object:
-    """json.loads that refuses duplicate keys (JSON allows them; last-wins would hide tampering)."""
+    """json.loads that refuses duplicate keys (JSON allows them; last-wins would hide tampering)
+    and nesting deep enough to exhaust the interpreter's stack."""
     try:
         return json.loads(text, object_pairs_hook=_no_duplicates)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointFormatError(f"{what}: not valid JSON ({exc})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        what_failed = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise CheckpointFormatError(f"{what}: not valid JSON ({what_failed})") from None
+
+
+def shard_metadata(rank: int, step: int) -> dict[str, str]:
+    """The ``__metadata__`` of rank ``rank``'s shard file of step ``step`` (the reader recomputes
+    a file's exact size from the manifest with it)."""
+    return {"format": "disttrain-checkpoint", "rank": str(rank), "step": str(step)}
 
 
 def parse_header(head: bytes, file_size: int, where: str) -> tuple[dict[str, Entry], dict[str, str]]:
@@ -184,6 +192,17 @@ def open_regular(name: str, where: str, *, dir_fd: int | None = None) -> tuple[i
             f"{where}: is {kind}, not a regular file\nHINT: checkpoint files must be regular files; it was not read"
         )
     return fd, st.st_size
+
+
+def pread_into(fd: int, out: memoryview, offset: int) -> int:
+    """Fill ``out`` from ``fd`` at ``offset`` (fewer bytes only at end of file); returns the count."""
+    got = 0
+    while got < len(out):
+        n = os.preadv(fd, [out[got : got + (1 << 28)]], offset + got)
+        if not n:
+            break
+        got += n
+    return got
 
 
 def read_exact(fd: int, n: int) -> bytes:

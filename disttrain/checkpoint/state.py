@@ -24,6 +24,7 @@ import torch
 
 from ..parallel.buffers import aliases
 from ..parallel.strategy import Strategy
+from .errors import CheckpointFormatError
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,69 @@ def capture(trainer: TrainingRun) -> dict:
         "config": cfg.model_dump(mode="json"),
         "model": model_record(trainer.model),
     }
+
+
+_MT_WORDS = 624  # numpy's and python's Mersenne Twister state
+
+
+def _need(ok: bool, where: str, what: str) -> None:
+    if not ok:
+        raise CheckpointFormatError(f"{where}: {what}\nHINT: not a state disttrain writes; it was not used")
+
+
+def _b64_len(v: object, n: int | None, where: str, what: str) -> None:
+    _need(isinstance(v, str), where, f"{what} must be a base64 string")
+    try:
+        raw = base64.b64decode(v, validate=True)
+    except ValueError:
+        raw = None
+    _need(raw is not None and (n is None or len(raw) == n), where, f"{what} is not {n} bytes of base64")
+
+
+def _is_int(v: object, lo: int = 0, hi: int | None = None) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
+
+
+def _check_rng(rng: object, where: str) -> None:
+    _need(isinstance(rng, dict), where, "an RNG record must be a JSON object")
+    _b64_len(rng.get("torch"), torch.get_rng_state().numel(), where, "rng.torch")
+    n = rng.get("numpy")
+    _need(isinstance(n, dict) and n.get("kind") == "MT19937", where, "rng.numpy must be an MT19937 record")
+    _b64_len(n.get("keys"), 4 * _MT_WORDS, where, "rng.numpy.keys")
+    _need(_is_int(n.get("pos"), 0, _MT_WORDS) and _is_int(n.get("has_gauss"), 0, 1), where, "rng.numpy.pos/has_gauss")
+    _need(isinstance(n.get("gauss"), (int, float)), where, "rng.numpy.gauss must be a number")
+    p = rng.get("python")
+    _need(isinstance(p, dict) and _is_int(p.get("version")), where, "rng.python must be a record with a version")
+    st = p.get("state")
+    _need(
+        isinstance(st, list) and len(st) == _MT_WORDS + 1 and all(_is_int(x, 0, 2**32 - 1) for x in st),
+        where,
+        f"rng.python.state must be {_MT_WORDS + 1} 32-bit integers",
+    )
+    _need(p.get("gauss_next") is None or isinstance(p.get("gauss_next"), float), where, "rng.python.gauss_next")
+    cuda = rng.get("cuda", [])
+    _need(isinstance(cuda, list), where, "rng.cuda must be a list")
+    for c in cuda:
+        _b64_len(c, None, where, "rng.cuda[i]")
+
+
+def check(obj: object, where: str) -> dict:
+    """Type-check a state.json read from disk before anything uses it: what :func:`apply` and the
+    ``ckpt`` commands read has the type they expect, RNG records decode to streams of the right
+    size. Raises CheckpointFormatError naming ``where``."""
+    _need(isinstance(obj, dict), where, "not a JSON object")
+    _need(_is_int(obj.get("step")), where, f"'step' must be an integer >= 0, got {obj.get('step')!r}")
+    for key in ("data", "lr_schedule", "config", "model"):
+        _need(isinstance(obj.get(key, {}), dict), where, f"{key!r} must be a JSON object")
+    seed = obj.get("data", {}).get("sampler_seed")
+    _need(seed is None or _is_int(seed), where, "'data.sampler_seed' must be an integer")
+    _need(_is_int(obj.get("world_size", 1), 1), where, "'world_size' must be an integer >= 1")
+    rngs = obj.get("rng", [])
+    _need(isinstance(rngs, list), where, "'rng' must be a list, one record per rank")
+    for rng in rngs:
+        if rng:
+            _check_rng(rng, where)
+    return obj
 
 
 def apply(trainer: TrainingRun, state: dict, rank_rng: list[dict]) -> None:

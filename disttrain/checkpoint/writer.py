@@ -20,10 +20,11 @@ import shutil
 
 import torch
 
+from .. import rundir
 from . import checksum, retention, testhooks
 from .manifest import NAME, STATE, Manifest, Piece, TensorInfo, validate
 from .reader import LATEST, step_dir_name
-from .shardfile import ALIGN, NAMES, layout, tensor_bytes
+from .shardfile import ALIGN, NAMES, layout, shard_metadata, tensor_bytes
 
 log = logging.getLogger(__name__)
 TMP_PREFIX = ".tmp-"
@@ -36,6 +37,24 @@ def tmp_dir(ckpt_dir: str, step: int) -> str:
 
 def rank_file(rank: int) -> str:
     return f"rank_{rank:05d}.safetensors"
+
+
+def _make_tmp_dir(path: str) -> None:
+    """The save's temporary directory (every rank may call it; the first creates it)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rundir.make_dir(path)
+
+
+def _create(path: str, extra: int = 0) -> int:
+    """A new file for writing: ``O_EXCL | O_NOFOLLOW`` (a planted link or file is never written
+    through), 0600 (0640 in a shared group run). One left by an earlier try of the same save in
+    our own temporary directory is removed first."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC | extra
+    try:
+        return os.open(path, flags, rundir.file_mode())
+    except FileExistsError:
+        os.unlink(path)
+        return os.open(path, flags, rundir.file_mode())
 
 
 def _write_all(fd: int, mv: memoryview) -> None:
@@ -56,9 +75,7 @@ class RankWrite:
             keys.append(s.name if seen[s.name] == 1 else f"{s.name}#{seen[s.name]}")
         self.keys = keys
         items = [(k, s.tensor.dtype, tuple(s.tensor.shape)) for k, s in zip(keys, shards)]
-        self.header, entries, self.size = layout(
-            items, {"format": "disttrain-checkpoint", "rank": str(rank), "step": str(step)}
-        )
+        self.header, entries, self.size = layout(items, shard_metadata(rank, step))
         self.entries = {e.key: e for e in entries}
         self.checksum: str | None = None
 
@@ -94,9 +111,9 @@ class RankWrite:
 
     # -- sync: from the live tensors -------------------------------------------------------
     def write_live(self) -> None:
-        os.makedirs(self.dir, exist_ok=True)
+        _make_tmp_dir(self.dir)
         h = checksum.hasher()
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = _create(self.path)
         try:
             _write_all(fd, memoryview(self.header))
             h.update(self.header)
@@ -127,7 +144,7 @@ class RankWrite:
         staging[self.size : -(-self.size // ALIGN) * ALIGN].zero_()
 
     def write_staged(self, staging: torch.Tensor) -> None:
-        os.makedirs(self.dir, exist_ok=True)
+        _make_tmp_dir(self.dir)
         testhooks.fire("write", self.rank, self.step)
         padded = -(-self.size // ALIGN) * ALIGN
         data = memoryview(staging[:padded].numpy())
@@ -135,11 +152,11 @@ class RankWrite:
         fd, direct = None, hasattr(os, "O_DIRECT")
         if direct:
             try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+                fd = _create(self.path, os.O_DIRECT)
             except OSError:
                 fd, direct = None, False
         if fd is None:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = _create(self.path)
         try:
             off = 0
             while off < padded:
@@ -152,7 +169,7 @@ class RankWrite:
                         raise
                     # The file system refused O_DIRECT at write time (tmpfs, some FUSE): go buffered.
                     os.close(fd)
-                    fd = os.open(self.path, os.O_WRONLY, 0o644)
+                    fd = os.open(self.path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
                     os.lseek(fd, off, os.SEEK_SET)
                     direct = False
                     _write_all(fd, chunk[: max(0, self.size - off)])
@@ -175,7 +192,7 @@ def aligned_empty(nbytes: int) -> torch.Tensor:
 
 # -- rank 0: the commit ----------------------------------------------------------------------
 def _write_file(path: str, data: bytes, kill_midway: bool = False, rank: int = 0, step: int = 0) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = _create(path)
     try:
         half = len(data) // 2 if kill_midway else 0
         if kill_midway:
@@ -239,9 +256,7 @@ def commit(
     if old:
         shutil.rmtree(old, ignore_errors=True)
     testhooks.fire("before_latest", 0, step)
-    pointer = os.path.join(ckpt_dir, LATEST)
-    _write_file(pointer + ".tmp", (step_dir_name(step) + "\n").encode())
-    os.replace(pointer + ".tmp", pointer)
+    rundir.write_atomic(os.path.join(ckpt_dir, LATEST), (step_dir_name(step) + "\n").encode())
     checksum.fsync_dir(ckpt_dir)
     prune(ckpt_dir, keep, step, protect)
     return final
@@ -261,7 +276,8 @@ def clean_temporaries(ckpt_dir: str) -> None:
     for n in names:
         if n.startswith(TMP_PREFIX):
             shutil.rmtree(os.path.join(ckpt_dir, n), ignore_errors=True)
-    try:
-        os.unlink(os.path.join(ckpt_dir, LATEST + ".tmp"))
-    except FileNotFoundError:
-        pass
+        elif n.startswith(f".{LATEST}.") and n.endswith(".tmp"):  # write_atomic's temporary of the pointer
+            try:
+                os.unlink(os.path.join(ckpt_dir, n))
+            except FileNotFoundError:
+                pass

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import difflib
+import errno
+import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -116,16 +118,39 @@ def _apply_override(data: dict, item: str) -> None:
     node[parts[-1]] = value
 
 
-def load(path: str, overrides: Sequence[str] = (), import_targets: bool = True) -> ExperimentConfig:
+def load(
+    path: str,
+    overrides: Sequence[str] = (),
+    import_targets: bool = True,
+    sha256: str | None = None,
+) -> ExperimentConfig:
     """Read, override and validate an experiment file. Raises ConfigError with user-facing lines.
 
     The config file's directory and the current directory are appended to ``run.import_path``;
     with ``import_targets`` every import target is imported now, so a bad one is reported as
-    ``FILE: model.target: cannot import 'x:y' (ModuleNotFoundError: ...)`` before any rank starts."""
+    ``FILE: model.target: cannot import 'x:y' (ModuleNotFoundError: ...)`` before any rank starts.
+    With ``sha256`` (a resolved config that ``save`` wrote, handed to a worker) the bytes must have
+    that digest before anything of them is used, and no directory is added: the resolved
+    ``run.import_path`` is complete, and the run directory is never put on the import path."""
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except FileNotFoundError:
+        nofollow = os.O_NOFOLLOW if sha256 is not None else 0  # a user's own config may be a link
+        fd = os.open(path, os.O_RDONLY | nofollow | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            raw = f.read(64 << 20)
+        if sha256 is not None and hashlib.sha256(raw).hexdigest() != sha256:
+            raise ConfigError(
+                [
+                    f"{path}: its SHA-256 is not the one of the config the job was started with; it changed after "
+                    "the launch and was not used\nHINT: someone else may be able to write the run directory "
+                    "(see SECURITY.md)"
+                ]
+            )
+        data = yaml.safe_load(raw)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError([f"{path}: is a symbolic link; a resolved config is never read through one"]) from None
+        if not isinstance(exc, FileNotFoundError):
+            raise ConfigError([f"{path}: cannot read ({exc.strerror})"]) from None
         raise ConfigError([f"{path}: no such file"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -134,7 +159,8 @@ def load(path: str, overrides: Sequence[str] = (), import_targets: bool = True) 
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: got {type(data).__name__}, expected a mapping of sections"])
-    return _build(data, path, overrides, os.path.dirname(os.path.abspath(path)), import_targets)
+    here = None if sha256 is not None else os.path.dirname(os.path.abspath(path))
+    return _build(data, path, overrides, here, import_targets)
 
 
 def from_settings(
@@ -173,7 +199,9 @@ def _merged(old: dict, new: Mapping) -> dict:
     return out
 
 
-def _build(data: dict, source: str, overrides: Sequence[str], here: str, import_targets: bool) -> ExperimentConfig:
+def _build(
+    data: dict, source: str, overrides: Sequence[str], here: str | None, import_targets: bool
+) -> ExperimentConfig:
     for item in overrides:
         _apply_override(data, item)
     if overrides:
@@ -182,7 +210,8 @@ def _build(data: dict, source: str, overrides: Sequence[str], here: str, import_
         cfg = ExperimentConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format(source, exc)) from None
-    cfg.run.import_path = list(dict.fromkeys([*cfg.run.import_path, here, os.getcwd()]))
+    if here is not None:  # None: a resolved config handed to a worker, whose import path is complete
+        cfg.run.import_path = list(dict.fromkeys([*cfg.run.import_path, here, os.getcwd()]))
     if import_targets:
         from ..targets import TargetError, import_target
 
@@ -201,9 +230,12 @@ def dump(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
-def save(cfg: ExperimentConfig, path: str) -> None:
+def save(cfg: ExperimentConfig, path: str) -> str:
+    """Write the resolved config (a fresh temporary renamed over ``path``; a planted symlink is
+    replaced, not followed). Returns its SHA-256, which workers check before using it."""
+    from ..rundir import write_atomic
+
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(dump(cfg))
-    os.replace(tmp, path)
+    data = dump(cfg).encode()
+    write_atomic(path, data)
+    return hashlib.sha256(data).hexdigest()

@@ -21,6 +21,7 @@ gives each key already quoted for the place it is written to:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shlex
@@ -29,7 +30,7 @@ from importlib import resources
 
 from launcher import SlurmEnvError, parse_signal
 
-from ..config import ExperimentConfig, SlurmConfig
+from ..config import ExperimentConfig, SlurmConfig, dump
 from ..errors import ConfigError
 
 TEMPLATE_KINDS = ("single_node", "multi_node", "job_array")
@@ -51,6 +52,7 @@ PLACEHOLDERS = (
     "array",
     "worker_module",
     "launch",
+    "config_sha256",
 )
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 _SBATCH_SAFE = re.compile(r"[A-Za-z0-9_.,:/%@+=-]+")  # written as is; anything else is quoted
@@ -198,5 +200,7 @@ def build_values(cfg: ExperimentConfig, config_path: str, script_path: str) -> d
         "array": "" if s.array is None else str(s.array),
         "worker_module": s.worker_module,
         "launch": launch_line(cfg, config_path, per_node),
+        # What `disttrain submit` writes to config.yaml: workers refuse that file if it changed since.
+        "config_sha256": hashlib.sha256(dump(cfg).encode()).hexdigest(),
     }
     return values

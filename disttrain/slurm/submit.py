@@ -20,6 +20,7 @@ import subprocess
 import sys
 
 from .. import config as config_mod
+from .. import rundir
 from ..errors import ConfigError
 from .script import SubmitError, build_values, read_template, render
 
@@ -104,10 +105,14 @@ def cmd_submit(argv: list[str]) -> int:
     if ns.dry_run:
         print(script, end="")
         return 0
-    os.makedirs(os.path.dirname(script_path), exist_ok=True)
+    try:
+        rundir.prepare(cfg.run.dir, cfg.run.shared_group)
+        rundir.make_dir(os.path.dirname(script_path))
+    except rundir.RunDirError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     config_mod.save(cfg, config_path)
-    with open(script_path, "w") as f:
-        f.write(script)
+    rundir.write_atomic(script_path, script.encode())
     try:
         job = submit(script_path)
     except SubmitError as exc:

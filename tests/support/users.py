@@ -1,0 +1,32 @@
+"""A second local user for cross-user attack tests (created once with ``useradd``; needs root)."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import subprocess
+import time
+
+import pytest
+
+NAME = "dt_intruder"
+
+
+def intruder() -> pwd.struct_passwd:
+    """The other user, created when missing; skips the test when we cannot create users."""
+    if os.geteuid() != 0:
+        pytest.skip("cross-user tests need root to create a second user")
+    for _ in range(20):
+        try:
+            return pwd.getpwnam(NAME)
+        except KeyError:
+            pass
+        # Another process may hold /etc/passwd's lock for a moment: retry.
+        subprocess.run(["useradd", "-M", "-N", "-s", "/bin/sh", NAME], capture_output=True, timeout=30)
+        time.sleep(0.2)
+    pytest.skip(f"could not create the user {NAME}")
+
+
+def run_as(user: pwd.struct_passwd, argv: list[str], **kw) -> subprocess.CompletedProcess:
+    """``argv`` as ``user`` (their uid and gid only), e.g. a shell that plants files."""
+    return subprocess.run(["runuser", "-u", user.pw_name, "--", *argv], capture_output=True, text=True, **kw)
