@@ -34,6 +34,7 @@ import torch
 from collectives import CollectivesError, Communicator
 
 from . import timeline
+from .cache import ResponseCache
 from .exceptions import HorovodInternalError, HorovodShutdownError, ProcessSetError
 from .execution import Op, run_ready
 from .handles import Handle
@@ -64,6 +65,7 @@ class Settings:
     stall_warn_s: float = 60.0
     stall_fail_s: float = 300.0
     timeout: float = 300.0
+    cache_capacity: int = 1024
 
     @classmethod
     def from_env(cls, timeout: float) -> Settings:
@@ -77,6 +79,7 @@ class Settings:
             stall_warn_s=warn if warn > 0 else float("inf"),
             stall_fail_s=fail,
             timeout=timeout,
+            cache_capacity=int(env.get("HOROVOD_CACHE_CAPACITY", 1024)),
         )
 
 
@@ -89,6 +92,12 @@ class SetWorker:
         self.pool = Pool(comm) if comm is not None else None
         s = engine.settings
         self.table = Table(len(self.ranks), stall_warn_s=s.stall_warn_s, stall_fail_s=s.stall_fail_s)
+        me = self.ranks.index(engine.rank) if engine.rank in self.ranks else 0
+        self.cache = ResponseCache(
+            s.cache_capacity, len(self.ranks), me, stall_warn_s=s.stall_warn_s, stall_fail_s=s.stall_fail_s
+        )
+        self._bits: dict[int, Op] = {}  # cache slot -> this rank's op waiting on its bit
+        self._reannounce: list[Op] = []  # ops to announce in full next cycle (their slot was dropped)
         self._cv = threading.Condition()
         self._queue: collections.deque[Op] = collections.deque()
         self._inflight: dict[int, Op] = {}  # announced, by name digest
@@ -184,21 +193,55 @@ class SetWorker:
 
     def _cycle(self, out: list[Op], flags: int) -> bool:
         """One cycle; True when the set stops (shutdown or removal agreed)."""
-        s, size = self.engine.settings, len(self.ranks)
+        s, size, cache = self.engine.settings, len(self.ranks), self.cache
         clock = int((time.monotonic() - self.engine.t0) * 1e3)
         free = self.pool.free_mask()
-        used = row_of(flags, clock, [op.ann for op in out], 0, free)
+        full, self._reannounce = self._reannounce, []
+        invalid = []
+        for op in out:
+            slot, op.cache = cache.lookup(op.ann)
+            if slot is None:
+                full.append(op)
+            elif slot < 0:
+                invalid.append(-1 - slot)
+                full.append(op)
+            else:
+                self._bits[slot] = op
+        if len(full) > s.slots:  # the rest go out in the next cycles
+            full, self._reannounce = full[: s.slots], full[s.slots :]
+        W = cache.words
+        used = row_of(flags, clock, [op.ann for op in full], 0, free)
+        used[HEADER:HEADER] = cache.words_of(self._bits) + cache.words_of(invalid)
         if size > 1:
             if self._rows is None:  # one buffer for the set's lifetime (slots beyond a row's count are not read)
-                self._rows = torch.zeros(size, HEADER + SLOT * s.slots, dtype=torch.int64)
-                self._row = torch.zeros(HEADER + SLOT * s.slots, dtype=torch.int64)
+                self._rows = torch.zeros(size, HEADER + 2 * W + SLOT * s.slots, dtype=torch.int64)
+                self._row = torch.zeros(HEADER + 2 * W + SLOT * s.slots, dtype=torch.int64)
             self._row[: len(used)] = torch.tensor(used, dtype=torch.int64)
             self.comm.allgather(list(self._rows.unbind(0)), self._row)
-            counts = self._rows[:, 1].tolist()
-            rows = [self._rows[i, : HEADER + SLOT * counts[i]].tolist() for i in range(size)]
+            heads = self._rows[:, : HEADER + 2 * W].tolist()
+            rows = [
+                h[:HEADER] + (self._rows[i, HEADER + 2 * W : HEADER + 2 * W + SLOT * h[1]].tolist() if h[1] else [])
+                for i, h in enumerate(heads)
+            ]
         else:
-            rows = [used]
+            heads = [used[: HEADER + 2 * W]]
+            rows = [used[:HEADER] + used[HEADER + 2 * W :]]
+        joined = [bool(r[0] & JOINED) for r in rows]
+        hit = cache.decide(
+            [h[HEADER : HEADER + W] for h in heads], [h[HEADER + W : HEADER + 2 * W] for h in heads], joined, rows[0][2]
+        )
         verdict = self.table.absorb(rows)
+        for slot in hit.ready_slots:
+            self._bits.pop(slot, None)
+        verdict.failed = hit.failed + verdict.failed
+        verdict.stalled = hit.stalled + verdict.stalled
+        stalled_out = {f.name for f in hit.failed}
+        for slot in hit.dropped + hit.reannounce + cache.insert(verdict.ready, joined):
+            op = self._bits.pop(slot, None)
+            if op is not None and op.ann.name not in stalled_out and self._inflight.get(op.ann.name) is op:
+                op.cache = "re-announced: its cache slot was dropped (another rank's op differs, a stall, or Join)"
+                self._reannounce.append(op)
+        verdict.ready = hit.ready + verdict.ready
         t_agreed = time.perf_counter()
         tl = timeline.active()  # read before any handle completes: a later start_timeline sees later ops only
         unexplained = [f.name for f in verdict.failed if f.message is None]
@@ -231,7 +274,19 @@ class SetWorker:
         if tl is not None:
             for op in taken:
                 if op is not None:
-                    tl.record(op.name, op.kind.name, op.t_submit, op.t_agreed, time.perf_counter(), {})
+                    tl.record(
+                        op.name,
+                        op.kind.name,
+                        op.t_submit,
+                        op.t_agreed,
+                        time.perf_counter(),
+                        {"cache": op.cache or "hit"},
+                    )
+            missed = [op for op in full if op.cache]
+            if missed:
+                tl.instant(
+                    "CYCLE_CACHE_MISS", t_agreed, {"ops": len(missed), "why": sorted({op.cache for op in missed})}
+                )
         if verdict.join_done is not None:
             with self._cv:
                 h, self._join = self._join, None
@@ -279,6 +334,8 @@ class SetWorker:
         op = self._inflight.get(st.name)
         missing = [self.ranks[i] for i in st.missing]
         what = repr(op.name) if op is not None else f"an op this rank has not submitted (digest {st.name:x})"
+        if op is not None and not op.cache:
+            what += " (waiting on its response-cache bit)"
         log.warning(
             "rank %s: stall: %s in process set %s has waited %.0fs for ranks %s, which have not submitted it "
             "(Horovod's stall inspector: one or more ranks skipped or reordered a collective)",
@@ -293,6 +350,8 @@ class SetWorker:
         with self._cv:
             self.stopped = True
             left = list(self._queue) + list(self._inflight.values())
+            self._bits.clear()
+            self._reannounce.clear()
             self._queue.clear()
             self._inflight.clear()
             self._names.clear()

@@ -49,6 +49,7 @@ class Op:
     action: Callable[[], object] | None = None  # PROCESS_SET: runs on the engine thread
     t_submit: float = dataclasses.field(default_factory=time.perf_counter)
     t_agreed: float = 0.0
+    cache: str = ""  # why the response cache missed this op ("" on a hit), for the timeline
 
 
 def _comm_op(fuse: int) -> CommOp:

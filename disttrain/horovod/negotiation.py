@@ -49,6 +49,7 @@ class Ready:
     name: int
     fuse: int
     aux: list[int | None]  # per set rank (None: this rank joined and contributes zeros)
+    signature: int = 0
 
     @property
     def kind(self) -> Kind:
@@ -141,7 +142,12 @@ class Table:
                     failed.append(Failed(name, f"{kind.name.title()} is not supported with Join at this time."))
                     continue
                 ready.append(
-                    Ready(name, first.fuse, [e.by_rank[i].aux if i in e.by_rank else None for i in range(self.size)])
+                    Ready(
+                        name,
+                        first.fuse,
+                        [e.by_rank[i].aux if i in e.by_rank else None for i in range(self.size)],
+                        first.signature,
+                    )
                 )
                 continue
             if not active:  # every member joined while this name waited for someone

@@ -65,6 +65,11 @@ class Timeline:
                 }
             )
 
+    def instant(self, name: str, t: float, args: dict) -> None:
+        """A mark across the whole trace (a cycle that missed the response cache, and why)."""
+        with _lock:
+            self.events.append({"name": name, "ph": "i", "s": "g", "pid": 0, "tid": 0, "ts": self._us(t), "args": args})
+
     def write(self) -> None:
         doc = {
             "traceEvents": self.events,
