@@ -33,8 +33,8 @@ from .data import Data, GlobalBatchSampler, StepLoader, Task
 from .data.dataset import to_device
 from .data.loader import eval_batches, micro_slices
 from .errors import DisttrainError
-from .models.deferred import pending
 from .loss import StepFn, StepOutputError, cross_entropy_step, read_step_output
+from .models.deferred import pending
 from .optim import build_optimizer, build_optimizer_spec, user_optimizer_spec
 from .parallel import OptimizerSpec, build_strategy, schedules_micro_batches
 from .parallel.pipeline.step import is_transformers_model, run_step_fn

@@ -32,7 +32,7 @@ def check_pieces(ref: dict, results: list, label: str) -> int:
         for p in res["pieces"]:
             t = ref[p["name"]].detach().float()
             if p["flat"]:
-                (a, b), = p["box"]
+                ((a, b),) = p["box"]
                 want = t.reshape(-1)[a:b]
             else:
                 want = t[tuple(slice(a, b) for a, b in p["box"])].reshape(-1)

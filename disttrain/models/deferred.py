@@ -314,8 +314,9 @@ def record_build(factory: Callable[[], nn.Module], what: str, transformers: bool
         with torch.device("meta"), hf, rec:
             model = factory()
     except Exception as exc:  # noqa: BLE001 -- any failure on meta means: build it eagerly
-        log.warning("%s: deferred initialisation not possible (%s: %s); building the whole model", what,
-                    type(exc).__name__, exc)
+        log.warning(
+            "%s: deferred initialisation not possible (%s: %s); building the whole model", what, type(exc).__name__, exc
+        )
         torch.set_rng_state(rng)
         return factory()
     if not isinstance(model, nn.Module):
@@ -323,8 +324,11 @@ def record_build(factory: Callable[[], nn.Module], what: str, transformers: bool
         return factory()
     real = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if not t.is_meta]
     if real:
-        log.warning("%s: deferred initialisation not possible (%s is created off the meta device); "
-                    "building the whole model", what, real[0])
+        log.warning(
+            "%s: deferred initialisation not possible (%s is created off the meta device); building the whole model",
+            what,
+            real[0],
+        )
         torch.set_rng_state(rng)
         return factory()
     state, shapes = state_names(model)

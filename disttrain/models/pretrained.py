@@ -187,9 +187,7 @@ def match(source: TensorSource, wanted: dict[str, tuple[int, ...]], aliases: dic
             continue
         found[name] = hit
     unexpected = sorted(have - used)
-    problems = (
-        [f"missing key {n!r}" for n in missing] + [f"unexpected key {n!r}" for n in unexpected] + bad
-    )
+    problems = [f"missing key {n!r}" for n in missing] + [f"unexpected key {n!r}" for n in unexpected] + bad
     if problems and strict:
         raise PretrainedError(
             f"model.pretrained: {source.path} does not fit the model: "

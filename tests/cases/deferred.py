@@ -75,8 +75,12 @@ def kept_case(target: str, kwargs: dict, strategy: str, tp: int = 1, pp: int = 1
     s = build_strategy(cfg.parallel, m, spec, comm)
     added = _rss_mb() - before
     pieces = [
-        {"name": sh.name[len("model.") :], "box": [list(b) for b in sh.box], "flat": sh.flat,
-         "values": sh.tensor.detach().float().reshape(-1).tolist()}
+        {
+            "name": sh.name[len("model.") :],
+            "box": [list(b) for b in sh.box],
+            "flat": sh.flat,
+            "values": sh.tensor.detach().float().reshape(-1).tolist(),
+        }
         for sh in s.state_shards()
         if sh.name.startswith("model.")
     ]
@@ -85,8 +89,15 @@ def kept_case(target: str, kwargs: dict, strategy: str, tp: int = 1, pp: int = 1
     return {"pieces": pieces, "added_mb": added}
 
 
-def first_loss_case(target: str, kwargs: dict, strategy: str, tp: int = 1, pp: int = 1, model: dict | None = None,
-                    batch: list | None = None) -> float:
+def first_loss_case(
+    target: str,
+    kwargs: dict,
+    strategy: str,
+    tp: int = 1,
+    pp: int = 1,
+    model: dict | None = None,
+    batch: list | None = None,
+) -> float:
     """The loss of ``batch`` (token ids) at the first forward through the strategy's model (every rank)."""
     cfg = make_config(target, kwargs, strategy, tp, pp, **(model or {}))
     comm = collectives.init("torch", timeout=120)
