@@ -34,6 +34,7 @@ from .data.dataset import to_device
 from .data.loader import eval_batches, micro_slices
 from .errors import DisttrainError
 from .loss import StepFn, StepOutputError, cross_entropy_step, read_step_output
+from .models.deferred import pending
 from .optim import build_optimizer, build_optimizer_spec, user_optimizer_spec
 from .parallel import OptimizerSpec, build_strategy, schedules_micro_batches
 from .parallel.pipeline.step import is_transformers_model, run_step_fn
@@ -65,7 +66,7 @@ class Trainer:
         self.task = data if isinstance(data, Task) else None  # a built-in kind: (x, y) tensors
         self.data = data.data() if isinstance(data, Task) else data
         self.step_fn = step_fn or functools.partial(cross_entropy_step, ignore_index=cfg.loss.ignore_index)
-        self.model = model.to(device)
+        self.model = model if pending(model) else model.to(device)  # a deferred model moves as it materialises
         if optimizer is None:
             spec = build_optimizer_spec(cfg.optim, self.model)
         else:

@@ -7,6 +7,7 @@ mpirun: it reads its place in the job from the environment (collectives.read_env
 from __future__ import annotations
 
 import faulthandler
+import functools
 import logging
 import os
 import random
@@ -29,6 +30,7 @@ from .config import GPTConfig, TargetData, TargetModel  # noqa: E402
 from .data import build_target_data, build_task  # noqa: E402
 from .loss import build_step  # noqa: E402
 from .models import build_model, build_target_model  # noqa: E402
+from .models.deferred import record_build, set_pretrained  # noqa: E402
 from .rundir import RunDir  # noqa: E402
 from .slurm import preemption  # noqa: E402
 from .targets import UserCodeError  # noqa: E402
@@ -78,6 +80,23 @@ def build_callbacks(cfg: config_mod.ExperimentConfig, comm: collectives.Communic
     ]
 
 
+def build_run_model(cfg: config_mod.ExperimentConfig, data, paths: list[str]):
+    """The model of ``model:`` (a built-in kind or an import target). With ``model.deferred_init`` it is
+    built on the meta device and materialised by the strategy, each rank keeping only its part; with
+    ``model.pretrained`` those weights are read into it then. Every rank, after seeding; local."""
+    mcfg = cfg.model
+    if isinstance(mcfg, TargetModel):
+        factory = functools.partial(build_target_model, mcfg, paths)
+        what = f"model.target {mcfg.target}"
+    else:
+        factory = functools.partial(build_model, mcfg, data.num_inputs, data.num_classes)
+        what = f"model.kind {mcfg.kind}"
+    model = record_build(factory, what, transformers=isinstance(mcfg, TargetModel)) if mcfg.deferred_init else factory()
+    if mcfg.pretrained:
+        set_pretrained(model, mcfg.pretrained, mcfg.pretrained_strict)
+    return model
+
+
 def build_trainer(cfg: config_mod.ExperimentConfig, comm: collectives.Communicator) -> Trainer:
     """The trainer of an experiment: data, model and step function from the config (built-in kinds
     or import targets), the run directory, preemption and checkpoints. Every rank; seeds first."""
@@ -89,10 +108,7 @@ def build_trainer(cfg: config_mod.ExperimentConfig, comm: collectives.Communicat
         data = build_task(
             cfg.data, cfg.run.seed, seq_len=cfg.model.seq_len if isinstance(cfg.model, GPTConfig) else None
         )
-    if isinstance(cfg.model, TargetModel):
-        model = build_target_model(cfg.model, paths)
-    else:
-        model = build_model(cfg.model, data.num_inputs, data.num_classes)
+    model = build_run_model(cfg, data, paths)
     return Trainer(
         cfg,
         comm,

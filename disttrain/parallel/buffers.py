@@ -70,6 +70,7 @@ def aliases(model: nn.Module) -> dict[str, str]:
 
 def _broadcast_bytes(tensors: list[torch.Tensor], comm: Communicator) -> None:
     """Rank 0's bytes of ``tensors`` (any dtypes) on every rank: one broadcast of an int32 byte image."""
+    tensors = [t for t in tensors if not t.is_meta]  # deferred: every rank computes the same values later
     if not tensors:
         return
     parts = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]

@@ -14,6 +14,8 @@ import torch.nn as nn
 
 from collectives import Communicator
 
+from ..models.deferred import pending
+from .materialize import maybe_materialize
 from .strategy import OptimizerSpec, Strategy
 from .sync_batchnorm import apply_sync_batchnorm
 from .units import apply_activation_checkpointing, find_units
@@ -26,7 +28,19 @@ STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
 def build_strategy(cfg, model: nn.Module, optim: OptimizerSpec, comm: Communicator) -> Strategy:
     """Every rank, collectively: wrap ``model`` with the strategy the ``parallel`` config section
     ``cfg`` names; the strategy builds its optimizer from ``optim``. Parameters and buffers start
-    from rank 0's."""
+    from rank 0's. A deferred model (built on meta, or with ``model.pretrained``) is given its values
+    here, each rank only what it keeps (:mod:`.materialize`)."""
+    device = str(comm.backend.device or "cpu")
+    job = pending(model)
+    keeps_whole = cfg.mesh.tp == 1 and cfg.mesh.pp == 1 and cfg.strategy != "zero3"
+    if job is not None and (keeps_whole or job.recording is None):
+        maybe_materialize(model, None, device)  # every rank keeps it all anyway
+    strategy = _build(cfg, model, optim, comm)
+    maybe_materialize(model, strategy, device)
+    return strategy
+
+
+def _build(cfg, model: nn.Module, optim: OptimizerSpec, comm: Communicator) -> Strategy:
     mesh = cfg.mesh
     if mesh.tp > 1 or mesh.pp > 1:  # model parallel (composes ddp/zero1 over dp)
         from .model_parallel import build_model_parallel

@@ -23,6 +23,8 @@ import torch.nn as nn
 
 from collectives import Communicator, Work
 
+from ..materialize import become
+
 
 class FlatUnit:
     def __init__(
@@ -53,6 +55,9 @@ class FlatUnit:
         self.full = torch.zeros(self.padded)
         with torch.no_grad():
             for p, o in zip(self.params, self.offsets):
+                if p.is_meta:  # a deferred model: its values arrive later, into ``master``
+                    become(p, self.full[o : o + p.numel()].view(p.shape))
+                    continue
                 self.full[o : o + p.numel()].copy_(p.detach().reshape(-1))
                 p.data = self.full[o : o + p.numel()].view(p.shape)
         self.sharded_params = sharded_params

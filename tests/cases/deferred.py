@@ -1,0 +1,119 @@
+"""Rank functions: deferred initialisation and ``model.pretrained`` against one eager process.
+
+Each rank builds its model through the worker's ``build_run_model`` and the strategy through
+``build_strategy`` (as ``disttrain run`` does) and returns what it keeps: every ``model.*`` piece of
+``state_shards()`` (name, box, flat, values) plus its peak resident memory added while building.
+The test compares each piece with the same box of the eager single-process model.
+"""
+
+from __future__ import annotations
+
+import resource
+
+import torch
+
+import collectives
+from disttrain.config import ExperimentConfig
+from disttrain.parallel import OptimizerSpec, build_strategy
+from disttrain.worker import build_run_model, seed_everything
+
+
+# -- model factories (import targets) ----------------------------------------------------------
+def llama(layers: int = 2, hidden: int = 32, vocab: int = 64, tie: bool = False):
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=tie,
+        attention_dropout=0.0,
+    )
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def gpt(layers: int = 2, d_model: int = 32, vocab: int = 64):
+    from disttrain.models.gpt import GPT
+
+    return GPT(vocab, n_layer=layers, n_head=2, d_model=d_model, seq_len=16)
+
+
+def make_config(target: str, kwargs: dict, strategy: str, tp: int = 1, pp: int = 1, **model) -> ExperimentConfig:
+    return ExperimentConfig.model_validate(
+        {
+            "model": {"target": target, "kwargs": kwargs, **model},
+            "data": {"target": "tests.cases.deferred:tokens"},
+            "parallel": {"strategy": strategy, "mesh": {"tp": tp, "pp": pp}},
+            "optim": {"name": "adamw", "lr": 1e-2},
+        }
+    )
+
+
+def tokens(n: int = 64, seq: int = 16, vocab: int = 64, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (n, seq + 1), generator=g)
+    return torch.utils.data.TensorDataset(ids[:, :-1], ids[:, 1:]), None
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def kept_case(target: str, kwargs: dict, strategy: str, tp: int = 1, pp: int = 1, model: dict | None = None) -> dict:
+    """Build and wrap the model as a run does; return this rank's kept pieces and memory."""
+    cfg = make_config(target, kwargs, strategy, tp, pp, **(model or {}))
+    comm = collectives.init("torch", timeout=120)
+    seed_everything(cfg.run.seed)
+    before = _rss_mb()
+    m = build_run_model(cfg, None, [])
+    spec = OptimizerSpec(build=lambda groups: torch.optim.AdamW(groups, lr=1e-2))
+    s = build_strategy(cfg.parallel, m, spec, comm)
+    added = _rss_mb() - before
+    pieces = [
+        {
+            "name": sh.name[len("model.") :],
+            "box": [list(b) for b in sh.box],
+            "flat": sh.flat,
+            "values": sh.tensor.detach().float().reshape(-1).tolist(),
+        }
+        for sh in s.state_shards()
+        if sh.name.startswith("model.")
+    ]
+    comm.barrier()
+    comm.close()
+    return {"pieces": pieces, "added_mb": added}
+
+
+def first_loss_case(
+    target: str,
+    kwargs: dict,
+    strategy: str,
+    tp: int = 1,
+    pp: int = 1,
+    model: dict | None = None,
+    batch: list | None = None,
+) -> float:
+    """The loss of ``batch`` (token ids) at the first forward through the strategy's model (every rank)."""
+    cfg = make_config(target, kwargs, strategy, tp, pp, **(model or {}))
+    comm = collectives.init("torch", timeout=120)
+    seed_everything(cfg.run.seed)
+    m = build_run_model(cfg, None, [])
+    spec = OptimizerSpec(build=lambda groups: torch.optim.AdamW(groups, lr=1e-2))
+    s = build_strategy(cfg.parallel, m, spec, comm)
+    ids = torch.tensor(batch)
+    s.model.eval()
+    with torch.no_grad():
+        out = s.model(ids)
+    logits = out.logits if hasattr(out, "logits") else out
+    from disttrain.parallel.tensor.vocab import cross_entropy
+
+    target = torch.cat([ids[:, 1:], torch.full((ids.shape[0], 1), -100)], dim=1)
+    loss = float(cross_entropy(logits, target, reduction="mean"))
+    comm.barrier()
+    comm.close()
+    return loss
