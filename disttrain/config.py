@@ -136,6 +136,12 @@ class LossConfig(Section):
     )
     kwargs: dict[str, Any] = Field({}, description="Extra keyword arguments of the step function.")
     ignore_index: int = Field(-100, description="Built-in step: target value that is not counted (padding).")
+    shift_labels: bool | None = Field(
+        None,
+        description="Built-in step: the 'labels' of dict batches are the input tokens and position t is scored "
+        "against label t+1 (transformers' causal-LM convention). Default: on for transformers causal LMs "
+        "(*ForCausalLM, *LMHeadModel, also under peft), off otherwise; (input, target) pairs are never shifted.",
+    )
 
 
 class OptimConfig(Section):
@@ -236,7 +242,8 @@ class TensorParallelConfig(Section):
         None,
         description="Keep the output head's logits split by vocabulary and score them with the vocab-parallel "
         "cross-entropy (never gathered). Default: on for the built-in loss, off for a loss.target step function "
-        "(which may need whole logits; it can use disttrain.parallel.tensor.vocab.cross_entropy and turn this on).",
+        "and the own loop (they get whole logits; a step decorated with disttrain.loss.split_logits, or this "
+        "set to true, keeps them split).",
     )
 
 
