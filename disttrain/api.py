@@ -105,8 +105,12 @@ class Run:
         ``model(...)`` as usual, but step through ``run.step()``, not ``optimizer.step()``. Collective."""
         if self.trainer is not None:
             raise DisttrainError("run.setup() was already called; one model per run")
+        cfg = self.cfg
+        if cfg.parallel.tp.loss_parallel is None:  # the user's own loss gets whole logits unless it asks
+            tp = cfg.parallel.tp.model_copy(update={"loss_parallel": False})
+            cfg = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"tp": tp})})
         self.trainer = Trainer(
-            self.cfg, self.comm, model, None, self.run_dir, self.device, self._callbacks, optimizer=optimizer
+            cfg, self.comm, model, None, self.run_dir, self.device, self._callbacks, optimizer=optimizer
         )
         return self.trainer.strategy.model, self.trainer.strategy.optimizer
 

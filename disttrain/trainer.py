@@ -17,7 +17,6 @@ whatever the world size, micro-batching or padding (the equivalence tests rely o
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -33,7 +32,7 @@ from .data import Data, GlobalBatchSampler, StepLoader, Task
 from .data.dataset import to_device
 from .data.loader import eval_batches, micro_slices
 from .errors import DisttrainError
-from .loss import StepFn, StepOutputError, cross_entropy_step, read_step_output
+from .loss import CrossEntropyStep, SplitLogitsStep, StepFn, StepOutputError, read_step_output
 from .models.deferred import pending
 from .optim import build_optimizer, build_optimizer_spec, user_optimizer_spec
 from .parallel import OptimizerSpec, build_strategy, schedules_micro_batches
@@ -65,15 +64,18 @@ class Trainer:
         self.cfg, self.comm, self.device, self.run_dir = cfg, comm, device, run_dir
         self.task = data if isinstance(data, Task) else None  # a built-in kind: (x, y) tensors
         self.data = data.data() if isinstance(data, Task) else data
-        self.step_fn = step_fn or functools.partial(cross_entropy_step, ignore_index=cfg.loss.ignore_index)
+        self.step_fn = step_fn or CrossEntropyStep(cfg.loss.ignore_index, cfg.loss.shift_labels)
+        if isinstance(self.step_fn, CrossEntropyStep):  # label shifting decided for this model
+            self.step_fn = self.step_fn.for_model(model)
         self.model = model if pending(model) else model.to(device)  # a deferred model moves as it materialises
         if optimizer is None:
             spec = build_optimizer_spec(cfg.optim, self.model)
         else:
             spec = user_optimizer_spec(optimizer, self.model, cfg.optim.no_decay)
         pcfg = cfg.parallel
-        if pcfg.tp.loss_parallel is None:  # auto: logits stay split by vocabulary for the built-in loss only
-            pcfg = pcfg.model_copy(update={"tp": pcfg.tp.model_copy(update={"loss_parallel": step_fn is None})})
+        if pcfg.tp.loss_parallel is None:  # auto: logits stay split for steps that read them so (the built-in)
+            split = isinstance(self.step_fn, SplitLogitsStep)
+            pcfg = pcfg.model_copy(update={"tp": pcfg.tp.model_copy(update={"loss_parallel": split})})
         self.strategy = build_strategy(pcfg, self.model, spec, comm)
         # The user's optimizer keeps its own learning rates: the schedule scales each group's.
         self._base_lrs = None if optimizer is None else [g["lr"] for g in self.strategy.optimizer.param_groups]

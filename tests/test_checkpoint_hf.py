@@ -4,7 +4,8 @@ with sync BN (one async save, then a final one), come back exactly on 3 ranks (Z
 The 1-rank resumes run on rank 0 of the 3-rank spawn over a communicator of its own (one spawn less).
 Resumed runs equal the uninterrupted single process at step 4 (tolerance as tests/test_data_parallel_hf.py).
 ``disttrain ckpt consolidate`` and ``export`` give files that plain transformers loads (strict, and
-``from_pretrained``) with the saving run's eval loss (1e-6: the same weights, one process).
+``from_pretrained``) with the saving run's eval loss (1e-6: the same weights, one process); ``export``
+into a non-empty directory is refused unless ``--force``, which keeps everything it did not write.
 """
 
 import os
@@ -72,6 +73,26 @@ def test_export_loads_with_from_pretrained(model, tmp_path):
     saved = H.results()[2][0][f"{model}/{'zero3' if model == 'gpt2' else 'ddp'}/save"]
     assert abs(H.eval_loss(model, loaded) - saved["eval"]) <= 1e-6
     assert _max_diff(saved["buffers"], H.state_of(loaded)["buffers"]) == 0.0
+
+
+def test_export_refuses_a_non_empty_directory_and_never_deletes_what_it_did_not_create(tmp_path, capsys):
+    """Exporting into `.` or an existing model folder must not wipe it: refused without --force; with it,
+    only config.json and model.safetensors are written and every other entry is kept."""
+    out = tmp_path / "mine"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("keep me")
+    (out / "sub" / "data.bin").write_bytes(b"\0" * 8)
+    assert ckpt(["export", _step_dir("gpt2"), str(out)]) == 1
+    assert "not empty" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["notes.txt", "sub"]
+    assert ckpt(["export", _step_dir("gpt2"), str(out), "--force"]) == 0
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "notes.txt", "sub"]
+    assert (out / "notes.txt").read_text() == "keep me" and (out / "sub" / "data.bin").read_bytes() == b"\0" * 8
+    assert not [p for p in os.listdir(tmp_path) if p != "mine"]  # no temporary left behind
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert ckpt(["export", _step_dir("gpt2"), str(empty)]) == 0  # an empty directory needs no --force
+    assert sorted(os.listdir(empty)) == ["config.json", "model.safetensors"]
 
 
 @pytest.mark.unit

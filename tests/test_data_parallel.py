@@ -16,7 +16,7 @@ from tests.cases import dp_zero
 from tests.support.equivalence import max_param_diff
 
 pytestmark = pytest.mark.timeout(900)
-ATOL = {"bf16": 2e-2, "wire_bf16": 2e-2}
+ATOL = {"bf16": 2e-2, "wire_bf16": 2e-2, "bf16_params": 2e-2}
 FP32_ATOL = 5e-5
 
 
@@ -54,6 +54,20 @@ def check(world: int, backend: str, strategies: list[str]) -> list[str]:
 def test_ddp_matches_one_process(world, backend):
     keys = check(world, backend, ["ddp"])
     assert keys, "no ddp runs planned"
+
+
+def test_bf16_parameters_stay_bf16_and_train_under_ddp_and_zero():
+    """A model stored in bf16 trains under ddp (bf16 gradient buckets) and ZeRO-1/3 (bf16 flat units, no
+    fp32 copy) at 2 ranks, like one process with the same bf16 model (tolerance ATOL["bf16_params"])."""
+    ranks = dp_zero.results(2, "torch")
+    ref = dp_zero.results(1, "torch")[0]["bf16_params/ddp"]
+    assert ref["dtypes"] == ["torch.bfloat16"]
+    for strategy in ("ddp", "zero1", "zero3"):
+        for rank, res in enumerate(ranks):
+            got = res[f"bf16_params/{strategy}"]
+            assert got["dtypes"] == ["torch.bfloat16"], f"{strategy} rank {rank}: parameters became {got['dtypes']}"
+            diff = max_param_diff(ref["params"], got["params"])
+            assert diff <= ATOL["bf16_params"], f"bf16 parameters under {strategy}: differ by {diff:.3g}"
 
 
 def test_ddp_memory_is_whole_model():

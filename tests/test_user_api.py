@@ -63,3 +63,21 @@ def test_fit_with_user_parts_writes_summary_and_checkpoint(tmp_path):
         "tests.cases.user_api:train", 2, args={"config": config, "overrides": ["train.steps=5"], "mode": "fit"}
     )
     assert again[0]["summary"]["steps"] == 5
+
+
+def test_builtin_step_shifts_the_labels_of_a_causal_lm_as_transformers_does(tmp_path):
+    """``labels = input_ids`` (transformers' convention): 2 ranks' first-step loss through the built-in
+    step is the model's own ``model(input_ids, labels=...).loss`` on the same global batch (1e-5),
+    not the loss of copying the input."""
+    from disttrain.data.sampler import GlobalBatchSampler
+    from tests.cases.user_api import Tokens, tiny_gpt2
+
+    overrides = ["train.steps=1", "train.log_every=1", "train.eval_samples=1", "train.grad_accum=1"]
+    res = spawn("tests.cases.user_api:train", 2, args={"config": _config(tmp_path, "hf"), "overrides": overrides,
+                                                      "mode": "hf_fit"})  # fmt: skip
+    data = Tokens()
+    batch = data.ids[GlobalBatchSampler(len(data), 5, 3).global_batch(0)]
+    with torch.no_grad():
+        want = float(tiny_gpt2().train()(input_ids=batch, labels=batch).loss)
+    got = res[0]["summary"]["final_loss"]
+    assert abs(got - want) <= 1e-5, f"first-step loss {got}, transformers' own {want}"

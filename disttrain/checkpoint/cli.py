@@ -3,7 +3,7 @@
     disttrain ckpt verify RUN_DIR|CKPT_DIR [--all]      # checksums, headers, tiling
     disttrain ckpt inspect CKPT_DIR [--json]            # step, layout, files, tensors
     disttrain ckpt consolidate CKPT_DIR OUT.safetensors [--optim]   # model.load_state_dict(load_file(OUT), strict=True)
-    disttrain ckpt export CKPT_DIR OUT_DIR                  # transformers: AutoModel*.from_pretrained(OUT_DIR)
+    disttrain ckpt export CKPT_DIR OUT_DIR [--force]        # transformers: AutoModel*.from_pretrained(OUT_DIR)
     disttrain ckpt reshard --check --to zero2:3 CKPT_DIR
 
 Nothing here unpickles or runs code from the checkpoint. Exit codes: 0 ok, 1 the
@@ -154,16 +154,39 @@ def cmd_export(ns) -> int:
         )
         return 1
     final = os.path.abspath(ns.out)
+    ours = ("config.json", "model.safetensors")
+    if os.path.lexists(final) and not os.path.isdir(final):
+        print(f"FAIL {final} exists and is not a directory\nHINT: name a new or empty directory")
+        return 1
+    entries = sorted(os.listdir(final)) if os.path.isdir(final) else []
+    if entries and not ns.force:
+        print(
+            f"FAIL {final} is not empty ({len(entries)} entries, e.g. {entries[0]!r})\n"
+            "HINT: name a new or empty directory, or pass --force to write config.json and model.safetensors "
+            "into it (nothing else there is touched)"
+        )
+        return 1
+    # Written next to the destination, then moved in file by file: an existing directory keeps every
+    # entry that is not one of ours, and a failed export leaves at most its own temporary directory.
     tmp = f"{final}.tmp-{os.getpid()}"
-    os.makedirs(tmp, exist_ok=True)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(hf["config"], f, indent=2, sort_keys=True)
-    save_file(out, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt", "step": str(step)})
-    if os.path.isdir(final):
-        import shutil
-
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    os.makedirs(tmp)
+    try:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf["config"], f, indent=2, sort_keys=True)
+        save_file(out, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt", "step": str(step)})
+        if os.path.isdir(final):  # empty, or --force
+            for name in ours:
+                os.replace(os.path.join(tmp, name), os.path.join(final, name))
+            os.rmdir(tmp)
+        else:
+            os.rename(tmp, final)
+    except BaseException:
+        for name in ours:
+            if os.path.exists(os.path.join(tmp, name)):
+                os.unlink(os.path.join(tmp, name))
+        if os.path.isdir(tmp):
+            os.rmdir(tmp)
+        raise
     print(
         f"wrote {final}: config.json + model.safetensors ({len(out)} tensors, step {step}); "
         f"transformers.{hf['architecture']}.from_pretrained({final!r})"
@@ -223,6 +246,11 @@ def main(argv: list[str]) -> int:
     e = sub.add_parser("export", help="a folder transformers' from_pretrained loads (config.json + model.safetensors)")
     e.add_argument("path")
     e.add_argument("out")
+    e.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty directory (replaces its config.json and model.safetensors, keeps the rest)",
+    )
     r = sub.add_parser("reshard", help="will a layout load this checkpoint? (--check)")
     r.add_argument("path")
     r.add_argument("--check", action="store_true")

@@ -19,3 +19,9 @@ class LossConfig(Section):
     )
     kwargs: dict[str, Any] = Field({}, description="Extra keyword arguments of the step function.")
     ignore_index: int = Field(-100, description="Built-in step: target value that is not counted (padding).")
+    shift_labels: bool | None = Field(
+        None,
+        description="Built-in step: the 'labels' of dict batches are the input tokens and position t is scored "
+        "against label t+1 (transformers' causal-LM convention). Default: on for transformers causal LMs "
+        "(*ForCausalLM, *LMHeadModel, also under peft), off otherwise; (input, target) pairs are never shifted.",
+    )

@@ -66,7 +66,8 @@ class TensorParallelConfig(Section):
         None,
         description="Keep the output head's logits split by vocabulary and score them with the vocab-parallel "
         "cross-entropy (never gathered). Default: on for the built-in loss, off for a loss.target step function "
-        "(which may need whole logits; it can use disttrain.parallel.tensor.vocab.cross_entropy and turn this on).",
+        "and the own loop (they get whole logits; a step decorated with disttrain.loss.split_logits, or this "
+        "set to true, keeps them split).",
     )
 
 

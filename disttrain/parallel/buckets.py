@@ -28,12 +28,16 @@ WIRE_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def plan_buckets(params: list[nn.Parameter], bucket_mb: float, first_bucket_mb: float) -> list[list[nn.Parameter]]:
-    """Split ``params`` (registration order) into buckets of reverse order; a parameter is never split."""
+    """Split ``params`` (registration order) into buckets of reverse order; a parameter is never split,
+    and a bucket holds one dtype and device (its gradients are views of one buffer)."""
     groups: list[list[nn.Parameter]] = []
     cur: list[nn.Parameter] = []
     size = 0
     limit = first_bucket_mb * 2**20
     for p in reversed(params):
+        if cur and (p.dtype, p.device) != (cur[0].dtype, cur[0].device):
+            groups.append(cur)
+            cur, size, limit = [], 0, bucket_mb * 2**20
         cur.append(p)
         size += p.numel() * p.element_size()
         if size >= limit:
@@ -42,6 +46,14 @@ def plan_buckets(params: list[nn.Parameter], bucket_mb: float, first_bucket_mb: 
     if cur:
         groups.append(cur)
     return groups
+
+
+def alloc_on(comm: Communicator, numel: int, dtype: torch.dtype, device: torch.device | None) -> torch.Tensor:
+    """A flat buffer for ``comm``'s collectives on ``device``: the backend's own memory (zero-copy shared
+    segments under ``shm``) when it lives there, else plain memory of that device."""
+    if device is None or torch.device(comm.backend.device or "cpu").type == device.type:
+        return comm.alloc(numel, dtype)
+    return torch.empty(numel, dtype=dtype, device=device)
 
 
 class Bucket:
@@ -57,9 +69,11 @@ class Bucket:
             n += p.numel()
         self.logical_numel = n
         self.numel = math.ceil(n / pad_to) * pad_to if n else pad_to
-        self.buf = comm.alloc(self.numel, torch.float32)
+        # Gradients have their parameter's dtype (bf16 parameters get bf16 gradients) and device.
+        dtype, device = (params[0].dtype, params[0].device) if params else (torch.float32, None)
+        self.buf = alloc_on(comm, self.numel, dtype, device)
         self.buf.zero_()
-        self.wire = comm.alloc(self.numel, wire) if wire is not None else None
+        self.wire = alloc_on(comm, self.numel, wire, device) if wire is not None and wire != dtype else None
         self.views = [self.buf[o : o + p.numel()].view_as(p) for p, o in zip(params, self.offsets)]
         self.ready = 0
         self.work = None

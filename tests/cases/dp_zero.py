@@ -55,6 +55,7 @@ VARIANTS = {
     "unused": BASE,  # with BranchyMLP
     "bf16": BASE + ["train.precision=bf16", "train.steps=3"],
     "wire_bf16": BASE + ["parallel.grad_dtype=bf16", "train.steps=3"],
+    "bf16_params": BASE + ["train.precision=bf16", "train.steps=3"],  # the model's parameters stored in bf16
     "gpt": GPT,
 }
 
@@ -179,6 +180,8 @@ def _build(comm, variant: str, strategy: str):
     else:
         num_inputs = task.train_x.shape[1] if not task.is_lm else 0
         model = build_model(cfg.model, num_inputs, task.num_classes)
+    if variant == "bf16_params":
+        model = model.to(torch.bfloat16)
     return Trainer(cfg, comm, model, task, None), cfg
 
 
@@ -193,6 +196,7 @@ def run_one(comm, variant: str, strategy: str, reshard: list[str] | None = None,
         "params": _full_params(trainer),
         "shards": _shards(trainer.strategy),
         "memory": trainer.strategy.memory_bytes(),
+        "dtypes": sorted({str(p.dtype) for p in trainer.strategy.model.parameters()}),
         "eval": summary["final_eval_loss"],
     }
 
@@ -232,6 +236,9 @@ PLAN = {
         ("bf16", "zero3"),
         ("wire_bf16", "ddp"),
         ("wire_bf16", "zero2"),
+        ("bf16_params", "ddp"),
+        ("bf16_params", "zero1"),
+        ("bf16_params", "zero3"),
     ],
     (3, "torch"): [(v, s) for v in ("adamw", "unused") for s in STRATEGIES],
     (2, "shm"): [(v, s) for v in ("adamw",) for s in STRATEGIES] + [("gpt", "zero3")],

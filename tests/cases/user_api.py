@@ -49,7 +49,35 @@ class Tiny(nn.Module):
         return {"logits": self.out(self.norm(self.emb(input_ids)))}
 
 
+class Tokens(Dataset):
+    """transformers-style causal-LM samples: ``labels`` are the ``input_ids`` (the loss shifts them)."""
+
+    def __init__(self, n: int = 40, seq: int = 8):
+        self.ids = torch.randint(0, VOCAB, (n, seq), generator=torch.Generator().manual_seed(5))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def tiny_gpt2(seed: int = 0):
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=8, n_embd=16, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(cfg)
+
+
 def train(config: str, overrides: list[str], mode: str) -> dict:
+    if mode == "hf_fit":  # the built-in step on a transformers causal LM
+        summary = disttrain.fit(model=tiny_gpt2(), data=(Tokens(), None), config=config, argv=overrides)
+        return {"summary": summary}
     if mode == "fit":
         torch.manual_seed(0)
         summary = disttrain.fit(

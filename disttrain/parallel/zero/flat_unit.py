@@ -1,4 +1,4 @@
-"""A flat unit: a group of parameters stored as one flat fp32 buffer, sharded evenly over ranks.
+"""A flat unit: a group of parameters stored as one flat buffer of their dtype, sharded evenly over ranks.
 
 The unit's logical layout is its parameters back to back (``offsets``), padded with zeros
 to a multiple of the world size. Rank r owns ``[r*S, (r+1)*S)`` (``lo``/``hi``), where
@@ -52,7 +52,17 @@ class FlatUnit:
         self.padded = max(world, math.ceil(n / world) * world)
         self.shard = self.padded // world
         self.lo, self.hi = rank * self.shard, (rank + 1) * self.shard
-        self.full = torch.zeros(self.padded)
+        # One dtype per unit, the parameters' own (bf16 parameters stay bf16), on their device.
+        dtypes = {p.dtype for p in self.params}
+        if len(dtypes) > 1:
+            raise ValueError(
+                f"ZeRO unit {index} ({self.names[0]}, ...) mixes parameter dtypes {sorted(map(str, dtypes))}"
+                "\nHINT: give the model one parameter dtype (model.to(dtype)), or name units of one dtype "
+                "each in parallel.zero.units"
+            )
+        self.dtype = dtypes.pop() if dtypes else torch.float32
+        self.device = self.params[0].device if self.params else torch.device("cpu")
+        self.full = torch.zeros(self.padded, dtype=self.dtype, device=self.device)
         with torch.no_grad():
             for p, o in zip(self.params, self.offsets):
                 if p.is_meta:  # a deferred model: its values arrive later, into ``master``
@@ -77,7 +87,7 @@ class FlatUnit:
         self.ag_work: Work | None = None
         # gradient side (ZeRO-2/3): the full gradient while backward fills it, the reduced shard after
         self.gfull: torch.Tensor | None = None
-        self.gshard = torch.zeros(self.shard)
+        self.gshard = torch.zeros(self.shard, dtype=self.dtype, device=self.device)
         self.rs_work: Work | None = None
         self.rs_out: torch.Tensor | None = None
         self.ready = 0
@@ -133,19 +143,19 @@ class FlatUnit:
     # -- gradients (ZeRO-2/3) ---------------------------------------------------------------
     def take_grad(self, i: int, grad: torch.Tensor) -> None:
         if self.gfull is None:
-            self.gfull = torch.zeros(self.padded)
+            self.gfull = torch.zeros(self.padded, dtype=self.dtype, device=self.device)
         o = self.offsets[i]
         self.gfull[o : o + grad.numel()].add_(grad.reshape(-1))
 
     def start_reduce_scatter(self, comm: Communicator, wire: torch.dtype | None, fresh: bool) -> None:
         from collectives import ReduceOp
 
-        g = self.gfull if self.gfull is not None else torch.zeros(self.padded)
+        g = self.gfull if self.gfull is not None else torch.zeros(self.padded, dtype=self.dtype, device=self.device)
         if wire is not None:
             g = g.to(wire)
-            self.rs_out = torch.empty(self.shard, dtype=wire)
+            self.rs_out = torch.empty(self.shard, dtype=wire, device=self.device)
         else:
-            self.rs_out = self.gshard if fresh else torch.empty(self.shard)
+            self.rs_out = self.gshard if fresh else torch.empty_like(self.gshard)
         self.rs_work = comm.reduce_scatter(self.rs_out, self.chunks(g), ReduceOp.SUM, async_op=True)
         self._rs_input = g  # kept alive until the op completes
 
@@ -157,7 +167,7 @@ class FlatUnit:
             if fresh:
                 self.gshard.copy_(self.rs_out)
             else:
-                self.gshard.add_(self.rs_out.float())
+                self.gshard.add_(self.rs_out.to(self.gshard.dtype))
         self.rs_work = self.rs_out = self._rs_input = self.gfull = None
         self.ready = 0
 
