@@ -164,9 +164,30 @@ class OptimConfig(Section):
 
 
 class ScheduleConfig(Section):
-    kind: Literal["constant", "cosine"] = Field("cosine", description="Learning-rate schedule after warmup.")
+    kind: Literal["constant", "cosine", "torch", "none"] = Field(
+        "cosine",
+        description="Learning-rate schedule after warmup: constant or cosine (built in), torch (the "
+        "torch.optim.lr_scheduler class `name`; set implicitly by `name`), or none (the trainer never "
+        "touches the learning rates: the user's own scheduler is in charge).",
+    )
+    name: str | None = Field(
+        None,
+        description="A torch.optim.lr_scheduler class (StepLR, OneCycleLR, CosineAnnealingLR, ...), stepped "
+        "once per optimizer step with `kwargs`; warmup_steps > 0 puts a LinearLR warmup before it.",
+    )
+    kwargs: dict[str, Any] = Field({}, description="Keyword arguments of the scheduler class `name`.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps from 0 to the peak lr.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr of the cosine as a fraction of the peak.")
+
+    @model_validator(mode="after")
+    def _known_scheduler(self) -> ScheduleConfig:
+        if self.name is not None and self.kind in ("constant", "cosine"):
+            object.__setattr__(self, "kind", "torch")
+        if self.kind == "torch":
+            from .schedule import check_scheduler  # torch is imported only when a scheduler is named
+
+            check_scheduler(self.name)
+        return self
 
 
 class TrainConfig(Section):
@@ -309,6 +330,62 @@ class CheckpointConfig(Section):
     )
 
 
+class LogConfig(Section):
+    trackers: list[Literal["tensorboard", "wandb", "mlflow", "csv"]] = Field(
+        [],
+        description="Where metrics go beside RUN_DIR/metrics.jsonl (rank 0 writes): tensorboard, wandb, mlflow, "
+        "csv. The libraries come with the `trackers` extra: pip install 'disttrain[trackers]'.",
+    )
+    project: str | None = Field(None, description="W&B project / MLflow experiment (default: run.name).")
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline", description="W&B mode: offline writes RUN_DIR/wandb/offline-run-* (`wandb sync` uploads it)."
+    )
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking URI (default: sqlite:///RUN_DIR/mlflow.db, a local store)."
+    )
+    tensorboard_dir: str | None = Field(None, description="TensorBoard event directory (default: RUN_DIR/tensorboard).")
+    throughput: bool = Field(
+        True,
+        description="Step time split (data, forward+backward, communication, optimizer), speed per device, peak "
+        "memory per rank, ETA, TFLOPs and MFU on each metrics line (one small allgather per line).",
+    )
+    flops_per_sample: float | None = Field(
+        None,
+        gt=0,
+        description="Training FLOPs of one sample, for TFLOPs and MFU (default: 6N per token plus attention for "
+        "the built-in GPT; unknown otherwise).",
+    )
+
+    @model_validator(mode="after")
+    def _trackers_installed(self) -> LogConfig:
+        from .observe.trackers import missing  # finds the libraries without importing them
+
+        problems = [why for why in map(missing, dict.fromkeys(self.trackers)) if why]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class CallbackConfig(Section):
+    target: str = Field(
+        description="A built-in callback (early_stopping, best_checkpoint) or 'package.module:Class' of a "
+        "disttrain.Callback subclass."
+    )
+    kwargs: dict[str, Any] = Field({}, description="Keyword arguments of the class.")
+
+    @model_validator(mode="after")
+    def _known_target(self) -> CallbackConfig:
+        import re
+
+        from .observe.callbacks import BUILTIN
+
+        if self.target not in BUILTIN and not re.match(TARGET_PATTERN, self.target):
+            raise ValueError(
+                f"got {self.target!r}, expected one of {', '.join(BUILTIN)} or an import target 'package.module:Class'"
+            )
+        return self
+
+
 class SlurmConfig(Section):
     job_name: str | None = Field(None, description="sbatch --job-name (default: run.name).")
     output: str | None = Field(
@@ -363,6 +440,10 @@ class ExperimentConfig(Section):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Parallelism strategy.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
     slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="SLURM submission and preemption.")
+    log: LogConfig = Field(default_factory=LogConfig, description="Trackers and the metrics line's throughput.")
+    callbacks: list[CallbackConfig] = Field(
+        [], description="Trainer callbacks after the built-in ones, in order: [{target, kwargs}]."
+    )
 
     @model_validator(mode="after")
     def _builtin_model_needs_builtin_data(self) -> ExperimentConfig:
@@ -376,6 +457,11 @@ class ExperimentConfig(Section):
     def targets(self) -> dict[str, str]:
         """Every import target of this config, by key path."""
         found = {"loss.target": self.loss.target}
+        from .observe.callbacks import BUILTIN
+
+        found.update(
+            {f"callbacks.{i}.target": c.target for i, c in enumerate(self.callbacks) if c.target not in BUILTIN}
+        )
         if isinstance(self.model, TargetModel):
             found["model.target"] = self.model.target
         if isinstance(self.data, TargetData):
