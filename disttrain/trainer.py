@@ -470,6 +470,9 @@ class Trainer:
                 "world_size": self.comm.world_size,
                 "already_finished": True,
             }
+        last = self.history[-1] if self.history else {}
+        if self._final_eval is None and last.get("step") == self.step and "eval_loss" in last:
+            self._final_eval = {k: v for k, v in last.items() if k.startswith("eval_")}  # this step's line has it
         final = self._final_eval if self._final_eval is not None else self._evaluate_and_notify(self.evaluate)
         summary = {
             "experiment": self.cfg.run.name,

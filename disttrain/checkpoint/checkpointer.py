@@ -88,7 +88,8 @@ class Checkpointer(Callback):
         self._poll(block=False)
         steps = trainer.cfg.train.steps
         if trainer.stop_requested:
-            self.save(trainer, sync=True)
+            if trainer.step != self.last_saved:
+                self.save(trainer, sync=True)
         elif self.cfg.every and trainer.step % self.cfg.every == 0 and trainer.step < steps:
             self.save(trainer, sync=not self.cfg.async_save)
 

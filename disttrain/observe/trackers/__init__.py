@@ -99,7 +99,7 @@ class TrackerCallback(Callback):
         self.trackers: list[Tracker] = []
 
     def on_train_start(self, trainer) -> None:
-        if trainer.comm.rank != 0 or self.trackers:
+        if trainer.comm.rank != 0 or self.trackers or trainer.step >= trainer.cfg.train.steps:
             return
         os.makedirs(self.run_dir, exist_ok=True)
         self.trackers = [build_tracker(n, self.log_cfg, self.run_dir, self.run_name) for n in self.names]
@@ -120,7 +120,8 @@ class TrackerCallback(Callback):
         if not self.trackers:
             return
         final = {k.removeprefix("final_"): v for k, v in summary.items() if k.startswith("final_eval_")}
-        if final:
+        last = trainer.history[-1] if trainer.history else {}
+        if final and not (last.get("step") == summary["steps"] and "eval_loss" in last):  # not on the last line
             for t in self.trackers:
                 t.log_metrics(int(summary["steps"]), flatten(final))
         self._close(False)
