@@ -24,6 +24,7 @@ from .backend import Backend
 from .env import DistEnv, read_env
 from .errors import BackendUnavailableError, CollectivesError, CollectiveTimeoutError, InvalidTensorError
 from .fingerprint import Fingerprint, base_digest, call_site
+from .flight_recorder import RECORDER, maybe_start_watch
 from .types import SUPPORTED_DTYPES, ReduceOp, Work
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class _Handle:
     ):
         self._comm, self._fp, self._works, self._timeout, self._members = comm, fp, works, timeout, members
         self._after, self._before, self._done = after, before, False
+        self._record: list | None = None  # the flight recorder's entry, ended once complete
 
     def wait(self, timeout: float | None = None) -> None:
         if self._done:
@@ -76,6 +78,8 @@ class _Handle:
         for fn in self._after:
             fn()
         self._done = True
+        if self._record is not None:
+            RECORDER.end(self._record)
 
     def is_completed(self) -> bool:
         return self._done or all(w.is_completed() for w in self._works)
@@ -209,6 +213,7 @@ class Communicator:
     ) -> Work | None:
         """Check (unless inline or off), start the backend op, then wait or hand back a handle."""
         timeout = self.timeout if timeout is None else timeout
+        record = RECORDER.begin(fp.seq, fp.op, self.group, fp.shapes, fp.dtype)
         kwargs = {}
         if self._inline:  # inline backends also run the op on their own thread when async, with our timeout
             kwargs.update(fingerprint=fp if self.check else None, async_op=async_op, timeout=timeout)
@@ -220,6 +225,7 @@ class Communicator:
         works = [] if skip else start(**kwargs)
         works = works if isinstance(works, list) else [works]
         handle = _Handle(self, fp, [w for w in works if w is not None], timeout, after)
+        handle._record = record
         if async_op:
             return handle
         handle.wait(timeout)
@@ -262,6 +268,7 @@ class Communicator:
                 )
             else:
                 fp.seq = seq
+        record = RECORDER.begin(seq, spec.op, self.group, spec.shapes, spec.dtype)
         try:
             if self._inline:
                 start(*args, fingerprint=fp, async_op=False, timeout=timeout).wait(timeout)
@@ -269,6 +276,7 @@ class Communicator:
                 if fp is not None:
                     checks.check_collective(self.backend, fp, timeout)
                 start(*args).wait(timeout)
+            RECORDER.end(record)
         except CollectiveTimeoutError as exc:
             spec.fp = None  # its site now names this call
             if fp is None:  # checks off: describe the call only now that it failed
@@ -594,5 +602,6 @@ def init(
     # Held for the communicator's life: a TCPStore's server lives in rank 0's store object, and
     # dropping it (a caller's local going out of scope) would close the rendezvous under slower peers.
     comm.job_store = store
+    maybe_start_watch(env.rank, env.host)  # under the launcher's hang watch: beats and dumps on request
     log.debug("rank %s: initialised %r", env.where, comm)
     return comm

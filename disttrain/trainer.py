@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from collectives import Communicator, ReduceOp
+from collectives import Communicator, ReduceOp, flight_recorder
 
 from .config import ExperimentConfig
 from .data import Data, GlobalBatchSampler, StepLoader, Task
@@ -110,6 +111,8 @@ class Trainer:
         self._final_eval: dict | None = None  # the last step's evaluation, done with its metrics line
         self.metrics = MetricWindow()  # the step function's and run.log()'s metrics of the log window
         self.clock = throughput.StepClock()
+        if run_dir is not None:  # hang dumps (launch.hang_timeout) also land in RUN_DIR/traces
+            flight_recorder.also_dump_to(os.path.join(run_dir.path, "traces"))
         self._flops = throughput.model_flops_per_sample(cfg.model, self.model, cfg.log.flops_per_sample)
         self._peak = throughput.peak_flops(device) if self._flops else None
         # fp16: dynamic loss scaling over the strategy's (possibly sharded) gradients; None otherwise.
