@@ -67,8 +67,8 @@ def worker(ns) -> None:
         ],
     )
     trainer = build_trainer(cfg, comm)
-    trainer.callbacks = []
     ours = Checkpointer(cfg.checkpoint, comm)
+    trainer.callbacks = [ours]  # its before_optimizer_step waits for an async save's snapshot
     ours.attach(trainer, os.path.join(ns.dir, "ours"))
     dcp_group = dist.new_group(backend="gloo")
     rank = comm.rank

@@ -19,6 +19,7 @@ from .backend import Backend
 from .env import DistEnv
 from .errors import CollectivesError, CollectiveTimeoutError
 from .fingerprint import Fingerprint, base_digest, call_site
+from .flight_recorder import RECORDER
 from .types import Work
 
 ORPHANS: list = []  # in-flight work abandoned by an error: never freed, so never written after free
@@ -54,6 +55,7 @@ class Handle:
     ):
         self._comm, self._fp, self._works, self._timeout, self._members = comm, fp, works, timeout, members
         self._after, self._before, self._done = after, before, False
+        self._record: list | None = None  # the flight recorder's entry, ended once complete
 
     def wait(self, timeout: float | None = None) -> None:
         if self._done:
@@ -70,6 +72,8 @@ class Handle:
         for fn in self._after:
             fn()
         self._done = True
+        if self._record is not None:
+            RECORDER.end(self._record)
 
     def is_completed(self) -> bool:
         return self._done or all(w.is_completed() for w in self._works)
@@ -149,6 +153,7 @@ class CallPath:
     ) -> Work | None:
         """Check (unless inline or off), start the backend op, then wait or hand back a handle."""
         timeout = self.timeout if timeout is None else timeout
+        record = RECORDER.begin(fp.seq, fp.op, self.group, fp.shapes, fp.dtype)
         kwargs = {}
         if self._inline:  # inline backends also run the op on their own thread when async, with our timeout
             kwargs.update(fingerprint=fp if self.check else None, async_op=async_op, timeout=timeout)
@@ -160,6 +165,7 @@ class CallPath:
         works = [] if skip else start(**kwargs)
         works = works if isinstance(works, list) else [works]
         handle = Handle(self, fp, [w for w in works if w is not None], timeout, after)
+        handle._record = record
         if async_op:
             return handle
         handle.wait(timeout)
@@ -202,6 +208,7 @@ class CallPath:
                 )
             else:
                 fp.seq = seq
+        record = RECORDER.begin(seq, spec.op, self.group, spec.shapes, spec.dtype)
         try:
             if self._inline:
                 start(*args, fingerprint=fp, async_op=False, timeout=timeout).wait(timeout)
@@ -209,6 +216,7 @@ class CallPath:
                 if fp is not None:
                     checks.check_collective(self.backend, fp, timeout)
                 start(*args).wait(timeout)
+            RECORDER.end(record)
         except CollectiveTimeoutError as exc:
             spec.fp = None  # its site now names this call
             if fp is None:  # checks off: describe the call only now that it failed

@@ -29,6 +29,7 @@ from .calls import ORPHANS, PLAIN, STRIDED, CallPath, Handle, Spec
 from .env import DistEnv, read_env
 from .errors import BackendUnavailableError, CollectivesError, InvalidTensorError
 from .fingerprint import Fingerprint
+from .flight_recorder import maybe_start_watch
 from .types import ReduceOp, Work
 
 log = logging.getLogger(__name__)
@@ -363,5 +364,6 @@ def init(
     # Held for the communicator's life: a TCPStore's server lives in rank 0's store object, and
     # dropping it (a caller's local going out of scope) would close the rendezvous under slower peers.
     comm.job_store = store
+    maybe_start_watch(env.rank, env.host)  # under the launcher's hang watch: beats and dumps on request
     log.debug("rank %s: initialised %r", env.where, comm)
     return comm

@@ -15,17 +15,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
-__all__ = ["ConfigError", "DisttrainError", "Run", "fit", "init"]
-
 from .errors import ConfigError, DisttrainError
+
+__version__ = "0.1.0"
+__all__ = ["BestCheckpoint", "Callback", "ConfigError", "DisttrainError", "EarlyStopping", "Run", "fit", "init"]
+_OBSERVE = ("BestCheckpoint", "Callback", "EarlyStopping")
 
 if TYPE_CHECKING:
     from .api import Run, fit, init
+    from .observe import BestCheckpoint, Callback, EarlyStopping
 
 
 def __getattr__(name: str):
     # The API imports torch and the collectives; `import disttrain` (the CLI, config tools) stays light.
+    if name in _OBSERVE:
+        from . import observe
+
+        return getattr(observe, name)
     if name in ("Run", "fit", "init"):
         from . import api
 

@@ -31,8 +31,10 @@ from . import worker
 from .data import Data, as_data
 from .errors import DisttrainError
 from .loss import StepFn
+from .observe.callbacks import Callback
 from .parallel.strategy import OptimizerSpec
 from .rundir import RunDir
+from .schedule import SchedulerFactory
 from .trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -97,12 +99,17 @@ class Run:
 
     # -- the verbs ----------------------------------------------------------------------------
     def setup(
-        self, model: nn.Module, optimizer: OptimizerFactory | OptimizerSpec | None = None
+        self,
+        model: nn.Module,
+        optimizer: OptimizerFactory | OptimizerSpec | None = None,
+        scheduler: SchedulerFactory | None = None,
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Wrap ``model`` with the strategy of ``parallel`` (weights broadcast from rank 0) and build the
         optimizer: ``optimizer(param_groups)`` (biases and norm weights get weight_decay 0, per
         ``optim.no_decay``), or the ``optim`` section when None. Returns (model, optimizer) to use; call
-        ``model(...)`` as usual, but step through ``run.step()``, not ``optimizer.step()``. Collective."""
+        ``model(...)`` as usual, but step through ``run.step()``, not ``optimizer.step()``.
+        ``scheduler(optimizer)`` (e.g. ``lambda o: torch.optim.lr_scheduler.StepLR(o, 10)``) builds the
+        learning-rate scheduler ``run.step()`` steps and checkpoints, in place of ``schedule``. Collective."""
         if self.trainer is not None:
             raise DisttrainError("run.setup() was already called; one model per run")
         cfg = self.cfg
@@ -110,7 +117,15 @@ class Run:
             tp = cfg.parallel.tp.model_copy(update={"loss_parallel": False})
             cfg = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"tp": tp})})
         self.trainer = Trainer(
-            cfg, self.comm, model, None, self.run_dir, self.device, self._callbacks, optimizer=optimizer
+            cfg,
+            self.comm,
+            model,
+            None,
+            self.run_dir,
+            self.device,
+            self._callbacks,
+            optimizer=optimizer,
+            scheduler=scheduler,
         )
         return self.trainer.strategy.model, self.trainer.strategy.optimizer
 
@@ -141,8 +156,14 @@ class Run:
     def backward(self, loss_sum: torch.Tensor, count: float | torch.Tensor, metrics: dict | None = None) -> None:
         """Backward of ``loss_sum``, the loss summed over ``count`` units (samples, or tokens that count).
         The gradient becomes the mean over every unit of the global batch. ``metrics`` (what a step
-        function may return third) is accepted so ``run.backward(*step(model, batch))`` works; unused."""
-        self._trainer().backward(loss_sum, count)
+        function may return third: sums over the units) reach the metrics line reduced over ranks."""
+        self._trainer().backward(loss_sum, count, metrics)
+
+    def log(self, metrics: dict[str, float], reduce: dict[str, str] | None = None) -> None:
+        """Add ``metrics`` to the next metrics line (metrics.jsonl, the progress line, every tracker):
+        reduced over the ranks and averaged over the log window, by the mean unless a name ends in
+        ``_sum``/``_max``/``_min`` or ``reduce`` says (``{"name": "max"}``). Local, cheap; any rank."""
+        self._trainer().log(metrics, reduce)
 
     def step(self) -> bool:
         """At the end of an optimizer step (the last micro-batch): reduce gradients, divide by the global
@@ -206,12 +227,15 @@ def fit(
     argv: Sequence[str] = (),
     optimizer: OptimizerFactory | OptimizerSpec | None = None,
     collate_fn: Callable[[list], Any] | None = None,
+    callbacks: list[Callback] | None = None,
+    scheduler: SchedulerFactory | None = None,
 ) -> dict:
     """The built-in loop with the user's parts: ``model``, ``data`` (a ``(train, eval)`` pair of
     map-style Datasets, eval may be None, or one Dataset), ``step(model, batch) -> (loss_sum, count
     [, metrics])`` (default: cross-entropy), the config's strategy, schedule, logging, evaluation,
     checkpoints and resume. Every rank; returns the summary. Build the model after ``init`` or with
-    the same seed on every rank (rank 0's weights are broadcast anyway)."""
+    the same seed on every rank (rank 0's weights are broadcast anyway). ``callbacks``: Callback objects
+    run after the built-in ones; ``scheduler(optimizer)``: a torch lr scheduler in place of ``schedule``."""
     run = init(config, argv)
     run.trainer = Trainer(
         run.cfg,
@@ -220,9 +244,10 @@ def fit(
         as_data(data, collate_fn),
         run.run_dir,
         run.device,
-        run._callbacks,
+        run._callbacks + list(callbacks or []),
         step_fn=step,
         optimizer=optimizer,
+        scheduler=scheduler,
     )
     run.summary = run.trainer.fit()
     run.finish()

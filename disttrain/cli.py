@@ -76,7 +76,7 @@ def cmd_run(argv: list[str]) -> int:
         only_ranks=only,
     )
     node = NodeSpec(master_port=free_port(), job_id=f"{cfg.run.name}-{secrets.token_hex(3)}")
-    return launch(spec, node, cfg.launch.max_restarts).exit_code
+    return launch(spec, node, cfg.launch.max_restarts, hang_timeout=cfg.launch.hang_timeout).exit_code
 
 
 def cmd_launch(argv: list[str]) -> int:
@@ -97,7 +97,13 @@ def cmd_submit(argv: list[str]) -> int:
     return submit_main(argv)
 
 
-COMMANDS = {"run": cmd_run, "launch": cmd_launch, "submit": cmd_submit, "ckpt": cmd_ckpt}
+def cmd_trace(argv: list[str]) -> int:
+    from .observe.trace import main as trace_main
+
+    return trace_main(argv)
+
+
+COMMANDS = {"run": cmd_run, "launch": cmd_launch, "submit": cmd_submit, "ckpt": cmd_ckpt, "trace": cmd_trace}
 
 
 def build_parser() -> argparse.ArgumentParser:

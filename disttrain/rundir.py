@@ -183,6 +183,17 @@ class RunDir:
             self._metrics.write((json.dumps(record) + "\n").encode())
             self._metrics.flush()
 
+    def resume_metrics(self, step: int) -> None:
+        """A run resumed at ``step`` (rank 0): lines after it, which the resumed run writes again,
+        leave metrics.jsonl (each step's line once), and a marker line records the resume."""
+        if self._metrics is None:
+            return
+        self._metrics.close()
+        kept = [r for r in self.read_metrics() if not isinstance(r.get("step"), int) or r["step"] <= step]
+        lines = [json.dumps(r) + "\n" for r in kept] + [json.dumps({"event": "resume", "step": step}) + "\n"]
+        write_atomic(self.file("metrics.jsonl"), "".join(lines).encode())
+        self._metrics = open_append(self.file("metrics.jsonl"))
+
     def write_json(self, name: str, data: dict) -> None:
         if self.rank != 0:
             return
@@ -196,11 +207,13 @@ class RunDir:
             return []
 
     def plot_loss(self) -> bool:
-        """loss.png from metrics.jsonl (rank 0); skipped with a logged note where matplotlib, an
-        optional extra (``disttrain[plot]``), is not installed. Returns whether the file was written."""
+        """loss.png from metrics.jsonl (rank 0): training loss and every evaluation point; skipped
+        with a logged note where matplotlib, an optional extra (``disttrain[plot]``), is not
+        installed. Returns whether the file was written."""
         if self.rank != 0:
             return False
-        rows = [r for r in self.read_metrics() if "loss" in r]
+        records = self.read_metrics()
+        rows = [r for r in records if "loss" in r]
         if not rows:
             return False
         try:
@@ -214,7 +227,7 @@ class RunDir:
 
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
-        evals = [r for r in rows if "eval_loss" in r]
+        evals = [r for r in records if "eval_loss" in r and isinstance(r.get("step"), int)]
         if evals:
             ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
         ax.set_xlabel("step")

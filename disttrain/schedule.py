@@ -1,8 +1,31 @@
-"""Learning-rate schedules: linear warmup, then constant or cosine decay."""
+"""Learning-rate schedules: who sets each param group's learning rate, step by step.
+
+Four kinds, one :class:`Schedule` interface the trainer drives (every rank, in this order each
+optimizer step: ``apply(step)`` before the optimizer steps, ``advance()`` after it):
+
+- ``constant`` / ``cosine`` (built in, linear warmup first): a pure function of the step
+  (:func:`lr_at`) that scales each group's base learning rate; nothing to save.
+- ``torch``: any ``torch.optim.lr_scheduler`` class by name with its kwargs
+  (``schedule.name``/``schedule.kwargs``), stepped once per optimizer step, a ``LinearLR``
+  warmup of ``warmup_steps`` composed in front through ``SequentialLR``.
+- a user's scheduler (``run.setup(..., scheduler=)``, ``fit(scheduler=)``): stepped the same way.
+- ``none``: the trainer leaves the learning rates alone (a scheduler the user steps).
+
+A torch scheduler's ``state_dict`` is saved with each checkpoint (``state.json``) and loaded on
+resume, with the groups' learning rates set to where it was.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .errors import ConfigError, DisttrainError
+
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 
 def lr_at(
@@ -17,3 +40,135 @@ def lr_at(
     progress = min(1.0, (step - warmup_steps) / span)
     floor = peak * min_lr_ratio
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def scheduler_class(name: str | None) -> type:
+    """The ``torch.optim.lr_scheduler`` class called ``name`` (case-insensitive)."""
+    from torch.optim import lr_scheduler
+
+    known = {
+        k.lower(): v
+        for k, v in vars(lr_scheduler).items()
+        if isinstance(v, type) and issubclass(v, lr_scheduler.LRScheduler) and v is not lr_scheduler.LRScheduler
+    }
+    cls = known.get((name or "").lower())
+    if cls is None:
+        raise ValueError(
+            f"unknown scheduler {name!r}; expected a torch.optim.lr_scheduler class: {', '.join(sorted(known))}"
+        )
+    return cls
+
+
+def check_scheduler(name: str | None) -> None:
+    """Config validation: ``schedule.name`` names a torch scheduler class."""
+    scheduler_class(name)
+
+
+def build_torch_scheduler(cfg, optimizer: torch.optim.Optimizer):
+    """``schedule.name(optimizer, **kwargs)``, after a ``LinearLR`` warmup when ``warmup_steps``."""
+    from torch.optim import lr_scheduler
+
+    cls = scheduler_class(cfg.name)
+    try:
+        main = cls(optimizer, **cfg.kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError([f"schedule: {cls.__name__}(optimizer, **{cfg.kwargs!r}) failed: {exc}"]) from None
+    if not cfg.warmup_steps:
+        return main
+    w = cfg.warmup_steps
+    warm = lr_scheduler.LinearLR(optimizer, start_factor=1.0 / w, end_factor=1.0, total_iters=max(w - 1, 1))
+    return lr_scheduler.SequentialLR(optimizer, [warm, main], milestones=[w])
+
+
+class Schedule:
+    """The learning rates of ``optimizer``'s groups. ``apply(step)`` before each optimizer step,
+    ``advance()`` after it; ``lr()`` is the first group's rate of the last step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+
+    def apply(self, step: int) -> None:
+        pass
+
+    def advance(self) -> None:
+        pass
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def state_dict(self) -> dict | None:
+        return None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        pass
+
+
+class BuiltinSchedule(Schedule):
+    """constant/cosine with warmup: group ``i`` gets ``base_i * lr_at(step, 1, ...)``; the base is
+    ``optim.lr`` for the built-in optimizer, each group's own rate for a user's."""
+
+    def __init__(self, optimizer, cfg, total_steps: int, peak: float | None):
+        super().__init__(optimizer)
+        self.cfg, self.total = cfg, total_steps
+        self.bases = [peak if peak is not None else g["lr"] for g in optimizer.param_groups]
+
+    def multiplier(self, step: int) -> float:
+        c = self.cfg
+        return lr_at(step, 1.0, self.total, c.kind, c.warmup_steps, c.min_lr_ratio)
+
+    def apply(self, step: int) -> None:
+        m = self.multiplier(step)
+        for g, base in zip(self.optimizer.param_groups, self.bases):
+            g["lr"] = base * m
+
+
+class TorchSchedule(Schedule):
+    """A ``torch.optim.lr_scheduler`` object (from YAML or the user), stepped after each optimizer step."""
+
+    def __init__(self, optimizer, scheduler):
+        super().__init__(optimizer)
+        if scheduler.optimizer is not optimizer:
+            raise DisttrainError(
+                "the scheduler drives another optimizer than the one run.setup() built\n"
+                "HINT: pass scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, ...) to run.setup()"
+            )
+        self.scheduler = scheduler
+
+    def advance(self) -> None:
+        self.scheduler.step()
+
+    def state_dict(self) -> dict:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if not state:
+            return
+        self.scheduler.load_state_dict(state)
+        for g, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            g["lr"] = lr
+
+
+def build_schedule(
+    cfg,
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    peak: float | None,
+    user: SchedulerFactory | Any | None = None,
+) -> Schedule:
+    """The schedule of ``cfg`` (the ``schedule`` section) over ``optimizer``; ``user`` (a scheduler,
+    or a function of the optimizer returning one) takes precedence. ``peak``: the built-in
+    optimizer's ``optim.lr`` (None: each group's own rate is its base)."""
+    from torch.optim import lr_scheduler
+
+    if user is not None:
+        sched = user if isinstance(user, lr_scheduler.LRScheduler) else user(optimizer)
+        if not isinstance(sched, lr_scheduler.LRScheduler):
+            raise DisttrainError(
+                f"scheduler= gave a {type(sched).__qualname__}, expected a torch.optim.lr_scheduler.LRScheduler"
+            )
+        return TorchSchedule(optimizer, sched)
+    if cfg.kind == "none":
+        return Schedule(optimizer)
+    if cfg.kind == "torch":
+        return TorchSchedule(optimizer, build_torch_scheduler(cfg, optimizer))
+    return BuiltinSchedule(optimizer, cfg, total_steps, peak)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from collectives import Communicator, ReduceOp
+from collectives import Communicator, ReduceOp, flight_recorder
 
 from .config import ExperimentConfig
 from .data import Data, GlobalBatchSampler, StepLoader, Task
@@ -34,12 +35,17 @@ from .data.loader import eval_batches, micro_slices
 from .errors import DisttrainError
 from .loss import CrossEntropyStep, SplitLogitsStep, StepFn, StepOutputError, read_step_output
 from .models.deferred import pending
+from .observe import throughput
+from .observe.callbacks import Callback, build_callbacks, check_callbacks
+from .observe.metrics import MetricWindow
+from .observe.progress import ProgressLine
+from .observe.trackers import TrackerCallback
 from .optim import build_optimizer, build_optimizer_spec, user_optimizer_spec
 from .parallel import OptimizerSpec, build_strategy, schedules_micro_batches
 from .parallel.pipeline.step import is_transformers_model, run_step_fn
 from .precision import autocast, maybe_loss_scaler
 from .rundir import RunDir
-from .schedule import lr_at
+from .schedule import BuiltinSchedule, SchedulerFactory, build_schedule
 
 log = logging.getLogger(__name__)
 # Indices of Trainer._sums, one float64 allreduce per step: units counted, loss summed, samples read.
@@ -57,9 +63,10 @@ class Trainer:
         data: Data | Task | None = None,
         run_dir: RunDir | None = None,
         device: str = "cpu",
-        callbacks: list | None = None,
+        callbacks: list[Callback] | None = None,
         step_fn: StepFn | None = None,
         optimizer: OptimizerSpec | Callable[[list[dict]], torch.optim.Optimizer] | None = None,
+        scheduler: SchedulerFactory | None = None,
     ):
         self.cfg, self.comm, self.device, self.run_dir = cfg, comm, device, run_dir
         self.task = data if isinstance(data, Task) else None  # a built-in kind: (x, y) tensors
@@ -77,11 +84,18 @@ class Trainer:
             split = isinstance(self.step_fn, SplitLogitsStep)
             pcfg = pcfg.model_copy(update={"tp": pcfg.tp.model_copy(update={"loss_parallel": split})})
         self.strategy = build_strategy(pcfg, self.model, spec, comm)
-        # The user's optimizer keeps its own learning rates: the schedule scales each group's.
-        self._base_lrs = None if optimizer is None else [g["lr"] for g in self.strategy.optimizer.param_groups]
+        # The user's optimizer keeps its own learning rates: a built-in schedule scales each group's.
+        self.schedule = build_schedule(
+            cfg.schedule,
+            self.strategy.optimizer,
+            cfg.train.steps,
+            cfg.optim.lr if optimizer is None else None,
+            scheduler,
+        )
         # Model-parallel strategies name this rank's data-parallel replica: its tp/pp peers read the
         # same samples and report the same loss (counted once in the logged metrics).
         self.dp_rank, self.dp_size = self.strategy.dp_rank, self.strategy.dp_size
+        self._lr = self.lr(0)  # the learning rate of the last step (logged)
         self.sampler: GlobalBatchSampler | None = None
         self._loader: StepLoader | None = None
         self._num_workers = 0
@@ -90,9 +104,22 @@ class Trainer:
         self.step = 0  # optimizer steps completed; also the data position
         self.stop_requested = False  # set from a signal handler (preemption); honoured at a step boundary
         self.history: list[dict] = []
-        # Objects with optional on_start(trainer), on_step_end(trainer), on_end(trainer, summary), called in
-        # order on every rank (preemption before checkpointing, so a stop request is saved the same step).
-        self.callbacks = list(callbacks or [])
+        # Called in order on every rank (disttrain.observe.callbacks): the given ones (preemption before
+        # checkpointing, so a stop request is saved the same step), the config's, the progress line, trackers.
+        self.callbacks: list[Callback] = check_callbacks(callbacks or [])
+        self.callbacks += build_callbacks(cfg.callbacks, cfg.run.import_path)
+        self.callbacks.append(ProgressLine())
+        if cfg.log.trackers and run_dir is not None:
+            self.callbacks.append(TrackerCallback(cfg.log.trackers, cfg.log, run_dir.path, cfg.run.name))
+        self.last_record: dict | None = None  # this step's metrics line (None when it logged nothing)
+        self.already_finished = False  # resumed at or past train.steps: nothing to do, nothing to change
+        self._final_eval: dict | None = None  # the last step's evaluation, done with its metrics line
+        self.metrics = MetricWindow()  # the step function's and run.log()'s metrics of the log window
+        self.clock = throughput.StepClock()
+        if run_dir is not None:  # hang dumps (launch.hang_timeout) also land in RUN_DIR/traces
+            flight_recorder.also_dump_to(os.path.join(run_dir.path, "traces"))
+        self._flops = throughput.model_flops_per_sample(cfg.model, self.model, cfg.log.flops_per_sample)
+        self._peak = throughput.peak_flops(device) if self._flops else None
         # fp16: dynamic loss scaling over the strategy's (possibly sharded) gradients; None otherwise.
         self.scaler = maybe_loss_scaler(cfg.train.precision)
         self._started = False
@@ -137,7 +164,11 @@ class Trainer:
         sizes = [len(mb) for mb in micro_slices(self.sampler.local_batch(self.step), accum)]
         last_full = max((i for i, n in enumerate(sizes) if n), default=-1)
         self._trailing = list(range(last_full + 1, accum))
-        for i, batch in enumerate(self._loader.micro_batches(self.step)):
+        clock, it = self.clock, iter(self._loader.micro_batches(self.step))
+        for i in range(accum):
+            t0 = time.perf_counter()
+            batch = next(it, None)
+            clock.add("data_wait", time.perf_counter() - t0)
             if batch is None:
                 if i < last_full:  # the rank still takes part in this micro-batch's collectives
                     with self.strategy.accumulate(i == accum - 1):
@@ -159,8 +190,11 @@ class Trainer:
     def autocast(self):
         return autocast(self.cfg.train.precision, self.device)
 
-    def backward(self, loss_sum: torch.Tensor, count: float | torch.Tensor) -> None:
-        """Backward of one micro-batch's ``loss_sum`` over ``count`` units; closes its accumulate context."""
+    def backward(self, loss_sum: torch.Tensor, count: float | torch.Tensor, metrics: dict | None = None) -> None:
+        """Backward of one micro-batch's ``loss_sum`` over ``count`` units; closes its accumulate context.
+        ``metrics``: the step function's sums over those units (reduced at the next metrics line)."""
+        if metrics:
+            self.metrics.add_units(metrics)
         loss = loss_sum / self._expected_count()
         (self.scaler.scale(loss) if self.scaler else loss).backward()
         self._sums[_COUNT] += float(count)
@@ -180,10 +214,13 @@ class Trainer:
             with self.strategy.accumulate(i == accum - 1):
                 pass
         self._trailing, self.at_boundary = [], False
-        s = self.strategy
+        s, clock = self.strategy, self.clock
+        clock.start()
         s.finish_gradients()
         totals = torch.tensor(self._sums, dtype=torch.float64)
         self.comm.allreduce(totals, ReduceOp.SUM)
+        clock.stop("comm_wait")
+        clock.start()
         totals /= self.comm.world_size // self.dp_size  # tp/pp peers of a replica counted the same units
         count, loss_sum, samples = float(totals[_COUNT]), float(totals[_LOSS_SUM]), float(totals[_SAMPLES])
         if count <= 0:
@@ -197,12 +234,17 @@ class Trainer:
         if factor != 1.0:
             torch._foreach_mul_([g for g in grads if g.numel()], factor)
         norm = s.clip_grad_norm(self.cfg.optim.grad_clip)
-        self._apply_lr()
+        self.schedule.apply(self.step)
+        self._lr = self.schedule.lr()
+        for cb in self.callbacks:
+            cb.before_optimizer_step(self)
         if ok:  # an fp16 overflow skips the step (the scaler backs off)
             s.optimizer_step()
+        self.schedule.advance()
         if self.scaler:
             self.scaler.update(ok)
         s.zero_grad()
+        clock.stop("optimizer")
         local_samples = int(self._sums[_SAMPLES])
         self._sums = [0.0, 0.0, 0.0]
         self.step += 1
@@ -220,7 +262,7 @@ class Trainer:
         for batch in self.micro_batches():
             with self.autocast():
                 res = read_step_output(self.step_fn(self.strategy.model, batch))
-            self.backward(res.loss_sum, res.count)
+            self.backward(res.loss_sum, res.count, res.metrics)
         return self.end_step()
 
     def _scheduled_step(self) -> tuple[float, float, int]:
@@ -248,42 +290,67 @@ class Trainer:
         return self.end_step()
 
     def lr(self, step: int) -> float:
-        """The learning rate of step ``step`` (the first param group's, for a user's optimizer)."""
-        s, total = self.cfg.schedule, self.cfg.train.steps
-        if self._base_lrs is not None:
-            return self._base_lrs[0] * lr_at(step, 1.0, total, s.kind, s.warmup_steps, s.min_lr_ratio)
-        return lr_at(step, self.cfg.optim.lr, total, s.kind, s.warmup_steps, s.min_lr_ratio)
+        """The first param group's learning rate at step ``step`` (a built-in schedule), else now."""
+        if isinstance(self.schedule, BuiltinSchedule):
+            return self.schedule.bases[0] * self.schedule.multiplier(step)
+        return self.schedule.lr()
 
-    def _apply_lr(self) -> None:
-        if self._base_lrs is None:
-            self.strategy.set_lr(self.lr(self.step))
-            return
-        s = self.cfg.schedule
-        mult = lr_at(self.step, 1.0, self.cfg.train.steps, s.kind, s.warmup_steps, s.min_lr_ratio)
-        for g, base in zip(self.strategy.optimizer.param_groups, self._base_lrs):
-            g["lr"] = base * mult
+    def log(self, metrics: dict, reduce: dict[str, str] | None = None) -> None:
+        """Values for the next metrics line, reduced over ranks and the log window (mean by default;
+        ``_sum``/``_max``/``_min`` suffixes or ``reduce={name: how}``). Local; any rank, any time."""
+        self.metrics.add_values(metrics, reduce)
+
+    def layout(self) -> dict:
+        """The job's shape, for trackers: world, nodes, backend, strategy and mesh degrees."""
+        env = self.comm.env
+        return {
+            "world_size": self.comm.world_size,
+            "local_world_size": env.local_world_size,
+            "nnodes": max(1, self.comm.world_size // max(env.local_world_size, 1)),
+            "backend": self.comm.backend.name,
+            "device": self.device,
+            "strategy": self.cfg.parallel.strategy,
+            "dp": self.dp_size,
+            "tp": self.cfg.parallel.mesh.tp,
+            "pp": self.cfg.parallel.mesh.pp,
+            "rank0_host": env.host,
+        }
 
     # -- callbacks and logging ------------------------------------------------------------------
-    def _call(self, hook: str, *args) -> None:
+    def notify_checkpoint(self, step: int, path: str) -> None:
+        """Every rank, from the checkpointer after issuing a save: the callbacks' on_checkpoint."""
         for cb in self.callbacks:
-            fn = getattr(cb, hook, None)
-            if fn is not None:
-                fn(self, *args)
+            cb.on_checkpoint(self, step, path)
 
     def start(self) -> None:
-        """Every rank, once, before the first step: the callbacks' on_start (resume from a checkpoint)."""
+        """Every rank, once, before the first step: the callbacks' on_train_start (resume from a
+        checkpoint); then the metrics file drops lines a resumed step will write again."""
         if not self._started:
             self._started = True
             self.started_at = self._window["start"] = time.perf_counter()
-            self._call("on_start")
+            resumable = self.step
+            for cb in self.callbacks:
+                cb.on_train_start(self)
+            resumed = self.step != resumable
+            self.already_finished = resumed and self.step >= self.cfg.train.steps
+            if resumed and not self.already_finished and self.run_dir is not None:
+                self.run_dir.resume_metrics(self.step)
+            self.clock.reset()
 
     def after_step(self, norm: float, evaluate: Callable[[], dict] | None = None) -> dict | None:
         """Every rank, after ``end_step``: callbacks (preemption, checkpoints), then a metrics line every
-        ``train.log_every`` steps (with an evaluation every ``train.eval_every``). Returns the record."""
-        self._call("on_step_end")
+        ``train.log_every`` steps (with an evaluation every ``train.eval_every``, and at the last step),
+        then the callbacks' on_step_end (the record is ``last_record``). Returns the record."""
+        self.last_record = rec = self._record(norm, evaluate)
+        for cb in self.callbacks:
+            cb.on_step_end(self)
+        return rec
+
+    def _record(self, norm: float, evaluate: Callable[[], dict] | None) -> dict | None:
         tcfg = self.cfg.train
-        logging_now = self.step % tcfg.log_every == 0 or self.step == tcfg.steps
-        eval_now = bool(tcfg.eval_every and self.step % tcfg.eval_every == 0 and self.step < tcfg.steps)
+        last = self.step == tcfg.steps
+        logging_now = self.step % tcfg.log_every == 0 or last
+        eval_now = bool(tcfg.eval_every and self.step % tcfg.eval_every == 0) or last
         if not (logging_now or eval_now) or not self._window["steps"]:
             return None
         w = self._window
@@ -292,22 +359,48 @@ class Trainer:
             "step": self.step,
             "loss": w["loss"] / w["steps"],
             "grad_norm": norm,
-            "lr": self.lr(self.step - 1),
+            "lr": self._lr,
             "samples_per_s": w["samples"] / elapsed,
             "time": time.perf_counter() - self.started_at,
         }
         unit = (self.data.unit if self.data is not None else None) or "unit"
         if unit != "sample" and w["count"] != w["samples"]:
             rec[f"{unit}s_per_s"] = w["count"] / elapsed
+        replicas = self.comm.world_size // self.dp_size
+        rec.update(self.metrics.reduce(self.comm, w["steps"], w["count"], replicas))
+        if self.cfg.log.throughput:
+            rows = throughput.window_stats(self.comm, self.clock, self.device, elapsed)
+            rec.update(
+                throughput.cost_fields(
+                    rows,
+                    w["steps"],
+                    w["samples"],
+                    w["count"],
+                    unit,
+                    self.comm.world_size,
+                    tcfg.steps - self.step,
+                    self._flops,
+                    self._peak,
+                )
+            )
+            self.clock.reset()
         if eval_now and evaluate is not None:
-            rec.update(evaluate())
+            final = self._evaluate_and_notify(evaluate)
+            rec.update(final)
+            if last:
+                self._final_eval = final
         self.history.append(rec)
         if self.run_dir:
             self.run_dir.log_metrics(rec)
-        if self.comm.rank == 0:
-            self._print_progress(rec, unit)
         self._window = {"loss": 0.0, "steps": 0, "samples": 0.0, "count": 0.0, "start": time.perf_counter()}
         return rec
+
+    def _evaluate_and_notify(self, evaluate: Callable[[], dict]) -> dict:
+        metrics = evaluate()
+        if metrics:
+            for cb in self.callbacks:
+                cb.on_eval_end(self, metrics)
+        return metrics
 
     # -- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
@@ -329,7 +422,7 @@ class Trainer:
         idx = torch.linspace(0, len(dataset) - 1, n).long()
         mine = idx[self.dp_rank * n // self.dp_size : (self.dp_rank + 1) * n // self.dp_size]
         per_rank = max(1, self.cfg.train.batch_size // self.dp_size)
-        loss_sum, count, metrics = 0.0, 0.0, {}
+        loss_sum, count, metrics = 0.0, 0.0, MetricWindow()
         model = self.strategy.model
         was_training = model.training
         model.eval()
@@ -339,36 +432,56 @@ class Trainer:
                     res = read_step_output(step_fn(model, to_device(batch, self.device)))
                 loss_sum += float(res.loss_sum)
                 count += res.count
-                for k, v in res.metrics.items():
-                    metrics[k] = metrics.get(k, 0.0) + v
+                metrics.add_units(res.metrics)
         finally:
             model.train(was_training)
-        # Metric names are the same on every rank that evaluated something; agree on whether all did.
-        empty = torch.tensor([0.0 if len(mine) else 1.0])
-        self.comm.allreduce(empty, ReduceOp.SUM)
-        names = sorted(metrics) if float(empty) == 0 else []
-        totals = torch.tensor([loss_sum, count, *(metrics[k] for k in names)], dtype=torch.float64)
+        totals = torch.tensor([loss_sum, count], dtype=torch.float64)
         self.comm.allreduce(totals, ReduceOp.SUM)
+        reduced = metrics.reduce(self.comm, 1, float(totals[1]))  # every rank, even one that read nothing
         if float(totals[1]) <= 0:
             return {}
         out = {"eval_loss": float(totals[0] / totals[1])}
-        out.update({f"eval_{k}": float(totals[2 + i] / totals[1]) for i, k in enumerate(names)})
+        out.update({f"eval_{k}": v for k, v in reduced.items()})
         return out
 
     # -- the loop -------------------------------------------------------------------------
     def fit(self) -> dict:
         """The built-in loop, every rank: resume, train ``train.steps`` steps (or until a stop request),
         evaluate, finish. Blocks; returns the run's summary."""
-        self.start()
-        while self.step < self.cfg.train.steps and not self.stop_requested:
-            _, norm, _ = self.train_step()
-            self.after_step(norm, self.evaluate)
-        return self.finish()
+        try:
+            self.start()
+            while self.step < self.cfg.train.steps and not self.stop_requested:
+                _, norm, _ = self.train_step()
+                self.after_step(norm, self.evaluate)
+            return self.finish()
+        except BaseException as exc:
+            self.notify_exception(exc)
+            raise
+
+    def notify_exception(self, exc: BaseException) -> None:
+        """This rank, when its loop raised: the callbacks' on_exception (their own errors are logged)."""
+        for cb in self.callbacks:
+            try:
+                cb.on_exception(self, exc)
+            except Exception as err:
+                log.warning("rank %s: %s.on_exception failed: %s", self.comm.env.where, type(cb).__name__, err)
 
     def finish(self) -> dict:
-        """Every rank, after the last step: final evaluation and the callbacks' on_end (final checkpoint)."""
+        """Every rank, after the last step: final evaluation (unless the last step's metrics line did
+        it) and the callbacks' on_train_end (final checkpoint). A run that was already finished
+        when it started changes nothing: its summary says so (``already_finished``)."""
         self._close_loader()
-        final = self.evaluate()
+        if self.already_finished:
+            return {
+                "experiment": self.cfg.run.name,
+                "steps": self.step,
+                "world_size": self.comm.world_size,
+                "already_finished": True,
+            }
+        last = self.history[-1] if self.history else {}
+        if self._final_eval is None and last.get("step") == self.step and "eval_loss" in last:
+            self._final_eval = {k: v for k, v in last.items() if k.startswith("eval_")}  # this step's line has it
+        final = self._final_eval if self._final_eval is not None else self._evaluate_and_notify(self.evaluate)
         summary = {
             "experiment": self.cfg.run.name,
             "steps": self.step,
@@ -380,22 +493,8 @@ class Trainer:
             "wall_time_s": time.perf_counter() - self.started_at,
             "stopped_early": self.step < self.cfg.train.steps,
         }
-        if self.run_dir and final:
+        if self.run_dir and final and self._final_eval is None:
             self.run_dir.log_metrics({"step": self.step, **final})
-        self._call("on_end", summary)
+        for cb in self.callbacks:
+            cb.on_train_end(self, summary)
         return summary
-
-    def _print_progress(self, rec: dict, unit: str) -> None:
-        total = self.cfg.train.steps
-        key = f"{unit}s_per_s"
-        speed = f"{rec[key]:,.0f} {unit}s/s" if key in rec else f"{rec['samples_per_s']:,.0f} samples/s"
-        if key == "tokens_per_s":
-            speed = f"{rec[key]:,.0f} tok/s"
-        extra = "".join(f" | {k} {v:.4f}" for k, v in rec.items() if k.startswith("eval_"))
-        bar_w = 20
-        filled = int(bar_w * min(rec["step"], total) / total)
-        print(
-            f"[{'#' * filled}{'.' * (bar_w - filled)}] step {rec['step']}/{total} | loss {rec['loss']:.4f} | "
-            f"grad {rec['grad_norm']:.3f} | lr {rec['lr']:.2e} | {speed}{extra}",
-            flush=True,
-        )

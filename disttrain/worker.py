@@ -137,10 +137,13 @@ def report(summary: dict) -> None:
 def close(trainer: Trainer, summary: dict, slurm_job) -> int:
     """Every rank, after the run: summary and plot (rank 0), barrier, requeue if preempted, close.
     Returns the process's exit code."""
-    if trainer.comm.rank == 0 and trainer.run_dir is not None:
-        trainer.run_dir.write_json("summary.json", summary)
-        trainer.run_dir.plot_loss()
-    if trainer.comm.rank == 0:
+    if summary.get("already_finished"):  # a re-run of a finished run: its files stay as they are
+        if trainer.comm.rank == 0:
+            print(f"done: {trainer.cfg.run.dir} already finished at step {summary['steps']}; nothing to do", flush=True)
+    elif trainer.comm.rank == 0:
+        if trainer.run_dir is not None:
+            trainer.run_dir.write_json("summary.json", summary)
+            trainer.run_dir.plot_loss()
         report(summary)
     if trainer.run_dir is not None:
         trainer.run_dir.close()

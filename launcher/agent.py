@@ -27,6 +27,7 @@ import time
 
 from .environment import WorkerPlace, worker_env
 from .errors import LaunchConfigError
+from .hang import HangWatch
 from .rendezvous import Rendezvous, RoundState, wait_exited
 from .report import Failure, format_report, root_cause
 from .ssh import is_local
@@ -76,6 +77,7 @@ class LocalAgent:
         monitor_interval: float = 0.05,
         report_stream=sys.stderr,
         report: bool = True,
+        hang_timeout: float = 0.0,
     ):
         self.spec, self.node, self.max_restarts = spec, node, max_restarts
         self.stop_grace, self.monitor_interval, self.report_stream = stop_grace, monitor_interval, report_stream
@@ -84,6 +86,8 @@ class LocalAgent:
         self._interrupted: int | None = None
         self._error_dir = tempfile.mkdtemp(prefix="disttrain-errors-")  # 0700; no job id in a /tmp name
         self._server: StoreServer | None = None
+        self.hang_timeout = hang_timeout  # seconds without a finished collective before the hang report; 0: off
+        self._hang: HangWatch | None = None
 
     def interrupt(self, signum: int = signal.SIGTERM) -> None:
         """Stop the job from another thread (Ctrl-C, or the launcher's connection closed)."""
@@ -119,6 +123,10 @@ class LocalAgent:
     def _start_group(self, attempt: int) -> None:
         world = self.node.world_size or self.spec.nproc * self.node.nnodes
         self.workers = []
+        if self.hang_timeout > 0:
+            ranks = [self.node.rank_offset + i for i in range(self.spec.nproc)]
+            trace = os.path.join(self._error_dir, f"attempt{attempt}", "trace")
+            self._hang = HangWatch(trace, ranks, self.hang_timeout)
         for local_rank in range(self.spec.nproc):
             rank = self.node.rank_offset + local_rank
             place = WorkerPlace(rank, local_rank, world, self.spec.nproc, self.node.node_rank, self.node.nnodes)
@@ -135,6 +143,8 @@ class LocalAgent:
                 store=self.node.store,
                 secret=self.node.secret,
             )
+            if self.hang_timeout > 0:  # the workers' flight recorders beat and dump here (launcher.hang)
+                env["DISTTRAIN_TRACE_DIR"] = os.path.join(self._error_dir, f"attempt{attempt}", "trace")
             w = Worker(self.spec, rank, local_rank, self.node.host, env)
             w.start()
             self.workers.append(w)
@@ -146,6 +156,11 @@ class LocalAgent:
             if self._interrupted is not None:
                 return RoundState.ABORTED
             codes = [w.poll() for w in self.workers]
+            report = self._hang.poll() if self._hang is not None else None
+            if report is not None:
+                print(report, file=self.report_stream, flush=True)
+                rdzv.mark_failed(attempt)
+                return RoundState.FAILED
             if any(w.state is WorkerState.FAILED for w in self.workers):
                 rdzv.mark_failed(attempt)
                 return RoundState.FAILED

@@ -26,7 +26,6 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
 ROWS: list[tuple[str, str, float, str]] = []
 
 
@@ -104,6 +103,7 @@ def checkpoint_roundtrip(out: str, gpus: int):
 
 def throughput(out: str):
     from disttrain.models.gpt import GPT
+    from disttrain.observe.throughput import peak_flops, transformer_flops_per_token
 
     dev = torch.device("cuda", 0)
     torch.manual_seed(0)
@@ -135,9 +135,9 @@ def throughput(out: str):
     torch.cuda.synchronize()
     secs = start.elapsed_time(end) / 1e3 / n
     tokens = batch * seq / secs
-    flops_per_token = 6 * params + 12 * layers * d * seq  # weights (fwd+bwd) + attention scores
+    flops_per_token = transformer_flops_per_token(params, layers, d, seq)
     name = torch.cuda.get_device_name(dev)
-    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    peak = peak_flops(str(dev))
     mfu = f"MFU {flops_per_token * tokens / peak:.1%} of {peak / 1e12:.0f} TFLOP/s" if peak else "MFU: peak unknown"
     if not math.isfinite(loss.item()):
         return "FAIL", f"loss {loss.item()}"

@@ -9,8 +9,8 @@ collectives or deadlock against them. Background threads never communicate.
 
 Async save, per rank: ``save()`` records which tensors to write and starts a thread that
 copies them into a reused, aligned host buffer (the snapshot), then writes, hashes and
-fsyncs the file. The snapshot overlaps the next forward/backward; ``optimizer_step`` is
-gated on it, so the saved state is exactly the state at the save step. Each later step end
+fsyncs the file. The snapshot overlaps the next forward/backward; the next optimizer step
+waits for it (``before_optimizer_step``), so the saved state is exactly the state at the save step. Each later step end
 polls (one tiny allreduce) until every rank has written; then the ranks gather their
 records and rank 0 commits in the background (manifest, rename, ``latest``, prune). At most
 one save is in flight; a failed background write raises on every rank at the next step,
@@ -31,10 +31,11 @@ import torch
 from collectives import ReduceOp
 from collectives.objects import allgather_bytes
 
+from ..observe.callbacks import Callback
 from . import retention, testhooks
 from . import state as state_mod
 from .errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError
-from .reader import CheckpointReader, resolve
+from .reader import CheckpointReader, resolve, step_dir_name
 from .writer import RankWrite, aligned_empty, clean_temporaries, commit
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class _InFlight:
         self.started = time.perf_counter()
 
 
-class Checkpointer:
+class Checkpointer(Callback):
     """Trainer callback. ``cfg`` is the ``checkpoint`` config section; the directory is
     ``<run dir>/checkpoints`` (inactive when the trainer has no run directory)."""
 
@@ -72,6 +73,7 @@ class Checkpointer:
         self.group = None
         self.last_saved = -1
         self.resumed_from: int | None = None  # the step this run loaded; kept by pruning
+        self._protected: set[int] = set()  # steps pruning keeps (the best checkpoint)
         self.stall_s = 0.0  # time the training thread spent blocked by saves (snapshot gate included)
         self._plan: tuple | None = None
         self._staging: torch.Tensor | None = None
@@ -80,7 +82,7 @@ class Checkpointer:
         self._commit_error: BaseException | None = None
 
     # -- trainer hooks --------------------------------------------------------------------
-    def on_start(self, trainer) -> None:
+    def on_train_start(self, trainer) -> None:
         if not self.cfg.enabled or trainer.run_dir is None:
             return
         self.attach(trainer, os.path.join(trainer.run_dir.path, "checkpoints"))
@@ -98,11 +100,15 @@ class Checkpointer:
         self._poll(block=False)
         steps = trainer.cfg.train.steps
         if trainer.stop_requested:
-            self.save(trainer, sync=True)
+            if trainer.step != self.last_saved:
+                self.save(trainer, sync=True)
         elif self.cfg.every and trainer.step % self.cfg.every == 0 and trainer.step < steps:
             self.save(trainer, sync=not self.cfg.async_save)
 
-    def on_end(self, trainer, summary: dict | None = None) -> None:
+    def before_optimizer_step(self, trainer) -> None:
+        self._wait_snapshot()
+
+    def on_train_end(self, trainer, summary: dict | None = None) -> None:
         if not self.active:
             return
         if trainer.step != self.last_saved:
@@ -111,20 +117,27 @@ class Checkpointer:
 
     # -- public API -----------------------------------------------------------------------
     def attach(self, trainer, ckpt_dir: str) -> None:
-        """All ranks: set the directory, create the checkpoint group, gate optimizer steps on snapshots."""
+        """All ranks: set the directory and create the checkpoint group. Optimizer steps wait for a
+        snapshot in flight when this checkpointer is one of ``trainer.callbacks``."""
         self.active, self.dir = True, os.path.abspath(ckpt_dir)
         self.group = self.comm.new_group(list(range(self.world)))
         if self.rank == 0:
             os.makedirs(self.dir, exist_ok=True)
             clean_temporaries(self.dir)
-        strategy = trainer.strategy
-        step_fn = strategy.optimizer_step
 
-        def gated_optimizer_step():
-            self._wait_snapshot()
-            step_fn()
+    def step_path(self, step: int) -> str:
+        return os.path.join(self.dir, step_dir_name(step))
 
-        strategy.optimizer_step = gated_optimizer_step
+    def protect(self, step: int) -> None:
+        """Keep checkpoint ``step`` out of pruning (every rank calls it alike; rank 0 prunes)."""
+        self._protected.add(step)
+
+    def unprotect(self, step: int) -> None:
+        self._protected.discard(step)
+
+    def broadcast_json(self, obj):
+        """All ranks: rank 0's JSON-serialisable ``obj`` on every rank."""
+        return self._bcast_json(obj)
 
     def save(self, trainer, sync: bool = True) -> None:
         """All ranks, same step. Sync: returns once the checkpoint is committed. Async: returns
@@ -159,6 +172,7 @@ class Checkpointer:
             ).start()
         self.last_saved = trainer.step
         self.stall_s += time.perf_counter() - t0
+        trainer.notify_checkpoint(trainer.step, self.step_path(trainer.step))
 
     def wait(self) -> None:
         """All ranks: finish the save in flight and its commit."""
@@ -288,7 +302,7 @@ class Checkpointer:
         shared = dict(f.shared)
         layout = shared.pop("layout")
         shared["rng"] = [r["state"]["rng"] for r in sorted(records, key=lambda r: r["rank"])]
-        protect = () if self.resumed_from is None else (self.resumed_from,)
+        protect = tuple(sorted(self._protected | ({self.resumed_from} if self.resumed_from is not None else set())))
         args = (self.dir, f.job.step, self.world, layout, records, shared, self.cfg.keep, protect)
         if sync:
             err = None

@@ -38,6 +38,7 @@ class TrainingRun(Protocol):
     model: object  # the user's nn.Module (names, aliases, transformers config)
     sampler: object  # seed, batch
     run_dir: object
+    schedule: object  # disttrain.schedule.Schedule: state_dict / load_state_dict
     step: int
     stop_requested: bool
 
@@ -102,6 +103,7 @@ def capture(trainer: TrainingRun) -> dict:
         "step": trainer.step,
         "data": {"position": trainer.step, "sampler_seed": trainer.sampler.seed, "global_batch": trainer.sampler.batch},
         "lr_schedule": {"step": trainer.step, "lr": trainer.lr(trainer.step)},
+        "scheduler": json.loads(json.dumps(trainer.schedule.state_dict(), default=repr)),
         "world_size": trainer.comm.world_size,
         "config": cfg.model_dump(mode="json"),
         "model": model_record(trainer.model),
@@ -175,6 +177,7 @@ def apply(trainer: TrainingRun, state: dict, rank_rng: list[dict]) -> None:
     """Restore step/data position and this rank's RNG (rank r takes saved rank r's streams;
     ranks that did not exist when it was saved are re-seeded from (seed, step, rank))."""
     trainer.step = int(state["step"])
+    trainer.schedule.load_state_dict(state.get("scheduler"))
     seed = state.get("data", {}).get("sampler_seed")
     if seed is not None and seed != trainer.sampler.seed:
         log.warning(

@@ -14,6 +14,7 @@ from .data import DataConfig, DigitsData, Loading, ShakespeareData, TargetData
 from .experiment import ExperimentConfig
 from .launch import LaunchConfig
 from .loader import dump, from_settings, load, save
+from .log import CallbackConfig, LogConfig
 from .loss import LossConfig
 from .model import GPTConfig, MLPConfig, ModelConfig, TargetModel
 from .optim import OptimConfig
@@ -32,6 +33,7 @@ from .train import TrainConfig
 
 __all__ = [
     "TARGET_PATTERN",
+    "CallbackConfig",
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",
@@ -40,6 +42,7 @@ __all__ = [
     "GPTConfig",
     "LaunchConfig",
     "Loading",
+    "LogConfig",
     "LossConfig",
     "MLPConfig",
     "MeshConfig",

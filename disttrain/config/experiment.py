@@ -7,6 +7,7 @@ from pydantic import Field, model_validator
 from .checkpoint import CheckpointConfig
 from .data import DataConfig, DigitsData, TargetData
 from .launch import LaunchConfig
+from .log import CallbackConfig, LogConfig
 from .loss import LossConfig
 from .model import MLPConfig, ModelConfig, TargetModel
 from .optim import OptimConfig
@@ -30,6 +31,10 @@ class ExperimentConfig(Section):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Parallelism strategy.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
     slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="SLURM submission and preemption.")
+    log: LogConfig = Field(default_factory=LogConfig, description="Trackers and the metrics line's throughput.")
+    callbacks: list[CallbackConfig] = Field(
+        [], description="Trainer callbacks after the built-in ones, in order: [{target, kwargs}]."
+    )
 
     @model_validator(mode="after")
     def _builtin_model_needs_builtin_data(self) -> ExperimentConfig:
@@ -43,6 +48,11 @@ class ExperimentConfig(Section):
     def targets(self) -> dict[str, str]:
         """Every import target of this config, by key path."""
         found = {"loss.target": self.loss.target}
+        from ..observe.callbacks import BUILTIN
+
+        found.update(
+            {f"callbacks.{i}.target": c.target for i, c in enumerate(self.callbacks) if c.target not in BUILTIN}
+        )
         if isinstance(self.model, TargetModel):
             found["model.target"] = self.model.target
         if isinstance(self.data, TargetData):

@@ -24,6 +24,13 @@ class LaunchConfig(Section):
     timeout: float = Field(300.0, gt=0, description="Seconds a collective may wait for its peers.")
     max_restarts: int = Field(0, ge=0, description="Restart the worker group this many times after a failure.")
     device: Literal["cpu", "cuda"] = Field("cpu", description="Device of every rank (cuda: LOCAL_RANK's GPU).")
+    hang_timeout: float = Field(
+        120.0,
+        ge=0,
+        description="`disttrain run`: seconds without a finished collective on any rank before the launcher "
+        "collects every rank's last collectives and Python stacks, prints which rank is behind and where, "
+        "and ends the job (0: off). `disttrain trace RUN_DIR` prints that report again.",
+    )
 
     @field_validator("backend")
     @classmethod

@@ -12,7 +12,7 @@ worker exits 0; the requeued job resumes from the checkpoint.
 
 Call order, every rank: the worker's ``build_callbacks(cfg, comm)`` (through
 ``maybe_build_preemption``: installs the handlers at once, so a signal during set-up is not
-fatal) -> the trainer calls ``on_start``/``on_step_end``/``on_end`` -> the worker calls
+fatal) -> the trainer calls ``on_train_start``/``on_step_end``/``on_train_end`` -> the worker calls
 ``finish(trainer)`` after its final barrier and exits with the code it returns.
 """
 
@@ -36,13 +36,14 @@ from launcher import (
 )
 
 from ..config import ExperimentConfig, SlurmConfig
+from ..observe.callbacks import Callback
 
 log = logging.getLogger(__name__)
 
 EX_TEMPFAIL = 75  # saved, but the job could not be requeued: SLURM marks it failed, the user resubmits
 
 
-class Preemption:
+class Preemption(Callback):
     """The trainer callback. Put it FIRST in ``Trainer.callbacks``: the checkpoint callback must
     see ``stop_requested`` in the same ``on_step_end``."""
 
@@ -77,7 +78,7 @@ class Preemption:
             self.received = signal.Signals(signum)
 
     # -- trainer hooks --------------------------------------------------------------------
-    def on_start(self, trainer) -> None:
+    def on_train_start(self, trainer) -> None:
         if not self._old:
             self.install()
 
@@ -93,7 +94,7 @@ class Preemption:
                 what = self.received.name if self.received is not None else "a peer's signal"
                 print(f"preemption: {what}; all ranks stop after step {trainer.step} and save", flush=True)
 
-    def on_end(self, trainer, summary: dict) -> None:
+    def on_train_end(self, trainer, summary: dict) -> None:
         summary["preempted_at_step"] = self.stop_step
         self.uninstall()
 

@@ -16,8 +16,8 @@ def async_vs_sync(dir_sync: str, dir_async: str) -> dict:
     cfg = config_mod.load(DIGITS, ["train.steps=20", "checkpoint.every=0", "launch.backend=torch"])
     comm = collectives.init("torch", timeout=60)
     trainer = build_trainer(cfg, comm)
-    trainer.callbacks = []
     sync, bg = Checkpointer(cfg.checkpoint, comm), Checkpointer(cfg.checkpoint, comm)
+    trainer.callbacks = [sync, bg]  # their before_optimizer_step waits for a snapshot in flight
     sync.attach(trainer, dir_sync)
     bg.attach(trainer, dir_async)
     for _ in range(3):

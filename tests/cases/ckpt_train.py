@@ -9,6 +9,7 @@ import torch
 
 import collectives
 from disttrain import config as config_mod
+from disttrain.observe import Callback
 from disttrain.worker import build_trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,7 +37,9 @@ def train(run_dir: str, overrides: list[str], backend: str = "torch") -> dict:
     comm = collectives.init(backend, check=cfg.launch.check_collectives, timeout=60)
     trainer = build_trainer(cfg, comm)
     start = {"step": None}
-    trainer.callbacks.append(type("Probe", (), {"on_start": lambda self, t: start.update(step=t.step)})())
+    trainer.callbacks.append(
+        type("Probe", (Callback,), {"on_train_start": lambda self, t: start.update(step=t.step)})()
+    )
     summary = trainer.fit()
     ckpt = next((c for c in trainer.callbacks if type(c).__name__ == "Checkpointer"), None)
     trainer.run_dir.close()

@@ -25,6 +25,7 @@ from disttrain.config import ExperimentConfig
 from disttrain.data.sampler import GlobalBatchSampler
 from disttrain.parallel import OptimizerSpec, build_strategy
 from disttrain.parallel.buffers import persistent_buffers
+from disttrain.schedule import Schedule
 
 SEQ, VOCAB, N_TOKENS_SAMPLES = 16, 64, 96
 LR, WD, CLIP = 1e-2, 0.1, 1.0
@@ -161,6 +162,7 @@ class Run:
         self.step, self.stop_requested, self.run_dir = 0, False, run_dir
         self.losses: list[float] = []
         self.ckpt = None
+        self.schedule = Schedule(self.strategy.optimizer)  # a constant LR: nothing to save or step
         if run_dir is not None:
             from disttrain.checkpoint import Checkpointer
 
@@ -169,6 +171,9 @@ class Run:
 
     def lr(self, step: int) -> float:
         return LR
+
+    def notify_checkpoint(self, step: int, path: str) -> None:
+        pass
 
     def train_step(self) -> None:
         x, y = dataset(self.kind)
@@ -180,6 +185,8 @@ class Run:
             loss.backward()
         s.finish_gradients()
         s.clip_grad_norm(CLIP)
+        if self.ckpt is not None:
+            self.ckpt.before_optimizer_step(self)  # waits for an async save's snapshot
         s.optimizer_step()
         s.zero_grad()
         total = loss.detach().reshape(1).double()
@@ -211,7 +218,7 @@ def train_case(runs: list[dict], backend: str = "torch") -> dict:
                 if r.ckpt and r.step in run.get("save_at", []):
                     r.ckpt.save(r, sync=False)
             if r.ckpt and not run.get("resume"):  # resumed runs leave the saved checkpoints as they are
-                r.ckpt.on_end(r)
+                r.ckpt.on_train_end(r)
             res = r.result()
             res["resumed_from"] = resumed
             if after_load is not None:

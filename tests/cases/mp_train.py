@@ -12,6 +12,7 @@ import yaml
 
 import collectives
 from disttrain import config as config_mod
+from disttrain.observe import Callback
 from disttrain.worker import build_trainer
 
 BASE = {
@@ -71,7 +72,7 @@ def _reader(full: dict[str, torch.Tensor]):
     return read
 
 
-class _StopAt:
+class _StopAt(Callback):
     def __init__(self, step):
         self.at = step
 

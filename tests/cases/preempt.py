@@ -7,11 +7,12 @@ import signal
 
 import collectives
 from disttrain import config as config_mod
+from disttrain.observe import Callback
 from disttrain.slurm.preemption import Preemption
 from disttrain.worker import build_trainer
 
 
-class _SignalSelf:
+class _SignalSelf(Callback):
     """After step ``step`` on rank ``rank`` only: SIGUSR1 to this process (as SLURM would)."""
 
     def __init__(self, rank: int, step: int):

@@ -16,10 +16,11 @@ import time
 import torch  # noqa: E402
 
 from disttrain import worker  # first: it catches SLURM's signals before torch imports
+from disttrain.observe import Callback  # noqa: E402
 from disttrain.slurm.preemption import Preemption  # noqa: E402
 
 
-class Hold:
+class Hold(Callback):
     def __init__(self, step: int, timeout: float = 300.0):
         self.step, self.timeout = step, timeout
 
@@ -34,8 +35,8 @@ class Hold:
             time.sleep(0.05)
 
 
-class DumpParams:
-    def on_end(self, trainer, summary) -> None:
+class DumpParams(Callback):
+    def on_train_end(self, trainer, summary) -> None:
         if trainer.comm.rank == 0:
             params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
             torch.save(

@@ -1,0 +1,164 @@
+"""The flight recorder: each process keeps its last K collectives, and dumps them with every thread's
+Python stack when asked, so a hang names the rank that is behind and the line where it stands.
+
+Every op of every backend passes through :class:`~collectives.communicator.Communicator`, which
+calls :meth:`FlightRecorder.begin` before it starts an op and :meth:`FlightRecorder.end` once it
+completed: one list in a bounded deque, two clock reads and a short walk up the stack for the call
+site (the first frame outside this package). ``DISTTRAIN_FLIGHT_RECORDS`` sets K (default 64).
+
+With ``DISTTRAIN_TRACE_DIR`` set (the launcher's hang watch sets it to a private directory),
+:func:`maybe_start_watch` starts one daemon thread per process that, every 0.2 s:
+- writes ``rank<R>.beat`` (the count of completed collectives) when it changed: the launcher's
+  sign of progress;
+- answers ``dump.request`` (a nonce the launcher writes) with ``rank<R>.dump.json``: the records,
+  every thread's stack (``sys._current_frames``, readable while the main thread blocks in C), the
+  nonce; and a copy in the directory :func:`also_dump_to` named (the run directory's, which
+  ``disttrain trace RUN_DIR`` prints).
+Files are written to a temporary name and renamed, in directories the job created.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+
+from .fingerprint import call_site
+
+FORMAT = 1
+_SEQ, _OP, _GROUP, _SHAPES, _DTYPE, _SITE, _START, _END = range(8)
+
+
+class FlightRecorder:
+    """This process's last ``size`` collectives (all groups), newest last."""
+
+    def __init__(self, size: int = 64):
+        self.ring: collections.deque = collections.deque(maxlen=max(1, size))
+        self.completed = 0
+
+    def begin(self, seq: int, op: str, group: str, shapes, dtype) -> list:
+        entry = [seq, op, group, shapes, dtype, call_site(2), time.time(), None]
+        self.ring.append(entry)
+        return entry
+
+    def end(self, entry: list) -> None:
+        entry[_END] = time.time()
+        self.completed += 1
+
+    def records(self) -> list[dict]:
+        out = []
+        for e in list(self.ring):
+            site = e[_SITE]
+            out.append(
+                {
+                    "seq": e[_SEQ],
+                    "op": e[_OP],
+                    "group": e[_GROUP],
+                    "shapes": [list(s) for s in e[_SHAPES]],
+                    "dtype": str(e[_DTYPE]),
+                    "bytes": _nbytes(e[_SHAPES], e[_DTYPE]),
+                    "site": f"{site[0]}:{site[1]}" if isinstance(site, tuple) else str(site),
+                    "start": e[_START],
+                    "end": e[_END],
+                }
+            )
+        return out
+
+
+def _nbytes(shapes, dtype) -> int | None:
+    import torch
+
+    name = str(dtype).removeprefix("torch.")
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        return None
+    n = 0
+    for s in shapes:
+        k = 1
+        for d in s:
+            k *= int(d)
+        n += k
+    return n * dt.itemsize
+
+
+def stacks() -> list[dict]:
+    """Every thread's Python stack, innermost frame last; the main thread first."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    main = threading.main_thread().ident
+    out = []
+    for ident, frame in sys._current_frames().items():
+        frames = [{"file": f.filename, "line": f.lineno, "function": f.name} for f in traceback.extract_stack(frame)]
+        out.append({"thread": names.get(ident, str(ident)), "main": ident == main, "frames": frames})
+    out.sort(key=lambda t: not t["main"])
+    return out
+
+
+RECORDER = FlightRecorder(int(os.environ.get("DISTTRAIN_FLIGHT_RECORDS", "64") or 64))
+_WATCH: dict = {"thread": None, "extra": None}
+
+
+def also_dump_to(path: str | None) -> None:
+    """Also write this process's dumps into ``path`` (a directory; created on the first dump)."""
+    _WATCH["extra"] = path
+
+
+def snapshot(rank: int, host: str, nonce: str = "") -> dict:
+    return {
+        "format": FORMAT,
+        "rank": rank,
+        "host": host,
+        "pid": os.getpid(),
+        "time": time.time(),
+        "nonce": nonce,
+        "completed": RECORDER.completed,
+        "records": RECORDER.records(),
+        "stacks": stacks(),
+    }
+
+
+def _write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _watch(directory: str, rank: int, host: str, period: float) -> None:
+    beat, handled = -1, ""
+    request = os.path.join(directory, "dump.request")
+    while True:
+        try:
+            if RECORDER.completed != beat:
+                beat = RECORDER.completed
+                _write(os.path.join(directory, f"rank{rank}.beat"), f"{beat}\n")
+            try:
+                with open(request) as f:
+                    nonce = f.read(64).strip()
+            except FileNotFoundError:
+                nonce = ""
+            if nonce and nonce != handled:
+                handled = nonce
+                text = json.dumps(snapshot(rank, host, nonce))
+                _write(os.path.join(directory, f"rank{rank}.dump.json"), text)
+                extra = _WATCH["extra"]
+                if extra:
+                    os.makedirs(extra, mode=0o700, exist_ok=True)
+                    _write(os.path.join(extra, f"rank{rank}.dump.json"), text)
+        except OSError:
+            pass  # the directory went away with the job; keep quiet
+        time.sleep(period)
+
+
+def maybe_start_watch(rank: int, host: str) -> None:
+    """Start the watch thread once per process when ``DISTTRAIN_TRACE_DIR`` names a directory."""
+    directory = os.environ.get("DISTTRAIN_TRACE_DIR")
+    if not directory or _WATCH["thread"] is not None or not os.path.isdir(directory):
+        return
+    t = threading.Thread(target=_watch, args=(directory, rank, host, 0.2), daemon=True, name="flight-recorder")
+    _WATCH["thread"] = t
+    t.start()

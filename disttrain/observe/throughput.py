@@ -1,0 +1,137 @@
+"""Throughput and cost of a run: the step time split, speed per device, peak memory, ETA, FLOPs, MFU.
+
+The trainer times four sections of each step on every rank (:class:`StepClock`): waiting for
+data, the optimizer (clip, schedule, step), communication it waits for (the gradient reduction
+and the step's count allreduce) and the rest, which is forward and backward (in the user's own
+loop: everything between two batches). At each metrics line :func:`window_stats` gathers every
+rank's section times and peak memory (one allgather) and :func:`cost_fields` turns them into
+the line's fields. FLOPs: 6 N per token plus the attention scores' 12 L d T for transformers,
+or the ``log.flops_per_sample`` the user gives; MFU is the achieved FLOP/s over the chip's dense
+bf16 peak (GPU only).
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import torch
+
+from collectives import Communicator
+
+SECTIONS = ("data_wait", "fwd_bwd", "comm_wait", "optimizer")
+
+# Dense bf16 peak FLOP/s by GPU name fragment (first match wins).
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
+
+
+def transformer_flops_per_token(params: int, layers: int, width: int, seq_len: int) -> float:
+    """Training FLOPs per token of a decoder: 6 N (forward + backward through the weights) plus
+    12 L d T (attention scores and their weighted sum, forward + backward)."""
+    return 6.0 * params + 12.0 * layers * width * seq_len
+
+
+def peak_flops(device: str) -> float | None:
+    """The dense bf16 peak of ``device`` (a CUDA device), or None when unknown or on the CPU."""
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def peak_memory_bytes(device: str) -> tuple[float, float]:
+    """(peak RSS of this process, peak CUDA memory allocated on ``device`` or 0)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # kilobytes on Linux
+    cuda = 0.0
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        cuda = float(torch.cuda.max_memory_allocated(torch.device(device)))
+    return rss, cuda
+
+
+class StepClock:
+    """This rank's seconds per section over the log window (``start``/``stop`` pairs, no sync)."""
+
+    def __init__(self) -> None:
+        self.sums = dict.fromkeys(SECTIONS, 0.0)
+        self._t0 = 0.0
+        self.step_start = time.perf_counter()
+        self.window_start = self.step_start
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def stop(self, section: str) -> None:
+        self.sums[section] += time.perf_counter() - self._t0
+
+    def add(self, section: str, seconds: float) -> None:
+        self.sums[section] += seconds
+
+    def reset(self) -> None:
+        self.sums = dict.fromkeys(SECTIONS, 0.0)
+        self.window_start = time.perf_counter()
+
+
+def window_stats(comm: Communicator, clock: StepClock, device: str, elapsed: float) -> list[list[float]]:
+    """Every rank's [data_wait, comm_wait, optimizer, elapsed, rss, cuda] for the window. Collective."""
+    rss, cuda = peak_memory_bytes(device)
+    s = clock.sums
+    mine = torch.tensor([s["data_wait"], s["comm_wait"], s["optimizer"], elapsed, rss, cuda], dtype=torch.float64)
+    rows = [torch.zeros_like(mine) for _ in range(comm.world_size)]
+    comm.allgather(rows, mine)
+    return [r.tolist() for r in rows]
+
+
+def cost_fields(
+    rows: list[list[float]],
+    steps: int,
+    samples: float,
+    units: float,
+    unit: str,
+    devices: int,
+    remaining_steps: int,
+    flops_per_sample: float | None,
+    peak: float | None,
+) -> dict:
+    """The throughput fields of a metrics line from :func:`window_stats` rows (rank order)."""
+    steps = max(steps, 1)
+    elapsed = max(max(r[3] for r in rows), 1e-9)
+    step_s = elapsed / steps
+    n = len(rows)
+    data = sum(r[0] for r in rows) / n / steps
+    comm = sum(r[1] for r in rows) / n / steps
+    opt = sum(r[2] for r in rows) / n / steps
+    out = {
+        "step_time_s": step_s,
+        "data_wait_s": data,
+        "fwd_bwd_s": max(step_s - data - comm - opt, 0.0),
+        "comm_wait_s": comm,
+        "optimizer_s": opt,
+        "samples_per_s": samples / elapsed,
+        "samples_per_s_per_device": samples / elapsed / devices,
+        "eta_s": remaining_steps * step_s,
+        "mem_peak_gb": max(max(r[4], r[5]) for r in rows) / 1e9,
+        "mem_peak_gb_per_rank": [round((r[5] or r[4]) / 1e9, 4) for r in rows],
+    }
+    if unit != "sample" and units != samples:
+        out[f"{unit}s_per_s"] = units / elapsed
+        out[f"{unit}s_per_s_per_device"] = units / elapsed / devices
+    if flops_per_sample:
+        tflops = flops_per_sample * samples / elapsed / devices / 1e12
+        out["tflops_per_device"] = tflops
+        if peak:
+            out["mfu"] = tflops * 1e12 / peak
+    return out
+
+
+def model_flops_per_sample(model_cfg, model: torch.nn.Module, given: float | None) -> float | None:
+    """Training FLOPs of one sample: ``given`` (``log.flops_per_sample``), else the formula for the
+    built-in GPT (its parameters, layers, width and context), else None (no TFLOPs or MFU)."""
+    if given:
+        return float(given)
+    from ..config import GPTConfig
+
+    if isinstance(model_cfg, GPTConfig):
+        params = sum(p.numel() for p in model.parameters())
+        per_token = transformer_flops_per_token(params, model_cfg.n_layer, model_cfg.d_model, model_cfg.seq_len)
+        return per_token * model_cfg.seq_len
+    return None

@@ -1,0 +1,154 @@
+"""The hang watch: a job whose collectives stop finishing for ``hang_timeout`` seconds is stopped
+with one report naming the rank that is behind, its sequence number and the line where it stands.
+
+The agent makes a private directory per attempt and gives it to its workers as
+``DISTTRAIN_TRACE_DIR``; each worker's flight recorder (``collectives.flight_recorder``, which
+this module never imports: they meet through files) writes ``rank<R>.beat`` whenever its count
+of completed collectives changes, and answers ``dump.request`` with ``rank<R>.dump.json`` (its
+last collectives and every thread's Python stack). :meth:`HangWatch.poll`, called from the
+agent's monitor loop, reads the beats; after ``timeout`` seconds without any, it asks for dumps,
+waits briefly for them and returns :func:`format_report`'s text. ``disttrain trace RUN_DIR``
+prints the same report from the copies the workers keep in the run directory.
+
+Which rank is behind: one that is not inside a collective while its peers wait in one, else the
+one whose newest collective has the lowest sequence number in the group most ranks wait in.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import secrets
+import time
+
+_OURS = os.sep + "collectives" + os.sep  # frames of the communicator itself, skipped for "where"
+_RUNTIME = (os.sep + "threading.py", os.sep + "flight_recorder.py")
+
+
+class HangWatch:
+    """One agent's view of its local ranks. ``poll()`` each monitor tick; None while progressing."""
+
+    def __init__(self, directory: str, ranks: list[int], timeout: float, dump_wait: float = 3.0):
+        self.dir, self.ranks, self.timeout, self.dump_wait = directory, list(ranks), timeout, dump_wait
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self._beats: dict[int, str] = {}
+        self._last = time.monotonic()
+        self._next = 0.0
+
+    def poll(self) -> str | None:
+        now = time.monotonic()
+        if now < self._next:
+            return None
+        self._next = now + 0.2
+        for r in self.ranks:
+            try:
+                with open(os.path.join(self.dir, f"rank{r}.beat")) as f:
+                    beat = f.read(32)
+            except OSError:
+                continue
+            if self._beats.get(r) != beat:
+                self._beats[r], self._last = beat, now
+        if not self._beats or now - self._last < self.timeout:
+            return None  # nothing finished yet (set-up, first collective) or still moving
+        return format_report(self.collect(), f"no collective finished for {now - self._last:.1f}s")
+
+    def collect(self) -> list[dict]:
+        """Ask every local rank for a dump; return the ones that came within ``dump_wait`` seconds."""
+        nonce = secrets.token_hex(8)
+        tmp = os.path.join(self.dir, "dump.request.tmp")
+        with open(tmp, "w") as f:
+            f.write(nonce)
+        os.replace(tmp, os.path.join(self.dir, "dump.request"))
+        deadline = time.monotonic() + self.dump_wait
+        got: dict[int, dict] = {}
+        while time.monotonic() < deadline and len(got) < len(self.ranks):
+            for r in self.ranks:
+                if r not in got:
+                    d = read_dump(os.path.join(self.dir, f"rank{r}.dump.json"))
+                    if d is not None and d.get("nonce") == nonce:
+                        got[r] = d
+            time.sleep(0.05)
+        return [got[r] for r in sorted(got)] + [{"rank": r, "missing": True} for r in self.ranks if r not in got]
+
+    def reset(self) -> None:
+        self._last = time.monotonic()
+
+
+def read_dump(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def read_dumps(directory: str) -> list[dict]:
+    """The dumps in ``directory`` (``rank*.dump.json``), by rank."""
+    found = [read_dump(p) for p in glob.glob(os.path.join(directory, "rank*.dump.json"))]
+    return sorted((d for d in found if d is not None and "rank" in d), key=lambda d: d["rank"])
+
+
+def where(dump: dict) -> str:
+    """``file:line in function`` of the main thread's innermost frame outside the communicator."""
+    for t in dump.get("stacks", []):
+        if t.get("main"):
+            frames = [f for f in t["frames"] if _OURS not in f["file"] and not f["file"].endswith(_RUNTIME)]
+            if frames:
+                f = frames[-1]
+                return f"{f['file']}:{f['line']} in {f['function']}"
+    return "unknown"
+
+
+def _last(dump: dict) -> dict | None:
+    recs = dump.get("records") or []
+    return max(recs, key=lambda r: r["start"]) if recs else None
+
+
+def behind(dumps: list[dict]) -> list[int]:
+    """The ranks that hold the others up (see the module docstring)."""
+    live = [d for d in dumps if not d.get("missing")]
+    idle = [d["rank"] for d in live if _last(d) is None or _last(d)["end"] is not None]
+    waiting = [d for d in live if d["rank"] not in idle]
+    if idle and waiting:
+        return idle
+    if not waiting:
+        return [d["rank"] for d in dumps if d.get("missing")] or idle
+    groups: dict[str, int] = {}
+    for d in waiting:
+        g = _last(d)["group"]
+        groups[g] = groups.get(g, 0) + 1
+    group = max(groups, key=groups.get)
+    seqs = {d["rank"]: max((r["seq"] for r in d["records"] if r["group"] == group), default=-1) for d in live}
+    low = min(seqs.values())
+    return [r for r, s in seqs.items() if s == low and low < max(seqs.values())]
+
+
+def format_report(dumps: list[dict], why: str) -> str:
+    """One report: the rank(s) behind first, then every rank's state and place."""
+    now = time.time()
+    slow = behind(dumps)
+    head = f"disttrain: hang: {why}; " + (
+        f"rank {', '.join(map(str, slow))} is behind" if slow else "no rank is clearly behind"
+    )
+    lines = [head]
+    for d in sorted(dumps, key=lambda d: (d["rank"] not in slow, d["rank"])):
+        tag = "BEHIND " if d["rank"] in slow else ""
+        if d.get("missing"):
+            lines.append(f"  {tag}rank {d['rank']}: no dump (busy without releasing the GIL, or gone)")
+            continue
+        who = f"rank {d['rank']}@{d.get('host', '?')}"
+        last = _last(d)
+        if last is None:
+            state = "no collective yet"
+        elif last["end"] is None:
+            state = (
+                f"waiting in {last['op']}#{last['seq']} (group {last['group']}, {last['bytes']} bytes) for "
+                f"{now - last['start']:.1f}s, called at {last['site']}"
+            )
+        else:
+            state = f"not in a collective; last {last['op']}#{last['seq']} (group {last['group']}) at {last['site']}"
+        lines.append(f"  {tag}{who}: {state}; now at {where(d)}")
+    lines.append("HINT: the rank behind is stuck at the line shown (compute, I/O, a rank-dependent branch)")
+    return "\n".join(lines)

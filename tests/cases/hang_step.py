@@ -1,0 +1,19 @@
+"""A step function (``loss.target``) whose rank ``hang_rank`` stops forever in its ``hang_call``-th
+call, at the line marked HANG: the hang watch must name that rank and this file's line."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from disttrain.loss import cross_entropy_step
+
+CALLS = {"n": 0}
+
+
+def step(model, batch, hang_rank: int = 1, hang_call: int = 3):
+    CALLS["n"] += 1
+    if int(os.environ.get("RANK", "0")) == hang_rank and CALLS["n"] == hang_call:
+        while True:
+            time.sleep(3600)  # HANG
+    return cross_entropy_step(model, batch)

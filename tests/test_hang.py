@@ -1,0 +1,67 @@
+"""The hang watch through `disttrain run`, on the shm, torch and mpi backends: rank 1 stops forever
+inside a step at a known line; within launch.hang_timeout plus a few seconds the launcher prints one
+report naming rank 1 as behind, with that file and line, ends the job, and `disttrain trace RUN_DIR`
+prints the report again."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.cases import hang_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.timeout(300)
+
+YAML = """
+run: {{name: hang, dir: {dir}}}
+launch: {{nproc: 2, backend: {backend}, hang_timeout: 3, timeout: 120}}
+model: {{kind: mlp, hidden: [16]}}
+data: {{kind: digits}}
+loss: {{target: "tests.cases.hang_step:step"}}
+train: {{steps: 50, batch_size: 32, log_every: 100}}
+checkpoint: {{enabled: false}}
+"""
+
+
+def _hang_line() -> int:
+    with open(hang_step.__file__) as f:
+        return next(i for i, line in enumerate(f, 1) if "# HANG" in line)
+
+
+@pytest.mark.parametrize("backend", ["shm", "torch", "mpi"])
+def test_hang_report_names_the_rank_and_line(tmp_path, backend):
+    if backend == "mpi":
+        pytest.importorskip("mpi4py")
+    config = tmp_path / "hang.yaml"
+    config.write_text(YAML.format(dir=tmp_path / "run", backend=backend))
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "disttrain.cli", "run", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=240,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    took = time.monotonic() - t0
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    where = f"hang_step.py:{_hang_line()} in step"
+    assert "disttrain: hang: no collective finished" in out and "rank 1 is behind" in out, out[-3000:]
+    behind = next(line for line in out.splitlines() if "BEHIND rank 1@" in line)
+    assert where in behind, out[-3000:]
+    assert "waiting in allreduce" in next(line for line in out.splitlines() if line.startswith("  rank 0@")), out
+    assert took < 120, took  # not the 120 s collective timeout
+    again = subprocess.run(
+        [sys.executable, "-m", "disttrain.cli", "trace", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert again.returncode == 0 and "rank 1 is behind" in again.stdout and where in again.stdout, again.stderr
