@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from collectives import Communicator
 
+from ..config.parallel import ParallelConfig
 from .strategy import OptimizerSpec, Strategy
 from .sync_batchnorm import apply_sync_batchnorm
 from .units import apply_activation_checkpointing, find_units
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
 
 
-def build_strategy(cfg, model: nn.Module, optim: OptimizerSpec, comm: Communicator) -> Strategy:
+def build_strategy(cfg: ParallelConfig, model: nn.Module, optim: OptimizerSpec, comm: Communicator) -> Strategy:
     """Every rank, collectively: wrap ``model`` with the strategy the ``parallel`` config section
     ``cfg`` names; the strategy builds its optimizer from ``optim``. Parameters and buffers start
     from rank 0's."""
