@@ -24,6 +24,8 @@ import torch.nn as nn
 
 from collectives import Communicator, ReduceOp
 
+from ..config.parallel import ParallelConfig
+
 WIRE_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -94,16 +96,16 @@ class GradBuckets:
         self,
         params: list[nn.Parameter],
         comm: Communicator,
-        cfg,
+        cfg: ParallelConfig,
         pad_to: int = 1,
         groups: list[list[nn.Parameter]] | None = None,
     ):
         self.comm = comm
-        wire = WIRE_DTYPES[getattr(cfg, "grad_dtype", "fp32")]
+        wire = WIRE_DTYPES[cfg.grad_dtype]
         groups = groups if groups is not None else plan_buckets(params, cfg.bucket_mb, cfg.first_bucket_mb)
         self.buckets = [Bucket(i, g, comm, wire, pad_to) for i, g in enumerate(groups)]
         self._where = {p: b for b in self.buckets for p in b.params}
-        self.overlap = bool(getattr(cfg, "overlap", True)) and comm.world_size > 1
+        self.overlap = cfg.overlap and comm.world_size > 1
         self.sync = True  # false during micro-batches that only accumulate
         self._next = 0  # the next bucket to launch (launch order is index order)
         for b in self.buckets:

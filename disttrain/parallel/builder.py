@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from collectives import Communicator
 
+from ..config.parallel import ParallelConfig
 from ..models.deferred import pending
 from .materialize import maybe_materialize
 from .strategy import OptimizerSpec, Strategy
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
 
 
-def build_strategy(cfg, model: nn.Module, optim: OptimizerSpec, comm: Communicator) -> Strategy:
+def build_strategy(cfg: ParallelConfig, model: nn.Module, optim: OptimizerSpec, comm: Communicator) -> Strategy:
     """Every rank, collectively: wrap ``model`` with the strategy the ``parallel`` config section
     ``cfg`` names; the strategy builds its optimizer from ``optim``. Parameters and buffers start
     from rank 0's. A deferred model (built on meta, or with ``model.pretrained``) is given its values
@@ -40,7 +41,7 @@ def build_strategy(cfg, model: nn.Module, optim: OptimizerSpec, comm: Communicat
     return strategy
 
 
-def _build(cfg, model: nn.Module, optim: OptimizerSpec, comm: Communicator) -> Strategy:
+def _build(cfg: ParallelConfig, model: nn.Module, optim: OptimizerSpec, comm: Communicator) -> Strategy:
     mesh = cfg.mesh
     if mesh.tp > 1 or mesh.pp > 1:  # model parallel (composes ddp/zero1 over dp)
         from .model_parallel import build_model_parallel

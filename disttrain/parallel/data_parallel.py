@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from collectives import Communicator
 
+from ..config.parallel import ParallelConfig
 from .buckets import GradBuckets, clip_
 from .buffers import broadcast_buffers, broadcast_parameters, buffer_shards, full_box, load_buffers
 from .optim_state import materialize_state, optimizer_bytes, state_tensors, storage_bytes, track_state_bytes
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 class DataParallel:
     schedules_micro_batches = False
 
-    def __init__(self, model: nn.Module, optim: OptimizerSpec, comm: Communicator, cfg):
+    def __init__(self, model: nn.Module, optim: OptimizerSpec, comm: Communicator, cfg: ParallelConfig):
         self.model, self.comm, self.cfg = model, comm, cfg
         self.dp_rank, self.dp_size = comm.rank, comm.world_size
         self.sync_buffers = cfg.broadcast_buffers and not cfg.sync_batchnorm and comm.world_size > 1

@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from collectives import Communicator, ReduceOp
 
+from ..config.parallel import ParallelConfig
 from .buffers import broadcast_parameters
 from .mesh import MeshError, build_mesh, resolve_shape
 from .pipeline.parallel import Pipeline
@@ -115,7 +116,7 @@ class ModelParallel:
         model: nn.Module,
         optim,
         comm: Communicator,
-        cfg,
+        cfg: ParallelConfig,
         seed: int | None = None,
         loss_parallel: bool | None = None,
     ):
@@ -456,7 +457,12 @@ class PipelineParallel(ModelParallel):
 
 
 def build_model_parallel(
-    cfg, model: nn.Module, optim, comm: Communicator, seed: int | None = None, loss_parallel: bool | None = None
+    cfg: ParallelConfig,
+    model: nn.Module,
+    optim,
+    comm: Communicator,
+    seed: int | None = None,
+    loss_parallel: bool | None = None,
 ) -> ModelParallel:
     """Every rank, collectively: the dp x tp x pp strategy for ``model`` (``cfg`` = parallel section);
     ``optim``: the OptimizerSpec (or a factory). With pp > 1 it schedules micro-batches itself."""
@@ -464,6 +470,5 @@ def build_model_parallel(
     return cls(model, optim, comm, cfg, seed=seed, loss_parallel=loss_parallel)
 
 
-def uses_model_parallel(cfg) -> bool:
-    m = getattr(cfg, "mesh", None)
-    return m is not None and (m.tp > 1 or m.pp > 1)
+def uses_model_parallel(cfg: ParallelConfig) -> bool:
+    return cfg.mesh.tp > 1 or cfg.mesh.pp > 1

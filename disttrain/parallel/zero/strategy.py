@@ -40,6 +40,7 @@ import torch.nn as nn
 
 from collectives import Communicator
 
+from ...config.parallel import ParallelConfig
 from ..buckets import WIRE_DTYPES, GradBuckets, clip_, plan_buckets
 from ..buffers import broadcast_buffers, broadcast_parameters, buffer_shards, full_box, load_buffers
 from ..optim_state import materialize_state, optimizer_bytes, state_tensors, track_state_bytes
@@ -76,7 +77,7 @@ class Zero:
         model: nn.Module,
         optim: OptimizerSpec,
         comm: Communicator,
-        cfg,
+        cfg: ParallelConfig,
         blocks: list[nn.Module] | None = None,
     ):
         """Every rank, collectively. ``blocks``: the ZeRO-3 units (default: :func:`.units.find_units`)."""
