@@ -2,12 +2,16 @@
 
 Handshake (server speaks first, both sides prove the job secret over fresh nonces)::
 
-    server -> client   MAGIC | nonce_s                      (8 + 32 bytes)
-    client -> server   nonce_c | HMAC(secret, "dt-client" | nonce_s | nonce_c)
-    server -> client   HMAC(secret, "dt-server" | nonce_c | nonce_s)
+    server -> client   MAGIC | salt | nonce_s               (8 + 16 + 32 bytes)
+    client -> server   nonce_c | HMAC(k, "dt-client" | nonce_s | nonce_c)
+    server -> client   HMAC(k, "dt-server" | nonce_c | nonce_s)
 
-Both sides then derive a session key ``HMAC(secret, "dt-session" | nonce_s | nonce_c)``,
-new for every connection. Every frame after the handshake, both directions::
+where ``k = PBKDF2-HMAC-SHA256(secret, "disttrain-store|" | salt, STRETCH)`` and ``salt`` is
+drawn once per store (per job). A recorded handshake lets whoever holds it test guesses of
+the secret offline; the stretch makes each guess cost ``STRETCH`` hash rounds, the salt keeps
+one job's table from serving another, and user-given secrets that an estimate already shows
+to be guessable are refused (:func:`check_secret`). Both sides then derive a session key
+``HMAC(k, "dt-session" | nonce_s | nonce_c)``, new for every connection. Every frame after the handshake, both directions::
 
     frame  = u32 length | u8 code | field* | mac      (length counts code and fields)
     field  = u32 length | bytes
@@ -20,22 +24,28 @@ and the connection closed. The channel is authenticated, not encrypted.
 
 from __future__ import annotations
 
+import collections
+import functools
 import hashlib
 import hmac
+import math
 import secrets
 import socket
 import struct
 
 from .errors import LauncherError
 
-MAGIC = b"DTSTORE1"
+MAGIC = b"DTSTORE2"
+SALT = 16
 NONCE = 32
 MAC = hashlib.sha256().digest_size
-HELLO = len(MAGIC) + NONCE
+HELLO = len(MAGIC) + SALT + NONCE
+STRETCH = 100_000  # PBKDF2 rounds: tens of ms once per process and store, per guess for an attacker
 REPLY = NONCE + MAC
 MAX_FRAME = 64 << 20  # a store holds addresses and small blobs; anything larger is a stranger
 HANDSHAKE_TIMEOUT = 5.0  # for the whole handshake of one connection, not per read
 MIN_SECRET = 32  # bytes; shorter user-given secrets are refused
+MIN_SECRET_BITS = 80  # estimated entropy (entropy_bits); user-given secrets below it are refused
 
 _U32 = struct.Struct("!I")
 _HEAD = struct.Struct("!IB")
@@ -54,12 +64,34 @@ def new_secret() -> str:
     return secrets.token_hex(32)
 
 
+def entropy_bits(secret: str) -> float:
+    """An upper estimate of a secret's entropy: the length of its shortest repeating unit times
+    the Shannon entropy of that unit's characters. ``"a" * 32`` and ``"0123456789abcdef" * 4``
+    estimate 0 and 64 bits, a 64-digit random hex token about 250. A low estimate proves the
+    secret is guessable; a high one does not prove it is not."""
+    n = len(secret)
+    period = next((p for p in range(1, n // 2 + 1) if n % p == 0 and secret == secret[:p] * (n // p)), n)
+    unit = secret[:period]
+    if not unit:
+        return 0.0
+    counts = collections.Counter(unit)
+    return period * -sum(c / period * math.log2(c / period) for c in counts.values())
+
+
 def check_secret(secret: str, where: str) -> str:
-    """Refuse a user-given secret shorter than :data:`MIN_SECRET` bytes; returns it."""
+    """Refuse a user-given secret shorter than :data:`MIN_SECRET` bytes or with fewer than
+    :data:`MIN_SECRET_BITS` estimated bits (a repeated character, a short word repeated): every
+    handshake gives whoever squats the store's port material to guess it offline. Returns it."""
+    hint = "HINT: export DISTTRAIN_JOB_SECRET=$(python -c 'import secrets; print(secrets.token_hex(32))')"
     if len(secret.encode()) < MIN_SECRET:
         raise StoreError(
-            f"the job secret from {where} is {len(secret.encode())} bytes; at least {MIN_SECRET} are needed. "
-            "HINT: export DISTTRAIN_JOB_SECRET=$(python -c 'import secrets; print(secrets.token_hex(32))')"
+            f"the job secret from {where} is {len(secret.encode())} bytes; at least {MIN_SECRET} are needed. {hint}"
+        )
+    bits = entropy_bits(secret)
+    if bits < MIN_SECRET_BITS:
+        raise StoreError(
+            f"the job secret from {where} is guessable: about {bits:.0f} bits of entropy at most, "
+            f"{MIN_SECRET_BITS} are needed. {hint}"
         )
     return secret
 
@@ -68,30 +100,43 @@ def _mac(key: bytes, label: bytes, *parts: bytes) -> bytes:
     return hmac.new(key, label + b"".join(parts), hashlib.sha256).digest()
 
 
+@functools.lru_cache(maxsize=16)
+def stretch(secret: bytes, salt: bytes) -> bytes:
+    """The handshake key of ``secret`` for the store whose salt is ``salt`` (cached per process)."""
+    return hashlib.pbkdf2_hmac("sha256", secret, b"disttrain-store|" + salt, STRETCH)
+
+
+def _split(hello: bytes) -> tuple[bytes, bytes]:
+    """(salt, nonce_s) of a hello."""
+    return hello[len(MAGIC) : len(MAGIC) + SALT], hello[len(MAGIC) + SALT :]
+
+
 def client_reply(secret: bytes, hello: bytes) -> tuple[bytes, bytes]:
     """(reply to send, session key) for the server's ``hello``; raises StoreAuthError on a stranger's hello."""
     if len(hello) != HELLO or hello[: len(MAGIC)] != MAGIC:
         raise StoreAuthError("not a disttrain rendezvous store")
-    nonce_s, nonce_c = hello[len(MAGIC) :], secrets.token_bytes(NONCE)
-    return nonce_c + _mac(secret, b"dt-client", nonce_s, nonce_c), _mac(secret, b"dt-session", nonce_s, nonce_c)
+    salt, nonce_s = _split(hello)
+    k, nonce_c = stretch(secret, salt), secrets.token_bytes(NONCE)
+    return nonce_c + _mac(k, b"dt-client", nonce_s, nonce_c), _mac(k, b"dt-session", nonce_s, nonce_c)
 
 
 def client_check_proof(secret: bytes, hello: bytes, reply: bytes, proof: bytes) -> bool:
-    return hmac.compare_digest(proof, _mac(secret, b"dt-server", reply[:NONCE], hello[len(MAGIC) :]))
+    salt, nonce_s = _split(hello)
+    return hmac.compare_digest(proof, _mac(stretch(secret, salt), b"dt-server", reply[:NONCE], nonce_s))
 
 
-def server_hello() -> tuple[bytes, bytes]:
-    """(hello to send, nonce_s)."""
+def server_hello(salt: bytes) -> tuple[bytes, bytes]:
+    """(hello to send, nonce_s) of a store whose salt is ``salt``."""
     nonce_s = secrets.token_bytes(NONCE)
-    return MAGIC + nonce_s, nonce_s
+    return MAGIC + salt + nonce_s, nonce_s
 
 
-def server_check_reply(secret: bytes, nonce_s: bytes, reply: bytes) -> tuple[bytes, bytes] | None:
-    """(proof to send, session key) when ``reply`` proves the secret, else None."""
+def server_check_reply(key: bytes, nonce_s: bytes, reply: bytes) -> tuple[bytes, bytes] | None:
+    """(proof to send, session key) when ``reply`` proves the secret (``key`` is its :func:`stretch`), else None."""
     nonce_c, mac_c = reply[:NONCE], reply[NONCE:]
-    if len(reply) != REPLY or not hmac.compare_digest(mac_c, _mac(secret, b"dt-client", nonce_s, nonce_c)):
+    if len(reply) != REPLY or not hmac.compare_digest(mac_c, _mac(key, b"dt-client", nonce_s, nonce_c)):
         return None
-    return _mac(secret, b"dt-server", nonce_c, nonce_s), _mac(secret, b"dt-session", nonce_s, nonce_c)
+    return _mac(key, b"dt-server", nonce_c, nonce_s), _mac(key, b"dt-session", nonce_s, nonce_c)
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes:

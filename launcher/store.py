@@ -38,8 +38,10 @@ from .channel import (
     HELLO,
     MAC,
     MAGIC,
+    MAX_FRAME,
     NONCE,
     REPLY,
+    SALT,
     Channel,
     StoreAuthError,
     StoreError,
@@ -50,6 +52,7 @@ from .channel import (
     recv_exact,
     server_check_reply,
     server_hello,
+    stretch,
 )
 
 __all__ = ["MAGIC", "NONCE", "MAC", "StoreAuthError", "StoreClient", "StoreError", "StoreServer", "StoreTimeout"]
@@ -58,6 +61,15 @@ __all__ += ["check_secret", "connect_from_env", "env_has_store", "new_secret"]
 log = logging.getLogger(__name__)
 
 MAX_PENDING = 256  # connections still in their handshake; the oldest is dropped for a new one
+# What one job may keep in its store. Agents and workers store addresses, counters and small
+# blobs; a proven but faulty (or compromised) client that floods keys or APPENDs gets an error
+# reply instead of taking the launcher's memory, and the job goes on.
+MAX_VALUE = 32 << 20  # bytes in one value (APPEND included)
+MAX_TOTAL = 1 << 30  # bytes in all keys and values
+MAX_KEYS = 1 << 20
+MAX_CONNECTIONS = 4096  # authenticated connections served at once (a thread each)
+MAX_REPLY = MAX_FRAME - (1 << 20)  # a reply stays under the frame limit the client enforces
+KEEPALIVE = (60, 10, 6)  # idle s, interval s, probes: a partitioned client's thread ends in ~2 min
 _ACCEPT_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 # request codes
@@ -68,6 +80,18 @@ OK, TIMEOUT, ERROR = 0, 1, 2
 
 class StoreTimeout(StoreError, TimeoutError):
     """A blocking get/wait ran past its timeout."""
+
+
+class _Refused(Exception):
+    """A request the store answers with ERROR (over a quota, a reply too large)."""
+
+
+def _keepalive(conn: socket.socket) -> None:
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    idle, interval, count = KEEPALIVE
+    for opt, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count)):
+        if hasattr(socket, opt):  # Linux; other systems keep their defaults
+            conn.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
 
 
 def _b(x: str | bytes) -> bytes:
@@ -112,8 +136,10 @@ class StoreServer:
     """
 
     def __init__(self, secret: str, host: str = "127.0.0.1", port: int = 0, *, advertise: str | None = None):
-        self._secret = _b(secret)
+        self._salt = os.urandom(SALT)  # this store's (this job's) salt of the secret
+        self._key = stretch(_b(secret), self._salt)
         self.data: dict[str, bytes] = {}
+        self.nbytes = 0  # keys and values, kept by _put/_pop under ``cond``
         self.cond = threading.Condition()
         self._reject = _RejectLog()
         self.rejected = self._reject.recent  # (peer, why) of the latest 1,000 rejections
@@ -177,8 +203,28 @@ class StoreServer:
 
     def set_local(self, key: str, value: bytes) -> None:
         with self.cond:
-            self.data[key] = value
+            self._put(key, value, quota=False)
             self.cond.notify_all()
+
+    def _put(self, key: str, value: bytes, quota: bool = True) -> None:
+        """Store ``key`` (caller holds ``cond``); over a quota raises _Refused and changes nothing."""
+        old = self.data.get(key)
+        grow = len(value) - (len(old) if old is not None else -len(key))
+        if quota:
+            if len(value) > MAX_VALUE:
+                raise _Refused(f"value of {key!r} is {len(value)} bytes, over the limit of {MAX_VALUE}")
+            if old is None and len(self.data) >= MAX_KEYS:
+                raise _Refused(f"the store holds {len(self.data)} keys, the limit")
+            if self.nbytes + grow > MAX_TOTAL:
+                raise _Refused(f"the store holds {self.nbytes} bytes; {key!r} would pass the limit of {MAX_TOTAL}")
+        self.data[key] = value
+        self.nbytes += grow
+
+    def _pop(self, key: str) -> bytes | None:
+        value = self.data.pop(key, None)
+        if value is not None:
+            self.nbytes -= len(key) + len(value)
+        return value
 
     # -- network ------------------------------------------------------------------------
     def _accept_loop(self) -> None:
@@ -235,7 +281,7 @@ class StoreServer:
             peer = f"{addr[0]}:{addr[1]}"
             if len(pending) >= MAX_PENDING:
                 drop(next(iter(pending)), f"dropped: {MAX_PENDING} handshakes in flight")
-            hello, nonce = server_hello()
+            hello, nonce = server_hello(self._salt)
             try:
                 conn.setblocking(False)
                 conn.send(hello)  # 40 bytes into an empty socket buffer: never short
@@ -260,29 +306,35 @@ class StoreServer:
         p.buf += chunk
         if len(p.buf) < REPLY:
             return
-        ok = server_check_reply(self._secret, p.nonce, p.buf)
+        ok = server_check_reply(self._key, p.nonce, p.buf)
         if ok is None:
             drop(conn, "handshake failed (wrong secret, replayed or garbage bytes)")
             return
         del pending[conn]
         sel.unregister(conn)
         proof, key = ok
+        if len(self._conns) >= MAX_CONNECTIONS:
+            conn.close()
+            self._reject(p.peer, f"proven, but {MAX_CONNECTIONS} connections are being served already")
+            return
         try:
             conn.setblocking(True)
             conn.settimeout(HANDSHAKE_TIMEOUT)
             conn.sendall(proof)
             conn.settimeout(None)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _keepalive(conn)
+            self._conns.add(conn)
             threading.Thread(
                 target=self._serve, args=(Channel(conn, key, client=False), p.peer), name="store-conn", daemon=True
             ).start()
         except (OSError, RuntimeError) as exc:  # RuntimeError: can't start a new thread
+            self._conns.discard(conn)
             conn.close()
             log.warning("rendezvous store: could not serve %s: %s", p.peer, exc)
 
     def _serve(self, chan: Channel, peer: str) -> None:
         conn = chan.sock
-        self._conns.add(conn)
         try:
             while not self._closed:
                 try:
@@ -297,8 +349,13 @@ class StoreServer:
                     return
                 try:
                     status, out = self._handle(code, fields)
-                except (ValueError, IndexError, UnicodeDecodeError) as exc:
-                    status, out = ERROR, [f"bad request {code}: {exc}".encode()]
+                    if sum(4 + len(f) for f in out) > MAX_REPLY:
+                        raise _Refused(f"the reply would be {sum(len(f) for f in out)} bytes, over {MAX_REPLY}")
+                except _Refused as exc:
+                    self._reject(peer, f"request {code} refused: {exc}")
+                    status, out = ERROR, [str(exc).encode()]
+                except (ValueError, IndexError, KeyError, UnicodeDecodeError, OverflowError) as exc:
+                    status, out = ERROR, [f"bad request {code}: {exc!r}".encode()]
                 chan.send(status, out)
         except OSError:
             pass
@@ -306,73 +363,81 @@ class StoreServer:
             self._conns.discard(conn)
             conn.close()
 
-    def _wait_for(self, keys: list[str], timeout: float) -> bool:
+    def _wait_for(self, keys: list[str], timeout: float) -> list[bytes] | None:
+        """The values of ``keys`` once all are present (read under the same lock, so a DELETE
+        racing the wait cannot fail the read), or None at the timeout."""
         deadline = time.monotonic() + timeout
         with self.cond:
             while not all(k in self.data for k in keys):
                 left = deadline - time.monotonic()
                 if left <= 0 or self._closed:
-                    return False
+                    return None
                 self.cond.wait(min(left, 1.0))
-        return True
+            return [self.data[k] for k in keys]
 
     def _handle(self, code: int, f: list[bytes]) -> tuple[int, list[bytes]]:
         d, cond = self.data, self.cond
         if code == SET:
             with cond:
-                d[f[0].decode()] = f[1]
+                self._put(f[0].decode(), f[1])
                 cond.notify_all()
             return (OK, [])
         if code == GET:
-            key, timeout = f[0].decode(), float(f[1])
-            if not self._wait_for([key], timeout):
-                return (TIMEOUT, [])
-            with cond:
-                return (OK, [d[key]])
+            values = self._wait_for([f[0].decode()], float(f[1]))
+            return (TIMEOUT, []) if values is None else (OK, values)
         if code == ADD:
             key, delta = f[0].decode(), int(f[1])
             with cond:
-                value = int(d.get(key, b"0")) + delta
-                d[key] = str(value).encode()
+                value = str(int(d.get(key, b"0")) + delta).encode()
+                self._put(key, value)
                 cond.notify_all()
-            return (OK, [d[key]])
+            return (OK, [value])
         if code == CHECK:
             with cond:
                 return (OK, [b"1" if all(k.decode() in d for k in f) else b"0"])
         if code == WAIT:
-            ok = self._wait_for([k.decode() for k in f[1:]], float(f[0]))
+            ok = self._wait_for([k.decode() for k in f[1:]], float(f[0])) is not None
             return (OK if ok else TIMEOUT, [])
         if code == CAS:
             key, expected, desired = f[0].decode(), f[1], f[2]
             with cond:
                 current = d.get(key)
                 if (current is None and expected == b"") or current == expected:
-                    d[key] = desired
+                    self._put(key, desired)
                     cond.notify_all()
                     return (OK, [desired])
                 return (OK, [expected if current is None else current])
         if code == DELETE:
             with cond:
-                return (OK, [b"1" if d.pop(f[0].decode(), None) is not None else b"0"])
+                return (OK, [b"1" if self._pop(f[0].decode()) is not None else b"0"])
         if code == NUM_KEYS:
             with cond:
                 return (OK, [str(len(d)).encode()])
         if code == APPEND:
             with cond:
                 key = f[0].decode()
-                d[key] = d.get(key, b"") + f[1]
+                old = d.get(key, b"")
+                if len(old) + len(f[1]) > MAX_VALUE:  # checked before the copy is made
+                    raise _Refused(f"appending {len(f[1])} bytes to {key!r} passes the limit of {MAX_VALUE}")
+                self._put(key, old + f[1])
                 cond.notify_all()
             return (OK, [])
         if code == MULTI_GET:
-            keys = [k.decode() for k in f[1:]]
-            if not self._wait_for(keys, float(f[0])):
-                return (TIMEOUT, [])
-            with cond:
-                return (OK, [d[k] for k in keys])
+            values = self._wait_for([k.decode() for k in f[1:]], float(f[0]))
+            return (TIMEOUT, []) if values is None else (OK, values)
         if code == MULTI_SET:
             with cond:
-                for k, v in zip(f[0::2], f[1::2]):
-                    d[k.decode()] = v
+                pairs = [(k.decode(), v) for k, v in zip(f[0::2], f[1::2])]
+                if (
+                    len(f) % 2
+                    or any(len(v) > MAX_VALUE for _, v in pairs)
+                    or sum(len(k) + len(v) for k, v in pairs) > MAX_TOTAL - self.nbytes
+                ):
+                    raise _Refused(
+                        "multi_set: odd field count, a value over the limit, or more bytes than there is room for"
+                    )
+                for k, v in pairs:
+                    self._put(k, v)
                 cond.notify_all()
             return (OK, [])
         if code == PING:

@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from launcher.channel import HELLO, SALT, stretch
 from launcher.store import MAGIC, NONCE, StoreAuthError, StoreClient, StoreServer, StoreTimeout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,9 +55,9 @@ def test_store_operations_match_torch_semantics():
 
 
 def _handshake_reply(sock: socket.socket, secret: bytes) -> bytes:
-    hello = sock.recv(len(MAGIC) + NONCE, socket.MSG_WAITALL)
-    nonce_s, nonce_c = hello[len(MAGIC) :], os.urandom(NONCE)
-    return nonce_c + hmac.new(secret, b"dt-client" + nonce_s + nonce_c, hashlib.sha256).digest()
+    hello = sock.recv(HELLO, socket.MSG_WAITALL)
+    salt, nonce_s, nonce_c = hello[len(MAGIC) : len(MAGIC) + SALT], hello[len(MAGIC) + SALT :], os.urandom(NONCE)
+    return nonce_c + hmac.new(stretch(secret, salt), b"dt-client" + nonce_s + nonce_c, hashlib.sha256).digest()
 
 
 def _closed_without_answer(sock: socket.socket) -> bool:
@@ -75,7 +76,7 @@ def _closed_without_answer(sock: socket.socket) -> bool:
 
 @pytest.mark.timeout(90)
 def test_strangers_are_rejected_while_a_job_runs_and_the_job_finishes(tmp_path):
-    secret = "0123456789abcdef" * 4
+    secret = "7d1c9a0e5b3f48c2a6e1d09b7f3c5a8e2b4d6f1a9c0e7b3d5f2a8c6e1b4d9f07"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -112,7 +113,7 @@ def test_strangers_are_rejected_while_a_job_runs_and_the_job_finishes(tmp_path):
                 time.sleep(0.05)
         # 1. garbage bytes instead of a handshake
         with socket.create_connection(addr, 5) as g:
-            g.recv(len(MAGIC) + NONCE, socket.MSG_WAITALL)  # the server's challenge
+            g.recv(HELLO, socket.MSG_WAITALL)  # the server's challenge
             g.sendall(b"\x00\xffGET / HTTP/1.1\r\n\r\n" * 8)
             assert _closed_without_answer(g)
         # 2. a wrong secret
@@ -124,16 +125,16 @@ def test_strangers_are_rejected_while_a_job_runs_and_the_job_finishes(tmp_path):
             legit.sendall(recorded)
             assert len(legit.recv(32, socket.MSG_WAITALL)) == 32  # accepted the first time
         with socket.create_connection(addr, 5) as replay:
-            replay.recv(len(MAGIC) + NONCE, socket.MSG_WAITALL)
+            replay.recv(HELLO, socket.MSG_WAITALL)
             replay.sendall(recorded)
             assert _closed_without_answer(replay)
         # 4. a pickled payload (as a pickle-based store would accept), raw and as a frame
         with socket.create_connection(addr, 5) as p:
-            p.recv(len(MAGIC) + NONCE, socket.MSG_WAITALL)
+            p.recv(HELLO, socket.MSG_WAITALL)
             p.sendall(payload)
             assert _closed_without_answer(p)
         with socket.create_connection(addr, 5) as p:
-            p.recv(len(MAGIC) + NONCE, socket.MSG_WAITALL)
+            p.recv(HELLO, socket.MSG_WAITALL)
             p.sendall(len(payload).to_bytes(4, "big") + payload + b"\x00" * 64)
             assert _closed_without_answer(p)
         # ...and even an authenticated client's pickle is only ever stored as bytes.

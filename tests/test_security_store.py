@@ -20,7 +20,7 @@ from launcher.store import SET, StoreClient, StoreServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "cases", "security_worker.py")
-SECRET = "0123456789abcdef" * 4
+SECRET = "7d1c9a0e5b3f48c2a6e1d09b7f3c5a8e2b4d6f1a9c0e7b3d5f2a8c6e1b4d9f07"
 
 
 class _Proxy:
@@ -124,7 +124,10 @@ def test_a_forged_frame_after_a_good_handshake_is_refused():
 def test_short_user_secrets_are_refused(monkeypatch, capsys):
     with pytest.raises(StoreError, match=f"at least {MIN_SECRET}"):
         check_secret("x" * (MIN_SECRET - 1), "a test")
-    assert check_secret("x" * MIN_SECRET, "a test")
+    for weak in ("x" * MIN_SECRET, "0123456789abcdef" * 4, "correct-horse" * 4):  # long, but guessable
+        with pytest.raises(StoreError, match="is guessable"):
+            check_secret(weak, "a test")
+    assert check_secret(SECRET, "a test") == SECRET
     monkeypatch.setenv("DISTTRAIN_JOB_SECRET", "hunter2")
     assert cli.main(["--nproc-per-node", "1", WORKER, "sleep"]) == 2
     err = capsys.readouterr().err

@@ -118,7 +118,12 @@ def test_contract_uses_torchruns_names_and_tags_the_attempt():
 
 
 def test_srun_started_worker_exports_the_contract(tmp_path):
-    env = _env(SLURM_PROCID="2", SLURM_LOCALID="0", DISTTRAIN_MASTER_ADDR="127.0.0.1", DISTTRAIN_JOB_SECRET="s" * 64)
+    env = _env(
+        SLURM_PROCID="2",
+        SLURM_LOCALID="0",
+        DISTTRAIN_MASTER_ADDR="127.0.0.1",
+        DISTTRAIN_JOB_SECRET="7d1c9a0e5b3f48c2a6e1d09b7f3c5a8e2b4d6f1a9c0e7b3d5f2a8c6e1b4d9f07",
+    )
     job = setup_worker(str(tmp_path), env=env)
     assert job is not None and job.server is None  # rank 2 is not the store's host
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"]) == ("2", "4", "0", "2")

@@ -24,7 +24,7 @@ from launcher.slurm.secret import (
 
 pytestmark = pytest.mark.unit
 NOBODY = 65534
-GOOD = "ab" * 32
+GOOD = "7d1c9a0e5b3f48c2a6e1d09b7f3c5a8e2b4d6f1a9c0e7b3d5f2a8c6e1b4d9f07"
 
 LOOSE_MODES = [
     pytest.param(0o640, id="group-readable"),

@@ -27,6 +27,7 @@ from ..backend import Backend
 from ..env import DistEnv
 from ..errors import BackendUnavailableError, CollectivesError, CollectiveTimeoutError
 from ..types import ReduceOp, Work
+from .loopback import pin_one_host_job
 
 _hvd = None
 
@@ -127,6 +128,7 @@ class HorovodBackend(Backend):
         iface = os.environ.get("GLOO_SOCKET_IFNAME") or ("lo" if all_local else None)
         if iface:
             os.environ["HOROVOD_GLOO_IFACE"] = iface
+        pin_one_host_job(env)
         hvd.init()
         if hvd.rank() != env.rank or hvd.size() != env.world_size:
             raise CollectivesError(

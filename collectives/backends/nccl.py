@@ -28,6 +28,7 @@ from ..backend import Backend
 from ..env import DistEnv
 from ..errors import BackendUnavailableError, CollectivesError, CollectiveTimeoutError, InvalidTensorError
 from ..types import ReduceOp, Work
+from .loopback import pin_one_host_job
 
 _ID_KEY = "collectives/nccl/id/"
 
@@ -113,6 +114,7 @@ class NCCLBackend(Backend):
             from .store_fallback import fallback_store
 
             store = fallback_store(env, timeout, "nccl")
+        pin_one_host_job(env)  # NCCL's bootstrap listener on lo when every rank is here
         uid = exchange_unique_id(store, _ID_KEY + "world", env.rank == 0, timeout, nccl.get_unique_id)
         comm = nccl.NcclCommunicator(env.world_size, uid, env.rank)
         import torch.distributed as dist

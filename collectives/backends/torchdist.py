@@ -18,6 +18,7 @@ from ..backend import Backend
 from ..env import DistEnv
 from ..errors import CollectivesError, CollectiveTimeoutError, PeerDiedError
 from ..types import ReduceOp, Work
+from .loopback import pin_one_host_job
 from .store_fallback import fallback_store
 
 _OPS = {
@@ -71,6 +72,7 @@ class TorchBackend(Backend):
         if store is None and not dist.is_initialized():
             store = fallback_store(env, timeout, "torch")
         if not dist.is_initialized():
+            pin_one_host_job(env)  # gloo's device (and NCCL's bootstrap) on lo when every rank is here
             dist.init_process_group(
                 backend="nccl" if device.startswith("cuda") else "gloo",
                 store=dist.PrefixStore("collectives/torch", store),

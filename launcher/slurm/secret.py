@@ -25,6 +25,7 @@ import time
 from collections.abc import Mapping
 
 from .. import environment as E
+from ..channel import check_secret
 from .errors import SlurmEnvError
 from .place import SlurmPlace
 
@@ -114,7 +115,7 @@ def job_secret(
     """(secret, file we created or None). ``creator`` writes the fallback file; others wait for it."""
     env = os.environ if env is None else env
     if env.get(E.SECRET):
-        return env[E.SECRET], None
+        return check_secret(env[E.SECRET], E.SECRET), None
     if env.get(SECRET_FILE):
         return read_secret_file(env[SECRET_FILE]), None
     if not secret_dir:

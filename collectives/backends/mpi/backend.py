@@ -33,6 +33,7 @@ from ...backend import Backend
 from ...env import DistEnv, usable_cores
 from ...errors import CollectivesError, CollectiveTimeoutError, InvalidTensorError, PeerDiedError
 from ...types import ReduceOp, Work
+from ..loopback import pin_one_host_job
 from ..store_fallback import fallback_store
 from . import pmi
 
@@ -365,6 +366,8 @@ def _init_mpi(env: DistEnv, store, timeout: float):
         return _MPI
     import sys
 
+    if "mpi4py.MPI" not in sys.modules:
+        pin_one_host_job(env)  # MPICH's UCX/libfabric listeners on lo when every rank is here
     if "mpi4py.MPI" not in sys.modules and not _mpi_launched() and env.world_size > 1:
         _connect_pmi(env, store, timeout)
     import mpi4py
