@@ -35,6 +35,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 SIZES = {"4KiB": 4 << 10, "1MiB": 1 << 20, "64MiB": 64 << 20}
 LAYERS, WIDTH, BATCH = 60, 128, 16  # 120 parameter tensors, 1 M parameters (4 MiB of gradients)
+# GPT-2 (transformers, built from its config): 52 parameter tensors from 256 B to 4 MiB, 2.4 M parameters
+GPT2 = {"n_layer": 4, "n_embd": 192, "n_head": 4, "vocab_size": 4096, "n_positions": 64}
+GPT2_BATCH = 4
+PARTS = ("allreduce", "mlp", "gpt2")
 
 
 def _free_port() -> int:
@@ -54,7 +58,7 @@ def _time(fn, barrier, reps: int) -> tuple[float, float]:
     return min(times), sum(times) / len(times)
 
 
-def worker(reps: int, out_path: str) -> None:
+def worker(reps: int, out_path: str, parts: tuple[str, ...] = PARTS) -> None:
     import torch
 
     torch.set_num_threads(1)
@@ -74,7 +78,7 @@ def worker(reps: int, out_path: str) -> None:
 
         peer.init()
     rows = []
-    for label, nbytes in SIZES.items():
+    for label, nbytes in SIZES.items() if "allreduce" in parts else ():
         n = nbytes // 4
         for impl_name, impl in [("disttrain.horovod", ours), ("horovod", peer)]:
             if impl is None:
@@ -97,13 +101,26 @@ def worker(reps: int, out_path: str) -> None:
                     "allreduce_inplace_mean_s": mean_i,
                 }
             )
-    for impl_name, impl in [("disttrain.horovod", ours), ("horovod", peer)]:
-        if impl is None:
+    for model in ("mlp", "gpt2"):
+        if model not in parts:
             continue
-        step = _step_fn(impl, torch)
-        barrier = impl.barrier if impl is ours else (lambda: peer.allreduce(torch.zeros(1), name="bench.b"))
-        best, mean = _time(step, barrier, max(3, reps * 2))
-        rows.append({"impl": impl_name, "size": "step", "bytes": 0, "step_s": best, "step_mean_s": mean})
+        impls = [("compute", None), ("disttrain.horovod", ours), ("horovod", peer)]
+        steps = {name: _step_fn(model, impl, torch) for name, impl in impls if name == "compute" or impl is not None}
+        barrier = ours.barrier
+        times: dict[str, list[float]] = {name: [] for name in steps}
+        for step in steps.values():  # warm-up (and the first, negotiated, step)
+            step()
+            step()
+        for _ in range(max(3, reps * 2)):  # in turns, so drifts of the machine hit every row alike
+            for name, step in steps.items():
+                barrier()
+                t0 = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - t0)
+        for name, ts in times.items():
+            rows.append(
+                {"impl": name, "size": f"step_{model}", "bytes": 0, "step_s": min(ts), "step_mean_s": sum(ts) / len(ts)}
+            )
     if ours.rank() == 0:
         with open(out_path, "w") as f:
             json.dump({"rows": rows, "backend": ours.basics.context().backend, "np": ours.size()}, f)
@@ -112,28 +129,43 @@ def worker(reps: int, out_path: str) -> None:
         peer.shutdown()
 
 
-def _step_fn(impl, torch):
-    """One DistributedOptimizer training step of a deep MLP (same seed, same data for both impls)."""
+def _step_fn(model_kind: str, impl, torch):
+    """One training step (zero_grad, forward, backward, step) of the same model on the same data for
+    every impl: ``DistributedOptimizer.step()`` for a Horovod, a plain optimizer for ``compute`` (impl None)."""
     torch.manual_seed(0)
-    layers = []
-    for _ in range(LAYERS):
-        layers += [torch.nn.Linear(WIDTH, WIDTH), torch.nn.Tanh()]
-    model = torch.nn.Sequential(*layers)
-    opt = impl.DistributedOptimizer(
-        torch.optim.SGD(model.parameters(), lr=1e-3), named_parameters=model.named_parameters()
-    )
-    impl.broadcast_parameters(model.state_dict(), root_rank=0)
-    x = torch.randn(BATCH, WIDTH)
+    if model_kind == "mlp":
+        layers = []
+        for _ in range(LAYERS):
+            layers += [torch.nn.Linear(WIDTH, WIDTH), torch.nn.Tanh()]
+        model = torch.nn.Sequential(*layers)
+        x = torch.randn(BATCH, WIDTH)
+
+        def loss():
+            return model(x).pow(2).mean()
+    else:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2, bos_token_id=0, eos_token_id=0))
+        ids = torch.randint(0, GPT2["vocab_size"], (GPT2_BATCH, GPT2["n_positions"]))
+
+        def loss():
+            return model(input_ids=ids, labels=ids).loss
+
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    if impl is not None:
+        opt = impl.DistributedOptimizer(opt, named_parameters=model.named_parameters())
+        impl.broadcast_parameters(model.state_dict(), root_rank=0)
 
     def step():
         opt.zero_grad()
-        model(x).pow(2).mean().backward()
+        loss().backward()
         opt.step()
 
     return step
 
 
-def _run_ours(np_: int, reps: int, out_path: str) -> None:
+def _run_ours(np_: int, reps: int, out_path: str, parts: str) -> None:
     port, job = _free_port(), "hvdbench-" + secrets.token_hex(3)
     procs = []
     for r in range(np_):
@@ -151,7 +183,9 @@ def _run_ours(np_: int, reps: int, out_path: str) -> None:
         )
         procs.append(
             subprocess.Popen(
-                [sys.executable, __file__, "--worker", "--reps", str(reps), "--out", out_path], env=env, cwd=ROOT
+                [sys.executable, __file__, "--worker", "--reps", str(reps), "--out", out_path, "--parts", parts],
+                env=env,
+                cwd=ROOT,
             )
         )
     try:
@@ -166,7 +200,7 @@ def _run_ours(np_: int, reps: int, out_path: str) -> None:
         raise SystemExit(f"benchmark workers failed: exit codes {[p.returncode for p in procs]}")
 
 
-def _run_with_horovod(np_: int, reps: int, out_path: str) -> None:
+def _run_with_horovod(np_: int, reps: int, out_path: str, parts: str) -> None:
     horovodrun = shutil.which("horovodrun") or os.path.join(os.path.dirname(sys.executable), "horovodrun")
     env = dict(
         os.environ,
@@ -190,8 +224,21 @@ def _run_with_horovod(np_: int, reps: int, out_path: str) -> None:
         str(reps),
         "--out",
         out_path,
+        "--parts",
+        parts,
     ]
     subprocess.run(cmd, env=env, cwd=ROOT, check=True, timeout=900)
+
+
+TARGETS = {
+    "hvd_step_vs_horovod": (">=", 2.0),
+    "hvd_api_vs_horovod_allreduce_64MiB": (">=", 3.0),
+    "hvd_step_over_compute": ("<=", 1.3),
+}
+
+
+def _met(value: float, goal: tuple[str, float]) -> bool:
+    return value >= goal[1] if goal[0] == ">=" else value <= goal[1]
 
 
 def horovod_installed() -> bool:
@@ -207,15 +254,16 @@ def main(argv=None) -> int:
     p.add_argument("--np", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json", default=None, help="also write the JSON here")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     ns = p.parse_args(argv)
     if ns.worker:
-        worker(ns.reps, ns.out)
+        worker(ns.reps, ns.out, tuple(ns.parts.split(",")))
         return 0
     out_path = os.path.join("/tmp", f"hvdbench-{os.getpid()}.json")
     with_peer = horovod_installed()
-    (_run_with_horovod if with_peer else _run_ours)(ns.np, ns.reps, out_path)
+    (_run_with_horovod if with_peer else _run_ours)(ns.np, ns.reps, out_path, ns.parts)
     with open(out_path) as f:
         res = json.load(f)
     os.unlink(out_path)
@@ -224,13 +272,13 @@ def main(argv=None) -> int:
         f"allreduce, {res['np']} ranks, disttrain.horovod over {res['backend']}"
         f"{' vs horovod 0.28.1 (gloo)' if with_peer else ' (horovod not installed)'}; best of {ns.reps}, ms"
     )
-    print(f"{'impl':<20}{'size':>7}{'allreduce':>12}{'(mean)':>10}{'allreduce_':>12}{'(mean)':>10}")
+    print(f"{'impl':<20}{'size':>10}{'allreduce':>9}{'(mean)':>10}{'allreduce_':>12}{'(mean)':>10}")
     for r in rows:
-        if r["size"] == "step":
-            print(f"{r['impl']:<20}{'step':>7}{r['step_s'] * 1e3:>12.3f}{r['step_mean_s'] * 1e3:>10.3f}")
+        if r["size"].startswith("step"):
+            print(f"{r['impl']:<20}{r['size']:>10}{r['step_s'] * 1e3:>9.3f}{r['step_mean_s'] * 1e3:>10.3f}")
             continue
         print(
-            f"{r['impl']:<20}{r['size']:>7}{r['allreduce_s'] * 1e3:>12.3f}{r['allreduce_mean_s'] * 1e3:>10.3f}"
+            f"{r['impl']:<20}{r['size']:>10}{r['allreduce_s'] * 1e3:>9.3f}{r['allreduce_mean_s'] * 1e3:>10.3f}"
             f"{r['allreduce_inplace_s'] * 1e3:>12.3f}{r['allreduce_inplace_mean_s'] * 1e3:>10.3f}"
         )
     ratios = {}
@@ -240,10 +288,21 @@ def main(argv=None) -> int:
         if a and b:
             ratios[f"hvd_api_vs_horovod_allreduce_{size}"] = b["allreduce_s"] / a["allreduce_s"]
             ratios[f"hvd_api_vs_horovod_allreduce_inplace_{size}"] = b["allreduce_inplace_s"] / a["allreduce_inplace_s"]
-    a = next((r for r in rows if r["impl"] == "disttrain.horovod" and r["size"] == "step"), None)
-    b = next((r for r in rows if r["impl"] == "horovod" and r["size"] == "step"), None)
-    if a and b:
-        ratios["hvd_step_vs_horovod"] = b["step_s"] / a["step_s"]
+    for model in ("mlp", "gpt2"):
+        got = {r["impl"]: r["step_s"] for r in rows if r["size"] == f"step_{model}"}
+        suffix = "" if model == "mlp" else f"_{model}"
+        if "horovod" in got and "disttrain.horovod" in got:
+            ratios[f"hvd_step_vs_horovod{suffix}"] = got["horovod"] / got["disttrain.horovod"]
+        if "compute" in got and "disttrain.horovod" in got:
+            ratios[f"hvd_step_over_compute{suffix}"] = got["disttrain.horovod"] / got["compute"]
+        if "compute" in got and "horovod" in got:
+            ratios[f"horovod_step_over_compute{suffix}"] = got["horovod"] / got["compute"]
+    for k, v in ratios.items():
+        goal = TARGETS.get(k)
+        print(
+            f"{k:<44}{v:>8.3f}"
+            + (f"   goal {goal[0]} {goal[1]}: {'met' if _met(v, goal) else 'MISSED'}" if goal else "")
+        )
     doc = {
         "benchmark": "horovod",
         "date": datetime.date.today().isoformat(),
@@ -255,6 +314,9 @@ def main(argv=None) -> int:
         "horovod": with_peer,
         "rows": rows,
         "ratios": ratios,
+        "targets": {
+            k: {"goal": f"{c} {g}", "met": _met(ratios[k], (c, g))} for k, (c, g) in TARGETS.items() if k in ratios
+        },
     }
     print(json.dumps(doc, indent=1))
     if ns.json:

@@ -19,11 +19,13 @@ Sparse gradients (``nn.Embedding(sparse=True)``) are allgathered as indices and 
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 
 import torch
 
 from .basics import size
+from .buckets import GradBuckets
 from .compression import Compression
 from .exceptions import HorovodError
 from .ops import allreduce_async_, grouped_allreduce_async_, sparse_allreduce_async, synchronize
@@ -93,8 +95,17 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._p_to_group: dict = {}
         self._group_counts: dict = {}
         self._groups = self._build_groups(groups)
+        self._buckets: GradBuckets | None = None
         if process_set.included() and size() > 1:
-            self._register_hooks()
+            if groups is None and compression is Compression.none and os.environ.get("DISTTRAIN_HVD_BUCKETS") != "0":
+                params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+                pre, post = self._scales()
+                self._buckets = GradBuckets(
+                    params, self._parameter_names, backward_passes_per_step, op, pre, post, process_set
+                )
+                self._requires_update = params
+            else:
+                self._register_hooks()
 
     def _build_groups(self, groups):
         if groups is None:
@@ -128,12 +139,16 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._should_synchronize = True
         for p in self._allreduce_delay:
             self._allreduce_delay[p] = self.backward_passes_per_step
+        if self._buckets is not None:
+            self._buckets.reset()
         super(self.__class__, self).load_state_dict(*args, **kwargs)
 
     def set_backward_passes_per_step(self, passes: int) -> None:
         self.backward_passes_per_step = passes
         for p in self._allreduce_delay:
             self._allreduce_delay[p] = passes
+        if self._buckets is not None:
+            self._buckets.reset(passes)
 
     def _register_hooks(self) -> None:
         for group in self.param_groups:
@@ -214,6 +229,18 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         if not self.process_set.included():
             self._synchronized = True
             return
+        if self._buckets is not None:
+            self._buckets.finish()
+            for p in self._requires_update:  # sparse gradients, beside the buckets (in parameter order)
+                if p in self._buckets.sparse and p.grad is not None and p.grad.is_sparse:
+                    self._handles[p] = self._allreduce_grad_async(p)
+        else:
+            self._start_missing()
+        self._collect()
+        self._synchronized = True
+
+    def _start_missing(self) -> None:
+        """Per-tensor path: start the allreduces no hook started (zeros for missing gradients)."""
         done = set()
         for key in self._handles:
             done.update(key) if isinstance(key, tuple) else done.add(key)
@@ -230,6 +257,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         for key, (handle, _ctx) in list(self._handles.items()):
             if handle is None:
                 self._handles[key] = self._allreduce_grad_async(key)
+
+    def _collect(self) -> None:
         for key, (handle, ctx) in self._handles.items():
             outputs = None if callable(handle) else synchronize(handle)
             if isinstance(key, tuple):
@@ -246,7 +275,6 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 else:
                     key.grad.set_(self._compression.decompress(outputs, ctx[1]))
         self._handles.clear()
-        self._synchronized = True
 
     @contextlib.contextmanager
     def skip_synchronize(self):
@@ -271,7 +299,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         return super(self.__class__, self).step(closure)
 
     def zero_grad(self, *args, **kwargs):
-        if self._handles:
+        if self._handles or (self._buckets is not None and self._buckets.pending()):
             raise HorovodError(
                 "optimizer.zero_grad() was called after loss.backward() but before "
                 "optimizer.step() or optimizer.synchronize(). This is prohibited as it can cause "

@@ -51,6 +51,7 @@ class Timeline:
                     "tid": 1,
                     "ts": self._us(t_start),
                     "dur": self._us(t_agreed) - self._us(t_start),
+                    "args": args,  # the engine's "cache": "hit", or why the response cache missed
                 }
             )
             self.events.append(

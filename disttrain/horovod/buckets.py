@@ -1,0 +1,155 @@
+"""Gradient buckets for ``DistributedOptimizer``: persistent fusion buffers laid out once.
+
+Why: a per-gradient allreduce costs Python on both threads for every parameter of every step
+(a hook that wraps, names, describes and submits an op; the engine announcing, fusing, copying
+and completing it). Here the dense gradients are laid out once, at construction, into flat
+buffers of about ``HOROVOD_FUSION_THRESHOLD`` bytes at most (``DISTTRAIN_HVD_BUCKET_BYTES``,
+default 1 MiB; one dtype per bucket), in reverse registration order as data parallel's buckets
+(``disttrain/parallel/buckets.py``), which is roughly the order backward produces them. A
+parameter's post-accumulate-grad hook only counts (and checks ``backward_passes_per_step``);
+the hook that completes a bucket copies its gradients in with one ``torch._foreach_copy_`` and
+submits the bucket as one in-place allreduce, so reductions start while backward goes on.
+``synchronize()`` launches the buckets whose parameters got no gradient on this rank (they
+contribute zeros, as Horovod's per-tensor path does), waits, and writes the results back into
+each ``p.grad`` with one ``_foreach_copy_`` per bucket.
+
+Every rank lays out the same buckets from the same ``named_parameters``; a bucket's op is named
+after a digest of its parameters' names, so ranks whose layouts differ never pair different
+buckets (they stall and fail with the stall inspector's message instead).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .exceptions import HorovodError
+from .ops import allreduce_async_, synchronize
+from .wire import digest
+
+BACKWARD_PASSES_ERROR = (
+    "Gradients were computed more than backward_passes_per_step times before call to step(). "
+    "Increase backward_passes_per_step to accumulate gradients locally."
+)
+
+
+class Bucket:
+    """One flat buffer over ``params`` (one dtype); ``views[i]`` is ``params[i]``'s gradient in it."""
+
+    __slots__ = ("params", "views", "buf", "name", "left", "handle", "delay", "flat")
+
+    def __init__(self, params: list[torch.nn.Parameter], names: list[str]):
+        n = sum(p.numel() for p in params)
+        self.params = params
+        self.buf = torch.zeros(n, dtype=params[0].dtype)
+        self.views, off = [], 0
+        for p in params:
+            self.views.append(self.buf[off : off + p.numel()].view(p.shape))
+            off += p.numel()
+        self.name = f"bucket.{len(params)}.{digest(chr(0).join(names)):016x}"
+        self.left = 0  # parameters still to report in this step
+        self.handle: int | None = None
+        self.delay: list[int] = []
+
+
+def plan(params: list[torch.nn.Parameter], limit: int) -> list[list[torch.nn.Parameter]]:
+    """Reverse registration order, one dtype per bucket, at most ``limit`` bytes (a parameter is never split)."""
+    out: list[list[torch.nn.Parameter]] = []
+    cur: list[torch.nn.Parameter] = []
+    size = 0
+    for p in reversed(params):
+        b = p.numel() * p.element_size()
+        if cur and (size + b > limit or p.dtype != cur[0].dtype):
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(p)
+        size += b
+    if cur:
+        out.append(cur)
+    return out
+
+
+class GradBuckets:
+    """The buckets of one optimizer. Hooks run on autograd's thread; the rest on the user's."""
+
+    def __init__(self, params, names: dict, passes: int, op, pre: float, post: float, process_set):
+        limit = int(os.environ.get("DISTTRAIN_HVD_BUCKET_BYTES", 1 << 20))
+        limit = min(limit, int(os.environ.get("HOROVOD_FUSION_THRESHOLD", 128 << 20)) or limit)
+        self.op, self.pre, self.post, self.process_set = op, pre, post, process_set
+        self.passes = passes
+        self.buckets = [Bucket(ps, [names[p] for p in ps]) for ps in plan(params, limit)]
+        self.sparse: set = set()  # parameters seen with a sparse gradient: the optimizer's per-tensor path
+        self.hooks = []
+        for b in self.buckets:
+            b.delay = [passes] * len(b.params)
+            b.left = len(b.params)
+            for i, p in enumerate(b.params):
+                self.hooks.append(p.register_post_accumulate_grad_hook(self._hook(b, i)))
+
+    def reset(self, passes: int | None = None) -> None:
+        """Forget the step in progress (``load_state_dict``, ``set_backward_passes_per_step``)."""
+        if passes is not None:
+            self.passes = passes
+        for b in self.buckets:
+            b.delay = [self.passes] * len(b.params)
+            b.left, b.handle = len(b.params), None
+
+    def _hook(self, b: Bucket, i: int):
+        def hook(p):
+            d = b.delay[i]
+            if d <= 0:
+                raise HorovodError(BACKWARD_PASSES_ERROR)
+            b.delay[i] = d - 1
+            if d == 1:
+                b.left -= 1
+                if b.left == 0:
+                    self._launch(b)
+
+        return hook
+
+    def _launch(self, b: Bucket) -> None:
+        grads, views = [], []
+        for p, v in zip(b.params, b.views):
+            g = p.grad
+            if g is None or g.is_sparse:  # no gradient here (another rank may have one), or the sparse path's
+                if g is not None:
+                    self.sparse.add(p)
+                v.zero_()
+            elif g.data_ptr() != v.data_ptr():
+                grads.append(g)
+                views.append(v)
+        if views:
+            torch._foreach_copy_(views, grads)
+        b.handle = allreduce_async_(
+            b.buf,
+            name=b.name,
+            op=self.op,
+            prescale_factor=self.pre,
+            postscale_factor=self.post,
+            process_set=self.process_set,
+        )
+
+    def pending(self) -> bool:
+        return any(b.handle is not None or b.left < len(b.params) for b in self.buckets)
+
+    def finish(self) -> None:
+        """Launch what the hooks did not (in bucket order, the same on every rank), wait, write back."""
+        for b in self.buckets:
+            if b.handle is None:
+                self._launch(b)
+        for b in self.buckets:
+            h, b.handle = b.handle, None
+            synchronize(h)
+            grads, views = [], []
+            for p, v in zip(b.params, b.views):
+                g = p.grad
+                if g is None:
+                    p.grad = v.clone()  # as Horovod's zeros: a gradient of its own, reduced
+                elif not g.is_sparse and g.data_ptr() != v.data_ptr():
+                    grads.append(g)
+                    views.append(v)
+            if grads:
+                torch._foreach_copy_(grads, views)
+            b.delay = [self.passes] * len(b.params)
+            b.left = len(b.params)
