@@ -19,6 +19,7 @@ as one plain process. A run directory with checkpoints resumes from its latest o
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -33,6 +34,7 @@ from .errors import DisttrainError
 from .loss import StepFn
 from .observe.callbacks import Callback
 from .parallel.strategy import OptimizerSpec
+from .precision import autocast
 from .rundir import RunDir
 from .schedule import SchedulerFactory
 from .trainer import Trainer
@@ -94,7 +96,8 @@ class Run:
         return self.trainer.step if self.trainer is not None else 0
 
     def autocast(self):
-        """The autocast context of ``train.precision`` (bf16/fp16), or a no-op for fp32."""
+        """The autocast context of ``train.precision`` (bf16/fp16), or a no-op for fp32. The model that
+        ``setup`` returns already runs its forward under it; this is for other code (a loss head)."""
         return self._trainer().autocast()
 
     # -- the verbs ----------------------------------------------------------------------------
@@ -107,11 +110,21 @@ class Run:
         """Wrap ``model`` with the strategy of ``parallel`` (weights broadcast from rank 0) and build the
         optimizer: ``optimizer(param_groups)`` (biases and norm weights get weight_decay 0, per
         ``optim.no_decay``), or the ``optim`` section when None. Returns (model, optimizer) to use; call
-        ``model(...)`` as usual, but step through ``run.step()``, not ``optimizer.step()``.
-        ``scheduler(optimizer)`` (e.g. ``lambda o: torch.optim.lr_scheduler.StepLR(o, 10)``) builds the
-        learning-rate scheduler ``run.step()`` steps and checkpoints, in place of ``schedule``. Collective."""
+        ``model(...)`` as usual (its forward autocasts to ``train.precision``), but step through
+        ``run.step()``, not ``optimizer.step()``. ``scheduler(optimizer)`` (e.g. ``lambda o:
+        torch.optim.lr_scheduler.StepLR(o, 10)``) builds the learning-rate scheduler ``run.step()`` steps
+        and checkpoints, in place of ``schedule``. Pipeline parallel (``parallel.mesh.pp`` > 1) is refused
+        here: use ``disttrain.fit`` with a step function. Collective."""
         if self.trainer is not None:
             raise DisttrainError("run.setup() was already called; one model per run")
+        if self.cfg.parallel.mesh.pp > 1:
+            raise DisttrainError(
+                f"rank {self.comm.env.where}: parallel.mesh.pp={self.cfg.parallel.mesh.pp}: a pipeline runs the "
+                "model a stage at a time on its own schedule, which a loop calling model(...) and "
+                "run.backward() cannot drive\nHINT: keep pipeline parallel with the built-in loop: "
+                "disttrain.fit(model=..., data=..., step=my_step) or `disttrain run` with loss.target (your "
+                "step function runs on each micro-batch); or use tp/dp/ZeRO in this loop"
+            )
         cfg = self.cfg
         if cfg.parallel.tp.loss_parallel is None:  # the user's own loss gets whole logits unless it asks
             tp = cfg.parallel.tp.model_copy(update={"loss_parallel": False})
@@ -127,7 +140,10 @@ class Run:
             optimizer=optimizer,
             scheduler=scheduler,
         )
-        return self.trainer.strategy.model, self.trainer.strategy.optimizer
+        wrapped = self.trainer.strategy.model
+        if cfg.train.precision != "fp32":  # train.precision applies to the user's forward calls too
+            wrapped.forward = autocast_forward(wrapped.forward, cfg.train.precision, self.device)
+        return wrapped, self.trainer.strategy.optimizer
 
     def batches(
         self, dataset, collate_fn: Callable[[list], Any] | None = None, num_workers: int | None = None
@@ -200,6 +216,18 @@ class Run:
         t = self._trainer()
         _, norm, _ = t.end_step()
         t.after_step(norm, t.evaluate if t.data is not None and t.data.eval is not None else None)
+
+
+def autocast_forward(forward: Callable, precision: str, device: str) -> Callable:
+    """``forward`` run under the autocast context of ``precision`` (as accelerate wraps a prepared
+    model's forward); outputs keep the autocast dtype (cast logits with ``.float()`` in the loss)."""
+
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        with autocast(precision, device):
+            return forward(*args, **kwargs)
+
+    return run
 
 
 def init(config: str | config_mod.ExperimentConfig | None = None, argv: Sequence[str] = (), **settings: Any) -> Run:

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from tests.support.harness import spawn
+from tests.support.harness import RankFailure, spawn
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -58,11 +58,18 @@ def test_fit_with_user_parts_writes_summary_and_checkpoint(tmp_path):
     with open(os.path.join(tmp_path, "fit", "summary.json")) as f:
         assert json.load(f)["steps"] == 4
     assert os.path.isdir(os.path.join(tmp_path, "fit", "checkpoints", "step_000004"))
-    # A second run of the same script resumes from the latest checkpoint and has nothing left to do.
+    metrics = os.path.join(tmp_path, "fit", "metrics.jsonl")
+    with open(metrics) as f:
+        before = len(f.readlines())
+    # A second run of the same script resumes from the latest checkpoint and trains only step 5: the
+    # training records it adds (log_every 2) are step 5's alone (from scratch: steps 2, 4 and 5).
     again = spawn(
         "tests.cases.user_api:train", 2, args={"config": config, "overrides": ["train.steps=5"], "mode": "fit"}
     )
     assert again[0]["summary"]["steps"] == 5
+    with open(metrics) as f:
+        added = [json.loads(line) for line in f.readlines()[before:]]
+    assert [r["step"] for r in added if "loss" in r] == [5], added
 
 
 def test_builtin_step_shifts_the_labels_of_a_causal_lm_as_transformers_does(tmp_path):
@@ -81,3 +88,17 @@ def test_builtin_step_shifts_the_labels_of_a_causal_lm_as_transformers_does(tmp_
         want = float(tiny_gpt2().train()(input_ids=batch, labels=batch).loss)
     got = res[0]["summary"]["final_loss"]
     assert abs(got - want) <= 1e-5, f"first-step loss {got}, transformers' own {want}"
+
+
+def test_own_loop_autocasts_to_train_precision_and_refuses_a_pipeline(tmp_path):
+    """train.precision=bf16: the model run.setup returns computes in bf16 in the user's own loop
+    (no run.autocast() needed). parallel.mesh.pp=2: run.setup refuses with a hint, before any step."""
+    res = spawn("tests.cases.user_api:train", 2, args={"config": _config(tmp_path, "bf16"),
+                                                      "overrides": ["train.precision=bf16"], "mode": "loop"})  # fmt: skip
+    assert all(r["logits_dtypes"] == ["torch.bfloat16"] and r["global_step"] == 4 for r in res), res[0]
+    with pytest.raises(RankFailure) as err:
+        spawn("tests.cases.user_api:train", 2, args={"config": _config(tmp_path, "pp"),
+                                                    "overrides": ["parallel.mesh.pp=2"], "mode": "loop"})  # fmt: skip
+    for out in err.value.outputs.values():
+        assert "parallel.mesh.pp=2" in out and "HINT: keep pipeline parallel with the built-in loop" in out, out[-2000:]
+        assert "step 1/" not in out  # refused before the first step

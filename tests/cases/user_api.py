@@ -87,12 +87,15 @@ def train(config: str, overrides: list[str], mode: str) -> dict:
     run = disttrain.init(config, overrides)
     model, opt = run.setup(Tiny(), lambda groups: torch.optim.AdamW(groups, lr=0.01, weight_decay=0.1))
     decays = sorted(g["weight_decay"] for g in opt.param_groups)
-    steps = 0
+    steps, dtypes = 0, set()
     for batch in run.batches(Ragged(), collate_fn=pad):
+        with torch.no_grad():
+            dtypes.add(str(model(batch["input_ids"])["logits"].dtype))  # what the user's loss receives
         loss_sum, count, _ = cross_entropy_step(model, batch)
         run.backward(loss_sum, count)
         steps += run.step()
     params = {n: p.detach().reshape(-1).tolist() for n, p in model.named_parameters()}
-    result = {"params": params, "decays": decays, "steps_here": steps, "global_step": run.global_step}
+    result = {"params": params, "decays": decays, "steps_here": steps, "global_step": run.global_step,
+              "logits_dtypes": sorted(dtypes)}  # fmt: skip
     run.finish()
     return result
