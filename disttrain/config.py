@@ -356,6 +356,14 @@ class LogConfig(Section):
         description="Step time split (data, forward+backward, communication, optimizer), speed per device, peak "
         "memory per rank, ETA, TFLOPs and MFU on each metrics line (one small allgather per line).",
     )
+    stragglers: bool = Field(
+        True,
+        description="Name the rank that arrives last at each step's first collective (flight recorder arrival "
+        "times; one small allgather per metrics line): straggler_rank, straggler_lag_s, straggler_host.",
+    )
+    straggler_threshold_s: float = Field(
+        0.01, gt=0, description="A step's last rank counts as a straggler when it arrives later than this."
+    )
     flops_per_sample: float | None = Field(
         None,
         gt=0,

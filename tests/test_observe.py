@@ -221,3 +221,14 @@ def test_metrics_once_per_step_across_resume_and_finished_rerun(tmp_path):
     res = spawn("tests.cases.observe:fit", 2, args={"config": config, "overrides": [], "record": record})
     assert res[0]["summary"]["already_finished"] is True
     assert {n: (run_dir / n).read_bytes() for n in before} == before
+
+
+def test_a_slow_rank_is_named_with_its_host(tmp_path):
+    config = _config(tmp_path, "slow", steps=6, log_every=3)
+    res = spawn("tests.cases.observe:fit_slow", 2, args={"config": config, "overrides": []})
+    lines = [r for r in _jsonl(tmp_path / "slow") if "loss" in r]
+    assert [r["step"] for r in lines] == [3, 6]
+    for rec in lines:
+        assert rec["straggler_rank"] == 1 and rec["slow_steps"] >= 2, rec
+        assert 0.03 < rec["straggler_lag_s"] < 1.0 and rec["straggler_host"], rec
+    assert res[0]["summary"]["steps"] == 6
