@@ -4,7 +4,8 @@ Python stack when asked, so a hang names the rank that is behind and the line wh
 Every op of every backend passes through :class:`~collectives.communicator.Communicator`, which
 calls :meth:`FlightRecorder.begin` before it starts an op and :meth:`FlightRecorder.end` once it
 completed: one list in a bounded deque, two clock reads and a short walk up the stack for the call
-site (the first frame outside this package). ``DISTTRAIN_FLIGHT_RECORDS`` sets K (default 64).
+site (the first frame outside this package). ``DISTTRAIN_FLIGHT_RECORDS`` sets K (default 64; 0:
+record nothing).
 
 With ``DISTTRAIN_TRACE_DIR`` set (the launcher's hang watch sets it to a private directory),
 :func:`maybe_start_watch` starts one daemon thread per process that, every 0.2 s:
@@ -97,7 +98,21 @@ def stacks() -> list[dict]:
     return out
 
 
-RECORDER = FlightRecorder(int(os.environ.get("DISTTRAIN_FLIGHT_RECORDS", "64") or 64))
+class NullRecorder(FlightRecorder):
+    """``DISTTRAIN_FLIGHT_RECORDS=0``: records nothing (the overhead benchmark's baseline)."""
+
+    def begin(self, seq: int, op: str, group: str, shapes, dtype) -> list:
+        return []
+
+    def end(self, entry: list) -> None:
+        pass
+
+
+def build_recorder(size: int) -> FlightRecorder:
+    return FlightRecorder(size) if size > 0 else NullRecorder(1)
+
+
+RECORDER = build_recorder(int(os.environ.get("DISTTRAIN_FLIGHT_RECORDS") or 64))
 _WATCH: dict = {"thread": None, "extra": None}
 
 
