@@ -187,8 +187,10 @@ def main() -> int:
     p.add_argument("--dir", default=None, help=argparse.SUPPRESS)
     ns = p.parse_args()
     if ns.worker:
+        from disttrain.teardown import leave
+
         worker(ns)
-        return 0
+        leave(0)  # as our workers end (disttrain.teardown): no interpreter teardown after the job is done
     pairs = ns.pairs or (4 if ns.quick else 10)
     ssteps = ns.straggler_steps or (40 if ns.quick else 80)
     work = tempfile.mkdtemp(prefix="bench-obs-", dir=os.environ.get("BENCH_DIR"))

@@ -5,7 +5,8 @@ Every op of every backend passes through :class:`~collectives.communicator.Commu
 calls :meth:`FlightRecorder.begin` before it starts an op and :meth:`FlightRecorder.end` once it
 completed: one list in a bounded deque, two clock reads and a short walk up the stack for the call
 site (the first frame outside this package). ``DISTTRAIN_FLIGHT_RECORDS`` sets K (default 64; 0:
-record nothing).
+record nothing). While a torch.profiler trace records (``labels``), each op is also a named range
+(``allreduce#12 (world)``) in it.
 
 With ``DISTTRAIN_TRACE_DIR`` set (the launcher's hang watch sets it to a private directory),
 :func:`maybe_start_watch` starts one daemon thread per process that, every 0.2 s:
@@ -40,15 +41,20 @@ class FlightRecorder:
     def __init__(self, size: int = 64):
         self.ring: collections.deque = collections.deque(maxlen=max(1, size))
         self.completed = 0
+        self.labels = False  # also open a torch.profiler range per op (while a profile records)
 
     def begin(self, seq: int, op: str, group: str, shapes, dtype) -> list:
         entry = [seq, op, group, shapes, dtype, call_site(2), time.time(), None]
         self.ring.append(entry)
+        if self.labels:
+            entry.append(_label_enter(f"{op}#{seq} ({group})"))
         return entry
 
     def end(self, entry: list) -> None:
         entry[_END] = time.time()
         self.completed += 1
+        if len(entry) > 8:
+            _label_exit(entry.pop())
 
     def records(self) -> list[dict]:
         out = []
@@ -68,6 +74,18 @@ class FlightRecorder:
                 }
             )
         return out
+
+
+def _label_enter(name: str):
+    import torch
+
+    return torch.ops.profiler._record_function_enter_new(name, None)
+
+
+def _label_exit(handle) -> None:
+    import torch
+
+    torch.ops.profiler._record_function_exit._RecordFunction(handle)
 
 
 def _nbytes(shapes, dtype) -> int | None:

@@ -381,6 +381,20 @@ class LogConfig(Section):
         return self
 
 
+class ProfileConfig(Section):
+    steps: tuple[int, int] | None = Field(
+        None, description="[first, last] optimizer steps (1-based, inclusive) to record with torch.profiler; none: off."
+    )
+    ranks: list[Annotated[int, Field(ge=0)]] = Field([0], description="Ranks that record a profile.")
+    record_shapes: bool = Field(False, description="Record the input shapes of each op (bigger traces).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ProfileConfig:
+        if self.steps is not None and not 1 <= self.steps[0] <= self.steps[1]:
+            raise ValueError(f"steps {list(self.steps)}: expected [first, last] with 1 <= first <= last")
+        return self
+
+
 class CallbackConfig(Section):
     target: str = Field(
         description="A built-in callback (early_stopping, best_checkpoint) or 'package.module:Class' of a "
@@ -456,6 +470,9 @@ class ExperimentConfig(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
     slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="SLURM submission and preemption.")
     log: LogConfig = Field(default_factory=LogConfig, description="Trackers and the metrics line's throughput.")
+    profile: ProfileConfig = Field(
+        default_factory=ProfileConfig, description="torch.profiler traces of some steps: RUN_DIR/profiles."
+    )
     callbacks: list[CallbackConfig] = Field(
         [], description="Trainer callbacks after the built-in ones, in order: [{target, kwargs}]."
     )

@@ -38,6 +38,7 @@ from .loss import StepFn, StepOutputError, cross_entropy_step, read_step_output
 from .observe import throughput
 from .observe.callbacks import Callback, build_callbacks, check_callbacks
 from .observe.metrics import MetricWindow
+from .observe.profiling import Profiler
 from .observe.progress import ProgressLine
 from .observe.straggler import Stragglers
 from .observe.trackers import TrackerCallback
@@ -105,6 +106,8 @@ class Trainer:
         self.callbacks: list[Callback] = check_callbacks(callbacks or [])
         self.callbacks += build_callbacks(cfg.callbacks, cfg.run.import_path)
         self.callbacks.append(ProgressLine())
+        if cfg.profile.steps is not None and run_dir is not None:
+            self.callbacks.append(Profiler(cfg.profile, run_dir.path))
         if cfg.log.trackers and run_dir is not None:
             self.callbacks.append(TrackerCallback(cfg.log.trackers, cfg.log, run_dir.path, cfg.run.name))
         self.last_record: dict | None = None  # this step's metrics line (None when it logged nothing)
