@@ -4,7 +4,9 @@ Python stack when asked, so a hang names the rank that is behind and the line wh
 Every op of every backend passes through :class:`~collectives.communicator.Communicator`, which
 calls :meth:`FlightRecorder.begin` before it starts an op and :meth:`FlightRecorder.end` once it
 completed: one list in a bounded deque, two clock reads and a short walk up the stack for the call
-site (the first frame outside this package). ``DISTTRAIN_FLIGHT_RECORDS`` sets K (default 64).
+site (the first frame outside this package). ``DISTTRAIN_FLIGHT_RECORDS`` sets K (default 64; 0:
+record nothing). While a torch.profiler trace records (``labels``), each op is also a named range
+(``allreduce#12 (world)``) in it.
 
 With ``DISTTRAIN_TRACE_DIR`` set (the launcher's hang watch sets it to a private directory),
 :func:`maybe_start_watch` starts one daemon thread per process that, every 0.2 s:
@@ -39,15 +41,20 @@ class FlightRecorder:
     def __init__(self, size: int = 64):
         self.ring: collections.deque = collections.deque(maxlen=max(1, size))
         self.completed = 0
+        self.labels = False  # also open a torch.profiler range per op (while a profile records)
 
     def begin(self, seq: int, op: str, group: str, shapes, dtype) -> list:
         entry = [seq, op, group, shapes, dtype, call_site(2), time.time(), None]
         self.ring.append(entry)
+        if self.labels:
+            entry.append(_label_enter(f"{op}#{seq} ({group})"))
         return entry
 
     def end(self, entry: list) -> None:
         entry[_END] = time.time()
         self.completed += 1
+        if len(entry) > 8:
+            _label_exit(entry.pop())
 
     def records(self) -> list[dict]:
         out = []
@@ -67,6 +74,18 @@ class FlightRecorder:
                 }
             )
         return out
+
+
+def _label_enter(name: str):
+    import torch
+
+    return torch.ops.profiler._record_function_enter_new(name, None)
+
+
+def _label_exit(handle) -> None:
+    import torch
+
+    torch.ops.profiler._record_function_exit._RecordFunction(handle)
 
 
 def _nbytes(shapes, dtype) -> int | None:
@@ -97,7 +116,21 @@ def stacks() -> list[dict]:
     return out
 
 
-RECORDER = FlightRecorder(int(os.environ.get("DISTTRAIN_FLIGHT_RECORDS", "64") or 64))
+class NullRecorder(FlightRecorder):
+    """``DISTTRAIN_FLIGHT_RECORDS=0``: records nothing (the overhead benchmark's baseline)."""
+
+    def begin(self, seq: int, op: str, group: str, shapes, dtype) -> list:
+        return []
+
+    def end(self, entry: list) -> None:
+        pass
+
+
+def build_recorder(size: int) -> FlightRecorder:
+    return FlightRecorder(size) if size > 0 else NullRecorder(1)
+
+
+RECORDER = build_recorder(int(os.environ.get("DISTTRAIN_FLIGHT_RECORDS") or 64))
 _WATCH: dict = {"thread": None, "extra": None}
 
 

@@ -38,7 +38,9 @@ from .models.deferred import pending
 from .observe import throughput
 from .observe.callbacks import Callback, build_callbacks, check_callbacks
 from .observe.metrics import MetricWindow
+from .observe.profiling import Profiler
 from .observe.progress import ProgressLine
+from .observe.straggler import Stragglers
 from .observe.trackers import TrackerCallback
 from .optim import build_optimizer, build_optimizer_spec, user_optimizer_spec
 from .parallel import OptimizerSpec, build_strategy, schedules_micro_batches
@@ -109,6 +111,8 @@ class Trainer:
         self.callbacks: list[Callback] = check_callbacks(callbacks or [])
         self.callbacks += build_callbacks(cfg.callbacks, cfg.run.import_path)
         self.callbacks.append(ProgressLine())
+        if cfg.profile.steps is not None and run_dir is not None:
+            self.callbacks.append(Profiler(cfg.profile, run_dir.path))
         if cfg.log.trackers and run_dir is not None:
             self.callbacks.append(TrackerCallback(cfg.log.trackers, cfg.log, run_dir.path, cfg.run.name))
         self.last_record: dict | None = None  # this step's metrics line (None when it logged nothing)
@@ -116,6 +120,7 @@ class Trainer:
         self._final_eval: dict | None = None  # the last step's evaluation, done with its metrics line
         self.metrics = MetricWindow()  # the step function's and run.log()'s metrics of the log window
         self.clock = throughput.StepClock()
+        self.stragglers = Stragglers(comm, cfg.log.straggler_threshold_s) if cfg.log.stragglers else None
         if run_dir is not None:  # hang dumps (launch.hang_timeout) also land in RUN_DIR/traces
             flight_recorder.also_dump_to(os.path.join(run_dir.path, "traces"))
         self._flops = throughput.model_flops_per_sample(cfg.model, self.model, cfg.log.flops_per_sample)
@@ -160,6 +165,8 @@ class Trainer:
                 self.data.collate,
                 self._num_workers,
             )
+        if self.stragglers is not None:
+            self.stragglers.begin_step()
         accum = self.cfg.train.grad_accum
         sizes = [len(mb) for mb in micro_slices(self.sampler.local_batch(self.step), accum)]
         last_full = max((i for i, n in enumerate(sizes) if n), default=-1)
@@ -220,6 +227,8 @@ class Trainer:
         totals = torch.tensor(self._sums, dtype=torch.float64)
         self.comm.allreduce(totals, ReduceOp.SUM)
         clock.stop("comm_wait")
+        if self.stragglers is not None:
+            self.stragglers.end_step(self.step + 1)
         clock.start()
         totals /= self.comm.world_size // self.dp_size  # tp/pp peers of a replica counted the same units
         count, loss_sum, samples = float(totals[_COUNT]), float(totals[_LOSS_SUM]), float(totals[_SAMPLES])
@@ -300,22 +309,6 @@ class Trainer:
         ``_sum``/``_max``/``_min`` suffixes or ``reduce={name: how}``). Local; any rank, any time."""
         self.metrics.add_values(metrics, reduce)
 
-    def layout(self) -> dict:
-        """The job's shape, for trackers: world, nodes, backend, strategy and mesh degrees."""
-        env = self.comm.env
-        return {
-            "world_size": self.comm.world_size,
-            "local_world_size": env.local_world_size,
-            "nnodes": max(1, self.comm.world_size // max(env.local_world_size, 1)),
-            "backend": self.comm.backend.name,
-            "device": self.device,
-            "strategy": self.cfg.parallel.strategy,
-            "dp": self.dp_size,
-            "tp": self.cfg.parallel.mesh.tp,
-            "pp": self.cfg.parallel.mesh.pp,
-            "rank0_host": env.host,
-        }
-
     # -- callbacks and logging ------------------------------------------------------------------
     def notify_checkpoint(self, step: int, path: str) -> None:
         """Every rank, from the checkpointer after issuing a save: the callbacks' on_checkpoint."""
@@ -368,6 +361,8 @@ class Trainer:
             rec[f"{unit}s_per_s"] = w["count"] / elapsed
         replicas = self.comm.world_size // self.dp_size
         rec.update(self.metrics.reduce(self.comm, w["steps"], w["count"], replicas))
+        if self.stragglers is not None:
+            rec.update(self.stragglers.reduce())
         if self.cfg.log.throughput:
             rows = throughput.window_stats(self.comm, self.clock, self.device, elapsed)
             rec.update(

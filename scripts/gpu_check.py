@@ -7,7 +7,7 @@ nccl process group (one rank per GPU); `disttrain run` on CUDA with the nccl bac
 (with asynchronous checkpoints from CUDA tensors through pinned host buffers, then a resumed run
 that loads them back), ZeRO-3 bf16, DDP fp16 with loss scaling, and tensor parallel (2+ GPUs);
 a GPT throughput run (bf16 autocast, fused AdamW) reporting tokens/s and MFU against the chip's
-dense bf16 peak. A check that needs more GPUs than present is SKIP, not a failure.
+dense bf16 peak (the formula of disttrain.observe.throughput); the hang report on nccl (2+ GPUs). A check that needs more GPUs than present is SKIP, not a failure.
 """
 
 from __future__ import annotations
@@ -81,6 +81,29 @@ def disttrain_run(out: str, name: str, gpus: int, overrides: list[str], steps: i
     if loss is None or not math.isfinite(loss) or summary.get("steps") != steps:
         return "FAIL", f"summary {summary}"
     return "PASS", f"{summary['steps']} steps, final loss {loss:.3f}, {summary.get('wall_time_s', 0):.1f}s"
+
+
+def hang_report(out: str):
+    """Rank 1 of a 2-GPU nccl job stops forever in its step: the launcher names it and the line."""
+    config = os.path.join(out, "hang.yaml")
+    with open(config, "w") as f:
+        f.write(
+            f"run: {{name: gpu-hang, dir: {os.path.join(out, 'hang')}}}\n"
+            "launch: {nproc: 2, backend: nccl, device: cuda, hang_timeout: 5, timeout: 120}\n"
+            "model: {kind: mlp, hidden: [16]}\ndata: {kind: digits}\n"
+            'loss: {target: "tests.cases.hang_step:step"}\n'
+            "train: {steps: 50, batch_size: 32, log_every: 100}\ncheckpoint: {enabled: false}\n"
+        )
+    proc = subprocess.run(
+        [sys.executable, "-m", "disttrain.cli", "run", config], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    text = proc.stdout + proc.stderr
+    with open(os.path.join(out, "hang.log"), "w") as f:
+        f.write(text)
+    behind = [line for line in text.splitlines() if "BEHIND rank 1@" in line]
+    if proc.returncode == 0 or not behind or "hang_step.py:" not in behind[0]:
+        return "FAIL", f"exit {proc.returncode}; log {out}/hang.log"
+    return "PASS", behind[0].strip()[:140]
 
 
 def checkpoint_roundtrip(out: str, gpus: int):
@@ -166,8 +189,10 @@ def main() -> int:
     if gpus >= 2:
         tp = [f"parallel.mesh.tp={gpus}", "train.precision=bf16"]
         row(f"train TP={gpus} bf16 (nccl)", lambda: disttrain_run(out, "tp_bf16", gpus, tp))
+        row("hang report names rank 1 and its line (nccl)", lambda: hang_report(out))
     else:
         ROWS.append(("train TP bf16 (nccl)", "SKIP", 0.0, "needs 2+ GPUs (TP splits layers across ranks)"))
+        ROWS.append(("hang report (nccl)", "SKIP", 0.0, "needs 2 GPUs"))
     row("async checkpoint (pinned) + resume", lambda: checkpoint_roundtrip(out, gpus))
     row("GPT throughput (1 GPU)", lambda: throughput(out))
 

@@ -61,7 +61,8 @@ def _close(a: float, b: float) -> bool:
 
 def test_run_log_and_step_metrics_reduced_over_three_ranks(tmp_path):
     config = _config(tmp_path, "three", steps=4, log_every=2, trackers=["csv", "tensorboard"])
-    res = spawn("tests.cases.observe:own_loop", 3, args={"config": config, "overrides": []})
+    profile = ["profile.steps=[2, 3]", "profile.ranks=[0, 2]"]
+    res = spawn("tests.cases.observe:own_loop", 3, args={"config": config, "overrides": profile})
     lines = [r for r in res[0]["history"] if "loss" in r]
     assert [r["step"] for r in lines] == [2, 4]
     for rec in lines:
@@ -83,6 +84,13 @@ def test_run_log_and_step_metrics_reduced_over_three_ranks(tmp_path):
     assert [(e.step, e.value) for e in acc.Scalars("r_max")] == [(2, 2.0), (4, 2.0)]
     assert _close(acc.Scalars("one_sum")[1].value, 3.0)
     assert {"config/text_summary", "layout/text_summary", "git/text_summary"} <= set(acc.Tags()["tensors"])
+    # The profiles of ranks 0 and 2 open as JSON (Chrome trace format) with the collectives named.
+    assert sorted(os.listdir(run_dir / "profiles")) == ["rank0.trace.json", "rank2.trace.json"]
+    for name in ("rank0.trace.json", "rank2.trace.json"):
+        with open(run_dir / "profiles" / name) as f:
+            events = json.load(f)["traceEvents"]
+        labels = {e["name"] for e in events if e.get("name", "").startswith("allreduce#")}
+        assert any(n.endswith("(world)") for n in labels), sorted(labels)[:5]
 
 
 def test_fit_metrics_reach_every_tracker_on_two_ranks(tmp_path):
@@ -221,3 +229,14 @@ def test_metrics_once_per_step_across_resume_and_finished_rerun(tmp_path):
     res = spawn("tests.cases.observe:fit", 2, args={"config": config, "overrides": [], "record": record})
     assert res[0]["summary"]["already_finished"] is True
     assert {n: (run_dir / n).read_bytes() for n in before} == before
+
+
+def test_a_slow_rank_is_named_with_its_host(tmp_path):
+    config = _config(tmp_path, "slow", steps=6, log_every=3)
+    res = spawn("tests.cases.observe:fit_slow", 2, args={"config": config, "overrides": []})
+    lines = [r for r in _jsonl(tmp_path / "slow") if "loss" in r]
+    assert [r["step"] for r in lines] == [3, 6]
+    for rec in lines:
+        assert rec["straggler_rank"] == 1 and rec["slow_steps"] >= 2, rec
+        assert 0.03 < rec["straggler_lag_s"] < 1.0 and rec["straggler_host"], rec
+    assert res[0]["summary"]["steps"] == 6

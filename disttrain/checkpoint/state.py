@@ -44,6 +44,8 @@ class TrainingRun(Protocol):
 
     def lr(self, step: int) -> float: ...
 
+    def notify_checkpoint(self, step: int, path: str) -> None: ...
+
 
 def model_record(model) -> dict:
     """JSON description of ``model`` for consolidation and export (class, tied names, transformers config)."""

@@ -14,7 +14,7 @@ from .data import DataConfig, DigitsData, Loading, ShakespeareData, TargetData
 from .experiment import ExperimentConfig
 from .launch import LaunchConfig
 from .loader import dump, from_settings, load, save
-from .log import CallbackConfig, LogConfig
+from .log import CallbackConfig, LogConfig, ProfileConfig
 from .loss import LossConfig
 from .model import GPTConfig, MLPConfig, ModelConfig, TargetModel
 from .optim import OptimConfig
@@ -50,6 +50,7 @@ __all__ = [
     "OptimConfig",
     "ParallelConfig",
     "PipelineConfig",
+    "ProfileConfig",
     "RunConfig",
     "ScheduleConfig",
     "Section",

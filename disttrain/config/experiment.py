@@ -7,7 +7,7 @@ from pydantic import Field, model_validator
 from .checkpoint import CheckpointConfig
 from .data import DataConfig, DigitsData, TargetData
 from .launch import LaunchConfig
-from .log import CallbackConfig, LogConfig
+from .log import CallbackConfig, LogConfig, ProfileConfig
 from .loss import LossConfig
 from .model import MLPConfig, ModelConfig, TargetModel
 from .optim import OptimConfig
@@ -32,6 +32,9 @@ class ExperimentConfig(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
     slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="SLURM submission and preemption.")
     log: LogConfig = Field(default_factory=LogConfig, description="Trackers and the metrics line's throughput.")
+    profile: ProfileConfig = Field(
+        default_factory=ProfileConfig, description="torch.profiler traces of some steps: RUN_DIR/profiles."
+    )
     callbacks: list[CallbackConfig] = Field(
         [], description="Trainer callbacks after the built-in ones, in order: [{target, kwargs}]."
     )

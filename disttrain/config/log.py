@@ -1,9 +1,9 @@
-"""The ``log:`` section (trackers and the metrics line) and the ``callbacks:`` list."""
+"""The ``log:`` section (trackers and the metrics line), ``profile:`` and the ``callbacks:`` list."""
 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -29,6 +29,14 @@ class LogConfig(Section):
         description="Step time split (data, forward+backward, communication, optimizer), speed per device, peak "
         "memory per rank, ETA, TFLOPs and MFU on each metrics line (one small allgather per line).",
     )
+    stragglers: bool = Field(
+        True,
+        description="Name the rank that arrives last at each step's first collective (flight recorder arrival "
+        "times; one small allgather per metrics line): straggler_rank, straggler_lag_s, straggler_host.",
+    )
+    straggler_threshold_s: float = Field(
+        0.01, gt=0, description="A step's last rank counts as a straggler when it arrives later than this."
+    )
     flops_per_sample: float | None = Field(
         None,
         gt=0,
@@ -43,6 +51,20 @@ class LogConfig(Section):
         problems = [why for why in map(missing, dict.fromkeys(self.trackers)) if why]
         if problems:
             raise ValueError("; ".join(problems))
+        return self
+
+
+class ProfileConfig(Section):
+    steps: tuple[int, int] | None = Field(
+        None, description="[first, last] optimizer steps (1-based, inclusive) to record with torch.profiler; none: off."
+    )
+    ranks: list[Annotated[int, Field(ge=0)]] = Field([0], description="Ranks that record a profile.")
+    record_shapes: bool = Field(False, description="Record the input shapes of each op (bigger traces).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ProfileConfig:
+        if self.steps is not None and not 1 <= self.steps[0] <= self.steps[1]:
+            raise ValueError(f"steps {list(self.steps)}: expected [first, last] with 1 <= first <= last")
         return self
 
 

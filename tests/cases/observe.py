@@ -98,3 +98,20 @@ def own_loop(config: str, overrides: list[str], step_lr: bool = False) -> dict:
     history = run.trainer.history
     run.finish()
     return {"lrs": lrs, "history": history}
+
+
+def slow_step(model, batch):
+    """``metric_step``, but rank 1 first sleeps 50 ms (a straggler in every step)."""
+    import time
+
+    if int(os.environ.get("RANK", "0")) == 1:
+        time.sleep(0.05)
+    return metric_step(model, batch)
+
+
+def fit_slow(config: str, overrides: list[str]) -> dict:
+    torch.manual_seed(0)
+    summary = disttrain.fit(
+        model=Tiny(), data=(Ragged(), None), step=slow_step, config=config, argv=overrides, collate_fn=pad
+    )
+    return {"summary": summary}

@@ -90,6 +90,23 @@ def git_revision(cwd: str | None = None) -> str | None:
     return head + ("-dirty" if dirty else "") if head else None
 
 
+def layout_of(trainer) -> dict:
+    """The job's shape, for trackers: world, nodes, backend, strategy and mesh degrees."""
+    env, comm, par = trainer.comm.env, trainer.comm, trainer.cfg.parallel
+    return {
+        "world_size": comm.world_size,
+        "local_world_size": env.local_world_size,
+        "nnodes": max(1, comm.world_size // max(env.local_world_size, 1)),
+        "backend": comm.backend.name,
+        "device": trainer.device,
+        "strategy": par.strategy,
+        "dp": trainer.dp_size,
+        "tp": par.mesh.tp,
+        "pp": par.mesh.pp,
+        "rank0_host": env.host,
+    }
+
+
 class TrackerCallback(Callback):
     """Rank 0: the run's config, layout and git revision once, then every metrics line and the final
     evaluation, to every tracker of ``log.trackers``."""
@@ -103,7 +120,7 @@ class TrackerCallback(Callback):
             return
         os.makedirs(self.run_dir, exist_ok=True)
         self.trackers = [build_tracker(n, self.log_cfg, self.run_dir, self.run_name) for n in self.names]
-        layout = trainer.layout()
+        layout = layout_of(trainer)
         config = trainer.cfg.model_dump(mode="json")
         git = git_revision()
         for t in self.trackers:
