@@ -28,6 +28,7 @@ import time
 from .environment import WorkerPlace, worker_env
 from .errors import LaunchConfigError
 from .hang import HangWatch
+from .membership import HEARTBEAT_TIMEOUT, Heartbeat, NodesRange, Transition, format_transitions, next_members
 from .rendezvous import Rendezvous, RoundState, wait_exited
 from .report import Failure, format_report, root_cause
 from .ssh import is_local
@@ -53,6 +54,8 @@ class NodeSpec:
     secret: str | None = None  # default: DISTTRAIN_JOB_SECRET, else a fresh one (lone node only)
     host_store: bool = False  # this agent opens the store at ``store``'s port (manual multi-node, node 0)
     rdzv_timeout: float = 120.0  # how long agents wait for each other
+    min_nodes: int | None = None  # --nnodes MIN:MAX's MIN: after a host is lost, go on with at least this many
+    heartbeat_timeout: float = HEARTBEAT_TIMEOUT  # a peer silent this long is lost
 
 
 @dataclasses.dataclass
@@ -88,6 +91,10 @@ class LocalAgent:
         self._server: StoreServer | None = None
         self.hang_timeout = hang_timeout  # seconds without a finished collective before the hang report; 0: off
         self._hang: HangWatch | None = None
+        self._heartbeat: Heartbeat | None = None
+        self._cut_off = False  # this node lost the store: it stops without writing
+        self._final_round = 0  # the round running or last run
+        self._pending: Transition | None = None  # the transition into the round about to start
 
     def interrupt(self, signum: int = signal.SIGTERM) -> None:
         """Stop the job from another thread (Ctrl-C, or the launcher's connection closed)."""
@@ -120,16 +127,20 @@ class LocalAgent:
         return Rendezvous(client, node.node_rank, node.nnodes, node.host)
 
     # -- lifecycle --------------------------------------------------------------------------
-    def _start_group(self, attempt: int) -> None:
+    def _start_group(self, attempt: int, members: list[int]) -> None:
         world = self.node.world_size or self.spec.nproc * self.node.nnodes
+        offset, group_rank, nnodes = self.node.rank_offset, self.node.node_rank, self.node.nnodes
+        if len(members) != self.node.nnodes:  # a shrunk or grown round: ranks follow the members' order
+            group_rank, nnodes = members.index(self.node.node_rank), len(members)
+            offset, world = group_rank * self.spec.nproc, len(members) * self.spec.nproc
         self.workers = []
         if self.hang_timeout > 0:
-            ranks = [self.node.rank_offset + i for i in range(self.spec.nproc)]
+            ranks = [offset + i for i in range(self.spec.nproc)]
             trace = os.path.join(self._error_dir, f"attempt{attempt}", "trace")
             self._hang = HangWatch(trace, ranks, self.hang_timeout)
         for local_rank in range(self.spec.nproc):
-            rank = self.node.rank_offset + local_rank
-            place = WorkerPlace(rank, local_rank, world, self.spec.nproc, self.node.node_rank, self.node.nnodes)
+            rank = offset + local_rank
+            place = WorkerPlace(rank, local_rank, world, self.spec.nproc, group_rank, nnodes)
             error_file = os.path.join(self._error_dir, f"attempt{attempt}", f"rank{rank}.json")
             env = worker_env(
                 place,
@@ -150,7 +161,8 @@ class LocalAgent:
             self.workers.append(w)
 
     def _monitor(self, rdzv: Rendezvous, attempt: int) -> RoundState:
-        """Block until this round ends: all nodes' workers succeed, one fails anywhere, or we stop."""
+        """Block until this round ends: all nodes' workers succeed, one fails anywhere, a member's
+        heartbeats stop, or we stop."""
         next_store_poll = 0.0
         while True:
             if self._interrupted is not None:
@@ -162,7 +174,8 @@ class LocalAgent:
                 rdzv.mark_failed(attempt)
                 return RoundState.FAILED
             if any(w.state is WorkerState.FAILED for w in self.workers):
-                rdzv.mark_failed(attempt)
+                failed = next(w for w in self.workers if w.state is WorkerState.FAILED)
+                rdzv.mark_failed(attempt, f"rank {failed.rank} on {failed.host} failed ({failed.failure().how})")
                 return RoundState.FAILED
             if all(c is not None for c in codes):
                 rdzv.mark_succeeded(attempt)
@@ -171,13 +184,18 @@ class LocalAgent:
                 state = rdzv.poll(attempt)
                 if state is not RoundState.RUNNING:
                     return state
+                lost = [n for n in self._lost() if n in rdzv.members(attempt)]
+                if lost:
+                    hosts = ", ".join(rdzv.host_of(n) for n in lost)
+                    rdzv.mark_failed(attempt, f"host {hosts} lost: no heartbeat for {self._heartbeat.timeout:g}s")
+                    return RoundState.FAILED
                 next_store_poll = now + 0.1
             time.sleep(self.monitor_interval)
 
-    def stop_all(self) -> None:
-        """SIGTERM every running worker, SIGKILL after the grace period, drain their output."""
+    def stop_all(self, kill: bool = False) -> None:
+        """SIGTERM every running worker (``kill``: none), SIGKILL after the grace period, drain their output."""
         for w in self.workers:
-            if w.poll() is None:
+            if w.poll() is None and not kill:
                 w.stop()
         deadline = time.monotonic() + self.stop_grace
         while time.monotonic() < deadline and any(w.poll() is None for w in self.workers):
@@ -199,33 +217,110 @@ class LocalAgent:
         try:
             rdzv = self._open_store()
             rdzv.join()
+            self._start_heartbeat(rdzv)
             return self._run_rounds(rdzv)
         except StoreError as exc:
-            self.stop_all()
-            print(f"disttrain: agent on {self.node.host}: {exc}", file=self.report_stream, flush=True)
-            if rdzv is not None:
-                rdzv.abort(str(exc))
+            self.stop_all(kill=self._cut_off)
+            msg = str(exc)
+            if self._cut_off:
+                msg = (
+                    f"cut off from the job's store at {self.node.store} for {self._heartbeat.silent_for():.1f}s "
+                    "(its host is gone, or a partition left this host in the minority); stopped this "
+                    "host's workers without letting them write"
+                )
+            print(f"disttrain: agent on {self.node.host}: {msg}", file=self.report_stream, flush=True)
+            if rdzv is not None and not self._cut_off:
+                rdzv.abort(msg)
             return RunResult(1, [], 0)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
             if self._server is not None:
                 if rdzv is not None:
-                    wait_exited(rdzv.client, self.node.nnodes, self.node.rdzv_timeout if self.node.nnodes > 1 else 0)
+                    self._wait_peers_exited(rdzv)
                 self._server.close()
+            if self._heartbeat is not None:
+                self._heartbeat.stop()
             if rdzv is not None:
                 rdzv.client.close()
             shutil.rmtree(self._error_dir, ignore_errors=True)
 
+    # -- membership -------------------------------------------------------------------------
+    def _start_heartbeat(self, rdzv: Rendezvous) -> None:
+        """Multi-node jobs only: beats through the store, and a watchdog that cuts this node off
+        (SIGKILL its workers, fail the main thread's store call) when the store stops answering."""
+        if self.node.nnodes <= 1:
+            return
+        hb = Heartbeat(self.node.store, self.node.secret, self.node.node_rank, timeout=self.node.heartbeat_timeout)
+        hb.watch(rdzv.members(0))
+        hb.on_silent = lambda: self._on_cut_off(rdzv)
+        hb.start()
+        self._heartbeat = hb
+
+    def _on_cut_off(self, rdzv: Rendezvous) -> None:
+        self._cut_off = True
+        for w in self.workers:
+            w.kill_group()  # no SIGTERM: a worker must not take a stop request as a cue to write
+        rdzv.client.interrupt()
+
+    def _lost(self) -> list[int]:
+        return self._heartbeat.lost() if self._heartbeat is not None else []
+
+    def _wait_peers_exited(self, rdzv: Rendezvous) -> None:
+        try:
+            nodes = rdzv.members(self._final_round)
+            wait_exited(rdzv.client, nodes, self.node.rdzv_timeout if self.node.nnodes > 1 else 0, self._lost)
+        except StoreError:
+            pass
+
+    def _nodes_range(self) -> NodesRange:
+        return NodesRange(self.node.min_nodes or self.node.nnodes, self.node.nnodes)
+
+    def _next_round(self, rdzv: Rendezvous, attempt: int, lost: list[int], detected_at: float) -> list[int]:
+        """After a round with lost members: agree on the next round's nodes ([]: the job stops)."""
+        members = rdzv.members(attempt)
+        nodes, why = next_members(members, lost, [], self._nodes_range())
+        record = Transition(
+            round=attempt + 1,
+            cause=rdzv.cause(attempt) or why,
+            lost=[rdzv.host_of(n) for n in lost],
+            joined=[],
+            world_before=len(members) * self.spec.nproc,
+            world_after=len(nodes) * self.spec.nproc,
+            detected_at=detected_at,
+        )
+        if not nodes:
+            record.cause += f"; stopping: {why}"
+        agreed, won = rdzv.propose(attempt + 1, nodes, record.to_json())
+        self._pending = Transition.from_json(won)
+        return agreed
+
+    def _report_transitions(self, rdzv: Rendezvous) -> None:
+        if not self.report or self.node.node_rank != min(rdzv.members(self._final_round)):
+            return
+        text = format_transitions([Transition.from_json(t) for t in rdzv.transitions()], self.node.job_id)
+        if text:
+            print(text, file=self.report_stream, flush=True)
+
     def _run_rounds(self, rdzv: Rendezvous) -> RunResult:
-        attempt = 0
+        attempt, restarts = 0, 0
         while True:
-            self._start_group(attempt)
+            self._final_round = attempt
+            members = rdzv.members(attempt)
+            if self._heartbeat is not None:
+                self._heartbeat.watch(members)
+            self._start_group(attempt, members)
+            if self._pending is not None and self.node.node_rank == min(members):
+                self._pending.seconds = time.time() - self._pending.detected_at
+                rdzv.record_transition(self._pending.to_json())
+                print(f"disttrain: {self._pending.describe()}", file=self.report_stream, flush=True)
+            self._pending = None
             state = self._monitor(rdzv, attempt)
             if state is RoundState.SUCCEEDED:
                 for w in self.workers:
                     w.join_output()
                 rdzv.finish(attempt, 0)
+                self._report_transitions(rdzv)
                 return RunResult(0, [], attempt)
             if state is RoundState.ABORTED:
                 self.stop_all()
@@ -234,29 +329,68 @@ class LocalAgent:
                 code = 128 + (self._interrupted or signal.SIGTERM)
                 rdzv.finish(attempt, code)
                 return RunResult(code, [], attempt)
+            detected_at = time.time()
             failures = self._stop_after_failure()
             rdzv.publish_failures(attempt, failures)
-            all_stopped = rdzv.stopped_barrier(attempt, self.stop_grace + self.node.rdzv_timeout)
-            if attempt < self.max_restarts and all_stopped and self._interrupted is None:
-                merged = rdzv.collect_failures(attempt)
-                if self.node.node_rank == 0 and merged:
-                    root = root_cause(merged)
+            all_stopped, lost = rdzv.stopped_barrier(attempt, self.stop_grace + self.node.rdzv_timeout, self._lost)
+            if lost and all_stopped and self._interrupted is None:
+                nodes = self._next_round(rdzv, attempt, lost, detected_at)
+                if self.node.node_rank in nodes:
+                    attempt += 1
+                    continue
+                if nodes:  # the others went on without this node
                     print(
-                        f"disttrain: rank {root.rank} on {root.host} failed ({root.how}); restarting worker "
-                        f"group (restart {attempt + 1} of {self.max_restarts})",
+                        f"disttrain: agent on {self.node.host}: left out of round {attempt + 1} (the "
+                        "others counted this host lost); stopping",
                         file=self.report_stream,
                         flush=True,
                     )
+                elif self.node.node_rank == min(n for n in rdzv.members(attempt) if n not in lost):
+                    rdzv.record_transition(self._pending.to_json())
+                return self._give_up(rdzv, attempt, failures, lost, 1)
+            if restarts < self.max_restarts and all_stopped and self._interrupted is None:
+                merged = rdzv.collect_failures(attempt)
+                if self.node.node_rank == min(rdzv.members(attempt)) and merged:
+                    root = root_cause(merged)
+                    print(
+                        f"disttrain: rank {root.rank} on {root.host} failed ({root.how}); restarting worker "
+                        f"group (restart {restarts + 1} of {self.max_restarts})",
+                        file=self.report_stream,
+                        flush=True,
+                    )
+                restarts += 1
                 attempt += 1
+                rdzv.propose(attempt, rdzv.members(attempt - 1), "")
                 continue
-            merged = rdzv.collect_failures(attempt) or failures
+            return self._give_up(rdzv, attempt, failures, lost, None)
+
+    def _give_up(
+        self, rdzv: Rendezvous, attempt: int, failures: list[Failure], lost: list[int], code: int | None
+    ) -> RunResult:
+        """The job ends after a failed round: merge the report (naming lost hosts), record the exit code."""
+        merged = rdzv.collect_failures(attempt, skip=lost) or failures
+        if code is None:
             code = root_cause(merged).exit_code if merged else 1
-            if self.report and merged and (self.node.node_rank == 0 or self.node.nnodes == 1):
-                print(format_report(merged, self.node.job_id), file=self.report_stream, flush=True)
-            elif self.report and merged:
-                print(f"disttrain: job {self.node.job_id} failed; node 0 prints the report", file=self.report_stream)
-            rdzv.finish(attempt, code)
-            return RunResult(code, merged, attempt)
+        lead = self.node.node_rank == min(n for n in rdzv.members(attempt) if n not in lost)
+        if self.report and lost and lead:
+            hosts = ", ".join(f"{rdzv.host_of(n)} (node {n})" for n in lost)
+            print(
+                f"disttrain: job {self.node.job_id}: host(s) {hosts} lost: {rdzv.cause(attempt)}"
+                + (
+                    ""
+                    if self._nodes_range().elastic
+                    else f". HINT: --nnodes MIN:{self.node.nnodes} lets the others go on"
+                ),
+                file=self.report_stream,
+                flush=True,
+            )
+        if self.report and merged and (lead or self.node.nnodes == 1):
+            print(format_report(merged, self.node.job_id), file=self.report_stream, flush=True)
+        elif self.report and merged:
+            print(f"disttrain: job {self.node.job_id} failed; node 0 prints the report", file=self.report_stream)
+        rdzv.finish(attempt, code)
+        self._report_transitions(rdzv)
+        return RunResult(code, merged, attempt)
 
     def _stop_after_failure(self) -> list[Failure]:
         """Stop this node's workers; return those that failed on their own (not by our signal)."""

@@ -6,6 +6,8 @@
     disttrain launch -np 4 -H node1:2,node2:2 train.py                 # horovodrun's spelling
     # torchrun style, one command per node (same DISTTRAIN_JOB_SECRET exported on each):
     disttrain launch --nnodes 2 --node-rank 0 --rdzv-endpoint node1:29400 --nproc-per-node 2 train.py
+    # elastic: start on 3 hosts, go on with 2 after one is lost (resume from the latest checkpoint)
+    disttrain launch --nnodes 2:3 --hosts a:2,b:2,c:2 -m disttrain.worker run.yaml
 
 torchrun's spellings (``--nproc_per_node``) are accepted too. Exit code: 0, the root
 cause's exit code (128+signal for a killed worker), 2 for bad flags.
@@ -23,6 +25,7 @@ from .environment import free_port
 from .errors import LaunchConfigError, LauncherError
 from .hostfile import parse_hostfile, parse_hosts
 from .job import JobSpec, run_job
+from .membership import NodesRange
 from .ssh import SshOptions
 from .store import check_secret
 from .worker import WorkerSpec
@@ -39,7 +42,11 @@ def build_parser(prog: str = "disttrain launch") -> argparse.ArgumentParser:
         description="Start worker processes with torchrun's environment, on this machine or on many hosts over ssh.",
     )
     _both(p, "--nproc-per-node", type=int, default=None, help="workers per node (default 1, or each host's slots)")
-    p.add_argument("--nnodes", type=int, default=None, help="number of nodes")
+    p.add_argument(
+        "--nnodes",
+        default=None,
+        help="number of nodes, or MIN:MAX: the job starts on MAX and goes on with at least MIN after hosts are lost",
+    )
     _both(p, "--node-rank", type=int, default=0, help="this node's rank (torchrun-style manual start)")
     _both(p, "--master-addr", default="127.0.0.1", help="address of the first node")
     _both(p, "--master-port", type=int, default=None, help="MASTER_PORT given to workers")
@@ -95,7 +102,8 @@ def worker_spec_from_args(ns: argparse.Namespace, nproc: int = 1) -> WorkerSpec:
 def spec_from_args(ns: argparse.Namespace) -> tuple[WorkerSpec, NodeSpec]:
     """A single node's specs (no --hosts/--hostfile)."""
     nproc = 1 if ns.nproc_per_node is None else ns.nproc_per_node
-    nnodes = ns.nnodes or 1
+    nodes = NodesRange.parse(ns.nnodes or 1)
+    nnodes = nodes.max
     if nproc < 1:
         raise LaunchConfigError(f"--nproc-per-node must be at least 1, got {nproc}")
     if not 0 <= ns.node_rank < nnodes:
@@ -128,6 +136,7 @@ def spec_from_args(ns: argparse.Namespace) -> tuple[WorkerSpec, NodeSpec]:
         job_id=ns.run_id or secrets.token_hex(4),
         store=store,
         host_store=store is not None and ns.node_rank == 0,
+        min_nodes=nodes.min,
     )
     return spec, node
 
@@ -164,8 +173,13 @@ def job_from_args(ns: argparse.Namespace) -> JobSpec:
         env=env,
         join_timeout=ns.join_timeout,
     )
-    if ns.nnodes is not None and ns.nnodes != len(hosts):
-        raise LaunchConfigError(f"--nnodes {ns.nnodes} but {len(hosts)} host(s) given. HINT: leave --nnodes out")
+    if ns.nnodes is not None:
+        nodes = NodesRange.parse(ns.nnodes)
+        if nodes.max != len(hosts):
+            raise LaunchConfigError(
+                f"--nnodes {ns.nnodes} but {len(hosts)} host(s) given. HINT: leave --nnodes out, or MIN:{len(hosts)}"
+            )
+        job.min_nodes = nodes.min
     return job
 
 

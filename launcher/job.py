@@ -32,6 +32,7 @@ from .environment import SECRET, free_port
 from .errors import LaunchConfigError
 from .hostfile import HostSlots, NodePlan, plan_nodes
 from .logs import StreamPump
+from .membership import Transition, format_transitions
 from .rendezvous import ABORT_KEY, failure_from_json
 from .report import format_report, root_cause
 from .ssh import SshOptions, is_local, remote_command
@@ -50,6 +51,7 @@ class JobSpec:
     np: int | None = None  # total workers (horovodrun's -np)
     nproc_per_node: int | None = None  # torchrun's; default: each host's slots
     max_restarts: int = 0
+    min_nodes: int | None = None  # --nnodes MIN:MAX's MIN; None: every host is needed to the end
     rdzv_endpoint: str | None = None  # host[:port] of the store; default: first host, a free port
     master_port: int | None = None
     job_id: str = dataclasses.field(default_factory=lambda: secrets.token_hex(4))
@@ -150,6 +152,8 @@ class _Launcher:
         self.agents: list[_Agent] = []
         self.errors: list[str] = []
         self.interrupted: int | None = None
+        self.lost: list[_Agent] = []  # agents gone mid-job while the job may go on without them
+        self._elastic = job.min_nodes is not None and job.min_nodes < len(self.plans)
 
     def _on_signal(self, signum, frame) -> None:
         self.interrupted = signum
@@ -177,6 +181,7 @@ class _Launcher:
                     job_id=job.job_id,
                     store=server.address,
                     rdzv_timeout=job.join_timeout,
+                    min_nodes=job.min_nodes,
                 )
                 self.agents.append(
                     _start_agent(dataclasses.replace(self.spec, nproc=plan.nproc), job, plan, node, secret, env)
@@ -199,6 +204,10 @@ class _Launcher:
                 if a.exit_code is None and (code := a.proc.poll()) is not None:
                     a.exit_code = code
                     if server.get_local(f"agent/result/{a.plan.node_rank}") is None:
+                        if self._elastic and server.get_local(f"agent/joined/{a.plan.node_rank}") is not None:
+                            self.lost.append(a)  # the agents agree whether to go on (launcher.membership)
+                            print(f"disttrain launch: the agent on host {a.plan.host} is gone", file=sys.stderr)
+                            continue
                         self._agent_lost(server, a)
                         return
             if all(a.exit_code is not None for a in self.agents):
@@ -276,6 +285,10 @@ class _Launcher:
         ]
         for e in self.errors:
             print(f"disttrain launch: error: {e}", file=sys.stderr, flush=True)
+        raw = server.get_local("agent/transitions")
+        if raw:
+            moves = [Transition.from_json(line) for line in raw.decode().splitlines() if line]
+            print(format_transitions(moves, self.job.job_id), file=sys.stderr, flush=True)
         if failures:
             print(format_report(failures, self.job.job_id), file=sys.stderr, flush=True)
             return RunResult(root_cause(failures).exit_code, failures, r)
@@ -283,7 +296,9 @@ class _Launcher:
             return RunResult(128 + self.interrupted, [], r)
         if self.errors:
             return RunResult(1, [], r)
-        codes = [int(server.get_local(f"agent/result/{a.plan.node_rank}") or 1) for a in self.agents]
+        codes = [
+            int(server.get_local(f"agent/result/{a.plan.node_rank}") or 1) for a in self.agents if a not in self.lost
+        ]
         return RunResult(next((c for c in codes if c), 0), [], r)
 
 

@@ -519,6 +519,13 @@ class StoreClient:
         except OSError:
             pass
 
+    def interrupt(self) -> None:
+        """From another thread: fail the call in flight (and every later one) at once."""
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def _call(self, code: int, fields: list[bytes], what: str, wait: float | None = None) -> list[bytes]:
         with self._lock:
             # Blocking ops get the server-side timeout plus slack; others a generous one.
