@@ -50,6 +50,11 @@ CONTRADICTIONS = [
     pytest.param({"SLURM_NTASKS": "four"}, "not an integer", id="non-integer"),
     pytest.param({"SLURM_JOB_ID": None}, "not inside a SLURM job", id="outside-a-job"),
     pytest.param({"SLURM_PROCID": None}, "SLURM_PROCID is not set. HINT", id="no-rank"),
+    pytest.param(
+        {"SLURM_STEP_TASKS_PER_NODE": None, "SLURM_NTASKS": "3", "SLURM_PROCID": "2"},
+        "3 task\\(s\\) on 2 node\\(s\\) and neither",
+        id="uneven-without-tasks-per-node",
+    ),
 ]
 
 

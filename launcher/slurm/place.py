@@ -112,8 +112,13 @@ def read_slurm_env(env: Mapping[str, str] | None = None, cross_check: bool = Fal
                 f"{where}: tasks per node {per_node_spec!r} do not add up to SLURM_NTASKS={world} on {nnodes} node(s)"
             )
         local_world = per_node[node_rank]
+    elif world % nnodes == 0:  # tasks per node unset (not srun's doing): an even split is the only reading
+        local_world = world // nnodes
     else:
-        local_world = world // nnodes if world % nnodes == 0 else 1
+        raise SlurmEnvError(
+            f"{where}: {world} task(s) on {nnodes} node(s) and neither SLURM_STEP_TASKS_PER_NODE nor "
+            "SLURM_TASKS_PER_NODE says how they are spread. HINT: start the workers with srun, which sets them"
+        )
     if not 0 <= local_rank < local_world:
         raise SlurmEnvError(f"{where}: SLURM_LOCALID={local_rank} is outside the node's {local_world} task(s)")
     return SlurmPlace(
