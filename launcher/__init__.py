@@ -35,6 +35,8 @@ _EXPORTS = {
     "SlurmEnvError": "slurm.errors",
     "SlurmPlace": "slurm.place",
     "in_slurm": "slurm.place",
+    "array_task_id": "slurm.place",
+    "restart_count": "slurm.place",
     "read_slurm_env": "slurm.place",
     "setup_slurm_worker": "slurm.worker:setup_worker",
     "requeue": "slurm.requeue",

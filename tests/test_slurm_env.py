@@ -269,3 +269,12 @@ def test_collectives_refuses_an_srun_task_nobody_placed_instead_of_guessing():
         collectives.read_env(raw)
     single = {"SLURM_JOB_ID": "9", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
     assert collectives.read_env(single).source == "single"  # a one-task step is one process
+
+
+def test_restart_count_and_array_task_come_from_the_reader():
+    from launcher import array_task_id, restart_count
+
+    assert restart_count(_env()) == 2 and restart_count({}) == 0
+    assert array_task_id(_env(SLURM_ARRAY_TASK_ID="7")) == "7" and array_task_id(_env()) is None
+    with pytest.raises(SlurmEnvError, match="SLURM_RESTART_COUNT='x' is not an integer"):
+        restart_count({"SLURM_RESTART_COUNT": "x"})

@@ -27,11 +27,13 @@ import torch
 from collectives import Communicator, ReduceOp
 from launcher import (
     SlurmEnvError,
+    array_task_id,
     in_slurm,
     parse_signal,
     release_early_signals,
     requeue,
     requeue_id,
+    restart_count,
     take_early_signal,
 )
 
@@ -118,7 +120,7 @@ class Preemption(Callback):
                 flush=True,
             )
             return EX_TEMPFAIL
-        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        restarts = restart_count()
         if restarts >= self.cfg.max_requeues:
             print(
                 f"preemption: job already requeued {restarts} times (slurm.max_requeues={self.cfg.max_requeues});"
@@ -127,9 +129,7 @@ class Preemption(Callback):
             )
             return EX_TEMPFAIL
         try:
-            done = requeue(
-                requeue_id(), os.environ.get("SLURM_ARRAY_TASK_ID"), os.environ.get("DISTTRAIN_SLURM_SCRIPT")
-            )
+            done = requeue(requeue_id(), array_task_id(), os.environ.get("DISTTRAIN_SLURM_SCRIPT"))
         except SlurmEnvError as exc:
             print(f"preemption: checkpoint of step {self.stop_step} saved, but {exc}", flush=True)
             return EX_TEMPFAIL

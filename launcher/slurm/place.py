@@ -62,6 +62,16 @@ def in_slurm(env: Mapping[str, str] | None = None) -> bool:
     return bool(env.get("SLURM_JOB_ID"))
 
 
+def restart_count(env: Mapping[str, str] | None = None) -> int:
+    """How many times SLURM requeued this job (``SLURM_RESTART_COUNT``; 0 on the first attempt)."""
+    return _int(os.environ if env is None else env, "SLURM_RESTART_COUNT", 0)
+
+
+def array_task_id(env: Mapping[str, str] | None = None) -> str | None:
+    """This job's task id in a job array (``SLURM_ARRAY_TASK_ID``), None outside an array."""
+    return (os.environ if env is None else env).get("SLURM_ARRAY_TASK_ID") or None
+
+
 def _int(env: Mapping[str, str], key: str, default: int | None = None) -> int:
     raw = env.get(key)
     if raw is None or raw == "":
