@@ -24,6 +24,8 @@ _EXPORTS = {
     "SshOptions": "ssh",
     "Failure": "report",
     "format_report": "report",
+    "format_hang_report": "hang:format_report",
+    "read_hang_dumps": "hang:read_dumps",
     "Worker": "worker",
     "WorkerSpec": "worker",
     "WorkerState": "worker",

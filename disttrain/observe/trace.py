@@ -11,7 +11,7 @@ import datetime
 import os
 import sys
 
-from launcher.hang import format_report, read_dumps
+from launcher import format_hang_report, read_hang_dumps
 
 
 def main(argv: list[str]) -> int:
@@ -20,12 +20,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--stacks", action="store_true", help="also print every thread's Python stack of every rank")
     ns = p.parse_args(argv)
     directory = os.path.join(ns.run_dir, "traces")
-    dumps = read_dumps(directory)
+    dumps = read_hang_dumps(directory)
     if not dumps:
         print(f"disttrain trace: no dumps in {directory} (written when launch.hang_timeout fires)", file=sys.stderr)
         return 1
     when = datetime.datetime.fromtimestamp(max(d.get("time", 0) for d in dumps)).isoformat(timespec="seconds")
-    print(format_report(dumps, f"dump of {when}"))
+    print(format_hang_report(dumps, f"dump of {when}"))
     if ns.stacks:
         for d in dumps:
             for t in d.get("stacks", []):
