@@ -180,7 +180,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", default="results/fault_tolerance.json")
     p.add_argument("--strategies", default="ddp,zero3")
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=100)
     p.add_argument("--every", type=int, default=10, help="steps between disk checkpoints")
     p.add_argument("--kill-at", type=int, default=25, help="SIGKILL host 1 once host 0 logged this step")
     ns = p.parse_args()
