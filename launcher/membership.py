@@ -126,12 +126,13 @@ class Heartbeat(threading.Thread):
         secret: str,
         node_rank: int,
         *,
-        interval: float = HEARTBEAT_INTERVAL,
+        interval: float | None = None,  # default: HEARTBEAT_INTERVAL, at most a quarter of the timeout
         timeout: float = HEARTBEAT_TIMEOUT,
         connect_timeout: float = 30.0,
     ):
         super().__init__(name="heartbeat", daemon=True)
-        self.node_rank, self.interval, self.timeout = node_rank, interval, timeout
+        self.node_rank, self.timeout = node_rank, timeout
+        self.interval = interval if interval is not None else min(HEARTBEAT_INTERVAL, timeout / 4)
         self._client = StoreClient(address, secret, timeout=timeout, connect_timeout=connect_timeout)
         self._lock = threading.Lock()
         self._watched: set[int] = set()

@@ -41,3 +41,20 @@ def test_transitions_round_trip_and_read_as_a_list():
     assert "round 2: host b came back; joined b; world 2 -> 4; 7.0s" in text
     stop = Transition(1, "host b lost; stopping: no quorum", ["b", "c"], [], 6, 0, 0.0)
     assert stop.describe() == "after round 0: host b lost; stopping: no quorum; lost b, c; the job stopped"
+
+
+def test_launch_flags_reach_the_node_and_the_job(monkeypatch):
+    from launcher.cli import build_parser, job_from_args, spec_from_args
+
+    monkeypatch.setenv("DISTTRAIN_JOB_SECRET", "ab" * 32)
+    ns = build_parser().parse_args(
+        ["--nnodes", "1:3", "--node-rank", "2", "--rdzv-endpoint", "n0:29400", "--heartbeat-timeout", "2", "t.py"]
+    )
+    _, node = spec_from_args(ns)
+    assert (node.nnodes, node.min_nodes, node.heartbeat_timeout) == (3, 1, 2.0)
+    job = job_from_args(build_parser().parse_args(["--nnodes", "2:3", "--hosts", "a:1,b:1,c:1", "t.py"]))
+    assert job.min_nodes == 2
+    with pytest.raises(LaunchConfigError, match="--nnodes 1:2 but 3 host"):
+        job_from_args(build_parser().parse_args(["--nnodes", "1:2", "--hosts", "a:1,b:1,c:1", "t.py"]))
+    with pytest.raises(LaunchConfigError, match="--heartbeat-timeout must be positive"):
+        job_from_args(build_parser().parse_args(["--heartbeat-timeout", "0", "--hosts", "a:1", "t.py"]))
