@@ -43,11 +43,13 @@ RESUMED = re.compile(r"resumed from (\S+/step_(\d+)) \(restart (\d+)\)")
 class Node:
     """One host's ``disttrain launch``; stdout lines are kept with the time they arrived."""
 
+    heartbeat_timeout = 5.0
+
     def __init__(self, hosts, i: int, nnodes: str, port: int, secret: str, config: str):
         env = {**os.environ, "GLOO_SOCKET_IFNAME": hosts.ifname, "DISTTRAIN_JOB_SECRET": secret}
         argv = [sys.executable, "-m", "launcher.cli", "--nnodes", nnodes, "--node-rank", str(i)]
         argv += ["--rdzv-endpoint", f"{hosts.addrs[0]}:{port}", "--nproc-per-node", "1"]
-        argv += ["-m", "disttrain.worker", config]
+        argv += ["--heartbeat-timeout", str(self.heartbeat_timeout), "-m", "disttrain.worker", config]
         self.proc = hosts.popen(
             i, argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
         )
@@ -183,7 +185,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--every", type=int, default=10, help="steps between disk checkpoints")
     p.add_argument("--kill-at", type=int, default=25, help="SIGKILL host 1 once host 0 logged this step")
+    p.add_argument("--heartbeat-timeout", type=float, default=5.0, help="disttrain launch --heartbeat-timeout")
     ns = p.parse_args()
+    Node.heartbeat_timeout = ns.heartbeat_timeout
     import tempfile
 
     rows, peers = [], []
@@ -192,7 +196,8 @@ def main() -> None:
             rows.append(run_elastic(tmp, strategy, ns.steps, ns.every, ns.kill_at))
             peers.append(run_fixed(os.path.join(tmp, "fixed"), strategy, ns.steps, ns.every, ns.kill_at))
     print_table(
-        "Lose host 1 of 2 (SIGKILL), go on alone, take it back (GPT, 1 worker per host)",
+        f"Lose host 1 of 2 (SIGKILL), go on alone, take it back (GPT, 1 worker per host, "
+        f"heartbeat timeout {ns.heartbeat_timeout:g}s)",
         ["strategy", "recovery_s", "steps_lost", "disk read", "rejoin_s", "rejoin read", "rejoin rate"],
         [
             [
