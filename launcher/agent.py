@@ -184,10 +184,14 @@ class LocalAgent:
                 state = rdzv.poll(attempt)
                 if state is not RoundState.RUNNING:
                     return state
-                lost = [n for n in self._lost() if n in rdzv.members(attempt)]
+                members = rdzv.members(attempt)
+                lost = [n for n in self._lost() if n in members]
                 if lost:
                     hosts = ", ".join(rdzv.host_of(n) for n in lost)
                     rdzv.mark_failed(attempt, f"host {hosts} lost: no heartbeat for {self._heartbeat.timeout:g}s")
+                    return RoundState.FAILED
+                if self._nodes_range().elastic and len(members) < self.node.nnodes and (back := rdzv.waiting(members)):
+                    rdzv.mark_failed(attempt, f"host {', '.join(rdzv.host_of(n) for n in back)} came back")
                     return RoundState.FAILED
                 next_store_poll = now + 0.1
             time.sleep(self.monitor_interval)
@@ -217,8 +221,14 @@ class LocalAgent:
         try:
             rdzv = self._open_store()
             rdzv.join()
+            first = 0
+            if self.node.nnodes > 1 and rdzv.rejoining():
+                first = rdzv.wait_admitted()
+                if first is None:
+                    print(f"disttrain: agent on {self.node.host}: the job ended before this host could rejoin")
+                    return RunResult(0, [], 0)
             self._start_heartbeat(rdzv)
-            return self._run_rounds(rdzv)
+            return self._run_rounds(rdzv, first)
         except StoreError as exc:
             self.stop_all(kill=self._cut_off)
             msg = str(exc)
@@ -252,7 +262,6 @@ class LocalAgent:
         if self.node.nnodes <= 1:
             return
         hb = Heartbeat(self.node.store, self.node.secret, self.node.node_rank, timeout=self.node.heartbeat_timeout)
-        hb.watch(rdzv.members(0))
         hb.on_silent = lambda: self._on_cut_off(rdzv)
         hb.start()
         self._heartbeat = hb
@@ -276,15 +285,18 @@ class LocalAgent:
     def _nodes_range(self) -> NodesRange:
         return NodesRange(self.node.min_nodes or self.node.nnodes, self.node.nnodes)
 
-    def _next_round(self, rdzv: Rendezvous, attempt: int, lost: list[int], detected_at: float) -> list[int]:
-        """After a round with lost members: agree on the next round's nodes ([]: the job stops)."""
+    def _next_round(
+        self, rdzv: Rendezvous, attempt: int, lost: list[int], joined: list[int], detected_at: float
+    ) -> list[int]:
+        """After a round that lost members or saw hosts come back: agree on the next round's nodes
+        ([]: the job stops)."""
         members = rdzv.members(attempt)
-        nodes, why = next_members(members, lost, [], self._nodes_range())
+        nodes, why = next_members(members, lost, joined, self._nodes_range())
         record = Transition(
             round=attempt + 1,
             cause=rdzv.cause(attempt) or why,
             lost=[rdzv.host_of(n) for n in lost],
-            joined=[],
+            joined=[rdzv.host_of(n) for n in joined if n in nodes],
             world_before=len(members) * self.spec.nproc,
             world_after=len(nodes) * self.spec.nproc,
             detected_at=detected_at,
@@ -292,6 +304,7 @@ class LocalAgent:
         if not nodes:
             record.cause += f"; stopping: {why}"
         agreed, won = rdzv.propose(attempt + 1, nodes, record.to_json())
+        rdzv.admitted([n for n in agreed if n not in members])
         self._pending = Transition.from_json(won)
         return agreed
 
@@ -302,13 +315,14 @@ class LocalAgent:
         if text:
             print(text, file=self.report_stream, flush=True)
 
-    def _run_rounds(self, rdzv: Rendezvous) -> RunResult:
-        attempt, restarts = 0, 0
+    def _run_rounds(self, rdzv: Rendezvous, attempt: int = 0) -> RunResult:
+        restarts = 0
         while True:
             self._final_round = attempt
             members = rdzv.members(attempt)
             if self._heartbeat is not None:
                 self._heartbeat.watch(members)
+            rdzv.begin(attempt)
             self._start_group(attempt, members)
             if self._pending is not None and self.node.node_rank == min(members):
                 self._pending.seconds = time.time() - self._pending.detected_at
@@ -333,8 +347,9 @@ class LocalAgent:
             failures = self._stop_after_failure()
             rdzv.publish_failures(attempt, failures)
             all_stopped, lost = rdzv.stopped_barrier(attempt, self.stop_grace + self.node.rdzv_timeout, self._lost)
-            if lost and all_stopped and self._interrupted is None:
-                nodes = self._next_round(rdzv, attempt, lost, detected_at)
+            joined = rdzv.waiting(rdzv.members(attempt)) if self._nodes_range().elastic else []
+            if (lost or joined) and all_stopped and self._interrupted is None:
+                nodes = self._next_round(rdzv, attempt, lost, joined, detected_at)
                 if self.node.node_rank in nodes:
                     attempt += 1
                     continue
@@ -375,7 +390,8 @@ class LocalAgent:
         if self.report and lost and lead:
             hosts = ", ".join(f"{rdzv.host_of(n)} (node {n})" for n in lost)
             print(
-                f"disttrain: job {self.node.job_id}: host(s) {hosts} lost: {rdzv.cause(attempt)}"
+                f"disttrain: job {self.node.job_id}: host(s) {hosts} lost (no heartbeat for "
+                f"{self.node.heartbeat_timeout:g}s); the round ended with: {rdzv.cause(attempt)}"
                 + (
                     ""
                     if self._nodes_range().elastic

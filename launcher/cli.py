@@ -25,7 +25,7 @@ from .environment import free_port
 from .errors import LaunchConfigError, LauncherError
 from .hostfile import parse_hostfile, parse_hosts
 from .job import JobSpec, run_job
-from .membership import NodesRange
+from .membership import HEARTBEAT_TIMEOUT, NodesRange
 from .ssh import SshOptions
 from .store import check_secret
 from .worker import WorkerSpec
@@ -51,6 +51,13 @@ def build_parser(prog: str = "disttrain launch") -> argparse.ArgumentParser:
     _both(p, "--master-addr", default="127.0.0.1", help="address of the first node")
     _both(p, "--master-port", type=int, default=None, help="MASTER_PORT given to workers")
     _both(p, "--rdzv-endpoint", default=None, help="host[:port] of the job's authenticated store (default: first host)")
+    _both(
+        p,
+        "--heartbeat-timeout",
+        type=float,
+        default=HEARTBEAT_TIMEOUT,
+        help="seconds without a heartbeat before a host counts as lost (multi-node jobs)",
+    )
     _both(p, "--max-restarts", type=int, default=0, help="restart the worker group this many times after a failure")
     _both(p, "--log-dir", default=None, help="per-rank stdout/stderr files go under this directory")
     p.add_argument("--tee", default="3", help="kept for torchrun compatibility; output goes to files and console")
@@ -106,6 +113,8 @@ def spec_from_args(ns: argparse.Namespace) -> tuple[WorkerSpec, NodeSpec]:
     nnodes = nodes.max
     if nproc < 1:
         raise LaunchConfigError(f"--nproc-per-node must be at least 1, got {nproc}")
+    if ns.heartbeat_timeout <= 0:
+        raise LaunchConfigError(f"--heartbeat-timeout must be positive, got {ns.heartbeat_timeout:g}")
     if not 0 <= ns.node_rank < nnodes:
         raise LaunchConfigError(f"--node-rank {ns.node_rank} is outside --nnodes {nnodes}")
     store = None
@@ -137,6 +146,7 @@ def spec_from_args(ns: argparse.Namespace) -> tuple[WorkerSpec, NodeSpec]:
         store=store,
         host_store=store is not None and ns.node_rank == 0,
         min_nodes=nodes.min,
+        heartbeat_timeout=ns.heartbeat_timeout,
     )
     return spec, node
 
@@ -172,7 +182,10 @@ def job_from_args(ns: argparse.Namespace) -> JobSpec:
         remote_cwd=ns.remote_cwd,
         env=env,
         join_timeout=ns.join_timeout,
+        heartbeat_timeout=ns.heartbeat_timeout,
     )
+    if ns.heartbeat_timeout <= 0:
+        raise LaunchConfigError(f"--heartbeat-timeout must be positive, got {ns.heartbeat_timeout:g}")
     if ns.nnodes is not None:
         nodes = NodesRange.parse(ns.nnodes)
         if nodes.max != len(hosts):

@@ -32,7 +32,7 @@ from .environment import SECRET, free_port
 from .errors import LaunchConfigError
 from .hostfile import HostSlots, NodePlan, plan_nodes
 from .logs import StreamPump
-from .membership import Transition, format_transitions
+from .membership import HEARTBEAT_TIMEOUT, Transition, format_transitions
 from .rendezvous import ABORT_KEY, failure_from_json
 from .report import format_report, root_cause
 from .ssh import SshOptions, is_local, remote_command
@@ -52,6 +52,7 @@ class JobSpec:
     nproc_per_node: int | None = None  # torchrun's; default: each host's slots
     max_restarts: int = 0
     min_nodes: int | None = None  # --nnodes MIN:MAX's MIN; None: every host is needed to the end
+    heartbeat_timeout: float = HEARTBEAT_TIMEOUT  # a host silent this long is lost
     rdzv_endpoint: str | None = None  # host[:port] of the store; default: first host, a free port
     master_port: int | None = None
     job_id: str = dataclasses.field(default_factory=lambda: secrets.token_hex(4))
@@ -182,6 +183,7 @@ class _Launcher:
                     store=server.address,
                     rdzv_timeout=job.join_timeout,
                     min_nodes=job.min_nodes,
+                    heartbeat_timeout=job.heartbeat_timeout,
                 )
                 self.agents.append(
                     _start_agent(dataclasses.replace(self.spec, nproc=plan.nproc), job, plan, node, secret, env)

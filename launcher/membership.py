@@ -72,7 +72,7 @@ def next_members(members: list[int], lost: list[int], joined: list[int], nodes: 
             f"no quorum: {len(alive)} of the round's {len(members)} hosts remain (at least half must); "
             "stopping rather than splitting the job"
         )
-    new = sorted(set(alive) | set(joined))[: nodes.max]
+    new = sorted(alive + [n for n in joined if n not in alive][: max(0, nodes.max - len(alive))])
     if len(new) < nodes.min:
         return [], f"{len(new)} host(s) left, fewer than the minimum of {nodes.min} (--nnodes {nodes})"
     return new, ""
@@ -126,12 +126,13 @@ class Heartbeat(threading.Thread):
         secret: str,
         node_rank: int,
         *,
-        interval: float = HEARTBEAT_INTERVAL,
+        interval: float | None = None,  # default: HEARTBEAT_INTERVAL, at most a quarter of the timeout
         timeout: float = HEARTBEAT_TIMEOUT,
         connect_timeout: float = 30.0,
     ):
         super().__init__(name="heartbeat", daemon=True)
-        self.node_rank, self.interval, self.timeout = node_rank, interval, timeout
+        self.node_rank, self.timeout = node_rank, timeout
+        self.interval = interval if interval is not None else min(HEARTBEAT_INTERVAL, timeout / 4)
         self._client = StoreClient(address, secret, timeout=timeout, connect_timeout=connect_timeout)
         self._lock = threading.Lock()
         self._watched: set[int] = set()
@@ -144,8 +145,9 @@ class Heartbeat(threading.Thread):
         """Watch these nodes (the current round's members); a node starts with a full timeout."""
         now = time.monotonic()
         with self._lock:
+            keep = self._watched
             self._watched = {n for n in nodes if n != self.node_rank}
-            self._seen = {n: self._seen.get(n, (-1, now)) for n in self._watched}
+            self._seen = {n: self._seen[n] if n in keep else (-1, now) for n in self._watched}
 
     def lost(self) -> list[int]:
         """Watched nodes whose beats stopped for ``timeout`` seconds (a node that never beat is not

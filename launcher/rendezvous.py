@@ -83,6 +83,46 @@ class Rendezvous:
         self._members[r] = won["nodes"]
         return won["nodes"], won["record"]
 
+    def begin(self, r: int) -> None:
+        """Round ``r``'s workers start (every member calls it): a host that comes back reads it."""
+        self.client.set("agent/current_round", str(r))
+
+    def current_round(self) -> int | None:
+        c = self.client
+        return int(c.get("agent/current_round", 1.0)) if c.check(["agent/current_round"]) else None
+
+    def rejoining(self) -> bool:
+        """True when an earlier agent of this node already joined (this one replaces it)."""
+        return self.client.add(f"agent/incarnation/{self.node_rank}", 1) > 1
+
+    def waiting(self, members: list[int]) -> list[int]:
+        """Nodes that came back and wait for the next round."""
+        return [n for n in range(self.nnodes) if n not in members and self.client.check([f"agent/waiting/{n}"])]
+
+    def admitted(self, nodes: list[int]) -> None:
+        """These waiting nodes are in the next round: their requests are answered."""
+        for n in nodes:
+            self.client.delete_key(f"agent/waiting/{n}")
+
+    def wait_admitted(self, poll: float = 0.1) -> int | None:
+        """A host that came back: wait until the job drops this node's earlier self (if it has not
+        yet), ask to join, and block until a round includes it. Returns that round, or None when
+        the job ended or was aborted first."""
+        c, me = self.client, self.node_rank
+        requested = False
+        while True:
+            if c.check([ABORT_KEY]) or c.check(["agent/final_round"]):
+                return None
+            r = self.current_round() or 0
+            for cand in (r, r + 1) if requested else ():
+                if c.check([self._k(cand, "members")]) and me in self.members(cand):
+                    c.delete_key(f"agent/waiting/{me}")
+                    return cand
+            if not requested and me not in self.members(r):
+                c.set(f"agent/waiting/{me}", self.host)
+                requested = True
+            time.sleep(poll)
+
     def record_transition(self, record: str) -> None:
         self.client.append("agent/transitions", record + "\n")
 

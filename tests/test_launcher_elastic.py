@@ -5,6 +5,8 @@ torchrun-style (``--nnodes --node-rank --rdzv-endpoint``; node 0 hosts the store
   seconds and exits with a report naming the lost host (fixed ``--nnodes 2``).
 - A partition isolates one of three hosts under ``--nnodes 2:3``: the majority goes on at the
   smaller size, the cut-off host stops its workers and exits non-zero.
+- A host SIGKILLed under ``--nnodes 1:2`` and started again with the same command: the job
+  shrinks to one host, and grows back to two at the next round.
 - A host lost under ddp and zero3 with ``--nnodes 1:2``: the survivor resumes from the latest
   disk checkpoint at world size 1 and ends where a run that changed to world size 1 at that
   checkpoint ends (same global batch; tolerance 1e-6 on every parameter and logged loss:
@@ -165,6 +167,34 @@ def test_a_partition_stops_the_minority_and_the_majority_goes_on(tmp_path):
         time.sleep(1.0)  # the stopped host wrote nothing after its agent exited
         assert (tmp_path / "rank2-attempt0.log").read_text() == written
         assert not (tmp_path / "rank2-attempt1.log").exists()
+
+
+@pytest.mark.timeout(150)
+def test_a_host_that_comes_back_joins_at_the_next_round(tmp_path):
+    with net_hosts(2, sshd=False) as hosts:
+        port, secret = free_port_in(hosts, 0), secrets.token_hex(32)
+        args = [WORKER, "60", str(tmp_path)]
+        nodes = [Node(hosts, i, "1:2", port, secret, args) for i in range(2)]
+        try:
+            nodes[0].wait_for(r"step 2 world 2", 60)
+            _kill_host(hosts, 1)
+            nodes[0].wait_for(r"step 1 world 1 attempt 1", 60)
+            back = time.monotonic()
+            nodes.append(Node(hosts, 1, "1:2", port, secret, args))  # the same command, on the same host
+            nodes[2].wait_for(r"step 0 world 2 attempt 2", 60)
+            print(f"host 1 came back; its first step in the world {time.monotonic() - back:.1f}s after its restart")
+            codes = [nodes[0].wait(90), nodes[2].wait(90)]
+        finally:
+            for n in nodes:
+                n.kill()
+        assert codes == [0, 0], nodes[0].text() + nodes[2].text()
+        assert "step 59 world 2 attempt 2" in "".join(nodes[0].out), nodes[0].text()
+        err = "".join(nodes[0].err)
+        assert re.search(r"round 1: .*lost \S+; world 2 -> 1", err), nodes[0].text()
+        assert re.search(r"round 2: host \S+ came back .*joined \S+; world 1 -> 2", err), nodes[0].text()
+        assert "2 membership transition(s)" in err
+        _no_leftovers(hosts, 0)
+        _no_leftovers(hosts, 1)
 
 
 def _params(run_dir: str) -> tuple[int, dict]:

@@ -118,3 +118,36 @@ def test_stopping_the_launcher_stops_every_host(two_hosts, how):
         p.wait()
         p.stdout.close()
     _no_leftovers(two_hosts)  # the remote agent saw its ssh stdin close and took its worker down
+
+
+@pytest.mark.timeout(120)
+def test_fan_out_with_nnodes_min_max_goes_on_without_a_killed_host(two_hosts, tmp_path):
+    a, b = two_hosts.addrs
+    worker = os.path.join(ROOT, "tests", "cases", "elastic_worker.py")
+    argv = [sys.executable, "-m", "launcher.cli", *two_hosts.launcher_flags(), "--nnodes", "1:2"]
+    argv += ["--hosts", f"{a}:1,{b}:1", "-x", f"GLOO_SOCKET_IFNAME={two_hosts.ifname}", worker, "25", str(tmp_path)]
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": two_hosts.ifname}
+    p = two_hosts.popen(0, argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in p.stdout:
+            if "step 2 world 2" in line:
+                break
+        for _ in range(50):  # the whole host: its agent, its workers, its ssh session
+            pids = two_hosts.pids(1)
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.05)
+        out, err = p.communicate(timeout=90)
+    finally:
+        p.kill()
+        p.wait()
+    assert p.returncode == 0, out[-2000:] + err[-3000:]
+    assert f"[0@{a}] step 24 world 1 attempt 1" in out, out[-2000:]
+    assert f"the agent on host {b} is gone" in err
+    assert re.search(rf"round 1: .*lost {re.escape(b)}; world 2 -> 1", err), err[-3000:]
+    _no_leftovers(two_hosts)
