@@ -16,16 +16,18 @@ from tests.support.listeners import Scanner, hosts_file, in_private_hosts, off_l
 
 
 def _available(backend: str) -> bool:
-    if backend == "mpi":
-        try:
+    try:
+        if backend == "mpi":
             import mpi4py  # noqa: F401
-        except ImportError:
-            return False
+        if backend == "horovod":
+            import horovod.torch  # noqa: F401
+    except ImportError:
+        return False
     return True
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("backend", ["torch", "mpi"])
+@pytest.mark.parametrize("backend", ["torch", "mpi", "horovod"])
 def test_a_one_host_job_listens_on_loopback_only(tmp_path, backend):
     if os.geteuid() != 0:
         pytest.skip("a private /etc/hosts needs root (unshare -m)")

@@ -2,7 +2,8 @@
 
 For users who have Horovod built (see scripts/build_horovod.sh) and want its ops under our
 communicator. Bootstrapped without ``horovodrun``: rank 0 starts Horovod's own rendezvous
-HTTP server in-process (the one ``horovodrun --gloo`` starts), publishes its address through
+HTTP server in-process (the one ``horovodrun --gloo`` starts; bound and guarded by
+:mod:`.horovod_rendezvous`), publishes its address through
 the job's authenticated store (required beyond one rank), and every rank then sets
 the ``HOROVOD_*`` variables horovodrun would set and calls ``hvd.init()``.
 
@@ -27,7 +28,8 @@ from ..backend import Backend
 from ..env import DistEnv
 from ..errors import BackendUnavailableError, CollectivesError, CollectiveTimeoutError
 from ..types import ReduceOp, Work
-from .loopback import pin_one_host_job
+from . import horovod_rendezvous as rendezvous
+from .loopback import one_host, pin_one_host_job
 
 _hvd = None
 
@@ -220,7 +222,7 @@ class HorovodBackend(Backend):
             _hvd.shutdown()
             srv = _SERVER.pop("server", None)
             if srv is not None:
-                srv.stop()
+                rendezvous.stop(srv)
 
 
 _SETS: dict[tuple[int, ...], object] = {}
@@ -231,7 +233,6 @@ def _start_rendezvous(env: DistEnv, hosts: list[str]) -> tuple[str, int]:
     """Rank 0: Horovod's rendezvous server with the slot plan for our ranks (ranks on a host
     must be consecutive, as our launcher places them)."""
     from horovod.runner.common.util.hosts import get_host_assignments, parse_hosts
-    from horovod.runner.http.http_server import RendezvousServer
 
     order: list[str] = []
     for h in hosts:
@@ -242,11 +243,20 @@ def _start_rendezvous(env: DistEnv, hosts: list[str]) -> tuple[str, int]:
         raise CollectivesError(
             f"rank {env.where}: horovod needs the ranks of a host to be consecutive; ranks sit on {hosts}"
         )
-    server = RendezvousServer(verbose=0)
-    port = server.start()
-    server.init(plan)
+    # Loopback for a one-host job (and only our own user gets in); else the address the ranks are
+    # told, never every interface (horovod's own start() binds 0.0.0.0).
+    addr = "127.0.0.1" if one_host(env) else (env.master_addr or socket.gethostname())
+    try:
+        bind = socket.gethostbyname(addr)
+    except OSError as exc:
+        raise CollectivesError(f"rank {env.where}: cannot resolve {addr} for horovod's rendezvous ({exc})") from None
+    if not one_host(env) and rendezvous.is_loopback(bind):
+        raise CollectivesError(
+            f"rank {env.where}: {addr} resolves to {bind}, which the other hosts cannot reach\nHINT: set "
+            "MASTER_ADDR to an address of this host on the network the ranks share"
+        )
+    server, port = rendezvous.start(bind, plan)
     _SERVER["server"] = server
-    addr = "127.0.0.1" if env.local_world_size == env.world_size else (env.master_addr or socket.gethostname())
     return addr, port
 
 

@@ -23,6 +23,7 @@ import enum
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 
@@ -36,7 +37,7 @@ from . import retention, testhooks
 from . import state as state_mod
 from .errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError
 from .reader import CheckpointReader, resolve, step_dir_name
-from .writer import RankWrite, aligned_empty, clean_temporaries, commit
+from .writer import RankWrite, aligned_empty, clean_temporaries, commit, tmp_dir
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,9 @@ WRITING, WRITTEN, FAILED = 0, 1, 2
 
 
 class _InFlight:
-    def __init__(self, job: RankWrite, local: dict, shared: dict | None):
+    def __init__(self, job: RankWrite, local: dict, shared: dict | None, periodic: bool = False, previous: int = -1):
         self.job, self.local, self.shared = job, local, shared
+        self.periodic, self.previous = periodic, previous  # a periodic save may fail; the run goes on
         self.snapshot = threading.Event()
         self.done = threading.Event()
         self.error: BaseException | None = None
@@ -103,7 +105,7 @@ class Checkpointer(Callback):
             if trainer.step != self.last_saved:
                 self.save(trainer, sync=True)
         elif self.cfg.every and trainer.step % self.cfg.every == 0 and trainer.step < steps:
-            self.save(trainer, sync=not self.cfg.async_save)
+            self.save(trainer, sync=not self.cfg.async_save, periodic=True)
 
     def before_optimizer_step(self, trainer) -> None:
         self._wait_snapshot()
@@ -139,9 +141,12 @@ class Checkpointer(Callback):
         """All ranks: rank 0's JSON-serialisable ``obj`` on every rank."""
         return self._bcast_json(obj)
 
-    def save(self, trainer, sync: bool = True) -> None:
+    def save(self, trainer, sync: bool = True, periodic: bool = False) -> None:
         """All ranks, same step. Sync: returns once the checkpoint is committed. Async: returns
-        after recording what to write; the bytes are copied and written in the background."""
+        after recording what to write; the bytes are copied and written in the background.
+        A ``periodic`` save that fails (a full disk, permissions) is logged and skipped: the
+        previous checkpoint stays the resume point, training goes on, the next save retries.
+        Any other failed save raises on every rank."""
         t0 = time.perf_counter()
         self._poll(block=True)
         self._join_commit()
@@ -151,7 +156,7 @@ class Checkpointer(Callback):
         local = {"rng": state_mod.capture_rng()}
         shared = state_mod.capture(trainer) if self.rank == 0 else None
         shared = self._with_layout(trainer, shared)
-        flight = _InFlight(job, local, shared)
+        flight = _InFlight(job, local, shared, periodic, self.last_saved)
         if sync:
             try:
                 job.write_live()
@@ -281,6 +286,9 @@ class Checkpointer(Callback):
                 self._inflight = None
                 bad = [r for r, s in enumerate(flags) if s == FAILED]
                 why = f": {type(f.error).__name__}: {f.error}" if f.error is not None else "; see their logs"
+                if f.periodic:
+                    self._skip_failed(f, f"on rank(s) {bad}{why}")
+                    return
                 raise CheckpointError(
                     f"rank {self.comm.env.where}: saving checkpoint step {f.job.step} failed on "
                     f"rank(s) {bad}{why}\nHINT: check free space and permissions of {self.dir}"
@@ -290,7 +298,11 @@ class Checkpointer(Callback):
             if not block:
                 return
             if mine == WRITING:
-                f.done.wait(self.comm.timeout)
+                if not f.done.wait(max(0.0, f.started + self.comm.timeout - time.perf_counter())):
+                    raise CheckpointError(
+                        f"rank {self.comm.env.where}: writing checkpoint step {f.job.step} did not finish within "
+                        f"{self.comm.timeout:g}s\nHINT: is the filesystem of {self.dir} stuck or very slow?"
+                    )
             else:
                 time.sleep(0.005)
         self._inflight = None
@@ -310,28 +322,69 @@ class Checkpointer(Callback):
                 commit(*args)
             except Exception as exc:
                 err = exc
-            self._agree_commit(err)
+            self._agree_commit(err, f)
         else:
-            self._commit_thread = threading.Thread(target=self._commit_bg, args=args, daemon=True, name="ckpt-commit")
+            self._commit_thread = threading.Thread(
+                target=self._commit_bg, args=(f, *args), daemon=True, name="ckpt-commit"
+            )
             self._commit_thread.start()
 
-    def _agree_commit(self, err) -> None:
+    def _skip_failed(self, f: _InFlight, why: str) -> None:
+        """All ranks, together: a periodic save failed. Each waits for its own write to end (no
+        straggler writes from the staging buffer the next save reuses), then rank 0 removes the
+        temporary; the run goes on from the previous checkpoint."""
+        if not f.done.wait(self.comm.timeout):
+            raise CheckpointError(f"rank {self.comm.env.where}: a failed save of step {f.job.step} never ended")
+        self._agree(0)
+        if self.rank == 0:
+            shutil.rmtree(tmp_dir(self.dir, f.job.step), ignore_errors=True)
+        self.last_saved = f.previous
+        if self.rank == 0 or f.error is not None:
+            log.error(
+                "rank %s: saving checkpoint step %s failed %s; training goes on, the resume point stays %s and "
+                "the next save retries\nHINT: check free space and permissions of %s",
+                self.comm.env.where,
+                f.job.step,
+                why,
+                f"step {f.previous}" if f.previous >= 0 else "the start",
+                self.dir,
+            )
+
+    def _agree_commit(self, err, f: _InFlight | None = None) -> None:
         flags = self._agree(1 if err is not None else 0)
+        if flags[0] and f is not None and f.periodic:
+            self._skip_failed(f, f"in the commit on rank 0{': ' + str(err) if err else ''}")
+            return
         if flags[0]:
             raise CheckpointError(
                 f"rank {self.comm.env.where}: committing the checkpoint failed on rank 0"
                 + (f": {err}" if err else "; see its log")
             )
 
-    def _commit_bg(self, *args) -> None:
+    def _commit_bg(self, f: _InFlight, *args) -> None:
         try:
             commit(*args)
         except BaseException as exc:
-            self._commit_error = exc
+            if not f.periodic:
+                self._commit_error = exc
+                return
+            shutil.rmtree(tmp_dir(self.dir, f.job.step), ignore_errors=True)
+            log.error(
+                "rank %s: committing checkpoint step %s failed (%s: %s); training goes on, the next save retries",
+                self.comm.env.where,
+                f.job.step,
+                type(exc).__name__,
+                exc,
+            )
 
     def _join_commit(self) -> None:
         if self._commit_thread is not None:
             self._commit_thread.join(self.comm.timeout)
+            if self._commit_thread.is_alive():
+                raise CheckpointError(
+                    f"rank {self.comm.env.where}: committing a checkpoint in {self.dir} did not finish within "
+                    f"{self.comm.timeout:g}s\nHINT: is its filesystem stuck?"
+                )
             self._commit_thread = None
         self._raise_commit_error()
 

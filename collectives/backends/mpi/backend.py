@@ -370,10 +370,19 @@ def _init_mpi(env: DistEnv, store, timeout: float):
         pin_one_host_job(env)  # MPICH's UCX/libfabric listeners on lo when every rank is here
     if "mpi4py.MPI" not in sys.modules and not _mpi_launched() and env.world_size > 1:
         _connect_pmi(env, store, timeout)
+    import faulthandler
+
     import mpi4py
 
     mpi4py.rc.finalize = False  # we finalize in a Python atexit hook, while our PMI server still runs
-    from mpi4py import MPI
+    # MPI_Init holds the GIL and MPICH's start-up barriers have no timeout: a peer stopped inside
+    # it would hang this rank for good. A C-level watchdog ends it instead (stacks printed, exit 1);
+    # our PMI server's log names the rank that was behind.
+    faulthandler.dump_traceback_later(timeout, exit=True)
+    try:
+        from mpi4py import MPI
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
     _MPI = MPI
     _tables(MPI)
@@ -416,7 +425,11 @@ def _connect_pmi(env: DistEnv, store, timeout: float) -> None:
         host = "127.0.0.1" if local else (env.master_addr or socket.gethostname())
         # Nodes for MPICH's shared-memory paths: consecutive ranks with one host are one node.
         mapping = _process_mapping(store, env, timeout)
-        port = _start_pmi_server(env.world_size, pmi.bind_address(host, local), mapping, store)
+        try:
+            bind = pmi.bind_address(host, local)
+        except RuntimeError as exc:
+            raise CollectivesError(f"rank {env.where}: {exc}") from None
+        port = _start_pmi_server(env.world_size, bind, mapping, store, timeout)
         store.set(_PMI_KEY, f"{host}:{port}")
     else:
         _process_mapping(store, env, timeout)
@@ -426,18 +439,25 @@ def _connect_pmi(env: DistEnv, store, timeout: float) -> None:
     global _PMI_ADDR, _PMI_TOKEN
     _PMI_ADDR = store.get(_PMI_KEY).decode()
     _PMI_TOKEN = store.get(f"{_PMI_KEY}/token").decode()
-    # PMI_ID: this rank's unguessable id, the only way into the PMI server (see pmi.py).
+    # This rank's 256-bit id, the only way into the PMI server: proven here, in Python, and the
+    # connected socket handed to MPICH (PMI_FD), so no id MPICH could parse is ever guessable.
     pmi_id = store.get(f"{_PMI_KEY}/id/{env.rank}").decode()
-    os.environ.update(PMI_PORT=_PMI_ADDR, PMI_ID=pmi_id, PMI_RANK=str(env.rank), PMI_SIZE=str(env.world_size))
+    try:
+        fd = pmi.connect_rank(_PMI_ADDR, pmi_id, env.rank, timeout)
+    except RuntimeError as exc:
+        raise CollectivesError(str(exc)) from None
+    for stale in ("PMI_PORT", "PMI_ID"):
+        os.environ.pop(stale, None)
+    os.environ.update(PMI_FD=str(fd), PMI_RANK=str(env.rank), PMI_SIZE=str(env.world_size))
 
 
-def _start_pmi_server(size: int, bind: str, mapping: str, store) -> int:
+def _start_pmi_server(size: int, bind: str, mapping: str, store, timeout: float = 300.0) -> int:
     """Rank 0: start the PMI server; each rank's PMI id and the job token go into the store."""
     global _PMI_PROC
     # No atexit hook: MPICH's own exit handlers still talk to the server after Python's have
     # run; the server exits once every rank closed its connection, or soon after we are gone.
     try:
-        _PMI_PROC, port, ids, token = pmi.spawn(size, bind, mapping)
+        _PMI_PROC, port, ids, token = pmi.spawn(size, bind, mapping, barrier_timeout=timeout)
     except RuntimeError as exc:
         raise CollectivesError(str(exc)) from None
     for rank, pmi_id in enumerate(ids):

@@ -7,14 +7,18 @@ starts in milliseconds. It prints its port, then serves until every rank closed 
 or, at most 10 s after, its parent went away (stdin closed). When a rank's connection
 closes without ``finalize``, barriers fail, so nobody waits on the dead.
 
-Only the job's ranks get in. MPICH's PMI-1 client cannot do a MAC, but its first line is
-``cmd=initack pmiid=<PMI_ID>``: rank 0 draws one random, distinct id per rank, hands it to
-the server on stdin (never on a command line) and to each rank through the job's
-authenticated store. A connection whose first line is not an unused id of ours (or our
-own ``collectives_segments`` report with the job token) within :data:`HELLO_TIMEOUT` is
-closed and logged and counts for nothing: it cannot fail a barrier, end the server, or
-take a rank's place. At most ``size`` rank connections, each id once; keys are
-write-once; lines are bounded; at most :data:`MAX_PENDING` strangers are held at a time.
+Only the job's ranks get in. Rank 0 draws one random 256-bit id per rank, hands them to the
+server on stdin (never on a command line) and to each rank through the job's authenticated
+store. Each rank connects in Python (:func:`connect_rank`), opens with
+``cmd=initack pmiid=<its id>``, and hands the connected socket to MPICH through ``PMI_FD``
+(as hydra's proxy does), so MPICH never needs ``PMI_PORT`` and a 31-bit ``PMI_ID`` that a
+stranger could guess while ranks start. A connection whose first line is not an unused id of ours (or our
+own ``collectives_segments`` report with the job token) within :data:`HELLO_TIMEOUT` (one
+deadline for the whole line, however slowly its bytes come) is closed and logged and counts
+for nothing: it cannot fail a barrier, end the server, or take a rank's place. At most
+``size`` rank connections, each id once; keys are write-once;
+lines are bounded; at most :data:`MAX_PENDING` strangers are held at a time. A barrier that
+not every rank reaches within the job's timeout fails, naming the ranks that never arrived.
 A segment path is unlinked only if it is exactly MPICH's name in /dev/shm and a regular
 file of ours there (``lstat``).
 
@@ -33,10 +37,11 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 
 _DEBUG = bool(os.environ.get("COLLECTIVES_PMI_DEBUG"))
 MAX_LINE = 4096  # MPICH's PMIU_MAXLINE is 1024
-HELLO_TIMEOUT = 10.0  # for a connection's first line
+HELLO_TIMEOUT = 10.0  # for a connection's whole first line
 MAX_PENDING = 64  # connections that have not yet proven they are a rank; the oldest goes first
 SHM_DIR = "/dev/shm"
 _SEGMENT = re.compile(r"mpich_shm_[0-9a-f]{1,16}_[0-9]{1,10}")  # MPICH: "/mpich_shm_%x_%d"
@@ -75,29 +80,56 @@ def unlink_segment(name: str) -> bool:
 
 def bind_address(host: str, local: bool) -> str:
     """Where the server listens: loopback for a one-host job, else the address ranks are told
-    (``host``) when it is one of ours, and every interface only when it is not."""
+    (``host``), which must be an address of this machine that other hosts can reach. Never every
+    interface: a host name that resolves to loopback or elsewhere raises RuntimeError."""
     if local:
         return "127.0.0.1"
+    hint = "\nHINT: set MASTER_ADDR to this host's address on the network the ranks share"
     try:
         addr = socket.gethostbyname(host)
-        if addr.startswith("127."):  # e.g. Debian's 127.0.1.1 for the host name: other hosts cannot reach it
-            return "0.0.0.0"
+    except OSError as exc:
+        raise RuntimeError(f"the PMI server cannot resolve {host!r} ({exc}){hint}") from None
+    if addr.startswith("127."):  # e.g. Debian's 127.0.1.1 for the host name: other hosts cannot reach it
+        raise RuntimeError(f"{host!r} resolves to {addr}, which the other hosts cannot reach{hint}")
+    try:
         with socket.socket() as s:
             s.bind((addr, 0))  # succeeds only for an address of this machine (namespace)
-        return addr
-    except OSError:
-        return "0.0.0.0"
+    except OSError as exc:
+        raise RuntimeError(f"{host!r} resolves to {addr}, not an address of this machine ({exc}){hint}") from None
+    return addr
 
 
-def credentials(size: int) -> tuple[list[int], str]:
-    """One random, distinct PMI_ID per rank (MPICH parses it with ``atoi``: 31 bits), and a job token."""
-    ids: set[int] = set()
-    while len(ids) < size:
-        ids.add(secrets.randbelow(2**31 - 2) + 1)
-    return list(ids), secrets.token_hex(32)
+def credentials(size: int) -> tuple[list[str], str]:
+    """One random 256-bit id per rank (sent by our Python, not MPICH: no ``atoi`` limit), and a job token."""
+    return [secrets.token_hex(32) for _ in range(size)], secrets.token_hex(32)
 
 
-def spawn(size: int, bind: str, mapping: str, *, stderr=None) -> tuple[subprocess.Popen, int, list[int], str]:
+def connect_rank(address: str, pmi_id: str, rank: int, timeout: float) -> int:
+    """A rank's connection to the server, opened and proven in Python: the ``initack`` with
+    this rank's id and the server's four answer lines. Returns the socket's descriptor for
+    MPICH's ``PMI_FD`` (kept open for the life of the process). Raises RuntimeError."""
+    host, _, port = address.rpartition(":")
+    sock = socket.create_connection((host, int(port)), timeout=timeout)
+    try:
+        sock.sendall(f"cmd=initack pmiid={pmi_id}\n".encode())
+        f = sock.makefile("rb", buffering=0)
+        lines = [f.readline(MAX_LINE + 1) for _ in range(4)]
+        got = [dict(kv.split("=", 1) for kv in ln.decode().split() if "=" in kv) for ln in lines]
+        if got[0].get("rc") != "0" or got[2].get("rank") != str(rank):
+            raise RuntimeError(f"the PMI server at {address} refused rank {rank} (said {lines!r})")
+    except (OSError, ValueError) as exc:
+        sock.close()
+        raise RuntimeError(f"rank {rank}: cannot join the PMI server at {address} ({exc})") from None
+    except RuntimeError:
+        sock.close()
+        raise
+    sock.settimeout(None)
+    return sock.detach()
+
+
+def spawn(
+    size: int, bind: str, mapping: str, *, stderr=None, barrier_timeout: float = 300.0
+) -> tuple[subprocess.Popen, int, list[str], str]:
     """Start the server process (called by rank 0): (process, port, per-rank PMI ids, job token).
 
     The ids and token go to the server on its stdin, which then stays open: its EOF tells
@@ -111,7 +143,8 @@ def spawn(size: int, bind: str, mapping: str, *, stderr=None) -> tuple[subproces
         stderr=stderr,
     )
     try:
-        proc.stdin.write((json.dumps({"ids": ids, "token": token}) + "\n").encode())
+        creds = {"ids": ids, "token": token, "barrier_timeout": barrier_timeout}
+        proc.stdin.write((json.dumps(creds) + "\n").encode())
         proc.stdin.flush()
     except OSError:  # it died at once; the readline below says so
         pass
@@ -119,6 +152,13 @@ def spawn(size: int, bind: str, mapping: str, *, stderr=None) -> tuple[subproces
     if not line.strip().isdigit():
         raise RuntimeError(f"the PMI server for the mpi backend did not start (said {line!r})")
     return proc, int(line), ids, token
+
+
+def _shutdown(conn: socket.socket) -> None:
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def segments_line(token: str, paths) -> bytes:
@@ -137,8 +177,13 @@ class _PMIServer:
     a dead rank makes MPI_Init/Finalize fail instead of waiting forever.
     """
 
-    def __init__(self, size: int, bind: str, mapping: str, ids: list[int], token: str):
+    def __init__(self, size: int, bind: str, mapping: str, ids: list[str], token: str, barrier_timeout: float = 300.0):
         self.size, self.mapping, self.closed = size, mapping, 0
+        self.barrier_timeout = barrier_timeout
+        self._peer_of: dict[int, str] = {}  # rank -> address, for the barrier's report
+        self._in_barrier: set[int] = set()
+        self._requests: dict[int, tuple[int, str]] = {}  # rank -> (requests made, the last one)
+        self.started, self.reported = time.monotonic(), False
         self.kvsname = f"kvs_{os.getpid()}_0"
         self.segments: set[str] = set()  # bare names in /dev/shm; MPICH derives them from the kvsname
         self.rejected = 0
@@ -202,15 +247,46 @@ class _PMIServer:
         except OSError:
             pass
 
-    def _barrier(self) -> int:
+    def started_up(self) -> bool:
+        """Every rank got through MPI_Init's first PMI barrier."""
+        return self._generation > 0
+
+    def report_startup(self, why: str) -> None:
+        """Say which ranks held MPI start-up back: those with the fewest PMI requests (a rank
+        stopped inside MPI_Init talks to nobody; MPICH's shared-memory barrier then spins on
+        the others, so only this server can tell who is behind). Logged once."""
+        with self._cv:
+            if self.reported or self.started_up():
+                return
+            self.reported = True
+            progress = {r: self._requests.get(r, (0, "never connected")) for r in range(self.size)}
+        least = min(n for n, _ in progress.values())
+        behind = [r for r, (n, _) in progress.items() if n == least]
+        ahead = max(progress.values())
+        names = ", ".join(f"rank {r} ({self._peer_of.get(r, 'never connected')})" for r in behind)
+        _log(
+            f"MPI start-up did not finish ({why}): {names} did not arrive: last PMI request "
+            f"{progress[behind[0]][1] or 'none'!r} ({least} made), while others got to {ahead[1]!r} "
+            f"({ahead[0]} made)"
+        )
+
+    def _barrier(self, rank: int) -> int:
+        """rc 0 once every rank arrived; 1 when a rank was lost, or when some never arrived within
+        ``barrier_timeout`` (logged with their ranks, e.g. a rank stopped inside MPI_Init)."""
         with self._cv:
             gen = self._generation
             self._arrived += 1
+            self._in_barrier.add(rank)
             if self._arrived == self.size:
                 self._arrived, self._generation = 0, gen + 1
+                self._in_barrier.clear()
                 self._cv.notify_all()
-            else:
-                self._cv.wait_for(lambda: self._generation != gen or self._lost)
+            elif not self._cv.wait_for(lambda: self._generation != gen or self._lost, self.barrier_timeout):
+                missing = sorted(set(range(self.size)) - self._in_barrier)
+                where = ", ".join(f"rank {r} ({self._peer_of.get(r, 'never connected')})" for r in missing)
+                _log(f"barrier: {where} did not arrive within {self.barrier_timeout:g}s; failing it on every rank")
+                self._lost = True
+                self._cv.notify_all()
             return 0 if self._generation != gen else 1
 
     @staticmethod
@@ -219,13 +295,18 @@ class _PMIServer:
 
     def _hello(self, f, conn: socket.socket, peer: str) -> tuple[int | None, dict | None]:
         """Read the first line within HELLO_TIMEOUT: (rank, fields) for a rank, (None, None) otherwise."""
-        conn.settimeout(HELLO_TIMEOUT)  # one short line: a single deadline in practice
+        conn.settimeout(HELLO_TIMEOUT)
+        # One deadline for the whole line: a peer that trickles a byte at a time is cut off then.
+        cutoff = threading.Timer(HELLO_TIMEOUT, _shutdown, args=(conn,))
+        cutoff.daemon = True
+        cutoff.start()
         try:
             line = f.readline(MAX_LINE + 1)
         except (OSError, ValueError) as exc:
             self._reject(peer, f"no first line ({exc or 'timed out'})")
             return None, None
         finally:
+            cutoff.cancel()
             with self._cv:
                 self._pending.pop(conn, None)
         if not line.endswith(b"\n"):
@@ -237,7 +318,8 @@ class _PMIServer:
             self._reject(peer, "garbage")
             return None, None
         if d.get("cmd") == "collectives_segments":
-            if secrets.compare_digest(d.get("token", ""), self._token):
+            # Compared as bytes: compare_digest refuses str with non-ASCII characters (TypeError).
+            if secrets.compare_digest(d.get("token", "").encode(), self._token.encode()):
                 names = {n for p in d.get("paths", "").split(",") if p and (n := segment_name(p)) is not None}
                 with self._cv:
                     self.segments.update(names)
@@ -254,6 +336,8 @@ class _PMIServer:
         pmiid = d.get("pmiid", "")
         with self._cv:
             rank = self._rank_of.pop(pmiid, None) if d.get("cmd") == "initack" else None
+            if rank is not None:
+                self._peer_of[rank] = peer
         if rank is None:
             self._reject(peer, f"not a rank of this job (first line {line[:60]!r})")
             return None, None
@@ -272,6 +356,9 @@ class _PMIServer:
             while True:
                 if _DEBUG:
                     print("<<", rank, d, file=sys.stderr, flush=True)
+                with self._cv:
+                    n, _ = self._requests.get(rank, (0, ""))
+                    self._requests[rank] = (n + 1, " ".join(filter(None, (d.get("cmd"), d.get("key")))))
                 out = self._answer(rank, d)
                 if out is None:  # abort
                     break
@@ -329,7 +416,7 @@ class _PMIServer:
                 return ["cmd=get_result rc=-1 msg=key_not_found"]
             return [f"cmd=get_result rc=0 value={value}"]
         if cmd == "barrier_in":
-            out = [f"cmd=barrier_out rc={self._barrier()}"]
+            out = [f"cmd=barrier_out rc={self._barrier(rank)}"]
             self._note_segments()
             return out
         if cmd == "finalize":
@@ -348,10 +435,10 @@ def main() -> None:
             break
         raw += chunk
     creds = json.loads(raw)
-    ids, token = [int(i) for i in creds["ids"]], str(creds["token"])
+    ids, token = [str(i) for i in creds["ids"]], str(creds["token"])
     if len(ids) != size or len(set(ids)) != size or len(token) < 32:
         sys.exit("collectives PMI server: bad credentials on stdin")
-    server = _PMIServer(size, bind, mapping, ids, token)
+    server = _PMIServer(size, bind, mapping, ids, token, float(creds.get("barrier_timeout", 300.0)))
     print(server.port, flush=True)
     stop = threading.Event()
 
@@ -370,7 +457,18 @@ def main() -> None:
         while server.closed < size:
             server._cv.wait(timeout=0.2)
             server._note_segments()
+            if time.monotonic() - server.started > server.barrier_timeout:
+                server._cv.release()  # report_startup takes it
+                try:
+                    server.report_startup(f"within {server.barrier_timeout:g}s")
+                finally:
+                    server._cv.acquire()
             if stop.is_set():
+                server._cv.release()
+                try:
+                    server.report_startup("rank 0 is gone")
+                finally:
+                    server._cv.acquire()
                 server._cv.wait_for(lambda: server.closed >= size, timeout=10.0)
                 break
     for name in server.segments:  # normally already gone (MPI_Finalize unlinks them)
