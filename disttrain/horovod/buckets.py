@@ -4,7 +4,8 @@ Why: a per-gradient allreduce costs Python on both threads for every parameter o
 (a hook that wraps, names, describes and submits an op; the engine announcing, fusing, copying
 and completing it). Here the dense gradients are laid out once, at construction, into flat
 buffers of about ``HOROVOD_FUSION_THRESHOLD`` bytes at most (``DISTTRAIN_HVD_BUCKET_BYTES``,
-default 1 MiB; one dtype per bucket), in reverse registration order as data parallel's buckets
+default 4 MiB; one dtype per bucket; from the set's ``comm.alloc``, so ``shm`` reduces them in
+place across processes), in reverse registration order as data parallel's buckets
 (``disttrain/parallel/buckets.py``), which is roughly the order backward produces them. A
 parameter's post-accumulate-grad hook only counts (and checks ``backward_passes_per_step``);
 the hook that completes a bucket copies its gradients in with one ``torch._foreach_copy_`` and
@@ -24,8 +25,10 @@ import os
 
 import torch
 
+from . import handles
 from .exceptions import HorovodError
-from .ops import allreduce_async_, synchronize
+from .ops import synchronize
+from .submit import alloc_start, allreduce_start
 from .wire import digest
 
 BACKWARD_PASSES_ERROR = (
@@ -39,10 +42,9 @@ class Bucket:
 
     __slots__ = ("params", "views", "buf", "name", "left", "handle", "delay", "flat")
 
-    def __init__(self, params: list[torch.nn.Parameter], names: list[str]):
-        n = sum(p.numel() for p in params)
+    def __init__(self, params: list[torch.nn.Parameter], names: list[str], buf: torch.Tensor):
         self.params = params
-        self.buf = torch.zeros(n, dtype=params[0].dtype)
+        self.buf = buf.zero_()
         self.views, off = [], 0
         for p in params:
             self.views.append(self.buf[off : off + p.numel()].view(p.shape))
@@ -74,11 +76,16 @@ class GradBuckets:
     """The buckets of one optimizer. Hooks run on autograd's thread; the rest on the user's."""
 
     def __init__(self, params, names: dict, passes: int, op, pre: float, post: float, process_set):
-        limit = int(os.environ.get("DISTTRAIN_HVD_BUCKET_BYTES", 1 << 20))
+        limit = int(os.environ.get("DISTTRAIN_HVD_BUCKET_BYTES", 4 << 20))
         limit = min(limit, int(os.environ.get("HOROVOD_FUSION_THRESHOLD", 128 << 20)) or limit)
         self.op, self.pre, self.post, self.process_set = op, pre, post, process_set
         self.passes = passes
-        self.buckets = [Bucket(ps, [names[p] for p in ps]) for ps in plan(params, limit)]
+        layout = plan(params, limit)
+        numels = [sum(p.numel() for p in ps) for ps in layout]
+        dtypes = [ps[0].dtype for ps in layout]
+        tag = f"buckets.{digest(chr(0).join(names[p] for ps in layout for p in ps)):016x}"
+        bufs = alloc_start(numels, dtypes, tag, process_set).result()  # collective over the set
+        self.buckets = [Bucket(ps, [names[p] for p in ps], buf) for ps, buf in zip(layout, bufs)]
         self.sparse: set = set()  # parameters seen with a sparse gradient: the optimizer's per-tensor path
         self.hooks = []
         for b in self.buckets:
@@ -121,14 +128,8 @@ class GradBuckets:
                 views.append(v)
         if views:
             torch._foreach_copy_(views, grads)
-        b.handle = allreduce_async_(
-            b.buf,
-            name=b.name,
-            op=self.op,
-            prescale_factor=self.pre,
-            postscale_factor=self.post,
-            process_set=self.process_set,
-        )
+        hid, h = allreduce_start([b.buf], [b.buf], b.name, self.op, self.pre, self.post, self.process_set, False, True)
+        b.handle = handles.register(h, hid)
 
     def pending(self) -> bool:
         return any(b.handle is not None or b.left < len(b.params) for b in self.buckets)

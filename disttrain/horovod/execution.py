@@ -25,8 +25,11 @@ from .exceptions import HorovodError
 from .handles import Handle
 from .negotiation import Announcement, Ready
 from .pool import MIN_BYTES, Pool
-from .wire import Kind, scale_, split_key
+from .wire import SHARED, Kind, scale_, split_key
 
+# An allreduce this large runs alone: copying it into and out of a fusion buffer costs more than
+# the collective's latency that fusing would save (decided from agreed sizes: the same everywhere).
+ALONE_BYTES = 256 << 10
 _COMM_OPS = (CommOp.AVG, CommOp.SUM, None, CommOp.MIN, CommOp.MAX, CommOp.PROD)  # by hvd.ReduceOp value
 
 
@@ -91,7 +94,7 @@ def run_ready(
                 if r2.name in done or r2.fuse != r.fuse:
                     continue
                 b = _numel(r2) * item
-                if bucket and nbytes + b > fusion_bytes:
+                if bucket and (nbytes + b > fusion_bytes or max(b, nbytes) >= ALONE_BYTES or r.fuse & SHARED):
                     continue
                 bucket.append(r2)
                 nbytes += b
@@ -127,9 +130,13 @@ def _allreduce(bucket: list[Ready], mine: dict[int, Op], comm, size: int, pool, 
     # in ``in_place`` only where allocation is local (not zero_copy), and a buffer is reused only
     # when this member's own bit in the agreed mask says it is free here, so that is safe.
     in_place = lead is not None and lead.output is not None
-    if len(bucket) == 1 and pool is not None and big and (pool.zero_copy or not in_place):
+    if first.fuse & SHARED:  # a persistent buffer from comm.alloc on every member: reduce where it lies
+        buf = ops[0].output.view(-1) if ops[0] is not None else torch.zeros(n0, dtype=dtype)
+    elif len(bucket) == 1 and pool is not None and big and (pool.zero_copy or not in_place):
         pooled = pool.acquire(n0, dtype, agreed_free, taken)  # the same answer on every member
-    if pooled is not None:
+    if first.fuse & SHARED:
+        pass
+    elif pooled is not None:
         buf = pooled
         if ops[0] is not None:
             buf.copy_(ops[0].tensor.view(-1))

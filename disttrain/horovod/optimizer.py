@@ -97,8 +97,14 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._groups = self._build_groups(groups)
         self._buckets: GradBuckets | None = None
         if process_set.included() and size() > 1:
-            if groups is None and compression is Compression.none and os.environ.get("DISTTRAIN_HVD_BUCKETS") != "0":
-                params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+            params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+            if (
+                groups is None
+                and compression is Compression.none
+                and os.environ.get("DISTTRAIN_HVD_BUCKETS") != "0"
+                and params
+                and all(p.device.type == "cpu" for p in params)  # device buckets: not verified without a GPU
+            ):
                 pre, post = self._scales()
                 self._buckets = GradBuckets(
                     params, self._parameter_names, backward_passes_per_step, op, pre, post, process_set

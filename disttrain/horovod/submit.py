@@ -14,6 +14,7 @@ the calling rank, before anything is submitted, as Horovod's enqueue functions d
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable, Sequence
 
 import torch
@@ -105,6 +106,7 @@ def allreduce_start(
     post: float,
     ps: ProcessSet,
     grouped: bool,
+    shared: bool = False,
 ) -> tuple[int, Handle]:
     """Reduce each tensor (in place into ``outputs`` when given); a grouped call submits one op
     per tensor (``<name>_<i>``), fused by the engine, and its handle yields the list."""
@@ -122,7 +124,7 @@ def allreduce_start(
         n = f"{base}_{i}" if grouped else base
         out = outputs[i].detach() if outputs is not None else None  # same storage, no autograd
         desc = _described(kind, dtype_name(t.dtype), tuple(t.shape), op.name, (pre, post))
-        fuse = _fuse(kind, torch.float64 if kind is Kind.ADASUM else w.dtype, op, (pre, post))
+        fuse = _fuse(kind, torch.float64 if kind is Kind.ADASUM else w.dtype, op, (pre, post), shared)
         parts.append(
             _submit(
                 worker,
@@ -272,6 +274,21 @@ def barrier_start(ps: ProcessSet):
     desc = _described(Kind.BARRIER, "", ())  # Horovod's fixed name: one barrier per set at a time
     fuse = _fuse(Kind.BARRIER, torch.int64, 0, (1.0, 1.0))
     return hid, _submit(process_set_worker(ps, "barrier"), "barrier.noname", Kind.BARRIER, desc, fuse, 0)
+
+
+def alloc_start(numels: list[int], dtypes: list[torch.dtype], name: str, ps: ProcessSet) -> Handle:
+    """Every member of ``ps``, same order: persistent buffers from the set's ``comm.alloc`` (shared
+    memory under ``shm``), allocated by the set's engine thread, which owns the communicator."""
+    worker = process_set_worker(ps, "alloc")
+    full = f"alloc.{name}"
+    sig = digest(f"alloc|{numels}|{dtypes}")
+    fuse = _fuse(Kind.PROCESS_SET, torch.int64, 0, (1.0, 1.0))
+    desc = json.dumps({"kind": "PROCESS_SET", "dtype": "", "shape": numels, "op": "alloc", "scales": [], "root": -1})
+    h = Handle(full)
+    comm = worker.comm
+    action = lambda: [comm.alloc(n, dt) for n, dt in zip(numels, dtypes)]  # noqa: E731
+    worker.submit(Op(full, Kind.PROCESS_SET, Announcement(_digest(full), sig, fuse, 0), desc, h, action=action))
+    return h
 
 
 def join_start() -> Handle:

@@ -53,9 +53,12 @@ def code_dtype(code: int) -> torch.dtype:
     return DTYPES[code - 1]
 
 
-def fuse_key(kind: Kind, dtype: torch.dtype, reduce_op: int, scales: tuple[float, float]) -> int:
-    """kind (8 bits) | wire dtype code (8) | reduce op (8) | digest of the scale factors (39)."""
-    extra = digest(repr(scales)) >> 24
+SHARED = 1 << 38  # fuse key flag: the operand is a persistent buffer from ``comm.alloc``, reduced where it lies
+
+
+def fuse_key(kind: Kind, dtype: torch.dtype, reduce_op: int, scales: tuple[float, float], shared: bool = False) -> int:
+    """kind (8 bits) | wire dtype code (8) | reduce op (8) | shared (1) | digest of the scale factors (38)."""
+    extra = (digest(repr(scales)) >> 25) | (SHARED if shared else 0)
     return (int(kind) << 55) | (_CODE.get(dtype, 0) << 47) | ((int(reduce_op) & 0xFF) << 39) | extra
 
 
