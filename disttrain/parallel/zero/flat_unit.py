@@ -52,17 +52,19 @@ class FlatUnit:
         self.padded = max(world, math.ceil(n / world) * world)
         self.shard = self.padded // world
         self.lo, self.hi = rank * self.shard, (rank + 1) * self.shard
-        self.full = torch.zeros(self.padded)
+        deferred = any(p.is_meta for p in self.params)  # values arrive later, into ``master``
+        self.sharded_params = sharded_params
+        # A deferred ZeRO-3 unit never fills ``full`` here: its pages are first touched by a gather.
+        self.full = torch.empty(self.padded) if deferred and sharded_params else torch.zeros(self.padded)
         with torch.no_grad():
             for p, o in zip(self.params, self.offsets):
-                if p.is_meta:  # a deferred model: its values arrive later, into ``master``
+                if p.is_meta:
                     become(p, self.full[o : o + p.numel()].view(p.shape))
                     continue
                 self.full[o : o + p.numel()].copy_(p.detach().reshape(-1))
                 p.data = self.full[o : o + p.numel()].view(p.shape)
-        self.sharded_params = sharded_params
         if sharded_params:  # ZeRO-3: the master is the only persistent copy
-            self.master = self.full[self.lo : self.hi].clone()
+            self.master = torch.zeros(self.shard) if deferred else self.full[self.lo : self.hi].clone()
             self._set_storage(0)
             self.gathered = False
         else:  # ZeRO-1/2: the master is this rank's slice of the full buffer itself
@@ -77,7 +79,9 @@ class FlatUnit:
         self.ag_work: Work | None = None
         # gradient side (ZeRO-2/3): the full gradient while backward fills it, the reduced shard after
         self.gfull: torch.Tensor | None = None
-        self.gshard = torch.zeros(self.shard)
+        # Written whole by the first reduce-scatter of a step (``fresh``) before anything reads it, so
+        # its pages are not touched until then.
+        self.gshard = torch.empty(self.shard)
         self.rs_work: Work | None = None
         self.rs_out: torch.Tensor | None = None
         self.ready = 0
