@@ -148,3 +148,68 @@ def first_loss_case(
     comm.barrier()
     comm.close()
     return loss
+
+
+class LoRALinear(torch.nn.Module):
+    """A frozen base linear plus a trainable low-rank update (LoRA), zero at the start."""
+
+    def __init__(self, base: torch.nn.Linear, r: int = 4):
+        super().__init__()
+        self.base = base
+        base.weight.requires_grad_(False)
+        self.lora_a = torch.nn.Linear(base.in_features, r, bias=False)
+        self.lora_b = torch.nn.Linear(r, base.out_features, bias=False)
+        torch.nn.init.zeros_(self.lora_b.weight)
+
+    def forward(self, x):
+        return self.base(x) + self.lora_b(self.lora_a(x))
+
+
+def llama_lora(layers: int = 2, hidden: int = 32, vocab: int = 64, r: int = 4):
+    """A Llama whose every weight is frozen, with LoRA adapters on q_proj and v_proj."""
+    m = llama(layers, hidden, vocab)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    for layer in m.model.layers:
+        layer.self_attn.q_proj = LoRALinear(layer.self_attn.q_proj, r)
+        layer.self_attn.v_proj = LoRALinear(layer.self_attn.v_proj, r)
+    return m
+
+
+def train_pieces_case(target: str, kwargs: dict, strategy: str, steps: int = 3) -> dict:
+    """``steps`` AdamW steps of a causal-LM loss on fixed token batches (the global batch split over
+    ranks); returns every model piece this rank holds after training and its state bytes."""
+    cfg = make_config(target, kwargs, strategy)
+    comm = collectives.init("torch", timeout=120)
+    seed_everything(cfg.run.seed)
+    m = build_run_model(cfg, None, [])
+    spec = OptimizerSpec(build=lambda groups: torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.1))
+    s = build_strategy(cfg.parallel, m, spec, comm)
+    g = torch.Generator().manual_seed(7)
+    for _ in range(steps):
+        ids = torch.randint(0, 64, (4, 16), generator=g)
+        mine = ids.tensor_split(comm.world_size)[comm.rank]
+        with s.accumulate(True):
+            logits = s.model(mine).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), mine[:, 1:].reshape(-1), reduction="sum"
+            ) / (ids.shape[0] * (ids.shape[1] - 1))
+            loss.backward()
+        s.finish_gradients()
+        s.optimizer_step()
+        s.zero_grad()
+    pieces = [
+        {
+            "name": sh.name[len("model.") :],
+            "box": [list(b) for b in sh.box],
+            "flat": sh.flat,
+            "values": sh.tensor.detach().float().reshape(-1).tolist(),
+        }
+        for sh in s.state_shards()
+        if sh.name.startswith("model.")
+    ]
+    optim_names = sorted({sh.name for sh in s.state_shards() if sh.name.startswith("optim.")})
+    mem = s.memory_bytes()
+    comm.barrier()
+    comm.close()
+    return {"pieces": pieces, "memory": mem, "optim_names": optim_names}

@@ -35,8 +35,13 @@ class FlatUnit:
         sharded_params: bool,
         module: nn.Module | None = None,
         options: list[tuple] | None = None,
+        frozen: bool = False,
     ):
-        self.index, self.module = index, module
+        """``frozen``: parameters without gradients (a LoRA base): sharded and gathered like the others,
+        but no optimizer pieces and no gradient shard. A frozen unit rides along with a trainable one as
+        its ``companion`` (gathered and freed with it)."""
+        self.index, self.module, self.frozen = index, module, frozen
+        self.companion: FlatUnit | None = None
         options = options if options is not None else [()] * len(named)
         rank_of = {o: i for i, o in enumerate(_first_seen(options))}
         order = sorted(range(len(named)), key=lambda i: rank_of[options[i]])
@@ -58,8 +63,10 @@ class FlatUnit:
         self.full = torch.empty(self.padded) if deferred and sharded_params else torch.zeros(self.padded)
         with torch.no_grad():
             for p, o in zip(self.params, self.offsets):
-                if p.is_meta:
-                    become(p, self.full[o : o + p.numel()].view(p.shape))
+                if p.is_meta:  # a real (empty) tensor of its own first: its version counter stays its own
+                    shape, n = p.shape, p.numel()
+                    become(p, torch.empty(0, dtype=p.dtype))
+                    p.data = self.full[o : o + n].view(shape)
                     continue
                 self.full[o : o + p.numel()].copy_(p.detach().reshape(-1))
                 p.data = self.full[o : o + p.numel()].view(p.shape)
@@ -72,7 +79,7 @@ class FlatUnit:
             self.gathered = True
         # (options, Parameter over master[a:b], a, b) per run of equal options this rank's slice meets
         self.pieces: list[tuple[tuple, nn.Parameter, int, int]] = []
-        for opts, start, stop in _runs(options, self.offsets, self.padded):
+        for opts, start, stop in [] if frozen else _runs(options, self.offsets, self.padded):
             a, b = max(start, self.lo) - self.lo, min(stop, self.hi) - self.lo
             if a < b:
                 self.pieces.append((opts, nn.Parameter(self.master[a:b]), a, b))
@@ -81,7 +88,7 @@ class FlatUnit:
         self.gfull: torch.Tensor | None = None
         # Written whole by the first reduce-scatter of a step (``fresh``) before anything reads it, so
         # its pages are not touched until then.
-        self.gshard = torch.empty(self.shard)
+        self.gshard = torch.empty(0 if frozen else self.shard)
         self.rs_work: Work | None = None
         self.rs_out: torch.Tensor | None = None
         self.ready = 0
@@ -107,6 +114,8 @@ class FlatUnit:
 
     def start_gather(self, comm: Communicator) -> None:
         """Allocate ``full`` and launch the allgather of every rank's master into it (async)."""
+        if self.companion is not None:
+            self.companion.start_gather(comm)
         if self.gathered or self.ag_work is not None:
             return
         self._set_storage(self.padded)
@@ -114,6 +123,8 @@ class FlatUnit:
             self.ag_work = comm.allgather(self.chunks(self.full), self.master, async_op=True)
 
     def wait_gather(self) -> None:
+        if self.companion is not None:
+            self.companion.wait_gather()
         if self.ag_work is not None:
             with torch.autograd._unsafe_preserve_version_counter(self.full):
                 self.ag_work.wait()
@@ -126,9 +137,12 @@ class FlatUnit:
             self.wait_gather()
             self._set_storage(0)
             self.gathered = False
+        if self.companion is not None:  # after wait_gather, which waits for the companion's gather too
+            self.companion.free()
 
     def gathered_bytes(self) -> int:
-        return self.full.untyped_storage().nbytes()
+        own = self.full.untyped_storage().nbytes()
+        return own + (self.companion.gathered_bytes() if self.companion is not None else 0)
 
     def refresh_full(self, comm: Communicator) -> Work | None:
         """ZeRO-1/2 after the optimizer step: every rank's updated slice into everybody's ``full``."""
