@@ -230,7 +230,9 @@ class Recording:
             w = op.writes
             self._run(op, real, scratch=w is not None and (i < start.get(w, 0) or w in skipped))
             for k in touched:
-                if last_use[k] == i:
+                if start.get(k, 0) > i:  # a later full overwrite decides its value: not kept until then
+                    real.pop(k, None)
+                elif last_use[k] == i:
                     done = real.pop(k, None)
                     if k in self.names and done is not None and k not in skipped:
                         sink(k, done)

@@ -103,16 +103,20 @@ def broadcast_parameters(model: nn.Module, comm: Communicator) -> None:
     broadcast_buffers(model, comm)
 
 
-def buffer_shards(model: nn.Module) -> list[Shard]:
-    """Persistent buffers and frozen parameters, whole and replicated (every rank holds rank 0's bytes). Local."""
+def buffer_shards(model: nn.Module, sharded: set[str] = frozenset()) -> list[Shard]:
+    """Persistent buffers and frozen parameters, whole and replicated (every rank holds rank 0's bytes),
+    except the frozen parameters named in ``sharded`` (ZeRO-3 saves its own pieces of those). Local."""
     return [
         Shard(f"model.{n}", b.detach(), tuple(b.shape), full_box(b.shape), replicated=True)
         for n, b in untrained_state(model)
+        if n not in sharded
     ]
 
 
 @torch.no_grad()
-def load_buffers(model: nn.Module, read: ShardReader) -> None:
-    """Fill persistent buffers and frozen parameters from a checkpoint (read whole). Local."""
+def load_buffers(model: nn.Module, read: ShardReader, sharded: set[str] = frozenset()) -> None:
+    """Fill persistent buffers and frozen parameters (but those in ``sharded``) from a checkpoint
+    (read whole). Local."""
     for n, b in untrained_state(model):
-        b.copy_(read(f"model.{n}", tuple(b.shape), full_box(b.shape), False))
+        if n not in sharded:
+            b.copy_(read(f"model.{n}", tuple(b.shape), full_box(b.shape), False))

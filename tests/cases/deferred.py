@@ -8,8 +8,6 @@ The test compares each piece with the same box of the eager single-process model
 
 from __future__ import annotations
 
-import resource
-
 import torch
 
 import collectives
@@ -37,6 +35,14 @@ def llama(layers: int = 2, hidden: int = 32, vocab: int = 64, tie: bool = False)
     return transformers.LlamaForCausalLM(cfg)
 
 
+def broken(width: int = 8):
+    """A factory that reads a value (``.item()``): it cannot run on the meta device."""
+    layer = torch.nn.Linear(width, width)
+    if layer.weight.sum().item() > 1e9:
+        raise AssertionError("unreachable")
+    return layer
+
+
 def gpt(layers: int = 2, d_model: int = 32, vocab: int = 64):
     from disttrain.models.gpt import GPT
 
@@ -60,20 +66,45 @@ def tokens(n: int = 64, seq: int = 16, vocab: int = 64, seed: int = 0):
     return torch.utils.data.TensorDataset(ids[:, :-1], ids[:, 1:]), None
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(field)
 
 
-def kept_case(target: str, kwargs: dict, strategy: str, tp: int = 1, pp: int = 1, model: dict | None = None) -> dict:
+def reset_peak() -> float:
+    """Reset this process's peak resident memory (Linux: clear_refs 5); returns the resident MiB now."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_mb("VmRSS")
+
+
+def peak_added(base: float) -> float:
+    """Peak resident MiB since :func:`reset_peak` above its ``base``."""
+    return _status_mb("VmHWM") - base
+
+
+def kept_case(
+    target: str,
+    kwargs: dict,
+    strategy: str,
+    tp: int = 1,
+    pp: int = 1,
+    model: dict | None = None,
+    values: bool = True,
+) -> dict:
     """Build and wrap the model as a run does; return this rank's kept pieces and memory."""
     cfg = make_config(target, kwargs, strategy, tp, pp, **(model or {}))
     comm = collectives.init("torch", timeout=120)
+    llama(1, 32), gpt(1, 32)  # warm-up: the modules the factories import are loaded before measuring
     seed_everything(cfg.run.seed)
-    before = _rss_mb()
+    before = reset_peak()
     m = build_run_model(cfg, None, [])
     spec = OptimizerSpec(build=lambda groups: torch.optim.AdamW(groups, lr=1e-2))
     s = build_strategy(cfg.parallel, m, spec, comm)
-    added = _rss_mb() - before
+    added = peak_added(before)
     pieces = [
         {
             "name": sh.name[len("model.") :],
@@ -82,7 +113,7 @@ def kept_case(target: str, kwargs: dict, strategy: str, tp: int = 1, pp: int = 1
             "values": sh.tensor.detach().float().reshape(-1).tolist(),
         }
         for sh in s.state_shards()
-        if sh.name.startswith("model.")
+        if sh.name.startswith("model.") and values
     ]
     comm.barrier()
     comm.close()
@@ -117,3 +148,68 @@ def first_loss_case(
     comm.barrier()
     comm.close()
     return loss
+
+
+class LoRALinear(torch.nn.Module):
+    """A frozen base linear plus a trainable low-rank update (LoRA), zero at the start."""
+
+    def __init__(self, base: torch.nn.Linear, r: int = 4):
+        super().__init__()
+        self.base = base
+        base.weight.requires_grad_(False)
+        self.lora_a = torch.nn.Linear(base.in_features, r, bias=False)
+        self.lora_b = torch.nn.Linear(r, base.out_features, bias=False)
+        torch.nn.init.zeros_(self.lora_b.weight)
+
+    def forward(self, x):
+        return self.base(x) + self.lora_b(self.lora_a(x))
+
+
+def llama_lora(layers: int = 2, hidden: int = 32, vocab: int = 64, r: int = 4):
+    """A Llama whose every weight is frozen, with LoRA adapters on q_proj and v_proj."""
+    m = llama(layers, hidden, vocab)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    for layer in m.model.layers:
+        layer.self_attn.q_proj = LoRALinear(layer.self_attn.q_proj, r)
+        layer.self_attn.v_proj = LoRALinear(layer.self_attn.v_proj, r)
+    return m
+
+
+def train_pieces_case(target: str, kwargs: dict, strategy: str, steps: int = 3) -> dict:
+    """``steps`` AdamW steps of a causal-LM loss on fixed token batches (the global batch split over
+    ranks); returns every model piece this rank holds after training and its state bytes."""
+    cfg = make_config(target, kwargs, strategy)
+    comm = collectives.init("torch", timeout=120)
+    seed_everything(cfg.run.seed)
+    m = build_run_model(cfg, None, [])
+    spec = OptimizerSpec(build=lambda groups: torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.1))
+    s = build_strategy(cfg.parallel, m, spec, comm)
+    g = torch.Generator().manual_seed(7)
+    for _ in range(steps):
+        ids = torch.randint(0, 64, (4, 16), generator=g)
+        mine = ids.tensor_split(comm.world_size)[comm.rank]
+        with s.accumulate(True):
+            logits = s.model(mine).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), mine[:, 1:].reshape(-1), reduction="sum"
+            ) / (ids.shape[0] * (ids.shape[1] - 1))
+            loss.backward()
+        s.finish_gradients()
+        s.optimizer_step()
+        s.zero_grad()
+    pieces = [
+        {
+            "name": sh.name[len("model.") :],
+            "box": [list(b) for b in sh.box],
+            "flat": sh.flat,
+            "values": sh.tensor.detach().float().reshape(-1).tolist(),
+        }
+        for sh in s.state_shards()
+        if sh.name.startswith("model.")
+    ]
+    optim_names = sorted({sh.name for sh in s.state_shards() if sh.name.startswith("optim.")})
+    mem = s.memory_bytes()
+    comm.barrier()
+    comm.close()
+    return {"pieces": pieces, "memory": mem, "optim_names": optim_names}

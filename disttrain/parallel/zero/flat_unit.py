@@ -35,8 +35,13 @@ class FlatUnit:
         sharded_params: bool,
         module: nn.Module | None = None,
         options: list[tuple] | None = None,
+        frozen: bool = False,
     ):
-        self.index, self.module = index, module
+        """``frozen``: parameters without gradients (a LoRA base): sharded and gathered like the others,
+        but no optimizer pieces and no gradient shard. A frozen unit rides along with a trainable one as
+        its ``companion`` (gathered and freed with it)."""
+        self.index, self.module, self.frozen = index, module, frozen
+        self.companion: FlatUnit | None = None
         options = options if options is not None else [()] * len(named)
         rank_of = {o: i for i, o in enumerate(_first_seen(options))}
         order = sorted(range(len(named)), key=lambda i: rank_of[options[i]])
@@ -52,7 +57,8 @@ class FlatUnit:
         self.padded = max(world, math.ceil(n / world) * world)
         self.shard = self.padded // world
         self.lo, self.hi = rank * self.shard, (rank + 1) * self.shard
-        # One dtype per unit, the parameters' own (bf16 parameters stay bf16), on their device.
+        # One dtype per unit, the parameters' own (bf16 parameters stay bf16), on their device (a deferred
+        # model's meta parameters: the communicator's device, where their values will arrive).
         dtypes = {p.dtype for p in self.params}
         if len(dtypes) > 1:
             raise ValueError(
@@ -61,18 +67,24 @@ class FlatUnit:
                 "each in parallel.zero.units"
             )
         self.dtype = dtypes.pop() if dtypes else torch.float32
-        self.device = self.params[0].device if self.params else torch.device("cpu")
-        self.full = torch.zeros(self.padded, dtype=self.dtype, device=self.device)
+        deferred = any(p.is_meta for p in self.params)  # values arrive later, into ``master``
+        first = self.params[0].device if self.params else torch.device("cpu")
+        self.device = torch.device(comm.backend.device or "cpu") if first.type == "meta" else first
+        self.sharded_params = sharded_params
+        # A deferred ZeRO-3 unit never fills ``full`` here: its pages are first touched by a gather.
+        alloc = torch.empty if deferred and sharded_params else torch.zeros
+        self.full = alloc(self.padded, dtype=self.dtype, device=self.device)
         with torch.no_grad():
             for p, o in zip(self.params, self.offsets):
-                if p.is_meta:  # a deferred model: its values arrive later, into ``master``
-                    become(p, self.full[o : o + p.numel()].view(p.shape))
+                if p.is_meta:  # a real (empty) tensor of its own first: its version counter stays its own
+                    shape, n = p.shape, p.numel()
+                    become(p, torch.empty(0, dtype=p.dtype))
+                    p.data = self.full[o : o + n].view(shape)
                     continue
                 self.full[o : o + p.numel()].copy_(p.detach().reshape(-1))
                 p.data = self.full[o : o + p.numel()].view(p.shape)
-        self.sharded_params = sharded_params
         if sharded_params:  # ZeRO-3: the master is the only persistent copy
-            self.master = self.full[self.lo : self.hi].clone()
+            self.master = torch.zeros(self.shard) if deferred else self.full[self.lo : self.hi].clone()
             self._set_storage(0)
             self.gathered = False
         else:  # ZeRO-1/2: the master is this rank's slice of the full buffer itself
@@ -80,14 +92,16 @@ class FlatUnit:
             self.gathered = True
         # (options, Parameter over master[a:b], a, b) per run of equal options this rank's slice meets
         self.pieces: list[tuple[tuple, nn.Parameter, int, int]] = []
-        for opts, start, stop in _runs(options, self.offsets, self.padded):
+        for opts, start, stop in [] if frozen else _runs(options, self.offsets, self.padded):
             a, b = max(start, self.lo) - self.lo, min(stop, self.hi) - self.lo
             if a < b:
                 self.pieces.append((opts, nn.Parameter(self.master[a:b]), a, b))
         self.ag_work: Work | None = None
         # gradient side (ZeRO-2/3): the full gradient while backward fills it, the reduced shard after
         self.gfull: torch.Tensor | None = None
-        self.gshard = torch.zeros(self.shard, dtype=self.dtype, device=self.device)
+        # Written whole by the first reduce-scatter of a step (``fresh``) before anything reads it, so
+        # its pages are not touched until then.
+        self.gshard = torch.empty(0 if frozen else self.shard, dtype=self.dtype, device=self.device)
         self.rs_work: Work | None = None
         self.rs_out: torch.Tensor | None = None
         self.ready = 0
@@ -113,6 +127,8 @@ class FlatUnit:
 
     def start_gather(self, comm: Communicator) -> None:
         """Allocate ``full`` and launch the allgather of every rank's master into it (async)."""
+        if self.companion is not None:
+            self.companion.start_gather(comm)
         if self.gathered or self.ag_work is not None:
             return
         self._set_storage(self.padded)
@@ -120,6 +136,8 @@ class FlatUnit:
             self.ag_work = comm.allgather(self.chunks(self.full), self.master, async_op=True)
 
     def wait_gather(self) -> None:
+        if self.companion is not None:
+            self.companion.wait_gather()
         if self.ag_work is not None:
             with torch.autograd._unsafe_preserve_version_counter(self.full):
                 self.ag_work.wait()
@@ -132,9 +150,12 @@ class FlatUnit:
             self.wait_gather()
             self._set_storage(0)
             self.gathered = False
+        if self.companion is not None:  # after wait_gather, which waits for the companion's gather too
+            self.companion.free()
 
     def gathered_bytes(self) -> int:
-        return self.full.untyped_storage().nbytes()
+        own = self.full.untyped_storage().nbytes()
+        return own + (self.companion.gathered_bytes() if self.companion is not None else 0)
 
     def refresh_full(self, comm: Communicator) -> Work | None:
         """ZeRO-1/2 after the optimizer step: every rank's updated slice into everybody's ``full``."""

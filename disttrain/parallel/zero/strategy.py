@@ -98,7 +98,10 @@ class Zero:
             groups, rest = _block_groups(model, self.blocks, named)
             keep = [i for i, g in enumerate(groups) if g]  # a block whose parameters are all tied elsewhere
             self.blocks, groups = [self.blocks[i] for i in keep], [groups[i] for i in keep]
+            frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+            fgroups, frest = _block_groups(model, self.blocks, frozen)
             groups.append(rest)  # the root unit, last
+            fgroups.append(frest)
             modules = [*self.blocks, model]
         else:
             groups = [
@@ -106,11 +109,17 @@ class Zero:
                 for g in plan_buckets([p for _, p in named], cfg.bucket_mb, cfg.first_bucket_mb)
             ]
             modules = [None] * len(groups)
-        self.units = [
-            FlatUnit(i, g, comm, stage == 3, m, [options[p] for _, p in g])
-            for i, (g, m) in enumerate(zip(groups, modules))
-            if g
-        ]
+        self.units = []
+        self.frozen_units: list[FlatUnit] = []  # ZeRO-3: frozen parameters, sharded, each its unit's companion
+        for i, (g, m) in enumerate(zip(groups, modules)):
+            f = fgroups[i] if stage == 3 else []
+            if not g and not f:
+                continue
+            u = FlatUnit(i, g, comm, stage == 3, m, [options[p] for _, p in g])
+            if f:
+                u.companion = FlatUnit(i, f, comm, True, m, frozen=True)
+                self.frozen_units.append(u.companion)
+            self.units.append(u)
         self._where = {p: (u, i) for u in self.units for i, p in enumerate(u.params)}
         self.masters = [piece for u in self.units for _, piece, _, _ in u.pieces]
         self.buckets = None
@@ -137,7 +146,7 @@ class Zero:
             by_options[opts] = []
         for u in self.units:
             for opts, piece, _, _ in u.pieces:
-                by_options[opts].append(piece)
+                by_options.setdefault(opts, []).append(piece)
         self.optimizer = optim.build([{"params": ps, **dict(o)} for o, ps in by_options.items() if ps])
         self._next_rs = 0
         self._fresh = True  # the next reduce-scatter overwrites the gradient shards (first micro-batch)
@@ -208,6 +217,11 @@ class Zero:
             self.block_units[i].free()
 
     def _pre_backward(self, i: int) -> None:
+        # A block with frozen weights may still use them after its last gradient (the input's gradient
+        # goes through the frozen weight): it is freed once the gradient reaches the block before it.
+        nxt = self.block_units[i + 1] if i + 1 < len(self.block_units) else None
+        if nxt is not None and nxt.companion is not None:
+            nxt.free()
         self._ensure(self.block_units[i])
         self._prefetch(i - 1)
 
@@ -240,7 +254,7 @@ class Zero:
         u.ready += 1
         if u.ready == len(u.params):
             self.peak_transient_bytes = max(self.peak_transient_bytes, self._transient_bytes())
-            if self.stage == 3 and u is not self.root:
+            if self.stage == 3 and u is not self.root and u.companion is None:
                 u.free()  # every op that used these parameters has run its backward
             order = self._rs_order()
             while self._next_rs < len(order) and order[self._next_rs].ready >= len(order[self._next_rs].params):
@@ -323,9 +337,11 @@ class Zero:
         gradients (buckets or shards) and optimizer state, now."""
         if self.stage == 3:  # copies gathered for evaluation are transient (dropped at the next training forward)
             gathered = 0 if self._eval_gathered else sum(u.gathered_bytes() for u in self.units)
-            params = sum(u.master.numel() * u.master.element_size() for u in self.units) + gathered
+            masters = [*self.units, *self.frozen_units]
+            params = sum(u.master.numel() * u.master.element_size() for u in masters) + gathered
         else:
-            params = sum(u.full.numel() * 4 for u in self.units)
+            frozen = sum(p.numel() * p.element_size() for p in self.model.parameters() if not p.requires_grad)
+            params = sum(u.full.numel() * 4 for u in self.units) + frozen
         grads = self.buckets.nbytes() if self.stage == 1 else sum(u.gshard.numel() * 4 for u in self.units)
         return {"params": params, "grads": grads, "optim": optimizer_bytes(self.optimizer)}
 
@@ -344,9 +360,9 @@ class Zero:
         return out
 
     # -- checkpoints (see strategy.Shard) --------------------------------------------------
-    def _pieces(self):
+    def _pieces(self, units: list[FlatUnit] | None = None):
         """(unit, name, param, [a, b) in the param's flat index, [a, b) in the master) for owned pieces."""
-        for u in self.units:
+        for u in self.units if units is None else units:
             for n, p, o in zip(u.names, u.params, u.offsets):
                 a, b = max(o, u.lo), min(o + p.numel(), u.hi)
                 if a < b:
@@ -363,7 +379,12 @@ class Zero:
                     out.append(Shard(f"optim.{n}.{k}", v, (), (), replicated=True))
                 else:
                     out.append(Shard(f"optim.{n}.{k}", v[s - o : e - o], tuple(p.shape), (box,), flat=True))
-        return out + buffer_shards(self.model)
+        for u, n, p, box, (s, e) in self._pieces(self.frozen_units):  # frozen: this rank's flat range
+            out.append(Shard(f"model.{n}", u.master[s:e], tuple(p.shape), (box,), flat=True))
+        return out + buffer_shards(self.model, self._sharded_frozen())
+
+    def _sharded_frozen(self) -> set[str]:
+        return {n for u in self.frozen_units for n in u.names}
 
     def load_state_shards(self, read: ShardReader) -> None:
         """Read this rank's pieces (stages 1/2 read whole parameters, since every rank holds them). Local."""
@@ -377,7 +398,9 @@ class Zero:
             else:
                 for u, n, p, box, (s, e) in self._pieces():
                     u.master[s:e].copy_(read(f"model.{n}", tuple(p.shape), (box,), True).reshape(-1))
-            load_buffers(self.model, read)
+                for u, n, p, box, (s, e) in self._pieces(self.frozen_units):
+                    u.master[s:e].copy_(read(f"model.{n}", tuple(p.shape), (box,), True).reshape(-1))
+            load_buffers(self.model, read, self._sharded_frozen())
             materialize_state(self.optimizer)
             for u, n, p, box, (s, e) in self._pieces():
                 piece, o = u.piece_at(s)
