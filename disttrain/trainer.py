@@ -28,9 +28,10 @@ import torch.nn as nn
 from collectives import Communicator, ReduceOp
 
 from .config import ExperimentConfig
-from .data import Data, GlobalBatchSampler, StepLoader, Task
+from .data import Data, GlobalBatchSampler, StepLoader, StreamSampler, Task
 from .data.dataset import to_device
-from .data.loader import eval_batches, micro_slices
+from .data.loader import eval_split, micro_slices
+from .data.stream import build_sampler, is_stream
 from .errors import DisttrainError
 from .loss import CrossEntropyStep, SplitLogitsStep, StepFn, StepOutputError, read_step_output
 from .optim import build_optimizer, build_optimizer_spec, user_optimizer_spec
@@ -79,7 +80,7 @@ class Trainer:
         # Model-parallel strategies name this rank's data-parallel replica: its tp/pp peers read the
         # same samples and report the same loss (counted once in the logged metrics).
         self.dp_rank, self.dp_size = self.strategy.dp_rank, self.strategy.dp_size
-        self.sampler: GlobalBatchSampler | None = None
+        self.sampler: GlobalBatchSampler | StreamSampler | None = None
         self._loader: StepLoader | None = None
         self._num_workers = 0
         if self.data is not None:
@@ -104,9 +105,7 @@ class Trainer:
     def attach_data(self, data: Data, num_workers: int | None = None) -> None:
         """Train on ``data`` from the current step on (the data position is the step number)."""
         self.data = data
-        self.sampler = GlobalBatchSampler(
-            len(data.train), self.cfg.train.batch_size, self.cfg.run.seed, self.dp_rank, self.dp_size
-        )
+        self.sampler = build_sampler(data.train, self.cfg.train, self.cfg.run.seed, self.dp_rank, self.dp_size)
         self._num_workers = self.cfg.data.num_workers if num_workers is None else num_workers
         self._close_loader()
 
@@ -315,23 +314,28 @@ class Trainer:
         ``train.eval_samples``) evenly spaced
         samples of the eval split. Collective; every rank gets the result ({} without an eval split)."""
         dataset = dataset if dataset is not None else (self.data.eval if self.data is not None else None)
-        if dataset is None or len(dataset) == 0:
+        if dataset is None or (not is_stream(dataset) and len(dataset) == 0):
             return {}
         collate = collate if collate is not None else self.data.collate if self.data is not None else None
         step_fn = step_fn or self.step_fn
-        n = min(len(dataset), max_samples or self.cfg.train.eval_samples)
-        # Every rank takes the same number of samples, so the same number of forward passes: sharded
-        # strategies (ZeRO-3, tp, pp) run collectives inside forward. A tiny eval split repeats samples.
-        n = max(self.dp_size, n - n % self.dp_size)
-        idx = torch.linspace(0, len(dataset) - 1, n).long()
-        mine = idx[self.dp_rank * n // self.dp_size : (self.dp_rank + 1) * n // self.dp_size]
         per_rank = max(1, self.cfg.train.batch_size // self.dp_size)
+        # Every rank takes the same number of samples, so the same number of forward passes: sharded
+        # strategies (ZeRO-3, tp, pp) run collectives inside forward.
+        batches, mine = eval_split(
+            dataset,
+            max_samples or self.cfg.train.eval_samples,
+            self.dp_rank,
+            self.dp_size,
+            per_rank,
+            collate,
+            self._num_workers,
+        )
         loss_sum, count, metrics = 0.0, 0.0, {}
         model = self.strategy.model
         was_training = model.training
         model.eval()
         try:
-            for batch in eval_batches(dataset, mine, per_rank, collate, self._num_workers):
+            for batch in batches:
                 with self.autocast():
                     res = read_step_output(step_fn(model, to_device(batch, self.device)))
                 loss_sum += float(res.loss_sum)
@@ -341,7 +345,7 @@ class Trainer:
         finally:
             model.train(was_training)
         # Metric names are the same on every rank that evaluated something; agree on whether all did.
-        empty = torch.tensor([0.0 if len(mine) else 1.0])
+        empty = torch.tensor([0.0 if mine else 1.0])
         self.comm.allreduce(empty, ReduceOp.SUM)
         names = sorted(metrics) if float(empty) == 0 else []
         totals = torch.tensor([loss_sum, count, *(metrics[k] for k in names)], dtype=torch.float64)
