@@ -148,7 +148,8 @@ class Run:
     def batches(
         self, dataset, collate_fn: Callable[[list], Any] | None = None, num_workers: int | None = None
     ) -> Iterator[Any]:
-        """This rank's micro-batches of ``dataset`` (any map-style Dataset), on the device, from the
+        """This rank's micro-batches of ``dataset`` (a map-style Dataset, or a stream: an IterableDataset,
+        which needs ``train.steps``), on the device, from the
         run's current step (a resumed run continues at the exact sample) until ``train.steps`` or a
         preemption stop. The first call resumes from the run directory's latest checkpoint; the end
         of the loop saves the final one. ``num_workers`` defaults to ``data.num_workers``."""
@@ -259,7 +260,7 @@ def fit(
     scheduler: SchedulerFactory | None = None,
 ) -> dict:
     """The built-in loop with the user's parts: ``model``, ``data`` (a ``(train, eval)`` pair of
-    map-style Datasets, eval may be None, or one Dataset), ``step(model, batch) -> (loss_sum, count
+    Datasets (map-style or IterableDataset streams), eval may be None, or one Dataset), ``step(model, batch) -> (loss_sum, count
     [, metrics])`` (default: cross-entropy), the config's strategy, schedule, logging, evaluation,
     checkpoints and resume. Every rank; returns the summary. Build the model after ``init`` or with
     the same seed on every rank (rank 0's weights are broadcast anyway). ``callbacks``: Callback objects

@@ -29,9 +29,10 @@ import torch.nn as nn
 from collectives import Communicator, ReduceOp, flight_recorder
 
 from .config import ExperimentConfig
-from .data import Data, GlobalBatchSampler, StepLoader, Task
+from .data import Data, GlobalBatchSampler, StepLoader, StreamSampler, Task
 from .data.dataset import to_device
-from .data.loader import eval_batches, micro_slices
+from .data.loader import eval_split, micro_slices
+from .data.stream import build_sampler, is_stream
 from .errors import DisttrainError
 from .loss import CrossEntropyStep, SplitLogitsStep, StepFn, StepOutputError, read_step_output
 from .models.deferred import pending
@@ -98,7 +99,7 @@ class Trainer:
         # same samples and report the same loss (counted once in the logged metrics).
         self.dp_rank, self.dp_size = self.strategy.dp_rank, self.strategy.dp_size
         self._lr = self.lr(0)  # the learning rate of the last step (logged)
-        self.sampler: GlobalBatchSampler | None = None
+        self.sampler: GlobalBatchSampler | StreamSampler | None = None
         self._loader: StepLoader | None = None
         self._num_workers = 0
         if self.data is not None:
@@ -139,9 +140,7 @@ class Trainer:
     def attach_data(self, data: Data, num_workers: int | None = None) -> None:
         """Train on ``data`` from the current step on (the data position is the step number)."""
         self.data = data
-        self.sampler = GlobalBatchSampler(
-            len(data.train), self.cfg.train.batch_size, self.cfg.run.seed, self.dp_rank, self.dp_size
-        )
+        self.sampler = build_sampler(data.train, self.cfg.train, self.cfg.run.seed, self.dp_rank, self.dp_size)
         self._num_workers = self.cfg.data.num_workers if num_workers is None else num_workers
         self._close_loader()
 
@@ -406,23 +405,28 @@ class Trainer:
         ``train.eval_samples``) evenly spaced
         samples of the eval split. Collective; every rank gets the result ({} without an eval split)."""
         dataset = dataset if dataset is not None else (self.data.eval if self.data is not None else None)
-        if dataset is None or len(dataset) == 0:
+        if dataset is None or (not is_stream(dataset) and len(dataset) == 0):
             return {}
         collate = collate if collate is not None else self.data.collate if self.data is not None else None
         step_fn = step_fn or self.step_fn
-        n = min(len(dataset), max_samples or self.cfg.train.eval_samples)
-        # Every rank takes the same number of samples, so the same number of forward passes: sharded
-        # strategies (ZeRO-3, tp, pp) run collectives inside forward. A tiny eval split repeats samples.
-        n = max(self.dp_size, n - n % self.dp_size)
-        idx = torch.linspace(0, len(dataset) - 1, n).long()
-        mine = idx[self.dp_rank * n // self.dp_size : (self.dp_rank + 1) * n // self.dp_size]
         per_rank = max(1, self.cfg.train.batch_size // self.dp_size)
+        # Every rank takes the same number of samples, so the same number of forward passes: sharded
+        # strategies (ZeRO-3, tp, pp) run collectives inside forward.
+        batches, mine = eval_split(
+            dataset,
+            max_samples or self.cfg.train.eval_samples,
+            self.dp_rank,
+            self.dp_size,
+            per_rank,
+            collate,
+            self._num_workers,
+        )
         loss_sum, count, metrics = 0.0, 0.0, MetricWindow()
         model = self.strategy.model
         was_training = model.training
         model.eval()
         try:
-            for batch in eval_batches(dataset, mine, per_rank, collate, self._num_workers):
+            for batch in batches:
                 with self.autocast():
                     res = read_step_output(step_fn(model, to_device(batch, self.device)))
                 loss_sum += float(res.loss_sum)

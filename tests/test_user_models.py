@@ -18,6 +18,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from disttrain.checkpoint import CheckpointReader, resolve
 
@@ -121,6 +122,33 @@ def test_gpt2_own_loop_script_under_tp2_equals_dp2(gpt2_runs, tmp_path):
             diff = _max_diff(_params(gpt2_runs["ddp2"]), _params(run_dir))
             assert diff <= ATOL, f"tp=2 own loop vs dp=2: parameters differ by {diff}"
     assert abs(losses["tp2"] - losses["dp2"]) <= 1e-4, losses
+
+
+def test_gpt2_tied_head_across_pipeline_stages_saves_resumes_and_consolidates(gpt2_runs, tmp_path):
+    """pp=2 at dp=1: wte (first stage) and the tied lm_head (last stage) are one tensor held by two ranks.
+    The checkpoints on disk commit (one copy written), a killed rank's group resumes from step 3 and
+    ends equal to one process, and the consolidated file strict-loads with lm_head.weight == wte."""
+    from safetensors.torch import load_file
+
+    from disttrain.checkpoint.cli import main as ckpt
+
+    run_dir = str(tmp_path / "pp2")
+    p = _cli("run", os.path.join(GPT2, "gpt2.yaml"), "--nproc", "2", f"run.dir={run_dir}", *GPT2_ARGS,
+             "parallel.mesh.pp=2", "launch.max_restarts=1", "checkpoint.async_save=false",
+             env={"DISTTRAIN_CKPT_TEST_HOOK": "kill@step_end:1:4"})  # fmt: skip
+    assert "resumed from" in p.stdout and "step_000003" in p.stdout, p.stdout[-3000:]
+    diff = _max_diff(_params(gpt2_runs["one"]), _params(run_dir))
+    assert diff <= ATOL, f"pp=2 resumed vs one process: {diff}"
+    out = str(tmp_path / "pp2.safetensors")
+    assert ckpt(["consolidate", run_dir, out]) == 0
+    sys.path.insert(0, GPT2)
+    try:
+        from shakespeare_gpt2 import build_model
+    finally:
+        sys.path.remove(GPT2)
+    sd = load_file(out)
+    build_model(seq_len=32).load_state_dict(sd, strict=True)
+    assert torch.equal(sd["lm_head.weight"], sd["transformer.wte.weight"])
 
 
 def test_killed_rank_resumes_at_the_same_sample(gpt2_runs, tmp_path):

@@ -22,6 +22,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from ..data.stream import StreamSampler
 from ..parallel.buffers import aliases
 from ..parallel.strategy import Strategy
 from .errors import CheckpointFormatError
@@ -103,7 +104,13 @@ def capture(trainer: TrainingRun) -> dict:
     cfg = trainer.cfg
     return {
         "step": trainer.step,
-        "data": {"position": trainer.step, "sampler_seed": trainer.sampler.seed, "global_batch": trainer.sampler.batch},
+        "data": {
+            "position": trainer.step,
+            "sampler_seed": trainer.sampler.seed,
+            "global_batch": trainer.sampler.batch,
+            # a stream: samples consumed, and the dataset's own state there when it has one
+            **(trainer.sampler.data_state(trainer.step) if isinstance(trainer.sampler, StreamSampler) else {}),
+        },
         "lr_schedule": {"step": trainer.step, "lr": trainer.lr(trainer.step)},
         "scheduler": json.loads(json.dumps(trainer.schedule.state_dict(), default=repr)),
         "world_size": trainer.comm.world_size,
@@ -187,6 +194,8 @@ def apply(trainer: TrainingRun, state: dict, rank_rng: list[dict]) -> None:
             seed,
             trainer.sampler.seed,
         )
+    if isinstance(trainer.sampler, StreamSampler):  # continue at the exact sample of the stream
+        trainer.sampler.load_data_state(trainer.step, state.get("data", {}))
     r = trainer.comm.rank
     if r < len(rank_rng) and rank_rng[r]:
         restore_rng(rank_rng[r])

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
+from torch.utils.data import IterableDataset
+
 from ..errors import DisttrainError
 from ..targets import UserCodeError, call_target, import_target
 from .dataset import Data
@@ -46,17 +48,18 @@ class MapDataset(Protocol):
 
 
 def _is_dataset(obj: Any) -> bool:
-    return isinstance(obj, MapDataset)
+    return isinstance(obj, (MapDataset, IterableDataset))
 
 
 def build_target_data(cfg, import_path: list[str]) -> Data:
-    """Call ``data.target(**data.kwargs)``; it must return ``(train, eval)`` map-style datasets."""
+    """Call ``data.target(**data.kwargs)``; it must return ``(train, eval)`` datasets: map-style, or
+    streams (``IterableDataset``, which need ``train.steps``)."""
     out = call_target("data.target", cfg.target, import_path, **cfg.kwargs)
     pair = out if isinstance(out, (tuple, list)) and len(out) == 2 else None
     if pair is None or not _is_dataset(pair[0]) or not (pair[1] is None or _is_dataset(pair[1])):
         raise UserCodeError(
-            f"data.target {cfg.target!r} returned {type(out).__name__}, expected (train, eval): two map-style "
-            "Datasets (with __len__ and __getitem__); eval may be None"
+            f"data.target {cfg.target!r} returned {type(out).__name__}, expected (train, eval): two Datasets, "
+            "map-style (with __len__ and __getitem__) or torch IterableDatasets (streams); eval may be None"
         )
     collate = import_target(cfg.collate, import_path) if cfg.collate else None
     return Data(pair[0], pair[1], collate)

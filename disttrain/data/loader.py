@@ -1,4 +1,4 @@
-"""Batches of one rank, step by step, from any map-style Dataset.
+"""Batches of one rank, step by step, from any map-style Dataset (or a stream: stream.py).
 
 Step ``s`` of this rank is ``GlobalBatchSampler.local_batch(s)`` cut into ``grad_accum``
 micro-batches (``torch.tensor_split``: sizes differ by at most one, some may be empty when
@@ -13,18 +13,20 @@ the step's collectives).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .sampler import GlobalBatchSampler
+from .sampler import GlobalBatchSampler, micro_slices
+from .stream import StreamMicroBatches, StreamSampler, is_stream, stream_eval_batches
+
+__all__ = ["StepLoader", "eval_batches", "eval_split", "micro_slices"]
 
 
-def micro_slices(idx: torch.Tensor, grad_accum: int) -> list[torch.Tensor]:
-    """``idx`` cut into ``grad_accum`` contiguous micro-batches (all empty when ``idx`` is)."""
-    return list(torch.tensor_split(idx, grad_accum)) if len(idx) else [idx] * grad_accum
+def _as_is(x: Any) -> Any:
+    return x
 
 
 class _MicroBatchIndices(Sampler[list[int]]):
@@ -46,7 +48,7 @@ class StepLoader:
     def __init__(
         self,
         dataset: Dataset,
-        sampler: GlobalBatchSampler,
+        sampler: GlobalBatchSampler | StreamSampler,
         grad_accum: int,
         start: int,
         collate: Callable[[list], Any] | None = None,
@@ -56,13 +58,23 @@ class StepLoader:
         # A generator of its own: the DataLoader draws its workers' base seed from it, never from the
         # global RNG (a resumed run must consume exactly the random numbers the uninterrupted one did).
         gen = torch.Generator().manual_seed(sampler.seed * 1_000_003 + start * 1009 + sampler.rank)
-        self.loader = DataLoader(
-            dataset,
-            batch_sampler=_MicroBatchIndices(sampler, grad_accum, start),
-            collate_fn=collate,
-            num_workers=num_workers,
-            generator=gen,
-        )
+        self.stream = isinstance(sampler, StreamSampler)
+        if self.stream:  # batches come collated, with the stream's state at step ends (stream.py)
+            self.loader = DataLoader(
+                StreamMicroBatches(dataset, sampler, grad_accum, start, collate),
+                batch_size=None,
+                collate_fn=_as_is,
+                num_workers=num_workers,
+                generator=gen,
+            )
+        else:
+            self.loader = DataLoader(
+                dataset,
+                batch_sampler=_MicroBatchIndices(sampler, grad_accum, start),
+                collate_fn=collate,
+                num_workers=num_workers,
+                generator=gen,
+            )
         self._it: Iterator | None = None
 
     def micro_batches(self, step: int) -> Iterator[Any | None]:
@@ -73,7 +85,15 @@ class StepLoader:
             self._it = iter(self.loader)
         self.next_step += 1
         for mb in micro_slices(self.sampler.local_batch(step), self.grad_accum):
-            yield next(self._it) if len(mb) else None
+            if not len(mb):
+                yield None
+            elif self.stream:
+                batch, state = next(self._it)
+                if state is not None:
+                    self.sampler.seen_state = (step + 1, state)
+                yield batch
+            else:
+                yield next(self._it)
 
     def close(self) -> None:
         """Stop the worker processes (if any)."""
@@ -92,3 +112,25 @@ def eval_batches(
     return DataLoader(
         dataset, batch_sampler=chunks, collate_fn=collate, num_workers=num_workers, generator=torch.Generator()
     )
+
+
+def eval_split(
+    dataset,
+    max_samples: int,
+    rank: int,
+    world: int,
+    batch: int,
+    collate: Callable[[list], Any] | None = None,
+    num_workers: int = 0,
+) -> tuple[Iterable, int]:
+    """This rank's evaluation batches and its sample count: ``max_samples`` (rounded down to a multiple of
+    ``world``, at least ``world``: a tiny eval split repeats samples) evenly spaced samples of a map-style
+    dataset, or a stream's first ones, split contiguously over the ranks."""
+    if is_stream(dataset):
+        n = max(world, max_samples - max_samples % world)
+        return stream_eval_batches(dataset, n, rank, world, batch, collate), (rank + 1) * n // world - rank * n // world
+    n = min(len(dataset), max_samples)
+    n = max(world, n - n % world)
+    idx = torch.linspace(0, len(dataset) - 1, n).long()
+    mine = idx[rank * n // world : (rank + 1) * n // world]
+    return eval_batches(dataset, mine, batch, collate, num_workers), len(mine)

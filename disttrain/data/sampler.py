@@ -33,3 +33,8 @@ class GlobalBatchSampler:
     def local_batch(self, step: int) -> torch.Tensor:
         """Indices this rank processes at ``step`` (possibly empty when the batch < world size)."""
         return self.global_batch(step)[self.local_slice(self.batch)]
+
+
+def micro_slices(idx: torch.Tensor, grad_accum: int) -> list[torch.Tensor]:
+    """``idx`` cut into ``grad_accum`` contiguous micro-batches (all empty when ``idx`` is)."""
+    return list(torch.tensor_split(idx, grad_accum)) if len(idx) else [idx] * grad_accum

@@ -331,15 +331,16 @@ class ModelParallel:
     def state_shards(self) -> list[Shard]:
         """Model, buffers, optimizer and the tp dropout stream as boxes of logical tensors. Local."""
         tp_rep = self.mesh.size("tp") > 1
+        tied = {n for n, _ in self.tied}  # held by several pp stages (an LM head tied to the embedding)
         out = []
         for (name, p), _owner in zip(self.named, self.owner):
             pieces, gshape = self._pieces(p, p.detach())
-            rep = self.dp_size > 1 or (tp_rep and tp_slice(p) is None)
+            rep = self.dp_size > 1 or (tp_rep and tp_slice(p) is None) or name in tied
             out += [Shard(f"model.{name}", t, gshape, box, replicated=rep) for t, box in pieces]
             for key, v in self.optimizer.state.get(p, {}).items():
                 if not isinstance(v, torch.Tensor):
                     continue
-                orep = (not self.zero and self.dp_size > 1) or (tp_rep and tp_slice(p) is None)
+                orep = (not self.zero and self.dp_size > 1) or (tp_rep and tp_slice(p) is None) or name in tied
                 if v.shape == p.shape:
                     vp, _ = self._pieces(p, v)
                     out += [Shard(f"optim.{name}.{key}", t, gshape, box, replicated=orep) for t, box in vp]

@@ -157,6 +157,11 @@ class Run:
         self.model = build_model(self.kind, seed=comm.rank)  # rank 0's weights must win the broadcast
         self.model.train()
         self.strategy = build_strategy(self.cfg.parallel, self.model, optimizer_spec(), comm)
+        # Forward calls of leaf modules during training: activation checkpointing recomputes some in backward.
+        self.leaf_forwards, self._counting = 0, False
+        for m in self.model.modules():
+            if not list(m.children()):
+                m.register_forward_hook(self._count_forward)
         x, _ = dataset(self.kind)
         self.sampler = GlobalBatchSampler(len(x) - 16, self.batch, 0, comm.rank, comm.world_size)
         self.step, self.stop_requested, self.run_dir = 0, False, run_dir
@@ -169,6 +174,9 @@ class Run:
             self.ckpt = Checkpointer(self.cfg.checkpoint, comm)
             self.ckpt.attach(self, os.path.join(run_dir, "checkpoints"))
 
+    def _count_forward(self, module, args, output) -> None:
+        self.leaf_forwards += self._counting
+
     def lr(self, step: int) -> float:
         return LR
 
@@ -179,10 +187,12 @@ class Run:
         x, y = dataset(self.kind)
         idx = self.sampler.local_batch(self.step)
         s = self.strategy
+        self._counting = True
         with s.accumulate(True):
             part, _ = loss_sum(self.kind, s.model, x[idx], y[idx])
             loss = part / (self.batch * units_per_sample(self.kind))
             loss.backward()
+        self._counting = False
         s.finish_gradients()
         s.clip_grad_norm(CLIP)
         if self.ckpt is not None:
@@ -195,7 +205,12 @@ class Run:
         self.step += 1
 
     def result(self) -> dict:
-        return {"losses": self.losses, **state_of(self.model, self.strategy), "eval": eval_loss(self.kind, self.model)}
+        return {
+            "losses": self.losses,
+            **state_of(self.model, self.strategy),
+            "eval": eval_loss(self.kind, self.model),
+            "leaf_forwards": self.leaf_forwards,
+        }
 
 
 def train_case(runs: list[dict], backend: str = "torch") -> dict:

@@ -284,10 +284,34 @@ def build_stages(
     return [PipelineStage(model, plan[i], i, num_stages, forward) for i in mine]
 
 
+class TiedNames(nn.Module):
+    """What is left of a module another stage runs when it shares parameters with this rank's modules
+    (an LM head tied to the embedding): those parameters under their names, no computation. The
+    model then still names every tied parameter it holds (``state_dict``, checkpoints' aliases)."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("a module of another pipeline stage was called on this rank")
+
+
 def _drop_others(model: nn.Module, paths: list[str], keep: set[str]) -> None:
     mods = dict(model.named_modules())
+    kept = {id(p) for path in keep for p in mods[path].parameters()}
     for path in paths:
         if path in keep:
             continue
         parent, _, attr = path.rpartition(".")
-        mods[parent if parent else ""]._modules[attr] = None
+        shared = [(n, p) for n, p in mods[path].named_parameters(remove_duplicate=False) if id(p) in kept]
+        mods[parent if parent else ""]._modules[attr] = _tied_names(shared) if shared else None
+
+
+def _tied_names(shared: list[tuple[str, nn.Parameter]]) -> TiedNames:
+    root = TiedNames()
+    for name, p in shared:
+        *path, leaf = name.split(".")
+        m = root
+        for part in path:
+            if part not in m._modules:
+                m._modules[part] = TiedNames()
+            m = m._modules[part]
+        m.register_parameter(leaf, p)
+    return root
