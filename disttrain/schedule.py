@@ -81,11 +81,16 @@ def build_torch_scheduler(cfg, optimizer: torch.optim.Optimizer):
 
 
 class Schedule:
-    """The learning rates of ``optimizer``'s groups. ``apply(step)`` before each optimizer step,
-    ``advance()`` after it; ``lr()`` is the first group's rate of the last step."""
+    """The learning rates of the optimizer's groups (``optimizer()``: the strategy's optimizer now, which
+    a test may swap with the strategy). ``apply(step)`` before each optimizer step, ``advance()``
+    after it; ``lr()`` is the first group's rate of the last step."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer):
-        self.optimizer = optimizer
+    def __init__(self, optimizer: Callable[[], torch.optim.Optimizer]):
+        self._optimizer = optimizer
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self._optimizer()
 
     def apply(self, step: int) -> None:
         pass
@@ -105,12 +110,12 @@ class Schedule:
 
 class BuiltinSchedule(Schedule):
     """constant/cosine with warmup: group ``i`` gets ``base_i * lr_at(step, 1, ...)``; the base is
-    ``optim.lr`` for the built-in optimizer, each group's own rate for a user's."""
+    ``optim.lr`` for the built-in optimizer (every group), each group's own rate for a user's."""
 
     def __init__(self, optimizer, cfg, total_steps: int, peak: float | None):
         super().__init__(optimizer)
-        self.cfg, self.total = cfg, total_steps
-        self.bases = [peak if peak is not None else g["lr"] for g in optimizer.param_groups]
+        self.cfg, self.total, self.peak = cfg, total_steps, peak
+        self.bases = [peak if peak is not None else g["lr"] for g in self.optimizer.param_groups]
 
     def multiplier(self, step: int) -> float:
         c = self.cfg
@@ -118,7 +123,8 @@ class BuiltinSchedule(Schedule):
 
     def apply(self, step: int) -> None:
         m = self.multiplier(step)
-        for g, base in zip(self.optimizer.param_groups, self.bases):
+        groups = self.optimizer.param_groups
+        for g, base in zip(groups, self.bases if self.peak is None else [self.peak] * len(groups)):
             g["lr"] = base * m
 
 
@@ -127,7 +133,7 @@ class TorchSchedule(Schedule):
 
     def __init__(self, optimizer, scheduler):
         super().__init__(optimizer)
-        if scheduler.optimizer is not optimizer:
+        if scheduler.optimizer is not self.optimizer:
             raise DisttrainError(
                 "the scheduler drives another optimizer than the one run.setup() built\n"
                 "HINT: pass scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, ...) to run.setup()"
@@ -150,18 +156,18 @@ class TorchSchedule(Schedule):
 
 def build_schedule(
     cfg,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Callable[[], torch.optim.Optimizer],
     total_steps: int,
     peak: float | None,
     user: SchedulerFactory | Any | None = None,
 ) -> Schedule:
-    """The schedule of ``cfg`` (the ``schedule`` section) over ``optimizer``; ``user`` (a scheduler,
+    """The schedule of ``cfg`` (the ``schedule`` section) over ``optimizer()``; ``user`` (a scheduler,
     or a function of the optimizer returning one) takes precedence. ``peak``: the built-in
     optimizer's ``optim.lr`` (None: each group's own rate is its base)."""
     from torch.optim import lr_scheduler
 
     if user is not None:
-        sched = user if isinstance(user, lr_scheduler.LRScheduler) else user(optimizer)
+        sched = user if isinstance(user, lr_scheduler.LRScheduler) else user(optimizer())
         if not isinstance(sched, lr_scheduler.LRScheduler):
             raise DisttrainError(
                 f"scheduler= gave a {type(sched).__qualname__}, expected a torch.optim.lr_scheduler.LRScheduler"
@@ -170,5 +176,5 @@ def build_schedule(
     if cfg.kind == "none":
         return Schedule(optimizer)
     if cfg.kind == "torch":
-        return TorchSchedule(optimizer, build_torch_scheduler(cfg, optimizer))
+        return TorchSchedule(optimizer, build_torch_scheduler(cfg, optimizer()))
     return BuiltinSchedule(optimizer, cfg, total_steps, peak)

@@ -90,7 +90,7 @@ class Trainer:
         # The user's optimizer keeps its own learning rates: a built-in schedule scales each group's.
         self.schedule = build_schedule(
             cfg.schedule,
-            self.strategy.optimizer,
+            lambda: self.strategy.optimizer,  # a test may swap the strategy after construction
             cfg.train.steps,
             cfg.optim.lr if optimizer is None else None,
             scheduler,

@@ -70,6 +70,7 @@ def test_run_log_and_step_metrics_reduced_over_three_ranks(tmp_path):
         assert _close(rec["one_sum"], 3.0)  # summed over 3 ranks each step, averaged over the window
         assert _close(rec["at"], rec["step"] - 1.5)  # the mean of steps 0,1 (2,3) over the window
         assert _close(rec["all"], 1.0) and rec["rank_max"] == 2  # the step function's, per unit / max
+        assert rec["only0"] == 7.0  # logged on rank 0 only: the mean over the ranks that logged it
     for other in res[1:]:  # every rank computes the same line
         assert [(r["r"], r["one_sum"]) for r in other["history"]] == [(r["r"], r["one_sum"]) for r in lines]
     run_dir = tmp_path / "three"

@@ -58,6 +58,7 @@ class MetricWindow:
 
     def __init__(self) -> None:
         self._acc: dict[str, list] = {}
+        self._remote_how: dict[str, Reduction] = {}  # how the names only other ranks have are reduced
 
     def __bool__(self) -> bool:
         return bool(self._acc)
@@ -96,7 +97,7 @@ class MetricWindow:
         self._acc = {}
         if not names:
             return {}
-        hows = [self._how(acc, n, comm) for n in names]
+        hows = [acc[n][0] if n in acc else self._remote_how[n] for n in names]
         sums = torch.zeros(2 * len(names), dtype=torch.float64)
         ext = torch.full((len(names),), -math.inf, dtype=torch.float64)
         for i, n in enumerate(names):
@@ -128,18 +129,13 @@ class MetricWindow:
         return out
 
     # -- agreeing on names ---------------------------------------------------------------------
-    def _how(self, acc: dict, name: str, comm: Communicator) -> Reduction:
-        if name in acc:
-            return acc[name][0]
-        return self._remote_how[name]
-
     def _agreed_names(self, comm: Communicator) -> list[str]:
         names = sorted(self._acc)
         sig = "\0".join(f"{n}\1{self._acc[n][0].value}" for n in names).encode()
         h = float(zlib.crc32(sig))
         chk = torch.tensor([h, -h], dtype=torch.float64)
         comm.allreduce(chk, ReduceOp.MAX)
-        self._remote_how: dict[str, Reduction] = {}
+        self._remote_how = {}
         if float(chk[0]) == -float(chk[1]):
             return names
         union: dict[str, str] = {}

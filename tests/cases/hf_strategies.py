@@ -167,7 +167,7 @@ class Run:
         self.step, self.stop_requested, self.run_dir = 0, False, run_dir
         self.losses: list[float] = []
         self.ckpt = None
-        self.schedule = Schedule(self.strategy.optimizer)  # a constant LR: nothing to save or step
+        self.schedule = Schedule(lambda: self.strategy.optimizer)  # a constant LR: nothing to save or step
         if run_dir is not None:
             from disttrain.checkpoint import Checkpointer
 

@@ -93,6 +93,8 @@ def own_loop(config: str, overrides: list[str], step_lr: bool = False) -> dict:
             {"r": r, "r_max": r, "r_min": r, "one_sum": 1.0, "declared": r, "at": run.global_step},
             reduce={"declared": "max"},
         )
+        if r == 0 and not step_lr:  # a name only rank 0 has: the ranks agree on the names first
+            run.log({"only0": 7.0})
         if run.step():
             lrs.append(opt.param_groups[0]["lr"])
     history = run.trainer.history
