@@ -174,6 +174,8 @@ class ModelParallel:
         self.inner = model
         self.model = _ParallelModule(self)
         self.named = [(logical[i], p) for i, p in owned.items() if p.requires_grad]
+        # Frozen parameters (a base model under LoRA adapters): in checkpoints, never in the optimizer.
+        self.frozen = [(logical[i], p) for i, p in owned.items() if not p.requires_grad]
         self.params = [p for _, p in self.named]
         self._count_in_norm = [n not in held_by_other_first for n, _ in self.named]
         self.owner = self._assign_owners() if self.zero else [self.dp_rank] * len(self.params)
@@ -347,6 +349,10 @@ class ModelParallel:
                     out.append(
                         Shard(f"optim.{name}.{key}", v, tuple(v.shape), tuple((0, n) for n in v.shape), replicated=True)
                     )
+        for name, p in self.frozen:
+            pieces, gshape = self._pieces(p, p.detach())
+            rep = self.dp_size > 1 or (tp_rep and tp_slice(p) is None) or name in tied
+            out += [Shard(f"model.{name}", t, gshape, box, replicated=rep) for t, box in pieces]
         for name, b in self._persistent_buffers().items():
             out.append(
                 Shard(f"model.{name}", b.detach(), tuple(b.shape), tuple((0, n) for n in b.shape), replicated=True)
@@ -360,7 +366,7 @@ class ModelParallel:
     def load_state_shards(self, read: ShardReader) -> None:
         """Fill this rank's boxes of every parameter, buffer and optimizer state from ``read``. Local."""
         with torch.no_grad():
-            for name, p in self.named:
+            for name, p in [*self.named, *self.frozen]:
                 sl = tp_slice(p)
                 for local, box in self._boxes(p):
                     t = read(f"model.{name}", sl.global_shape if sl else tuple(p.shape), box, False)
