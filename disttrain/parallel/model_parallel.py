@@ -135,7 +135,9 @@ class ModelParallel:
         self.dp_rank, self.dp_size = self.mesh.index("dp"), self.mesh.size("dp")
         tp, pp = shape.tp, shape.pp
         seed = torch.initial_seed() if seed is None else seed
-        self.rng = RNGTracker(seed, self.mesh.index("tp"), self.mesh.index("pp")) if tp > 1 else None
+        # The dropout streams live on the model's device (the CUDA generator for a model on a GPU).
+        device = str(next(model.parameters()).device) if any(True for _ in model.parameters()) else "cpu"
+        self.rng = RNGTracker(seed, self.mesh.index("tp"), self.mesh.index("pp"), device) if tp > 1 else None
         self.tp_ctx = TPContext(self.mesh.group("tp"), tp, self.mesh.index("tp"), rng=self.rng)
         if tp > 1:
             lp = cfg.tp.loss_parallel if loss_parallel is None else loss_parallel
