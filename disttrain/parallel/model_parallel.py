@@ -272,7 +272,7 @@ class ModelParallel:
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Collective over the world: the norm of the whole model's gradient, each element once."""
-        sq = torch.zeros((), dtype=torch.float64)
+        sq = torch.zeros((), dtype=torch.float64, device=self.comm.backend.device or "cpu")
         if self.dp_rank == 0:
             tp0 = self.mesh.index("tp") == 0
             for p, count in zip(self.params, self._count_in_norm):
