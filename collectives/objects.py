@@ -51,10 +51,13 @@ def tensor_as_words(t: torch.Tensor) -> torch.Tensor:
     return raw.view(torch.int32)
 
 
-def words_buffer(shape: list[int] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """An int32 buffer that receives the words :func:`tensor_as_words` makes of a ``shape``/``dtype`` tensor."""
+def words_buffer(
+    shape: list[int] | torch.Size, dtype: torch.dtype, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """An int32 buffer (on ``device``) that receives the words :func:`tensor_as_words` makes of a
+    ``shape``/``dtype`` tensor."""
     nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-    return torch.empty((nbytes + 3) // 4, dtype=torch.int32)
+    return torch.empty((nbytes + 3) // 4, dtype=torch.int32, device=device)
 
 
 def tensor_from_words(words: torch.Tensor, shape: list[int] | torch.Size, dtype: torch.dtype) -> torch.Tensor:

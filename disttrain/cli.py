@@ -40,10 +40,31 @@ VERBS = {
 }
 
 
+def _nproc(value: str) -> int | None:
+    """``--nproc``: a count; ``gpu``/``auto``: this host's GPUs (``auto`` without one: None, launch.nproc)."""
+    if value not in ("gpu", "auto"):
+        try:
+            return int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, 'gpu' or 'auto', got {value!r}") from None
+    import torch
+
+    n = torch.cuda.device_count()
+    if n == 0 and value == "gpu":
+        raise argparse.ArgumentTypeError("gpu: no GPU visible on this host")
+    return n or None
+
+
 def cmd_run(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="disttrain run", description="Train an experiment from a YAML file.")
     p.add_argument("config", help="experiment YAML")
-    p.add_argument("--nproc", type=int, default=None, help="worker processes (default: launch.nproc)")
+    p.add_argument(
+        "--nproc",
+        type=_nproc,
+        default=None,
+        help="worker processes: N, or gpu/auto: one per visible GPU (auto without one: launch.nproc); "
+        "default launch.nproc",
+    )
     p.add_argument("--ranks", default=None, help="comma-separated ranks shown on the console (default: all)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.steps=100")
     ns = p.parse_intermixed_args(argv)

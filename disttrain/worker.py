@@ -56,8 +56,8 @@ def connect_store(timeout: float):
 def init_communicator(cfg: config_mod.ExperimentConfig) -> collectives.Communicator:
     env = collectives.read_env()
     device = "cpu"
-    if cfg.launch.device == "cuda":
-        torch.cuda.set_device(env.local_rank)
+    if cfg.launch.device == "cuda" or (cfg.launch.device == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(env.local_rank)  # one process per GPU: LOCAL_RANK's
         device = f"cuda:{env.local_rank}"
     return collectives.init(
         cfg.launch.backend,

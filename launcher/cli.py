@@ -36,12 +36,46 @@ def _both(parser: argparse.ArgumentParser, name: str, **kw) -> None:
     parser.add_argument(name, name.replace("-", "_").replace("__", "--"), **kw)
 
 
+def visible_gpus() -> int:
+    """GPUs a worker on this host may use: CUDA_VISIBLE_DEVICES when set, else the NVIDIA driver's list
+    (no CUDA initialised here: the launcher imports no torch)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and not d.strip().startswith("-")])
+    try:
+        return len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return 0
+
+
+def nproc_arg(value: str) -> int:
+    """``--nproc-per-node``: a count, ``gpu`` (one per visible GPU; none is an error) or ``auto`` (one per
+    visible GPU, or 1 without one), as torchrun spells them."""
+    if value in ("gpu", "auto"):
+        n = visible_gpus()
+        if n == 0 and value == "gpu":
+            raise argparse.ArgumentTypeError(
+                "gpu: no GPU visible on this host (CUDA_VISIBLE_DEVICES, /proc/driver/nvidia)"
+            )
+        return max(n, 1)
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, 'gpu' or 'auto', got {value!r}") from None
+
+
 def build_parser(prog: str = "disttrain launch") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
         description="Start worker processes with torchrun's environment, on this machine or on many hosts over ssh.",
     )
-    _both(p, "--nproc-per-node", type=int, default=None, help="workers per node (default 1, or each host's slots)")
+    _both(
+        p,
+        "--nproc-per-node",
+        type=nproc_arg,
+        default=None,
+        help="workers per node: N, gpu or auto (one per visible GPU); default 1, or each host's slots",
+    )
     p.add_argument(
         "--nnodes",
         default=None,

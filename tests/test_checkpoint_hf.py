@@ -95,6 +95,18 @@ def test_export_refuses_a_non_empty_directory_and_never_deletes_what_it_did_not_
     assert sorted(os.listdir(empty)) == ["config.json", "model.safetensors"]
 
 
+def test_reshard_check_answers_for_buffers_and_transformers_layouts(capsys):
+    """BatchNorm statistics have no optimizer state and still load; a transformers GPT-2 (2 heads,
+    2 blocks under transformer.h) can take tp=2 and pp=2, not tp=4 nor pp=3."""
+    res, gpt = _step_dir("resnet"), _step_dir("gpt2")
+    for path, to, want in ((res, "zero2:3", 0), (gpt, "ddp:4,tp=2", 0), (gpt, "ddp:4,pp=2", 0),
+                           (gpt, "ddp:4,tp=4", 1), (gpt, "ddp:3,pp=3", 1)):  # fmt: skip
+        got = ckpt(["reshard", path, "--check", "--to", to])
+        assert got == want, f"{os.path.basename(os.path.dirname(os.path.dirname(path)))} -> {to}: " + (
+            capsys.readouterr().out
+        )
+
+
 @pytest.mark.unit
 def test_model_record_is_json_with_the_transformers_config_only_for_transformers_models():
     import json

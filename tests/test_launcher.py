@@ -150,3 +150,19 @@ def test_too_few_slots_names_the_hosts():
 def test_too_few_slots_on_the_command_line_exits_2_naming_the_host():
     r = launch("-np", "3", "-H", "localhost:2", WORKER, timeout=30)
     assert r.returncode == 2 and "localhost:2" in r.stderr
+
+
+@pytest.mark.unit
+def test_nproc_per_node_gpu_and_auto_count_the_visible_gpus(monkeypatch):
+    import argparse
+
+    from launcher.cli import nproc_arg
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,2,3")
+    assert nproc_arg("gpu") == 3 and nproc_arg("auto") == 3 and nproc_arg("5") == 5
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert nproc_arg("auto") == 1
+    with pytest.raises(argparse.ArgumentTypeError, match="no GPU visible"):
+        nproc_arg("gpu")
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a number, 'gpu' or 'auto'"):
+        nproc_arg("many")

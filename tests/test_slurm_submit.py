@@ -72,6 +72,17 @@ def test_dry_run_renders_the_config_into_sbatch_lines(tmp_path, dry_run):
 
 
 @pytest.mark.unit
+def test_gpus_per_node_sets_one_task_per_gpu_and_a_cpu_device_is_warned_about(dry_run):
+    p = dry_run("--gpus-per-node", "4")
+    assert p.returncode == 0 and "#SBATCH --ntasks-per-node=4" in p.stdout, p.stdout
+    assert "#SBATCH --gpus-per-node=4" in p.stdout and "warning" not in p.stderr, p.stderr
+    p = dry_run("--gpus-per-node", "4", "launch.device=cpu")
+    assert p.returncode == 0 and "--gpus-per-node 4 with launch.device=cpu" in p.stderr, p.stderr
+    p = dry_run("--gpus-per-node", "4", "--ntasks-per-node", "2")
+    assert "2 worker(s) per node for 4 GPU(s)" in p.stderr, p.stderr
+
+
+@pytest.mark.unit
 def test_array_in_agent_mode_starts_one_agent_per_node_and_a_run_dir_per_task(dry_run):
     p = dry_run(
         *("--array", "0-3", "--mode", "agent", "--nodes", "2"),

@@ -102,3 +102,24 @@ def test_own_loop_autocasts_to_train_precision_and_refuses_a_pipeline(tmp_path):
     for out in err.value.outputs.values():
         assert "parallel.mesh.pp=2" in out and "HINT: keep pipeline parallel with the built-in loop" in out, out[-2000:]
         assert "step 1/" not in out  # refused before the first step
+
+
+@pytest.mark.unit
+def test_label_shift_and_split_logits_are_decided_by_model_and_step_type():
+    import torch.nn as nn
+
+    from disttrain.loss import CrossEntropyStep, SplitLogitsStep, is_causal_lm, shift_left, split_logits
+    from tests.cases.user_api import Tiny, tiny_gpt2
+
+    assert shift_left(torch.tensor([[1, 2, 3]])).tolist() == [[2, 3, -100]]
+    assert is_causal_lm(tiny_gpt2()) and not is_causal_lm(Tiny()) and not is_causal_lm(nn.Linear(2, 2))
+    assert CrossEntropyStep().for_model(tiny_gpt2()).shift_labels is True
+    assert CrossEntropyStep().for_model(Tiny()).shift_labels is False
+    assert CrossEntropyStep(shift_labels=False).for_model(tiny_gpt2()).shift_labels is False
+    assert isinstance(CrossEntropyStep(), SplitLogitsStep)
+
+    @split_logits
+    def mine(model, batch):
+        return model(batch), 1
+
+    assert isinstance(mine, SplitLogitsStep) and mine.__name__ == "mine" and mine(lambda b: b + 1, 1) == (2, 1)

@@ -141,14 +141,63 @@ def test_gpt2_tied_head_across_pipeline_stages_saves_resumes_and_consolidates(gp
     assert diff <= ATOL, f"pp=2 resumed vs one process: {diff}"
     out = str(tmp_path / "pp2.safetensors")
     assert ckpt(["consolidate", run_dir, out]) == 0
+    sd = load_file(out)
+    _build_gpt2(seq_len=32).load_state_dict(sd, strict=True)
+    assert torch.equal(sd["lm_head.weight"], sd["transformer.wte.weight"])
+
+
+def _build_gpt2(**kwargs):
     sys.path.insert(0, GPT2)
     try:
         from shakespeare_gpt2 import build_model
     finally:
         sys.path.remove(GPT2)
-    sd = load_file(out)
-    build_model(seq_len=32).load_state_dict(sd, strict=True)
-    assert torch.equal(sd["lm_head.weight"], sd["transformer.wte.weight"])
+    return build_model(**kwargs)
+
+
+def _check_fine_tune(tmp_path_factory, name: str, kwargs: dict, layouts: dict[str, list[str]]) -> None:
+    """Each layout equals one process (ATOL), the frozen parameters in its checkpoint are the initial
+    ones bit for bit, the trained ones moved, and its consolidated file strict-loads into a fresh model."""
+    from safetensors.torch import load_file
+
+    from disttrain.checkpoint.cli import main as ckpt
+    from disttrain.config import ExperimentConfig
+    from disttrain.worker import seed_everything
+
+    seed_everything(ExperimentConfig().run.seed)  # the workers' seed, then the same build: the initial model
+    initial = _build_gpt2(seq_len=32, **kwargs)
+    frozen = {f"model.{n}": p.detach().clone() for n, p in initial.named_parameters() if not p.requires_grad}
+    trained = {f"model.{n}" for n, p in initial.named_parameters() if p.requires_grad}
+    assert frozen and trained
+    cli = {k: f"[{','.join(v)}]" if isinstance(v, list) else v for k, v in kwargs.items()}
+    args = [*GPT2_ARGS, *(f"model.kwargs.{k}={v}" for k, v in cli.items())]
+    yaml = os.path.join(GPT2, "gpt2.yaml")
+    one = _params(_run(tmp_path_factory, yaml, f"{name}-1", 1, *args))
+    for layout, (nproc, *extra) in layouts.items():
+        run_dir = _run(tmp_path_factory, yaml, f"{name}-{layout}", int(nproc), *args, *extra)
+        got = _params(run_dir)
+        assert _max_diff(one, got) <= ATOL, f"{name} under {layout}: {_max_diff(one, got)}"
+        for n, t in frozen.items():
+            assert torch.equal(got[n], t), f"{name} under {layout}: frozen {n} changed"
+        assert any(not torch.equal(got[n], initial.state_dict()[n[6:]]) for n in trained), f"{layout}: no training"
+        out = str(tmp_path_factory.mktemp(f"{name}-{layout}-out") / "model.safetensors")
+        assert ckpt(["consolidate", run_dir, out]) == 0
+        _build_gpt2(seq_len=32, **kwargs).load_state_dict(load_file(out), strict=True)
+
+
+def test_lora_fine_tune_under_ddp_and_zero_equals_one_process(tmp_path_factory):
+    """peft LoRA adapters (rank 4 on c_attn and c_fc) on a frozen GPT-2, 2 ranks."""
+    layouts = {"ddp": ["2"], "zero2": ["2", "parallel.strategy=zero2"], "zero3": ["2", "parallel.strategy=zero3"]}
+    _check_fine_tune(tmp_path_factory, "lora", {"lora_r": 4}, layouts)
+
+
+def test_frozen_parameters_under_tp2_and_pp2_equal_one_process(tmp_path_factory):
+    """A frozen position embedding (replicated under tp) and a frozen first MLP (sliced under tp, on
+    the first pipeline stage): in every checkpoint, unchanged, consolidated strictly."""
+    layouts = {"tp2": ["2", "parallel.mesh.tp=2"], "pp2": ["2", "parallel.mesh.pp=2"]}
+    _check_fine_tune(
+        tmp_path_factory, "frozen", {"freeze": ["transformer.wpe.weight", "transformer.h.0.mlp.*"]}, layouts
+    )
 
 
 def test_killed_rank_resumes_at_the_same_sample(gpt2_runs, tmp_path):

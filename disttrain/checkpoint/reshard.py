@@ -122,6 +122,19 @@ def parse_layout(text: str) -> TargetLayout:
     return TargetLayout(m.group(1), int(m.group(2)), int(extra.get("tp", 1)), int(extra.get("pp", 1)))
 
 
+BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def repeated_blocks(names) -> set[str]:
+    """The largest family of numbered modules (``blocks.N``, ``transformer.h.N``, ``model.layers.N``): the
+    units a pipeline splits. Returns their prefixes."""
+    families: dict[str, set[str]] = {}
+    for n in names:
+        for m in re.finditer(r"(?:^|\.)(\d+)\.", n):
+            families.setdefault(n[: m.start(1)], set()).add(n[: m.end(1)])
+    return max(families.values(), key=len, default=set())
+
+
 def check(manifest: Manifest, target: TargetLayout, state: dict | None = None) -> tuple[bool, list[str]]:
     """Without reading tensors: can ``target`` load this checkpoint? Returns (ok, reasons/notes)."""
     problems, notes = [], []
@@ -132,26 +145,36 @@ def check(manifest: Manifest, target: TargetLayout, state: dict | None = None) -
     if not model:
         problems.append("the checkpoint holds no model tensors (model.*)")
     optim = {n for n in manifest.tensors if n.startswith("optim.")}
+    record = (state or {}).get("model") or {}
     if not optim:
         notes.append("no optimizer state: the optimizer would start fresh")
     else:
-        missing = [p for p in model if not any(o.startswith(f"optim.{p}.") for o in optim)]
+        # Buffers and frozen parameters have no optimizer state: only trained parameters need it.
+        untrained = set(record.get("untrained") or [])
+        stated = {o[6:].rsplit(".", 1)[0] for o in optim}
+        if "untrained" not in record:  # a checkpoint without the record: BatchNorm statistics at least
+            untrained = {n for n in model if n.endswith(BUFFER_SUFFIXES)}
+        missing = [p for p in model if p not in untrained and p not in stated]
         if missing:
             problems.append(f"optimizer state missing for {len(missing)} parameters, e.g. {missing[0]}")
     cfg = ((state or {}).get("config") or {}).get("model") or {}
+    hf = (record.get("transformers") or {}).get("config") or {}
     if tp > 1:
-        n_head = cfg.get("n_head")
-        if n_head is not None and n_head % tp:
-            problems.append(f"tp={tp} does not divide n_head={n_head}")
+        for key in ("n_head", "num_attention_heads", "num_key_value_heads"):
+            heads = cfg.get(key, hf.get(key))
+            if isinstance(heads, int) and heads % tp:
+                problems.append(f"tp={tp} does not divide {key}={heads}")
         for name, t in model.items():
             if re.search(r"(attn\.qkv|mlp\.fc)\.(weight|bias)$", name) and t.shape[0] % tp:
                 problems.append(f"tp={tp} does not divide dim 0 ({t.shape[0]}) of {name} (column parallel)")
             if re.search(r"(attn\.proj|mlp\.proj)\.weight$", name) and t.shape[1] % tp:
                 problems.append(f"tp={tp} does not divide dim 1 ({t.shape[1]}) of {name} (row parallel)")
+        if not cfg.get("n_head") and not hf:
+            notes.append(f"tp={tp}: your model's plan is checked against its widths when the job starts")
     if pp > 1:
-        blocks = {int(m.group(1)) for n in model if (m := re.match(r"blocks\.(\d+)\.", n))}
+        blocks = repeated_blocks(model)
         if len(blocks) < pp:
-            problems.append(f"pp={pp} stages but the model has {len(blocks)} blocks")
+            problems.append(f"pp={pp} stages but the model has {len(blocks)} repeated blocks")
     dp = w // max(tp * pp, 1)
     batch = (((state or {}).get("config") or {}).get("train") or {}).get("batch_size")
     if batch is not None and batch < dp:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..data.stream import StreamSampler
-from ..parallel.buffers import aliases
+from ..parallel.buffers import aliases, untrained_state
 from ..parallel.strategy import Strategy
 from .errors import CheckpointFormatError
 
@@ -51,7 +51,12 @@ class TrainingRun(Protocol):
 def model_record(model) -> dict:
     """JSON description of ``model`` for consolidation and export (class, tied names, transformers config)."""
     cls = type(model)
-    rec: dict = {"class": f"{cls.__module__}.{cls.__qualname__}", "aliases": aliases(model)}
+    rec: dict = {
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "aliases": aliases(model),
+        # buffers and frozen parameters: model state no optimizer steps (ckpt reshard --check)
+        "untrained": sorted(n for n, _ in untrained_state(model)),
+    }
     tf = sys.modules.get("transformers")  # only a model built with transformers can be one of its models
     if tf is not None and isinstance(model, tf.PreTrainedModel):
         config = json.loads(model.config.to_json_string(use_diff=False))

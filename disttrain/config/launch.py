@@ -23,7 +23,10 @@ class LaunchConfig(Section):
     check_collectives: bool = Field(True, description="Compare op/shape/dtype across ranks before each collective.")
     timeout: float = Field(300.0, gt=0, description="Seconds a collective may wait for its peers.")
     max_restarts: int = Field(0, ge=0, description="Restart the worker group this many times after a failure.")
-    device: Literal["cpu", "cuda"] = Field("cpu", description="Device of every rank (cuda: LOCAL_RANK's GPU).")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="Device of every rank: cuda is LOCAL_RANK's GPU; auto is cuda when this host has a GPU, else cpu.",
+    )
     hang_timeout: float = Field(
         120.0,
         ge=0,

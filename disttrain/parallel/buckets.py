@@ -170,7 +170,9 @@ def clip_(grads: list[torch.Tensor], max_norm: float, comm: Communicator | None 
     """Clip ``grads`` (flat buffers or shards) to a global norm; with ``comm``, the squares are
     summed over ranks first (sharded gradients). Same formula as ``torch.nn.utils.clip_grad_norm_``."""
     grads = [g for g in grads if g.numel()]
-    sq = torch.zeros(1, dtype=torch.float64)
+    # On the gradients' device (a rank without gradient elements: the communicator's).
+    device = grads[0].device if grads else (comm.backend.device if comm is not None else None)
+    sq = torch.zeros(1, dtype=torch.float64, device=device)
     if grads:  # one fused kernel over all tensors (like torch's clip); fp64 sum so shard order barely matters
         sq += torch.stack(torch._foreach_norm(grads)).double().square().sum()
     if comm is not None and comm.world_size > 1:

@@ -136,7 +136,9 @@ class ModelParallel:
         self.dp_rank, self.dp_size = self.mesh.index("dp"), self.mesh.size("dp")
         tp, pp = shape.tp, shape.pp
         seed = torch.initial_seed() if seed is None else seed
-        self.rng = RNGTracker(seed, self.mesh.index("tp"), self.mesh.index("pp")) if tp > 1 else None
+        # The dropout streams live on the model's device (the CUDA generator for a model on a GPU).
+        device = str(next(model.parameters()).device) if any(True for _ in model.parameters()) else "cpu"
+        self.rng = RNGTracker(seed, self.mesh.index("tp"), self.mesh.index("pp"), device) if tp > 1 else None
         self.tp_ctx = TPContext(self.mesh.group("tp"), tp, self.mesh.index("tp"), rng=self.rng)
         if tp > 1:
             lp = cfg.tp.loss_parallel if loss_parallel is None else loss_parallel
@@ -175,6 +177,8 @@ class ModelParallel:
         self.inner = model
         self.model = _ParallelModule(self)
         self.named = [(logical[i], p) for i, p in owned.items() if p.requires_grad]
+        # Frozen parameters (a base model under LoRA adapters): in checkpoints, never in the optimizer.
+        self.frozen = [(logical[i], p) for i, p in owned.items() if not p.requires_grad]
         self.params = [p for _, p in self.named]
         self._count_in_norm = [n not in held_by_other_first for n, _ in self.named]
         self.owner = self._assign_owners() if self.zero else [self.dp_rank] * len(self.params)
@@ -269,7 +273,7 @@ class ModelParallel:
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Collective over the world: the norm of the whole model's gradient, each element once."""
-        sq = torch.zeros((), dtype=torch.float64)
+        sq = torch.zeros((), dtype=torch.float64, device=self.comm.backend.device or "cpu")
         if self.dp_rank == 0:
             tp0 = self.mesh.index("tp") == 0
             for p, count in zip(self.params, self._count_in_norm):
@@ -348,6 +352,10 @@ class ModelParallel:
                     out.append(
                         Shard(f"optim.{name}.{key}", v, tuple(v.shape), tuple((0, n) for n in v.shape), replicated=True)
                     )
+        for name, p in self.frozen:
+            pieces, gshape = self._pieces(p, p.detach())
+            rep = self.dp_size > 1 or (tp_rep and tp_slice(p) is None) or name in tied
+            out += [Shard(f"model.{name}", t, gshape, box, replicated=rep) for t, box in pieces]
         for name, b in self._persistent_buffers().items():
             out.append(
                 Shard(f"model.{name}", b.detach(), tuple(b.shape), tuple((0, n) for n in b.shape), replicated=True)
@@ -361,7 +369,7 @@ class ModelParallel:
     def load_state_shards(self, read: ShardReader) -> None:
         """Fill this rank's boxes of every parameter, buffer and optimizer state from ``read``. Local."""
         with torch.no_grad():
-            for name, p in self.named:
+            for name, p in [*self.named, *self.frozen]:
                 sl = tp_slice(p)
                 for local, box in self._boxes(p):
                     t = read(f"model.{name}", sl.global_shape if sl else tuple(p.shape), box, False)

@@ -30,13 +30,30 @@ def prepare(cfg: config_mod.ExperimentConfig) -> tuple[str, str, str]:
     cfg.run.dir = os.path.abspath(cfg.run.dir)
     if cfg.slurm.nodes is None:
         cfg.slurm.nodes = 1
-    if cfg.slurm.ntasks_per_node is None:
-        cfg.slurm.ntasks_per_node = cfg.launch.nproc
+    if cfg.slurm.ntasks_per_node is None:  # one worker per GPU when GPUs are asked for
+        cfg.slurm.ntasks_per_node = cfg.slurm.gpus_per_node or cfg.launch.nproc
     config_path = os.path.join(cfg.run.dir, "config.yaml")
     script_path = os.path.join(cfg.run.dir, "slurm", "submit.sbatch")
     values = build_values(cfg, config_path, script_path)  # a bad value fails here, not in the job
     template, source = read_template(cfg.slurm, cfg.slurm.nodes)
     return render(template, values, source), script_path, config_path
+
+
+def warnings(cfg: config_mod.ExperimentConfig) -> list[str]:
+    """What about a job's resources is likely a mistake (printed, the job is still submitted)."""
+    out = []
+    gpus = cfg.slurm.gpus_per_node
+    if gpus and cfg.launch.device == "cpu":
+        out.append(
+            f"warning: --gpus-per-node {gpus} with launch.device=cpu: the job trains on the CPU and leaves the "
+            "GPUs idle\nHINT: launch.device=auto (or cuda)"
+        )
+    if gpus and cfg.slurm.ntasks_per_node and cfg.slurm.ntasks_per_node != gpus and cfg.launch.device != "cpu":
+        out.append(
+            f"warning: {cfg.slurm.ntasks_per_node} worker(s) per node for {gpus} GPU(s): each worker uses the GPU "
+            "of its LOCAL_RANK\nHINT: --ntasks-per-node equal to --gpus-per-node (the default)"
+        )
+    return out
 
 
 def submit(script_path: str, timeout: float = 60.0) -> str:
@@ -75,7 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", help="experiment YAML")
     p.add_argument("--nodes", "-N", type=int, help="nodes (slurm.nodes)")
-    p.add_argument("--ntasks-per-node", type=int, help="workers per node (slurm.ntasks_per_node; default launch.nproc)")
+    p.add_argument(
+        "--ntasks-per-node",
+        type=int,
+        help="workers per node (slurm.ntasks_per_node; default --gpus-per-node, else launch.nproc)",
+    )
     p.add_argument("--partition", "-p", help="slurm.partition")
     p.add_argument("--time", "-t", help="time limit, e.g. 04:00:00 (slurm.time)")
     p.add_argument("--gpus-per-node", type=int, help="slurm.gpus_per_node")
@@ -102,6 +123,8 @@ def cmd_submit(argv: list[str]) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
+    for line in warnings(cfg):
+        print(line, file=sys.stderr)
     if ns.dry_run:
         print(script, end="")
         return 0

@@ -21,9 +21,19 @@ VOCAB = 256  # byte-level
 
 
 def build_model(
-    n_layer: int = 2, n_embd: int = 64, n_head: int = 2, seq_len: int = 64, dropout: float = 0.0
-) -> GPT2LMHeadModel:
-    """GPT2LMHeadModel from a GPT2Config (its lm_head is tied to the token embedding)."""
+    n_layer: int = 2,
+    n_embd: int = 64,
+    n_head: int = 2,
+    seq_len: int = 64,
+    dropout: float = 0.0,
+    lora_r: int = 0,
+    freeze: tuple[str, ...] = (),
+):
+    """GPT2LMHeadModel from a GPT2Config (its lm_head is tied to the token embedding). ``lora_r`` > 0:
+    a peft LoRA fine-tune of it (rank ``lora_r`` adapters on the attention and MLP projections, the
+    base frozen); ``freeze``: fnmatch globs of parameters to freeze (requires_grad=False)."""
+    import fnmatch
+
     cfg = GPT2Config(
         vocab_size=VOCAB,
         n_positions=seq_len,
@@ -36,7 +46,16 @@ def build_model(
         bos_token_id=0,
         eos_token_id=0,
     )
-    return GPT2LMHeadModel(cfg)
+    model = GPT2LMHeadModel(cfg)
+    for name, p in model.named_parameters():
+        if any(fnmatch.fnmatch(name, g) for g in freeze):
+            p.requires_grad_(False)
+    if lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+        model = get_peft_model(model, lora)
+    return model
 
 
 class Windows(Dataset):

@@ -75,7 +75,7 @@ class Pipeline:
         inputs: dict[tuple[int, int], object] = {}
         outputs: dict[tuple[int, int], object] = {}
         pending: list = []
-        loss_total = torch.zeros((), dtype=torch.float64)
+        loss_total = torch.zeros((), dtype=torch.float64, device=self.group.backend.device or "cpu")
         for kind, i, c in acts:
             x, y = micro_batches[i]
             if kind == "F":

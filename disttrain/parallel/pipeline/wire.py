@@ -31,8 +31,15 @@ def _to_wire(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in NATIVE else tensor_as_words(t)
 
 
-def _wire_buffer(shape: list[int], dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty(shape, dtype=dtype) if dtype in NATIVE else words_buffer(shape, dtype)
+def _device(group: Communicator) -> torch.device:
+    """Where ``group`` moves tensors (the backend's declared device; None is the CPU): activations arrive there."""
+    return torch.device(group.backend.device or "cpu")
+
+
+def _wire_buffer(shape: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if dtype in NATIVE:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return words_buffer(shape, dtype, device)
 
 
 def _from_wire(buf: torch.Tensor, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
@@ -114,8 +121,9 @@ def send(group: Communicator, obj, dst: int, tag: int) -> list:
     """Asynchronous: returns the pending Works (wait on them before reusing the tensors)."""
     spec, tensors = flatten(obj)
     header, n = _header({"v": VERSION, "spec": spec})
-    works = [group.send(torch.tensor([n], dtype=torch.int64), dst, tag, async_op=True)]
-    works.append(group.send(header, dst, tag, async_op=True))
+    dev = _device(group)
+    works = [group.send(torch.tensor([n], dtype=torch.int64, device=dev), dst, tag, async_op=True)]
+    works.append(group.send(header.to(dev), dst, tag, async_op=True))
     for t in tensors:
         works.append(group.send(_to_wire(t), dst, tag, async_op=True))
     return works
@@ -123,14 +131,15 @@ def send(group: Communicator, obj, dst: int, tag: int) -> list:
 
 def recv(group: Communicator, src: int, tag: int, tp_group: Communicator | None = None):
     """Blocking: the object ``send`` sent, its gradient-needing tensors marked requires_grad."""
-    n = torch.zeros(1, dtype=torch.int64)
+    dev = _device(group)
+    n = torch.zeros(1, dtype=torch.int64, device=dev)
     group.recv(n, src, tag)
     if not 0 < int(n) <= MAX_HEADER or int(n) % 4:
         raise MeshError(
             f"pipeline: header of {int(n)} bytes from stage rank {src} (tag {tag}); expected a multiple of 4 "
             f"up to {MAX_HEADER}"
         )
-    header = torch.empty(int(n) // 4, dtype=torch.int32)
+    header = torch.empty(int(n) // 4, dtype=torch.int32, device=dev)
     group.recv(header, src, tag)
     meta = _parse(header)
     if meta.get("v") != VERSION:
@@ -138,7 +147,7 @@ def recv(group: Communicator, src: int, tag: int, tp_group: Communicator | None 
     tensors = []
     for leaf in _leaves(meta["spec"]):
         dtype = getattr(torch, leaf["dtype"])
-        buf = _wire_buffer(leaf["shape"], dtype)
+        buf = _wire_buffer(leaf["shape"], dtype, dev)
         group.recv(buf, src, tag)
         tensors.append(_from_wire(buf, leaf["shape"], dtype).requires_grad_(leaf["grad"]))
     return _build(meta["spec"], tensors, tp_group)
@@ -146,21 +155,23 @@ def recv(group: Communicator, src: int, tag: int, tp_group: Communicator | None 
 
 def broadcast(group: Communicator, obj, src: int, tp_group: Communicator | None = None):
     """Collective over ``group``: ``src``'s object (detached) on every rank."""
+    dev = _device(group)
     if group.rank == src:
         spec, tensors = flatten(obj)
         header, n = _header({"v": VERSION, "spec": spec})
-        size = torch.tensor([n], dtype=torch.int64)
+        header = header.to(dev)
+        size = torch.tensor([n], dtype=torch.int64, device=dev)
     else:
-        size = torch.zeros(1, dtype=torch.int64)
+        size = torch.zeros(1, dtype=torch.int64, device=dev)
     group.broadcast(size, src=src)
     if group.rank != src:
-        header = torch.empty(int(size) // 4, dtype=torch.int32)
+        header = torch.empty(int(size) // 4, dtype=torch.int32, device=dev)
     group.broadcast(header, src=src)
     meta = _parse(header)
     out = []
     for i, leaf in enumerate(_leaves(meta["spec"])):
         dtype = getattr(torch, leaf["dtype"])
-        buf = _to_wire(tensors[i]).clone() if group.rank == src else _wire_buffer(leaf["shape"], dtype)
+        buf = _to_wire(tensors[i]).clone() if group.rank == src else _wire_buffer(leaf["shape"], dtype, dev)
         group.broadcast(buf, src=src)
         out.append(_from_wire(buf, leaf["shape"], dtype))
     return _build(meta["spec"], out, tp_group)
