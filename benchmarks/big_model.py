@@ -183,22 +183,20 @@ def worker(mode: str, shape: dict, path: str) -> None:
         if os.path.exists(index):
             with open(index) as f:
                 files = sorted(set(json.load(f)["weight_map"].values()))
-        names: list[tuple[str, tuple, torch.dtype]] = []
+        from safetensors import safe_open
+
+        listing = []  # every rank reads the headers (names and shapes): no weights
+        for file in files:
+            with safe_open(os.path.join(path, file), framework="pt") as f:
+                listing += [(n, tuple(f.get_slice(n).get_shape())) for n in f.keys()]
+        listing.sort()
         state: dict = {}
         if comm.rank == 0:  # rank 0 reads everything
             for file in files:
                 state.update(load_file(os.path.join(path, file)))
-            names = [(n, tuple(t.shape), t.dtype) for n, t in sorted(state.items())]
-        header = torch.tensor(list(json.dumps([[n, list(s)] for n, s, _ in names]).encode()) if names else [0])
-        size = torch.tensor([header.numel()])
-        comm.broadcast(size, src=0)
-        if comm.rank != 0:
-            header = torch.zeros(int(size), dtype=torch.int64)
-        comm.broadcast(header, src=0)
-        listing = json.loads(bytes(header.tolist()).decode())
         kept = []
         for n, s in listing:  # each tensor broadcast whole; every rank keeps its flat 1/N
-            t = state.pop(n) if comm.rank == 0 else torch.empty(s)
+            t = state.pop(n).contiguous() if comm.rank == 0 else torch.empty(s)
             comm.broadcast(t, src=0)
             flat = t.reshape(-1)
             k = -(-flat.numel() // comm.world_size)
