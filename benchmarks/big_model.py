@@ -271,6 +271,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     ratio = {m: [a / shard_mb for a in r["added_mb"]] for m, r in res.items()}
     lora = res["lora"]
+    ratio["lora"] = [b / lora["formula_bytes"] for b in lora["state_bytes"]]  # the per-rank figure of that row
     lora_ratio = max(lora["state_bytes"]) / lora["formula_bytes"]
     figures = {
         "init_peak_vs_shard": max(ratio["init"]),
