@@ -49,14 +49,14 @@ def conformance(backend: str, gpus: int):
     return "PASS", f"{gpus} rank(s): {', '.join(out[0])}"
 
 
-def disttrain_run(out: str, name: str, gpus: int, overrides: list[str], steps: int = 30):
+def disttrain_run(out: str, name: str, gpus: int, overrides: list[str], steps: int = 30, config: str | None = None):
     run_dir = os.path.join(out, name)
     cmd = [
         sys.executable,
         "-m",
         "disttrain.cli",
         "run",
-        os.path.join(ROOT, "configs", "gpt-shakespeare.yaml"),
+        config or os.path.join(ROOT, "configs", "gpt-shakespeare.yaml"),
         f"run.dir={run_dir}",
         f"run.name=gpu-{name}",
         "launch.device=cuda",
@@ -122,6 +122,67 @@ def checkpoint_roundtrip(out: str, gpus: int):
     if status == "PASS" and not resumed:
         return "FAIL", "the second run did not say it resumed from a checkpoint"
     return status, f"saved {ckpts or '?'}; resumed: {detail2}"
+
+
+def lora_gpt(vocab_size: int = 256, rank: int = 8):
+    """model.target of the LoRA check: the built-in GPT, every weight frozen, LoRA adapters on each block's
+    attention and MLP projections (zero at the start)."""
+    from disttrain.models.gpt import GPT
+
+    class LoRA(torch.nn.Module):
+        def __init__(self, base: torch.nn.Linear):
+            super().__init__()
+            self.base, self.out_features = base, base.out_features
+            self.a = torch.nn.Linear(base.in_features, rank, bias=False)
+            self.b = torch.nn.Linear(rank, base.out_features, bias=False)
+            torch.nn.init.zeros_(self.b.weight)
+
+        def forward(self, x):
+            return self.base(x) + self.b(self.a(x))
+
+    model = GPT(vocab_size=vocab_size, n_layer=4, n_head=4, d_model=256, seq_len=128)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in model.blocks:
+        block.attn.proj, block.mlp.fc, block.mlp.proj = LoRA(block.attn.proj), LoRA(block.mlp.fc), LoRA(block.mlp.proj)
+    return model
+
+
+def deferred_init(out: str, gpus: int):
+    """ZeRO-3 bf16 from a deferred (meta-device) build equals the eager build's run on the same seed."""
+    common = ["train.precision=bf16", "parallel.strategy=zero3"]
+    losses = []
+    for name, flag in (("deferred_eager", "false"), ("deferred_meta", "true")):
+        status, detail = disttrain_run(out, name, gpus, [*common, f"model.deferred_init={flag}"], 20)
+        if status != "PASS":
+            return status, f"{name}: {detail}"
+        with open(os.path.join(out, name, "summary.json")) as f:
+            losses.append(json.load(f)["final_loss"])
+    if abs(losses[0] - losses[1]) > 2e-2:
+        return "FAIL", f"final loss eager {losses[0]:.4f} vs deferred {losses[1]:.4f}"
+    return "PASS", f"final loss eager {losses[0]:.4f}, deferred {losses[1]:.4f}"
+
+
+def pretrained_load(out: str, gpus: int):
+    """model.pretrained from the checkpoint the async check wrote, under ZeRO-3 (each rank reads its ranges)."""
+    ckpt = os.path.join(out, "ckpt_bf16", "checkpoints")
+    if not os.path.isdir(ckpt):
+        return "FAIL", f"no checkpoint at {ckpt} (the async checkpoint check did not write one)"
+    over = ["train.precision=bf16", "parallel.strategy=zero3", f"model.pretrained={ckpt}", "checkpoint.enabled=false"]
+    return disttrain_run(out, "pretrained_zero3", gpus, over, 10)
+
+
+def lora_zero3(out: str, gpus: int):
+    """A LoRA fine-tune (frozen GPT, adapters) under ZeRO-3 in bf16: frozen weights sharded, adapters trained."""
+    import yaml
+
+    with open(os.path.join(ROOT, "configs", "gpt-shakespeare.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    cfg["model"] = {"target": "scripts.gpu_check:lora_gpt", "kwargs": {"vocab_size": 256}}
+    path = os.path.join(out, "lora.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return disttrain_run(out, "lora_zero3_bf16", gpus, ["train.precision=bf16", "parallel.strategy=zero3"], 20, path)
 
 
 def throughput(out: str):
@@ -194,6 +255,9 @@ def main() -> int:
         ROWS.append(("train TP bf16 (nccl)", "SKIP", 0.0, "needs 2+ GPUs (TP splits layers across ranks)"))
         ROWS.append(("hang report (nccl)", "SKIP", 0.0, "needs 2 GPUs"))
     row("async checkpoint (pinned) + resume", lambda: checkpoint_roundtrip(out, gpus))
+    row("deferred init ZeRO-3 bf16 = eager", lambda: deferred_init(out, gpus))
+    row("model.pretrained ZeRO-3 bf16 (checkpoint)", lambda: pretrained_load(out, gpus))
+    row("LoRA ZeRO-3 bf16 (frozen base sharded)", lambda: lora_zero3(out, gpus))
     row("GPT throughput (1 GPU)", lambda: throughput(out))
 
     width = max(len(r[0]) for r in ROWS)

@@ -3,12 +3,15 @@
 #   scripts/gpu_check.sh                       # table on stdout, full log in $GPU_CHECK_OUT (default /tmp)
 #   PYTHON=/opt/venv/bin/python scripts/gpu_check.sh
 #   GPU_CHECK_WHEELS=.whl scripts/gpu_check.sh # offline machine: install missing packages from these wheels
+#                                              # (fetch them where there is a network: scripts/gpu_check_wheels.sh)
 #
 # What it runs (scripts/gpu_check.py): the nccl backend (CuPy) and the torch backend's nccl process
 # group through the collectives conformance cases on CUDA tensors, one rank per GPU; DDP and ZeRO-3
 # training in bf16 and DDP in fp16 with loss scaling, and tensor parallel (2+ GPUs), through
 # `disttrain run` with launch.device=cuda; an asynchronous checkpoint from CUDA tensors (pinned host
-# buffers) that is then verified; a GPT throughput run reporting tokens/s and MFU. It prints one
+# buffers) that is then verified; ZeRO-3 from a deferred (meta-device) build against the eager one, a
+# ZeRO-3 run starting from that checkpoint (model.pretrained), a LoRA fine-tune (frozen base) under
+# ZeRO-3 in bf16; a GPT throughput run reporting tokens/s and MFU. It prints one
 # table and exits non-zero when any check fails (2: no GPU here, 3: no CUDA torch could be installed).
 #
 # Installs what is missing from PyPI first: a CUDA torch when the present one has none, cupy and

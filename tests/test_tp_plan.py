@@ -144,3 +144,15 @@ def test_the_wire_carries_any_nesting_and_dtype():
     assert n % 4 == 0 and wire._parse(header)["spec"] == spec
     with pytest.raises(MeshError, match="cannot travel between stages"):
         wire.flatten(object())
+
+
+def test_tp_width_attribute_divided_by_plan_or_reported():
+    """A forward that splits a colwise output by ``self.hidden``: with ``'block': 'divide:hidden'`` in
+    the plan, tp2 equals one process (1e-6); without, the first forward's error is a PlanError naming
+    the module, its width attributes and the divide entry."""
+    from tests.support.harness import spawn
+
+    for res in spawn("tests.cases.tp_width:width_case", 2, args={"divide": True}):
+        assert res["error"] is None and res["max_diff"] <= 1e-6, res
+    for res in spawn("tests.cases.tp_width:width_case", 2, args={"divide": False}):
+        assert res["error"] and "'block'" in res["error"] and "divide:" in res["error"] and "hidden" in res["error"]

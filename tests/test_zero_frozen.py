@@ -57,3 +57,12 @@ def test_lora_under_zero3_matches_one_process():
     total = sum(t.numel() * 4 for t in init.values())
     for res in two:  # each rank's parameter bytes: about half of everything (padding aside)
         assert res["memory"]["params"] <= 0.5 * total + 4096, (res["memory"], total)
+
+
+def test_zero3_evaluation_gathers_unit_by_unit():
+    """A no_grad forward under ZeRO-3 holds at most the root and two blocks (one prefetched) at once,
+    never the whole model, and frees the root afterwards."""
+    for res in spawn("tests.cases.deferred:eval_gather_case", 2, args={"layers": 6}):
+        assert res["peak_gathered"] <= res["root"] + 2 * res["largest_block"], res
+        assert res["peak_gathered"] < res["model_bytes"], res
+        assert res["root_left_gathered"] == 0, res

@@ -10,8 +10,9 @@
   read through the checkpoint reader, which verifies each file it opens.
 
 A rank asks only for the boxes it keeps (a ZeRO-3 flat range, a tensor-parallel slice, its
-pipeline stages' tensors); safetensors files are memory-mapped and sliced with
-``safe_open(...).get_slice``, so only the rows a box covers are read. No rank reads the whole
+pipeline stages' tensors); safetensors files are read with ``os.pread`` at the byte offsets
+their header gives (as ``safe_open(...).get_slice`` would slice them, without memory-mapping the
+file), so only the bytes of a flat range, or the rows a box spans, are read. No rank reads the whole
 model and nothing is broadcast. Names are the model's ``state_dict`` names.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 from typing import Protocol
 
 import torch
@@ -48,46 +50,94 @@ class TensorSource(Protocol):
     def close(self) -> None: ...
 
 
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+MAX_HEADER = 100 << 20
+
+
 class SafetensorsSource:
-    """One or more safetensors files; ``files`` maps each tensor name to its file."""
+    """One or more safetensors files; ``files`` maps each tensor name to its file. Each read is an
+    ``os.pread`` of the byte range a box needs (the header's ``data_offsets``): a flat range reads
+    exactly its bytes, a box the rows its first dimension spans. Nothing is memory-mapped, so what
+    a rank has read is what it holds."""
 
     def __init__(self, path: str, files: dict[str, str]):
         self.path, self._files = path, files
-        self._open: dict[str, object] = {}
-        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._fds: dict[str, int] = {}
+        self._headers: dict[str, tuple[int, dict]] = {}
 
-    def _handle(self, file: str):
-        from safetensors import safe_open
-
-        if file not in self._open:
+    def _header(self, file: str) -> tuple[int, dict]:
+        if file not in self._headers:
             try:
-                self._open[file] = safe_open(file, framework="pt", device="cpu")
-            except (OSError, ValueError, RuntimeError) as exc:
+                fd = self._fds[file] = os.open(file, os.O_RDONLY | os.O_NOFOLLOW)
+                (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+                if n > MAX_HEADER or n > os.fstat(fd).st_size:
+                    raise ValueError(f"header of {n} bytes")
+                header = json.loads(os.pread(fd, n, 8))
+            except (OSError, ValueError, struct.error) as exc:
                 raise PretrainedError(f"{file}: not a readable safetensors file ({exc})") from None
-        return self._open[file]
+            header.pop("__metadata__", None)
+            self._headers[file] = (8 + n, header)
+        return self._headers[file]
+
+    def _info(self, name: str) -> tuple[int, int, torch.dtype, tuple[int, ...], str]:
+        file = self._files[name]
+        base, header = self._header(file)
+        try:
+            info = header[name]
+            dtype = _DTYPES[info["dtype"]]
+            begin, end = (int(x) for x in info["data_offsets"])
+            shape = tuple(int(d) for d in info["shape"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PretrainedError(f"{file}: tensor {name!r} is not described by its header ({exc})") from None
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise PretrainedError(f"{file}: tensor {name!r}: {end - begin} bytes for shape {list(shape)}")
+        return base + begin, base + end, dtype, shape, file
+
+    def _bytes(self, file: str, start: int, count: int) -> bytearray:
+        buf = bytearray(count)
+        view, done = memoryview(buf), 0
+        while done < count:
+            got = os.preadv(self._fds[file], [view[done:]], start + done)
+            if got <= 0:
+                raise PretrainedError(f"{file}: ends before byte {start + count}")
+            done += got
+        return buf
 
     def names(self) -> set[str]:
         return set(self._files)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        if name not in self._shapes:
-            self._shapes[name] = tuple(self._handle(self._files[name]).get_slice(name).get_shape())
-        return self._shapes[name]
+        return self._info(name)[3]
 
     def read(self, name: str, box: Box, flat: bool) -> torch.Tensor:
-        sl = self._handle(self._files[name]).get_slice(name)
-        shape = self.shape(name)
+        start, _, dtype, shape, file = self._info(name)
+        item = dtype.itemsize
         if not shape:
-            return self._handle(self._files[name]).get_tensor(name)
-        if not flat:
-            return sl[tuple(slice(a, b) for a, b in box)]
-        (a, b), row = box[0], math.prod(shape[1:])
-        r0, r1 = a // row, -(-b // row)  # the rows the range touches: only those are read
-        rows = sl[r0:r1].reshape(-1)
-        return rows[a - r0 * row : b - r0 * row]
+            return torch.frombuffer(self._bytes(file, start, item), dtype=dtype).reshape(())
+        if flat:
+            (a, b) = box[0]
+            return torch.frombuffer(self._bytes(file, start + a * item, (b - a) * item), dtype=dtype)
+        row = math.prod(shape[1:])
+        r0, r1 = box[0]  # the rows of the first dimension the box spans: only those are read
+        rows = torch.frombuffer(self._bytes(file, start + r0 * row * item, (r1 - r0) * row * item), dtype=dtype)
+        out = rows.view(r1 - r0, *shape[1:])
+        return out[(slice(None), *(slice(a, b) for a, b in box[1:]))]
 
     def close(self) -> None:
-        self._open.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 class CheckpointSource:
@@ -129,13 +179,11 @@ def _index_files(path: str) -> dict[str, str]:
 
 
 def _single_files(file: str) -> dict[str, str]:
-    from safetensors import safe_open
-
+    src = SafetensorsSource(file, {})
     try:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            return {n: file for n in f.keys()}
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise PretrainedError(f"{file}: not a readable safetensors file ({exc})") from None
+        return {n: file for n in src._header(file)[1]}
+    finally:
+        src.close()
 
 
 def open_pretrained(path: str) -> TensorSource:

@@ -213,3 +213,27 @@ def train_pieces_case(target: str, kwargs: dict, strategy: str, steps: int = 3) 
     comm.barrier()
     comm.close()
     return {"pieces": pieces, "memory": mem, "optim_names": optim_names}
+
+
+def eval_gather_case(layers: int = 6) -> dict:
+    """ZeRO-3 over a Llama: the bytes gathered at once during a no_grad forward, and the model's."""
+    cfg = make_config("tests.cases.deferred:llama", {"layers": layers, "hidden": 64}, "zero3")
+    comm = collectives.init("torch", timeout=120)
+    seed_everything(cfg.run.seed)
+    spec = OptimizerSpec(build=lambda groups: torch.optim.AdamW(groups, lr=1e-2))
+    s = build_strategy(cfg.parallel, build_run_model(cfg, None, []), spec, comm)
+    s.peak_transient_bytes = 0
+    s.model.eval()
+    with torch.no_grad():
+        s.model(torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0)))
+    root = s.root.gathered_bytes()
+    out = {
+        "peak_gathered": s.peak_transient_bytes,
+        "model_bytes": sum(u.padded * 4 for u in s.units),
+        "largest_block": max(u.padded * 4 for u in s.block_units),
+        "root": sum(u.padded * 4 for u in s.units if u is s.root),
+        "root_left_gathered": root,
+    }
+    comm.barrier()
+    comm.close()
+    return out

@@ -13,7 +13,14 @@ matching a layer index) to a style:
 ``colwise_gather`` colwise, then the output allgathered (a head whose logits a loss needs whole)
 ``colwise_qkv``    colwise on a fused q/k/v projection (three chunks, each split by heads)
 ``colwise_packed`` colwise on a fused gate/up projection (two chunks)
+``divide:a,b``     any module: its integer attributes ``a`` and ``b`` are widths of a split
+                   layer its forward reads (a reshape by an embedding width): divided by tp
 =================  =====================================================================
+
+The parent of a colwise layer has its head counts (``HEAD_ATTRS``) divided by tp, and the
+common width names (``WIDTH_ATTRS``: ``embed_dim``, ``hidden_size``, ...) where they divide. If
+such a module's first forward under tp raises, the error is a :class:`PlanError` naming the
+module and the width attributes it holds, with the ``divide:`` entry that may fix it.
 
 transformers' names are accepted as written in its models' plans (``colwise_gather_output``,
 ``embedding_rowwise``, ``sequence_parallel``, ``packed_colwise``, ``local_colwise``, ...).
@@ -75,6 +82,11 @@ HEAD_ATTRS = (
     "all_head_size",
 )
 
+# Width attributes a module may read in its forward to split or reshape a colwise layer's output;
+# divided by tp on the parent of a colwise layer where they divide evenly.
+WIDTH_ATTRS = ("embed_dim", "hidden_size", "inner_dim", "d_model", "intermediate_size", "qkv_dim", "kv_dim")
+DIVIDE = "divide:"
+
 GPT2_PLAN = {  # transformers GPT-2 declares none; Conv1D layers, a fused c_attn, the head tied to wte
     "transformer.wte": "vocab",
     "transformer.h.*.attn.c_attn": "colwise_qkv",
@@ -133,6 +145,11 @@ def resolve_plan(model: nn.Module, plan: dict[str, str] | None) -> tuple[dict[st
 
 
 def _canonical(style: str, key: str, glob: str) -> str:
+    if style.startswith(DIVIDE):
+        attrs = [a for a in style[len(DIVIDE) :].split(",") if a]
+        if not attrs or not all(a.isidentifier() for a in attrs):
+            raise PlanError(f"{key}: {glob!r}: {style!r} names no attributes\nHINT: e.g. 'divide:hidden,width'")
+        return style
     s = ALIASES.get(style, style)
     if s not in STYLES:
         raise PlanError(f"{key}: {glob!r}: unknown style {style!r}\nHINT: known styles: {', '.join(STYLES)}")
@@ -148,6 +165,12 @@ def _check(name: str, mod: nn.Module, style: str, parent: nn.Module, key: str, g
             raise PlanError(f"{where} of {mod.num_embeddings} rows, fewer than tp={tp}")
         return
     if style in ("replicate", "sequence"):
+        return
+    if style.startswith(DIVIDE):
+        for attr in style[len(DIVIDE) :].split(","):
+            v = mod.__dict__.get(attr)
+            if not isinstance(v, int) or isinstance(v, bool) or v % tp:
+                raise PlanError(f"{where}: attribute {attr!r} is {v!r}, not an integer that divides by tp={tp}")
         return
     if not _is_linear(mod):
         raise PlanError(
@@ -179,14 +202,50 @@ def _check(name: str, mod: nn.Module, style: str, parent: nn.Module, key: str, g
         )
 
 
-def _adjust_heads(parent: nn.Module, name: str, tp: int, done: set[int]) -> None:
+def _adjust_heads(parent: nn.Module, name: str, tp: int, done: dict[int, tuple]) -> None:
     if id(parent) in done:
         return
-    done.add(id(parent))
-    for attr in HEAD_ATTRS:  # divisibility was checked by _check
+    changed = {}
+    for attr in HEAD_ATTRS + WIDTH_ATTRS:  # head counts' divisibility was checked by _check
         v = parent.__dict__.get(attr)
-        if isinstance(v, int) and not isinstance(v, bool):
+        if isinstance(v, int) and not isinstance(v, bool) and (attr in HEAD_ATTRS or v % tp == 0):
             setattr(parent, attr, v // tp)
+            changed[attr] = v
+    done[id(parent)] = (parent, name.rpartition(".")[0], changed)
+
+
+def _divide(mod: nn.Module, name: str, attrs: list[str], tp: int, done: dict[int, tuple]) -> None:
+    changed = done.get(id(mod), (mod, name, {}))[2]
+    for attr in attrs:  # checked by _check
+        changed[attr] = mod.__dict__[attr]
+        setattr(mod, attr, mod.__dict__[attr] // tp)
+    done[id(mod)] = (mod, name, changed)
+
+
+def _report_first_forward(mod: nn.Module, name: str, changed: dict[str, int], tp: int) -> None:
+    """An exception in ``mod``'s first forward under tp is most likely a width it reads that the plan
+    did not divide: re-raise it as a PlanError naming the module and its width attributes."""
+    original = mod.forward
+
+    def first(*args, **kwargs):
+        try:
+            return original(*args, **kwargs)
+        except PlanError:
+            raise
+        except Exception as exc:
+            ints = {
+                k: v for k, v in vars(mod).items() if isinstance(v, int) and not isinstance(v, bool) and k[0] != "_"
+            }
+            raise PlanError(
+                f"tensor parallel (tp={tp}): {type(mod).__name__} {name!r} failed in its first forward "
+                f"({type(exc).__name__}: {exc}); divided for tp: {changed} (were); its integer attributes now: "
+                f"{ints}\nHINT: if its forward reads another width of the split layers, name it in the plan: "
+                f"parallel.tp.plan: {{'{name}': 'divide:ATTR'}}"
+            ) from exc
+        finally:
+            mod.forward = original
+
+    mod.forward = first
 
 
 def apply_tp_plan(
@@ -231,12 +290,15 @@ def apply_tp_plan(
     if ctx.size == 1:
         return model
     shared: dict = {}  # tied parameters stay one object after splitting
-    heads_done: set[int] = set()
+    heads_done: dict[int, tuple] = {}  # module -> (module, name, {attribute: value before})
     for n, (style, _glob) in chosen.items():
         mod = modules[n]
         parent_name, _, attr = n.rpartition(".")
         parent = modules[parent_name] if parent_name else model
         if style == "replicate":
+            continue
+        if style.startswith(DIVIDE):
+            _divide(mod, n, style[len(DIVIDE) :].split(","), ctx.size, heads_done)
             continue
         if style == "sequence":
             apply_sequence_region(mod, ctx)
@@ -249,7 +311,11 @@ def apply_tp_plan(
             new = ColumnParallelLinear(mod, ctx, PARTITIONS[style], style == "colwise_gather", shared)
             if style != "colwise_gather":
                 _adjust_heads(parent, n, ctx.size, heads_done)
+            elif id(parent) not in heads_done:
+                heads_done[id(parent)] = (parent, parent_name, {})
         setattr(parent, attr, new)
+    for mod, name, changed in heads_done.values():
+        _report_first_forward(mod, name, changed, ctx.size)
     return model
 
 

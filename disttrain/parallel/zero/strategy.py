@@ -91,7 +91,6 @@ class Zero:
         options = {p: optim.options(n, p) for n, p in named}
         self.blocks: list[nn.Module] = []
         self.root: FlatUnit | None = None  # ZeRO-3: the unit of everything outside the blocks
-        self._eval_gathered = False  # ZeRO-3: every unit gathered for evaluation forwards
         if stage == 3:
             self.blocks = blocks if blocks is not None else [m for _, m in find_units(model, cfg.zero.units)]
             self.blocks = [b for b in self.blocks if b is not model]
@@ -152,6 +151,7 @@ class Zero:
         self._fresh = True  # the next reduce-scatter overwrites the gradient shards (first micro-batch)
         self._dirty = False
         self._forwards = 0
+        self._awaiting_backward = False  # a training forward ran and its micro-batch is not flushed yet
         self.peak_state_bytes = 0  # params+grads+optimizer state, bytes, after the first steps
         self._steps = 0
         self.peak_transient_bytes = 0
@@ -177,29 +177,25 @@ class Zero:
 
     def _root_pre(self, module, args) -> None:
         if not (torch.is_grad_enabled() and module.training):
-            # Evaluation: gather every unit once and keep them until the next training forward or
-            # optimizer step, so ranks may run different numbers of eval batches (an uneven split)
-            # without their gathers going out of step: only the first eval forward communicates.
-            if not self._eval_gathered:
-                for u in self.units:
-                    u.start_gather(self.ag_comm)
-                for u in self.units:
-                    self._ensure(u)
-                self._eval_gathered = True
+            # Evaluation (or any forward without gradients) gathers unit by unit as training does: the
+            # root for the whole forward, each block around its own forward. Collective: every rank runs
+            # the same number of such forwards (the trainer's evaluate gives each the same count).
+            if self.root.module is self.model:
+                self._ensure(self.root)
+            self._prefetch(0)
             return
-        if self._eval_gathered:
-            self._drop_eval_gather()
         self._forwards += 1
+        self._awaiting_backward = True
         if self.root.module is self.model:
             self._ensure(self.root)
         self._prefetch(0)
 
-    def _drop_eval_gather(self) -> None:
-        self._eval_gathered = False
-        self._free_all()
-
     def _root_post(self, module, args, out) -> None:
-        pass  # training keeps the root gathered until the backward is done (``_flush``)
+        # Training keeps the root gathered until the backward is done (``_flush``); a forward without
+        # gradients frees it, unless a training forward of this micro-batch still awaits its backward.
+        if not (torch.is_grad_enabled() and module.training) and not self._awaiting_backward:
+            if self.root.module is self.model:
+                self.root.free()
 
     def _block_pre(self, i: int) -> None:
         self._ensure(self.block_units[i])
@@ -211,8 +207,6 @@ class Zero:
             for t in torch.utils._pytree.tree_leaves(out):
                 if isinstance(t, torch.Tensor) and t.requires_grad:
                     t.register_hook(lambda g, i=i: self._pre_backward(i))
-        if self._eval_gathered:
-            return
         if not training or i != len(self.block_units) - 1:  # the last block is needed first in backward
             self.block_units[i].free()
 
@@ -273,7 +267,7 @@ class Zero:
             self._next_rs += 1
         for u in order:
             u.wait_reduce_scatter(self._fresh)
-        self._next_rs, self._fresh, self._dirty = 0, False, False
+        self._next_rs, self._fresh, self._dirty, self._awaiting_backward = 0, False, False, False
         if self.stage == 3:
             self._free_all()
 
@@ -310,8 +304,6 @@ class Zero:
         return [m.grad for m in self.masters]
 
     def optimizer_step(self) -> None:
-        if self._eval_gathered:  # the gathered copies would be stale
-            self._drop_eval_gather()
         self.optimizer.step()
         if self.stage < 3:
             works = [u.refresh_full(self.comm) for u in self.units]
@@ -335,8 +327,8 @@ class Zero:
     def memory_bytes(self) -> dict[str, int]:
         """This rank's bytes of parameters (full buffers, or masters + gathered for stage 3),
         gradients (buckets or shards) and optimizer state, now."""
-        if self.stage == 3:  # copies gathered for evaluation are transient (dropped at the next training forward)
-            gathered = 0 if self._eval_gathered else sum(u.gathered_bytes() for u in self.units)
+        if self.stage == 3:
+            gathered = sum(u.gathered_bytes() for u in self.units)
             masters = [*self.units, *self.frozen_units]
             params = sum(u.master.numel() * u.master.element_size() for u in masters) + gathered
         else:
@@ -388,8 +380,6 @@ class Zero:
 
     def load_state_shards(self, read: ShardReader) -> None:
         """Read this rank's pieces (stages 1/2 read whole parameters, since every rank holds them). Local."""
-        if self._eval_gathered:  # gathered copies of the old state
-            self._drop_eval_gather()
         with torch.no_grad():
             if self.stage < 3:
                 for u in self.units:
