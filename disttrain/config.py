@@ -46,6 +46,7 @@ class LaunchConfig(Section):
         "collects every rank's last collectives and Python stacks, prints which rank is behind and where, "
         "and ends the job (0: off). `disttrain trace RUN_DIR` prints that report again.",
     )
+    hang_stop: bool = Field(True, description="End the job after the hang report (false: print it and keep waiting).")
 
 
 class MLPConfig(Section):
