@@ -16,14 +16,19 @@ With ``DISTTRAIN_TRACE_DIR`` set (the launcher's hang watch sets it to a private
   every thread's stack (``sys._current_frames``, readable while the main thread blocks in C), the
   nonce; and a copy in the directory :func:`also_dump_to` named (the run directory's, which
   ``disttrain trace RUN_DIR`` prints).
+A rank whose thread cannot answer (C code holding the GIL) still shows where it is: the watch
+registers :data:`STACK_SIGNAL` with ``faulthandler``, which writes every thread's stack into
+``rank<R>.stacks.txt`` from C when the launcher sends that signal.
 Files are written to a temporary name and renamed, in directories the job created.
 """
 
 from __future__ import annotations
 
 import collections
+import faulthandler
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -32,6 +37,7 @@ import traceback
 from .fingerprint import call_site
 
 FORMAT = 1
+STACK_SIGNAL = signal.SIGRTMIN + 7  # the launcher's request for a faulthandler stack dump
 _SEQ, _OP, _GROUP, _SHAPES, _DTYPE, _SITE, _START, _END = range(8)
 
 
@@ -195,3 +201,7 @@ def maybe_start_watch(rank: int, host: str) -> None:
     t = threading.Thread(target=_watch, args=(directory, rank, host, 0.2), daemon=True, name="flight-recorder")
     _WATCH["thread"] = t
     t.start()
+    path = os.path.join(directory, f"rank{rank}.stacks.txt")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    _WATCH["stacks"] = os.fdopen(fd, "w")  # kept open: faulthandler writes to its descriptor
+    faulthandler.register(STACK_SIGNAL, file=_WATCH["stacks"], all_threads=True, chain=False)

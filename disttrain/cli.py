@@ -97,7 +97,8 @@ def cmd_run(argv: list[str]) -> int:
         only_ranks=only,
     )
     node = NodeSpec(master_port=free_port(), job_id=f"{cfg.run.name}-{secrets.token_hex(3)}")
-    return launch(spec, node, cfg.launch.max_restarts, hang_timeout=cfg.launch.hang_timeout).exit_code
+    hang = {"hang_timeout": cfg.launch.hang_timeout, "hang_stop": cfg.launch.hang_stop}
+    return launch(spec, node, cfg.launch.max_restarts, **hang).exit_code
 
 
 def cmd_launch(argv: list[str]) -> int:

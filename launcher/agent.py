@@ -81,6 +81,7 @@ class LocalAgent:
         report_stream=sys.stderr,
         report: bool = True,
         hang_timeout: float = 0.0,
+        hang_stop: bool = True,
     ):
         self.spec, self.node, self.max_restarts = spec, node, max_restarts
         self.stop_grace, self.monitor_interval, self.report_stream = stop_grace, monitor_interval, report_stream
@@ -95,6 +96,7 @@ class LocalAgent:
         self._cut_off = False  # this node lost the store: it stops without writing
         self._final_round = 0  # the round running or last run
         self._pending: Transition | None = None  # the transition into the round about to start
+        self.hang_stop = hang_stop  # False: print the report and keep waiting
 
     def interrupt(self, signum: int = signal.SIGTERM) -> None:
         """Stop the job from another thread (Ctrl-C, or the launcher's connection closed)."""
@@ -137,7 +139,7 @@ class LocalAgent:
         if self.hang_timeout > 0:
             ranks = [offset + i for i in range(self.spec.nproc)]
             trace = os.path.join(self._error_dir, f"attempt{attempt}", "trace")
-            self._hang = HangWatch(trace, ranks, self.hang_timeout)
+            self._hang = HangWatch(trace, ranks, self.hang_timeout, self.node.host)
         for local_rank in range(self.spec.nproc):
             rank = offset + local_rank
             place = WorkerPlace(rank, local_rank, world, self.spec.nproc, group_rank, nnodes)
@@ -159,6 +161,8 @@ class LocalAgent:
             w = Worker(self.spec, rank, local_rank, self.node.host, env)
             w.start()
             self.workers.append(w)
+        if self._hang is not None:  # for a faulthandler stack dump of a rank that cannot answer
+            self._hang.pids = {w.rank: w.proc.pid for w in self.workers if w.proc is not None}
 
     def _monitor(self, rdzv: Rendezvous, attempt: int) -> RoundState:
         """Block until this round ends: all nodes' workers succeed, one fails anywhere, a member's
@@ -171,8 +175,10 @@ class LocalAgent:
             report = self._hang.poll() if self._hang is not None else None
             if report is not None:
                 print(report, file=self.report_stream, flush=True)
-                rdzv.mark_failed(attempt)
-                return RoundState.FAILED
+                if self.hang_stop:
+                    rdzv.mark_failed(attempt)
+                    return RoundState.FAILED
+                self._hang.reset()
             if any(w.state is WorkerState.FAILED for w in self.workers):
                 failed = next(w for w in self.workers if w.state is WorkerState.FAILED)
                 rdzv.mark_failed(attempt, f"rank {failed.rank} on {failed.host} failed ({failed.failure().how})")

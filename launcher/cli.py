@@ -93,6 +93,14 @@ def build_parser(prog: str = "disttrain launch") -> argparse.ArgumentParser:
         help="seconds without a heartbeat before a host counts as lost (multi-node jobs)",
     )
     _both(p, "--max-restarts", type=int, default=0, help="restart the worker group this many times after a failure")
+    _both(
+        p,
+        "--hang-timeout",
+        type=float,
+        default=0.0,
+        help="seconds without a finished collective (our collectives) before one report names the rank "
+        "behind and its line, and the job stops (default 0: off)",
+    )
     _both(p, "--log-dir", default=None, help="per-rank stdout/stderr files go under this directory")
     p.add_argument("--tee", default="3", help="kept for torchrun compatibility; output goes to files and console")
     p.add_argument("--redirects", "-r", default="0", help="0: console too; 3: files only (torchrun's meaning)")
@@ -245,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         if ns.np is not None and ns.nproc_per_node is None:
             ns.nproc_per_node = ns.np
         spec, node = spec_from_args(ns)
-        return launch(spec, node, ns.max_restarts).exit_code
+        return launch(spec, node, ns.max_restarts, hang_timeout=ns.hang_timeout).exit_code
     except LauncherError as exc:
         print(f"disttrain launch: error: {exc}", file=sys.stderr)
         return 2

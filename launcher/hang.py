@@ -19,19 +19,26 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import secrets
+import signal
 import time
 
 _OURS = os.sep + "collectives" + os.sep  # frames of the communicator itself, skipped for "where"
 _RUNTIME = (os.sep + "threading.py", os.sep + "flight_recorder.py")
+_STDLIB = os.path.dirname(os.__file__) + os.sep  # Python's standard library
+STACK_SIGNAL = signal.SIGRTMIN + 7  # collectives.flight_recorder.STACK_SIGNAL: faulthandler's dump
+_FRAME = re.compile(r'^\s+File "(.*)", line (\d+) in (.*)$')
 
 
 class HangWatch:
     """One agent's view of its local ranks. ``poll()`` each monitor tick; None while progressing."""
 
-    def __init__(self, directory: str, ranks: list[int], timeout: float, dump_wait: float = 3.0):
+    def __init__(self, directory: str, ranks: list[int], timeout: float, host: str = "?", dump_wait: float = 3.0):
         self.dir, self.ranks, self.timeout, self.dump_wait = directory, list(ranks), timeout, dump_wait
+        self.host = host
         os.makedirs(directory, mode=0o700, exist_ok=True)
+        self.pids: dict[int, int] = {}  # rank -> worker pid, for the faulthandler fallback
         self._beats: dict[int, str] = {}
         self._last = time.monotonic()
         self._next = 0.0
@@ -61,18 +68,65 @@ class HangWatch:
             f.write(nonce)
         os.replace(tmp, os.path.join(self.dir, "dump.request"))
         deadline = time.monotonic() + self.dump_wait
+        signalled = False
         got: dict[int, dict] = {}
         while time.monotonic() < deadline and len(got) < len(self.ranks):
+            if not signalled and time.monotonic() > deadline - self.dump_wait / 2:
+                signalled = True  # a rank that has not answered yet: faulthandler writes its stacks from C
+                for r in self.ranks:
+                    if r not in got and r in self.pids:
+                        try:
+                            os.kill(self.pids[r], STACK_SIGNAL)
+                        except OSError:
+                            pass
             for r in self.ranks:
                 if r not in got:
                     d = read_dump(os.path.join(self.dir, f"rank{r}.dump.json"))
                     if d is not None and d.get("nonce") == nonce:
                         got[r] = d
             time.sleep(0.05)
-        return [got[r] for r in sorted(got)] + [{"rank": r, "missing": True} for r in self.ranks if r not in got]
+        missing = [self._from_faulthandler(r, signalled) for r in self.ranks if r not in got]
+        return [got[r] for r in sorted(got)] + missing
+
+    def _from_faulthandler(self, rank: int, signalled: bool) -> dict:
+        """A rank that sent no dump: its faulthandler stacks, when it wrote them."""
+        time.sleep(0.2 if signalled else 0)
+        try:
+            with open(os.path.join(self.dir, f"rank{rank}.stacks.txt")) as f:
+                text = f.read(1 << 20)
+        except OSError:
+            text = ""
+        threads = parse_faulthandler(text)
+        return {
+            "rank": rank,
+            "host": self.host,
+            "missing": not threads,
+            "stacks": threads,
+            "records": [],
+            "no_records": True,
+        }
 
     def reset(self) -> None:
         self._last = time.monotonic()
+
+
+def parse_faulthandler(text: str) -> list[dict]:
+    """faulthandler's dump as threads of frames (innermost last); the signalled (current) thread first."""
+    threads: list[dict] = []
+    for block in text.split("\n\n"):
+        lines = block.strip().splitlines()
+        if not lines or "most recent call first" not in lines[0]:
+            continue
+        frames = [
+            {"file": m.group(1), "line": int(m.group(2)), "function": m.group(3)}
+            for m in map(_FRAME.match, lines[1:])
+            if m
+        ]
+        threads.append(
+            {"thread": lines[0].split(" (")[0], "main": lines[0].startswith("Current"), "frames": frames[::-1]}
+        )
+    threads.sort(key=lambda t: not t["main"])
+    return threads
 
 
 def read_dump(path: str) -> dict | None:
@@ -90,14 +144,24 @@ def read_dumps(directory: str) -> list[dict]:
     return sorted((d for d in found if d is not None and "rank" in d), key=lambda d: d["rank"])
 
 
+def _stdlib(path: str) -> bool:
+    return path.startswith(_STDLIB) and "site-packages" not in path
+
+
 def where(dump: dict) -> str:
-    """``file:line in function`` of the main thread's innermost frame outside the communicator."""
+    """``file:line in function`` of the main thread's innermost frame outside the communicator (and,
+    when that is in Python's standard library, the frame that called into it)."""
     for t in dump.get("stacks", []):
         if t.get("main"):
             frames = [f for f in t["frames"] if _OURS not in f["file"] and not f["file"].endswith(_RUNTIME)]
             if frames:
                 f = frames[-1]
-                return f"{f['file']}:{f['line']} in {f['function']}"
+                text = f"{f['file']}:{f['line']} in {f['function']}"
+                if _stdlib(f["file"]):
+                    caller = next((c for c in reversed(frames) if not _stdlib(c["file"])), None)
+                    if caller is not None:
+                        text += f", called from {caller['file']}:{caller['line']} in {caller['function']}"
+                return text
     return "unknown"
 
 
@@ -113,8 +177,9 @@ def behind(dumps: list[dict]) -> list[int]:
     waiting = [d for d in live if d["rank"] not in idle]
     if idle and waiting:
         return idle
-    if not waiting:
-        return [d["rank"] for d in dumps if d.get("missing")] or idle
+    missing = [d["rank"] for d in dumps if d.get("missing")]
+    if missing or not waiting:
+        return missing or idle
     groups: dict[str, int] = {}
     for d in waiting:
         g = _last(d)["group"]
@@ -140,7 +205,9 @@ def format_report(dumps: list[dict], why: str) -> str:
             continue
         who = f"rank {d['rank']}@{d.get('host', '?')}"
         last = _last(d)
-        if last is None:
+        if d.get("no_records"):
+            state = "did not answer (holding the GIL?); faulthandler's stack"
+        elif last is None:
             state = "no collective yet"
         elif last["end"] is None:
             state = (

@@ -28,9 +28,9 @@ checkpoint: {{enabled: false}}
 """
 
 
-def _hang_line() -> int:
+def _hang_line(mark: str = "# HANG") -> int:
     with open(hang_step.__file__) as f:
-        return next(i for i, line in enumerate(f, 1) if "# HANG" in line)
+        return next(i for i, line in enumerate(f, 1) if line.rstrip().endswith(mark))
 
 
 @pytest.mark.parametrize("backend", ["shm", "torch", "mpi"])
@@ -65,3 +65,26 @@ def test_hang_report_names_the_rank_and_line(tmp_path, backend):
         timeout=60,
     )
     assert again.returncode == 0 and "rank 1 is behind" in again.stdout and where in again.stdout, again.stderr
+
+
+def test_a_rank_holding_the_gil_is_found_by_faulthandler(tmp_path):
+    """Rank 1 runs C code that never releases the GIL: its flight recorder's thread cannot answer, so the
+    launcher signals it and faulthandler writes its stacks from C; the report still names rank 1 and its line."""
+    config = tmp_path / "hang.yaml"
+    text = YAML.format(dir=tmp_path / "run", backend="torch").replace(
+        'loss: {target: "tests.cases.hang_step:step"}',
+        'loss: {target: "tests.cases.hang_step:step", kwargs: {hold_gil: true}}',
+    )
+    config.write_text(text)
+    proc = subprocess.run(
+        [sys.executable, "-m", "disttrain.cli", "run", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=240,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    out = proc.stdout + proc.stderr
+    behind = [line for line in out.splitlines() if "BEHIND rank 1@" in line]
+    assert proc.returncode != 0 and behind, out[-3000:]
+    assert "faulthandler" in behind[0] and f"hang_step.py:{_hang_line('# HANG-GIL')} in step" in behind[0], out[-3000:]

@@ -34,6 +34,7 @@ class LaunchConfig(Section):
         "collects every rank's last collectives and Python stacks, prints which rank is behind and where, "
         "and ends the job (0: off). `disttrain trace RUN_DIR` prints that report again.",
     )
+    hang_stop: bool = Field(True, description="End the job after the hang report (false: print it and keep waiting).")
 
     @field_validator("backend")
     @classmethod
