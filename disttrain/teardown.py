@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import sys
 
+JOIN_TIMEOUT = 60.0  # seconds for the process's own non-daemon threads to end, all of them together
+
 
 def leave(code: int) -> None:
     """End a worker whose job is done, skipping the interpreter's teardown of objects: a native
@@ -19,10 +21,18 @@ def leave(code: int) -> None:
     MPI_Finalize, and hydra (mpiexec) kills every rank still running once one leaves unannounced."""
     import atexit
     import threading
+    import time
 
+    deadline = time.monotonic() + JOIN_TIMEOUT  # a thread stuck in a dead filesystem must not keep us here
     for t in threading.enumerate():
         if t is not threading.current_thread() and not t.daemon:
-            t.join()
+            t.join(max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                print(
+                    f"disttrain: thread {t.name!r} still running {JOIN_TIMEOUT:g}s after the end; leaving without it",
+                    file=sys.stderr,
+                    flush=True,
+                )
     atexit._run_exitfuncs()
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():

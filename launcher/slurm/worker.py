@@ -17,7 +17,15 @@ import time
 
 from .. import environment as E
 from .errors import SlurmEnvError
-from .place import PORT_OVERRIDE, SlurmPlace, check_against_config, contract_env, read_slurm_env, store_endpoint
+from .place import (
+    ADDR_OVERRIDE,
+    PORT_OVERRIDE,
+    SlurmPlace,
+    check_against_config,
+    contract_env,
+    read_slurm_env,
+    store_endpoint,
+)
 from .secret import job_secret
 
 log = logging.getLogger(__name__)
@@ -98,13 +106,16 @@ def setup_worker(
             "--distribution=block (the default), or export DISTTRAIN_MASTER_ADDR"
         )
     addr, port = store_endpoint(place, env)
+    one_node = place.nnodes == 1 and not env.get(ADDR_OVERRIDE)
+    if one_node:  # every task computes the same: the store (and the transports) stay on loopback
+        addr = "127.0.0.1"
     secret, secret_path = job_secret(place, secret_dir, place.rank == 0, timeout, env)
     server = None
     if place.rank == 0:
         from ..store import StoreError, StoreServer
 
         try:
-            server = StoreServer(secret, "0.0.0.0", port, advertise=addr).start()
+            server = StoreServer(secret, "127.0.0.1" if one_node else "0.0.0.0", port, advertise=addr).start()
         except StoreError as exc:
             raise SlurmEnvError(
                 f"{place.where}: {exc} (port {port} is derived from the job id). HINT: export "
