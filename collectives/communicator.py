@@ -479,6 +479,8 @@ class Communicator:
 
     def _p2p(self, fp, t, peer, tag, is_send, async_op, timeout, after) -> Work | None:
         timeout = self.timeout if timeout is None else timeout
+        # p2p sequence numbers count per peer pair: kept apart from the group's collectives.
+        record = RECORDER.begin(fp.seq, "send" if is_send else "recv", f"{self.group}/p2p", fp.shapes, fp.dtype)
         works: list = []
         before = None
         if self._inline:
@@ -503,6 +505,7 @@ class Communicator:
             if t.numel():
                 works.append((self.backend.send if is_send else self.backend.recv)(t, peer, tag))
         handle = _Handle(self, fp, works, timeout, after, before, sorted({self.rank, peer}))
+        handle._record = record
         if async_op:
             return handle
         handle.wait(timeout)
