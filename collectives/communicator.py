@@ -29,7 +29,7 @@ from .calls import ORPHANS, PLAIN, STRIDED, CallPath, Handle, Spec
 from .env import DistEnv, read_env
 from .errors import BackendUnavailableError, CollectivesError, InvalidTensorError
 from .fingerprint import Fingerprint
-from .flight_recorder import maybe_start_watch
+from .flight_recorder import RECORDER, maybe_start_watch
 from .types import ReduceOp, Work
 
 log = logging.getLogger(__name__)
@@ -255,6 +255,8 @@ class Communicator(CallPath, ArgumentChecks):
 
     def _p2p(self, fp, t, peer, tag, is_send, async_op, timeout, after) -> Work | None:
         timeout = self.timeout if timeout is None else timeout
+        # p2p sequence numbers count per peer pair: kept apart from the group's collectives.
+        record = RECORDER.begin(fp.seq, "send" if is_send else "recv", f"{self.group}/p2p", fp.shapes, fp.dtype)
         works: list = []
         before = None
         if self._inline:
@@ -279,6 +281,7 @@ class Communicator(CallPath, ArgumentChecks):
             if t.numel():
                 works.append((self.backend.send if is_send else self.backend.recv)(t, peer, tag))
         handle = Handle(self, fp, works, timeout, after, before, sorted({self.rank, peer}))
+        handle._record = record
         if async_op:
             return handle
         handle.wait(timeout)
