@@ -241,7 +241,9 @@ def main() -> None:
     ns = ap.parse_args()
     if ns.worker:
         worker(ns.worker, json.loads(ns.shape), ns.path)
-        return
+        from disttrain.teardown import leave
+
+        leave(0)  # as our workers end (a rank's transport threads must not abort the interpreter's exit)
     shape = dict(QUICK if ns.quick else FULL)
     if ns.layers:
         shape["layers"] = ns.layers

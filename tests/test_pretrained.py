@@ -66,3 +66,18 @@ def test_pretrained_mismatch_names_the_key(sharded, tmp_path):
     loose = {"pretrained": str(tmp_path), "pretrained_strict": False}
     losses = spawn("tests.cases.deferred:first_loss_case", 2, args={**args, "model": loose})
     assert losses[0] == losses[1]
+
+
+def test_pretrained_from_a_consolidated_file(sharded, tmp_path):
+    """A single .safetensors state dict (what `disttrain ckpt consolidate` writes; `ckpt export` writes
+    it as DIR/model.safetensors) loads the same under ZeRO-3."""
+    import transformers
+    from safetensors.torch import save_file
+
+    path, ids, want = sharded
+    model = transformers.LlamaForCausalLM.from_pretrained(path)
+    file = str(tmp_path / "model.safetensors")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, file)
+    args = {"target": TARGET, "kwargs": {}, "strategy": "zero3", "batch": ids}
+    for got in spawn("tests.cases.deferred:first_loss_case", 2, args={**args, "model": {"pretrained": file}}):
+        assert abs(got - want) <= 1e-5
