@@ -71,14 +71,15 @@ def test_a_shard_declared_bigger_than_its_pieces_is_refused_from_the_manifest_al
     m["files"][SHARD]["size"] = big
     _write_manifest(path, m)
     probe = (
-        "import resource, sys\n"
+        "import sys\n"
         "from disttrain.checkpoint import CheckpointReader\n"
         "from disttrain.checkpoint.errors import CheckpointFormatError\n"
         "try:\n"
         f"    r = CheckpointReader({path!r}); r.verify_all(); print('READ')\n"
         "except CheckpointFormatError as exc:\n"
         "    print('REFUSED', exc)\n"
-        "print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork and exec (the pytest parent's size).
+        "print('PEAK_KB', next(x.split()[1] for x in open('/proc/self/status') if x.startswith('VmHWM:')))\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert "REFUSED" in out.stdout and f"declared as {big} bytes" in out.stdout, out.stdout + out.stderr

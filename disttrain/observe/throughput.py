@@ -39,9 +39,19 @@ def peak_flops(device: str) -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
+def _peak_rss() -> float:
+    """This process image's peak resident bytes: VmHWM where /proc has it (ru_maxrss survives fork and
+    exec on Linux, so a worker would report its launcher's size when that was larger)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(float(x.split()[1]) * 1024.0 for x in f if x.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # kilobytes on Linux
+
+
 def peak_memory_bytes(device: str) -> tuple[float, float]:
     """(peak RSS of this process, peak CUDA memory allocated on ``device`` or 0)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # kilobytes on Linux
+    rss = _peak_rss()
     cuda = 0.0
     if str(device).startswith("cuda") and torch.cuda.is_available():
         cuda = float(torch.cuda.max_memory_allocated(torch.device(device)))

@@ -52,8 +52,9 @@ def plan_buckets(params: list[nn.Parameter], bucket_mb: float, first_bucket_mb: 
 
 def alloc_on(comm: Communicator, numel: int, dtype: torch.dtype, device: torch.device | None) -> torch.Tensor:
     """A flat buffer for ``comm``'s collectives on ``device``: the backend's own memory (zero-copy shared
-    segments under ``shm``) when it lives there, else plain memory of that device."""
-    if device is None or torch.device(comm.backend.device or "cpu").type == device.type:
+    segments under ``shm``) when it lives there, else plain memory of that device. A deferred model's
+    parameters are still on ``meta``: their buffers go where the backend moves tensors."""
+    if device is None or device.type == "meta" or torch.device(comm.backend.device or "cpu").type == device.type:
         return comm.alloc(numel, dtype)
     return torch.empty(numel, dtype=dtype, device=device)
 

@@ -136,8 +136,11 @@ class ModelParallel:
         self.dp_rank, self.dp_size = self.mesh.index("dp"), self.mesh.size("dp")
         tp, pp = shape.tp, shape.pp
         seed = torch.initial_seed() if seed is None else seed
-        # The dropout streams live on the model's device (the CUDA generator for a model on a GPU).
-        device = str(next(model.parameters()).device) if any(True for _ in model.parameters()) else "cpu"
+        # The dropout streams live on the model's device (the CUDA generator for a model on a GPU); a
+        # deferred model is still on meta here, and materialises where the backend moves tensors.
+        first = next(model.parameters(), None)
+        device = str(first.device) if first is not None and first.device.type != "meta" else None
+        device = device or str(comm.backend.device or "cpu")
         self.rng = RNGTracker(seed, self.mesh.index("tp"), self.mesh.index("pp"), device) if tp > 1 else None
         self.tp_ctx = TPContext(self.mesh.group("tp"), tp, self.mesh.index("tp"), rng=self.rng)
         if tp > 1:
