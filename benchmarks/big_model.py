@@ -140,7 +140,7 @@ def worker(mode: str, shape: dict, path: str) -> None:
 
     import collectives
     from disttrain.parallel import OptimizerSpec, build_strategy
-    from disttrain.worker import build_run_model, seed_everything
+    from disttrain.session import build_run_model, seed_everything
 
     torch.set_num_threads(1)
     if mode == "save":  # one process: the checkpoint the load figures start from

@@ -42,7 +42,7 @@ def worker(ns) -> None:
     from collectives import ReduceOp
     from disttrain import config as config_mod
     from disttrain.checkpoint import Checkpointer, CheckpointReader
-    from disttrain.worker import build_trainer
+    from disttrain.session import build_trainer
 
     size = (
         ["model.n_layer=2", "model.d_model=256", "model.n_head=4"]

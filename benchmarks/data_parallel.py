@@ -72,8 +72,8 @@ class Ours:
     def __init__(self, comm, strategy: str, batch: int, seq: int):
         from disttrain.data import build_task
         from disttrain.models import build_model
+        from disttrain.session import seed_everything
         from disttrain.trainer import Trainer
-        from disttrain.worker import seed_everything
 
         cfg = _cfg(strategy, batch, seq, comm.backend.name)
         seed_everything(0)
@@ -94,8 +94,8 @@ class Plain:
 
         from disttrain.data import GlobalBatchSampler, build_task
         from disttrain.models import build_model
+        from disttrain.session import seed_everything
         from disttrain.trainer import build_optimizer
-        from disttrain.worker import seed_everything
 
         cfg = _cfg("ddp", batch, seq, "torch")
         seed_everything(0)

@@ -38,7 +38,7 @@ GPT = "configs/gpt-shakespeare.yaml"
 
 def _trainer(comm, work: str, name: str, on: bool, quick: bool):
     from disttrain import config as config_mod
-    from disttrain.worker import build_trainer
+    from disttrain.session import build_trainer
 
     size = ["model.n_layer=2", "model.d_model=128"] if quick else []
     overrides = [

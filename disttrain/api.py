@@ -28,15 +28,14 @@ import torch
 import torch.nn as nn
 
 from . import config as config_mod
-from . import worker
 from .data import Data, as_data
 from .errors import DisttrainError
 from .loss import StepFn
 from .observe.callbacks import Callback
 from .parallel.strategy import OptimizerSpec
 from .precision import autocast
-from .rundir import RunDir
 from .schedule import SchedulerFactory
+from .session import Session
 from .trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -65,13 +64,12 @@ def _load(
 
 class Run:
     """One rank's run, from the user's script. Build it with :func:`init`; every rank calls the same
-    methods in the same order (they are collective where training is)."""
+    methods in the same order (they are collective where training is). Its set-up is ``session``'s."""
 
-    def __init__(self, cfg: config_mod.ExperimentConfig, comm, slurm_job=None):
-        self.cfg, self.comm, self._slurm_job = cfg, comm, slurm_job
-        self.device = worker.device_of(comm)
-        self.run_dir = RunDir(cfg.run.dir, comm.rank, shared_group=cfg.run.shared_group)
-        self._callbacks = worker.build_callbacks(cfg, comm)
+    def __init__(self, session: Session):
+        self.session, self.cfg, self.comm = session, session.cfg, session.comm
+        self.device = session.device
+        self.run_dir = session.run_dir
         self.trainer: Trainer | None = None
         self.summary: dict | None = None
         self.exit_code = 0
@@ -129,17 +127,7 @@ class Run:
         if cfg.parallel.tp.loss_parallel is None:  # the user's own loss gets whole logits unless it asks
             tp = cfg.parallel.tp.model_copy(update={"loss_parallel": False})
             cfg = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"tp": tp})})
-        self.trainer = Trainer(
-            cfg,
-            self.comm,
-            model,
-            None,
-            self.run_dir,
-            self.device,
-            self._callbacks,
-            optimizer=optimizer,
-            scheduler=scheduler,
-        )
+        self.trainer = self.session.trainer(model, None, cfg=cfg, optimizer=optimizer, scheduler=scheduler)
         wrapped = self.trainer.strategy.model
         if cfg.train.precision != "fp32":  # train.precision applies to the user's forward calls too
             wrapped.forward = autocast_forward(wrapped.forward, cfg.train.precision, self.device)
@@ -204,7 +192,7 @@ class Run:
             self.comm.close()
             return 0
         summary = self.summary or self.trainer.finish()
-        self.exit_code = worker.close(self.trainer, summary, self._slurm_job)
+        self.exit_code = self.session.close(self.trainer, summary)
         return self.exit_code
 
     # -- internals ----------------------------------------------------------------------------
@@ -236,16 +224,7 @@ def init(config: str | config_mod.ExperimentConfig | None = None, argv: Sequence
     ``train={"steps": 100}`` and ``key=value`` overrides (a bad one raises :class:`ConfigError`),
     join the job (launcher, torchrun, srun, mpiexec or one process), seed every RNG, open the run
     directory and install the preemption handlers. Blocks until every rank has joined."""
-    cfg = _load(config, argv, settings)
-    slurm_job = worker.setup_slurm_worker(cfg.run.dir, nodes=cfg.slurm.nodes, ntasks_per_node=cfg.slurm.ntasks_per_node)
-    comm = worker.init_communicator(cfg)
-    ours = logging.getLogger("disttrain")
-    if not ours.handlers:  # our records, prefixed rank@host; the root logger stays the user's
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter(f"[{comm.env.where}] %(levelname)s %(name)s: %(message)s"))
-        ours.addHandler(handler)
-    worker.seed_everything(cfg.run.seed)
-    return Run(cfg, comm, slurm_job)
+    return Run(Session.start(_load(config, argv, settings)))
 
 
 def fit(
@@ -265,18 +244,9 @@ def fit(
     checkpoints and resume. Every rank; returns the summary. Build the model after ``init`` or with
     the same seed on every rank (rank 0's weights are broadcast anyway). ``callbacks``: Callback objects
     run after the built-in ones; ``scheduler(optimizer)``: a torch lr scheduler in place of ``schedule``."""
-    run = init(config, argv)
-    run.trainer = Trainer(
-        run.cfg,
-        run.comm,
-        model,
-        as_data(data, collate_fn),
-        run.run_dir,
-        run.device,
-        run._callbacks + list(callbacks or []),
-        step_fn=step,
-        optimizer=optimizer,
-        scheduler=scheduler,
+    run = Run(Session.start(_load(config, argv, {}), callbacks=callbacks or ()))
+    run.trainer = run.session.trainer(
+        model, as_data(data, collate_fn), step_fn=step, optimizer=optimizer, scheduler=scheduler
     )
     run.summary = run.trainer.fit()
     run.finish()

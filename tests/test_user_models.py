@@ -162,7 +162,7 @@ def _check_fine_tune(tmp_path_factory, name: str, kwargs: dict, layouts: dict[st
 
     from disttrain.checkpoint.cli import main as ckpt
     from disttrain.config import ExperimentConfig
-    from disttrain.worker import seed_everything
+    from disttrain.session import seed_everything
 
     seed_everything(ExperimentConfig().run.seed)  # the workers' seed, then the same build: the initial model
     initial = _build_gpt2(seq_len=32, **kwargs)

@@ -8,7 +8,7 @@ import os
 import collectives
 from disttrain import config as config_mod
 from disttrain.checkpoint import Checkpointer, CheckpointError, testhooks
-from disttrain.worker import build_trainer
+from disttrain.session import build_trainer
 from tests.cases.ckpt_train import DIGITS
 
 

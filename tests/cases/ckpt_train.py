@@ -10,7 +10,7 @@ import torch
 import collectives
 from disttrain import config as config_mod
 from disttrain.observe import Callback
-from disttrain.worker import build_trainer
+from disttrain.session import build_trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DIGITS = os.path.join(ROOT, "configs", "digits.yaml")

@@ -13,7 +13,7 @@ import torch
 import collectives
 from disttrain.config import ExperimentConfig
 from disttrain.parallel import OptimizerSpec, build_strategy
-from disttrain.worker import build_run_model, seed_everything
+from disttrain.session import build_run_model, seed_everything
 
 
 # -- model factories (import targets) ----------------------------------------------------------

@@ -18,8 +18,8 @@ import collectives
 from disttrain import config as config_mod
 from disttrain.data import build_task
 from disttrain.models import build_model
+from disttrain.session import seed_everything
 from disttrain.trainer import Trainer
-from disttrain.worker import seed_everything
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DIGITS = os.path.join(ROOT, "configs", "digits.yaml")

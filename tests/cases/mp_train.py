@@ -13,7 +13,7 @@ import yaml
 import collectives
 from disttrain import config as config_mod
 from disttrain.observe import Callback
-from disttrain.worker import build_trainer
+from disttrain.session import build_trainer
 
 BASE = {
     "run": {"name": "mp", "dir": "runs/mp", "seed": 0},
@@ -90,7 +90,7 @@ def _train_one(comm, run: dict, out_dir: str) -> dict:
     trainer.run_dir = None
     if run.get("force_mp"):  # a pure-dp layout through the model-parallel strategy (ZeRO-1, resharding)
         from disttrain.models import build_model
-        from disttrain.worker import seed_everything
+        from disttrain.session import seed_everything
 
         seed_everything(cfg.run.seed)  # a fresh model: the default strategy hooked the first one
         trainer.model = build_model(cfg.model, 0, trainer.task.num_classes)

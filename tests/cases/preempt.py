@@ -8,8 +8,8 @@ import signal
 import collectives
 from disttrain import config as config_mod
 from disttrain.observe import Callback
+from disttrain.session import build_trainer
 from disttrain.slurm.preemption import Preemption
-from disttrain.worker import build_trainer
 
 
 class _SignalSelf(Callback):

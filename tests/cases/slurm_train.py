@@ -1,6 +1,6 @@
 """A SLURM test worker: ``python -m tests.cases.slurm_train CONFIG [overrides]`` (srun or sbatch).
 
-Runs ``disttrain.worker.main`` unchanged, plus two test-only callbacks appended after the
+Runs ``disttrain.worker.main`` unchanged, with two test-only callbacks that run after the
 real ones: ``Hold`` (on the first attempt only, after step ``DT_TEST_HOLD_STEP``, write
 ``held.<rank>`` in the run dir and wait until this rank's preemption handler has seen a
 signal, so the test knows where the job stands when it signals it) and ``DumpParams``
@@ -46,17 +46,8 @@ class DumpParams(Callback):
 
 
 def main() -> int:
-    build = worker.build_trainer
-
-    def build_trainer(cfg, comm):
-        trainer = build(cfg, comm)
-        if os.environ.get("DT_TEST_HOLD_STEP"):
-            trainer.callbacks.append(Hold(int(os.environ["DT_TEST_HOLD_STEP"])))
-        trainer.callbacks.append(DumpParams())
-        return trainer
-
-    worker.build_trainer = build_trainer
-    return worker.main(sys.argv[1:])
+    callbacks = [Hold(int(os.environ["DT_TEST_HOLD_STEP"]))] if os.environ.get("DT_TEST_HOLD_STEP") else []
+    return worker.main(sys.argv[1:], callbacks=[*callbacks, DumpParams()])
 
 
 if __name__ == "__main__":

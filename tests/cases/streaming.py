@@ -83,19 +83,19 @@ def refusals(yaml: str) -> dict[str, str]:
     """The error of each entry path given a stream and no train.steps: YAML data.target, fit's parts,
     the own loop's run.batches (one process)."""
     from disttrain import config as config_mod
-    from disttrain import worker
+    from disttrain import session
     from disttrain.api import Run
     from disttrain.data import as_data
     from disttrain.errors import DisttrainError
     from disttrain.trainer import Trainer
 
     cfg = config_mod.load(yaml, [])
-    comm = worker.init_communicator(cfg)
+    comm = session.init_communicator(cfg)
     out = {}
     attempts = {
-        "yaml": lambda: worker.build_trainer(cfg, comm),
+        "yaml": lambda: session.build_trainer(cfg, comm),
         "fit": lambda: Trainer(cfg, comm, Tiny(), as_data(make())),
-        "loop": lambda: _own_loop(Run(cfg, comm)),
+        "loop": lambda: _own_loop(Run(session.Session(cfg, comm))),
     }
     for path, attempt in attempts.items():
         try:

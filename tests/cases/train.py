@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collectives
 from disttrain import config as config_mod
-from disttrain.worker import build_trainer
+from disttrain.session import build_trainer
 
 
 def train_case(config: str, overrides: list[str], backend: str = "torch") -> dict:
