@@ -64,7 +64,7 @@ def _parallel_cfg(layout: str, schedule: str = "1f1b", microbatches: int = 4, v:
 def _model(size: dict, vocab: int):
     import torch
 
-    from disttrain.models.gpt import GPT
+    from disttrain.examples.gpt import GPT
 
     torch.manual_seed(0)
     return GPT(vocab, size["n_layer"], size["n_head"], size["d_model"], size["seq_len"])
@@ -291,7 +291,7 @@ def bench_rank(quick: bool, bubble_backend: str = "shm") -> dict:
 
     import collectives
     from collectives import ReduceOp
-    from disttrain.data.shakespeare import load_shakespeare
+    from disttrain.examples.shakespeare import load_shakespeare
 
     torch.set_num_threads(1)
     comm = collectives.init("torch", timeout=300)
@@ -464,7 +464,7 @@ def bubble_rank(tf: float, tb: float, m: int, steps: int = 3, backend: str = "sh
 
     import collectives
     from collectives import ReduceOp
-    from disttrain.data.shakespeare import load_shakespeare
+    from disttrain.examples.shakespeare import load_shakespeare
 
     torch.set_num_threads(1)
     comm = collectives.init(backend, timeout=300)

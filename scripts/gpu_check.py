@@ -127,7 +127,7 @@ def checkpoint_roundtrip(out: str, gpus: int):
 def lora_gpt(vocab_size: int = 256, rank: int = 8):
     """model.target of the LoRA check: the built-in GPT, every weight frozen, LoRA adapters on each block's
     attention and MLP projections (zero at the start)."""
-    from disttrain.models.gpt import GPT
+    from disttrain.examples.gpt import GPT
 
     class LoRA(torch.nn.Module):
         def __init__(self, base: torch.nn.Linear):
@@ -186,7 +186,7 @@ def lora_zero3(out: str, gpus: int):
 
 
 def throughput(out: str):
-    from disttrain.models.gpt import GPT
+    from disttrain.examples.gpt import GPT
     from disttrain.observe.throughput import peak_flops, transformer_flops_per_token
 
     dev = torch.device("cuda", 0)

@@ -117,7 +117,7 @@ def _full(out: str, name: str, ranks: int) -> dict[str, torch.Tensor]:
 
 
 def _initial() -> dict[str, torch.Tensor]:
-    from disttrain.data.shakespeare import load_shakespeare
+    from disttrain.examples.shakespeare import load_shakespeare
     from disttrain.models import build_model
     from disttrain.session import seed_everything
     from tests.cases.mp_train import make_config

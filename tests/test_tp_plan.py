@@ -33,7 +33,7 @@ def test_plans_come_from_the_model_or_the_family():
     assert plan["model.layers.*.self_attn.q_proj"] == "colwise" and "_tp_plan" in where and not strict
     plan, where, _ = resolve_plan(build("gpt2"), None)
     assert plan["transformer.h.*.attn.c_attn"] == "colwise_qkv" and "GPT2LMHeadModel" in where
-    from disttrain.models.gpt import GPT
+    from disttrain.examples.gpt import GPT
 
     assert resolve_plan(GPT(70, 2, 2, 16, 8), None)[0]["tok_emb"] == "vocab"
     assert resolve_plan(UserLM(), USER_PLAN) == (USER_PLAN, "parallel.tp.plan", True)

@@ -2,39 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 from torch.utils.data import IterableDataset
 
 from ..errors import DisttrainError
-from ..targets import UserCodeError, call_target, import_target
+from ..targets import TargetError, UserCodeError, call_target, import_target
 from .dataset import Data
 from .task import Task
 
-
-def _digits(cfg, seed: int, seq_len: int | None) -> Task:
-    from .digits import load_digits
-
-    return load_digits(cfg.eval_fraction, seed)
-
-
-def _shakespeare(cfg, seed: int, seq_len: int | None) -> Task:
-    from .shakespeare import load_shakespeare
-
-    return load_shakespeare(cfg.plays, cfg.eval_fraction, seq_len or 128)
-
-
-# The built-in kinds: data.kind -> builder(section, seed, seq_len) -> Task.
-TASKS: dict[str, Callable[[Any, int, int | None], Task]] = {"digits": _digits, "shakespeare": _shakespeare}
+# The built-in kinds: data.kind -> "module:function", a builder(section, seed, seq_len) -> Task. The demo
+# datasets live in disttrain.examples, imported only when a config names one.
+TASKS: dict[str, str] = {
+    "digits": "disttrain.examples.digits:task",
+    "shakespeare": "disttrain.examples.shakespeare:task",
+}
 
 
 def build_task(cfg, seed: int, seq_len: int | None = None) -> Task:
     """The in-memory task of a built-in ``data`` section (``kind: digits|shakespeare``)."""
     try:
-        builder = TASKS[cfg.kind]
+        entry = TASKS[cfg.kind]
     except KeyError:
         raise DisttrainError(f"unknown data kind {cfg.kind!r}; known: {', '.join(TASKS)}") from None
+    try:
+        builder = import_target(entry)
+    except TargetError as exc:
+        raise DisttrainError(f"data.kind {cfg.kind!r}: {exc}") from None
     return builder(cfg, seed, seq_len)
 
 

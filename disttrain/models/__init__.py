@@ -2,44 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import torch.nn as nn
 
 from ..errors import DisttrainError
-from ..targets import UserCodeError, call_target
+from ..targets import TargetError, UserCodeError, call_target, import_target
 
-
-def _mlp(cfg, num_inputs: int, num_classes: int) -> nn.Module:
-    from .mlp import MLP
-
-    return MLP(num_inputs, cfg.hidden, num_classes, cfg.dropout)
-
-
-def _gpt(cfg, num_inputs: int, num_classes: int) -> nn.Module:
-    from .gpt import GPT
-
-    return GPT(
-        vocab_size=num_classes,
-        n_layer=cfg.n_layer,
-        n_head=cfg.n_head,
-        d_model=cfg.d_model,
-        seq_len=cfg.seq_len,
-        dropout=cfg.dropout,
-    )
-
-
-# The built-in kinds: model.kind -> builder(section, num_inputs, num_classes), sized by the built-in data.
-MODELS: dict[str, Callable[[Any, int, int], nn.Module]] = {"mlp": _mlp, "gpt": _gpt}
+# The built-in kinds: model.kind -> "module:function", a builder(section, num_inputs, num_classes) sized
+# by the built-in data. The demo models live in disttrain.examples, imported only when a config names one.
+MODELS: dict[str, str] = {
+    "mlp": "disttrain.examples.mlp:build",
+    "gpt": "disttrain.examples.gpt:build",
+}
 
 
 def build_model(cfg, num_inputs: int, num_classes: int) -> nn.Module:
     """Build the built-in model named by ``cfg.kind``. Call after seeding: every rank must build the same weights."""
     try:
-        builder = MODELS[cfg.kind]
+        entry = MODELS[cfg.kind]
     except KeyError:
         raise DisttrainError(f"unknown model kind {cfg.kind!r}; known: {', '.join(MODELS)}") from None
+    try:
+        builder = import_target(entry)
+    except TargetError as exc:
+        raise DisttrainError(f"model.kind {cfg.kind!r}: {exc}") from None
     return builder(cfg, num_inputs, num_classes)
 
 

@@ -44,7 +44,7 @@ def broken(width: int = 8):
 
 
 def gpt(layers: int = 2, d_model: int = 32, vocab: int = 64):
-    from disttrain.models.gpt import GPT
+    from disttrain.examples.gpt import GPT
 
     return GPT(vocab, n_layer=layers, n_head=2, d_model=d_model, seq_len=16)
 

@@ -3,10 +3,10 @@
 A model is seen as an ordered list of *units* (each one module path, or a few that belong
 together such as GPT-2's ``wte``/``wpe``/``drop``); a stage is a contiguous run of units.
 
-* Known families have their units and a stage forward built in: transformers Llama-style
-  causal LMs (Llama, Qwen2, Mistral: ``model.embed_tokens``, ``model.layers.*``,
-  ``model.norm``, ``lm_head``), transformers GPT-2, and the built-in GPT. Stages are
-  balanced by parameter count unless ``parallel.pipeline.split`` says where they begin.
+* Known families have their units and a stage forward in ``families.py``: transformers
+  Llama-style causal LMs and GPT-2, and any model declaring ``pipeline_stages()`` (the demo
+  GPT). Stages are balanced by parameter count unless ``parallel.pipeline.split`` says where
+  they begin.
 * Any other model: ``split: [paths]`` lists the module paths where stages 2..n begin; the
   units are the model's children, opened up along the way to each split path (so
   ``blocks.2`` makes ``blocks.0``, ``blocks.1``, ... units), and a stage runs its units in
@@ -22,15 +22,12 @@ their memory is freed); parameter names stay those of the single-process model.
 from __future__ import annotations
 
 import fnmatch
-import inspect
 from collections.abc import Callable
 
-import torch
 import torch.nn as nn
 
 from ..tensor.plan import PlanError, import_target
-
-Unit = tuple[str, ...]
+from .families import Unit, family
 
 
 class PipelineStage(nn.Module):
@@ -83,87 +80,6 @@ def sequential_forward(stage: PipelineStage, x):
     return x
 
 
-# -- families ---------------------------------------------------------------------------------
-def _first(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _causal_mask(config, h: torch.Tensor, pos: torch.Tensor):
-    from transformers.masking_utils import create_causal_mask
-
-    kwargs = {"config": config, "inputs_embeds": h, "attention_mask": None, "position_ids": pos}
-    params = inspect.signature(create_causal_mask).parameters  # the cache argument was renamed in 5.x
-    kwargs["cache" if "cache" in params else "past_key_values"] = None
-    if "cache_position" in params:
-        kwargs["cache_position"] = pos[0]
-    return create_causal_mask(**kwargs)
-
-
-def llama_forward(stage: PipelineStage, x):
-    base = stage.root.model
-    h, ctx = x, None
-    for names, mods in stage.units():
-        if names[0] == "model.embed_tokens":
-            h = mods[0](h)
-        elif names[0].startswith("model.layers."):
-            if ctx is None:
-                pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
-                ctx = (_causal_mask(base.config, h, pos), pos, base.rotary_emb(h, position_ids=pos))
-            h = _first(mods[0](h, attention_mask=ctx[0], position_ids=ctx[1], position_embeddings=ctx[2]))
-        else:  # norm, lm_head
-            h = mods[1](mods[0](h))
-    return h
-
-
-def gpt2_forward(stage: PipelineStage, x):
-    tr = stage.root.transformer
-    h, mask = x, None
-    for names, mods in stage.units():
-        if names[0] == "transformer.wte":
-            wte, wpe, drop = mods
-            pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
-            h = drop(wte(h) + wpe(pos))
-        elif names[0].startswith("transformer.h."):
-            if mask is None:
-                pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
-                mask = _causal_mask(tr.config, h, pos)
-            h = _first(mods[0](h, attention_mask=mask))
-        else:  # ln_f, lm_head
-            h = mods[1](mods[0](h))
-    return h
-
-
-def gpt_forward(stage: PipelineStage, x):
-    h = x
-    for names, mods in stage.units():
-        if names[0] == "tok_emb":
-            tok, pos, drop = mods
-            h = drop(tok(h) + pos(torch.arange(h.shape[1], device=h.device)))
-        elif names[0].startswith("blocks."):
-            h = mods[0](h)
-        else:
-            h = mods[1](mods[0](h))
-    return h
-
-
-def _family(model: nn.Module) -> tuple[list[Unit], Callable] | None:
-    """(units, stage forward) of a known family, else None."""
-    name = type(model).__name__
-    mods = dict(model.named_modules())
-    if name.endswith("ForCausalLM") and {"model.embed_tokens", "model.layers", "model.norm", "lm_head"} <= set(mods):
-        n = len(mods["model.layers"])
-        units = [("model.embed_tokens",)] + [(f"model.layers.{i}",) for i in range(n)] + [("model.norm", "lm_head")]
-        return units, llama_forward
-    if name == "GPT2LMHeadModel":
-        n = len(mods["transformer.h"])
-        units = [("transformer.wte", "transformer.wpe", "transformer.drop")]
-        return units + [(f"transformer.h.{i}",) for i in range(n)] + [("transformer.ln_f", "lm_head")], gpt2_forward
-    if {"tok_emb", "pos_emb", "drop", "blocks", "ln_f", "head"} <= set(mods):  # the built-in GPT
-        n = len(mods["blocks"])
-        return [("tok_emb", "pos_emb", "drop")] + [(f"blocks.{i}",) for i in range(n)] + [("ln_f", "head")], gpt_forward
-    return None
-
-
 def _expanded_units(model: nn.Module, split: list[str]) -> list[Unit]:
     """The model's children, opened up along the path to every split point."""
     out: list[Unit] = []
@@ -205,11 +121,11 @@ def balance(costs: list[int], stages: int) -> list[int]:
 
 def plan_stages(model: nn.Module, num_stages: int, split: list[str] | None) -> tuple[list[list[Unit]], Callable]:
     """Every rank, locally and identically: the units of each stage, and the family forward."""
-    fam = _family(model)
+    fam = family(model)
     if fam is None and not split:
         raise PlanError(
             f"parallel.pipeline.split: {type(model).__name__} is not a known family (transformers Llama/Qwen2/"
-            "Mistral or GPT-2, the built-in GPT), so the stages need to be named"
+            "Mistral or GPT-2) and declares no pipeline_stages(), so the stages need to be named"
             f"\nHINT: set parallel.pipeline.split to the {num_stages - 1} module paths where stages 2.. begin, "
             "e.g. ['blocks.2'], or a target 'pkg.mod:fn' returning the stage modules"
         )

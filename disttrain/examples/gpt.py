@@ -1,4 +1,4 @@
-"""A small GPT: decoder-only transformer, pre-norm, learned positions, tied embeddings off.
+"""The ``gpt`` model kind: a small GPT, decoder-only transformer, pre-norm, learned positions, tied embeddings off.
 
 Kept deliberately plain (nanoGPT-style) and module-named so parallelism can be applied
 from outside: ``blocks`` is the unit of ZeRO-3 gathering and pipeline stages; inside a
@@ -13,6 +13,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..parallel.pipeline.families import Stage, StageForward, Unit
 
 
 class Attention(nn.Module):
@@ -96,6 +98,11 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, 0.0, 0.02)
 
+    def pipeline_stages(self) -> tuple[list[Unit], StageForward]:
+        """Pipeline units (embeddings, each block, final norm and head) and the forward of a stage."""
+        blocks = [(f"blocks.{i}",) for i in range(len(self.blocks))]
+        return [("tok_emb", "pos_emb", "drop")] + blocks + [("ln_f", "head")], stage_forward
+
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         t = idx.shape[1]
         pos = torch.arange(t, device=idx.device)
@@ -103,3 +110,29 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_f(x))
+
+
+def stage_forward(stage: Stage, x):
+    """A pipeline stage of :class:`GPT`: its units of ``pipeline_stages()`` in order."""
+    h = x
+    for names, mods in stage.units():
+        if names[0] == "tok_emb":
+            tok, pos, drop = mods
+            h = drop(tok(h) + pos(torch.arange(h.shape[1], device=h.device)))
+        elif names[0].startswith("blocks."):
+            h = mods[0](h)
+        else:
+            h = mods[1](mods[0](h))
+    return h
+
+
+def build(cfg, num_inputs: int, num_classes: int) -> GPT:
+    """The ``model.kind: gpt`` registry entry: a GPT over the data's vocabulary (``num_inputs`` unused)."""
+    return GPT(
+        vocab_size=num_classes,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        d_model=cfg.d_model,
+        seq_len=cfg.seq_len,
+        dropout=cfg.dropout,
+    )

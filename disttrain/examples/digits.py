@@ -1,11 +1,12 @@
-"""scikit-learn's bundled 8x8 handwritten digits: 1797 samples, 64 features, 10 classes (no download)."""
+"""The ``digits`` data kind: scikit-learn's bundled 8x8 handwritten digits (1797 samples, 64 features,
+10 classes; no download)."""
 
 from __future__ import annotations
 
 import torch
 
+from ..data.task import Task, index_fetch
 from ..errors import DisttrainError
-from .task import Task, index_fetch
 
 
 def load_digits(eval_fraction: float, seed: int) -> Task:
@@ -21,3 +22,8 @@ def load_digits(eval_fraction: float, seed: int) -> Task:
     n_eval = int(len(x) * eval_fraction)
     ev, tr = perm[:n_eval], perm[n_eval:]
     return Task("digits", x[tr], y[tr], x[ev], y[ev], num_classes=10, fetch=index_fetch)
+
+
+def task(cfg, seed: int, seq_len: int | None) -> Task:
+    """The ``data.kind: digits`` registry entry."""
+    return load_digits(cfg.eval_fraction, seed)

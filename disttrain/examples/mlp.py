@@ -1,4 +1,4 @@
-"""A multi-layer perceptron classifier (the digits example)."""
+"""The ``mlp`` model kind: a multi-layer perceptron classifier (the digits example)."""
 
 from __future__ import annotations
 
@@ -21,3 +21,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+def build(cfg, num_inputs: int, num_classes: int) -> MLP:
+    """The ``model.kind: mlp`` registry entry, sized by the data."""
+    return MLP(num_inputs, cfg.hidden, num_classes, cfg.dropout)
