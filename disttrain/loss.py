@@ -22,13 +22,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 
 from .parallel.tensor.vocab import cross_entropy as vocab_cross_entropy
 from .targets import UserCodeError, import_target
+
+if TYPE_CHECKING:
+    from .config.loss import LossConfig
 
 StepFn = Callable[[nn.Module, Any], tuple]
 
@@ -170,7 +173,7 @@ class CrossEntropyStep(SplitLogitsStep):
         return CrossEntropyStep(self.ignore_index, is_causal_lm(model))
 
 
-def build_step(cfg, import_path: list[str]) -> StepFn:
+def build_step(cfg: LossConfig, import_path: list[str]) -> StepFn:
     """The step function of the ``loss`` section: ``loss.target`` with ``loss.kwargs``, or the built-in one."""
     if cfg.target:
         fn = import_target(cfg.target, import_path)

@@ -10,9 +10,16 @@ step, config, the model record as JSON), ``cli`` (``disttrain ckpt``),
 ``checkpointer`` (the trainer callback: resume, periodic/async/preemption/final saves).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from .checkpointer import Checkpointer
 from .errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError, CheckpointMismatchError
 from .reader import CheckpointReader, list_checkpoints, resolve
+
+if TYPE_CHECKING:
+    from ..config.checkpoint import CheckpointConfig
 
 __all__ = [
     "CheckpointCorruptError",
@@ -27,6 +34,6 @@ __all__ = [
 ]
 
 
-def maybe_build_checkpointer(cfg, comm) -> "Checkpointer | None":
+def maybe_build_checkpointer(cfg: CheckpointConfig, comm) -> Checkpointer | None:
     """The checkpoint callback for the ``checkpoint`` config section, or None when disabled."""
     return Checkpointer(cfg, comm) if cfg.enabled else None

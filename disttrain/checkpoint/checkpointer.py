@@ -26,6 +26,7 @@ import os
 import shutil
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -38,6 +39,9 @@ from . import state as state_mod
 from .errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError
 from .reader import CheckpointReader, resolve, step_dir_name
 from .writer import RankWrite, aligned_empty, clean_temporaries, commit, tmp_dir
+
+if TYPE_CHECKING:
+    from ..config.checkpoint import CheckpointConfig
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +71,7 @@ class Checkpointer(Callback):
     """Trainer callback. ``cfg`` is the ``checkpoint`` config section; the directory is
     ``<run dir>/checkpoints`` (inactive when the trainer has no run directory)."""
 
-    def __init__(self, cfg, comm):
+    def __init__(self, cfg: CheckpointConfig, comm):
         self.cfg, self.comm = cfg, comm
         self.rank, self.world = comm.rank, comm.world_size
         self.active = False

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from torch.utils.data import IterableDataset
 
@@ -10,6 +10,9 @@ from ..errors import DisttrainError
 from ..targets import TargetError, UserCodeError, call_target, import_target
 from .dataset import Data
 from .task import Task
+
+if TYPE_CHECKING:
+    from ..config.data import DigitsData, ShakespeareData, TargetData
 
 # The built-in kinds: data.kind -> "module:function", a builder(section, seed, seq_len) -> Task. The demo
 # datasets live in disttrain.examples, imported only when a config names one.
@@ -19,7 +22,7 @@ TASKS: dict[str, str] = {
 }
 
 
-def build_task(cfg, seed: int, seq_len: int | None = None) -> Task:
+def build_task(cfg: DigitsData | ShakespeareData, seed: int, seq_len: int | None = None) -> Task:
     """The in-memory task of a built-in ``data`` section (``kind: digits|shakespeare``)."""
     try:
         entry = TASKS[cfg.kind]
@@ -45,7 +48,7 @@ def _is_dataset(obj: Any) -> bool:
     return isinstance(obj, (MapDataset, IterableDataset))
 
 
-def build_target_data(cfg, import_path: list[str]) -> Data:
+def build_target_data(cfg: TargetData, import_path: list[str]) -> Data:
     """Call ``data.target(**data.kwargs)``; it must return ``(train, eval)`` datasets: map-style, or
     streams (``IterableDataset``, which need ``train.steps``)."""
     out = call_target("data.target", cfg.target, import_path, **cfg.kwargs)

@@ -3,10 +3,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..data.task import Task, index_fetch
 from ..errors import DisttrainError
+
+if TYPE_CHECKING:
+    from ..config.data import DigitsData
 
 
 def load_digits(eval_fraction: float, seed: int) -> Task:
@@ -24,6 +29,6 @@ def load_digits(eval_fraction: float, seed: int) -> Task:
     return Task("digits", x[tr], y[tr], x[ev], y[ev], num_classes=10, fetch=index_fetch)
 
 
-def task(cfg, seed: int, seq_len: int | None) -> Task:
+def task(cfg: DigitsData, seed: int, seq_len: int | None) -> Task:
     """The ``data.kind: digits`` registry entry."""
     return load_digits(cfg.eval_fraction, seed)

@@ -9,12 +9,16 @@ tensor parallelism splits; ``tok_emb`` and ``head`` are vocabulary-parallel cand
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..parallel.pipeline.families import Stage, StageForward, Unit
+
+if TYPE_CHECKING:
+    from ..config.model import GPTConfig
 
 
 class Attention(nn.Module):
@@ -126,7 +130,7 @@ def stage_forward(stage: Stage, x):
     return h
 
 
-def build(cfg, num_inputs: int, num_classes: int) -> GPT:
+def build(cfg: GPTConfig, num_inputs: int, num_classes: int) -> GPT:
     """The ``model.kind: gpt`` registry entry: a GPT over the data's vocabulary (``num_inputs`` unused)."""
     return GPT(
         vocab_size=num_classes,

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
+
+if TYPE_CHECKING:
+    from ..config.model import MLPConfig
 
 
 class MLP(nn.Module):
@@ -23,6 +28,6 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-def build(cfg, num_inputs: int, num_classes: int) -> MLP:
+def build(cfg: MLPConfig, num_inputs: int, num_classes: int) -> MLP:
     """The ``model.kind: mlp`` registry entry, sized by the data."""
     return MLP(num_inputs, cfg.hidden, num_classes, cfg.dropout)

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..data.task import Task
 from ..errors import DisttrainError
+
+if TYPE_CHECKING:
+    from ..config.data import ShakespeareData
 
 
 def texts_dir() -> str:
@@ -68,6 +72,6 @@ def load_shakespeare(plays: list[str], eval_fraction: float, seq_len: int) -> Ta
     return task
 
 
-def task(cfg, seed: int, seq_len: int | None) -> Task:
+def task(cfg: ShakespeareData, seed: int, seq_len: int | None) -> Task:
     """The ``data.kind: shakespeare`` registry entry (windows of ``seq_len`` characters, 128 by default)."""
     return load_shakespeare(cfg.plays, cfg.eval_fraction, seq_len or 128)

@@ -8,6 +8,7 @@ Perfetto format: chrome://tracing, ui.perfetto.dev), every collective a named ra
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,9 +16,12 @@ from collectives import flight_recorder
 
 from .callbacks import Callback
 
+if TYPE_CHECKING:
+    from ..config.log import ProfileConfig
+
 
 class Profiler(Callback):
-    def __init__(self, cfg, run_dir: str):
+    def __init__(self, cfg: ProfileConfig, run_dir: str):
         self.first, self.last = cfg.steps
         self.ranks, self.record_shapes = set(cfg.ranks), cfg.record_shapes
         self.dir = os.path.join(run_dir, "profiles")
