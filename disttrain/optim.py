@@ -10,63 +10,15 @@ their names in the single-process model) and builds the optimizer over those gro
 from __future__ import annotations
 
 import fnmatch
-import inspect
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn as nn
 
+from .config.optim import OptimConfig, optimizer_class, optimizer_kwargs
 from .parallel.strategy import GroupOptions, OptimizerSpec
 
 NO_DECAY: GroupOptions = (("weight_decay", 0.0),)
-
-
-def optimizer_classes() -> dict[str, type[torch.optim.Optimizer]]:
-    """torch.optim's optimizer classes by lower-case name."""
-    out = {}
-    for name in dir(torch.optim):
-        obj = getattr(torch.optim, name)
-        if isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer) and obj is not torch.optim.Optimizer:
-            out[name.lower()] = obj
-    return out
-
-
-def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
-    classes = optimizer_classes()
-    cls = classes.get(name.lower())
-    if cls is None:
-        known = ", ".join(sorted(c.__name__ for c in classes.values()))
-        raise ValueError(f"no optimizer {name!r} in torch.optim; known: {known}")
-    return cls
-
-
-def _takes(cls: type, name: str) -> bool:
-    params = inspect.signature(cls.__init__).parameters
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
-def optimizer_kwargs(cfg) -> dict[str, Any]:
-    """Constructor keyword arguments of the ``optim`` section (lr, and weight_decay where the class has it)."""
-    kw: dict[str, Any] = {"lr": cfg.lr}
-    if cfg.weight_decay or _takes(optimizer_class(cfg.name), "weight_decay"):
-        kw["weight_decay"] = cfg.weight_decay
-    if cfg.betas is not None:
-        kw["betas"] = tuple(cfg.betas)
-    if cfg.momentum is not None:
-        kw["momentum"] = cfg.momentum
-    kw.update(cfg.kwargs)
-    return kw
-
-
-def check_optimizer(cfg) -> None:
-    """Raise ValueError when the class is unknown or does not take one of the keyword arguments."""
-    cls = optimizer_class(cfg.name)
-    bad = [k for k in optimizer_kwargs(cfg) if not _takes(cls, k)]
-    if bad:
-        params = inspect.signature(cls.__init__).parameters
-        takes = ", ".join(k for k in params if k not in ("self", "params"))
-        raise ValueError(f"torch.optim.{cls.__name__} takes no {', '.join(bad)}; it takes: {takes}")
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -100,7 +52,7 @@ def decay_rule(model: nn.Module, rules: list[str]) -> Callable[[str, nn.Paramete
     return group_of
 
 
-def build_optimizer_spec(cfg, model: nn.Module) -> OptimizerSpec:
+def build_optimizer_spec(cfg: OptimConfig, model: nn.Module) -> OptimizerSpec:
     """The spec of the ``optim`` section ``cfg`` for ``model`` (before any strategy wraps it)."""
     cls, kwargs = optimizer_class(cfg.name), optimizer_kwargs(cfg)
     return OptimizerSpec(build=lambda groups: cls(groups, **kwargs), group_of=decay_rule(model, cfg.no_decay))
@@ -114,7 +66,7 @@ def user_optimizer_spec(factory, model: nn.Module, rules: list[str]) -> Optimize
     return OptimizerSpec(build=factory, group_of=decay_rule(model, rules))
 
 
-def build_optimizer(cfg, params) -> torch.optim.Optimizer:
+def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
     """The optimizer of the ``optim`` section over plain ``params`` (one group, no name-based rules).
     For code that builds a bare optimizer, e.g. a peer loop in a benchmark."""
     return optimizer_class(cfg.name)(list(params), **optimizer_kwargs(cfg))

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .config.schedule import ScheduleConfig, scheduler_class
 from .errors import ConfigError, DisttrainError
 
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -42,29 +43,7 @@ def lr_at(
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def scheduler_class(name: str | None) -> type:
-    """The ``torch.optim.lr_scheduler`` class called ``name`` (case-insensitive)."""
-    from torch.optim import lr_scheduler
-
-    known = {
-        k.lower(): v
-        for k, v in vars(lr_scheduler).items()
-        if isinstance(v, type) and issubclass(v, lr_scheduler.LRScheduler) and v is not lr_scheduler.LRScheduler
-    }
-    cls = known.get((name or "").lower())
-    if cls is None:
-        raise ValueError(
-            f"unknown scheduler {name!r}; expected a torch.optim.lr_scheduler class: {', '.join(sorted(known))}"
-        )
-    return cls
-
-
-def check_scheduler(name: str | None) -> None:
-    """Config validation: ``schedule.name`` names a torch scheduler class."""
-    scheduler_class(name)
-
-
-def build_torch_scheduler(cfg, optimizer: torch.optim.Optimizer):
+def build_torch_scheduler(cfg: ScheduleConfig, optimizer: torch.optim.Optimizer):
     """``schedule.name(optimizer, **kwargs)``, after a ``LinearLR`` warmup when ``warmup_steps``."""
     from torch.optim import lr_scheduler
 
@@ -112,7 +91,7 @@ class BuiltinSchedule(Schedule):
     """constant/cosine with warmup: group ``i`` gets ``base_i * lr_at(step, 1, ...)``; the base is
     ``optim.lr`` for the built-in optimizer (every group), each group's own rate for a user's."""
 
-    def __init__(self, optimizer, cfg, total_steps: int, peak: float | None):
+    def __init__(self, optimizer, cfg: ScheduleConfig, total_steps: int, peak: float | None):
         super().__init__(optimizer)
         self.cfg, self.total, self.peak = cfg, total_steps, peak
         self.bases = [peak if peak is not None else g["lr"] for g in self.optimizer.param_groups]

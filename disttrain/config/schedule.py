@@ -30,7 +30,27 @@ class ScheduleConfig(Section):
         if self.name is not None and self.kind in ("constant", "cosine"):
             object.__setattr__(self, "kind", "torch")
         if self.kind == "torch":
-            from ..schedule import check_scheduler  # torch is imported only when a scheduler is named
-
-            check_scheduler(self.name)
+            check_scheduler(self.name)  # torch is imported only when a scheduler is named
         return self
+
+
+def scheduler_class(name: str | None) -> type:
+    """The ``torch.optim.lr_scheduler`` class called ``name`` (case-insensitive)."""
+    from torch.optim import lr_scheduler
+
+    known = {
+        k.lower(): v
+        for k, v in vars(lr_scheduler).items()
+        if isinstance(v, type) and issubclass(v, lr_scheduler.LRScheduler) and v is not lr_scheduler.LRScheduler
+    }
+    cls = known.get((name or "").lower())
+    if cls is None:
+        raise ValueError(
+            f"unknown scheduler {name!r}; expected a torch.optim.lr_scheduler class: {', '.join(sorted(known))}"
+        )
+    return cls
+
+
+def check_scheduler(name: str | None) -> None:
+    """Config validation: ``schedule.name`` names a torch scheduler class."""
+    scheduler_class(name)
