@@ -88,3 +88,28 @@ def test_a_rank_holding_the_gil_is_found_by_faulthandler(tmp_path):
     behind = [line for line in out.splitlines() if "BEHIND rank 1@" in line]
     assert proc.returncode != 0 and behind, out[-3000:]
     assert "faulthandler" in behind[0] and f"hang_step.py:{_hang_line('# HANG-GIL')} in step" in behind[0], out[-3000:]
+
+
+def test_a_rank_stuck_in_a_filesystem_read_outside_collectives_is_named(tmp_path):
+    """Rank 1 blocks in the kernel opening a FIFO nobody writes (a stuck filesystem), outside any
+    collective: its peers wait in theirs, no collective finishes, and the report names rank 1 at that line."""
+    fifo = tmp_path / "stuck.fifo"
+    os.mkfifo(fifo, 0o600)
+    config = tmp_path / "hang.yaml"
+    text = YAML.format(dir=tmp_path / "run", backend="shm").replace(
+        'loss: {target: "tests.cases.hang_step:step"}',
+        f'loss: {{target: "tests.cases.hang_step:step", kwargs: {{fifo: "{fifo}"}}}}',
+    )
+    config.write_text(text)
+    proc = subprocess.run(
+        [sys.executable, "-m", "disttrain.cli", "run", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=240,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    out = proc.stdout + proc.stderr
+    behind = [line for line in out.splitlines() if "BEHIND rank 1@" in line]
+    assert proc.returncode != 0 and behind, out[-3000:]
+    assert f"hang_step.py:{_hang_line('# HANG-FS')} in step" in behind[0], out[-3000:]
