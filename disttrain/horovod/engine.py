@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import torch
 
 from collectives import CollectivesError, Communicator
+from collectives.objects import allgather_json
 
 from . import timeline
 from .cache import ResponseCache
@@ -39,7 +40,6 @@ from .exceptions import HorovodInternalError, HorovodShutdownError, ProcessSetEr
 from .execution import Op, run_ready
 from .handles import Handle
 from .negotiation import (
-    DESCRIPTION_BYTES,
     HEADER,
     JOINED,
     REMOVING,
@@ -307,26 +307,12 @@ class SetWorker:
     def _describe(self, names: list[int]) -> dict[int, str]:
         """Every member's readable view of the ops whose signatures differ, exchanged so that
         every rank raises the same message, naming both sides (Horovod's words)."""
-        size, m = len(self.ranks), len(names)
-        mine = torch.zeros(m, DESCRIPTION_BYTES, dtype=torch.uint8)
-        for k, name in enumerate(names):
-            op = self._inflight.get(name)
-            if op is not None:
-                raw = op.description.encode()[:DESCRIPTION_BYTES]
-                mine[k, : len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-        everyone = torch.empty(size, m, DESCRIPTION_BYTES, dtype=torch.uint8)
-        words = everyone.view(size, -1).view(torch.int32)  # uint8 is not a wire dtype everywhere
-        if size > 1:
-            self.comm.allgather(list(words.unbind(0)), mine.view(-1).view(torch.int32))
-        else:
-            everyone[0].copy_(mine)
+        size = len(self.ranks)
+        mine = [op.description if (op := self._inflight.get(name)) is not None else None for name in names]
+        everyone = allgather_json(self.comm, mine) if size > 1 else [mine]
         out = {}
         for k, name in enumerate(names):
-            descs = {}
-            for r in range(size):
-                raw = bytes(everyone[r, k].numpy()).rstrip(b"\0")
-                if raw:
-                    descs[r] = json.loads(raw.decode())
+            descs = {r: json.loads(theirs[k]) for r, theirs in enumerate(everyone) if theirs[k]}
             out[name] = mismatch_message(descs, self.ranks)
         return out
 

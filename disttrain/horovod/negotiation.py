@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 HEADER = 4  # flags, announcement count, clock (ms), free result buffers (see ``pool``)
 SLOT = 4  # name digest, signature digest, fusion key, aux
 JOINED, SHUTDOWN, REMOVING = 1, 2, 4  # row flags
-DESCRIPTION_BYTES = 384  # a readable description of one op, exchanged only on a mismatch
 
 
 @dataclasses.dataclass
