@@ -28,6 +28,18 @@ checkpoint: {{enabled: false}}
 """
 
 
+def _run(config) -> subprocess.CompletedProcess:
+    """``disttrain run CONFIG`` in a fresh process, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "disttrain.cli", "run", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=240,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+
+
 def _hang_line(mark: str = "# HANG") -> int:
     with open(hang_step.__file__) as f:
         return next(i for i, line in enumerate(f, 1) if line.rstrip().endswith(mark))
@@ -40,14 +52,7 @@ def test_hang_report_names_the_rank_and_line(tmp_path, backend):
     config = tmp_path / "hang.yaml"
     config.write_text(YAML.format(dir=tmp_path / "run", backend=backend))
     t0 = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "disttrain.cli", "run", str(config)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=240,
-        env={**os.environ, "PYTHONPATH": ROOT},
-    )
+    proc = _run(config)
     took = time.monotonic() - t0
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
@@ -76,14 +81,7 @@ def test_a_rank_holding_the_gil_is_found_by_faulthandler(tmp_path):
         'loss: {target: "tests.cases.hang_step:step", kwargs: {hold_gil: true}}',
     )
     config.write_text(text)
-    proc = subprocess.run(
-        [sys.executable, "-m", "disttrain.cli", "run", str(config)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=240,
-        env={**os.environ, "PYTHONPATH": ROOT},
-    )
+    proc = _run(config)
     out = proc.stdout + proc.stderr
     behind = [line for line in out.splitlines() if "BEHIND rank 1@" in line]
     assert proc.returncode != 0 and behind, out[-3000:]
@@ -101,14 +99,7 @@ def test_a_rank_stuck_in_a_filesystem_read_outside_collectives_is_named(tmp_path
         f'loss: {{target: "tests.cases.hang_step:step", kwargs: {{fifo: "{fifo}"}}}}',
     )
     config.write_text(text)
-    proc = subprocess.run(
-        [sys.executable, "-m", "disttrain.cli", "run", str(config)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=240,
-        env={**os.environ, "PYTHONPATH": ROOT},
-    )
+    proc = _run(config)
     out = proc.stdout + proc.stderr
     behind = [line for line in out.splitlines() if "BEHIND rank 1@" in line]
     assert proc.returncode != 0 and behind, out[-3000:]
