@@ -20,6 +20,10 @@ A rank whose thread cannot answer (C code holding the GIL) still shows where it 
 registers :data:`STACK_SIGNAL` with ``faulthandler``, which writes every thread's stack into
 ``rank<R>.stacks.txt`` from C when the launcher sends that signal.
 Files are written to a temporary name and renamed, in directories the job created.
+The watch thread works while holding a lock that ``os.fork`` takes too (``register_at_fork``), so a
+process forked from this one (a DataLoader worker) never starts as a copy of a half-written file or
+a half-held lock of that thread. A dump also lists this process's children (pid, state, the kernel
+function they wait in), so a rank waiting on a stuck DataLoader worker shows which one and how.
 """
 
 from __future__ import annotations
@@ -138,6 +142,8 @@ def build_recorder(size: int) -> FlightRecorder:
 
 RECORDER = build_recorder(int(os.environ.get("DISTTRAIN_FLIGHT_RECORDS") or 64))
 _WATCH: dict = {"thread": None, "extra": None}
+_FORK_GUARD = threading.Lock()  # held by the watch thread while it works, and by os.fork around a fork
+os.register_at_fork(before=_FORK_GUARD.acquire, after_in_parent=_FORK_GUARD.release, after_in_child=_FORK_GUARD.release)
 
 
 def also_dump_to(path: str | None) -> None:
@@ -156,7 +162,36 @@ def snapshot(rank: int, host: str, nonce: str = "") -> dict:
         "completed": RECORDER.completed,
         "records": RECORDER.records(),
         "stacks": stacks(),
+        "children": children(),
     }
+
+
+def children() -> list[dict]:
+    """This process's child processes: pid, command name, state (R, S, D...) and the kernel function
+    a sleeping one waits in (``wchan``); empty where /proc does not say."""
+    out = []
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return out
+    pids: list[int] = []
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids += [int(p) for p in f.read().split()]
+        except (OSError, ValueError):
+            continue
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{pid}/wchan") as f:
+                wchan = f.read().strip()
+        except OSError:
+            continue
+        name, rest = stat[stat.find("(") + 1 : stat.rfind(")")], stat[stat.rfind(")") + 2 :]
+        out.append({"pid": pid, "name": name, "state": rest[:1], "wchan": wchan or "-"})
+    return out
 
 
 def _write(path: str, text: str) -> None:
@@ -171,6 +206,7 @@ def _watch(directory: str, rank: int, host: str, period: float) -> None:
     beat, handled = -1, ""
     request = os.path.join(directory, "dump.request")
     while True:
+        _FORK_GUARD.acquire()
         try:
             if RECORDER.completed != beat:
                 beat = RECORDER.completed
@@ -190,6 +226,8 @@ def _watch(directory: str, rank: int, host: str, period: float) -> None:
                     _write(os.path.join(extra, f"rank{rank}.dump.json"), text)
         except OSError:
             pass  # the directory went away with the job; keep quiet
+        finally:
+            _FORK_GUARD.release()
         time.sleep(period)
 
 

@@ -217,5 +217,7 @@ def format_report(dumps: list[dict], why: str) -> str:
         else:
             state = f"not in a collective; last {last['op']}#{last['seq']} (group {last['group']}) at {last['site']}"
         lines.append(f"  {tag}{who}: {state}; now at {where(d)}")
+        for c in d.get("children") or []:
+            lines.append(f"    child {c['name']} pid {c['pid']}: state {c['state']}, waiting in {c['wchan']}")
     lines.append("HINT: the rank behind is stuck at the line shown (compute, I/O, a rank-dependent branch)")
     return "\n".join(lines)
