@@ -28,6 +28,7 @@ import time
 from .environment import WorkerPlace, worker_env
 from .errors import LaunchConfigError
 from .hang import HangWatch
+from .hang_exchange import HangExchange
 from .membership import HEARTBEAT_TIMEOUT, Heartbeat, NodesRange, Transition, format_transitions, next_members
 from .rendezvous import Rendezvous, RoundState, wait_exited
 from .report import Failure, format_report, root_cause
@@ -168,17 +169,13 @@ class LocalAgent:
         """Block until this round ends: all nodes' workers succeed, one fails anywhere, a member's
         heartbeats stop, or we stop."""
         next_store_poll = 0.0
+        hang = None
+        if self._hang is not None:  # every node watches its own ranks; they meet in the store
+            hang = HangExchange(rdzv.client, self._hang, attempt, self.node.node_rank, rdzv.members(attempt))
         while True:
             if self._interrupted is not None:
                 return RoundState.ABORTED
             codes = [w.poll() for w in self.workers]
-            report = self._hang.poll() if self._hang is not None else None
-            if report is not None:
-                print(report, file=self.report_stream, flush=True)
-                if self.hang_stop:
-                    rdzv.mark_failed(attempt)
-                    return RoundState.FAILED
-                self._hang.reset()
             if any(w.state is WorkerState.FAILED for w in self.workers):
                 failed = next(w for w in self.workers if w.state is WorkerState.FAILED)
                 rdzv.mark_failed(attempt, f"rank {failed.rank} on {failed.host} failed ({failed.failure().how})")
@@ -187,6 +184,13 @@ class LocalAgent:
                 rdzv.mark_succeeded(attempt)
             now = time.monotonic()
             if now >= next_store_poll:
+                found = hang.poll() if hang is not None else None
+                if found is not None and found.text is not None:  # the head: one report for the job
+                    print(found.text, file=self.report_stream, flush=True)
+                    if self.hang_stop:
+                        who = ", ".join(map(str, found.behind)) or "none clearly"
+                        rdzv.mark_failed(attempt, f"hang: {found.why}; rank(s) behind: {who}")
+                        return RoundState.FAILED
                 state = rdzv.poll(attempt)
                 if state is not RoundState.RUNNING:
                     return state

@@ -225,6 +225,7 @@ def job_from_args(ns: argparse.Namespace) -> JobSpec:
         env=env,
         join_timeout=ns.join_timeout,
         heartbeat_timeout=ns.heartbeat_timeout,
+        hang_timeout=ns.hang_timeout,
     )
     if ns.heartbeat_timeout <= 0:
         raise LaunchConfigError(f"--heartbeat-timeout must be positive, got {ns.heartbeat_timeout:g}")

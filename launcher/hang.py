@@ -44,6 +44,14 @@ class HangWatch:
         self._next = 0.0
 
     def poll(self) -> str | None:
+        """This node alone: the report once :meth:`stalled`, else None."""
+        why = self.stalled()
+        return None if why is None else format_report(self.collect(), why)
+
+    def stalled(self) -> str | None:
+        """Why this node's ranks count as hung (no beat for ``timeout`` seconds), else None.
+        Reads the beat files at most every 0.2 s; a node whose ranks never finished a
+        collective (set-up, the first collective) is not hung."""
         now = time.monotonic()
         if now < self._next:
             return None
@@ -58,7 +66,7 @@ class HangWatch:
                 self._beats[r], self._last = beat, now
         if not self._beats or now - self._last < self.timeout:
             return None  # nothing finished yet (set-up, first collective) or still moving
-        return format_report(self.collect(), f"no collective finished for {now - self._last:.1f}s")
+        return f"no collective finished on {self.host} for {now - self._last:.1f}s"
 
     def collect(self) -> list[dict]:
         """Ask every local rank for a dump; return the ones that came within ``dump_wait`` seconds."""

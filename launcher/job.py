@@ -61,6 +61,8 @@ class JobSpec:
     remote_cwd: str | None = None  # default: this launcher's working directory
     env: dict[str, str] = dataclasses.field(default_factory=dict)  # -x NAME[=VALUE]
     join_timeout: float = 60.0  # every agent must reach the store within this
+    hang_timeout: float = 0.0  # every agent's hang watch (launcher.hang_exchange); 0: off
+    hang_stop: bool = True  # end the job after the hang report (False: print it and keep waiting)
     stop_grace: float = 5.0
 
 
@@ -138,6 +140,8 @@ def _start_agent(
                 secret=secret,
                 env={} if local else env,
                 stop_grace=job.stop_grace,
+                hang_timeout=job.hang_timeout,
+                hang_stop=job.hang_stop,
             )
         )
         proc.stdin.flush()

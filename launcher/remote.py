@@ -20,7 +20,15 @@ from .worker import WorkerSpec
 
 
 def encode(
-    spec: WorkerSpec, node: NodeSpec, *, max_restarts: int, secret: str, env: dict[str, str], stop_grace: float = 5.0
+    spec: WorkerSpec,
+    node: NodeSpec,
+    *,
+    max_restarts: int,
+    secret: str,
+    env: dict[str, str],
+    stop_grace: float = 5.0,
+    hang_timeout: float = 0.0,
+    hang_stop: bool = True,
 ) -> bytes:
     """The launcher side: the line written to the agent's stdin."""
     s = dataclasses.asdict(spec)
@@ -28,6 +36,7 @@ def encode(
     n = dataclasses.asdict(node)
     n["secret"] = None
     msg = {"spec": s, "node": n, "max_restarts": max_restarts, "secret": secret, "env": env, "stop_grace": stop_grace}
+    msg["hang"] = {"hang_timeout": hang_timeout, "hang_stop": hang_stop}
     return (json.dumps(msg) + "\n").encode()
 
 
@@ -65,8 +74,15 @@ def main() -> int:
         return 2
     spec, node, msg = decode(line)
     os.environ.update(msg.get("env") or {})
+    hang = msg.get("hang") or {}  # the hang watch: this node's ranks, one report through the store
     agent = LocalAgent(
-        spec, node, max_restarts=msg["max_restarts"], stop_grace=msg.get("stop_grace", 5.0), report=False
+        spec,
+        node,
+        max_restarts=msg["max_restarts"],
+        stop_grace=msg.get("stop_grace", 5.0),
+        report=False,
+        hang_timeout=float(hang.get("hang_timeout", 0.0)),
+        hang_stop=bool(hang.get("hang_stop", True)),
     )
     threading.Thread(target=_watch_stdin, args=(agent,), name="stdin-watch", daemon=True).start()
     return agent.run().exit_code

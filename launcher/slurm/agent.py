@@ -36,6 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-grace", type=float, default=60.0, help="seconds workers get after SIGTERM to save")
     p.add_argument("--secret-dir", default=None, help="shared directory for the job secret (default $SLURM_SUBMIT_DIR)")
     p.add_argument("--log-dir", default=None, help="per-rank stdout/stderr files go under this directory")
+    p.add_argument(
+        "--hang-timeout",
+        type=float,
+        default=0.0,
+        help="seconds without a finished collective before one report (from the first node) names the rank "
+        "behind, its host and line, and the job stops (default 0: off)",
+    )
+    p.add_argument("--hang-keep-waiting", action="store_true", help="after the hang report, keep waiting")
     p.add_argument("-m", "--module", action="store_true", help="run the entrypoint as a module (python -m)")
     p.add_argument("entrypoint", help="script.py or module")
     p.add_argument("args", nargs=argparse.REMAINDER)
@@ -72,7 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         secret=secret,
         host_store=place.node_rank == 0,
     )
-    agent = LocalAgent(spec, node, max_restarts=ns.max_restarts, stop_grace=ns.stop_grace)
+    agent = LocalAgent(
+        spec,
+        node,
+        max_restarts=ns.max_restarts,
+        stop_grace=ns.stop_grace,
+        hang_timeout=ns.hang_timeout,
+        hang_stop=not ns.hang_keep_waiting,
+    )
 
     def forward(signum, frame):  # the warning signal: workers save at an agreed step and exit 0
         for w in agent.workers:
