@@ -124,9 +124,11 @@ class LocalAgent:
                 host, _, p = node.store.rpartition(":")
                 port = int(p)
             bind = socket.gethostbyname(host) if is_local(host) else "0.0.0.0"
-            self._server = StoreServer(secret, bind, port, advertise=host).start()
+            self._server = StoreServer(secret, bind, port, advertise=host, job=node.job_id).start()
             node.store = self._server.address
-        client = StoreClient(node.store, secret, timeout=node.rdzv_timeout, connect_timeout=node.rdzv_timeout)
+        client = StoreClient(
+            node.store, secret, timeout=node.rdzv_timeout, connect_timeout=node.rdzv_timeout, job=node.job_id
+        )
         return Rendezvous(client, node.node_rank, node.nnodes, node.host)
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -271,7 +273,13 @@ class LocalAgent:
         (SIGKILL its workers, fail the main thread's store call) when the store stops answering."""
         if self.node.nnodes <= 1:
             return
-        hb = Heartbeat(self.node.store, self.node.secret, self.node.node_rank, timeout=self.node.heartbeat_timeout)
+        hb = Heartbeat(
+            self.node.store,
+            self.node.secret,
+            self.node.node_rank,
+            timeout=self.node.heartbeat_timeout,
+            job=self.node.job_id,
+        )
         hb.on_silent = lambda: self._on_cut_off(rdzv)
         hb.start()
         self._heartbeat = hb

@@ -3,15 +3,22 @@
 Handshake (server speaks first, both sides prove the job secret over fresh nonces)::
 
     server -> client   MAGIC | salt | nonce_s               (8 + 16 + 32 bytes)
-    client -> server   nonce_c | HMAC(k, "dt-client" | nonce_s | nonce_c)
-    server -> client   HMAC(k, "dt-server" | nonce_c | nonce_s)
+    client -> server   job | nonce_c | HMAC(k, "dt-client" | job | nonce_s | nonce_c)
+    server -> client   HMAC(k, "dt-server" | job | nonce_c | nonce_s)
+
+where ``job = u8 length | the job id`` (UTF-8, at most 255 bytes; ``MAGIC`` names protocol 3,
+the first to carry it). The server checks the client's MAC over the id the client claims, then
+that id against its own: a client of another job that reuses the secret proves the secret but
+is refused, and the store logs it as such (the job id names the job, the secret proves
+membership; a reused secret no longer joins two jobs). The server's proof and the session key
+cover the same id, so a client never talks to another job's store either.
 
 where ``k = PBKDF2-HMAC-SHA256(secret, "disttrain-store|" | salt, STRETCH)`` and ``salt`` is
 drawn once per store (per job). A recorded handshake lets whoever holds it test guesses of
 the secret offline; the stretch makes each guess cost ``STRETCH`` hash rounds, the salt keeps
 one job's table from serving another, and user-given secrets that an estimate already shows
 to be guessable are refused (:func:`check_secret`). Both sides then derive a session key
-``HMAC(k, "dt-session" | nonce_s | nonce_c)``, new for every connection. Every frame after the handshake, both directions::
+``HMAC(k, "dt-session" | job | nonce_s | nonce_c)``, new for every connection. Every frame after the handshake, both directions::
 
     frame  = u32 length | u8 code | field* | mac      (length counts code and fields)
     field  = u32 length | bytes
@@ -35,13 +42,14 @@ import struct
 
 from .errors import LauncherError
 
-MAGIC = b"DTSTORE2"
+MAGIC = b"DTSTORE3"  # protocol 3: the job id is bound into the handshake
 SALT = 16
 NONCE = 32
 MAC = hashlib.sha256().digest_size
 HELLO = len(MAGIC) + SALT + NONCE
 STRETCH = 100_000  # PBKDF2 rounds: tens of ms once per process and store, per guess for an attacker
-REPLY = NONCE + MAC
+REPLY = NONCE + MAC  # after the client's job id (1 + its length bytes)
+MAX_JOB_ID = 255  # bytes of a job id in the handshake
 MAX_FRAME = 64 << 20  # a store holds addresses and small blobs; anything larger is a stranger
 HANDSHAKE_TIMEOUT = 5.0  # for the whole handshake of one connection, not per read
 MIN_SECRET = 32  # bytes; shorter user-given secrets are refused
@@ -96,6 +104,15 @@ def check_secret(secret: str, where: str) -> str:
     return secret
 
 
+def derive_job_id(endpoint: str, secret: str) -> str:
+    """The job id of a manual multi-node start given none (``--nnodes N --rdzv-endpoint HOST:PORT``
+    on every node, no ``--run-id``): every node computes the same from what they already share,
+    and it reveals nothing of the secret. Nodes that spell the endpoint differently get different
+    ids, and the store refuses them with both ids in its log: pass ``--run-id`` then."""
+    digest = hmac.new(secret.encode(), b"disttrain-job-id|" + endpoint.strip().lower().encode(), hashlib.sha256)
+    return "job-" + digest.hexdigest()[:12]
+
+
 def _mac(key: bytes, label: bytes, *parts: bytes) -> bytes:
     return hmac.new(key, label + b"".join(parts), hashlib.sha256).digest()
 
@@ -111,18 +128,34 @@ def _split(hello: bytes) -> tuple[bytes, bytes]:
     return hello[len(MAGIC) : len(MAGIC) + SALT], hello[len(MAGIC) + SALT :]
 
 
-def client_reply(secret: bytes, hello: bytes) -> tuple[bytes, bytes]:
+def job_field(job: str) -> bytes:
+    """The job id as the handshake carries it: ``u8 length | UTF-8``."""
+    raw = job.encode()
+    if len(raw) > MAX_JOB_ID:
+        raise StoreError(f"job id {job[:40]!r}... is {len(raw)} bytes; at most {MAX_JOB_ID} fit the handshake")
+    return bytes([len(raw)]) + raw
+
+
+def reply_size(head: bytes) -> int:
+    """Bytes of the client's whole reply, once its first byte (the job id's length) is known."""
+    return 1 + head[0] + REPLY
+
+
+def client_reply(secret: bytes, hello: bytes, job: str = "") -> tuple[bytes, bytes]:
     """(reply to send, session key) for the server's ``hello``; raises StoreAuthError on a stranger's hello."""
     if len(hello) != HELLO or hello[: len(MAGIC)] != MAGIC:
-        raise StoreAuthError("not a disttrain rendezvous store")
+        raise StoreAuthError("not a disttrain rendezvous store (or one of another protocol version)")
     salt, nonce_s = _split(hello)
-    k, nonce_c = stretch(secret, salt), secrets.token_bytes(NONCE)
-    return nonce_c + _mac(k, b"dt-client", nonce_s, nonce_c), _mac(k, b"dt-session", nonce_s, nonce_c)
+    k, nonce_c, j = stretch(secret, salt), secrets.token_bytes(NONCE), job_field(job)
+    return j + nonce_c + _mac(k, b"dt-client", j, nonce_s, nonce_c), _mac(k, b"dt-session", j, nonce_s, nonce_c)
 
 
 def client_check_proof(secret: bytes, hello: bytes, reply: bytes, proof: bytes) -> bool:
     salt, nonce_s = _split(hello)
-    return hmac.compare_digest(proof, _mac(stretch(secret, salt), b"dt-server", reply[:NONCE], nonce_s))
+    j = reply[: 1 + reply[0]]
+    return hmac.compare_digest(
+        proof, _mac(stretch(secret, salt), b"dt-server", j, reply[len(j) : len(j) + NONCE], nonce_s)
+    )
 
 
 def server_hello(salt: bytes) -> tuple[bytes, bytes]:
@@ -131,12 +164,22 @@ def server_hello(salt: bytes) -> tuple[bytes, bytes]:
     return MAGIC + salt + nonce_s, nonce_s
 
 
-def server_check_reply(key: bytes, nonce_s: bytes, reply: bytes) -> tuple[bytes, bytes] | None:
-    """(proof to send, session key) when ``reply`` proves the secret (``key`` is its :func:`stretch`), else None."""
-    nonce_c, mac_c = reply[:NONCE], reply[NONCE:]
-    if len(reply) != REPLY or not hmac.compare_digest(mac_c, _mac(key, b"dt-client", nonce_s, nonce_c)):
-        return None
-    return _mac(key, b"dt-server", nonce_c, nonce_s), _mac(key, b"dt-session", nonce_s, nonce_c)
+def server_check_reply(key: bytes, nonce_s: bytes, reply: bytes, job: str = "") -> tuple[bytes, bytes] | str:
+    """(proof to send, session key) when ``reply`` proves the secret (``key`` is its :func:`stretch`)
+    for this store's ``job``; else why it is refused (for the log)."""
+    if not reply or len(reply) != reply_size(reply):
+        return "handshake failed (garbage bytes)"
+    j = reply[: 1 + reply[0]]
+    nonce_c, mac_c = reply[len(j) : len(j) + NONCE], reply[len(j) + NONCE :]
+    if not hmac.compare_digest(mac_c, _mac(key, b"dt-client", j, nonce_s, nonce_c)):
+        return "handshake failed (wrong secret, replayed or garbage bytes)"
+    if not hmac.compare_digest(j, job_field(job)):
+        theirs = j[1:].decode(errors="replace")
+        return (
+            f"a client of job {theirs!r} proved the secret, but this store serves job {job!r}: "
+            "the secret is reused across jobs; refused"
+        )
+    return _mac(key, b"dt-server", j, nonce_c, nonce_s), _mac(key, b"dt-session", j, nonce_s, nonce_c)
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes:

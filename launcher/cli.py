@@ -21,7 +21,8 @@ import secrets
 import sys
 
 from .agent import LocalAgent, NodeSpec, RunResult
-from .environment import free_port
+from .channel import derive_job_id
+from .environment import SECRET, free_port
 from .errors import LaunchConfigError, LauncherError
 from .hostfile import parse_hostfile, parse_hosts
 from .job import JobSpec, run_job
@@ -178,13 +179,16 @@ def spec_from_args(ns: argparse.Namespace) -> tuple[WorkerSpec, NodeSpec]:
         store = ns.rdzv_endpoint
     spec = worker_spec_from_args(ns, nproc)
     master_addr = ns.rdzv_endpoint.rpartition(":")[0] if store else ns.master_addr
+    job_id = ns.run_id or secrets.token_hex(4)
+    if not ns.run_id and store and os.environ.get(SECRET):  # nodes started one by one agree on the id the
+        job_id = derive_job_id(store, os.environ[SECRET])  # store's handshake checks (launcher.channel)
     node = NodeSpec(
         node_rank=ns.node_rank,
         nnodes=nnodes,
         rank_offset=ns.node_rank * nproc,
         master_addr=master_addr,
         master_port=ns.master_port or free_port(),
-        job_id=ns.run_id or secrets.token_hex(4),
+        job_id=job_id,
         store=store,
         host_store=store is not None and ns.node_rank == 0,
         min_nodes=nodes.min,

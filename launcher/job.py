@@ -172,7 +172,7 @@ class _Launcher:
         env = _forwarded_env(job)
         in_main = threading.current_thread() is threading.main_thread()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
-        server = StoreServer(secret, bind, port, advertise=host).start()
+        server = StoreServer(secret, bind, port, advertise=host, job=job.job_id).start()
         try:
             for plan in plans:
                 node = NodeSpec(

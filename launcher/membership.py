@@ -129,11 +129,12 @@ class Heartbeat(threading.Thread):
         interval: float | None = None,  # default: HEARTBEAT_INTERVAL, at most a quarter of the timeout
         timeout: float = HEARTBEAT_TIMEOUT,
         connect_timeout: float = 30.0,
+        job: str = "",  # the job id the store's handshake checks
     ):
         super().__init__(name="heartbeat", daemon=True)
         self.node_rank, self.timeout = node_rank, timeout
         self.interval = interval if interval is not None else min(HEARTBEAT_INTERVAL, timeout / 4)
-        self._client = StoreClient(address, secret, timeout=timeout, connect_timeout=connect_timeout)
+        self._client = StoreClient(address, secret, timeout=timeout, connect_timeout=connect_timeout, job=job)
         self._lock = threading.Lock()
         self._watched: set[int] = set()
         self._seen: dict[int, tuple[int, float]] = {}  # node -> (counter, monotonic time it last moved)
@@ -191,7 +192,11 @@ class Heartbeat(threading.Thread):
                 try:  # a fresh connection: the old one may be wedged behind a cut link
                     self._client.close()
                     self._client = StoreClient(
-                        self._client.address, self._client.secret, timeout=self.timeout, connect_timeout=self.timeout
+                        self._client.address,
+                        self._client.secret,
+                        timeout=self.timeout,
+                        connect_timeout=self.timeout,
+                        job=self._client.job,
                     )
                 except StoreError:
                     pass

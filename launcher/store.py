@@ -39,13 +39,14 @@ from .channel import (
     MAGIC,
     MAX_FRAME,
     NONCE,
-    REPLY,
     SALT,
     Channel,
     StoreAuthError,
     StoreError,
     check_secret,
+    job_field,
     new_secret,
+    reply_size,
     server_check_reply,
     server_hello,
     stretch,
@@ -140,7 +141,11 @@ class StoreServer:
     job: ``start()``, hand ``address`` and the secret to agents, ``close()`` at the end.
     """
 
-    def __init__(self, secret: str, host: str = "127.0.0.1", port: int = 0, *, advertise: str | None = None):
+    def __init__(
+        self, secret: str, host: str = "127.0.0.1", port: int = 0, *, advertise: str | None = None, job: str = ""
+    ):
+        self.job = job  # clients must claim this job id in their handshake (launcher.channel)
+        job_field(job)  # too long for the handshake: refused here, not at every client
         self._salt = os.urandom(SALT)  # this store's (this job's) salt of the secret
         self._key = stretch(_b(secret), self._salt)
         self.data: dict[str, bytes] = {}
@@ -298,8 +303,9 @@ class StoreServer:
 
     def _advance(self, conn: socket.socket, pending: dict, sel, drop) -> None:
         p = pending[conn]
+        want = reply_size(p.buf) if p.buf else 1  # the job id's length byte first: at most 1 + 255 + REPLY
         try:
-            chunk = conn.recv(REPLY - len(p.buf))
+            chunk = conn.recv(want - len(p.buf))
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -309,11 +315,11 @@ class StoreServer:
             drop(conn, "closed during the handshake")
             return
         p.buf += chunk
-        if len(p.buf) < REPLY:
+        if len(p.buf) < reply_size(p.buf):
             return
-        ok = server_check_reply(self._key, p.nonce, p.buf)
-        if ok is None:
-            drop(conn, "handshake failed (wrong secret, replayed or garbage bytes)")
+        ok = server_check_reply(self._key, p.nonce, p.buf, self.job)
+        if isinstance(ok, str):
+            drop(conn, ok)
             return
         del pending[conn]
         sel.unregister(conn)

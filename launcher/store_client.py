@@ -43,13 +43,21 @@ class StoreClient:
     """One authenticated connection to the store; thread-safe (one request at a time).
 
     ``prefix`` is prepended to every key (workers get ``worker/attempt_N/``, so a restarted
-    group never reads the previous attempt's keys).
+    group never reads the previous attempt's keys). ``job`` is the job id the handshake claims:
+    a store of another job refuses the connection even when the secret is the same.
     """
 
     def __init__(
-        self, address: str, secret: str, *, timeout: float = 300.0, connect_timeout: float = 60.0, prefix: str = ""
+        self,
+        address: str,
+        secret: str,
+        *,
+        timeout: float = 300.0,
+        connect_timeout: float = 60.0,
+        prefix: str = "",
+        job: str = "",
     ):
-        self.address, self.timeout, self.prefix = address, timeout, prefix
+        self.address, self.timeout, self.prefix, self.job = address, timeout, prefix, job
         self._secret = _b(secret)
         self._lock = threading.Lock()
         host, _, port = address.rpartition(":")
@@ -83,9 +91,9 @@ class StoreClient:
                 delay = min(delay * 2, 0.5)
         try:
             try:
-                reply, key = client_reply(self._secret, hello)
-            except StoreAuthError:
-                raise StoreAuthError(f"{self.address} is not a disttrain rendezvous store") from None
+                reply, key = client_reply(self._secret, hello, self.job)
+            except StoreAuthError as exc:
+                raise StoreAuthError(f"{self.address}: {exc}") from None
             sock.settimeout(HANDSHAKE_TIMEOUT)
             sock.sendall(reply)
             proof = recv_exact(sock, MAC)
@@ -94,8 +102,9 @@ class StoreClient:
         except OSError as exc:
             sock.close()
             raise StoreAuthError(
-                f"handshake with the rendezvous store at {self.address} failed ({exc}). HINT: "
-                "every host must use the same DISTTRAIN_JOB_SECRET"
+                f"handshake with the rendezvous store at {self.address} failed ({exc}); this client "
+                f"claims job {self.job!r}. HINT: every host must use the same DISTTRAIN_JOB_SECRET and "
+                "job id (--run-id), and a store refuses another job's clients even when the secret is reused"
             ) from None
         except StoreError:
             sock.close()
@@ -184,7 +193,7 @@ class StoreClient:
         self._call(PING, [], "ping")
 
 
-_SECRET_ENV, _STORE_ENV = "DISTTRAIN_JOB_SECRET", "DISTTRAIN_STORE"
+_SECRET_ENV, _STORE_ENV, _JOB_ENV = "DISTTRAIN_JOB_SECRET", "DISTTRAIN_STORE", "DISTTRAIN_JOB_ID"
 _secret_taken: str | None = None  # the worker's secret once it left os.environ
 
 
@@ -207,7 +216,7 @@ def connect_from_env(timeout: float = 300.0, *, prefix: str | None = None) -> St
         return None
     if prefix is None:
         prefix = f"worker/attempt_{os.environ.get('DISTTRAIN_RESTART_COUNT', '0')}/"
-    client = StoreClient(address, secret, timeout=timeout, prefix=prefix)
+    client = StoreClient(address, secret, timeout=timeout, prefix=prefix, job=os.environ.get(_JOB_ENV, ""))
     _secret_taken = secret
     os.environ.pop(_SECRET_ENV, None)
     return client

@@ -90,7 +90,7 @@ class AuthStore(dist.Store):
 
     def clone(self):
         c = self._client
-        return AuthStore(StoreClient(c.address, c.secret, timeout=c.timeout, prefix=c.prefix), self._timeout)
+        return AuthStore(StoreClient(c.address, c.secret, timeout=c.timeout, prefix=c.prefix, job=c.job), self._timeout)
 
 
 def install_env_handler(rendezvous_module=None) -> None:

@@ -433,8 +433,8 @@ def test_horovod_backend_when_installed():
     from launcher.store import StoreServer, new_secret
 
     W, secret = 2, new_secret()
-    with StoreServer(secret) as server:  # the authenticated store the launcher would run
-        env = {"DISTTRAIN_STORE": server.address, "DISTTRAIN_JOB_SECRET": secret}
+    with StoreServer(secret, job="hvd-backend") as server:  # the authenticated store the launcher would run
+        env = {"DISTTRAIN_STORE": server.address, "DISTTRAIN_JOB_SECRET": secret, "DISTTRAIN_JOB_ID": "hvd-backend"}
         out = spawn("tests.cases.hvd_api:backend_ops", W, timeout=180, env=env)
     for r, v in enumerate(out):
         assert v["allreduce"] == [float(sum(range(1, W + 1)))] * 5

@@ -54,10 +54,12 @@ def test_store_operations_match_torch_semantics():
         c.close()
 
 
-def _handshake_reply(sock: socket.socket, secret: bytes) -> bytes:
+def _handshake_reply(sock: socket.socket, secret: bytes, job: str) -> bytes:
+    """A client's valid reply to the server's hello, written out by hand (protocol 3: the job id is bound)."""
     hello = sock.recv(HELLO, socket.MSG_WAITALL)
     salt, nonce_s, nonce_c = hello[len(MAGIC) : len(MAGIC) + SALT], hello[len(MAGIC) + SALT :], os.urandom(NONCE)
-    return nonce_c + hmac.new(stretch(secret, salt), b"dt-client" + nonce_s + nonce_c, hashlib.sha256).digest()
+    j = bytes([len(job)]) + job.encode()
+    return j + nonce_c + hmac.new(stretch(secret, salt), b"dt-client" + j + nonce_s + nonce_c, hashlib.sha256).digest()
 
 
 def _closed_without_answer(sock: socket.socket) -> bool:
@@ -90,6 +92,8 @@ def test_strangers_are_rejected_while_a_job_runs_and_the_job_finishes(tmp_path):
             "2",
             "--rdzv-endpoint",
             f"127.0.0.1:{port}",
+            "--run-id",
+            "store-attack",
             WORKER,
             "store",
         ],
@@ -121,7 +125,7 @@ def test_strangers_are_rejected_while_a_job_runs_and_the_job_finishes(tmp_path):
             StoreClient(f"127.0.0.1:{port}", "wrong-secret", connect_timeout=5)
         # 3. a recorded, valid handshake replayed on a new connection
         with socket.create_connection(addr, 5) as legit:
-            recorded = _handshake_reply(legit, secret.encode())
+            recorded = _handshake_reply(legit, secret.encode(), "store-attack")
             legit.sendall(recorded)
             assert len(legit.recv(32, socket.MSG_WAITALL)) == 32  # accepted the first time
         with socket.create_connection(addr, 5) as replay:
@@ -138,7 +142,7 @@ def test_strangers_are_rejected_while_a_job_runs_and_the_job_finishes(tmp_path):
             p.sendall(len(payload).to_bytes(4, "big") + payload + b"\x00" * 64)
             assert _closed_without_answer(p)
         # ...and even an authenticated client's pickle is only ever stored as bytes.
-        ok = StoreClient(f"127.0.0.1:{port}", secret, prefix="worker/attempt_0/")
+        ok = StoreClient(f"127.0.0.1:{port}", secret, prefix="worker/attempt_0/", job="store-attack")
         ok.set("blob", payload)
         assert ok.get("blob") == payload
         ok.set("go", "1")  # let the workers finish

@@ -75,8 +75,8 @@ def test_a_stranger_speaking_http_to_horovods_rendezvous_gets_nothing(tmp_path):
     port_file, go_file = str(tmp_path / "port"), str(tmp_path / "go")
     result: dict = {}
     secret = new_secret()
-    with StoreServer(secret) as server:
-        env = {"DISTTRAIN_STORE": server.address, "DISTTRAIN_JOB_SECRET": secret}
+    with StoreServer(secret, job="hvd-attacked") as server:
+        env = {"DISTTRAIN_STORE": server.address, "DISTTRAIN_JOB_SECRET": secret, "DISTTRAIN_JOB_ID": "hvd-attacked"}
 
         def job():
             try:

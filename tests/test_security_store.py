@@ -15,7 +15,7 @@ import time
 import pytest
 
 from launcher import cli
-from launcher.channel import MIN_SECRET, StoreError, check_secret, pack
+from launcher.channel import MIN_SECRET, StoreError, check_secret, derive_job_id, pack
 from launcher.store import SET, StoreClient, StoreServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -204,7 +204,10 @@ def test_a_thousand_slow_strangers_while_the_group_restarts_and_the_job_finishes
             time.sleep(0.05)
         # With the strangers in, the test (a legitimate client, admitted despite them) lets rank 1
         # die, and the group restarts under the flood.
-        StoreClient(f"127.0.0.1:{port}", SECRET, timeout=30, connect_timeout=30).set("worker/attempt_0/go", "1")
+        job_id = derive_job_id(f"127.0.0.1:{port}", SECRET)  # the job id of a start with --rdzv-endpoint
+        StoreClient(f"127.0.0.1:{port}", SECRET, timeout=30, connect_timeout=30, job=job_id).set(
+            "worker/attempt_0/go", "1"
+        )
         out, err = job.communicate(timeout=150)
     finally:
         stop.set()

@@ -155,7 +155,9 @@ def test_rank0_hosts_the_store_with_a_0600_secret_file_it_removes(tmp_path):
     try:
         secret_file = tmp_path / ".slurm-secret-4242.0.2"
         assert secret_file.stat().st_mode & 0o777 == 0o600 and env["DISTTRAIN_JOB_SECRET"] == secret_file.read_text()
-        client = StoreClient(env["DISTTRAIN_STORE"], env["DISTTRAIN_JOB_SECRET"], timeout=10)
+        client = StoreClient(
+            env["DISTTRAIN_STORE"], env["DISTTRAIN_JOB_SECRET"], timeout=10, job=env["DISTTRAIN_JOB_ID"]
+        )
         client.set("k", "v")
         assert client.get("k") == b"v"
         client.close()

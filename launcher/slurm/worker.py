@@ -23,6 +23,7 @@ from .place import (
     SlurmPlace,
     check_against_config,
     contract_env,
+    job_tag,
     read_slurm_env,
     store_endpoint,
 )
@@ -115,7 +116,9 @@ def setup_worker(
         from ..store import StoreError, StoreServer
 
         try:
-            server = StoreServer(secret, "127.0.0.1" if one_node else "0.0.0.0", port, advertise=addr).start()
+            server = StoreServer(
+                secret, "127.0.0.1" if one_node else "0.0.0.0", port, advertise=addr, job=job_tag(place)
+            ).start()
         except StoreError as exc:
             raise SlurmEnvError(
                 f"{place.where}: {exc} (port {port} is derived from the job id). HINT: export "
