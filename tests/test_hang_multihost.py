@@ -68,3 +68,21 @@ def test_a_rank_hung_on_the_second_host_is_named_with_its_host_and_line(two_host
         stopped = float(f.read())
     # within hang_timeout plus the beat period and the dumps (3 s at most): not the 120 s collective timeout
     assert named - stopped < HANG_TIMEOUT + 8, named - stopped
+
+
+@pytest.mark.timeout(240)
+def test_slurm_agent_mode_names_the_hung_rank_on_the_second_node(slurm_cluster, tmp_path):
+    """The same through SLURM's agent mode (one ``launcher.slurm.agent`` per node under srun)."""
+    cfg = config_mod.load(os.path.join(ROOT, "configs", "digits.yaml"), OVERRIDES + [f"run.dir={tmp_path / 'run'}"])
+    resolved = str(tmp_path / "hang.yaml")
+    config_mod.save(cfg, resolved)
+    argv = ["srun", "-N2", "--ntasks-per-node=1", "--kill-on-bad-exit=0", sys.executable, "-m", "launcher.slurm.agent"]
+    argv += ["--nproc-per-node", "1", "--hang-timeout", str(HANG_TIMEOUT), "--secret-dir", str(tmp_path)]
+    argv += ["--stop-grace", "5", "-m", "disttrain.worker", resolved]
+    env = dict(slurm_cluster.env, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    r = slurm_cluster.run(argv, check=False, timeout=180, cwd=ROOT, env=env)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out[-3000:]
+    assert out.count("disttrain: hang:") == 1 and "rank 1 is behind" in out, out[-3000:]
+    behind = next(line for line in out.splitlines() if "BEHIND rank 1@" in line)
+    assert "BEHIND rank 1@n2:" in behind and f"hang_step.py:{_hang_line()} in step" in behind, out[-3000:]
