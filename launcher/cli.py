@@ -102,6 +102,7 @@ def build_parser(prog: str = "disttrain launch") -> argparse.ArgumentParser:
         help="seconds without a finished collective (our collectives) before one report names the rank "
         "behind and its line, and the job stops (default 0: off)",
     )
+    _both(p, "--hang-keep-waiting", action="store_true", help="after the hang report, keep waiting (default: stop)")
     _both(p, "--log-dir", default=None, help="per-rank stdout/stderr files go under this directory")
     p.add_argument("--tee", default="3", help="kept for torchrun compatibility; output goes to files and console")
     p.add_argument("--redirects", "-r", default="0", help="0: console too; 3: files only (torchrun's meaning)")
@@ -230,6 +231,7 @@ def job_from_args(ns: argparse.Namespace) -> JobSpec:
         join_timeout=ns.join_timeout,
         heartbeat_timeout=ns.heartbeat_timeout,
         hang_timeout=ns.hang_timeout,
+        hang_stop=not ns.hang_keep_waiting,
     )
     if ns.heartbeat_timeout <= 0:
         raise LaunchConfigError(f"--heartbeat-timeout must be positive, got {ns.heartbeat_timeout:g}")
@@ -258,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         if ns.np is not None and ns.nproc_per_node is None:
             ns.nproc_per_node = ns.np
         spec, node = spec_from_args(ns)
-        return launch(spec, node, ns.max_restarts, hang_timeout=ns.hang_timeout).exit_code
+        return launch(
+            spec, node, ns.max_restarts, hang_timeout=ns.hang_timeout, hang_stop=not ns.hang_keep_waiting
+        ).exit_code
     except LauncherError as exc:
         print(f"disttrain launch: error: {exc}", file=sys.stderr)
         return 2
