@@ -89,6 +89,8 @@ def test_array_in_agent_mode_starts_one_agent_per_node_and_a_run_dir_per_task(dr
         "slurm.signal=SIGUSR2",
         "slurm.signal_seconds=120",
         "slurm.requeue=false",
+        "launch.hang_timeout=30",
+        "launch.hang_stop=false",
     )
     assert p.returncode == 0, p.stderr
     for line in (
@@ -98,7 +100,7 @@ def test_array_in_agent_mode_starts_one_agent_per_node_and_a_run_dir_per_task(dr
         "#SBATCH --cpus-per-task=2",
         "#SBATCH --signal=B:USR2@120",
         "#SBATCH --no-requeue",
-        "-m launcher.slurm.agent --nproc-per-node 2",
+        "-m launcher.slurm.agent --nproc-per-node 2 --hang-timeout 30 --hang-keep-waiting -m",
         '"run.dir=$RUN_DIR"',
         "task_${SLURM_ARRAY_TASK_ID}",
     ):

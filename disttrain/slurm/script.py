@@ -141,10 +141,11 @@ def launch_line(cfg: ExperimentConfig, config_path: str, ntasks_per_node: int) -
     """The srun command of the job: a task per worker (srun mode) or an agent per node."""
     s, py = cfg.slurm, shell_quote("python", sys.executable)
     module, config = shell_quote("slurm.worker_module", s.worker_module), shell_quote("run.dir", config_path)
-    if s.mode == "agent":  # one agent per node; it starts the node's workers
+    if s.mode == "agent":  # one agent per node; it starts the node's workers and watches them for hangs
+        hang = f"--hang-timeout {cfg.launch.hang_timeout:g}" + ("" if cfg.launch.hang_stop else " --hang-keep-waiting")
         return (
             f"srun --ntasks-per-node=1 --kill-on-bad-exit=1 {py} -u -m launcher.slurm.agent "
-            f"--nproc-per-node {ntasks_per_node} -m {module} {config}"
+            f"--nproc-per-node {ntasks_per_node} {hang} -m {module} {config}"
         )
     return f"srun --kill-on-bad-exit=1 {py} -u -m {module} {config}"
 
