@@ -1,0 +1,71 @@
+"""peft LoRA under tensor and pipeline parallel equals one process.
+
+A transformers Llama, every weight frozen, with peft LoRA adapters on ``q_proj``/``v_proj`` (colwise:
+the base's output rows and ``lora_B``'s rows split, ``lora_A`` whole) and ``o_proj``/``down_proj``
+(rowwise: the base's input columns and ``lora_A``'s columns split, ``lora_B`` whole, the output reduced
+once), trains 3 AdamW steps (weight decay 0.1) on 2 ranks under tp2 and under pp2, and in one process.
+Every tensor assembled from the ranks' pieces (peft's ``base_model.model.`` names, tp boxes) equals one
+process's within 1e-5 (tp sums partial products in another order), the losses within 1e-5, the frozen
+base equals its initial values bit for bit, the adapters trained, only adapters have optimizer state,
+and the assembled state strict-loads into a fresh peft model.
+"""
+
+import pytest
+import torch
+
+from tests.support.harness import spawn
+from tests.test_deferred_init import eager
+
+pytestmark = pytest.mark.timeout(300)
+TARGET = "tests.cases.lora_parallel:llama_peft"
+ATOL = 1e-5
+
+
+def assemble(results: list, shapes: dict) -> dict[str, torch.Tensor]:
+    """Whole tensors from every rank's pieces; every element must be held by some rank."""
+    out, seen = {}, {}
+    for res in results:
+        for p in res["pieces"]:
+            n = p["name"]
+            t = out.setdefault(n, torch.zeros(shapes[n]))
+            c = seen.setdefault(n, torch.zeros(shapes[n], dtype=torch.bool))
+            v = torch.tensor(p["values"])
+            if p["flat"]:
+                ((a, b),) = p["box"]
+                t.view(-1)[a:b], c.view(-1)[a:b] = v, True
+            else:
+                idx = tuple(slice(a, b) for a, b in p["box"])
+                t[idx], c[idx] = v.view(t[idx].shape), True
+    for n, c in seen.items():
+        assert bool(c.all()), f"{n}: not every element is held by some rank"
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process():
+    (res,) = spawn("tests.cases.lora_parallel:train_case", 1)
+    return res
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_lora_under_tp_and_pp_matches_one_process(one_process, tp, pp):
+    from tests.cases.lora_parallel import llama_peft
+
+    init = eager(TARGET, {})
+    shapes = {n: tuple(t.shape) for n, t in init.items()}
+    two = spawn("tests.cases.lora_parallel:train_case", 2, args={"tp": tp, "pp": pp})
+    ref, got = assemble([one_process], shapes), assemble(two, shapes)
+    assert sorted(ref) == sorted(got) and any(".lora_A." in n for n in got)
+    assert any(n.endswith("o_proj.lora_A.default.weight") for n in got)  # a rowwise adapter is there
+    for n in ref:
+        assert torch.allclose(got[n], ref[n], atol=ATOL, rtol=0), f"tp{tp} pp{pp}: {n} differs from one process"
+        if "lora_" not in n:
+            assert torch.equal(got[n], init[n].detach().float()), f"tp{tp} pp{pp}: frozen {n} changed"
+        elif "lora_B" in n:
+            assert not torch.equal(got[n], init[n].detach().float()), f"tp{tp} pp{pp}: {n} did not train"
+    last = two[-1]["losses"]  # the last pipeline stage (every tp rank) has the loss
+    assert max(abs(a - b) for a, b in zip(last, one_process["losses"])) <= ATOL, (last, one_process["losses"])
+    for res in two:
+        assert res["optim_names"] and all(".lora_" in n for n in res["optim_names"]), res["optim_names"]
+    fresh = llama_peft()
+    fresh.load_state_dict(got, strict=True)  # the consolidated state fits a fresh peft model
