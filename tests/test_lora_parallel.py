@@ -69,3 +69,45 @@ def test_lora_under_tp_and_pp_matches_one_process(one_process, tp, pp):
         assert res["optim_names"] and all(".lora_" in n for n in res["optim_names"]), res["optim_names"]
     fresh = llama_peft()
     fresh.load_state_dict(got, strict=True)  # the consolidated state fits a fresh peft model
+
+
+@pytest.mark.unit
+def test_lora_split_shapes_and_prefixed_plan_names():
+    """Rank 0 of tp=2, locally: peft's prefix maps to the plan, colwise q_proj keeps lora_A whole and
+    halves lora_B's rows, rowwise o_proj halves lora_A's columns and keeps lora_B whole; names stay
+    peft's. DoRA is a plan error naming the module."""
+    from peft import LoraConfig, get_peft_model
+
+    from disttrain.parallel.adapters import adapted_base, plan_for_base
+    from disttrain.parallel.tensor.parallel import TPContext, tp_slice
+    from disttrain.parallel.tensor.plan import PlanError, apply_tp_plan
+    from tests.cases.deferred import llama
+    from tests.cases.lora_parallel import llama_peft
+
+    model = llama_peft()
+    base, prefix = adapted_base(model)
+    assert prefix == "base_model.model." and type(base).__name__ == "LlamaForCausalLM"
+    plan = plan_for_base(
+        {f"{prefix}model.layers.*.self_attn.q_proj": "colwise", "model.layers.*.self_attn.o_proj": "rowwise"}, prefix
+    )
+    assert sorted(plan) == ["model.layers.*.self_attn.o_proj", "model.layers.*.self_attn.q_proj"]
+    before = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    apply_tp_plan(base, TPContext(None, 2, 0), plan, loss_parallel=False)
+    after = dict(model.named_parameters())
+    assert sorted(after) == sorted(before)  # peft's names, unchanged
+    q, o = f"{prefix}model.layers.0.self_attn.q_proj", f"{prefix}model.layers.0.self_attn.o_proj"
+    half_rows = lambda s: (s[0] // 2, *s[1:])  # noqa: E731
+    assert tuple(after[f"{q}.base_layer.weight"].shape) == half_rows(before[f"{q}.base_layer.weight"])
+    assert tuple(after[f"{q}.lora_B.default.weight"].shape) == half_rows(before[f"{q}.lora_B.default.weight"])
+    assert tuple(after[f"{q}.lora_A.default.weight"].shape) == before[f"{q}.lora_A.default.weight"]
+    assert tp_slice(after[f"{q}.lora_A.default.weight"]) is None
+    r, n_in = before[f"{o}.lora_A.default.weight"]
+    assert tuple(after[f"{o}.lora_A.default.weight"].shape) == (r, n_in // 2)
+    assert tp_slice(after[f"{o}.lora_A.default.weight"]).dim == 1
+    assert tuple(after[f"{o}.lora_B.default.weight"].shape) == before[f"{o}.lora_B.default.weight"]
+    with torch.no_grad():
+        model(torch.randint(0, 64, (1, 8)))  # runs locally (no tp group): the pieces fit together
+
+    dora = get_peft_model(llama(), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(PlanError, match="q_proj.*DoRA"):
+        apply_tp_plan(adapted_base(dora)[0], TPContext(None, 2, 0), {"model.layers.*.self_attn.q_proj": "colwise"})
