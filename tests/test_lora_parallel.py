@@ -3,7 +3,8 @@
 A transformers Llama, every weight frozen, with peft LoRA adapters on ``q_proj``/``v_proj`` (colwise:
 the base's output rows and ``lora_B``'s rows split, ``lora_A`` whole) and ``o_proj``/``down_proj``
 (rowwise: the base's input columns and ``lora_A``'s columns split, ``lora_B`` whole, the output reduced
-once), trains 3 AdamW steps (weight decay 0.1) on 2 ranks under tp2 and under pp2, and in one process.
+once), trains 3 AdamW steps (weight decay 0.1) under tp2, pp2 (2 ranks) and tp2 x pp2 (4 ranks), and in
+one process.
 Every tensor assembled from the ranks' pieces (peft's ``base_model.model.`` names, tp boxes) equals one
 process's within 1e-5 (tp sums partial products in another order), the losses within 1e-5, the frozen
 base equals its initial values bit for bit, the adapters trained, only adapters have optimizer state,
@@ -47,13 +48,13 @@ def one_process():
     return res
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
 def test_lora_under_tp_and_pp_matches_one_process(one_process, tp, pp):
     from tests.cases.lora_parallel import llama_peft
 
     init = eager(TARGET, {})
     shapes = {n: tuple(t.shape) for n, t in init.items()}
-    two = spawn("tests.cases.lora_parallel:train_case", 2, args={"tp": tp, "pp": pp})
+    two = spawn("tests.cases.lora_parallel:train_case", tp * pp, args={"tp": tp, "pp": pp})
     ref, got = assemble([one_process], shapes), assemble(two, shapes)
     assert sorted(ref) == sorted(got) and any(".lora_A." in n for n in got)
     assert any(n.endswith("o_proj.lora_A.default.weight") for n in got)  # a rowwise adapter is there
