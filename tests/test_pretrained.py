@@ -5,7 +5,10 @@ initialised on another seed than the run's (so a load that did not happen shows)
 tp2 and pp2 on 2 ranks, the loss of the first forward equals ``from_pretrained``'s in one process
 (tolerance 1e-5: the same weights; only tp's split matmuls and vocab-parallel loss sum in another
 order). A file that does not fit the model is an error naming the key, or with
-``model.pretrained_strict: false`` a listed warning and the rest loaded.
+``model.pretrained_strict: false`` a listed warning and the rest loaded. A disttrain checkpoint
+(saved by a ZeRO-3 run on 2 ranks, one step after that load) loads from its run directory under
+ZeRO-3 and from its step directory under tp2, and its `disttrain ckpt export` output loads back
+through ``model.pretrained``: each gives the exported model's ``from_pretrained`` first-step loss.
 """
 
 import json
@@ -81,3 +84,46 @@ def test_pretrained_from_a_consolidated_file(sharded, tmp_path):
     args = {"target": TARGET, "kwargs": {}, "strategy": "zero3", "batch": ids}
     for got in spawn("tests.cases.deferred:first_loss_case", 2, args={**args, "model": {"pretrained": file}}):
         assert abs(got - want) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def saved(sharded, tmp_path_factory):
+    """A disttrain checkpoint of the Llama after one ZeRO-3 step from the sharded directory (2 ranks),
+    its `ckpt export` directory, and the first-step loss of that export through `from_pretrained` in one
+    process: the reference every way of loading the checkpoint must give."""
+    import transformers
+
+    from disttrain.checkpoint.cli import main as ckpt
+
+    path, ids, before = sharded
+    run_dir = str(tmp_path_factory.mktemp("saved-run"))
+    step_dir = spawn("tests.cases.deferred:save_case", 2, args={"run_dir": run_dir, "pretrained": path})[0]
+    out = str(tmp_path_factory.mktemp("exported") / "llama")
+    assert ckpt(["export", step_dir, out]) == 0
+    ref = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    t = torch.tensor(ids)
+    with torch.no_grad():
+        logits = ref(t).logits
+    loss = float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), t[:, 1:].reshape(-1)))
+    assert abs(loss - before) > 1e-4  # the step moved the weights: a load of the checkpoint shows
+    return run_dir, step_dir, out, loss
+
+
+@pytest.mark.parametrize("source,strategy,tp", [("run", "zero3", 1), ("step", "ddp", 2)])
+def test_pretrained_from_a_disttrain_checkpoint(sharded, saved, source, strategy, tp):
+    """A run directory (its newest checkpoint) under ZeRO-3 and a step directory under tp2 give the
+    exported model's first-step loss."""
+    run_dir, step_dir, _, want = saved
+    args = {"target": TARGET, "kwargs": {}, "strategy": strategy, "tp": tp, "batch": sharded[1]}
+    model = {"pretrained": run_dir if source == "run" else step_dir}
+    for rank, got in enumerate(spawn("tests.cases.deferred:first_loss_case", 2, args={**args, "model": model})):
+        assert abs(got - want) <= 1e-5, f"{source} dir, {strategy} tp{tp}, rank {rank}: {got} vs {want}"
+
+
+def test_ckpt_export_loads_back_through_pretrained(sharded, saved):
+    """`disttrain ckpt export` output read back through `model.pretrained` (ZeRO-3, 2 ranks): the same
+    first-step loss as `from_pretrained` of that output in one process."""
+    _, _, out, want = saved
+    args = {"target": TARGET, "kwargs": {}, "strategy": "zero3", "batch": sharded[1], "model": {"pretrained": out}}
+    for rank, got in enumerate(spawn("tests.cases.deferred:first_loss_case", 2, args=args)):
+        assert abs(got - want) <= 1e-5, f"rank {rank}: {got} vs {want}"

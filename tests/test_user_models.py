@@ -155,9 +155,12 @@ def _build_gpt2(**kwargs):
     return build_model(**kwargs)
 
 
-def _check_fine_tune(tmp_path_factory, name: str, kwargs: dict, layouts: dict[str, list[str]]) -> None:
+def _check_fine_tune(
+    tmp_path_factory, name: str, kwargs: dict, layouts: dict[str, list[str]], reshard_to: str = "zero2:2"
+) -> dict[str, str]:
     """Each layout equals one process (ATOL), the frozen parameters in its checkpoint are the initial
-    ones bit for bit, the trained ones moved, and its consolidated file strict-loads into a fresh model."""
+    ones bit for bit, the trained ones moved, its consolidated file strict-loads into a fresh model, and
+    ``ckpt reshard --check --to reshard_to`` says yes. Returns {layout: run dir}."""
     from safetensors.torch import load_file
 
     from disttrain.checkpoint.cli import main as ckpt
@@ -173,8 +176,9 @@ def _check_fine_tune(tmp_path_factory, name: str, kwargs: dict, layouts: dict[st
     args = [*GPT2_ARGS, *(f"model.kwargs.{k}={v}" for k, v in cli.items())]
     yaml = os.path.join(GPT2, "gpt2.yaml")
     one = _params(_run(tmp_path_factory, yaml, f"{name}-1", 1, *args))
+    dirs = {}
     for layout, (nproc, *extra) in layouts.items():
-        run_dir = _run(tmp_path_factory, yaml, f"{name}-{layout}", int(nproc), *args, *extra)
+        run_dir = dirs[layout] = _run(tmp_path_factory, yaml, f"{name}-{layout}", int(nproc), *args, *extra)
         got = _params(run_dir)
         assert _max_diff(one, got) <= ATOL, f"{name} under {layout}: {_max_diff(one, got)}"
         for n, t in frozen.items():
@@ -183,21 +187,37 @@ def _check_fine_tune(tmp_path_factory, name: str, kwargs: dict, layouts: dict[st
         out = str(tmp_path_factory.mktemp(f"{name}-{layout}-out") / "model.safetensors")
         assert ckpt(["consolidate", run_dir, out]) == 0
         _build_gpt2(seq_len=32, **kwargs).load_state_dict(load_file(out), strict=True)
+        assert ckpt(["reshard", run_dir, "--check", "--to", reshard_to]) == 0, f"{name} under {layout}"
+    return dirs
 
 
-def test_lora_fine_tune_under_ddp_and_zero_equals_one_process(tmp_path_factory):
-    """peft LoRA adapters (rank 4 on c_attn and c_fc) on a frozen GPT-2, 2 ranks."""
-    layouts = {"ddp": ["2"], "zero2": ["2", "parallel.strategy=zero2"], "zero3": ["2", "parallel.strategy=zero3"]}
+def test_lora_fine_tune_under_ddp_zero_tp_and_pp_equals_one_process(tmp_path_factory):
+    """peft LoRA adapters (rank 4 on c_attn and c_fc) on a frozen GPT-2, 2 ranks. Under tp2 the plan
+    splits each peft layer with its base (c_attn, a Conv1D: q, k, v chunks of the base's and lora_B's
+    output features; lora_A whole); under pp2 the adapters go with their blocks' stages."""
+    layouts = {"ddp": ["2"], "zero2": ["2", "parallel.strategy=zero2"], "zero3": ["2", "parallel.strategy=zero3"],
+               "tp2": ["2", "parallel.mesh.tp=2"], "pp2": ["2", "parallel.mesh.pp=2"]}  # fmt: skip
     _check_fine_tune(tmp_path_factory, "lora", {"lora_r": 4}, layouts)
 
 
 def test_frozen_parameters_under_tp2_and_pp2_equal_one_process(tmp_path_factory):
     """A frozen position embedding (replicated under tp) and a frozen first MLP (sliced under tp, on
-    the first pipeline stage): in every checkpoint, unchanged, consolidated strictly."""
+    the first pipeline stage), and a frozen final norm (on the last stage): in every checkpoint,
+    unchanged, consolidated strictly. ``ckpt reshard --check`` says yes for the pp2 checkpoint (its
+    frozen list is every rank's, not rank 0's alone), and it does reshard: the run resumes as zero2."""
     layouts = {"tp2": ["2", "parallel.mesh.tp=2"], "pp2": ["2", "parallel.mesh.pp=2"]}
-    _check_fine_tune(
-        tmp_path_factory, "frozen", {"freeze": ["transformer.wpe.weight", "transformer.h.0.mlp.*"]}, layouts
-    )
+    freeze = ["transformer.wpe.weight", "transformer.h.0.mlp.*", "transformer.ln_f.*"]
+    dirs = _check_fine_tune(tmp_path_factory, "frozen", {"freeze": freeze}, layouts)
+    before = _params(dirs["pp2"])
+    args = [a for a in GPT2_ARGS if not a.startswith("train.steps=")] + ["train.steps=7", "parallel.strategy=zero2"]
+    p = _cli("run", os.path.join(GPT2, "gpt2.yaml"), "--nproc", "2", f"run.dir={dirs['pp2']}", *args,
+             f"model.kwargs.freeze=[{','.join(freeze)}]")  # fmt: skip
+    assert "resumed from" in p.stdout and "step_000006" in p.stdout, p.stdout[-3000:]
+    reader = CheckpointReader(resolve(dirs["pp2"])[0])
+    assert reader.state()["step"] == 7
+    for n in ("model.transformer.ln_f.weight", "model.transformer.wpe.weight"):
+        shape = reader.shape(n)
+        assert torch.equal(reader(n, shape, tuple((0, s) for s in shape)), before[n]), f"frozen {n} changed"
 
 
 def test_killed_rank_resumes_at_the_same_sample(gpt2_runs, tmp_path):

@@ -157,7 +157,7 @@ class Checkpointer(Callback):
         shards = trainer.strategy.state_shards()
         mine = self._plan_for(shards)
         job = RankWrite(self.dir, trainer.step, self.rank, [shards[i] for i in mine])
-        local = {"rng": state_mod.capture_rng()}
+        local = {"rng": state_mod.capture_rng(), "untrained": state_mod.untrained_names(trainer.model)}
         shared = state_mod.capture(trainer) if self.rank == 0 else None
         shared = self._with_layout(trainer, shared)
         flight = _InFlight(job, local, shared, periodic, self.last_saved)
@@ -318,6 +318,7 @@ class Checkpointer(Callback):
         shared = dict(f.shared)
         layout = shared.pop("layout")
         shared["rng"] = [r["state"]["rng"] for r in sorted(records, key=lambda r: r["rank"])]
+        state_mod.merge_untrained(shared, [r["state"] for r in records])
         protect = tuple(sorted(self._protected | ({self.resumed_from} if self.resumed_from is not None else set())))
         args = (self.dir, f.job.step, self.world, layout, records, shared, self.cfg.keep, protect)
         if sync:

@@ -48,14 +48,31 @@ class TrainingRun(Protocol):
     def notify_checkpoint(self, step: int, path: str) -> None: ...
 
 
+def untrained_names(model) -> list[str]:
+    """Names of the buffers and frozen parameters this rank's ``model`` holds (sorted)."""
+    return sorted(n for n, _ in untrained_state(model))
+
+
+def merge_untrained(shared: dict, local_states: list[dict]) -> None:
+    """Rank 0, at commit: the model record's ``untrained`` list becomes the union of every rank's
+    (each rank's ``local`` state carries its own: pipeline stages hold different frozen parameters)."""
+    record = shared.get("model")
+    if isinstance(record, dict):
+        names = set(record.get("untrained") or [])
+        for st in local_states:
+            names.update(st.get("untrained") or [])
+        record["untrained"] = sorted(names)
+
+
 def model_record(model) -> dict:
     """JSON description of ``model`` for consolidation and export (class, tied names, transformers config)."""
     cls = type(model)
     rec: dict = {
         "class": f"{cls.__module__}.{cls.__qualname__}",
         "aliases": aliases(model),
-        # buffers and frozen parameters: model state no optimizer steps (ckpt reshard --check)
-        "untrained": sorted(n for n, _ in untrained_state(model)),
+        # buffers and frozen parameters: model state no optimizer steps (ckpt reshard --check); a
+        # pipeline rank holds only its stages, so the commit takes the union of every rank's list
+        "untrained": untrained_names(model),
     }
     tf = sys.modules.get("transformers")  # only a model built with transformers can be one of its models
     if tf is not None and isinstance(model, tf.PreTrainedModel):

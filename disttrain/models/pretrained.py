@@ -6,8 +6,9 @@
   ``model.safetensors.index.json`` (its ``weight_map`` says which file holds each tensor);
   ``disttrain ckpt export`` writes this form, so an export loads back here;
 - a consolidated ``.safetensors`` file (``disttrain ckpt consolidate``);
-- a disttrain checkpoint directory (``step_N``, or a run's checkpoint folder: its newest one),
-  read through the checkpoint reader, which verifies each file it opens.
+- a disttrain checkpoint: a ``step_N`` directory, or a run directory or its ``checkpoints/`` folder
+  (the newest committed checkpoint, the ``latest`` pointer's first), read through the checkpoint
+  reader, which verifies each file it opens.
 
 A rank asks only for the boxes it keeps (a ZeRO-3 flat range, a tensor-parallel slice, its
 pipeline stages' tensors); safetensors files are read with ``os.pread`` at the byte offsets
@@ -204,11 +205,11 @@ def open_pretrained(path: str) -> TensorSource:
         return SafetensorsSource(path, _single_files(os.path.join(path, "model.safetensors")))
     if os.path.exists(os.path.join(path, "manifest.json")):
         return CheckpointSource(path)
-    from ..checkpoint.reader import list_checkpoints
+    from ..checkpoint.reader import resolve
 
-    found = list_checkpoints(path)
+    found = resolve(path)  # a run directory or its checkpoints/ folder: the newest committed checkpoint
     if found:
-        return CheckpointSource(found[0][1])
+        return CheckpointSource(found[0])
     raise PretrainedError(
         f"model.pretrained: {path} holds no model.safetensors, model.safetensors.index.json or disttrain "
         "checkpoint\nHINT: save with model.save_pretrained(DIR) or `disttrain ckpt export`"

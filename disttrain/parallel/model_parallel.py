@@ -32,6 +32,7 @@ import torch.nn as nn
 from collectives import Communicator, ReduceOp
 
 from ..config.parallel import ParallelConfig
+from .adapters import adapted_base, plan_for_base
 from .buffers import broadcast_parameters
 from .mesh import MeshError, build_mesh, resolve_shape
 from .pipeline.parallel import Pipeline
@@ -143,11 +144,15 @@ class ModelParallel:
         device = device or str(comm.backend.device or "cpu")
         self.rng = RNGTracker(seed, self.mesh.index("tp"), self.mesh.index("pp"), device) if tp > 1 else None
         self.tp_ctx = TPContext(self.mesh.group("tp"), tp, self.mesh.index("tp"), rng=self.rng)
+        base, prefix = adapted_base(model)  # under peft adapters: the plan and stages are the base's
         if tp > 1:
             lp = cfg.tp.loss_parallel if loss_parallel is None else loss_parallel
-            model = apply_tensor_parallel(
-                model, self.mesh, self.tp_ctx, cfg.tp.plan, cfg.tp.parallelize, True if lp is None else lp
+            out = apply_tensor_parallel(
+                base, self.mesh, self.tp_ctx, plan_for_base(cfg.tp.plan, prefix), cfg.tp.parallelize, lp is not False
             )
+            if out is not base and prefix:
+                raise MeshError("parallel.tp.parallelize: a model under peft adapters must be changed in place")
+            model, base = (model, base) if prefix else (out, out)
         # Names of the single-process model, by parameter identity (pipeline stages rename modules).
         logical = {id(p): n for n, p in model.named_parameters()}
         self.logical_buffers = {id(b): n for n, b in model.named_buffers()}
@@ -159,10 +164,10 @@ class ModelParallel:
             v = pc.virtual_stages
             split = pc.split
             if split is None and pc.stages is not None:
-                split = _legacy_split(pc.stages, pp, len(getattr(model, "blocks", [])))
+                split = _legacy_split(pc.stages, pp, len(getattr(base, "blocks", [])))
             mine = [c * pp + self.mesh.index("pp") for c in range(v)]
             stage_params: dict[int, set[str]] = {}
-            chunks = build_stages(model, pp * v, mine, split, pc.stage_forward, stage_params, logical)
+            chunks = build_stages(base, pp * v, mine, split, pc.stage_forward, stage_params, logical)
             for c in chunks:  # a split target's own modules: named by stage
                 for n, p in c.named_parameters():
                     logical.setdefault(id(p), f"stage{c.index}.{n}")

@@ -237,3 +237,29 @@ def eval_gather_case(layers: int = 6) -> dict:
     comm.barrier()
     comm.close()
     return out
+
+
+def save_case(run_dir: str, pretrained: str, strategy: str = "zero3", tp: int = 1) -> str:
+    """One training step of the Llama started from ``pretrained``, through the trainer (its checkpoint
+    callback saves at the end); returns the newest checkpoint's directory."""
+    from disttrain.checkpoint import resolve
+    from disttrain.session import build_trainer
+
+    cfg = ExperimentConfig.model_validate(
+        {
+            "run": {"dir": run_dir},
+            "model": {"target": "tests.cases.deferred:llama", "pretrained": pretrained},
+            "data": {"target": "tests.cases.deferred:tokens"},
+            "parallel": {"strategy": strategy, "mesh": {"tp": tp}},
+            "optim": {"name": "adamw", "lr": 1e-2},
+            "train": {"steps": 1, "batch_size": 4, "log_every": 1, "eval_every": 0},
+            "checkpoint": {"async_save": False},
+        }
+    )
+    comm = collectives.init("torch", timeout=120)
+    trainer = build_trainer(cfg, comm)
+    trainer.fit()
+    trainer.run_dir.close()
+    comm.barrier()
+    comm.close()
+    return resolve(run_dir)[0]

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..adapters import adapted_base
 from ..mesh import MeshError
 
 
@@ -66,8 +67,9 @@ def as_model_output(model_is_transformers: bool, out: torch.Tensor):
 
 
 def is_transformers_model(model) -> bool:
+    """A transformers model, or one under peft adapters (its output carries ``logits`` too)."""
     mod = sys.modules.get("transformers")
-    return mod is not None and isinstance(model, mod.PreTrainedModel)
+    return mod is not None and isinstance(adapted_base(model)[0], mod.PreTrainedModel)
 
 
 def run_step_fn(

@@ -267,7 +267,7 @@ class ColumnParallelLinear(nn.Module):
         self.ctx, self.gather_output = ctx, gather_output
         self.in_features, out, self.transposed = _shape_of(source)
         self.global_out_features = out
-        pieces = _pieces(out, partitions, ctx.size, ctx.rank)
+        self.pieces = pieces = _pieces(out, partitions, ctx.size, ctx.rank)
         self.out_features = sum(p[1] - p[0] for p in pieces)
         self.sizes = [sum(p[1] - p[0] for p in _pieces(out, partitions, ctx.size, r)) for r in range(ctx.size)]
         self.vocab_start = pieces[0][2] if partitions == 1 else 0
@@ -282,8 +282,14 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _enter(x, self.ctx)
         self.ctx.sharded_region()
-        w = self.weight.t() if self.transposed else self.weight
-        y = F.linear(x, w, self.bias)
+        return self.finish(self.local(x))
+
+    def local(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's output features for an input that already entered the tp region."""
+        return F.linear(x, self.weight.t() if self.transposed else self.weight, self.bias)
+
+    def finish(self, y: torch.Tensor) -> torch.Tensor:
+        """The local output as the layer returns it: gathered, or marked as a vocabulary shard."""
         if self.ctx.group is None:
             return y
         if self.gather_output:
@@ -301,7 +307,7 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.ctx = ctx
         n_in, self.out_features, self.transposed = _shape_of(source)
-        pieces = _pieces(n_in, 1, ctx.size, ctx.rank)
+        self.pieces = pieces = _pieces(n_in, 1, ctx.size, ctx.rank)
         self.in_features = pieces[0][1]
         shared = {} if shared is None else shared
         self.weight = _take(
@@ -312,8 +318,15 @@ class RowParallelLinear(nn.Module):
             mark_partial_grad(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.t() if self.transposed else self.weight
-        y = _leave(F.linear(x, w), self.ctx)
+        return self.finish(self.partial(x))
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's partial sum of the output (no bias) from its input features."""
+        return F.linear(x, self.weight.t() if self.transposed else self.weight)
+
+    def finish(self, y: torch.Tensor) -> torch.Tensor:
+        """Partial sums summed over tp (once), then the bias."""
+        y = _leave(y, self.ctx)
         self.ctx.replicated_region()
         return y if self.bias is None else y + self.bias
 

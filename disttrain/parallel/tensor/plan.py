@@ -17,6 +17,8 @@ matching a layer index) to a style:
                    layer its forward reads (a reshape by an embedding width): divided by tp
 =================  =====================================================================
 
+A projection wrapped by a peft LoRA layer takes its style with its adapters (:mod:`.lora`).
+
 The parent of a colwise layer has its head counts (``HEAD_ATTRS``) divided by tp, and the
 common width names (``WIDTH_ATTRS``: ``embed_dim``, ``hidden_size``, ...) where they divide. If
 such a module's first forward under tp raises, the error is a :class:`PlanError` naming the
@@ -43,6 +45,7 @@ import torch.nn as nn
 
 from ...errors import ConfigError
 from ..mesh import DeviceMesh
+from .lora import is_lora_layer, lora_problem, parallel_lora
 from .parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -172,6 +175,11 @@ def _check(name: str, mod: nn.Module, style: str, parent: nn.Module, key: str, g
             if not isinstance(v, int) or isinstance(v, bool) or v % tp:
                 raise PlanError(f"{where}: attribute {attr!r} is {v!r}, not an integer that divides by tp={tp}")
         return
+    if is_lora_layer(mod):  # peft LoRA around a projection: the base is split, the adapters with it
+        why = lora_problem(mod, style)
+        if why:
+            raise PlanError(f"{where}: {why}")
+        mod = mod.base_layer
     if not _is_linear(mod):
         raise PlanError(
             f"{where}, which {style} cannot apply to\nHINT: {style} applies to nn.Linear and transformers' Conv1D; "
@@ -305,6 +313,10 @@ def apply_tp_plan(
             continue
         if style == "vocab":
             new = VocabParallelEmbedding(mod, ctx, shared)
+        elif is_lora_layer(mod):
+            new = parallel_lora(mod, style, PARTITIONS.get(style, 1), ctx, shared)
+            if style not in ("rowwise", "colwise_gather"):
+                _adjust_heads(parent, n, ctx.size, heads_done)
         elif style == "rowwise":
             new = RowParallelLinear(mod, ctx, shared)
         else:

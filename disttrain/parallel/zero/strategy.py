@@ -38,9 +38,10 @@ import logging
 import torch
 import torch.nn as nn
 
-from collectives import Communicator
+from collectives import CollectiveMismatchError, CollectiveTimeoutError, Communicator
 
 from ...config.parallel import ParallelConfig
+from ...errors import DisttrainError
 from ..buckets import WIRE_DTYPES, GradBuckets, clip_, plan_buckets
 from ..buffers import broadcast_buffers, broadcast_parameters, buffer_shards, full_box, load_buffers
 from ..optim_state import materialize_state, optimizer_bytes, state_tensors, track_state_bytes
@@ -66,6 +67,11 @@ def _block_groups(model: nn.Module, blocks: list[nn.Module], named: list[tuple[s
         taken.update(p for _, p in g)
         groups.append(g)
     return groups, [(n, p) for n, p in named if p not in taken]
+
+
+class UnevenForwardsError(DisttrainError):
+    """ZeRO-3 ranks ran different forwards (one rank an extra ``no_grad`` forward): their gathers no
+    longer pair up."""
 
 
 class Zero:
@@ -151,6 +157,7 @@ class Zero:
         self._fresh = True  # the next reduce-scatter overwrites the gradient shards (first micro-batch)
         self._dirty = False
         self._forwards = 0
+        self._no_grad_forwards = 0  # ZeRO-3: forwards without gradients so far (agreed across ranks)
         self._awaiting_backward = False  # a training forward ran and its micro-batch is not flushed yet
         self.peak_state_bytes = 0  # params+grads+optimizer state, bytes, after the first steps
         self._steps = 0
@@ -167,19 +174,54 @@ class Zero:
             u.module.register_forward_hook(lambda m, a, out, i=i: self._block_post(i, out))
 
     def _ensure(self, u: FlatUnit) -> None:
-        u.start_gather(self.ag_comm)
-        u.wait_gather()
+        with self._paired(f"the gather of unit {u.index}"):
+            u.start_gather(self.ag_comm)
+            u.wait_gather()
         self.peak_transient_bytes = max(self.peak_transient_bytes, self._transient_bytes())
 
     def _prefetch(self, i: int) -> None:
         if 0 <= i < len(self.block_units):
-            self.block_units[i].start_gather(self.ag_comm)
+            with self._paired(f"the gather of unit {self.block_units[i].index}"):
+                self.block_units[i].start_gather(self.ag_comm)
+
+    @contextlib.contextmanager
+    def _paired(self, what: str):
+        """ZeRO-3's gathers pair up across ranks only if every rank runs the same forwards: a mismatch
+        or a missing peer there is most likely one rank's extra forward (an uneven evaluation loop)."""
+        try:
+            yield
+        except (CollectiveMismatchError, CollectiveTimeoutError) as exc:
+            raise UnevenForwardsError(
+                f"rank {self.comm.env.where}: ZeRO-3 {what} (after {self._no_grad_forwards} forwards without "
+                f"gradients on this rank) did not pair up with the other ranks: {exc}\nHINT: every rank must "
+                "run the same number of forwards under zero3, with and without gradients, in the same order "
+                "(each forward gathers the parameters collectively); give every rank the same number of "
+                "evaluation batches"
+            ) from exc
+
+    def _agree_no_grad(self) -> None:
+        """Collective on the gather group: a forward without gradients starts with a small allgather of
+        its count, so it never pairs silently with a peer's training forward (the checked collectives
+        name both call sites) and a peer that stopped forwarding is a timeout naming it."""
+        self._no_grad_forwards += 1
+        mine = torch.tensor([self._no_grad_forwards], dtype=torch.int64)
+        counts = [torch.empty_like(mine) for _ in range(self.dp_size)]
+        with self._paired("check of a forward without gradients"):
+            self.ag_comm.allgather(counts, mine)
+        if any(int(c) != self._no_grad_forwards for c in counts):
+            seen = {r: int(c) for r, c in enumerate(counts)}
+            raise UnevenForwardsError(
+                f"rank {self.comm.env.where}: forwards without gradients so far, by rank: {seen}\nHINT: every "
+                "rank must run the same number of forwards under zero3; give every rank the same number of "
+                "evaluation batches"
+            )
 
     def _root_pre(self, module, args) -> None:
         if not (torch.is_grad_enabled() and module.training):
             # Evaluation (or any forward without gradients) gathers unit by unit as training does: the
             # root for the whole forward, each block around its own forward. Collective: every rank runs
             # the same number of such forwards (the trainer's evaluate gives each the same count).
+            self._agree_no_grad()
             if self.root.module is self.model:
                 self._ensure(self.root)
             self._prefetch(0)
