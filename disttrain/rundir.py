@@ -183,6 +183,22 @@ class RunDir:
             self._metrics.write((json.dumps(record) + "\n").encode())
             self._metrics.flush()
 
+    def add_to_step(self, step: int, fields: dict) -> None:
+        """``fields`` (the final evaluation) for step ``step`` (rank 0): joined to that step's line when
+        it is the last one (a run stopped at a metrics-line step, e.g. by preemption), else a line of
+        their own; each step has one line either way."""
+        if self._metrics is None:
+            return
+        records = self.read_metrics()
+        last = records[-1] if records else {}
+        if last.get("step") != step or "event" in last or set(fields) & set(last):
+            self.log_metrics({"step": step, **fields})
+            return
+        self._metrics.close()
+        records[-1] = {**last, **fields}
+        write_atomic(self.file("metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in records).encode())
+        self._metrics = open_append(self.file("metrics.jsonl"))
+
     def resume_metrics(self, step: int) -> None:
         """A run resumed at ``step`` (rank 0): lines after it, which the resumed run writes again,
         leave metrics.jsonl (each step's line once), and a marker line records the resume."""

@@ -493,7 +493,7 @@ class Trainer:
             "stopped_early": self.step < self.cfg.train.steps,
         }
         if self.run_dir and final and self._final_eval is None:
-            self.run_dir.log_metrics({"step": self.step, **final})
+            self.run_dir.add_to_step(self.step, final)
         for cb in self.callbacks:
             cb.on_train_end(self, summary)
         return summary

@@ -11,6 +11,10 @@ import json
 import os
 
 
+def _filled(row: dict) -> set[str]:
+    return {k for k, v in row.items() if k != "step" and v not in (None, "")}
+
+
 class CsvTracker:
     def __init__(self, log_cfg, run_dir: str, run_name: str):
         self.path = os.path.join(run_dir, "metrics.csv")
@@ -28,6 +32,12 @@ class CsvTracker:
             json.dump({"config": config, "layout": layout, "git": git}, f, indent=2)
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        last = self.rows[-1] if self.rows else None
+        if last is not None and int(float(last.get("step") or -1)) == step and not set(metrics) & _filled(last):
+            last.update(metrics)  # more of the same step's line (the final evaluation of a stopped run)
+            self.columns += [k for k in metrics if k not in self.columns]
+            self._rewrite()
+            return
         # A resumed run replays steps after its checkpoint: the newer row replaces the older.
         before = len(self.rows)
         self.rows = [r for r in self.rows if int(float(r.get("step") or -1)) < step]
