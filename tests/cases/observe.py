@@ -117,3 +117,26 @@ def fit_slow(config: str, overrides: list[str]) -> dict:
         model=Tiny(), data=(Ragged(), None), step=slow_step, config=config, argv=overrides, collate_fn=pad
     )
     return {"summary": summary}
+
+
+def tiny_llama(seed: int = 0):
+    """A two-layer Llama with grouped-query attention (4 heads, 2 key/value heads) and an untied head."""
+    import transformers
+
+    from tests.cases.user_api import VOCAB
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=8, tie_word_embeddings=False,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def fit_hf(config: str, overrides: list[str], kind: str) -> dict:
+    """The built-in step through ``disttrain.fit`` on a tiny transformers causal LM (gpt2 or llama)."""
+    from tests.cases.user_api import Tokens, tiny_gpt2
+
+    model = tiny_gpt2() if kind == "gpt2" else tiny_llama()
+    return {"summary": disttrain.fit(model=model, data=(Tokens(), None), config=config, argv=overrides)}
