@@ -334,6 +334,7 @@ class Trainer:
         ``train.log_every`` steps (with an evaluation every ``train.eval_every``, and at the last step),
         then the callbacks' on_step_end (the record is ``last_record``). Returns the record."""
         self.last_record = rec = self._record(norm, evaluate)
+        self.schedule.observe(rec)  # ReduceLROnPlateau steps on the line's metric, before any checkpoint
         for cb in self.callbacks:
             cb.on_step_end(self)
         return rec
