@@ -1,5 +1,5 @@
-"""Attacks on what a job writes to see itself: ``profiles/`` (torch.profiler traces) and ``traces/``
-(flight-recorder dumps) inside the run directory. A shared-group run directory lets the group
+"""Attacks on what a job writes to see itself: ``profiles/`` (torch.profiler traces), ``traces/``
+(flight-recorder dumps) and the CSV tracker's files inside the run directory. A shared-group run directory lets the group
 create entries there, so the second user (``dt_intruder``) plants a symlink to the owner's files,
 or makes the directory themselves; the job must write through neither, and a run of its own
 creates both private (0700 directories, 0600 files)."""
@@ -87,6 +87,30 @@ def test_a_planted_profiles_symlink_or_their_directory_is_refused_and_nothing_is
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and f"is owned by {other.pw_name}" in out, out[-3000:]
     assert os.listdir(theirs) == [] and os.stat(theirs).st_uid == other.pw_uid
+
+
+@pytest.mark.timeout(300)
+def test_the_csv_tracker_never_writes_or_reads_through_planted_symlinks(base):
+    other = intruder()
+    victim = _victim_dir(base)
+    run = _shared_run_dir(base, other.pw_gid)
+    links = {"metrics.csv.tmp": "rank0.trace.json", "run_info.json": "rank1.trace.json"}  # the old temporary too
+    plant = " && ".join(f"ln -s {os.path.join(victim, v)} {os.path.join(run, n)}" for n, v in links.items())
+    assert run_as(other, ["sh", "-c", plant], timeout=30).returncode == 0
+    args = ["run.shared_group=true", "log.trackers=[csv]", "train.steps=4", "train.log_every=2", "train.eval_every=0"]
+    proc = _disttrain_run(run, *args)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert _untouched(victim)
+    for name in ("metrics.csv", "run_info.json"):
+        st = os.lstat(os.path.join(run, name))
+        assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o640, (name, oct(st.st_mode))
+    # A metrics.csv swapped for a link to the owner's file before a resume: refused, neither read nor written.
+    os.unlink(os.path.join(run, "metrics.csv"))
+    os.symlink(os.path.join(victim, "rank0.dump.json"), os.path.join(run, "metrics.csv"))
+    proc = _disttrain_run(run, *args[:-3], "train.steps=6", "train.log_every=2", "train.eval_every=0")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "metrics.csv" in out and "symlink is not followed" in out, out[-3000:]
+    assert _untouched(victim)
 
 
 @pytest.mark.timeout(300)
