@@ -19,7 +19,11 @@ With ``DISTTRAIN_TRACE_DIR`` set (the launcher's hang watch sets it to a private
 A rank whose thread cannot answer (C code holding the GIL) still shows where it is: the watch
 registers :data:`STACK_SIGNAL` with ``faulthandler``, which writes every thread's stack into
 ``rank<R>.stacks.txt`` from C when the launcher sends that signal.
-Files are written to a temporary name and renamed, in directories the job created.
+Files are written to a temporary name and renamed, in directories the job created. The run
+directory's ``traces/`` is a door (a shared-group run lets the group create in it): it is made
+0700, an existing one must be a directory this user owns (a symlink is not followed, another
+user's directory is refused with a warning naming the rank, and the dump stays in the launcher's
+directory only), and dumps go through its descriptor into fresh unpredictable temporaries.
 The watch thread works while holding a lock that ``os.fork`` takes too (``register_at_fork``), so a
 process forked from this one (a DataLoader worker) never starts as a copy of a half-written file or
 a half-held lock of that thread. A dump also lists this process's children (pid, state, the kernel
@@ -31,6 +35,7 @@ from __future__ import annotations
 import collections
 import faulthandler
 import json
+import logging
 import os
 import signal
 import sys
@@ -194,6 +199,59 @@ def children() -> list[dict]:
     return out
 
 
+log = logging.getLogger(__name__)
+
+
+def private_dir(path: str) -> int:
+    """``path`` made or found private to this user (0700, ours, not a symlink), opened as a directory;
+    OSError (PermissionError naming the owner) otherwise. The caller closes the descriptor."""
+    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)  # a planted dangling symlink is EEXIST here, not followed
+    except FileExistsError:
+        pass
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid():
+        os.close(fd)
+        raise PermissionError(f"{path} is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})")
+    os.fchmod(fd, 0o700)
+    return fd
+
+
+def write_at(dir_fd: int, name: str, text: str) -> None:
+    """``text`` as ``name`` in the directory ``dir_fd``: a fresh temporary (unpredictable name,
+    ``O_EXCL | O_NOFOLLOW``, 0600) renamed over it; a planted ``name`` is replaced, not followed."""
+    tmp = f".{name}.{os.urandom(8).hex()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _copy_dump(directory: str, rank: int, host: str, text: str) -> None:
+    """The dump's copy in the run directory (``also_dump_to``); a refused directory is dropped for
+    good, with one warning naming the rank and host."""
+    try:
+        fd = private_dir(directory)
+    except OSError as exc:
+        _WATCH["extra"] = None
+        log.warning("rank %s@%s: flight recorder: not writing into %s: %s (a symlink is not followed); the dump "
+                    "is in the launcher's trace directory only", rank, host, directory, exc)  # fmt: skip
+        return
+    try:
+        write_at(fd, f"rank{rank}.dump.json", text)
+    finally:
+        os.close(fd)
+
+
 def _write(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
@@ -222,8 +280,7 @@ def _watch(directory: str, rank: int, host: str, period: float) -> None:
                 _write(os.path.join(directory, f"rank{rank}.dump.json"), text)
                 extra = _WATCH["extra"]
                 if extra:
-                    os.makedirs(extra, mode=0o700, exist_ok=True)
-                    _write(os.path.join(extra, f"rank{rank}.dump.json"), text)
+                    _copy_dump(extra, rank, host, text)
         except OSError:
             pass  # the directory went away with the job; keep quiet
         finally:

@@ -113,6 +113,56 @@ def make_dir(path: str) -> None:
             raise RunDirError(f"{path}: exists and is not a directory (a symlink is not followed)") from None
 
 
+def private_dir(path: str) -> int:
+    """``path`` (in a run directory) as a directory nobody else can change, opened: created with
+    :func:`dir_mode` when missing, else it must be a real directory (a symlink is not followed) that
+    we own, whose mode is then narrowed to :func:`dir_mode`. Raises RunDirError. Returns an
+    ``O_DIRECTORY`` descriptor (the caller closes it): :func:`export_at` writes through it, so the
+    path's components may change afterwards without redirecting a write."""
+    try:
+        os.mkdir(path, dir_mode())  # a planted dangling symlink is EEXIST here, not followed
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise RunDirError(f"{path}: not a directory of ours ({exc.strerror}); a symlink is not followed") from None
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid():
+        os.close(fd)
+        raise RunDirError(f"{path}: is owned by {_owner(st.st_uid)}, not by you; nothing was written there")
+    os.fchmod(fd, dir_mode())
+    return fd
+
+
+def export_at(dir_fd: int, name: str, export) -> None:
+    """``export(path)`` (a library's writer, e.g. ``export_chrome_trace``) into a fresh temporary of
+    the directory ``dir_fd`` (unpredictable name, ``O_EXCL | O_NOFOLLOW``, reached through
+    ``/proc/self/fd``), then renamed to ``name`` there with :func:`file_mode`: a planted ``name``
+    is replaced, never written through."""
+    tmp = f".{name}.{os.urandom(8).hex()}.tmp"
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, file_mode(), dir_fd=dir_fd))
+    try:
+        export(f"/proc/self/fd/{dir_fd}/{tmp}")
+        fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
+        try:
+            os.fchmod(fd, file_mode())  # the writer may have made its own file
+        finally:
+            os.close(fd)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def shared_group() -> bool:
+    """This process's ``run.shared_group`` (set by :func:`prepare` and :class:`RunDir`)."""
+    return _shared
+
+
 def dir_mode() -> int:
     return SHARED_DIR if _shared else PRIVATE_DIR
 
@@ -182,6 +232,22 @@ class RunDir:
         if self._metrics is not None:
             self._metrics.write((json.dumps(record) + "\n").encode())
             self._metrics.flush()
+
+    def add_to_step(self, step: int, fields: dict) -> None:
+        """``fields`` (the final evaluation) for step ``step`` (rank 0): joined to that step's line when
+        it is the last one (a run stopped at a metrics-line step, e.g. by preemption), else a line of
+        their own; each step has one line either way."""
+        if self._metrics is None:
+            return
+        records = self.read_metrics()
+        last = records[-1] if records else {}
+        if last.get("step") != step or "event" in last or set(fields) & set(last):
+            self.log_metrics({"step": step, **fields})
+            return
+        self._metrics.close()
+        records[-1] = {**last, **fields}
+        write_atomic(self.file("metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in records).encode())
+        self._metrics = open_append(self.file("metrics.jsonl"))
 
     def resume_metrics(self, step: int) -> None:
         """A run resumed at ``step`` (rank 0): lines after it, which the resumed run writes again,

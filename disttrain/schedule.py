@@ -11,6 +11,12 @@ optimizer step: ``apply(step)`` before the optimizer steps, ``advance()`` after 
 - a user's scheduler (``run.setup(..., scheduler=)``, ``fit(scheduler=)``): stepped the same way.
 - ``none``: the trainer leaves the learning rates alone (a scheduler the user steps).
 
+``ReduceLROnPlateau`` (by name in YAML or the user's) is stepped by a metric instead of the step
+count (:class:`PlateauSchedule`): at every metrics line that carries ``schedule.monitor`` (default
+``eval_loss``; ``loss`` or any metric on the line), with its value, on every rank (the line's values
+are reduced over the ranks, so every rank's scheduler takes the same decision). Its counters
+(best value, bad lines, cooldown) are checkpointed like any scheduler's state.
+
 A torch scheduler's ``state_dict`` is saved with each checkpoint (``state.json``) and loaded on
 resume, with the groups' learning rates set to where it was.
 """
@@ -77,6 +83,9 @@ class Schedule:
     def advance(self) -> None:
         pass
 
+    def observe(self, record: dict | None) -> None:
+        """Every rank, after each step's metrics line (``record``; None on a step without one)."""
+
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
@@ -133,6 +142,30 @@ class TorchSchedule(Schedule):
             g["lr"] = lr
 
 
+class PlateauSchedule(TorchSchedule):
+    """``ReduceLROnPlateau``: stepped with ``record[monitor]`` at each metrics line that has it,
+    not per optimizer step."""
+
+    def __init__(self, optimizer, scheduler, monitor: str):
+        super().__init__(optimizer, scheduler)
+        self.monitor = monitor
+
+    def advance(self) -> None:
+        pass
+
+    def observe(self, record: dict | None) -> None:
+        if record is not None and self.monitor in record:
+            self.scheduler.step(float(record[self.monitor]))
+
+
+def _torch_schedule(optimizer, scheduler, monitor: str) -> TorchSchedule:
+    from torch.optim import lr_scheduler
+
+    if isinstance(scheduler, lr_scheduler.ReduceLROnPlateau):
+        return PlateauSchedule(optimizer, scheduler, monitor)
+    return TorchSchedule(optimizer, scheduler)
+
+
 def build_schedule(
     cfg,
     optimizer: Callable[[], torch.optim.Optimizer],
@@ -151,9 +184,9 @@ def build_schedule(
             raise DisttrainError(
                 f"scheduler= gave a {type(sched).__qualname__}, expected a torch.optim.lr_scheduler.LRScheduler"
             )
-        return TorchSchedule(optimizer, sched)
+        return _torch_schedule(optimizer, sched, cfg.monitor)
     if cfg.kind == "none":
         return Schedule(optimizer)
     if cfg.kind == "torch":
-        return TorchSchedule(optimizer, build_torch_scheduler(cfg, optimizer()))
+        return _torch_schedule(optimizer, build_torch_scheduler(cfg, optimizer()), cfg.monitor)
     return BuiltinSchedule(optimizer, cfg, total_steps, peak)

@@ -36,7 +36,7 @@ from .data.stream import build_sampler, is_stream
 from .errors import DisttrainError
 from .loss import CrossEntropyStep, SplitLogitsStep, StepFn, StepOutputError, read_step_output
 from .models.deferred import pending
-from .observe import throughput
+from .observe import flops, throughput
 from .observe.callbacks import Callback, build_callbacks, check_callbacks
 from .observe.metrics import MetricWindow
 from .observe.profiling import Profiler
@@ -124,8 +124,7 @@ class Trainer:
         self.stragglers = Stragglers(comm, cfg.log.straggler_threshold_s) if cfg.log.stragglers else None
         if run_dir is not None:  # hang dumps (launch.hang_timeout) also land in RUN_DIR/traces
             flight_recorder.also_dump_to(os.path.join(run_dir.path, "traces"))
-        self._flops = throughput.model_flops_per_sample(cfg.model, self.model, cfg.log.flops_per_sample)
-        self._peak = throughput.peak_flops(device) if self._flops else None
+        self._flops = flops.build_flops(cfg.model, self.model, cfg.log.flops_per_sample, device)
         # fp16: dynamic loss scaling over the strategy's (possibly sharded) gradients; None otherwise.
         self.scaler = maybe_loss_scaler(cfg.train.precision)
         self._started = False
@@ -184,6 +183,7 @@ class Trainer:
             self._open.__enter__()
             self.at_boundary = i == last_full
             self._sums[_SAMPLES] += sizes[i]
+            self._flops.see(batch, sizes[i])
             yield to_device(batch, self.device)
             self._close_micro()
 
@@ -334,6 +334,7 @@ class Trainer:
         ``train.log_every`` steps (with an evaluation every ``train.eval_every``, and at the last step),
         then the callbacks' on_step_end (the record is ``last_record``). Returns the record."""
         self.last_record = rec = self._record(norm, evaluate)
+        self.schedule.observe(rec)  # ReduceLROnPlateau steps on the line's metric, before any checkpoint
         for cb in self.callbacks:
             cb.on_step_end(self)
         return rec
@@ -373,8 +374,8 @@ class Trainer:
                     unit,
                     self.comm.world_size,
                     tcfg.steps - self.step,
-                    self._flops,
-                    self._peak,
+                    self._flops.take(),
+                    self._flops.peak,
                 )
             )
             self.clock.reset()
@@ -493,7 +494,7 @@ class Trainer:
             "stopped_early": self.step < self.cfg.train.steps,
         }
         if self.run_dir and final and self._final_eval is None:
-            self.run_dir.log_metrics({"step": self.step, **final})
+            self.run_dir.add_to_step(self.step, final)
         for cb in self.callbacks:
             cb.on_train_end(self, summary)
         return summary

@@ -187,13 +187,13 @@ def lora_zero3(out: str, gpus: int):
 
 def throughput(out: str):
     from disttrain.examples.gpt import GPT
-    from disttrain.observe.throughput import peak_flops, transformer_flops_per_token
+    from disttrain.observe.flops import matmul_params, peak_flops, transformer_flops_per_token
 
     dev = torch.device("cuda", 0)
     torch.manual_seed(0)
     layers, d, heads, seq, batch, vocab = 12, 768, 12, 1024, 16, 50304
     model = GPT(vocab_size=vocab, n_layer=layers, n_head=heads, d_model=d, seq_len=seq, dropout=0.0).to(dev)
-    params = sum(p.numel() for p in model.parameters())
+    params = matmul_params(model)  # N without the embedding tables (disttrain.observe.flops)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randint(0, vocab, (batch, seq), device=dev)
     y = torch.randint(0, vocab, (batch, seq), device=dev)

@@ -212,6 +212,44 @@ def test_schedulers_match_torch_and_resume_where_they_were(tmp_path):
     assert all(_close(a, b) for a, b in zip(got[0] + got[1], expect)) and len(got[0] + got[1]) == 6, (got, expect)
 
 
+def _plateau_lrs(values: list[float], lr: float = 0.01) -> list[float]:
+    """Plain torch: ReduceLROnPlateau(mode=max, patience=1, factor=0.5) stepped with ``values`` in
+    turn; the learning rate in force before each value (the rate of the step that produced it)."""
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched, out = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", patience=1, factor=0.5), []
+    for v in values:
+        out.append(opt.param_groups[0]["lr"])
+        sched.step(v)
+    out.append(opt.param_groups[0]["lr"])
+    return out
+
+
+def test_reduce_lr_on_plateau_matches_torch_and_resumes_its_counters(tmp_path):
+    # YAML, through fit, on the default monitor (eval_loss, every step): 4 steps, then resumed to 7. With
+    # mode max a falling loss is a bad line, so the rate halves every second one; the resume falls between
+    # two bad lines (step 4 is the first after the halving at 3), so lost counters would show at step 5.
+    schedule = "{name: ReduceLROnPlateau, kwargs: {mode: max, patience: 1, factor: 0.5}}"
+    config = _config(tmp_path, "plateau", steps=4, log_every=1, eval_every=1, ckpt=True, schedule=schedule)
+    rec1, rec2 = str(tmp_path / "p1.json"), str(tmp_path / "p2.json")
+    spawn("tests.cases.observe:fit", 2, args={"config": config, "overrides": [], "record": rec1})
+    spawn("tests.cases.observe:fit", 2, args={"config": config, "overrides": ["train.steps=7"], "record": rec2})
+    lines = [r for r in _jsonl(tmp_path / "plateau") if "event" not in r]
+    assert [r["step"] for r in lines] == list(range(1, 8))
+    expect = _plateau_lrs([r["eval_loss"] for r in lines])[:7]  # the rate each of the 7 steps used
+    got = [json.load(open(p))["lrs"] for p in (rec1, rec2)]
+    assert len(set(expect)) >= 3, expect  # it did reduce, more than once
+    assert len(got[0] + got[1]) == 7 and all(_close(a, b) for a, b in zip(got[0] + got[1], expect)), (got, expect)
+    # The own loop with the user's ReduceLROnPlateau on the training loss: the rate after each step.
+    config = _config(tmp_path, "own", steps=3, log_every=1, ckpt=True, extra="")
+    args = {"config": config, "overrides": ["schedule.monitor=loss"], "plateau": True}
+    first = spawn("tests.cases.observe:own_loop", 2, args=args)
+    again = spawn("tests.cases.observe:own_loop", 2, args={**args, "overrides": args["overrides"] + ["train.steps=6"]})
+    losses = [r["loss"] for r in _jsonl(tmp_path / "own") if "event" not in r]
+    expect = _plateau_lrs(losses)[1:]  # after each step
+    got = first[0]["lrs"] + again[0]["lrs"]
+    assert len(losses) == 6 and len(got) == 6 and all(_close(a, b) for a, b in zip(got, expect)), (got, expect)
+
+
 def test_metrics_once_per_step_across_resume_and_finished_rerun(tmp_path):
     config = _config(tmp_path, "resume", steps=4, log_every=1, ckpt=True, every=2)
     record = str(tmp_path / "calls.json")

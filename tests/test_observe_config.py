@@ -47,3 +47,11 @@ def test_callbacks_take_a_builtin_name_or_a_target(tmp_path):
     with pytest.raises(config_mod.ConfigError) as info:
         _load(tmp_path, "callbacks: [{target: early_stop}]\n")
     assert "callbacks.0" in str(info.value) and "early_stopping" in str(info.value)
+
+
+def test_plateau_with_warmup_is_refused_with_a_hint(tmp_path):
+    with pytest.raises(config_mod.ConfigError) as info:
+        _load(tmp_path, "schedule: {name: ReduceLROnPlateau, warmup_steps: 5}\n")
+    assert "schedule: " in str(info.value) and "warmup_steps does not compose with ReduceLROnPlateau" in str(info.value)
+    cfg = _load(tmp_path, "schedule: {name: reducelronplateau, monitor: eval_accuracy, kwargs: {mode: max}}\n")
+    assert cfg.schedule.kind == "torch" and cfg.schedule.monitor == "eval_accuracy"

@@ -6,6 +6,8 @@ and signals one of them. test_slurm_jobs.py covers checkpoint, requeue and resum
 cluster.
 """
 
+import csv
+import json
 import os
 import signal
 
@@ -117,3 +119,23 @@ def test_signal_to_one_rank_stops_all_at_one_step():
     assert len(stops) == 1 and stops.pop() in (3, 4), results  # the next agreement after the signal
     assert all(r["steps"] == r["stop_step"] for r in results)
     assert [r["received"] for r in results] == [None, "SIGUSR1"]
+
+
+@pytest.mark.timeout(180)
+def test_stop_at_a_log_step_writes_that_step_once_with_its_evaluation(tmp_path):
+    run_dir = tmp_path / "run"
+    results = spawn(
+        "tests.cases.preempt:stop_at_log_step",
+        2,
+        args={"config": DIGITS, "run_dir": str(run_dir), "signal_step": 3},
+        timeout=150,
+    )
+    assert {r["stop_step"] for r in results} == {4}, results  # signalled after step 3, agreed at step 4 (a log step)
+    with open(run_dir / "metrics.jsonl") as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    assert [r["step"] for r in recs] == [2, 4], recs  # once per step: no second line for the stop step
+    assert "loss" in recs[-1] and "eval_loss" in recs[-1], recs[-1]  # the final evaluation joins that line
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [2, 4], rows
+    assert rows[-1]["loss"] and rows[-1]["eval_loss"], rows[-1]

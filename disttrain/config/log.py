@@ -41,7 +41,8 @@ class LogConfig(Section):
         None,
         gt=0,
         description="Training FLOPs of one sample, for TFLOPs and MFU (default: 6N per token plus attention for "
-        "the built-in GPT; unknown otherwise).",
+        "the built-in GPT and transformers decoders, from the model's config and each batch's sequence length; "
+        "unknown otherwise).",
     )
 
     @model_validator(mode="after")

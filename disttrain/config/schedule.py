@@ -22,6 +22,12 @@ class ScheduleConfig(Section):
         "once per optimizer step with `kwargs`; warmup_steps > 0 puts a LinearLR warmup before it.",
     )
     kwargs: dict[str, Any] = Field({}, description="Keyword arguments of the scheduler class `name`.")
+    monitor: str = Field(
+        "eval_loss",
+        description="The metric ReduceLROnPlateau steps on: a name on the metrics line (eval_loss, loss, "
+        "eval_accuracy, a metric of yours); it steps at every line that has it (log_every, eval_every). Set "
+        "`kwargs: {mode: max}` for a metric that should grow.",
+    )
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps from 0 to the peak lr.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr of the cosine as a fraction of the peak.")
 
@@ -31,6 +37,11 @@ class ScheduleConfig(Section):
             object.__setattr__(self, "kind", "torch")
         if self.kind == "torch":
             check_scheduler(self.name)  # torch is imported only when a scheduler is named
+            if self.warmup_steps and (self.name or "").lower() == "reducelronplateau":
+                raise ValueError(
+                    "warmup_steps does not compose with ReduceLROnPlateau (SequentialLR steps it without its "
+                    "metric); HINT: set warmup_steps: 0, or warm up with another scheduler"
+                )
         return self
 
 

@@ -5,9 +5,8 @@ data, the optimizer (clip, schedule, step), communication it waits for (the grad
 and the step's count allreduce) and the rest, which is forward and backward (in the user's own
 loop: everything between two batches). At each metrics line :func:`window_stats` gathers every
 rank's section times and peak memory (one allgather) and :func:`cost_fields` turns them into
-the line's fields. FLOPs: 6 N per token plus the attention scores' 12 L d T for transformers,
-or the ``log.flops_per_sample`` the user gives; MFU is the achieved FLOP/s over the chip's dense
-bf16 peak (GPU only).
+the line's fields; TFLOPs per device and MFU come from the FLOPs per sample of
+:mod:`disttrain.observe.flops`.
 """
 
 from __future__ import annotations
@@ -20,23 +19,6 @@ import torch
 from collectives import Communicator
 
 SECTIONS = ("data_wait", "fwd_bwd", "comm_wait", "optimizer")
-
-# Dense bf16 peak FLOP/s by GPU name fragment (first match wins).
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
-
-
-def transformer_flops_per_token(params: int, layers: int, width: int, seq_len: int) -> float:
-    """Training FLOPs per token of a decoder: 6 N (forward + backward through the weights) plus
-    12 L d T (attention scores and their weighted sum, forward + backward)."""
-    return 6.0 * params + 12.0 * layers * width * seq_len
-
-
-def peak_flops(device: str) -> float | None:
-    """The dense bf16 peak of ``device`` (a CUDA device), or None when unknown or on the CPU."""
-    if not str(device).startswith("cuda") or not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name(torch.device(device))
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
 def _peak_rss() -> float:
@@ -131,17 +113,3 @@ def cost_fields(
         if peak:
             out["mfu"] = tflops * 1e12 / peak
     return out
-
-
-def model_flops_per_sample(model_cfg, model: torch.nn.Module, given: float | None) -> float | None:
-    """Training FLOPs of one sample: ``given`` (``log.flops_per_sample``), else the formula for the
-    built-in GPT (its parameters, layers, width and context), else None (no TFLOPs or MFU)."""
-    if given:
-        return float(given)
-    from ..config import GPTConfig
-
-    if isinstance(model_cfg, GPTConfig):
-        params = sum(p.numel() for p in model.parameters())
-        per_token = transformer_flops_per_token(params, model_cfg.n_layer, model_cfg.d_model, model_cfg.seq_len)
-        return per_token * model_cfg.seq_len
-    return None

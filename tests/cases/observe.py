@@ -79,11 +79,14 @@ def fit(config: str, overrides: list[str], record: str, fail_at: int | None = No
     return {"summary": summary}
 
 
-def own_loop(config: str, overrides: list[str], step_lr: bool = False) -> dict:
+def own_loop(config: str, overrides: list[str], step_lr: bool = False, plateau: bool = False) -> dict:
     """run.log values every step plus the step function's metrics; with ``step_lr`` a StepLR(2, 0.5)
-    the run steps and checkpoints. Returns the learning rate after each step."""
+    the run steps and checkpoints (``plateau``: a ReduceLROnPlateau(mode=max, patience=1, factor=0.5)).
+    Returns the learning rate after each step."""
     run = disttrain.init(config, overrides)
     sched = (lambda opt: torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)) if step_lr else None
+    if plateau:
+        sched = lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", patience=1, factor=0.5)  # noqa: E731
     model, opt = run.setup(Tiny(), lambda groups: torch.optim.AdamW(groups, lr=0.01), scheduler=sched)
     lrs = []
     for batch in run.batches(Ragged(), collate_fn=pad):
@@ -93,7 +96,7 @@ def own_loop(config: str, overrides: list[str], step_lr: bool = False) -> dict:
             {"r": r, "r_max": r, "r_min": r, "one_sum": 1.0, "declared": r, "at": run.global_step},
             reduce={"declared": "max"},
         )
-        if r == 0 and not step_lr:  # a name only rank 0 has: the ranks agree on the names first
+        if r == 0 and not step_lr and not plateau:  # a name only rank 0 has: the ranks agree on the names first
             run.log({"only0": 7.0})
         if run.step():
             lrs.append(opt.param_groups[0]["lr"])
@@ -117,3 +120,26 @@ def fit_slow(config: str, overrides: list[str]) -> dict:
         model=Tiny(), data=(Ragged(), None), step=slow_step, config=config, argv=overrides, collate_fn=pad
     )
     return {"summary": summary}
+
+
+def tiny_llama(seed: int = 0):
+    """A two-layer Llama with grouped-query attention (4 heads, 2 key/value heads) and an untied head."""
+    import transformers
+
+    from tests.cases.user_api import VOCAB
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=8, tie_word_embeddings=False,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def fit_hf(config: str, overrides: list[str], kind: str) -> dict:
+    """The built-in step through ``disttrain.fit`` on a tiny transformers causal LM (gpt2 or llama)."""
+    from tests.cases.user_api import Tokens, tiny_gpt2
+
+    model = tiny_gpt2() if kind == "gpt2" else tiny_llama()
+    return {"summary": disttrain.fit(model=model, data=(Tokens(), None), config=config, argv=overrides)}

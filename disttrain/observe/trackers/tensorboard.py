@@ -1,6 +1,8 @@
 """TensorBoard: event files in ``RUN_DIR/tensorboard`` (``log.tensorboard_dir``) through
-``torch.utils.tensorboard.SummaryWriter``; scalars per metrics line, the config, layout and git
-revision as text once."""
+``torch.utils.tensorboard.SummaryWriter``; the config, layout and git revision as text once, and
+each metrics line as one event holding every scalar (one ``Summary`` with a value per name, what
+TensorBoard's readers take as that step's scalars): rank 0 writes it on the step path, where an
+``add_scalar`` per name costs a ``Summary``, an ``Event`` and a serialisation apiece."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import json
 import os
 
 import yaml
+from tensorboard.compat.proto.summary_pb2 import Summary
 
 
 class TensorBoardTracker:
@@ -22,8 +25,8 @@ class TensorBoardTracker:
         self.writer.add_text("git", git or "unknown", 0)
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        for k, v in metrics.items():
-            self.writer.add_scalar(k, v, step)
+        values = [Summary.Value(tag=k, simple_value=v) for k, v in metrics.items()]
+        self.writer.file_writer.add_summary(Summary(value=values), step)
 
     def close(self, failed: bool = False) -> None:
         self.writer.flush()
