@@ -23,7 +23,7 @@ import secrets
 import sys
 
 from .agent import LocalAgent, NodeSpec, RunResult
-from .discovery import HostDiscovery
+from .discovery import FixedHosts, HostDiscovery
 from .driver import ElasticSpec, run_elastic
 from .environment import free_port
 from .errors import LaunchConfigError, LauncherError
@@ -137,6 +137,7 @@ def build_parser(prog: str = "disttrain launch") -> argparse.ArgumentParser:
     e.add_argument("--max-np", type=int, default=None, help="most workers to train with (default: every slot)")
     e.add_argument("--slots", type=int, default=1, help="slots of a host the script prints without :slots")
     e.add_argument("--elastic-timeout", type=float, default=600.0, help="seconds to wait for --min-np slots")
+    e.add_argument("--discovery-interval", type=float, default=1.0, help="seconds between two runs of the script")
     p.add_argument("-m", "--module", action="store_true", help="run the entrypoint as a module (python -m)")
     p.add_argument("entrypoint", help="script.py or module")
     p.add_argument("args", nargs=argparse.REMAINDER)
@@ -249,14 +250,24 @@ def job_from_args(ns: argparse.Namespace) -> JobSpec:
 
 
 def elastic_from_args(ns: argparse.Namespace) -> ElasticSpec:
-    if ns.hostfile or ns.hosts:
+    """``--host-discovery-script`` (hosts may come and go), or ``--min-np/--max-np`` with fixed
+    ``--hosts``/``--hostfile`` (a failed worker's host leaves; the others go on)."""
+    if ns.host_discovery_script and (ns.hostfile or ns.hosts):
         raise LaunchConfigError("--host-discovery-script finds the hosts: leave out --hosts/--hostfile")
+    if ns.host_discovery_script:
+        discovery = HostDiscovery(ns.host_discovery_script, slots_per_host=ns.slots)
+    elif ns.hostfile or ns.hosts:
+        listed = parse_hostfile(ns.hostfile) if ns.hostfile else parse_hosts(ns.hosts, "--hosts/-H")
+        discovery = FixedHosts({h.host: h.slots or ns.slots for h in listed})
+    else:
+        raise LaunchConfigError("--min-np/--max-np need --host-discovery-script or --hosts/--hostfile")
     min_np = ns.min_np or ns.np or 1
     return ElasticSpec(
-        discovery=HostDiscovery(ns.host_discovery_script, slots_per_host=ns.slots),
+        discovery=discovery,
         min_np=min_np,
         max_np=ns.max_np or max(min_np, 1 << 20),
         elastic_timeout=ns.elastic_timeout,
+        discovery_interval=ns.discovery_interval,
         job_id=ns.run_id or secrets.token_hex(4),
     )
 
@@ -271,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if os.environ.get("DISTTRAIN_JOB_SECRET"):
             check_secret(os.environ["DISTTRAIN_JOB_SECRET"], "DISTTRAIN_JOB_SECRET")
-        if ns.host_discovery_script:
+        if ns.host_discovery_script or ns.min_np is not None or ns.max_np is not None:
             return run_elastic(worker_spec_from_args(ns), elastic_from_args(ns)).exit_code
         if ns.hostfile or ns.hosts:
             return run_job(worker_spec_from_args(ns), job_from_args(ns)).exit_code

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import shlex
 import subprocess
+from typing import Protocol
 
 from .errors import LauncherError
 from .hostfile import check_host
@@ -68,6 +69,23 @@ def diff(before: dict[str, int], after: dict[str, int]) -> HostsChange:
     added = tuple(h for h in after if h not in before or after[h] != before[h])
     removed = tuple(h for h in before if h not in after or after[h] != before[h])
     return HostsChange(added, removed)
+
+
+class Discovery(Protocol):
+    """What the driver asks of a source of hosts: the hosts usable now (may block briefly)."""
+
+    def find(self) -> dict[str, int]: ...
+
+
+class FixedHosts:
+    """``--min-np`` with ``--hosts``/``--hostfile`` and no script: the same hosts every time
+    (workers that fail still blacklist theirs)."""
+
+    def __init__(self, hosts: dict[str, int]):
+        self.hosts = dict(hosts)
+
+    def find(self) -> dict[str, int]:
+        return dict(self.hosts)
 
 
 class HostDiscovery:

@@ -44,7 +44,7 @@ import threading
 import time
 
 from .agent import RunResult
-from .discovery import DiscoveryError, HostDiscovery, diff
+from .discovery import Discovery, DiscoveryError, diff
 from .environment import SECRET, WorkerPlace, free_port, worker_env
 from .errors import LaunchConfigError
 from .membership import Transition, format_transitions
@@ -60,7 +60,7 @@ ELASTIC_ID = "DISTTRAIN_ELASTIC_ID"  # a worker's id in elastic/world/<v>; its p
 class ElasticSpec:
     """How the elastic job grows and shrinks (``disttrain launch --min-np ...``)."""
 
-    discovery: HostDiscovery
+    discovery: Discovery
     min_np: int
     max_np: int
     discovery_interval: float = 1.0
@@ -159,8 +159,8 @@ class ElasticDriver:
             if causes or self._short_since is not None:
                 if self._new_world("; ".join(causes) or "waiting for slots", lost, now):
                     self._short_since = None
-                elif not any(m.worker.proc.poll() is None for m in self.members.values()) and not self._usable():
-                    return self._fail("every host failed or was removed")
+                elif not self._usable():  # as Horovod: nothing left to wait for
+                    return self._fail(f"every host failed or was removed (blacklisted: {sorted(self.blacklist)})")
                 elif time.monotonic() - self._short_since > self.el.elastic_timeout:
                     return self._fail(
                         f"fewer than --min-np {self.el.min_np} slots for {self.el.elastic_timeout:g}s "
@@ -208,7 +208,7 @@ class ElasticDriver:
                     flush=True,
                 )
             return False
-        before = [m for m in alive]
+        before = [self.members[i] for i in self.world]
         self.version += 1
         new: list[_Member] = []
         for host, slot in free:
@@ -245,7 +245,7 @@ class ElasticDriver:
                 seconds=time.time() - detected_at,
             )
             self.transitions.append(t)
-            print(f"disttrain: elastic: world {self.version}: {t.describe()}", file=sys.stderr, flush=True)
+            print(f"disttrain: elastic: {t.describe()}", file=sys.stderr, flush=True)
         return True
 
     @staticmethod
