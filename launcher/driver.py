@@ -144,7 +144,7 @@ class ElasticDriver:
                 causes.append(f"rank {failure.rank} on {m.host} failed ({failure.how}); host blacklisted")
                 print(f"disttrain: elastic: {causes[-1]}", file=sys.stderr, flush=True)
             for key, raw in self.server.keys_with_prefix("elastic/reset/").items():
-                if int(raw) == self.version:
+                if raw == str(self.version).encode():  # a stale or garbled request is ignored
                     m = self.members.get(key.rpartition("/")[2])
                     where = f"rank {self.world.index(m.id)} on {m.host}" if m and m.id in self.world else "a worker"
                     causes.append(f"{where} asked for a new world (a collective failed)")

@@ -6,8 +6,8 @@ file ``test/integration/data/elastic_torch_main.py`` is copied to a temporary di
 ``disttrain launch --min-np/--max-np --host-discovery-script``. Without the checkout these tests
 skip; nothing of Horovod's is kept in this repository. The scenarios and the expected log rows
 (one JSON line per epoch, written by the script's rank 0) are those of Horovod's integration
-tests: hosts added then removed, one rank failing (by exception and by SIGKILL), and every host
-failing. The discovery script here is ours: it prints the hosts of the epoch the log has reached.
+tests: hosts added then removed, one rank failing (by exception and by SIGKILL; with a discovery
+script and with fixed ``-H`` hosts), and every host failing. The discovery script here is ours: it prints the hosts of the epoch the log has reached.
 
 The elastic synthetic benchmark (``examples/elastic/pytorch/pytorch_synthetic_benchmark_elastic.py``)
 runs too when torchvision is installed.
@@ -58,12 +58,16 @@ def _discovery(tmp_path, logfile, schedule: list) -> str:
     return str(script)
 
 
-def _run(tmp_path, schedule, *, min_np, max_np, extra=(), expect_ok=True) -> list[dict]:
+def _run(tmp_path, schedule, *, min_np, max_np, extra=(), expect_ok=True, hosts=None) -> list[dict]:
+    """``hosts``: fixed ``-H`` hosts instead of a discovery script (then no schedule goes to the script)."""
     logfile = tmp_path / "log.txt"
     argv = [sys.executable, "-m", "launcher.cli", "--min-np", str(min_np), "--max-np", str(max_np)]
-    argv += ["--host-discovery-script", _discovery(tmp_path, logfile, schedule), "--discovery-interval", "0.2"]
-    argv += ["--elastic-timeout", "20", _ours(MAIN, tmp_path), "--logfile", str(logfile)]
-    argv += ["--discovery-schedule", json.dumps(schedule), *extra]
+    if hosts:
+        argv += ["-H", hosts]
+    else:
+        argv += ["--host-discovery-script", _discovery(tmp_path, logfile, schedule), "--discovery-interval", "0.2"]
+        extra = ["--discovery-schedule", json.dumps(schedule), *extra]
+    argv += ["--elastic-timeout", "20", _ours(MAIN, tmp_path), "--logfile", str(logfile), *extra]
     env = {**os.environ, "PYTHONPATH": ROOT, "DISTTRAIN_HVD_TIMEOUT": "60"}
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=240)
     out = done.stdout + done.stderr
@@ -87,6 +91,12 @@ def test_single_rank_failure(tmp_path, mode):
     schedule = [(None, ["localhost:2", "127.0.0.1:2"])]
     extra = ["--exit-schedule", json.dumps({str((1, 0)): [0]}), "--exit-mode", mode]
     rows = _run(tmp_path, schedule, min_np=2, max_np=4, extra=extra)
+    assert [(r["start_rank"], r["size"], r["rendezvous"]) for r in rows] == [(0, 4, 1), (2, 2, 2), (2, 2, 2)], rows
+
+
+def test_fault_tolerance_without_scaling(tmp_path):
+    extra = ["--exit-schedule", json.dumps({str((1, 0)): [0]}), "--exit-mode", "kill"]
+    rows = _run(tmp_path, None, min_np=2, max_np=4, extra=extra, hosts="localhost:2,127.0.0.1:2")
     assert [(r["start_rank"], r["size"], r["rendezvous"]) for r in rows] == [(0, 4, 1), (2, 2, 2), (2, 2, 2)], rows
 
 
