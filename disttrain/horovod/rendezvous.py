@@ -89,7 +89,9 @@ class _Rendezvous:
                 log.info("worker %s: left out of world %d (its host was removed); exiting", self.id, v)
                 raise SystemExit(0)
             self.store.set(f"elastic/ready/{v}/{self.id}", b"1")
-            if self._barrier(v, ids, deadline):
+            # A member that has not arrived is alive (else the driver publishes a newer world), but
+            # may still wait for its own op of the old world to time out: give it that long too.
+            if self._barrier(v, ids, time.monotonic() + 2 * timeout):
                 break
         row = world["workers"][ids.index(self.id)]
         env = self._export(row, ids.index(self.id), len(ids))

@@ -21,6 +21,7 @@ Outside an elastic job (no driver) the function runs once after a ``sync()``.
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 
 from .. import basics, rendezvous
@@ -35,6 +36,9 @@ def reset(failed: bool = False) -> None:
     if failed:
         rendezvous.request_reset()
     basics.shutdown()
+    # The old world's failed ops (in tracebacks, reference cycles) hold its connections; a peer
+    # still waiting on one of them learns that the world is gone only when they close.
+    gc.collect()
     basics.init()
 
 
@@ -65,11 +69,10 @@ def run(func):
                         str(exc).splitlines()[0],
                     )
                     state.restore()
-                    skip_sync = False
-                    reset(failed=True)
+                    skip_sync, failed = False, True
                 except HostsUpdatedInterrupt as exc:
-                    skip_sync = exc.skip_sync
-                    reset()
+                    skip_sync, failed = exc.skip_sync, False
+                reset(failed)  # outside the except block, so the exception and its frames are gone
                 state.on_reset()
         finally:
             rendezvous.remove_listener(state.on_hosts_updated)
