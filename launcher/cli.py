@@ -8,6 +8,8 @@
     disttrain launch --nnodes 2 --node-rank 0 --rdzv-endpoint node1:29400 --nproc-per-node 2 train.py
     # elastic: start on 3 hosts, go on with 2 after one is lost (resume from the latest checkpoint)
     disttrain launch --nnodes 2:3 --hosts a:2,b:2,c:2 -m disttrain.worker run.yaml
+    # Horovod elastic (hvd.elastic.run): workers come and go with the script's host list
+    disttrain launch --min-np 2 --max-np 4 --host-discovery-script ./hosts.sh train.py
 
 torchrun's spellings (``--nproc_per_node``) are accepted too. Exit code: 0, the root
 cause's exit code (128+signal for a killed worker), 2 for bad flags.
@@ -22,6 +24,8 @@ import sys
 
 from .agent import LocalAgent, NodeSpec, RunResult
 from .channel import derive_job_id
+from .discovery import FixedHosts, HostDiscovery
+from .driver import ElasticSpec, run_elastic
 from .environment import SECRET, free_port
 from .errors import LaunchConfigError, LauncherError
 from .hostfile import parse_hostfile, parse_hosts
@@ -129,6 +133,13 @@ def build_parser(prog: str = "disttrain launch") -> argparse.ArgumentParser:
         help="environment variable to set on every host (value default: this shell's)",
     )
     g.add_argument("--join-timeout", type=float, default=60.0, help="seconds for every agent to reach the store")
+    e = p.add_argument_group("elastic (horovodrun's flags; launcher/driver.py)")
+    e.add_argument("--host-discovery-script", default=None, help="prints the usable hosts, host[:slots] a line")
+    e.add_argument("--min-np", type=int, default=None, help="fewest workers to train with (default -np, else 1)")
+    e.add_argument("--max-np", type=int, default=None, help="most workers to train with (default: every slot)")
+    e.add_argument("--slots", type=int, default=1, help="slots of a host the script prints without :slots")
+    e.add_argument("--elastic-timeout", type=float, default=600.0, help="seconds to wait for --min-np slots")
+    e.add_argument("--discovery-interval", type=float, default=1.0, help="seconds between two runs of the script")
     p.add_argument("-m", "--module", action="store_true", help="run the entrypoint as a module (python -m)")
     p.add_argument("entrypoint", help="script.py or module")
     p.add_argument("args", nargs=argparse.REMAINDER)
@@ -245,6 +256,29 @@ def job_from_args(ns: argparse.Namespace) -> JobSpec:
     return job
 
 
+def elastic_from_args(ns: argparse.Namespace) -> ElasticSpec:
+    """``--host-discovery-script`` (hosts may come and go), or ``--min-np/--max-np`` with fixed
+    ``--hosts``/``--hostfile`` (a failed worker's host leaves; the others go on)."""
+    if ns.host_discovery_script and (ns.hostfile or ns.hosts):
+        raise LaunchConfigError("--host-discovery-script finds the hosts: leave out --hosts/--hostfile")
+    if ns.host_discovery_script:
+        discovery = HostDiscovery(ns.host_discovery_script, slots_per_host=ns.slots)
+    elif ns.hostfile or ns.hosts:
+        listed = parse_hostfile(ns.hostfile) if ns.hostfile else parse_hosts(ns.hosts, "--hosts/-H")
+        discovery = FixedHosts({h.host: h.slots or ns.slots for h in listed})
+    else:
+        raise LaunchConfigError("--min-np/--max-np need --host-discovery-script or --hosts/--hostfile")
+    min_np = ns.min_np or ns.np or 1
+    return ElasticSpec(
+        discovery=discovery,
+        min_np=min_np,
+        max_np=ns.max_np or max(min_np, 1 << 20),
+        elastic_timeout=ns.elastic_timeout,
+        discovery_interval=ns.discovery_interval,
+        job_id=ns.run_id or secrets.token_hex(4),
+    )
+
+
 def launch(spec: WorkerSpec, node: NodeSpec, max_restarts: int = 0, **agent_kw) -> RunResult:
     """Run one node's worker group to completion (blocks). ``disttrain run`` calls this."""
     return LocalAgent(spec, node, max_restarts=max_restarts, **agent_kw).run()
@@ -255,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if os.environ.get("DISTTRAIN_JOB_SECRET"):
             check_secret(os.environ["DISTTRAIN_JOB_SECRET"], "DISTTRAIN_JOB_SECRET")
+        if ns.host_discovery_script or ns.min_np is not None or ns.max_np is not None:
+            return run_elastic(worker_spec_from_args(ns), elastic_from_args(ns)).exit_code
         if ns.hostfile or ns.hosts:
             return run_job(worker_spec_from_args(ns), job_from_args(ns)).exit_code
         if ns.np is not None and ns.nproc_per_node is None:

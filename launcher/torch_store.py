@@ -37,8 +37,9 @@ class AuthStore(dist.Store):
         _ALIVE.append(self)
 
     @classmethod
-    def from_env(cls, timeout: float = 300.0) -> AuthStore | None:
-        client = connect_from_env(timeout)
+    def from_env(cls, timeout: float = 300.0, prefix: str | None = None) -> AuthStore | None:
+        """``prefix``: see :func:`launcher.store.connect_from_env` (default: this attempt's namespace)."""
+        client = connect_from_env(timeout, prefix=prefix)
         return None if client is None else cls(client)
 
     # torch.distributed.Store API ---------------------------------------------------------

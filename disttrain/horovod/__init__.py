@@ -9,14 +9,16 @@
 
 As in Horovod, ops are matched by name by a background engine (``engine``), fused, and
 reported on every rank when ranks disagree or stall. What differs and why is in
-docs/horovod.md: objects travel as JSON rather than pickles, elastic mode is absent.
+docs/horovod.md: objects travel as JSON rather than pickles.
 
 Modules, from the bottom up: ``wire`` (op descriptions), ``negotiation`` (the agreement),
 ``handles``, ``execution`` (fusion, transfers), ``engine`` (the per-set threads), ``basics``
 (init, ranks, process sets), ``submit`` (op calls to named ops), ``autograd``, ``ops`` (the
-op surface), then ``functions``, ``optimizer``, ``sync_batch_norm`` and ``timeline``.
+op surface), then ``functions``, ``optimizer``, ``sync_batch_norm`` and ``timeline``; ``rendezvous`` and
+``elastic/`` are elastic mode (``hvd.elastic.run``, ``TorchState``).
 """
 
+from . import elastic  # hvd.elastic.run, hvd.elastic.TorchState
 from .basics import (
     add_process_set,
     ccl_built,
@@ -85,6 +87,7 @@ __all__ = [
     "Average",
     "Compression",
     "DistributedOptimizer",
+    "elastic",
     "HorovodError",
     "HorovodInternalError",
     "HostsUpdatedInterrupt",

@@ -23,7 +23,7 @@ import xxhash
 import collectives
 from collectives import registry
 
-from . import handles, timeline
+from . import handles, rendezvous, timeline
 from .engine import Engine, Settings
 from .exceptions import HorovodError, HorovodInternalError, NotInitializedError, ProcessSetError
 from .process_sets import ProcessSet, global_process_set
@@ -112,7 +112,10 @@ def init(comm=None, process_sets=None) -> None:
     if _ctx is not None:
         return
     timeout = float(os.environ.get("DISTTRAIN_HVD_TIMEOUT", "300"))
-    if comm is None:
+    if comm is None and rendezvous.enabled():  # elastic: the driver's newest world (disttrain.horovod.elastic)
+        data, backend = rendezvous.join(timeout)
+        owns, env = True, data.env
+    elif comm is None:
         env = read_env()
         backend = default_backend(env)
         try:

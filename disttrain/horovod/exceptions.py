@@ -20,7 +20,13 @@ class HorovodInternalError(HorovodError):
 
 
 class HostsUpdatedInterrupt(HorovodError):
-    """Horovod's elastic-mode interrupt. Elastic mode is not supported; the name exists for imports."""
+    """Elastic mode: the driver published a new world; raised on every rank at the same
+    ``commit()`` / ``check_host_updates()``. ``skip_sync``: only hosts were removed, so the
+    survivors already hold the same committed state and need no broadcast after the reset."""
+
+    def __init__(self, skip_sync: bool = False):
+        super().__init__("the job's hosts changed" + (" (removed only)" if skip_sync else ""))
+        self.skip_sync = skip_sync
 
 
 class NotInitializedError(HorovodError, ValueError):

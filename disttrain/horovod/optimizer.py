@@ -24,6 +24,7 @@ import warnings
 
 import torch
 
+from . import rendezvous
 from .basics import size
 from .buckets import GradBuckets
 from .compression import Compression
@@ -96,10 +97,13 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._group_counts: dict = {}
         self._groups = self._build_groups(groups)
         self._buckets: GradBuckets | None = None
-        if process_set.included() and size() > 1:
+        # Elastic mode (as Horovod): hooks even at size 1, since the world may grow; no persistent
+        # buckets, since their comm.alloc buffers belong to one world's communicator.
+        if process_set.included() and (size() > 1 or rendezvous.enabled()):
             params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
             if (
-                groups is None
+                not rendezvous.enabled()
+                and groups is None
                 and compression is Compression.none
                 and os.environ.get("DISTTRAIN_HVD_BUCKETS") != "0"
                 and params
