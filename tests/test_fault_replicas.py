@@ -23,7 +23,7 @@ from tests.support.netns import net_hosts
 from tests.test_launcher_elastic import ROOT, _kill_host, _losses, _no_netns, _params, _start
 
 pytestmark = pytest.mark.skipif(_no_netns() is not None, reason=f"multi-host tests skipped: {_no_netns()}")
-RESUMED = r"resumed from peer memory at step (\d+), 0 bytes read from disk \(restart 1\)"
+RESUMED = r"resumed from peer memory at step (\d+) \(\d+ bytes\), 0 from disk \(restart 1\)"
 TOL = 1e-5  # parameters; the reference runs the same steps on the same layout in other processes
 
 

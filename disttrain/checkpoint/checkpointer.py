@@ -62,6 +62,8 @@ class PeerCopies(Protocol):
     """Copies of every rank's state in peers' memory (``disttrain.fault``): resume() prefers the newest
     complete one to the disk when it is at least as new, and falls back to the disk when it fails."""
 
+    bytes_fetched: int  # bytes of copies this rank has read from the peers
+
     def newest(self) -> dict | None:
         """Rank 0 only: a JSON plan of the newest complete, verified copy (``{"step": ...}``), or None."""
         ...
@@ -113,7 +115,8 @@ class Checkpointer(Callback):
         if step is not None and self.rank == 0:
             extra = f" (restart {restarts})" if restarts and restarts != "0" else ""
             if self.resumed_source == MEMORY:
-                print(f"disttrain: resumed from {MEMORY} at step {step}, 0 bytes read from disk{extra}", flush=True)
+                got = self.peers.bytes_fetched
+                print(f"disttrain: resumed from {MEMORY} at step {step} ({got} bytes), 0 from disk{extra}", flush=True)
             else:
                 print(f"disttrain: resumed from {self.dir}/step_{step:06d}{extra}", flush=True)
 
