@@ -9,7 +9,8 @@ train, SIGKILL host 1 (its agent and workers) mid-run, let host 0 go on alone, t
 again with the same command and let it rejoin. Columns:
 
 * ``step_s``: seconds a step at world 2 before the loss (steps ``--warm`` to ``--kill-at``);
-  ``replication_overhead``: ``step_s`` with replicas on over off (goal <= 1.03);
+  ``replication_overhead``: the median step time with replicas on over off, from ``--rounds``
+  short runs without a loss, alternated off/on (goal <= 1.03);
 * ``recovery_s``: SIGKILL -> the survivors' first completed step (goal <= 10);
 * ``steps_lost``: steps done before the loss and redone after it (goal <= 1);
 * ``recovery_disk_bytes_read``: the checkpoint the survivors resumed from (goal 0), and the bytes
@@ -32,6 +33,7 @@ import re
 import secrets
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -186,6 +188,34 @@ def run_elastic(tmp: str, strategy: str, steps: int, every: int, kill_at: int, r
     }
 
 
+def _step_times(node: Node, first: int) -> list[float]:
+    """Seconds between consecutive step lines from step ``first`` on (one host's log)."""
+    at = {int(m.group(1)): t for t, line in node.lines if (m := STEP.search(line))}
+    return [at[k] - at[k - 1] for k in sorted(at) if k > first and k - 1 in at]
+
+
+def steady_overhead(tmp: str, strategy: str, every: int, replica_every: int, rounds: int, steps: int) -> dict:
+    """Step time with replicas off and on, alternated (off, on, off, on, ...) on the same two
+    namespaces so that load from elsewhere hits both alike; medians of the step intervals."""
+    times: dict[int, list[float]] = {0: [], replica_every: []}
+    with net_hosts(2, sshd=False) as hosts:
+        for r in range(rounds):
+            for rep in (0, replica_every):
+                config = _config(tmp, f"{strategy}-steady{r}-{rep}", strategy, steps, every, rep)
+                port, secret = free_port_in(hosts, 0), secrets.token_hex(32)
+                nodes = [Node(hosts, i, "1:2", port, secret, config) for i in range(2)]
+                try:
+                    if nodes[0].proc.wait(600) != 0:
+                        raise SystemExit("".join(x for _, x in nodes[0].lines[-30:]))
+                    nodes[0]._reader.join(10)
+                finally:
+                    for n in nodes:
+                        n.stop()
+                times[rep] += _step_times(nodes[0], 5)
+    off, on = statistics.median(times[0]), statistics.median(times[replica_every])
+    return {"step_s_off": round(off, 4), "step_s_on": round(on, 4), "replication_overhead": round(on / off, 3)}
+
+
 def _launch_run(config: str, nproc: int, overrides: list[str]) -> str:
     from disttrain import config as config_mod
 
@@ -257,6 +287,8 @@ def main() -> None:
     p.add_argument("--kill-at", type=int, default=25, help="SIGKILL host 1 once host 0 logged this step")
     p.add_argument("--warm", type=int, default=5, help="step time is measured from this step to --kill-at")
     p.add_argument("--heartbeat-timeout", type=float, default=5.0, help="disttrain launch --heartbeat-timeout")
+    p.add_argument("--rounds", type=int, default=3, help="alternated off/on runs for replication_overhead")
+    p.add_argument("--steady-steps", type=int, default=40, help="steps of each of those runs")
     p.add_argument("--no-peer", action="store_true", help="skip the fixed --nnodes 2 peer rows")
     p.add_argument("--no-equal", action="store_true", help="skip the reference runs of equal_after_loss")
     ns = p.parse_args()
@@ -271,7 +303,8 @@ def main() -> None:
                 for every in (0, ns.replica_every)
             ]
             off, on = pair
-            on["replication_overhead"] = round(on["step_s"] / off["step_s"], 3)
+            steady = steady_overhead(tmp, strategy, ns.every, ns.replica_every, ns.rounds, ns.steady_steps)
+            on.update(steady)
             off["replication_overhead"] = None
             on["equal_after_loss"] = None if ns.no_equal else equal_after_loss(on)
             off["equal_after_loss"] = None  # tests/test_launcher_elastic.py checks the disk path

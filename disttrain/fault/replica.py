@@ -84,6 +84,7 @@ class PeerReplicas(Callback):
         self._held: dict[int, list[int]] = {}  # target node -> complete steps it holds of this rank
         self.sent = self.skipped = self.failed = 0
         self.sent_bytes = 0
+        self.stall_s = 0.0  # time the training thread spent here (recording shards, waiting for a snapshot)
 
     # -- trainer hooks --------------------------------------------------------------------
     def on_train_start(self, trainer) -> None:
@@ -93,6 +94,13 @@ class PeerReplicas(Callback):
     def on_step_end(self, trainer) -> None:
         if not self.active or trainer.step % self.every or trainer.step >= trainer.cfg.train.steps:
             return
+        t0 = time.perf_counter()
+        try:
+            self._start_copy(trainer)
+        finally:
+            self.stall_s += time.perf_counter() - t0
+
+    def _start_copy(self, trainer) -> None:
         shards = trainer.strategy.state_shards()
         if self._plan is None:  # once, every rank at the same step: the checkpoint's write plan
             from collectives.objects import allgather_bytes
@@ -116,11 +124,21 @@ class PeerReplicas(Callback):
 
     def before_optimizer_step(self, trainer) -> None:
         c = self._copy
-        if c is not None and not c.snapshot.is_set() and not c.snapshot.wait(self.comm.timeout):
-            raise TimeoutError(f"rank {self.comm.env.where}: the replica snapshot of step {c.job.step} never ended")
+        if c is not None and not c.snapshot.is_set():
+            t0 = time.perf_counter()
+            if not c.snapshot.wait(self.comm.timeout):
+                raise TimeoutError(f"rank {self.comm.env.where}: the replica snapshot of step {c.job.step} never ended")
+            self.stall_s += time.perf_counter() - t0
 
     def on_train_end(self, trainer, summary: dict | None = None) -> None:
         self.close()
+        if self.active and self.rank == 0:
+            print(
+                f"disttrain: peer replicas: {self.sent} copies ({self.sent_bytes / 2**20:.1f} MiB sent by rank 0), "
+                f"{self.skipped} steps skipped while a copy was on the wire, {self.failed} failed sends; the "
+                f"training thread spent {self.stall_s:.2f}s on them",
+                flush=True,
+            )
 
     def on_exception(self, trainer, exc: BaseException) -> None:
         self.close()
@@ -135,6 +153,7 @@ class PeerReplicas(Callback):
     # -- the background thread -------------------------------------------------------------
     def _send(self, copy: _Copy, staging: torch.Tensor) -> None:
         job = copy.job
+        _lower_priority()
         try:
             try:
                 job.stage(staging)
@@ -186,3 +205,11 @@ class PeerReplicas(Callback):
             for i in range(-(-len(data) // CHUNK) or 1):
                 client.delete_key(chunk_key(r, s, i))
         self.sent_bytes += len(data)
+
+
+def _lower_priority() -> None:
+    """This thread only (Linux nice values are per thread): the copy yields the CPU to training."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux: the copy runs at the training threads' priority
+        pass
