@@ -26,7 +26,6 @@ import hmac
 import logging
 import os
 import socket
-import threading
 
 from .store import StoreServer
 from .store_client import StoreClient
@@ -53,14 +52,6 @@ class ReplicaStore(StoreServer):
         super().__init__(secret, host, 0)
         self.max_value, self.max_total = MAX_VALUE, max_bytes
         self.job_id = ""
-
-    def _serve(self, chan, peer: str) -> None:
-        # Copies arrive while this host's workers train: their threads come first (nice is per thread).
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except (AttributeError, OSError):
-            pass
-        super()._serve(chan, peer)
 
 
 def local_address_towards(address: str) -> str:

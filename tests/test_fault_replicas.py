@@ -33,6 +33,7 @@ def _config(tmp_path, name: str, strategy: str, steps: int, extra: list[str]) ->
         f"train.steps={steps}",
         "train.log_every=1",
         "train.eval_every=0",
+        "train.batch_size=512",  # tens of ms a step: the loss lands mid-run, not after the last step
         "checkpoint.keep=1000",
         f"parallel.strategy={strategy}",
         *extra,
@@ -58,7 +59,7 @@ def _run(yaml: str, nproc: int) -> str:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("strategy", ["ddp", "zero3"])
 def test_a_lost_host_resumes_from_peer_memory_and_equals_a_resized_run(tmp_path, strategy):
-    steps = 150
+    steps = 300
     run_yaml = _config(tmp_path, "run", strategy, steps, ["checkpoint.every=0", "fault_tolerance.every=1"])
     with net_hosts(2, sshd=False) as hosts:
         nodes = _start(hosts, "1:2", ["--heartbeat-timeout", "2", "-m", "disttrain.worker", run_yaml])

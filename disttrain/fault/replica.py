@@ -11,9 +11,10 @@ Per copy, on each rank: at the step end the training thread records the shards (
 collective) and starts one background thread, which copies them into a reused host buffer (the
 snapshot; the next optimizer step waits for it, so the copy is exactly the state at that step), then
 hashes and sends them. The record goes last: a copy without its record is incomplete and never used.
-If the previous copy is still being sent at the next copy step, that step is skipped (a slow network
-costs more steps lost after a failure, never time on the step path). A failed send is logged and
-the next copy retries; training never stops for it (the disk checkpoint remains the fallback).
+If the previous copy is still being sent at the next copy step, the step waits for it (at most one
+copy is behind, so a loss costs at most the step in flight; a copy slower than ``every`` steps shows
+as step time: raise ``every``). A failed send is logged and the next copy retries; training never
+stops for it (the disk checkpoint remains the fallback).
 
 Keys in a replica store, per source rank ``r``: ``c/r/STEP/d/I`` (chunks), ``c/r/STEP/rec`` (the
 record: the copy is complete), ``c/r/steps`` (JSON: the complete steps held, the newest two, so a
@@ -82,7 +83,7 @@ class PeerReplicas(Callback):
         self._staging: torch.Tensor | None = None
         self._copy: _Copy | None = None
         self._held: dict[int, list[int]] = {}  # target node -> complete steps it holds of this rank
-        self.sent = self.skipped = self.failed = 0
+        self.sent = self.waits = self.failed = 0
         self.sent_bytes = 0
         self.stall_s = 0.0  # time the training thread spent here (recording shards, waiting for a snapshot)
 
@@ -106,9 +107,11 @@ class PeerReplicas(Callback):
             from collectives.objects import allgather_bytes
 
             self._plan = plan_writes(shard_signature(shards), self.rank, lambda b: allgather_bytes(self._group, b))
-        if self._copy is not None and not self._copy.done.is_set():
-            self.skipped += 1  # the previous copy is still on the wire: never wait for it here
-            return
+        c = self._copy
+        if c is not None and not c.done.is_set():  # back-pressure: at most one copy behind, so one step lost
+            self.waits += 1
+            if not c.done.wait(self.comm.timeout):
+                raise TimeoutError(f"rank {self.comm.env.where}: the replica of step {c.job.step} never ended")
         job = RankWrite("memory", trainer.step, self.rank, [shards[i] for i in self._plan])
         shared = state_mod.capture(trainer) if self.rank == 0 else None
         if shared is not None:
@@ -135,7 +138,7 @@ class PeerReplicas(Callback):
         if self.active and self.rank == 0:
             print(
                 f"disttrain: peer replicas: {self.sent} copies ({self.sent_bytes / 2**20:.1f} MiB sent by rank 0), "
-                f"{self.skipped} steps skipped while a copy was on the wire, {self.failed} failed sends; the "
+                f"{self.waits} waited for the previous one, {self.failed} failed sends; the "
                 f"training thread spent {self.stall_s:.2f}s on them",
                 flush=True,
             )
@@ -153,7 +156,6 @@ class PeerReplicas(Callback):
     # -- the background thread -------------------------------------------------------------
     def _send(self, copy: _Copy, staging: torch.Tensor) -> None:
         job = copy.job
-        _lower_priority()
         try:
             try:
                 job.stage(staging)
@@ -205,11 +207,3 @@ class PeerReplicas(Callback):
             for i in range(-(-len(data) // CHUNK) or 1):
                 client.delete_key(chunk_key(r, s, i))
         self.sent_bytes += len(data)
-
-
-def _lower_priority() -> None:
-    """This thread only (Linux nice values are per thread): the copy yields the CPU to training."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):  # not Linux: the copy runs at the training threads' priority
-        pass
