@@ -23,6 +23,7 @@ from . import config as config_mod
 from .checkpoint import maybe_build_checkpointer
 from .config import GPTConfig, TargetData, TargetModel
 from .data import build_target_data, build_task
+from .fault import maybe_build_fault_tolerance
 from .loss import build_step
 from .models import build_model, build_target_model
 from .models.deferred import record_build, set_pretrained
@@ -68,10 +69,11 @@ def device_of(comm: collectives.Communicator) -> str:
 
 
 def build_callbacks(cfg: config_mod.ExperimentConfig, comm: collectives.Communicator) -> list:
-    """Preemption first, then checkpoints (a stop request is saved in the same step)."""
-    return preemption.build_callbacks(cfg, comm) + [
-        cb for cb in [maybe_build_checkpointer(cfg.checkpoint, comm)] if cb is not None
-    ]
+    """Preemption first, then checkpoints (a stop request is saved in the same step), then the peer
+    replicas (``fault_tolerance``; their recovery goes through the checkpointer's resume)."""
+    ckpt = maybe_build_checkpointer(cfg.checkpoint, comm)
+    replicas = maybe_build_fault_tolerance(cfg.fault_tolerance, comm, ckpt)
+    return preemption.build_callbacks(cfg, comm) + [cb for cb in [ckpt, replicas] if cb is not None]
 
 
 def build_run_model(cfg: config_mod.ExperimentConfig, data, paths: list[str]):

@@ -28,11 +28,12 @@ import torch.nn as nn
 
 from collectives import Communicator, ReduceOp, flight_recorder
 
+from . import evaluation
 from .config import ExperimentConfig
 from .data import Data, GlobalBatchSampler, StepLoader, StreamSampler, Task
 from .data.dataset import to_device
-from .data.loader import eval_split, micro_slices
-from .data.stream import build_sampler, is_stream
+from .data.loader import micro_slices
+from .data.stream import build_sampler
 from .errors import DisttrainError
 from .loss import CrossEntropyStep, SplitLogitsStep, StepFn, StepOutputError, read_step_output
 from .models.deferred import pending
@@ -398,51 +399,12 @@ class Trainer:
         return metrics
 
     # -- evaluation -------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(
         self, max_samples: int | None = None, dataset=None, step_fn: StepFn | None = None, collate=None
     ) -> dict[str, float]:
-        """Mean loss (and the step function's metrics, per unit) on up to ``max_samples`` (default
-        ``train.eval_samples``) evenly spaced
-        samples of the eval split. Collective; every rank gets the result ({} without an eval split)."""
-        dataset = dataset if dataset is not None else (self.data.eval if self.data is not None else None)
-        if dataset is None or (not is_stream(dataset) and len(dataset) == 0):
-            return {}
-        collate = collate if collate is not None else self.data.collate if self.data is not None else None
-        step_fn = step_fn or self.step_fn
-        per_rank = max(1, self.cfg.train.batch_size // self.dp_size)
-        # Every rank takes the same number of samples, so the same number of forward passes: sharded
-        # strategies (ZeRO-3, tp, pp) run collectives inside forward.
-        batches, mine = eval_split(
-            dataset,
-            max_samples or self.cfg.train.eval_samples,
-            self.dp_rank,
-            self.dp_size,
-            per_rank,
-            collate,
-            self._num_workers,
-        )
-        loss_sum, count, metrics = 0.0, 0.0, MetricWindow()
-        model = self.strategy.model
-        was_training = model.training
-        model.eval()
-        try:
-            for batch in batches:
-                with self.autocast():
-                    res = read_step_output(step_fn(model, to_device(batch, self.device)))
-                loss_sum += float(res.loss_sum)
-                count += res.count
-                metrics.add_units(res.metrics)
-        finally:
-            model.train(was_training)
-        totals = torch.tensor([loss_sum, count], dtype=torch.float64)
-        self.comm.allreduce(totals, ReduceOp.SUM)
-        reduced = metrics.reduce(self.comm, 1, float(totals[1]))  # every rank, even one that read nothing
-        if float(totals[1]) <= 0:
-            return {}
-        out = {"eval_loss": float(totals[0] / totals[1])}
-        out.update({f"eval_{k}": v for k, v in reduced.items()})
-        return out
+        """Mean loss (and the step function's metrics, per unit) on the eval split; see
+        :func:`disttrain.evaluation.evaluate`. Collective; every rank gets the result."""
+        return evaluation.evaluate(self, max_samples, dataset, step_fn, collate)
 
     # -- the loop -------------------------------------------------------------------------
     def fit(self) -> dict:

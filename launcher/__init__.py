@@ -33,6 +33,8 @@ _EXPORTS = {
     "launch": "cli",
     "launch_main": "cli:main",
     "AuthStore": "torch_store",
+    "connect_replica": "replica_store",
+    "replica_addresses_from_env": "replica_store",
     # SLURM: the one reader of SLURM's variables (launcher.slurm.place) and what workers call
     "SlurmEnvError": "slurm.errors",
     "SlurmPlace": "slurm.place",

@@ -31,6 +31,8 @@ from .hang import HangWatch
 from .hang_exchange import HangExchange
 from .membership import HEARTBEAT_TIMEOUT, Heartbeat, NodesRange, Transition, format_transitions, next_members
 from .rendezvous import Rendezvous, RoundState, wait_exited
+from .replica_store import DEFAULT_MAX_BYTES, ReplicaStore, round_env, start_replica_store
+from .replica_store import ENV as REPLICA_ENV
 from .report import Failure, format_report, root_cause
 from .ssh import is_local
 from .store import StoreClient, StoreError, StoreServer, check_secret, new_secret
@@ -57,6 +59,7 @@ class NodeSpec:
     rdzv_timeout: float = 120.0  # how long agents wait for each other
     min_nodes: int | None = None  # --nnodes MIN:MAX's MIN: after a host is lost, go on with at least this many
     heartbeat_timeout: float = HEARTBEAT_TIMEOUT  # a peer silent this long is lost
+    replica_bytes: int = DEFAULT_MAX_BYTES  # an elastic job's agent holds peers' copies up to this (0: none)
 
 
 @dataclasses.dataclass
@@ -91,6 +94,8 @@ class LocalAgent:
         self._interrupted: int | None = None
         self._error_dir = tempfile.mkdtemp(prefix="disttrain-errors-")  # 0700; no job id in a /tmp name
         self._server: StoreServer | None = None
+        self._replicas: ReplicaStore | None = None  # peers' in-memory copies (launcher.replica_store)
+        self._replica_env = ""
         self.hang_timeout = hang_timeout  # seconds without a finished collective before the hang report; 0: off
         self._hang: HangWatch | None = None
         self._heartbeat: Heartbeat | None = None
@@ -159,6 +164,8 @@ class LocalAgent:
                 store=self.node.store,
                 secret=self.node.secret,
             )
+            if self._replica_env:
+                env[REPLICA_ENV] = self._replica_env
             if self.hang_timeout > 0:  # the workers' flight recorders beat and dump here (launcher.hang)
                 env["DISTTRAIN_TRACE_DIR"] = os.path.join(self._error_dir, f"attempt{attempt}", "trace")
             w = Worker(self.spec, rank, local_rank, self.node.host, env)
@@ -232,6 +239,11 @@ class LocalAgent:
         rdzv = None
         try:
             rdzv = self._open_store()
+            if self.node.nnodes > 1 and self._nodes_range().elastic and self.node.replica_bytes > 0:
+                node = self.node
+                self._replicas = start_replica_store(
+                    rdzv.client, node.store, node.secret, node.job_id, node.node_rank, node.replica_bytes
+                )
             rdzv.join()
             first = 0
             if self.node.nnodes > 1 and rdzv.rejoining():
@@ -263,6 +275,8 @@ class LocalAgent:
                 self._server.close()
             if self._heartbeat is not None:
                 self._heartbeat.stop()
+            if self._replicas is not None:
+                self._replicas.close()
             if rdzv is not None:
                 rdzv.client.close()
             shutil.rmtree(self._error_dir, ignore_errors=True)
@@ -341,6 +355,8 @@ class LocalAgent:
             if self._heartbeat is not None:
                 self._heartbeat.watch(members)
             rdzv.begin(attempt)
+            if self._replicas is not None:
+                self._replica_env = round_env(rdzv.client, self._replicas.job_id, members)
             self._start_group(attempt, members)
             if self._pending is not None and self.node.node_rank == min(members):
                 self._pending.seconds = time.time() - self._pending.detected_at

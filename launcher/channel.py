@@ -113,8 +113,12 @@ def derive_job_id(endpoint: str, secret: str) -> str:
     return "job-" + digest.hexdigest()[:12]
 
 
-def _mac(key: bytes, label: bytes, *parts: bytes) -> bytes:
-    return hmac.new(key, label + b"".join(parts), hashlib.sha256).digest()
+def _mac(key: bytes, label: bytes, *parts) -> bytes:
+    """HMAC-SHA256 of ``label`` and ``parts`` concatenated (fed one by one: a large frame is never copied)."""
+    h = hmac.new(key, label, hashlib.sha256)
+    for p in parts:
+        h.update(p)
+    return h.digest()
 
 
 @functools.lru_cache(maxsize=16)
@@ -125,7 +129,7 @@ def stretch(secret: bytes, salt: bytes) -> bytes:
 
 def _split(hello: bytes) -> tuple[bytes, bytes]:
     """(salt, nonce_s) of a hello."""
-    return hello[len(MAGIC) : len(MAGIC) + SALT], hello[len(MAGIC) + SALT :]
+    return bytes(hello[len(MAGIC) : len(MAGIC) + SALT]), bytes(hello[len(MAGIC) + SALT :])
 
 
 def job_field(job: str) -> bytes:
@@ -182,22 +186,32 @@ def server_check_reply(key: bytes, nonce_s: bytes, reply: bytes, job: str = "") 
     return _mac(key, b"dt-server", j, nonce_c, nonce_s), _mac(key, b"dt-session", j, nonce_s, nonce_c)
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
+def recv_exact(sock: socket.socket, n: int) -> bytearray:
+    """Exactly ``n`` bytes, received into one buffer (no per-chunk concatenation)."""
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if not k:
             raise ConnectionError("peer closed the connection")
-        buf += chunk
-    return bytes(buf)
+        got += k
+    return buf
+
+
+def _parts(code: int, fields: list[bytes]) -> list[bytes]:
+    """A frame as its pieces (header, then each field's length and bytes), to MAC and join once."""
+    parts = [b""]
+    for f in fields:
+        parts += [_U32.pack(len(f)), f]
+    parts[0] = _HEAD.pack(1 + sum(len(p) for p in parts), code)
+    return parts
 
 
 def pack(code: int, fields: list[bytes]) -> bytes:
-    body = b"".join(_U32.pack(len(f)) + f for f in fields)
-    return _HEAD.pack(1 + len(body), code) + body
+    return b"".join(_parts(code, fields))
 
 
-def unpack_fields(body: bytes) -> list[bytes]:
+def unpack_fields(body) -> list[bytes]:
     fields, i = [], 0
     while i < len(body):
         if i + 4 > len(body):
@@ -205,7 +219,7 @@ def unpack_fields(body: bytes) -> list[bytes]:
         (n,) = _U32.unpack_from(body, i)
         if i + 4 + n > len(body):
             raise ValueError("truncated field")
-        fields.append(body[i + 4 : i + 4 + n])
+        fields.append(bytes(body[i + 4 : i + 4 + n]))
         i += 4 + n
     return fields
 
@@ -222,10 +236,10 @@ class Channel:
         self._sent = self._received = 0
 
     def send(self, code: int, fields: list[bytes]) -> None:
-        frame = pack(code, fields)
-        mac = _mac(self._key, self._out, _SEQ.pack(self._sent), frame)
+        parts = _parts(code, fields)
+        parts.append(_mac(self._key, self._out, _SEQ.pack(self._sent), *parts))
         self._sent += 1
-        self.sock.sendall(frame + mac)
+        self.sock.sendall(b"".join(parts))
 
     def recv(self) -> tuple[int, list[bytes]]:
         """One frame; ValueError for a malformed one, StoreAuthError for a bad MAC, ConnectionError on EOF."""
@@ -233,8 +247,8 @@ class Channel:
         length, code = _HEAD.unpack(head)
         if not 1 <= length <= MAX_FRAME:
             raise ValueError(f"frame of {length} bytes")
-        rest = recv_exact(self.sock, length - 1 + MAC)
-        body, mac = rest[:-MAC], rest[-MAC:]
+        rest = memoryview(recv_exact(self.sock, length - 1 + MAC))
+        body, mac = rest[:-MAC], bytes(rest[-MAC:])
         if not hmac.compare_digest(mac, _mac(self._key, self._in, _SEQ.pack(self._received), head, body)):
             raise StoreAuthError(f"frame {self._received} failed its MAC (injected, replayed or corrupted)")
         self._received += 1

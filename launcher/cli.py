@@ -31,6 +31,7 @@ from .errors import LaunchConfigError, LauncherError
 from .hostfile import parse_hostfile, parse_hosts
 from .job import JobSpec, run_job
 from .membership import HEARTBEAT_TIMEOUT, NodesRange
+from .replica_store import DEFAULT_MAX_BYTES
 from .ssh import SshOptions
 from .store import check_secret
 from .worker import WorkerSpec
@@ -96,6 +97,13 @@ def build_parser(prog: str = "disttrain launch") -> argparse.ArgumentParser:
         type=float,
         default=HEARTBEAT_TIMEOUT,
         help="seconds without a heartbeat before a host counts as lost (multi-node jobs)",
+    )
+    _both(
+        p,
+        "--replica-bytes",
+        type=int,
+        default=DEFAULT_MAX_BYTES,
+        help="bytes of peers' in-memory state copies this host's agent holds at most (elastic jobs; 0: none)",
     )
     _both(p, "--max-restarts", type=int, default=0, help="restart the worker group this many times after a failure")
     _both(
@@ -205,6 +213,7 @@ def spec_from_args(ns: argparse.Namespace) -> tuple[WorkerSpec, NodeSpec]:
         host_store=store is not None and ns.node_rank == 0,
         min_nodes=nodes.min,
         heartbeat_timeout=ns.heartbeat_timeout,
+        replica_bytes=ns.replica_bytes,
     )
     return spec, node
 

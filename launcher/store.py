@@ -139,7 +139,19 @@ class StoreServer:
 
     Called by the launcher (or node 0's agent in torchrun-style manual starts) once per
     job: ``start()``, hand ``address`` and the secret to agents, ``close()`` at the end.
+    ``max_value`` and ``max_total`` bound one value and all bytes held (a subclass may change them).
     """
+
+    max_value: int | None = None  # None: the module's MAX_VALUE, read at each request
+    max_total: int | None = None  # None: MAX_TOTAL
+
+    @property
+    def value_cap(self) -> int:
+        return self.max_value or MAX_VALUE
+
+    @property
+    def total_cap(self) -> int:
+        return self.max_total or MAX_TOTAL
 
     def __init__(
         self, secret: str, host: str = "127.0.0.1", port: int = 0, *, advertise: str | None = None, job: str = ""
@@ -221,12 +233,12 @@ class StoreServer:
         old = self.data.get(key)
         grow = len(value) - (len(old) if old is not None else -len(key))
         if quota:
-            if len(value) > MAX_VALUE:
-                raise _Refused(f"value of {key!r} is {len(value)} bytes, over the limit of {MAX_VALUE}")
+            if len(value) > self.value_cap:
+                raise _Refused(f"value of {key!r} is {len(value)} bytes, over the limit of {self.value_cap}")
             if old is None and len(self.data) >= MAX_KEYS:
                 raise _Refused(f"the store holds {len(self.data)} keys, the limit")
-            if self.nbytes + grow > MAX_TOTAL:
-                raise _Refused(f"the store holds {self.nbytes} bytes; {key!r} would pass the limit of {MAX_TOTAL}")
+            if self.nbytes + grow > self.total_cap:
+                raise _Refused(f"the store holds {self.nbytes} bytes; {key!r} would pass the limit of {self.total_cap}")
         self.data[key] = value
         self.nbytes += grow
 
@@ -428,8 +440,8 @@ class StoreServer:
             with cond:
                 key = f[0].decode()
                 old = d.get(key, b"")
-                if len(old) + len(f[1]) > MAX_VALUE:  # checked before the copy is made
-                    raise _Refused(f"appending {len(f[1])} bytes to {key!r} passes the limit of {MAX_VALUE}")
+                if len(old) + len(f[1]) > self.value_cap:  # checked before the copy is made
+                    raise _Refused(f"appending {len(f[1])} bytes to {key!r} passes the limit of {self.value_cap}")
                 self._put(key, old + f[1])
                 cond.notify_all()
             return (OK, [])
@@ -441,8 +453,8 @@ class StoreServer:
                 pairs = [(k.decode(), v) for k, v in zip(f[0::2], f[1::2])]
                 if (
                     len(f) % 2
-                    or any(len(v) > MAX_VALUE for _, v in pairs)
-                    or sum(len(k) + len(v) for k, v in pairs) > MAX_TOTAL - self.nbytes
+                    or any(len(v) > self.value_cap for _, v in pairs)
+                    or sum(len(k) + len(v) for k, v in pairs) > self.total_cap - self.nbytes
                 ):
                     raise _Refused(
                         "multi_set: odd field count, a value over the limit, or more bytes than there is room for"

@@ -26,7 +26,7 @@ import os
 import shutil
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -37,7 +37,7 @@ from ..observe.callbacks import Callback
 from . import retention, testhooks
 from . import state as state_mod
 from .errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError
-from .reader import CheckpointReader, resolve, step_dir_name
+from .reader import STEP_DIR, CheckpointReader, resolve, step_dir_name
 from .writer import RankWrite, aligned_empty, clean_temporaries, commit, tmp_dir
 
 if TYPE_CHECKING:
@@ -55,6 +55,22 @@ class LoadOutcome(enum.IntEnum):
 
 
 WRITING, WRITTEN, FAILED = 0, 1, 2
+MEMORY = "peer memory"  # resume()'s candidate for the peers' in-memory copy
+
+
+class PeerCopies(Protocol):
+    """Copies of every rank's state in peers' memory (``disttrain.fault``): resume() prefers the newest
+    complete one to the disk when it is at least as new, and falls back to the disk when it fails."""
+
+    bytes_fetched: int  # bytes of copies this rank has read from the peers
+
+    def newest(self) -> dict | None:
+        """Rank 0 only: a JSON plan of the newest complete, verified copy (``{"step": ...}``), or None."""
+        ...
+
+    def reader(self, plan: dict) -> CheckpointReader:
+        """Every rank: a reader serving ``plan``'s copy (fetched from the peers as pieces are asked for)."""
+        ...
 
 
 class _InFlight:
@@ -86,6 +102,8 @@ class Checkpointer(Callback):
         self._inflight: _InFlight | None = None
         self._commit_thread: threading.Thread | None = None
         self._commit_error: BaseException | None = None
+        self.peers: PeerCopies | None = None  # set by disttrain.fault when fault_tolerance is on
+        self.resumed_source: str | None = None  # MEMORY or the checkpoint directory resume() loaded
 
     # -- trainer hooks --------------------------------------------------------------------
     def on_train_start(self, trainer) -> None:
@@ -96,7 +114,11 @@ class Checkpointer(Callback):
         step = self.resume(trainer)
         if step is not None and self.rank == 0:
             extra = f" (restart {restarts})" if restarts and restarts != "0" else ""
-            print(f"disttrain: resumed from {self.dir}/step_{step:06d}{extra}", flush=True)
+            if self.resumed_source == MEMORY:
+                got = self.peers.bytes_fetched
+                print(f"disttrain: resumed from {MEMORY} at step {step} ({got} bytes), 0 from disk{extra}", flush=True)
+            else:
+                print(f"disttrain: resumed from {self.dir}/step_{step:06d}{extra}", flush=True)
 
     def on_step_end(self, trainer) -> None:
         testhooks.fire("step_end", self.rank, trainer.step)
@@ -194,11 +216,20 @@ class Checkpointer(Callback):
         """All ranks: load the newest checkpoint that verifies (older ones on failure, with a
         warning, when ``fallback``); returns its step or None when there is none."""
         cands = self._bcast_json(resolve(self.dir) if self.rank == 0 else None)
+        plan = None
+        if self.peers is not None:  # the peers' copy first when it is at least as new as the disk's
+            plan = self._bcast_json(self.peers.newest() if self.rank == 0 else None)
+            disk = int(STEP_DIR.match(os.path.basename(cands[0])).group(1)) if cands else -1
+            if plan is not None and plan["step"] >= disk:
+                cands = [MEMORY, *cands]
         for i, path in enumerate(cands):
             code, err = LoadOutcome.OK, None
             reader = None
             try:
-                reader = CheckpointReader(path, verify=self.cfg.verify_on_load)
+                if path == MEMORY:
+                    reader = self.peers.reader(plan)
+                else:
+                    reader = CheckpointReader(path, verify=self.cfg.verify_on_load)
                 saved = reader.state()
                 trainer.strategy.load_state_shards(reader)
             except CheckpointCorruptError as exc:
@@ -213,10 +244,13 @@ class Checkpointer(Callback):
                 state_mod.apply(trainer, saved, saved.get("rng") or [])
                 self.last_saved = trainer.step
                 self.resumed_from = reader.step  # pruning never removes it (retention.prune)
+                self.resumed_source = path
                 return trainer.step
             bad = [r for r, f in enumerate(flags) if f]
             if err is not None:
                 log.error("rank %s: loading %s failed: %s", self.comm.env.where, path, err)
+            if path == MEMORY:  # whatever went wrong there, the disk is the fallback
+                continue
             if max(flags) == LoadOutcome.MISMATCH:
                 raise CheckpointMismatchError(
                     f"rank {self.comm.env.where}: {path} does not load on ranks {bad}: {err or 'see their logs'}"
@@ -239,7 +273,7 @@ class Checkpointer(Callback):
                     bad,
                     cands[i + 1],
                 )
-            if self.rank == 0:  # out of the count and out of the way, but kept for a post-mortem
+            if self.rank == 0 and path != MEMORY:  # out of the count and out of the way, kept for a post-mortem
                 retention.set_aside(path)
         return None
 
@@ -401,12 +435,8 @@ class Checkpointer(Callback):
             ) from err
 
     def _plan_for(self, shards: list) -> list[int]:
-        """Indices of ``shards`` this rank writes: all of its own, and a balanced share of the
-        replicated ones (each replicated box is written by exactly one of its holders)."""
-        sig = [
-            (s.name, [list(b) for b in s.box], s.flat, s.tensor.numel() * s.tensor.element_size(), bool(s.replicated))
-            for s in shards
-        ]
+        """Indices of ``shards`` this rank writes (:func:`plan_writes`), computed once."""
+        sig = shard_signature(shards)
         if self._plan is not None:
             if self._plan[0] != sig:
                 raise CheckpointError(
@@ -414,26 +444,7 @@ class Checkpointer(Callback):
                     "saves; the write plan is computed once"
                 )
             return self._plan[1]
-        everyone = [json.loads(b) for b in self._allgather_bytes(json.dumps(sig).encode())]
-        load = [sum(n for _, _, _, n, rep in sg if not rep) for sg in everyone]
-        holders: dict[str, list[int]] = {}
-        sizes: dict[str, int] = {}
-        for r, sg in enumerate(everyone):
-            for name, box, flat, n, rep in sg:
-                if rep:
-                    key = json.dumps([name, box, flat])
-                    holders.setdefault(key, []).append(r)
-                    sizes[key] = n
-        owner = {}
-        for key in sorted(holders, key=lambda k: (-sizes[k], k)):
-            r = min(holders[key], key=lambda x: (load[x], x))
-            owner[key] = r
-            load[r] += sizes[key]
-        mine = [
-            i
-            for i, (name, box, flat, _, rep) in enumerate(sig)
-            if not rep or owner[json.dumps([name, box, flat])] == self.rank
-        ]
+        mine = plan_writes(sig, self.rank, self._allgather_bytes)
         self._plan = (sig, mine)
         return mine
 
@@ -451,3 +462,37 @@ class Checkpointer(Callback):
         """Rank 0's ``obj`` on every rank."""
         data = json.dumps(obj).encode() if self.rank == 0 else b""
         return json.loads(self._allgather_bytes(data)[0])
+
+
+def shard_signature(shards: list) -> list:
+    """What :func:`plan_writes` compares across ranks: each shard's name, box, flatness, bytes, replication."""
+    return [
+        (s.name, [list(b) for b in s.box], s.flat, s.tensor.numel() * s.tensor.element_size(), bool(s.replicated))
+        for s in shards
+    ]
+
+
+def plan_writes(sig: list, rank: int, allgather_bytes) -> list[int]:
+    """Every rank, together (one allgather): indices of this rank's shards that it writes: all of its
+    own, and a balanced share of the replicated ones (each replicated box is written by exactly one
+    of its holders). The checkpointer and the peer replicas (disttrain.fault) share it."""
+    everyone = [json.loads(b) for b in allgather_bytes(json.dumps(sig).encode())]
+    load = [sum(n for _, _, _, n, rep in sg if not rep) for sg in everyone]
+    holders: dict[str, list[int]] = {}
+    sizes: dict[str, int] = {}
+    for r, sg in enumerate(everyone):
+        for name, box, flat, n, rep in sg:
+            if rep:
+                key = json.dumps([name, box, flat])
+                holders.setdefault(key, []).append(r)
+                sizes[key] = n
+    owner = {}
+    for key in sorted(holders, key=lambda k: (-sizes[k], k)):
+        r = min(holders[key], key=lambda x: (load[x], x))
+        owner[key] = r
+        load[r] += sizes[key]
+    return [
+        i
+        for i, (name, box, flat, _, rep) in enumerate(json.loads(json.dumps(sig)))
+        if not rep or owner[json.dumps([name, box, flat])] == rank
+    ]

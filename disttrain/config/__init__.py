@@ -12,6 +12,7 @@ from ..errors import ConfigError
 from .checkpoint import CheckpointConfig
 from .data import DataConfig, DigitsData, Loading, ShakespeareData, TargetData
 from .experiment import ExperimentConfig
+from .fault_tolerance import FaultToleranceConfig
 from .launch import LaunchConfig
 from .loader import dump, from_settings, load, save
 from .log import CallbackConfig, LogConfig, ProfileConfig
@@ -35,6 +36,7 @@ __all__ = [
     "TARGET_PATTERN",
     "CallbackConfig",
     "CheckpointConfig",
+    "FaultToleranceConfig",
     "ConfigError",
     "DataConfig",
     "DigitsData",

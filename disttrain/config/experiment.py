@@ -6,6 +6,7 @@ from pydantic import Field, model_validator
 
 from .checkpoint import CheckpointConfig
 from .data import DataConfig, DigitsData, TargetData
+from .fault_tolerance import FaultToleranceConfig
 from .launch import LaunchConfig
 from .log import CallbackConfig, LogConfig, ProfileConfig
 from .loss import LossConfig
@@ -30,6 +31,9 @@ class ExperimentConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Loop length, batch and precision.")
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Parallelism strategy.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
+    fault_tolerance: FaultToleranceConfig = Field(
+        default_factory=FaultToleranceConfig, description="In-memory peer replicas for losing a host."
+    )
     slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="SLURM submission and preemption.")
     log: LogConfig = Field(default_factory=LogConfig, description="Trackers and the metrics line's throughput.")
     profile: ProfileConfig = Field(
