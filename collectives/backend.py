@@ -27,7 +27,10 @@ Capabilities are declared, not probed: every backend class subclasses :class:`Ba
 * ``store`` (default None): a torch.distributed Store the communicator uses to name
   missing ranks after a timeout;
 * ``alloc(shape, dtype)`` (default: ``torch.empty`` on ``device``): the backend's
-  preferred memory for zero-copy ops.
+  preferred memory for zero-copy ops;
+* ``repeatable_allreduce(tensor, op)`` (default: a new ``allreduce`` per run): one allreduce of a
+  buffer the communicator owns, run again and again (the carried check's frame, ``collectives.carried``);
+  mpi makes it a persistent request.
 """
 
 from __future__ import annotations
@@ -38,6 +41,24 @@ from typing import ClassVar, Literal, Protocol
 import torch
 
 from .types import ReduceOp, Work
+
+
+class Repeatable(Protocol):
+    """An op set up once and run many times; ``run`` blocks until done (raising as ``Work.wait`` does)."""
+
+    def run(self, timeout: float | None) -> None: ...
+
+
+class RepeatedAllreduce:
+    """The default :class:`Repeatable` allreduce: a new backend op per run."""
+
+    __slots__ = ("_backend", "_tensor", "_op")
+
+    def __init__(self, backend: Backend, tensor: torch.Tensor, op: ReduceOp):
+        self._backend, self._tensor, self._op = backend, tensor, op
+
+    def run(self, timeout: float | None) -> None:
+        self._backend.allreduce(self._tensor, self._op).wait(timeout)
 
 
 class Backend(Protocol):
@@ -51,6 +72,11 @@ class Backend(Protocol):
     def alloc(self, shape: Sequence[int] | int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A tensor in the backend's preferred memory. Collective for backends whose memory is shared."""
         return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def repeatable_allreduce(self, tensor: torch.Tensor, op: ReduceOp) -> Repeatable:
+        """An allreduce of ``tensor`` with ``op``, run by each ``run(timeout)``. Every rank of the group
+        sets up the same ones in the same order; ``tensor`` stays alive and in place while in use."""
+        return RepeatedAllreduce(self, tensor, op)
 
     @classmethod
     def is_available(cls) -> bool:

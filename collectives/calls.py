@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from . import checks
+from . import carried, checks
 from .backend import Backend
 from .env import DistEnv
 from .errors import CollectivesError, CollectiveTimeoutError
@@ -31,12 +31,13 @@ MAX_SPECS = 1024
 class Spec:
     """What repeats between calls of one op with one signature: validated once, then reused."""
 
-    __slots__ = ("op", "shapes", "dtype", "extra", "base", "arg", "fp")
+    __slots__ = ("op", "shapes", "dtype", "extra", "base", "arg", "fp", "carry")
 
     def __init__(self, op: str, shapes: tuple, dtype: str, extra: str, group: str, arg=None):
         self.op, self.shapes, self.dtype, self.extra, self.arg = op, shapes, dtype, extra, arg
         self.base = base_digest(op, group, shapes, dtype, extra)
         self.fp: Fingerprint | None = None  # renewed per synchronous call (see Communicator._call)
+        self.carry: carried.CarriedOp | None = None  # an allreduce riding in the check's frame
 
 
 class Handle:
@@ -90,6 +91,7 @@ class CallPath:
     global_ranks: list[int]
     store: object
     _inline: bool
+    _frame: carried.Frame | None  # the carried check's frame: CPU, not inline, 1 < world <= 65536
     _seq: int
     _grank: int
     _specs: dict[tuple, Spec]
@@ -159,7 +161,7 @@ class CallPath:
             kwargs.update(fingerprint=fp if self.check else None, async_op=async_op, timeout=timeout)
         elif self.check:
             try:
-                checks.check_collective(self.backend, fp, timeout)
+                self._check(fp, timeout)
             except CollectiveTimeoutError as exc:
                 raise self._timeout_error(fp, timeout, exc) from None
         works = [] if skip else start(**kwargs)
@@ -214,7 +216,7 @@ class CallPath:
                 start(*args, fingerprint=fp, async_op=False, timeout=timeout).wait(timeout)
             else:
                 if fp is not None:
-                    checks.check_collective(self.backend, fp, timeout)
+                    self._check(fp, timeout)
                 start(*args).wait(timeout)
             RECORDER.end(record)
         except CollectiveTimeoutError as exc:
@@ -227,3 +229,35 @@ class CallPath:
         except BaseException:
             spec.fp = None
             raise
+
+    def _check(self, fp: Fingerprint, timeout: float) -> None:
+        """The check before an op of a backend that does not check inline (the frame's when it has one)."""
+        if self._frame is not None:
+            carried.check_in_frame(self.backend, self._frame, fp, timeout)
+        else:
+            checks.check_collective(self.backend, fp, timeout)
+
+    def _carried(
+        self, spec: Spec, tensor: torch.Tensor, timeout: float | None, seq: int | None = None, after: list = ()
+    ) -> None:
+        """A synchronous allreduce riding in the check's frame (``spec.carry``, checks on): its result is
+        handed back only once every rank's header agreed (``collectives.carried``)."""
+        timeout = self.timeout if timeout is None else timeout
+        if seq is None:
+            seq = self._seq
+            self._seq = seq + 1
+        record = RECORDER.begin(seq, spec.op, self.group, spec.shapes, spec.dtype)
+        try:
+            if not spec.carry(tensor, seq, timeout):
+                fp = Fingerprint(
+                    seq, spec.op, self.group, spec.shapes, spec.dtype, spec.extra, self._grank, None, spec.base
+                )
+                checks.raise_mismatch(self.backend, fp, timeout)
+            for fn in after:
+                fn()
+            RECORDER.end(record)
+        except CollectiveTimeoutError as exc:
+            fp = Fingerprint(
+                seq, spec.op, self.group, spec.shapes, spec.dtype, spec.extra, self._grank, None, spec.base
+            )
+            raise self._timeout_error(fp, timeout, exc) from None

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import checks, registry
+from . import carried, checks, registry
 from .arguments import ArgumentChecks
 from .backend import Backend
 from .calls import ORPHANS, PLAIN, STRIDED, CallPath, Handle, Spec
@@ -54,6 +54,10 @@ class Communicator(CallPath, ArgumentChecks):
         self.store = store if store is not None else backend.store
         self.job_store = None  # set by init(): the store the ranks met through, held while this lives
         self._inline = type(backend).checks_inline
+        world = backend.world_size
+        cpu = backend.device is None or backend.device.type == "cpu"
+        usable = not self._inline and cpu and world > 1 and carried.chunk_bits(world)
+        self._frame = carried.Frame(backend) if usable else None
         self._seq = 0
         self._grank = self.global_ranks[backend.rank]
         self._specs: dict[tuple, Spec] = {}
@@ -75,6 +79,8 @@ class Communicator(CallPath, ArgumentChecks):
             key = ("allreduce", tensor.shape, tensor.dtype, op)
             spec = self._specs.get(key)
             if spec is not None and tensor.layout is STRIDED and tensor.is_contiguous():
+                if spec.carry is not None and self.check and tensor.is_cpu:
+                    return self._carried(spec, tensor, timeout)
                 return self._call(spec, self.backend.allreduce, (tensor, spec.arg), timeout)
         op = ReduceOp(op)
         after: list = []
@@ -86,9 +92,12 @@ class Communicator(CallPath, ArgumentChecks):
             )
         fp = self._fingerprint("allreduce", [t.shape], t.dtype, f"op={op}")
         if t.numel():
-            self._remember(
-                ("allreduce", t.shape, t.dtype, op), Spec(fp.op, fp.shapes, fp.dtype, fp.extra, self.group, op)
-            )
+            spec = Spec(fp.op, fp.shapes, fp.dtype, fp.extra, self.group, op)
+            if carried.can_carry(self._frame, t, op):  # rides in the check's frame (see collectives.carried)
+                spec.carry = carried.CarriedOp(self._frame, spec.base, op)
+            self._remember(("allreduce", t.shape, t.dtype, op), spec)
+            if spec.carry is not None and self.check and not async_op:
+                return self._carried(spec, t, timeout, fp.seq, after)
         return self._run(
             fp,
             lambda **kw: self.backend.allreduce(t, op, **kw),

@@ -319,6 +319,21 @@ def run_mismatches(comm) -> list[str]:
     )
     if my_site(again) == my_site(text):
         raise AssertionError(f"a second fast-path mismatch names the first one's call site:\n{text}\n{again}")
+    # mismatches between ops that both ride in the carried check's frame (mpi, torch: same transport message
+    # on every rank, so only the carried header words can tell): the same numel in other shapes, SUM against
+    # AVG, 4 KiB against 4000 bytes (without the fixed frame MPICH hangs and gloo aborts); the operand is
+    # left as it was (no wrong result is handed back)
+    for mine, theirs in (((2, 3), (3, 2)), ((1024,), (1000,))):
+        for shape in (mine, theirs):  # both signatures seen before on every rank: the fast path
+            comm.allreduce(torch.zeros(shape))
+        x = torch.full(mine if r == 0 else theirs, float(r + 1))
+        with_error(lambda x=x: comm.allreduce(x), CollectiveMismatchError, ("shape [",))
+        _close(x, torch.full_like(x, float(r + 1)), "operand after a carried mismatch")
+    y = torch.full((5,), float(r + 1))
+    with_error(
+        lambda: comm.allreduce(y, ReduceOp.SUM if r == 0 else ReduceOp.AVG), CollectiveMismatchError, ("op=avg",)
+    )
+    _close(y, torch.full((5,), float(r + 1)), "operand after a carried SUM/AVG mismatch")
     # p2p: the receiver names both sides
     if r == 0:
         comm.send(torch.ones(3), 1)

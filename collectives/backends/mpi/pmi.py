@@ -477,3 +477,23 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def process_mapping(store, env, timeout: float) -> str:
+    """Every rank puts its host in the store; rank 0 returns MPICH's PMI_process_mapping of them (the others "")."""
+    import datetime
+
+    store.set(f"collectives/mpi/host/{env.rank}", env.host)
+    if env.rank != 0:
+        return ""
+    keys = [f"collectives/mpi/host/{r}" for r in range(env.world_size)]
+    store.wait(keys, datetime.timedelta(seconds=timeout))
+    hosts = [store.get(k).decode() for k in keys]
+    blocks, node = [], 0
+    for i, h in enumerate(hosts):
+        if i and h == hosts[i - 1]:
+            blocks[-1][2] += 1
+        else:
+            blocks.append([node, 1, 1])
+            node += 1
+    return "(vector," + ",".join(f"({a},{b},{c})" for a, b, c in blocks) + ")"
