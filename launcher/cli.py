@@ -252,6 +252,7 @@ def job_from_args(ns: argparse.Namespace) -> JobSpec:
         heartbeat_timeout=ns.heartbeat_timeout,
         hang_timeout=ns.hang_timeout,
         hang_stop=not ns.hang_keep_waiting,
+        replica_bytes=ns.replica_bytes,
     )
     if ns.heartbeat_timeout <= 0:
         raise LaunchConfigError(f"--heartbeat-timeout must be positive, got {ns.heartbeat_timeout:g}")

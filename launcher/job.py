@@ -34,6 +34,7 @@ from .hostfile import HostSlots, NodePlan, plan_nodes
 from .logs import StreamPump
 from .membership import HEARTBEAT_TIMEOUT, Transition, format_transitions
 from .rendezvous import ABORT_KEY, failure_from_json
+from .replica_store import DEFAULT_MAX_BYTES
 from .report import format_report, root_cause
 from .ssh import SshOptions, is_local, remote_command
 from .store import StoreServer, check_secret, new_secret
@@ -63,6 +64,7 @@ class JobSpec:
     join_timeout: float = 60.0  # every agent must reach the store within this
     hang_timeout: float = 0.0  # every agent's hang watch (launcher.hang_exchange); 0: off
     hang_stop: bool = True  # end the job after the hang report (False: print it and keep waiting)
+    replica_bytes: int = DEFAULT_MAX_BYTES  # each agent of an elastic job holds peers' copies up to this
     stop_grace: float = 5.0
 
 
@@ -150,6 +152,27 @@ def _start_agent(
     return _Agent(plan, proc, local, pumps)
 
 
+def node_spec(
+    job: JobSpec, plan: NodePlan, nnodes: int, world: int, master_addr: str, master_port: int, store: str
+) -> NodeSpec:
+    """What one host's agent is told of the job (sent to it on stdin by :func:`_start_agent`)."""
+    return NodeSpec(
+        node_rank=plan.node_rank,
+        nnodes=nnodes,
+        rank_offset=plan.rank_offset,
+        world_size=world,
+        host=plan.host,
+        master_addr=master_addr,
+        master_port=master_port,
+        job_id=job.job_id,
+        store=store,
+        rdzv_timeout=job.join_timeout,
+        min_nodes=job.min_nodes,
+        heartbeat_timeout=job.heartbeat_timeout,
+        replica_bytes=job.replica_bytes,
+    )
+
+
 class _Launcher:
     def __init__(self, spec: WorkerSpec, job: JobSpec):
         self.spec, self.job = spec, job
@@ -175,20 +198,7 @@ class _Launcher:
         server = StoreServer(secret, bind, port, advertise=host, job=job.job_id).start()
         try:
             for plan in plans:
-                node = NodeSpec(
-                    node_rank=plan.node_rank,
-                    nnodes=len(plans),
-                    rank_offset=plan.rank_offset,
-                    world_size=world,
-                    host=plan.host,
-                    master_addr=host,
-                    master_port=master_port,
-                    job_id=job.job_id,
-                    store=server.address,
-                    rdzv_timeout=job.join_timeout,
-                    min_nodes=job.min_nodes,
-                    heartbeat_timeout=job.heartbeat_timeout,
-                )
+                node = node_spec(job, plan, len(plans), world, host, master_port, server.address)
                 self.agents.append(
                     _start_agent(dataclasses.replace(self.spec, nproc=plan.nproc), job, plan, node, secret, env)
                 )

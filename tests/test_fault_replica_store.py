@@ -74,3 +74,22 @@ def test_losing_any_replicas_nodes_leaves_a_copy_of_every_node(nodes, replicas):
     assert all(n in held[n] and len(held[n]) == replicas + 1 for n in held)
     for lost in itertools.combinations(range(nodes), replicas):
         assert all(held[n] - set(lost) for n in held), f"losing {lost} leaves no copy of some node"
+
+
+def test_fan_out_agents_are_told_the_replica_cap_and_it_survives_the_wire():
+    """``--replica-bytes`` reaches every agent of a ``--hosts`` launch, through the line on its stdin."""
+    from launcher import remote
+    from launcher.cli import build_parser, job_from_args, worker_spec_from_args
+    from launcher.hostfile import plan_nodes
+    from launcher.job import node_spec
+
+    ns = build_parser().parse_args(
+        ["--hosts", "localhost:1,127.0.0.2:1", "--nnodes", "1:2", "--replica-bytes", "12345", "train.py"]
+    )
+    job = job_from_args(ns)
+    plans = plan_nodes(job.hosts, np=job.np, nproc_per_node=job.nproc_per_node)
+    nodes = [node_spec(job, p, len(plans), 2, "127.0.0.1", 29500, "127.0.0.1:29400") for p in plans]
+    assert [n.replica_bytes for n in nodes] == [12345, 12345]
+    spec = worker_spec_from_args(ns, 1)
+    _, back, _ = remote.decode(remote.encode(spec, nodes[1], max_restarts=0, secret="s" * 64, env={}))
+    assert back.replica_bytes == 12345 and back.min_nodes == 1 and back.node_rank == 1
