@@ -15,15 +15,20 @@ from disttrain.session import build_run_model, seed_everything
 from tests.cases.deferred import make_config
 
 
-def uneven_case(extra_on: int = 0, then: str = "train", timeout: float = 20.0) -> dict:
-    """Two ``no_grad`` forwards on rank ``extra_on``, one elsewhere; ``then``: ``train`` (a training
-    step follows) or ``barrier`` (the peers go on to a barrier of the whole group)."""
+def _zero3_llama(timeout: float):
+    """(comm, ZeRO-3 strategy over a 2-layer Llama, a fixed batch of token ids) on the torch backend."""
     cfg = make_config("tests.cases.deferred:llama", {"layers": 2}, "zero3")
     comm = collectives.init("torch", timeout=timeout)
     seed_everything(cfg.run.seed)
     spec = OptimizerSpec(build=lambda groups: torch.optim.AdamW(groups, lr=1e-2))
     s = build_strategy(cfg.parallel, build_run_model(cfg, None, []), spec, comm)
-    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    return comm, s, torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def uneven_case(extra_on: int = 0, then: str = "train", timeout: float = 20.0) -> dict:
+    """Two ``no_grad`` forwards on rank ``extra_on``, one elsewhere; ``then``: ``train`` (a training
+    step follows) or ``barrier`` (the peers go on to a barrier of the whole group)."""
+    comm, s, ids = _zero3_llama(timeout)
     s.model.eval()
     with torch.no_grad():
         s.model(ids)
@@ -42,12 +47,7 @@ def uneven_case(extra_on: int = 0, then: str = "train", timeout: float = 20.0) -
 
 def even_case(forwards: int = 3) -> float:
     """The same number of ``no_grad`` forwards everywhere, then a training step: runs through."""
-    cfg = make_config("tests.cases.deferred:llama", {"layers": 2}, "zero3")
-    comm = collectives.init("torch", timeout=60)
-    seed_everything(cfg.run.seed)
-    spec = OptimizerSpec(build=lambda groups: torch.optim.AdamW(groups, lr=1e-2))
-    s = build_strategy(cfg.parallel, build_run_model(cfg, None, []), spec, comm)
-    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    comm, s, ids = _zero3_llama(60)
     s.model.eval()
     with torch.no_grad():
         outs = [float(s.model(ids).logits.float().sum()) for _ in range(forwards)]
