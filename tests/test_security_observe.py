@@ -18,7 +18,7 @@ import time
 import pytest
 
 from tests.support.harness import ROOT
-from tests.support.users import intruder, run_as
+from tests.support.users import intruder, run_as, sticky_base
 
 VICTIM = b"the owner's own data\n"
 PROFILE = ["profile.steps=[2, 3]", "profile.ranks=[0, 1]", "train.steps=4", "train.eval_every=0"]
@@ -26,11 +26,8 @@ PROFILE = ["profile.steps=[2, 3]", "profile.ranks=[0, 1]", "train.steps=4", "tra
 
 @pytest.fixture
 def base():
-    """A /tmp-like base: root-owned, sticky, world-writable."""
-    d = tempfile.mkdtemp(prefix="dt-observe-", dir="/tmp")
-    os.chmod(d, 0o1777)
-    yield d
-    subprocess.run(["rm", "-rf", "--one-file-system", d], check=False)
+    with sticky_base("dt-observe-") as d:
+        yield d
 
 
 def _shared_run_dir(base: str, gid: int) -> str:

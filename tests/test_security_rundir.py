@@ -9,7 +9,6 @@ import os
 import stat
 import subprocess
 import sys
-import tempfile
 
 import pytest
 import torch
@@ -19,18 +18,15 @@ from disttrain import rundir
 from disttrain.checkpoint.writer import RankWrite, commit
 from disttrain.parallel.strategy import Shard
 from tests.support.harness import ROOT
-from tests.support.users import intruder, run_as
+from tests.support.users import intruder, run_as, sticky_base
 
 VICTIM = b"the owner's own data\n"
 
 
 @pytest.fixture
 def base():
-    """A /tmp-like base: root-owned, sticky, world-writable, so another user can create in it."""
-    d = tempfile.mkdtemp(prefix="dt-rundir-", dir="/tmp")
-    os.chmod(d, 0o1777)
-    yield d
-    subprocess.run(["rm", "-rf", "--one-file-system", d], check=False)
+    with sticky_base("dt-rundir-") as d:
+        yield d
 
 
 def _victims(base: str) -> dict[str, str]:

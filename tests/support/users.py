@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -30,3 +32,14 @@ def intruder() -> pwd.struct_passwd:
 def run_as(user: pwd.struct_passwd, argv: list[str], **kw) -> subprocess.CompletedProcess:
     """``argv`` as ``user`` (their uid and gid only), e.g. a shell that plants files."""
     return subprocess.run(["runuser", "-u", user.pw_name, "--", *argv], capture_output=True, text=True, **kw)
+
+
+@contextlib.contextmanager
+def sticky_base(prefix: str):
+    """A /tmp-like directory: root-owned, sticky, world-writable, so another user can create in it."""
+    d = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    os.chmod(d, 0o1777)
+    try:
+        yield d
+    finally:
+        subprocess.run(["rm", "-rf", "--one-file-system", d], check=False)
