@@ -148,6 +148,16 @@ def build_parser(prog: str = "disttrain launch") -> argparse.ArgumentParser:
     e.add_argument("--slots", type=int, default=1, help="slots of a host the script prints without :slots")
     e.add_argument("--elastic-timeout", type=float, default=600.0, help="seconds to wait for --min-np slots")
     e.add_argument("--discovery-interval", type=float, default=1.0, help="seconds between two runs of the script")
+    e.add_argument("--discovery-timeout", type=float, default=10.0, help="seconds one run of the script may take")
+    e.add_argument("--reset-limit", type=int, default=None, help="new worlds allowed after the first (default: any)")
+    e.add_argument(
+        "--blacklist-cooldown-range",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("MIN", "MAX"),
+        help="a failed host may return after MIN seconds, doubling each time it fails again, at most MAX",
+    )
     p.add_argument("-m", "--module", action="store_true", help="run the entrypoint as a module (python -m)")
     p.add_argument("entrypoint", help="script.py or module")
     p.add_argument("args", nargs=argparse.REMAINDER)
@@ -272,7 +282,7 @@ def elastic_from_args(ns: argparse.Namespace) -> ElasticSpec:
     if ns.host_discovery_script and (ns.hostfile or ns.hosts):
         raise LaunchConfigError("--host-discovery-script finds the hosts: leave out --hosts/--hostfile")
     if ns.host_discovery_script:
-        discovery = HostDiscovery(ns.host_discovery_script, slots_per_host=ns.slots)
+        discovery = HostDiscovery(ns.host_discovery_script, slots_per_host=ns.slots, timeout=ns.discovery_timeout)
     elif ns.hostfile or ns.hosts:
         listed = parse_hostfile(ns.hostfile) if ns.hostfile else parse_hosts(ns.hosts, "--hosts/-H")
         discovery = FixedHosts({h.host: h.slots or ns.slots for h in listed})
@@ -286,6 +296,8 @@ def elastic_from_args(ns: argparse.Namespace) -> ElasticSpec:
         elastic_timeout=ns.elastic_timeout,
         discovery_interval=ns.discovery_interval,
         job_id=ns.run_id or secrets.token_hex(4),
+        reset_limit=ns.reset_limit,
+        blacklist_cooldown=tuple(ns.blacklist_cooldown_range) if ns.blacklist_cooldown_range else None,
     )
 
 

@@ -11,7 +11,8 @@ new slots and publishes each new world through the store:
 
 ====================================  ==================================================================
 ``elastic/world/<v>``                 JSON ``{"version", "workers": [{"id", "host", "local_rank",
-                                      "local_size", "cross_rank", "cross_size"}], "added", "removed"}``
+                                      "local_size", "cross_rank", "cross_size", "machine"}], "added",
+                                      "removed"}``
 ``elastic/version``                   the newest ``v``; workers poll it and raise HostsUpdatedInterrupt
                                       at their next ``commit()`` / ``check_host_updates()``
 ``elastic/ready/<v>/<id>``            a worker's arrival at world ``v`` (the workers' own barrier)
@@ -21,7 +22,10 @@ new slots and publishes each new world through the store:
 ====================================  ==================================================================
 
 A new world is made when the script's answer changes, when a worker exits non-zero (its host is
-blacklisted for the rest of the job, as Horovod does), or when a worker asks for a reset. Ranks
+blacklisted: for the rest of the job, as Horovod does, or with ``--blacklist-cooldown-range MIN MAX``
+for MIN seconds, doubling each time it fails again, at most MAX), when a blacklisted host's
+cooldown ends, or when a worker asks for a reset. ``--reset-limit N`` stops the job (exit 1) when
+it would need more than N new worlds after the first. Ranks
 keep their order: the previous world's survivors first, new workers after, so rank 0 is a
 survivor holding the last committed state. With fewer than ``min_np`` slots the driver waits up
 to ``elastic_timeout`` for the script to find more, then stops. The job succeeds when a worker of
@@ -35,9 +39,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import random
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -54,6 +61,7 @@ from .store import StoreServer, check_secret, new_secret
 from .worker import Worker, WorkerSpec
 
 ELASTIC_ID = "DISTTRAIN_ELASTIC_ID"  # a worker's id in elastic/world/<v>; its presence means elastic mode
+_MACHINE = socket.gethostname()
 
 
 @dataclasses.dataclass
@@ -68,6 +76,24 @@ class ElasticSpec:
     finish_grace: float = 30.0  # after a world finished: how long its other workers may take to exit
     stop_grace: float = 5.0
     job_id: str = ""
+    reset_limit: int | None = None  # new worlds allowed after the first (None: any number)
+    blacklist_cooldown: tuple[float, float] | None = None  # (min, max) seconds; None: blacklisted for good
+
+    def __post_init__(self) -> None:
+        if self.reset_limit is not None and self.reset_limit < 0:
+            raise LaunchConfigError(f"--reset-limit {self.reset_limit}: need 0 or more")
+        if self.blacklist_cooldown is not None:
+            low, high = self.blacklist_cooldown
+            if not 0 < low <= high:
+                raise LaunchConfigError(f"--blacklist-cooldown-range {low:g} {high:g}: need 0 < MIN <= MAX (seconds)")
+
+    def cooldown(self, times: int) -> float:
+        """Seconds a host blacklisted for the ``times``-th time stays out: MIN, doubling with
+        each repeat, a little jitter (hosts that failed together return apart), at most MAX."""
+        if self.blacklist_cooldown is None:
+            return math.inf
+        low, high = self.blacklist_cooldown
+        return min(high, low * 2 ** (times - 1) + random.uniform(0, low / 4))
 
 
 @dataclasses.dataclass
@@ -89,7 +115,8 @@ class ElasticDriver:
         self.world: list[str] = []
         self.version = -1
         self.hosts: dict[str, int] = {}
-        self.blacklist: set[str] = set()
+        self.blacklist: dict[str, float] = {}  # host -> until (time.monotonic(); inf: for good)
+        self._blacklisted_times: dict[str, int] = {}
         self.failures: list[Failure] = []  # failed workers (tolerated or not)
         self.transitions: list[Transition] = []
         self._next_id = 0
@@ -139,10 +166,14 @@ class ElasticDriver:
                     return self._finish()
                 failure = m.worker.failure()
                 self.failures.append(failure)
-                self.blacklist.add(m.host)
                 lost.append(m.host)
-                causes.append(f"rank {failure.rank} on {m.host} failed ({failure.how}); host blacklisted")
+                causes.append(f"rank {failure.rank} on {m.host} failed ({failure.how}); {self._blacklist_host(m.host)}")
                 print(f"disttrain: elastic: {causes[-1]}", file=sys.stderr, flush=True)
+            for host, until in list(self.blacklist.items()):
+                if until <= time.monotonic():
+                    del self.blacklist[host]
+                    causes.append(f"host {host}'s blacklist cooldown ended")
+                    print(f"disttrain: elastic: {causes[-1]}", file=sys.stderr, flush=True)
             for key, raw in self.server.keys_with_prefix("elastic/reset/").items():
                 if raw == str(self.version).encode():  # a stale or garbled request is ignored
                     m = self.members.get(key.rpartition("/")[2])
@@ -156,10 +187,17 @@ class ElasticDriver:
                     causes.append(f"host discovery: {change.describe()}")
                     lost += [h for h in change.removed if h not in hosts]
                 self.hosts = hosts
+            if causes and self.el.reset_limit is not None and self.version >= self.el.reset_limit:
+                return self._fail(
+                    f"--reset-limit {self.el.reset_limit} reached: {self.version} new world(s) after the first, "
+                    f"and one more is needed ({'; '.join(causes)})"
+                )
             if causes or self._short_since is not None:
                 if self._new_world("; ".join(causes) or "waiting for slots", lost, now):
                     self._short_since = None
-                elif not self._usable():  # as Horovod: nothing left to wait for
+                elif not self._usable() and all(  # as Horovod: nothing left to wait for
+                    self.blacklist.get(h) == math.inf for h in self.hosts
+                ):
                     return self._fail(f"every host failed or was removed (blacklisted: {sorted(self.blacklist)})")
                 elif time.monotonic() - self._short_since > self.el.elastic_timeout:
                     return self._fail(
@@ -178,14 +216,27 @@ class ElasticDriver:
             return self.hosts
         for h in hosts:
             if not is_local(h):
-                raise LaunchConfigError(
+                why = (
                     f"host discovery found {h}, which is not this machine: elastic jobs start their workers "
                     "on this machine only for now. HINT: list local names (localhost, 127.0.0.2, ...)"
                 )
+                if first:
+                    raise LaunchConfigError(why)
+                print(f"disttrain: elastic: {why}; keeping the hosts found before", file=sys.stderr, flush=True)
+                return self.hosts
         return hosts
 
     def _usable(self) -> dict[str, int]:
         return {h: n for h, n in self.hosts.items() if h not in self.blacklist}
+
+    def _blacklist_host(self, host: str) -> str:
+        """Keep ``host`` out of new worlds (for its cooldown, or for good); says how long."""
+        if host in self.blacklist:  # another of its workers failed with it
+            return "host blacklisted"
+        times = self._blacklisted_times[host] = self._blacklisted_times.get(host, 0) + 1
+        seconds = self.el.cooldown(times)
+        self.blacklist[host] = time.monotonic() + seconds
+        return "host blacklisted" + (f" for {seconds:.1f}s" if seconds != math.inf else "")
 
     # -- worlds ---------------------------------------------------------------------------------
     def _new_world(self, cause: str, lost: list[str], detected_at: float) -> bool:
@@ -262,6 +313,7 @@ class ElasticDriver:
                     "local_size": len(same),
                     "cross_rank": hosts.index(m.host),
                     "cross_size": len(hosts),
+                    "machine": _MACHINE,  # every worker runs on this machine (workers may pick shm)
                 }
             )
         return rows

@@ -35,7 +35,16 @@ TOL = 1e-6
 
 
 class ElasticJob:
-    def __init__(self, tmp_path, hosts: str, batches: int, *extra: str, min_np: int = 1, max_np: int = 3):
+    def __init__(
+        self,
+        tmp_path,
+        hosts: str,
+        batches: int,
+        *extra: str,
+        min_np: int = 1,
+        max_np: int = 3,
+        launcher_args: list[str] | None = None,
+    ):
         self.tmp = tmp_path
         self.hosts_file = tmp_path / "hosts.txt"
         self.set_hosts(hosts)
@@ -44,7 +53,7 @@ class ElasticJob:
         script.chmod(0o700)
         self.log, self.out = tmp_path / "steps.jsonl", tmp_path / "params.json"
         argv = [sys.executable, "-m", "launcher.cli", "--min-np", str(min_np), "--max-np", str(max_np)]
-        argv += ["--host-discovery-script", str(script), "--elastic-timeout", "30", SCRIPT]
+        argv += ["--host-discovery-script", str(script), "--elastic-timeout", "30", *(launcher_args or []), SCRIPT]
         argv += ["--batches", str(batches), "--steps-log", str(self.log), "--params-out", str(self.out), *extra]
         env = {**os.environ, "PYTHONPATH": ROOT, "DISTTRAIN_HVD_TIMEOUT": "60"}
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -97,8 +106,10 @@ def _sizes(steps: list[dict]) -> list[int]:
 
 
 def test_a_host_removed_then_one_added_keeps_every_committed_step(tmp_path):
-    batches = 40
-    job = ElasticJob(tmp_path, "127.0.0.1:2\n127.0.0.2:1\n", batches)
+    batches, samples = 40, 60
+    job = ElasticJob(
+        tmp_path, "127.0.0.1:2\n127.0.0.2:1\n", batches, "--samples", str(samples), "--commit-samples", "6"
+    )
     job.wait_for_batch(6, size=3)
     job.set_hosts("127.0.0.1:2\n")
     job.wait_for_batch(14, size=2)
@@ -114,11 +125,16 @@ def test_a_host_removed_then_one_added_keeps_every_committed_step(tmp_path):
     assert joiner and joiner[0]["batch"] > 14, "the joiner did not start from the committed state"
     assert {s["rendezvous"] for s in joiner} == {joiner[0]["rendezvous"]} and joiner[0]["rendezvous"] >= 3
     assert not [s for s in steps if s["host"] == "127.0.0.2" and s["size"] == 2]
+    # ElasticSampler: epoch 0 dealt over worlds of 3, 2 and 3 saw every sample once; epoch 1 none twice
+    seen = {e: sorted(s["sample"] for s in steps if s["epoch"] == e) for e in (0, 1)}
+    assert seen[0] == list(range(samples)), seen[0]
+    assert seen[1] and len(seen[1]) == len(set(seen[1])), seen[1]
+    assert {s["backend"] for s in steps} == {"shm"}  # one machine: every world over shared memory
     _check_params(job, batches)
 
 
-def test_a_worker_killed_mid_step_rolls_back_to_the_last_commit(tmp_path):
-    batches, kill_at = 16, 5
+def test_a_worker_killed_mid_step_rolls_back_to_the_last_commit_and_its_host_returns(tmp_path):
+    batches, kill_at = 50, 5
     marker = tmp_path / "killed"
     job = ElasticJob(
         tmp_path,
@@ -130,18 +146,20 @@ def test_a_worker_killed_mid_step_rolls_back_to_the_last_commit(tmp_path):
         str(kill_at),
         "--kill-marker",
         str(marker),
+        launcher_args=["--blacklist-cooldown-range", "0.5", "0.5"],
     )
     out = job.finish()
     assert marker.exists()
-    assert "on 127.0.0.2 failed (killed by signal SIGKILL); host blacklisted" in out, out
+    assert "on 127.0.0.2 failed (killed by signal SIGKILL); host blacklisted for 0.5s" in out, out
+    assert "host 127.0.0.2's blacklist cooldown ended" in out, out
     steps = job.steps()
-    assert _sizes(steps) == [2, 1], out
+    assert _sizes(steps) == [2, 1, 2], out  # the host returned after its cooldown
     survivor = [s["batch"] for s in steps if s["host"] == "127.0.0.1"]
     # Only the step in flight may be done twice: it may have finished here before the commit's
     # collective found the peer gone; the rollback then goes back to step kill_at's commit.
     repeated = [b for i, b in enumerate(survivor) if b in survivor[:i]]
     assert sorted(set(survivor)) == list(range(1, batches + 1)) and repeated in ([], [kill_at + 1]), survivor
-    assert max(s["rendezvous"] for s in steps) == 2
+    assert max(s["rendezvous"] for s in steps) == 3
     _check_params(job, batches)
 
 

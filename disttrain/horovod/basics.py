@@ -113,8 +113,8 @@ def init(comm=None, process_sets=None) -> None:
         return
     timeout = float(os.environ.get("DISTTRAIN_HVD_TIMEOUT", "300"))
     if comm is None and rendezvous.enabled():  # elastic: the driver's newest world (disttrain.horovod.elastic)
-        data, backend = rendezvous.join(timeout)
-        owns, env = True, data.env
+        data, backend, env = rendezvous.join(timeout)
+        owns = True
     elif comm is None:
         env = read_env()
         backend = default_backend(env)

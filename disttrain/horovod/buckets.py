@@ -84,6 +84,7 @@ class GradBuckets:
         numels = [sum(p.numel() for p in ps) for ps in layout]
         dtypes = [ps[0].dtype for ps in layout]
         tag = f"buckets.{digest(chr(0).join(names[p] for ps in layout for p in ps)):016x}"
+        self.tag = tag
         bufs = alloc_start(numels, dtypes, tag, process_set).result()  # collective over the set
         self.buckets = [Bucket(ps, [names[p] for p in ps], buf) for ps, buf in zip(layout, bufs)]
         self.sparse: set = set()  # parameters seen with a sparse gradient: the optimizer's per-tensor path
@@ -93,6 +94,19 @@ class GradBuckets:
             b.left = len(b.params)
             for i, p in enumerate(b.params):
                 self.hooks.append(p.register_post_accumulate_grad_hook(self._hook(b, i)))
+
+    def rebuild(self) -> None:
+        """The same layout in buffers of the set's current communicator, the step in progress
+        forgotten. Every member, in the same order as the constructors (collective, blocks): after
+        an elastic reset, since the old buffers belong to the old world (its ``comm.alloc``)."""
+        numels = [sum(p.numel() for p in b.params) for b in self.buckets]
+        bufs = alloc_start(numels, [b.params[0].dtype for b in self.buckets], self.tag, self.process_set).result()
+        for b, buf in zip(self.buckets, bufs):
+            b.buf, b.views, off = buf.zero_(), [], 0
+            for p in b.params:
+                b.views.append(buf[off : off + p.numel()].view(p.shape))
+                off += p.numel()
+        self.reset()
 
     def reset(self, passes: int | None = None) -> None:
         """Forget the step in progress (``load_state_dict``, ``set_backward_passes_per_step``)."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
+import weakref
 
 import torch
 
@@ -32,6 +33,20 @@ from .exceptions import HorovodError
 from .ops import allreduce_async_, grouped_allreduce_async_, sparse_allreduce_async, synchronize
 from .process_sets import global_process_set
 from .reduce_op import Adasum, Average
+
+# Elastic mode: every optimizer's buckets, in construction order (the same on every rank).
+_elastic_buckets: list[weakref.ref[GradBuckets]] = []
+
+
+def rebuild_elastic_buckets() -> None:
+    """Every rank, after ``hvd.init()`` joined a new world (``hvd.elastic``'s reset): lay the
+    live optimizers' buckets out again in the new world's buffers, in construction order. A
+    worker that joins builds its optimizers in that order too, so the allocations pair up."""
+    _elastic_buckets[:] = [r for r in _elastic_buckets if r() is not None]
+    for ref in _elastic_buckets:
+        buckets = ref()
+        if buckets is not None:
+            buckets.rebuild()
 
 
 class _DistributedOptimizer(torch.optim.Optimizer):
@@ -97,12 +112,14 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._group_counts: dict = {}
         self._groups = self._build_groups(groups)
         self._buckets: GradBuckets | None = None
-        # Elastic mode (as Horovod): hooks even at size 1, since the world may grow; no persistent
-        # buckets, since their comm.alloc buffers belong to one world's communicator.
-        if process_set.included() and (size() > 1 or rendezvous.enabled()):
+        # Elastic mode (as Horovod): hooks even at size 1, since the world may grow. Buckets over
+        # the global set only (other sets end with their world); each reset rebuilds them in the
+        # new world's buffers (rebuild_elastic_buckets).
+        elastic = rendezvous.enabled()
+        if process_set.included() and (size() > 1 or elastic):
             params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
             if (
-                not rendezvous.enabled()
+                (not elastic or process_set is global_process_set)
                 and groups is None
                 and compression is Compression.none
                 and os.environ.get("DISTTRAIN_HVD_BUCKETS") != "0"
@@ -114,6 +131,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                     params, self._parameter_names, backward_passes_per_step, op, pre, post, process_set
                 )
                 self._requires_update = params
+                if elastic:
+                    _elastic_buckets.append(weakref.ref(self._buckets))
             else:
                 self._register_hooks()
 

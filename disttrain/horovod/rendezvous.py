@@ -10,13 +10,14 @@ thread watches ``elastic/version`` and tells the registered listeners (the elast
 objects, see ``disttrain.horovod.elastic``) about each new world; ranks act on it together at the
 next ``commit()``. After a failed collective :func:`request_reset` asks the driver for a new world.
 
-Backend: ``torch`` (gloo) unless ``DISTTRAIN_HVD_BACKEND`` says otherwise. Why not ``shm``: its
-segment key counts the worlds built by each process, so a worker that joins late and a survivor
-would look under different keys.
+Backend: ``DISTTRAIN_HVD_BACKEND`` if set, else ``shm`` when the whole world runs on one machine
+(each world has its own store prefix, so its segment's name is agreed there, whatever worlds a
+process built before), else ``torch`` (gloo).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ import time
 from collections.abc import Callable
 
 import collectives
+from collectives import registry
 
 from .exceptions import HorovodInternalError
 
@@ -67,7 +69,7 @@ class _Rendezvous:
     def _done(self) -> bool:
         return self.store.check(["elastic/done"])
 
-    def join(self, timeout: float) -> tuple[collectives.Communicator, str]:
+    def join(self, timeout: float) -> tuple[collectives.Communicator, str, collectives.DistEnv]:
         """Block until a world newer than ``self.version`` forms with this worker in it."""
         deadline = time.monotonic() + timeout
         while True:
@@ -95,20 +97,36 @@ class _Rendezvous:
                 break
         row = world["workers"][ids.index(self.id)]
         env = self._export(row, ids.index(self.id), len(ids))
-        backend = os.environ.get("DISTTRAIN_HVD_BACKEND", "torch")
+        backend, comm_env = self._backend(world["workers"], row, env)
         import torch.distributed as dist
 
         try:
             comm = collectives.init(
-                backend, store=dist.PrefixStore(f"elastic/{v}", self.store), env=env, check=False, timeout=timeout
+                backend, store=dist.PrefixStore(f"elastic/{v}", self.store), env=comm_env, check=False, timeout=timeout
             )
         except collectives.CollectivesError as exc:
             raise HorovodInternalError(f"rank {env.where}: could not build world {v}: {exc}") from exc
         with self._lock:
             self.version = v
             self._notified = max(self._notified, v)
-        log.info("rank %s: joined world %d of %d worker(s)", env.where, v, len(ids))
-        return comm, backend
+        log.info("rank %s: joined world %d of %d worker(s) over %s", env.where, v, len(ids), backend)
+        return comm, backend, env
+
+    @staticmethod
+    def _backend(rows: list[dict], row: dict, env: collectives.DistEnv) -> tuple[str, collectives.DistEnv]:
+        """``DISTTRAIN_HVD_BACKEND``, else ``shm`` when every worker of the world runs on this
+        machine (the driver's ``machine`` column: host names such as 127.0.0.2 may differ while
+        the machine is the same), else ``torch``. shm's env counts ranks per machine; Horovod's
+        local ranks (``env``) stay per host name."""
+        chosen = os.environ.get("DISTTRAIN_HVD_BACKEND")
+        machines = [r.get("machine") for r in rows]
+        if chosen is None and machines[0] is not None and len(set(machines)) == 1:
+            try:
+                if registry.get("shm").is_available():
+                    return "shm", dataclasses.replace(env, local_rank=env.rank, local_world_size=env.world_size)
+            except collectives.BackendUnavailableError:
+                pass
+        return chosen or "torch", env
 
     def _barrier(self, v: int, ids: list[str], deadline: float) -> bool:
         """True once every member of world ``v`` arrived; False when a newer world appeared first."""
@@ -167,8 +185,9 @@ class _Rendezvous:
 _rdzv: _Rendezvous | None = None
 
 
-def join(timeout: float) -> tuple[collectives.Communicator, str]:
-    """``hvd.init()`` in elastic mode: this process's next world (blocks; see the module doc)."""
+def join(timeout: float) -> tuple[collectives.Communicator, str, collectives.DistEnv]:
+    """``hvd.init()`` in elastic mode: this process's next world, its backend and this rank's
+    place in Horovod's terms (local = same host name); blocks, see the module doc."""
     global _rdzv
     if _rdzv is None:
         _rdzv = _Rendezvous(timeout)

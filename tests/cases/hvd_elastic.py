@@ -8,6 +8,10 @@ gradient equals one process's and the final parameters do not depend on the worl
 ``expected_params`` gives them. Each rank appends one JSON line per step to ``--steps-log`` (pid, its
 worker id, the batch number after the step, world size, the resets this state has seen), which
 tests/test_horovod_elastic.py reads to check that no committed step is lost or repeated.
+Each rank also draws one sample index a step from an ``hvd.elastic.ElasticSampler`` (logged, not
+trained on: the model's batch stays the same on every rank); with ``--commit-samples K`` the state
+is committed only when the world's processed count divides by K, so every reset falls where the
+remainder divides by the next world's size and no sample is padded twice.
 ``--kill-host H --kill-at B``: the first worker on host H SIGKILLs itself in the middle of step B
 (after backward, before the gradients' allreduce completes), once per job (``--kill-marker``).
 """
@@ -59,6 +63,8 @@ def main() -> None:
     p.add_argument("--kill-host", default=None)
     p.add_argument("--kill-at", type=int, default=-1)
     p.add_argument("--kill-marker", default=None)
+    p.add_argument("--samples", type=int, default=60, help="dataset length of the ElasticSampler")
+    p.add_argument("--commit-samples", type=int, default=0, help="commit when the processed count divides by it")
     args = p.parse_args()
 
     hvd.init()
@@ -69,9 +75,10 @@ def main() -> None:
     me = os.environ.get("DISTTRAIN_ELASTIC_ID", "solo")
     host = os.environ.get("HOROVOD_HOSTNAME", "")
 
-    def record(state) -> None:
+    def record(state, sample: int) -> None:
         row = {"pid": os.getpid(), "id": me, "host": host, "batch": state.batch, "size": hvd.size()}
-        row.update(rank=hvd.rank(), rendezvous=state.rendezvous)
+        row.update(rank=hvd.rank(), rendezvous=state.rendezvous, epoch=state.epoch, sample=sample)
+        row["backend"] = hvd.basics.context().backend
         with open(args.steps_log, "a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -87,18 +94,29 @@ def main() -> None:
     @hvd.elastic.run
     def train(state):
         state.rendezvous += 1
+        samples, i = iter(state.sampler), 0  # this world's share of what is left of the epoch
         while state.batch < args.batches:
-            x, y = batch_of(state.batch)
+            sample = next(samples, None)
+            if sample is None:  # the epoch is done
+                state.epoch += 1
+                state.sampler.set_epoch(state.epoch)
+                samples, i = iter(state.sampler), 0
+                continue
+            x, y = batch_of(state.batch)  # the model's batch: the same on every rank (see above)
             opt.zero_grad()
             torch.nn.functional.mse_loss(model(x), y).backward()
             maybe_kill(state)
             opt.step()
             state.batch += 1
-            record(state)
+            state.sampler.record_batch(i, 1)
+            i += 1
+            record(state, sample)
             time.sleep(args.sleep)
-            state.commit()
+            if not args.commit_samples or state.sampler.processed_num % args.commit_samples == 0:
+                state.commit()
 
-    state = hvd.elastic.TorchState(model, opt, batch=0, rendezvous=0)
+    sampler = hvd.elastic.ElasticSampler(range(args.samples), shuffle=True, seed=7)
+    state = hvd.elastic.TorchState(model, opt, batch=0, rendezvous=0, epoch=0, sampler=sampler)
     state.register_reset_callbacks([lambda: None])
     train(state)
     if hvd.rank() == 0:

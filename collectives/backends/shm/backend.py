@@ -41,7 +41,7 @@ from .segment import Segment, job_tag, segment_nonce
 from .sync import WORKER_SPIN, StepSync
 
 _DONE = CompletedWork()
-_worlds = itertools.count()  # world communicators built by this process (names must not repeat)
+_worlds = itertools.count()  # storeless world communicators built by this process (names must not repeat)
 
 
 class ShmBackend(InlineCheckingBackend):
@@ -88,9 +88,12 @@ class ShmBackend(InlineCheckingBackend):
                 f"rank {env.where}: shm needs every rank on one host, but LOCAL_WORLD_SIZE={env.local_world_size} "
                 f"!= WORLD_SIZE={env.world_size}\nHINT: use backend='mpi' or 'torch' across hosts"
             )
-        gen = next(_worlds)
         tag = job_tag()
         if store is not None:  # rank 0 announces a name nobody else can predict (segment)
+            # The k-th shm world this rank builds over this store, counted in the store: a rank
+            # that joins late (an elastic world, its own store prefix) and one that built other
+            # worlds before agree on k, where a count per process would not.
+            gen = store.add(f"collectives/shm/built/{env.rank}", 1)
             key = f"collectives/shm/world{gen}"
             if env.rank == 0:
                 name = f"disttrain-{segment_nonce()}-w{gen}"
@@ -98,8 +101,10 @@ class ShmBackend(InlineCheckingBackend):
             else:
                 name = store.get(key).decode()
         elif tag is not None:  # every rank derives the same name from the job's secret or id
+            gen = next(_worlds)
             name = f"disttrain-{tag}-w{gen}"
         elif env.world_size == 1:
+            gen = next(_worlds)
             name = f"disttrain-solo{os.getpid()}-w{gen}"
         else:
             raise CollectivesError(

@@ -26,6 +26,7 @@ import logging
 
 from .. import basics, rendezvous
 from ..exceptions import HorovodInternalError, HostsUpdatedInterrupt
+from ..optimizer import rebuild_elastic_buckets
 from .state import State
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ def reset(failed: bool = False) -> None:
     # still waiting on one of them learns that the world is gone only when they close.
     gc.collect()
     basics.init()
+    rebuild_elastic_buckets()  # the optimizers' gradient buckets, in the new world's buffers
 
 
 def run(func):

@@ -23,6 +23,7 @@ import torch
 from .. import rendezvous
 from ..exceptions import HostsUpdatedInterrupt
 from ..functions import broadcast_object, broadcast_optimizer_state, broadcast_parameters
+from .sampler import ElasticSampler
 
 
 def _broadcast_from_0(obj):
@@ -123,6 +124,9 @@ class _Model:
     def sync(self) -> None:
         broadcast_parameters(self.value.state_dict(), root_rank=0, prefix=f"elastic.{self.name}.")
 
+    def on_reset(self) -> None:
+        pass
+
 
 class _Optimizer:
     def __init__(self, optimizer: torch.optim.Optimizer, name: str):
@@ -138,20 +142,46 @@ class _Optimizer:
     def sync(self) -> None:
         broadcast_optimizer_state(self.value, root_rank=0)
 
+    def on_reset(self) -> None:
+        pass
+
+
+class _Sampler:
+    """An :class:`ElasticSampler`: its data position (epoch, processed count) kept and synced;
+    re-dealt over the new world at every reset."""
+
+    def __init__(self, sampler: ElasticSampler, name: str):
+        self.value, self.name = sampler, name
+        self.save()
+
+    def save(self) -> None:
+        self._saved = dict(self.value.state_dict())
+
+    def restore(self) -> None:
+        self.value.load_state_dict(self._saved)
+
+    def sync(self) -> None:
+        self.value.load_state_dict(_broadcast_from_0(self.value.state_dict()))
+
+    def on_reset(self) -> None:
+        self.value.reset()
+
 
 class TorchState(ObjectState):
     """A model, an optimizer, and any other attributes: ``TorchState(model, optimizer, epoch=0)``.
-    Keyword values that are modules or optimizers are kept by ``state_dict()`` too; the rest as
-    in :class:`ObjectState`. ``state.model = other`` replaces the kept object."""
+    Keyword values that are modules or optimizers are kept by ``state_dict()`` too, an
+    :class:`ElasticSampler` by its data position; the rest as in :class:`ObjectState`. ``state.model = other`` replaces the kept object."""
 
     def __init__(self, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None, **kwargs):
-        handlers: dict[str, _Model | _Optimizer] = {}
+        handlers: dict[str, _Model | _Optimizer | _Sampler] = {}
         rest = {}
         for name, value in {"model": model, "optimizer": optimizer, **kwargs}.items():
             if isinstance(value, torch.nn.Module):
                 handlers[name] = _Model(value, name)
             elif isinstance(value, torch.optim.Optimizer):
                 handlers[name] = _Optimizer(value, name)
+            elif isinstance(value, ElasticSampler):
+                handlers[name] = _Sampler(value, name)
             elif value is not None or name not in ("model", "optimizer"):
                 rest[name] = value
         object.__setattr__(self, "_handlers", handlers)
@@ -164,6 +194,11 @@ class TorchState(ObjectState):
         if handler is not None:
             handler.value = value
         object.__setattr__(self, name, value)
+
+    def on_reset(self) -> None:
+        for handler in self._handlers.values():
+            handler.on_reset()
+        super().on_reset()
 
     def save(self) -> None:
         for handler in self._handlers.values():
