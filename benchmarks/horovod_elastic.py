@@ -1,6 +1,6 @@
 """Horovod elastic (``hvd.elastic.run``): what a commit costs, and a lost and a new worker.
 
-    .venv/bin/python benchmarks/horovod_elastic.py --json results/horovod_elastic.json [--reps 5]
+    .venv/bin/python benchmarks/horovod_elastic.py --json results/horovod_elastic.json [--reps 5] [--rounds 2]
 
 One Horovod-style script (below, ``--worker``: an MLP, SGD with momentum, DistributedOptimizer,
 ``TorchState``) runs twice, on this machine, 2 workers:
@@ -18,7 +18,8 @@ One Horovod-style script (below, ``--worker``: an MLP, SGD with momentum, Distri
   (no driver: the default, non-elastic path, shm backend, gradient buckets). The same kill:
   the agent restarts both workers, which start from step 0 (``steps_lost`` = every step).
 
-Prints a table and writes JSON (``--json``).
+``--rounds`` alternates the two (ours, the peer, ours, ...); ``step_vs_peer`` is the elastic step
+over the peer's step of the same round. Prints a table and writes JSON (``--json``).
 """
 
 from __future__ import annotations
@@ -182,6 +183,7 @@ def main() -> None:
     p.add_argument("--stop-file")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=2, help="rounds of ours then the peer")
     p.add_argument("--json", default="results/horovod_elastic.json")
     args = p.parse_args()
     if args.worker:
@@ -189,12 +191,19 @@ def main() -> None:
         return
     from benchmarks._common import print_table, write_json
 
-    with tempfile.TemporaryDirectory(prefix="hvd-elastic-bench-") as tmp:
-        results = [run_mode(mode, args, tmp) for mode in ("elastic", "restart")]
-    cols = ["mode", "step_ms", "step_commit_ms", "commit_overhead", "recovery_s", "steps_lost", "grow_s"]
+    results = []
+    for n in range(args.rounds):  # ours and the peer alternate, so a busy machine weighs on both
+        for mode in ("elastic", "restart"):
+            with tempfile.TemporaryDirectory(prefix="hvd-elastic-bench-") as tmp:
+                results.append({**run_mode(mode, args, tmp), "round": n})
+    for r in results:  # the elastic step over the peer's (non-elastic) step of the same round
+        peer = next(p for p in results if p["mode"] == "restart" and p["round"] == r["round"])
+        r["step_vs_peer"] = r["step_ms"] / peer["step_ms"]
+    cols = ["round", "mode", "step_ms", "step_vs_peer", "step_commit_ms", "commit_overhead", "recovery_s"]
+    cols += ["steps_lost", "grow_s"]
     fmt = [[r[c] if not isinstance(r[c], float) else f"{r[c]:.3g}" for c in cols] for r in results]
     print_table(f"hvd.elastic, 2 workers, MLP {LAYERS}x{WIDTH} (best of {args.reps})", cols, fmt)
-    write_json(args.json, {"rows": results, "reps": args.reps, "steps": args.steps})
+    write_json(args.json, {"rows": results, "reps": args.reps, "steps": args.steps, "rounds": args.rounds})
 
 
 if __name__ == "__main__":
