@@ -7,9 +7,12 @@ when the steps log (tests/cases/hvd_elastic.py) shows the job got far enough.
 - A host removed, then one added: the world goes 3 -> 2 -> 3, the joiner starts from the
   survivors' committed step (never from step 0), no committed step is lost or done twice, and
   the final parameters equal one process's run of the same batches (tolerance 1e-6: the averaged
-  gradient of identical gradients may differ in the last bit).
-- A worker SIGKILLed mid-step: its host is blacklisted, the survivor rolls back to the last
-  commit, redoes only the step in flight, and ends with the same parameters.
+  gradient of identical gradients may differ in the last bit). The ElasticSampler's epoch 0,
+  dealt over worlds of 3, 2 and 3, sees every sample exactly once.
+- A worker SIGKILLed mid-step: its host is blacklisted (``--blacklist-cooldown-range 0.5 0.5``),
+  the survivor rolls back to the last commit, redoes only the step in flight, the host returns
+  after its cooldown (2 -> 1 -> 2), and the job ends with the same parameters.
+- Both: every world runs over shm (one machine), and no segment outlives its world.
 - Unit: the discovery script's output, its diff, and State's save/restore without collectives.
 """
 
@@ -96,6 +99,22 @@ def _check_params(job: ElasticJob, batches: int) -> None:
         torch.testing.assert_close(torch.tensor(got[name]), torch.tensor(value), rtol=TOL, atol=TOL)
 
 
+def _segments_of(pids: set[int]) -> list[str]:
+    """shm segments (and their alloc'd buffers) in /dev/shm created by one of ``pids``: none may
+    outlive the worlds that made them (header: magic, world, bytes, creator pid)."""
+    found = []
+    for name in os.listdir("/dev/shm"):
+        if name.startswith("disttrain-"):
+            try:
+                with open(os.path.join("/dev/shm", name), "rb") as f:
+                    head = f.read(32)
+            except OSError:
+                continue
+            if len(head) == 32 and int.from_bytes(head[24:32], "little") in pids:
+                found.append(name)
+    return found
+
+
 def _sizes(steps: list[dict]) -> list[int]:
     """World sizes in the order rank 0 saw them (consecutive duplicates dropped)."""
     out: list[int] = []
@@ -130,6 +149,7 @@ def test_a_host_removed_then_one_added_keeps_every_committed_step(tmp_path):
     assert seen[0] == list(range(samples)), seen[0]
     assert seen[1] and len(seen[1]) == len(set(seen[1])), seen[1]
     assert {s["backend"] for s in steps} == {"shm"}  # one machine: every world over shared memory
+    assert not _segments_of({s["pid"] for s in steps})
     _check_params(job, batches)
 
 
@@ -160,6 +180,7 @@ def test_a_worker_killed_mid_step_rolls_back_to_the_last_commit_and_its_host_ret
     repeated = [b for i, b in enumerate(survivor) if b in survivor[:i]]
     assert sorted(set(survivor)) == list(range(1, batches + 1)) and repeated in ([], [kill_at + 1]), survivor
     assert max(s["rendezvous"] for s in steps) == 3
+    assert {s["backend"] for s in steps} == {"shm"} and not _segments_of({s["pid"] for s in steps})
     _check_params(job, batches)
 
 

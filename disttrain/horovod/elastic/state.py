@@ -23,6 +23,7 @@ import torch
 from .. import rendezvous
 from ..exceptions import HostsUpdatedInterrupt
 from ..functions import broadcast_object, broadcast_optimizer_state, broadcast_parameters
+from ..ops import broadcast_
 from .sampler import ElasticSampler
 
 
@@ -70,7 +71,9 @@ class State:
             if version > seen:
                 newest, added, removed = max(newest, version), added or a, removed or r
         if rendezvous.enabled():  # rank 0's view wins, so every rank raises at this same commit
-            newest, added, removed = broadcast_object([newest, added, removed], 0, name="elastic.host_updates")
+            view = torch.tensor([newest, added, removed], dtype=torch.int64)  # one op: it runs every commit
+            newest, added, removed = broadcast_(view, 0, name="elastic.host_updates").tolist()
+            added, removed = bool(added), bool(removed)
         self._last_updated = newest
         if newest > seen:
             raise HostsUpdatedInterrupt(skip_sync=removed and not added)
