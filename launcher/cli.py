@@ -232,14 +232,7 @@ def job_from_args(ns: argparse.Namespace) -> JobSpec:
     hosts = parse_hostfile(ns.hostfile) if ns.hostfile else parse_hosts(ns.hosts, "--hosts/-H")
     if ns.hostfile and ns.hosts:
         raise LaunchConfigError("give --hostfile or --hosts, not both")
-    env = {}
-    for item in ns.env:
-        name, sep, value = item.partition("=")
-        if not sep:
-            if name not in os.environ:
-                raise LaunchConfigError(f"-x {name}: not set in this shell. HINT: -x {name}=VALUE")
-            value = os.environ[name]
-        env[name] = value
+    env = _env_from_args(ns)
     job = JobSpec(
         hosts=hosts,
         np=ns.np,
@@ -248,13 +241,7 @@ def job_from_args(ns: argparse.Namespace) -> JobSpec:
         rdzv_endpoint=ns.rdzv_endpoint,
         master_port=ns.master_port,
         job_id=ns.run_id or secrets.token_hex(4),
-        ssh=SshOptions(
-            port=ns.ssh_port,
-            identity=ns.ssh_identity,
-            user=ns.ssh_user,
-            connect_timeout=ns.ssh_connect_timeout,
-            options=tuple(ns.ssh_option),
-        ),
+        ssh=_ssh_from_args(ns),
         remote_python=ns.remote_python,
         remote_cwd=ns.remote_cwd,
         env=env,
@@ -274,6 +261,29 @@ def job_from_args(ns: argparse.Namespace) -> JobSpec:
             )
         job.min_nodes = nodes.min
     return job
+
+
+def _env_from_args(ns: argparse.Namespace) -> dict[str, str]:
+    """``-x NAME[=VALUE]``: variables sent to other hosts."""
+    env = {}
+    for item in ns.env:
+        name, sep, value = item.partition("=")
+        if not sep:
+            if name not in os.environ:
+                raise LaunchConfigError(f"-x {name}: not set in this shell. HINT: -x {name}=VALUE")
+            value = os.environ[name]
+        env[name] = value
+    return env
+
+
+def _ssh_from_args(ns: argparse.Namespace) -> SshOptions:
+    return SshOptions(
+        port=ns.ssh_port,
+        identity=ns.ssh_identity,
+        user=ns.ssh_user,
+        connect_timeout=ns.ssh_connect_timeout,
+        options=tuple(ns.ssh_option),
+    )
 
 
 def elastic_from_args(ns: argparse.Namespace) -> ElasticSpec:
@@ -296,6 +306,9 @@ def elastic_from_args(ns: argparse.Namespace) -> ElasticSpec:
         elastic_timeout=ns.elastic_timeout,
         discovery_interval=ns.discovery_interval,
         job_id=ns.run_id or secrets.token_hex(4),
+        ssh=_ssh_from_args(ns),
+        env=_env_from_args(ns),
+        store_host=ns.rdzv_endpoint.rpartition(":")[0] or ns.rdzv_endpoint if ns.rdzv_endpoint else None,
         reset_limit=ns.reset_limit,
         blacklist_cooldown=tuple(ns.blacklist_cooldown_range) if ns.blacklist_cooldown_range else None,
     )

@@ -31,8 +31,10 @@ survivor holding the last committed state. With fewer than ``min_np`` slots the 
 to ``elastic_timeout`` for the script to find more, then stops. The job succeeds when a worker of
 the newest world exits 0 (its world finished training) and no worker of it fails afterwards.
 
-Limits: workers run on this machine only (a host name must be this machine: ``localhost``,
-``127.0.0.2``, ...); starting them on other hosts over ssh is left for later.
+Hosts: a worker on this machine is a child process; on another host it is an ssh session
+(``launcher/elastic_remote.py``: argv, environment and secret on ssh's stdin; closing it stops the
+worker). The store listens on loopback while the script's first answer names only this machine,
+else on an address of this machine (the first local host it lists, or ``--rdzv-endpoint``).
 """
 
 from __future__ import annotations
@@ -52,11 +54,13 @@ import time
 
 from .agent import RunResult
 from .discovery import Discovery, DiscoveryError, diff
+from .elastic_remote import RemoteWorker
 from .environment import SECRET, WorkerPlace, free_port, worker_env
 from .errors import LaunchConfigError
+from .job import FORWARD_PREFIXES
 from .membership import Transition, format_transitions
 from .report import Failure, format_report, root_cause
-from .ssh import is_local
+from .ssh import SshOptions, is_local
 from .store import StoreServer, check_secret, new_secret
 from .worker import Worker, WorkerSpec
 
@@ -76,6 +80,9 @@ class ElasticSpec:
     finish_grace: float = 30.0  # after a world finished: how long its other workers may take to exit
     stop_grace: float = 5.0
     job_id: str = ""
+    ssh: SshOptions = dataclasses.field(default_factory=SshOptions)  # workers on other hosts
+    env: dict[str, str] = dataclasses.field(default_factory=dict)  # -x NAME=VALUE, sent to other hosts
+    store_host: str | None = None  # --rdzv-endpoint's host: where the store listens (other hosts must reach it)
     reset_limit: int | None = None  # new worlds allowed after the first (None: any number)
     blacklist_cooldown: tuple[float, float] | None = None  # (min, max) seconds; None: blacklisted for good
 
@@ -122,6 +129,27 @@ class ElasticDriver:
         self._next_id = 0
         self._interrupted: int | None = None
         self._short_since: float | None = None
+        self._local: dict[str, bool] = {}
+
+    def _is_local(self, host: str) -> bool:
+        if host not in self._local:
+            self._local[host] = is_local(host)
+        return self._local[host]
+
+    def _store_endpoint(self, hosts: dict[str, int]) -> tuple[str, str]:
+        """(advertised host, bind address) of the store: loopback while every host the script
+        found first is this machine, else an address of this machine the others can reach."""
+        host = self.el.store_host
+        if host is None and all(self._is_local(h) for h in hosts):
+            return "127.0.0.1", "127.0.0.1"
+        if host is None:
+            host = next((h for h in hosts if self._is_local(h)), socket.gethostname())
+        if not self._is_local(host) or host == "localhost" or host.startswith("127."):
+            raise LaunchConfigError(
+                f"the elastic driver's store cannot listen on {host}: it must be an address of this machine "
+                "that the other hosts reach. HINT: pass --rdzv-endpoint ADDR:0 with such an address"
+            )
+        return host, socket.gethostbyname(host)
 
     def _on_signal(self, signum, frame) -> None:
         self._interrupted = signum
@@ -130,14 +158,17 @@ class ElasticDriver:
     def run(self) -> RunResult:
         """Blocks until the job ends; returns its exit code and the failures that ended it."""
         secret = check_secret(os.environ[SECRET], SECRET) if os.environ.get(SECRET) else new_secret()
+        self.hosts = self._discover(first=True)
+        self.store_host, bind = self._store_endpoint(self.hosts)
         self._errors = tempfile.mkdtemp(prefix=f"disttrain-elastic-{self.el.job_id}-")
-        self.master_port = free_port()
+        self.master_port = free_port(bind)
+        self._forwarded = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_PREFIXES) and k != SECRET}
+        self._forwarded.update(self.el.env)
         in_main = threading.current_thread() is threading.main_thread()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
-        self.server = StoreServer(secret, "127.0.0.1", 0, job=self.el.job_id).start()
+        self.server = StoreServer(secret, bind, 0, advertise=self.store_host, job=self.el.job_id).start()
         self.secret = secret
         try:
-            self.hosts = self._discover(first=True)
             if not self._new_world("start", [], time.time()):
                 return self._fail(f"the discovery script found fewer than --min-np {self.el.min_np} slots")
             return self._loop()
@@ -214,16 +245,17 @@ class ElasticDriver:
                 raise
             print(f"disttrain: elastic: {exc}; keeping the hosts found before", file=sys.stderr, flush=True)
             return self.hosts
-        for h in hosts:
-            if not is_local(h):
-                why = (
-                    f"host discovery found {h}, which is not this machine: elastic jobs start their workers "
-                    "on this machine only for now. HINT: list local names (localhost, 127.0.0.2, ...)"
-                )
-                if first:
-                    raise LaunchConfigError(why)
-                print(f"disttrain: elastic: {why}; keeping the hosts found before", file=sys.stderr, flush=True)
-                return self.hosts
+        if not first and self.store_host.startswith("127."):
+            for h in hosts:
+                if not self._is_local(h):
+                    print(
+                        f"disttrain: elastic: host discovery found {h}, which cannot reach the store on "
+                        f"{self.store_host} (the first hosts were all this machine); keeping the hosts found "
+                        "before. HINT: pass --rdzv-endpoint ADDR:0 with an address of this machine",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    return self.hosts
         return hosts
 
     def _usable(self) -> dict[str, int]:
@@ -263,7 +295,11 @@ class ElasticDriver:
         self.version += 1
         new: list[_Member] = []
         for host, slot in free:
-            worker = Worker(self.spec, 0, 0, host, {})  # place and env set below, once ranks are known
+            worker = (  # place and env set below, once ranks are known
+                Worker(self.spec, 0, 0, host, {})
+                if self._is_local(host)
+                else RemoteWorker(self.spec, host, self.el.ssh, self.el.stop_grace)
+            )
             m = _Member(str(self._next_id), host, slot, worker, self.version)
             self._next_id += 1
             self.members[m.id] = m
@@ -299,8 +335,7 @@ class ElasticDriver:
             print(f"disttrain: elastic: {t.describe()}", file=sys.stderr, flush=True)
         return True
 
-    @staticmethod
-    def _rows(order: list[_Member]) -> list[dict]:
+    def _rows(self, order: list[_Member]) -> list[dict]:
         hosts = list(dict.fromkeys(m.host for m in order))
         rows = []
         for m in order:
@@ -313,24 +348,26 @@ class ElasticDriver:
                     "local_size": len(same),
                     "cross_rank": hosts.index(m.host),
                     "cross_size": len(hosts),
-                    "machine": _MACHINE,  # every worker runs on this machine (workers may pick shm)
+                    "machine": _MACHINE if self._is_local(m.host) else m.host,  # one machine: workers may pick shm
                 }
             )
         return rows
 
     def _start(self, m: _Member, row: dict, rank: int, size: int) -> None:
         place = WorkerPlace(rank, row["local_rank"], size, row["local_size"], row["cross_rank"], row["cross_size"])
+        local = self._is_local(m.host)
         env = worker_env(
             place,
             job_id=self.el.job_id,
             host=m.host,
-            master_addr="127.0.0.1",
+            master_addr=self.store_host,
             master_port=self.master_port,
             restart_count=0,
             max_restarts=0,
-            error_file=os.path.join(self._errors, f"worker{m.id}.json"),
+            error_file=os.path.join(self._errors, f"worker{m.id}.json") if local else "",  # none on other hosts
             store=self.server.address,
             secret=self.secret,
+            base=None if local else self._forwarded,  # another host keeps its own environment
         )
         env[ELASTIC_ID] = m.id
         env["HOROVOD_ELASTIC"] = "1"

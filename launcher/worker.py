@@ -56,13 +56,17 @@ class Worker:
         return self.env["DISTTRAIN_ERROR_FILE"]
 
     def start(self) -> None:
-        # Own session: we can signal the worker and anything it spawned as one group. The
-        # bootstrap asks for SIGKILL when we (its parent) die, if we are still its parent.
+        # The bootstrap asks for SIGKILL when we (its parent) die, if we are still its parent.
+        self._spawn(self.spec.argv(), env={**self.env, "DISTTRAIN_AGENT_PID": str(os.getpid())})
+
+    def _spawn(self, argv: list[str], env: dict[str, str] | None = None, stdin=subprocess.DEVNULL) -> None:
+        """Start ``argv`` with its output pumped to the rank's files and console (``[rank@host]``).
+        Own session: we can signal it and anything it spawned as one group."""
         self.proc = subprocess.Popen(
-            self.spec.argv(),
-            env={**self.env, "DISTTRAIN_AGENT_PID": str(os.getpid())},
+            argv,
+            env=env,
             cwd=self.spec.cwd,
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,

@@ -5,6 +5,7 @@ The launcher runs inside host 0; host 0's agent is local, host 1's is started ov
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -13,6 +14,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "cases", "launcher_worker.py")
@@ -150,4 +152,53 @@ def test_fan_out_with_nnodes_min_max_goes_on_without_a_killed_host(two_hosts, tm
     assert f"[0@{a}] step 24 world 1 attempt 1" in out, out[-2000:]
     assert f"the agent on host {b} is gone" in err
     assert re.search(rf"round 1: .*lost {re.escape(b)}; world 2 -> 1", err), err[-3000:]
+    _no_leftovers(two_hosts)
+
+
+@pytest.mark.timeout(150)
+def test_horovod_elastic_worker_on_another_host_over_ssh_then_removed(two_hosts, tmp_path):
+    """``--host-discovery-script`` naming two hosts: the driver (in host 0) starts the worker of
+    host 1 over ssh (launcher/elastic_remote.py); the world trains over gloo across the hosts, then
+    the script drops host 1: its worker leaves through its ssh session, host 0 goes on alone (over
+    shm) and ends with one process's parameters."""
+    sys.path.insert(0, os.path.join(ROOT, "tests", "cases"))
+    import hvd_elastic
+
+    a, b = two_hosts.addrs
+    hosts, log, params = tmp_path / "hosts.txt", tmp_path / "steps.jsonl", tmp_path / "params.json"
+    hosts.write_text(f"{a}:1\n{b}:1\n")
+    script = tmp_path / "hosts.sh"
+    script.write_text(f"#!/bin/sh\ncat {hosts}\n")
+    script.chmod(0o700)
+    batches = 30
+    argv = [sys.executable, "-m", "launcher.cli", *two_hosts.launcher_flags(), "--min-np", "1", "--max-np", "2"]
+    argv += ["--host-discovery-script", str(script), "--discovery-interval", "0.3", "--elastic-timeout", "30"]
+    argv += [os.path.join(ROOT, "tests", "cases", "hvd_elastic.py"), "--batches", str(batches)]
+    argv += ["--steps-log", str(log), "--params-out", str(params)]
+    env = {**os.environ, "PYTHONPATH": ROOT, "GLOO_SOCKET_IFNAME": two_hosts.ifname, "DISTTRAIN_HVD_TIMEOUT": "60"}
+    p = two_hosts.popen(0, argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def steps() -> list[dict]:
+        return [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.exists() else []
+
+    try:
+        deadline = time.monotonic() + 90
+        while not any(s["host"] == b and s["batch"] >= 5 for s in steps()):
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()[0] if p.poll() is not None else ""
+            time.sleep(0.1)
+        hosts.write_text(f"{a}:1\n")
+        out, _ = p.communicate(timeout=90)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0, out[-4000:]
+    rows = steps()
+    assert {s["size"] for s in rows if s["host"] == b} == {2}, rows
+    # two machines: gloo; host 0 alone: shared memory
+    assert {(s["size"], s["backend"]) for s in rows} == {(2, "torch"), (1, "shm")}, rows
+    assert [s["size"] for s in rows if s["host"] == a][-1] == 1 and f"removed {b}" in out, out[-3000:]
+    got = json.loads(params.read_text())
+    for name, value in hvd_elastic.expected_params(batches).items():
+        torch.testing.assert_close(torch.tensor(got[name]), torch.tensor(value), rtol=1e-6, atol=1e-6)
     _no_leftovers(two_hosts)
