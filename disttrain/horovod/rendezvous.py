@@ -97,7 +97,7 @@ class _Rendezvous:
                 break
         row = world["workers"][ids.index(self.id)]
         env = self._export(row, ids.index(self.id), len(ids))
-        backend, comm_env = self._backend(world["workers"], row, env)
+        backend, comm_env = self._backend(world["workers"], env)
         import torch.distributed as dist
 
         try:
@@ -113,7 +113,7 @@ class _Rendezvous:
         return comm, backend, env
 
     @staticmethod
-    def _backend(rows: list[dict], row: dict, env: collectives.DistEnv) -> tuple[str, collectives.DistEnv]:
+    def _backend(rows: list[dict], env: collectives.DistEnv) -> tuple[str, collectives.DistEnv]:
         """``DISTTRAIN_HVD_BACKEND``, else ``shm`` when every worker of the world runs on this
         machine (the driver's ``machine`` column: host names such as 127.0.0.2 may differ while
         the machine is the same), else ``torch``. shm's env counts ranks per machine; Horovod's
