@@ -32,30 +32,17 @@ import torch.nn as nn
 from collectives import Communicator, ReduceOp
 
 from ..config.parallel import ParallelConfig
-from .adapters import adapted_base, plan_for_base
 from .buffers import broadcast_parameters
 from .mesh import MeshError, build_mesh, resolve_shape
-from .pipeline.parallel import Pipeline
-from .pipeline.split import build_stages
+from .model_layout import apply_model_parallel
 from .pipeline.step import as_model_output, is_transformers_model
 from .strategy import OptimizerSpec, Shard, ShardReader
 from .tensor.parallel import TPContext, is_partial_grad, tp_slice
-from .tensor.plan import apply_tensor_parallel
 from .tensor.rng_tracker import RNGTracker
 
 log = logging.getLogger(__name__)
 
 SUPPORTED = ("ddp", "zero1")
-
-
-def _legacy_split(stages: list[list[int]], pp: int, n_blocks: int) -> list[str]:
-    flat = [b for s in stages for b in s]
-    if len(stages) != pp or flat != list(range(n_blocks)) or any(not s for s in stages):
-        raise MeshError(
-            f"parallel.pipeline.stages={stages}: expected {pp} non-empty stages covering blocks "
-            f"0..{n_blocks - 1} in order\nHINT: or name where stages begin: parallel.pipeline.split: ['blocks.2']"
-        )
-    return [f"blocks.{s[0]}" for s in stages[1:]]
 
 
 def _split_batch(x, m: int) -> list:
@@ -135,7 +122,7 @@ class ModelParallel:
         broadcast_parameters(model, comm)  # every rank starts from rank 0's parameters and buffers
         self.mesh = build_mesh(comm, m.dp, m.tp, m.pp)
         self.dp_rank, self.dp_size = self.mesh.index("dp"), self.mesh.size("dp")
-        tp, pp = shape.tp, shape.pp
+        tp = shape.tp
         seed = torch.initial_seed() if seed is None else seed
         # The dropout streams live on the model's device (the CUDA generator for a model on a GPU); a
         # deferred model is still on meta here, and materialises where the backend moves tensors.
@@ -144,44 +131,10 @@ class ModelParallel:
         device = device or str(comm.backend.device or "cpu")
         self.rng = RNGTracker(seed, self.mesh.index("tp"), self.mesh.index("pp"), device) if tp > 1 else None
         self.tp_ctx = TPContext(self.mesh.group("tp"), tp, self.mesh.index("tp"), rng=self.rng)
-        base, prefix = adapted_base(model)  # under peft adapters: the plan and stages are the base's
-        if tp > 1:
-            lp = cfg.tp.loss_parallel if loss_parallel is None else loss_parallel
-            out = apply_tensor_parallel(
-                base, self.mesh, self.tp_ctx, plan_for_base(cfg.tp.plan, prefix), cfg.tp.parallelize, lp is not False
-            )
-            if out is not base and prefix:
-                raise MeshError("parallel.tp.parallelize: a model under peft adapters must be changed in place")
-            model, base = (model, base) if prefix else (out, out)
-        # Names of the single-process model, by parameter identity (pipeline stages rename modules).
-        logical = {id(p): n for n, p in model.named_parameters()}
-        self.logical_buffers = {id(b): n for n, b in model.named_buffers()}
-        self.pipeline = None
-        self.tied: list[tuple[str, Communicator]] = []  # (param name, group of the pp ranks holding it)
-        held_by_other_first: set[str] = set()
-        if pp > 1:
-            pc = cfg.pipeline
-            v = pc.virtual_stages
-            split = pc.split
-            if split is None and pc.stages is not None:
-                split = _legacy_split(pc.stages, pp, len(getattr(base, "blocks", [])))
-            mine = [c * pp + self.mesh.index("pp") for c in range(v)]
-            stage_params: dict[int, set[str]] = {}
-            chunks = build_stages(base, pp * v, mine, split, pc.stage_forward, stage_params, logical)
-            for c in chunks:  # a split target's own modules: named by stage
-                for n, p in c.named_parameters():
-                    logical.setdefault(id(p), f"stage{c.index}.{n}")
-            self._make_tied_groups(stage_params, shape, held_by_other_first)
-            self.pipeline = Pipeline(
-                chunks, self.mesh.group("pp"), pc.schedule, pc.microbatches, self.mesh.group("tp"), self._reset_rng
-            )
-            owned = {id(p): p for c in chunks for p in c.parameters()}
-            self._buffers = {
-                self.logical_buffers[id(b)]: b for c in chunks for b in c.buffers() if id(b) in self.logical_buffers
-            }
-        else:
-            owned = {id(p): p for p in model.parameters()}
-            self._buffers = dict(model.named_buffers())
+        laid = apply_model_parallel(model, cfg, comm, self.mesh, shape, self.tp_ctx, loss_parallel, self._reset_rng)
+        model, self.pipeline, self.tied, self._buffers = laid.model, laid.pipeline, laid.tied, laid.buffers
+        self.logical_buffers = laid.logical_buffers
+        logical, owned, held_by_other_first = laid.logical, laid.owned, laid.skip_in_norm
         self.inner = model
         self.model = _ParallelModule(self)
         self.named = [(logical[i], p) for i, p in owned.items() if p.requires_grad]
@@ -202,31 +155,6 @@ class ModelParallel:
             sum(p.numel() for p in self.params),
             sum(p.numel() for _, p in mine_named),
         )
-
-    def _make_tied_groups(self, stage_params: dict[int, set[str]], shape, skip_in_norm: set[str]) -> None:
-        """Parameters held by stages on several pp ranks (an LM head tied to the embedding): one
-        group per (dp, tp) coordinate over those pp ranks, created on every rank in the same order."""
-        pp = shape.pp
-        holders: dict[str, list[int]] = {}
-        for stage, names in sorted(stage_params.items()):
-            for n in names:
-                ranks = holders.setdefault(n, [])
-                if stage % pp not in ranks:
-                    ranks.append(stage % pp)
-        sets: dict[tuple[int, ...], list[str]] = {}
-        for n, ranks in sorted(holders.items()):
-            if len(ranks) > 1:
-                sets.setdefault(tuple(sorted(ranks)), []).append(n)
-        me = self.mesh.index("pp")
-        for ranks, names in sorted(sets.items()):
-            for dp in range(shape.dp):
-                for t in range(shape.tp):
-                    members = [shape.rank_of(r, dp, t) for r in ranks]
-                    g = self.comm.new_group(members)
-                    if self.comm.rank in members:
-                        self.tied += [(n, g) for n in names]
-            if me in ranks and me != ranks[0]:
-                skip_in_norm.update(names)
 
     def _reset_rng(self) -> None:
         if self.rng is not None:
