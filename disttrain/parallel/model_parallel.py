@@ -17,8 +17,9 @@ tell the trainer's sampler), and each reports the replica's loss.
 
 Checkpoint state is named like the single-process model (``model.<param>``,
 ``optim.<param>.<state>``, ``model.<buffer>``) with boxes of the logical tensors, so a
-tp2 x pp2 checkpoint loads into dp4 or into one process; ``rng.tp_sharded`` holds each
-rank's dropout stream of sharded regions.
+tp2 x pp2 checkpoint loads into dp4 or into one process; ``rng.tp_sharded`` holds the dropout
+stream of sharded regions of each (pp, tp) coordinate (the same on every dp replica, so a checkpoint
+loads at another dp degree with its streams; another tp x pp reseeds them).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch.nn as nn
 from collectives import Communicator, ReduceOp
 
 from ..config.parallel import ParallelConfig
+from ..errors import DisttrainError
 from .buffers import broadcast_parameters
 from .mesh import MeshError, build_mesh, resolve_shape
 from .model_layout import apply_model_parallel
@@ -43,6 +45,7 @@ from .tensor.rng_tracker import RNGTracker
 log = logging.getLogger(__name__)
 
 SUPPORTED = ("ddp", "zero1")
+RNG_KEY = "rng.tp_sharded"  # (pp, tp, state bytes): each (pp, tp) coordinate's dropout stream of sharded regions
 
 
 def _split_batch(x, m: int) -> list:
@@ -296,10 +299,10 @@ class ModelParallel:
             out.append(
                 Shard(f"model.{name}", b.detach(), tuple(b.shape), tuple((0, n) for n in b.shape), replicated=True)
             )
-        if self.rng is not None:
+        if self.rng is not None:  # by (pp, tp) coordinate: dp replicas draw the same stream, so it reshards over dp
             st = self.rng.state()
-            w, r = self.comm.world_size, self.comm.rank
-            out.append(Shard("rng.tp_sharded", st.unsqueeze(0), (w, st.numel()), ((r, r + 1), (0, st.numel()))))
+            shape, box = self._rng_box(st.numel())
+            out.append(Shard(RNG_KEY, st.view(1, 1, -1), shape, box, replicated=self.dp_size > 1))
         return out
 
     def load_state_shards(self, read: ShardReader) -> None:
@@ -331,9 +334,17 @@ class ModelParallel:
         if self.rng is not None:
             n, w, r = self.rng.state().numel(), self.comm.world_size, self.comm.rank
             try:
-                self.rng.load(read("rng.tp_sharded", (w, n), ((r, r + 1), (0, n)), False)[0])
-            except (KeyError, ValueError) as exc:  # another layout or world size wrote it: a fresh stream
-                log.warning("rank %d: tp dropout stream not restored (%s); reseeded", r, exc)
+                self.rng.load(read(RNG_KEY, *self._rng_box(n), False)[0, 0])
+            except (KeyError, ValueError, DisttrainError) as exc:
+                try:  # written before the streams were keyed by coordinate: one per rank, same world only
+                    self.rng.load(read(RNG_KEY, (w, n), ((r, r + 1), (0, n)), False)[0])
+                except (KeyError, ValueError, DisttrainError):  # another tp x pp wrote it: a fresh stream
+                    log.warning("rank %s: tp dropout stream not restored (%s); reseeded", self.comm.env.where, exc)
+
+    def _rng_box(self, n: int) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
+        """The global shape of the dropout streams and this rank's box: its (pp, tp) coordinate."""
+        pp, tp = self.mesh.index("pp"), self.mesh.index("tp")
+        return (self.mesh.size("pp"), self.mesh.size("tp"), n), ((pp, pp + 1), (tp, tp + 1), (0, n))
 
     def _boxes(self, p):
         sl = tp_slice(p)
