@@ -65,7 +65,7 @@ def _lose_two(run_yaml: str) -> tuple[int, str, str]:
 
 @pytest.mark.timeout(300)
 def test_a_second_host_lost_during_recovery_continues_from_memory(tmp_path):
-    steps = 300
+    steps = 150
     ft = ["checkpoint.every=0", "fault_tolerance.every=1", "fault_tolerance.replicas=2"]
     run_yaml = _config(tmp_path, "run", "ddp", steps, ft)
     code, out, err = _lose_two(run_yaml)
@@ -112,7 +112,7 @@ def test_a_second_loss_that_takes_a_ranks_only_copies_stops_without_a_disk_check
     checkpoint exists: host 0 stops naming the rank and step and what to set, instead of training
     again from step 0. (Had round 1 copied a step of its own, host 0 would hold all of it and go on
     from memory: the other defined outcome, accepted and reported.)"""
-    run_yaml = _config(tmp_path, "run", "ddp", 300, ["checkpoint.every=0", "fault_tolerance.every=1"])
+    run_yaml = _config(tmp_path, "run", "ddp", 150, ["checkpoint.every=0", "fault_tolerance.every=1"])
     code, out, err = _lose_two(run_yaml)
     resumed = [int(m.group(2)) for m in re.finditer(RESUMED, out)]
     if 2 in resumed:
