@@ -23,7 +23,7 @@ from . import config as config_mod
 from .checkpoint import maybe_build_checkpointer
 from .config import GPTConfig, TargetData, TargetModel
 from .data import build_target_data, build_task
-from .fault import maybe_build_fault_tolerance
+from .fault import maybe_build_fault_tolerance, maybe_fall_back
 from .loss import build_step
 from .models import build_model, build_target_model
 from .models.deferred import record_build, set_pretrained
@@ -128,7 +128,8 @@ class Session:
     ) -> Session:
         """Every rank, first: join the job (started by srun directly: SLURM's variables become ours and rank 0
         hosts the job's store; raises LauncherError when they do not fit), log with a rank@host prefix and
-        seed every RNG. ``process``: this process is ours (the worker), so the root logger is configured;
+        seed every RNG. A ``parallel.mesh`` that does not fit the world size takes the first
+        ``fault_tolerance.fallback`` layout that does (LayoutError when none does). ``process``: this process is ours (the worker), so the root logger is configured;
         otherwise only the ``disttrain`` logger gets a handler, the root logger stays the user's."""
         slurm_job = setup_slurm_worker(cfg.run.dir, nodes=cfg.slurm.nodes, ntasks_per_node=cfg.slurm.ntasks_per_node)
         comm = init_communicator(cfg)
@@ -141,6 +142,7 @@ class Session:
                 handler = logging.StreamHandler()
                 handler.setFormatter(logging.Formatter(fmt))
                 ours.addHandler(handler)
+        cfg = maybe_fall_back(cfg, comm.world_size, comm.env.where)  # a lost host may leave too few ranks
         seed_everything(cfg.run.seed)
         return cls(cfg, comm, slurm_job, callbacks)
 

@@ -21,6 +21,7 @@ catch_signals_early()  # first thing: a SLURM warning signal while torch imports
 from launcher import LauncherError  # noqa: E402
 
 from . import config as config_mod  # noqa: E402
+from .fault import LayoutError  # noqa: E402
 from .observe.callbacks import Callback  # noqa: E402
 from .session import Session  # noqa: E402
 from .targets import UserCodeError  # noqa: E402
@@ -44,6 +45,9 @@ def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> i
         session = Session.start(cfg, process=True, callbacks=callbacks)
     except LauncherError as exc:
         print(f"disttrain worker: {exc}", file=sys.stderr)
+        return 2
+    except LayoutError as exc:  # a lost host left a world that no configured layout fits
+        print(f"disttrain worker {exc}", file=sys.stderr, flush=True)
         return 2
     where = session.comm.env.where
     try:

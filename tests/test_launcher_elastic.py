@@ -49,10 +49,10 @@ pytestmark = pytest.mark.skipif(_no_netns() is not None, reason=f"multi-host tes
 class Node:
     """One host's ``disttrain launch``; its output is collected by threads as it comes."""
 
-    def __init__(self, hosts, i: int, nnodes: str, port: int, secret: str, args: list[str]):
+    def __init__(self, hosts, i: int, nnodes: str, port: int, secret: str, args: list[str], nproc: int = 1):
         env = {**os.environ, "GLOO_SOCKET_IFNAME": hosts.ifname, "DISTTRAIN_JOB_SECRET": secret}
         argv = [sys.executable, "-m", "launcher.cli", "--nnodes", nnodes, "--node-rank", str(i)]
-        argv += ["--rdzv-endpoint", f"{hosts.addrs[0]}:{port}", "--nproc-per-node", "1", *args]
+        argv += ["--rdzv-endpoint", f"{hosts.addrs[0]}:{port}", "--nproc-per-node", str(nproc), *args]
         self.proc = hosts.popen(i, argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.out: list[str] = []
         self.err: list[str] = []
@@ -113,10 +113,10 @@ def _no_leftovers(hosts, i: int) -> None:
     assert hosts.pids(i) == [], f"processes left behind on host {i}"
 
 
-def _start(hosts, nnodes: str, args: list[str]) -> list[Node]:
+def _start(hosts, nnodes: str, args: list[str], nproc: int = 1) -> list[Node]:
     port, secret = free_port_in(hosts, 0), secrets.token_hex(32)
     n = int(nnodes.split(":")[-1])
-    return [Node(hosts, i, nnodes, port, secret, args) for i in range(n)]
+    return [Node(hosts, i, nnodes, port, secret, args, nproc) for i in range(n)]
 
 
 @pytest.mark.timeout(120)

@@ -218,10 +218,18 @@ class Checkpointer(Callback):
         cands = self._bcast_json(resolve(self.dir) if self.rank == 0 else None)
         plan = None
         if self.peers is not None:  # the peers' copy first when it is at least as new as the disk's
-            plan = self._bcast_json(self.peers.newest() if self.rank == 0 else None)
+            found = [self.peers.newest(), self.peers.missing] if self.rank == 0 else None
+            plan, missing = self._bcast_json(found)
             disk = int(STEP_DIR.match(os.path.basename(cands[0])).group(1)) if cands else -1
             if plan is not None and plan["step"] >= disk:
                 cands = [MEMORY, *cands]
+            elif plan is None and missing is not None and not cands:  # the job trained: never restart at 0
+                raise CheckpointError(
+                    f"rank {self.comm.env.where}: no complete copy in peer memory (the copy of rank {missing[1]} "
+                    f"at step {missing[0]} was held only by lost hosts) and {self.dir} holds no checkpoint\n"
+                    "HINT: raise fault_tolerance.replicas (hosts that may be lost at once), or set "
+                    "checkpoint.every so a disk checkpoint backs the copies in memory"
+                )
         for i, path in enumerate(cands):
             code, err = LoadOutcome.OK, None
             reader = None
@@ -275,6 +283,12 @@ class Checkpointer(Callback):
                 )
             if self.rank == 0 and path != MEMORY:  # out of the count and out of the way, kept for a post-mortem
                 retention.set_aside(path)
+        if cands == [MEMORY]:  # the job had trained: starting again from step 0 would be a silent restart
+            raise CheckpointError(
+                f"rank {self.comm.env.where}: the peers' copy of step {plan['step']} did not load (see the errors "
+                f"above) and {self.dir} holds no checkpoint\nHINT: set checkpoint.every so a disk checkpoint "
+                "backs the copies in memory"
+            )
         return None
 
     # -- internals ------------------------------------------------------------------------

@@ -52,6 +52,20 @@ class ExperimentConfig(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _fallbacks_fit_the_parallel_flags(self) -> ExperimentConfig:
+        par = self.parallel
+        on = {"sync_batchnorm": par.sync_batchnorm, "activation_checkpointing": par.activation_checkpointing}
+        flags = [k for k, v in on.items() if v]
+        for i, f in enumerate(self.fault_tolerance.fallback):
+            if (f.tp > 1 or f.pp > 1) and flags:
+                raise ValueError(
+                    f"fault_tolerance.fallback[{i}] (tp={f.tp}, pp={f.pp}) is model parallel, which "
+                    f"parallel.{flags[0]} does not support\nHINT: fall back to tp: 1, pp: 1, or set "
+                    f"parallel.{flags[0]}: false"
+                )
+        return self
+
     def targets(self) -> dict[str, str]:
         """Every import target of this config, by key path."""
         found = {"loss.target": self.loss.target}

@@ -1,10 +1,18 @@
-"""The ``fault_tolerance:`` section: in-memory peer replicas of every rank's state (issue #25)."""
+"""The ``fault_tolerance:`` section: in-memory peer replicas of every rank's state, and the layouts a
+job may fall back to when a lost host leaves a world that ``parallel.mesh`` no longer fits (issue #25)."""
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .section import Section
+
+
+class FallbackLayout(Section):
+    """One layout the job may take when ``parallel.mesh`` does not fit the world (dp fills the rest)."""
+
+    tp: int = Field(1, ge=1, description="Tensor-parallel degree of this layout.")
+    pp: int = Field(1, ge=1, description="Pipeline-parallel degree of this layout.")
 
 
 class FaultToleranceConfig(Section):
@@ -21,3 +29,19 @@ class FaultToleranceConfig(Section):
         description="Other hosts that hold a copy of each host's state (besides its own agent): losing any "
         "`replicas` hosts leaves a copy of everything.",
     )
+    fallback: list[FallbackLayout] = Field(
+        [],
+        description="Layouts tried in order, dp filling the rest, when parallel.mesh does not fit the world "
+        "size (a lost host left too few ranks for tp x pp, or a product that does not divide them), e.g. "
+        "[{tp: 1, pp: 1}]: the state is resharded to the first that fits. Empty: such a world stops with a "
+        "message naming the layout and the world size.",
+    )
+
+    @model_validator(mode="after")
+    def _distinct_fallbacks(self) -> FaultToleranceConfig:
+        seen: set[tuple[int, int]] = set()
+        for i, f in enumerate(self.fallback):
+            if (f.tp, f.pp) in seen:
+                raise ValueError(f"fallback[{i}] (tp={f.tp}, pp={f.pp}) repeats an earlier entry")
+            seen.add((f.tp, f.pp))
+        return self

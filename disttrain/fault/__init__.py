@@ -1,5 +1,5 @@
 """Losing a host without losing the run: peer replicas in host memory (``replica``) and the
-recovery from them (``recovery``), configured by the ``fault_tolerance:`` section.
+recovery from them (``recovery``), the layouts a smaller world falls back to (``layout``), configured by the ``fault_tolerance:`` section.
 
 :func:`maybe_build_fault_tolerance` is called by the session after the checkpointer is built: it
 returns the replica callback (placed after the checkpointer) and hands the checkpointer the peers'
@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import logging
 
+from .layout import LayoutError, maybe_fall_back
 from .recovery import MemoryReader, PeerStore, maybe_peer_store
 from .replica import PeerReplicas
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MemoryReader", "PeerReplicas", "PeerStore", "maybe_build_fault_tolerance"]
+__all__ = [
+    "LayoutError",
+    "MemoryReader",
+    "PeerReplicas",
+    "PeerStore",
+    "maybe_build_fault_tolerance",
+    "maybe_fall_back",
+]
 
 
 def maybe_build_fault_tolerance(cfg, comm, checkpointer) -> PeerReplicas | None:

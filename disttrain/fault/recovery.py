@@ -40,6 +40,7 @@ class PeerStore:
         self.addresses = addresses if addresses is not None else (replica_addresses_from_env() or [])
         self._clients: dict[str, object] = {}
         self.bytes_fetched = 0
+        self.missing: tuple[int, int] | None = None  # (step, rank): the newest copy no surviving holder has whole
 
     def _client(self, address: str):
         if address not in self._clients:
@@ -54,7 +55,9 @@ class PeerStore:
     # -- rank 0: the plan --------------------------------------------------------------------
     def newest(self) -> dict | None:
         """The newest step of which every rank of the world that wrote it has a complete copy on a
-        reachable holder: ``{"step", "world", "holders": [address per old rank]}``, or None."""
+        reachable holder: ``{"step", "world", "holders": [address per old rank]}``, or None. When
+        copies exist but none is whole, ``missing`` says which rank of which step is gone (its
+        holders were lost too: more hosts than ``fault_tolerance.replicas`` at once)."""
         held: dict[str, dict[int, list[int]]] = {}  # address -> rank -> complete steps
 
         def steps_of(address: str, rank: int) -> list[int]:
@@ -78,6 +81,7 @@ class PeerStore:
             for r in range(1, world):
                 found = [a for a in alive if step in steps_of(a, r)]
                 if not found:
+                    self.missing = self.missing or (step, r)
                     break
                 holders.append(found[0])
             if len(holders) == world:

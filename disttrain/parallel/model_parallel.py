@@ -17,8 +17,9 @@ tell the trainer's sampler), and each reports the replica's loss.
 
 Checkpoint state is named like the single-process model (``model.<param>``,
 ``optim.<param>.<state>``, ``model.<buffer>``) with boxes of the logical tensors, so a
-tp2 x pp2 checkpoint loads into dp4 or into one process; ``rng.tp_sharded`` holds each
-rank's dropout stream of sharded regions.
+tp2 x pp2 checkpoint loads into dp4 or into one process; ``rng.tp_sharded`` holds the dropout
+stream of sharded regions of each (pp, tp) coordinate (the same on every dp replica, so a checkpoint
+loads at another dp degree with its streams; another tp x pp reseeds them).
 """
 
 from __future__ import annotations
@@ -32,30 +33,19 @@ import torch.nn as nn
 from collectives import Communicator, ReduceOp
 
 from ..config.parallel import ParallelConfig
-from .adapters import adapted_base, plan_for_base
+from ..errors import DisttrainError
 from .buffers import broadcast_parameters
 from .mesh import MeshError, build_mesh, resolve_shape
-from .pipeline.parallel import Pipeline
-from .pipeline.split import build_stages
+from .model_layout import apply_model_parallel
 from .pipeline.step import as_model_output, is_transformers_model
 from .strategy import OptimizerSpec, Shard, ShardReader
 from .tensor.parallel import TPContext, is_partial_grad, tp_slice
-from .tensor.plan import apply_tensor_parallel
 from .tensor.rng_tracker import RNGTracker
 
 log = logging.getLogger(__name__)
 
 SUPPORTED = ("ddp", "zero1")
-
-
-def _legacy_split(stages: list[list[int]], pp: int, n_blocks: int) -> list[str]:
-    flat = [b for s in stages for b in s]
-    if len(stages) != pp or flat != list(range(n_blocks)) or any(not s for s in stages):
-        raise MeshError(
-            f"parallel.pipeline.stages={stages}: expected {pp} non-empty stages covering blocks "
-            f"0..{n_blocks - 1} in order\nHINT: or name where stages begin: parallel.pipeline.split: ['blocks.2']"
-        )
-    return [f"blocks.{s[0]}" for s in stages[1:]]
+RNG_KEY = "rng.tp_sharded"  # (pp, tp, state bytes): each (pp, tp) coordinate's dropout stream of sharded regions
 
 
 def _split_batch(x, m: int) -> list:
@@ -135,7 +125,7 @@ class ModelParallel:
         broadcast_parameters(model, comm)  # every rank starts from rank 0's parameters and buffers
         self.mesh = build_mesh(comm, m.dp, m.tp, m.pp)
         self.dp_rank, self.dp_size = self.mesh.index("dp"), self.mesh.size("dp")
-        tp, pp = shape.tp, shape.pp
+        tp = shape.tp
         seed = torch.initial_seed() if seed is None else seed
         # The dropout streams live on the model's device (the CUDA generator for a model on a GPU); a
         # deferred model is still on meta here, and materialises where the backend moves tensors.
@@ -144,44 +134,10 @@ class ModelParallel:
         device = device or str(comm.backend.device or "cpu")
         self.rng = RNGTracker(seed, self.mesh.index("tp"), self.mesh.index("pp"), device) if tp > 1 else None
         self.tp_ctx = TPContext(self.mesh.group("tp"), tp, self.mesh.index("tp"), rng=self.rng)
-        base, prefix = adapted_base(model)  # under peft adapters: the plan and stages are the base's
-        if tp > 1:
-            lp = cfg.tp.loss_parallel if loss_parallel is None else loss_parallel
-            out = apply_tensor_parallel(
-                base, self.mesh, self.tp_ctx, plan_for_base(cfg.tp.plan, prefix), cfg.tp.parallelize, lp is not False
-            )
-            if out is not base and prefix:
-                raise MeshError("parallel.tp.parallelize: a model under peft adapters must be changed in place")
-            model, base = (model, base) if prefix else (out, out)
-        # Names of the single-process model, by parameter identity (pipeline stages rename modules).
-        logical = {id(p): n for n, p in model.named_parameters()}
-        self.logical_buffers = {id(b): n for n, b in model.named_buffers()}
-        self.pipeline = None
-        self.tied: list[tuple[str, Communicator]] = []  # (param name, group of the pp ranks holding it)
-        held_by_other_first: set[str] = set()
-        if pp > 1:
-            pc = cfg.pipeline
-            v = pc.virtual_stages
-            split = pc.split
-            if split is None and pc.stages is not None:
-                split = _legacy_split(pc.stages, pp, len(getattr(base, "blocks", [])))
-            mine = [c * pp + self.mesh.index("pp") for c in range(v)]
-            stage_params: dict[int, set[str]] = {}
-            chunks = build_stages(base, pp * v, mine, split, pc.stage_forward, stage_params, logical)
-            for c in chunks:  # a split target's own modules: named by stage
-                for n, p in c.named_parameters():
-                    logical.setdefault(id(p), f"stage{c.index}.{n}")
-            self._make_tied_groups(stage_params, shape, held_by_other_first)
-            self.pipeline = Pipeline(
-                chunks, self.mesh.group("pp"), pc.schedule, pc.microbatches, self.mesh.group("tp"), self._reset_rng
-            )
-            owned = {id(p): p for c in chunks for p in c.parameters()}
-            self._buffers = {
-                self.logical_buffers[id(b)]: b for c in chunks for b in c.buffers() if id(b) in self.logical_buffers
-            }
-        else:
-            owned = {id(p): p for p in model.parameters()}
-            self._buffers = dict(model.named_buffers())
+        laid = apply_model_parallel(model, cfg, comm, self.mesh, shape, self.tp_ctx, loss_parallel, self._reset_rng)
+        model, self.pipeline, self.tied, self._buffers = laid.model, laid.pipeline, laid.tied, laid.buffers
+        self.logical_buffers = laid.logical_buffers
+        logical, owned, held_by_other_first = laid.logical, laid.owned, laid.skip_in_norm
         self.inner = model
         self.model = _ParallelModule(self)
         self.named = [(logical[i], p) for i, p in owned.items() if p.requires_grad]
@@ -202,31 +158,6 @@ class ModelParallel:
             sum(p.numel() for p in self.params),
             sum(p.numel() for _, p in mine_named),
         )
-
-    def _make_tied_groups(self, stage_params: dict[int, set[str]], shape, skip_in_norm: set[str]) -> None:
-        """Parameters held by stages on several pp ranks (an LM head tied to the embedding): one
-        group per (dp, tp) coordinate over those pp ranks, created on every rank in the same order."""
-        pp = shape.pp
-        holders: dict[str, list[int]] = {}
-        for stage, names in sorted(stage_params.items()):
-            for n in names:
-                ranks = holders.setdefault(n, [])
-                if stage % pp not in ranks:
-                    ranks.append(stage % pp)
-        sets: dict[tuple[int, ...], list[str]] = {}
-        for n, ranks in sorted(holders.items()):
-            if len(ranks) > 1:
-                sets.setdefault(tuple(sorted(ranks)), []).append(n)
-        me = self.mesh.index("pp")
-        for ranks, names in sorted(sets.items()):
-            for dp in range(shape.dp):
-                for t in range(shape.tp):
-                    members = [shape.rank_of(r, dp, t) for r in ranks]
-                    g = self.comm.new_group(members)
-                    if self.comm.rank in members:
-                        self.tied += [(n, g) for n in names]
-            if me in ranks and me != ranks[0]:
-                skip_in_norm.update(names)
 
     def _reset_rng(self) -> None:
         if self.rng is not None:
@@ -368,10 +299,10 @@ class ModelParallel:
             out.append(
                 Shard(f"model.{name}", b.detach(), tuple(b.shape), tuple((0, n) for n in b.shape), replicated=True)
             )
-        if self.rng is not None:
+        if self.rng is not None:  # by (pp, tp) coordinate: dp replicas draw the same stream, so it reshards over dp
             st = self.rng.state()
-            w, r = self.comm.world_size, self.comm.rank
-            out.append(Shard("rng.tp_sharded", st.unsqueeze(0), (w, st.numel()), ((r, r + 1), (0, st.numel()))))
+            shape, box = self._rng_box(st.numel())
+            out.append(Shard(RNG_KEY, st.view(1, 1, -1), shape, box, replicated=self.dp_size > 1))
         return out
 
     def load_state_shards(self, read: ShardReader) -> None:
@@ -403,9 +334,17 @@ class ModelParallel:
         if self.rng is not None:
             n, w, r = self.rng.state().numel(), self.comm.world_size, self.comm.rank
             try:
-                self.rng.load(read("rng.tp_sharded", (w, n), ((r, r + 1), (0, n)), False)[0])
-            except (KeyError, ValueError) as exc:  # another layout or world size wrote it: a fresh stream
-                log.warning("rank %d: tp dropout stream not restored (%s); reseeded", r, exc)
+                self.rng.load(read(RNG_KEY, *self._rng_box(n), False)[0, 0])
+            except (KeyError, ValueError, DisttrainError) as exc:
+                try:  # written before the streams were keyed by coordinate: one per rank, same world only
+                    self.rng.load(read(RNG_KEY, (w, n), ((r, r + 1), (0, n)), False)[0])
+                except (KeyError, ValueError, DisttrainError):  # another tp x pp wrote it: a fresh stream
+                    log.warning("rank %s: tp dropout stream not restored (%s); reseeded", self.comm.env.where, exc)
+
+    def _rng_box(self, n: int) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
+        """The global shape of the dropout streams and this rank's box: its (pp, tp) coordinate."""
+        pp, tp = self.mesh.index("pp"), self.mesh.index("tp")
+        return (self.mesh.size("pp"), self.mesh.size("tp"), n), ((pp, pp + 1), (tp, tp + 1), (0, n))
 
     def _boxes(self, p):
         sl = tp_slice(p)
