@@ -29,7 +29,7 @@ from .environment import WorkerPlace, worker_env
 from .errors import LaunchConfigError
 from .hang import HangWatch
 from .hang_exchange import HangExchange
-from .inplace import HandOver
+from .inplace import HandOver, lost_ranks
 from .membership import HEARTBEAT_TIMEOUT, Heartbeat, NodesRange, Transition, format_transitions, next_members
 from .rendezvous import Rendezvous, RoundState, wait_exited
 from .replica_store import DEFAULT_MAX_BYTES, ReplicaStore, round_env, start_replica_store
@@ -476,7 +476,10 @@ class LocalAgent:
         alive = self._interrupted is None and all(w.poll() is None for w in self.workers)
         if self._handover is None or not self._handover.eligible(attempt, [w.rank for w in self.workers], alive):
             return False
-        self._handover.end(attempt, rdzv.cause(attempt) or "the round ended")
+        lost = [m for m in self._lost() if m in rdzv.members(attempt)]
+        self._handover.end(
+            attempt, rdzv.cause(attempt), lost_ranks(rdzv.members(attempt), lost, self.spec.nproc, rdzv.host_of)
+        )
         return True
 
     def _stop_kept(self, keep: bool, attempt: int, why: str) -> list[Failure]:

@@ -48,9 +48,11 @@ class HandOver:
         c, ns = self.client, _ns(attempt)
         return alive and bool(ranks) and all(c.check([f"{ns}inplace/{r}"]) for r in ranks)
 
-    def end(self, attempt: int, cause: str) -> None:
-        """Round ``attempt`` is over: the kept workers abort the collective in flight."""
-        self.client.compare_set(f"{_ns(attempt)}ended", "", cause)
+    def end(self, attempt: int, cause: str, lost: list[str]) -> None:
+        """Round ``attempt`` is over (``lost``: the ranks gone, as rank@host): the kept workers abort the
+        collective in flight."""
+        text = (cause or "the round ended") + (f"; lost {', '.join(lost)}" if lost else "")
+        self.client.compare_set(f"{_ns(attempt)}ended", "", text)
 
     def move(self, attempt: int, old_rank: int, env: dict[str, str]) -> None:
         """The kept worker of ``old_rank`` (round ``attempt``) takes the next round's ``env``."""
@@ -59,6 +61,11 @@ class HandOver:
     def refuse(self, attempt: int, why: str) -> None:
         """This agent's kept workers of round ``attempt`` must exit (it restarts them, or the job stops)."""
         self.client.compare_set(f"{_ns(attempt)}next/stop", "", why)
+
+
+def lost_ranks(members: list[int], lost: list[int], nproc: int, host_of: Callable[[int], str]) -> list[str]:
+    """rank@host of every worker of the ``lost`` nodes in a round of ``members`` (ranks follow their order)."""
+    return [f"rank {members.index(m) * nproc + i}@{host_of(m)}" for m in lost for i in range(nproc)]
 
 
 # -- worker side ---------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from tests.test_fault_replicas import RESUMED, TOL, _config, _run
 from tests.test_launcher_elastic import _kill_host, _losses, _no_netns, _params, _start
 
 pytestmark = pytest.mark.skipif(_no_netns() is not None, reason=f"multi-host tests skipped: {_no_netns()}")
-MOVED = r"in place \(pid (\d+)\): .*now rank 0 of 1, attempt 1"
+MOVED = r"in place \(pid (\d+)\): .*lost rank 1@\S+; now rank 0 of 1, attempt 1"
 
 
 @pytest.mark.timeout(300)

@@ -18,12 +18,14 @@ import logging
 import os
 
 import collectives
-from collectives import CollectiveAbortedError, CollectiveTimeoutError, PeerDiedError
+from collectives import CollectiveAbortedError, PeerDiedError
 from launcher import RoundWatch, declare_in_place, wait_next_world
 
 log = logging.getLogger(__name__)
-# What a lost host looks like from a survivor's collective; a mismatch or a user error is not one.
-LOSS = (PeerDiedError, CollectiveAbortedError, CollectiveTimeoutError)
+# What a lost host looks like from a survivor's collective: its transport closed, or the agent ended the
+# round (a peer behind a partition: the watch aborts the op). A timeout, a mismatch or a user error is not
+# one: the worker exits at once, as before, rather than wait for a word no agent will send.
+LOSS = (PeerDiedError, CollectiveAbortedError)
 
 
 class InPlace:
