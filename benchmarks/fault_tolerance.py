@@ -3,8 +3,10 @@ launcher's tests use; needs root and iproute2), each started torchrun-style with
 
     python benchmarks/fault_tolerance.py --json results/fault_tolerance.json [--strategies ddp,zero3]
 
-Per strategy, twice: peer replicas off (recovery from the disk checkpoint) and on
-(``fault_tolerance.every``, recovery from the copies in the surviving agent's memory). Each run:
+Per strategy, three times: peer replicas off (recovery from the disk checkpoint) and on
+(``fault_tolerance.every``, recovery from the copies in the surviving agent's memory), the latter
+with ``recover`` restart (new worker processes) and in_place (the survivors' processes kept:
+``fault_tolerance.recover``), one after the other in the same run. Each run:
 train, SIGKILL host 1 (its agent and workers) mid-run, let host 0 go on alone, then start host 1
 again with the same command and let it rejoin. Columns:
 
@@ -110,7 +112,7 @@ def _dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
-def _config(tmp: str, name: str, strategy: str, steps: int, every: int, replicas: int) -> str:
+def _config(tmp: str, name: str, strategy: str, steps: int, every: int, replicas: int, recover: str = "restart") -> str:
     from disttrain import config as config_mod
 
     overrides = [
@@ -126,6 +128,7 @@ def _config(tmp: str, name: str, strategy: str, steps: int, every: int, replicas
         "checkpoint.keep=100",
         f"parallel.strategy={strategy}",
         f"fault_tolerance.every={replicas}",
+        f"fault_tolerance.recover={recover}",
     ]
     cfg = config_mod.load(os.path.join(ROOT, "configs", "gpt-shakespeare.yaml"), overrides)
     path = os.path.join(tmp, f"{name}.yaml")
@@ -140,9 +143,11 @@ def _resumed(m: re.Match) -> tuple[int, int, int]:
     return int(m.group(3)), 0, int(m.group(4))
 
 
-def run_elastic(tmp: str, strategy: str, steps: int, every: int, kill_at: int, replicas: int, warm: int) -> dict:
-    name = f"{strategy}-{'memory' if replicas else 'disk'}"
-    config = _config(tmp, name, strategy, steps, every, replicas)
+def run_elastic(
+    tmp: str, strategy: str, steps: int, every: int, kill_at: int, replicas: int, warm: int, recover: str
+) -> dict:
+    name = f"{strategy}-{'memory' if replicas else 'disk'}-{recover}"
+    config = _config(tmp, name, strategy, steps, every, replicas, recover)
     with net_hosts(2, sshd=False) as hosts:
         port, secret = free_port_in(hosts, 0), secrets.token_hex(32)
         nodes = [Node(hosts, i, "1:2", port, secret, config) for i in range(2)]
@@ -171,6 +176,7 @@ def run_elastic(tmp: str, strategy: str, steps: int, every: int, kill_at: int, r
     return {
         "strategy": strategy,
         "recovery_from": "memory" if memory_read else "disk",
+        "recover": recover,
         "fault_tolerance.every": replicas,
         "mode": "--nnodes 1:2",
         "step_s": round(step_s, 4),
@@ -291,6 +297,9 @@ def main() -> None:
     p.add_argument("--steady-steps", type=int, default=40, help="steps of each of those runs")
     p.add_argument("--no-peer", action="store_true", help="skip the fixed --nnodes 2 peer rows")
     p.add_argument("--no-equal", action="store_true", help="skip the reference runs of equal_after_loss")
+    p.add_argument(
+        "--recover", default="both", choices=["both", "restart", "in_place"], help="fault_tolerance.recover rows"
+    )
     ns = p.parse_args()
     Node.heartbeat_timeout = ns.heartbeat_timeout
     import tempfile
@@ -298,17 +307,21 @@ def main() -> None:
     rows, peers = [], []
     with tempfile.TemporaryDirectory(prefix="ft-bench-") as tmp:
         for strategy in ns.strategies.split(","):
-            pair = [
-                run_elastic(tmp, strategy, ns.steps, ns.every, ns.kill_at, every, ns.warm)
-                for every in (0, ns.replica_every)
-            ]
-            off, on = pair
-            steady = steady_overhead(tmp, strategy, ns.every, ns.replica_every, ns.rounds, ns.steady_steps)
-            on.update(steady)
-            off["replication_overhead"] = None
-            on["equal_after_loss"] = None if ns.no_equal else equal_after_loss(on)
-            off["equal_after_loss"] = None  # tests/test_launcher_elastic.py checks the disk path
-            rows += pair
+            kinds = [(0, "restart"), (ns.replica_every, "restart"), (ns.replica_every, "in_place")]
+            if ns.recover != "both":
+                kinds = [(0, "restart"), (ns.replica_every, ns.recover)]
+            trio = [run_elastic(tmp, strategy, ns.steps, ns.every, ns.kill_at, ev, ns.warm, rec) for ev, rec in kinds]
+            off, *on = trio
+            off["replication_overhead"] = off["equal_after_loss"] = None  # test_launcher_elastic checks the disk path
+            steady = (
+                steady_overhead(tmp, strategy, ns.every, ns.replica_every, ns.rounds, ns.steady_steps)
+                if ns.rounds
+                else {"replication_overhead": None}
+            )
+            for row in on:
+                row.update(steady)
+                row["equal_after_loss"] = None if ns.no_equal else equal_after_loss(row)
+            rows += trio
             if not ns.no_peer:
                 peers.append(run_fixed(os.path.join(tmp, "fixed"), strategy, ns.steps, ns.every, ns.kill_at))
     for r in rows:
@@ -319,6 +332,7 @@ def main() -> None:
         [
             "strategy",
             "from",
+            "recover",
             "step_s",
             "overhead",
             "recovery_s",
@@ -334,6 +348,7 @@ def main() -> None:
             [
                 r["strategy"],
                 r["recovery_from"],
+                r["recover"],
                 f"{r['step_s']:.3f}",
                 "-" if r["replication_overhead"] is None else f"{r['replication_overhead']:.3f}",
                 f"{r['recovery_s']:.1f}",
@@ -360,7 +375,7 @@ def main() -> None:
             "config": vars(ns),
             "rows": rows,
             "peers": peers,
-            "not_built": ["aborting a collective without restarting the workers", "Horovod elastic"],
+            "not_built": ["in-place recovery on mpi (it cannot abort a collective: restart)"],
         },
     )
     print(f"wrote {ns.json}")

@@ -11,6 +11,7 @@ from .communicator import Communicator, init
 from .env import DistEnv, read_env
 from .errors import (
     BackendUnavailableError,
+    CollectiveAbortedError,
     CollectiveMismatchError,
     CollectivesError,
     CollectiveTimeoutError,
@@ -21,6 +22,7 @@ from .types import ReduceOp, Work
 
 __all__ = [
     "BackendUnavailableError",
+    "CollectiveAbortedError",
     "CollectiveMismatchError",
     "CollectiveTimeoutError",
     "CollectivesError",

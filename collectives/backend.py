@@ -28,6 +28,10 @@ Capabilities are declared, not probed: every backend class subclasses :class:`Ba
   missing ranks after a timeout;
 * ``alloc(shape, dtype)`` (default: ``torch.empty`` on ``device``): the backend's
   preferred memory for zero-copy ops;
+* ``abortable`` (class attribute, default False): True for a backend that can wake a pending op
+  from another thread and be replaced by a new group afterwards; it must then satisfy
+  :class:`AbortableBackend` (``abort(reason)``). shm and torch (gloo, nccl) can; mpi cannot (an
+  MPI communicator with a dead member is only left by ending the processes);
 * ``repeatable_allreduce(tensor, op)`` (default: a new ``allreduce`` per run): one allreduce of a
   buffer the communicator owns, run again and again (the carried check's frame, ``collectives.carried``);
   mpi makes it a persistent request.
@@ -64,6 +68,7 @@ class RepeatedAllreduce:
 class Backend(Protocol):
     name: ClassVar[str]
     checks_inline: ClassVar[bool] = False
+    abortable: ClassVar[bool] = False
     rank: int
     world_size: int
     device: torch.device | None = None
@@ -160,3 +165,21 @@ class InlineCheckingBackend(Backend, Protocol):
     ) -> Work: ...
 
     def barrier(self, *, fingerprint=None, async_op=False, timeout=None) -> Work: ...
+
+
+class AbortableBackend(Backend, Protocol):
+    """A backend whose pending ops can be woken from another thread (``shm``, ``torch``).
+
+    ``watch_aborts()``: every rank, before the ops an abort should be able to wake (torch then waits
+    on an event per pending op instead of inside gloo; shm checks anyway).
+    ``abort(reason)``: any thread, any time, idempotent, never blocks. Every op of this group and of
+    the groups made from it that is pending or issued afterwards raises
+    :class:`~collectives.errors.CollectiveAbortedError` with ``reason`` (within milliseconds for shm,
+    at once for torch); the group is then only good for ``close()``. The ranks rebuild by creating a
+    new world (``collectives.init``) under a fresh store namespace."""
+
+    abortable: ClassVar[Literal[True]] = True
+
+    def watch_aborts(self) -> None: ...
+
+    def abort(self, reason: str) -> None: ...

@@ -24,7 +24,7 @@ import torch
 
 from . import carried, checks, registry
 from .arguments import ArgumentChecks
-from .backend import Backend
+from .backend import AbortableBackend, Backend
 from .calls import ORPHANS, PLAIN, STRIDED, CallPath, Handle, Spec
 from .env import DistEnv, read_env
 from .errors import BackendUnavailableError, CollectivesError, InvalidTensorError
@@ -344,6 +344,33 @@ class Communicator(CallPath, ArgumentChecks):
     def alloc(self, shape: Sequence[int] | int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A tensor in the backend's preferred memory (a shared segment for ``shm``) for zero-copy ops."""
         return self.backend.alloc(shape, dtype)
+
+    # -- abort -------------------------------------------------------------------------------
+    @property
+    def abortable(self) -> bool:
+        """Whether :meth:`abort` can wake this group's pending ops (declared by the backend's type)."""
+        return type(self.backend).abortable
+
+    def watch_aborts(self) -> None:
+        """Every rank, before the ops :meth:`abort` should be able to wake (torch then waits on an event
+        per pending op, a done-callback's cost). Raises CollectivesError on a backend that cannot abort."""
+        self._abortable_backend().watch_aborts()
+
+    def abort(self, reason: str) -> None:
+        """Any thread, never blocks: every pending and later op of this communicator and the groups made
+        from it raises :class:`~collectives.errors.CollectiveAbortedError` carrying ``reason`` (say who was
+        lost, as rank@host); afterwards the communicator is only good for :meth:`close`, and the ranks
+        build a new world with :func:`init` (under a fresh store namespace)."""
+        self._abortable_backend().abort(reason)
+
+    def _abortable_backend(self) -> AbortableBackend:
+        backend = self.backend
+        if not type(backend).abortable:
+            raise CollectivesError(
+                f"rank {self.env.where}: the {backend.name} backend cannot abort a pending collective"
+                "\nHINT: recover by restarting the processes (fault_tolerance.recover: restart)"
+            )
+        return backend  # type: ignore[return-value]  # declared by ``abortable`` (AbortableBackend)
 
     def close(self) -> None:
         self.backend.close()

@@ -27,5 +27,10 @@ class PeerDiedError(CollectivesError):
     """A peer process exited or closed its transport while a collective was in flight."""
 
 
+class CollectiveAbortedError(CollectivesError):
+    """The communicator was aborted (``Communicator.abort``) while, or before, this op ran: the world is
+    being rebuilt (a host was lost); the message carries the abort's reason (who was lost, where)."""
+
+
 class InvalidTensorError(CollectivesError, ValueError):
     """A tensor argument cannot be used by this op (dtype, device, layout or size)."""

@@ -183,6 +183,13 @@ class Session:
             step_fn=build_step(cfg.loss, paths),
         )
 
+    def close_for_rebuild(self) -> None:
+        """This rank, after its communicator was aborted and closed for an in-place world change
+        (``disttrain.fault.inplace``): let go of the run directory's open files; the next round's
+        session opens its own."""
+        if "run_dir" in self.__dict__:  # built (cached_property)
+            self.run_dir.close()
+
     def close(self, trainer: Trainer, summary: dict) -> int:
         """Every rank, after the run: summary and plot (rank 0), barrier, requeue if preempted, close.
         Returns the process's exit code."""

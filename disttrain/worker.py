@@ -18,10 +18,12 @@ from launcher import catch_signals_early
 catch_signals_early()  # first thing: a SLURM warning signal while torch imports must not kill set-up
 
 # The heavy imports below come after the signal handler above, on purpose.
+from collectives import CollectivesError  # noqa: E402
 from launcher import LauncherError  # noqa: E402
 
 from . import config as config_mod  # noqa: E402
 from .fault import LayoutError  # noqa: E402
+from .fault.inplace import InPlace  # noqa: E402
 from .observe.callbacks import Callback  # noqa: E402
 from .session import Session  # noqa: E402
 from .targets import UserCodeError  # noqa: E402
@@ -51,13 +53,28 @@ def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> i
         return 2
     where = session.comm.env.where
     try:
-        trainer = session.build_trainer()
-        summary = trainer.fit()
+        while True:
+            in_place = InPlace.maybe_start(cfg, session.comm)
+            try:
+                trainer = session.build_trainer()
+                summary = trainer.fit()
+                break
+            except CollectivesError as exc:  # a lost host: move into the new world in this process?
+                if in_place is None or not in_place.moved(exc):
+                    raise
+            session.close_for_rebuild()
+            session = Session.start(cfg, process=True, callbacks=callbacks)
+            where = session.comm.env.where
+        if in_place is not None:
+            in_place.stop()
     except UserCodeError as exc:  # the user's target, data or step function: the message says what to fix
         print(f"disttrain worker {where}: {exc}", file=sys.stderr, flush=True)
         return 1
     except config_mod.ConfigError as exc:  # a tp plan or pipeline split that does not fit the built model
         print(f"disttrain worker {where}: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except LayoutError as exc:  # moved in place into a world that no configured layout fits
+        print(f"disttrain worker {exc}", file=sys.stderr, flush=True)
         return 2
     return session.close(trainer, summary)
 

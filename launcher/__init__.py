@@ -35,6 +35,10 @@ _EXPORTS = {
     "AuthStore": "torch_store",
     "connect_replica": "replica_store",
     "replica_addresses_from_env": "replica_store",
+    # recovery in place: the worker's side (launcher.inplace)
+    "RoundWatch": "inplace",
+    "declare_in_place": "inplace:declare",
+    "wait_next_world": "inplace:wait_next",
     # SLURM: the one reader of SLURM's variables (launcher.slurm.place) and what workers call
     "SlurmEnvError": "slurm.errors",
     "SlurmPlace": "slurm.place",

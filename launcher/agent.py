@@ -29,6 +29,7 @@ from .environment import WorkerPlace, worker_env
 from .errors import LaunchConfigError
 from .hang import HangWatch
 from .hang_exchange import HangExchange
+from .inplace import HandOver, lost_ranks
 from .membership import HEARTBEAT_TIMEOUT, Heartbeat, NodesRange, Transition, format_transitions, next_members
 from .rendezvous import Rendezvous, RoundState, wait_exited
 from .replica_store import DEFAULT_MAX_BYTES, ReplicaStore, round_env, start_replica_store
@@ -103,6 +104,8 @@ class LocalAgent:
         self._final_round = 0  # the round running or last run
         self._pending: Transition | None = None  # the transition into the round about to start
         self.hang_stop = hang_stop  # False: print the report and keep waiting
+        self._handover: HandOver | None = None  # recovery in place (launcher.inplace); set with the store
+        self._moving = False  # the next round keeps this round's workers (in place)
 
     def interrupt(self, signum: int = signal.SIGTERM) -> None:
         """Stop the job from another thread (Ctrl-C, or the launcher's connection closed)."""
@@ -137,17 +140,14 @@ class LocalAgent:
         return Rendezvous(client, node.node_rank, node.nnodes, node.host)
 
     # -- lifecycle --------------------------------------------------------------------------
-    def _start_group(self, attempt: int, members: list[int]) -> None:
+    def _worker_envs(self, attempt: int, members: list[int]) -> list[tuple[int, dict[str, str]]]:
+        """(global rank, environment) of each local worker of round ``attempt`` with ``members``."""
         world = self.node.world_size or self.spec.nproc * self.node.nnodes
         offset, group_rank, nnodes = self.node.rank_offset, self.node.node_rank, self.node.nnodes
         if len(members) != self.node.nnodes:  # a shrunk or grown round: ranks follow the members' order
             group_rank, nnodes = members.index(self.node.node_rank), len(members)
             offset, world = group_rank * self.spec.nproc, len(members) * self.spec.nproc
-        self.workers = []
-        if self.hang_timeout > 0:
-            ranks = [offset + i for i in range(self.spec.nproc)]
-            trace = os.path.join(self._error_dir, f"attempt{attempt}", "trace")
-            self._hang = HangWatch(trace, ranks, self.hang_timeout, self.node.host)
+        out = []
         for local_rank in range(self.spec.nproc):
             rank = offset + local_rank
             place = WorkerPlace(rank, local_rank, world, self.spec.nproc, group_rank, nnodes)
@@ -168,11 +168,29 @@ class LocalAgent:
                 env[REPLICA_ENV] = self._replica_env
             if self.hang_timeout > 0:  # the workers' flight recorders beat and dump here (launcher.hang)
                 env["DISTTRAIN_TRACE_DIR"] = os.path.join(self._error_dir, f"attempt{attempt}", "trace")
+            out.append((rank, env))
+        return out
+
+    def _start_group(self, attempt: int, members: list[int]) -> None:
+        envs = self._worker_envs(attempt, members)
+        self.workers = []
+        if self.hang_timeout > 0:
+            trace = os.path.join(self._error_dir, f"attempt{attempt}", "trace")
+            self._hang = HangWatch(trace, [rank for rank, _ in envs], self.hang_timeout, self.node.host)
+        for local_rank, (rank, env) in enumerate(envs):
             w = Worker(self.spec, rank, local_rank, self.node.host, env)
             w.start()
             self.workers.append(w)
         if self._hang is not None:  # for a faulthandler stack dump of a rank that cannot answer
             self._hang.pids = {w.rank: w.proc.pid for w in self.workers if w.proc is not None}
+
+    def _move_group(self, attempt: int, members: list[int]) -> None:
+        """Recovery in place: the running workers of round ``attempt - 1`` take their places in round
+        ``attempt`` (launcher.inplace) instead of new processes."""
+        for w, (rank, env) in zip(self.workers, self._worker_envs(attempt, members)):
+            changed = {k: v for k, v in env.items() if w.env.get(k) != v and k != "DISTTRAIN_JOB_SECRET"}
+            self._handover.move(attempt - 1, w.rank, changed)  # what differs: the place, the attempt
+            w.rank, w.env = rank, env
 
     def _monitor(self, rdzv: Rendezvous, attempt: int) -> RoundState:
         """Block until this round ends: all nodes' workers succeed, one fails anywhere, a member's
@@ -252,6 +270,7 @@ class LocalAgent:
                     print(f"disttrain: agent on {self.node.host}: the job ended before this host could rejoin")
                     return RunResult(0, [], 0)
             self._start_heartbeat(rdzv)
+            self._handover = HandOver(rdzv.client)
             return self._run_rounds(rdzv, first)
         except StoreError as exc:
             self.stop_all(kill=self._cut_off)
@@ -357,7 +376,11 @@ class LocalAgent:
             rdzv.begin(attempt)
             if self._replicas is not None:
                 self._replica_env = round_env(rdzv.client, self._replicas.job_id, members)
-            self._start_group(attempt, members)
+            if self._moving:
+                self._move_group(attempt, members)
+            else:
+                self._start_group(attempt, members)
+            self._moving = False
             if self._pending is not None and self.node.node_rank == min(members):
                 self._pending.seconds = time.time() - self._pending.detected_at
                 rdzv.record_transition(self._pending.to_json())
@@ -378,15 +401,18 @@ class LocalAgent:
                 rdzv.finish(attempt, code)
                 return RunResult(code, [], attempt)
             detected_at = time.time()
-            failures = self._stop_after_failure()
+            keep = self._keep_in_place(rdzv, attempt)  # the workers stay; they abort the step in flight
+            failures = [] if keep else self._stop_after_failure()
             rdzv.publish_failures(attempt, failures)
             all_stopped, lost = rdzv.stopped_barrier(attempt, self.stop_grace + self.node.rdzv_timeout, self._lost)
             joined = rdzv.waiting(rdzv.members(attempt)) if self._nodes_range().elastic else []
             if (lost or joined) and all_stopped and self._interrupted is None:
                 nodes = self._next_round(rdzv, attempt, lost, joined, detected_at)
                 if self.node.node_rank in nodes:
+                    self._moving = keep
                     attempt += 1
                     continue
+                failures = self._stop_kept(keep, attempt, "this host is left out of the next round") or failures
                 if nodes:  # the others went on without this node
                     print(
                         f"disttrain: agent on {self.node.host}: left out of round {attempt + 1} (the "
@@ -397,6 +423,7 @@ class LocalAgent:
                 elif self.node.node_rank == min(n for n in rdzv.members(attempt) if n not in lost):
                     rdzv.record_transition(self._pending.to_json())
                 return self._give_up(rdzv, attempt, failures, lost, 1)
+            failures = self._stop_kept(keep, attempt, "no new world without a lost host; restarting") or failures
             if restarts < self.max_restarts and all_stopped and self._interrupted is None:
                 merged = rdzv.collect_failures(attempt)
                 if self.node.node_rank == min(rdzv.members(attempt)) and merged:
@@ -441,6 +468,26 @@ class LocalAgent:
         rdzv.finish(attempt, code)
         self._report_transitions(rdzv)
         return RunResult(code, merged, attempt)
+
+    def _keep_in_place(self, rdzv: Rendezvous, attempt: int) -> bool:
+        """After round ``attempt`` failed: True when this node's workers change world in place (all alive,
+        all declared); the round's end is then announced to them. A lost host is the only cause
+        for which that pays: a failed local worker, a hang or an interrupt take the restart path."""
+        alive = self._interrupted is None and all(w.poll() is None for w in self.workers)
+        if self._handover is None or not self._handover.eligible(attempt, [w.rank for w in self.workers], alive):
+            return False
+        lost = [m for m in self._lost() if m in rdzv.members(attempt)]
+        self._handover.end(
+            attempt, rdzv.cause(attempt), lost_ranks(rdzv.members(attempt), lost, self.spec.nproc, rdzv.host_of)
+        )
+        return True
+
+    def _stop_kept(self, keep: bool, attempt: int, why: str) -> list[Failure]:
+        """Workers kept for an in-place change that does not happen: told to exit, then stopped as before."""
+        if not keep or self._handover is None or all(w.poll() is not None for w in self.workers):
+            return []
+        self._handover.refuse(attempt, why)
+        return self._stop_after_failure()
 
     def _stop_after_failure(self) -> list[Failure]:
         """Stop this node's workers; return those that failed on their own (not by our signal)."""

@@ -24,7 +24,8 @@ from typing import ClassVar
 
 import torch
 
-from ..backend import Backend
+from ..abort import AbortSignal
+from ..backend import AbortableBackend
 from ..env import DistEnv
 from ..errors import BackendUnavailableError, CollectivesError, CollectiveTimeoutError, InvalidTensorError
 from ..types import ReduceOp, Work
@@ -66,6 +67,7 @@ class _NcclWork:
                 self._backend._abort()
                 raise CollectiveTimeoutError(f"NCCL op still running after {timeout:g}s (communicator aborted)")
             self._backend._check_async_error()
+            self._backend._signal.check(f"{self._backend.rank}", "nccl op")
             time.sleep(1e-5)
         if self._then is not None:
             self._then()
@@ -75,12 +77,27 @@ class _NcclWork:
         return self._done or self._event.query()
 
 
-class NCCLBackend(Backend):
+class NCCLBackend(AbortableBackend):
+    """Abortable: ``abort`` sets the world's signal (the polling waits raise) and aborts every
+    communicator of the world (``ncclCommAbort``). Not verified on a GPU in this repository's CI."""
+
     name: ClassVar[str] = "nccl"
 
-    def __init__(self, comm, rank: int, world_size: int, store, device: torch.device, uid_prefix: str):
+    def __init__(self, comm, rank: int, world_size: int, store, device: torch.device, uid_prefix: str, signal=None):
         self._comm, self.rank, self.world_size, self.store = comm, rank, world_size, store
         self.device, self._prefix, self._groups = device, uid_prefix, 0
+        self._signal = signal if signal is not None else AbortSignal()
+        self._children: list[NCCLBackend] = []
+
+    def watch_aborts(self) -> None:
+        """Nothing to arm: the waits poll."""
+
+    def abort(self, reason: str) -> None:
+        self._signal.set(reason)
+        if self._comm is not None:
+            self._abort()
+        for sub in self._children:
+            sub.abort(reason)
 
     @classmethod
     def is_available(cls) -> bool:
@@ -241,7 +258,9 @@ class NCCLBackend(Backend):
         sub_rank = list(ranks).index(self.rank)
         uid = exchange_unique_id(self.store, _ID_KEY + prefix, sub_rank == 0, 300.0, nccl.get_unique_id)
         comm = nccl.NcclCommunicator(len(ranks), uid, sub_rank)
-        return NCCLBackend(comm, sub_rank, len(ranks), self.store, self.device, prefix)
+        sub = NCCLBackend(comm, sub_rank, len(ranks), self.store, self.device, prefix, self._signal)
+        self._children.append(sub)
+        return sub
 
     def alloc(self, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, device=self.device)

@@ -3,18 +3,28 @@
 Bootstrapped from the job's store (our authenticated rendezvous store where the
 launcher provides one); without one, see ``store_fallback`` (no unauthenticated TCPStore
 unless the user opts in). A process group the user initialised already is used as is.
+
+Abortable (:class:`~collectives.backend.AbortableBackend`): once ``watch_aborts()`` was called a wait
+blocks on an event set by the op's completion (a done-callback on its future; p2p ops, which gloo
+gives no future, poll) or by ``abort``, since gloo's own wait can be neither interrupted nor sliced
+(a timed-out wait closes the pair). ``abort`` also aborts the process groups (NCCL's communicator
+abort; not verified here, no GPU). The ranks rebuild with ``close()`` and a new ``create`` under a
+fresh store namespace (the launcher's store prefixes keys with the attempt).
 """
 
 from __future__ import annotations
 
 import datetime
+import threading
+import time
 from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
 import torch.distributed as dist
 
-from ..backend import Backend
+from ..abort import AbortSignal
+from ..backend import AbortableBackend
 from ..env import DistEnv
 from ..errors import CollectivesError, CollectiveTimeoutError, PeerDiedError
 from ..types import ReduceOp, Work
@@ -40,6 +50,8 @@ class _TorchWork:
         if self._done:
             return
         if self._work is not None:
+            if _SIGNAL.watched:
+                _wait_abortably(self._work, timeout)
             try:
                 if timeout is None:
                     self._work.wait()
@@ -55,7 +67,29 @@ class _TorchWork:
         return self._done or self._work is None or self._work.is_completed()
 
 
-class TorchBackend(Backend):
+def _wait_abortably(work, timeout: float | None) -> None:
+    """Until ``work`` completes (its error, if any, is raised by the caller's ``work.wait()``), raising
+    CollectiveAbortedError when the signal is set first and CollectiveTimeoutError after ``timeout``."""
+    _SIGNAL.check(_WHERE[0], "torch.distributed op")
+    if work.is_completed():
+        return
+    done = threading.Event()
+    try:
+        work.get_future().add_done_callback(lambda _f: done.set())
+    except RuntimeError:  # gloo's send/recv have no future: poll, a millisecond at a time
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not work.is_completed():
+            _SIGNAL.check(_WHERE[0], "torch.distributed send/recv")
+            if deadline is not None and time.monotonic() > deadline:
+                raise CollectiveTimeoutError(f"rank {_WHERE[0]}: torch.distributed send/recv timed out") from None
+            time.sleep(1e-3)
+        return
+    if not _SIGNAL.wait(done, timeout):
+        raise CollectiveTimeoutError(f"rank {_WHERE[0]}: torch.distributed op timed out after {timeout:g}s")
+    _SIGNAL.check(_WHERE[0], "torch.distributed op")
+
+
+class TorchBackend(AbortableBackend):
     name: ClassVar[str] = "torch"
     device: torch.device | None = None  # where the communicator's own check tensors live
 
@@ -84,6 +118,9 @@ class TorchBackend(Backend):
         if store is None:
             store = dist.distributed_c10d._get_default_store()
         diag = dist.PrefixStore("collectives/diag", store)
+        global _SIGNAL
+        _SIGNAL = AbortSignal()  # a new world: an earlier world's abort does not carry over
+        _WHERE[0] = env.where
         backend = cls(dist.get_rank(), dist.get_world_size(), store=diag)
         backend.device = torch.device(device) if device.startswith("cuda") else None
         return backend
@@ -162,6 +199,16 @@ class TorchBackend(Backend):
         sub.device = self.device
         return sub
 
+    def watch_aborts(self) -> None:
+        _SIGNAL.watched = True
+
+    def abort(self, reason: str) -> None:
+        """Any thread: wake every pending op of this process's groups with CollectiveAbortedError."""
+        _SIGNAL.set(reason)
+        if self.device is not None and dist.is_initialized():  # NCCL: ncclCommAbort wakes its kernels
+            for group in [*_GROUPS.values(), dist.group.WORLD]:
+                group.abort()
+
     def close(self) -> None:
         if self._group is None and dist.is_initialized():
             _GROUPS.clear()
@@ -169,6 +216,9 @@ class TorchBackend(Backend):
 
 
 _GROUPS: dict[tuple[int, ...], object] = {}
+# One per world: torch's groups share the process's state, so an abort reaches all of them.
+_SIGNAL = AbortSignal()
+_WHERE = ["?"]  # this process's rank@host, for the messages
 
 
 def _translate(exc: RuntimeError) -> CollectivesError:

@@ -3,6 +3,8 @@ job may fall back to when a lost host leaves a world that ``parallel.mesh`` no l
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from .section import Section
@@ -28,6 +30,14 @@ class FaultToleranceConfig(Section):
         ge=1,
         description="Other hosts that hold a copy of each host's state (besides its own agent): losing any "
         "`replicas` hosts leaves a copy of everything.",
+    )
+    recover: Literal["restart", "in_place"] = Field(
+        "restart",
+        description="How the survivors of a lost host go on. `restart`: their agents start new workers at the "
+        "new world size. `in_place`: the running workers abort the step in flight, rebuild their communicators "
+        "and strategy at the new world size and restore from the copies in memory, without a new process "
+        "(no process start or imports). On a backend that cannot abort a collective (mpi) it falls back to "
+        "`restart` with a log line saying why; anything that fails in place falls back to `restart` too.",
     )
     fallback: list[FallbackLayout] = Field(
         [],

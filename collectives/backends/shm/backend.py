@@ -27,7 +27,8 @@ from typing import ClassVar
 
 import torch
 
-from ...backend import InlineCheckingBackend
+from ...abort import AbortSignal
+from ...backend import AbortableBackend, InlineCheckingBackend
 from ...env import DistEnv
 from ...errors import CollectivesError, InvalidTensorError
 from ...fingerprint import Fingerprint
@@ -44,19 +45,28 @@ _DONE = CompletedWork()
 _worlds = itertools.count()  # storeless world communicators built by this process (names must not repeat)
 
 
-class ShmBackend(InlineCheckingBackend):
+class ShmBackend(InlineCheckingBackend, AbortableBackend):
     """Collectives over one shared segment per group. Build with :meth:`create` (all ranks)."""
 
     name: ClassVar[str] = "shm"
 
     def __init__(
-        self, seg: Segment, rank: int, world: int, timeout: float, where: str, group: str, global_ranks: Sequence[int]
+        self,
+        seg: Segment,
+        rank: int,
+        world: int,
+        timeout: float,
+        where: str,
+        group: str,
+        global_ranks: Sequence[int],
+        signal: AbortSignal | None = None,
     ):
         self.rank, self.world_size, self.timeout = rank, world, timeout
         self._seg, self._where, self._group, self._global = seg, where, group, list(global_ranks)
         layout = Layout.for_world(world)
         u8 = torch.frombuffer(seg.mm, dtype=torch.uint8)
-        self._sync = StepSync(seg, layout, rank, timeout, where, group, global_ranks, u8.data_ptr())
+        self._sync = StepSync(seg, layout, rank, timeout, where, group, global_ranks, u8.data_ptr(), signal)
+        self._children: list[ShmBackend] = []  # subgroups: an abort poisons their segments too
         self._allocs = AllocTable()
         self._algo = Algorithms(self._sync, layout, u8, self._allocs)
         self._mail = Mailboxes(self._sync, layout, u8)
@@ -138,7 +148,27 @@ class ShmBackend(InlineCheckingBackend):
             where=self._where,
         )
         group = f"{self._group}/{','.join(map(str, ranks))}"
-        return ShmBackend(seg, me, len(ranks), self.timeout, self._where, group, [self._global[r] for r in ranks])
+        sub = ShmBackend(
+            seg, me, len(ranks), self.timeout, self._where, group, [self._global[r] for r in ranks], self._sync.signal
+        )
+        self._children.append(sub)
+        return sub
+
+    def watch_aborts(self) -> None:
+        """Nothing to arm: every wait past its spin checks for an abort."""
+
+    def abort(self, reason: str) -> None:
+        """Any thread: pending and later ops of this group and its subgroups, here and (through the
+        poison in each segment) on every peer, raise CollectiveAbortedError within milliseconds."""
+        self._sync.signal.set(reason)
+        self._poison()
+
+    def _poison(self) -> None:
+        if not self._closed:
+            self._sync.broken = self._sync.broken or f"aborted: {self._sync.signal.reason}"  # no inline fast path
+            self._sync.poison()
+        for sub in self._children:
+            sub._poison()
 
     def alloc(self, shape: Sequence[int] | int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A tensor in a segment every rank of the group maps, so large ops on it need no copies.
@@ -163,6 +193,7 @@ class ShmBackend(InlineCheckingBackend):
     def _run(self, kind: str, fn: Callable[..., None], args: tuple, timeout: float | None, async_op: bool) -> Work:
         if self._closed:
             raise CollectivesError(f"rank {self._where}: shm communicator of group {self._group!r} is closed")
+        self._sync.signal.check(self._where, f"shm group {self._group!r}")
         if self._sync.broken:
             raise CollectivesError(
                 f"rank {self._where}: shm communicator of group {self._group!r} is unusable after "

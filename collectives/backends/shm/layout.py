@@ -5,7 +5,8 @@ In order, each region page-aligned:
 * control rows: ``ROW_INT64S`` int64 per rank (see the ``ROW_*`` and ``RECORD_*`` indices):
   the step counter, the step of a published mismatch, a "sleeping" flag for the waiting
   strategy, then two op records (digest, bytes, alloc id, offset; the second right after the
-  first), one per op parity, so a rank may publish op k+1 while a slow peer still reads op k's record;
+  first), one per op parity, so a rank may publish op k+1 while a slow peer still reads op k's record,
+  then the abort poison;
 * fingerprints: one encoded :class:`~collectives.fingerprint.Fingerprint` per rank,
   written only on a mismatch so every rank can name both sides;
 * pair records: per ordered (src, dst) pair, 512 bytes of mailbox counters and slot records;
@@ -33,6 +34,7 @@ PAIR_BYTES = 512
 
 ROW_INT64S = 16
 ROW_STEP, ROW_ERROR_STEP, ROW_SLEEPING = 0, 1, 2
+ROW_ABORTED = 11  # non-zero: this rank aborted the group (a poison its peers' waits see and raise on)
 # First int64 of the op record, by parity. Rows are 128-byte aligned, so both records' digests (their first
 # field, the one every op's check reads from every peer) share the step counter's 64-byte cache line: a check
 # costs no cache miss beyond the one the wait already took.

@@ -13,7 +13,9 @@ Digests (``Fingerprint.digest()``) are compared right after arrival, so the cros
 check costs one integer compare per peer; on a mismatch every rank publishes its encoded fingerprint and
 raises ``mismatch_error`` naming both sides. A peer that died raises
 :class:`PeerDiedError`; a peer that never arrives, :class:`CollectiveTimeoutError`
-naming it. After either the group is out of step for good (``broken``).
+naming it. After either the group is out of step for good (``broken``). An abort (``abort``, any
+thread of any rank: the ``AbortSignal`` of this process, or a peer's poison in its control row)
+raises :class:`CollectiveAbortedError` at the next liveness check, within milliseconds.
 
 Who calls: ``algorithms`` (one op at a time per group: the caller's thread or the
 group's worker thread, never both). Memory ordering relies on x86's total store order
@@ -26,6 +28,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
+from ...abort import AbortSignal
 from ...env import usable_cores
 from ...errors import CollectiveMismatchError, CollectiveTimeoutError, PeerDiedError
 from ...fingerprint import ENCODED_SIZE, Fingerprint, mismatch_error
@@ -35,6 +38,7 @@ from .layout import (
     RECORD_BASE,
     RECORD_NBYTES,
     RECORD_OFFSET,
+    ROW_ABORTED,
     ROW_ERROR_STEP,
     ROW_SLEEPING,
     Layout,
@@ -66,6 +70,7 @@ class StepSync:
         group: str,
         global_ranks: Sequence[int],
         base_addr: int,
+        signal: AbortSignal | None = None,
     ):
         self.seg, self.layout, self.rank, self.world = seg, layout, rank, layout.world
         self.where, self.group, self.global_ranks = where, group, list(global_ranks)
@@ -86,6 +91,7 @@ class StepSync:
         self._futex = FUTEX
         self._addr = base_addr  # of the segment: a row's step counter is at base_addr + 8 * row
         self.broken: str | None = None  # why the group is out of step for good
+        self.signal = signal if signal is not None else AbortSignal()  # shared with the world's subgroups
 
     # -- the primitives ------------------------------------------------------------------
     def arrive(self, fp: Fingerprint | None, nbytes: int = 0, where: tuple[int, int] = (0, 0)) -> int:
@@ -210,9 +216,36 @@ class StepSync:
     def what(self, fp: Fingerprint | None) -> str:
         return f"{fp.op}#{fp.seq} ({fp.site})" if fp is not None else f"collective #{self.ops}"
 
+    def poison(self) -> None:
+        """After this process's signal was set: tell the peers (their next liveness check raises) and
+        wake those asleep on our counter."""
+        # The reason goes in this rank's fingerprint slot (used otherwise only by a mismatch, and an
+        # aborted group has no more ops), so a woken peer names who was lost too.
+        text = (self.signal.reason or "aborted").encode()[:ENCODED_SIZE]
+        off = self.layout.fingerprints + self.rank * ENCODED_SIZE
+        self.seg.mm[off : off + len(text)] = text
+        self.ctrl[self.mine + ROW_ABORTED] = len(text)
+        if self._futex is not None:
+            self._futex.fence()
+            self._futex.wake(self._addr + 8 * self.mine)
+
+    def check_aborted(self, fp: Fingerprint | None) -> None:
+        ctrl = self.ctrl
+        if self.signal.reason is None:
+            peer = next((self.rank_of(p) for p in self.peer_rows if ctrl[p + ROW_ABORTED]), None)
+            if peer is None:
+                return
+            off = self.layout.fingerprints + peer * ENCODED_SIZE
+            said = bytes(self.seg.mm[off : off + min(ctrl[self.rows[peer] + ROW_ABORTED], ENCODED_SIZE)])
+            self.signal.set(f"{said.decode(errors='replace')} (group rank {peer} aborted group {self.group!r})")
+        self.broken = f"aborted: {self.signal.reason}"
+        raise self.signal.error(self.where, f"shm {self.what(fp)} in group {self.group!r}")
+
     def check_alive(self, ranks: list[int], fp: Fingerprint | None, done: Callable[[int], bool] | None = None) -> None:
         """Raise :class:`PeerDiedError` (and mark the group broken) when one of ``ranks`` is gone
-        before doing its part: ``done(rank)``, asked only once the rank is seen dead, says it did."""
+        before doing its part: ``done(rank)``, asked only once the rank is seen dead, says it did;
+        :class:`CollectiveAbortedError` when this process or a peer aborted the group."""
+        self.check_aborted(fp)
         for r in ranks:
             pid = self.seg.pid(r)
             if not pid_alive(pid) and not (done is not None and done(r)):

@@ -1,0 +1,77 @@
+"""Recovery in place (``fault_tolerance.recover: in_place``): a host SIGKILLed under ddp and zero3 (network
+namespaces as hosts, tests/test_fault_replicas.py's set-up); the survivor's worker process is kept: it
+aborts the step in flight, rebuilds its communicator and strategy at world size 1 and resumes from the
+copies in its agent's memory. Its PID is unchanged, nothing is read from disk, at most one step is lost,
+and the run ends where a run resized at the same step from a disk checkpoint ends (same global batch).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+
+import pytest
+
+from tests.support.netns import net_hosts
+from tests.test_fault_replicas import RESUMED, TOL, _config, _run
+from tests.test_launcher_elastic import _kill_host, _losses, _no_netns, _params, _start
+
+pytestmark = pytest.mark.skipif(_no_netns() is not None, reason=f"multi-host tests skipped: {_no_netns()}")
+MOVED = r"in place \(pid (\d+)\): .*lost rank 1@\S+; now rank 0 of 1, attempt 1"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("strategy", ["ddp", "zero3"])
+def test_a_lost_host_is_recovered_in_place_and_equals_a_resized_run(tmp_path, strategy):
+    steps = 300
+    extra = ["checkpoint.every=0", "fault_tolerance.every=1", "fault_tolerance.recover=in_place"]
+    run_yaml = _config(tmp_path, "run", strategy, steps, extra)
+    with net_hosts(2, sshd=False) as hosts:
+        nodes = _start(hosts, "1:2", ["--heartbeat-timeout", "2", "-m", "disttrain.worker", run_yaml])
+        try:
+            nodes[0].wait_for(r"step 2[0-9]/", 120)
+            before = set(hosts.pids(0))  # the survivor's agent and worker
+            killed = time.monotonic()
+            _kill_host(hosts, 1)
+            nodes[0].wait_for(RESUMED, 60)
+            resumed_after = time.monotonic() - killed
+            after = set(hosts.pids(0))
+            code = nodes[0].wait(120)
+        finally:
+            for n in nodes:
+                n.kill()
+    out, err = "".join(nodes[0].out), "".join(nodes[0].err)
+    assert code == 0, nodes[0].text()
+    moved = re.search(MOVED, out)
+    assert moved and int(moved.group(1)) in before, nodes[0].text()
+    assert after <= before, f"new processes on the survivor: {after - before}"  # no worker was started
+    m = re.search(RESUMED, out)
+    s = int(m.group(1))
+    done_before = max(int(x) for x in re.findall(r"\] step (\d+)/", out[: m.start()]))
+    print(f"{strategy} in place: resumed at step {s} ({done_before - s} step(s) lost), {resumed_after:.1f}s")
+    assert done_before - s <= 1, f"{done_before - s} steps lost"
+    assert "resumed from /" not in out, "a disk checkpoint was read"
+    assert re.search(r"round 1: .*lost \S+; world 2 -> 1", err), nodes[0].text()
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["latest", f"step_{steps:06d}"]
+
+    # The reference: two processes save at step s, one process resumes from that disk checkpoint.
+    ref_yaml = _config(tmp_path, "ref", strategy, steps, [f"checkpoint.every={s}"])
+    _run(ref_yaml, 2)
+    ckpts = tmp_path / "ref" / "checkpoints"
+    for name in os.listdir(ckpts):
+        mm = re.fullmatch(r"step_(\d+)", name)
+        if mm and int(mm.group(1)) > s:
+            shutil.rmtree(ckpts / name)
+    (tmp_path / "ref" / "metrics.jsonl").write_text("")
+    assert f"resumed from {ckpts}/step_{s:06d}" in _run(ref_yaml, 1)
+
+    (step_a, a), (step_b, b) = _params(str(tmp_path / "run")), _params(str(tmp_path / "ref"))
+    assert step_a == step_b == steps and a.keys() == b.keys() and a
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    la, lb = _losses(str(tmp_path / "run"), s), _losses(str(tmp_path / "ref"), s)
+    assert sorted(la) == sorted(lb) == list(range(s + 1, steps + 1))
+    worst_loss = max(abs(la[k] - lb[k]) / max(abs(lb[k]), 1e-12) for k in la)
+    print(f"{strategy} in place vs resized from disk at step {s}: params {worst:.3g}, loss rel {worst_loss:.3g}")
+    assert worst <= TOL and worst_loss <= 1e-3
