@@ -20,6 +20,12 @@ Rows (2 and 4 ranks; allreduce, allgather, reduce_scatter, broadcast; float32):
   processes and the moment being the same),
   ``horovod`` (when importable); ``memcpy``: one core copying the same bytes (the bound).
 
+The small job (2 ranks; ``--no-small`` skips it): allgather, broadcast, reduce_scatter, all_to_all and
+``sendrecv`` (ranks 0 and 1 there and back) at 64 B and 4 KiB, on ``mpi``/``torch`` checked and unchecked
+with their libraries (``mpi4py same job``, ``gloo``) in turns: ``<backend>_<op>_<size>_check_cost`` is the
+turn median of checked/unchecked time, ``<backend>_<op>_<size>_vs_<library>`` the library's time over ours.
+Every checked op of those sends the carried check's fixed frame first (``collectives.carried``).
+
 Sizes follow nccl-tests: for allgather and reduce_scatter, ``size`` is the whole gathered
 (or scattered) buffer, each rank contributes size/ranks. algbw = size / time; busbw =
 algbw * 2(n-1)/n (allreduce), * (n-1)/n (allgather, reduce_scatter), * 1 (broadcast).
@@ -53,13 +59,14 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
 import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._collective_peers import gloo_ops, mpi4py_ops  # noqa: E402
+from benchmarks._collective_ratios import SMALL_OPS, SMALL_SIZES, ratios, verdicts  # noqa: E402
 from benchmarks._common import (
     human_bytes,
     iters_for,
@@ -79,7 +86,10 @@ BUS = {
     "allgather": lambda n: (n - 1) / n,
     "reduce_scatter": lambda n: (n - 1) / n,
     "broadcast": lambda n: 1.0,
+    "all_to_all": lambda n: (n - 1) / n,
+    "sendrecv": lambda n: 1.0,
 }
+SMALL_ROWS = ["mpi", "mpi nocheck", "mpi4py same job", "torch", "torch nocheck", "gloo"]
 
 
 @dataclasses.dataclass
@@ -213,50 +223,57 @@ def worker_comm(spec: dict) -> list[dict]:
             t = buf(nb)
             return lambda: comm.broadcast(t, 0)
 
+        def all_to_all(nb):
+            ins = [torch.zeros(nb // world // 4) for _ in range(world)]
+            outs = [torch.empty(nb // world // 4) for _ in range(world)]
+            return lambda: comm.all_to_all(outs, ins)
+
+        def sendrecv(nb):  # ranks 0 and 1: there and back (others idle)
+            t, peer = torch.zeros(nb // 4), 1 - rank
+
+            def there_and_back():
+                if rank == 0:
+                    comm.send(t, peer)
+                    comm.recv(t, peer)
+                elif rank == 1:
+                    comm.recv(t, peer)
+                    comm.send(t, peer)
+
+            return there_and_back
+
         return {
             "allreduce": allreduce,
             "allgather": allgather,
             "reduce_scatter": reduce_scatter,
             "broadcast": broadcast,
+            "all_to_all": all_to_all,
+            "sendrecv": sendrecv,
         }
 
     def direct_allreduce(nb):
         t, be = torch.zeros(nb // 4), shm.backend
         return lambda: be.allreduce(t, collectives.ReduceOp.SUM)
 
-    def gloo_ops() -> dict:
-        def allreduce(nb):
-            t = torch.zeros(nb // 4)
-            return lambda: dist.all_reduce(t, group=gloo)
-
-        def allgather(nb):
-            t, outs = torch.zeros(nb // world // 4), [torch.empty(nb // world // 4) for _ in range(world)]
-            return lambda: dist.all_gather(outs, t, group=gloo)
-
-        def broadcast(nb):
-            t = torch.zeros(nb // 4)
-            return lambda: dist.broadcast(t, 0, group=gloo)
-
-        return {"allreduce": allreduce, "allgather": allgather, "broadcast": broadcast}  # gloo: no reduce_scatter
-
     variants = {
         "shm zero-copy": comm_ops(shm, zero_copy=True),
         "shm": comm_ops(shm),
         "shm nocheck": {"allreduce": comm_ops(shm_nocheck)["allreduce"]},
         "shm direct": {"allreduce": direct_allreduce},
-        "gloo": gloo_ops(),
+        "gloo": gloo_ops(gloo, rank, world),
     }
     if only:
         variants = {k: v for k, v in variants.items() if k in only}
     for name, c in comms.items():
         variants[name] = comm_ops(c)
         unchecked = comm_ops(collectives.Communicator(c.backend, c.env, check=False, timeout=120))
-        variants[f"{name} nocheck"] = {"allreduce": unchecked["allreduce"], "allgather": unchecked["allgather"]}
+        small = spec.get("small")  # the small-ops job: every op unchecked too, and every raw op
+        keep = ("allreduce", "allgather")
+        variants[f"{name} nocheck"] = unchecked if small else {k: unchecked[k] for k in keep}
         if name == "mpi":  # the library it wraps, called directly in the same processes (measured in turns with it)
             from mpi4py import MPI
 
             raw = mpi4py_ops(MPI.COMM_WORLD, world)
-            variants["mpi4py same job"] = {"allreduce": raw["allreduce"], "allgather": raw["allgather"]}
+            variants["mpi4py same job"] = raw if small else {k: raw[k] for k in keep}
     mx = torch.zeros(1)
 
     def slowest(dt: float) -> float:
@@ -280,29 +297,6 @@ def check_pairs(checked, unchecked, slowest, nbytes: int = 64 << 10, blocks: int
     runs = {"shm": lambda: checked.allreduce(t), "shm nocheck": lambda: unchecked.allreduce(t)}
     got = measure_in_turns(runs, checked.barrier, iters=iters, reps=blocks, warmup_s=0.05, slowest=slowest)
     return [{"row": k, "op": "check_pairs", "bytes": nbytes, "ranks": checked.world_size, **v} for k, v in got.items()]
-
-
-def mpi4py_ops(comm, world: int) -> dict:
-    """mpi4py's buffer methods on numpy arrays: the raw library, as a user calls it."""
-    from mpi4py import MPI
-
-    def allreduce(nb):
-        a = np.zeros(nb // 4, np.float32)
-        return lambda: comm.Allreduce(MPI.IN_PLACE, a)
-
-    def allgather(nb):
-        a, out = np.zeros(nb // world // 4, np.float32), np.empty(nb // 4, np.float32)
-        return lambda: comm.Allgather(a, out)
-
-    def reduce_scatter(nb):
-        a, out = np.zeros(nb // 4, np.float32), np.empty(nb // world // 4, np.float32)
-        return lambda: comm.Reduce_scatter_block(a, out)
-
-    def broadcast(nb):
-        a = np.zeros(nb // 4, np.float32)
-        return lambda: comm.Bcast(a, 0)
-
-    return {"allreduce": allreduce, "allgather": allgather, "reduce_scatter": reduce_scatter, "broadcast": broadcast}
 
 
 def worker_mpi4py(spec: dict) -> list[dict]:
@@ -365,123 +359,14 @@ def best_of(rows: list[dict]) -> list[dict]:
     return list(best.values())
 
 
-# ratio -> (comparison, goal), from issue 17; "_plain"/"_direct" variants and the checked mpi/torch
-# ratios are printed for diagnosis, without a goal
-TARGETS = {
-    "shm_vs_mpi_allreduce_4KiB": (">=", 0.5),
-    "shm_vs_mpi_allreduce_4KiB_4ranks": (">=", 0.5),
-    "shm_allgather_vs_mpi_4KiB_4ranks": (">=", 0.5),
-    "mpi_backend_vs_mpi4py_4KiB": (">=", 0.7),
-    "torch_backend_vs_gloo_4KiB": (">=", 0.7),
-    "shm_vs_gloo_allreduce_64MiB": (">=", 5.0),
-    "shm_vs_mpi_allreduce_64MiB": (">=", 3.0),
-    "shm_time_over_memcpy_64MiB": ("<=", 2.5),
-    "check_overhead_shm_64KiB": ("<=", 0.03),
-}
-
-
-def ratios(rows: list[dict], rounds: list[dict] = ()) -> dict:
-    """Ratios from the best rows; ``rounds``: each round's rows by (row, op, bytes, ranks), for paired figures."""
-    t = {(r["row"], r["op"], r["bytes"], r["ranks"]): r["best"] for r in rows}
-    out = {}
-    k4, k64, m64 = 4 << 10, 64 << 10, 64 << 20
-
-    def put(name, num, den):
-        if num in t and den in t:
-            out[name] = round(t[num] / t[den], 3)
-
-    for label, size in (("64MiB", m64), ("4KiB", k4)):
-        for suffix, ours in (("", "shm zero-copy"), ("_plain", "shm"), ("_direct", "shm direct")):
-            mine = (ours, "allreduce", size, 2)
-            put(f"shm_vs_gloo_allreduce_{label}{suffix}", ("gloo", "allreduce", size, 2), mine)
-            put(f"shm_vs_mpi_allreduce_{label}{suffix}", ("mpi4py+MPICH", "allreduce", size, 2), mine)
-            put(f"shm_time_over_memcpy_{label}{suffix}", mine, ("memcpy", "memcpy", size, 1))
-    for world in (4, 8):
-        for suffix, ours in (("", "shm zero-copy"), ("_plain", "shm"), ("_direct", "shm direct")):
-            put(
-                f"shm_vs_mpi_allreduce_4KiB_{world}ranks{suffix}",
-                ("mpi4py+MPICH", "allreduce", k4, world),
-                (ours, "allreduce", k4, world),
-            )
-        put(
-            f"shm_allgather_vs_mpi_4KiB_{world}ranks",
-            ("mpi4py+MPICH", "allgather", k4, world),
-            ("shm", "allgather", k4, world),
-        )
-
-    def turn_median(num, den) -> float | None:
-        """The median over every turn of every round of num/den, for two rows measured in turns (each pair
-        back to back); None without such rows. A latency with modes (gloo's) or a drift of the machine makes
-        the ratio of two bests a draw; the turn-by-turn median compares like with like."""
-        pairs = []
-        for rnd in rounds:
-            a, b = rnd.get(num), rnd.get(den)
-            if a and b and a.get("times") and b.get("times"):
-                pairs += [x / y for x, y in zip(a["times"], b["times"])]
-        return statistics.median(pairs) if pairs else None
-
-    def in_turns(name, num, den):
-        """A goal ratio of rows measured in turns: their turn median (the ratio of bests goes to ``<name>_best``)."""
-        med = turn_median(num, den)
-        if med is None:
-            put(name, num, den)
-        else:
-            put(f"{name}_best", num, den)
-            out[name] = round(med, 3)
-
-    for label, size in (("4KiB", k4), ("64MiB", m64)):
-        # the raw library checks nothing: the goal compares our unchecked path; the checked one adds a collective.
-        # The raw calls made in the same processes, in turns with ours, when that row exists (mpiexec's otherwise).
-        raw = ("mpi4py same job", "allreduce", size, 2)
-        if raw in t:
-            in_turns(f"mpi_backend_vs_mpi4py_{label}", raw, ("mpi nocheck", "allreduce", size, 2))
-        else:
-            put(
-                f"mpi_backend_vs_mpi4py_{label}",
-                ("mpi4py+MPICH", "allreduce", size, 2),
-                ("mpi nocheck", "allreduce", size, 2),
-            )
-        put(
-            f"mpi_backend_vs_mpiexec_mpi4py_{label}",
-            ("mpi4py+MPICH", "allreduce", size, 2),
-            ("mpi nocheck", "allreduce", size, 2),
-        )
-        put(
-            f"mpi_backend_checked_vs_mpi4py_{label}",
-            ("mpi4py+MPICH", "allreduce", size, 2),
-            ("mpi", "allreduce", size, 2),
-        )
-        in_turns(
-            f"torch_backend_vs_gloo_{label}", ("gloo", "allreduce", size, 2), ("torch nocheck", "allreduce", size, 2)
-        )
-        put(f"torch_backend_checked_vs_gloo_{label}", ("gloo", "allreduce", size, 2), ("torch", "allreduce", size, 2))
-    if ("shm", "allreduce", k64, 2) in t and ("shm nocheck", "allreduce", k64, 2) in t:
-        on, off = t[("shm", "allreduce", k64, 2)], t[("shm nocheck", "allreduce", k64, 2)]
-        out["check_overhead_shm_64KiB_best"] = round(on / off - 1, 4)
-        # The goal's figure: from check_pairs, the turn median of checked/unchecked, minus 1. Bests of separate
-        # rows differ by the machine's drift, often by more than the check's cost (0.2-0.4 us on a 12 us op).
-        med = turn_median(("shm", "check_pairs", k64, 2), ("shm nocheck", "check_pairs", k64, 2))
-        if med is not None:
-            out["check_overhead_shm_64KiB"] = round(med - 1, 4)
-    return out
-
-
-def verdicts(rat: dict) -> dict:
-    """Each targeted ratio: its goal and whether this run met it (None when the row is missing)."""
-    out = {}
-    for name, (cmp, goal) in TARGETS.items():
-        v = rat.get(name)
-        met = None if v is None else (v >= goal if cmp == ">=" else v <= goal)
-        out[name] = {"value": v, "goal": f"{cmp} {goal}", "met": met}
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer sizes and repetitions (about a minute)")
     ap.add_argument("--json", help="write rows and ratios here")
     ap.add_argument("--ranks", default=None, help="comma-separated world sizes (default 2,4)")
     ap.add_argument("--rounds", type=int, default=None, help="run every job this many times, keep the best")
+    ap.add_argument("--no-small", action="store_true", help="skip the small non-allreduce ops job (2 ranks)")
+    ap.add_argument("--small-only", action="store_true", help="run only that job")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -502,7 +387,11 @@ def main() -> None:
                 spec["max_iters"] = 200  # a 4 KiB gloo call takes about 1 ms: bound each repetition
             if world >= 8:  # the crowded case: small messages only, the rows the waiting strategy is about
                 spec.update(sizes=[4 << 10], ops=["allreduce", "allgather"], only=["shm", "shm direct", "gloo"])
-            for p in PRODUCERS:
+            jobs = [] if args.small_only else [(p, spec) for p in PRODUCERS]
+            if world == 2 and not args.no_small:  # small non-allreduce ops on mpi/torch, each with its peer
+                small = {"sizes": SMALL_SIZES, "ops": list(SMALL_OPS), "reps": reps, "world": world}
+                jobs.append((Producer("comm"), {**small, "only": SMALL_ROWS, "small": True, "max_iters": 200}))
+            for p, spec in jobs:
                 cmd = [sys.executable, os.path.abspath(__file__), "--worker", p.kind, "--spec", json.dumps(spec)]
                 t0 = time.monotonic()
                 try:

@@ -31,13 +31,14 @@ MAX_SPECS = 1024
 class Spec:
     """What repeats between calls of one op with one signature: validated once, then reused."""
 
-    __slots__ = ("op", "shapes", "dtype", "extra", "base", "arg", "fp", "carry")
+    __slots__ = ("op", "shapes", "dtype", "extra", "base", "arg", "fp", "carry", "site")
 
     def __init__(self, op: str, shapes: tuple, dtype: str, extra: str, group: str, arg=None):
         self.op, self.shapes, self.dtype, self.extra, self.arg = op, shapes, dtype, extra, arg
         self.base = base_digest(op, group, shapes, dtype, extra)
         self.fp: Fingerprint | None = None  # renewed per synchronous call (see Communicator._call)
         self.carry: carried.CarriedOp | None = None  # an allreduce riding in the check's frame
+        self.site: tuple[str, int] | str = "<unknown>"  # where it was first called: the flight recorder's site
 
 
 class Handle:
@@ -193,6 +194,7 @@ class CallPath:
     def _remember(self, key: tuple, spec: Spec) -> None:
         if len(self._specs) >= MAX_SPECS:
             self._specs.clear()
+        spec.site = call_site()
         self._specs[key] = spec
 
     def _call(self, spec: Spec, start: Callable[..., Work], args: tuple, timeout: float | None) -> None:
@@ -210,7 +212,7 @@ class CallPath:
                 )
             else:
                 fp.seq = seq
-        record = RECORDER.begin(seq, spec.op, self.group, spec.shapes, spec.dtype)
+        record = RECORDER.enter(seq, spec.op, self.group, spec.shapes, spec.dtype, spec.site)
         try:
             if self._inline:
                 start(*args, fingerprint=fp, async_op=False, timeout=timeout).wait(timeout)
@@ -237,27 +239,28 @@ class CallPath:
         else:
             checks.check_collective(self.backend, fp, timeout)
 
-    def _carried(
-        self, spec: Spec, tensor: torch.Tensor, timeout: float | None, seq: int | None = None, after: list = ()
-    ) -> None:
-        """A synchronous allreduce riding in the check's frame (``spec.carry``, checks on): its result is
-        handed back only once every rank's header agreed (``collectives.carried``)."""
+    def _carried(self, spec: Spec, tensor: torch.Tensor, timeout: float | None, seq: int, after: list) -> None:
+        """A synchronous allreduce riding in the frame (``spec.carry``), the first of its signature (later ones
+        take the same steps inlined in ``Communicator.allreduce``). Checks on: its result is handed back only
+        once every rank's header agreed (``collectives.carried``); off: the frame's allreduce, no header."""
         timeout = self.timeout if timeout is None else timeout
-        if seq is None:
-            seq = self._seq
-            self._seq = seq + 1
-        record = RECORDER.begin(seq, spec.op, self.group, spec.shapes, spec.dtype)
+        record = RECORDER.enter(seq, spec.op, self.group, spec.shapes, spec.dtype, spec.site)
         try:
-            if not spec.carry(tensor, seq, timeout):
-                fp = Fingerprint(
-                    seq, spec.op, self.group, spec.shapes, spec.dtype, spec.extra, self._grank, None, spec.base
-                )
-                checks.raise_mismatch(self.backend, fp, timeout)
-            for fn in after:
-                fn()
-            RECORDER.end(record)
+            if not self.check:
+                spec.carry.plain(tensor, timeout)
+            elif not spec.carry(tensor, seq, timeout):
+                self._carry_mismatch(spec, seq, timeout)
         except CollectiveTimeoutError as exc:
-            fp = Fingerprint(
-                seq, spec.op, self.group, spec.shapes, spec.dtype, spec.extra, self._grank, None, spec.base
-            )
-            raise self._timeout_error(fp, timeout, exc) from None
+            raise self._carry_timeout(spec, seq, timeout, exc) from None
+        for fn in after:
+            fn()
+        RECORDER.end(record)
+
+    def _carry_mismatch(self, spec: Spec, seq: int, timeout: float) -> None:
+        """Every rank, once the frame's header disagreed: full fingerprints exchanged, the error raised."""
+        fp = Fingerprint(seq, spec.op, self.group, spec.shapes, spec.dtype, spec.extra, self._grank, None, spec.base)
+        checks.raise_mismatch(self.backend, fp, timeout)
+
+    def _carry_timeout(self, spec: Spec, seq: int, timeout: float, exc: Exception) -> CollectiveTimeoutError:
+        fp = Fingerprint(seq, spec.op, self.group, spec.shapes, spec.dtype, spec.extra, self._grank, None, spec.base)
+        return self._timeout_error(fp, timeout, exc)

@@ -75,7 +75,7 @@ class Frame:
         self.head = self.bytes[: self.used]  # the header words in use
         self._bodies: dict[int, memoryview] = {}
         self._bases: dict[int, tuple[bytes, bytes]] = {}
-        self._seqs: dict[int, tuple[bytes, bytes]] = {}
+        self.seqs: list[tuple[bytes, bytes] | None] = [None] * (1 << bits)  # by the seq's low bits, made once
         self._backend, self._run = backend, None
 
     def runner(self):
@@ -98,9 +98,9 @@ class Frame:
         return s[0] + b[0], s[1] + b[1]
 
     def seq_words(self, seq: int) -> tuple[bytes, bytes]:
-        s = self._seqs.get(seq & self.mask)
+        s = self.seqs[seq & self.mask]
         if s is None:
-            s = self._seqs[seq & self.mask] = _words([(seq & self.mask) + 1], self.world)
+            s = self.seqs[seq & self.mask] = _words([(seq & self.mask) + 1], self.world)
         return s
 
     def base_words(self, base: int) -> tuple[bytes, bytes]:
@@ -128,14 +128,12 @@ class CarriedOp:
     def __call__(self, tensor: torch.Tensor, seq: int, timeout: float) -> bool:
         """Every rank: header and payload in, one allreduce of the frame, and only if the header agrees
         (the same verdict on every rank) the result out into ``tensor``. Returns that verdict."""
-        frame = self.frame
         if tensor.data_ptr() != self.ptr:
-            self.user = operand(tensor)
-            self.body = frame.body(tensor.numel())
-            self.ptr = tensor.data_ptr()
-        if self.run is None:
-            self.run = frame.runner()
-        s = frame.seq_words(seq)
+            self._bind(tensor)
+        frame = self.frame
+        s = frame.seqs[seq & frame.mask]
+        if s is None:
+            s = frame.seq_words(seq)
         head = frame.head
         head[:] = s[0] + self.own
         self.body[:] = self.user
@@ -146,6 +144,26 @@ class CarriedOp:
         if self.avg:  # as the backends' AVG: the sum divided in place
             tensor.div_(frame.world)
         return True
+
+    def plain(self, tensor: torch.Tensor, timeout: float) -> None:
+        """Checks off: the payload alone through the frame's allreduce (the header words are left as they are,
+        so what each rank sums there means nothing)."""
+        if tensor.data_ptr() != self.ptr:
+            self._bind(tensor)
+        self.body[:] = self.user
+        self.run(timeout)
+        self.user[:] = self.body
+        if self.avg:
+            tensor.div_(self.frame.world)
+
+    def _bind(self, tensor: torch.Tensor) -> None:
+        """A new operand (or the first): its bytes, the frame's slice it fills, and the frame's runner (set up
+        at the first call, which is the same op on every rank)."""
+        self.user = operand(tensor)
+        self.body = self.frame.body(tensor.numel())
+        self.ptr = tensor.data_ptr()
+        if self.run is None:
+            self.run = self.frame.runner()
 
 
 def _words(values: list[int], mult: int) -> tuple[bytes, bytes]:

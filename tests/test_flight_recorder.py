@@ -52,3 +52,21 @@ def test_a_dump_lists_children_and_the_report_prints_them():
     finally:
         child.kill()
         child.wait()
+
+
+def test_the_fast_paths_entry_reads_as_a_full_one():
+    """``enter`` (a signature called before: its first site given) records what ``begin`` does, in the
+    same ring, and ends the same way; the null recorder keeps nothing."""
+    rec = flight_recorder.FlightRecorder(2)
+    first = rec.begin(0, "allreduce", "world", ((4,),), "float32")
+    again = rec.enter(1, "allreduce", "world", ((4,),), "float32", first[5])
+    rec.end(first)
+    rec.enter(2, "broadcast", "world", ((3,),), "float32", ("train.py", 7))  # the ring keeps the last 2
+    rec.end(again)
+    got = rec.records()
+    assert [r["seq"] for r in got] == [1, 2] and rec.completed == 2
+    assert got[0]["site"].startswith(__file__) and got[0]["end"] is not None
+    assert got[1]["site"] == "train.py:7" and got[1]["end"] is None and got[0]["bytes"] == 16
+    null = flight_recorder.NullRecorder(1)
+    null.end(null.enter(0, "allreduce", "world", ((4,),), "float32", "x:1"))
+    assert null.records() == []

@@ -234,6 +234,16 @@ def run_conformance(comm, oracle) -> list[str]:
             x.untyped_storage().resize_(4)
     done.append("resizable")
 
+    # one operand again and again, then another of its signature (the carried frame's fast path binds an
+    # operand's bytes once; unchecked communicators ride in the frame too): every result right
+    for op in (ReduceOp.SUM, ReduceOp.AVG):
+        a, b = torch.empty(1024), torch.empty(1024)
+        for x in (a, a, a, b, a):
+            x.copy_(_values(r, 1024, torch.float32))
+            want = sum(_values(i, 1024, torch.float32) for i in range(w)) / (w if op is ReduceOp.AVG else 1)
+            comm.allreduce(x, op)
+            _close(x, want, f"repeated {op} allreduce of one operand")
+
     # zero-size
     z = torch.empty(0, 3)
     comm.allreduce(z)
@@ -334,6 +344,17 @@ def run_mismatches(comm) -> list[str]:
         lambda: comm.allreduce(y, ReduceOp.SUM if r == 0 else ReduceOp.AVG), CollectiveMismatchError, ("op=avg",)
     )
     _close(y, torch.full((5,), float(r + 1)), "operand after a carried SUM/AVG mismatch")
+    # a bound operand on the fast path (it rode in the frame twice) against another op: both sides named,
+    # the operand unchanged
+    z = torch.full((8,), float(r + 1))
+    comm.allreduce(z)
+    comm.allreduce(z)
+    z.fill_(float(r + 1))
+    if r == 0:
+        with_error(lambda: comm.allreduce(z), CollectiveMismatchError, ("allreduce", "broadcast"))
+    else:
+        with_error(lambda: comm.broadcast(z, 0), CollectiveMismatchError, ("allreduce", "broadcast"))
+    _close(z, torch.full((8,), float(r + 1)), "operand after a fast-path carried mismatch")
     # p2p: the receiver names both sides
     if r == 0:
         comm.send(torch.ones(3), 1)
