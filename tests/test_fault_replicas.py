@@ -81,6 +81,8 @@ def test_a_lost_host_resumes_from_peer_memory_and_equals_a_resized_run(tmp_path,
     print(f"{strategy}: resumed from peer memory at step {s} ({done_before - s} step(s) lost), {resumed_after:.1f}s")
     assert done_before - s <= 1, f"{done_before - s} steps lost"
     assert "resumed from /" not in out, "a disk checkpoint was read"
+    # world 1 after the loss: its copies went to its own agent through the shared segment, none on a socket
+    assert re.search(r"peer replicas: [1-9]\d* copies \(0\.0 MiB sent by rank 0\), \d+ waited .*, 0 failed", out), out
     assert re.search(r"round 1: .*lost \S+; world 2 -> 1", err), nodes[0].text()
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["latest", f"step_{steps:06d}"]
 

@@ -4,13 +4,18 @@ stores), off the step's critical path.
 
 What a copy is: the checkpoint writer's safetensors bytes of the shards this rank writes in a disk
 checkpoint (the same write plan, so a copy of every rank tiles the whole state, and the checkpoint
-reader reshards it to any world size), its xxh3 checksum, and a JSON record (pieces, this rank's
-RNG; on rank 0 also the trainer's state and layout). Nothing is pickled.
+reader reshards it to any world size), its end-to-end tag (:mod:`disttrain.fault.tag`: one keyed
+pass, which is also its checksum), and a JSON record (pieces, this rank's RNG, the tag; on rank 0
+also the trainer's state and layout). Nothing is pickled.
 
 Per copy, on each rank: at the step end the training thread records the shards (no copy, no
-collective) and starts one background thread, which copies them into a reused host buffer (the
-snapshot; the next optimizer step waits for it, so the copy is exactly the state at that step), then
-hashes and sends them. The record goes last: a copy without its record is incomplete and never used.
+collective) and starts one background thread, which copies them into host memory (the snapshot;
+the next optimizer step waits for it, so the copy is exactly the state at that step), tags them
+once and hands them out. The own host's agent gets them without the network: the snapshot is taken
+straight into a new file of that agent's private directory (``launcher.replica_store``), which the
+agent adopts (maps, holds, unlinks); other hosts get bulk frames that neither side hashes (the
+reader checks the tag before use). The record goes last: a copy without its record is incomplete
+and never used.
 If the previous copy is still being sent at the next copy step, the step waits for it (at most one
 copy is behind, so a loss costs at most the step in flight; a copy slower than ``every`` steps shows
 as step time: raise ``every``). A failed send is logged and the next copy retries; training never
@@ -25,19 +30,21 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
+import secrets
 import threading
 import time
 
 import torch
 
-from launcher import connect_replica, replica_addresses_from_env
+from launcher import connect_replica, replica_addresses_from_env, replica_tag_key, shm_dir_from_env
 
-from ..checkpoint import checksum
 from ..checkpoint import state as state_mod
 from ..checkpoint.checkpointer import plan_writes, shard_signature
 from ..checkpoint.writer import RankWrite, aligned_empty
 from ..observe.callbacks import Callback
+from . import tag as tag_mod
 
 log = logging.getLogger(__name__)
 CHUNK = 16 << 20  # bytes per value (the replica store refuses values over 32 MiB)
@@ -83,6 +90,8 @@ class PeerReplicas(Callback):
         self._staging: torch.Tensor | None = None
         self._copy: _Copy | None = None
         self._held: dict[int, list[int]] = {}  # target node -> complete steps it holds of this rank
+        self.shm_dir = shm_dir_from_env() if self.active else None  # own agent's directory (host-local copy)
+        self._tag_key: bytes | None = None
         self.sent = self.waits = self.failed = 0
         self.sent_bytes = 0
         self.stall_s = 0.0  # time the training thread spent here (recording shards, waiting for a snapshot)
@@ -91,6 +100,7 @@ class PeerReplicas(Callback):
     def on_train_start(self, trainer) -> None:
         if self.active:
             self._group = self.comm.new_group(list(range(self.world)))
+            self._tag_key = replica_tag_key()
 
     def on_step_end(self, trainer) -> None:
         if not self.active or trainer.step % self.every or trainer.step >= trainer.cfg.train.steps:
@@ -119,7 +129,7 @@ class PeerReplicas(Callback):
             shared["layout"] = {"strategy": par.strategy, "class": type(trainer.strategy).__name__}
         record = {"world": self.world, "local": {"rng": state_mod.capture_rng()}, "shared": shared}
         padded = -(-job.size // 4096) * 4096
-        if self._staging is None or self._staging.numel() < padded:
+        if not self.shm_dir and (self._staging is None or self._staging.numel() < padded):
             self._staging = None
             self._staging = aligned_empty(padded)
         self._copy = copy = _Copy(job, record)
@@ -154,22 +164,52 @@ class PeerReplicas(Callback):
         self._clients.clear()
 
     # -- the background thread -------------------------------------------------------------
-    def _send(self, copy: _Copy, staging: torch.Tensor) -> None:
+    def _new_segment(self, size: int) -> tuple[str, torch.Tensor]:
+        """A new file of ``size`` bytes in the own agent's private directory, mapped with its pages
+        populated (the snapshot into it is a plain memcpy). Ours: created exclusively, never followed.
+        Made at the snapshot, not ahead: a host killed between its creation and the agent's adoption
+        (which removes the name) is the only way one is left in the directory."""
+        name = f"r{self.rank}-{os.getpid()}-{secrets.token_hex(8)}"
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(os.path.join(self.shm_dir, name), flags, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            buf = torch.frombuffer(mmap.mmap(fd, size, mmap.MAP_SHARED | mmap.MAP_POPULATE), dtype=torch.uint8)
+        finally:
+            os.close(fd)
+        return name, buf
+
+    def _drop_segment(self, name: str) -> None:
+        try:  # ours, not adopted (an adopted one has no name any more)
+            os.unlink(os.path.join(self.shm_dir, name))
+        except FileNotFoundError:
+            pass
+
+    def _send(self, copy: _Copy, staging: torch.Tensor | None) -> None:
         job = copy.job
+        name = None
         try:
             try:
+                if self.shm_dir:  # the snapshot goes straight into the own agent's segment
+                    name, staging = self._new_segment(job.size)
                 job.stage(staging)
             finally:
                 copy.snapshot.set()
             data = memoryview(staging[: job.size].numpy())
-            job.checksum = checksum.digest(data)
+            tag = tag_mod.sign(self._tag_key, self.rank, job.step, data)  # one pass: checksum and origin
+            job.checksum = tag["tag"]
             rec = job.record(copy.record["local"])
-            rec.update(world=copy.record["world"], shared=copy.record["shared"], chunks=-(-job.size // CHUNK))
+            chunks = -(-job.size // CHUNK)
+            rec.update(world=copy.record["world"], shared=copy.record["shared"], chunks=chunks, tag=tag)
             raw_rec = json.dumps(rec, separators=(",", ":")).encode()
             t0 = time.perf_counter()
             for node in targets(self.node, len(self.addresses), self.replicas):
                 try:
-                    self._send_to(node, job.step, data, raw_rec)
+                    if node == self.node and name is not None:
+                        self._adopt_by(node, job.step, name, chunks, raw_rec)
+                        name = None
+                    else:
+                        self._send_to(node, job.step, data, raw_rec)
                 except Exception as exc:  # this holder misses this copy; the next one retries
                     self.failed += 1
                     self._clients.pop(node, None)
@@ -187,16 +227,33 @@ class PeerReplicas(Callback):
             self.failed += 1
             log.warning("rank %s: the replica of step %d failed: %s", self.comm.env.where, job.step, exc)
         finally:
+            if name is not None:
+                self._drop_segment(name)
             copy.snapshot.set()
             copy.done.set()
 
-    def _send_to(self, node: int, step: int, data: memoryview, raw_rec: bytes) -> None:
+    def _client(self, node: int):
         client = self._clients.get(node)
         if client is None:
             client = self._clients[node] = connect_replica(self.addresses[node], timeout=self.comm.timeout)
-        r = self.rank
+        return client
+
+    def _adopt_by(self, node: int, step: int, name: str, chunks: int, raw_rec: bytes) -> None:
+        """The own agent maps the segment ``name`` as this copy's chunks (no bytes on a socket)."""
+        client = self._client(node)
+        client.adopt(name, CHUNK, [chunk_key(self.rank, step, i) for i in range(chunks)])
+        self._commit(client, node, step, raw_rec, chunks)
+
+    def _send_to(self, node: int, step: int, data: memoryview, raw_rec: bytes) -> None:
+        client = self._client(node)
         for i, off in enumerate(range(0, max(len(data), 1), CHUNK)):
-            client.set(chunk_key(r, step, i), data[off : off + CHUNK])
+            client.set_bulk(chunk_key(self.rank, step, i), data[off : off + CHUNK])
+        self._commit(client, node, step, raw_rec, -(-len(data) // CHUNK) or 1)
+        self.sent_bytes += len(data)
+
+    def _commit(self, client, node: int, step: int, raw_rec: bytes, chunks: int) -> None:
+        """The record (the copy is complete), the holder's list of complete steps, then the oldest dropped."""
+        r = self.rank
         client.set(record_key(r, step), raw_rec)  # last: the copy is complete
         held = [s for s in self._held.get(node, []) if s != step] + [step]
         keep, drop = held[-KEEP:], held[:-KEEP]
@@ -204,6 +261,5 @@ class PeerReplicas(Callback):
         self._held[node] = keep
         for s in drop:
             client.delete_key(record_key(r, s))  # first: a copy without its record is never used
-            for i in range(-(-len(data) // CHUNK) or 1):
+            for i in range(chunks):
                 client.delete_key(chunk_key(r, s, i))
-        self.sent_bytes += len(data)
