@@ -28,6 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks._common import print_table, write_json  # noqa: E402
@@ -48,17 +49,17 @@ def main() -> None:
     server = ReplicaStore(secret, "127.0.0.1", max_bytes=1 << 30, job="bench").start()
     c = StoreClient(server.address, secret, timeout=30, prefix="", job="bench")
     key = os.urandom(32)
-    state = torch.randn(n // 4)  # the "model": what a snapshot copies
+    state = torch.randn(n // 4).view(torch.uint8).numpy()  # the "model": what a snapshot copies (as stage does)
     staging = torch.empty(n, dtype=torch.uint8)
 
     def before() -> None:
-        staging.copy_(state.view(torch.uint8))
+        np.copyto(staging.numpy(), state)
         data = memoryview(staging.numpy())
         checksum.digest(data)
         c.set("c/0/1/d/0", data)
 
     def remote() -> None:
-        staging.copy_(state.view(torch.uint8))
+        np.copyto(staging.numpy(), state)
         data = memoryview(staging.numpy())
         tag.sign(key, 0, 1, data)
         c.set_bulk("c/0/1/d/0", data)
@@ -69,7 +70,7 @@ def main() -> None:
         os.ftruncate(fd, n)
         buf = torch.frombuffer(mmap.mmap(fd, n, mmap.MAP_SHARED | mmap.MAP_POPULATE), dtype=torch.uint8)
         os.close(fd)
-        buf.copy_(state.view(torch.uint8))
+        np.copyto(buf.numpy(), state)
         tag.sign(key, 0, 1, memoryview(buf.numpy()))
         c.adopt(name, n, ["c/0/2/d/0"])
 
