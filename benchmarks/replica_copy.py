@@ -9,8 +9,10 @@ Rows, alternated in turns in the same run (the peer first):
   ``StoreClient.set`` of the bytes (HMAC-SHA256 on both sides, the bytes copied on both sides);
 * ``tag + set_bulk (remote)``: the end-to-end tag once (``disttrain.fault.tag``) and a bulk frame
   (no hash on either side, no user-space copy);
-* ``segment + adopt (own host)``: a new file in the agent's private directory, the snapshot memcpy
-  into it, the tag, and the agent's adoption (no bytes on a socket).
+* ``new segment + adopt (own host)``: a new file in the agent's private directory, the snapshot
+  memcpy into it, the tag, and the agent's adoption (no bytes on a socket);
+* ``reused segment + adopt (own host)``: the same into a file written before (what a rank does: it
+  rotates ``KEEP + 1`` files), so no fresh pages.
 
 A copy goes to the own agent and ``replicas`` other hosts, so before: (1 + replicas) x row 1; now
 row 3 + replicas x (row 2 - its tag).
@@ -74,7 +76,29 @@ def main() -> None:
         tag.sign(key, 0, 1, memoryview(buf.numpy()))
         c.adopt(name, n, ["c/0/2/d/0"])
 
-    rows = {"set (before)": before, "tag + set_bulk (remote)": remote, "segment + adopt (own host)": own_host}
+    reused: list = []
+
+    def own_host_reused() -> None:
+        if not reused:  # one file, rewritten each time (the replica rotates KEEP + 1 of them)
+            name = f"seg-{secrets.token_hex(8)}"
+            fd = os.open(os.path.join(server.shm_dir, name), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            os.ftruncate(fd, n)
+            reused[:] = [
+                name,
+                torch.frombuffer(mmap.mmap(fd, n, mmap.MAP_SHARED | mmap.MAP_POPULATE), dtype=torch.uint8),
+            ]
+            os.close(fd)
+        name, buf = reused
+        np.copyto(buf.numpy(), state)
+        tag.sign(key, 0, 1, memoryview(buf.numpy()))
+        c.adopt(name, n, ["c/0/3/d/0"])
+
+    rows = {
+        "set (before)": before,
+        "tag + set_bulk (remote)": remote,
+        "new segment + adopt (own host)": own_host,
+        "reused segment + adopt (own host)": own_host_reused,
+    }
     cpu: dict[str, list[float]] = {k: [] for k in rows}
     wall: dict[str, list[float]] = {k: [] for k in rows}
     for f in rows.values():  # warm up
