@@ -56,7 +56,7 @@ from . import tag as tag_mod
 log = logging.getLogger(__name__)
 CHUNK = 16 << 20  # bytes per value (the replica store refuses values over 32 MiB)
 KEEP = 2  # complete copies a holder keeps per rank
-AUTO_WARM, AUTO_COPIES = 5, 3  # every=auto: steps timed without copies, then copies timed (one per step)
+AUTO_WARM, AUTO_COPIES = 6, 5  # every=auto: steps timed without copies, then with a copy each
 
 
 def targets(node: int, nodes: int, replicas: int) -> list[int]:
@@ -106,7 +106,7 @@ class PeerReplicas(Callback):
         self._first_step: int | None = None  # this process's first copy
         self.pruned_bytes: int | None = None
         self._step_ends: list[float] = []  # every=auto: step-end times before any copy
-        self._copy_cpu: list[float] = []  # every=auto: CPU seconds of each timed copy's thread
+        self._copy_ends: list[float] = []  # every=auto: step-end times while copying at every step
         self.sent = self.waits = self.failed = 0
         self.sent_bytes = 0
         self.stall_s = 0.0  # time the training thread spent here (recording shards, waiting for a snapshot)
@@ -155,33 +155,37 @@ class PeerReplicas(Callback):
         threading.Thread(target=self._send, args=(copy, self._staging), daemon=True, name="replica").start()
 
     def _auto_copy(self, step: int) -> bool:
-        """every=auto: no copies for ``AUTO_WARM`` steps (timed), then ``AUTO_COPIES`` copies (one a
-        step, their thread's CPU and the training thread's waits timed), then :meth:`_choose_every`."""
+        """every=auto: ``AUTO_WARM`` steps without copies, then ``AUTO_COPIES`` steps with a copy each,
+        their step-end times kept; then :meth:`_choose_every`. Counted in calls, so every rank agrees."""
+        now = time.perf_counter()
         if len(self._step_ends) < AUTO_WARM:
-            self._step_ends.append(time.perf_counter())
+            self._step_ends.append(now)
             return False
-        if len(self._copy_cpu) + (self._copy is not None and not self._copy.done.is_set()) < AUTO_COPIES:
+        self._copy_ends.append(now)
+        if len(self._copy_ends) <= AUTO_COPIES:
             return True
         self._choose_every(step)
         return True
 
     def _choose_every(self, step: int) -> None:
-        """All ranks at the same step: the smallest k for which a copy's cost (its thread's CPU, which
-        competes with training for the cores, plus the training thread's waits) over k steps stays
-        under ``target`` of a step; the largest k of any rank wins (copies must be at the same steps)."""
+        """All ranks at the same step: the cost of a copy is what it added to a step (median step with a
+        copy each minus median step without: that counts its CPU, its waits and whatever it contends
+        for); k is the smallest with cost / (k x step) under ``target``; the largest k of any rank wins
+        (copies must be at the same steps). Measured once per process, over a few steps: noisy."""
         from collectives.objects import allgather_bytes
 
-        if self._copy is not None:
-            self._copy.done.wait(self.comm.timeout)
-        ends = self._step_ends
-        step_s = sorted(b - a for a, b in zip(ends, ends[1:]))[(len(ends) - 1) // 2]
-        cost_s = sorted(self._copy_cpu)[len(self._copy_cpu) // 2] + self.stall_s / max(len(self._copy_cpu), 1)
+        def median_interval(ends: list[float]) -> float:
+            gaps = sorted(b - a for a, b in zip(ends, ends[1:]))
+            return gaps[(len(gaps) - 1) // 2]
+
+        step_s = median_interval(self._step_ends)
+        cost_s = max(0.0, median_interval(self._copy_ends) - step_s)
         k = max(1, math.ceil(cost_s / (self.target * max(step_s, 1e-6))))
         k = max(int(b) for b in allgather_bytes(self._group, str(k).encode()))
         self.auto, self.every = False, k
         msg = (
-            f"fault_tolerance.every=auto: a copy costs {cost_s * 1e3:.1f} ms (rank {self.rank}), a step "
-            f"{step_s * 1e3:.1f} ms: copies every {k} step(s) from step {step} (about "
+            f"fault_tolerance.every=auto: a copy adds {cost_s * 1e3:.1f} ms to a {step_s * 1e3:.1f} ms step "
+            f"(rank {self.rank}): copies every {k} step(s) from step {step} (about "
             f"{cost_s / (k * step_s) * 100:.1f}% of step time here; a lost host costs up to {k} step(s))"
         )
         log.info("rank %s: %s", self.comm.env.where, msg)
@@ -257,7 +261,6 @@ class PeerReplicas(Callback):
     def _send(self, copy: _Copy, staging: torch.Tensor | None) -> None:
         job = copy.job
         name = None
-        cpu0 = time.thread_time()
         try:
             try:
                 if self.shm_dir:  # the snapshot goes straight into the own agent's segment
@@ -299,8 +302,6 @@ class PeerReplicas(Callback):
             self.failed += 1
             log.warning("rank %s: the replica of step %d failed: %s", self.comm.env.where, job.step, exc)
         finally:
-            if self.auto:
-                self._copy_cpu.append(time.thread_time() - cpu0)
             copy.snapshot.set()
             copy.done.set()
 
