@@ -301,6 +301,9 @@ def main() -> None:
     import tempfile
 
     rows, peers = [], []
+    import glob
+
+    shm_before = set(glob.glob("/dev/shm/disttrain-replicas-*"))  # killed agents leave theirs: removed at the end
     with tempfile.TemporaryDirectory(prefix="ft-bench-") as tmp:
         for strategy in ns.strategies.split(","):
             pair = [
@@ -316,6 +319,8 @@ def main() -> None:
             rows += pair
             if not ns.no_peer:
                 peers.append(run_fixed(os.path.join(tmp, "fixed"), strategy, ns.steps, ns.every, ns.kill_at))
+    for d in set(glob.glob("/dev/shm/disttrain-replicas-*")) - shm_before:
+        shutil.rmtree(d, ignore_errors=True)
     for r in rows:
         r.pop("run_dir"), r.pop("config")
     print_table(
