@@ -112,7 +112,9 @@ def _dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
-def _config(tmp: str, name: str, strategy: str, steps: int, every: int, replicas: int, recover: str = "restart") -> str:
+def _config(
+    tmp: str, name: str, strategy: str, steps: int, every: int, replicas: int | str, recover: str = "restart"
+) -> str:
     from disttrain import config as config_mod
 
     overrides = [
@@ -144,7 +146,7 @@ def _resumed(m: re.Match) -> tuple[int, int, int]:
 
 
 def run_elastic(
-    tmp: str, strategy: str, steps: int, every: int, kill_at: int, replicas: int, warm: int, recover: str
+    tmp: str, strategy: str, steps: int, every: int, kill_at: int, replicas: int | str, warm: int, recover: str
 ) -> dict:
     name = f"{strategy}-{'memory' if replicas else 'disk'}-{recover}"
     config = _config(tmp, name, strategy, steps, every, replicas, recover)
@@ -200,10 +202,10 @@ def _step_times(node: Node, first: int) -> list[float]:
     return [at[k] - at[k - 1] for k in sorted(at) if k > first and k - 1 in at]
 
 
-def steady_overhead(tmp: str, strategy: str, every: int, replica_every: int, rounds: int, steps: int) -> dict:
+def steady_overhead(tmp: str, strategy: str, every: int, replica_every: int | str, rounds: int, steps: int) -> dict:
     """Step time with replicas off and on, alternated (off, on, off, on, ...) on the same two
     namespaces so that load from elsewhere hits both alike; medians of the step intervals."""
-    times: dict[int, list[float]] = {0: [], replica_every: []}
+    times: dict[int | str, list[float]] = {0: [], replica_every: []}
     with net_hosts(2, sshd=False) as hosts:
         for r in range(rounds):
             for rep in (0, replica_every):
@@ -289,7 +291,12 @@ def main() -> None:
     p.add_argument("--strategies", default="ddp,zero3")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--every", type=int, default=10, help="steps between disk checkpoints")
-    p.add_argument("--replica-every", type=int, default=1, help="fault_tolerance.every of the memory rows")
+    p.add_argument(
+        "--replica-every",
+        type=lambda v: v if v == "auto" else int(v),
+        default=1,
+        help="fault_tolerance.every of the memory rows (a step count or auto)",
+    )
     p.add_argument("--kill-at", type=int, default=25, help="SIGKILL host 1 once host 0 logged this step")
     p.add_argument("--warm", type=int, default=5, help="step time is measured from this step to --kill-at")
     p.add_argument("--heartbeat-timeout", type=float, default=5.0, help="disttrain launch --heartbeat-timeout")
@@ -305,6 +312,9 @@ def main() -> None:
     import tempfile
 
     rows, peers = [], []
+    import glob
+
+    shm_before = set(glob.glob("/dev/shm/disttrain-replicas-*"))  # killed agents leave theirs: removed at the end
     with tempfile.TemporaryDirectory(prefix="ft-bench-") as tmp:
         for strategy in ns.strategies.split(","):
             kinds = [(0, "restart"), (ns.replica_every, "restart"), (ns.replica_every, "in_place")]
@@ -324,6 +334,8 @@ def main() -> None:
             rows += trio
             if not ns.no_peer:
                 peers.append(run_fixed(os.path.join(tmp, "fixed"), strategy, ns.steps, ns.every, ns.kill_at))
+    for d in set(glob.glob("/dev/shm/disttrain-replicas-*")) - shm_before:
+        shutil.rmtree(d, ignore_errors=True)
     for r in rows:
         r.pop("run_dir"), r.pop("config")
     print_table(

@@ -34,6 +34,8 @@ _EXPORTS = {
     "launch_main": "cli:main",
     "AuthStore": "torch_store",
     "connect_replica": "replica_store",
+    "replica_tag_key": "replica_store",
+    "shm_dir_from_env": "replica_store",
     "replica_addresses_from_env": "replica_store",
     # recovery in place: the worker's side (launcher.inplace)
     "RoundWatch": "inplace",

@@ -34,6 +34,7 @@ from .membership import HEARTBEAT_TIMEOUT, Heartbeat, NodesRange, Transition, fo
 from .rendezvous import Rendezvous, RoundState, wait_exited
 from .replica_store import DEFAULT_MAX_BYTES, ReplicaStore, round_env, start_replica_store
 from .replica_store import ENV as REPLICA_ENV
+from .replica_store import SHM_ENV as REPLICA_SHM_ENV
 from .report import Failure, format_report, root_cause
 from .ssh import is_local
 from .store import StoreClient, StoreError, StoreServer, check_secret, new_secret
@@ -166,6 +167,8 @@ class LocalAgent:
             )
             if self._replica_env:
                 env[REPLICA_ENV] = self._replica_env
+            if self._replicas is not None:  # host-local copies skip the network (launcher.replica_store)
+                env[REPLICA_SHM_ENV] = self._replicas.shm_dir
             if self.hang_timeout > 0:  # the workers' flight recorders beat and dump here (launcher.hang)
                 env["DISTTRAIN_TRACE_DIR"] = os.path.join(self._error_dir, f"attempt{attempt}", "trace")
             out.append((rank, env))

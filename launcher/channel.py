@@ -27,6 +27,13 @@ to be guessable are refused (:func:`check_secret`). Both sides then derive a ses
 so a frame injected into a connection (no key), replayed or reordered within it (wrong
 sequence), or copied from another connection or direction (other key or label) is refused
 and the connection closed. The channel is authenticated, not encrypted.
+
+Bulk frames (:meth:`Channel.send_bulk`, accepted only where the receiver names the code in
+``bulk``): the last field's *bytes* are left out of the MAC (its length is in it), so a peer
+can move a large blob without both sides hashing it. Only for blobs that carry their own
+end-to-end tag, verified by whoever uses them (peer replicas: ``disttrain.fault.tag``); an
+on-path change of those bytes is caught there, before use, and everything else in the
+frame (code, key, length, sequence) is still covered here.
 """
 
 from __future__ import annotations
@@ -207,21 +214,38 @@ def _parts(code: int, fields: list[bytes]) -> list[bytes]:
     return parts
 
 
+def _sendall(sock: socket.socket, parts: list) -> None:
+    """Send ``parts`` in order with ``sendmsg`` (no join: a large field is never copied in user space)."""
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    while views:
+        n = sock.sendmsg(views[:64])
+        while n:
+            if n >= len(views[0]):
+                n -= len(views.pop(0))
+            else:
+                views[0], n = views[0][n:], 0
+
+
 def pack(code: int, fields: list[bytes]) -> bytes:
     return b"".join(_parts(code, fields))
 
 
-def unpack_fields(body) -> list[bytes]:
-    fields, i = [], 0
+def _field_spans(body) -> list[tuple[int, int]]:
+    """(start, stop) of each field's bytes in ``body``; ValueError when a length runs past it."""
+    spans, i = [], 0
     while i < len(body):
         if i + 4 > len(body):
             raise ValueError("truncated field")
         (n,) = _U32.unpack_from(body, i)
         if i + 4 + n > len(body):
             raise ValueError("truncated field")
-        fields.append(bytes(body[i + 4 : i + 4 + n]))
+        spans.append((i + 4, i + 4 + n))
         i += 4 + n
-    return fields
+    return spans
+
+
+def unpack_fields(body) -> list[bytes]:
+    return [bytes(body[a:b]) for a, b in _field_spans(body)]
 
 
 class Channel:
@@ -235,21 +259,35 @@ class Channel:
         self._out, self._in = (b"dt-c2s", b"dt-s2c") if client else (b"dt-s2c", b"dt-c2s")
         self._sent = self._received = 0
 
-    def send(self, code: int, fields: list[bytes]) -> None:
+    def send(self, code: int, fields: list) -> None:
         parts = _parts(code, fields)
         parts.append(_mac(self._key, self._out, _SEQ.pack(self._sent), *parts))
         self._sent += 1
-        self.sock.sendall(b"".join(parts))
+        _sendall(self.sock, parts)
 
-    def recv(self) -> tuple[int, list[bytes]]:
-        """One frame; ValueError for a malformed one, StoreAuthError for a bad MAC, ConnectionError on EOF."""
+    def send_bulk(self, code: int, fields: list, bulk) -> None:
+        """A frame whose last field is ``bulk``, its bytes outside the MAC (module docstring): only
+        for a ``code`` the receiver accepts as bulk, and a blob its user verifies by its own tag."""
+        parts = _parts(code, [*fields, bulk])
+        parts.append(_mac(self._key, self._out, _SEQ.pack(self._sent), *parts[:-1]))
+        self._sent += 1
+        _sendall(self.sock, parts)
+
+    def recv(self, bulk: frozenset[int] = frozenset()) -> tuple[int, list]:
+        """One frame; ValueError for a malformed one, StoreAuthError for a bad MAC, ConnectionError on EOF.
+        A frame whose code is in ``bulk`` was sent by :meth:`send_bulk`: its last field comes back as a
+        memoryview (no copy) whose bytes the MAC did not cover."""
         head = recv_exact(self.sock, _HEAD.size)
         length, code = _HEAD.unpack(head)
         if not 1 <= length <= MAX_FRAME:
             raise ValueError(f"frame of {length} bytes")
         rest = memoryview(recv_exact(self.sock, length - 1 + MAC))
         body, mac = rest[:-MAC], bytes(rest[-MAC:])
-        if not hmac.compare_digest(mac, _mac(self._key, self._in, _SEQ.pack(self._received), head, body)):
+        spans = _field_spans(body)
+        covered = body[: spans[-1][0]] if code in bulk and spans else body
+        if not hmac.compare_digest(mac, _mac(self._key, self._in, _SEQ.pack(self._received), head, covered)):
             raise StoreAuthError(f"frame {self._received} failed its MAC (injected, replayed or corrupted)")
         self._received += 1
-        return code, unpack_fields(body)
+        if code in bulk and spans:
+            return code, [bytes(body[a:b]) for a, b in spans[:-1]] + [body[spans[-1][0] : spans[-1][1]]]
+        return code, [bytes(body[a:b]) for a, b in spans]

@@ -13,6 +13,17 @@ address this host uses to reach the job's store (never all interfaces); one valu
 is refused, and the agent's memory stays bounded. Nothing in it is ever unpickled or evaluated:
 values are the checkpoint writer's safetensors bytes and JSON records.
 
+The own host's copy skips the network (:meth:`ReplicaStore.adopt`): the store makes a private
+directory (``mkdtemp``: 0700, an unpredictable name, in ``/dev/shm`` when there is one) and hands it
+to its workers in ``SHM_ENV``; a worker writes its snapshot straight into a new file there and asks
+the store (over the authenticated channel) to adopt it: the store opens it without following links,
+checks it is a regular file of this user with one link and a size within the caps, maps it
+read-only and holds its pages as the copy's values. The worker reuses a file once the copy in it
+was dropped (no fresh pages per copy), removes its files when it ends, and the store removes what
+is left with the directory when it closes. Another local user cannot
+list, read, write or plant anything in that directory; no MAC is computed for this copy (the
+reader still checks the copy's end-to-end tag).
+
 Who calls what: the agent calls :func:`start_replica_store` once (before joining the rendezvous,
 so the address is in the job store when a round starts) and passes the round's addresses to its
 workers in ``DISTTRAIN_REPLICA_STORES`` (members' order, which is the node order of ranks);
@@ -24,14 +35,20 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import mmap
 import os
+import re
 import socket
+import stat
+import tempfile
 
-from .store import StoreServer
-from .store_client import StoreClient
+from .store import StoreServer, _Refused
+from .store_client import ADOPT, OK, PRUNE, SET_BULK, StoreClient
 
 log = logging.getLogger(__name__)
 
+SHM_ENV = "DISTTRAIN_REPLICA_SHM"  # the own agent's private directory for host-local copies
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 ENV = "DISTTRAIN_REPLICA_STORES"  # "JOB;host:port,host:port,...": the job id bound, one store per node of the round
 ADDRESS_KEY = "agent/replica/{node}"  # in the job store: each agent's replica store address
 JOB_KEY = "agent/replica/job"  # the job id the stores' secret is bound to (the first agent's; nodes of a
@@ -46,12 +63,87 @@ def replica_secret(job_secret: str, job_id: str) -> str:
 
 
 class ReplicaStore(StoreServer):
-    """One agent's store of its peers' copies. Bounded: ``max_bytes`` in all, ``MAX_VALUE`` a value."""
+    """One agent's store of its peers' copies. Bounded: ``max_bytes`` in all, ``MAX_VALUE`` a value.
+
+    Copies arrive as bulk frames (``launcher.channel``): the holder neither hashes nor copies their
+    bytes; each copy carries the writer's end-to-end tag in its record, and its reader checks it
+    before use (``disttrain.fault.tag``), so bytes changed on the way are refused there."""
+
+    bulk_codes = frozenset({SET_BULK})
 
     def __init__(self, secret: str, host: str, *, max_bytes: int = DEFAULT_MAX_BYTES, job: str = ""):
         super().__init__(secret, host, 0, job=job)  # the job id is in the handshake too (launcher.channel)
         self.max_value, self.max_total = MAX_VALUE, max_bytes
         self.job_id = job
+        base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        self.shm_dir = tempfile.mkdtemp(prefix="disttrain-replicas-", dir=base)  # 0700, ours
+
+    def close(self) -> None:
+        super().close()
+        self._remove_shm_dir()
+
+    def _remove_shm_dir(self) -> None:
+        """The private directory and what our workers left in it (regular files of this user only)."""
+        try:
+            fd = os.open(self.shm_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            return
+        try:
+            for name in os.listdir(fd):
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid():
+                    os.unlink(name, dir_fd=fd)
+        finally:
+            os.close(fd)
+        try:
+            os.rmdir(self.shm_dir)
+        except OSError as exc:
+            log.warning("replica store: could not remove %s: %s", self.shm_dir, exc)
+
+    def adopt(self, name: str, chunk: int, keys: list[str]) -> None:
+        """Hold the segment ``name`` of the private directory as ``keys`` (``chunk`` bytes each): a
+        mapping of its pages, which outlives the name (the writer may remove it, or rewrite the file
+        for a later copy once this one's keys are dropped).
+        Refused (and nothing held) unless it is a regular file of this user with one link whose size
+        needs exactly ``len(keys)`` chunks within the caps."""
+        if not _NAME.fullmatch(name):
+            raise _Refused(f"segment name {name[:40]!r} is not a plain file name")
+        dfd = os.open(self.shm_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+        except OSError as exc:
+            os.close(dfd)
+            raise _Refused(f"segment {name!r}: {exc.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            size = st.st_size
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_nlink != 1:
+                raise _Refused(f"segment {name!r} is not a regular file of this user with one link")
+            if not 0 < chunk <= self.value_cap or len(keys) != max(1, -(-size // chunk)):
+                raise _Refused(f"segment {name!r}: {size} bytes do not make {len(keys)} chunks of {chunk}")
+            view = memoryview(mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)) if size else memoryview(b"")
+            with self.cond:
+                if self.nbytes + size + sum(map(len, keys)) > self.total_cap:
+                    raise _Refused(f"the store holds {self.nbytes} bytes; {name!r} would pass {self.total_cap}")
+                for i, key in enumerate(keys):
+                    self._put(key, view[i * chunk : (i + 1) * chunk])
+                self.cond.notify_all()
+        finally:
+            os.close(fd)
+            os.close(dfd)
+
+    def _handle(self, code: int, f: list[bytes]) -> tuple[int, list[bytes]]:
+        if code == ADOPT:
+            self.adopt(f[0].decode(), int(f[1]), [k.decode() for k in f[2:]])
+            return (OK, [])
+        if code == PRUNE:  # copies no one will read again (a rank of an older, larger world)
+            prefixes = tuple(p.decode() for p in f if p)
+            with self.cond:
+                before = self.nbytes
+                for key in [k for k in self.data if prefixes and k.startswith(prefixes)]:
+                    self._pop(key)
+                return (OK, [str(before - self.nbytes).encode(), str(self.nbytes).encode()])
+        return super()._handle(code, f)
 
 
 def local_address_towards(address: str) -> str:
@@ -82,6 +174,11 @@ def round_env(job_client: StoreClient, job_id: str, members: list[int]) -> str:
     return job_id + ";" + ",".join(job_client.get(ADDRESS_KEY.format(node=n)).decode() for n in members)
 
 
+def shm_dir_from_env() -> str | None:
+    """Worker: its own agent's private directory for host-local copies, or None."""
+    return os.environ.get(SHM_ENV) or None
+
+
 def replica_addresses_from_env() -> list[str] | None:
     """Worker: the round's replica store addresses (index = node of the round), or None when the
     launcher runs none (a single node, another launcher)."""
@@ -89,16 +186,27 @@ def replica_addresses_from_env() -> list[str] | None:
     return [a for a in addrs.split(",") if a] or None
 
 
-def connect_replica(address: str, timeout: float = 60.0) -> StoreClient:
-    """Worker: a client of one replica store, authenticated with the job's derived secret."""
+def _job_secret() -> tuple[str, str]:
     from . import store_client
 
     secret = store_client._secret_taken or os.environ.get(store_client._SECRET_ENV)
-    job_id = os.environ.get(ENV, "").partition(";")[0]
     if not secret:
         raise ConnectionError(
             f"{ENV} is set but the job secret is not\nHINT: start workers with disttrain launch, which passes both"
         )
+    return secret, os.environ.get(ENV, "").partition(";")[0]
+
+
+def replica_tag_key() -> bytes:
+    """Worker: the key of the copies' end-to-end tags (writers and readers of this job hold it; a
+    holder's network peers do not): HMAC of the job id under the job secret, apart from the stores'."""
+    secret, job_id = _job_secret()
+    return hmac.new(secret.encode(), b"disttrain-replica-tag|" + job_id.encode(), hashlib.sha256).digest()
+
+
+def connect_replica(address: str, timeout: float = 60.0) -> StoreClient:
+    """Worker: a client of one replica store, authenticated with the job's derived secret."""
+    secret, job_id = _job_secret()
     return StoreClient(
         address, replica_secret(secret, job_id), timeout=timeout, connect_timeout=timeout, prefix="", job=job_id
     )

@@ -65,6 +65,7 @@ from .store_client import (
     OK,
     PING,
     SET,
+    SET_BULK,
     TIMEOUT,
     WAIT,
     StoreClient,
@@ -144,6 +145,7 @@ class StoreServer:
 
     max_value: int | None = None  # None: the module's MAX_VALUE, read at each request
     max_total: int | None = None  # None: MAX_TOTAL
+    bulk_codes: frozenset[int] = frozenset()  # requests whose last field the channel MAC leaves out (none here)
 
     @property
     def value_cap(self) -> int:
@@ -361,7 +363,7 @@ class StoreServer:
         try:
             while not self._closed:
                 try:
-                    code, fields = chan.recv()
+                    code, fields = chan.recv(self.bulk_codes)
                 except (ConnectionError, OSError):
                     return
                 except StoreAuthError as exc:
@@ -400,7 +402,7 @@ class StoreServer:
 
     def _handle(self, code: int, f: list[bytes]) -> tuple[int, list[bytes]]:
         d, cond = self.data, self.cond
-        if code == SET:
+        if code == SET or (code == SET_BULK and code in self.bulk_codes):
             with cond:
                 self._put(f[0].decode(), f[1])
                 cond.notify_all()

@@ -26,7 +26,9 @@ from .channel import (
 )
 
 # request codes
-SET, GET, ADD, CHECK, WAIT, CAS, DELETE, NUM_KEYS, APPEND, MULTI_GET, MULTI_SET, PING = range(1, 13)
+SET, GET, ADD, CHECK, WAIT, CAS, DELETE, NUM_KEYS, APPEND, MULTI_GET, MULTI_SET, PING, SET_BULK, ADOPT, PRUNE = range(
+    1, 16
+)
 # reply codes
 OK, TIMEOUT, ERROR = 0, 1, 2
 
@@ -35,8 +37,11 @@ class StoreTimeout(StoreError, TimeoutError):
     """A blocking get/wait ran past its timeout."""
 
 
-def _b(x: str | bytes) -> bytes:
-    return x.encode() if isinstance(x, str) else bytes(x)
+def _b(x: str | bytes | memoryview) -> bytes | memoryview:
+    """A field: text encoded, bytes-likes as they are (a large value is never copied here)."""
+    if isinstance(x, str):
+        return x.encode()
+    return memoryview(x).cast("B") if isinstance(x, memoryview) else bytes(x) if not isinstance(x, bytes) else x
 
 
 class StoreClient:
@@ -129,12 +134,15 @@ class StoreClient:
         except OSError:
             pass
 
-    def _call(self, code: int, fields: list[bytes], what: str, wait: float | None = None) -> list[bytes]:
+    def _call(self, code: int, fields: list, what: str, wait: float | None = None, bulk=None) -> list[bytes]:
         with self._lock:
             # Blocking ops get the server-side timeout plus slack; others a generous one.
             self._sock.settimeout((wait if wait is not None else 0) + 60.0)
             try:
-                self._chan.send(code, fields)
+                if bulk is None:
+                    self._chan.send(code, fields)
+                else:
+                    self._chan.send_bulk(code, fields, bulk)
                 status, out = self._chan.recv()
             except (OSError, ValueError, StoreAuthError) as exc:
                 raise StoreError(
@@ -154,6 +162,24 @@ class StoreClient:
 
     def set(self, key: str, value: str | bytes) -> None:
         self._call(SET, [self._k(key), _b(value)], f"set {key!r}")
+
+    def set_bulk(self, key: str, value: bytes | memoryview) -> None:
+        """Set a large ``value`` whose bytes the channel's MAC does not cover (``launcher.channel``):
+        only for stores that accept it (:class:`launcher.replica_store.ReplicaStore`) and values that
+        carry their own end-to-end tag, checked by their reader before use. No copy is made."""
+        self._call(SET_BULK, [self._k(key)], f"set {key!r}", bulk=_b(value))
+
+    def adopt(self, name: str, chunk: int, keys: list[str]) -> None:
+        """Hand the store the host-local segment ``name`` (a file this host's worker wrote in the
+        store's private directory): it maps it, holds it as ``keys`` (``chunk`` bytes each, in order)
+        and removes the name. Only a replica store answers (``launcher.replica_store``)."""
+        self._call(ADOPT, [name.encode(), str(int(chunk)).encode()] + [self._k(k) for k in keys], f"adopt {name!r}")
+
+    def prune(self, prefixes: list[str]) -> tuple[int, int]:
+        """Delete every key that starts with one of ``prefixes``: (bytes freed, bytes still held).
+        Only a replica store answers (``launcher.replica_store``)."""
+        freed, held = self._call(PRUNE, [self._k(p) for p in prefixes], "prune")
+        return int(freed), int(held)
 
     def get(self, key: str, timeout: float | None = None) -> bytes:
         t = self.timeout if timeout is None else timeout

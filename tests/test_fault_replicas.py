@@ -1,6 +1,10 @@
 """Losing a host with peer replicas on (``fault_tolerance.every=1``): network namespaces as hosts,
 each node started torchrun-style with ``--nnodes 1:2`` (tests/test_launcher_elastic.py's harness).
 
+Under ddp, a third host that is not part of the job (no secret) first attacks every port host 0
+listens on (the job store, the replica store): every handshake is refused, host 0's agent logs it
+with the attacker's address, and the job goes on.
+
 A host SIGKILLed (agent and workers) under ddp and zero3: the survivor's new worker resumes from
 the copies in the surviving agent's memory, with no disk checkpoint to read (``checkpoint.every=0``:
 none exists before the end), at most one step lost, and ends where a run that changed to world size 1
@@ -9,6 +13,7 @@ at the same step from a disk checkpoint ends (same global batch).
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shutil
@@ -25,6 +30,26 @@ from tests.test_launcher_elastic import ROOT, _kill_host, _losses, _no_netns, _p
 pytestmark = pytest.mark.skipif(_no_netns() is not None, reason=f"multi-host tests skipped: {_no_netns()}")
 RESUMED = r"resumed from peer memory at step (\d+) \(\d+ bytes\), 0 from disk \(restart 1\)"
 TOL = 1e-5  # parameters; the reference runs the same steps on the same layout in other processes
+ATTACK = """
+import secrets, sys
+from launcher.store import StoreClient, StoreError
+for a in sys.argv[1:]:
+    try:
+        StoreClient(a, secrets.token_hex(32), timeout=2, connect_timeout=2, job="job-x").set("c/0/steps", b"[9]")
+        print("ACCEPTED", a)
+    except StoreError as exc:
+        print("refused", a, type(exc).__name__)
+"""
+
+
+def _attack_from_outside(hosts) -> str:
+    """From host 2 (not in the job, no secret): a store handshake to every TCP port host 0 listens on."""
+    listening = hosts.run(0, ["ss", "-Htln"]).stdout.split()
+    ports = sorted({a.rpartition(":")[2] for a in listening if a.startswith(hosts.addrs[0] + ":")})
+    res = hosts.run(2, [sys.executable, "-c", ATTACK, *(f"{hosts.addrs[0]}:{p}" for p in ports)], cwd=ROOT)
+    assert res.returncode == 0 and "ACCEPTED" not in res.stdout, res.stdout + res.stderr
+    assert res.stdout.count("refused") >= 2, res.stdout  # the job store and the replica store at least
+    return res.stdout
 
 
 def _config(tmp_path, name: str, strategy: str, steps: int, extra: list[str]) -> str:
@@ -44,6 +69,16 @@ def _config(tmp_path, name: str, strategy: str, steps: int, extra: list[str]) ->
     return path
 
 
+@pytest.fixture(autouse=True)
+def _remove_killed_agents_dirs():
+    """A SIGKILLed agent cannot remove its private directory (launcher.replica_store); remove the ones this
+    test's agents made, once they are gone."""
+    before = set(glob.glob("/dev/shm/disttrain-replicas-*"))
+    yield
+    for d in set(glob.glob("/dev/shm/disttrain-replicas-*")) - before:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def _run(yaml: str, nproc: int) -> str:
     res = subprocess.run(
         [sys.executable, "-m", "disttrain.cli", "run", yaml, "--nproc", str(nproc)],
@@ -57,13 +92,16 @@ def _run(yaml: str, nproc: int) -> str:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("strategy", ["ddp", "zero3"])
-def test_a_lost_host_resumes_from_peer_memory_and_equals_a_resized_run(tmp_path, strategy):
+@pytest.mark.parametrize("strategy,every", [("ddp", "1"), ("zero3", "auto")])
+def test_a_lost_host_resumes_from_peer_memory_and_equals_a_resized_run(tmp_path, strategy, every):
     steps = 300
-    run_yaml = _config(tmp_path, "run", strategy, steps, ["checkpoint.every=0", "fault_tolerance.every=1"])
-    with net_hosts(2, sshd=False) as hosts:
+    run_yaml = _config(tmp_path, "run", strategy, steps, ["checkpoint.every=0", f"fault_tolerance.every={every}"])
+    with net_hosts(3 if strategy == "ddp" else 2, sshd=False) as hosts:
         nodes = _start(hosts, "1:2", ["--heartbeat-timeout", "2", "-m", "disttrain.worker", run_yaml])
         try:
+            if strategy == "ddp":
+                nodes[0].wait_for(r"step 5/", 120)
+                _attack_from_outside(hosts)
             nodes[0].wait_for(r"step 2[0-9]/", 120)
             killed = time.monotonic()
             _kill_host(hosts, 1)
@@ -79,9 +117,18 @@ def test_a_lost_host_resumes_from_peer_memory_and_equals_a_resized_run(tmp_path,
     s = int(m.group(1))
     done_before = max(int(x) for x in re.findall(r"\] step (\d+)/", out[: m.start()]))
     print(f"{strategy}: resumed from peer memory at step {s} ({done_before - s} step(s) lost), {resumed_after:.1f}s")
-    assert done_before - s <= 1, f"{done_before - s} steps lost"
+    # every=auto measured and chose k (rank 0 says so): at most k steps are at risk
+    k = int(re.search(r"every=auto: .* copies every (\d+) step", out).group(1)) if every == "auto" else 1
+    assert done_before - s <= k, f"{done_before - s} steps lost, copies every {k}"
     assert "resumed from /" not in out, "a disk checkpoint was read"
+    # world 1 after the loss: its copies went to its own agent through the shared segment, none on a socket
+    # the copies of rank 1 (world 2) are freed once world 1 has a complete copy; the holder says how many bytes
+    freed = re.search(r"freed (\d+) bytes of copies of ranks 1\.\.1 \(world 2 -> 1\) at step (\d+)", out)
+    assert freed and int(freed.group(1)) > 0 and int(freed.group(2)) > s, out
+    assert re.search(r"peer replicas: [1-9]\d* copies \(0\.0 MiB sent by rank 0\), \d+ waited .*, 0 failed", out), out
     assert re.search(r"round 1: .*lost \S+; world 2 -> 1", err), nodes[0].text()
+    if strategy == "ddp":  # the attack was refused and logged with its address; the job went on
+        assert f"rejected connection from {hosts.addrs[2]}" in err, err[-3000:]
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["latest", f"step_{steps:06d}"]
 
     # The reference: two processes save at step s, one process resumes from that disk checkpoint.

@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 
+import numpy as np
 import torch
 
 from .. import rundir
@@ -138,7 +139,11 @@ class RankWrite:
             dst = staging[e.start : e.stop].view(s.tensor.dtype)
             src = s.tensor.detach().reshape(-1)
             cuda |= src.is_cuda
-            dst.copy_(src, non_blocking=src.is_cuda)
+            if src.is_cuda:
+                dst.copy_(src, non_blocking=True)
+            elif src.numel():  # one plain memcpy: torch's intra-op parallel copy, called from a background
+                # thread, would start its own thread team and fight the training thread for the cores
+                np.copyto(dst.view(torch.uint8).numpy(), src.contiguous().view(torch.uint8).numpy())
         if cuda:
             torch.cuda.synchronize()
         staging[self.size : -(-self.size // ALIGN) * ALIGN].zero_()

@@ -43,4 +43,4 @@ def maybe_build_fault_tolerance(cfg, comm, checkpointer) -> PeerReplicas | None:
         )
         return None
     checkpointer.peers = peers
-    return PeerReplicas(cfg.every, cfg.replicas, comm, peers.addresses)
+    return PeerReplicas(cfg.every, cfg.replicas, comm, peers.addresses, cfg.target_overhead)

@@ -7,7 +7,8 @@ copy), broadcasts it, and every rank loads through :meth:`PeerStore.reader`, a
 :class:`~disttrain.checkpoint.CheckpointReader` whose files are the copies. The manifest is built
 from the copies' records and validated like a disk manifest; the strategy's loader then asks for
 boxes, and the reader reshards them to the new world size as it does for files. A copy is fetched
-only when one of its pieces is asked for, and used only when its size and xxh3 checksum match its
+only when one of its pieces is asked for, and used only when its size and end-to-end tag
+(:mod:`disttrain.fault.tag`, keyed: bytes changed on the wire or in a holder are refused) match its
 record. Any failure makes ``resume()`` fall back to the disk checkpoint.
 """
 
@@ -18,7 +19,7 @@ import logging
 
 import torch
 
-from launcher import connect_replica, replica_addresses_from_env
+from launcher import connect_replica, replica_addresses_from_env, replica_tag_key
 
 from ..checkpoint import checksum
 from ..checkpoint import manifest as manifest_mod
@@ -26,6 +27,7 @@ from ..checkpoint import state as state_mod
 from ..checkpoint.errors import CheckpointCorruptError, CheckpointFormatError
 from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.writer import build_manifest
+from . import tag as tag_mod
 from .replica import chunk_key, record_key, steps_key
 
 log = logging.getLogger(__name__)
@@ -126,6 +128,8 @@ class MemoryReader(CheckpointReader):
             raise CheckpointFormatError(f"{where}: the copies' records do not make a checkpoint: {exc}") from None
         self._rank_of = {r["file"]: i for i, r in enumerate(records)}
         self._chunks = {r["file"]: int(r["chunks"]) for r in records}
+        self._tags = {r["file"]: r.get("tag") for r in records}
+        self._tag_key = replica_tag_key()
         self._blobs: dict[str, bytes] = {}
         self._verified: set[str] = set()
         self.names = frozenset(self.manifest.tensors)
@@ -144,10 +148,10 @@ class MemoryReader(CheckpointReader):
             client = self.peers._client(self.holders[r])
             step = self.manifest.step
             data = b"".join(client.get(chunk_key(r, step, i)) for i in range(self._chunks[name]))
-            if len(data) != info["size"] or checksum.digest(data) != info["checksum"]:
+            if len(data) != info["size"] or not tag_mod.verify(self._tag_key, r, step, data, self._tags[name]):
                 raise CheckpointCorruptError(
-                    f"{self.where(name)}: {len(data)} bytes with checksum {checksum.digest(data)}, expected "
-                    f"{info['size']} bytes with {info['checksum']}\nHINT: the copy was damaged; the disk "
+                    f"{self.where(name)}: {len(data)} bytes fail the copy's tag (expected {info['size']} bytes "
+                    "tagged by the writer)\nHINT: the copy was changed on the way or in the holder; the disk "
                     "checkpoint is used instead"
                 )
             self.peers.bytes_fetched += len(data)

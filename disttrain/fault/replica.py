@@ -4,13 +4,19 @@ stores), off the step's critical path.
 
 What a copy is: the checkpoint writer's safetensors bytes of the shards this rank writes in a disk
 checkpoint (the same write plan, so a copy of every rank tiles the whole state, and the checkpoint
-reader reshards it to any world size), its xxh3 checksum, and a JSON record (pieces, this rank's
-RNG; on rank 0 also the trainer's state and layout). Nothing is pickled.
+reader reshards it to any world size), its end-to-end tag (:mod:`disttrain.fault.tag`: one keyed
+pass, which is also its checksum), and a JSON record (pieces, this rank's RNG, the tag; on rank 0
+also the trainer's state and layout). Nothing is pickled.
 
 Per copy, on each rank: at the step end the training thread records the shards (no copy, no
-collective) and starts one background thread, which copies them into a reused host buffer (the
-snapshot; the next optimizer step waits for it, so the copy is exactly the state at that step), then
-hashes and sends them. The record goes last: a copy without its record is incomplete and never used.
+collective) and starts one background thread, which copies them into host memory (the snapshot;
+the next optimizer step waits for it, so the copy is exactly the state at that step), tags them
+once and hands them out. The own host's agent gets them without the network: the snapshot is taken
+straight into a file of that agent's private directory (``launcher.replica_store``; one of
+``KEEP + 1`` this rank reuses, never one whose copy the agent still lists), which the agent adopts
+(maps and holds); other hosts get bulk frames that neither side hashes (the
+reader checks the tag before use). The record goes last: a copy without its record is incomplete
+and never used.
 If the previous copy is still being sent at the next copy step, the step waits for it (at most one
 copy is behind, so a loss costs at most the step in flight; a copy slower than ``every`` steps shows
 as step time: raise ``every``). A failed send is logged and the next copy retries; training never
@@ -19,29 +25,38 @@ stops for it (the disk checkpoint remains the fallback).
 Keys in a replica store, per source rank ``r``: ``c/r/STEP/d/I`` (chunks), ``c/r/STEP/rec`` (the
 record: the copy is complete), ``c/r/steps`` (JSON: the complete steps held, the newest two, so a
 loss in the middle of a copy leaves the previous one of every rank).
+
+After a change of world the holders still hold the older rounds' copies: a rank's own older copies
+count among its two (taken from ``c/r/steps`` at its first copy to that holder) and go as new ones
+complete; the copies of ranks the new world no longer has are pruned by rank 0 once every rank of
+the new world has a complete copy somewhere (until then they may still be the newest complete set).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import mmap
 import os
+import secrets
 import threading
 import time
 
 import torch
 
-from launcher import connect_replica, replica_addresses_from_env
+from launcher import connect_replica, replica_addresses_from_env, replica_tag_key, shm_dir_from_env
 
-from ..checkpoint import checksum
 from ..checkpoint import state as state_mod
 from ..checkpoint.checkpointer import plan_writes, shard_signature
 from ..checkpoint.writer import RankWrite, aligned_empty
 from ..observe.callbacks import Callback
+from . import tag as tag_mod
 
 log = logging.getLogger(__name__)
 CHUNK = 16 << 20  # bytes per value (the replica store refuses values over 32 MiB)
 KEEP = 2  # complete copies a holder keeps per rank
+AUTO_WARM, AUTO_COPIES = 6, 5  # every=auto: steps timed without copies, then with a copy each
 
 
 def targets(node: int, nodes: int, replicas: int) -> list[int]:
@@ -72,10 +87,11 @@ class PeerReplicas(Callback):
     """Trainer callback (after the checkpointer). ``every``/``replicas``: the ``fault_tolerance`` section.
     Inactive unless the launcher runs replica stores (an elastic multi-node ``disttrain launch``)."""
 
-    def __init__(self, every: int, replicas: int, comm, addresses: list[str] | None = None):
-        self.every, self.replicas, self.comm = every, replicas, comm
+    def __init__(self, every: int | str, replicas: int, comm, addresses: list[str] | None = None, target: float = 0.03):
+        self.auto = every == "auto"  # measure, then pick (``_choose_every``)
+        self.every, self.replicas, self.comm, self.target = 1 if self.auto else int(every), replicas, comm, target
         self.addresses = addresses if addresses is not None else replica_addresses_from_env()
-        self.active = bool(every and self.addresses)
+        self.active = bool(self.every and self.addresses)
         self.rank, self.world = comm.rank, comm.world_size
         self.node = int(os.environ.get("GROUP_RANK", "0"))
         self._clients: dict[int, object] = {}
@@ -83,6 +99,14 @@ class PeerReplicas(Callback):
         self._staging: torch.Tensor | None = None
         self._copy: _Copy | None = None
         self._held: dict[int, list[int]] = {}  # target node -> complete steps it holds of this rank
+        self.shm_dir = shm_dir_from_env() if self.active else None  # own agent's directory (host-local copy)
+        self._tag_key: bytes | None = None
+        self._slots: dict[str, list] = {}  # own-host segment files: name -> [mapped buffer, step it holds or None]
+        self._old_world: int | None = None  # the largest world of earlier rounds' copies (rank 0; None: not read)
+        self._first_step: int | None = None  # this process's first copy
+        self.pruned_bytes: int | None = None
+        self._step_ends: list[float] = []  # every=auto: step-end times before any copy
+        self._copy_ends: list[float] = []  # every=auto: step-end times while copying at every step
         self.sent = self.waits = self.failed = 0
         self.sent_bytes = 0
         self.stall_s = 0.0  # time the training thread spent here (recording shards, waiting for a snapshot)
@@ -91,9 +115,14 @@ class PeerReplicas(Callback):
     def on_train_start(self, trainer) -> None:
         if self.active:
             self._group = self.comm.new_group(list(range(self.world)))
+            self._tag_key = replica_tag_key()
 
     def on_step_end(self, trainer) -> None:
-        if not self.active or trainer.step % self.every or trainer.step >= trainer.cfg.train.steps:
+        if not self.active or trainer.step >= trainer.cfg.train.steps:
+            return
+        if self.auto and not self._auto_copy(trainer.step):
+            return
+        if trainer.step % self.every:
             return
         t0 = time.perf_counter()
         try:
@@ -119,11 +148,49 @@ class PeerReplicas(Callback):
             shared["layout"] = {"strategy": par.strategy, "class": type(trainer.strategy).__name__}
         record = {"world": self.world, "local": {"rng": state_mod.capture_rng()}, "shared": shared}
         padded = -(-job.size // 4096) * 4096
-        if self._staging is None or self._staging.numel() < padded:
+        if not self.shm_dir and (self._staging is None or self._staging.numel() < padded):
             self._staging = None
             self._staging = aligned_empty(padded)
         self._copy = copy = _Copy(job, record)
         threading.Thread(target=self._send, args=(copy, self._staging), daemon=True, name="replica").start()
+
+    def _auto_copy(self, step: int) -> bool:
+        """every=auto: ``AUTO_WARM`` steps without copies, then ``AUTO_COPIES`` steps with a copy each,
+        their step-end times kept; then :meth:`_choose_every`. Counted in calls, so every rank agrees."""
+        now = time.perf_counter()
+        if len(self._step_ends) < AUTO_WARM:
+            self._step_ends.append(now)
+            return False
+        self._copy_ends.append(now)
+        if len(self._copy_ends) <= AUTO_COPIES:
+            return True
+        self._choose_every(step)
+        return True
+
+    def _choose_every(self, step: int) -> None:
+        """All ranks at the same step: the cost of a copy is what it added to a step (median step with a
+        copy each minus median step without: that counts its CPU, its waits and whatever it contends
+        for); k is the smallest with cost / (k x step) under ``target``; the largest k of any rank wins
+        (copies must be at the same steps). Measured once per process, over a few steps: noisy."""
+        from collectives.objects import allgather_bytes
+
+        def median_interval(ends: list[float]) -> float:
+            gaps = sorted(b - a for a, b in zip(ends, ends[1:]))
+            return gaps[(len(gaps) - 1) // 2]
+
+        step_s = median_interval(self._step_ends)
+        cost_s = max(0.0, median_interval(self._copy_ends) - step_s)
+        k = max(1, math.ceil(cost_s / (self.target * max(step_s, 1e-6))))
+        k = max(int(b) for b in allgather_bytes(self._group, str(k).encode()))
+        self.auto, self.every = False, k
+        msg = (
+            f"fault_tolerance.every=auto: a copy adds {cost_s * 1e3:.1f} ms to a {step_s * 1e3:.1f} ms step "
+            f"(rank {self.rank}): copies every {k} step(s) from step {step} (about "
+            f"{cost_s / (k * step_s) * 100:.1f}% of step time here; a lost host costs up to {k} step(s))"
+        )
+        log.info("rank %s: %s", self.comm.env.where, msg)
+        if self.rank == 0:
+            print(f"disttrain: {msg}", flush=True)
 
     def before_optimizer_step(self, trainer) -> None:
         c = self._copy
@@ -152,24 +219,70 @@ class PeerReplicas(Callback):
         for c in self._clients.values():
             c.close()
         self._clients.clear()
+        for name in list(self._slots):  # the agent's mappings keep the copies; the names go
+            self._drop_segment(name)
+        self._slots.clear()
 
     # -- the background thread -------------------------------------------------------------
-    def _send(self, copy: _Copy, staging: torch.Tensor) -> None:
+    def _segment_for(self, size: int) -> tuple[str, torch.Tensor]:
+        """The own-host file for the next snapshot: one of ours whose copy the agent no longer lists
+        (rewriting it changes nothing anyone will read), else a new one (at most ``KEEP + 1`` exist)."""
+        held = set(self._held.get(self.node, []))
+        for name, (buf, step) in list(self._slots.items()):
+            if step is None or step not in held:
+                if buf.numel() == size:
+                    self._slots[name][1] = None
+                    return name, buf
+                del self._slots[name]
+                self._drop_segment(name)
+        name, buf = self._new_segment(size)
+        self._slots[name] = [buf, None]
+        return name, buf
+
+    def _new_segment(self, size: int) -> tuple[str, torch.Tensor]:
+        """A new file of ``size`` bytes in the own agent's private directory, mapped with its pages
+        populated (the snapshot into it is a plain memcpy). Ours: created exclusively, never followed."""
+        name = f"r{self.rank}-{os.getpid()}-{secrets.token_hex(8)}"
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(os.path.join(self.shm_dir, name), flags, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            buf = torch.frombuffer(mmap.mmap(fd, size, mmap.MAP_SHARED | mmap.MAP_POPULATE), dtype=torch.uint8)
+        finally:
+            os.close(fd)
+        return name, buf
+
+    def _drop_segment(self, name: str) -> None:
+        try:  # ours; an adopted copy lives on in the agent's mapping
+            os.unlink(os.path.join(self.shm_dir, name))
+        except FileNotFoundError:
+            pass
+
+    def _send(self, copy: _Copy, staging: torch.Tensor | None) -> None:
         job = copy.job
+        name = None
         try:
             try:
+                if self.shm_dir:  # the snapshot goes straight into the own agent's segment
+                    name, staging = self._segment_for(job.size)
                 job.stage(staging)
             finally:
                 copy.snapshot.set()
             data = memoryview(staging[: job.size].numpy())
-            job.checksum = checksum.digest(data)
+            tag = tag_mod.sign(self._tag_key, self.rank, job.step, data)  # one pass: checksum and origin
+            job.checksum = tag["tag"]
             rec = job.record(copy.record["local"])
-            rec.update(world=copy.record["world"], shared=copy.record["shared"], chunks=-(-job.size // CHUNK))
+            chunks = -(-job.size // CHUNK)
+            rec.update(world=copy.record["world"], shared=copy.record["shared"], chunks=chunks, tag=tag)
             raw_rec = json.dumps(rec, separators=(",", ":")).encode()
             t0 = time.perf_counter()
             for node in targets(self.node, len(self.addresses), self.replicas):
                 try:
-                    self._send_to(node, job.step, data, raw_rec)
+                    if node == self.node and name is not None:
+                        self._adopt_by(node, job.step, name, chunks, raw_rec)
+                        self._slots[name][1] = job.step
+                    else:
+                        self._send_to(node, job.step, data, raw_rec)
                 except Exception as exc:  # this holder misses this copy; the next one retries
                     self.failed += 1
                     self._clients.pop(node, None)
@@ -182,6 +295,8 @@ class PeerReplicas(Callback):
                         exc,
                     )
             self.sent += 1
+            if self.rank == 0 and self.pruned_bytes is None:
+                self._maybe_prune(job.step)
             log.debug("rank %s: step %d copied in %.3fs", self.comm.env.where, job.step, time.perf_counter() - t0)
         except Exception as exc:
             self.failed += 1
@@ -190,20 +305,77 @@ class PeerReplicas(Callback):
             copy.snapshot.set()
             copy.done.set()
 
-    def _send_to(self, node: int, step: int, data: memoryview, raw_rec: bytes) -> None:
+    def _client(self, node: int):
         client = self._clients.get(node)
         if client is None:
             client = self._clients[node] = connect_replica(self.addresses[node], timeout=self.comm.timeout)
-        r = self.rank
+        return client
+
+    def _adopt_by(self, node: int, step: int, name: str, chunks: int, raw_rec: bytes) -> None:
+        """The own agent maps the segment ``name`` as this copy's chunks (no bytes on a socket)."""
+        client = self._client(node)
+        client.adopt(name, CHUNK, [chunk_key(self.rank, step, i) for i in range(chunks)])
+        self._commit(client, node, step, raw_rec, chunks)
+
+    def _send_to(self, node: int, step: int, data: memoryview, raw_rec: bytes) -> None:
+        client = self._client(node)
         for i, off in enumerate(range(0, max(len(data), 1), CHUNK)):
-            client.set(chunk_key(r, step, i), data[off : off + CHUNK])
+            client.set_bulk(chunk_key(self.rank, step, i), data[off : off + CHUNK])
+        self._commit(client, node, step, raw_rec, -(-len(data) // CHUNK) or 1)
+        self.sent_bytes += len(data)
+
+    def _commit(self, client, node: int, step: int, raw_rec: bytes, chunks: int) -> None:
+        """The record (the copy is complete), the holder's list of complete steps, then the oldest dropped
+        (record and chunks at once). The first time, the list starts from what the holder already lists:
+        this rank's copies of an earlier round, dropped as new ones complete."""
+        r = self.rank
+        if node not in self._held:
+            self._held[node] = json.loads(client.get(steps_key(r))) if client.check([steps_key(r)]) else []
         client.set(record_key(r, step), raw_rec)  # last: the copy is complete
-        held = [s for s in self._held.get(node, []) if s != step] + [step]
+        held = [s for s in self._held[node] if s != step] + [step]
         keep, drop = held[-KEEP:], held[:-KEEP]
         client.set(steps_key(r), json.dumps(keep))
         self._held[node] = keep
-        for s in drop:
-            client.delete_key(record_key(r, s))  # first: a copy without its record is never used
-            for i in range(-(-len(data) // CHUNK) or 1):
-                client.delete_key(chunk_key(r, s, i))
-        self.sent_bytes += len(data)
+        if drop:
+            client.prune([f"c/{r}/{s}/" for s in drop])
+
+    def _has_copy_of_this_world(self, node: int, r: int) -> bool:
+        c = self._client(node)
+        steps = json.loads(c.get(steps_key(r))) if c.check([steps_key(r)]) else []
+        return any(
+            s >= self._first_step
+            and c.check([record_key(r, s)])
+            and int(json.loads(c.get(record_key(r, s)))["world"]) == self.world
+            for s in steps
+        )
+
+    def _maybe_prune(self, step: int) -> None:
+        """Rank 0, after each of its copies until it is done once: when every rank of this world has a
+        complete copy of this round on some holder, free the copies of ranks beyond this world
+        (an earlier, larger world's) on every holder, and say how many bytes that freed."""
+        holders = range(len(self.addresses))
+        if self._first_step is None:
+            self._first_step, worlds = step, [self.world]
+            for node in holders:  # earlier rounds' copies of rank 0 say how large their world was
+                c = self._client(node)
+                for s in json.loads(c.get(steps_key(0))) if c.check([steps_key(0)]) else []:
+                    if c.check([record_key(0, s)]):
+                        worlds.append(int(json.loads(c.get(record_key(0, s)))["world"]))
+            self._old_world = max(worlds)
+        if self._old_world <= self.world:
+            self.pruned_bytes = 0
+            return
+        for r in range(self.world):
+            if not any(self._has_copy_of_this_world(n, r) for n in holders):
+                return  # rank r has no complete copy of this round yet: the old ones may still be needed
+        gone = [f"c/{r}/" for r in range(self.world, self._old_world)]
+        freed, left = 0, []
+        for n in holders:
+            f, h = self._client(n).prune(gone)
+            freed, left = freed + f, left + [h]
+        self.pruned_bytes = freed
+        print(
+            f"disttrain: peer replicas: freed {freed} bytes of copies of ranks {self.world}..{self._old_world - 1} "
+            f"(world {self._old_world} -> {self.world}) at step {step}; holders now hold {left} bytes",
+            flush=True,
+        )
