@@ -11,8 +11,15 @@ parameter's post-accumulate-grad hook only counts (and checks ``backward_passes_
 the hook that completes a bucket copies its gradients in with one ``torch._foreach_copy_`` and
 submits the bucket as one in-place allreduce, so reductions start while backward goes on.
 ``synchronize()`` launches the buckets whose parameters got no gradient on this rank (they
-contribute zeros, as Horovod's per-tensor path does), waits, and writes the results back into
-each ``p.grad`` with one ``_foreach_copy_`` per bucket.
+contribute zeros, as Horovod's per-tensor path does), waits, and makes each ``p.grad`` its view
+in the bucket (the result where the allreduce wrote it, as DDP's ``gradient_as_bucket_view``):
+no copy back, and a step whose gradients accumulate into those views (``zero_grad(set_to_none=
+False)``, ``backward_passes_per_step``) needs no copy in either. ``zero_grad()`` zeroes the buckets
+and keeps those views (``keep_views``), so the next backward accumulates into them: no gradient
+is allocated or copied in a steady step. The visible differences from per-tensor Horovod: after
+``zero_grad()`` a bucketed ``p.grad`` is zeros where Horovod leaves None (the step after
+``synchronize()`` is the same: Horovod gives gradient-less parameters zeros too), and a reference
+to ``p.grad`` kept across a step sees the next step's values, as under DDP's bucket views.
 
 Every rank lays out the same buckets from the same ``named_parameters``; a bucket's op is named
 after a digest of its parameters' names, so ranks whose layouts differ never pair different
@@ -131,6 +138,22 @@ class GradBuckets:
         hid, h = allreduce_start([b.buf], [b.buf], b.name, self.op, self.pre, self.post, self.process_set, False, True)
         b.handle = handles.register(h, hid)
 
+    def keep_views(self) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+        """For ``zero_grad(set_to_none=True)``, on the user's thread: zero every bucket whose parameters' gradients
+        are all still its views and return those (parameter, view) pairs, to be put back once the optimizer set
+        the gradients to None. Autograd then accumulates the next backward straight into the buckets: no
+        gradient allocated (freeing and faulting in fresh ones each step costs more than this zeroing), none
+        copied in. A bucket with any other gradient (sparse, replaced by the user) is left to set-to-None."""
+        kept = []
+        for b in self.buckets:
+            if all(
+                (g := p.grad) is not None and not g.is_sparse and g.data_ptr() == v.data_ptr()
+                for p, v in zip(b.params, b.views)
+            ):
+                b.buf.zero_()
+                kept += zip(b.params, b.views)
+        return kept
+
     def pending(self) -> bool:
         return any(b.handle is not None or b.left < len(b.params) for b in self.buckets)
 
@@ -142,15 +165,9 @@ class GradBuckets:
         for b in self.buckets:
             h, b.handle = b.handle, None
             synchronize(h)
-            grads, views = [], []
             for p, v in zip(b.params, b.views):
                 g = p.grad
-                if g is None:
-                    p.grad = v.clone()  # as Horovod's zeros: a gradient of its own, reduced
-                elif not g.is_sparse and g.data_ptr() != v.data_ptr():
-                    grads.append(g)
-                    views.append(v)
-            if grads:
-                torch._foreach_copy_(grads, views)
+                if g is None or (not g.is_sparse and g.data_ptr() != v.data_ptr()):
+                    p.grad = v  # the result where the allreduce wrote it: no copy back
             b.delay = [self.passes] * len(b.params)
             b.left = len(b.params)
