@@ -14,11 +14,12 @@ submits the bucket as one in-place allreduce, so reductions start while backward
 contribute zeros, as Horovod's per-tensor path does), waits, and makes each ``p.grad`` its view
 in the bucket (the result where the allreduce wrote it, as DDP's ``gradient_as_bucket_view``):
 no copy back, and a step whose gradients accumulate into those views (``zero_grad(set_to_none=
-False)``, ``backward_passes_per_step``) needs no copy in either. ``zero_grad()`` zeroes the buckets
-and keeps those views (``keep_views``), so the next backward accumulates into them: no gradient
-is allocated or copied in a steady step. The visible differences from per-tensor Horovod: after
-``zero_grad()`` a bucketed ``p.grad`` is zeros where Horovod leaves None (the step after
-``synchronize()`` is the same: Horovod gives gradient-less parameters zeros too), and a reference
+False)``, ``backward_passes_per_step``) needs no copy in either. The gradients autograd
+produced (copied in at launch) are held until ``zero_grad()`` (``drop_spent``), where the
+per-tensor path frees them too, so the next backward reuses their memory: dropped mid-step,
+glibc gave the heap top back to the system and the next backward faulted it in again (837
+page faults a step measured on the benchmark's MLP). With ``zero_grad(set_to_none=False)`` or
+``backward_passes_per_step`` autograd accumulates into the views: no copy at all. A reference
 to ``p.grad`` kept across a step sees the next step's values, as under DDP's bucket views.
 
 Every rank lays out the same buckets from the same ``named_parameters``; a bucket's op is named
@@ -47,7 +48,7 @@ BACKWARD_PASSES_ERROR = (
 class Bucket:
     """One flat buffer over ``params`` (one dtype); ``views[i]`` is ``params[i]``'s gradient in it."""
 
-    __slots__ = ("params", "views", "buf", "name", "left", "handle", "delay", "flat")
+    __slots__ = ("params", "views", "buf", "name", "left", "handle", "delay", "flat", "spent")
 
     def __init__(self, params: list[torch.nn.Parameter], names: list[str], buf: torch.Tensor):
         self.params = params
@@ -60,6 +61,7 @@ class Bucket:
         self.left = 0  # parameters still to report in this step
         self.handle: int | None = None
         self.delay: list[int] = []
+        self.spent: list[torch.Tensor] = []  # the gradients the views replaced, until zero_grad()
 
 
 def plan(params: list[torch.nn.Parameter], limit: int) -> list[list[torch.nn.Parameter]]:
@@ -107,7 +109,7 @@ class GradBuckets:
             self.passes = passes
         for b in self.buckets:
             b.delay = [self.passes] * len(b.params)
-            b.left, b.handle = len(b.params), None
+            b.left, b.handle, b.spent = len(b.params), None, []
 
     def _hook(self, b: Bucket, i: int):
         def hook(p):
@@ -130,7 +132,7 @@ class GradBuckets:
                 if g is not None:
                     self.sparse.add(p)
                 v.zero_()
-            elif g.data_ptr() != v.data_ptr():
+            elif g is not v and g.data_ptr() != v.data_ptr():
                 grads.append(g)
                 views.append(v)
         if views:
@@ -138,21 +140,10 @@ class GradBuckets:
         hid, h = allreduce_start([b.buf], [b.buf], b.name, self.op, self.pre, self.post, self.process_set, False, True)
         b.handle = handles.register(h, hid)
 
-    def keep_views(self) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
-        """For ``zero_grad(set_to_none=True)``, on the user's thread: zero every bucket whose parameters' gradients
-        are all still its views and return those (parameter, view) pairs, to be put back once the optimizer set
-        the gradients to None. Autograd then accumulates the next backward straight into the buckets: no
-        gradient allocated (freeing and faulting in fresh ones each step costs more than this zeroing), none
-        copied in. A bucket with any other gradient (sparse, replaced by the user) is left to set-to-None."""
-        kept = []
+    def drop_spent(self) -> None:
+        """From ``zero_grad()``: free the gradients the views replaced (see the module)."""
         for b in self.buckets:
-            if all(
-                (g := p.grad) is not None and not g.is_sparse and g.data_ptr() == v.data_ptr()
-                for p, v in zip(b.params, b.views)
-            ):
-                b.buf.zero_()
-                kept += zip(b.params, b.views)
-        return kept
+            b.spent = []
 
     def pending(self) -> bool:
         return any(b.handle is not None or b.left < len(b.params) for b in self.buckets)
@@ -165,9 +156,13 @@ class GradBuckets:
         for b in self.buckets:
             h, b.handle = b.handle, None
             synchronize(h)
+            spent = []
             for p, v in zip(b.params, b.views):
                 g = p.grad
-                if g is None or (not g.is_sparse and g.data_ptr() != v.data_ptr()):
+                if g is None or (g is not v and not g.is_sparse and g.data_ptr() != v.data_ptr()):
+                    if g is not None:
+                        spent.append(g)
                     p.grad = v  # the result where the allreduce wrote it: no copy back
+            b.spent = spent
             b.delay = [self.passes] * len(b.params)
             b.left = len(b.params)

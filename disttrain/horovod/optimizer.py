@@ -315,12 +315,9 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 "optimizer.step() or optimizer.synchronize(). This is prohibited as it can cause "
                 "a race condition."
             )
-        set_to_none = args[0] if args else kwargs.get("set_to_none", True)
-        kept = self._buckets.keep_views() if self._buckets is not None and set_to_none else []
-        out = super(self.__class__, self).zero_grad(*args, **kwargs)
-        for p, v in kept:  # zeroed in place: the next backward accumulates into the buckets
-            p.grad = v
-        return out
+        if self._buckets is not None:
+            self._buckets.drop_spent()
+        return super(self.__class__, self).zero_grad(*args, **kwargs)
 
 
 def DistributedOptimizer(
