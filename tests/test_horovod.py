@@ -213,6 +213,7 @@ def test_basics(world, backend, tmp_path_factory):
 def test_training_with_broadcast_state_equals_one_process(world, backend, tmp_path_factory):
     for v in run(world, backend, "training", tmp_path_factory):
         assert v["vs_single"] < TOL and v["lr"] == 0.01 and v["ranks_equal"] == 0.0
+        assert v["zero_grad_kept"], "zero_grad() left a gradient that is not None (set_to_none) or not zero"
 
 
 @pytest.mark.parametrize("world,backend", where("bpps"))

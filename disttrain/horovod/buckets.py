@@ -11,8 +11,16 @@ parameter's post-accumulate-grad hook only counts (and checks ``backward_passes_
 the hook that completes a bucket copies its gradients in with one ``torch._foreach_copy_`` and
 submits the bucket as one in-place allreduce, so reductions start while backward goes on.
 ``synchronize()`` launches the buckets whose parameters got no gradient on this rank (they
-contribute zeros, as Horovod's per-tensor path does), waits, and writes the results back into
-each ``p.grad`` with one ``_foreach_copy_`` per bucket.
+contribute zeros, as Horovod's per-tensor path does), waits, and makes each ``p.grad`` its view
+in the bucket (the result where the allreduce wrote it, as DDP's ``gradient_as_bucket_view``):
+no copy back, and a step whose gradients accumulate into those views (``zero_grad(set_to_none=
+False)``, ``backward_passes_per_step``) needs no copy in either. The gradients autograd
+produced (copied in at launch) are held until ``zero_grad()`` (``drop_spent``), where the
+per-tensor path frees them too, so the next backward reuses their memory: dropped mid-step,
+glibc gave the heap top back to the system and the next backward faulted it in again (837
+page faults a step measured on the benchmark's MLP). With ``zero_grad(set_to_none=False)`` or
+``backward_passes_per_step`` autograd accumulates into the views: no copy at all. A reference
+to ``p.grad`` kept across a step sees the next step's values, as under DDP's bucket views.
 
 Every rank lays out the same buckets from the same ``named_parameters``; a bucket's op is named
 after a digest of its parameters' names, so ranks whose layouts differ never pair different
@@ -40,7 +48,7 @@ BACKWARD_PASSES_ERROR = (
 class Bucket:
     """One flat buffer over ``params`` (one dtype); ``views[i]`` is ``params[i]``'s gradient in it."""
 
-    __slots__ = ("params", "views", "buf", "name", "left", "handle", "delay", "flat")
+    __slots__ = ("params", "views", "buf", "name", "left", "handle", "delay", "flat", "spent")
 
     def __init__(self, params: list[torch.nn.Parameter], names: list[str], buf: torch.Tensor):
         self.params = params
@@ -53,6 +61,7 @@ class Bucket:
         self.left = 0  # parameters still to report in this step
         self.handle: int | None = None
         self.delay: list[int] = []
+        self.spent: list[torch.Tensor] = []  # the gradients the views replaced, until zero_grad()
 
 
 def plan(params: list[torch.nn.Parameter], limit: int) -> list[list[torch.nn.Parameter]]:
@@ -114,7 +123,7 @@ class GradBuckets:
             self.passes = passes
         for b in self.buckets:
             b.delay = [self.passes] * len(b.params)
-            b.left, b.handle = len(b.params), None
+            b.left, b.handle, b.spent = len(b.params), None, []
 
     def _hook(self, b: Bucket, i: int):
         def hook(p):
@@ -137,13 +146,18 @@ class GradBuckets:
                 if g is not None:
                     self.sparse.add(p)
                 v.zero_()
-            elif g.data_ptr() != v.data_ptr():
+            elif g is not v and g.data_ptr() != v.data_ptr():
                 grads.append(g)
                 views.append(v)
         if views:
             torch._foreach_copy_(views, grads)
         hid, h = allreduce_start([b.buf], [b.buf], b.name, self.op, self.pre, self.post, self.process_set, False, True)
         b.handle = handles.register(h, hid)
+
+    def drop_spent(self) -> None:
+        """From ``zero_grad()``: free the gradients the views replaced (see the module)."""
+        for b in self.buckets:
+            b.spent = []
 
     def pending(self) -> bool:
         return any(b.handle is not None or b.left < len(b.params) for b in self.buckets)
@@ -156,15 +170,13 @@ class GradBuckets:
         for b in self.buckets:
             h, b.handle = b.handle, None
             synchronize(h)
-            grads, views = [], []
+            spent = []
             for p, v in zip(b.params, b.views):
                 g = p.grad
-                if g is None:
-                    p.grad = v.clone()  # as Horovod's zeros: a gradient of its own, reduced
-                elif not g.is_sparse and g.data_ptr() != v.data_ptr():
-                    grads.append(g)
-                    views.append(v)
-            if grads:
-                torch._foreach_copy_(grads, views)
+                if g is None or (g is not v and not g.is_sparse and g.data_ptr() != v.data_ptr()):
+                    if g is not None:
+                        spent.append(g)
+                    p.grad = v  # the result where the allreduce wrote it: no copy back
+            b.spent = spent
             b.delay = [self.passes] * len(b.params)
             b.left = len(b.params)

@@ -111,6 +111,7 @@ class SetWorker:
         self._rows: torch.Tensor | None = None
         self._row: torch.Tensor | None = None
         self._idle = True  # the thread waits for work (a submission wakes it) rather than for its cycle
+        self._urgent = False  # a user thread waits on an op: the next cycle starts now (see _nudge)
 
     def start(self) -> None:
         if self.member:
@@ -131,9 +132,18 @@ class SetWorker:
                     "HINT: give concurrent ops distinct names, or synchronize the first before resubmitting"
                 )
             op.handle.alive = lambda: self.error
+            op.handle.nudge = self._nudge
             self._names[op.name] = op
             self._queue.append(op)
             if self._idle:  # a busy thread wakes at its cycle deadline anyway: no wake-up per gradient
+                self._cv.notify()
+
+    def _nudge(self) -> None:
+        """A user thread starts waiting on one of this set's ops: cycle at once instead of at the
+        cycle deadline (that thread submits nothing more to fuse with until its wait ends)."""
+        with self._cv:
+            if not self._urgent:
+                self._urgent = True
                 self._cv.notify()
 
     def join(self, handle: Handle) -> None:
@@ -172,11 +182,11 @@ class SetWorker:
                         busy = bool(self._queue or self._inflight or self._join or self._flags)
                         wake = self._last + (s.cycle_s if busy else s.idle_s)
                         now = time.monotonic()
-                        if now >= wake:
+                        if now >= wake or (busy and self._urgent):
                             break
                         self._idle = not busy
                         self._cv.wait(wake - now)
-                    self._idle = False
+                    self._idle = self._urgent = False
                     out = [self._queue.popleft() for _ in range(min(s.slots, len(self._queue)))]
                     for op in out:
                         self._inflight[op.ann.name] = op

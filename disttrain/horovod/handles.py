@@ -16,6 +16,10 @@ from .exceptions import HorovodError, HorovodInternalError
 _WAIT_SLICE = 1.0  # seconds between checks that the engine is still alive
 
 
+def _nothing() -> None:
+    pass
+
+
 class Handle:
     """One submitted op (or a group of them). ``finish`` turns the engine's raw result into
     what the user gets (runs on the user's thread, inside ``result``)."""
@@ -30,6 +34,7 @@ class Handle:
         self._value: object = None
         self._error: BaseException | None = None
         self.alive: Callable[[], BaseException | None] = lambda: None  # the engine's failure, if any
+        self.nudge: Callable[[], None] = _nothing  # the engine's "someone waits": cycle now
 
     # -- engine side ----------------------------------------------------------------------
     def complete(self, value: object = None) -> None:
@@ -49,6 +54,7 @@ class Handle:
     def wait(self) -> None:
         if self._done:
             return
+        self.nudge()  # nothing more comes from this thread to fuse with: no reason to wait for the cycle time
         while not self._latch.acquire(timeout=_WAIT_SLICE):
             dead = self.alive()
             if dead is not None and not self._done:

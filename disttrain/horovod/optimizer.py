@@ -334,6 +334,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 "optimizer.step() or optimizer.synchronize(). This is prohibited as it can cause "
                 "a race condition."
             )
+        if self._buckets is not None:
+            self._buckets.drop_spent()
         return super(self.__class__, self).zero_grad(*args, **kwargs)
 
 

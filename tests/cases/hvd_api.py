@@ -68,10 +68,15 @@ def training(steps: int = 4, per_rank: int = 4, **_):
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     hvd.broadcast_optimizer_state(opt, root_rank=0)
     lr_after_broadcast = opt.param_groups[0]["lr"]
+    zero_grad_kept = True  # zero_grad() means what torch says, though reduced gradients live in buckets
     for step in range(steps):
         x, y = _data(step, W * per_rank)
         lo, hi = r * per_rank, (r + 1) * per_rank
-        opt.zero_grad()
+        # both ways: fresh gradients copied into the buckets, and gradients accumulated into their views
+        to_none = step % 2 == 0
+        opt.zero_grad(set_to_none=to_none)
+        grads = [p.grad for p in model.parameters()]
+        zero_grad_kept &= all(g is None for g in grads) if to_none else all(not g.any() for g in grads)
         torch.nn.functional.mse_loss(model(x[lo:hi]), y[lo:hi]).backward()
         opt.step()
         if r == 0:
@@ -84,6 +89,7 @@ def training(steps: int = 4, per_rank: int = 4, **_):
         "lr": lr_after_broadcast,
         "ranks_equal": float((gathered - gathered[0]).abs().max()),
         "vs_single": _maxdiff(model, ref) if r == 0 else 0.0,
+        "zero_grad_kept": zero_grad_kept,
     }
 
 
