@@ -7,12 +7,24 @@ rank processes, namespace hosts with sshd, or a SLURM cluster. Support code live
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 
 import pytest
 
 from tests.support.netns import net_hosts, skip_reason
 from tests.support.slurm_cluster import SlurmCluster, missing_binaries
+
+
+@pytest.fixture(autouse=True)
+def _remove_killed_agents_dirs():
+    """A SIGKILLed agent cannot remove its private directory (launcher.replica_store): remove the ones
+    made while this test ran (its agents', created by this suite), once the test is over."""
+    before = set(glob.glob("/dev/shm/disttrain-replicas-*"))
+    yield
+    for d in set(glob.glob("/dev/shm/disttrain-replicas-*")) - before:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ at the same step from a disk checkpoint ends (same global batch).
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 import shutil
@@ -67,16 +66,6 @@ def _config(tmp_path, name: str, strategy: str, steps: int, extra: list[str]) ->
     path = str(tmp_path / f"{name}.yaml")
     config_mod.save(cfg, path)
     return path
-
-
-@pytest.fixture(autouse=True)
-def _remove_killed_agents_dirs():
-    """A SIGKILLed agent cannot remove its private directory (launcher.replica_store); remove the ones this
-    test's agents made, once they are gone."""
-    before = set(glob.glob("/dev/shm/disttrain-replicas-*"))
-    yield
-    for d in set(glob.glob("/dev/shm/disttrain-replicas-*")) - before:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def _run(yaml: str, nproc: int) -> str:
