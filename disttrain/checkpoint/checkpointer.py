@@ -38,6 +38,7 @@ from . import retention, testhooks
 from . import state as state_mod
 from .errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError
 from .reader import STEP_DIR, CheckpointReader, resolve, step_dir_name
+from .write_plan import plan_writes, shard_signature
 from .writer import RankWrite, aligned_empty, clean_temporaries, commit, tmp_dir
 
 if TYPE_CHECKING:
@@ -476,37 +477,3 @@ class Checkpointer(Callback):
         """Rank 0's ``obj`` on every rank."""
         data = json.dumps(obj).encode() if self.rank == 0 else b""
         return json.loads(self._allgather_bytes(data)[0])
-
-
-def shard_signature(shards: list) -> list:
-    """What :func:`plan_writes` compares across ranks: each shard's name, box, flatness, bytes, replication."""
-    return [
-        (s.name, [list(b) for b in s.box], s.flat, s.tensor.numel() * s.tensor.element_size(), bool(s.replicated))
-        for s in shards
-    ]
-
-
-def plan_writes(sig: list, rank: int, allgather_bytes) -> list[int]:
-    """Every rank, together (one allgather): indices of this rank's shards that it writes: all of its
-    own, and a balanced share of the replicated ones (each replicated box is written by exactly one
-    of its holders). The checkpointer and the peer replicas (disttrain.fault) share it."""
-    everyone = [json.loads(b) for b in allgather_bytes(json.dumps(sig).encode())]
-    load = [sum(n for _, _, _, n, rep in sg if not rep) for sg in everyone]
-    holders: dict[str, list[int]] = {}
-    sizes: dict[str, int] = {}
-    for r, sg in enumerate(everyone):
-        for name, box, flat, n, rep in sg:
-            if rep:
-                key = json.dumps([name, box, flat])
-                holders.setdefault(key, []).append(r)
-                sizes[key] = n
-    owner = {}
-    for key in sorted(holders, key=lambda k: (-sizes[k], k)):
-        r = min(holders[key], key=lambda x: (load[x], x))
-        owner[key] = r
-        load[r] += sizes[key]
-    return [
-        i
-        for i, (name, box, flat, _, rep) in enumerate(json.loads(json.dumps(sig)))
-        if not rep or owner[json.dumps([name, box, flat])] == rank
-    ]

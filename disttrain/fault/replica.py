@@ -48,7 +48,7 @@ import torch
 from launcher import connect_replica, replica_addresses_from_env, replica_tag_key, shm_dir_from_env
 
 from ..checkpoint import state as state_mod
-from ..checkpoint.checkpointer import plan_writes, shard_signature
+from ..checkpoint.write_plan import plan_writes, shard_signature
 from ..checkpoint.writer import RankWrite, aligned_empty
 from ..observe.callbacks import Callback
 from . import tag as tag_mod
