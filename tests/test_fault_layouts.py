@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -22,7 +21,8 @@ import pytest
 
 from disttrain import config as config_mod
 from tests.support.netns import net_hosts
-from tests.test_launcher_elastic import ROOT, _kill_host, _losses, _no_netns, _params, _start
+from tests.support.resized import check_equals_resized_run
+from tests.test_launcher_elastic import ROOT, _kill_host, _no_netns, _start
 
 pytestmark = pytest.mark.skipif(_no_netns() is not None, reason=f"multi-host tests skipped: {_no_netns()}")
 RESUMED = r"resumed from peer memory at step (\d+) \(\d+ bytes\), 0 from disk \(restart 1\)"
@@ -107,23 +107,7 @@ def _equals_resized_run(tmp_path, layout: str, overrides: list[str], steps: int,
     """The reference: ``before`` processes save at step s, ``after`` processes resume from that disk
     checkpoint (same config); parameters and every logged loss after s equal the run's."""
     ref_yaml = _config(tmp_path, "ref", steps, [*overrides, f"checkpoint.every={s}"])
-    _run(ref_yaml, before)
-    ckpts = tmp_path / "ref" / "checkpoints"
-    for name in os.listdir(ckpts):
-        mm = re.fullmatch(r"step_(\d+)", name)
-        if mm and int(mm.group(1)) > s:
-            shutil.rmtree(ckpts / name)
-    (tmp_path / "ref" / "metrics.jsonl").write_text("")
-    assert f"resumed from {ckpts}/step_{s:06d}" in _run(ref_yaml, after)
-
-    (step_a, a), (step_b, b) = _params(str(tmp_path / "run")), _params(str(tmp_path / "ref"))
-    assert step_a == step_b == steps and a.keys() == b.keys() and a
-    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
-    la, lb = _losses(str(tmp_path / "run"), s), _losses(str(tmp_path / "ref"), s)
-    assert sorted(la) == sorted(lb) == list(range(s + 1, steps + 1))
-    worst_loss = max(abs(la[k] - lb[k]) / max(abs(lb[k]), 1e-12) for k in la)
-    print(f"{layout}: vs the run resized at step {s} from disk: params {worst:.3g}, loss rel {worst_loss:.3g}")
-    assert worst <= TOL and worst_loss <= 1e-3
+    check_equals_resized_run(tmp_path, ref_yaml, _run, layout, steps, s, before, after, TOL)
 
 
 @pytest.mark.timeout(300)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -24,7 +23,8 @@ import pytest
 
 from disttrain import config as config_mod
 from tests.support.netns import net_hosts
-from tests.test_launcher_elastic import ROOT, _kill_host, _losses, _no_netns, _params, _start
+from tests.support.resized import check_equals_resized_run
+from tests.test_launcher_elastic import ROOT, _kill_host, _no_netns, _start
 
 pytestmark = pytest.mark.skipif(_no_netns() is not None, reason=f"multi-host tests skipped: {_no_netns()}")
 RESUMED = r"resumed from peer memory at step (\d+) \(\d+ bytes\), 0 from disk \(restart 1\)"
@@ -120,22 +120,5 @@ def test_a_lost_host_resumes_from_peer_memory_and_equals_a_resized_run(tmp_path,
         assert f"rejected connection from {hosts.addrs[2]}" in err, err[-3000:]
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["latest", f"step_{steps:06d}"]
 
-    # The reference: two processes save at step s, one process resumes from that disk checkpoint.
     ref_yaml = _config(tmp_path, "ref", strategy, steps, [f"checkpoint.every={s}"])
-    _run(ref_yaml, 2)
-    ckpts = tmp_path / "ref" / "checkpoints"
-    for name in os.listdir(ckpts):
-        mm = re.fullmatch(r"step_(\d+)", name)
-        if mm and int(mm.group(1)) > s:
-            shutil.rmtree(ckpts / name)
-    (tmp_path / "ref" / "metrics.jsonl").write_text("")
-    assert f"resumed from {ckpts}/step_{s:06d}" in _run(ref_yaml, 1)
-
-    (step_a, a), (step_b, b) = _params(str(tmp_path / "run")), _params(str(tmp_path / "ref"))
-    assert step_a == step_b == steps and a.keys() == b.keys() and a
-    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
-    la, lb = _losses(str(tmp_path / "run"), s), _losses(str(tmp_path / "ref"), s)
-    assert sorted(la) == sorted(lb) == list(range(s + 1, steps + 1))
-    worst_loss = max(abs(la[k] - lb[k]) / max(abs(lb[k]), 1e-12) for k in la)
-    print(f"{strategy}: vs the run resized at step {s} from disk: params {worst:.3g}, loss rel {worst_loss:.3g}")
-    assert worst <= TOL and worst_loss <= 1e-3
+    check_equals_resized_run(tmp_path, ref_yaml, _run, strategy, steps, s, 2, 1, TOL)

@@ -1,0 +1,37 @@
+"""The reference the fault tests compare a recovered run with: ``before`` processes train and save at
+step ``s``, ``after`` processes resume from that disk checkpoint (same config, same global batch).
+Parameters at the end and every logged loss after ``s`` must equal the recovered run's."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Callable
+
+from tests.test_launcher_elastic import _losses, _params
+
+
+def check_equals_resized_run(
+    tmp_path, ref_yaml: str, run: Callable[[str, int], str], label: str, steps: int, s: int, before: int, after: int,
+    tol: float,
+) -> None:  # fmt: skip
+    """``ref_yaml`` writes to ``tmp_path/ref`` with ``checkpoint.every=s``; ``run(yaml, nproc)`` returns its
+    output; the recovered run is ``tmp_path/run``."""
+    run(ref_yaml, before)
+    ckpts = tmp_path / "ref" / "checkpoints"
+    for name in os.listdir(ckpts):
+        mm = re.fullmatch(r"step_(\d+)", name)
+        if mm and int(mm.group(1)) > s:
+            shutil.rmtree(ckpts / name)
+    (tmp_path / "ref" / "metrics.jsonl").write_text("")
+    assert f"resumed from {ckpts}/step_{s:06d}" in run(ref_yaml, after)
+
+    (step_a, a), (step_b, b) = _params(str(tmp_path / "run")), _params(str(tmp_path / "ref"))
+    assert step_a == step_b == steps and a.keys() == b.keys() and a
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    la, lb = _losses(str(tmp_path / "run"), s), _losses(str(tmp_path / "ref"), s)
+    assert sorted(la) == sorted(lb) == list(range(s + 1, steps + 1))
+    worst_loss = max(abs(la[k] - lb[k]) / max(abs(lb[k]), 1e-12) for k in la)
+    print(f"{label}: vs the run resized at step {s} from disk: params {worst:.3g}, loss rel {worst_loss:.3g}")
+    assert worst <= tol and worst_loss <= 1e-3
