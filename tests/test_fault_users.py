@@ -1,0 +1,123 @@
+"""Losing a host with users' models through the user paths: a script of the user's
+(tests/cases/fault_users.py) started by ``disttrain launch`` on 2 network-namespace hosts with
+``--nnodes 1:2`` and only the YAML's ``fault_tolerance: {every: 1, replicas: 1}``; host 1 (agent and
+worker) is SIGKILLed mid-run and the survivor's agent starts the script again at world size 1.
+
+- a transformers GPT-2 (random init from a config) under zero3 through the user's OWN LOOP
+  (``disttrain.init / run.setup / run.batches / run.backward / run.step``);
+- a peft LoRA GPT-2 (only the adapters trainable) under ddp through ``disttrain.fit``.
+
+Each: the new worker resumes from the copies in the survivor's agent memory (0 bytes from disk, no
+disk checkpoint exists before the end: ``checkpoint.every=0``), at most one step lost, and the run
+ends where a run resized from a disk checkpoint at the same step ends (2 ranks save at step s, 1 rank
+resumes; same global batch): every parameter within TOL (absolute) and every logged loss after s
+within 1e-3 (relative) (tests/support/resized.py). The LoRA run also keeps every base weight as
+built (frozen through the loss and the recovery).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.cases.fault_users import lora_gpt2
+from tests.support.netns import net_hosts
+from tests.support.resized import check_equals_resized_run
+from tests.test_launcher_elastic import ROOT, _kill_host, _no_netns, _params, _start
+
+pytestmark = pytest.mark.skipif(_no_netns() is not None, reason=f"multi-host tests skipped: {_no_netns()}")
+SCRIPT = os.path.join(ROOT, "tests", "cases", "fault_users.py")
+RESUMED = r"resumed from peer memory at step (\d+) \((\d+) bytes\), 0 from disk \(restart 1\)"
+STEPS = 24
+PACE = "0.25"  # seconds after each step of the run that loses a host, so the SIGKILL lands mid-run
+TOL = 1e-5  # parameters; the reference runs the same steps on the same layouts in other processes
+
+
+def _yaml(tmp_path, name: str, strategy: str, ckpt_every: int, ft_every: int) -> str:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(
+        f"run: {{dir: {tmp_path / name}, seed: 0}}\n"
+        "launch: {backend: torch}\n"
+        f"train: {{steps: {STEPS}, batch_size: 8, log_every: 1, eval_every: 0}}\n"
+        "optim: {lr: 0.003}\n"
+        f"parallel: {{strategy: {strategy}}}\n"
+        f"checkpoint: {{every: {ckpt_every}, keep: 100}}\n"
+        f"fault_tolerance: {{every: {ft_every}, replicas: 1}}\n"
+    )
+    return str(path)
+
+
+def _launcher(mode: str):
+    def run(yaml: str, nproc: int) -> str:
+        res = subprocess.run(
+            [sys.executable, "-m", "launcher.cli", "--nproc-per-node", str(nproc), SCRIPT, mode, yaml],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=180,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "FAULT_USERS_STEP_SLEEP": "0"},
+        )
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        return res.stdout
+
+    return run
+
+
+def _lose_host_1(tmp_path, mode: str, strategy: str, monkeypatch) -> int:
+    """The run that loses host 1 after step 8; returns the step it resumed at from peer memory."""
+    monkeypatch.setenv("FAULT_USERS_STEP_SLEEP", PACE)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    run_yaml = _yaml(tmp_path, "run", strategy, 0, 1)
+    with net_hosts(2, sshd=False) as hosts:
+        nodes = _start(hosts, "1:2", ["--heartbeat-timeout", "2", SCRIPT, mode, run_yaml])
+        try:
+            nodes[0].wait_for(r"\] step 8/", 120)
+            _kill_host(hosts, 1)
+            nodes[0].wait_for(RESUMED, 60)
+            code = nodes[0].wait(120)
+        finally:
+            for n in nodes:
+                n.kill()
+    out, err = "".join(nodes[0].out), "".join(nodes[0].err)
+    assert code == 0, nodes[0].text()
+    m = re.search(RESUMED, out)
+    s, nbytes = int(m.group(1)), int(m.group(2))
+    done_before = max(int(x) for x in re.findall(r"\] step (\d+)/", out[: m.start()]))
+    print(f"{mode}: resumed from peer memory at step {s} ({nbytes} bytes), {done_before - s} step(s) lost")
+    assert 8 <= done_before and done_before - s <= 1, f"{done_before - s} steps lost"
+    assert nbytes > 0 and "resumed from /" not in out, "a disk checkpoint was read"
+    assert re.search(r"round 1: .*lost \S+; world 2 -> 1", err), nodes[0].text()
+    assert re.search(rf"\] step {STEPS}/{STEPS}", out[m.end() :]), out[-2000:]
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["latest", f"step_{STEPS:06d}"]
+    return s
+
+
+@pytest.mark.timeout(300)
+def test_own_loop_gpt2_zero3_loses_a_host_and_equals_a_resized_run(tmp_path, monkeypatch):
+    s = _lose_host_1(tmp_path, "own_gpt2", "zero3", monkeypatch)
+    monkeypatch.setenv("FAULT_USERS_STEP_SLEEP", "0")
+    ref_yaml = _yaml(tmp_path, "ref", "zero3", s, 0)
+    check_equals_resized_run(tmp_path, ref_yaml, _launcher("own_gpt2"), "own loop gpt2 zero3", STEPS, s, 2, 1, TOL)
+
+
+@pytest.mark.timeout(300)
+def test_fit_lora_ddp_loses_a_host_and_equals_a_resized_run(tmp_path, monkeypatch):
+    s = _lose_host_1(tmp_path, "fit_lora", "ddp", monkeypatch)
+    monkeypatch.setenv("FAULT_USERS_STEP_SLEEP", "0")
+    ref_yaml = _yaml(tmp_path, "ref", "ddp", s, 0)
+    check_equals_resized_run(tmp_path, ref_yaml, _launcher("fit_lora"), "fit lora ddp", STEPS, s, 2, 1, TOL)
+
+    # only the adapters trained: every base weight of the recovered run is the one built (seed 0)
+    built = {n: p.detach() for n, p in lora_gpt2().named_parameters()}
+    _, got = _params(str(tmp_path / "run"))
+    lora = [k for k in got if "lora_" in k]
+    base = [k for k in got if "lora_" not in k]
+    assert lora and base, sorted(got)
+    name = {k: next(n for n in built if k.endswith(n.removeprefix("base_model.model."))) for k in got}
+    assert all(torch.equal(got[k], built[name[k]]) for k in base), "a frozen base weight changed"
+    assert all(not torch.equal(got[k], built[name[k]]) for k in lora if "lora_B" in k), "an adapter did not train"
