@@ -219,12 +219,31 @@ def autocast_forward(forward: Callable, precision: str, device: str) -> Callable
     return run
 
 
+def restart_recovery_only(session: Session, entry: str) -> None:
+    """A lost host under a user's script: the agents' replica stores and the checkpointer's resume from peer
+    memory serve ``init`` and ``fit`` as they serve ``disttrain run`` (the same session callbacks), but
+    ``fault_tolerance.recover: in_place`` needs the worker's loop, which rebuilds model and data from the
+    config in the same process; the script's model object cannot be. Rank 0 says so, once: its agent
+    restarts the script instead (it resumes from the same copies in memory)."""
+    if session.cfg.fault_tolerance.recover == "in_place" and session.comm.rank == 0:
+        log.warning(
+            "rank %s: fault_tolerance.recover is in_place, but %s holds your model object, which cannot be "
+            "rebuilt at a new world size in this process; a lost host restarts this script instead (it resumes "
+            "from the same copies in peer memory)\nHINT: for recovery in place give model, data and loss as "
+            "import targets (model.target, data.target, loss.target) and start `disttrain run`",
+            session.comm.env.where,
+            entry,
+        )
+
+
 def init(config: str | config_mod.ExperimentConfig | None = None, argv: Sequence[str] = (), **settings: Any) -> Run:
     """Every rank, first: read the config (a YAML path, or none), keyword settings such as
     ``train={"steps": 100}`` and ``key=value`` overrides (a bad one raises :class:`ConfigError`),
     join the job (launcher, torchrun, srun, mpiexec or one process), seed every RNG, open the run
     directory and install the preemption handlers. Blocks until every rank has joined."""
-    return Run(Session.start(_load(config, argv, settings)))
+    session = Session.start(_load(config, argv, settings))
+    restart_recovery_only(session, "a script's own loop")
+    return Run(session)
 
 
 def fit(
@@ -244,7 +263,9 @@ def fit(
     checkpoints and resume. Every rank; returns the summary. Build the model after ``init`` or with
     the same seed on every rank (rank 0's weights are broadcast anyway). ``callbacks``: Callback objects
     run after the built-in ones; ``scheduler(optimizer)``: a torch lr scheduler in place of ``schedule``."""
-    run = Run(Session.start(_load(config, argv, {}), callbacks=callbacks or ()))
+    session = Session.start(_load(config, argv, {}), callbacks=callbacks or ())
+    restart_recovery_only(session, "disttrain.fit")
+    run = Run(session)
     run.trainer = run.session.trainer(
         model, as_data(data, collate_fn), step_fn=step, optimizer=optimizer, scheduler=scheduler
     )

@@ -4,7 +4,9 @@
 worker) is SIGKILLed mid-run and the survivor's agent starts the script again at world size 1.
 
 - a transformers GPT-2 (random init from a config) under zero3 through the user's OWN LOOP
-  (``disttrain.init / run.setup / run.batches / run.backward / run.step``);
+  (``disttrain.init / run.setup / run.batches / run.backward / run.step``), with ``recover: in_place``
+  asked for: the script's model object cannot be rebuilt in place, so rank 0 says so and the agent
+  restarts the script (the path the recovery takes is then the same as with ``restart``);
 - a peft LoRA GPT-2 (only the adapters trainable) under ddp through ``disttrain.fit``.
 
 Each: the new worker resumes from the copies in the survivor's agent memory (0 bytes from disk, no
@@ -38,7 +40,7 @@ PACE = "0.25"  # seconds after each step of the run that loses a host, so the SI
 TOL = 1e-5  # parameters; the reference runs the same steps on the same layouts in other processes
 
 
-def _yaml(tmp_path, name: str, strategy: str, ckpt_every: int, ft_every: int) -> str:
+def _yaml(tmp_path, name: str, strategy: str, ckpt_every: int, ft_every: int, recover: str = "restart") -> str:
     path = tmp_path / f"{name}.yaml"
     path.write_text(
         f"run: {{dir: {tmp_path / name}, seed: 0}}\n"
@@ -47,7 +49,7 @@ def _yaml(tmp_path, name: str, strategy: str, ckpt_every: int, ft_every: int) ->
         "optim: {lr: 0.003}\n"
         f"parallel: {{strategy: {strategy}}}\n"
         f"checkpoint: {{every: {ckpt_every}, keep: 100}}\n"
-        f"fault_tolerance: {{every: {ft_every}, replicas: 1}}\n"
+        f"fault_tolerance: {{every: {ft_every}, replicas: 1, recover: {recover}}}\n"
     )
     return str(path)
 
@@ -68,11 +70,12 @@ def _launcher(mode: str):
     return run
 
 
-def _lose_host_1(tmp_path, mode: str, strategy: str, monkeypatch) -> int:
-    """The run that loses host 1 after step 8; returns the step it resumed at from peer memory."""
+def _lose_host_1(tmp_path, mode: str, strategy: str, monkeypatch, recover: str = "restart") -> tuple[int, str]:
+    """The run that loses host 1 after step 8; returns the step it resumed at from peer memory and
+    host 0's stderr."""
     monkeypatch.setenv("FAULT_USERS_STEP_SLEEP", PACE)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    run_yaml = _yaml(tmp_path, "run", strategy, 0, 1)
+    run_yaml = _yaml(tmp_path, "run", strategy, 0, 1, recover)
     with net_hosts(2, sshd=False) as hosts:
         nodes = _start(hosts, "1:2", ["--heartbeat-timeout", "2", SCRIPT, mode, run_yaml])
         try:
@@ -94,12 +97,15 @@ def _lose_host_1(tmp_path, mode: str, strategy: str, monkeypatch) -> int:
     assert re.search(r"round 1: .*lost \S+; world 2 -> 1", err), nodes[0].text()
     assert re.search(rf"\] step {STEPS}/{STEPS}", out[m.end() :]), out[-2000:]
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["latest", f"step_{STEPS:06d}"]
-    return s
+    return s, err
 
 
 @pytest.mark.timeout(300)
 def test_own_loop_gpt2_zero3_loses_a_host_and_equals_a_resized_run(tmp_path, monkeypatch):
-    s = _lose_host_1(tmp_path, "own_gpt2", "zero3", monkeypatch)
+    # recover: in_place asked for: the own loop cannot rebuild the user's model object in place, so rank 0
+    # says so and the agent restarts the script, which resumes from the same copies in memory
+    s, err = _lose_host_1(tmp_path, "own_gpt2", "zero3", monkeypatch, "in_place")
+    assert "recover is in_place, but a script's own loop holds your model object" in err, err[-3000:]
     monkeypatch.setenv("FAULT_USERS_STEP_SLEEP", "0")
     ref_yaml = _yaml(tmp_path, "ref", "zero3", s, 0)
     check_equals_resized_run(tmp_path, ref_yaml, _launcher("own_gpt2"), "own loop gpt2 zero3", STEPS, s, 2, 1, TOL)
@@ -107,7 +113,7 @@ def test_own_loop_gpt2_zero3_loses_a_host_and_equals_a_resized_run(tmp_path, mon
 
 @pytest.mark.timeout(300)
 def test_fit_lora_ddp_loses_a_host_and_equals_a_resized_run(tmp_path, monkeypatch):
-    s = _lose_host_1(tmp_path, "fit_lora", "ddp", monkeypatch)
+    s, _ = _lose_host_1(tmp_path, "fit_lora", "ddp", monkeypatch)
     monkeypatch.setenv("FAULT_USERS_STEP_SLEEP", "0")
     ref_yaml = _yaml(tmp_path, "ref", "ddp", s, 0)
     check_equals_resized_run(tmp_path, ref_yaml, _launcher("fit_lora"), "fit lora ddp", STEPS, s, 2, 1, TOL)
