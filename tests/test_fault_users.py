@@ -7,7 +7,9 @@ worker) is SIGKILLed mid-run and the survivor's agent starts the script again at
   (``disttrain.init / run.setup / run.batches / run.backward / run.step``), with ``recover: in_place``
   asked for: the script's model object cannot be rebuilt in place, so rank 0 says so and the agent
   restarts the script (the path the recovery takes is then the same as with ``restart``);
-- a peft LoRA GPT-2 (only the adapters trainable) under ddp through ``disttrain.fit``.
+- a peft LoRA GPT-2 (only the adapters trainable) under ddp through ``disttrain.fit``;
+- the GPT-2 as import targets of a YAML run (``-m disttrain.worker``; model, data and loss targets) under
+  zero2 with ``recover: in_place``, what the own loop's HINT advises: the survivor's worker PID is kept.
 
 Each: the new worker resumes from the copies in the survivor's agent memory (0 bytes from disk, no
 disk checkpoint exists before the end: ``checkpoint.every=0``), at most one step lost, and the run
@@ -40,10 +42,19 @@ PACE = "0.25"  # seconds after each step of the run that loses a host, so the SI
 TOL = 1e-5  # parameters; the reference runs the same steps on the same layouts in other processes
 
 
-def _yaml(tmp_path, name: str, strategy: str, ckpt_every: int, ft_every: int, recover: str = "restart") -> str:
+TARGETS = (
+    "model: {target: 'tests.cases.fault_users:tiny_gpt2'}\n"
+    "data: {target: 'tests.cases.fault_users:tokens'}\n"
+    "loss: {target: 'tests.cases.fault_users:paced_lm_step'}\n"
+)
+
+
+def _yaml(
+    tmp_path, name: str, strategy: str, ckpt_every: int, ft_every: int, recover: str = "restart", targets: str = ""
+) -> str:
     path = tmp_path / f"{name}.yaml"
     path.write_text(
-        f"run: {{dir: {tmp_path / name}, seed: 0}}\n"
+        targets + f"run: {{dir: {tmp_path / name}, seed: 0}}\n"
         "launch: {backend: torch}\n"
         f"train: {{steps: {STEPS}, batch_size: 8, log_every: 1, eval_every: 0}}\n"
         "optim: {lr: 0.003}\n"
@@ -55,9 +66,12 @@ def _yaml(tmp_path, name: str, strategy: str, ckpt_every: int, ft_every: int, re
 
 
 def _launcher(mode: str):
+    """A reference run of the user's script (``mode``), or of a YAML run for mode None."""
+
     def run(yaml: str, nproc: int) -> str:
+        entry = [SCRIPT, mode, yaml] if mode else ["-m", "disttrain.worker", yaml]
         res = subprocess.run(
-            [sys.executable, "-m", "launcher.cli", "--nproc-per-node", str(nproc), SCRIPT, mode, yaml],
+            [sys.executable, "-m", "launcher.cli", "--nproc-per-node", str(nproc), *entry],
             capture_output=True,
             text=True,
             cwd=ROOT,
@@ -70,16 +84,21 @@ def _launcher(mode: str):
     return run
 
 
-def _lose_host_1(tmp_path, mode: str, strategy: str, monkeypatch, recover: str = "restart") -> tuple[int, str]:
-    """The run that loses host 1 after step 8; returns the step it resumed at from peer memory and
-    host 0's stderr."""
+def _lose_host_1(
+    tmp_path, mode: str | None, strategy: str, monkeypatch, recover: str = "restart"
+) -> tuple[int, str, str, set[int]]:
+    """The run that loses host 1 after step 8 (the user's script ``mode``, or a YAML run of the targets for
+    None); returns the step it resumed at from peer memory, host 0's stdout and stderr, and the PIDs on
+    host 0 before the loss."""
     monkeypatch.setenv("FAULT_USERS_STEP_SLEEP", PACE)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    run_yaml = _yaml(tmp_path, "run", strategy, 0, 1, recover)
+    run_yaml = _yaml(tmp_path, "run", strategy, 0, 1, recover, "" if mode else TARGETS)
+    entry = [SCRIPT, mode, run_yaml] if mode else ["-m", "disttrain.worker", run_yaml]
     with net_hosts(2, sshd=False) as hosts:
-        nodes = _start(hosts, "1:2", ["--heartbeat-timeout", "2", SCRIPT, mode, run_yaml])
+        nodes = _start(hosts, "1:2", ["--heartbeat-timeout", "2", *entry])
         try:
             nodes[0].wait_for(r"\] step 8/", 120)
+            before = set(hosts.pids(0))  # the survivor's agent and worker
             _kill_host(hosts, 1)
             nodes[0].wait_for(RESUMED, 60)
             code = nodes[0].wait(120)
@@ -91,20 +110,20 @@ def _lose_host_1(tmp_path, mode: str, strategy: str, monkeypatch, recover: str =
     m = re.search(RESUMED, out)
     s, nbytes = int(m.group(1)), int(m.group(2))
     done_before = max(int(x) for x in re.findall(r"\] step (\d+)/", out[: m.start()]))
-    print(f"{mode}: resumed from peer memory at step {s} ({nbytes} bytes), {done_before - s} step(s) lost")
+    print(f"{mode or 'yaml'}: resumed from peer memory at step {s} ({nbytes} bytes), {done_before - s} step(s) lost")
     assert 8 <= done_before and done_before - s <= 1, f"{done_before - s} steps lost"
     assert nbytes > 0 and "resumed from /" not in out, "a disk checkpoint was read"
     assert re.search(r"round 1: .*lost \S+; world 2 -> 1", err), nodes[0].text()
     assert re.search(rf"\] step {STEPS}/{STEPS}", out[m.end() :]), out[-2000:]
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["latest", f"step_{STEPS:06d}"]
-    return s, err
+    return s, out, err, before
 
 
 @pytest.mark.timeout(300)
 def test_own_loop_gpt2_zero3_loses_a_host_and_equals_a_resized_run(tmp_path, monkeypatch):
     # recover: in_place asked for: the own loop cannot rebuild the user's model object in place, so rank 0
     # says so and the agent restarts the script, which resumes from the same copies in memory
-    s, err = _lose_host_1(tmp_path, "own_gpt2", "zero3", monkeypatch, "in_place")
+    s, _, err, _ = _lose_host_1(tmp_path, "own_gpt2", "zero3", monkeypatch, "in_place")
     assert "recover is in_place, but a script's own loop holds your model object" in err, err[-3000:]
     monkeypatch.setenv("FAULT_USERS_STEP_SLEEP", "0")
     ref_yaml = _yaml(tmp_path, "ref", "zero3", s, 0)
@@ -113,7 +132,7 @@ def test_own_loop_gpt2_zero3_loses_a_host_and_equals_a_resized_run(tmp_path, mon
 
 @pytest.mark.timeout(300)
 def test_fit_lora_ddp_loses_a_host_and_equals_a_resized_run(tmp_path, monkeypatch):
-    s, _ = _lose_host_1(tmp_path, "fit_lora", "ddp", monkeypatch)
+    s, *_ = _lose_host_1(tmp_path, "fit_lora", "ddp", monkeypatch)
     monkeypatch.setenv("FAULT_USERS_STEP_SLEEP", "0")
     ref_yaml = _yaml(tmp_path, "ref", "ddp", s, 0)
     check_equals_resized_run(tmp_path, ref_yaml, _launcher("fit_lora"), "fit lora ddp", STEPS, s, 2, 1, TOL)
@@ -127,3 +146,13 @@ def test_fit_lora_ddp_loses_a_host_and_equals_a_resized_run(tmp_path, monkeypatc
     name = {k: next(n for n in built if k.endswith(n.removeprefix("base_model.model."))) for k in got}
     assert all(torch.equal(got[k], built[name[k]]) for k in base), "a frozen base weight changed"
     assert all(not torch.equal(got[k], built[name[k]]) for k in lora if "lora_B" in k), "an adapter did not train"
+
+
+@pytest.mark.timeout(300)
+def test_yaml_targets_gpt2_zero2_recovers_in_place_and_equals_a_resized_run(tmp_path, monkeypatch):
+    s, out, _, before = _lose_host_1(tmp_path, None, "zero2", monkeypatch, "in_place")
+    moved = re.search(r"in place \(pid (\d+)\): .*lost rank 1@\S+; now rank 0 of 1, attempt 1", out)
+    assert moved and int(moved.group(1)) in before, out[-3000:]  # the same worker process goes on
+    monkeypatch.setenv("FAULT_USERS_STEP_SLEEP", "0")
+    ref_yaml = _yaml(tmp_path, "ref", "zero2", s, 0, targets=TARGETS)
+    check_equals_resized_run(tmp_path, ref_yaml, _launcher(None), "yaml gpt2 zero2 in place", STEPS, s, 2, 1, TOL)

@@ -4,6 +4,9 @@ runs under ``disttrain launch`` as every rank of the job, and again as the survi
     fault_users.py own_gpt2 RUN.yaml [key=value ...]   # own loop: init / setup / batches / backward / step
     fault_users.py fit_lora RUN.yaml [key=value ...]   # disttrain.fit with a peft LoRA model
 
+and as the import targets of a YAML run (``disttrain run``): ``model.target: tests.cases.fault_users:tiny_gpt2``,
+``data.target: ...:tokens``, ``loss.target: ...:paced_lm_step``.
+
 Both models are transformers GPT-2s built from a config (no download), tiny; ``fit_lora`` wraps it
 with peft LoRA adapters on ``c_attn`` (every base weight frozen). Nothing here is about faults: the
 fault tolerance is the YAML's ``fault_tolerance:`` section only. ``FAULT_USERS_STEP_SLEEP`` (seconds)
@@ -60,8 +63,18 @@ def lora_gpt2(seed: int = 0):
     return get_peft_model(model, cfg)
 
 
+def tokens():
+    return Tokens(), None
+
+
 def lm_step(model, batch):
     return cross_entropy_step(model, batch, shift_labels=True)
+
+
+def paced_lm_step(model, batch):
+    """``lm_step`` after ``FAULT_USERS_STEP_SLEEP`` seconds (a YAML run has no callback of the user's)."""
+    time.sleep(float(os.environ.get("FAULT_USERS_STEP_SLEEP", "0")))
+    return lm_step(model, batch)
 
 
 class Pace(disttrain.Callback):
