@@ -25,7 +25,7 @@ MOVED = r"in place \(pid (\d+)\): .*lost rank 1@\S+; now rank 0 of 1, attempt 1"
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("strategy", ["ddp", "zero3"])
 def test_a_lost_host_is_recovered_in_place_and_equals_a_resized_run(tmp_path, strategy):
-    steps = 300
+    steps = 120
     extra = ["checkpoint.every=0", "fault_tolerance.every=1", "fault_tolerance.recover=in_place"]
     run_yaml = _config(tmp_path, "run", strategy, steps, extra)
     with net_hosts(2, sshd=False) as hosts:

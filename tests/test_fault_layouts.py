@@ -114,7 +114,7 @@ def _equals_resized_run(tmp_path, layout: str, overrides: list[str], steps: int,
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_a_host_lost_under_tp_or_pp_resumes_from_peer_memory(tmp_path, layout):
     """dp2 x tp2 (pp2) on 2 hosts x 2 workers -> tp2 (pp2) on the survivor's two."""
-    steps, mesh = 60, LAYOUTS[layout]
+    steps, mesh = 45, LAYOUTS[layout]
     run_yaml = _config(tmp_path, "run", steps, [*mesh, "checkpoint.every=0", "fault_tolerance.every=1"])
     code, out, err, after = _lose_host(tmp_path, run_yaml, 2)
     assert code == 0, out[-3000:] + err[-3000:]
@@ -130,7 +130,7 @@ def test_tp2_on_one_survivor_falls_back_to_a_layout_the_config_allows(tmp_path, 
     # One worker per host gets every core, two per machine get one thread each (launcher/environment.py):
     # the same thread count on both sides keeps the float32 sums in the same order.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    steps, mesh = 60, ["parallel.mesh.tp=2", "fault_tolerance.fallback=[{tp: 2, pp: 2}, {tp: 1}]"]
+    steps, mesh = 45, ["parallel.mesh.tp=2", "fault_tolerance.fallback=[{tp: 2, pp: 2}, {tp: 1}]"]
     run_yaml = _config(tmp_path, "run", steps, [*mesh, "checkpoint.every=0", "fault_tolerance.every=1"])
     code, out, err, after = _lose_host(tmp_path, run_yaml, 1)
     assert code == 0, out[-3000:] + err[-3000:]
