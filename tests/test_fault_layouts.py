@@ -21,7 +21,7 @@ import pytest
 
 from disttrain import config as config_mod
 from tests.support.netns import net_hosts
-from tests.support.resized import check_equals_resized_run
+from tests.support.resized import check_equals_resized_run, run_until
 from tests.test_launcher_elastic import ROOT, _kill_host, _no_netns, _start
 
 pytestmark = pytest.mark.skipif(_no_netns() is not None, reason=f"multi-host tests skipped: {_no_netns()}")
@@ -107,7 +107,7 @@ def _equals_resized_run(tmp_path, layout: str, overrides: list[str], steps: int,
     """The reference: ``before`` processes save at step s, ``after`` processes resume from that disk
     checkpoint (same config); parameters and every logged loss after s equal the run's."""
     ref_yaml = _config(tmp_path, "ref", steps, [*overrides, f"checkpoint.every={s}"])
-    check_equals_resized_run(tmp_path, ref_yaml, _run, layout, steps, s, before, after, TOL)
+    check_equals_resized_run(tmp_path, ref_yaml, _run, layout, steps, s, before, after, TOL, run_until)
 
 
 @pytest.mark.timeout(300)

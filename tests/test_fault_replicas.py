@@ -24,7 +24,7 @@ import pytest
 
 from disttrain import config as config_mod
 from tests.support.netns import net_hosts
-from tests.support.resized import check_equals_resized_run
+from tests.support.resized import check_equals_resized_run, run_until
 from tests.test_launcher_elastic import ROOT, _kill_host, _no_netns, _start
 
 pytestmark = pytest.mark.skipif(_no_netns() is not None, reason=f"multi-host tests skipped: {_no_netns()}")
@@ -125,4 +125,4 @@ def test_a_lost_host_resumes_from_peer_memory_and_equals_a_resized_run(tmp_path,
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["latest", f"step_{steps:06d}"]
 
     ref_yaml = _config(tmp_path, "ref", strategy, steps, [f"checkpoint.every={s}"])
-    check_equals_resized_run(tmp_path, ref_yaml, _run, strategy, steps, s, 2, 1, TOL)
+    check_equals_resized_run(tmp_path, ref_yaml, _run, strategy, steps, s, 2, 1, TOL, run_until)

@@ -2,9 +2,9 @@
 step ``s``, ``after`` processes resume from that disk checkpoint (same config, same global batch).
 Parameters at the end and every logged loss after ``s`` must equal the recovered run's.
 
-The ``before`` part stops right after step ``s`` is saved (every rank SIGKILLs itself at the end of
-step s+1 through checkpoint/testhooks.py, the save synchronous): the steps after ``s`` are the
-``after`` part's, so training them twice would only cost time."""
+With ``first_part=run_until`` the ``before`` part stops right after step ``s`` is saved (every rank
+SIGKILLs itself at the end of step s+1 through checkpoint/testhooks.py, the save synchronous): the
+steps after ``s`` are the ``after`` part's, so training them twice would only cost time."""
 
 from __future__ import annotations
 
@@ -36,11 +36,15 @@ def run_until(yaml: str, nproc: int, s: int) -> None:
 
 def check_equals_resized_run(
     tmp_path, ref_yaml: str, run: Callable[[str, int], str], label: str, steps: int, s: int, before: int, after: int,
-    tol: float,
+    tol: float, first_part: Callable[[str, int, int], None] | None = None,
 ) -> None:  # fmt: skip
     """``ref_yaml`` writes to ``tmp_path/ref`` with ``checkpoint.every=s``; ``run(yaml, nproc)`` returns its
-    output; the recovered run is ``tmp_path/run``."""
-    run_until(ref_yaml, before, s)
+    output; the recovered run is ``tmp_path/run``. ``first_part(yaml, nproc, s)`` runs the ``before``
+    part (:func:`run_until` for a ``disttrain run`` config; default: ``run`` to the end)."""
+    if first_part is None:
+        run(ref_yaml, before)
+    else:
+        first_part(ref_yaml, before, s)
     ckpts = tmp_path / "ref" / "checkpoints"
     for name in os.listdir(ckpts):
         mm = re.fullmatch(r"step_(\d+)", name)
