@@ -43,6 +43,7 @@ def evaluate(
         per_rank,
         collate,
         trainer._num_workers,
+        cfg.data.worker_start,
     )
     loss_sum, count, metrics = 0.0, 0.0, MetricWindow()
     model = trainer.strategy.model

@@ -163,6 +163,7 @@ class Trainer:
                 self.step,
                 self.data.collate,
                 self._num_workers,
+                self.cfg.data.worker_start,
             )
         if self.stragglers is not None:
             self.stragglers.begin_step()

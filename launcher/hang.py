@@ -9,6 +9,8 @@ last collectives and every thread's Python stack). :meth:`HangWatch.poll`, calle
 agent's monitor loop, reads the beats; after ``timeout`` seconds without any, it asks for dumps,
 waits briefly for them and returns :func:`format_report`'s text. ``disttrain trace RUN_DIR``
 prints the same report from the copies the workers keep in the run directory.
+A rank's descendants that catch the stack signal (its DataLoader workers, even a forkserver's,
+which are grandchildren) are signalled too, and the report shows where each stands in Python.
 
 Which rank is behind: one that is not inside a collective while its peers wait in one, else the
 one whose newest collective has the lowest sequence number in the group most ranks wait in.
@@ -78,6 +80,15 @@ class HangWatch:
         deadline = time.monotonic() + self.dump_wait
         signalled = False
         got: dict[int, dict] = {}
+        # A rank's own dump cannot show its children's Python: those that catch the stack signal write it
+        # (disttrain's DataLoader workers into rank<R>.child<pid>.stacks.txt; any other forked child, which
+        # inherited the rank's faulthandler, appends to the rank's own stacks file).
+        kids = {r: catching(descendants(self.pids[r]), STACK_SIGNAL) for r in self.ranks if r in self.pids}
+        for pid in (p for pids in kids.values() for p in pids):
+            try:
+                os.kill(pid, STACK_SIGNAL)
+            except OSError:
+                pass
         while time.monotonic() < deadline and len(got) < len(self.ranks):
             if not signalled and time.monotonic() > deadline - self.dump_wait / 2:
                 signalled = True  # a rank that has not answered yet: faulthandler writes its stacks from C
@@ -94,7 +105,23 @@ class HangWatch:
                         got[r] = d
             time.sleep(0.05)
         missing = [self._from_faulthandler(r, signalled) for r in self.ranks if r not in got]
-        return [got[r] for r in sorted(got)] + missing
+        dumps = [got[r] for r in sorted(got)] + missing
+        for d in dumps:
+            d["child_stacks"] = self._child_stacks(d["rank"], kids.get(d["rank"], []))
+        return dumps
+
+    def _child_stacks(self, rank: int, pids: list[int]) -> list[dict]:
+        """The faulthandler stacks the signalled children of ``rank`` wrote into their own files."""
+        out = []
+        for pid in pids:
+            try:
+                with open(os.path.join(self.dir, f"rank{rank}.child{pid}.stacks.txt")) as f:
+                    threads = parse_faulthandler(f.read(1 << 20))
+            except OSError:
+                continue
+            if threads:
+                out.append({"pid": pid, "stacks": threads})
+        return out
 
     def _from_faulthandler(self, rank: int, signalled: bool) -> dict:
         """A rank that sent no dump: its faulthandler stacks, when it wrote them."""
@@ -116,6 +143,47 @@ class HangWatch:
 
     def reset(self) -> None:
         self._last = time.monotonic()
+
+
+def descendants(pid: int) -> list[int]:
+    """The pids of ``pid``'s children, theirs, and so on (a forkserver's workers are grandchildren), from
+    /proc's parent links; empty where there is no /proc."""
+    parent: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for e in entries:
+        if e.isdigit():
+            try:
+                with open(f"/proc/{e}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue  # gone meanwhile
+            ppid = int(stat[stat.rfind(")") + 2 :].split()[1])
+            parent.setdefault(ppid, []).append(int(e))
+    out, todo = [], [pid]
+    while todo:
+        kids = parent.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def catching(pids: list[int], signum: int) -> list[int]:
+    """Those of ``pids`` that catch ``signum`` (``SigCgt`` in /proc): the signal's default action
+    would end any other (a forkserver, a user's subprocess), so only these are sent it."""
+    bit = 1 << (int(signum) - 1)
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                caught = next((int(line.split()[1], 16) for line in f if line.startswith("SigCgt:")), 0)
+        except (OSError, ValueError):
+            continue
+        if caught & bit:
+            out.append(pid)
+    return out
 
 
 def parse_faulthandler(text: str) -> list[dict]:
@@ -198,6 +266,13 @@ def behind(dumps: list[dict]) -> list[int]:
     return [r for r, s in seqs.items() if s == low and low < max(seqs.values())]
 
 
+def _child_lines(dump: dict) -> list[str]:
+    return [
+        f"    child pid {c['pid']} (its Python): now at {where({'stacks': c['stacks']})}"
+        for c in dump.get("child_stacks") or []
+    ]
+
+
 def format_report(dumps: list[dict], why: str) -> str:
     """One report: the rank(s) behind first, then every rank's state and place."""
     now = time.time()
@@ -210,6 +285,7 @@ def format_report(dumps: list[dict], why: str) -> str:
         tag = "BEHIND " if d["rank"] in slow else ""
         if d.get("missing"):
             lines.append(f"  {tag}rank {d['rank']}: no dump (busy without releasing the GIL, or gone)")
+            lines += _child_lines(d)
             continue
         who = f"rank {d['rank']}@{d.get('host', '?')}"
         last = _last(d)
@@ -227,5 +303,6 @@ def format_report(dumps: list[dict], why: str) -> str:
         lines.append(f"  {tag}{who}: {state}; now at {where(d)}")
         for c in d.get("children") or []:
             lines.append(f"    child {c['name']} pid {c['pid']}: state {c['state']}, waiting in {c['wchan']}")
+        lines += _child_lines(d)
     lines.append("HINT: the rank behind is stuck at the line shown (compute, I/O, a rank-dependent branch)")
     return "\n".join(lines)

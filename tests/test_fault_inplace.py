@@ -14,7 +14,7 @@ import time
 import pytest
 
 from tests.support.netns import net_hosts
-from tests.support.resized import check_equals_resized_run
+from tests.support.resized import check_equals_resized_run, run_until
 from tests.test_fault_replicas import RESUMED, TOL, _config, _run
 from tests.test_launcher_elastic import _kill_host, _no_netns, _start
 
@@ -25,7 +25,7 @@ MOVED = r"in place \(pid (\d+)\): .*lost rank 1@\S+; now rank 0 of 1, attempt 1"
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("strategy", ["ddp", "zero3"])
 def test_a_lost_host_is_recovered_in_place_and_equals_a_resized_run(tmp_path, strategy):
-    steps = 300
+    steps = 120
     extra = ["checkpoint.every=0", "fault_tolerance.every=1", "fault_tolerance.recover=in_place"]
     run_yaml = _config(tmp_path, "run", strategy, steps, extra)
     with net_hosts(2, sshd=False) as hosts:
@@ -57,4 +57,4 @@ def test_a_lost_host_is_recovered_in_place_and_equals_a_resized_run(tmp_path, st
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["latest", f"step_{steps:06d}"]
 
     ref_yaml = _config(tmp_path, "ref", strategy, steps, [f"checkpoint.every={s}"])
-    check_equals_resized_run(tmp_path, ref_yaml, _run, f"{strategy} in place", steps, s, 2, 1, TOL)
+    check_equals_resized_run(tmp_path, ref_yaml, _run, f"{strategy} in place", steps, s, 2, 1, TOL, run_until)

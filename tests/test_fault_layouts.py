@@ -21,7 +21,7 @@ import pytest
 
 from disttrain import config as config_mod
 from tests.support.netns import net_hosts
-from tests.support.resized import check_equals_resized_run
+from tests.support.resized import check_equals_resized_run, run_until
 from tests.test_launcher_elastic import ROOT, _kill_host, _no_netns, _start
 
 pytestmark = pytest.mark.skipif(_no_netns() is not None, reason=f"multi-host tests skipped: {_no_netns()}")
@@ -107,14 +107,14 @@ def _equals_resized_run(tmp_path, layout: str, overrides: list[str], steps: int,
     """The reference: ``before`` processes save at step s, ``after`` processes resume from that disk
     checkpoint (same config); parameters and every logged loss after s equal the run's."""
     ref_yaml = _config(tmp_path, "ref", steps, [*overrides, f"checkpoint.every={s}"])
-    check_equals_resized_run(tmp_path, ref_yaml, _run, layout, steps, s, before, after, TOL)
+    check_equals_resized_run(tmp_path, ref_yaml, _run, layout, steps, s, before, after, TOL, run_until)
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_a_host_lost_under_tp_or_pp_resumes_from_peer_memory(tmp_path, layout):
     """dp2 x tp2 (pp2) on 2 hosts x 2 workers -> tp2 (pp2) on the survivor's two."""
-    steps, mesh = 60, LAYOUTS[layout]
+    steps, mesh = 45, LAYOUTS[layout]
     run_yaml = _config(tmp_path, "run", steps, [*mesh, "checkpoint.every=0", "fault_tolerance.every=1"])
     code, out, err, after = _lose_host(tmp_path, run_yaml, 2)
     assert code == 0, out[-3000:] + err[-3000:]
@@ -130,7 +130,7 @@ def test_tp2_on_one_survivor_falls_back_to_a_layout_the_config_allows(tmp_path, 
     # One worker per host gets every core, two per machine get one thread each (launcher/environment.py):
     # the same thread count on both sides keeps the float32 sums in the same order.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    steps, mesh = 60, ["parallel.mesh.tp=2", "fault_tolerance.fallback=[{tp: 2, pp: 2}, {tp: 1}]"]
+    steps, mesh = 45, ["parallel.mesh.tp=2", "fault_tolerance.fallback=[{tp: 2, pp: 2}, {tp: 1}]"]
     run_yaml = _config(tmp_path, "run", steps, [*mesh, "checkpoint.every=0", "fault_tolerance.every=1"])
     code, out, err, after = _lose_host(tmp_path, run_yaml, 1)
     assert code == 0, out[-3000:] + err[-3000:]

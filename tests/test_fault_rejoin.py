@@ -31,7 +31,7 @@ TOL = 1e-4
 
 @pytest.mark.timeout(300)
 def test_a_host_that_comes_back_reads_peer_memory_and_the_job_equals_one_without_the_loss(tmp_path):
-    steps = 300
+    steps = 200
     run_yaml = _config(tmp_path, "run", "ddp", steps, ["checkpoint.every=0", "fault_tolerance.every=1"])
     args = ["--heartbeat-timeout", "2", "-m", "disttrain.worker", run_yaml]
     with net_hosts(2, sshd=False) as hosts:

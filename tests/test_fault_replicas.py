@@ -1,9 +1,9 @@
 """Losing a host with peer replicas on (``fault_tolerance.every=1``): network namespaces as hosts,
 each node started torchrun-style with ``--nnodes 1:2`` (tests/test_launcher_elastic.py's harness).
 
-Under ddp, a third host that is not part of the job (no secret) first attacks every port host 0
-listens on (the job store, the replica store): every handshake is refused, host 0's agent logs it
-with the attacker's address, and the job goes on.
+Under ddp, a third host that is not part of the job (no secret) attacks every port host 0 listens
+on (the job store, the replica store) from step 5 on, while the loss below happens: every handshake
+is refused, host 0's agent logs it with the attacker's address, and the job goes on.
 
 A host SIGKILLed (agent and workers) under ddp and zero3: the survivor's new worker resumes from
 the copies in the surviving agent's memory, with no disk checkpoint to read (``checkpoint.every=0``:
@@ -18,12 +18,13 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from disttrain import config as config_mod
 from tests.support.netns import net_hosts
-from tests.support.resized import check_equals_resized_run
+from tests.support.resized import check_equals_resized_run, run_until
 from tests.test_launcher_elastic import ROOT, _kill_host, _no_netns, _start
 
 pytestmark = pytest.mark.skipif(_no_netns() is not None, reason=f"multi-host tests skipped: {_no_netns()}")
@@ -83,19 +84,22 @@ def _run(yaml: str, nproc: int) -> str:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("strategy,every", [("ddp", "1"), ("zero3", "auto")])
 def test_a_lost_host_resumes_from_peer_memory_and_equals_a_resized_run(tmp_path, strategy, every):
-    steps = 300
+    steps = 120
     run_yaml = _config(tmp_path, "run", strategy, steps, ["checkpoint.every=0", f"fault_tolerance.every={every}"])
     with net_hosts(3 if strategy == "ddp" else 2, sshd=False) as hosts:
         nodes = _start(hosts, "1:2", ["--heartbeat-timeout", "2", "-m", "disttrain.worker", run_yaml])
         try:
-            if strategy == "ddp":
+            attack = None
+            if strategy == "ddp":  # in the background: its Python starts slower than steps go by
                 nodes[0].wait_for(r"step 5/", 120)
-                _attack_from_outside(hosts)
+                attack = ThreadPoolExecutor(1).submit(_attack_from_outside, hosts)
             nodes[0].wait_for(r"step 2[0-9]/", 120)
             killed = time.monotonic()
             _kill_host(hosts, 1)
             nodes[0].wait_for(RESUMED, 60)
             resumed_after = time.monotonic() - killed
+            if attack is not None:
+                attack.result(60)
             code = nodes[0].wait(120)
         finally:
             for n in nodes:
@@ -121,4 +125,4 @@ def test_a_lost_host_resumes_from_peer_memory_and_equals_a_resized_run(tmp_path,
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["latest", f"step_{steps:06d}"]
 
     ref_yaml = _config(tmp_path, "ref", strategy, steps, [f"checkpoint.every={s}"])
-    check_equals_resized_run(tmp_path, ref_yaml, _run, strategy, steps, s, 2, 1, TOL)
+    check_equals_resized_run(tmp_path, ref_yaml, _run, strategy, steps, s, 2, 1, TOL, run_until)

@@ -21,6 +21,7 @@ import time
 import pytest
 
 from tests.support.netns import free_port_in, net_hosts
+from tests.support.resized import run_until
 from tests.test_fault_replicas import _config, _run
 from tests.test_launcher_elastic import Node, _kill_host, _losses, _no_netns, _params
 
@@ -65,7 +66,7 @@ def _lose_two(run_yaml: str) -> tuple[int, str, str]:
 
 @pytest.mark.timeout(300)
 def test_a_second_host_lost_during_recovery_continues_from_memory(tmp_path):
-    steps = 150
+    steps = 100
     ft = ["checkpoint.every=0", "fault_tolerance.every=1", "fault_tolerance.replicas=2"]
     run_yaml = _config(tmp_path, "run", "ddp", steps, ft)
     code, out, err = _lose_two(run_yaml)
@@ -85,15 +86,15 @@ def test_a_second_host_lost_during_recovery_continues_from_memory(tmp_path):
     assert f"done: {steps} steps on 1 ranks" in out
 
     ref = tmp_path / "ref"
-    if at_two:  # 3 ranks to step `first`, 2 ranks to `s`, then 1
+    if at_two:  # 3 ranks to step `first`, 2 ranks to `s`, then 1 (each part stopped where the next starts)
         ref_yaml = _config(tmp_path, "ref", "ddp", steps, [f"checkpoint.every={first}"])
-        _run(ref_yaml, 3)
+        run_until(ref_yaml, 3, first)
         _keep_until(ref, first)
         ref_yaml = _config(tmp_path, "ref", "ddp", steps, ["checkpoint.every=1"])
-        _run(ref_yaml, 2)
+        run_until(ref_yaml, 2, s)
     else:
         ref_yaml = _config(tmp_path, "ref", "ddp", steps, [f"checkpoint.every={s}"])
-        _run(ref_yaml, 3)
+        run_until(ref_yaml, 3, s)
     _keep_until(ref, s)
     assert f"resumed from {ref / 'checkpoints'}/step_{s:06d}" in _run(ref_yaml, 1)
     (step_a, a), (step_b, b) = _params(str(tmp_path / "run")), _params(str(ref))
@@ -112,7 +113,7 @@ def test_a_second_loss_that_takes_a_ranks_only_copies_stops_without_a_disk_check
     checkpoint exists: host 0 stops naming the rank and step and what to set, instead of training
     again from step 0. (Had round 1 copied a step of its own, host 0 would hold all of it and go on
     from memory: the other defined outcome, accepted and reported.)"""
-    run_yaml = _config(tmp_path, "run", "ddp", 150, ["checkpoint.every=0", "fault_tolerance.every=1"])
+    run_yaml = _config(tmp_path, "run", "ddp", 100, ["checkpoint.every=0", "fault_tolerance.every=1"])
     code, out, err = _lose_two(run_yaml)
     resumed = [int(m.group(2)) for m in re.finditer(RESUMED, out)]
     if 2 in resumed:

@@ -37,7 +37,7 @@ def test_full_log_and_checkpoint_filesystems_never_stop_or_hang_the_job(tmp_path
         f.write(b"\0" * (620 << 10))
     try:
         argv = [sys.executable, "-m", "disttrain.cli", "run", "configs/digits.yaml", f"run.dir={run}"]
-        argv += ["train.steps=3000", "train.log_every=10", "train.eval_every=0", "checkpoint.every=20"]
+        argv += ["train.steps=1000", "train.log_every=4", "train.eval_every=0", "checkpoint.every=20"]
         argv += ["checkpoint.keep=2"]
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         err_lines: list[str] = []
@@ -61,13 +61,13 @@ def test_full_log_and_checkpoint_filesystems_never_stop_or_hang_the_job(tmp_path
         # The checkpoint disk: one save failed, logged; training went on; later saves worked.
         assert "saving checkpoint step" in err and "No space left on device" in err, err[-3000:]
         steps = [s for s, _ in list_checkpoints(ckpt)]
-        assert steps and steps[0] == 3000, steps
-        CheckpointReader(os.path.join(ckpt, "step_003000")).verify_all()
+        assert steps and steps[0] == 1000, steps
+        CheckpointReader(os.path.join(ckpt, "step_001000")).verify_all()
         assert not [n for n in os.listdir(ckpt) if n.startswith(".tmp-")]
         # The log disk: reported once when it filled, counted at the end; the console got everything.
         assert "writing" in err and "logs/rank_0/stdout.log failed (No space left on device)" in err, err[-3000:]
         assert "line(s) of output missing from" in err, err[-3000:]
-        assert "step 3000/3000" in out and "done: 3000 steps" in out, out[-2000:]
+        assert "step 1000/1000" in out and "done: 1000 steps" in out, out[-2000:]
     finally:
         for m in (logs, ckpt):
             subprocess.run(["umount", "-l", m], check=False)

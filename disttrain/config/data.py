@@ -13,6 +13,11 @@ class Loading(Section):
     num_workers: int = Field(
         0, ge=0, description="DataLoader worker processes per rank (0: batches are read in the training process)."
     )
+    worker_start: Literal["forkserver", "spawn", "fork"] = Field(
+        "forkserver",
+        description="How workers start: forkserver (default; the dataset and collate function must pickle), "
+        "spawn, or fork (no pickling, but a fork of the threaded rank can deadlock: disttrain/data/workers.py).",
+    )
 
 
 class DigitsData(Loading):

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .sampler import GlobalBatchSampler, micro_slices
 from .stream import StreamMicroBatches, StreamSampler, is_stream, stream_eval_batches
+from .workers import WorkerStart, loader_options, started
 
 __all__ = ["StepLoader", "eval_batches", "eval_split", "micro_slices"]
 
@@ -53,27 +54,29 @@ class StepLoader:
         start: int,
         collate: Callable[[list], Any] | None = None,
         num_workers: int = 0,
+        worker_start: WorkerStart = "forkserver",
     ):
         self.sampler, self.grad_accum, self.next_step = sampler, grad_accum, start
         # A generator of its own: the DataLoader draws its workers' base seed from it, never from the
         # global RNG (a resumed run must consume exactly the random numbers the uninterrupted one did).
         gen = torch.Generator().manual_seed(sampler.seed * 1_000_003 + start * 1009 + sampler.rank)
         self.stream = isinstance(sampler, StreamSampler)
+        workers = loader_options(num_workers, worker_start, dataset, collate)  # workers.py: why forkserver
         if self.stream:  # batches come collated, with the stream's state at step ends (stream.py)
             self.loader = DataLoader(
                 StreamMicroBatches(dataset, sampler, grad_accum, start, collate),
                 batch_size=None,
                 collate_fn=_as_is,
-                num_workers=num_workers,
                 generator=gen,
+                **workers,
             )
         else:
             self.loader = DataLoader(
                 dataset,
                 batch_sampler=_MicroBatchIndices(sampler, grad_accum, start),
                 collate_fn=collate,
-                num_workers=num_workers,
                 generator=gen,
+                **workers,
             )
         self._it: Iterator | None = None
 
@@ -82,7 +85,7 @@ class StepLoader:
         if step != self.next_step:
             raise RuntimeError(f"StepLoader: asked for step {step}, positioned at step {self.next_step}")
         if self._it is None:
-            self._it = iter(self.loader)
+            self._it = started(self.loader, self.sampler.rank, "training")
         self.next_step += 1
         for mb in micro_slices(self.sampler.local_batch(step), self.grad_accum):
             if not len(mb):
@@ -106,12 +109,15 @@ def eval_batches(
     batch: int,
     collate: Callable[[list], Any] | None = None,
     num_workers: int = 0,
-) -> DataLoader:
-    """A loader over ``indices`` of ``dataset`` in chunks of ``batch`` (evaluation)."""
+    worker_start: WorkerStart = "forkserver",
+    rank: int = 0,
+) -> Iterator:
+    """Batches over ``indices`` of ``dataset`` in chunks of ``batch`` (evaluation); workers start on
+    the first ``next``."""
     chunks = [c.tolist() for c in torch.split(indices, max(1, batch)) if len(c)]
-    return DataLoader(
-        dataset, batch_sampler=chunks, collate_fn=collate, num_workers=num_workers, generator=torch.Generator()
-    )
+    workers = loader_options(num_workers, worker_start, dataset, collate)
+    loader = DataLoader(dataset, batch_sampler=chunks, collate_fn=collate, generator=torch.Generator(), **workers)
+    yield from started(loader, rank, "evaluation")
 
 
 def eval_split(
@@ -122,6 +128,7 @@ def eval_split(
     batch: int,
     collate: Callable[[list], Any] | None = None,
     num_workers: int = 0,
+    worker_start: WorkerStart = "forkserver",
 ) -> tuple[Iterable, int]:
     """This rank's evaluation batches and its sample count: ``max_samples`` (rounded down to a multiple of
     ``world``, at least ``world``: a tiny eval split repeats samples) evenly spaced samples of a map-style
@@ -133,4 +140,4 @@ def eval_split(
     n = max(world, n - n % world)
     idx = torch.linspace(0, len(dataset) - 1, n).long()
     mine = idx[rank * n // world : (rank + 1) * n // world]
-    return eval_batches(dataset, mine, batch, collate, num_workers), len(mine)
+    return eval_batches(dataset, mine, batch, collate, num_workers, worker_start, rank), len(mine)

@@ -1,24 +1,50 @@
 """The reference the fault tests compare a recovered run with: ``before`` processes train and save at
 step ``s``, ``after`` processes resume from that disk checkpoint (same config, same global batch).
-Parameters at the end and every logged loss after ``s`` must equal the recovered run's."""
+Parameters at the end and every logged loss after ``s`` must equal the recovered run's.
+
+With ``first_part=run_until`` the ``before`` part stops right after step ``s`` is saved (every rank
+SIGKILLs itself at the end of step s+1 through checkpoint/testhooks.py, the save synchronous): the
+steps after ``s`` are the ``after`` part's, so training them twice would only cost time."""
 
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 
-from tests.test_launcher_elastic import _losses, _params
+from tests.test_launcher_elastic import ROOT, _losses, _params
+
+
+def run_until(yaml: str, nproc: int, s: int) -> None:
+    """``nproc`` processes of ``yaml`` (a ``disttrain run`` config that saves at step ``s``), stopped
+    once step ``s`` is committed; the launcher reports the self-inflicted kill, which is expected."""
+    kills = ",".join(f"kill@step_end:{r}:{s + 1}" for r in range(nproc))
+    res = subprocess.run(
+        [sys.executable, "-m", "disttrain.cli", "run", yaml, "--nproc", str(nproc)]
+        + ["launch.max_restarts=0", "checkpoint.async_save=false"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=180,
+        env={**os.environ, "DISTTRAIN_CKPT_TEST_HOOK": kills},
+    )
+    assert res.returncode != 0, "the reference was not stopped at step s+1: " + res.stdout[-2000:]
 
 
 def check_equals_resized_run(
     tmp_path, ref_yaml: str, run: Callable[[str, int], str], label: str, steps: int, s: int, before: int, after: int,
-    tol: float,
+    tol: float, first_part: Callable[[str, int, int], None] | None = None,
 ) -> None:  # fmt: skip
     """``ref_yaml`` writes to ``tmp_path/ref`` with ``checkpoint.every=s``; ``run(yaml, nproc)`` returns its
-    output; the recovered run is ``tmp_path/run``."""
-    run(ref_yaml, before)
+    output; the recovered run is ``tmp_path/run``. ``first_part(yaml, nproc, s)`` runs the ``before``
+    part (:func:`run_until` for a ``disttrain run`` config; default: ``run`` to the end)."""
+    if first_part is None:
+        run(ref_yaml, before)
+    else:
+        first_part(ref_yaml, before, s)
     ckpts = tmp_path / "ref" / "checkpoints"
     for name in os.listdir(ckpts):
         mm = re.fullmatch(r"step_(\d+)", name)
