@@ -155,17 +155,10 @@ class SetWorker:
         instead of at its deadline (the waiter submits nothing more to fuse with until its wait ends)."""
         while not handle.done():
             with self._cv:
-                if (
-                    self._cycling
-                    or self._ended
-                    or self.stopped
-                    or self.error is not None
-                    or self._flags
-                    or self._join is not None
-                    or not (self._queue or self._inflight)
-                    or self._thread is None
-                    or threading.current_thread() is self._thread
-                ):
+                closing = self._ended or self.stopped or self.error is not None or self._flags or self._join
+                idle = not (self._queue or self._inflight)
+                mine = self._thread is None or threading.current_thread() is self._thread
+                if self._cycling or closing or idle or mine:
                     if not self._urgent:
                         self._urgent = True
                         self._cv.notify()
