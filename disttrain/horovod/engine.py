@@ -9,8 +9,14 @@ all the set's communication, so a communicator is never used by two threads, and
 progress independently (a set waiting for a slow member does not hold up another set).
 
 Pace: a busy set cycles every ``HOROVOD_CYCLE_TIME`` ms (default 1; ops arriving within a cycle
-are fused); a submission to an idle set starts a cycle at once; an idle set still cycles every
-``idle_s`` so that a member waiting for it learns about stalls, joins and shutdowns.
+are fused); a submission to an idle set starts a cycle within that time; an idle set still
+cycles every ``idle_s`` so that a member waiting for it learns about stalls, joins and shutdowns.
+
+A user thread that waits on an op while the set's thread is not in a cycle runs the cycles
+itself until its op is done (``drive``): the steady step's reduction then costs no hand-off to
+the set's thread and back (two futex wakes and two GIL hand-offs, each a scheduler slice away
+on a loaded machine). A cycle token keeps one thread at a time on the set's communicator;
+shutdown, removal and join stay with the set's thread.
 
 Stalls: a name that some members submitted and others did not is logged after
 ``HOROVOD_STALL_CHECK_TIME_SECONDS`` (60; which ranks miss which names) and fails on the
@@ -112,6 +118,9 @@ class SetWorker:
         self._row: torch.Tensor | None = None
         self._idle = True  # the thread waits for work (a submission wakes it) rather than for its cycle
         self._urgent = False  # a user thread waits on an op: the next cycle starts now (see _nudge)
+        self._cycling = False  # the cycle token: a thread (the set's or a waiting user's) runs a cycle
+        self._token_wait = False  # the set's thread waits for the token
+        self._ended = False  # a cycle run by a user thread stopped the set: the set's thread cleans up
 
     def start(self) -> None:
         if self.member:
@@ -136,15 +145,40 @@ class SetWorker:
             self._names[op.name] = op
             self._queue.append(op)
             if self._idle:  # a busy thread wakes at its cycle deadline anyway: no wake-up per gradient
+                self._idle = False
+                self._last = time.monotonic()  # cycle after HOROVOD_CYCLE_TIME, or when someone waits
                 self._cv.notify()
 
-    def _nudge(self) -> None:
-        """A user thread starts waiting on one of this set's ops: cycle at once instead of at the
-        cycle deadline (that thread submits nothing more to fuse with until its wait ends)."""
-        with self._cv:
-            if not self._urgent:
-                self._urgent = True
-                self._cv.notify()
+    def _nudge(self, handle: Handle) -> None:
+        """A user thread starts waiting on ``handle``, one of this set's ops: run the cycles itself
+        while the set's thread is not in one (see the module), else have that thread cycle at once
+        instead of at its deadline (the waiter submits nothing more to fuse with until its wait ends)."""
+        while not handle.done():
+            with self._cv:
+                closing = self._ended or self.stopped or self.error is not None or self._flags or self._join
+                idle = not (self._queue or self._inflight)
+                mine = self._thread is None or threading.current_thread() is self._thread
+                if self._cycling or closing or idle or mine:
+                    if not self._urgent:
+                        self._urgent = True
+                        self._cv.notify()
+                    return
+                out, flags = self._start_cycle_locked()
+            stop = True
+            try:
+                stop = self._cycle(out, flags)
+            except BaseException as exc:
+                self._fail(exc)
+                if not isinstance(exc, Exception):
+                    raise
+            finally:
+                with self._cv:
+                    self._cycling = False
+                    self._ended = self._ended or stop
+                    if stop or self._token_wait:
+                        self._cv.notify()
+            if stop:
+                return  # the set's thread stops the set and fails what is left
 
     def join(self, handle: Handle) -> None:
         with self._cv:
@@ -178,7 +212,12 @@ class SetWorker:
         try:
             while True:
                 with self._cv:
-                    while True:
+                    while not self._ended:
+                        if self._cycling:  # a waiting user thread runs this cycle
+                            self._idle = self._token_wait = True
+                            self._cv.wait(s.idle_s)
+                            self._token_wait = False
+                            continue
                         busy = bool(self._queue or self._inflight or self._join or self._flags)
                         wake = self._last + (s.cycle_s if busy else s.idle_s)
                         now = time.monotonic()
@@ -186,20 +225,35 @@ class SetWorker:
                             break
                         self._idle = not busy
                         self._cv.wait(wake - now)
-                    self._idle = self._urgent = False
-                    out = [self._queue.popleft() for _ in range(min(s.slots, len(self._queue)))]
-                    for op in out:
-                        self._inflight[op.ann.name] = op
-                    flags = self._flags | (JOINED if self._join is not None else 0)
-                self._last = time.monotonic()
-                if self._cycle(out, flags):
+                    if self._ended:
+                        break
+                    out, flags = self._start_cycle_locked()
+                try:
+                    stop = self._cycle(out, flags)
+                finally:
+                    with self._cv:
+                        self._cycling = False
+                if stop:
                     break
         except BaseException as exc:  # transport failure, dead peer: every waiter hears it
-            self.error = exc if isinstance(exc, HorovodInternalError) else HorovodInternalError(str(exc))
-            self.error.__cause__ = exc
-            log.error("rank %s: Horovod engine for process set %s failed: %s", self.engine.rank, self.id, exc)
+            self._fail(exc)
         finally:
             self._stop()
+
+    def _start_cycle_locked(self) -> tuple[list[Op], int]:
+        """Take the cycle token and this cycle's ops (caller holds ``_cv``, and the token is free)."""
+        self._idle = self._urgent = False
+        self._cycling = True
+        out = [self._queue.popleft() for _ in range(min(self.engine.settings.slots, len(self._queue)))]
+        for op in out:
+            self._inflight[op.ann.name] = op
+        self._last = time.monotonic()
+        return out, self._flags | (JOINED if self._join is not None else 0)
+
+    def _fail(self, exc: BaseException) -> None:
+        self.error = exc if isinstance(exc, HorovodInternalError) else HorovodInternalError(str(exc))
+        self.error.__cause__ = exc
+        log.error("rank %s: Horovod engine for process set %s failed: %s", self.engine.rank, self.id, exc)
 
     def _cycle(self, out: list[Op], flags: int) -> bool:
         """One cycle; True when the set stops (shutdown or removal agreed)."""

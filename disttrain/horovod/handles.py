@@ -16,7 +16,7 @@ from .exceptions import HorovodError, HorovodInternalError
 _WAIT_SLICE = 1.0  # seconds between checks that the engine is still alive
 
 
-def _nothing() -> None:
+def _nothing(handle: Handle) -> None:
     pass
 
 
@@ -34,7 +34,8 @@ class Handle:
         self._value: object = None
         self._error: BaseException | None = None
         self.alive: Callable[[], BaseException | None] = lambda: None  # the engine's failure, if any
-        self.nudge: Callable[[], None] = _nothing  # the engine's "someone waits": cycle now
+        # The engine's "someone waits on this handle": cycle now (the waiter may run the cycles itself)
+        self.nudge: Callable[[Handle], None] = _nothing
 
     # -- engine side ----------------------------------------------------------------------
     def complete(self, value: object = None) -> None:
@@ -54,7 +55,7 @@ class Handle:
     def wait(self) -> None:
         if self._done:
             return
-        self.nudge()  # nothing more comes from this thread to fuse with: no reason to wait for the cycle time
+        self.nudge(self)  # nothing more comes from this thread to fuse with: no reason to wait for the cycle time
         while not self._latch.acquire(timeout=_WAIT_SLICE):
             dead = self.alive()
             if dead is not None and not self._done:
