@@ -144,20 +144,20 @@ class LocalAgent:
 
     def _start_group(self, attempt: int, members: list[int]) -> None:
         envs = self._worker_envs(attempt, members)
+        self._watch_hangs(attempt, [rank for rank, _ in envs])  # its directory exists before a worker starts
         self.workers = []
         for local_rank, (rank, env) in enumerate(envs):
             w = Worker(self.spec, rank, local_rank, self.node.host, env)
             w.start()
             self.workers.append(w)
-        self._watch_hangs(attempt)
+        if self._hang is not None:  # for a faulthandler stack dump of a rank that cannot answer
+            self._hang.pids = {w.rank: w.proc.pid for w in self.workers if w.proc is not None}
 
-    def _watch_hangs(self, attempt: int) -> None:
-        """With a hang timeout: watch round ``attempt``'s trace directory for this node's workers' ranks."""
+    def _watch_hangs(self, attempt: int, ranks: list[int]) -> None:
+        """With a hang timeout: watch round ``attempt``'s trace directory (made here) for ``ranks``."""
         if self.hang_timeout > 0:
             trace = os.path.join(self._error_dir, f"attempt{attempt}", "trace")
-            self._hang = HangWatch(trace, [w.rank for w in self.workers], self.hang_timeout, self.node.host)
-            # for a faulthandler stack dump of a rank that cannot answer
-            self._hang.pids = {w.rank: w.proc.pid for w in self.workers if w.proc is not None}
+            self._hang = HangWatch(trace, ranks, self.hang_timeout, self.node.host)
 
     def _move_group(self, attempt: int, members: list[int]) -> None:
         """Recovery in place: the running workers of round ``attempt - 1`` take their places in round
@@ -167,7 +167,9 @@ class LocalAgent:
             changed = {k: v for k, v in env.items() if w.env.get(k) != v and k != "DISTTRAIN_JOB_SECRET"}
             moves.append((w.rank, changed))  # what differs: the place, the attempt
             w.rank, w.env = rank, env
-        self._watch_hangs(attempt)  # first: moved workers beat into its directory under their new ranks
+        self._watch_hangs(attempt, [w.rank for w in self.workers])  # first: the moved workers beat into it
+        if self._hang is not None:
+            self._hang.pids = {w.rank: w.proc.pid for w in self.workers if w.proc is not None}
         for old_rank, changed in moves:
             self._handover.move(attempt - 1, old_rank, changed)
 
