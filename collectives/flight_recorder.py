@@ -163,7 +163,7 @@ def build_recorder(size: int) -> FlightRecorder:
 
 
 RECORDER = build_recorder(int(os.environ.get("DISTTRAIN_FLIGHT_RECORDS") or 64))
-_WATCH: dict = {"thread": None, "extra": None}
+_WATCH: dict = {"thread": None, "extra": None, "target": None, "stacks": None}  # target: (dir, rank, host)
 _FORK_GUARD = threading.Lock()  # held by the watch thread while it works, and by os.fork around a fork
 os.register_at_fork(before=_FORK_GUARD.acquire, after_in_parent=_FORK_GUARD.release, after_in_child=_FORK_GUARD.release)
 
@@ -277,12 +277,16 @@ def _write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _watch(directory: str, rank: int, host: str, period: float) -> None:
-    beat, handled = -1, ""
-    request = os.path.join(directory, "dump.request")
+def _watch(period: float) -> None:
+    beat, handled, target = -1, "", None
     while True:
         _FORK_GUARD.acquire()
         try:
+            if _WATCH["target"] != target:  # the first place, or a new one after recovery in place
+                beat = -1 if target is None else RECORDER.completed  # moved: beats once its new world's ops end
+                target, handled = _WATCH["target"], ""
+            directory, rank, host = target
+            request = os.path.join(directory, "dump.request")
             if RECORDER.completed != beat:
                 beat = RECORDER.completed
                 _write(os.path.join(directory, f"rank{rank}.beat"), f"{beat}\n")
@@ -306,14 +310,21 @@ def _watch(directory: str, rank: int, host: str, period: float) -> None:
 
 
 def maybe_start_watch(rank: int, host: str) -> None:
-    """Start the watch thread once per process when ``DISTTRAIN_TRACE_DIR`` names a directory."""
+    """Start the watch thread once per process when ``DISTTRAIN_TRACE_DIR`` names a directory. Called
+    again (a communicator rebuilt after recovery in place), it moves the watch to the new directory and
+    rank, so the launcher's watch of the new round sees this process under its new rank."""
     directory = os.environ.get("DISTTRAIN_TRACE_DIR")
-    if not directory or _WATCH["thread"] is not None or not os.path.isdir(directory):
+    if not directory or not os.path.isdir(directory) or _WATCH["target"] == (directory, rank, host):
         return
-    t = threading.Thread(target=_watch, args=(directory, rank, host, 0.2), daemon=True, name="flight-recorder")
-    _WATCH["thread"] = t
-    t.start()
     path = os.path.join(directory, f"rank{rank}.stacks.txt")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    _WATCH["stacks"] = os.fdopen(fd, "w")  # kept open: faulthandler writes to its descriptor
+    old, _WATCH["stacks"] = _WATCH["stacks"], os.fdopen(fd, "w")  # kept open: faulthandler writes to it
     faulthandler.register(STACK_SIGNAL, file=_WATCH["stacks"], all_threads=True, chain=False)
+    if old is not None:
+        old.close()
+    with _FORK_GUARD:
+        _WATCH["target"] = (directory, rank, host)
+    if _WATCH["thread"] is None:
+        t = threading.Thread(target=_watch, args=(0.2,), daemon=True, name="flight-recorder")
+        _WATCH["thread"] = t
+        t.start()

@@ -14,8 +14,8 @@ import importlib
 # name -> module (the attribute has the same name) or "module:attribute". disttrain uses these names only.
 _EXPORTS = {
     "LocalAgent": "agent",
-    "NodeSpec": "agent",
-    "RunResult": "agent",
+    "NodeSpec": "node",
+    "RunResult": "node",
     "LauncherError": "errors",
     "LaunchConfigError": "errors",
     "HostSlots": "hostfile",

@@ -14,7 +14,6 @@ or when the node is alone and was given no store.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import shutil
@@ -30,49 +29,18 @@ from .errors import LaunchConfigError
 from .hang import HangWatch
 from .hang_exchange import HangExchange
 from .inplace import HandOver, lost_ranks
-from .membership import HEARTBEAT_TIMEOUT, Heartbeat, NodesRange, Transition, format_transitions, next_members
+from .membership import Heartbeat, Transition, format_transitions, next_members
+from .node import NodeSpec, RunResult
 from .rendezvous import Rendezvous, RoundState, wait_exited
-from .replica_store import DEFAULT_MAX_BYTES, ReplicaStore, round_env, start_replica_store
 from .replica_store import ENV as REPLICA_ENV
 from .replica_store import SHM_ENV as REPLICA_SHM_ENV
+from .replica_store import ReplicaStore, round_env, start_replica_store
 from .report import Failure, format_report, root_cause
 from .ssh import is_local
 from .store import StoreClient, StoreError, StoreServer, check_secret, new_secret
 from .worker import Worker, WorkerSpec, WorkerState
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class NodeSpec:
-    """This node's place in the job."""
-
-    node_rank: int = 0
-    nnodes: int = 1
-    rank_offset: int = 0  # global rank of this node's local rank 0
-    world_size: int | None = None  # default: nproc * nnodes
-    host: str = dataclasses.field(default_factory=socket.gethostname)
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29500
-    job_id: str = "local"
-    store: str | None = None  # host:port of the job's store; None: a lone node hosts its own
-    secret: str | None = None  # default: DISTTRAIN_JOB_SECRET, else a fresh one (lone node only)
-    host_store: bool = False  # this agent opens the store at ``store``'s port (manual multi-node, node 0)
-    rdzv_timeout: float = 120.0  # how long agents wait for each other
-    min_nodes: int | None = None  # --nnodes MIN:MAX's MIN: after a host is lost, go on with at least this many
-    heartbeat_timeout: float = HEARTBEAT_TIMEOUT  # a peer silent this long is lost
-    replica_bytes: int = DEFAULT_MAX_BYTES  # an elastic job's agent holds peers' copies up to this (0: none)
-
-
-@dataclasses.dataclass
-class RunResult:
-    exit_code: int
-    failures: list[Failure]
-    restarts: int
-
-    @property
-    def root_cause(self) -> Failure | None:
-        return root_cause(self.failures) if self.failures else None
 
 
 class LocalAgent:
@@ -176,10 +144,8 @@ class LocalAgent:
 
     def _start_group(self, attempt: int, members: list[int]) -> None:
         envs = self._worker_envs(attempt, members)
+        self._watch_hangs(attempt, [rank for rank, _ in envs])  # its directory exists before a worker starts
         self.workers = []
-        if self.hang_timeout > 0:
-            trace = os.path.join(self._error_dir, f"attempt{attempt}", "trace")
-            self._hang = HangWatch(trace, [rank for rank, _ in envs], self.hang_timeout, self.node.host)
         for local_rank, (rank, env) in enumerate(envs):
             w = Worker(self.spec, rank, local_rank, self.node.host, env)
             w.start()
@@ -187,13 +153,25 @@ class LocalAgent:
         if self._hang is not None:  # for a faulthandler stack dump of a rank that cannot answer
             self._hang.pids = {w.rank: w.proc.pid for w in self.workers if w.proc is not None}
 
+    def _watch_hangs(self, attempt: int, ranks: list[int]) -> None:
+        """With a hang timeout: watch round ``attempt``'s trace directory (made here) for ``ranks``."""
+        if self.hang_timeout > 0:
+            trace = os.path.join(self._error_dir, f"attempt{attempt}", "trace")
+            self._hang = HangWatch(trace, ranks, self.hang_timeout, self.node.host)
+
     def _move_group(self, attempt: int, members: list[int]) -> None:
         """Recovery in place: the running workers of round ``attempt - 1`` take their places in round
         ``attempt`` (launcher.inplace) instead of new processes."""
+        moves = []
         for w, (rank, env) in zip(self.workers, self._worker_envs(attempt, members)):
             changed = {k: v for k, v in env.items() if w.env.get(k) != v and k != "DISTTRAIN_JOB_SECRET"}
-            self._handover.move(attempt - 1, w.rank, changed)  # what differs: the place, the attempt
+            moves.append((w.rank, changed))  # what differs: the place, the attempt
             w.rank, w.env = rank, env
+        self._watch_hangs(attempt, [w.rank for w in self.workers])  # first: the moved workers beat into it
+        if self._hang is not None:
+            self._hang.pids = {w.rank: w.proc.pid for w in self.workers if w.proc is not None}
+        for old_rank, changed in moves:
+            self._handover.move(attempt - 1, old_rank, changed)
 
     def _monitor(self, rdzv: Rendezvous, attempt: int) -> RoundState:
         """Block until this round ends: all nodes' workers succeed, one fails anywhere, a member's
@@ -230,7 +208,11 @@ class LocalAgent:
                     hosts = ", ".join(rdzv.host_of(n) for n in lost)
                     rdzv.mark_failed(attempt, f"host {hosts} lost: no heartbeat for {self._heartbeat.timeout:g}s")
                     return RoundState.FAILED
-                if self._nodes_range().elastic and len(members) < self.node.nnodes and (back := rdzv.waiting(members)):
+                if (
+                    self.node.nodes_range.elastic
+                    and len(members) < self.node.nnodes
+                    and (back := rdzv.waiting(members))
+                ):
                     rdzv.mark_failed(attempt, f"host {', '.join(rdzv.host_of(n) for n in back)} came back")
                     return RoundState.FAILED
                 next_store_poll = now + 0.1
@@ -260,7 +242,7 @@ class LocalAgent:
         rdzv = None
         try:
             rdzv = self._open_store()
-            if self.node.nnodes > 1 and self._nodes_range().elastic and self.node.replica_bytes > 0:
+            if self.node.holds_replicas:
                 node = self.node
                 self._replicas = start_replica_store(
                     rdzv.client, node.store, node.secret, node.job_id, node.node_rank, node.replica_bytes
@@ -336,16 +318,13 @@ class LocalAgent:
         except StoreError:
             pass
 
-    def _nodes_range(self) -> NodesRange:
-        return NodesRange(self.node.min_nodes or self.node.nnodes, self.node.nnodes)
-
     def _next_round(
         self, rdzv: Rendezvous, attempt: int, lost: list[int], joined: list[int], detected_at: float
     ) -> list[int]:
         """After a round that lost members or saw hosts come back: agree on the next round's nodes
         ([]: the job stops)."""
         members = rdzv.members(attempt)
-        nodes, why = next_members(members, lost, joined, self._nodes_range())
+        nodes, why = next_members(members, lost, joined, self.node.nodes_range)
         record = Transition(
             round=attempt + 1,
             cause=rdzv.cause(attempt) or why,
@@ -408,7 +387,7 @@ class LocalAgent:
             failures = [] if keep else self._stop_after_failure()
             rdzv.publish_failures(attempt, failures)
             all_stopped, lost = rdzv.stopped_barrier(attempt, self.stop_grace + self.node.rdzv_timeout, self._lost)
-            joined = rdzv.waiting(rdzv.members(attempt)) if self._nodes_range().elastic else []
+            joined = rdzv.waiting(rdzv.members(attempt)) if self.node.nodes_range.elastic else []
             if (lost or joined) and all_stopped and self._interrupted is None:
                 nodes = self._next_round(rdzv, attempt, lost, joined, detected_at)
                 if self.node.node_rank in nodes:
@@ -458,7 +437,7 @@ class LocalAgent:
                 f"{self.node.heartbeat_timeout:g}s); the round ended with: {rdzv.cause(attempt)}"
                 + (
                     ""
-                    if self._nodes_range().elastic
+                    if self.node.nodes_range.elastic
                     else f". HINT: --nnodes MIN:{self.node.nnodes} lets the others go on"
                 ),
                 file=self.report_stream,

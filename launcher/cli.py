@@ -22,7 +22,7 @@ import os
 import secrets
 import sys
 
-from .agent import LocalAgent, NodeSpec, RunResult
+from .agent import LocalAgent
 from .channel import derive_job_id
 from .discovery import FixedHosts, HostDiscovery
 from .driver import ElasticSpec, run_elastic
@@ -31,6 +31,7 @@ from .errors import LaunchConfigError, LauncherError
 from .hostfile import parse_hostfile, parse_hosts
 from .job import JobSpec, run_job
 from .membership import HEARTBEAT_TIMEOUT, NodesRange
+from .node import NodeSpec, RunResult
 from .replica_store import DEFAULT_MAX_BYTES
 from .ssh import SshOptions
 from .store import check_secret

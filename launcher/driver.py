@@ -52,13 +52,13 @@ import tempfile
 import threading
 import time
 
-from .agent import RunResult
 from .discovery import Discovery, DiscoveryError, diff
 from .elastic_remote import RemoteWorker
 from .environment import SECRET, WorkerPlace, free_port, worker_env
 from .errors import LaunchConfigError
 from .job import FORWARD_PREFIXES
 from .membership import Transition, format_transitions
+from .node import RunResult
 from .report import Failure, format_report, root_cause
 from .ssh import SshOptions, is_local
 from .store import StoreServer, check_secret, new_secret

@@ -27,12 +27,12 @@ import sys
 import threading
 import time
 
-from .agent import NodeSpec, RunResult
 from .environment import SECRET, free_port
 from .errors import LaunchConfigError
 from .hostfile import HostSlots, NodePlan, plan_nodes
 from .logs import StreamPump
 from .membership import HEARTBEAT_TIMEOUT, Transition, format_transitions
+from .node import NodeSpec, RunResult
 from .rendezvous import ABORT_KEY, failure_from_json
 from .replica_store import DEFAULT_MAX_BYTES
 from .report import format_report, root_cause

@@ -15,7 +15,8 @@ import signal
 import sys
 import threading
 
-from .agent import LocalAgent, NodeSpec
+from .agent import LocalAgent
+from .node import NodeSpec
 from .worker import WorkerSpec
 
 

@@ -105,6 +105,7 @@ class Checkpointer(Callback):
         self._commit_error: BaseException | None = None
         self.peers: PeerCopies | None = None  # set by disttrain.fault when fault_tolerance is on
         self.resumed_source: str | None = None  # MEMORY or the checkpoint directory resume() loaded
+        self.memory_skipped: str | None = None  # why resume() read the disk although peers keep copies
 
     # -- trainer hooks --------------------------------------------------------------------
     def on_train_start(self, trainer) -> None:
@@ -119,7 +120,8 @@ class Checkpointer(Callback):
                 got = self.peers.bytes_fetched
                 print(f"disttrain: resumed from {MEMORY} at step {step} ({got} bytes), 0 from disk{extra}", flush=True)
             else:
-                print(f"disttrain: resumed from {self.dir}/step_{step:06d}{extra}", flush=True)
+                why = f"; {self.memory_skipped}" if self.memory_skipped else ""
+                print(f"disttrain: resumed from {self.dir}/step_{step:06d}{extra}{why}", flush=True)
 
     def on_step_end(self, trainer) -> None:
         testhooks.fire("step_end", self.rank, trainer.step)
@@ -231,6 +233,10 @@ class Checkpointer(Callback):
                     "HINT: raise fault_tolerance.replicas (hosts that may be lost at once), or set "
                     "checkpoint.every so a disk checkpoint backs the copies in memory"
                 )
+            elif plan is None:  # a requeued job's new agents, or every holder of a copy lost
+                self.memory_skipped = "no complete copy in peer memory"
+            else:
+                self.memory_skipped = f"the copy in peer memory (step {plan['step']}) is older"
         for i, path in enumerate(cands):
             code, err = LoadOutcome.OK, None
             reader = None
@@ -259,6 +265,7 @@ class Checkpointer(Callback):
             if err is not None:
                 log.error("rank %s: loading %s failed: %s", self.comm.env.where, path, err)
             if path == MEMORY:  # whatever went wrong there, the disk is the fallback
+                self.memory_skipped = "the copy in peer memory did not load"
                 continue
             if max(flags) == LoadOutcome.MISMATCH:
                 raise CheckpointMismatchError(

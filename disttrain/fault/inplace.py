@@ -50,6 +50,17 @@ class InPlace:
                 comm.backend.name,
             )
             return None
+        if cfg.parallel.mesh.pp > 1 and comm.backend.name == "torch":
+            # gloo's send/recv report completion only inside their blocking wait(), which an abort cannot wake:
+            # the abortable wait would poll them forever (the pipeline stalled at its first recv).
+            log.warning(
+                "rank %s: fault_tolerance.recover is in_place, but a pipeline (parallel.mesh.pp=%d) on the torch "
+                "backend sends and receives through gloo, whose send/recv cannot be waited on abortably; a lost "
+                "host restarts the workers instead",
+                comm.env.where,
+                cfg.parallel.mesh.pp,
+            )
+            return None
         if not declare_in_place(comm.rank, cfg.launch.timeout):
             log.warning("rank %s: recover=in_place needs disttrain's launcher; restarting instead", comm.env.where)
             return None

@@ -8,8 +8,10 @@ agent on the first node hosts the authenticated store at a port derived from the
 the others join it (the job secret: ``DISTTRAIN_JOB_SECRET``, ``DISTTRAIN_JOB_SECRET_FILE``,
 else a file under ``--secret-dir``, default ``$SLURM_SUBMIT_DIR``: :mod:`launcher.slurm.secret`).
 Workers inherit ``SLURM_RESTART_COUNT``; ``DISTTRAIN_RESTART_COUNT`` counts the agent's own
-restarts. The warning signal (SIGUSR1/SIGUSR2) is passed on to the workers, which save and
-stop; SIGTERM stops them with ``--stop-grace`` seconds to finish their checkpoint.
+restarts. Each agent of a job of several nodes runs a replica store for its peers' in-memory copies
+(``fault_tolerance.every``; :mod:`launcher.replica_store`, its secret derived from the job secret); a
+requeued job starts with new agents, so its copies are gone and it resumes from disk. The warning
+signal (SIGUSR1/SIGUSR2) is passed on to the workers, which save and stop; SIGTERM stops them with ``--stop-grace`` seconds to finish their checkpoint.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ import os
 import signal
 import sys
 
-from ..agent import LocalAgent, NodeSpec
+from ..agent import LocalAgent
 from ..errors import LauncherError
+from ..membership import HEARTBEAT_TIMEOUT
+from ..node import NodeSpec
 from ..worker import WorkerSpec
 from .place import job_tag, read_slurm_env, store_endpoint
 from .secret import job_secret
@@ -44,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
         "behind, its host and line, and the job stops (default 0: off)",
     )
     p.add_argument("--hang-keep-waiting", action="store_true", help="after the hang report, keep waiting")
+    p.add_argument(
+        "--min-nodes",
+        type=int,
+        default=None,
+        help="after a node is lost (its agent silent for --heartbeat-timeout), the others go on while at least "
+        "this many are left (torchrun's --nnodes MIN; default: all nodes, the job stops)",
+    )
+    p.add_argument("--heartbeat-timeout", type=float, default=HEARTBEAT_TIMEOUT, help="seconds before a node is lost")
     p.add_argument("-m", "--module", action="store_true", help="run the entrypoint as a module (python -m)")
     p.add_argument("entrypoint", help="script.py or module")
     p.add_argument("args", nargs=argparse.REMAINDER)
@@ -58,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
             raise LauncherError(
                 f"{place.where}: the agent wants one srun task per node, got {place.world_size} "
                 f"task(s) on {place.nnodes} node(s). HINT: srun --ntasks-per-node=1"
+            )
+        if ns.min_nodes is not None and not 1 <= ns.min_nodes <= place.nnodes:
+            raise LauncherError(
+                f"{place.where}: --min-nodes {ns.min_nodes} is not between 1 and the step's {place.nnodes} node(s)"
             )
         addr, port = store_endpoint(place)
         secret, secret_path = job_secret(
@@ -79,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         store=f"{addr}:{port}",
         secret=secret,
         host_store=place.node_rank == 0,
+        min_nodes=ns.min_nodes,
+        heartbeat_timeout=ns.heartbeat_timeout,
+        replica_stores=True,  # a restarted group resumes from peer memory; a requeued job's copies are gone
     )
     agent = LocalAgent(
         spec,
