@@ -31,7 +31,7 @@ MAX_SPECS = 1024
 class Spec:
     """What repeats between calls of one op with one signature: validated once, then reused."""
 
-    __slots__ = ("op", "shapes", "dtype", "extra", "base", "arg", "fp", "carry", "site")
+    __slots__ = ("op", "shapes", "dtype", "extra", "base", "arg", "fp", "carry", "site", "words")
 
     def __init__(self, op: str, shapes: tuple, dtype: str, extra: str, group: str, arg=None):
         self.op, self.shapes, self.dtype, self.extra, self.arg = op, shapes, dtype, extra, arg
@@ -39,6 +39,7 @@ class Spec:
         self.fp: Fingerprint | None = None  # renewed per synchronous call (see Communicator._call)
         self.carry: carried.CarriedOp | None = None  # an allreduce riding in the check's frame
         self.site: tuple[str, int] | str = "<unknown>"  # where it was first called: the flight recorder's site
+        self.words: tuple[bytes, bytes] | None = None  # its base digest's header words in the frame, once used
 
 
 class Handle:
@@ -217,8 +218,17 @@ class CallPath:
             if self._inline:
                 start(*args, fingerprint=fp, async_op=False, timeout=timeout).wait(timeout)
             else:
-                if fp is not None:
-                    self._check(fp, timeout)
+                frame = self._frame
+                if fp is None:
+                    pass
+                elif frame is None:
+                    checks.check_collective(self.backend, fp, timeout)
+                else:  # carried.check_in_frame, with the spec's header words
+                    words = spec.words
+                    if words is None:
+                        words = spec.words = frame.base_words(spec.base)
+                    if not frame.agree(seq, words, timeout):
+                        checks.raise_mismatch(self.backend, fp, timeout)
                 start(*args).wait(timeout)
             RECORDER.end(record)
         except CollectiveTimeoutError as exc:
@@ -245,6 +255,7 @@ class CallPath:
         once every rank's header agreed (``collectives.carried``); off: the frame's allreduce, no header."""
         timeout = self.timeout if timeout is None else timeout
         record = RECORDER.enter(seq, spec.op, self.group, spec.shapes, spec.dtype, spec.site)
+        spec.carry.bind(tensor)  # a CPU tensor (``carried.can_carry``)
         try:
             if not self.check:
                 spec.carry.plain(tensor, timeout)

@@ -97,6 +97,21 @@ class Frame:
         s, b = self.seq_words(seq), self.base_words(base)
         return s[0] + b[0], s[1] + b[1]
 
+    def agree(self, seq: int, words: tuple[bytes, bytes], timeout: float) -> bool:
+        """Every rank, before an op that does not ride in the frame: the frame with its header alone, for the
+        base digest whose :meth:`base_words` are ``words`` (a caller's cached copy). Blocks until all arrive;
+        returns whether every rank's header agreed (the same verdict on every rank)."""
+        s = self.seqs[seq & self.mask]
+        if s is None:
+            s = self.seq_words(seq)
+        head = self.head
+        head[:] = s[0] + words[0]
+        run = self._run
+        if run is None:
+            run = self.runner()
+        run(timeout)
+        return head.tobytes() == s[1] + words[1]
+
     def seq_words(self, seq: int) -> tuple[bytes, bytes]:
         s = self.seqs[seq & self.mask]
         if s is None:
@@ -126,10 +141,9 @@ class CarriedOp:
         self.ptr, self.user, self.body = None, None, None
 
     def __call__(self, tensor: torch.Tensor, seq: int, timeout: float) -> bool:
-        """Every rank: header and payload in, one allreduce of the frame, and only if the header agrees
-        (the same verdict on every rank) the result out into ``tensor``. Returns that verdict."""
-        if tensor.data_ptr() != self.ptr:
-            self._bind(tensor)
+        """Every rank, for the operand last bound (the caller compares ``data_ptr()`` with :attr:`ptr` and
+        calls :meth:`bind` on a change): header and payload in, one allreduce of the frame, and only if the
+        header agrees (the same verdict on every rank) the result out into ``tensor``. Returns that verdict."""
         frame = self.frame
         s = frame.seqs[seq & frame.mask]
         if s is None:
@@ -146,24 +160,27 @@ class CarriedOp:
         return True
 
     def plain(self, tensor: torch.Tensor, timeout: float) -> None:
-        """Checks off: the payload alone through the frame's allreduce (the header words are left as they are,
-        so what each rank sums there means nothing)."""
-        if tensor.data_ptr() != self.ptr:
-            self._bind(tensor)
+        """Checks off, for the operand last bound: the payload alone through the frame's allreduce (the header
+        words are left as they are, so what each rank sums there means nothing)."""
         self.body[:] = self.user
         self.run(timeout)
         self.user[:] = self.body
         if self.avg:
             tensor.div_(self.frame.world)
 
-    def _bind(self, tensor: torch.Tensor) -> None:
-        """A new operand (or the first): its bytes, the frame's slice it fills, and the frame's runner (set up
-        at the first call, which is the same op on every rank)."""
+    def bind(self, tensor: torch.Tensor) -> bool:
+        """A new operand (or the first) of this signature: its bytes, the frame's slice it fills, and the
+        frame's runner (set up at the first call, which is the same op on every rank). False, binding
+        nothing, for a tensor off the CPU (the same signature on a GPU: the caller takes the backend's op).
+        Checking the device only here is enough: a CPU operand's address is never a device's."""
+        if not tensor.is_cpu:
+            return False
         self.user = operand(tensor)
         self.body = self.frame.body(tensor.numel())
         self.ptr = tensor.data_ptr()
         if self.run is None:
             self.run = self.frame.runner()
+        return True
 
 
 def _words(values: list[int], mult: int) -> tuple[bytes, bytes]:
@@ -200,8 +217,5 @@ def operand(tensor: torch.Tensor) -> memoryview:
 def check_in_frame(backend: Backend, frame: Frame, fp: Fingerprint, timeout: float) -> None:
     """Every rank of the group, before an op that does not ride in the frame: the frame with its header
     alone. Blocks until all arrive; raises on every rank on a mismatch."""
-    own, expected = frame.header(fp.base, fp.seq)
-    frame.head[:] = own
-    frame.runner()(timeout)
-    if frame.head.tobytes() != expected:
+    if not frame.agree(fp.seq, frame.base_words(fp.base), timeout):
         checks.raise_mismatch(backend, fp, timeout)

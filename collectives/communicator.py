@@ -79,7 +79,7 @@ class Communicator(CallPath, ArgumentChecks):
             spec = self._specs.get(("allreduce", tensor.shape, tensor.dtype, op))
             if spec is not None and tensor.layout is STRIDED and tensor.is_contiguous():
                 carry = spec.carry
-                if carry is None or not tensor.is_cpu:
+                if carry is None or (tensor.data_ptr() != carry.ptr and not carry.bind(tensor)):
                     return self._call(spec, self.backend.allreduce, (tensor, spec.arg), timeout)
                 # Riding in the frame (CallPath._carried's steps, inlined: a call costs a tenth of the 4 KiB op).
                 seq = self._seq

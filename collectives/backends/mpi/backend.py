@@ -254,23 +254,20 @@ class MPIBackend(Backend):
         return _Persistent(self._repeated.Allreduce_init(_MPI.IN_PLACE, _buf(tensor), _OPS[op]), None, tensor)
 
     def broadcast(self, tensor: torch.Tensor, src: int) -> Work:
-        return _MPIWork(self._comm.Ibcast(_buf(tensor), root=src), keep=tensor)
+        return _MPIWork(self._comm.Ibcast(_buf(tensor), src), None, tensor)
 
     def allgather(self, outputs: Sequence[torch.Tensor], tensor: torch.Tensor) -> Work:
-        n, nbytes = tensor.numel(), tensor.nbytes
-        if all(o.numel() == n for o in outputs):
-            first = outputs[0].data_ptr()
-            if all(o.data_ptr() == first + i * nbytes for i, o in enumerate(outputs)):  # one buffer: in place
-                whole = [_MPI.buffer.fromaddress(first, nbytes * len(outputs)), n, _TYPES[tensor.dtype]]
-                aliased = tensor.data_ptr() == first + self.rank * nbytes  # MPI forbids aliasing but IN_PLACE
-                send = _MPI.IN_PLACE if aliased else _buf(tensor)
-                return _MPIWork(self._comm.Iallgather(send, whole), keep=(tensor, outputs))
-        key = (tensor.data_ptr(), nbytes, tensor.dtype, *(o.data_ptr() for o in outputs), *(o.numel() for o in outputs))
+        # One pass over the outputs (their addresses and sizes) keys the cached specs: a small allgather's
+        # Python is most of its time.
+        ptrs = [o.data_ptr() for o in outputs]
+        key = (tensor.data_ptr(), tensor.nbytes, tensor.dtype, *ptrs, *[o.numel() for o in outputs])
         spec = _SPECS.get(key)
         if spec is None:
-            spec = self._scattered(key, outputs, tensor)
-        if spec:  # straight into the outputs, wherever they lie
-            return _MPIWork(self._comm.Iallgatherv(spec[0], spec[1]), keep=(tensor, outputs))
+            spec = self._gathered(key, outputs, tensor)
+        if spec:  # straight into the outputs, wherever they lie (one buffer: Iallgather, else Iallgatherv)
+            if len(spec[1]) == 3:
+                return _MPIWork(self._comm.Iallgather(spec[0], spec[1]), None, (tensor, outputs))
+            return _MPIWork(self._comm.Iallgatherv(spec[0], spec[1]), None, (tensor, outputs))
         counts = [o.numel() for o in outputs]
         displs = [sum(counts[:i]) for i in range(len(counts))]
         flat = torch.empty(sum(counts), dtype=tensor.dtype)
@@ -281,6 +278,19 @@ class MPIBackend(Backend):
                 o.copy_(flat[d : d + c].view_as(o))
 
         return _MPIWork(req, then, (tensor, flat))
+
+    def _gathered(self, key: tuple, outputs: Sequence[torch.Tensor], tensor: torch.Tensor):
+        """(send, receive) specs of an allgather into ``outputs``: an Iallgather's when they are one buffer's
+        equal parts in rank order, else :meth:`_scattered`'s. Cached by addresses, as ``_buf``'s specs."""
+        n, nbytes = tensor.numel(), tensor.nbytes
+        if all(o.numel() == n for o in outputs):
+            first = outputs[0].data_ptr()
+            if all(o.data_ptr() == first + i * nbytes for i, o in enumerate(outputs)):  # one buffer: in place
+                whole = [_MPI.buffer.fromaddress(first, nbytes * len(outputs)), n, _TYPES[tensor.dtype]]
+                aliased = tensor.data_ptr() == first + self.rank * nbytes  # MPI forbids aliasing but IN_PLACE
+                send = _MPI.IN_PLACE if aliased else _buf(tensor)
+                return _remember(key, (send, whole))
+        return self._scattered(key, outputs, tensor)
 
     def _scattered(self, key: tuple, outputs: Sequence[torch.Tensor], tensor: torch.Tensor):
         """(send, receive) specs of an Allgatherv into ``outputs`` where they lie: the receive buffer starts
