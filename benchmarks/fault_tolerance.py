@@ -44,6 +44,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._common import ROOT, human_bytes, print_table, write_json  # noqa: E402
+from launcher.replica_store import BASE_ENV as REPLICA_BASE_ENV  # noqa: E402
 from tests.support.netns import free_port_in, net_hosts  # noqa: E402
 
 STEP = re.compile(r"\] step (\d+)/")
@@ -333,9 +334,11 @@ def main() -> None:
     import tempfile
 
     rows, peers = [], []
-    import glob
-
-    shm_before = set(glob.glob("/dev/shm/disttrain-replicas-*"))  # killed agents leave theirs: removed at the end
+    # killed agents leave their private directories: ours go in a directory of this run, removed at the end
+    shm_parent = tempfile.mkdtemp(
+        prefix="dt-bench-replicas-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    )
+    os.environ[REPLICA_BASE_ENV] = shm_parent
     with tempfile.TemporaryDirectory(prefix="ft-bench-") as tmp:
         for strategy in ns.strategies.split(","):
             kinds = [(0, "restart"), (ns.replica_every, "restart"), (ns.replica_every, "in_place")]
@@ -355,8 +358,7 @@ def main() -> None:
             rows += trio
             if not ns.no_peer:
                 peers.append(run_fixed(os.path.join(tmp, "fixed"), strategy, ns.steps, ns.every, ns.kill_at))
-    for d in set(glob.glob("/dev/shm/disttrain-replicas-*")) - shm_before:
-        shutil.rmtree(d, ignore_errors=True)
+    shutil.rmtree(shm_parent, ignore_errors=True)
     for r in rows:
         r.pop("run_dir"), r.pop("config")
     print_table(
