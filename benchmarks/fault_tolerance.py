@@ -49,6 +49,7 @@ from tests.support.netns import free_port_in, net_hosts  # noqa: E402
 
 STEP = re.compile(r"\] step (\d+)/")
 AUTO = re.compile(r"every=auto: .* copies every (\d+) step")
+COPIES = re.compile(r"peer replicas: (\d+) copies .* the copy threads ([\d.]+)s of CPU")
 RESUMED = re.compile(
     r"resumed from (?:(\S+/step_(\d+))|peer memory at step (\d+) \((\d+) bytes\), 0 from disk) \(restart"
 )
@@ -214,6 +215,7 @@ def steady_overhead(tmp: str, strategy: str, every: int, replica_every: int | st
     namespaces so that load from elsewhere hits both alike; medians of the step intervals."""
     times: dict[int | str, list[float]] = {0: [], replica_every: []}
     chosen: list[int] = []  # every=auto: the k each on-run picked
+    copy_cpu: list[float] = []  # rank 0's copy thread CPU seconds per copy, per on-run
     with net_hosts(2, sshd=False) as hosts:
         for r in range(rounds):
             for rep in (0, replica_every):
@@ -229,12 +231,18 @@ def steady_overhead(tmp: str, strategy: str, every: int, replica_every: int | st
                         n.stop()
                 times[rep] += _step_times(nodes[0], 5)
                 chosen += [int(m.group(1)) for _, line in nodes[0].lines if rep and (m := AUTO.search(line))]
+                copy_cpu += [
+                    float(m.group(2)) / int(m.group(1))
+                    for _, line in nodes[0].lines
+                    if rep and (m := COPIES.search(line)) and int(m.group(1))
+                ]
     off, on = statistics.median(times[0]), statistics.median(times[replica_every])
     return {
         "step_s_off": round(off, 4),
         "step_s_on": round(on, 4),
         "replication_overhead": round(on / off, 3),
         "auto_every_chosen": chosen or None,
+        "copy_thread_cpu_ms": round(statistics.median(copy_cpu) * 1e3, 2) if copy_cpu else None,
     }
 
 

@@ -219,7 +219,7 @@ class PeerReplicas(Callback):
             print(
                 f"disttrain: peer replicas: {self.sent} copies ({self.sent_bytes / 2**20:.1f} MiB sent by rank 0), "
                 f"{self.waits} waited for the previous one, {self.failed} failed sends; the "
-                f"training thread spent {self.stall_s:.2f}s on them, the copy threads {self.copy_cpu_s:.2f}s of CPU",
+                f"training thread spent {self.stall_s:.2f}s on them, the copy threads {self.copy_cpu_s:.3f}s of CPU",
                 flush=True,
             )
 
