@@ -324,10 +324,10 @@ def main() -> None:
     p.add_argument(
         "--threads",
         type=int,
-        default=max(1, (os.cpu_count() or 2) // 2),
-        help="torch threads per worker (OMP_NUM_THREADS): the 2 simulated hosts share this machine's cores, so "
-        "each gets half of them; 0: torch's default, every core per worker (oversubscribed: libgomp's "
-        "spin-waits then turn any other CPU use into long stalls)",
+        default=0,
+        help="torch threads per worker (OMP_NUM_THREADS). 0: torch's default, every core per worker (the 2 "
+        "simulated hosts oversubscribe the machine; libgomp's spin-waits both slow the step and leave slack "
+        "a copy can use); cores/2: each simulated host has its own share and no idle core",
     )
     p.add_argument("--heartbeat-timeout", type=float, default=5.0, help="disttrain launch --heartbeat-timeout")
     p.add_argument("--rounds", type=int, default=3, help="alternated off/on runs for replication_overhead")
