@@ -44,9 +44,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._common import ROOT, human_bytes, print_table, write_json  # noqa: E402
+from launcher.replica_store import BASE_ENV as REPLICA_BASE_ENV  # noqa: E402
 from tests.support.netns import free_port_in, net_hosts  # noqa: E402
 
 STEP = re.compile(r"\] step (\d+)/")
+AUTO = re.compile(r"every=auto: .* copies every (\d+) step")
+COPIES = re.compile(r"peer replicas: (\d+) copies .* the copy threads ([\d.]+)s of CPU")
 RESUMED = re.compile(
     r"resumed from (?:(\S+/step_(\d+))|peer memory at step (\d+) \((\d+) bytes\), 0 from disk) \(restart"
 )
@@ -56,9 +59,12 @@ class Node:
     """One host's ``disttrain launch``; stdout lines are kept with the time they arrived."""
 
     heartbeat_timeout = 5.0
+    threads = 0  # torch threads per worker (OMP_NUM_THREADS); 0: torch's default (every core)
 
     def __init__(self, hosts, i: int, nnodes: str, port: int, secret: str, config: str):
         env = {**os.environ, "GLOO_SOCKET_IFNAME": hosts.ifname, "DISTTRAIN_JOB_SECRET": secret}
+        if self.threads:
+            env["OMP_NUM_THREADS"] = str(self.threads)
         argv = [sys.executable, "-m", "launcher.cli", "--nnodes", nnodes, "--node-rank", str(i)]
         argv += ["--rdzv-endpoint", f"{hosts.addrs[0]}:{port}", "--nproc-per-node", "1"]
         argv += ["--heartbeat-timeout", str(self.heartbeat_timeout), "-m", "disttrain.worker", config]
@@ -175,11 +181,13 @@ def run_elastic(
                 n.stop()
     rejoin_s = t_step2 - back
     rejoin_bytes = rejoin_disk + rejoin_memory
+    chosen = [int(m.group(1)) for _, line in nodes[0].lines if (m := AUTO.search(line))]
     return {
         "strategy": strategy,
         "recovery_from": "memory" if memory_read else "disk",
         "recover": recover,
         "fault_tolerance.every": replicas,
+        "auto_every_chosen": chosen or None,  # every=auto: the k each round of host 0's workers picked
         "mode": "--nnodes 1:2",
         "step_s": round(step_s, 4),
         "recovery_s": round(t_step - killed, 2),
@@ -206,6 +214,8 @@ def steady_overhead(tmp: str, strategy: str, every: int, replica_every: int | st
     """Step time with replicas off and on, alternated (off, on, off, on, ...) on the same two
     namespaces so that load from elsewhere hits both alike; medians of the step intervals."""
     times: dict[int | str, list[float]] = {0: [], replica_every: []}
+    chosen: list[int] = []  # every=auto: the k each on-run picked
+    copy_cpu: list[float] = []  # rank 0's copy thread CPU seconds per copy, per on-run
     with net_hosts(2, sshd=False) as hosts:
         for r in range(rounds):
             for rep in (0, replica_every):
@@ -220,8 +230,20 @@ def steady_overhead(tmp: str, strategy: str, every: int, replica_every: int | st
                     for n in nodes:
                         n.stop()
                 times[rep] += _step_times(nodes[0], 5)
+                chosen += [int(m.group(1)) for _, line in nodes[0].lines if rep and (m := AUTO.search(line))]
+                copy_cpu += [
+                    float(m.group(2)) / int(m.group(1))
+                    for _, line in nodes[0].lines
+                    if rep and (m := COPIES.search(line)) and int(m.group(1))
+                ]
     off, on = statistics.median(times[0]), statistics.median(times[replica_every])
-    return {"step_s_off": round(off, 4), "step_s_on": round(on, 4), "replication_overhead": round(on / off, 3)}
+    return {
+        "step_s_off": round(off, 4),
+        "step_s_on": round(on, 4),
+        "replication_overhead": round(on / off, 3),
+        "auto_every_chosen": chosen or None,
+        "copy_thread_cpu_ms": round(statistics.median(copy_cpu) * 1e3, 2) if copy_cpu else None,
+    }
 
 
 def _launch_run(config: str, nproc: int, overrides: list[str]) -> str:
@@ -299,6 +321,14 @@ def main() -> None:
     )
     p.add_argument("--kill-at", type=int, default=25, help="SIGKILL host 1 once host 0 logged this step")
     p.add_argument("--warm", type=int, default=5, help="step time is measured from this step to --kill-at")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per worker (OMP_NUM_THREADS). 0: torch's default, every core per worker (the 2 "
+        "simulated hosts oversubscribe the machine; libgomp's spin-waits both slow the step and leave slack "
+        "a copy can use); cores/2: each simulated host has its own share and no idle core",
+    )
     p.add_argument("--heartbeat-timeout", type=float, default=5.0, help="disttrain launch --heartbeat-timeout")
     p.add_argument("--rounds", type=int, default=3, help="alternated off/on runs for replication_overhead")
     p.add_argument("--steady-steps", type=int, default=40, help="steps of each of those runs")
@@ -308,13 +338,15 @@ def main() -> None:
         "--recover", default="both", choices=["both", "restart", "in_place"], help="fault_tolerance.recover rows"
     )
     ns = p.parse_args()
-    Node.heartbeat_timeout = ns.heartbeat_timeout
+    Node.heartbeat_timeout, Node.threads = ns.heartbeat_timeout, ns.threads
     import tempfile
 
     rows, peers = [], []
-    import glob
-
-    shm_before = set(glob.glob("/dev/shm/disttrain-replicas-*"))  # killed agents leave theirs: removed at the end
+    # killed agents leave their private directories: ours go in a directory of this run, removed at the end
+    shm_parent = tempfile.mkdtemp(
+        prefix="dt-bench-replicas-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    )
+    os.environ[REPLICA_BASE_ENV] = shm_parent
     with tempfile.TemporaryDirectory(prefix="ft-bench-") as tmp:
         for strategy in ns.strategies.split(","):
             kinds = [(0, "restart"), (ns.replica_every, "restart"), (ns.replica_every, "in_place")]
@@ -334,8 +366,7 @@ def main() -> None:
             rows += trio
             if not ns.no_peer:
                 peers.append(run_fixed(os.path.join(tmp, "fixed"), strategy, ns.steps, ns.every, ns.kill_at))
-    for d in set(glob.glob("/dev/shm/disttrain-replicas-*")) - shm_before:
-        shutil.rmtree(d, ignore_errors=True)
+    shutil.rmtree(shm_parent, ignore_errors=True)
     for r in rows:
         r.pop("run_dir"), r.pop("config")
     print_table(
@@ -362,7 +393,10 @@ def main() -> None:
                 r["recovery_from"],
                 r["recover"],
                 f"{r['step_s']:.3f}",
-                "-" if r["replication_overhead"] is None else f"{r['replication_overhead']:.3f}",
+                "-"
+                if r["replication_overhead"] is None
+                else f"{r['replication_overhead']:.3f}"
+                + (f" (k={','.join(map(str, r['auto_every_chosen']))})" if r.get("auto_every_chosen") else ""),
                 f"{r['recovery_s']:.1f}",
                 r["steps_lost"],
                 human_bytes(r["recovery_disk_bytes_read"]),

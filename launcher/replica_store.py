@@ -48,6 +48,9 @@ from .store_client import ADOPT, OK, PRUNE, SET_BULK, StoreClient
 log = logging.getLogger(__name__)
 
 SHM_ENV = "DISTTRAIN_REPLICA_SHM"  # the own agent's private directory for host-local copies
+BASE_ENV = "DISTTRAIN_REPLICA_SHM_BASE"  # where agents make those directories (default /dev/shm); a test or
+# benchmark points it at a directory of its own, so it can remove what its SIGKILLed agents left there
+# without touching another job's
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 ENV = "DISTTRAIN_REPLICA_STORES"  # "JOB;host:port,host:port,...": the job id bound, one store per node of the round
 ADDRESS_KEY = "agent/replica/{node}"  # in the job store: each agent's replica store address
@@ -75,7 +78,9 @@ class ReplicaStore(StoreServer):
         super().__init__(secret, host, 0, job=job)  # the job id is in the handshake too (launcher.channel)
         self.max_value, self.max_total = MAX_VALUE, max_bytes
         self.job_id = job
-        base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        base = os.environ.get(BASE_ENV) or None
+        if base is None and os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+            base = "/dev/shm"
         self.shm_dir = tempfile.mkdtemp(prefix="disttrain-replicas-", dir=base)  # 0700, ours
 
     def close(self) -> None:

@@ -7,24 +7,26 @@ rank processes, namespace hosts with sshd, or a SLURM cluster. Support code live
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
+import tempfile
 
 import pytest
 
+from launcher.replica_store import BASE_ENV as REPLICA_BASE_ENV
 from tests.support.netns import net_hosts, skip_reason
 from tests.support.slurm_cluster import SlurmCluster, missing_binaries
 
 
 @pytest.fixture(autouse=True)
-def _remove_killed_agents_dirs():
-    """A SIGKILLed agent cannot remove its private directory (launcher.replica_store): remove the ones
-    made while this test ran (its agents', created by this suite), once the test is over."""
-    before = set(glob.glob("/dev/shm/disttrain-replicas-*"))
+def _remove_killed_agents_dirs(monkeypatch):
+    """A SIGKILLed agent cannot remove its private directory (launcher.replica_store): the agents this
+    test starts make theirs in a directory of this test's own, removed once the test is over. Only
+    that one: another job's agents (a benchmark, another checkout's tests) may be running beside it."""
+    parent = tempfile.mkdtemp(prefix="dt-test-replicas-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
+    monkeypatch.setenv(REPLICA_BASE_ENV, parent)
     yield
-    for d in set(glob.glob("/dev/shm/disttrain-replicas-*")) - before:
-        shutil.rmtree(d, ignore_errors=True)
+    shutil.rmtree(parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

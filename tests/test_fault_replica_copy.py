@@ -175,3 +175,14 @@ def test_prune_frees_the_copies_of_ranks_gone_and_keeps_the_rest(store):
     assert freed == before - server.nbytes > 2000 and held == server.nbytes
     assert c.prune([""]) == (0, server.nbytes)  # an empty prefix deletes nothing
     c.close()
+
+
+def test_auto_every_keeps_copies_at_least_as_new_as_the_disk_checkpoint():
+    """every=auto's k lands on a divisor of checkpoint.every (every disk step also gets a copy), and is
+    never over it; without disk checkpoints the measured k stands."""
+    from disttrain.fault.replica import aligned_every
+
+    assert [aligned_every(k, 10) for k in (1, 2, 3, 4, 6, 9, 10, 37)] == [1, 2, 5, 5, 10, 10, 10, 10]
+    assert aligned_every(7, 0) == 7
+    for k in range(1, 30):
+        assert 12 % aligned_every(k, 12) == 0 and aligned_every(k, 12) >= min(k, 12)

@@ -24,7 +24,8 @@ class FaultToleranceConfig(Section):
         "(0: off). After a host is lost the survivors resume from the newest complete copy instead of the "
         "disk checkpoint, losing at most the steps since it. `auto`: measure a copy's cost against the "
         "step time over the first steps and copy every k steps, the smallest k whose cost stays under "
-        "`target_overhead` (logged with the steps at risk). Needs a multi-node `disttrain launch`.",
+        "`target_overhead`, rounded up to a divisor of `checkpoint.every` (logged with the steps at risk). "
+        "Needs a multi-node `disttrain launch`.",
     )
     target_overhead: float = Field(
         0.03,

@@ -64,6 +64,15 @@ def targets(node: int, nodes: int, replicas: int) -> list[int]:
     return sorted({(node + i) % nodes for i in range(min(replicas, nodes - 1) + 1)})
 
 
+def aligned_every(k: int, disk_every: int) -> int:
+    """every=auto's k against ``checkpoint.every``: the smallest divisor of the disk interval that is at
+    least ``k`` (the interval itself when k exceeds it), so every disk checkpoint's step also gets a copy
+    and the newest copy is never older than the newest disk checkpoint; ``k`` when there is none."""
+    if disk_every <= 0:
+        return k
+    return next((d for d in range(k, disk_every + 1) if disk_every % d == 0), disk_every)
+
+
 def chunk_key(rank: int, step: int, i: int) -> str:
     return f"c/{rank}/{step}/d/{i}"
 
@@ -110,6 +119,8 @@ class PeerReplicas(Callback):
         self.sent = self.waits = self.failed = 0
         self.sent_bytes = 0
         self.stall_s = 0.0  # time the training thread spent here (recording shards, waiting for a snapshot)
+        self.copy_cpu_s = 0.0  # CPU time of the copy threads (snapshot, tag, sends)
+        self._cpu0: tuple[float, float] | None = None  # (process, training thread) CPU time at the first copy
 
     # -- trainer hooks --------------------------------------------------------------------
     def on_train_start(self, trainer) -> None:
@@ -120,7 +131,7 @@ class PeerReplicas(Callback):
     def on_step_end(self, trainer) -> None:
         if not self.active or trainer.step >= trainer.cfg.train.steps:
             return
-        if self.auto and not self._auto_copy(trainer.step):
+        if self.auto and not self._auto_copy(trainer.step, trainer.cfg.checkpoint.every):
             return
         if trainer.step % self.every:
             return
@@ -154,7 +165,7 @@ class PeerReplicas(Callback):
         self._copy = copy = _Copy(job, record)
         threading.Thread(target=self._send, args=(copy, self._staging), daemon=True, name="replica").start()
 
-    def _auto_copy(self, step: int) -> bool:
+    def _auto_copy(self, step: int, disk_every: int) -> bool:
         """every=auto: ``AUTO_WARM`` steps without copies, then ``AUTO_COPIES`` steps with a copy each,
         their step-end times kept; then :meth:`_choose_every`. Counted in calls, so every rank agrees."""
         now = time.perf_counter()
@@ -164,10 +175,10 @@ class PeerReplicas(Callback):
         self._copy_ends.append(now)
         if len(self._copy_ends) <= AUTO_COPIES:
             return True
-        self._choose_every(step)
+        self._choose_every(step, disk_every)
         return True
 
-    def _choose_every(self, step: int) -> None:
+    def _choose_every(self, step: int, disk_every: int = 0) -> None:
         """All ranks at the same step: the cost of a copy is what it added to a step (median step with a
         copy each minus median step without: that counts its CPU, its waits and whatever it contends
         for); k is the smallest with cost / (k x step) under ``target``; the largest k of any rank wins
@@ -182,10 +193,12 @@ class PeerReplicas(Callback):
         cost_s = max(0.0, median_interval(self._copy_ends) - step_s)
         k = max(1, math.ceil(cost_s / (self.target * max(step_s, 1e-6))))
         k = max(int(b) for b in allgather_bytes(self._group, str(k).encode()))
+        k, capped = aligned_every(k, disk_every), k
         self.auto, self.every = False, k
+        note = f" (not {capped}: copies stay at least as new as the disk checkpoint)" if k != capped else ""
         msg = (
             f"fault_tolerance.every=auto: a copy adds {cost_s * 1e3:.1f} ms to a {step_s * 1e3:.1f} ms step "
-            f"(rank {self.rank}): copies every {k} step(s) from step {step} (about "
+            f"(rank {self.rank}): copies every {k} step(s){note} from step {step} (about "
             f"{cost_s / (k * step_s) * 100:.1f}% of step time here; a lost host costs up to {k} step(s))"
         )
         log.info("rank %s: %s", self.comm.env.where, msg)
@@ -206,7 +219,7 @@ class PeerReplicas(Callback):
             print(
                 f"disttrain: peer replicas: {self.sent} copies ({self.sent_bytes / 2**20:.1f} MiB sent by rank 0), "
                 f"{self.waits} waited for the previous one, {self.failed} failed sends; the "
-                f"training thread spent {self.stall_s:.2f}s on them",
+                f"training thread spent {self.stall_s:.2f}s on them, the copy threads {self.copy_cpu_s:.3f}s of CPU",
                 flush=True,
             )
 
@@ -261,6 +274,7 @@ class PeerReplicas(Callback):
     def _send(self, copy: _Copy, staging: torch.Tensor | None) -> None:
         job = copy.job
         name = None
+        cpu0 = time.thread_time()
         try:
             try:
                 if self.shm_dir:  # the snapshot goes straight into the own agent's segment
@@ -302,6 +316,7 @@ class PeerReplicas(Callback):
             self.failed += 1
             log.warning("rank %s: the replica of step %d failed: %s", self.comm.env.where, job.step, exc)
         finally:
+            self.copy_cpu_s += time.thread_time() - cpu0
             copy.snapshot.set()
             copy.done.set()
 
