@@ -103,13 +103,18 @@ class Communicator(CallPath, ArgumentChecks):
                 f"rank {self.env.where}: allreduce AVG of {t.dtype} would truncate"
                 "\nHINT: use SUM and divide, or a floating-point tensor"
             )
-        fp = self._fingerprint("allreduce", [t.shape], t.dtype, f"op={op}")
-        if t.numel():
+        carry = t.numel() > 0 and carried.can_carry(self._frame, t, op)  # rides in the check's frame
+        # An async call of an op that would ride in the frame sends the header alone, as any other op does:
+        # its signature says so, or a synchronous call on another rank would sum that rank's stale payload
+        # words and hand the result back (found by reading; tests/cases/collective_conformance.py).
+        extra = f"op={op},async_op=True" if carry and async_op else f"op={op}"
+        fp = self._fingerprint("allreduce", [t.shape], t.dtype, extra)
+        if t.numel() and not (carry and async_op):
             spec = Spec(fp.op, fp.shapes, fp.dtype, fp.extra, self.group, op)
-            if carried.can_carry(self._frame, t, op):  # rides in the check's frame (see collectives.carried)
+            if carry:  # (see collectives.carried)
                 spec.carry = carried.CarriedOp(self._frame, spec.base, op)
             self._remember(("allreduce", t.shape, t.dtype, op), spec)
-            if spec.carry is not None and not async_op:
+            if carry and not async_op:
                 return self._carried(spec, t, timeout, fp.seq, after)
         return self._run(
             fp,

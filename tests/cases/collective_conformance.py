@@ -355,6 +355,24 @@ def run_mismatches(comm) -> list[str]:
     else:
         with_error(lambda: comm.broadcast(z, 0), CollectiveMismatchError, ("allreduce", "broadcast"))
     _close(z, torch.full((8,), float(r + 1)), "operand after a fast-path carried mismatch")
+    # a synchronous 4 KiB SUM (it rides in the frame on mpi and torch) against the same call with
+    # async_op=True (which sends the header alone there): on those backends both sides raise and the operand
+    # is unchanged, where the synchronous side used to sum the other's stale frame payload and hand it back;
+    # on the others (shm checks inline) both ops complete with the right sum
+    comm.allreduce(torch.ones(1024))  # the signature seen before on every rank: the fast path
+    a = torch.full((1024,), float(r + 1))
+    if comm._frame is not None:
+        if r == 0:
+            with_error(lambda: comm.allreduce(a), CollectiveMismatchError, ("async_op=True",))
+        else:
+            with_error(lambda: comm.allreduce(a, async_op=True), CollectiveMismatchError, ("async_op=True",))
+        _close(a, torch.full((1024,), float(r + 1)), "operand after a sync/async carried mismatch")
+    else:
+        work = comm.allreduce(a) if r == 0 else comm.allreduce(a, async_op=True)
+        if work is not None:
+            work.wait()
+        total = float(sum(range(1, comm.world_size + 1)))
+        _close(a, torch.full((1024,), total), "sync against async allreduce")
     # p2p: the receiver names both sides
     if r == 0:
         comm.send(torch.ones(3), 1)
