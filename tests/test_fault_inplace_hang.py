@@ -1,9 +1,10 @@
 """The hang watch after recovery in place: three network-namespace hosts, one worker each, ddp with
-``fault_tolerance.recover: in_place`` and ``--hang-timeout``. Host 1 is SIGKILLed; host 2's worker
-process moves in place from rank 2 to rank 1 of 2, then stops forever inside a step
-(tests/cases/hang_step.py, ``RANK`` 1 at its 60th call). The one report must name the moved process
-by its new rank and its host (``rank 1@host 2``), not the rank it had before the move: the agents watch
-the new round's ranks and the worker's flight recorder beats and dumps under its new rank.
+``fault_tolerance.recover: in_place`` and ``--hang-timeout 8`` (3 s fired during start-up when the whole
+suite loaded the machine). Host 1 is SIGKILLed; host 2's worker process moves in place from rank 2 to
+rank 1 of 2, then stops forever inside a step (tests/cases/hang_step.py, ``RANK`` 1 at its 60th call).
+The one report must name the moved process by its new rank and its host (``rank 1@host 2``), not the
+rank it had before the move: the agents watch the new round's ranks and the worker's flight recorder
+beats and dumps under its new rank.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def test_a_hang_after_a_move_in_place_names_the_new_rank_and_host(tmp_path):
     hang = ['loss.target="tests.cases.hang_step:step"', "loss.kwargs={hang_rank: 1, hang_call: 60}"]
     extra = ["checkpoint.every=0", "fault_tolerance.every=1", "fault_tolerance.recover=in_place", *hang]
     run_yaml = _config(tmp_path, "run", "ddp", 300, extra)
-    args = ["--heartbeat-timeout", "2", "--hang-timeout", "3", "-m", "disttrain.worker", run_yaml]
+    args = ["--heartbeat-timeout", "2", "--hang-timeout", "8", "-m", "disttrain.worker", run_yaml]
     with net_hosts(3, sshd=False) as hosts:
         port, secret = free_port_in(hosts, 0), secrets.token_hex(32)
         nodes = [Node(hosts, i, "2:3", port, secret, args) for i in range(3)]
