@@ -12,8 +12,8 @@ record nothing). While a torch.profiler trace records (``labels``), each op is a
 
 With ``DISTTRAIN_TRACE_DIR`` set (the launcher's hang watch sets it to a private directory),
 :func:`maybe_start_watch` starts one daemon thread per process that, every 0.2 s:
-- writes ``rank<R>.beat`` (the count of completed collectives) when it changed: the launcher's
-  sign of progress;
+- writes ``rank<R>.beat`` (the count of completed collectives) when it changed, once its first
+  collective began (set-up is not a hang): the launcher's sign of progress;
 - answers ``dump.request`` (a nonce the launcher writes) with ``rank<R>.dump.json``: the records,
   every thread's stack (``sys._current_frames``, readable while the main thread blocks in C), the
   nonce; and a copy in the directory :func:`also_dump_to` named (the run directory's, which
@@ -287,7 +287,7 @@ def _watch(period: float) -> None:
                 target, handled = _WATCH["target"], ""
             directory, rank, host = target
             request = os.path.join(directory, "dump.request")
-            if RECORDER.completed != beat:
+            if RECORDER.completed != beat and (beat >= 0 or RECORDER.ring):  # first beat: a collective began
                 beat = RECORDER.completed
                 _write(os.path.join(directory, f"rank{rank}.beat"), f"{beat}\n")
             try:

@@ -56,11 +56,15 @@ class LocalAgent:
         report: bool = True,
         hang_timeout: float = 0.0,
         hang_stop: bool = True,
+        held_signals: tuple[int, ...] = (),
     ):
         self.spec, self.node, self.max_restarts = spec, node, max_restarts
         self.stop_grace, self.monitor_interval, self.report_stream = stop_grace, monitor_interval, report_stream
         self.report = report  # False when a fan-out launcher prints the merged report
         self.workers: list[Worker] = []
+        # Signals the workers start with blocked (SLURM's warning): one that comes before a worker installed its
+        # handler waits for it instead of killing set-up; :meth:`forward` passes them on, to later groups too.
+        self.held_signals, self._forwarded = tuple(held_signals), []
         self._interrupted: int | None = None
         self._error_dir = tempfile.mkdtemp(prefix="disttrain-errors-")  # 0700; no job id in a /tmp name
         self._server: StoreServer | None = None
@@ -146,12 +150,27 @@ class LocalAgent:
         envs = self._worker_envs(attempt, members)
         self._watch_hangs(attempt, [rank for rank, _ in envs])  # its directory exists before a worker starts
         self.workers = []
-        for local_rank, (rank, env) in enumerate(envs):
-            w = Worker(self.spec, rank, local_rank, self.node.host, env)
-            w.start()
-            self.workers.append(w)
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, self.held_signals) if self.held_signals else None
+        try:
+            for local_rank, (rank, env) in enumerate(envs):
+                w = Worker(self.spec, rank, local_rank, self.node.host, env)
+                w.start()  # inherits the blocked signals; launcher.slurm.signals unblocks them once caught
+                self.workers.append(w)
+        finally:
+            if held is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a pending one now reaches forward()
+        for s in self._forwarded:  # a warning from before this group started (or before a restart)
+            for w in self.workers:
+                w.signal(s)
         if self._hang is not None:  # for a faulthandler stack dump of a rank that cannot answer
             self._hang.pids = {w.rank: w.proc.pid for w in self.workers if w.proc is not None}
+
+    def forward(self, signum: int) -> None:
+        """Pass a warning signal on to this node's workers, and to any group started later in the job."""
+        if signum not in self._forwarded:
+            self._forwarded.append(signum)
+        for w in self.workers:
+            w.signal(signum)
 
     def _watch_hangs(self, attempt: int, ranks: list[int]) -> None:
         """With a hang timeout: watch round ``attempt``'s trace directory (made here) for ``ranks``."""

@@ -52,8 +52,9 @@ class HangWatch:
 
     def stalled(self) -> str | None:
         """Why this node's ranks count as hung (no beat for ``timeout`` seconds), else None.
-        Reads the beat files at most every 0.2 s; a node whose ranks never finished a
-        collective (set-up, the first collective) is not hung."""
+        Reads the beat files at most every 0.2 s; a rank beats first when its first collective
+        begins, so a node whose ranks are all still setting up (imports, model build) is not hung,
+        while one waiting in its first collective for ``timeout`` seconds is."""
         now = time.monotonic()
         if now < self._next:
             return None
@@ -67,7 +68,7 @@ class HangWatch:
             if self._beats.get(r) != beat:
                 self._beats[r], self._last = beat, now
         if not self._beats or now - self._last < self.timeout:
-            return None  # nothing finished yet (set-up, first collective) or still moving
+            return None  # no collective begun yet (set-up) or still moving
         return f"no collective finished on {self.host} for {now - self._last:.1f}s"
 
     def collect(self) -> list[dict]:

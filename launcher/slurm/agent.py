@@ -29,6 +29,8 @@ from ..worker import WorkerSpec
 from .place import job_tag, read_slurm_env, store_endpoint
 from .secret import job_secret
 
+WARNING_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # SLURM's time-limit warning (slurm.signal), passed on
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -63,6 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The warning signal (SLURM may send it up to a minute early, even now): workers save at an agreed step and
+    # exit 0. Caught first thing, held until the agent exists, then passed on to every group it starts.
+    early: list[int] = []
+    started: list[LocalAgent] = []
+
+    def forward(signum, frame):
+        if started:
+            started[0].forward(signum)
+        elif signum not in early:
+            early.append(signum)
+
+    for s in WARNING_SIGNALS:
+        signal.signal(s, forward)
     ns = build_parser().parse_args(argv)
     try:
         place = read_slurm_env()
@@ -106,14 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         stop_grace=ns.stop_grace,
         hang_timeout=ns.hang_timeout,
         hang_stop=not ns.hang_keep_waiting,
+        held_signals=WARNING_SIGNALS,
     )
 
-    def forward(signum, frame):  # the warning signal: workers save at an agreed step and exit 0
-        for w in agent.workers:
-            w.signal(signum)
-
-    for s in (signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(s, forward)
+    started.append(agent)
+    for signum in early:  # a warning that came while this agent was setting up
+        agent.forward(signum)
     try:
         return agent.run().exit_code
     finally:

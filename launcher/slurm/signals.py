@@ -1,9 +1,12 @@
 """Signals in a SLURM job: names from the config, and a warning signal that comes too early.
 
 SLURM sends its warning (``--signal=B:USR1@90``, forwarded by our batch script) whenever the
-time limit nears, possibly while a worker still imports torch, when the signal's default
-action would kill it. ``catch_signals_early()`` is the worker's first statement; the
-preemption callback (``disttrain.slurm.preemption``) later takes what it caught.
+time limit nears (up to a minute early, SLURM's resolution), possibly while a worker still
+imports torch, when the signal's default action would kill it. ``catch_signals_early()`` is the
+worker's first statement; the preemption callback (``disttrain.slurm.preemption``) later takes
+what it caught. Our agent (``launcher.slurm.agent``) starts workers with these signals blocked,
+so one sent before even that statement waits for it; a script that never calls it keeps them
+blocked and stops at SIGTERM instead.
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ def catch_signals_early(env: Mapping[str, str] | None = None) -> bool:
         _early["old"] = {s: signal.signal(s, _early_handler) for s in EARLY_SIGNALS}
     except ValueError:  # not the main thread
         return False
+    # Our SLURM agent starts workers with the warning signals blocked (launcher.agent's held_signals): one
+    # sent before this point waited, pending, and arrives now, caught.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, EARLY_SIGNALS)
     return True
 
 

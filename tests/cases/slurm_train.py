@@ -13,9 +13,13 @@ import os
 import sys
 import time
 
+from launcher import catch_signals_early
+
+catch_signals_early()  # first, as disttrain.worker does: SLURM's warning may come while torch imports
+
 import torch  # noqa: E402
 
-from disttrain import worker  # first: it catches SLURM's signals before torch imports
+from disttrain import worker  # noqa: E402
 from disttrain.observe import Callback  # noqa: E402
 from disttrain.slurm.preemption import Preemption  # noqa: E402
 
