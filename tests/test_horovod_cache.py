@@ -38,6 +38,10 @@ def test_cache_on_and_off_give_identical_results_and_errors(tmp_path):
         assert on[r]["errors"] == off[r]["errors"]
         assert off[r]["hits"]["all"] == 0 and off[r]["cached"] == 0
         assert on[r]["hits"]["sets"] >= 20 and on[r]["hits"]["all"] > on[r]["hits"]["sets"]
+        # a steady optimizer step: heads only with the cache on; its bucket announced in full with it off
+        s_on, s_off = on[r]["steady"], off[r]["steady"]
+        assert s_on["cycles"] >= 1 and s_on["bytes"] == s_on["cycles"] * s_on["head"], s_on
+        assert s_off["bytes"] > s_off["cycles"] * s_off["head"], s_off
     res = {label: (dtype, shape, vals) for label, dtype, shape, vals in on[0]["res"]}
     total = sum(range(1, W + 1))
     # changing tensor sets: right values after a shape change (step 4) and a dtype change (step 6)

@@ -24,10 +24,11 @@ import collectives
 from collectives import registry
 
 from . import handles, rendezvous, timeline
-from .engine import Engine, Settings
+from .engine import Engine
 from .exceptions import HorovodError, HorovodInternalError, NotInitializedError, ProcessSetError
 from .process_sets import ProcessSet, global_process_set
 from .reduce_op import Adasum, Average, Max, Min, Product, ReduceOp, Sum
+from .settings import Settings
 
 __all__ = ["Adasum", "Average", "Max", "Min", "Product", "ReduceOp", "Sum"]  # re-exported
 log = logging.getLogger(__name__)

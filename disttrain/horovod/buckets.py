@@ -151,7 +151,12 @@ class GradBuckets:
                 views.append(v)
         if views:
             torch._foreach_copy_(views, grads)
-        hid, h = allreduce_start([b.buf], [b.buf], b.name, self.op, self.pre, self.post, self.process_set, False, True)
+        # The step's last bucket leaves the set's thread asleep: finish() waits on it next and runs
+        # its cycle itself. Earlier ones wake it, so their reductions may overlap the rest of backward.
+        last = all(o.handle is not None for o in self.buckets if o is not b)
+        hid, h = allreduce_start(
+            [b.buf], [b.buf], b.name, self.op, self.pre, self.post, self.process_set, False, True, wake=not last
+        )
         b.handle = handles.register(h, hid)
 
     def drop_spent(self) -> None:

@@ -2,14 +2,15 @@
 
 User threads only *submit* (``submit``, ``join``): an op is queued with its name and a handle is
 returned at once. The set's thread runs cycles: announce what was queued since the last cycle
-(one allgather of fixed-size rows over the set's communicator, see ``negotiation``), fold every
+(every member's row over the set's communicator, see ``negotiation`` and ``rows``), fold every
 member's row into the shared table, then run the ops that every member has now submitted, in
 the agreed order, fused (see ``execution``), and complete their handles. The same thread does
 all the set's communication, so a communicator is never used by two threads, and the sets
 progress independently (a set waiting for a slow member does not hold up another set).
 
 Pace: a busy set cycles every ``HOROVOD_CYCLE_TIME`` ms (default 1; ops arriving within a cycle
-are fused); a submission to an idle set starts a cycle within that time; an idle set still
+are fused); a submission to an idle set starts a cycle within that time (a bucket that its
+submitter waits on next leaves the thread asleep, see ``submit``); an idle set still
 cycles every ``idle_s`` so that a member waiting for it learns about stalls, joins and shutdowns.
 
 A user thread that waits on an op while the set's thread is not in a cycle runs the cycles
@@ -27,10 +28,8 @@ ranks that submitted it after ``HOROVOD_STALL_SHUTDOWN_TIME_SECONDS`` (default: 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Sequence
@@ -50,43 +49,17 @@ from .negotiation import (
     JOINED,
     REMOVING,
     SHUTDOWN,
-    SLOT,
     Announcement,
     Table,
     mismatch_message,
     row_of,
 )
 from .pool import Pool
+from .rows import RowExchange
+from .settings import Settings
 from .wire import Kind, digest, fuse_key
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    cycle_s: float = 1e-3
-    idle_s: float = 0.05
-    fusion_bytes: int = 128 << 20
-    slots: int = 128
-    stall_warn_s: float = 60.0
-    stall_fail_s: float = 300.0
-    timeout: float = 300.0
-    cache_capacity: int = 1024
-
-    @classmethod
-    def from_env(cls, timeout: float) -> Settings:
-        env = os.environ
-        warn = 0 if env.get("HOROVOD_STALL_CHECK_DISABLE") else float(env.get("HOROVOD_STALL_CHECK_TIME_SECONDS", 60))
-        fail = float(env.get("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", 0) or timeout)
-        return cls(
-            cycle_s=float(env.get("HOROVOD_CYCLE_TIME", 1.0)) / 1e3,
-            fusion_bytes=int(env.get("HOROVOD_FUSION_THRESHOLD", 128 << 20)),
-            slots=int(env.get("DISTTRAIN_HVD_SLOTS", 128)),
-            stall_warn_s=warn if warn > 0 else float("inf"),
-            stall_fail_s=fail,
-            timeout=timeout,
-            cache_capacity=int(env.get("HOROVOD_CACHE_CAPACITY", 1024)),
-        )
 
 
 class SetWorker:
@@ -114,8 +87,7 @@ class SetWorker:
         self.error: BaseException | None = None
         self.stopped = False
         self._thread: threading.Thread | None = None
-        self._rows: torch.Tensor | None = None
-        self._row: torch.Tensor | None = None
+        self.rows = RowExchange(comm, len(self.ranks), HEADER + 2 * self.cache.words, s.slots)
         self._idle = True  # the thread waits for work (a submission wakes it) rather than for its cycle
         self._urgent = False  # a user thread waits on an op: the next cycle starts now (see _nudge)
         self._cycling = False  # the cycle token: a thread (the set's or a waiting user's) runs a cycle
@@ -128,7 +100,11 @@ class SetWorker:
             self._thread.start()
 
     # -- user threads ---------------------------------------------------------------------
-    def submit(self, op: Op) -> None:
+    def submit(self, op: Op, wake: bool = True) -> None:
+        """Queue ``op``. ``wake=False``: leave the set's thread asleep (it still finds the op within
+        ``idle_s``), for a submitter that waits on the op soon and so runs its cycle itself (a
+        ``DistributedOptimizer`` bucket: waking the thread and handing the token back cost two
+        futex wakes and two GIL hand-offs a step, on cores the compute needs)."""
         with self._cv:
             self._check_open(op.name)
             prior = self._names.get(op.name)
@@ -144,7 +120,7 @@ class SetWorker:
             op.handle.nudge = self._nudge
             self._names[op.name] = op
             self._queue.append(op)
-            if self._idle:  # a busy thread wakes at its cycle deadline anyway: no wake-up per gradient
+            if wake and self._idle:  # a busy thread wakes at its cycle deadline anyway: no wake-up per gradient
                 self._idle = False
                 self._last = time.monotonic()  # cycle after HOROVOD_CYCLE_TIME, or when someone waits
                 self._cv.notify()
@@ -274,22 +250,10 @@ class SetWorker:
         if len(full) > s.slots:  # the rest go out in the next cycles
             full, self._reannounce = full[: s.slots], full[s.slots :]
         W = cache.words
-        used = row_of(flags, clock, [op.ann for op in full], 0, free)
-        used[HEADER:HEADER] = cache.words_of(self._bits) + cache.words_of(invalid)
-        if size > 1:
-            if self._rows is None:  # one buffer for the set's lifetime (slots beyond a row's count are not read)
-                self._rows = torch.zeros(size, HEADER + 2 * W + SLOT * s.slots, dtype=torch.int64)
-                self._row = torch.zeros(HEADER + 2 * W + SLOT * s.slots, dtype=torch.int64)
-            self._row[: len(used)] = torch.tensor(used, dtype=torch.int64)
-            self.comm.allgather(list(self._rows.unbind(0)), self._row)
-            heads = self._rows[:, : HEADER + 2 * W].tolist()
-            rows = [
-                h[:HEADER] + (self._rows[i, HEADER + 2 * W : HEADER + 2 * W + SLOT * h[1]].tolist() if h[1] else [])
-                for i, h in enumerate(heads)
-            ]
-        else:
-            heads = [used[: HEADER + 2 * W]]
-            rows = [used[:HEADER] + used[HEADER + 2 * W :]]
+        row = row_of(flags, clock, [op.ann for op in full], 0, free)
+        heads, rows = self.rows.exchange(
+            row[:HEADER] + cache.words_of(self._bits) + cache.words_of(invalid), row[HEADER:]
+        )
         joined = [bool(r[0] & JOINED) for r in rows]
         hit = cache.decide(
             [h[HEADER : HEADER + W] for h in heads], [h[HEADER + W : HEADER + 2 * W] for h in heads], joined, rows[0][2]

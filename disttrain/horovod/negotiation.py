@@ -4,9 +4,10 @@ Horovod matches ops by *name*, not by call order: ranks may submit them in any o
 thread, and a rank-dependent branch only has to submit the same names in the end. Horovod's
 coordinator gathers every rank's requests each cycle and answers with the list of tensors all
 ranks asked for. We do the same without a coordinator: every cycle each member contributes one
-fixed-size row of int64 to a single allgather on the set's control communicator, so every
-member holds the same rows and :meth:`Table.absorb` (pure, deterministic) reaches the same
-verdict everywhere: one small collective per cycle, however many ops it agrees on.
+row of int64 on the set's control communicator (its head in one allgather, its announcements in
+a second only when some member has any: see ``rows``), so every member holds the same rows and
+:meth:`Table.absorb` (pure, deterministic) reaches the same verdict everywhere: one small
+collective per steady cycle, however many ops it agrees on.
 
 A row is ``HEADER`` int64 (flags, number of announcements, the rank's clock in ms) followed by
 up to ``slots`` announcements of four int64 each (see ``wire``): name digest, signature digest,

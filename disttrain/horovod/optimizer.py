@@ -260,7 +260,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             return
         if self._buckets is not None:
             self._buckets.finish()
-            for p in self._requires_update:  # sparse gradients, beside the buckets (in parameter order)
+            for p in self._requires_update if self._buckets.sparse else ():  # sparse gradients, beside the buckets
                 if p in self._buckets.sparse and p.grad is not None and p.grad.is_sparse:
                     self._handles[p] = self._allreduce_grad_async(p)
         else:

@@ -65,11 +65,12 @@ def _submit(
     fuse: int,
     aux: int,
     finish: Callable[[object], object] | None = None,
+    wake: bool = True,
     **fields,
 ) -> Handle:
     handle = Handle(name, finish)
     desc, sig = described
-    worker.submit(Op(name, kind, Announcement(_digest(name), sig, fuse, aux), desc, handle, **fields))
+    worker.submit(Op(name, kind, Announcement(_digest(name), sig, fuse, aux), desc, handle, **fields), wake)
     return handle
 
 
@@ -107,9 +108,11 @@ def allreduce_start(
     ps: ProcessSet,
     grouped: bool,
     shared: bool = False,
+    wake: bool = True,
 ) -> tuple[int, Handle]:
     """Reduce each tensor (in place into ``outputs`` when given); a grouped call submits one op
-    per tensor (``<name>_<i>``), fused by the engine, and its handle yields the list."""
+    per tensor (``<name>_<i>``), fused by the engine, and its handle yields the list. ``wake=False``
+    for a caller that will wait on the handle itself (see ``SetWorker.submit``)."""
     prefix = "grouped_allreduce" if grouped else "allreduce"
     worker = process_set_worker(ps, prefix)
     kind = Kind.ADASUM if op == Adasum else Kind.ALLREDUCE
@@ -134,6 +137,7 @@ def allreduce_start(
                 fuse,
                 w.numel(),
                 _same(outputs[i]) if out is not None else _finish_as(t.dtype),
+                wake,
                 tensor=w,
                 output=out,
                 pre=pre,

@@ -77,6 +77,13 @@ def steps() -> dict:
                 model(torch.randn(4, 6, generator=g)).pow(2).mean().backward()
             opt.step()
             _rec(res, f"opt.{step}", torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+        # a steady step (its bucket hits the cache): only the rows' heads are exchanged, no announcement
+        rows = hvd.basics.context().engine.sets[0].rows
+        calls, sent = rows.calls, rows.bytes
+        opt.zero_grad()
+        model(torch.randn(4, 6, generator=torch.Generator().manual_seed(r))).pow(2).mean().backward()
+        opt.step()
+        steady = {"cycles": rows.calls - calls, "bytes": rows.bytes - sent, "head": 8 * rows.head_words}
         # 4. an error on one rank under a cached name: every rank raises, the next step works
         for step in range(4):
             t = torch.ones(4 + (1 if step == 2 and r == n - 1 else 0)) * (r + 1)
@@ -91,6 +98,13 @@ def steps() -> dict:
         _rec(res, "after_stall", hvd.allreduce(torch.ones(2) * r, name="after", op=hvd.Sum))
         hits["all"] = _hits()
         cache = hvd.basics.context().engine.sets[0].cache
-        return {"res": res, "errors": errors, "hits": hits, "capacity": cache.capacity, "cached": len(cache)}
+        return {
+            "res": res,
+            "errors": errors,
+            "hits": hits,
+            "steady": steady,
+            "capacity": cache.capacity,
+            "cached": len(cache),
+        }
     finally:
         hvd.shutdown()
