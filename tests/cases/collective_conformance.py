@@ -448,20 +448,32 @@ def conformance(backend: str, check: bool = True, groups: bool = False) -> list[
 
 
 def timeout_case(backend: str, op_timeout: float = 2.0, check: bool = True) -> dict:
-    """Rank 1 never calls the collective; rank 0 must time out naming rank 1 and the call number."""
+    """Rank 1 never calls the collective; rank 0 must time out naming rank 1 and the call number.
+
+    Rank 1 stays alive until rank 0 has its error (a key in the job's store), however late rank 0
+    gets there: a rank 1 that left while rank 0 still waited in the op would make it a dead peer
+    (under MPI, a rank leaving without MPI_Finalize), not a missing one."""
     comm, _ = setup(backend, check=check, oracle=False)
+    if comm.store is None:
+        raise AssertionError("timeout_case needs the job's store: it names the missing rank")
     comm.allreduce(torch.ones(2))  # call #0 completes
     out = {"rank": comm.rank}
+    wait = datetime.timedelta(seconds=90)
     if comm.rank == 1:
-        time.sleep(op_timeout + 4)  # past rank 0's timeout and its 2 s grace for stragglers
+        comm.store.wait(["timeout_case/diagnosed"], wait)
+        comm.store.set("timeout_case/left", b"1")  # rank 0 hosts the store: it leaves after this answer
     else:
         t0 = time.monotonic()
-        text = with_error(
-            lambda: comm.allreduce(torch.ones(2), timeout=op_timeout),
-            CollectiveTimeoutError,
-            ("allreduce#1", "never arrived: 1"),
-        )
-        out.update(elapsed=time.monotonic() - t0, message=text)
+        try:
+            text = with_error(
+                lambda: comm.allreduce(torch.ones(2), timeout=op_timeout),
+                CollectiveTimeoutError,
+                ("allreduce#1", "never arrived: 1"),
+            )
+            out.update(elapsed=time.monotonic() - t0, message=text)
+        finally:
+            comm.store.set("timeout_case/diagnosed", b"1")
+            comm.store.wait(["timeout_case/left"], wait)
     finish(out)
 
 
