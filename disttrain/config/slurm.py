@@ -47,5 +47,6 @@ class SlurmConfig(Section):
     check_every: int = Field(1, ge=1, description="Steps between the ranks' stop-flag agreements (one tiny allreduce).")
     worker_module: str = Field(
         "disttrain.worker",
-        description="Module srun starts on every task (python -m); a custom entry must call disttrain.worker.main.",
+        description="Module srun starts on every task (python -m); a custom entry must call disttrain.worker.main "
+        "and end with disttrain.teardown.leave(code), as disttrain.worker does.",
     )

@@ -90,6 +90,7 @@ class _Copy:
         self.job, self.record = job, record
         self.snapshot = threading.Event()
         self.done = threading.Event()
+        self.thread: threading.Thread | None = None  # the copy thread (joined by ``PeerReplicas.close``)
 
 
 class PeerReplicas(Callback):
@@ -163,7 +164,8 @@ class PeerReplicas(Callback):
             self._staging = None
             self._staging = aligned_empty(padded)
         self._copy = copy = _Copy(job, record)
-        threading.Thread(target=self._send, args=(copy, self._staging), daemon=True, name="replica").start()
+        copy.thread = threading.Thread(target=self._send, args=(copy, self._staging), daemon=True, name="replica")
+        copy.thread.start()
 
     def _auto_copy(self, step: int, disk_every: int) -> bool:
         """every=auto: ``AUTO_WARM`` steps without copies, then ``AUTO_COPIES`` steps with a copy each,
@@ -227,8 +229,19 @@ class PeerReplicas(Callback):
         self.close()
 
     def close(self) -> None:
-        if self._copy is not None:
-            self._copy.done.wait(self.comm.timeout)
+        """This rank, at the end (or on an error): the copy in flight ends first, its thread joined, so
+        no thread of ours that runs torch ops is alive when the process leaves (a daemon thread inside a
+        native call at the interpreter's exit aborts the process)."""
+        last = self._copy
+        if last is not None and last.thread is not None:
+            last.thread.join(self.comm.timeout)
+            if last.thread.is_alive():
+                log.warning(
+                    "rank %s: the replica of step %d still runs after %gs; leaving without it",
+                    self.comm.env.where,
+                    last.job.step,
+                    self.comm.timeout,
+                )
         for c in self._clients.values():
             c.close()
         self._clients.clear()

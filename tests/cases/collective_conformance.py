@@ -44,9 +44,10 @@ def _store(timeout: float = 60.0):
     )
 
 
-def setup(backend: str, check: bool = True, timeout: float = 60.0, oracle: bool = True):
-    """The communicator under test and, separately, a gloo process group used as the oracle."""
-    store = _store()
+def setup(backend: str, check: bool = True, timeout: float = 60.0, oracle: bool = True, store=None):
+    """The communicator under test and, separately, a gloo process group used as the oracle.
+    ``store``: the job's store when the caller made it (``_store()``), else made here."""
+    store = _store() if store is None else store
     comm = collectives.init(backend, store=store, check=check, timeout=timeout)
     group = None
     if oracle:
@@ -448,20 +449,33 @@ def conformance(backend: str, check: bool = True, groups: bool = False) -> list[
 
 
 def timeout_case(backend: str, op_timeout: float = 2.0, check: bool = True) -> dict:
-    """Rank 1 never calls the collective; rank 0 must time out naming rank 1 and the call number."""
-    comm, _ = setup(backend, check=check, oracle=False)
+    """Rank 1 never calls the collective; rank 0 must time out naming rank 1 and the call number.
+
+    Rank 1 stays alive until rank 0 has its error (a key in the job's store), however late rank 0
+    gets there: a rank 1 that left while rank 0 still waited in the op would make it a dead peer
+    (under MPI, a rank leaving without MPI_Finalize), not a missing one."""
+    store = _store()  # the harness's; not every backend keeps it (shm names the missing rank without one)
+    if store is None:
+        raise AssertionError("timeout_case needs the job's store to hold rank 1 until rank 0 is done")
+    comm, _ = setup(backend, check=check, oracle=False, store=store)
     comm.allreduce(torch.ones(2))  # call #0 completes
     out = {"rank": comm.rank}
+    wait = datetime.timedelta(seconds=90)
     if comm.rank == 1:
-        time.sleep(op_timeout + 4)  # past rank 0's timeout and its 2 s grace for stragglers
+        store.wait(["timeout_case/diagnosed"], wait)
+        store.set("timeout_case/left", b"1")  # rank 0 hosts the store: it leaves after this answer
     else:
         t0 = time.monotonic()
-        text = with_error(
-            lambda: comm.allreduce(torch.ones(2), timeout=op_timeout),
-            CollectiveTimeoutError,
-            ("allreduce#1", "never arrived: 1"),
-        )
-        out.update(elapsed=time.monotonic() - t0, message=text)
+        try:
+            text = with_error(
+                lambda: comm.allreduce(torch.ones(2), timeout=op_timeout),
+                CollectiveTimeoutError,
+                ("allreduce#1", "never arrived: 1"),
+            )
+            out.update(elapsed=time.monotonic() - t0, message=text)
+        finally:
+            store.set("timeout_case/diagnosed", b"1")
+            store.wait(["timeout_case/left"], wait)
     finish(out)
 
 

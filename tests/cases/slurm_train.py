@@ -1,6 +1,7 @@
 """A SLURM test worker: ``python -m tests.cases.slurm_train CONFIG [overrides]`` (srun or sbatch).
 
-Runs ``disttrain.worker.main`` unchanged, with two test-only callbacks that run after the
+Runs ``disttrain.worker.main`` unchanged and ends as ``python -m disttrain.worker`` does
+(``disttrain.teardown.leave``: no interpreter teardown), with two test-only callbacks that run after the
 real ones: ``Hold`` (on the first attempt only, after step ``DT_TEST_HOLD_STEP``, write
 ``held.<rank>`` in the run dir and wait until this rank's preemption handler has seen a
 signal, so the test knows where the job stands when it signals it) and ``DumpParams``
@@ -22,6 +23,7 @@ import torch  # noqa: E402
 from disttrain import worker  # noqa: E402
 from disttrain.observe import Callback  # noqa: E402
 from disttrain.slurm.preemption import Preemption  # noqa: E402
+from disttrain.teardown import leave  # noqa: E402
 
 
 class Hold(Callback):
@@ -55,4 +57,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())  # as disttrain.worker ends: no interpreter teardown with gloo's threads alive
