@@ -34,7 +34,7 @@ from .node import NodeSpec, RunResult
 from .rendezvous import Rendezvous, RoundState, wait_exited
 from .replica_store import ENV as REPLICA_ENV
 from .replica_store import SHM_ENV as REPLICA_SHM_ENV
-from .replica_store import ReplicaStore, round_env, start_replica_store
+from .replica_store import ReplicaDirError, ReplicaStore, round_env, start_replica_store
 from .report import Failure, format_report, root_cause
 from .ssh import is_local
 from .store import StoreClient, StoreError, StoreServer, check_secret, new_secret
@@ -276,7 +276,7 @@ class LocalAgent:
             self._start_heartbeat(rdzv)
             self._handover = HandOver(rdzv.client)
             return self._run_rounds(rdzv, first)
-        except StoreError as exc:
+        except (StoreError, ReplicaDirError) as exc:  # the latter: a base another user could swap, refused
             self.stop_all(kill=self._cut_off)
             msg = str(exc)
             if self._cut_off:

@@ -42,6 +42,7 @@ import socket
 import stat
 import tempfile
 
+from .errors import LauncherError
 from .store import StoreServer, _Refused
 from .store_client import ADOPT, OK, PRUNE, SET_BULK, StoreClient
 
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 SHM_ENV = "DISTTRAIN_REPLICA_SHM"  # the own agent's private directory for host-local copies
 BASE_ENV = "DISTTRAIN_REPLICA_SHM_BASE"  # where agents make those directories (default /dev/shm); a test or
 # benchmark points it at a directory of its own, so it can remove what its SIGKILLed agents left there
-# without touching another job's
+# without touching another job's. Checked by private_base(): no other user may own or rename into it
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 ENV = "DISTTRAIN_REPLICA_STORES"  # "JOB;host:port,host:port,...": the job id bound, one store per node of the round
 ADDRESS_KEY = "agent/replica/{node}"  # in the job store: each agent's replica store address
@@ -65,6 +66,46 @@ def replica_secret(job_secret: str, job_id: str) -> str:
     return hmac.new(job_secret.encode(), b"disttrain-replica|" + job_id.encode(), hashlib.sha256).hexdigest()
 
 
+class ReplicaDirError(LauncherError):
+    """The base for the private directory (``BASE_ENV``) is one another user could swap or read."""
+
+
+def private_base(base: str) -> str:
+    """``base`` resolved, once every directory on its path is found to be one no other user can
+    swap entries in: owned by this user or root, and writable by no one else unless sticky (as
+    ``/dev/shm`` and ``/tmp``, where only an entry's owner may rename it). A link at ``base`` must be
+    ours or root's. Anything else is a :class:`ReplicaDirError` naming the host, the path and why:
+    a directory whose name another user could repoint would let them read the copies our workers
+    write there, or make our cleanup remove what is theirs."""
+    me, host = os.getuid(), socket.gethostname()
+
+    def refuse(path: str, why: str) -> ReplicaDirError:
+        return ReplicaDirError(
+            f"replica directory on {host}: {BASE_ENV}={base!r}: {path} {why}\nHINT: point {BASE_ENV} at a directory "
+            f"of yours that only you can write (mode 0700), or unset it for /dev/shm"
+        )
+
+    try:
+        st = os.lstat(base)
+    except OSError as exc:
+        raise refuse(base, f"cannot be used: {exc.strerror}") from None
+    if stat.S_ISLNK(st.st_mode) and st.st_uid not in (0, me):
+        raise refuse(base, f"is a link of uid {st.st_uid} (not followed)")
+    real = os.path.realpath(base)
+    path = real
+    while True:
+        st = os.stat(path)
+        if not stat.S_ISDIR(st.st_mode):
+            raise refuse(path, "is not a directory")
+        if st.st_uid not in (0, me):
+            raise refuse(path, f"belongs to uid {st.st_uid}, who could swap what we make in it")
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+            raise refuse(path, f"is writable by other users (mode {stat.S_IMODE(st.st_mode):o}, not sticky)")
+        if path == "/":
+            return real
+        path = os.path.dirname(path)
+
+
 class ReplicaStore(StoreServer):
     """One agent's store of its peers' copies. Bounded: ``max_bytes`` in all, ``MAX_VALUE`` a value.
 
@@ -75,13 +116,32 @@ class ReplicaStore(StoreServer):
     bulk_codes = frozenset({SET_BULK})
 
     def __init__(self, secret: str, host: str, *, max_bytes: int = DEFAULT_MAX_BYTES, job: str = ""):
-        super().__init__(secret, host, 0, job=job)  # the job id is in the handshake too (launcher.channel)
-        self.max_value, self.max_total = MAX_VALUE, max_bytes
-        self.job_id = job
         base = os.environ.get(BASE_ENV) or None
         if base is None and os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
             base = "/dev/shm"
-        self.shm_dir = tempfile.mkdtemp(prefix="disttrain-replicas-", dir=base)  # 0700, ours
+        base = private_base(base or tempfile.gettempdir())  # the agent prints the error and stops
+        # 0700, ours, a fresh unpredictable name (an existing entry, a planted link included, is never reused);
+        # pinned by device and inode: every later open checks it is still this directory
+        self.shm_dir = tempfile.mkdtemp(prefix="disttrain-replicas-", dir=base)
+        st = os.lstat(self.shm_dir)
+        self._shm_id = (st.st_dev, st.st_ino)
+        try:
+            super().__init__(secret, host, 0, job=job)  # the job id is in the handshake too (launcher.channel)
+        except BaseException:
+            os.rmdir(self.shm_dir)
+            raise
+        self.max_value, self.max_total = MAX_VALUE, max_bytes
+        self.job_id = job
+
+    def _open_shm_dir(self) -> int:
+        """A descriptor of the private directory, never through a link, refused unless it is the one we made."""
+        fd = os.open(self.shm_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != self._shm_id or st.st_uid != os.getuid():
+            os.close(fd)
+            log.error("replica store: %s is no longer the directory it made; not used", self.shm_dir)
+            raise OSError(f"{self.shm_dir} was replaced")
+        return fd
 
     def close(self) -> None:
         super().close()
@@ -90,9 +150,9 @@ class ReplicaStore(StoreServer):
     def _remove_shm_dir(self) -> None:
         """The private directory and what our workers left in it (regular files of this user only)."""
         try:
-            fd = os.open(self.shm_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            fd = self._open_shm_dir()
         except OSError:
-            return
+            return  # gone, or not ours any more: nothing in it is removed
         try:
             for name in os.listdir(fd):
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
@@ -101,7 +161,9 @@ class ReplicaStore(StoreServer):
         finally:
             os.close(fd)
         try:
-            os.rmdir(self.shm_dir)
+            st = os.lstat(self.shm_dir)
+            if (st.st_dev, st.st_ino) == self._shm_id:
+                os.rmdir(self.shm_dir)
         except OSError as exc:
             log.warning("replica store: could not remove %s: %s", self.shm_dir, exc)
 
@@ -113,7 +175,10 @@ class ReplicaStore(StoreServer):
         needs exactly ``len(keys)`` chunks within the caps."""
         if not _NAME.fullmatch(name):
             raise _Refused(f"segment name {name[:40]!r} is not a plain file name")
-        dfd = os.open(self.shm_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            dfd = self._open_shm_dir()
+        except OSError as exc:
+            raise _Refused(f"segment {name!r}: the private directory: {exc}") from None
         try:
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
         except OSError as exc:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import os
 import re
-import time
 
 import pytest
 
-from tests.support.netns import net_hosts
+from tests.support.host_loss import lose_host_1
 from tests.support.resized import check_equals_resized_run, run_until
 from tests.test_fault_replicas import RESUMED, TOL, _config, _run
-from tests.test_launcher_elastic import _kill_host, _no_netns, _start
+from tests.test_launcher_elastic import _no_netns
 
 pytestmark = pytest.mark.skipif(_no_netns() is not None, reason=f"multi-host tests skipped: {_no_netns()}")
 MOVED = r"in place \(pid (\d+)\): .*lost rank 1@\S+; now rank 0 of 1, attempt 1"
@@ -28,32 +27,19 @@ def test_a_lost_host_is_recovered_in_place_and_equals_a_resized_run(tmp_path, st
     steps = 120
     extra = ["checkpoint.every=0", "fault_tolerance.every=1", "fault_tolerance.recover=in_place"]
     run_yaml = _config(tmp_path, "run", strategy, steps, extra)
-    with net_hosts(2, sshd=False) as hosts:
-        nodes = _start(hosts, "1:2", ["--heartbeat-timeout", "2", "-m", "disttrain.worker", run_yaml])
-        try:
-            nodes[0].wait_for(r"step 2[0-9]/", 120)
-            before = set(hosts.pids(0))  # the survivor's agent and worker
-            killed = time.monotonic()
-            _kill_host(hosts, 1)
-            nodes[0].wait_for(RESUMED, 60)
-            resumed_after = time.monotonic() - killed
-            after = set(hosts.pids(0))
-            code = nodes[0].wait(120)
-        finally:
-            for n in nodes:
-                n.kill()
-    out, err = "".join(nodes[0].out), "".join(nodes[0].err)
-    assert code == 0, nodes[0].text()
+    loss = lose_host_1(["-m", "disttrain.worker", run_yaml], resumed=RESUMED)
+    out, err, before, after = loss.out, loss.err, loss.before, loss.after
+    assert loss.code == 0, loss.text
     moved = re.search(MOVED, out)
-    assert moved and int(moved.group(1)) in before, nodes[0].text()
+    assert moved and int(moved.group(1)) in before, loss.text
     assert after <= before, f"new processes on the survivor: {after - before}"  # no worker was started
     m = re.search(RESUMED, out)
     s = int(m.group(1))
     done_before = max(int(x) for x in re.findall(r"\] step (\d+)/", out[: m.start()]))
-    print(f"{strategy} in place: resumed at step {s} ({done_before - s} step(s) lost), {resumed_after:.1f}s")
+    print(f"{strategy} in place: resumed at step {s} ({done_before - s} step(s) lost), {loss.resumed_after:.1f}s")
     assert done_before - s <= 1, f"{done_before - s} steps lost"
     assert "resumed from /" not in out, "a disk checkpoint was read"
-    assert re.search(r"round 1: .*lost \S+; world 2 -> 1", err), nodes[0].text()
+    assert re.search(r"round 1: .*lost \S+; world 2 -> 1", err), loss.text
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["latest", f"step_{steps:06d}"]
 
     ref_yaml = _config(tmp_path, "ref", strategy, steps, [f"checkpoint.every={s}"])

@@ -9,13 +9,12 @@ run ends where a run that changed from four ranks to two at the same step throug
 from __future__ import annotations
 
 import re
-import time
 
 import pytest
 
-from tests.support.netns import net_hosts
+from tests.support.host_loss import lose_host_1
 from tests.test_fault_layouts import LAYOUTS, RESUMED, _check_resumed_from_memory, _config, _equals_resized_run
-from tests.test_launcher_elastic import _kill_host, _no_netns, _start
+from tests.test_launcher_elastic import _no_netns
 
 pytestmark = pytest.mark.skipif(_no_netns() is not None, reason=f"multi-host tests skipped: {_no_netns()}")
 MOVED = r"in place \(pid (\d+)\): .*lost rank [23]@\S+.*; now rank ([01]) of 2, attempt 1"
@@ -26,25 +25,12 @@ def test_a_host_lost_under_tp2_is_recovered_in_place(tmp_path):
     steps, mesh = 60, LAYOUTS["tp2"]
     extra = [*mesh, "checkpoint.every=0", "fault_tolerance.every=1", "fault_tolerance.recover=in_place"]
     run_yaml = _config(tmp_path, "run", steps, extra)
-    with net_hosts(2, sshd=False) as hosts:
-        nodes = _start(hosts, "1:2", ["--heartbeat-timeout", "2", "-m", "disttrain.worker", run_yaml], nproc=2)
-        try:
-            nodes[0].wait_for(r"step 2[0-9]/", 120)
-            before = set(hosts.pids(0))  # the survivor's agent and its two workers
-            killed = time.monotonic()
-            _kill_host(hosts, 1)
-            nodes[0].wait_for(RESUMED, 60)
-            after_s = time.monotonic() - killed
-            after = set(hosts.pids(0))
-            code = nodes[0].wait(120)
-        finally:
-            for n in nodes:
-                n.kill()
-    out, err = "".join(nodes[0].out), "".join(nodes[0].err)
-    assert code == 0, nodes[0].text()
+    loss = lose_host_1(["-m", "disttrain.worker", run_yaml], resumed=RESUMED, nproc=2)
+    out, err, before, after = loss.out, loss.err, loss.before, loss.after
+    assert loss.code == 0, loss.text
     moved = re.findall(MOVED, out)
-    assert sorted(r for _, r in moved) == ["0", "1"], nodes[0].text()  # both workers moved, to ranks 0 and 1
-    assert all(int(pid) in before for pid, _ in moved), nodes[0].text()
+    assert sorted(r for _, r in moved) == ["0", "1"], loss.text  # both workers moved, to ranks 0 and 1
+    assert all(int(pid) in before for pid, _ in moved), loss.text
     assert after <= before, f"new processes on the survivor: {after - before}"  # no worker was started
-    s = _check_resumed_from_memory(tmp_path, "tp2 in place", out, err, steps, "4 -> 2", after_s)
+    s = _check_resumed_from_memory(tmp_path, "tp2 in place", out, err, steps, "4 -> 2", loss.resumed_after)
     _equals_resized_run(tmp_path, "tp2 in place", mesh, steps, s, 4, 2)

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
-import time
 
 import pytest
 
 from disttrain import config as config_mod
-from tests.support.netns import net_hosts
+from tests.support.host_loss import lose_host_1
 from tests.support.resized import check_equals_resized_run, run_until
-from tests.test_launcher_elastic import ROOT, _kill_host, _no_netns, _start
+from tests.support.resized import run_to_end as _run
+from tests.test_launcher_elastic import ROOT, _no_netns
 
 pytestmark = pytest.mark.skipif(_no_netns() is not None, reason=f"multi-host tests skipped: {_no_netns()}")
 RESUMED = r"resumed from peer memory at step (\d+) \(\d+ bytes\), 0 from disk \(restart 1\)"
@@ -55,37 +53,11 @@ def _config(tmp_path, name: str, steps: int, extra: list[str]) -> str:
     return path
 
 
-def _run(yaml: str, nproc: int) -> str:
-    res = subprocess.run(
-        [sys.executable, "-m", "disttrain.cli", "run", yaml, "--nproc", str(nproc)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=180,
-    )
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    return res.stdout
-
-
 def _lose_host(tmp_path, run_yaml: str, nproc: int) -> tuple[int, str, str, float]:
     """Two hosts of ``nproc`` workers each; host 1 SIGKILLed at step 20-29. Node 0's exit code, output,
     errors, and the seconds from the SIGKILL to the resume (or to the exit when it never resumes)."""
-    with net_hosts(2, sshd=False) as hosts:
-        nodes = _start(hosts, "1:2", ["--heartbeat-timeout", "2", "-m", "disttrain.worker", run_yaml], nproc=nproc)
-        try:
-            nodes[0].wait_for(r"step 2[0-9]/", 120)
-            killed = time.monotonic()
-            _kill_host(hosts, 1)
-            deadline = time.monotonic() + 60
-            while not re.search(RESUMED, "".join(nodes[0].out)) and nodes[0].proc.poll() is None:
-                assert time.monotonic() < deadline, "neither resumed nor stopped within 60s: " + nodes[0].text()
-                time.sleep(0.05)
-            after = time.monotonic() - killed
-            code = nodes[0].wait(120)
-        finally:
-            for n in nodes:
-                n.kill()
-    return code, "".join(nodes[0].out), "".join(nodes[0].err), after
+    loss = lose_host_1(["-m", "disttrain.worker", run_yaml], resumed=RESUMED, nproc=nproc, must_resume=False)
+    return loss.code, loss.out, loss.err, loss.resumed_after
 
 
 def _check_resumed_from_memory(tmp_path, layout: str, out: str, err: str, steps: int, world: str, after: float) -> int:

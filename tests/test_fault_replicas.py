@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from disttrain import config as config_mod
-from tests.support.netns import net_hosts
+from tests.support.host_loss import lose_host_1
 from tests.support.resized import check_equals_resized_run, run_until
-from tests.test_launcher_elastic import ROOT, _kill_host, _no_netns, _start
+from tests.support.resized import run_to_end as _run  # tests/test_fault_*.py import it from here
+from tests.test_launcher_elastic import ROOT, _no_netns
 
 pytestmark = pytest.mark.skipif(_no_netns() is not None, reason=f"multi-host tests skipped: {_no_netns()}")
 RESUMED = r"resumed from peer memory at step (\d+) \(\d+ bytes\), 0 from disk \(restart 1\)"
@@ -69,47 +68,30 @@ def _config(tmp_path, name: str, strategy: str, steps: int, extra: list[str]) ->
     return path
 
 
-def _run(yaml: str, nproc: int) -> str:
-    res = subprocess.run(
-        [sys.executable, "-m", "disttrain.cli", "run", yaml, "--nproc", str(nproc)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=180,
-    )
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    return res.stdout
-
-
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("strategy,every", [("ddp", "1"), ("zero3", "auto")])
 def test_a_lost_host_resumes_from_peer_memory_and_equals_a_resized_run(tmp_path, strategy, every):
     steps = 120
     run_yaml = _config(tmp_path, "run", strategy, steps, ["checkpoint.every=0", f"fault_tolerance.every={every}"])
-    with net_hosts(3 if strategy == "ddp" else 2, sshd=False) as hosts:
-        nodes = _start(hosts, "1:2", ["--heartbeat-timeout", "2", "-m", "disttrain.worker", run_yaml])
-        try:
-            attack = None
-            if strategy == "ddp":  # in the background: its Python starts slower than steps go by
-                nodes[0].wait_for(r"step 5/", 120)
-                attack = ThreadPoolExecutor(1).submit(_attack_from_outside, hosts)
-            nodes[0].wait_for(r"step 2[0-9]/", 120)
-            killed = time.monotonic()
-            _kill_host(hosts, 1)
-            nodes[0].wait_for(RESUMED, 60)
-            resumed_after = time.monotonic() - killed
-            if attack is not None:
-                attack.result(60)
-            code = nodes[0].wait(120)
-        finally:
-            for n in nodes:
-                n.kill()
-    out, err = "".join(nodes[0].out), "".join(nodes[0].err)
-    assert code == 0, nodes[0].text()
+    attacker: list[str] = []
+
+    def attack(hosts, node0):  # in the background: its Python starts slower than steps go by
+        attacker.append(hosts.addrs[2])
+        node0.wait_for(r"step 5/", 120)
+        return ThreadPoolExecutor(1).submit(_attack_from_outside, hosts)
+
+    ddp = strategy == "ddp"
+    loss = lose_host_1(
+        ["-m", "disttrain.worker", run_yaml], resumed=RESUMED, hosts=3 if ddp else 2, beside=attack if ddp else None
+    )
+    out, err = loss.out, loss.err
+    assert loss.code == 0, loss.text
     m = re.search(RESUMED, out)
     s = int(m.group(1))
     done_before = max(int(x) for x in re.findall(r"\] step (\d+)/", out[: m.start()]))
-    print(f"{strategy}: resumed from peer memory at step {s} ({done_before - s} step(s) lost), {resumed_after:.1f}s")
+    print(
+        f"{strategy}: resumed from peer memory at step {s} ({done_before - s} step(s) lost), {loss.resumed_after:.1f}s"
+    )
     # every=auto measured and chose k (rank 0 says so): at most k steps are at risk
     k = int(re.search(r"every=auto: .* copies every (\d+) step", out).group(1)) if every == "auto" else 1
     assert done_before - s <= k, f"{done_before - s} steps lost, copies every {k}"
@@ -119,9 +101,9 @@ def test_a_lost_host_resumes_from_peer_memory_and_equals_a_resized_run(tmp_path,
     freed = re.search(r"freed (\d+) bytes of copies of ranks 1\.\.1 \(world 2 -> 1\) at step (\d+)", out)
     assert freed and int(freed.group(1)) > 0 and int(freed.group(2)) > s, out
     assert re.search(r"peer replicas: [1-9]\d* copies \(0\.0 MiB sent by rank 0\), \d+ waited .*, 0 failed", out), out
-    assert re.search(r"round 1: .*lost \S+; world 2 -> 1", err), nodes[0].text()
-    if strategy == "ddp":  # the attack was refused and logged with its address; the job went on
-        assert f"rejected connection from {hosts.addrs[2]}" in err, err[-3000:]
+    assert re.search(r"round 1: .*lost \S+; world 2 -> 1", err), loss.text
+    if ddp:  # the attack was refused and logged with its address; the job went on
+        assert f"rejected connection from {attacker[0]}" in err, err[-3000:]
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["latest", f"step_{steps:06d}"]
 
     ref_yaml = _config(tmp_path, "ref", strategy, steps, [f"checkpoint.every={s}"])

@@ -25,15 +25,14 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from tests.cases.fault_users import lora_gpt2
-from tests.support.netns import net_hosts
+from tests.support.host_loss import lose_host_1
 from tests.support.resized import check_equals_resized_run
-from tests.test_launcher_elastic import ROOT, _kill_host, _no_netns, _params, _start
+from tests.test_launcher_elastic import ROOT, _no_netns, _params
 
 pytestmark = pytest.mark.skipif(_no_netns() is not None, reason=f"multi-host tests skipped: {_no_netns()}")
 SCRIPT = os.path.join(ROOT, "tests", "cases", "fault_users.py")
@@ -95,34 +94,22 @@ def _lose_host_1(
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     run_yaml = _yaml(tmp_path, "run", strategy, 0, 1, recover, "" if mode else TARGETS)
     entry = [SCRIPT, mode, run_yaml] if mode else ["-m", "disttrain.worker", run_yaml]
-    with net_hosts(2, sshd=False) as hosts:
-        nodes = _start(hosts, "1:2", ["--heartbeat-timeout", "2", *entry])
-        try:
-            nodes[0].wait_for(r"\] step 8/", 120)
-            before = set(hosts.pids(0))  # the survivor's agent and worker
-            killed = time.monotonic()
-            _kill_host(hosts, 1)
-            nodes[0].wait_for(RESUMED, 60)
-            resumed_after = time.monotonic() - killed  # printed, not asserted: the host's load decides it
-            code = nodes[0].wait(120)
-        finally:
-            for n in nodes:
-                n.kill()
-    out, err = "".join(nodes[0].out), "".join(nodes[0].err)
-    assert code == 0, nodes[0].text()
+    loss = lose_host_1(entry, resumed=RESUMED, at=r"\] step 8/")
+    out, err = loss.out, loss.err
+    assert loss.code == 0, loss.text
     m = re.search(RESUMED, out)
     s, nbytes = int(m.group(1)), int(m.group(2))
     done_before = max(int(x) for x in re.findall(r"\] step (\d+)/", out[: m.start()]))
     print(
         f"{mode or 'yaml'}: resumed from peer memory at step {s} ({nbytes} bytes), {done_before - s} step(s) lost, "
-        f"{resumed_after:.1f}s after the SIGKILL"
+        f"{loss.resumed_after:.1f}s after the SIGKILL"
     )
     assert 8 <= done_before and done_before - s <= 1, f"{done_before - s} steps lost"
     assert nbytes > 0 and "resumed from /" not in out, "a disk checkpoint was read"
-    assert re.search(r"round 1: .*lost \S+; world 2 -> 1", err), nodes[0].text()
+    assert re.search(r"round 1: .*lost \S+; world 2 -> 1", err), loss.text
     assert re.search(rf"\] step {STEPS}/{STEPS}", out[m.end() :]), out[-2000:]
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["latest", f"step_{STEPS:06d}"]
-    return s, out, err, before
+    return s, out, err, loss.before
 
 
 @pytest.mark.timeout(300)

@@ -12,14 +12,12 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 import sys
-import threading
-import time
 
 import pytest
 
 from disttrain import config as config_mod
+from tests.support.slurm_cluster import Step
 from tests.test_fault_replicas import _config
 
 RESUMED = r"resumed from peer memory at step (\d+) \(\d+ bytes\), 0 from disk \(restart 1\)"
@@ -59,28 +57,17 @@ def test_a_node_lost_under_slurm_agents_resumes_from_peer_memory(slurm_cluster, 
     argv += ["-m", "launcher.slurm.agent", "--nproc-per-node", "1", "--min-nodes", "1", "--heartbeat-timeout", "2"]
     argv += ["--secret-dir", str(tmp_path), "--stop-grace", "5", "-m", "disttrain.worker", run_yaml]
     env = dict(slurm_cluster.env, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
-    proc = subprocess.Popen(
-        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
+    step = Step(argv, env)
     try:
-        deadline = time.monotonic() + 120
-        while not re.search(r"step 2[0-9]/", "".join(lines)):
-            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
-            time.sleep(0.05)
+        step.wait_for(r"step 2[0-9]/", 120)
         victims = _node_processes(run_yaml, "1")
         assert len(victims) == 2, victims  # n2's agent and its worker
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
-        proc.wait(120)
+        step.proc.wait(120)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        reader.join(5)
-    out = "".join(lines)
+        step.stop()
+    out = step.text()
     m = re.search(RESUMED, out)
     assert m, out[-4000:]
     s = int(m.group(1))

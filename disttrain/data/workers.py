@@ -13,6 +13,17 @@ starts in milliseconds rather than re-importing torch. The price: the dataset an
 travel to the worker pickled, as under ``spawn``; one that does not pickle is named with a HINT.
 ``data.worker_start: fork`` keeps the old behaviour for a dataset that cannot be pickled.
 
+The forkserver is a door: it runs the pickle a connection on its Unix socket hands it, with no
+authkey. Python >= 3.10.9 / 3.11.1 binds that socket in a 0700 directory of the rank's (``pymp-*``
+under ``$TMPDIR``), so no other user can connect (``tests/test_security_forkserver.py``); older ones
+bind it in the abstract namespace, open to every local user (CVE-2022-42919): there workers start by
+``spawn`` instead (pipes only), with a warning naming rank and host.
+
+A forkserver's worker is the server's child, not the rank's: torch's watchdog (is my parent alive?)
+and the launcher's ``PR_SET_PDEATHSIG`` do not reach it, and the server lives while any worker holds
+its "alive" pipe. So a SIGKILLed rank would leave both waiting forever; each worker therefore watches
+the rank that started it (a pidfd) and exits when it dies, and the server follows.
+
 Under the launcher's hang watch (``DISTTRAIN_TRACE_DIR``) every worker registers faulthandler for
 the watch's stack signal, writing into ``rank<R>.child<pid>.stacks.txt`` there: the watch signals
 a hung rank's descendants that catch the signal (``launcher.hang``), so the report shows where a
@@ -22,10 +33,14 @@ stuck worker stands, in Python.
 from __future__ import annotations
 
 import faulthandler
+import functools
+import logging
 import multiprocessing
 import os
+import select
 import socket
 import sys
+import threading
 import types
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -37,6 +52,7 @@ from ..errors import DisttrainError
 __all__ = ["WorkerStart", "loader_options", "started"]
 
 WorkerStart = Literal["forkserver", "spawn", "fork"]
+log = logging.getLogger(__name__)
 _STACK_FILES: list[Any] = []  # a worker's open stacks file: faulthandler writes to its descriptor
 
 
@@ -45,10 +61,28 @@ def loader_options(num_workers: int, start: WorkerStart, *targets: Any) -> dict[
     dataset, the collate function) name the modules a forkserver imports once for all workers."""
     if num_workers == 0:
         return {"num_workers": 0}
+    if start == "forkserver" and not _forkserver_socket_is_private():
+        log.warning(
+            "rank %s@%s: this Python (%s) binds the DataLoader forkserver's socket in the abstract namespace, where "
+            "any local user could connect and run code as you (CVE-2022-42919): workers start by spawn instead\n"
+            "HINT: use Python >= 3.10.9 or >= 3.11.1 to keep forkserver's fast start",
+            os.environ.get("RANK", "0"), socket.gethostname(), sys.version.split()[0],
+        )  # fmt: skip
+        start = "spawn"
     ctx = multiprocessing.get_context(start)
     if start == "forkserver":  # effective until this process's server starts (its first worker)
         ctx.set_forkserver_preload(_preload(targets))
-    return {"num_workers": num_workers, "multiprocessing_context": ctx, "worker_init_fn": _worker_started}
+    started_by = functools.partial(_worker_started, rank_pid=os.getpid())
+    return {"num_workers": num_workers, "multiprocessing_context": ctx, "worker_init_fn": started_by}
+
+
+def _forkserver_socket_is_private() -> bool:
+    """Whether multiprocessing binds a new Unix listener (the forkserver's) as a path in its 0700
+    ``pymp-*`` directory, rather than in the abstract namespace (Python < 3.10.9, 3.11.0). Asks the
+    function the forkserver itself calls (it makes that directory now rather than at the first worker)."""
+    from multiprocessing import connection
+
+    return not connection.arbitrary_address("AF_UNIX").startswith("\0")
 
 
 def _preload(targets: tuple[Any, ...]) -> list[str]:
@@ -78,8 +112,27 @@ def started(loader: DataLoader, rank: int, what: str) -> Iterator:
         ) from e
 
 
-def _worker_started(worker_id: int) -> None:
-    """Each worker, first: faulthandler's stack dump on the hang watch's signal, into its own file."""
+def _watch_rank(rank_pid: int) -> None:
+    """Worker: exit as soon as the rank that started it is gone (a daemon thread blocked on its pidfd)."""
+    try:
+        pidfd = os.pidfd_open(rank_pid)
+    except ProcessLookupError:
+        os._exit(1)
+    except OSError:  # no pidfd (Linux < 5.3): torch's own watchdog is all there is
+        return
+
+    def wait() -> None:
+        select.select([pidfd], [], [])
+        os._exit(1)
+
+    threading.Thread(target=wait, name="rank-watch", daemon=True).start()
+
+
+def _worker_started(worker_id: int, rank_pid: int = 0) -> None:
+    """Each worker, first: watch the rank that started it; faulthandler's stack dump on the hang
+    watch's signal, into its own file."""
+    if rank_pid and rank_pid != os.getppid():  # forkserver: not our parent, so no one else watches it
+        _watch_rank(rank_pid)
     directory, rank = os.environ.get("DISTTRAIN_TRACE_DIR"), os.environ.get("RANK", "0")
     if not directory or not os.path.isdir(directory) or not rank.isdigit():
         return

@@ -122,3 +122,16 @@ class Scanner:
 
 def off_loopback(seen: set[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
     return sorted(s for s in seen if not s[1].startswith(("127.", "[::1]")))
+
+
+def unix_listening(root: int) -> dict[str, int]:
+    """Path (``@name`` for the abstract namespace) -> pid, of every listening Unix socket of the
+    process tree under ``root`` (/proc/net/unix: flag ``__SO_ACCEPTCON``)."""
+    inodes = _socket_inodes(_descendants(root))
+    found = {}
+    with open("/proc/net/unix") as f:
+        for row in f.read().splitlines()[1:]:
+            cols = row.split(None, 7)
+            if len(cols) == 8 and int(cols[3], 16) & 0x10000 and cols[6] in inodes:
+                found[cols[7]] = inodes[cols[6]]
+    return found

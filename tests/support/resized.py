@@ -18,6 +18,19 @@ from collections.abc import Callable
 from tests.test_launcher_elastic import ROOT, _losses, _params
 
 
+def run_to_end(yaml: str, nproc: int) -> str:
+    """``nproc`` processes of ``yaml`` (a ``disttrain run`` config) to the end; their output."""
+    res = subprocess.run(
+        [sys.executable, "-m", "disttrain.cli", "run", yaml, "--nproc", str(nproc)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=180,
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    return res.stdout
+
+
 def run_until(yaml: str, nproc: int, s: int) -> None:
     """``nproc`` processes of ``yaml`` (a ``disttrain run`` config that saves at step ``s``), stopped
     once step ``s`` is committed; the launcher reports the self-inflicted kill, which is expected."""

@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 
 BINARIES = ("munged", "slurmctld", "slurmd", "srun", "sbatch", "scontrol", "squeue", "scancel", "sinfo")
@@ -256,3 +257,32 @@ PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE St
                 released.add(info.get("Restarts", "0"))
             time.sleep(0.3)
         raise TimeoutError(f"job {job_id} not in {sorted(states)} after {timeout:g}s: {info}\n{self.logs()}")
+
+
+class Step:
+    """An ``srun`` (``argv``) run in the background in a session of its own, its stdout and stderr
+    collected by a thread as they come; ``stop()`` kills what is left of its process group."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]):
+        self.proc = subprocess.Popen(
+            argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self._reader.start()
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float) -> None:
+        """Until the output matches ``pattern``; fails with the output's tail if the step ends first."""
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern, self.text()):
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.text()[-3000:]
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self._reader.join(5)
