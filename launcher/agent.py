@@ -151,6 +151,7 @@ class LocalAgent:
         self._watch_hangs(attempt, [rank for rank, _ in envs])  # its directory exists before a worker starts
         self.workers = []
         held = signal.pthread_sigmask(signal.SIG_BLOCK, self.held_signals) if self.held_signals else None
+        earlier = list(self._forwarded)  # one that arrives while unblocking below reaches forward() instead
         try:
             for local_rank, (rank, env) in enumerate(envs):
                 w = Worker(self.spec, rank, local_rank, self.node.host, env)
@@ -159,7 +160,7 @@ class LocalAgent:
         finally:
             if held is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a pending one now reaches forward()
-        for s in self._forwarded:  # a warning from before this group started (or before a restart)
+        for s in earlier:  # a warning from before this group started (or before a restart): once each
             for w in self.workers:
                 w.signal(s)
         if self._hang is not None:  # for a faulthandler stack dump of a rank that cannot answer

@@ -28,8 +28,7 @@ from ..node import NodeSpec
 from ..worker import WorkerSpec
 from .place import job_tag, read_slurm_env, store_endpoint
 from .secret import job_secret
-
-WARNING_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # SLURM's time-limit warning (slurm.signal), passed on
+from .signals import WARNING_SIGNALS
 
 
 def build_parser() -> argparse.ArgumentParser:

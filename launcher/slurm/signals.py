@@ -17,7 +17,8 @@ from collections.abc import Mapping
 
 from .errors import SlurmEnvError
 
-EARLY_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+WARNING_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # SLURM's time-limit warning (slurm.signal): agents pass it on
+EARLY_SIGNALS = (*WARNING_SIGNALS, signal.SIGTERM)
 _early: dict = {"signum": None, "old": {}}
 
 
