@@ -20,7 +20,8 @@ the store (over the authenticated channel) to adopt it: the store opens it witho
 checks it is a regular file of this user with one link and a size within the caps, maps it
 read-only and holds its pages as the copy's values. The worker reuses a file once the copy in it
 was dropped (no fresh pages per copy), removes its files when it ends, and the store removes what
-is left with the directory when it closes. Another local user cannot
+is left with the directory when it closes; an owner record in the directory lets the next agent on
+the host remove it if this one is SIGKILLed (:mod:`launcher.replica_dir`). Another local user cannot
 list, read, write or plant anything in that directory; no MAC is computed for this copy (the
 reader still checks the copy's end-to-end tag).
 
@@ -42,6 +43,7 @@ import socket
 import stat
 import tempfile
 
+from . import replica_dir
 from .errors import LauncherError
 from .store import StoreServer, _Refused
 from .store_client import ADOPT, OK, PRUNE, SET_BULK, StoreClient
@@ -122,13 +124,19 @@ class ReplicaStore(StoreServer):
         base = private_base(base or tempfile.gettempdir())  # the agent prints the error and stops
         # 0700, ours, a fresh unpredictable name (an existing entry, a planted link included, is never reused);
         # pinned by device and inode: every later open checks it is still this directory
-        self.shm_dir = tempfile.mkdtemp(prefix="disttrain-replicas-", dir=base)
+        replica_dir.reclaim(base)  # what agents SIGKILLed earlier left there (in RAM, under /dev/shm)
+        self.shm_dir = tempfile.mkdtemp(prefix=replica_dir.PREFIX, dir=base)
         st = os.lstat(self.shm_dir)
         self._shm_id = (st.st_dev, st.st_ino)
         try:
+            fd = self._open_shm_dir()
+            try:
+                replica_dir.mark(fd)  # so that the next agent may reclaim it if this one is SIGKILLed
+            finally:
+                os.close(fd)
             super().__init__(secret, host, 0, job=job)  # the job id is in the handshake too (launcher.channel)
         except BaseException:
-            os.rmdir(self.shm_dir)
+            self._remove_shm_dir()
             raise
         self.max_value, self.max_total = MAX_VALUE, max_bytes
         self.job_id = job

@@ -256,7 +256,13 @@ class StoreServer:
         proved the secret gets a thread of its own. Strangers cost one socket each, at most
         ``MAX_PENDING`` of them for at most ``HANDSHAKE_TIMEOUT`` seconds."""
         sel = selectors.DefaultSelector()
-        sel.register(self._sock, selectors.EVENT_READ)
+        try:
+            sel.register(self._sock, selectors.EVENT_READ)
+        except (OSError, ValueError):  # closed before this thread began (a store started and closed at once)
+            sel.close()
+            if not self._closed:
+                log.exception("rendezvous store: the accept loop could not start")
+            return
         pending: dict[socket.socket, _Pending] = {}  # insertion order: oldest first
 
         def drop(conn: socket.socket, why: str | None) -> None:

@@ -20,6 +20,7 @@ import sys
 
 import pytest
 
+from launcher.replica_dir import OWNER
 from launcher.replica_store import BASE_ENV, ReplicaDirError, ReplicaStore, replica_secret
 from tests.support.users import intruder, run_as, sticky_base
 
@@ -111,7 +112,7 @@ def test_a_sticky_base_is_taken_and_the_strangers_entries_are_neither_used_nor_r
                 res = run_as(user, argv, timeout=30)
                 assert res.returncode != 0, f"{what}: the stranger succeeded: {res.stdout}{res.stderr}"
                 assert "ermission denied" in res.stderr or "not permitted" in res.stderr, (what, res.stderr)
-            assert os.lstat(d).st_ino == st.st_ino and os.listdir(d) == []
+            assert os.lstat(d).st_ino == st.st_ino and os.listdir(d) == [OWNER]  # only its owner record
         finally:
             server.close()
         assert not os.path.lexists(d)  # ours went

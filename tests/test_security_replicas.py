@@ -13,6 +13,7 @@ import secrets
 
 import pytest
 
+from launcher.replica_dir import OWNER
 from launcher.replica_store import ReplicaStore, replica_secret
 from launcher.store import StoreClient, StoreError
 from tests.support.users import intruder, run_as
@@ -43,13 +44,13 @@ def test_another_user_cannot_read_write_or_plant_own_host_copies():
             res = run_as(user, argv, timeout=30)
             assert res.returncode != 0, f"{what}: another user succeeded: {res.stdout}{res.stderr}"
             assert "Permission denied" in res.stderr or "denied" in res.stderr.lower(), (what, res.stderr)
-        assert sorted(os.listdir(d)) == ["r0-seg"]
+        assert sorted(os.listdir(d)) == [OWNER, "r0-seg"]
         c = StoreClient(server.address, secret, timeout=10, connect_timeout=5, prefix="", job=JOB)
         for name in ("planted", "planted-link"):
             with pytest.raises(StoreError, match="No such file"):
                 c.adopt(name, 1 << 20, ["x"])
         c.adopt("r0-seg", 1 << 20, ["c/0/1/d/0"])
-        assert c.get("c/0/1/d/0") == data and os.listdir(d) == ["r0-seg"]
+        assert c.get("c/0/1/d/0") == data and sorted(os.listdir(d)) == [OWNER, "r0-seg"]
         # the adopted copy lives only in the agent's mapping: not reachable through /proc either
         for argv in (["ls", f"/proc/{os.getpid()}/map_files/"], ["cat", f"/proc/{os.getpid()}/mem"]):
             res = run_as(user, argv, timeout=30)
