@@ -25,7 +25,7 @@ import pytest
 
 from launcher.replica_dir import OWNER, PREFIX, owner_record
 from launcher.replica_store import BASE_ENV, ReplicaStore, replica_secret
-from tests.support.users import intruder, run_as
+from tests.support.users import intruder, run_as, tree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB = "job-reclaim"
@@ -65,16 +65,6 @@ def _ours(base: str, name: str, record: dict | None, link_record: bool = False) 
     return d
 
 
-def _snapshot(base: str) -> dict[str, tuple]:
-    out = {}
-    for top, dirs, files in os.walk(base):
-        for n in dirs + files:
-            p = os.path.join(top, n)
-            st = os.lstat(p)
-            out[os.path.relpath(p, base)] = (st.st_mode, st.st_uid, st.st_ino, st.st_size)
-    return out
-
-
 @pytest.mark.timeout(120)
 def test_next_agent_removes_only_a_sigkilled_agents_directory(monkeypatch, caplog):
     user = intruder()
@@ -111,7 +101,7 @@ def test_next_agent_removes_only_a_sigkilled_agents_directory(monkeypatch, caplo
         forged = json.dumps(dead).replace('"', '\\"')
         res = run_as(user, ["sh", "-c", f'mkdir -m 755 {theirs} && echo "{forged}" > {theirs}/{OWNER}'], timeout=30)
         assert res.returncode == 0, res.stderr
-        before = _snapshot(base)
+        before = tree(base)
 
         with caplog.at_level(logging.WARNING, logger="launcher.replica_dir"):
             nxt = _store().start()
@@ -119,7 +109,7 @@ def test_next_agent_removes_only_a_sigkilled_agents_directory(monkeypatch, caplo
             assert not os.path.lexists(killed_dir)
             freed = [r.getMessage() for r in caplog.records if killed_dir in r.getMessage()]
             assert freed and "died without removing it" in freed[0] and "bytes freed" in freed[0], freed
-            after = _snapshot(base)
+            after = tree(base)
             gone = {k for k in before if k not in after}
             assert gone == {k for k in before if k.startswith(os.path.basename(killed_dir))}
             assert all(after[k] == v for k, v in before.items() if k in after)  # the rest unchanged

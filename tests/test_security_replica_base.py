@@ -22,7 +22,7 @@ import pytest
 
 from launcher.replica_dir import OWNER
 from launcher.replica_store import BASE_ENV, ReplicaDirError, ReplicaStore, replica_secret
-from tests.support.users import intruder, run_as, sticky_base
+from tests.support.users import intruder, run_as, sticky_base, tree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB = "job-base"
@@ -34,17 +34,6 @@ def _store() -> ReplicaStore:
 
 def _ok(res: subprocess.CompletedProcess) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
-
-
-def _tree(d: str) -> dict[str, tuple]:
-    """Every entry under ``d`` (not followed): its type, owner, mode and, for a link, its target."""
-    out = {}
-    for top, dirs, files in os.walk(d):
-        for name in dirs + files:
-            p = os.path.join(top, name)
-            st = os.lstat(p)
-            out[os.path.relpath(p, d)] = (st.st_mode, st.st_uid, os.readlink(p) if os.path.islink(p) else None)
-    return out
 
 
 @pytest.mark.timeout(120)
@@ -62,7 +51,7 @@ def test_a_base_another_user_owns_or_can_swap_is_refused(monkeypatch):
         os.mkdir(target, 0o700)
         link = os.path.join(top, "link")
         _ok(run_as(user, ["ln", "-s", target, link], timeout=30))
-        before = _tree(top)
+        before = tree(top)
         for base, why in [
             (theirs, f"belongs to uid {user.pw_uid}"),
             (open_dir, "is writable by other users (mode 777, not sticky)"),
@@ -75,7 +64,7 @@ def test_a_base_another_user_owns_or_can_swap_is_refused(monkeypatch):
                 _store()
             msg = str(e.value)
             assert why in msg and socket.gethostname() in msg and f"HINT: point {BASE_ENV}" in msg, msg
-        assert _tree(top) == before  # nothing made, nothing of the stranger's touched
+        assert tree(top) == before  # nothing made, nothing of the stranger's touched
         with open(os.path.join(theirs, "file")) as f:
             assert f.read() == "keep\n"
 
@@ -93,7 +82,7 @@ def test_a_sticky_base_is_taken_and_the_strangers_entries_are_neither_used_nor_r
             + " && ".join(f"ln -s {theirs} {base}/disttrain-replicas-l{i}" for i in range(4))
         )
         _ok(run_as(user, ["sh", "-c", plant], timeout=30))
-        planted = _tree(base)
+        planted = tree(base)
         monkeypatch.setenv(BASE_ENV, base)
         server = _store().start()
         try:
@@ -116,7 +105,7 @@ def test_a_sticky_base_is_taken_and_the_strangers_entries_are_neither_used_nor_r
         finally:
             server.close()
         assert not os.path.lexists(d)  # ours went
-        assert _tree(base) == planted  # theirs stayed, every entry as they made it
+        assert tree(base) == planted  # theirs stayed, every entry as they made it
         with open(os.path.join(theirs, "file")) as f:
             assert f.read() == "keep\n"
 

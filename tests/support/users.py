@@ -43,3 +43,16 @@ def sticky_base(prefix: str):
         yield d
     finally:
         subprocess.run(["rm", "-rf", "--one-file-system", d], check=False)
+
+
+def tree(d: str) -> dict[str, tuple]:
+    """Every entry under ``d`` (not followed): its type and mode, owner, inode, size and, for a link, its
+    target; equal before and after means nothing there was made, removed, replaced or changed in size."""
+    out = {}
+    for top, dirs, files in os.walk(d):
+        for name in dirs + files:
+            p = os.path.join(top, name)
+            st = os.lstat(p)
+            link = os.readlink(p) if os.path.islink(p) else None
+            out[os.path.relpath(p, d)] = (st.st_mode, st.st_uid, st.st_ino, st.st_size, link)
+    return out
