@@ -30,6 +30,33 @@ def _leftovers(env: dict) -> list[str]:
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_average_by_a_power_of_two_is_the_division_bit_for_bit(dtype):
+    """AVG over 2, 4, 8 ranks multiplies by the exact reciprocal instead of dividing: the same bits as
+    ``div_`` on every value, subnormals, infinities, NaN and -0 included (torch and numpy paths)."""
+    import numpy as np
+
+    from collectives.backends.shm.kernels import NUMPY_DTYPES, divide, numpy_reducer, reduce_numpy
+
+    info = torch.finfo(dtype)
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), info.tiny, -info.tiny, info.max])
+    subnormal = torch.tensor([info.tiny * k / 64 for k in range(1, 64)])
+    gen = torch.Generator().manual_seed(0)
+    t = torch.cat([special, subnormal, torch.randn(4096, generator=gen) * 1e3, torch.rand(4096, generator=gen)])
+    t = t.to(dtype)
+    for world in (2, 4, 8):
+        got = t.clone()
+        divide(got, world)
+        want = t.clone().div_(world)
+        assert torch.equal(got.view(-1).view(torch.uint8), want.view(-1).view(torch.uint8)), (dtype, world)
+        if dtype in NUMPY_DTYPES:
+            rows = np.stack([t.numpy(), np.zeros_like(t.numpy())] + [np.zeros_like(t.numpy())] * (world - 2))
+            out = np.empty_like(rows[0])
+            reduce_numpy(numpy_reducer(rows, collectives.ReduceOp.AVG), out)
+            assert out.tobytes() == (rows.sum(0) / world).tobytes(), (dtype, world)
+
+
+@pytest.mark.unit
 @pytest.mark.timeout(60)
 def test_world1_in_process():
     env = DistEnv(0, 1, 0, 1, None, None, "single")

@@ -8,8 +8,9 @@ Three paths, chosen per op from its size and where its tensors live:
   (reduce-scatter), then every rank copies the other parts (allgather), pipelined through
   the two staging slots in chunks of ``STAGING_SLOT_BYTES``;
 * zero copy (every rank's operand in one ``alloc``): peers read each other's buffers in
-  place: for an allreduce one read of N bytes plus a write of N bytes per rank, plus the
-  reduction.
+  place: for an allreduce rank r reduces part r of every buffer and writes the result into
+  every peer's part r (one read of N bytes plus a write of N bytes per rank, plus the
+  reduction), between the arrival and one more sync.
 
 Staging slots alternate per round, so a round needs one sync: a rank writing slot k+1
 cannot overwrite what a slower peer still reads from slot k. Who calls: ``ShmBackend``, one
@@ -169,11 +170,14 @@ class Algorithms:
             mine = views[self.rank]
             others = [views[j][lo:hi] for j in range(world) if j != self.rank]
             combine([mine[lo:hi], *others], mine[lo:hi], op, world)
-            sync.advance(fp)
-            for j, (a, b) in enumerate(parts):
-                if j != self.rank and b > a:
-                    mine[a:b].copy_(views[j][a:b])
-            sync.advance(fp)  # peers may still read our part: don't return (and let the caller write) before
+            # Push our part into every peer's buffer rather than pull theirs after a second sync: between
+            # the arrival and the last sync, rank j reads and writes part j alone of every buffer, so the
+            # pushes race with nothing, and the op costs two syncs instead of three (the same bytes moved).
+            if hi > lo:
+                for j in range(world):
+                    if j != self.rank:
+                        views[j][lo:hi].copy_(mine[lo:hi])
+            sync.advance(fp)  # every part is in every buffer, and no peer touches ours after this: return
             return
         chunk = STAGING_SLOT_BYTES // t.element_size()
         for start in range(0, flat.numel(), chunk):
