@@ -60,6 +60,7 @@ from .plan import copy_plan
 log = logging.getLogger(__name__)
 CHUNK = 16 << 20  # bytes per value (the replica store refuses values over 32 MiB)
 KEEP = 2  # complete copies a holder keeps per rank
+SMALL = 64 << 10  # a copy this small goes in the same request as its record (a plain value, MAC'd)
 AUTO_WARM, AUTO_COPIES = 6, 5  # every=auto: steps timed without copies, then with a copy each
 
 
@@ -392,26 +393,31 @@ class PeerReplicas(Callback):
         """The own agent maps the segment ``name`` as this copy's chunks (no bytes on a socket)."""
         client = self._client(node)
         client.adopt(name, CHUNK, [chunk_key(self.rank, step, i) for i in range(chunks)])
-        self._commit(client, node, step, raw_rec, chunks)
+        self._commit(client, node, step, raw_rec)
 
     def _send_to(self, node: int, step: int, data: memoryview, raw_rec: bytes) -> None:
         client = self._client(node)
-        for i, off in enumerate(range(0, max(len(data), 1), CHUNK)):
-            client.set_bulk(chunk_key(self.rank, step, i), data[off : off + CHUNK])
-        self._commit(client, node, step, raw_rec, -(-len(data) // CHUNK) or 1)
+        if len(data) <= SMALL:  # a header only (ddp: disttrain.fault.plan): with the record, one request
+            self._commit(client, node, step, raw_rec, [(chunk_key(self.rank, step, 0), bytes(data))])
+        else:
+            for i, off in enumerate(range(0, max(len(data), 1), CHUNK)):
+                client.set_bulk(chunk_key(self.rank, step, i), data[off : off + CHUNK])
+            self._commit(client, node, step, raw_rec)
         self.sent_bytes += len(data)
 
-    def _commit(self, client, node: int, step: int, raw_rec: bytes, chunks: int) -> None:
+    def _commit(self, client, node: int, step: int, raw_rec: bytes, first: list | None = None) -> None:
         """The record (the copy is complete), the holder's list of complete steps, then the oldest dropped
-        (record and chunks at once). The first time, the list starts from what the holder already lists:
-        this rank's copies of an earlier round, dropped as new ones complete."""
+        (record and chunks at once); ``first``: (key, value) pairs set in the same request, before them.
+        The first time, the list starts from what the holder already lists: this rank's copies of an
+        earlier round, dropped as new ones complete."""
         r = self.rank
         if node not in self._held:
             self._held[node] = json.loads(client.get(steps_key(r))) if client.check([steps_key(r)]) else []
         held = [s for s in self._held[node] if s != step] + [step]
         keep, drop = held[-KEEP:], held[:-KEEP]
         # one request, the record first: the copy is complete, and listed, at once
-        client.multi_set([record_key(r, step), steps_key(r)], [raw_rec, json.dumps(keep)])
+        pairs = [*(first or ()), (record_key(r, step), raw_rec), (steps_key(r), json.dumps(keep))]
+        client.multi_set([k for k, _ in pairs], [v for _, v in pairs])
         self._held[node] = keep
         if drop:
             client.prune([f"c/{r}/{s}/" for s in drop])
