@@ -3,7 +3,8 @@
 - ddp, one rank per host: every box is replicated on every host, so each rank keeps the whole state
   for its own host's agent and sends no byte of it to another host.
 - Several ranks per host: each replicated box is kept once per host, the bytes balanced between them.
-- Own shards (zero3) and boxes held on fewer hosts than a copy lives on go as the write plan says.
+- Own shards (zero3) and boxes held on fewer hosts than a copy lives on go as the write plan says,
+  and then every box does (a rank that sends shards anyway would stage its own ones twice).
 """
 
 from __future__ import annotations
@@ -69,3 +70,11 @@ def test_own_shards_and_boxes_on_too_few_hosts_go_as_the_write_plan_says():
     out = plans(sigs, [0, 1, 1, 2], replicas=2)
     assert all(extra == [] for _, extra in out)
     assert sum(len(remote) for remote, _ in out[:3]) == 1  # written once, by one holder, to 3 hosts
+
+
+def test_a_layout_with_own_shards_keeps_no_box_home():
+    # zero3 with a small replicated box every rank holds (a buffer, say): no host-local part at all
+    sigs = [[own("w", 0, 50), rep("buf", 3)], [own("w", 50, 100), rep("buf", 3)]]
+    raw = [json.dumps(s).encode() for s in sigs]
+    for r, (remote, extra) in enumerate(plans(sigs, [0, 1])):
+        assert remote == plan_writes(sigs[r], r, lambda _b: raw) and extra == []
