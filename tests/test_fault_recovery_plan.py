@@ -69,3 +69,39 @@ def test_a_rank_whose_holders_are_all_lost_leaves_no_whole_step_and_names_it(sto
     assert survivor.newest() is None
     assert survivor.missing == (7, 1)
     survivor.close()
+
+
+def _piece(name: str, n: int) -> dict:
+    return {"name": name, "shape": [n], "box": [[0, n]], "flat": False}
+
+
+def _record(peers: PeerStore, address: str, rank: int, step: int, pieces: list[dict]) -> None:
+    c = peers._client(address)
+    c.set(chunk_key(rank, step, 0), b"x" * 64)
+    record = {"world": 2, "pieces": pieces, "tensors": ["b", "w"]}  # every record names the state's tensors
+    c.set(record_key(rank, step), json.dumps(record).encode())
+    held = json.loads(c.get(steps_key(rank))) if c.check([steps_key(rank)]) else []
+    c.set(steps_key(rank), json.dumps([*held, step]).encode())
+
+
+def test_each_rank_is_read_from_the_copy_with_the_host_local_boxes(stores):
+    """ddp (disttrain.fault.plan): a rank's own host holds its copy with every replicated box, the other
+    host the same step without them. After losing host b, rank 1's copy left on a has no pieces, rank 0's
+    has them all: that step covers the state. Losing the copy that has the boxes makes it not cover."""
+    a, b = (s.address for s in stores)
+    peers = PeerStore("0@test", timeout=10)
+    full = [_piece("w", 10), _piece("b", 3)]
+    _record(peers, a, 0, 6, full)  # rank 0 on host a: its own copy, and its header on b
+    _record(peers, b, 0, 6, [])
+    _record(peers, b, 1, 6, full)  # rank 1 on host b
+    _record(peers, a, 1, 6, [])
+    assert peers.newest() == {"step": 6, "world": 2, "holders": [a, b]}
+    _record(peers, a, 0, 7, [])  # a step whose host-local copies are gone everywhere: not whole
+    _record(peers, b, 0, 7, [])
+    _record(peers, a, 1, 7, [])
+    _record(peers, b, 1, 7, [])
+    peers.close()
+    survivor = PeerStore("0@test", timeout=1, addresses=[a])
+    assert survivor.newest() == {"step": 6, "world": 2, "holders": [a, a]}
+    assert survivor.missing == (7, -1)
+    survivor.close()

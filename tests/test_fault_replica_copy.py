@@ -186,3 +186,38 @@ def test_auto_every_keeps_copies_at_least_as_new_as_the_disk_checkpoint():
     assert aligned_every(7, 0) == 7
     for k in range(1, 30):
         assert 12 % aligned_every(k, 12) == 0 and aligned_every(k, 12) >= min(k, 12)
+
+
+def test_staging_through_cached_views_writes_the_same_bytes_as_a_plain_stage(tmp_path):
+    """Peer copies stage the same tensors into the same buffers every step through byte views made
+    once (RankWrite.stage's ``views``): the bytes equal a plain stage's, after in-place updates, after a
+    tensor is replaced (a new address) and with a non-contiguous tensor (no views: the plain path)."""
+    import torch
+
+    from disttrain.checkpoint.writer import RankWrite, aligned_empty
+    from disttrain.parallel.strategy import Shard
+
+    def shards(ts):
+        return [
+            Shard(f"t{i}", t, tuple(t.shape), tuple((0, n) for n in t.shape), replicated=True) for i, t in enumerate(ts)
+        ]
+
+    def staged(ts, step, buf, views=None):
+        job = RankWrite(str(tmp_path), step, 0, shards(ts))
+        buf.zero_()
+        job.stage(buf, views)
+        return bytes(buf[: job.size].numpy())
+
+    ts = [torch.randn(33, 7), torch.arange(5, dtype=torch.int64), torch.tensor(3.0), torch.randn(4).to(torch.bfloat16)]
+    buf, plain, views = aligned_empty(1 << 16), aligned_empty(1 << 16), {}
+    for step in range(1, 4):
+        for t in ts:
+            t.add_(1)  # the training step changes the values in place
+        assert staged(ts, step, buf, views) == staged(ts, step, plain)
+        assert len(views["pairs"]) == len(ts)
+    first = views["pairs"]
+    ts[0] = torch.randn(33, 7)  # a new tensor: a new address, new views
+    assert staged(ts, 4, buf, views) == staged(ts, 4, plain)
+    assert views["pairs"] is not first
+    ts[0] = torch.randn(7, 33).t()  # not contiguous: the plain path, the views left as they were
+    assert staged(ts, 5, buf, views) == staged(ts, 5, plain)

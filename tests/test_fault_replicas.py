@@ -8,7 +8,9 @@ is refused, host 0's agent logs it with the attacker's address, and the job goes
 A host SIGKILLed (agent and workers) under ddp and zero3: the survivor's new worker resumes from
 the copies in the surviving agent's memory, with no disk checkpoint to read (``checkpoint.every=0``:
 none exists before the end), at most one step lost, and ends where a run that changed to world size 1
-at the same step from a disk checkpoint ends (same global batch).
+at the same step from a disk checkpoint ends (same global batch). Under ddp no replicated byte
+crosses to the other host: each host's agent holds its own rank's copy of the whole state, the other
+host only the copy's header (what host 0 frees of rank 1's copies after the loss says so).
 """
 
 from __future__ import annotations
@@ -100,6 +102,11 @@ def test_a_lost_host_resumes_from_peer_memory_and_equals_a_resized_run(tmp_path,
     # the copies of rank 1 (world 2) are freed once world 1 has a complete copy; the holder says how many bytes
     freed = re.search(r"freed (\d+) bytes of copies of ranks 1\.\.1 \(world 2 -> 1\) at step (\d+)", out)
     assert freed and int(freed.group(1)) > 0 and int(freed.group(2)) > s, out
+    read = int(re.search(r"resumed from peer memory at step \d+ \((\d+) bytes\)", out).group(1))
+    if ddp:  # every box is on both hosts: rank 1 sent host 0 only its copies' headers and records
+        # (disttrain.fault.plan; it held two, which took a whole state's bytes before), and host 0's own
+        # copy held the whole state, which the survivor read back
+        assert int(freed.group(1)) < read / 2, (freed.group(0), read)
     assert re.search(r"peer replicas: [1-9]\d* copies \(0\.0 MiB sent by rank 0\), \d+ waited .*, 0 failed", out), out
     assert re.search(r"round 1: .*lost \S+; world 2 -> 1", err), loss.text
     if ddp:  # the attack was refused and logged with its address; the job went on

@@ -227,8 +227,9 @@ class Checkpointer(Callback):
             if plan is not None and plan["step"] >= disk:
                 cands = [MEMORY, *cands]
             elif plan is None and missing is not None and not cands:  # the job trained: never restart at 0
+                what = f"the copy of rank {missing[1]}" if missing[1] >= 0 else "the host-local boxes"
                 raise CheckpointError(
-                    f"rank {self.comm.env.where}: no complete copy in peer memory (the copy of rank {missing[1]} "
+                    f"rank {self.comm.env.where}: no complete copy in peer memory ({what} "
                     f"at step {missing[0]} was held only by lost hosts) and {self.dir} holds no checkpoint\n"
                     "HINT: raise fault_tolerance.replicas (hosts that may be lost at once), or set "
                     "checkpoint.every so a disk checkpoint backs the copies in memory"

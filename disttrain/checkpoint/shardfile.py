@@ -55,7 +55,7 @@ class Entry:
 
 
 def itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize  # no tensor made: a layout asks twice per tensor, a peer copy lays one out every step
 
 
 def layout(

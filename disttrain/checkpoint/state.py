@@ -121,9 +121,15 @@ def restore_rng(rng: dict) -> None:
         torch.cuda.set_rng_state_all([_unb64(s) for s in rng["cuda"]])
 
 
-def capture(trainer: TrainingRun) -> dict:
-    """The JSON state of ``trainer`` shared by every rank (rank 0's copy goes in state.json)."""
+def capture(trainer: TrainingRun, static: dict | None = None) -> dict:
+    """The JSON state of ``trainer`` shared by every rank (rank 0's copy goes in state.json).
+    ``static``: a caller's cache (a dict, empty at first) for the parts a run never changes (its
+    config and model record), made once instead of at every call (peer copies capture every step)."""
     cfg = trainer.cfg
+    if static is None:
+        static = {}
+    if not static:
+        static.update(config=cfg.model_dump(mode="json"), model=model_record(trainer.model))
     return {
         "step": trainer.step,
         "data": {
@@ -136,8 +142,8 @@ def capture(trainer: TrainingRun) -> dict:
         "lr_schedule": {"step": trainer.step, "lr": trainer.lr(trainer.step)},
         "scheduler": json.loads(json.dumps(trainer.schedule.state_dict(), default=repr)),
         "world_size": trainer.comm.world_size,
-        "config": cfg.model_dump(mode="json"),
-        "model": model_record(trainer.model),
+        "config": static["config"],
+        "model": static["model"],
     }
 
 

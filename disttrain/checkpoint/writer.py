@@ -129,10 +129,16 @@ class RankWrite:
         testhooks.fire("after_shard", self.rank, self.step)
 
     # -- async: snapshot into a staging buffer, write later ----------------------------------
-    def stage(self, staging: torch.Tensor) -> None:
+    def stage(self, staging: torch.Tensor, views: dict | None = None) -> None:
         """Copy header and tensors into ``staging`` (aligned, >= size rounded up to ALIGN). Fast;
-        the caller must not let the tensors change until it returns."""
+        the caller must not let the tensors change until it returns. ``views``: a caller's cache (a
+        dict, empty at first) for one who stages the same CPU tensors into the same buffer again and
+        again (peer copies, every step): the byte views of each source and destination are made once
+        and reused while the buffer, every offset and every source's address stay the same."""
         staging[: len(self.header)].copy_(torch.frombuffer(bytearray(self.header), dtype=torch.uint8))
+        if views is not None and self._stage_views(staging, views):
+            staging[self.size : -(-self.size // ALIGN) * ALIGN].zero_()
+            return
         cuda = False
         for k, s in zip(self.keys, self.shards):
             e = self.entries[k]
@@ -147,6 +153,27 @@ class RankWrite:
         if cuda:
             torch.cuda.synchronize()
         staging[self.size : -(-self.size // ALIGN) * ALIGN].zero_()
+
+    def _stage_views(self, staging: torch.Tensor, views: dict) -> bool:
+        """``stage``'s tensors through the cached views; False (nothing copied) unless every source is a
+        contiguous CPU tensor. The key holds what the views depend on, so a moved or replaced tensor
+        (a new address or size), a new buffer or a new layout makes new ones."""
+        srcs = [s.tensor for s in self.shards]
+        if any(t.is_cuda or not t.is_contiguous() for t in srcs):
+            return False
+        spans = [(self.entries[k].start, self.entries[k].stop) for k in self.keys]
+        key = (staging.data_ptr(), staging.numel(), tuple(spans), tuple((t.data_ptr(), t.nbytes) for t in srcs))
+        if views.get("key") != key:
+            pairs = [
+                (staging[a:b].numpy(), t.detach().reshape(-1).view(torch.uint8).numpy())
+                for (a, b), t in zip(spans, srcs)
+                if b > a
+            ]
+            views.clear()
+            views.update(key=key, pairs=pairs)
+        for dst, src in views["pairs"]:
+            np.copyto(dst, src)  # one plain memcpy each (see ``stage``)
+        return True
 
     def write_staged(self, staging: torch.Tensor) -> None:
         _make_tmp_dir(self.dir)

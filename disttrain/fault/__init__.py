@@ -1,5 +1,5 @@
 """Losing a host without losing the run: peer replicas in host memory (``replica``) and the
-recovery from them (``recovery``), the layouts a smaller world falls back to (``layout``), configured by the ``fault_tolerance:`` section.
+recovery from them (``recovery``), what each copy holds and where (``plan``), the layouts a smaller world falls back to (``layout``), configured by the ``fault_tolerance:`` section.
 
 :func:`maybe_build_fault_tolerance` is called by the session after the checkpointer is built: it
 returns the replica callback (placed after the checkpointer) and hands the checkpointer the peers'

@@ -3,7 +3,9 @@ agents' memory (written by :mod:`disttrain.fault.replica`) and serve it to the c
 
 Who calls what: the checkpointer's ``resume()`` (all ranks, at the start of a round) asks rank 0 for
 :meth:`PeerStore.newest` (a plan: the step, the old world size, which holder has each old rank's
-copy), broadcasts it, and every rank loads through :meth:`PeerStore.reader`, a
+copy; of a rank's copies the one with the most pieces, its own host's with the host-local boxes of
+:mod:`disttrain.fault.plan`; a box found in two copies is read from one), broadcasts it, and every rank
+loads through :meth:`PeerStore.reader`, a
 :class:`~disttrain.checkpoint.CheckpointReader` whose files are the copies. The manifest is built
 from the copies' records and validated like a disk manifest; the strategy's loader then asks for
 boxes, and the reader reshards them to the new world size as it does for files. A copy is fetched
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import torch
 
@@ -79,14 +82,22 @@ class PeerStore:
         for step in sorted({s for a in alive for s in held[a][0]}, reverse=True):
             first = next(a for a in alive if step in held[a][0])
             world = int(self._record(first, 0, step)["world"])
-            holders = [first]
-            for r in range(1, world):
+            holders, records = [], []
+            for r in range(world):
                 found = [a for a in alive if step in steps_of(a, r)]
                 if not found:
                     self.missing = self.missing or (step, r)
                     break
-                holders.append(found[0])
+                # a rank's own host holds its copy with the host-local boxes (disttrain.fault.plan): the most pieces
+                recs = [self._record(a, r, step) for a in found]
+                best = max(range(len(found)), key=lambda i: len(recs[i].get("pieces") or ()))
+                holders.append(found[best])
+                records.append(recs[best])
             if len(holders) == world:
+                if not _covers(records):  # the host-local boxes' holders of this step are gone: an older step
+                    log.warning("rank %s: the surviving copies of step %d do not cover the state", self.where, step)
+                    self.missing = self.missing or (step, -1)  # -1: no one rank's copy is missing
+                    continue
                 return {"step": step, "world": world, "holders": holders}
         return None
 
@@ -106,6 +117,41 @@ class PeerStore:
         return MemoryReader(self, step, holders, records)
 
 
+def _covers(records: list[dict]) -> bool:
+    """Whether the distinct boxes of ``records``' pieces fill every tensor of the state (each record
+    names them all: ``tensors``); a box found in two copies, a replicated one, counts once. True for
+    records without pieces (not ours to judge: the reader's manifest validation has the last word)."""
+    if any("pieces" not in r for r in records):
+        return True
+    seen: set[str] = set()
+    filled: dict[str, int] = {n: 0 for r in records for n in r.get("tensors") or ()}
+    sizes: dict[str, int] = {}
+    for rec in records:
+        for p in rec["pieces"]:
+            k = json.dumps([p["name"], p["box"], p["flat"]])
+            if k not in seen:
+                seen.add(k)
+                filled[p["name"]] = filled.get(p["name"], 0) + math.prod(b - a for a, b in p["box"])
+                sizes[p["name"]] = math.prod(p["shape"])
+    return all(filled[n] == sizes.get(n, -1) for n in filled)
+
+
+def _distinct_pieces(records: list[dict]) -> list[dict]:
+    """``records`` with each box kept in its first copy only: a replicated box is in the copy of each
+    host that keeps it (disttrain.fault.plan), with the same bits; a manifest lists it once."""
+    seen: set[str] = set()
+    out = []
+    for rec in records:
+        pieces = []
+        for p in rec["pieces"]:
+            k = json.dumps([p["name"], p["box"], p["flat"]])
+            if k not in seen:
+                seen.add(k)
+                pieces.append(p)
+        out.append({**rec, "pieces": pieces})
+    return out
+
+
 class MemoryReader(CheckpointReader):
     """A checkpoint whose files are the ranks' copies in peers' memory (see the module docstring)."""
 
@@ -121,7 +167,7 @@ class MemoryReader(CheckpointReader):
             self._state = shared
             state_bytes = json.dumps(shared, separators=(",", ":")).encode()
             self.manifest = build_manifest(
-                step, len(records), layout, records, len(state_bytes), checksum.digest(state_bytes)
+                step, len(records), layout, _distinct_pieces(records), len(state_bytes), checksum.digest(state_bytes)
             )
             manifest_mod.validate(self.manifest, where)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:

@@ -8,9 +8,11 @@ reader reshards it to any world size), its end-to-end tag (:mod:`disttrain.fault
 pass, which is also its checksum), and a JSON record (pieces, this rank's RNG, the tag; on rank 0
 also the trainer's state and layout). Nothing is pickled.
 
-Per copy, on each rank: at the step end the training thread records the shards (no copy, no
-collective) and starts one background thread, which copies them into host memory (the snapshot;
-the next optimizer step waits for it, so the copy is exactly the state at that step), tags them
+Per copy, on each rank: at the step end the training thread records the shards, the trainer's
+state and RNG (no copy, no collective) and queues them for the rank's copy thread (one for the run:
+starting a thread per copy cost the step the thread's start), which lays out the file, copies the
+shards into host memory (the snapshot; the next optimizer step waits for it, so the copy is
+exactly the state at that step), tags them
 once and hands them out. The own host's agent gets them without the network: the snapshot is taken
 straight into a file of that agent's private directory (``launcher.replica_store``; one of
 ``KEEP + 1`` this rank reuses, never one whose copy the agent still lists), which the agent adopts
@@ -39,6 +41,7 @@ import logging
 import math
 import mmap
 import os
+import queue
 import secrets
 import threading
 import time
@@ -48,14 +51,16 @@ import torch
 from launcher import connect_replica, replica_addresses_from_env, replica_tag_key, shm_dir_from_env
 
 from ..checkpoint import state as state_mod
-from ..checkpoint.write_plan import plan_writes, shard_signature
+from ..checkpoint.write_plan import shard_signature
 from ..checkpoint.writer import RankWrite, aligned_empty
 from ..observe.callbacks import Callback
 from . import tag as tag_mod
+from .plan import copy_plan
 
 log = logging.getLogger(__name__)
 CHUNK = 16 << 20  # bytes per value (the replica store refuses values over 32 MiB)
 KEEP = 2  # complete copies a holder keeps per rank
+SMALL = 64 << 10  # a copy this small goes in the same request as its record (a plain value, MAC'd)
 AUTO_WARM, AUTO_COPIES = 6, 5  # every=auto: steps timed without copies, then with a copy each
 
 
@@ -86,11 +91,13 @@ def steps_key(rank: int) -> str:
 
 
 class _Copy:
-    def __init__(self, job: RankWrite, record: dict):
-        self.job, self.record = job, record
+    """One step's copy: ``local`` (the own host's, with the host-local boxes) and ``remote`` (other
+    hosts'), the same list when the rank keeps no host-local box (:mod:`disttrain.fault.plan`)."""
+
+    def __init__(self, step: int, remote: list, local: list, record: dict):
+        self.step, self.remote, self.local, self.record = step, remote, local, record
         self.snapshot = threading.Event()
         self.done = threading.Event()
-        self.thread: threading.Thread | None = None  # the copy thread (joined by ``PeerReplicas.close``)
 
 
 class PeerReplicas(Callback):
@@ -105,13 +112,20 @@ class PeerReplicas(Callback):
         self.rank, self.world = comm.rank, comm.world_size
         self.node = int(os.environ.get("GROUP_RANK", "0"))
         self._clients: dict[int, object] = {}
-        self._plan: list[int] | None = None
-        self._staging: torch.Tensor | None = None
+        self._plan: list[int] | None = None  # indices of the shards every holder gets
+        self._extra: list[int] = []  # indices of the host-local boxes only the own host's agent gets
+        self._tensors: list[str] = []  # every tensor of the state (each record names them)
         self._copy: _Copy | None = None
+        self._queue: queue.SimpleQueue[_Copy | None] = queue.SimpleQueue()  # copies for the copy thread
+        self._thread: threading.Thread | None = None  # the copy thread, started at the first copy
+        # staging buffers (no agent directory; the remote part beside a local one) -> (buffer, its views)
+        self._buffers: dict[str, tuple[torch.Tensor, dict]] = {}
+        self._static: dict = {}  # rank 0: the parts of the trainer's state that a round never changes
         self._held: dict[int, list[int]] = {}  # target node -> complete steps it holds of this rank
         self.shm_dir = shm_dir_from_env() if self.active else None  # own agent's directory (host-local copy)
         self._tag_key: bytes | None = None
-        self._slots: dict[str, list] = {}  # own-host segment files: name -> [mapped buffer, step it holds or None]
+        # own-host segment files: name -> [mapped buffer, step it holds or None, its views (RankWrite.stage)]
+        self._slots: dict[str, list] = {}
         self._old_world: int | None = None  # the largest world of earlier rounds' copies (rank 0; None: not read)
         self._first_step: int | None = None  # this process's first copy
         self.pruned_bytes: int | None = None
@@ -144,28 +158,33 @@ class PeerReplicas(Callback):
 
     def _start_copy(self, trainer) -> None:
         shards = trainer.strategy.state_shards()
-        if self._plan is None:  # once, every rank at the same step: the checkpoint's write plan
+        if self._plan is None:  # once, every rank at the same step: what goes where (disttrain.fault.plan)
             from collectives.objects import allgather_bytes
 
-            self._plan = plan_writes(shard_signature(shards), self.rank, lambda b: allgather_bytes(self._group, b))
+            mine = json.dumps({"sig": shard_signature(shards), "node": self.node}).encode()
+            everyone = [json.loads(b) for b in allgather_bytes(self._group, mine)]
+            sigs, nodes = [e["sig"] for e in everyone], [int(e["node"]) for e in everyone]
+            self._plan, self._extra = copy_plan(sigs, nodes, self.rank, len(self.addresses), self.replicas)
+            self._tensors = sorted({e[0] for sig in sigs for e in sig})  # so recovery sees a tensor none has
         c = self._copy
         if c is not None and not c.done.is_set():  # back-pressure: at most one copy behind, so one step lost
             self.waits += 1
             if not c.done.wait(self.comm.timeout):
-                raise TimeoutError(f"rank {self.comm.env.where}: the replica of step {c.job.step} never ended")
-        job = RankWrite("memory", trainer.step, self.rank, [shards[i] for i in self._plan])
-        shared = state_mod.capture(trainer) if self.rank == 0 else None
+                raise TimeoutError(f"rank {self.comm.env.where}: the replica of step {c.step} never ended")
+        shared = state_mod.capture(trainer, self._static) if self.rank == 0 else None
         if shared is not None:
             par = trainer.cfg.parallel
             shared["layout"] = {"strategy": par.strategy, "class": type(trainer.strategy).__name__}
         record = {"world": self.world, "local": {"rng": state_mod.capture_rng()}, "shared": shared}
-        padded = -(-job.size // 4096) * 4096
-        if not self.shm_dir and (self._staging is None or self._staging.numel() < padded):
-            self._staging = None
-            self._staging = aligned_empty(padded)
-        self._copy = copy = _Copy(job, record)
-        copy.thread = threading.Thread(target=self._send, args=(copy, self._staging), daemon=True, name="replica")
-        copy.thread.start()
+        # what the step end must fix (which tensors, the trainer's state and RNG) is taken here; the
+        # file's layout, the snapshot and the rest are the copy thread's
+        remote = [shards[i] for i in self._plan]
+        local = [shards[i] for i in sorted(self._plan + self._extra)] if self._extra else remote
+        self._copy = copy = _Copy(trainer.step, remote, local, record)
+        if self._thread is None:  # one thread for the run: a new one per copy costs the step its start
+            self._thread = threading.Thread(target=self._run, daemon=True, name="replica")
+            self._thread.start()
+        self._queue.put(copy)
 
     def _auto_copy(self, step: int, disk_every: int) -> bool:
         """every=auto: ``AUTO_WARM`` steps without copies, then ``AUTO_COPIES`` steps with a copy each,
@@ -212,7 +231,7 @@ class PeerReplicas(Callback):
         if c is not None and not c.snapshot.is_set():
             t0 = time.perf_counter()
             if not c.snapshot.wait(self.comm.timeout):
-                raise TimeoutError(f"rank {self.comm.env.where}: the replica snapshot of step {c.job.step} never ended")
+                raise TimeoutError(f"rank {self.comm.env.where}: the replica snapshot of step {c.step} never ended")
             self.stall_s += time.perf_counter() - t0
 
     def on_train_end(self, trainer, summary: dict | None = None) -> None:
@@ -232,14 +251,16 @@ class PeerReplicas(Callback):
         """This rank, at the end (or on an error): the copy in flight ends first, its thread joined, so
         no thread of ours that runs torch ops is alive when the process leaves (a daemon thread inside a
         native call at the interpreter's exit aborts the process)."""
-        last = self._copy
-        if last is not None and last.thread is not None:
-            last.thread.join(self.comm.timeout)
-            if last.thread.is_alive():
+        thread, last = self._thread, self._copy
+        if thread is not None:
+            self._queue.put(None)  # after the copy in flight, the thread ends
+            thread.join(self.comm.timeout)
+            self._thread = None
+            if thread.is_alive() and last is not None:
                 log.warning(
                     "rank %s: the replica of step %d still runs after %gs; leaving without it",
                     self.comm.env.where,
-                    last.job.step,
+                    last.step,
                     self.comm.timeout,
                 )
         for c in self._clients.values():
@@ -250,20 +271,20 @@ class PeerReplicas(Callback):
         self._slots.clear()
 
     # -- the background thread -------------------------------------------------------------
-    def _segment_for(self, size: int) -> tuple[str, torch.Tensor]:
+    def _segment_for(self, size: int) -> tuple[str, torch.Tensor, dict]:
         """The own-host file for the next snapshot: one of ours whose copy the agent no longer lists
         (rewriting it changes nothing anyone will read), else a new one (at most ``KEEP + 1`` exist)."""
         held = set(self._held.get(self.node, []))
-        for name, (buf, step) in list(self._slots.items()):
+        for name, (buf, step, views) in list(self._slots.items()):
             if step is None or step not in held:
                 if buf.numel() == size:
                     self._slots[name][1] = None
-                    return name, buf
+                    return name, buf, views
                 del self._slots[name]
                 self._drop_segment(name)
         name, buf = self._new_segment(size)
-        self._slots[name] = [buf, None]
-        return name, buf
+        self._slots[name] = [buf, None, {}]
+        return name, buf, self._slots[name][2]
 
     def _new_segment(self, size: int) -> tuple[str, torch.Tensor]:
         """A new file of ``size`` bytes in the own agent's private directory, mapped with its pages
@@ -284,54 +305,83 @@ class PeerReplicas(Callback):
         except FileNotFoundError:
             pass
 
-    def _send(self, copy: _Copy, staging: torch.Tensor | None) -> None:
-        job = copy.job
+    def _run(self) -> None:
+        """The copy thread: the copies ``_start_copy`` queues, one at a time, until ``close``'s None."""
+        while (copy := self._queue.get()) is not None:
+            self._send(copy)
+
+    def _buffer(self, which: str, size: int) -> tuple[torch.Tensor, dict]:
+        """The copy thread's own staging buffer ``which`` of at least ``size`` bytes, with its views."""
+        buf = self._buffers.get(which)
+        if buf is None or buf[0].numel() < size:
+            self._buffers.pop(which, None)
+            buf = self._buffers[which] = (aligned_empty(-(-size // 4096) * 4096), {})
+        return buf
+
+    def _send(self, copy: _Copy) -> None:
         name = None
         cpu0 = time.thread_time()
         try:
             try:
+                local = RankWrite("memory", copy.step, self.rank, copy.local)
                 if self.shm_dir:  # the snapshot goes straight into the own agent's segment
-                    name, staging = self._segment_for(job.size)
-                job.stage(staging)
+                    name, staging, views = self._segment_for(local.size)
+                else:  # no agent directory (a test's stores)
+                    staging, views = self._buffer("local", local.size)
+                local.stage(staging, views)
+                parts = {"local": (local, staging)}
+                nodes = targets(self.node, len(self.addresses), self.replicas)
+                if copy.remote is not copy.local and len(nodes) > 1:  # other hosts get it without the extra boxes
+                    remote = RankWrite("memory", copy.step, self.rank, copy.remote)
+                    rstaging, rviews = self._buffer("remote", remote.size)
+                    remote.stage(rstaging, rviews)
+                    parts["remote"] = (remote, rstaging)
             finally:
                 copy.snapshot.set()
-            data = memoryview(staging[: job.size].numpy())
-            tag = tag_mod.sign(self._tag_key, self.rank, job.step, data)  # one pass: checksum and origin
-            job.checksum = tag["tag"]
-            rec = job.record(copy.record["local"])
-            chunks = -(-job.size // CHUNK)
-            rec.update(world=copy.record["world"], shared=copy.record["shared"], chunks=chunks, tag=tag)
-            raw_rec = json.dumps(rec, separators=(",", ":")).encode()
+            sealed = {which: self._seal(copy, job, buf) for which, (job, buf) in parts.items()}
+            sealed.setdefault("remote", sealed["local"])
             t0 = time.perf_counter()
-            for node in targets(self.node, len(self.addresses), self.replicas):
+            for node in nodes:
+                data, raw_rec, chunks = sealed["local" if node == self.node else "remote"]
                 try:
                     if node == self.node and name is not None:
-                        self._adopt_by(node, job.step, name, chunks, raw_rec)
-                        self._slots[name][1] = job.step
+                        self._adopt_by(node, copy.step, name, chunks, raw_rec)
+                        self._slots[name][1] = copy.step
                     else:
-                        self._send_to(node, job.step, data, raw_rec)
+                        self._send_to(node, copy.step, data, raw_rec)
                 except Exception as exc:  # this holder misses this copy; the next one retries
                     self.failed += 1
                     self._clients.pop(node, None)
                     log.warning(
                         "rank %s: copying step %d to the replica store of node %d (%s) failed: %s",
                         self.comm.env.where,
-                        job.step,
+                        copy.step,
                         node,
                         self.addresses[node],
                         exc,
                     )
             self.sent += 1
             if self.rank == 0 and self.pruned_bytes is None:
-                self._maybe_prune(job.step)
-            log.debug("rank %s: step %d copied in %.3fs", self.comm.env.where, job.step, time.perf_counter() - t0)
+                self._maybe_prune(copy.step)
+            log.debug("rank %s: step %d copied in %.3fs", self.comm.env.where, copy.step, time.perf_counter() - t0)
         except Exception as exc:
             self.failed += 1
-            log.warning("rank %s: the replica of step %d failed: %s", self.comm.env.where, job.step, exc)
+            log.warning("rank %s: the replica of step %d failed: %s", self.comm.env.where, copy.step, exc)
         finally:
             self.copy_cpu_s += time.thread_time() - cpu0
             copy.snapshot.set()
             copy.done.set()
+
+    def _seal(self, copy: _Copy, job: RankWrite, staging: torch.Tensor) -> tuple[memoryview, bytes, int]:
+        """A staged file's bytes, its record (with its tag: one pass, checksum and origin) and chunk count."""
+        data = memoryview(staging[: job.size].numpy())
+        tag = tag_mod.sign(self._tag_key, self.rank, job.step, data)
+        job.checksum = tag["tag"]
+        rec = job.record(copy.record["local"])
+        chunks = -(-job.size // CHUNK)
+        rec.update(world=copy.record["world"], shared=copy.record["shared"], chunks=chunks, tag=tag)
+        rec["tensors"] = self._tensors
+        return data, json.dumps(rec, separators=(",", ":")).encode(), chunks
 
     def _client(self, node: int):
         client = self._clients.get(node)
@@ -343,26 +393,31 @@ class PeerReplicas(Callback):
         """The own agent maps the segment ``name`` as this copy's chunks (no bytes on a socket)."""
         client = self._client(node)
         client.adopt(name, CHUNK, [chunk_key(self.rank, step, i) for i in range(chunks)])
-        self._commit(client, node, step, raw_rec, chunks)
+        self._commit(client, node, step, raw_rec)
 
     def _send_to(self, node: int, step: int, data: memoryview, raw_rec: bytes) -> None:
         client = self._client(node)
-        for i, off in enumerate(range(0, max(len(data), 1), CHUNK)):
-            client.set_bulk(chunk_key(self.rank, step, i), data[off : off + CHUNK])
-        self._commit(client, node, step, raw_rec, -(-len(data) // CHUNK) or 1)
+        if len(data) <= SMALL:  # a header only (ddp: disttrain.fault.plan): with the record, one request
+            self._commit(client, node, step, raw_rec, [(chunk_key(self.rank, step, 0), bytes(data))])
+        else:
+            for i, off in enumerate(range(0, max(len(data), 1), CHUNK)):
+                client.set_bulk(chunk_key(self.rank, step, i), data[off : off + CHUNK])
+            self._commit(client, node, step, raw_rec)
         self.sent_bytes += len(data)
 
-    def _commit(self, client, node: int, step: int, raw_rec: bytes, chunks: int) -> None:
+    def _commit(self, client, node: int, step: int, raw_rec: bytes, first: list | None = None) -> None:
         """The record (the copy is complete), the holder's list of complete steps, then the oldest dropped
-        (record and chunks at once). The first time, the list starts from what the holder already lists:
-        this rank's copies of an earlier round, dropped as new ones complete."""
+        (record and chunks at once); ``first``: (key, value) pairs set in the same request, before them.
+        The first time, the list starts from what the holder already lists: this rank's copies of an
+        earlier round, dropped as new ones complete."""
         r = self.rank
         if node not in self._held:
             self._held[node] = json.loads(client.get(steps_key(r))) if client.check([steps_key(r)]) else []
-        client.set(record_key(r, step), raw_rec)  # last: the copy is complete
         held = [s for s in self._held[node] if s != step] + [step]
         keep, drop = held[-KEEP:], held[:-KEEP]
-        client.set(steps_key(r), json.dumps(keep))
+        # one request, the record first: the copy is complete, and listed, at once
+        pairs = [*(first or ()), (record_key(r, step), raw_rec), (steps_key(r), json.dumps(keep))]
+        client.multi_set([k for k, _ in pairs], [v for _, v in pairs])
         self._held[node] = keep
         if drop:
             client.prune([f"c/{r}/{s}/" for s in drop])
