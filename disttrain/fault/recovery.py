@@ -123,16 +123,12 @@ def _covers(records: list[dict]) -> bool:
     records without pieces (not ours to judge: the reader's manifest validation has the last word)."""
     if any("pieces" not in r for r in records):
         return True
-    seen: set[str] = set()
     filled: dict[str, int] = {n: 0 for r in records for n in r.get("tensors") or ()}
     sizes: dict[str, int] = {}
-    for rec in records:
+    for rec in _distinct_pieces(records):
         for p in rec["pieces"]:
-            k = json.dumps([p["name"], p["box"], p["flat"]])
-            if k not in seen:
-                seen.add(k)
-                filled[p["name"]] = filled.get(p["name"], 0) + math.prod(b - a for a, b in p["box"])
-                sizes[p["name"]] = math.prod(p["shape"])
+            filled[p["name"]] = filled.get(p["name"], 0) + math.prod(b - a for a, b in p["box"])
+            sizes[p["name"]] = math.prod(p["shape"])
     return all(filled[n] == sizes.get(n, -1) for n in filled)
 
 
